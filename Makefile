@@ -1,0 +1,76 @@
+# cim: `make run` starts a standalone node, `make test` runs every test
+# (bringing up Redis and ZooKeeper itself).  `make help` lists the rest.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export CIM_REDIS_PORT ?= 16379
+export CIM_ZK_PORT ?= 12181
+export CIM_TEST_REDIS ?= redis://127.0.0.1:$(CIM_REDIS_PORT)/0
+export CIM_TEST_ZK ?= zk://127.0.0.1:$(CIM_ZK_PORT)/cim
+PROTOC := $(BIN)/python -m grpc_tools.protoc
+
+.PHONY: help install test unit proto proto-check lint typecheck services-up \
+	services-down run demo cluster cluster-down bench bench-quick soak fuzz clean
+
+help:
+	@echo "make run          start a standalone cim node (route :8083, server :11211)"
+	@echo "make test         install, start Redis and ZooKeeper, run all tests, stop them"
+	@echo "make unit         the tests that need no Redis or ZooKeeper"
+	@echo "make demo         two scripted clients chat through a standalone node"
+	@echo "make cluster      Redis, ZooKeeper, one route, two servers (make cluster-down)"
+	@echo "make bench        the benchmark (bench-quick: a short run)"
+	@echo "make proto        regenerate the protobuf code (proto-check: fail if stale)"
+	@echo "make lint / typecheck / install / services-up / services-down"
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
+	touch $@
+
+test: install
+	scripts/services.sh up
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; scripts/services.sh down; exit $$rc
+
+unit: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+services-up:
+	scripts/services.sh up
+	@scripts/services.sh env
+
+services-down:
+	scripts/services.sh down
+
+proto: install
+	$(PROTOC) -Iproto --python_out=cim/_proto --pyi_out=cim/_proto proto/cim.proto
+
+proto-check: install
+	@tmp=$$(mktemp -d); \
+	$(PROTOC) -Iproto --python_out=$$tmp --pyi_out=$$tmp proto/cim.proto && \
+	if diff -q $$tmp/cim_pb2.py cim/_proto/cim_pb2.py >/dev/null && \
+	   diff -q $$tmp/cim_pb2.pyi cim/_proto/cim_pb2.pyi >/dev/null; then \
+		echo "generated protobuf code is up to date"; rm -rf $$tmp; \
+	else \
+		echo "cim/_proto is stale: run 'make proto' and commit" >&2; rm -rf $$tmp; exit 1; \
+	fi
+
+lint: install
+	$(BIN)/ruff check cim tests twisted scripts bench
+	$(BIN)/ruff format --check cim tests twisted scripts bench
+
+typecheck: install
+	$(BIN)/mypy
+
+run: install
+	@echo "Starting a standalone cim node: route http://127.0.0.1:8083, server 127.0.0.1:11211"
+	@echo "In another terminal:  $(BIN)/twistd -n cim-client --user alice"
+	$(BIN)/twistd -n cim-standalone
+
+clean:
+	rm -rf .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""cim: a distributed instant-messaging system on Twisted."""

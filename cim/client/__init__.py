@@ -1,0 +1,3 @@
+"""
+The cim client library and console.
+"""

@@ -1,0 +1,128 @@
+"""
+Plain Python types for everything that crosses the wire or the store.
+
+Nothing here knows about protobuf; L{cim.codec} converts between these types
+and bytes.  The rest of the program only uses these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+
+class Command(enum.IntEnum):
+    """
+    The frame commands.  0-3 are CIM v2's; the others are cim extensions.
+    """
+
+    LOGIN_REQUEST = 0
+    MESSAGE = 1
+    PING = 2
+    OFFLINE = 3
+    ACK = 4
+    ERROR = 5
+    KICK = 6
+    LOGIN_RESPONSE = 7
+
+
+class ErrorCode(enum.IntEnum):
+    """
+    Codes carried by L{Command.ERROR} frames.  They reuse the route's HTTP
+    business codes where one fits.
+    """
+
+    INVALID_ARGUMENT = 3000
+    FAILURE = 4000
+    REPEAT_LOGIN = 5000
+    RATE_LIMITED = 6000
+    NOT_LOGGED_IN = 8000
+    BAD_TOKEN = 8001
+    FRAME_TOO_LONG = 8002
+    MALFORMED_FRAME = 8003
+    UNKNOWN_COMMAND = 8004
+    LOGIN_TIMEOUT = 8005
+    NOT_A_MEMBER = 8006
+    STORE_ERROR = 9200
+
+
+#: Conversation id prefixes: a user's private inbox and a group.
+INBOX_PREFIX = "u:"
+GROUP_PREFIX = "g:"
+#: The conversation of CIM-style broadcasts to every online user.
+BROADCAST = "all"
+
+
+def inbox(user_id: int) -> str:
+    """
+    The conversation id of C{user_id}'s private inbox.
+    """
+    return f"{INBOX_PREFIX}{user_id}"
+
+
+def group_conversation(group_id: str) -> str:
+    """
+    The conversation id of group C{group_id}.
+    """
+    return f"{GROUP_PREFIX}{group_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """
+    Everything in C{conversation} up to and including C{seq} was received.
+    """
+
+    conversation: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """
+    A stored chat message.
+
+    @ivar msg_id: unique over the whole system, assigned by the store.
+    @ivar conversation: where it is stored (L{inbox} or L{group_conversation}
+        or L{BROADCAST}).
+    @ivar seq: its position in C{conversation}: 1, 2, 3, ... with no gaps.
+    @ivar timestamp: milliseconds since the epoch, when it was stored.
+    """
+
+    msg_id: int
+    conversation: str
+    seq: int
+    sender_id: int
+    sender_name: str
+    text: str
+    timestamp: int
+    client_msg_id: str = ""
+    receive_user_id: int = 0
+    group_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """
+    One decoded frame.  Fields left at their defaults are not on the wire.
+    """
+
+    cmd: Command
+    req_msg: str = ""
+    request_id: int = 0
+    properties: Mapping[str, str] = field(default_factory=dict)
+    batch: Sequence[str] = ()
+    token: str = ""
+    client_msg_id: str = ""
+    msg_id: int = 0
+    seq: int = 0
+    conversation: str = ""
+    receive_user_id: int = 0
+    group_id: str = ""
+    error_code: int = 0
+    error_reason: str = ""
+    cursors: Sequence[Cursor] = ()
+    messages: Sequence[ChatMessage] = ()
+    redirect: str = ""
+    timestamp: int = 0

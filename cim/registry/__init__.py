@@ -1,0 +1,3 @@
+"""
+Registry backends (L{cim.interfaces.IRegistry}): in process, and ZooKeeper.
+"""

@@ -1,0 +1,3 @@
+"""
+The cim route: the HTTP API for accounts, login, routing and history.
+"""

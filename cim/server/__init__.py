@@ -1,0 +1,3 @@
+"""
+The cim IM server: client TCP connections, sessions, delivery, push API.
+"""

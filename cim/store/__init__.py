@@ -1,0 +1,3 @@
+"""
+Store backends (L{cim.interfaces.IStore}): in memory, and Redis.
+"""
