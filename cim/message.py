@@ -126,3 +126,48 @@ class Frame:
     messages: Sequence[ChatMessage] = ()
     redirect: str = ""
     timestamp: int = 0
+
+
+def message_to_dict(message: ChatMessage) -> dict[str, object]:
+    """
+    The JSON form of a message (HTTP API and push API), with CIM-style names.
+    """
+    out: dict[str, object] = {
+        "msgId": message.msg_id,
+        "conversation": message.conversation,
+        "seq": message.seq,
+        "sendUserId": message.sender_id,
+        "sendUserName": message.sender_name,
+        "msg": message.text,
+        "timestamp": message.timestamp,
+    }
+    if message.client_msg_id:
+        out["clientMsgId"] = message.client_msg_id
+    if message.receive_user_id:
+        out["receiveUserId"] = message.receive_user_id
+    if message.group_id:
+        out["groupId"] = message.group_id
+    return out
+
+
+def message_from_dict(data: dict[str, object]) -> ChatMessage:
+    """
+    Parse L{message_to_dict}'s output.
+
+    @raise ValueError: a field is missing or has the wrong type.
+    """
+    try:
+        return ChatMessage(
+            msg_id=int(data["msgId"]),  # type: ignore[call-overload]
+            conversation=str(data["conversation"]),
+            seq=int(data["seq"]),  # type: ignore[call-overload]
+            sender_id=int(data["sendUserId"]),  # type: ignore[call-overload]
+            sender_name=str(data["sendUserName"]),
+            text=str(data["msg"]),
+            timestamp=int(data["timestamp"]),  # type: ignore[call-overload]
+            client_msg_id=str(data.get("clientMsgId", "")),
+            receive_user_id=int(data.get("receiveUserId", 0)),  # type: ignore[call-overload]
+            group_id=str(data.get("groupId", "")),
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"bad message: {e}") from None

@@ -1,0 +1,243 @@
+"""
+The messaging core shared by the IM server and the route: store a message,
+then deliver it to wherever each recipient is connected.
+
+Delivery is at-least-once on the wire and exactly-once on screen: every
+message is appended to the store (and so survives) before anybody is told it
+was sent; pushes are best effort, and a recipient that missed one gets it
+from the store when its server notices the gap or when it logs in again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from cim.batch import Batcher
+from cim.interfaces import IStore, NewMessage, Session
+from cim.message import ChatMessage
+
+
+class ILocalDelivery(Interface):
+    """
+    The connections of the IM server this process runs, if any.
+    """
+
+    def deliver_local(  # type: ignore[no-untyped-def]
+        messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ):
+        """
+        Write C{messages} to each of C{user_ids} that is connected here.
+
+        @return: the list of C{user_ids} that are not connected here.
+        """
+
+
+class IPusher(Interface):
+    """
+    Sends messages to the users of another IM server.
+    """
+
+    def push(  # type: ignore[no-untyped-def]
+        server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ):
+        """
+        Ask C{server} to write C{messages} to each of C{user_ids}.
+
+        @return: a Deferred firing with the list of C{user_ids} that are not
+            connected there; fails when the server cannot be reached.
+        """
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    """
+    Where a delivery went.  A user in C{offline} or C{failed} still gets the
+    message from the store at its next login.
+
+    @ivar delivered: written to the user's connection (or handed to the
+        server holding it).
+    @ivar offline: the user has no connected session.
+    @ivar failed: the user's server could not be reached.
+    """
+
+    delivered: list[int] = field(default_factory=list)
+    offline: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+class Delivery:
+    """
+    Append messages to the store and deliver them.
+
+    @param here: the L{cim.interfaces.ServerAddress} string of the IM server
+        this process runs (with C{local}), or C{None} in a route.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        pusher: IPusher,
+        local: ILocalDelivery | None = None,
+        here: str | None = None,
+    ) -> None:
+        self.store = store
+        self.pusher = pusher
+        self.local = local
+        self.here = here
+        self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
+            self._append_batch, max_in_flight=4, max_batch=500
+        )
+        self._lookup: Batcher[list[int], dict[int, Session]] = Batcher(
+            self._lookup_batch, max_in_flight=4, max_batch=500
+        )
+
+    # Appending
+
+    def _append_batch(self, requests: list[list[NewMessage]]) -> Deferred:
+        flat = [m for request in requests for m in request]
+
+        def split(stored: list[ChatMessage]) -> list[list[ChatMessage]]:
+            out = []
+            start = 0
+            for request in requests:
+                out.append(stored[start : start + len(request)])
+                start += len(request)
+            return out
+
+        d: Deferred = self.store.append(flat)
+        return d.addCallback(split)
+
+    def append(self, messages: list[NewMessage]) -> Deferred[list[ChatMessage]]:
+        """
+        Append C{messages} (in order) with other concurrent appends in one
+        store call.
+
+        @return: fires with the stored messages.
+        """
+        return self._appender.submit_deferred(messages)
+
+    def append_callback(self, messages: list[NewMessage], done) -> None:  # type: ignore[no-untyped-def]
+        """
+        Like L{append}, calling C{done(stored_list_or_failure)}; the hot path
+        of TCP sends, without a Deferred per message.
+        """
+        self._appender.submit(messages, done)
+
+    # Delivering
+
+    def _lookup_batch(self, requests: list[list[int]]) -> Deferred:
+        wanted = sorted({uid for request in requests for uid in request})
+
+        def split(sessions: dict[int, Session]) -> list[dict[int, Session]]:
+            return [
+                {uid: sessions[uid] for uid in request if uid in sessions}
+                for request in requests
+            ]
+
+        d: Deferred = self.store.get_sessions(wanted)
+        return d.addCallback(split)
+
+    def deliver(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[DeliveryReport]:
+        """
+        Deliver C{messages} (already stored) to each of C{user_ids}: those
+        connected to this process directly, the others with one push per
+        server.  Never fails: a failure to reach a server is reported (and
+        logged), and the store still holds the messages.
+        """
+        report = DeliveryReport()
+        remaining: Sequence[int] = user_ids
+        if self.local is not None:
+            remaining = self.local.deliver_local(messages, user_ids)
+            if len(remaining) != len(user_ids):
+                missing = set(remaining)
+                report.delivered.extend(u for u in user_ids if u not in missing)
+        if not remaining:
+            return succeed(report)
+        d: Deferred = self._lookup.submit_deferred(list(remaining))
+        d.addCallback(self._push_remote, messages, list(remaining), report)
+        d.addErrback(self._lookup_failed, list(remaining), report)
+        return d
+
+    def _lookup_failed(
+        self, failure: Failure, user_ids: list[int], report: DeliveryReport
+    ) -> DeliveryReport:
+        self.log.failure("Session lookup failed; messages stay stored", failure)
+        report.failed.extend(user_ids)
+        return report
+
+    def _push_remote(
+        self,
+        sessions: dict[int, Session],
+        messages: Sequence[ChatMessage],
+        user_ids: list[int],
+        report: DeliveryReport,
+    ) -> Deferred[DeliveryReport]:
+        by_server: dict[str, list[int]] = {}
+        for uid in user_ids:
+            session = sessions.get(uid)
+            if session is None or session.server == self.here:
+                # No session, or one here whose connection just went away:
+                # the store has the messages for its next login.
+                report.offline.append(uid)
+            else:
+                by_server.setdefault(session.server, []).append(uid)
+        if not by_server:
+            return succeed(report)
+        pushes = []
+        for server, uids in by_server.items():
+            d = self.pusher.push(server, messages, uids)
+            d.addCallbacks(
+                self._pushed,
+                self._push_failed,
+                callbackArgs=(uids, report),
+                errbackArgs=(server, uids, report),
+            )
+            pushes.append(d)
+        return _all(pushes).addCallback(lambda _: report)
+
+    def _pushed(
+        self, missing: list[int], uids: list[int], report: DeliveryReport
+    ) -> None:
+        gone = set(missing)
+        report.delivered.extend(u for u in uids if u not in gone)
+        report.offline.extend(u for u in uids if u in gone)
+
+    def _push_failed(
+        self, failure: Failure, server: str, uids: list[int], report: DeliveryReport
+    ) -> None:
+        self.log.warn(
+            "Push to {server} failed for {count} users: {error}",
+            server=server,
+            count=len(uids),
+            error=failure.getErrorMessage(),
+        )
+        report.failed.extend(uids)
+
+
+def _all(deferreds: list[Deferred]) -> Deferred[None]:
+    """
+    Fire once every one of C{deferreds} fired (none of which fails).
+    """
+    if len(deferreds) == 1:
+        return deferreds[0].addCallback(lambda _: None)
+    done: Deferred[None] = Deferred()
+    remaining = [len(deferreds)]
+
+    def one(_: object) -> None:
+        remaining[0] -= 1
+        if remaining[0] == 0:
+            done.callback(None)
+
+    for d in deferreds:
+        d.addBoth(one)
+    return done

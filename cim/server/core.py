@@ -1,0 +1,811 @@
+"""
+The IM server's logic: logins, heartbeats, sends, and in-order delivery to
+the connections it holds.  The wire adapter is L{cim.server.protocol}; this
+module never parses bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cim.codec import encode_framed
+from cim.delivery import Delivery, ILocalDelivery, IPusher
+from cim.interfaces import IStore, NewMessage, NoSuchGroup, ServerAddress
+from cim.message import (
+    BROADCAST,
+    ChatMessage,
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+    group_conversation,
+    inbox,
+)
+from cim.metrics import Metrics
+
+#: Messages read from the store per page when replaying.
+REPLAY_PAGE = 200
+#: The longest client message id accepted.
+MAX_CLIENT_MSG_ID = 64
+
+
+class Transport(TypingProtocol):
+    """
+    What the server core needs of a connection's protocol.
+    """
+
+    def write_bytes(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Connection:
+    """
+    One client connection's state.
+
+    @ivar delivered: per conversation, the highest seq written to this
+        connection; messages are written in seq order with no gap.
+    @ivar filling: conversations being read from the store; live messages
+        for them wait in C{pending}.
+    @ivar acked: per conversation, the highest seq the client acknowledged
+        (cim clients) or, for CIM clients, that a later heartbeat proved
+        was received.
+    @ivar replaced: a newer login of the same user took over; closing this
+        connection must not release the session.
+    """
+
+    __slots__ = (
+        "transport",
+        "peer",
+        "opened",
+        "last_seen",
+        "user_id",
+        "user_name",
+        "session_id",
+        "legacy",
+        "logging_in",
+        "delivered",
+        "filling",
+        "pending",
+        "acked",
+        "ack_dirty",
+        "replaced",
+        "closed",
+        "tokens",
+        "tokens_at",
+    )
+
+    def __init__(self, transport: Transport, peer: str, now: float) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.opened = now
+        self.last_seen = now
+        self.user_id = 0
+        self.user_name = ""
+        self.session_id = ""
+        self.legacy = False
+        self.logging_in = False
+        self.delivered: dict[str, int] = {}
+        self.filling: set[str] = set()
+        self.pending: dict[str, dict[int, ChatMessage]] = {}
+        self.acked: dict[str, int] = {}
+        self.ack_dirty = False
+        self.replaced = False
+        self.closed = False
+        self.tokens = 0.0
+        self.tokens_at = now
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write_bytes(data)
+
+
+def _legacy_properties(message: ChatMessage) -> dict[str, str]:
+    props = {
+        "sendUserId": str(message.sender_id),
+        "sendUserName": message.sender_name,
+    }
+    if message.receive_user_id:
+        props["receiveUserId"] = str(message.receive_user_id)
+    return props
+
+
+def legacy_frames(messages: Sequence[ChatMessage], cmd: Command) -> list[bytes]:
+    """
+    Encode C{messages} for a CIM client: consecutive messages of one sender
+    share a frame (text in C{batchReqMsg} when several), each frame carrying
+    its own sender's properties.
+    """
+    out: list[bytes] = []
+    run: list[ChatMessage] = []
+
+    def flush() -> None:
+        if not run:
+            return
+        props = _legacy_properties(run[0])
+        if len(run) == 1 and cmd == Command.MESSAGE:
+            frame = Frame(cmd=cmd, req_msg=run[0].text, properties=props)
+        else:
+            frame = Frame(cmd=cmd, batch=[m.text for m in run], properties=props)
+        out.append(encode_framed(frame))
+        run.clear()
+
+    for message in messages:
+        if run and (
+            run[0].sender_id != message.sender_id
+            or run[0].receive_user_id != message.receive_user_id
+        ):
+            flush()
+        run.append(message)
+    flush()
+    return out
+
+
+class _Encoded:
+    """
+    The frames of one batch of messages, encoded at most once whatever the
+    number of recipients.
+    """
+
+    __slots__ = ("messages", "_cim", "_legacy")
+
+    def __init__(self, messages: Sequence[ChatMessage]) -> None:
+        self.messages = messages
+        self._cim: bytes | None = None
+        self._legacy: bytes | None = None
+
+    def cim(self) -> bytes:
+        if self._cim is None:
+            self._cim = encode_framed(Frame(cmd=Command.MESSAGE, messages=self.messages))
+        return self._cim
+
+    def legacy(self) -> bytes:
+        if self._legacy is None:
+            self._legacy = b"".join(legacy_frames(self.messages, Command.MESSAGE))
+        return self._legacy
+
+
+@implementer(ILocalDelivery)
+class IMServer:
+    """
+    The logic of one IM server.
+
+    @param address: this server's address; login tokens must name it.
+    @param legacy_login: accept CIM clients that send no token, for users
+        whose session the route assigned to this server.
+    @param rate: frames per second a connection may send (with a burst of
+        twice as many); past that it gets an error and is closed.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IStore,
+        address: ServerAddress,
+        pusher: IPusher,
+        *,
+        legacy_login: bool = False,
+        heartbeat_timeout: float = 30.0,
+        login_timeout: float = 10.0,
+        max_text: int = 4096,
+        rate: float = 2000.0,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self.address = address
+        self.here = str(address)
+        self.legacy_login = legacy_login
+        self.heartbeat_timeout = heartbeat_timeout
+        self.login_timeout = login_timeout
+        self.max_text = max_text
+        self.rate = rate
+        self.users: dict[int, Connection] = {}
+        self.connections: set[Connection] = set()
+        self.delivery = Delivery(store, pusher, local=self, here=self.here)
+        self._known_users: set[int] = set()
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        self._stopping = False
+        self.metrics = metrics = Metrics("cim_server")
+        metrics.gauge("connections", "Open client connections", lambda: len(self.connections))
+        metrics.gauge("users", "Logged-in users", lambda: len(self.users))
+        self.m_logins = metrics.counter("logins_total", "Successful logins")
+        self.m_login_failures = metrics.counter("login_failures_total", "Refused logins")
+        self.m_in = metrics.counter("messages_in_total", "Chat messages received")
+        self.m_out = metrics.counter("messages_out_total", "Chat messages written")
+        self.m_errors = metrics.counter("errors_total", "Error frames sent")
+        self.m_latency = metrics.histogram(
+            "delivery_latency_seconds", "From store append to write, for live messages"
+        )
+
+    # Life cycle
+
+    def start(self) -> None:
+        """
+        Start the heartbeat and login-deadline sweep.
+        """
+        interval = max(0.5, min(self.heartbeat_timeout, self.login_timeout) / 3)
+        self._sweeper.start(interval, now=False).addErrback(
+            lambda f: self.log.failure("The sweep died", f)
+        )
+
+    def stop(self) -> Deferred:
+        """
+        Tell every client to reconnect elsewhere, close them, and release
+        their sessions.  @return: a Deferred firing when the releases are
+        done.
+        """
+        self._stopping = True
+        if self._sweeper.running:
+            self._sweeper.stop()
+        releases = []
+        for conn in list(self.connections):
+            if conn.user_id and self.users.get(conn.user_id) is conn:
+                releases.append(self._release(conn))
+                conn.replaced = True  # released here, not again on close
+            self.kick(conn, "the server is shutting down")
+        return DeferredList(releases, consumeErrors=True)
+
+    def sweep(self) -> None:
+        """
+        Close connections that were silent past the heartbeat timeout, or
+        that did not log in in time, and save acknowledged cursors.
+        """
+        now = self.clock.seconds()
+        idle = now - self.heartbeat_timeout
+        late = now - self.login_timeout
+        for conn in list(self.connections):
+            if conn.user_id:
+                if conn.last_seen < idle:
+                    self.log.info(
+                        "Closing {user_id}: silent for {timeout}s",
+                        user_id=conn.user_id,
+                        timeout=self.heartbeat_timeout,
+                    )
+                    self.error(conn, ErrorCode.LOGIN_TIMEOUT, "heartbeat timeout", close=True)
+                elif conn.ack_dirty:
+                    self._save_acks(conn)
+            elif not conn.logging_in and conn.opened < late:
+                self.error(conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True)
+
+    # Connection events (from the protocol)
+
+    def connection_made(self, transport: Transport, peer: str) -> Connection:
+        conn = Connection(transport, peer, self.clock.seconds())
+        conn.tokens = 2 * self.rate
+        self.connections.add(conn)
+        return conn
+
+    def connection_lost(self, conn: Connection) -> None:
+        conn.closed = True
+        self.connections.discard(conn)
+        if not conn.user_id or self.users.get(conn.user_id) is not conn:
+            return
+        del self.users[conn.user_id]
+        if conn.replaced:
+            return
+        self._release(conn).addErrback(
+            lambda f: self.log.failure("Releasing {user_id} failed", f, user_id=conn.user_id)
+        )
+
+    def _release(self, conn: Connection) -> Deferred:
+        if conn.ack_dirty:
+            self._save_acks(conn)
+        d: Deferred = self.store.release_session(conn.user_id, conn.session_id)
+        return d
+
+    def error(self, conn: Connection, code: int, reason: str, close: bool = False) -> None:
+        """
+        Send an error frame (and close the connection when C{close}).
+        """
+        self.m_errors.inc()
+        conn.write(
+            encode_framed(
+                Frame(cmd=Command.ERROR, error_code=int(code), error_reason=reason, req_msg=reason)
+            )
+        )
+        if close:
+            self.close(conn)
+
+    def close(self, conn: Connection) -> None:
+        if not conn.closed:
+            conn.closed = True
+            conn.transport.close()
+
+    def kick(self, conn: Connection, reason: str, redirect: str = "") -> None:
+        """
+        Tell C{conn} to reconnect (through the route unless C{redirect} names
+        a server) and close it.
+        """
+        conn.write(
+            encode_framed(
+                Frame(cmd=Command.KICK, error_reason=reason, req_msg=reason, redirect=redirect)
+            )
+        )
+        self.close(conn)
+
+    def frame_received(self, conn: Connection, frame: Frame) -> None:
+        """
+        Dispatch one decoded frame.
+        """
+        if conn.closed:
+            return
+        now = self.clock.seconds()
+        conn.last_seen = now
+        # Token bucket: refill at `rate` per second, up to a burst of 2*rate.
+        conn.tokens = min(2 * self.rate, conn.tokens + (now - conn.tokens_at) * self.rate)
+        conn.tokens_at = now
+        conn.tokens -= 1
+        if conn.tokens < 0:
+            self.error(conn, ErrorCode.RATE_LIMITED, "too many frames", close=True)
+            return
+        cmd = frame.cmd
+        if not conn.user_id:
+            if cmd == Command.LOGIN_REQUEST and not conn.logging_in:
+                conn.logging_in = True
+                ensureDeferred(self._login(conn, frame)).addErrback(self._login_crashed, conn)
+            elif conn.logging_in and cmd == Command.PING:
+                self._pong(conn)
+            else:
+                self.error(conn, ErrorCode.NOT_LOGGED_IN, "log in first", close=True)
+            return
+        if cmd == Command.PING:
+            self._pong(conn)
+            if conn.legacy:
+                self._legacy_ack(conn)
+        elif cmd == Command.MESSAGE:
+            self._send(conn, frame)
+        elif cmd == Command.ACK:
+            self._ack(conn, frame.cursors)
+        else:
+            self.error(
+                conn,
+                ErrorCode.UNKNOWN_COMMAND,
+                f"unexpected command {cmd.name} from a client",
+                close=True,
+            )
+
+    def _pong(self, conn: Connection) -> None:
+        conn.write(encode_framed(Frame(cmd=Command.PING, req_msg="pong")))
+
+    # Login
+
+    def _login_crashed(self, failure: Failure, conn: Connection) -> None:
+        self.log.failure("Login of {peer} failed", failure, peer=conn.peer)
+        self.m_login_failures.inc()
+        self.error(conn, ErrorCode.FAILURE, "login failed: internal error", close=True)
+
+    def _refuse(self, conn: Connection, code: ErrorCode, reason: str) -> None:
+        self.m_login_failures.inc()
+        self.log.info("Refused login from {peer}: {reason}", peer=conn.peer, reason=reason)
+        self.error(conn, code, reason, close=True)
+
+    async def _login(self, conn: Connection, frame: Frame) -> None:
+        user_id = frame.request_id
+        if user_id <= 0:
+            self._refuse(conn, ErrorCode.INVALID_ARGUMENT, "login needs requestId = userId")
+            return
+        if self._stopping:
+            self.kick(conn, "the server is shutting down")
+            return
+        if frame.token:
+            info = await self.store.verify_token(frame.token)
+            if info is None:
+                self._refuse(conn, ErrorCode.BAD_TOKEN, "invalid or expired token")
+                return
+            if info.user_id != user_id:
+                self._refuse(conn, ErrorCode.BAD_TOKEN, "the token is for another user")
+                return
+            if info.server != self.here:
+                self._refuse(conn, ErrorCode.BAD_TOKEN, "the token is for another server")
+                return
+            session_id = info.session_id
+            legacy = False
+        elif self.legacy_login:
+            legacy = True
+            session_id = ""
+        else:
+            self._refuse(conn, ErrorCode.BAD_TOKEN, "a login token is required")
+            return
+        session = await self.store.get_session(user_id)
+        if session is None or (not legacy and session.session_id != session_id):
+            self._refuse(conn, ErrorCode.BAD_TOKEN, "no such session: log in through the route")
+            return
+        if session.server != self.here:
+            self._refuse(conn, ErrorCode.BAD_TOKEN, "the session belongs to another server")
+            return
+        if legacy and session.user_name != frame.req_msg:
+            self._refuse(conn, ErrorCode.BAD_TOKEN, "userName does not match the session")
+            return
+        if not await self.store.activate_session(user_id, session.session_id):
+            self._refuse(conn, ErrorCode.BAD_TOKEN, "the session was replaced or expired")
+            return
+        stored = await self.store.get_cursors(user_id)
+        groups = await self.store.user_groups(user_id)
+        if conn.closed:
+            # The client went away while we were checking; it still holds
+            # the session, so release it.
+            await self.store.release_session(user_id, session.session_id)
+            return
+        old = self.users.get(user_id)
+        if old is not None:
+            old.replaced = True
+            self.kick(old, "logged in again elsewhere")
+        conn.user_id = user_id
+        conn.user_name = session.user_name
+        conn.session_id = session.session_id
+        conn.legacy = legacy
+        conn.logging_in = False
+        # Resume each conversation from the client's cursor, or the stored
+        # one; live messages wait in `pending` until the replay caught up.
+        cursors = {} if legacy else {c.conversation: c.seq for c in frame.cursors}
+        conversations = [inbox(user_id)] + [group_conversation(g) for g in groups]
+        for conversation in conversations:
+            conn.delivered[conversation] = cursors.get(conversation, stored.get(conversation, 0))
+            conn.acked[conversation] = stored.get(conversation, 0)
+            conn.filling.add(conversation)
+        # Visible to deliveries from here on.  A message stored before this
+        # point reached the store before the replay below reads it.
+        self.users[user_id] = conn
+        self._known_users.add(user_id)
+        self.m_logins.inc()
+        self.log.info(
+            "{user_id} ({user_name}) logged in from {peer}{legacy}",
+            user_id=user_id,
+            user_name=session.user_name,
+            peer=conn.peer,
+            legacy=" (CIM client)" if legacy else "",
+        )
+        if not legacy:
+            conn.write(
+                encode_framed(
+                    Frame(
+                        cmd=Command.LOGIN_RESPONSE,
+                        request_id=user_id,
+                        req_msg=session.user_name,
+                        timestamp=int(self.clock.seconds() * 1000),
+                    )
+                )
+            )
+        for conversation in conversations:
+            await self._fill(conn, conversation, Command.OFFLINE)
+
+    def _fill_in_background(self, conn: Connection, conversation: str) -> None:
+        conn.filling.add(conversation)
+        ensureDeferred(self._fill(conn, conversation, Command.MESSAGE)).addErrback(
+            self._fill_failed, conn, conversation
+        )
+
+    def _fill_failed(self, failure: Failure, conn: Connection, conversation: str) -> None:
+        conn.filling.discard(conversation)
+        self.log.failure(
+            "Reading {conversation} for {user_id} failed; reconnecting it",
+            failure,
+            conversation=conversation,
+            user_id=conn.user_id,
+        )
+        # The client will log in again and resume from its cursors.
+        self.kick(conn, "temporary store failure")
+
+    async def _fill(self, conn: Connection, conversation: str, cmd: Command) -> None:
+        """
+        Write the stored messages of C{conversation} after what C{conn} has,
+        then whatever arrived live meanwhile, in order, without duplicates.
+        """
+        try:
+            while not conn.closed:
+                after = conn.delivered[conversation]
+                page = await self.store.read(conversation, after, REPLAY_PAGE)
+                if conn.closed:
+                    return
+                fresh = [m for m in page if m.seq > conn.delivered[conversation]]
+                if fresh:
+                    self._write_stored(conn, fresh, cmd)
+                    conn.delivered[conversation] = fresh[-1].seq
+                if len(page) == REPLAY_PAGE:
+                    continue
+                # Caught up with the store: drain what arrived live.
+                pending = conn.pending.pop(conversation, {})
+                position = conn.delivered[conversation]
+                ready = []
+                for seq in sorted(pending):
+                    if seq == position + 1:
+                        ready.append(pending.pop(seq))
+                        position = seq
+                    elif seq <= position:
+                        pending.pop(seq)
+                if ready:
+                    self._write_live(conn, ready)
+                    conn.delivered[conversation] = position
+                if not pending:
+                    return
+                # Still a gap (a message the store has not shown us yet, or
+                # that retention dropped); go round again.
+                conn.pending[conversation] = pending
+                if not page and not ready:
+                    # The store has nothing after our position: the gap can
+                    # only be messages lost to retention; skip over it.
+                    first = min(pending)
+                    self.log.warn(
+                        "Skipping {conversation} {start}..{end} (not in the store)",
+                        conversation=conversation,
+                        start=position + 1,
+                        end=first - 1,
+                    )
+                    conn.delivered[conversation] = first - 1
+        finally:
+            conn.filling.discard(conversation)
+
+    def _write_stored(self, conn: Connection, messages: list[ChatMessage], cmd: Command) -> None:
+        if conn.legacy:
+            for data in legacy_frames(messages, cmd):
+                conn.write(data)
+        else:
+            conn.write(encode_framed(Frame(cmd=cmd, messages=messages)))
+        self.m_out.inc(len(messages))
+
+    def _write_live(self, conn: Connection, messages: list[ChatMessage]) -> None:
+        self._write_stored(conn, messages, Command.MESSAGE)
+
+    # Delivery to connections here
+
+    def deliver_local(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> list[int]:
+        """
+        Write C{messages} (one batch, in seq order) to those of C{user_ids}
+        connected here, encoding them once for all.  @return: the others.
+        """
+        missing = []
+        encoded = _Encoded(messages)
+        now_ms = self.clock.seconds() * 1000
+        for uid in user_ids:
+            conn = self.users.get(uid)
+            if conn is None or conn.closed:
+                missing.append(uid)
+                continue
+            self._offer(conn, messages, encoded)
+        if messages:
+            self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
+        return missing
+
+    def _offer(self, conn: Connection, messages: Sequence[ChatMessage], encoded: _Encoded) -> None:
+        # Fast path: every message is the next one of its conversation.
+        delivered = conn.delivered
+        in_order = True
+        positions = {}
+        for m in messages:
+            conversation = m.conversation
+            if conversation == BROADCAST:
+                continue
+            last = positions.get(conversation, delivered.get(conversation))
+            if last is None:
+                # A conversation this connection has not seen (a group joined
+                # since login): start at this message.
+                last = m.seq - 1
+            if conversation in conn.filling or m.seq != last + 1:
+                in_order = False
+                break
+            positions[conversation] = m.seq
+        if in_order:
+            delivered.update(positions)
+            conn.write(encoded.legacy() if conn.legacy else encoded.cim())
+            self.m_out.inc(len(messages))
+            return
+        for m in messages:
+            self._offer_one(conn, m)
+
+    def _offer_one(self, conn: Connection, m: ChatMessage) -> None:
+        conversation = m.conversation
+        if conversation == BROADCAST:
+            self._write_live(conn, [m])
+            return
+        last = conn.delivered.get(conversation)
+        if last is None:
+            last = conn.delivered[conversation] = m.seq - 1
+        if conversation in conn.filling:
+            conn.pending.setdefault(conversation, {})[m.seq] = m
+        elif m.seq <= last:
+            return  # a duplicate
+        elif m.seq == last + 1:
+            self._write_live(conn, [m])
+            conn.delivered[conversation] = m.seq
+        else:
+            # A gap: an earlier message is still on its way (or was missed);
+            # hold this one and read the gap from the store.
+            conn.pending.setdefault(conversation, {})[m.seq] = m
+            self._fill_in_background(conn, conversation)
+
+    # Acknowledgements
+
+    def _ack(self, conn: Connection, cursors: Sequence[Cursor]) -> None:
+        for cursor in cursors:
+            if cursor.seq > conn.acked.get(cursor.conversation, 0):
+                conn.acked[cursor.conversation] = cursor.seq
+                conn.ack_dirty = True
+
+    def _legacy_ack(self, conn: Connection) -> None:
+        # A CIM client cannot acknowledge; a heartbeat after a write is the
+        # best proof that the connection carried it.
+        for conversation, seq in conn.delivered.items():
+            if conversation not in conn.filling and seq > conn.acked.get(conversation, 0):
+                conn.acked[conversation] = seq
+                conn.ack_dirty = True
+
+    def _save_acks(self, conn: Connection) -> None:
+        conn.ack_dirty = False
+        self.store.set_cursors(conn.user_id, dict(conn.acked)).addErrback(
+            self._save_acks_failed, conn
+        )
+
+    def _save_acks_failed(self, failure: Failure, conn: Connection) -> None:
+        conn.ack_dirty = True
+        self.log.failure("Saving cursors of {user_id} failed", failure, user_id=conn.user_id)
+
+    # Sending
+
+    def _send(self, conn: Connection, frame: Frame) -> None:
+        texts = list(frame.batch) if frame.batch else [frame.req_msg]
+        cmid = frame.client_msg_id
+        if len(cmid) > MAX_CLIENT_MSG_ID:
+            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, "clientMsgId too long")
+            return
+        if not all(texts):
+            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, "empty message")
+            return
+        if any(len(t) > self.max_text for t in texts):
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, f"message over {self.max_text} characters"
+            )
+            return
+        self.m_in.inc(len(texts))
+        if frame.receive_user_id > 0 and not frame.group_id:
+            ensureDeferred(self._send_private(conn, frame, texts)).addErrback(
+                self._send_failed, conn, frame
+            )
+        elif frame.group_id and not frame.receive_user_id:
+            ensureDeferred(self._send_group(conn, frame, texts)).addErrback(
+                self._send_failed, conn, frame
+            )
+        else:
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, "a message needs receiveUserId or groupId"
+            )
+
+    def _send_error(self, conn: Connection, frame: Frame, code: ErrorCode, reason: str) -> None:
+        self.m_errors.inc()
+        conn.write(
+            encode_framed(
+                Frame(
+                    cmd=Command.ERROR,
+                    error_code=int(code),
+                    error_reason=reason,
+                    req_msg=reason,
+                    client_msg_id=frame.client_msg_id,
+                )
+            )
+        )
+
+    def _send_failed(self, failure: Failure, conn: Connection, frame: Frame) -> None:
+        self.log.failure("Send from {user_id} failed", failure, user_id=conn.user_id)
+        self._send_error(conn, frame, ErrorCode.STORE_ERROR, "not stored; send it again")
+
+    def _new_messages(
+        self, conn: Connection, conversation: str, texts: list[str], cmid: str, **target: object
+    ) -> list[NewMessage]:
+        return [
+            NewMessage(
+                conversation=conversation,
+                sender_id=conn.user_id,
+                sender_name=conn.user_name,
+                text=text,
+                client_msg_id=(cmid if i == 0 else f"{cmid}#{i}") if cmid else "",
+                **target,  # type: ignore[arg-type]
+            )
+            for i, text in enumerate(texts)
+        ]
+
+    async def _user_exists(self, user_id: int) -> bool:
+        if user_id in self._known_users:
+            return True
+        if await self.store.get_account(user_id) is None:
+            return False
+        self._known_users.add(user_id)
+        return True
+
+    async def _send_private(self, conn: Connection, frame: Frame, texts: list[str]) -> None:
+        receiver = frame.receive_user_id
+        if not await self._user_exists(receiver):
+            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, f"no user {receiver}")
+            return
+        stored = await self.delivery.append(
+            self._new_messages(
+                conn, inbox(receiver), texts, frame.client_msg_id, receive_user_id=receiver
+            )
+        )
+        self._acknowledge(conn, frame, stored)
+        await self.delivery.deliver(stored, [receiver])
+
+    async def _send_group(self, conn: Connection, frame: Frame, texts: list[str]) -> None:
+        group_id = frame.group_id
+        try:
+            members = await self.store.group_members(group_id)
+        except NoSuchGroup:
+            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, f"no group {group_id}")
+            return
+        if conn.user_id not in members:
+            self._send_error(conn, frame, ErrorCode.NOT_A_MEMBER, f"not a member of {group_id}")
+            return
+        stored = await self.delivery.append(
+            self._new_messages(
+                conn, group_conversation(group_id), texts, frame.client_msg_id, group_id=group_id
+            )
+        )
+        self._acknowledge(conn, frame, stored)
+        # The sender gets its own group messages too (in order, like the
+        # others), so that its view of the group has no holes.
+        await self.delivery.deliver(stored, members)
+
+    def _acknowledge(self, conn: Connection, frame: Frame, stored: list[ChatMessage]) -> None:
+        last = stored[-1]
+        conn.write(
+            encode_framed(
+                Frame(
+                    cmd=Command.ACK,
+                    client_msg_id=frame.client_msg_id,
+                    msg_id=last.msg_id,
+                    seq=last.seq,
+                    conversation=last.conversation,
+                    timestamp=last.timestamp,
+                    cursors=[Cursor(m.conversation, m.seq) for m in stored],
+                )
+            )
+        )
+
+    # Push API operations
+
+    def send_raw(self, user_id: int, frame: Frame) -> bool:
+        """
+        Write C{frame} to C{user_id}'s connection (CIM's C{/sendMsg}).
+        @return: whether the user is connected here.
+        """
+        conn = self.users.get(user_id)
+        if conn is None or conn.closed:
+            return False
+        conn.write(encode_framed(frame))
+        return True
+
+    def kick_user(self, user_id: int, session_id: str, reason: str) -> bool:
+        """
+        Close C{user_id}'s connection if it belongs to C{session_id} (or to
+        any session when C{session_id} is empty).  @return: whether one was.
+        """
+        conn = self.users.get(user_id)
+        if conn is None or (session_id and conn.session_id != session_id):
+            return False
+        conn.replaced = True
+        self.kick(conn, reason)
+        return True
+
+    def resync(self, user_id: int) -> bool:
+        """
+        Send C{user_id} whatever the store holds that it has not got yet.
+        """
+        conn = self.users.get(user_id)
+        if conn is None:
+            return False
+        for conversation in list(conn.delivered):
+            if conversation not in conn.filling:
+                self._fill_in_background(conn, conversation)
+        return True
+

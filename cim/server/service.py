@@ -1,0 +1,185 @@
+"""
+The IM server as a Twisted service: listens, registers, and shuts down
+cleanly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+from treq.client import HTTPClient
+
+from cim.framing import DEFAULT_MAX_FRAME
+from cim.interfaces import IRegistry, IStore, ServerAddress
+from cim.janitor import DeadServerJanitor
+from cim.pusher import HttpPusher
+from cim.server.core import IMServer
+from cim.server.protocol import ClientConnectionFactory
+from cim.server.push import PushAPI
+
+
+@dataclass
+class ServerConfig:
+    """
+    The settings of one IM server (see L{cim.server.tap.Options}).
+    """
+
+    port: int = 11211
+    http_port: int = 8081
+    host: str = "127.0.0.1"
+    bind: str = "0.0.0.0"
+    secret: str = ""
+    heartbeat_timeout: float = 30.0
+    login_timeout: float = 10.0
+    max_frame: int = DEFAULT_MAX_FRAME
+    legacy_login: bool = False
+    rate: float = 2000.0
+
+
+def make_http_client(reactor) -> HTTPClient:  # type: ignore[no-untyped-def]
+    """
+    A treq client with a persistent connection pool, for calls between
+    daemons.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.retryAutomatically = False
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+class IMServerService(Service):
+    """
+    Runs an L{IMServer}: opens the store and registry (given as factories
+    returning Deferreds, so that a failure is reported, not lost), listens
+    on the client and push ports, then registers.  Stopping deregisters
+    first, then tells clients to reconnect elsewhere.
+
+    If start-up fails, the failure is logged and C{on_failure} is called
+    (the tap stops the reactor).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config: ServerConfig, store_factory, registry: IRegistry, on_failure=None) -> None:  # type: ignore[no-untyped-def]
+        self.reactor = reactor
+        self.config = config
+        self.store_factory = store_factory
+        self.registry = registry
+        self.on_failure = on_failure
+        self.server: IMServer | None = None
+        self.address: ServerAddress | None = None
+        self.store: IStore | None = None
+        self.ready: Deferred[IMServerService] = Deferred()
+        self._ports: list = []
+        self._janitor: DeadServerJanitor | None = None
+        self._starting: Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = ensureDeferred(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure) -> None:  # type: ignore[no-untyped-def]
+        self.log.failure("The IM server could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def _start(self) -> None:
+        config = self.config
+        self.store = store = await self.store_factory()
+        http = make_http_client(self.reactor)
+        pusher = HttpPusher(http, config.secret)
+        # The address is known once the ports listen (they may be 0).
+        client_port = await endpoints.TCP4ServerEndpoint(
+            self.reactor, config.port, interface=config.bind, backlog=4096
+        ).listen(_LateFactory())
+        self._ports.append(client_port)
+        http_port = await endpoints.TCP4ServerEndpoint(
+            self.reactor, config.http_port, interface=config.bind
+        ).listen(_LateFactory())
+        self._ports.append(http_port)
+        self.address = ServerAddress(
+            config.host, client_port.getHost().port, http_port.getHost().port
+        )
+        self.server = server = IMServer(
+            self.reactor,
+            store,
+            self.address,
+            pusher,
+            legacy_login=config.legacy_login,
+            heartbeat_timeout=config.heartbeat_timeout,
+            login_timeout=config.login_timeout,
+            rate=config.rate,
+        )
+        client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
+        site = Site(PushAPI(server, config.secret).app.resource())
+        site.noisy = False
+        http_port.factory.wrapped = site
+        server.start()
+        await self.registry.start()
+        await self.registry.register(self.address)
+        self._janitor = DeadServerJanitor(self.reactor, self.registry, store)
+        self._janitor.start()
+        self.log.info(
+            "cim-server {address} ready: clients on {bind}:{port}, push API on {bind}:{http}",
+            address=str(self.address),
+            bind=config.bind,
+            port=self.address.port,
+            http=self.address.http_port,
+        )
+        self.ready.callback(self)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self._janitor is not None:
+            self._janitor.stop()
+        try:
+            await self.registry.stop()
+        except Exception:
+            self.log.failure("Leaving the registry failed")
+        if self.server is not None:
+            await self.server.stop()
+        for port in self._ports:
+            await port.stopListening()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:
+                self.log.failure("Closing the store failed")
+
+
+class _LateFactory:
+    """
+    A factory whose real factory is set after the port is listening (so the
+    server knows its own port before it builds anything).
+    """
+
+    def __init__(self) -> None:
+        self.wrapped = None
+        self.noisy = False
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+        if self.wrapped is None:
+            return None
+        return self.wrapped.buildProtocol(addr)

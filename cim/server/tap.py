@@ -1,0 +1,100 @@
+"""
+C{twistd cim-server}: one IM server of a cluster.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from cim.framing import DEFAULT_MAX_FRAME
+from cim.options import (
+    as_deferred,
+    check_registry_url,
+    check_store_url,
+    port_number,
+    positive_float,
+    secret_option,
+)
+from cim.server.service import IMServerService, ServerConfig
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a cim IM server: it holds clients' TCP connections, pushes their "
+        "messages, and registers itself in the registry."
+    )
+    optFlags = [
+        ["legacy-login", None, "Accept CIM clients that log in without a token."],
+    ]
+    optParameters = [
+        ["port", "p", 11211, "Client TCP port (0: any free port).", port_number("port")],
+        ["http-port", None, 8081, "Push API HTTP port (0: any).", port_number("http-port")],
+        ["host", None, "127.0.0.1", "The address announced to clients through the registry."],
+        ["bind", None, "0.0.0.0", "The interface both ports listen on."],
+        ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
+        ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
+        ["secret", None, "", "The cluster secret (default: $CIM_SECRET)."],
+        [
+            "heartbeat-timeout",
+            None,
+            30.0,
+            "Seconds of client silence before it is dropped.",
+            positive_float("heartbeat-timeout"),
+        ],
+        [
+            "max-frame",
+            None,
+            DEFAULT_MAX_FRAME,
+            "The largest frame accepted, in bytes.",
+            int,
+        ],
+        [
+            "rate",
+            None,
+            2000.0,
+            "Frames per second a connection may send.",
+            positive_float("rate"),
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        check_store_url(self["store"])
+        check_registry_url(self["registry"])
+        if not 64 <= self["max-frame"] <= 64 * 1024 * 1024:
+            raise usage.UsageError("--max-frame must be between 64 bytes and 64 MiB")
+        self["secret"] = secret_option(self)
+
+
+def config_from(options: usage.Options) -> ServerConfig:
+    return ServerConfig(
+        port=options["port"],
+        http_port=options["http-port"],
+        host=options["host"],
+        bind=options["bind"],
+        secret=options["secret"],
+        heartbeat_timeout=options["heartbeat-timeout"],
+        max_frame=options["max-frame"],
+        legacy_login=bool(options["legacy-login"]),
+        rate=options["rate"],
+    )
+
+
+def makeService(options: usage.Options) -> IService:
+    from twisted.internet import reactor
+
+    from cim.registry import open_registry
+    from cim.store import open_store
+
+    def stop() -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    return IMServerService(
+        reactor,
+        config_from(options),
+        lambda: as_deferred(open_store(options["store"], reactor)),
+        open_registry(options["registry"], reactor),
+        on_failure=stop,
+    )

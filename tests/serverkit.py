@@ -1,0 +1,148 @@
+"""
+Helpers to drive an L{IMServer} in memory: a fake pusher, connections over
+L{StringTransport}, and frame parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from cim.codec import decode, encode_framed
+from cim.delivery import IPusher
+from cim.interfaces import ServerAddress
+from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.server.core import IMServer
+from cim.server.protocol import ClientConnectionProtocol
+from cim.store.memory import MemoryStore
+
+HERE = ServerAddress("127.0.0.1", 11211, 8081)
+THERE = ServerAddress("127.0.0.2", 11211, 8081)
+
+
+@implementer(IPusher)
+class RecordingPusher:
+    """
+    Records pushes; answers that every user is connected there.
+    """
+
+    def __init__(self) -> None:
+        self.pushes: list[tuple[str, list[ChatMessage], list[int]]] = []
+
+    def push(
+        self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[list[int]]:
+        self.pushes.append((server, list(messages), list(user_ids)))
+        return succeed([])
+
+
+class Peer:
+    """
+    One client connection to the server under test.
+    """
+
+    def __init__(self, server: IMServer, max_frame: int = 64 * 1024) -> None:
+        self.protocol = ClientConnectionProtocol(server, max_frame)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.1.1", 5000))
+        self.protocol.makeConnection(self.transport)
+        self.backlog: list[Frame] = []
+
+    def send(self, frame: Frame) -> None:
+        self.protocol.dataReceived(encode_framed(frame))
+
+    def received(self) -> list[Frame]:
+        """
+        The frames written to this connection since the last call.
+        """
+        data = self.transport.value()
+        self.transport.clear()
+        frames, self.backlog = self.backlog, []
+        offset = 0
+        while offset < len(data):
+            length = 0
+            shift = 0
+            while True:
+                byte = data[offset]
+                offset += 1
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            frames.append(decode(data[offset : offset + length]))
+            offset += length
+        return frames
+
+    def messages(self) -> list[ChatMessage]:
+        """
+        The chat messages received since the last call, from every frame.
+        """
+        return [m for f in self.received() for m in f.messages]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def lose(self) -> None:
+        self.protocol.connectionLost(None)
+
+
+class World:
+    """
+    A server, its store and clock, and helpers to log users in.
+    """
+
+    def __init__(self, legacy_login: bool = False, store: MemoryStore | None = None) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = store or MemoryStore(self.clock)
+        self.pusher = RecordingPusher()
+        self.server = IMServer(
+            self.clock, self.store, HERE, self.pusher, legacy_login=legacy_login
+        )
+        self.server.start()
+
+    def result(self, d: Deferred) -> object:
+        """
+        The result of an already fired Deferred.
+        """
+        results: list[object] = []
+        d.addBoth(results.append)
+        assert results, "the Deferred has not fired"
+        return results[0]
+
+    def account(self, name: str) -> int:
+        return self.result(self.store.register(name)).user_id  # type: ignore[attr-defined]
+
+    def token(self, user_id: int, name: str, server: ServerAddress = HERE) -> str:
+        session, _ = self.result(  # type: ignore[misc]
+            self.store.claim_session(user_id, name, str(server), 60.0, replace=True)
+        )
+        return self.result(  # type: ignore[return-value]
+            self.store.issue_token(user_id, str(server), session.session_id, 3600.0)
+        )
+
+    def login(
+        self, name: str, cursors: Sequence[Cursor] = (), user_id: int | None = None
+    ) -> tuple[Peer, int]:
+        if user_id is None:
+            existing = self.result(self.store.get_account_by_name(name))
+            user_id = existing.user_id if existing else self.account(name)  # type: ignore[attr-defined]
+        peer = Peer(self.server)
+        peer.send(
+            Frame(
+                cmd=Command.LOGIN_REQUEST,
+                request_id=user_id,
+                req_msg=name,
+                token=self.token(user_id, name),
+                cursors=tuple(cursors),
+            )
+        )
+        frames = peer.received()
+        assert frames and frames[0].cmd == Command.LOGIN_RESPONSE, frames
+        peer.backlog = frames[1:]
+        return peer, user_id

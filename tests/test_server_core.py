@@ -1,0 +1,451 @@
+"""
+The IM server's logic, driven in memory: logins, heartbeats, sends, ordering
+and replay.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+
+from cim.codec import encode_varint
+from cim.message import Command, Cursor, ErrorCode, Frame, inbox
+from cim.store.memory import MemoryStore
+from tests.serverkit import HERE, THERE, Peer, World
+
+
+def error_of(peer: Peer) -> Frame:
+    frames = [f for f in peer.received() if f.cmd == Command.ERROR]
+    assert frames, "no error frame"
+    return frames[-1]
+
+
+# Login
+
+
+def test_login_with_a_good_token() -> None:
+    world = World()
+    peer, alice = world.login("alice")
+    assert not peer.closed
+    session = world.result(world.store.get_session(alice))
+    assert session.connected and session.server == str(HERE)  # type: ignore[attr-defined]
+    assert world.result(world.store.online_users()) == [(alice, "alice")]
+
+
+def test_login_with_a_wrong_token_is_refused() -> None:
+    world = World()
+    alice = world.account("alice")
+    world.token(alice, "alice")
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token="nope"))
+    error = error_of(peer)
+    assert error.error_code == ErrorCode.BAD_TOKEN
+    assert peer.closed
+    assert world.result(world.store.online_users()) == []
+
+
+def test_login_with_another_users_token_is_refused() -> None:
+    world = World()
+    alice = world.account("alice")
+    bob = world.account("bob")
+    token = world.token(bob, "bob")
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    assert "another user" in error_of(peer).error_reason
+    assert peer.closed
+
+
+def test_login_with_a_token_for_another_server_is_refused() -> None:
+    world = World()
+    alice = world.account("alice")
+    token = world.token(alice, "alice", server=THERE)
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    assert "another server" in error_of(peer).error_reason
+    assert peer.closed
+
+
+def test_expired_token_is_refused() -> None:
+    world = World()
+    alice = world.account("alice")
+    token = world.token(alice, "alice")
+    world.clock.advance(3601)
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    assert error_of(peer).error_code == ErrorCode.BAD_TOKEN
+    assert peer.closed
+
+
+def test_token_replayed_after_logout_is_refused() -> None:
+    world = World()
+    alice = world.account("alice")
+    token = world.token(alice, "alice")
+    peer = Peer(world.server)
+    login = Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    peer.send(login)
+    assert peer.received()[0].cmd == Command.LOGIN_RESPONSE
+    peer.lose()
+    again = Peer(world.server)
+    again.send(login)
+    assert error_of(again).error_code == ErrorCode.BAD_TOKEN
+
+
+def test_missing_token_is_refused_without_legacy_mode() -> None:
+    world = World()
+    alice = world.account("alice")
+    world.token(alice, "alice")
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice"))
+    assert "token is required" in error_of(peer).error_reason
+    assert peer.closed
+
+
+def test_legacy_login_for_a_session_assigned_here() -> None:
+    world = World(legacy_login=True)
+    alice = world.account("alice")
+    world.token(alice, "alice")  # the route assigned alice to this server
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice"))
+    # CIM clients get no login response.
+    assert peer.received() == []
+    assert not peer.closed
+    peer.send(Frame(cmd=Command.PING, req_msg="ping"))
+    assert peer.received() == [Frame(cmd=Command.PING, req_msg="pong")]
+
+
+def test_legacy_login_without_an_assigned_session_is_refused() -> None:
+    world = World(legacy_login=True)
+    alice = world.account("alice")
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice"))
+    assert error_of(peer).error_code == ErrorCode.BAD_TOKEN
+    assert peer.closed
+
+
+def test_legacy_login_assigned_elsewhere_is_refused() -> None:
+    world = World(legacy_login=True)
+    alice = world.account("alice")
+    world.token(alice, "alice", server=THERE)
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice"))
+    assert "another server" in error_of(peer).error_reason
+
+
+def test_anything_before_login_is_refused() -> None:
+    world = World()
+    peer = Peer(world.server)
+    peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=1))
+    assert error_of(peer).error_code == ErrorCode.NOT_LOGGED_IN
+    assert peer.closed
+
+
+def test_second_login_kicks_the_first_connection() -> None:
+    world = World()
+    first, alice = world.login("alice")
+    second, _ = world.login("alice", user_id=alice)
+    kicks = [f for f in first.received() if f.cmd == Command.KICK]
+    assert kicks and first.closed
+    first.lose()
+    # The old connection's close did not release the new session.
+    session = world.result(world.store.get_session(alice))
+    assert session is not None and session.connected  # type: ignore[attr-defined]
+    assert world.server.users[alice].transport is second.protocol
+
+
+# Heartbeats and deadlines
+
+
+def test_ping_is_answered_with_pong() -> None:
+    world = World()
+    peer, _ = world.login("alice")
+    peer.send(Frame(cmd=Command.PING, req_msg="ping"))
+    assert peer.received() == [Frame(cmd=Command.PING, req_msg="pong")]
+
+
+def test_silent_connection_is_dropped_and_its_session_released() -> None:
+    world = World()
+    peer, alice = world.login("alice")
+    world.clock.advance(20)
+    peer.send(Frame(cmd=Command.PING, req_msg="ping"))
+    world.clock.pump([5] * 5)  # 25 s after the ping
+    assert not peer.closed
+    world.clock.pump([5] * 2)
+    assert peer.closed
+    peer.lose()
+    assert world.result(world.store.get_session(alice)) is None
+
+
+def test_connection_that_never_logs_in_is_dropped() -> None:
+    world = World()
+    peer = Peer(world.server)
+    world.clock.pump([1] * 14)
+    assert error_of(peer).error_code == ErrorCode.LOGIN_TIMEOUT
+    assert peer.closed
+
+
+# Bad frames
+
+
+def test_malformed_frame_gets_an_error_and_close() -> None:
+    world = World()
+    peer, _ = world.login("alice")
+    peer.protocol.dataReceived(b"\x02\xff\xff")
+    assert error_of(peer).error_code == ErrorCode.MALFORMED_FRAME
+    assert peer.closed
+
+
+def test_oversized_frame_gets_an_error_and_close() -> None:
+    world = World()
+    peer, _ = world.login("alice")
+    peer.protocol.dataReceived(encode_varint(64 * 1024 + 1))
+    error = error_of(peer)
+    assert error.error_code == ErrorCode.FRAME_TOO_LONG
+    assert "65537" in error.error_reason
+    assert peer.closed
+
+
+def test_unexpected_command_gets_an_error_and_close() -> None:
+    world = World()
+    peer, _ = world.login("alice")
+    peer.send(Frame(cmd=Command.OFFLINE))
+    assert error_of(peer).error_code == ErrorCode.UNKNOWN_COMMAND
+    assert peer.closed
+
+
+def test_flood_is_cut_off_without_hurting_others() -> None:
+    world = World()
+    world.server.rate = 10
+    flooder, _ = world.login("flooder")
+    calm, _ = world.login("calm")
+    for _ in range(25):
+        flooder.send(Frame(cmd=Command.PING, req_msg="ping"))
+    assert error_of(flooder).error_code == ErrorCode.RATE_LIMITED
+    assert flooder.closed
+    calm.send(Frame(cmd=Command.PING, req_msg="ping"))
+    assert calm.received() == [Frame(cmd=Command.PING, req_msg="pong")]
+
+
+# Sending and delivery
+
+
+def test_private_message_is_stored_acknowledged_and_delivered() -> None:
+    world = World()
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    alice_peer.send(
+        Frame(cmd=Command.MESSAGE, req_msg="hi bob", receive_user_id=bob, client_msg_id="c1")
+    )
+    [ack] = alice_peer.received()
+    assert (ack.cmd, ack.client_msg_id, ack.seq, ack.conversation) == (
+        Command.ACK,
+        "c1",
+        1,
+        inbox(bob),
+    )
+    [message] = bob_peer.messages()
+    assert (message.text, message.sender_id, message.sender_name, message.seq) == (
+        "hi bob",
+        alice,
+        "alice",
+        1,
+    )
+    assert message.msg_id == ack.msg_id
+    stored = world.result(world.store.read(inbox(bob), 0, 10))
+    assert [m.text for m in stored] == ["hi bob"]  # type: ignore[attr-defined]
+
+
+def test_retried_send_is_stored_and_delivered_once() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    send = Frame(cmd=Command.MESSAGE, req_msg="once", receive_user_id=bob, client_msg_id="c1")
+    alice_peer.send(send)
+    alice_peer.send(send)
+    acks = alice_peer.received()
+    assert [a.seq for a in acks] == [1, 1]
+    assert [m.text for m in bob_peer.messages()] == ["once"]
+    assert len(world.result(world.store.read(inbox(bob), 0, 10))) == 1  # type: ignore[arg-type]
+
+
+def test_message_to_an_unknown_user_gets_an_error() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=999, client_msg_id="x"))
+    error = error_of(alice_peer)
+    assert error.error_code == ErrorCode.INVALID_ARGUMENT
+    assert error.client_msg_id == "x"
+    assert not alice_peer.closed
+
+
+def test_message_without_a_target_gets_an_error() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi"))
+    assert error_of(alice_peer).error_code == ErrorCode.INVALID_ARGUMENT
+    assert not alice_peer.closed
+
+
+def test_offline_receiver_gets_everything_at_login_in_order() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob = world.account("bob")
+    for i in range(3):
+        alice_peer.send(
+            Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob, client_msg_id=f"c{i}")
+        )
+    assert world.pusher.pushes == []
+    bob_peer = Peer(world.server)
+    bob_peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob", token=world.token(bob, "bob"))
+    )
+    frames = bob_peer.received()
+    assert frames[0].cmd == Command.LOGIN_RESPONSE
+    assert frames[1].cmd == Command.OFFLINE
+    assert [m.text for m in frames[1].messages] == ["m0", "m1", "m2"]
+
+
+def test_login_resumes_after_the_clients_cursor() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob = world.account("bob")
+    for i in range(4):
+        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob))
+    bob_peer, _ = world.login("bob", cursors=[Cursor(inbox(bob), 2)], user_id=bob)
+    assert [m.text for m in bob_peer.messages()] == ["m2", "m3"]
+
+
+def test_acknowledged_cursor_is_kept_for_a_client_without_one() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    for i in range(2):
+        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob))
+    assert len(bob_peer.messages()) == 2
+    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 2)]))
+    bob_peer.lose()
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m2", receive_user_id=bob))
+    again, _ = world.login("bob", user_id=bob)
+    assert [m.text for m in again.messages()] == ["m2"]
+
+
+class SlowReads(MemoryStore):
+    """
+    A memory store whose reads wait until the test releases them.
+    """
+
+    def __init__(self, clock) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(clock)
+        self.slow = False
+        self.reads: list[tuple[Deferred, object]] = []
+
+    def read(self, conversation, after_seq, limit):  # type: ignore[no-untyped-def]
+        d = super().read(conversation, after_seq, limit)
+        if not self.slow:
+            return d
+        held: Deferred = Deferred()
+        self.reads.append((held, d))
+        return held
+
+    def release(self) -> None:
+        while self.reads:
+            held, d = self.reads.pop(0)
+            d.chainDeferred(held)
+
+
+def test_live_messages_wait_for_the_replay() -> None:
+    world = World(store=SlowReads(World().clock))
+    store: SlowReads = world.store  # type: ignore[assignment]
+    alice_peer, _ = world.login("alice")
+    bob = world.account("bob")
+    for i in range(3):
+        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"old{i}", receive_user_id=bob))
+    store.slow = True
+    bob_peer = Peer(world.server)
+    bob_peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob", token=world.token(bob, "bob"))
+    )
+    assert bob_peer.received()[0].cmd == Command.LOGIN_RESPONSE
+    # While the replay read is in flight, a live message arrives.
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="live", receive_user_id=bob))
+    assert bob_peer.messages() == []
+    store.release()
+    texts = [m.text for m in bob_peer.messages()]
+    assert texts == ["old0", "old1", "old2", "live"]
+
+
+def test_a_gap_is_filled_from_the_store() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    # Two messages are stored, but only the second one is pushed (the first
+    # push went astray): bob must still see both, in order.
+    stored = world.result(
+        world.server.delivery.append(world.server._new_messages(
+            world.server.users[world.result(world.store.get_account_by_name("alice")).user_id],  # type: ignore[attr-defined]
+            inbox(bob), ["first", "second"], "", receive_user_id=bob,
+        ))
+    )
+    world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
+    assert [m.text for m in bob_peer.messages()] == ["first", "second"]
+    world.server.deliver_local(stored, [bob])  # type: ignore[arg-type]
+    assert bob_peer.messages() == []  # duplicates are dropped
+
+
+def test_receiver_on_another_server_gets_one_push() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob = world.account("bob")
+    session, _ = world.result(world.store.claim_session(bob, "bob", str(THERE), 60, True))  # type: ignore[misc]
+    world.result(world.store.activate_session(bob, session.session_id))
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="far", receive_user_id=bob))
+    [(server, messages, users)] = world.pusher.pushes
+    assert server == str(THERE) and users == [bob]
+    assert [m.text for m in messages] == ["far"]
+
+
+def test_legacy_client_gets_cim_frames_with_the_right_sender() -> None:
+    world = World(legacy_login=True)
+    alice_peer, alice = world.login("alice")
+    carol_peer, carol = world.login("carol")
+    bob = world.account("bob")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="from alice", receive_user_id=bob))
+    carol_peer.send(Frame(cmd=Command.MESSAGE, batch=["c1", "c2"], receive_user_id=bob))
+    world.token(bob, "bob")
+    bob_peer = Peer(world.server)
+    bob_peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob"))
+    frames = bob_peer.received()
+    # Offline messages: one OFFLINE batch per sender, each with its sender.
+    assert [(f.cmd, list(f.batch), f.properties["sendUserId"]) for f in frames] == [
+        (Command.OFFLINE, ["from alice"], str(alice)),
+        (Command.OFFLINE, ["c1", "c2"], str(carol)),
+    ]
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="live", receive_user_id=bob))
+    [live] = bob_peer.received()
+    assert (live.cmd, live.req_msg, dict(live.properties)) == (
+        Command.MESSAGE,
+        "live",
+        {"sendUserId": str(alice), "sendUserName": "alice", "receiveUserId": str(bob)},
+    )
+
+
+def test_group_message_reaches_members_only() -> None:
+    world = World()
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    eve_peer, eve = world.login("eve")
+    world.result(world.store.create_group("team", alice))
+    world.result(world.store.join_group("team", bob))
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="hello team", group_id="team"))
+    assert [f.cmd for f in alice_peer.received()][0] == Command.ACK
+    assert [m.text for m in bob_peer.messages()] == ["hello team"]
+    assert eve_peer.messages() == []
+    eve_peer.send(Frame(cmd=Command.MESSAGE, req_msg="let me in", group_id="team"))
+    assert error_of(eve_peer).error_code == ErrorCode.NOT_A_MEMBER
+
+
+def test_shutdown_kicks_clients_and_releases_sessions() -> None:
+    world = World()
+    peer, alice = world.login("alice")
+    world.result(world.server.stop())
+    assert [f.cmd for f in peer.received()] == [Command.KICK]
+    assert peer.closed
+    assert world.result(world.store.get_session(alice)) is None
