@@ -74,3 +74,9 @@ run: install
 
 clean:
 	rm -rf .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+cluster: install
+	scripts/cluster.sh up
+
+cluster-down:
+	scripts/cluster.sh down

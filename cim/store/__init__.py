@@ -1,3 +1,69 @@
 """
 Store backends (L{cim.interfaces.IStore}): in memory, and Redis.
+
+L{open_store} picks one from a URL (the C{--store} options).  Importing this
+package imports neither backend: the Redis one pulls in txredisapi, which
+imports the global reactor.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+
+from cim.interfaces import IStore
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """
+    How long a store keeps messages.
+
+    @ivar max_messages: a conversation keeps at most this many of its latest
+        messages.
+    @ivar max_age: messages older than this many seconds are dropped (on
+        later appends; a conversation nobody writes to for this long
+        disappears as a whole).
+    @ivar idempotency_window: for how many seconds an appended message's
+        C{(sender_id, client_msg_id)} is remembered, so that a retry within
+        that time is not appended again.
+    """
+
+    max_messages: int = 10_000
+    max_age: float = 7 * 24 * 3600
+    idempotency_window: float = 24 * 3600
+
+
+#: What L{open_store} accepts, for error messages and C{--help} texts.
+STORE_URLS = "memory: or redis://[:password@]host[:port][/db]"
+
+
+def open_store(
+    url: str, clock: IReactorTime, retention: Retention = Retention()
+) -> defer.Deferred[IStore]:
+    """
+    Open the store that C{url} names.
+
+    @param url: C{"memory:"} for a L{cim.store.memory.MemoryStore}, or
+        C{"redis://[:password@]host[:port][/db]"} for a
+        L{cim.store.redis.RedisStore}.
+    @param clock: the clock (the reactor) the store uses for times to live
+        and timestamps.
+    @return: a Deferred firing with the L{IStore} once it is usable; the
+        Redis one fails with L{cim.interfaces.StoreError} when Redis cannot
+        be reached.
+    @raise ValueError: C{url} names no store this program knows.
+    """
+    if url == "memory:":
+        from cim.store.memory import MemoryStore
+
+        return defer.succeed(cast(IStore, MemoryStore(clock, retention)))
+    if url.startswith("redis://"):
+        from cim.store.redis import connect_redis
+
+        d: defer.Deferred[Any] = connect_redis(url, clock=clock, retention=retention)
+        return d
+    raise ValueError(f"unknown store {url!r}: expected {STORE_URLS}")

@@ -1,0 +1,152 @@
+"""
+C{twistd -n cim-standalone}: a route and an IM server in one process.
+
+By default both run on the in-memory store and the in-process registry, so
+nothing else needs installing.  Given C{--store redis://...} and
+C{--registry zk://...} the process is an ordinary node of a real cluster.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
+from twisted.python import usage
+
+from cim.framing import DEFAULT_MAX_FRAME
+from cim.options import as_deferred, check_registry_url, check_store_url, port_number
+from cim.route.service import RouteConfig, RouteService
+from cim.server.service import IMServerService, ServerConfig
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a cim route and IM server in one process: in memory by default, "
+        "or as a node of a real cluster with --store and --registry."
+    )
+    optFlags = [
+        ["legacy-login", None, "Accept CIM clients that log in without a token."],
+        ["legacy-auth", None, "Let CIM clients call the route without a token."],
+    ]
+    optParameters = [
+        ["port", "p", 11211, "Client TCP port.", port_number("port")],
+        ["http-port", None, 8081, "The IM server's push API port.", port_number("http-port")],
+        ["route-port", None, 8083, "The route's HTTP port.", port_number("route-port")],
+        ["host", None, "127.0.0.1", "The address announced to clients."],
+        ["bind", None, "127.0.0.1", "The interface every port listens on."],
+        ["store", None, "memory:", "memory: or redis://host:port/db"],
+        ["registry", None, "local:", "local: or zk://host:port/root"],
+        ["secret", None, "", "The cluster secret (needed with a real registry)."],
+    ]
+
+    def postOptions(self) -> None:
+        check_store_url(self["store"])
+        check_registry_url(self["registry"])
+        if not self["secret"]:
+            import os
+
+            self["secret"] = os.environ.get("CIM_SECRET", "")
+        if not self["secret"]:
+            if self["registry"] != "local:":
+                raise usage.UsageError(
+                    "with a real registry, give the cluster's --secret (or CIM_SECRET)"
+                )
+            # Nobody else needs to know it: the route and server share it here.
+            self["secret"] = secrets.token_urlsafe(24)
+
+
+class StandaloneService(Service):
+    """
+    Start the IM server, then the route with the server as its local
+    delivery target (no HTTP hop between them); stop in the reverse order.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, options: usage.Options, on_failure=None) -> None:  # type: ignore[no-untyped-def]
+        self.reactor = reactor
+        self.options = options
+        self.on_failure = on_failure
+        self.server: IMServerService | None = None
+        self.route: RouteService | None = None
+        self.ready: Deferred[StandaloneService] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        ensureDeferred(self._start()).addErrback(self._failed)
+
+    def _failed(self, failure) -> None:  # type: ignore[no-untyped-def]
+        self.log.failure("cim-standalone could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def _start(self) -> None:
+        from cim.registry import open_registry
+        from cim.store import open_store
+
+        o = self.options
+        store = await as_deferred(open_store(o["store"], self.reactor))
+        self.server = IMServerService(
+            self.reactor,
+            ServerConfig(
+                port=o["port"],
+                http_port=o["http-port"],
+                host=o["host"],
+                bind=o["bind"],
+                secret=o["secret"],
+                max_frame=DEFAULT_MAX_FRAME,
+                legacy_login=bool(o["legacy-login"]),
+            ),
+            lambda: succeed(store),
+            open_registry(o["registry"], self.reactor),
+        )
+        self.server.startService()
+        await self.server.ready
+        self.route = RouteService(
+            self.reactor,
+            RouteConfig(
+                port=o["route-port"],
+                bind=o["bind"],
+                secret=o["secret"],
+                legacy_auth=bool(o["legacy-auth"]),
+            ),
+            lambda: succeed(store),
+            open_registry(o["registry"], self.reactor),
+            local=self.server.server,
+        )
+        self.route.startService()
+        await self.route.ready
+        assert self.server.address is not None
+        self.log.info(
+            "cim-standalone ready: route http://{bind}:{route}/ , IM server {address}",
+            bind=o["bind"],
+            route=self.route.port,
+            address=str(self.server.address),
+        )
+        self.ready.callback(self)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.route is not None and self.route.running:
+            await self.route.stopService()
+        if self.server is not None and self.server.running:
+            await self.server.stopService()
+
+
+def makeService(options: usage.Options) -> IService:
+    from twisted.internet import reactor
+
+    def stop() -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    return StandaloneService(reactor, options, on_failure=stop)

@@ -1,0 +1,459 @@
+"""
+L{MemoryStore}: an L{IStore} kept in dictionaries, for tests and for a
+single standalone process.
+
+It behaves like L{cim.store.redis.RedisStore}: the same ids, sequence
+numbers, idempotency, retention, session and token lifetimes.  Times come
+from the injected clock, so tests drive every expiry with
+L{twisted.internet.task.Clock}.  Every method returns an already-fired
+Deferred; password hashing therefore runs on the calling thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from cim.interfaces import (
+    Account,
+    GroupExists,
+    IStore,
+    NameTaken,
+    NewMessage,
+    NoSuchGroup,
+    Session,
+    SessionExists,
+    TokenInfo,
+)
+from cim.message import ChatMessage
+from cim.passwords import check_hash, make_hash
+from cim.store import Retention
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _fired(f: Callable[_P, _T]) -> Callable[_P, defer.Deferred[_T]]:
+    """
+    Make a method that returns a value (or raises) return an already-fired
+    Deferred instead.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]:
+        try:
+            return defer.succeed(f(*args, **kwargs))
+        except Exception:
+            return defer.fail()
+
+    return wrapper
+
+
+def token_key(token: str) -> str:
+    """
+    What a store keeps instead of a token: its SHA-256, in hex.
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(slots=True)
+class _User:
+    user_id: int
+    user_name: str
+    password_hash: str | None
+
+
+@dataclass(slots=True)
+class _SessionRecord:
+    session: Session
+    #: When an unconnected session disappears (clock seconds), or C{None}.
+    expires: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    info: TokenInfo
+    expires: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Appended:
+    """
+    What the idempotency table remembers of an appended message.
+    """
+
+    expires: float
+    msg_id: int
+    conversation: str
+    seq: int
+    timestamp: int
+
+
+@implementer(IStore)
+class MemoryStore:
+    """
+    An L{IStore} in memory.
+
+    @ivar clock: the L{IReactorTime} giving the time for expiries and
+        message timestamps.
+    @ivar retention: the L{Retention} limits of conversations.
+    """
+
+    def __init__(self, clock: IReactorTime, retention: Retention = Retention()) -> None:
+        self.clock = clock
+        self.retention = retention
+        self._users: dict[int, _User] = {}
+        self._user_ids: dict[str, int] = {}
+        self._sessions: dict[int, _SessionRecord] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._user_tokens: dict[int, set[str]] = {}
+        self._messages: dict[str, list[ChatMessage]] = {}
+        self._seqs: dict[str, int] = {}
+        self._last_msg_id = 0
+        self._appended: dict[tuple[int, str], _Appended] = {}
+        self._appended_order: deque[tuple[int, str]] = deque()
+        self._cursors: dict[int, dict[str, int]] = {}
+        self._groups: dict[str, set[int]] = {}
+        self._user_groups: dict[int, set[str]] = {}
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Nothing to release.  @return: a fired Deferred.
+        """
+        return defer.succeed(None)
+
+    def _seconds(self) -> float:
+        """
+        The clock's current time, in seconds.
+        """
+        # Without the mypy-zope plugin mypy thinks interface methods lack self.
+        now: float = self.clock.seconds()  # type: ignore[misc]
+        return now
+
+    # Accounts
+
+    @_fired
+    def register(self, user_name: str, password: str | None = None) -> Account:
+        user_id = self._user_ids.get(user_name)
+        if user_id is not None:
+            user = self._users[user_id]
+            if user.password_hash is not None and (
+                password is None or not check_hash(password, user.password_hash)
+            ):
+                raise NameTaken(user_name)
+            return self._account(user)
+        user_id = len(self._users) + 1
+        password_hash = None if password is None else make_hash(password)
+        user = _User(user_id, user_name, password_hash)
+        self._users[user_id] = user
+        self._user_ids[user_name] = user_id
+        return self._account(user)
+
+    @staticmethod
+    def _account(user: _User) -> Account:
+        return Account(user.user_id, user.user_name, user.password_hash is not None)
+
+    @_fired
+    def get_account(self, user_id: int) -> Account | None:
+        user = self._users.get(user_id)
+        return None if user is None else self._account(user)
+
+    @_fired
+    def get_account_by_name(self, user_name: str) -> Account | None:
+        user_id = self._user_ids.get(user_name)
+        return None if user_id is None else self._account(self._users[user_id])
+
+    @_fired
+    def check_password(self, user_id: int, password: str) -> bool:
+        user = self._users.get(user_id)
+        if user is None or user.password_hash is None:
+            return False
+        return check_hash(password, user.password_hash)
+
+    # Sessions
+
+    def _session(self, user_id: int) -> Session | None:
+        """
+        The user's session, forgetting it first when its claim expired.
+        """
+        record = self._sessions.get(user_id)
+        if record is None:
+            return None
+        if record.expires is not None and record.expires <= self._seconds():
+            del self._sessions[user_id]
+            return None
+        return record.session
+
+    def _delete_session(self, user_id: int) -> None:
+        """
+        Forget the user's session and its tokens.
+        """
+        self._sessions.pop(user_id, None)
+        for key in self._user_tokens.pop(user_id, set()):
+            self._tokens.pop(key, None)
+
+    @_fired
+    def claim_session(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        ttl: float,
+        replace: bool = False,
+    ) -> tuple[Session, Session | None]:
+        previous = self._session(user_id)
+        if previous is not None and not replace:
+            raise SessionExists(previous)
+        self._delete_session(user_id)
+        session = Session(user_id, user_name, server, uuid.uuid4().hex, False)
+        self._sessions[user_id] = _SessionRecord(session, self._seconds() + ttl)
+        return session, previous
+
+    @_fired
+    def activate_session(self, user_id: int, session_id: str) -> bool:
+        session = self._session(user_id)
+        if session is None or session.session_id != session_id:
+            return False
+        self._sessions[user_id] = _SessionRecord(replace(session, connected=True), None)
+        return True
+
+    @_fired
+    def get_session(self, user_id: int) -> Session | None:
+        return self._session(user_id)
+
+    @_fired
+    def get_sessions(self, user_ids: Sequence[int]) -> dict[int, Session]:
+        found = {}
+        for user_id in user_ids:
+            session = self._session(user_id)
+            if session is not None and session.connected:
+                found[user_id] = session
+        return found
+
+    @_fired
+    def release_session(self, user_id: int, session_id: str) -> bool:
+        session = self._session(user_id)
+        if session is None or session.session_id != session_id:
+            return False
+        self._delete_session(user_id)
+        return True
+
+    @_fired
+    def online_users(self) -> list[tuple[int, str]]:
+        return sorted(
+            (r.session.user_id, r.session.user_name)
+            for r in self._sessions.values()
+            if r.session.connected
+        )
+
+    @_fired
+    def drop_server_sessions(self, server: str) -> list[int]:
+        dropped = []
+        for user_id in sorted(self._sessions):
+            session = self._session(user_id)
+            if session is not None and session.server == server:
+                self._delete_session(user_id)
+                dropped.append(user_id)
+        return dropped
+
+    # Login tokens
+
+    @_fired
+    def issue_token(
+        self, user_id: int, server: str, session_id: str, ttl: float
+    ) -> str:
+        now = self._seconds()
+        keys = self._user_tokens.setdefault(user_id, set())
+        for key in [k for k in keys if self._tokens[k].expires <= now]:
+            keys.discard(key)
+            del self._tokens[key]
+        token = secrets.token_urlsafe(32)
+        key = token_key(token)
+        self._tokens[key] = _Token(TokenInfo(user_id, server, session_id), now + ttl)
+        keys.add(key)
+        return token
+
+    @_fired
+    def verify_token(self, token: str) -> TokenInfo | None:
+        found = self._tokens.get(token_key(token))
+        if found is None or found.expires <= self._seconds():
+            return None
+        session = self._session(found.info.user_id)
+        if session is None or session.session_id != found.info.session_id:
+            return None
+        return found.info
+
+    # Messages
+
+    def _now_ms(self) -> int:
+        return int(self._seconds() * 1000)
+
+    def _trim(self, conversation: str) -> list[ChatMessage]:
+        """
+        Apply the retention limits to C{conversation}.
+
+        @return: its remaining messages.
+        """
+        messages = self._messages.get(conversation, [])
+        excess = len(messages) - self.retention.max_messages
+        if excess > 0:
+            del messages[:excess]
+        cutoff = self._now_ms() - self.retention.max_age * 1000
+        old = 0
+        while old < len(messages) and messages[old].timestamp < cutoff:
+            old += 1
+        del messages[:old]
+        return messages
+
+    def _forget_appended(self) -> None:
+        """
+        Drop the idempotency entries whose window has passed.
+        """
+        now = self._seconds()
+        while self._appended_order:
+            key = self._appended_order[0]
+            entry = self._appended.get(key)
+            if entry is not None and entry.expires > now:
+                break
+            self._appended_order.popleft()
+            if entry is not None:
+                del self._appended[key]
+
+    def _original(self, entry: _Appended, retry: NewMessage) -> ChatMessage:
+        """
+        The message a retry refers to: the stored one when it is still kept,
+        else one rebuilt from the retry and the original's ids.
+        """
+        for message in self._messages.get(entry.conversation, []):
+            if message.seq == entry.seq:
+                return message
+        return ChatMessage(
+            msg_id=entry.msg_id,
+            conversation=entry.conversation,
+            seq=entry.seq,
+            sender_id=retry.sender_id,
+            sender_name=retry.sender_name,
+            text=retry.text,
+            timestamp=entry.timestamp,
+            client_msg_id=retry.client_msg_id,
+            receive_user_id=retry.receive_user_id,
+            group_id=retry.group_id,
+        )
+
+    @_fired
+    def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
+        self._forget_appended()
+        now = self._seconds()
+        timestamp = self._now_ms()
+        stored = []
+        touched = set()
+        for new in messages:
+            key = (new.sender_id, new.client_msg_id)
+            entry = self._appended.get(key) if new.client_msg_id else None
+            if entry is not None:
+                stored.append(self._original(entry, new))
+                continue
+            self._last_msg_id += 1
+            seq = self._seqs.get(new.conversation, 0) + 1
+            self._seqs[new.conversation] = seq
+            message = ChatMessage(
+                msg_id=self._last_msg_id,
+                conversation=new.conversation,
+                seq=seq,
+                sender_id=new.sender_id,
+                sender_name=new.sender_name,
+                text=new.text,
+                timestamp=timestamp,
+                client_msg_id=new.client_msg_id,
+                receive_user_id=new.receive_user_id,
+                group_id=new.group_id,
+            )
+            self._messages.setdefault(new.conversation, []).append(message)
+            touched.add(new.conversation)
+            if new.client_msg_id:
+                self._appended[key] = _Appended(
+                    now + self.retention.idempotency_window,
+                    message.msg_id,
+                    message.conversation,
+                    seq,
+                    timestamp,
+                )
+                self._appended_order.append(key)
+            stored.append(message)
+        for conversation in touched:
+            self._trim(conversation)
+        return stored
+
+    @_fired
+    def read(self, conversation: str, after_seq: int, limit: int) -> list[ChatMessage]:
+        messages = self._trim(conversation)
+        if not messages or limit <= 0:
+            return []
+        start = max(0, after_seq - messages[0].seq + 1)
+        return messages[start : start + limit]
+
+    @_fired
+    def last_seq(self, conversation: str) -> int:
+        return self._seqs.get(conversation, 0)
+
+    @_fired
+    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
+        current = self._cursors.setdefault(user_id, {})
+        for conversation, seq in cursors.items():
+            if seq > current.get(conversation, 0):
+                current[conversation] = seq
+
+    @_fired
+    def get_cursors(self, user_id: int) -> dict[str, int]:
+        return dict(self._cursors.get(user_id, {}))
+
+    # Groups
+
+    @_fired
+    def create_group(self, group_id: str, owner_id: int) -> None:
+        if group_id in self._groups:
+            raise GroupExists(group_id)
+        self._groups[group_id] = {owner_id}
+        self._user_groups.setdefault(owner_id, set()).add(group_id)
+
+    def _members(self, group_id: str) -> set[int]:
+        members = self._groups.get(group_id)
+        if members is None:
+            raise NoSuchGroup(group_id)
+        return members
+
+    @_fired
+    def join_group(self, group_id: str, user_id: int) -> bool:
+        members = self._members(group_id)
+        if user_id in members:
+            return False
+        members.add(user_id)
+        self._user_groups.setdefault(user_id, set()).add(group_id)
+        return True
+
+    @_fired
+    def leave_group(self, group_id: str, user_id: int) -> bool:
+        members = self._members(group_id)
+        if user_id not in members:
+            return False
+        members.discard(user_id)
+        self._user_groups.get(user_id, set()).discard(group_id)
+        return True
+
+    @_fired
+    def group_members(self, group_id: str) -> list[int]:
+        return sorted(self._members(group_id))
+
+    @_fired
+    def user_groups(self, user_id: int) -> list[str]:
+        return sorted(self._user_groups.get(user_id, set()))

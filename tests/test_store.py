@@ -1,0 +1,725 @@
+"""
+One behavioural suite for every L{IStore}: the in-memory one, and the Redis
+one against the test Redis (skipped without C{CIM_TEST_REDIS}).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from zope.interface.verify import verifyObject
+
+from cim.interfaces import (
+    Account,
+    GroupExists,
+    IStore,
+    NameTaken,
+    NewMessage,
+    NoSuchGroup,
+    SessionExists,
+    StoreError,
+    TokenInfo,
+)
+from cim.message import BROADCAST, group_conversation, inbox
+from cim.store import Retention, open_store
+from cim.store.memory import MemoryStore
+
+#: When the test clock starts (message timestamps are realistic).
+START = 1_700_000_000.0
+#: A session or token time to live that ends soon, even on a real Redis.
+SHORT_TTL = 0.2
+#: A time to live no test outlives.
+LONG_TTL = 600.0
+RETENTION = Retention(max_messages=5, max_age=3600, idempotency_window=600)
+
+
+@dataclass
+class Backend:
+    """
+    A store under test, and how to make its time pass.
+
+    @ivar clock: the store's clock: message timestamps, and for the memory
+        store every expiry.
+    @ivar redis: the Redis connection of the Redis store, else C{None}.
+    """
+
+    store: Any
+    clock: task.Clock
+    redis: Any = None
+    prefix: str = ""
+
+    async def expire(self, ttl: float, gone: Callable[[], Awaitable[bool]]) -> None:
+        """
+        Let a time to live of C{ttl} seconds (at most L{SHORT_TTL} on Redis)
+        pass, until C{gone()} is true.
+        """
+        if self.redis is None:
+            self.clock.advance(ttl)
+            assert await gone()
+            return
+        from twisted.internet import reactor
+
+        deadline = time.monotonic() + 10
+        while not await gone():
+            assert time.monotonic() < deadline, "did not expire"
+            await task.deferLater(reactor, 0.02, lambda: None)
+
+    async def pttl(self, key: str) -> int | None:
+        """
+        The PTTL of a key of the Redis store, or C{None} for the memory one.
+        """
+        if self.redis is None:
+            return None
+        ttl: int = await self.redis.execute_command("PTTL", self.prefix + key)
+        return ttl
+
+
+def make_clock() -> Any:
+    """
+    A L{task.Clock} at L{START}.  (Typed C{Any}: without the mypy-zope
+    plugin mypy does not know that a Clock provides L{IReactorTime}.)
+    """
+    clock = task.Clock()
+    clock.advance(START)
+    return clock
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """
+    Which store L{backend} makes: C{"memory:"} or the test Redis URL (that
+    one is skipped when there is no test Redis).
+    """
+    if request.param == "memory":
+        return "memory:"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest_twisted.async_yield_fixture
+async def backend(store_url: str) -> AsyncIterator[Backend]:
+    """
+    The store under test; a Redis one uses its own key prefix, whose keys
+    are deleted afterwards.
+    """
+    clock = make_clock()
+    if store_url == "memory:":
+        yield Backend(MemoryStore(clock, RETENTION), clock)
+        return
+    from cim.store.redis import connect_redis
+
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(
+        store_url, clock=clock, retention=RETENTION, prefix=prefix
+    )
+    redis = store._redis
+    try:
+        yield Backend(store, clock, redis, prefix)
+    finally:
+        keys = await redis.execute_command("KEYS", prefix + "*")
+        if keys:
+            await redis.execute_command("DEL", *keys)
+        await store.close()
+
+
+def msg(
+    conversation: str,
+    text: str,
+    sender_id: int = 1,
+    client_msg_id: str = "",
+    **kw: Any,
+) -> NewMessage:
+    return NewMessage(
+        conversation, sender_id, f"user{sender_id}", text, client_msg_id, **kw
+    )
+
+
+async def failure_of(d: defer.Deferred[Any]) -> BaseException:
+    """
+    The exception C{d} fails with (the test fails if it succeeds).
+    """
+    try:
+        result = await d
+    except Exception as e:
+        return e
+    raise AssertionError(f"expected a failure, got {result!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_interface(backend: Backend) -> None:
+    assert verifyObject(IStore, backend.store)
+
+
+# Accounts
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_new_and_existing(backend: Backend) -> None:
+    store = backend.store
+    alice = await store.register("alice")
+    assert alice == Account(alice.user_id, "alice", False)
+    assert await store.register("alice") == alice
+    assert await store.get_account(alice.user_id) == alice
+    assert await store.get_account_by_name("alice") == alice
+    assert await store.get_account(alice.user_id + 100) is None
+    assert await store.get_account_by_name("nobody") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_ids_unique_and_increasing(backend: Backend) -> None:
+    ids = [(await backend.store.register(f"user{i}")).user_id for i in range(5)]
+    assert ids == sorted(set(ids))
+    assert ids[0] >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_names_stored_safely(backend: Backend) -> None:
+    store = backend.store
+    names = [
+        "with space",
+        "a:b:c",
+        "ünïcødé 名前 🙂",
+        "*",
+        "123",
+        "1.50",
+        "user:byname",
+    ]
+    accounts = [await store.register(name) for name in names]
+    assert len({a.user_id for a in accounts}) == len(names)
+    for name, account in zip(names, accounts, strict=True):
+        assert account.user_name == name
+        assert await store.get_account_by_name(name) == account
+        assert await store.get_account(account.user_id) == account
+
+
+@pytest_twisted.ensureDeferred
+async def test_register_password(backend: Backend) -> None:
+    store = backend.store
+    bob = await store.register("bob", "secret")
+    assert bob.has_password
+    assert await store.register("bob", "secret") == bob
+    assert isinstance(await failure_of(store.register("bob", "wrong")), NameTaken)
+    assert isinstance(await failure_of(store.register("bob")), NameTaken)
+    # An account without a password is returned whatever password is given.
+    carol = await store.register("carol")
+    assert await store.register("carol", "anything") == carol
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_password(backend: Backend) -> None:
+    store = backend.store
+    bob = await store.register("bob", "pässword")
+    carol = await store.register("carol")
+    assert await store.check_password(bob.user_id, "pässword") is True
+    assert await store.check_password(bob.user_id, "password") is False
+    assert await store.check_password(carol.user_id, "") is False
+    assert await store.check_password(bob.user_id + 100, "pässword") is False
+
+
+# Sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_and_activate(backend: Backend) -> None:
+    store = backend.store
+    session, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert previous is None
+    assert (session.user_id, session.user_name, session.server) == (1, "alice", "h:1:2")
+    assert not session.connected
+    assert await store.get_session(1) == session
+    assert await store.online_users() == []
+    assert await store.get_sessions([1]) == {}
+    pttl = await backend.pttl("session:1")
+    assert pttl is None or 0 < pttl <= LONG_TTL * 1000
+
+    assert await store.activate_session(1, "not-it") is False
+    assert await store.activate_session(1, session.session_id) is True
+    connected = await store.get_session(1)
+    assert connected is not None and connected.connected
+    assert connected.session_id == session.session_id
+    assert await store.online_users() == [(1, "alice")]
+    assert await backend.pttl("session:1") in (None, -1)
+    # An activated session no longer expires.
+    backend.clock.advance(LONG_TTL * 2)
+    assert await store.get_session(1) == connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_existing(backend: Backend) -> None:
+    store = backend.store
+    first, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    error = await failure_of(store.claim_session(1, "alice", "h:3:4", LONG_TTL))
+    assert isinstance(error, SessionExists)
+    assert error.session == first
+    assert await store.get_session(1) == first
+
+    await store.activate_session(1, first.session_id)
+    second, previous = await store.claim_session(
+        1, "alice", "h:3:4", LONG_TTL, replace=True
+    )
+    assert previous is not None
+    assert previous.session_id == first.session_id and previous.connected
+    assert second.session_id != first.session_id
+    assert second.server == "h:3:4" and not second.connected
+    assert await store.get_session(1) == second
+    # The replacement is not connected yet.
+    assert await store.online_users() == []
+    # The old server's late release does not erase the new session.
+    assert await store.release_session(1, first.session_id) is False
+    assert await store.get_session(1) == second
+    # The old server dying does not drop it either.
+    assert await store.drop_server_sessions("h:1:2") == []
+    assert await store.get_session(1) == second
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_expires(backend: Backend) -> None:
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", SHORT_TTL)
+    if backend.redis is None:
+        backend.clock.advance(SHORT_TTL / 2)
+        assert await store.get_session(1) == session
+
+    async def gone() -> bool:
+        return await store.get_session(1) is None
+
+    await backend.expire(SHORT_TTL, gone)
+    assert await store.activate_session(1, session.session_id) is False
+    again, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert previous is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_sessions(backend: Backend) -> None:
+    store = backend.store
+    sessions = {}
+    for user_id in (1, 2, 3):
+        sessions[user_id], _ = await store.claim_session(
+            user_id, f"u{user_id}", f"h:{user_id}:0", LONG_TTL
+        )
+    await store.activate_session(1, sessions[1].session_id)
+    await store.activate_session(3, sessions[3].session_id)
+    found = await store.get_sessions([1, 2, 3, 4])
+    assert sorted(found) == [1, 3]
+    assert found[3].server == "h:3:0" and found[3].connected
+    assert found[1].session_id == sessions[1].session_id
+    assert await store.get_sessions([]) == {}
+    many = await store.get_sessions(list(range(1000)))
+    assert sorted(many) == [1, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_release(backend: Backend) -> None:
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    await store.activate_session(1, session.session_id)
+    assert await store.release_session(1, "other") is False
+    assert await store.get_session(1) == await store.get_session(1)
+    assert await store.release_session(1, session.session_id) is True
+    assert await store.get_session(1) is None
+    assert await store.online_users() == []
+    assert await store.release_session(1, session.session_id) is False
+    # The server no longer lists the user.
+    assert await store.drop_server_sessions("h:1:2") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_online_users_sorted(backend: Backend) -> None:
+    store = backend.store
+    for user_id in (12, 3, 7):
+        session, _ = await store.claim_session(
+            user_id, f"n{user_id}", "s:1:1", LONG_TTL
+        )
+        await store.activate_session(user_id, session.session_id)
+    await store.claim_session(5, "n5", "s:1:1", LONG_TTL)
+    assert await store.online_users() == [(3, "n3"), (7, "n7"), (12, "n12")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_server_sessions(backend: Backend) -> None:
+    store = backend.store
+    for user_id, server in [(1, "a:1:1"), (2, "a:1:1"), (3, "b:1:1"), (4, "a:1:1")]:
+        session, _ = await store.claim_session(user_id, f"u{user_id}", server, LONG_TTL)
+        if user_id != 4:
+            await store.activate_session(user_id, session.session_id)
+    token = await store.issue_token(1, "a:1:1", session.session_id, LONG_TTL)
+    # User 2 moved to b before a died.
+    await store.claim_session(2, "u2", "b:1:1", LONG_TTL, replace=True)
+    assert await store.drop_server_sessions("a:1:1") == [1, 4]
+    assert await store.get_session(1) is None
+    assert await store.get_session(4) is None
+    assert (await store.get_session(2)).server == "b:1:1"
+    assert await store.online_users() == [(3, "u3")]
+    assert await store.verify_token(token) is None
+    assert await store.drop_server_sessions("a:1:1") == []
+
+
+# Login tokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_token(backend: Backend) -> None:
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    token = await store.issue_token(1, "h:1:2", session.session_id, LONG_TTL)
+    assert isinstance(token, str) and len(token) >= 40
+    other = await store.issue_token(1, "h:1:2", session.session_id, LONG_TTL)
+    assert other != token
+    info = TokenInfo(1, "h:1:2", session.session_id)
+    assert await store.verify_token(token) == info
+    assert await store.verify_token(other) == info
+    assert await store.verify_token("unknown") is None
+    assert await store.verify_token("") is None
+    if backend.redis is not None:
+        # Redis holds the token's digest, never the token.
+        keys = await backend.redis.execute_command("KEYS", backend.prefix + "*")
+        assert not any(token in key for key in keys)
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_expires(backend: Backend) -> None:
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    await store.activate_session(1, session.session_id)
+    token = await store.issue_token(1, "h:1:2", session.session_id, SHORT_TTL)
+    assert await store.verify_token(token) is not None
+
+    async def gone() -> bool:
+        return await store.verify_token(token) is None
+
+    await backend.expire(SHORT_TTL, gone)
+    assert await store.get_session(1) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_invalid_after_release(backend: Backend) -> None:
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    token = await store.issue_token(1, "h:1:2", session.session_id, LONG_TTL)
+    await store.release_session(1, session.session_id)
+    assert await store.verify_token(token) is None
+    # Even when the user logs in again.
+    await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert await store.verify_token(token) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_invalid_after_replace(backend: Backend) -> None:
+    store = backend.store
+    first, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    old = await store.issue_token(1, "h:1:2", first.session_id, LONG_TTL)
+    second, _ = await store.claim_session(1, "alice", "h:3:4", LONG_TTL, replace=True)
+    assert await store.verify_token(old) is None
+    new = await store.issue_token(1, "h:3:4", second.session_id, LONG_TTL)
+    assert await store.verify_token(new) == TokenInfo(1, "h:3:4", second.session_id)
+    # A token naming a session that is not the user's current one is invalid.
+    stale = await store.issue_token(1, "h:1:2", first.session_id, LONG_TTL)
+    assert await store.verify_token(stale) is None
+
+
+# Messages
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_assigns_seq_and_ids(backend: Backend) -> None:
+    store = backend.store
+    batch = [
+        msg(inbox(2), "one", receive_user_id=2),
+        msg(group_conversation("g"), "hello", group_id="g"),
+        msg(inbox(2), "two", receive_user_id=2),
+        msg(BROADCAST, "all of you"),
+        msg(inbox(2), "three", receive_user_id=2),
+    ]
+    stored = await store.append(batch)
+    assert [m.text for m in stored] == [m.text for m in batch]
+    assert [(m.conversation, m.seq) for m in stored] == [
+        (inbox(2), 1),
+        ("g:g", 1),
+        (inbox(2), 2),
+        ("all", 1),
+        (inbox(2), 3),
+    ]
+    ids = [m.msg_id for m in stored]
+    assert len(set(ids)) == len(ids) and ids == sorted(ids)
+    first = stored[0]
+    assert (first.sender_id, first.sender_name, first.receive_user_id) == (
+        1,
+        "user1",
+        2,
+    )
+    assert first.timestamp == int(START * 1000)
+    assert stored[1].group_id == "g"
+
+    more = await store.append([msg(inbox(2), "four")])
+    assert more[0].seq == 4 and more[0].msg_id > max(ids)
+    assert await store.last_seq(inbox(2)) == 4
+    assert await store.last_seq("g:g") == 1
+    assert await store.last_seq("u:99") == 0
+    assert await store.append([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_round_trips_content(backend: Backend) -> None:
+    store = backend.store
+    new = NewMessage(
+        "g:é:x", 7, "ünï: 名前", 'quote " backslash \\ 🙂 \n "ts":1', "c-1", 0, "é:x"
+    )
+    [stored] = await store.append([new])
+    [read] = await store.read("g:é:x", 0, 10)
+    assert read == stored
+    assert (read.sender_name, read.text, read.client_msg_id) == (
+        new.sender_name,
+        new.text,
+        new.client_msg_id,
+    )
+    assert read.group_id == "é:x" and read.receive_user_id == 0
+    # A lone surrogate (a JSON request can carry one) does not break a batch.
+    odd = await store.append([msg("u:5", "half \ud800 pair"), msg("u:5", "fine")])
+    assert [m.text for m in await store.read("u:5", 0, 10)] == [
+        "half \ud800 pair",
+        "fine",
+    ]
+    assert odd[0].text == "half \ud800 pair"
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_idempotent(backend: Backend) -> None:
+    store = backend.store
+    [original] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    backend.clock.advance(5)
+    [retry] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    assert retry == original
+    # Another sender may use the same client id; no client id means no
+    # idempotency.
+    other = await store.append(
+        [
+            msg(inbox(2), "hi", sender_id=3, client_msg_id="c1"),
+            msg(inbox(2), "x"),
+            msg(inbox(2), "x"),
+        ]
+    )
+    assert [m.seq for m in other] == [2, 3, 4]
+    assert len(await store.read(inbox(2), 0, 100)) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_idempotent_within_batch(backend: Backend) -> None:
+    store = backend.store
+    stored = await store.append(
+        [
+            msg(inbox(2), "a", client_msg_id="c1"),
+            msg(inbox(2), "b", client_msg_id="c2"),
+            msg(inbox(2), "a", client_msg_id="c1"),
+        ]
+    )
+    assert stored[2] == stored[0]
+    assert [m.seq for m in stored] == [1, 2, 1]
+    assert [m.text for m in await store.read(inbox(2), 0, 10)] == ["a", "b"]
+    assert await store.last_seq(inbox(2)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_idempotency_window(backend: Backend) -> None:
+    store = backend.store
+    [original] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    if backend.redis is not None:
+        pttl = await backend.pttl("sent:1:c1")
+        assert pttl is not None
+        assert 0 < pttl <= RETENTION.idempotency_window * 1000
+        return
+    backend.clock.advance(RETENTION.idempotency_window + 1)
+    [again] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    assert again.seq == 2 and again.msg_id != original.msg_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_paging(backend: Backend) -> None:
+    store = backend.store
+    await store.append([msg(inbox(2), str(i)) for i in range(1, 5)])
+    page = await store.read(inbox(2), 0, 2)
+    assert [(m.seq, m.text) for m in page] == [(1, "1"), (2, "2")]
+    page = await store.read(inbox(2), page[-1].seq, 2)
+    assert [m.seq for m in page] == [3, 4]
+    assert await store.read(inbox(2), 4, 2) == []
+    assert await store.read(inbox(2), 2, 0) == []
+    assert [m.seq for m in await store.read(inbox(2), 1, 100)] == [2, 3, 4]
+    assert await store.read("u:nobody", 0, 10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_by_count(backend: Backend) -> None:
+    store = backend.store
+    await store.append([msg(inbox(2), str(i)) for i in range(1, 9)])
+    kept = await store.read(inbox(2), 0, 100)
+    assert [m.seq for m in kept] == [4, 5, 6, 7, 8]
+    assert await store.last_seq(inbox(2)) == 8
+    await store.append([msg(inbox(2), "9")])
+    assert [m.seq for m in await store.read(inbox(2), 0, 100)] == [5, 6, 7, 8, 9]
+    pttl = await backend.pttl("conv:" + inbox(2))
+    assert pttl is None or 0 < pttl <= RETENTION.max_age * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_retention_by_age(backend: Backend) -> None:
+    store = backend.store
+    await store.append([msg(inbox(2), "old1"), msg(inbox(2), "old2")])
+    backend.clock.advance(RETENTION.max_age / 2)
+    await store.append([msg(inbox(2), "middle")])
+    backend.clock.advance(RETENTION.max_age / 2 + 1)
+    await store.append([msg(inbox(2), "new")])
+    kept = await store.read(inbox(2), 0, 100)
+    assert [(m.seq, m.text) for m in kept] == [(3, "middle"), (4, "new")]
+    assert await store.last_seq(inbox(2)) == 4
+
+
+# Cursors
+
+
+@pytest_twisted.ensureDeferred
+async def test_cursors(backend: Backend) -> None:
+    store = backend.store
+    assert await store.get_cursors(1) == {}
+    assert await store.set_cursors(1, {inbox(1): 5, "g:a": 2}) is None
+    await store.set_cursors(1, {inbox(1): 3, "g:a": 7, "all": 1})
+    await store.set_cursors(1, {})
+    assert await store.get_cursors(1) == {inbox(1): 5, "g:a": 7, "all": 1}
+    assert await store.get_cursors(2) == {}
+
+
+# Groups
+
+
+@pytest_twisted.ensureDeferred
+async def test_groups(backend: Backend) -> None:
+    store = backend.store
+    assert await store.create_group("team: ü", 5) is None
+    assert isinstance(await failure_of(store.create_group("team: ü", 6)), GroupExists)
+    assert await store.group_members("team: ü") == [5]
+    assert await store.join_group("team: ü", 2) is True
+    assert await store.join_group("team: ü", 2) is False
+    assert await store.join_group("team: ü", 11) is True
+    assert await store.group_members("team: ü") == [2, 5, 11]
+    await store.create_group("alpha", 2)
+    assert await store.user_groups(2) == ["alpha", "team: ü"]
+    assert await store.user_groups(99) == []
+    assert await store.leave_group("team: ü", 2) is True
+    assert await store.leave_group("team: ü", 2) is False
+    assert await store.group_members("team: ü") == [5, 11]
+    assert await store.user_groups(2) == ["alpha"]
+    # A group outlives its last member.
+    await store.leave_group("alpha", 2)
+    assert await store.group_members("alpha") == []
+    assert await store.join_group("alpha", 3) is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_group(backend: Backend) -> None:
+    store = backend.store
+    for d in [
+        store.join_group("nope", 1),
+        store.leave_group("nope", 1),
+        store.group_members("nope"),
+    ]:
+        assert isinstance(await failure_of(d), NoSuchGroup)
+    assert await store.user_groups(1) == []
+
+
+# open_store
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_store_memory() -> None:
+    store = await open_store("memory:", make_clock())
+    assert isinstance(store, MemoryStore)
+    assert verifyObject(IStore, store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_store_redis(redis_url: str) -> None:
+    from cim.store.redis import RedisStore
+
+    store = await open_store(redis_url, make_clock())
+    try:
+        assert isinstance(store, RedisStore)
+        assert store.prefix == "cim:"
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["", "memory", "mysql://x", "redis://host:notaport/0", "redis://h/x"]
+)
+def test_open_store_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        open_store(url, make_clock())
+
+
+# Redis only
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_script_sent_when_unknown(redis_url: str) -> None:
+    """
+    A script Redis does not have yet is sent with EVAL, then runs by SHA.
+    """
+    from cim.store.redis import _Script
+
+    store = await open_store(redis_url, make_clock())
+    try:
+        script = _Script(f"-- {uuid.uuid4().hex}\nreturn ARGV[1] .. KEYS[1]")
+        assert await store._run(script, ["k"], ["a"]) == "ak"
+        assert await store._run(script, ["k"], ["b"]) == "bk"
+        assert await store._redis.execute_command("SCRIPT", "EXISTS", script.sha) == [1]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_errors_are_store_errors(redis_url: str) -> None:
+    from cim.store.redis import _Script
+
+    store = await open_store(redis_url, make_clock())
+    try:
+        broken = _Script("return redis.call('NO-SUCH-COMMAND')")
+        assert isinstance(await failure_of(store._run(broken, [], [])), StoreError)
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_unreachable() -> None:
+    """
+    Connecting to a port where no Redis listens fails with L{StoreError}
+    once the timeout passes.
+    """
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+
+    d = connect_redis("redis://127.0.0.1:1/0", clock=reactor, timeout=0.3)
+    assert isinstance(await failure_of(d), StoreError)
+
+
+# Password hashes
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_hashes() -> None:
+    from cim.passwords import hash_password, verify_password
+
+    stored = await hash_password("pässword")
+    scheme, n, r, p, salt, key = stored.split("$")
+    assert (scheme, n, r, p) == ("scrypt", "16384", "8", "1")
+    assert "pässword" not in stored
+    assert await hash_password("pässword") != stored  # a new salt each time
+    assert await verify_password("pässword", stored) is True
+    assert await verify_password("password", stored) is False
+    for bad in ["", "scrypt$1$8$1$AA==$AA==", "md5$x", stored + "$x", "a$b$c$d$e$f"]:
+        assert await verify_password("pässword", bad) is False
