@@ -85,7 +85,9 @@ class Batcher(Generic[T, R]):
             d.addBoth(self._completed, waiters)
 
     def _completed(
-        self, results: Sequence[R] | Failure, waiters: list[Callable[[R | Failure], object]]
+        self,
+        results: Sequence[R] | Failure,
+        waiters: list[Callable[[R | Failure], object]],
     ) -> None:
         self._in_flight -= 1
         if isinstance(results, Failure):

@@ -54,7 +54,7 @@ def encode(frame: Frame) -> bytes:
     Serialize C{frame} (without its length prefix).
     """
     pb = cim_pb2.Request(
-        cmd=int(frame.cmd),
+        cmd=int(frame.cmd),  # type: ignore[arg-type]
         reqMsg=frame.req_msg,
         requestId=frame.request_id,
         token=frame.token,

@@ -57,7 +57,10 @@ class ApiError(Exception):
 
 
 def envelope(
-    code: str = SUCCESS, message: str | None = None, data: Any = None, req_no: Any = None
+    code: str = SUCCESS,
+    message: str | None = None,
+    data: Any = None,
+    req_no: Any = None,
 ) -> bytes:
     """
     Encode a response: C{{"code", "message", "reqNo", "dataBody"}}.

@@ -5,6 +5,8 @@ and C{ProtobufVarint32LengthFieldPrepender} speak it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.protocol import Protocol
 
 from cim.codec import encode_varint
@@ -35,6 +37,8 @@ class VarintFrameReceiver(Protocol):
     """
 
     MAX_LENGTH = DEFAULT_MAX_FRAME
+    #: A TCP transport (or a test double of one): pausable, with a peer.
+    transport: Any
     paused = False
     _closing = False
 

@@ -9,8 +9,8 @@ one suite against both.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from zope.interface import Attribute, Interface
 
@@ -52,7 +52,7 @@ class SessionExists(Exception):
     @ivar session: the existing L{Session}.
     """
 
-    def __init__(self, session: "Session") -> None:
+    def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.session = session
 
@@ -73,7 +73,7 @@ class ServerAddress:
         return f"{self.host}:{self.port}:{self.http_port}"
 
     @classmethod
-    def parse(cls, text: str) -> "ServerAddress":
+    def parse(cls, text: str) -> ServerAddress:
         """
         Parse C{"host:port:http_port"}.
 

@@ -22,7 +22,11 @@ class DeadServerJanitor:
     log = Logger()
 
     def __init__(
-        self, clock: IReactorTime, registry: IRegistry, store: IStore, grace: float = 3.0
+        self,
+        clock: IReactorTime,
+        registry: IRegistry,
+        store: IStore,
+        grace: float = 3.0,
     ) -> None:
         self.clock = clock
         self.registry = registry
@@ -53,7 +57,9 @@ class DeadServerJanitor:
                 call.cancel()
         for server in self._known - now:
             if server not in self._pending:
-                self._pending[server] = self.clock.callLater(self.grace, self._drop, server)
+                self._pending[server] = self.clock.callLater(
+                    self.grace, self._drop, server
+                )
         self._known = now
 
     def _drop(self, server: str) -> None:
@@ -72,5 +78,7 @@ class DeadServerJanitor:
 
         d.addCallbacks(
             dropped,
-            lambda f: self.log.failure("Dropping sessions of {server} failed", f, server=server),
+            lambda f: self.log.failure(
+                "Dropping sessions of {server} failed", f, server=server
+            ),
         )

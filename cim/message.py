@@ -8,8 +8,8 @@ and bytes.  The rest of the program only uses these.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 
 class Command(enum.IntEnum):

@@ -31,7 +31,9 @@ def port_number(name: str) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise usage.UsageError(f"--{name} must be a port number, not {text!r}") from None
+            raise usage.UsageError(
+                f"--{name} must be a port number, not {text!r}"
+            ) from None
         if not 0 <= value <= 65535:
             raise usage.UsageError(f"--{name} must be between 0 and 65535")
         return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
@@ -48,20 +49,21 @@ class HttpPusher:
         batcher = self._batchers.get(server)
         if batcher is None:
             batcher = self._batchers[server] = Batcher(
-                lambda items, server=server: self._send(server, items),
-                max_in_flight=2,
-                max_batch=200,
+                partial(self._send, server), max_in_flight=2, max_batch=200
             )
         return batcher.submit_deferred((messages, user_ids))
 
-    def _send(self, server: str, items: list[_Item]) -> Deferred[list[list[int]]]:
+    def _send(self, server: str, items: list[_Item]) -> Deferred[Sequence[list[int]]]:
         return ensureDeferred(self._post(server, items))
 
     async def _post(self, server: str, items: list[_Item]) -> list[list[int]]:
         address = ServerAddress.parse(server)
         body = {
             "items": [
-                {"messages": [message_to_dict(m) for m in messages], "users": list(users)}
+                {
+                    "messages": [message_to_dict(m) for m in messages],
+                    "users": list(users),
+                }
                 for messages, users in items
             ]
         }
@@ -69,7 +71,10 @@ class HttpPusher:
         response = await self._http.post(
             url,
             data=json.dumps(body, separators=(",", ":")).encode("utf-8"),
-            headers={b"Content-Type": [b"application/json"], SECRET_HEADER: [self._secret]},
+            headers={
+                b"Content-Type": [b"application/json"],
+                SECRET_HEADER: [self._secret],
+            },
             timeout=self._timeout,
         )
         reply = json.loads(await response.content())
@@ -87,7 +92,9 @@ class HttpPusher:
         """
         return ensureDeferred(
             self._call(
-                server, "kick", {"userId": user_id, "sessionId": session_id, "reason": reason}
+                server,
+                "kick",
+                {"userId": user_id, "sessionId": session_id, "reason": reason},
             )
         )
 
@@ -102,7 +109,10 @@ class HttpPusher:
         response = await self._http.post(
             f"http://{address.host}:{address.http_port}/{path}",
             data=json.dumps(body).encode("utf-8"),
-            headers={b"Content-Type": [b"application/json"], SECRET_HEADER: [self._secret]},
+            headers={
+                b"Content-Type": [b"application/json"],
+                SECRET_HEADER: [self._secret],
+            },
             timeout=self._timeout,
         )
         reply: dict = json.loads(await response.content())

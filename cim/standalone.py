@@ -33,7 +33,13 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["port", "p", 11211, "Client TCP port.", port_number("port")],
-        ["http-port", None, 8081, "The IM server's push API port.", port_number("http-port")],
+        [
+            "http-port",
+            None,
+            8081,
+            "The IM server's push API port.",
+            port_number("http-port"),
+        ],
         ["route-port", None, 8083, "The route's HTTP port.", port_number("route-port")],
         ["host", None, "127.0.0.1", "The address announced to clients."],
         ["bind", None, "127.0.0.1", "The interface every port listens on."],

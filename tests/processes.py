@@ -32,7 +32,9 @@ class Daemon:
     One C{twistd -n <plugin>} process with its log in C{directory}.
     """
 
-    def __init__(self, name: str, plugin: str, args: list[str], directory: Path, env=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, name: str, plugin: str, args: list[str], directory: Path, env=None
+    ) -> None:  # type: ignore[no-untyped-def]
         self.name = name
         self.plugin = plugin
         self.args = args
@@ -61,7 +63,9 @@ class Daemon:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_http(self, port: int, path: str = "/health", deadline: float = 20.0) -> dict:
+    def wait_http(
+        self, port: int, path: str = "/health", deadline: float = 20.0
+    ) -> dict:
         """
         Block until C{GET path} on C{port} answers a success envelope.
         (Called from test set-up before the reactor-driven part of a test.)
@@ -74,14 +78,18 @@ class Daemon:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}{path}", timeout=2
+                ) as r:
                     body: dict = json.loads(r.read())
                     if body.get("code") == "9000":
                         return body
             except Exception as e:  # not up yet
                 last = e
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not healthy on :{port}: {last}\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} not healthy on :{port}: {last}\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         try:

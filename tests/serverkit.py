@@ -48,7 +48,9 @@ class Peer:
 
     def __init__(self, server: IMServer, max_frame: int = 64 * 1024) -> None:
         self.protocol = ClientConnectionProtocol(server, max_frame)
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.1.1", 5000))
+        self.transport = StringTransport(
+            peerAddress=IPv4Address("TCP", "10.1.1.1", 5000)
+        )
         self.protocol.makeConnection(self.transport)
         self.backlog: list[Frame] = []
 
@@ -96,7 +98,9 @@ class World:
     A server, its store and clock, and helpers to log users in.
     """
 
-    def __init__(self, legacy_login: bool = False, store: MemoryStore | None = None) -> None:
+    def __init__(
+        self, legacy_login: bool = False, store: MemoryStore | None = None
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = store or MemoryStore(self.clock)

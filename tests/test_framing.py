@@ -123,7 +123,9 @@ def test_pause_holds_frames_until_resumed() -> None:
 
     protocol = Pausing()
     protocol.makeConnection(transport)
-    protocol.dataReceived(framed(b"one") + framed(b"pause") + framed(b"two") + framed(b"thr"))
+    protocol.dataReceived(
+        framed(b"one") + framed(b"pause") + framed(b"two") + framed(b"thr")
+    )
     assert protocol.frames == [b"one", b"pause"]
     assert transport.producerState == "paused"
     protocol.dataReceived(framed(b"four"))

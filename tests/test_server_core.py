@@ -36,7 +36,11 @@ def test_login_with_a_wrong_token_is_refused() -> None:
     alice = world.account("alice")
     world.token(alice, "alice")
     peer = Peer(world.server)
-    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token="nope"))
+    peer.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token="nope"
+        )
+    )
     error = error_of(peer)
     assert error.error_code == ErrorCode.BAD_TOKEN
     assert peer.closed
@@ -49,7 +53,9 @@ def test_login_with_another_users_token_is_refused() -> None:
     bob = world.account("bob")
     token = world.token(bob, "bob")
     peer = Peer(world.server)
-    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    )
     assert "another user" in error_of(peer).error_reason
     assert peer.closed
 
@@ -59,7 +65,9 @@ def test_login_with_a_token_for_another_server_is_refused() -> None:
     alice = world.account("alice")
     token = world.token(alice, "alice", server=THERE)
     peer = Peer(world.server)
-    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    )
     assert "another server" in error_of(peer).error_reason
     assert peer.closed
 
@@ -70,7 +78,9 @@ def test_expired_token_is_refused() -> None:
     token = world.token(alice, "alice")
     world.clock.advance(3601)
     peer = Peer(world.server)
-    peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token))
+    peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    )
     assert error_of(peer).error_code == ErrorCode.BAD_TOKEN
     assert peer.closed
 
@@ -80,7 +90,9 @@ def test_token_replayed_after_logout_is_refused() -> None:
     alice = world.account("alice")
     token = world.token(alice, "alice")
     peer = Peer(world.server)
-    login = Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    login = Frame(
+        cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token
+    )
     peer.send(login)
     assert peer.received()[0].cmd == Command.LOGIN_RESPONSE
     peer.lose()
@@ -232,7 +244,12 @@ def test_private_message_is_stored_acknowledged_and_delivered() -> None:
     alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
     alice_peer.send(
-        Frame(cmd=Command.MESSAGE, req_msg="hi bob", receive_user_id=bob, client_msg_id="c1")
+        Frame(
+            cmd=Command.MESSAGE,
+            req_msg="hi bob",
+            receive_user_id=bob,
+            client_msg_id="c1",
+        )
     )
     [ack] = alice_peer.received()
     assert (ack.cmd, ack.client_msg_id, ack.seq, ack.conversation) == (
@@ -257,7 +274,9 @@ def test_retried_send_is_stored_and_delivered_once() -> None:
     world = World()
     alice_peer, _ = world.login("alice")
     bob_peer, bob = world.login("bob")
-    send = Frame(cmd=Command.MESSAGE, req_msg="once", receive_user_id=bob, client_msg_id="c1")
+    send = Frame(
+        cmd=Command.MESSAGE, req_msg="once", receive_user_id=bob, client_msg_id="c1"
+    )
     alice_peer.send(send)
     alice_peer.send(send)
     acks = alice_peer.received()
@@ -269,7 +288,9 @@ def test_retried_send_is_stored_and_delivered_once() -> None:
 def test_message_to_an_unknown_user_gets_an_error() -> None:
     world = World()
     alice_peer, _ = world.login("alice")
-    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=999, client_msg_id="x"))
+    alice_peer.send(
+        Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=999, client_msg_id="x")
+    )
     error = error_of(alice_peer)
     assert error.error_code == ErrorCode.INVALID_ARGUMENT
     assert error.client_msg_id == "x"
@@ -290,12 +311,22 @@ def test_offline_receiver_gets_everything_at_login_in_order() -> None:
     bob = world.account("bob")
     for i in range(3):
         alice_peer.send(
-            Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob, client_msg_id=f"c{i}")
+            Frame(
+                cmd=Command.MESSAGE,
+                req_msg=f"m{i}",
+                receive_user_id=bob,
+                client_msg_id=f"c{i}",
+            )
         )
     assert world.pusher.pushes == []
     bob_peer = Peer(world.server)
     bob_peer.send(
-        Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob", token=world.token(bob, "bob"))
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=bob,
+            req_msg="bob",
+            token=world.token(bob, "bob"),
+        )
     )
     frames = bob_peer.received()
     assert frames[0].cmd == Command.LOGIN_RESPONSE
@@ -308,7 +339,9 @@ def test_login_resumes_after_the_clients_cursor() -> None:
     alice_peer, _ = world.login("alice")
     bob = world.account("bob")
     for i in range(4):
-        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob))
+        alice_peer.send(
+            Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob)
+        )
     bob_peer, _ = world.login("bob", cursors=[Cursor(inbox(bob), 2)], user_id=bob)
     assert [m.text for m in bob_peer.messages()] == ["m2", "m3"]
 
@@ -318,7 +351,9 @@ def test_acknowledged_cursor_is_kept_for_a_client_without_one() -> None:
     alice_peer, _ = world.login("alice")
     bob_peer, bob = world.login("bob")
     for i in range(2):
-        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob))
+        alice_peer.send(
+            Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob)
+        )
     assert len(bob_peer.messages()) == 2
     bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 2)]))
     bob_peer.lose()
@@ -357,11 +392,18 @@ def test_live_messages_wait_for_the_replay() -> None:
     alice_peer, _ = world.login("alice")
     bob = world.account("bob")
     for i in range(3):
-        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=f"old{i}", receive_user_id=bob))
+        alice_peer.send(
+            Frame(cmd=Command.MESSAGE, req_msg=f"old{i}", receive_user_id=bob)
+        )
     store.slow = True
     bob_peer = Peer(world.server)
     bob_peer.send(
-        Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob", token=world.token(bob, "bob"))
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=bob,
+            req_msg="bob",
+            token=world.token(bob, "bob"),
+        )
     )
     assert bob_peer.received()[0].cmd == Command.LOGIN_RESPONSE
     # While the replay read is in flight, a live message arrives.
@@ -379,10 +421,17 @@ def test_a_gap_is_filled_from_the_store() -> None:
     # Two messages are stored, but only the second one is pushed (the first
     # push went astray): bob must still see both, in order.
     stored = world.result(
-        world.server.delivery.append(world.server._new_messages(
-            world.server.users[world.result(world.store.get_account_by_name("alice")).user_id],  # type: ignore[attr-defined]
-            inbox(bob), ["first", "second"], "", receive_user_id=bob,
-        ))
+        world.server.delivery.append(
+            world.server._new_messages(
+                world.server.users[
+                    world.result(world.store.get_account_by_name("alice")).user_id
+                ],  # type: ignore[attr-defined]
+                inbox(bob),
+                ["first", "second"],
+                "",
+                receive_user_id=bob,
+            )
+        )
     )
     world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
     assert [m.text for m in bob_peer.messages()] == ["first", "second"]
@@ -394,7 +443,9 @@ def test_receiver_on_another_server_gets_one_push() -> None:
     world = World()
     alice_peer, _ = world.login("alice")
     bob = world.account("bob")
-    session, _ = world.result(world.store.claim_session(bob, "bob", str(THERE), 60, True))  # type: ignore[misc]
+    session, _ = world.result(
+        world.store.claim_session(bob, "bob", str(THERE), 60, True)
+    )  # type: ignore[misc]
     world.result(world.store.activate_session(bob, session.session_id))
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="far", receive_user_id=bob))
     [(server, messages, users)] = world.pusher.pushes
@@ -407,7 +458,9 @@ def test_legacy_client_gets_cim_frames_with_the_right_sender() -> None:
     alice_peer, alice = world.login("alice")
     carol_peer, carol = world.login("carol")
     bob = world.account("bob")
-    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="from alice", receive_user_id=bob))
+    alice_peer.send(
+        Frame(cmd=Command.MESSAGE, req_msg="from alice", receive_user_id=bob)
+    )
     carol_peer.send(Frame(cmd=Command.MESSAGE, batch=["c1", "c2"], receive_user_id=bob))
     world.token(bob, "bob")
     bob_peer = Peer(world.server)

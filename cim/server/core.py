@@ -164,7 +164,9 @@ class _Encoded:
 
     def cim(self) -> bytes:
         if self._cim is None:
-            self._cim = encode_framed(Frame(cmd=Command.MESSAGE, messages=self.messages))
+            self._cim = encode_framed(
+                Frame(cmd=Command.MESSAGE, messages=self.messages)
+            )
         return self._cim
 
     def legacy(self) -> bytes:
@@ -217,10 +219,14 @@ class IMServer:
         self._sweeper.clock = clock
         self._stopping = False
         self.metrics = metrics = Metrics("cim_server")
-        metrics.gauge("connections", "Open client connections", lambda: len(self.connections))
+        metrics.gauge(
+            "connections", "Open client connections", lambda: len(self.connections)
+        )
         metrics.gauge("users", "Logged-in users", lambda: len(self.users))
         self.m_logins = metrics.counter("logins_total", "Successful logins")
-        self.m_login_failures = metrics.counter("login_failures_total", "Refused logins")
+        self.m_login_failures = metrics.counter(
+            "login_failures_total", "Refused logins"
+        )
         self.m_in = metrics.counter("messages_in_total", "Chat messages received")
         self.m_out = metrics.counter("messages_out_total", "Chat messages written")
         self.m_errors = metrics.counter("errors_total", "Error frames sent")
@@ -272,11 +278,15 @@ class IMServer:
                         user_id=conn.user_id,
                         timeout=self.heartbeat_timeout,
                     )
-                    self.error(conn, ErrorCode.LOGIN_TIMEOUT, "heartbeat timeout", close=True)
+                    self.error(
+                        conn, ErrorCode.LOGIN_TIMEOUT, "heartbeat timeout", close=True
+                    )
                 elif conn.ack_dirty:
                     self._save_acks(conn)
             elif not conn.logging_in and conn.opened < late:
-                self.error(conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True)
+                self.error(
+                    conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True
+                )
 
     # Connection events (from the protocol)
 
@@ -295,7 +305,9 @@ class IMServer:
         if conn.replaced:
             return
         self._release(conn).addErrback(
-            lambda f: self.log.failure("Releasing {user_id} failed", f, user_id=conn.user_id)
+            lambda f: self.log.failure(
+                "Releasing {user_id} failed", f, user_id=conn.user_id
+            )
         )
 
     def _release(self, conn: Connection) -> Deferred:
@@ -304,14 +316,21 @@ class IMServer:
         d: Deferred = self.store.release_session(conn.user_id, conn.session_id)
         return d
 
-    def error(self, conn: Connection, code: int, reason: str, close: bool = False) -> None:
+    def error(
+        self, conn: Connection, code: int, reason: str, close: bool = False
+    ) -> None:
         """
         Send an error frame (and close the connection when C{close}).
         """
         self.m_errors.inc()
         conn.write(
             encode_framed(
-                Frame(cmd=Command.ERROR, error_code=int(code), error_reason=reason, req_msg=reason)
+                Frame(
+                    cmd=Command.ERROR,
+                    error_code=int(code),
+                    error_reason=reason,
+                    req_msg=reason,
+                )
             )
         )
         if close:
@@ -329,7 +348,12 @@ class IMServer:
         """
         conn.write(
             encode_framed(
-                Frame(cmd=Command.KICK, error_reason=reason, req_msg=reason, redirect=redirect)
+                Frame(
+                    cmd=Command.KICK,
+                    error_reason=reason,
+                    req_msg=reason,
+                    redirect=redirect,
+                )
             )
         )
         self.close(conn)
@@ -343,7 +367,9 @@ class IMServer:
         now = self.clock.seconds()
         conn.last_seen = now
         # Token bucket: refill at `rate` per second, up to a burst of 2*rate.
-        conn.tokens = min(2 * self.rate, conn.tokens + (now - conn.tokens_at) * self.rate)
+        conn.tokens = min(
+            2 * self.rate, conn.tokens + (now - conn.tokens_at) * self.rate
+        )
         conn.tokens_at = now
         conn.tokens -= 1
         if conn.tokens < 0:
@@ -353,7 +379,9 @@ class IMServer:
         if not conn.user_id:
             if cmd == Command.LOGIN_REQUEST and not conn.logging_in:
                 conn.logging_in = True
-                ensureDeferred(self._login(conn, frame)).addErrback(self._login_crashed, conn)
+                ensureDeferred(self._login(conn, frame)).addErrback(
+                    self._login_crashed, conn
+                )
             elif conn.logging_in and cmd == Command.PING:
                 self._pong(conn)
             else:
@@ -387,13 +415,17 @@ class IMServer:
 
     def _refuse(self, conn: Connection, code: ErrorCode, reason: str) -> None:
         self.m_login_failures.inc()
-        self.log.info("Refused login from {peer}: {reason}", peer=conn.peer, reason=reason)
+        self.log.info(
+            "Refused login from {peer}: {reason}", peer=conn.peer, reason=reason
+        )
         self.error(conn, code, reason, close=True)
 
     async def _login(self, conn: Connection, frame: Frame) -> None:
         user_id = frame.request_id
         if user_id <= 0:
-            self._refuse(conn, ErrorCode.INVALID_ARGUMENT, "login needs requestId = userId")
+            self._refuse(
+                conn, ErrorCode.INVALID_ARGUMENT, "login needs requestId = userId"
+            )
             return
         if self._stopping:
             self.kick(conn, "the server is shutting down")
@@ -407,7 +439,9 @@ class IMServer:
                 self._refuse(conn, ErrorCode.BAD_TOKEN, "the token is for another user")
                 return
             if info.server != self.here:
-                self._refuse(conn, ErrorCode.BAD_TOKEN, "the token is for another server")
+                self._refuse(
+                    conn, ErrorCode.BAD_TOKEN, "the token is for another server"
+                )
                 return
             session_id = info.session_id
             legacy = False
@@ -419,16 +453,24 @@ class IMServer:
             return
         session = await self.store.get_session(user_id)
         if session is None or (not legacy and session.session_id != session_id):
-            self._refuse(conn, ErrorCode.BAD_TOKEN, "no such session: log in through the route")
+            self._refuse(
+                conn, ErrorCode.BAD_TOKEN, "no such session: log in through the route"
+            )
             return
         if session.server != self.here:
-            self._refuse(conn, ErrorCode.BAD_TOKEN, "the session belongs to another server")
+            self._refuse(
+                conn, ErrorCode.BAD_TOKEN, "the session belongs to another server"
+            )
             return
         if legacy and session.user_name != frame.req_msg:
-            self._refuse(conn, ErrorCode.BAD_TOKEN, "userName does not match the session")
+            self._refuse(
+                conn, ErrorCode.BAD_TOKEN, "userName does not match the session"
+            )
             return
         if not await self.store.activate_session(user_id, session.session_id):
-            self._refuse(conn, ErrorCode.BAD_TOKEN, "the session was replaced or expired")
+            self._refuse(
+                conn, ErrorCode.BAD_TOKEN, "the session was replaced or expired"
+            )
             return
         stored = await self.store.get_cursors(user_id)
         groups = await self.store.user_groups(user_id)
@@ -451,7 +493,9 @@ class IMServer:
         cursors = {} if legacy else {c.conversation: c.seq for c in frame.cursors}
         conversations = [inbox(user_id)] + [group_conversation(g) for g in groups]
         for conversation in conversations:
-            conn.delivered[conversation] = cursors.get(conversation, stored.get(conversation, 0))
+            conn.delivered[conversation] = cursors.get(
+                conversation, stored.get(conversation, 0)
+            )
             conn.acked[conversation] = stored.get(conversation, 0)
             conn.filling.add(conversation)
         # Visible to deliveries from here on.  A message stored before this
@@ -486,7 +530,9 @@ class IMServer:
             self._fill_failed, conn, conversation
         )
 
-    def _fill_failed(self, failure: Failure, conn: Connection, conversation: str) -> None:
+    def _fill_failed(
+        self, failure: Failure, conn: Connection, conversation: str
+    ) -> None:
         conn.filling.discard(conversation)
         self.log.failure(
             "Reading {conversation} for {user_id} failed; reconnecting it",
@@ -546,7 +592,9 @@ class IMServer:
         finally:
             conn.filling.discard(conversation)
 
-    def _write_stored(self, conn: Connection, messages: list[ChatMessage], cmd: Command) -> None:
+    def _write_stored(
+        self, conn: Connection, messages: list[ChatMessage], cmd: Command
+    ) -> None:
         if conn.legacy:
             for data in legacy_frames(messages, cmd):
                 conn.write(data)
@@ -579,11 +627,13 @@ class IMServer:
             self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
         return missing
 
-    def _offer(self, conn: Connection, messages: Sequence[ChatMessage], encoded: _Encoded) -> None:
+    def _offer(
+        self, conn: Connection, messages: Sequence[ChatMessage], encoded: _Encoded
+    ) -> None:
         # Fast path: every message is the next one of its conversation.
         delivered = conn.delivered
         in_order = True
-        positions = {}
+        positions: dict[str, int] = {}
         for m in messages:
             conversation = m.conversation
             if conversation == BROADCAST:
@@ -638,7 +688,9 @@ class IMServer:
         # A CIM client cannot acknowledge; a heartbeat after a write is the
         # best proof that the connection carried it.
         for conversation, seq in conn.delivered.items():
-            if conversation not in conn.filling and seq > conn.acked.get(conversation, 0):
+            if conversation not in conn.filling and seq > conn.acked.get(
+                conversation, 0
+            ):
                 conn.acked[conversation] = seq
                 conn.ack_dirty = True
 
@@ -650,7 +702,9 @@ class IMServer:
 
     def _save_acks_failed(self, failure: Failure, conn: Connection) -> None:
         conn.ack_dirty = True
-        self.log.failure("Saving cursors of {user_id} failed", failure, user_id=conn.user_id)
+        self.log.failure(
+            "Saving cursors of {user_id} failed", failure, user_id=conn.user_id
+        )
 
     # Sending
 
@@ -658,14 +712,19 @@ class IMServer:
         texts = list(frame.batch) if frame.batch else [frame.req_msg]
         cmid = frame.client_msg_id
         if len(cmid) > MAX_CLIENT_MSG_ID:
-            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, "clientMsgId too long")
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, "clientMsgId too long"
+            )
             return
         if not all(texts):
             self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, "empty message")
             return
         if any(len(t) > self.max_text for t in texts):
             self._send_error(
-                conn, frame, ErrorCode.INVALID_ARGUMENT, f"message over {self.max_text} characters"
+                conn,
+                frame,
+                ErrorCode.INVALID_ARGUMENT,
+                f"message over {self.max_text} characters",
             )
             return
         self.m_in.inc(len(texts))
@@ -679,10 +738,15 @@ class IMServer:
             )
         else:
             self._send_error(
-                conn, frame, ErrorCode.INVALID_ARGUMENT, "a message needs receiveUserId or groupId"
+                conn,
+                frame,
+                ErrorCode.INVALID_ARGUMENT,
+                "a message needs receiveUserId or groupId",
             )
 
-    def _send_error(self, conn: Connection, frame: Frame, code: ErrorCode, reason: str) -> None:
+    def _send_error(
+        self, conn: Connection, frame: Frame, code: ErrorCode, reason: str
+    ) -> None:
         self.m_errors.inc()
         conn.write(
             encode_framed(
@@ -698,10 +762,17 @@ class IMServer:
 
     def _send_failed(self, failure: Failure, conn: Connection, frame: Frame) -> None:
         self.log.failure("Send from {user_id} failed", failure, user_id=conn.user_id)
-        self._send_error(conn, frame, ErrorCode.STORE_ERROR, "not stored; send it again")
+        self._send_error(
+            conn, frame, ErrorCode.STORE_ERROR, "not stored; send it again"
+        )
 
     def _new_messages(
-        self, conn: Connection, conversation: str, texts: list[str], cmid: str, **target: object
+        self,
+        conn: Connection,
+        conversation: str,
+        texts: list[str],
+        cmid: str,
+        **target: object,
     ) -> list[NewMessage]:
         return [
             NewMessage(
@@ -723,32 +794,50 @@ class IMServer:
         self._known_users.add(user_id)
         return True
 
-    async def _send_private(self, conn: Connection, frame: Frame, texts: list[str]) -> None:
+    async def _send_private(
+        self, conn: Connection, frame: Frame, texts: list[str]
+    ) -> None:
         receiver = frame.receive_user_id
         if not await self._user_exists(receiver):
-            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, f"no user {receiver}")
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, f"no user {receiver}"
+            )
             return
         stored = await self.delivery.append(
             self._new_messages(
-                conn, inbox(receiver), texts, frame.client_msg_id, receive_user_id=receiver
+                conn,
+                inbox(receiver),
+                texts,
+                frame.client_msg_id,
+                receive_user_id=receiver,
             )
         )
         self._acknowledge(conn, frame, stored)
         await self.delivery.deliver(stored, [receiver])
 
-    async def _send_group(self, conn: Connection, frame: Frame, texts: list[str]) -> None:
+    async def _send_group(
+        self, conn: Connection, frame: Frame, texts: list[str]
+    ) -> None:
         group_id = frame.group_id
         try:
             members = await self.store.group_members(group_id)
         except NoSuchGroup:
-            self._send_error(conn, frame, ErrorCode.INVALID_ARGUMENT, f"no group {group_id}")
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, f"no group {group_id}"
+            )
             return
         if conn.user_id not in members:
-            self._send_error(conn, frame, ErrorCode.NOT_A_MEMBER, f"not a member of {group_id}")
+            self._send_error(
+                conn, frame, ErrorCode.NOT_A_MEMBER, f"not a member of {group_id}"
+            )
             return
         stored = await self.delivery.append(
             self._new_messages(
-                conn, group_conversation(group_id), texts, frame.client_msg_id, group_id=group_id
+                conn,
+                group_conversation(group_id),
+                texts,
+                frame.client_msg_id,
+                group_id=group_id,
             )
         )
         self._acknowledge(conn, frame, stored)
@@ -756,7 +845,9 @@ class IMServer:
         # others), so that its view of the group has no holes.
         await self.delivery.deliver(stored, members)
 
-    def _acknowledge(self, conn: Connection, frame: Frame, stored: list[ChatMessage]) -> None:
+    def _acknowledge(
+        self, conn: Connection, frame: Frame, stored: list[ChatMessage]
+    ) -> None:
         last = stored[-1]
         conn.write(
             encode_framed(
@@ -808,4 +899,3 @@ class IMServer:
             if conversation not in conn.filling:
                 self._fill_in_background(conn, conversation)
         return True
-

@@ -66,7 +66,9 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         )
 
     def malformedPrefix(self) -> None:
-        self.server.error(self.conn, ErrorCode.MALFORMED_FRAME, "bad length prefix", close=True)
+        self.server.error(
+            self.conn, ErrorCode.MALFORMED_FRAME, "bad length prefix", close=True
+        )
 
 
 class ClientConnectionFactory(Factory):

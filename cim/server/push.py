@@ -49,7 +49,9 @@ class PushAPI:
     def _json(self, request: IRequest) -> dict[str, Any]:
         request.setHeader(b"Content-Type", b"application/json")
         given = request.getHeader(SECRET_HEADER) or ""
-        if not self.secret or not hmac.compare_digest(given.encode("utf-8"), self.secret):
+        if not self.secret or not hmac.compare_digest(
+            given.encode("utf-8"), self.secret
+        ):
             raise ApiError(codes.UNAUTHORIZED, "the cluster secret is missing or wrong")
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
@@ -110,7 +112,9 @@ class PushAPI:
         props = body.get("properties") or {}
         cmd = body.get("cmd", Command.MESSAGE)
         if not isinstance(msg, str) or not isinstance(batch, list):
-            raise ApiError(codes.INVALID_ARGUMENT, "msg must be a string, batchMsg a list")
+            raise ApiError(
+                codes.INVALID_ARGUMENT, "msg must be a string, batchMsg a list"
+            )
         if not isinstance(props, dict):
             raise ApiError(codes.INVALID_ARGUMENT, "properties must be an object")
         try:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
-from treq.client import HTTPClient
 
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
@@ -66,7 +66,14 @@ class IMServerService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, config: ServerConfig, store_factory, registry: IRegistry, on_failure=None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        reactor,
+        config: ServerConfig,
+        store_factory,
+        registry: IRegistry,
+        on_failure=None,
+    ) -> None:  # type: ignore[no-untyped-def]
         self.reactor = reactor
         self.config = config
         self.store_factory = store_factory

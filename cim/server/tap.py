@@ -29,9 +29,26 @@ class Options(usage.Options):
         ["legacy-login", None, "Accept CIM clients that log in without a token."],
     ]
     optParameters = [
-        ["port", "p", 11211, "Client TCP port (0: any free port).", port_number("port")],
-        ["http-port", None, 8081, "Push API HTTP port (0: any).", port_number("http-port")],
-        ["host", None, "127.0.0.1", "The address announced to clients through the registry."],
+        [
+            "port",
+            "p",
+            11211,
+            "Client TCP port (0: any free port).",
+            port_number("port"),
+        ],
+        [
+            "http-port",
+            None,
+            8081,
+            "Push API HTTP port (0: any).",
+            port_number("http-port"),
+        ],
+        [
+            "host",
+            None,
+            "127.0.0.1",
+            "The address announced to clients through the registry.",
+        ],
         ["bind", None, "0.0.0.0", "The interface both ports listen on."],
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],

@@ -1,10 +1,16 @@
 from twisted.application.service import ServiceMaker
 
 cimServer = ServiceMaker(
-    "cim-server", "cim.server.tap", "A cim IM server (client TCP connections)", "cim-server"
+    "cim-server",
+    "cim.server.tap",
+    "A cim IM server (client TCP connections)",
+    "cim-server",
 )
 cimRoute = ServiceMaker(
-    "cim-route", "cim.route.tap", "The cim route (HTTP API, login, routing)", "cim-route"
+    "cim-route",
+    "cim.route.tap",
+    "The cim route (HTTP API, login, routing)",
+    "cim-route",
 )
 cimClient = ServiceMaker(
     "cim-client", "cim.client.tap", "The cim console client (use with -n)", "cim-client"
