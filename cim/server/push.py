@@ -48,10 +48,8 @@ class PushAPI:
 
     def _json(self, request: IRequest) -> dict[str, Any]:
         request.setHeader(b"Content-Type", b"application/json")
-        given = request.getHeader(SECRET_HEADER) or ""
-        if not self.secret or not hmac.compare_digest(
-            given.encode("utf-8"), self.secret
-        ):
+        given = request.getHeader(SECRET_HEADER) or b""
+        if not self.secret or not hmac.compare_digest(given, self.secret):
             raise ApiError(codes.UNAUTHORIZED, "the cluster secret is missing or wrong")
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:

@@ -1,0 +1,599 @@
+"""
+The route's HTTP API (Klein): CIM's endpoints and cim's additions, as
+C{cim/route/API.md} describes them.
+
+Every answer is CIM's JSON envelope (L{cim.envelope.envelope}), HTTP 200 for
+business outcomes.  Routes only parse and check their input and call the
+L{Router}; business outcomes travel as L{ApiError} to the error handlers,
+which answer them; anything unexpected is logged and answered 4000.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from cim import envelope as codes
+from cim.delivery import Delivery
+from cim.envelope import ApiError, envelope
+from cim.interfaces import IRegistry, IStore, StoreError
+from cim.message import message_to_dict
+from cim.metrics import Metrics
+from cim.pusher import SECRET_HEADER
+from cim.route.balancer import Balancer
+from cim.route.logic import Credentials, Probe, RoutePusher, Router
+from cim.route.openapi import openapi_document
+
+#: The largest request body accepted by default, in bytes.
+MAX_BODY = 1024 * 1024
+#: The longest user name and password.
+MAX_NAME = 64
+MAX_PASSWORD = 1024
+#: The longest client message id (as the IM server).
+MAX_CLIENT_MSG_ID = 64
+#: History page sizes.
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+#: Group ids.
+GROUP_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: The largest user id (Java's long).
+MAX_USER_ID = 2**63 - 1
+
+_JSON = b"application/json; charset=utf-8"
+
+
+class LabelledCounter:
+    """
+    A counter per value of one label, in the Prometheus text format.
+    """
+
+    def __init__(self, name: str, help: str, label: str) -> None:
+        self.name = name
+        self.help = help
+        self.label = label
+        self.values: dict[str, int] = {}
+
+    def inc(self, value: str, amount: int = 1) -> None:
+        self.values[value] = self.values.get(value, 0) + amount
+
+    def render(self) -> bytes:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for value, count in sorted(self.values.items()):
+            escaped = (
+                value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            )
+            lines.append(f'{self.name}{{{self.label}="{escaped}"}} {count}')
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+@dataclass(slots=True)
+class _Call:
+    """
+    What the error handlers need to know of a request being served.
+    """
+
+    started: float
+    req_no: Any = None
+
+
+# Request parsing: each helper raises ApiError(INVALID_ARGUMENT) naming the
+# field.  JSON null counts as absent (Java clients send null fields).
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(codes.INVALID_ARGUMENT, message)
+
+
+def _type_name(value: object) -> str:
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def user_id_field(body: dict[str, Any], key: str) -> int:
+    """
+    A user id: a positive integer, as a JSON number or a string of digits
+    (CIM sends numbers; some clients quote them).
+    """
+    value = body.get(key)
+    if value is None:
+        raise _bad(f"{key} is missing")
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    else:
+        raise _bad(f"{key} must be an integer, not {_type_name(value)}")
+    if not 0 < number <= MAX_USER_ID:
+        raise _bad(f"{key} must be a positive 64-bit integer")
+    return number
+
+
+def int_field(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """
+    An optional integer between C{low} and C{high}.
+    """
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _bad(f"{key} must be an integer, not {_type_name(value)}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise _bad(f"{key} must be an integer") from None
+    if not low <= number <= high:
+        raise _bad(f"{key} must be between {low} and {high}")
+    return number
+
+
+def str_field(
+    body: dict[str, Any], key: str, max_length: int, required: bool = True
+) -> str | None:
+    """
+    A string of 1 to C{max_length} characters; C{None} when absent and not
+    C{required}.
+    """
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise _bad(f"{key} is missing")
+        return None
+    if not isinstance(value, str):
+        raise _bad(f"{key} must be a string, not {_type_name(value)}")
+    if not value.strip():
+        raise _bad(f"{key} must not be empty")
+    if len(value) > max_length:
+        raise _bad(f"{key} is longer than {max_length} characters")
+    return value
+
+
+def group_id_field(body: dict[str, Any]) -> str:
+    group_id = str_field(body, "groupId", 64)
+    assert group_id is not None
+    if not GROUP_ID.fullmatch(group_id):
+        raise _bad("groupId must be 1-64 letters, digits, '_', '-' or '.'")
+    return group_id
+
+
+def client_msg_id_field(body: dict[str, Any]) -> str:
+    value = body.get("clientMsgId")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _bad(f"clientMsgId must be a string, not {_type_name(value)}")
+    if len(value) > MAX_CLIENT_MSG_ID:
+        raise _bad(f"clientMsgId is longer than {MAX_CLIENT_MSG_ID} characters")
+    return value
+
+
+def texts_field(body: dict[str, Any], max_message: int) -> list[str]:
+    """
+    The texts of a send: C{batchMsg} when it is a non-empty list (each
+    stored as its own message, in order), else C{msg}.
+    """
+    batch = body.get("batchMsg")
+    if batch is not None and batch != []:
+        if not isinstance(batch, list):
+            raise _bad(f"batchMsg must be a list of strings, not {_type_name(batch)}")
+        texts = batch
+        where = "batchMsg items"
+    else:
+        value = body.get("msg")
+        if value is None:
+            raise _bad("msg is missing")
+        texts = [value]
+        where = "msg"
+    for text in texts:
+        if not isinstance(text, str):
+            raise _bad(f"{where} must be strings, not {_type_name(text)}")
+        if not text:
+            raise _bad(f"{where} must not be empty")
+        if len(text) > max_message:
+            raise _bad(
+                f"{where} must be at most {max_message} characters (got {len(text)})"
+            )
+    return texts
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    """
+    A request header as text (undecodable bytes never match a credential).
+    """
+    value = request.getHeader(name)
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace")
+
+
+class RouteAPI:
+    """
+    The route's Klein app.  Build it with its backends, and serve
+    C{RouteAPI(...).app.resource()}.
+
+    @param clock: times requests for the latency metric.
+    @param probe: checks that a server accepts connections before a login
+        is sent there (see L{cim.route.service.tcp_probe}).
+    @param max_message: the longest chat text, in characters.
+    @param max_body: the largest request body, in bytes.
+    Other parameters: see L{Router}.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        registry: IRegistry,
+        delivery: Delivery,
+        pusher: RoutePusher,
+        balancer: Balancer,
+        clock: IReactorTime,
+        secret: str,
+        probe: Probe,
+        *,
+        token_ttl: float = 86400.0,
+        require_password: bool = False,
+        legacy_auth: bool = False,
+        max_message: int = 4096,
+        max_body: int = MAX_BODY,
+    ) -> None:
+        self.router = Router(
+            store,
+            registry,
+            delivery,
+            pusher,
+            balancer,
+            probe,
+            secret,
+            token_ttl=token_ttl,
+            require_password=require_password,
+            legacy_auth=legacy_auth,
+        )
+        self.registry = registry
+        self.clock = clock
+        self.max_message = max_message
+        self.max_body = max_body
+        self._calls: weakref.WeakKeyDictionary[IRequest, _Call] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._openapi = json.dumps(
+            openapi_document(max_message=max_message), indent=1
+        ).encode("utf-8")
+        self.metrics = metrics = Metrics("cim_route")
+        self.m_requests = LabelledCounter(
+            "cim_route_requests_total", "HTTP requests by endpoint", "endpoint"
+        )
+        self.m_errors = LabelledCounter(
+            "cim_route_errors_total", "Answers other than success, by code", "code"
+        )
+        self.m_logins = metrics.counter("logins_total", "Successful logins")
+        self.m_latency = metrics.histogram(
+            "request_latency_seconds", "Time to answer a request"
+        )
+        metrics.gauge(
+            "servers", "IM servers in the registry", lambda: len(registry.servers())
+        )
+
+    # Request plumbing
+
+    def _begin(self, request: IRequest) -> None:
+        """
+        Note the start of a request to a known endpoint.
+        """
+        self._calls[request] = _Call(self.clock.seconds())
+        self.m_requests.inc(request.path.decode("utf-8", "replace"))
+
+    def _json(self, request: IRequest, required: bool = True) -> dict[str, Any]:
+        """
+        Start serving a POST: @return: its body, a JSON object (or C{{}}
+        when it is empty and not C{required}).
+        """
+        self._begin(request)
+        raw = request.content.read(self.max_body + 1) if request.content else b""
+        if len(raw) > self.max_body:
+            raise _bad(f"the request body is over the limit of {self.max_body} bytes")
+        if not raw.strip():
+            if not required:
+                return {}
+            raise _bad("the request body is empty: send a JSON object")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise _bad(f"malformed JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise _bad(f"the body must be a JSON object, not {_type_name(body)}")
+        self._calls[request].req_no = body.get("reqNo")
+        return body
+
+    def _answer(
+        self, request: IRequest, code: str, message: str | None = None, data: Any = None
+    ) -> bytes:
+        call = self._calls.pop(request, None)
+        if call is not None:
+            self.m_latency.observe(max(0.0, self.clock.seconds() - call.started))
+        if code != codes.SUCCESS:
+            self.m_errors.inc(code)
+        request.setHeader(b"Content-Type", _JSON)
+        return envelope(code, message, data, call.req_no if call else None)
+
+    def _ok(self, request: IRequest, data: Any = None) -> bytes:
+        return self._answer(request, codes.SUCCESS, None, data)
+
+    @staticmethod
+    def _credentials(request: IRequest) -> Credentials:
+        """
+        The bearer token and cluster secret the request carries.
+        """
+        token = None
+        header = _header(request, b"Authorization")
+        if header is not None:
+            scheme, _, value = header.strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise ApiError(
+                    codes.UNAUTHORIZED,
+                    "the Authorization header must be 'Bearer <token>'",
+                )
+            token = value.strip()
+        return Credentials(token=token, secret=_header(request, SECRET_HEADER))
+
+    async def _authorize(
+        self, request: IRequest, user_id: int, legacy: bool = False
+    ) -> None:
+        await self.router.authorize(user_id, self._credentials(request), legacy)
+
+    # Error handlers (tried in this order)
+
+    @app.handle_errors(ApiError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, ApiError)
+        return self._answer(request, error.code, error.message, error.data)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        self.m_requests.inc("unknown")
+        request.setResponseCode(404)
+        path = request.path.decode("utf-8", "replace")
+        return self._answer(
+            request,
+            codes.INVALID_ARGUMENT,
+            f"no such endpoint: {path} (see /openapi.json)",
+        )
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        self.m_requests.inc("unknown")
+        error = failure.value
+        assert isinstance(error, MethodNotAllowed)
+        allowed = ", ".join(sorted(m for m in error.valid_methods or () if m != "HEAD"))
+        request.setResponseCode(405)
+        request.setHeader(b"Allow", allowed.encode("ascii"))
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        return self._answer(
+            request,
+            codes.INVALID_ARGUMENT,
+            f"{method} {path} is not allowed; use {allowed}",
+        )
+
+    @app.handle_errors(HTTPException)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        assert isinstance(error, HTTPException)
+        request.setResponseCode(error.code or 400)
+        return self._answer(request, codes.INVALID_ARGUMENT, error.description)
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        uri = request.uri.decode("utf-8", "replace")
+        if failure.check(StoreError):
+            self.log.error(
+                "{uri}: store failure: {error}",
+                uri=uri,
+                error=failure.getErrorMessage(),
+            )
+            return self._answer(request, codes.FAILURE, "the store is unavailable")
+        self.log.failure("Request {uri} failed", failure, uri=uri)
+        return self._answer(request, codes.FAILURE, "internal error")
+
+    # CIM's endpoints
+
+    @app.route("/registerAccount", methods=["POST"])
+    async def register_account(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_name = str_field(body, "userName", MAX_NAME)
+        password = str_field(body, "password", MAX_PASSWORD, required=False)
+        assert user_name is not None
+        account = await self.router.register(user_name, password)
+        return self._ok(
+            request, {"userId": account.user_id, "userName": account.user_name}
+        )
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        user_name = str_field(body, "userName", MAX_NAME)
+        password = str_field(body, "password", MAX_PASSWORD, required=False)
+        token = str_field(body, "token", 1024, required=False)
+        assert user_name is not None
+        done = await self.router.login(
+            user_id, user_name, password, token, self._credentials(request)
+        )
+        self.m_logins.inc()
+        return self._ok(
+            request,
+            {
+                "ip": done.server.host,
+                "cimServerPort": done.server.port,
+                "httpPort": done.server.http_port,
+                "token": done.token,
+                "userId": done.account.user_id,
+                "userName": done.account.user_name,
+            },
+        )
+
+    @app.route("/groupRoute", methods=["POST"])
+    async def group_route(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        [text] = texts_field({"msg": body.get("msg")}, self.max_message)
+        await self._authorize(request, user_id, legacy=True)
+        await self.router.broadcast(user_id, text)
+        return self._ok(request)
+
+    @app.route("/p2pRoute", methods=["POST"])
+    async def p2p_route(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        receiver = user_id_field(body, "receiveUserId")
+        texts = texts_field(body, self.max_message)
+        client_msg_id = client_msg_id_field(body)
+        await self._authorize(request, user_id, legacy=True)
+        last, delivered = await self.router.send_private(
+            user_id, receiver, texts, client_msg_id
+        )
+        data = {"msgId": last.msg_id, "seq": last.seq}
+        if not delivered:
+            raise ApiError(
+                codes.OFFLINE_USER,
+                f"user {receiver} is offline; the message is stored for later",
+                data,
+            )
+        return self._ok(request, data)
+
+    @app.route("/offLine", methods=["POST"])
+    async def off_line(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        await self._authorize(request, user_id, legacy=True)
+        await self.router.log_off(user_id)
+        return self._ok(request)
+
+    @app.route("/onlineUser", methods=["GET", "POST"])
+    async def online_user(self, request: IRequest) -> bytes:
+        self._json(request, required=False)
+        users = await self.router.online_users()
+        return self._ok(
+            request, [{"userId": uid, "userName": name} for uid, name in users]
+        )
+
+    @app.route("/fetchOfflineMsgs", methods=["POST"])
+    async def fetch_offline_msgs(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "receiveUserId")
+        await self._authorize(request, user_id, legacy=True)
+        await self.router.fetch_offline(user_id)
+        return self._ok(request)
+
+    # Groups and history
+
+    async def _group_request(
+        self, request: IRequest
+    ) -> tuple[dict[str, Any], int, str]:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        group_id = group_id_field(body)
+        await self._authorize(request, user_id)
+        return body, user_id, group_id
+
+    @app.route("/group/create", methods=["POST"])
+    async def group_create(self, request: IRequest) -> bytes:
+        _, user_id, group_id = await self._group_request(request)
+        await self.router.create_group(user_id, group_id)
+        return self._ok(request, {"groupId": group_id})
+
+    @app.route("/group/join", methods=["POST"])
+    async def group_join(self, request: IRequest) -> bytes:
+        _, user_id, group_id = await self._group_request(request)
+        joined = await self.router.join_group(user_id, group_id)
+        return self._ok(request, {"groupId": group_id, "joined": joined})
+
+    @app.route("/group/leave", methods=["POST"])
+    async def group_leave(self, request: IRequest) -> bytes:
+        _, user_id, group_id = await self._group_request(request)
+        left = await self.router.leave_group(user_id, group_id)
+        return self._ok(request, {"groupId": group_id, "left": left})
+
+    @app.route("/group/members", methods=["POST"])
+    async def group_members(self, request: IRequest) -> bytes:
+        _, user_id, group_id = await self._group_request(request)
+        members = await self.router.group_members(user_id, group_id)
+        return self._ok(
+            request, [{"userId": a.user_id, "userName": a.user_name} for a in members]
+        )
+
+    @app.route("/group/send", methods=["POST"])
+    async def group_send(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        group_id = group_id_field(body)
+        texts = texts_field(body, self.max_message)
+        client_msg_id = client_msg_id_field(body)
+        await self._authorize(request, user_id)
+        last = await self.router.send_group(user_id, group_id, texts, client_msg_id)
+        return self._ok(request, {"msgId": last.msg_id, "seq": last.seq})
+
+    @app.route("/user/groups", methods=["POST"])
+    async def user_groups(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        await self._authorize(request, user_id)
+        return self._ok(request, await self.router.user_groups(user_id))
+
+    @app.route("/history", methods=["POST"])
+    async def history(self, request: IRequest) -> bytes:
+        body = self._json(request)
+        user_id = user_id_field(body, "userId")
+        conversation = str_field(body, "conversation", 80)
+        assert conversation is not None
+        after_seq = int_field(body, "afterSeq", 0, 0, MAX_USER_ID)
+        limit = int_field(body, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        await self._authorize(request, user_id)
+        messages = await self.router.history(user_id, conversation, after_seq, limit)
+        return self._ok(request, [message_to_dict(m) for m in messages])
+
+    # Operations
+
+    @app.route("/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        self._begin(request)
+        state = await self.router.health()
+        if state["store"] != "ok":
+            request.setResponseCode(503)
+            return self._answer(
+                request, codes.FAILURE, "the store is unreachable", state
+            )
+        return self._ok(request, state)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        self._begin(request)
+        self._calls.pop(request, None)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        return self.metrics.render() + self.m_requests.render() + self.m_errors.render()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        self._begin(request)
+        self._calls.pop(request, None)
+        request.setHeader(b"Content-Type", _JSON)
+        return self._openapi

@@ -1,0 +1,615 @@
+"""
+What the route does, apart from HTTP: accounts, logins, authorization,
+sends, groups and history.  L{cim.route.api} parses requests and calls a
+L{Router}; every business outcome other than success is an L{ApiError}.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim import envelope as codes
+from cim.delivery import Delivery, DeliveryReport
+from cim.envelope import ApiError
+from cim.interfaces import (
+    Account,
+    GroupExists,
+    IRegistry,
+    IStore,
+    NameTaken,
+    NewMessage,
+    NoSuchGroup,
+    ServerAddress,
+    Session,
+    SessionExists,
+)
+from cim.message import (
+    BROADCAST,
+    GROUP_PREFIX,
+    ChatMessage,
+    group_conversation,
+    inbox,
+)
+from cim.route.balancer import Balancer
+
+#: How long a login's session claim waits for the client's TCP login.
+CLAIM_TTL = 60.0
+
+#: Checks that an IM server accepts connections: fires with a bool.
+Probe = Callable[[ServerAddress], "Deferred[bool]"]
+
+
+class RoutePusher(Protocol):
+    """
+    What the route asks of IM servers (L{cim.pusher.HttpPusher}).
+    """
+
+    def push(
+        self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[list[int]]: ...
+
+    def kick(
+        self, server: str, user_id: int, session_id: str, reason: str
+    ) -> Deferred[Any]: ...
+
+    def resync(self, server: str, user_id: int) -> Deferred[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """
+    What a request presents to act for a user.
+
+    @ivar token: the bearer token of the C{Authorization} header.
+    @ivar secret: the C{X-Cim-Secret} header.
+    """
+
+    token: str | None = None
+    secret: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """
+    A successful login: the server the client must connect to, and the
+    token it presents there.
+    """
+
+    account: Account
+    server: ServerAddress
+    token: str
+
+
+class Router:
+    """
+    The route's logic over a store, a registry and the delivery core.
+
+    @param probe: checks that a server chosen for a login accepts
+        connections.
+    @param secret: the cluster secret, which lets its holder act for any
+        user.
+    @param token_ttl: how long a login token lives, in seconds.
+    @param require_password: refuse registrations without a password.
+    @param legacy_auth: let the CIM endpoints act for a user without
+        credentials, as CIM clients send none.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        registry: IRegistry,
+        delivery: Delivery,
+        pusher: RoutePusher,
+        balancer: Balancer,
+        probe: Probe,
+        secret: str,
+        *,
+        token_ttl: float = 86400.0,
+        require_password: bool = False,
+        legacy_auth: bool = False,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.delivery = delivery
+        self.pusher = pusher
+        self.balancer = balancer
+        self.probe = probe
+        self._secret = secret.encode("utf-8")
+        self.token_ttl = token_ttl
+        self.require_password = require_password
+        self.legacy_auth = legacy_auth
+
+    # Authorization
+
+    def secret_matches(self, given: str) -> bool:
+        """
+        Whether C{given} is the cluster secret (compared in constant time).
+        """
+        return bool(self._secret) and hmac.compare_digest(
+            given.encode("utf-8"), self._secret
+        )
+
+    async def authorize(
+        self, user_id: int, credentials: Credentials, legacy: bool = False
+    ) -> None:
+        """
+        Check that the request may act for C{user_id}: it carries the
+        cluster secret, or a valid token of that user.  With C{legacy} (a
+        CIM endpoint) and C{--legacy-auth}, a request without any credential
+        passes too; wrong credentials never do.
+
+        @raise ApiError: L{codes.UNAUTHORIZED}.
+        """
+        if credentials.secret is not None:
+            if not self.secret_matches(credentials.secret):
+                raise ApiError(codes.UNAUTHORIZED, "the cluster secret is wrong")
+            return
+        if credentials.token is not None:
+            info = await self.store.verify_token(credentials.token)
+            if info is None:
+                raise ApiError(
+                    codes.UNAUTHORIZED,
+                    "the token is invalid, expired or of an old session: log in again",
+                )
+            if info.user_id != user_id:
+                raise ApiError(
+                    codes.UNAUTHORIZED, f"the token does not belong to user {user_id}"
+                )
+            return
+        if legacy and self.legacy_auth:
+            return
+        raise ApiError(
+            codes.UNAUTHORIZED,
+            "this call needs the user's login token (Authorization: Bearer <token>) "
+            "or the cluster secret (X-Cim-Secret)",
+        )
+
+    async def account(self, user_id: int, field: str = "userId") -> Account:
+        """
+        @raise ApiError: L{codes.INVALID_ARGUMENT} when there is no such user.
+        """
+        account: Account | None = await self.store.get_account(user_id)
+        if account is None:
+            raise ApiError(codes.INVALID_ARGUMENT, f"{field}: no user {user_id}")
+        return account
+
+    # Accounts and sessions
+
+    async def register(self, user_name: str, password: str | None) -> Account:
+        """
+        Create an account, or return the existing one of that name when the
+        password matches it (or it has none).
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} without a password under
+            C{--require-password}; L{codes.CONFLICT} when the name is taken
+            with another password.
+        """
+        if password is None and self.require_password:
+            raise ApiError(codes.INVALID_ARGUMENT, "password is required")
+        try:
+            account: Account = await self.store.register(user_name, password)
+        except NameTaken:
+            raise ApiError(
+                codes.CONFLICT,
+                f"the user name {user_name!r} is taken (or the password is wrong)",
+            ) from None
+        return account
+
+    async def login(
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None,
+        token: str | None,
+        credentials: Credentials,
+    ) -> Login:
+        """
+        Log a user in: check the account, pick a reachable server, claim the
+        user's session there and issue a token for it.
+
+        A user who already holds a session is refused unless the request
+        proves it is that user (see L{_proof}); the old session is then
+        replaced and its server asked to drop the old connection.  Nothing
+        is left behind when a step fails.
+
+        @raise ApiError: L{codes.ACCOUNT_MISMATCH}, L{codes.REPEAT_LOGIN},
+            L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}.
+        """
+        account: Account | None = await self.store.get_account(user_id)
+        if account is None or account.user_name != user_name:
+            raise ApiError(codes.ACCOUNT_MISMATCH)
+        proof = await self._proof(account, password, token, credentials)
+        if not proof:
+            existing: Session | None = await self.store.get_session(user_id)
+            if existing is not None:
+                raise ApiError(
+                    codes.REPEAT_LOGIN,
+                    f"user {user_id} is already logged in; log off first, or prove "
+                    "it is you with the password or the current token",
+                )
+        server = await self._pick_server(user_id)
+        try:
+            session, old = await self.store.claim_session(
+                user_id, user_name, str(server), ttl=CLAIM_TTL, replace=proof
+            )
+        except SessionExists:
+            raise ApiError(codes.REPEAT_LOGIN) from None
+        if old is not None:
+            self.kick(old, "logged in again elsewhere")
+        try:
+            issued: str = await self.store.issue_token(
+                user_id, str(server), session.session_id, ttl=self.token_ttl
+            )
+        except BaseException:
+            await self._release_quietly(user_id, session.session_id)
+            raise
+        self.log.info(
+            "{user_id} ({user_name}) logs in on {server}",
+            user_id=user_id,
+            user_name=user_name,
+            server=str(server),
+        )
+        return Login(account, server, issued)
+
+    async def _proof(
+        self,
+        account: Account,
+        password: str | None,
+        token: str | None,
+        credentials: Credentials,
+    ) -> bool:
+        """
+        Whether the login request proves it comes from the account's owner:
+        the cluster secret, the account's password, or a still valid token
+        of the user (in the body or the bearer header).  An account with a
+        password needs one of these to log in at all.
+
+        @raise ApiError: L{codes.ACCOUNT_MISMATCH} for a wrong password or a
+            missing proof of an account with a password;
+            L{codes.UNAUTHORIZED} for a wrong cluster secret.
+        """
+        if credentials.secret is not None:
+            if not self.secret_matches(credentials.secret):
+                raise ApiError(codes.UNAUTHORIZED, "the cluster secret is wrong")
+            return True
+        if account.has_password and password is not None:
+            if await self.store.check_password(account.user_id, password):
+                return True
+            raise ApiError(codes.ACCOUNT_MISMATCH, "the password is wrong")
+        for candidate in (token, credentials.token):
+            if candidate:
+                info = await self.store.verify_token(candidate)
+                if info is not None and info.user_id == account.user_id:
+                    return True
+        if account.has_password:
+            raise ApiError(
+                codes.ACCOUNT_MISMATCH,
+                "this account has a password: give it (or the current token)",
+            )
+        return False
+
+    async def _pick_server(self, user_id: int) -> ServerAddress:
+        """
+        The first server of the balancer's candidates that accepts
+        connections.
+
+        @raise ApiError: L{codes.NO_SERVER}.
+        """
+        servers = self.registry.servers()
+        if not servers:
+            raise ApiError(codes.NO_SERVER, "no IM server is registered")
+        for server in self.balancer.candidates(user_id, servers):
+            if await self._reachable(server):
+                return server
+            self.log.warn("IM server {server} is unreachable", server=str(server))
+        raise ApiError(
+            codes.NO_SERVER, f"none of the {len(servers)} IM servers is reachable"
+        )
+
+    async def _reachable(self, server: ServerAddress) -> bool:
+        try:
+            return bool(await self.probe(server))
+        except CancelledError:
+            raise
+        except Exception:
+            self.log.failure("Probing {server} failed", server=str(server))
+            return False
+
+    async def _release_quietly(self, user_id: int, session_id: str) -> None:
+        try:
+            await self.store.release_session(user_id, session_id)
+        except Exception:
+            self.log.failure(
+                "Releasing the claim of {user_id} after a failed login failed",
+                user_id=user_id,
+            )
+
+    def kick(self, session: Session, reason: str) -> None:
+        """
+        Ask the server of C{session} to close the connection of that
+        session, in the background; a failure is only logged.
+        """
+
+        def failed(failure: Failure) -> None:
+            self.log.warn(
+                "Could not ask {server} to drop {user_id}'s old connection: {error}",
+                server=session.server,
+                user_id=session.user_id,
+                error=failure.getErrorMessage(),
+            )
+
+        try:
+            d = self.pusher.kick(
+                session.server, session.user_id, session.session_id, reason
+            )
+        except Exception:
+            failed(Failure())
+            return
+        d.addErrback(failed)
+
+    async def log_off(self, user_id: int) -> bool:
+        """
+        Release the user's session (only that one: compare-and-delete) and
+        ask its server to close the connection.
+
+        @return: whether there was a session to release.
+        """
+        session: Session | None = await self.store.get_session(user_id)
+        if session is None:
+            return False
+        released: bool = await self.store.release_session(user_id, session.session_id)
+        if released:
+            self.kick(session, "logged off")
+        return released
+
+    async def online_users(self) -> list[tuple[int, str]]:
+        users: list[tuple[int, str]] = await self.store.online_users()
+        return users
+
+    async def fetch_offline(self, user_id: int) -> None:
+        """
+        Ask the user's server to send it the stored messages it has not got.
+
+        @raise ApiError: L{codes.OFFLINE_USER} when the user is not
+            connected; L{codes.OFFLINE_FETCH_ERROR} when its server fails.
+        """
+        session: Session | None = await self.store.get_session(user_id)
+        if session is None or not session.connected:
+            raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected")
+        try:
+            reply = await self.pusher.resync(session.server, user_id)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.log.warn(
+                "Resync of {user_id} on {server} failed: {error}",
+                user_id=user_id,
+                server=session.server,
+                error=str(e),
+            )
+            raise ApiError(
+                codes.OFFLINE_FETCH_ERROR, f"the server {session.server} did not answer"
+            ) from None
+        code = reply.get("code") if isinstance(reply, dict) else None
+        if code == codes.OFFLINE_USER:
+            raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected")
+        if code != codes.SUCCESS:
+            raise ApiError(
+                codes.OFFLINE_FETCH_ERROR,
+                f"the server {session.server} answered {code}",
+            )
+
+    # Messages
+
+    @staticmethod
+    def _messages(
+        sender: Account,
+        conversation: str,
+        texts: Sequence[str],
+        client_msg_id: str,
+        **target: Any,
+    ) -> list[NewMessage]:
+        """
+        One message per text; the texts after the first get the client
+        message id C{"<id>#<i>"} (as the IM server does).
+        """
+        return [
+            NewMessage(
+                conversation=conversation,
+                sender_id=sender.user_id,
+                sender_name=sender.user_name,
+                text=text,
+                client_msg_id=(
+                    (client_msg_id if i == 0 else f"{client_msg_id}#{i}")
+                    if client_msg_id
+                    else ""
+                ),
+                **target,
+            )
+            for i, text in enumerate(texts)
+        ]
+
+    async def broadcast(self, user_id: int, text: str) -> ChatMessage:
+        """
+        CIM's group chat: store C{text} once in the L{BROADCAST}
+        conversation and deliver it to every other online user.
+        """
+        sender = await self.account(user_id)
+        stored = await self.delivery.append(
+            self._messages(sender, BROADCAST, [text], "")
+        )
+        online = await self.store.online_users()
+        recipients = [uid for uid, _ in online if uid != user_id]
+        if recipients:
+            report = await self.delivery.deliver(stored, recipients)
+            self._report("broadcast", report)
+        return stored[-1]
+
+    async def send_private(
+        self,
+        user_id: int,
+        receiver_id: int,
+        texts: Sequence[str],
+        client_msg_id: str = "",
+    ) -> tuple[ChatMessage, bool]:
+        """
+        Store C{texts} (in order) in the receiver's inbox, then deliver them.
+
+        @return: the last stored message, and whether it reached the
+            receiver's connection.
+        """
+        sender = await self.account(user_id)
+        await self.account(receiver_id, "receiveUserId")
+        stored = await self.delivery.append(
+            self._messages(
+                sender,
+                inbox(receiver_id),
+                texts,
+                client_msg_id,
+                receive_user_id=receiver_id,
+            )
+        )
+        report = await self.delivery.deliver(stored, [receiver_id])
+        return stored[-1], receiver_id in report.delivered
+
+    def _report(self, what: str, report: DeliveryReport) -> None:
+        if report.failed:
+            self.log.warn(
+                "{what}: {count} recipients could not be reached now "
+                "(they get the message from the store later)",
+                what=what,
+                count=len(report.failed),
+            )
+
+    # Groups
+
+    async def create_group(self, user_id: int, group_id: str) -> None:
+        """
+        @raise ApiError: L{codes.CONFLICT} when the group exists.
+        """
+        await self.account(user_id)
+        try:
+            await self.store.create_group(group_id, user_id)
+        except GroupExists:
+            raise ApiError(codes.CONFLICT, f"the group {group_id} exists") from None
+
+    async def join_group(self, user_id: int, group_id: str) -> bool:
+        await self.account(user_id)
+        try:
+            joined: bool = await self.store.join_group(group_id, user_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return joined
+
+    async def leave_group(self, user_id: int, group_id: str) -> bool:
+        try:
+            left: bool = await self.store.leave_group(group_id, user_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return left
+
+    @staticmethod
+    def _no_group(group_id: str) -> ApiError:
+        return ApiError(codes.INVALID_ARGUMENT, f"groupId: no group {group_id}")
+
+    async def _members_for(self, user_id: int, group_id: str) -> list[int]:
+        """
+        The members of the group, which C{user_id} must be one of.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} (no such group),
+            L{codes.UNAUTHORIZED} (not a member).
+        """
+        try:
+            members: list[int] = await self.store.group_members(group_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        if user_id not in members:
+            raise ApiError(
+                codes.UNAUTHORIZED, f"user {user_id} is not a member of {group_id}"
+            )
+        return members
+
+    async def group_members(self, user_id: int, group_id: str) -> list[Account]:
+        members = await self._members_for(user_id, group_id)
+        accounts: list[Account | None] = await gatherResults(
+            [self.store.get_account(member) for member in members], consumeErrors=True
+        )
+        return [a for a in accounts if a is not None]
+
+    async def send_group(
+        self, user_id: int, group_id: str, texts: Sequence[str], client_msg_id: str = ""
+    ) -> ChatMessage:
+        """
+        Store C{texts} in the group's conversation and deliver them to every
+        member (the sender too, so that its other views stay complete).
+        """
+        members = await self._members_for(user_id, group_id)
+        sender = await self.account(user_id)
+        stored = await self.delivery.append(
+            self._messages(
+                sender,
+                group_conversation(group_id),
+                texts,
+                client_msg_id,
+                group_id=group_id,
+            )
+        )
+        report = await self.delivery.deliver(stored, members)
+        self._report(f"group {group_id}", report)
+        return stored[-1]
+
+    async def user_groups(self, user_id: int) -> list[str]:
+        groups: list[str] = await self.store.user_groups(user_id)
+        return groups
+
+    async def history(
+        self, user_id: int, conversation: str, after_seq: int, limit: int
+    ) -> list[ChatMessage]:
+        """
+        A page of C{conversation}: the user's own inbox or a group it belongs
+        to.
+
+        @raise ApiError: L{codes.UNAUTHORIZED} for another conversation.
+        """
+        if conversation.startswith(GROUP_PREFIX):
+            await self._members_for(user_id, conversation[len(GROUP_PREFIX) :])
+        elif conversation != inbox(user_id):
+            raise ApiError(
+                codes.UNAUTHORIZED,
+                f"user {user_id} may read u:{user_id} and its groups' g:<groupId> only",
+            )
+        messages: list[ChatMessage] = await self.store.read(
+            conversation, after_seq, limit
+        )
+        return messages
+
+    # Health
+
+    async def health(self) -> dict[str, Any]:
+        """
+        The registered servers and whether the store answers (when it can
+        be pinged).
+        """
+        store = "ok"
+        ping = getattr(self.store, "ping", None)
+        if ping is not None:
+            try:
+                await ping()
+            except CancelledError:
+                raise
+            except Exception as e:
+                store = f"unreachable: {e}"
+        return {
+            "servers": [str(s) for s in self.registry.servers()],
+            "registry": "connected" if self.registry.connected else "disconnected",
+            "store": store,
+        }

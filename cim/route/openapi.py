@@ -1,0 +1,423 @@
+"""
+The OpenAPI 3.0 description of the route's HTTP API, served at
+C{GET /openapi.json}.  C{tests/test_openapi.py} checks that it names every
+route of L{cim.route.api.RouteAPI} and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cim import envelope as codes
+
+Schema = dict[str, Any]
+
+_CODES = ", ".join(f"{code} {text}" for code, text in codes.MESSAGES.items())
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+_USER_ID: Schema = {
+    "oneOf": [
+        {"type": "integer", "format": "int64", "minimum": 1},
+        {"type": "string", "pattern": "^[0-9]+$"},
+    ],
+    "description": "A user id, as a number or a string of digits.",
+}
+_GROUP_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_CLIENT_MSG_ID: Schema = {
+    "type": "string",
+    "maxLength": 64,
+    "description": "The sender's id for this send: a retry with it is stored once.",
+}
+_REQ_NO: Schema = {"description": "Any value; echoed as reqNo in the answer."}
+_TIMESTAMP: Schema = {"description": "Ignored (CIM clients send it)."}
+
+
+def _request(properties: dict[str, Schema], required: list[str]) -> Schema:
+    """
+    A request body: C{properties} plus CIM's C{reqNo} and C{timeStamp}.
+    """
+    return _obj({**properties, "reqNo": _REQ_NO, "timeStamp": _TIMESTAMP}, required)
+
+
+def _answer(data: Schema | None, description: str) -> Schema:
+    """
+    The envelope with C{dataBody} of schema C{data} (C{null} when C{None}).
+    """
+    body: Schema = {"nullable": True, "description": description}
+    if data is not None and "$ref" in data:
+        body = {"allOf": [data], "nullable": True, "description": description}
+    elif data is not None:
+        body = {**data, "nullable": True, "description": description}
+    return {
+        "description": "The envelope (HTTP 200 for every business outcome).",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "allOf": [
+                        _ref("Envelope"),
+                        {"type": "object", "properties": {"dataBody": body}},
+                    ]
+                }
+            }
+        },
+    }
+
+
+def _operation(
+    summary: str,
+    description: str,
+    request: Schema | None,
+    data: Schema | None,
+    data_description: str,
+    auth: str = "",
+) -> Schema:
+    """
+    One operation.  C{auth}: C{""} (none), C{"user"} (the user's token or
+    the secret), C{"legacy"} (the same, unless C{--legacy-auth}).
+    """
+    if auth:
+        description += (
+            "\n\nActs for a user: needs that user's login token (bearer) or the "
+            "cluster secret; 4010 otherwise."
+        )
+        if auth == "legacy":
+            description += " With --legacy-auth, CIM clients may omit both."
+    operation: Schema = {
+        "summary": summary,
+        "description": description,
+        "responses": {
+            "200": _answer(data, data_description),
+            "404": {"description": "No such endpoint (code 3000)."},
+            "405": {"description": "Wrong method (code 3000)."},
+        },
+    }
+    if auth:
+        operation["security"] = [{"bearer": []}, {"clusterSecret": []}]
+    if request is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": request}},
+        }
+    return operation
+
+
+def openapi_document(max_message: int = 4096) -> Schema:
+    """
+    The OpenAPI 3.0 document of the route API.
+
+    @param max_message: the C{--max-message} limit, shown in the schemas.
+    """
+    text: Schema = {"type": "string", "minLength": 1, "maxLength": max_message}
+    texts: Schema = _array(text)
+    sent = _obj(
+        {"msgId": {"type": "integer"}, "seq": {"type": "integer"}}, ["msgId", "seq"]
+    )
+    user = _ref("User")
+    group_body = _request(
+        {"userId": _USER_ID, "groupId": _GROUP_ID}, ["userId", "groupId"]
+    )
+    post = {
+        "/registerAccount": _operation(
+            "Register an account",
+            "Creates the account, or returns the existing one of that name when "
+            "the password matches it (or it has none); 4090 otherwise.  With "
+            "--require-password a password is required (3000).",
+            _request(
+                {
+                    "userName": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "password": {"type": "string", "minLength": 1, "maxLength": 1024},
+                },
+                ["userName"],
+            ),
+            user,
+            "The account.",
+        ),
+        "/login": _operation(
+            "Log in: choose an IM server",
+            "Checks the account (9100), picks a reachable IM server with the "
+            "balancer (7100 when none), claims the user's session there and "
+            "issues a token for the TCP login.  A user already logged in gets "
+            "5000 unless the request proves it is that user (password, a valid "
+            "token in the body or the bearer header, or the secret): then the "
+            "old session is replaced and its connection closed.  An account "
+            "with a password always needs that proof.",
+            _request(
+                {
+                    "userId": _USER_ID,
+                    "userName": {"type": "string"},
+                    "password": {"type": "string"},
+                    "token": {"type": "string"},
+                },
+                ["userId", "userName"],
+            ),
+            _ref("LoginResult"),
+            "Where to connect, and the token to log in with.",
+        ),
+        "/groupRoute": _operation(
+            "Send to every other online user (CIM's group chat)",
+            "Stored once, delivered to each online user but the sender.",
+            _request({"userId": _USER_ID, "msg": text}, ["userId", "msg"]),
+            None,
+            "null",
+            auth="legacy",
+        ),
+        "/p2pRoute": _operation(
+            "Send a private message",
+            "Stored in the receiver's inbox (batchMsg: several texts, in order), "
+            "then delivered; 7000 (with the same dataBody) when the receiver is "
+            "offline or unreachable: the message waits for its next login.  "
+            "3000 for an unknown receiver.",
+            _request(
+                {
+                    "userId": _USER_ID,
+                    "receiveUserId": _USER_ID,
+                    "msg": text,
+                    "batchMsg": texts,
+                    "clientMsgId": _CLIENT_MSG_ID,
+                },
+                ["userId", "receiveUserId"],
+            ),
+            sent,
+            "The last stored message's id and seq.",
+            auth="legacy",
+        ),
+        "/offLine": _operation(
+            "Log off",
+            "Releases the user's session and closes its connection.",
+            _request({"userId": _USER_ID, "msg": {"type": "string"}}, ["userId"]),
+            None,
+            "null",
+            auth="legacy",
+        ),
+        "/fetchOfflineMsgs": _operation(
+            "Have the stored messages pushed again",
+            "Asks the user's IM server to send what the user has not got; 7000 "
+            "when the user is not connected.",
+            _request({"receiveUserId": _USER_ID}, ["receiveUserId"]),
+            None,
+            "null",
+            auth="legacy",
+        ),
+        "/group/create": _operation(
+            "Create a group",
+            "The creator is its first member; 4090 when the group exists.",
+            group_body,
+            _obj({"groupId": _GROUP_ID}),
+            "The group id.",
+            auth="user",
+        ),
+        "/group/join": _operation(
+            "Join a group",
+            "3000 when there is no such group.",
+            group_body,
+            _obj({"groupId": _GROUP_ID, "joined": {"type": "boolean"}}),
+            "joined: false when already a member.",
+            auth="user",
+        ),
+        "/group/leave": _operation(
+            "Leave a group",
+            "3000 when there is no such group.",
+            group_body,
+            _obj({"groupId": _GROUP_ID, "left": {"type": "boolean"}}),
+            "left: false when not a member.",
+            auth="user",
+        ),
+        "/group/members": _operation(
+            "List a group's members",
+            "For members only (4010).",
+            group_body,
+            _array(user),
+            "The members.",
+            auth="user",
+        ),
+        "/group/send": _operation(
+            "Send to a group",
+            "For members only (4010).  Stored in the group's conversation and "
+            "delivered to every member, the sender included.",
+            _request(
+                {
+                    "userId": _USER_ID,
+                    "groupId": _GROUP_ID,
+                    "msg": text,
+                    "batchMsg": texts,
+                    "clientMsgId": _CLIENT_MSG_ID,
+                },
+                ["userId", "groupId"],
+            ),
+            sent,
+            "The last stored message's id and seq.",
+            auth="user",
+        ),
+        "/user/groups": _operation(
+            "List a user's groups",
+            "",
+            _request({"userId": _USER_ID}, ["userId"]),
+            _array(_GROUP_ID),
+            "The group ids, sorted.",
+            auth="user",
+        ),
+        "/history": _operation(
+            "Read a conversation",
+            "u:<userId> (the user's own inbox) or g:<groupId> (a group the user "
+            "belongs to; 4010 otherwise), the messages with seq > afterSeq.",
+            _request(
+                {
+                    "userId": _USER_ID,
+                    "conversation": {"type": "string", "example": "g:friends"},
+                    "afterSeq": {"type": "integer", "minimum": 0, "default": 0},
+                    "limit": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 200,
+                        "default": 50,
+                    },
+                },
+                ["userId", "conversation"],
+            ),
+            _array(_ref("Message")),
+            "Up to limit messages, in seq order.",
+            auth="user",
+        ),
+    }
+    online_users = _operation(
+        "List the online users",
+        "Users with a connected session, by user id.",
+        None,
+        _array(user),
+        "The online users.",
+    )
+    paths: dict[str, Schema] = {path: {"post": op} for path, op in post.items()}
+    paths["/onlineUser"] = {
+        "get": online_users,
+        "post": {**online_users, "description": "The same as GET (CIM clients POST)."},
+    }
+    paths["/health"] = {
+        "get": _operation(
+            "Health",
+            "HTTP 503 with code 4000 when the store does not answer.",
+            None,
+            _obj(
+                {
+                    "servers": _array({"type": "string"}),
+                    "registry": {
+                        "type": "string",
+                        "enum": ["connected", "disconnected"],
+                    },
+                    "store": {"type": "string"},
+                }
+            ),
+            "The registered IM servers, the registry and store states.",
+        )
+    }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics",
+            "responses": {
+                "200": {
+                    "description": "The text exposition format.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "This document",
+            "responses": {
+                "200": {
+                    "description": "The OpenAPI 3.0 document.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "cim route",
+            "version": "1",
+            "description": (
+                "The HTTP API of the cim route, compatible with CIM's.  Every "
+                "answer is an Envelope, HTTP 200 for business outcomes.  Codes: "
+                f"{_CODES}."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "clusterSecret": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "X-Cim-Secret",
+                },
+            },
+            "schemas": {
+                "Envelope": _obj(
+                    {
+                        "code": {"type": "string", "enum": list(codes.MESSAGES)},
+                        "message": {"type": "string"},
+                        "reqNo": {
+                            "nullable": True,
+                            "description": "The request's reqNo.",
+                        },
+                        "dataBody": {"nullable": True},
+                    },
+                    ["code", "message", "reqNo", "dataBody"],
+                ),
+                "User": _obj(
+                    {"userId": {"type": "integer"}, "userName": {"type": "string"}},
+                    ["userId", "userName"],
+                ),
+                "LoginResult": _obj(
+                    {
+                        "ip": {"type": "string"},
+                        "cimServerPort": {"type": "integer"},
+                        "httpPort": {"type": "integer"},
+                        "token": {"type": "string"},
+                        "userId": {"type": "integer"},
+                        "userName": {"type": "string"},
+                    },
+                    ["ip", "cimServerPort", "httpPort", "token", "userId", "userName"],
+                ),
+                "Message": _obj(
+                    {
+                        "msgId": {"type": "integer"},
+                        "conversation": {"type": "string"},
+                        "seq": {"type": "integer"},
+                        "sendUserId": {"type": "integer"},
+                        "sendUserName": {"type": "string"},
+                        "msg": {"type": "string"},
+                        "timestamp": {"type": "integer", "description": "ms"},
+                        "clientMsgId": {"type": "string"},
+                        "receiveUserId": {"type": "integer"},
+                        "groupId": {"type": "string"},
+                    },
+                    [
+                        "msgId",
+                        "conversation",
+                        "seq",
+                        "sendUserId",
+                        "sendUserName",
+                        "msg",
+                        "timestamp",
+                    ],
+                ),
+            },
+        },
+    }

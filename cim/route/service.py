@@ -1,0 +1,216 @@
+"""
+The route as a Twisted service: opens the store and the registry, serves
+the HTTP API, and shuts down cleanly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from treq.client import HTTPClient
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from cim.delivery import Delivery
+from cim.interfaces import IRegistry, IStore, ServerAddress
+from cim.janitor import DeadServerJanitor
+from cim.pusher import HttpPusher
+from cim.route.api import MAX_BODY, RouteAPI
+from cim.route.balancer import make_balancer
+from cim.route.logic import Probe
+
+if TYPE_CHECKING:
+    from cim.server.core import IMServer
+
+
+@dataclass
+class RouteConfig:
+    """
+    The settings of one route (see L{cim.route.tap.Options}).
+
+    @ivar probe_timeout: how long a login waits for a chosen server to
+        accept a TCP connection before trying the next one, in seconds.
+    """
+
+    port: int = 8083
+    bind: str = "0.0.0.0"
+    secret: str = ""
+    balancer: str = "consistent-hash"
+    require_password: bool = False
+    token_ttl: float = 86400.0
+    legacy_auth: bool = False
+    max_message: int = 4096
+    max_body: int = MAX_BODY
+    probe_timeout: float = 2.0
+
+
+class _Hangup(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+def tcp_probe(reactor: Any, timeout: float = 2.0) -> Probe:
+    """
+    A probe that connects to a server's client port (and hangs up at once).
+
+    @return: a function of a L{ServerAddress} returning a Deferred that
+        fires with whether the connection succeeded within C{timeout}
+        seconds.
+    """
+    factory = Factory.forProtocol(_Hangup)
+    factory.noisy = False
+
+    def probe(server: ServerAddress) -> Deferred[bool]:
+        endpoint = endpoints.TCP4ClientEndpoint(
+            reactor, server.host, server.port, timeout=timeout
+        )
+        d: Deferred[Any] = endpoint.connect(factory)
+        return d.addCallbacks(lambda _: True, lambda _: False)
+
+    return probe
+
+
+class RouteService(Service):
+    """
+    Runs a route: opens the store (C{store_factory} returns a Deferred, or a
+    coroutine, firing with it), starts the registry and a
+    L{DeadServerJanitor}, then listens.
+
+    If start-up fails, the failure is logged, L{ready} fails and
+    C{on_failure} is called (the tap stops the reactor).
+
+    @param local: the IM server running in this process (single-process
+        mode), which the route delivers to directly.
+    @param probe: checks servers before logins go there; a L{tcp_probe} by
+        default.
+    @ivar ready: fires with this service once it listens.
+    @ivar port: the port it listens on, once L{ready} fired.
+    @ivar api: the L{RouteAPI}, once L{ready} fired.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: RouteConfig,
+        store_factory: Callable[[], Any],
+        registry: IRegistry,
+        local: IMServer | None = None,
+        on_failure: Callable[[], object] | None = None,
+        probe: Probe | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.store_factory = store_factory
+        self.registry = registry
+        self.local = local
+        self.on_failure = on_failure
+        self.probe = probe or tcp_probe(reactor, config.probe_timeout)
+        self.store: IStore | None = None
+        self.api: RouteAPI | None = None
+        self.port: int | None = None
+        self.ready: Deferred[RouteService] = Deferred()
+        self._listening: Any = None
+        self._janitor: DeadServerJanitor | None = None
+        self._pool: HTTPConnectionPool | None = None
+        self._registry_started = False
+        self._starting: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = ensureDeferred(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        self.log.failure("The route could not start", failure)
+        if not self.ready.called:
+            self.ready.errback(failure)
+            self.ready.addErrback(lambda _: None)
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def _start(self) -> None:
+        config = self.config
+        self.store = store = await self.store_factory()
+        self._registry_started = True
+        await self.registry.start()
+        self._janitor = DeadServerJanitor(self.reactor, self.registry, store)
+        self._janitor.start()
+        # A pool of our own, so that stopping closes its connections.
+        self._pool = pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool.maxPersistentPerHost = 8
+        pool.retryAutomatically = False
+        pusher = HttpPusher(HTTPClient(Agent(self.reactor, pool=pool)), config.secret)
+        local = self.local
+        delivery = Delivery(
+            store, pusher, local=local, here=str(local.address) if local else None
+        )
+        self.api = RouteAPI(
+            store,
+            self.registry,
+            delivery,
+            pusher,
+            make_balancer(config.balancer),
+            self.reactor,
+            config.secret,
+            self.probe,
+            token_ttl=config.token_ttl,
+            require_password=config.require_password,
+            legacy_auth=config.legacy_auth,
+            max_message=config.max_message,
+            max_body=config.max_body,
+        )
+        site = Site(self.api.app.resource())
+        site.noisy = False
+        self._listening = await endpoints.TCP4ServerEndpoint(
+            self.reactor, config.port, interface=config.bind
+        ).listen(site)
+        self.port = self._listening.getHost().port
+        self.log.info(
+            "cim-route listening on {bind}:{port} ({balancer}; {servers} servers)",
+            bind=config.bind,
+            port=self.port,
+            balancer=config.balancer,
+            servers=len(self.registry.servers()),
+        )
+        self.ready.callback(self)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self._listening is not None:
+            await self._listening.stopListening()
+            self._listening = None
+        if self._janitor is not None:
+            self._janitor.stop()
+            self._janitor = None
+        if self._registry_started:
+            self._registry_started = False
+            try:
+                await self.registry.stop()
+            except Exception:
+                self.log.failure("Leaving the registry failed")
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+            self._pool = None
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            self.store = None
+            try:
+                await close()
+            except Exception:
+                self.log.failure("Closing the store failed")

@@ -1,0 +1,157 @@
+"""
+C{twistd cim-route}: the stateless HTTP route of a cluster (run several
+behind a load balancer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from cim.options import (
+    as_deferred,
+    check_registry_url,
+    check_store_url,
+    port_number,
+    positive_float,
+    secret_option,
+)
+from cim.route.balancer import BALANCERS
+from cim.route.service import RouteConfig, RouteService
+
+
+def int_between(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError(
+                f"--{name} must be an integer, not {text!r}"
+            ) from None
+        if not low <= value <= high:
+            raise usage.UsageError(f"--{name} must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def check_urls(store: str, registry: str) -> None:
+    """
+    Check the C{--store} and C{--registry} URLs beyond their scheme.
+
+    @raise usage.UsageError: one is malformed.
+    """
+    check_store_url(store)
+    check_registry_url(registry)
+    if store.startswith("redis://"):
+        parts = urlsplit(store)
+        try:
+            redis_port = parts.port
+        except ValueError:
+            raise usage.UsageError(f"--store {store!r}: bad port") from None
+        db = parts.path.strip("/")
+        if not parts.hostname or redis_port == 0 or (db and not db.isdigit()):
+            raise usage.UsageError(
+                f"--store {store!r}: expected redis://[:password@]host[:port][/db]"
+            )
+    if registry.startswith("zk://"):
+        parts = urlsplit(registry)
+        for host_port in parts.netloc.split(","):
+            host, _, port = host_port.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise usage.UsageError(
+                    f"--registry {registry!r}: bad ZooKeeper address {host_port!r}, "
+                    "expected zk://host:port[,host:port...][/root]"
+                )
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a cim route: the HTTP API for accounts, logins, routing and "
+        "history.  Routes keep no state of their own; run several behind a "
+        "load balancer."
+    )
+    optFlags = [
+        ["require-password", None, "Refuse registrations without a password."],
+        [
+            "legacy-auth",
+            None,
+            "Let CIM clients call /p2pRoute, /groupRoute, /offLine and "
+            "/fetchOfflineMsgs without a token (anyone may then act for anyone).",
+        ],
+    ]
+    optParameters = [
+        ["port", "p", 8083, "HTTP port (0: any free port).", port_number("port")],
+        ["bind", None, "0.0.0.0", "The interface to listen on."],
+        ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
+        ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
+        ["secret", None, "", "The cluster secret (default: $CIM_SECRET)."],
+        [
+            "balancer",
+            None,
+            "consistent-hash",
+            f"How to pick a user's IM server: {', '.join(BALANCERS)}.",
+        ],
+        [
+            "token-ttl",
+            None,
+            86400.0,
+            "Lifetime of login tokens, in seconds.",
+            positive_float("token-ttl"),
+        ],
+        [
+            "max-message",
+            None,
+            4096,
+            "The longest chat message, in characters.",
+            int_between("max-message", 1, 1024 * 1024),
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        check_urls(self["store"], self["registry"])
+        if self["balancer"] not in BALANCERS:
+            raise usage.UsageError(
+                f"--balancer must be one of {', '.join(BALANCERS)}, "
+                f"not {self['balancer']!r}"
+            )
+        self["secret"] = secret_option(self)
+
+
+def config_from(options: usage.Options) -> RouteConfig:
+    return RouteConfig(
+        port=options["port"],
+        bind=options["bind"],
+        secret=options["secret"],
+        balancer=options["balancer"],
+        require_password=bool(options["require-password"]),
+        token_ttl=options["token-ttl"],
+        legacy_auth=bool(options["legacy-auth"]),
+        max_message=options["max-message"],
+        # A body holds a message and its JSON escapes (up to 6 bytes a
+        # character), or a batch of a few.
+        max_body=max(1024 * 1024, 64 * options["max-message"]),
+    )
+
+
+def makeService(options: usage.Options) -> IService:
+    from twisted.internet import reactor
+
+    from cim.registry import open_registry
+    from cim.store import open_store
+
+    def stop() -> None:
+        if reactor.running:  # type: ignore[attr-defined]
+            reactor.stop()  # type: ignore[attr-defined]
+
+    return RouteService(
+        reactor,
+        config_from(options),
+        lambda: as_deferred(open_store(options["store"], reactor)),
+        open_registry(options["registry"], reactor),
+        on_failure=stop,
+    )

@@ -1,0 +1,112 @@
+"""
+The IM server's push API, in memory through StubTreq.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from treq.testing import StubTreq
+
+from cim.interfaces import NewMessage
+from cim.message import Command, inbox, message_to_dict
+from cim.server.push import PushAPI
+from tests.serverkit import World
+
+SECRET = "s3cret-for-tests"
+
+
+def api(world: World) -> StubTreq:
+    return StubTreq(PushAPI(world.server, SECRET).app.resource())
+
+
+async def post(
+    treq: StubTreq, path: str, body: object, secret: str | None = SECRET
+) -> dict:
+    headers = {b"X-Cim-Secret": [secret.encode()]} if secret is not None else {}
+    response = await treq.post(
+        f"http://server{path}", data=json.dumps(body).encode(), headers=headers
+    )
+    return json.loads(await response.content())  # type: ignore[no-any-return]
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_requires_the_secret() -> None:
+    world = World()
+    treq = api(world)
+    assert (await post(treq, "/push", {"items": []}, secret=None))["code"] == "4010"
+    assert (await post(treq, "/push", {"items": []}, secret="wrong"))["code"] == "4010"
+    assert (await post(treq, "/push", {"items": []}))["code"] == "9000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_delivers_and_reports_who_is_not_here() -> None:
+    world = World()
+    peer, bob = world.login("bob")
+    alice = world.account("alice")
+    [stored] = world.result(
+        world.store.append(
+            [NewMessage(inbox(bob), alice, "alice", "pushed", receive_user_id=bob)]
+        )
+    )  # type: ignore[misc]
+    reply = await post(
+        api(world),
+        "/push",
+        {"items": [{"messages": [message_to_dict(stored)], "users": [bob, 999]}]},
+    )
+    assert reply["code"] == "9000"
+    assert reply["dataBody"] == {"missing": [[999]]}
+    assert [m.text for m in peer.messages()] == ["pushed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_msg_answers_7000_for_a_user_not_connected() -> None:
+    world = World()
+    peer, bob = world.login("bob")
+    treq = api(world)
+    reply = await post(treq, "/sendMsg", {"msg": "hey", "userId": 12345})
+    assert reply["code"] == "7000"
+    reply = await post(
+        treq,
+        "/sendMsg",
+        {"msg": "hey", "userId": bob, "properties": {"sendUserId": "1"}},
+    )
+    assert reply["code"] == "9000"
+    [frame] = peer.received()
+    assert (frame.cmd, frame.req_msg, dict(frame.properties)) == (
+        Command.MESSAGE,
+        "hey",
+        {"sendUserId": "1"},
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_json_and_bad_fields_get_3000() -> None:
+    world = World()
+    treq = api(world)
+    response = await treq.post(
+        "http://server/push",
+        data=b"{nope",
+        headers={b"X-Cim-Secret": [SECRET.encode()]},
+    )
+    assert json.loads(await response.content())["code"] == "3000"
+    assert (await post(treq, "/sendMsg", {"msg": "x", "userId": "abc"}))[
+        "code"
+    ] == "3000"
+    assert (await post(treq, "/push", {"items": [{"users": [1]}]}))["code"] == "3000"
+
+
+@pytest_twisted.ensureDeferred
+async def test_kick_closes_only_the_named_session() -> None:
+    world = World()
+    peer, bob = world.login("bob")
+    treq = api(world)
+    reply = await post(treq, "/kick", {"userId": bob, "sessionId": "not-it"})
+    assert reply["dataBody"] == {"kicked": False}
+    assert not peer.closed
+    session_id = world.server.users[bob].session_id
+    reply = await post(treq, "/kick", {"userId": bob, "sessionId": session_id})
+    assert reply["dataBody"] == {"kicked": True}
+    assert peer.closed
+    assert [f.cmd for f in peer.received()] == [Command.KICK]
