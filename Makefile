@@ -80,3 +80,9 @@ cluster: install
 
 cluster-down:
 	scripts/cluster.sh down
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+fuzz: install
+	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$${FUZZ_SECONDS:-60}
