@@ -93,7 +93,11 @@ class Delivery:
         self.local = local
         self.here = here
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
-            self._append_batch, max_in_flight=4, max_batch=500
+            # One batch at a time keeps appends in submission order (a
+            # sender's messages are stored in the order it sent them).
+            self._append_batch,
+            max_in_flight=1,
+            max_batch=500,
         )
         self._lookup: Batcher[list[int], dict[int, Session]] = Batcher(
             self._lookup_batch, max_in_flight=4, max_batch=500

@@ -41,3 +41,13 @@ def zk_url() -> str:
     The URL of the test ZooKeeper (C{zk://host:port/root}).
     """
     return _service("CIM_TEST_ZK")
+
+
+@pytest.fixture
+def reactor():  # type: ignore[no-untyped-def]
+    """
+    The global reactor that pytest-twisted runs.
+    """
+    from twisted.internet import reactor
+
+    return reactor

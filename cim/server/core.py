@@ -6,7 +6,9 @@ module never parses bytes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -81,6 +83,8 @@ class Connection:
         "closed",
         "tokens",
         "tokens_at",
+        "outgoing",
+        "sending",
     )
 
     def __init__(self, transport: Transport, peer: str, now: float) -> None:
@@ -102,6 +106,8 @@ class Connection:
         self.closed = False
         self.tokens = 0.0
         self.tokens_at = now
+        self.outgoing: deque[tuple[Frame, list[str]]] = deque()
+        self.sending = False
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -727,22 +733,107 @@ class IMServer:
                 f"message over {self.max_text} characters",
             )
             return
-        self.m_in.inc(len(texts))
-        if frame.receive_user_id > 0 and not frame.group_id:
-            ensureDeferred(self._send_private(conn, frame, texts)).addErrback(
-                self._send_failed, conn, frame
-            )
-        elif frame.group_id and not frame.receive_user_id:
-            ensureDeferred(self._send_group(conn, frame, texts)).addErrback(
-                self._send_failed, conn, frame
-            )
-        else:
+        if bool(frame.receive_user_id > 0) == bool(frame.group_id):
             self._send_error(
                 conn,
                 frame,
                 ErrorCode.INVALID_ARGUMENT,
                 "a message needs receiveUserId or groupId",
             )
+            return
+        self.m_in.inc(len(texts))
+        # Sends of one connection are stored in the order they were sent:
+        # they queue here, and each is handed to the (FIFO) appender only
+        # after the previous one was.
+        conn.outgoing.append((frame, texts))
+        if not conn.sending:
+            conn.sending = True
+            ensureDeferred(self._send_loop(conn)).addErrback(
+                self._send_loop_crashed, conn
+            )
+
+    async def _send_loop(self, conn: Connection) -> None:
+        try:
+            while conn.outgoing and not conn.closed:
+                frame, texts = conn.outgoing.popleft()
+                try:
+                    prepared = await self._prepare(conn, frame, texts)
+                except Exception:
+                    self._send_failed(Failure(), conn, frame)
+                    continue
+                if prepared is not None:
+                    messages, recipients = prepared
+                    self.delivery.append_callback(
+                        messages, partial(self._appended, conn, frame, recipients)
+                    )
+        finally:
+            conn.sending = False
+
+    def _send_loop_crashed(self, failure: Failure, conn: Connection) -> None:
+        self.log.failure(
+            "The send loop of {user_id} crashed", failure, user_id=conn.user_id
+        )
+
+    async def _prepare(
+        self, conn: Connection, frame: Frame, texts: list[str]
+    ) -> tuple[list[NewMessage], list[int]] | None:
+        """
+        Check a send; @return: the messages to store and their recipients,
+        or C{None} after telling the sender what is wrong.
+        """
+        if frame.receive_user_id:
+            receiver = frame.receive_user_id
+            if receiver not in self._known_users:
+                if await self.store.get_account(receiver) is None:
+                    self._send_error(
+                        conn, frame, ErrorCode.INVALID_ARGUMENT, f"no user {receiver}"
+                    )
+                    return None
+                self._known_users.add(receiver)
+            messages = self._new_messages(
+                conn,
+                inbox(receiver),
+                texts,
+                frame.client_msg_id,
+                receive_user_id=receiver,
+            )
+            return messages, [receiver]
+        group_id = frame.group_id
+        try:
+            members = await self.store.group_members(group_id)
+        except NoSuchGroup:
+            self._send_error(
+                conn, frame, ErrorCode.INVALID_ARGUMENT, f"no group {group_id}"
+            )
+            return None
+        if conn.user_id not in members:
+            self._send_error(
+                conn, frame, ErrorCode.NOT_A_MEMBER, f"not a member of {group_id}"
+            )
+            return None
+        messages = self._new_messages(
+            conn,
+            group_conversation(group_id),
+            texts,
+            frame.client_msg_id,
+            group_id=group_id,
+        )
+        # The sender gets its own group messages too (in order, like the
+        # others), so that its view of the group has no holes.
+        return messages, members
+
+    def _appended(
+        self,
+        conn: Connection,
+        frame: Frame,
+        recipients: list[int],
+        stored: list[ChatMessage] | Failure,
+    ) -> None:
+        if isinstance(stored, Failure):
+            self._send_failed(stored, conn, frame)
+            return
+        self._acknowledge(conn, frame, stored)
+        self.delivery.deliver(stored, recipients)
 
     def _send_error(
         self, conn: Connection, frame: Frame, code: ErrorCode, reason: str
@@ -785,65 +876,6 @@ class IMServer:
             )
             for i, text in enumerate(texts)
         ]
-
-    async def _user_exists(self, user_id: int) -> bool:
-        if user_id in self._known_users:
-            return True
-        if await self.store.get_account(user_id) is None:
-            return False
-        self._known_users.add(user_id)
-        return True
-
-    async def _send_private(
-        self, conn: Connection, frame: Frame, texts: list[str]
-    ) -> None:
-        receiver = frame.receive_user_id
-        if not await self._user_exists(receiver):
-            self._send_error(
-                conn, frame, ErrorCode.INVALID_ARGUMENT, f"no user {receiver}"
-            )
-            return
-        stored = await self.delivery.append(
-            self._new_messages(
-                conn,
-                inbox(receiver),
-                texts,
-                frame.client_msg_id,
-                receive_user_id=receiver,
-            )
-        )
-        self._acknowledge(conn, frame, stored)
-        await self.delivery.deliver(stored, [receiver])
-
-    async def _send_group(
-        self, conn: Connection, frame: Frame, texts: list[str]
-    ) -> None:
-        group_id = frame.group_id
-        try:
-            members = await self.store.group_members(group_id)
-        except NoSuchGroup:
-            self._send_error(
-                conn, frame, ErrorCode.INVALID_ARGUMENT, f"no group {group_id}"
-            )
-            return
-        if conn.user_id not in members:
-            self._send_error(
-                conn, frame, ErrorCode.NOT_A_MEMBER, f"not a member of {group_id}"
-            )
-            return
-        stored = await self.delivery.append(
-            self._new_messages(
-                conn,
-                group_conversation(group_id),
-                texts,
-                frame.client_msg_id,
-                group_id=group_id,
-            )
-        )
-        self._acknowledge(conn, frame, stored)
-        # The sender gets its own group messages too (in order, like the
-        # others), so that its view of the group has no holes.
-        await self.delivery.deliver(stored, members)
 
     def _acknowledge(
         self, conn: Connection, frame: Frame, stored: list[ChatMessage]

@@ -1,0 +1,408 @@
+"""
+End to end on real processes: Redis, ZooKeeper, one C{twistd cim-route} and
+two C{twistd cim-server}s, driven with the client library and over HTTP as
+users and back-ends would.  Each scenario uses its own users.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import pytest_twisted
+import treq
+from kazoo.client import KazooClient
+from twisted.internet.task import deferLater
+
+from cim.client.library import Client, ClientState, QueueListener
+from cim.interfaces import ServerAddress
+from cim.message import inbox
+from tests.clientkit import take_messages, wait_state, wait_until, within
+from tests.processes import Daemon, free_port
+
+pytestmark = pytest.mark.integration
+
+SECRET = "e2e-cluster-secret"
+#: The Redis database the end-to-end cluster uses.
+E2E_DB = 7
+
+
+class Cluster:
+    """
+    The daemons of one test module, and what they share.
+    """
+
+    def __init__(self, directory: Path, redis: str, zk_hosts: str) -> None:
+        self.directory = directory
+        self.redis = redis
+        self.zk_hosts = zk_hosts
+        self.root = f"/cime2e-{uuid.uuid4().hex[:8]}"
+        self.registry = f"zk://{zk_hosts}{self.root}"
+        self.route_port = free_port()
+        self.servers: dict[str, tuple[Daemon, int, int]] = {}
+        self.route: Daemon | None = None
+
+    def start_server(self, name: str) -> Daemon:
+        port, http = free_port(), free_port()
+        daemon = Daemon(
+            name,
+            "cim-server",
+            [
+                "--port", str(port), "--http-port", str(http), "--bind", "127.0.0.1",
+                "--store", self.redis, "--registry", self.registry,
+                "--secret", SECRET, "--heartbeat-timeout", "10",
+            ],
+            self.directory,
+        )  # fmt: skip
+        daemon.start()
+        daemon.wait_http(http)
+        self.servers[name] = (daemon, port, http)
+        return daemon
+
+    def start_route(self) -> None:
+        self.route = Daemon(
+            "route",
+            "cim-route",
+            [
+                "--port", str(self.route_port), "--bind", "127.0.0.1",
+                "--store", self.redis, "--registry", self.registry,
+                "--secret", SECRET,
+            ],
+            self.directory,
+        )  # fmt: skip
+        self.route.start()
+        self.route.wait_http(self.route_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.route_port}"
+
+    def server_holding(self, client: Client) -> str:
+        assert client.server is not None
+        for name, (_, port, _) in self.servers.items():
+            if port == client.server[1]:
+                return name
+        raise AssertionError(f"no server on {client.server}")
+
+    def address(self, name: str) -> str:
+        _, port, http = self.servers[name]
+        return str(ServerAddress("127.0.0.1", port, http))
+
+    def registered(self) -> list[str]:
+        zk = KazooClient(hosts=self.zk_hosts)
+        zk.start(10)
+        try:
+            return sorted(zk.get_children(self.root))
+        finally:
+            zk.stop()
+            zk.close()
+
+    def stop(self) -> None:
+        if self.route is not None:
+            self.route.stop()
+        for daemon, _, _ in self.servers.values():
+            daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    import os
+
+    redis = os.environ.get("CIM_TEST_REDIS")
+    zk = os.environ.get("CIM_TEST_ZK")
+    if not redis or not zk:
+        if os.environ.get("CI"):
+            pytest.fail("CIM_TEST_REDIS / CIM_TEST_ZK not set; run `make test`")
+        pytest.skip("needs Redis and ZooKeeper (make test)")
+    # A database of its own, emptied first.
+    cluster = Cluster(
+        tmp_path_factory.mktemp("e2e"), redis_url_db(redis), urlsplit(zk).netloc
+    )
+    redis_cli(cluster.redis, "FLUSHDB")
+    try:
+        cluster.start_server("server1")
+        cluster.start_server("server2")
+        cluster.start_route()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def client(
+    reactor: Any, cluster: Cluster, name: str, state: Path
+) -> tuple[Client, QueueListener]:
+    events = QueueListener()
+    c = Client(reactor, cluster.url, listener=events, state_dir=state / name)
+    await within(reactor, c.login(name))
+    return c, events
+
+
+async def post(
+    cluster: Cluster,
+    path: str,
+    body: dict,
+    token: str | None = None,
+    secret: bool = False,
+) -> dict:
+    headers = {b"Content-Type": [b"application/json"]}
+    if token:
+        headers[b"Authorization"] = [f"Bearer {token}".encode()]
+    if secret:
+        headers[b"X-Cim-Secret"] = [SECRET.encode()]
+    response = await treq.post(
+        cluster.url + path, data=json.dumps(body).encode(), headers=headers
+    )
+    return json.loads(await response.content())  # type: ignore[no-any-return]
+
+
+def redis_url_db(url: str) -> str:
+    return f"redis://{urlsplit(url).netloc}/{E2E_DB}"
+
+
+def redis_cli(url: str, *command: str) -> str:
+    """
+    Run one Redis command on the e2e database (test set-up and checks).
+    """
+    parts = urlsplit(url)
+    result = subprocess.run(
+        ["redis-cli", "-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 6379),
+         "-n", str(E2E_DB), *command],
+        capture_output=True, text=True, check=True, timeout=10,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
+async def poll(reactor: Any, check: Any, what: str, deadline: float = 30.0) -> None:
+    """
+    Call C{check} every half second until it is true, for at most
+    C{deadline} seconds.
+    """
+    end = reactor.seconds() + deadline
+    while not check():
+        if reactor.seconds() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.5)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_chat(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = await client(reactor, cluster, unique("ga"), tmp_path)
+    b, b_events = await client(reactor, cluster, unique("gb"), tmp_path)
+    c, c_events = await client(reactor, cluster, unique("gc"), tmp_path)
+    try:
+        text = unique("hello everybody")
+        await within(reactor, a.broadcast(text))
+        for events in (b_events, c_events):
+            # Other tests' broadcasts may arrive too; find ours.
+            async def ours(events: QueueListener = events) -> Any:
+                while True:
+                    m = await events.messages.get()
+                    if m.text == text:
+                        return m
+
+            got = await within(reactor, ours())
+            assert (got.sender_id, got.sender_name) == (a.user_id, a.user_name)
+    finally:
+        for x in (a, b, c):
+            await x.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_private_chat_and_batches(
+    reactor: Any, cluster: Cluster, tmp_path: Path
+) -> None:
+    a, a_events = await client(reactor, cluster, unique("pa"), tmp_path)
+    b, b_events = await client(reactor, cluster, unique("pb"), tmp_path)
+    c, c_events = await client(reactor, cluster, unique("pc"), tmp_path)
+    try:
+        assert c.user_id is not None and a.user_id is not None
+        await within(reactor, a.send_private(c.user_id, "for c only"))
+        [got] = await take_messages(reactor, c_events, 1)
+        assert (got.text, got.sender_id, got.conversation) == (
+            "for c only",
+            a.user_id,
+            inbox(c.user_id),
+        )
+        reply = await post(
+            cluster,
+            "/p2pRoute",
+            {
+                "userId": b.user_id,
+                "receiveUserId": a.user_id,
+                "batchMsg": ["one", "two", "three"],
+            },
+            token=b.token,
+        )
+        assert reply["code"] == "9000", reply
+        got3 = await take_messages(reactor, a_events, 3)
+        assert [m.text for m in got3] == ["one", "two", "three"]
+        assert [m.seq for m in got3] == sorted(m.seq for m in got3)
+        assert {m.sender_name for m in got3} == {b.user_name}
+        # Nobody else got them.
+        assert [
+            m for m in b_events.pending_messages() if m.conversation.startswith("u:")
+        ] == []
+        assert [
+            m for m in c_events.pending_messages() if m.conversation.startswith("u:")
+        ] == []
+    finally:
+        for x in (a, b, c):
+            await x.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_online_users(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = await client(reactor, cluster, unique("oa"), tmp_path)
+    b, _ = await client(reactor, cluster, unique("ob"), tmp_path)
+    try:
+        names = {u.user_name for u in await within(reactor, a.online_users())}
+        assert {a.user_name, b.user_name} <= names
+        await b.close()
+        names = {u.user_name for u in await within(reactor, a.online_users())}
+        assert a.user_name in names and b.user_name not in names
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_login(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+    # Without proof: refused with 5000, and the first session is intact.
+    plain, _ = await client(reactor, cluster, unique("dupp"), tmp_path)
+    reply = await post(
+        cluster, "/login", {"userId": plain.user_id, "userName": plain.user_name}
+    )
+    assert reply["code"] == "5000", reply
+    assert plain.ready
+    await plain.close()
+    # With proof (the password): the old session is replaced.
+    name = unique("dup")
+    first_events = QueueListener()
+    first = Client(
+        reactor, cluster.url, listener=first_events, state_dir=tmp_path / "first"
+    )
+    await within(reactor, first.login(name, password="pw-of-dup"))
+    second_events = QueueListener()
+    second = Client(
+        reactor, cluster.url, listener=second_events, state_dir=tmp_path / "second"
+    )
+    sender, _ = await client(reactor, cluster, unique("dups"), tmp_path)
+    try:
+        await within(reactor, second.login(name, password="pw-of-dup"))
+        assert second.ready
+        await wait_until(
+            reactor, lambda: not first.ready, "the first client to be kicked"
+        )
+        assert second.user_id is not None
+        await within(reactor, sender.send_private(second.user_id, "to the new session"))
+        [got] = await take_messages(reactor, second_events, 1)
+        assert got.text == "to the new session"
+        assert first_events.pending_messages() == []
+    finally:
+        await first.close()
+        await second.close()
+        await sender.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_messages(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = await client(reactor, cluster, unique("fa"), tmp_path)
+    b_name = unique("fb")
+    b, _ = await client(reactor, cluster, b_name, tmp_path)
+    b_id = b.user_id
+    assert b_id is not None
+    await b.close()
+    try:
+        for i in range(3):
+            await within(reactor, a.send_private(b_id, f"while away {i}"))
+        again, events = await client(reactor, cluster, b_name, tmp_path)
+        got = await take_messages(reactor, events, 3)
+        assert [m.text for m in got] == [f"while away {i}" for i in range(3)]
+        # Once: nothing more comes (a ping round trip flushes the pipe).
+        assert events.pending_messages() == []
+        await again.close()
+    finally:
+        await a.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_failure(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+    a, _ = await client(reactor, cluster, unique("ka"), tmp_path)
+    b, b_events = await client(reactor, cluster, unique("kb"), tmp_path)
+    assert b.user_id is not None
+    victim = cluster.server_holding(b)
+    victim_address = cluster.address(victim)
+    daemon = cluster.servers[victim][0]
+    sent = []
+    try:
+        for i in range(5):
+            sent.append(f"before {i}")
+            await within(reactor, a.send_private(b.user_id, sent[-1]))
+        b_events.states.pending.clear()
+        daemon.kill()
+        # A keeps sending (its own server may be the dead one: its library
+        # resends once it reconnected).
+        pending = []
+        for i in range(10):
+            sent.append(f"during {i}")
+            pending.append(a.send_private(b.user_id, sent[-1]))
+        start = reactor.seconds()
+        await wait_state(reactor, b_events, ClientState.READY)
+        assert reactor.seconds() - start < 10
+        assert cluster.server_holding(b) != victim
+        for d in pending:
+            await within(reactor, d, 20)
+        got = await take_messages(reactor, b_events, len(sent), 20)
+        assert [m.text for m in got] == sent
+        assert b_events.pending_messages() == []
+        # The dead server's node and sessions go away.
+        await poll(
+            reactor,
+            lambda: victim_address not in cluster.registered(),
+            "the dead server's node to vanish",
+        )
+        await poll(
+            reactor,
+            lambda: (
+                redis_cli(cluster.redis, "SCARD", f"cim:server:{victim_address}") == "0"
+            ),
+            "the dead server's sessions to be dropped",
+        )
+    finally:
+        await a.close()
+        await b.close()
+        # Later tests get their two servers back.
+        daemon.start()
+        daemon.wait_http(cluster.servers[victim][2])
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_server_receives_logins(
+    reactor: Any, cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_server("server3")
+    third = cluster.address("server3")
+    await poll(reactor, lambda: third in cluster.registered(), "server3 to register")
+    clients = []
+    try:
+        # With consistent hashing, some of a few dozen fresh users land there.
+        for i in range(40):
+            c, _ = await client(reactor, cluster, unique(f"n{i}"), tmp_path)
+            clients.append(c)
+            if cluster.server_holding(c) == "server3":
+                break
+        assert any(cluster.server_holding(c) == "server3" for c in clients)
+    finally:
+        for c in clients:
+            await c.close()
+        cluster.servers.pop("server3")[0].stop()
