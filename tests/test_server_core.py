@@ -502,3 +502,28 @@ def test_shutdown_kicks_clients_and_releases_sessions() -> None:
     assert [f.cmd for f in peer.received()] == [Command.KICK]
     assert peer.closed
     assert world.result(world.store.get_session(alice)) is None
+
+
+def test_group_joined_while_connected_arrives_whole_and_in_order() -> None:
+    world = World()
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    world.result(world.store.create_group("late", alice))
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="before bob", group_id="late"))
+    # Bob joins as the route does it: his cursor starts at the last message.
+    world.result(world.store.set_cursors(bob, {"g:late": 1}))
+    world.result(world.store.join_group("late", bob))
+    from cim.interfaces import NewMessage
+
+    stored = world.result(
+        world.store.append(
+            [
+                NewMessage("g:late", alice, "alice", t, group_id="late")
+                for t in ("one", "two")
+            ]
+        )
+    )
+    # The second arrives first (it came through another server).
+    world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
+    world.server.deliver_local(stored[:1], [bob])  # type: ignore[index]
+    assert [m.text for m in bob_peer.messages()] == ["one", "two"]

@@ -503,7 +503,16 @@ class Router:
             raise ApiError(codes.CONFLICT, f"the group {group_id} exists") from None
 
     async def join_group(self, user_id: int, group_id: str) -> bool:
+        """
+        Add the user to the group.  The group's history before the join is
+        not replayed to the new member: its cursor starts at the group's
+        last message (recorded before the join, so that nothing sent after
+        it can be skipped).
+        """
         await self.account(user_id)
+        conversation = group_conversation(group_id)
+        last: int = await self.store.last_seq(conversation)
+        await self.store.set_cursors(user_id, {conversation: last})
         try:
             joined: bool = await self.store.join_group(group_id, user_id)
         except NoSuchGroup:

@@ -536,6 +536,17 @@ class IMServer:
             self._fill_failed, conn, conversation
         )
 
+    async def _adopt(self, conn: Connection, conversation: str) -> None:
+        try:
+            stored = await self.store.get_cursors(conn.user_id)
+        except BaseException:
+            conn.filling.discard(conversation)
+            raise
+        start = stored.get(conversation, 0)
+        conn.delivered.setdefault(conversation, start)
+        conn.acked.setdefault(conversation, start)
+        await self._fill(conn, conversation, Command.MESSAGE)
+
     def _fill_failed(
         self, failure: Failure, conn: Connection, conversation: str
     ) -> None:
@@ -645,11 +656,7 @@ class IMServer:
             if conversation == BROADCAST:
                 continue
             last = positions.get(conversation, delivered.get(conversation))
-            if last is None:
-                # A conversation this connection has not seen (a group joined
-                # since login): start at this message.
-                last = m.seq - 1
-            if conversation in conn.filling or m.seq != last + 1:
+            if last is None or conversation in conn.filling or m.seq != last + 1:
                 in_order = False
                 break
             positions[conversation] = m.seq
@@ -668,7 +675,16 @@ class IMServer:
             return
         last = conn.delivered.get(conversation)
         if last is None:
-            last = conn.delivered[conversation] = m.seq - 1
+            # A conversation this connection has not seen (a group joined
+            # since login): hold the message, and start from the user's
+            # stored cursor (the route records it at the join).
+            conn.pending.setdefault(conversation, {})[m.seq] = m
+            if conversation not in conn.filling:
+                conn.filling.add(conversation)
+                ensureDeferred(self._adopt(conn, conversation)).addErrback(
+                    self._fill_failed, conn, conversation
+                )
+            return
         if conversation in conn.filling:
             conn.pending.setdefault(conversation, {})[m.seq] = m
         elif m.seq <= last:

@@ -1,0 +1,244 @@
+"""
+Calls to the route's HTTP API (C{cim/route/API.md}) for the client: accounts,
+login, online users, groups, history and CIM-style broadcasts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web.http_headers import Headers
+
+from cim.envelope import SUCCESS
+from cim.message import ChatMessage, message_from_dict
+
+#: Seconds an HTTP call may take before it fails.
+DEFAULT_TIMEOUT = 10.0
+
+
+class RouteError(Exception):
+    """
+    The route answered with a business code other than success.
+
+    @ivar code: the code string (see L{cim.envelope}).
+    @ivar message: the route's explanation.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """
+    An account, as the route lists it.
+    """
+
+    user_id: int
+    user_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginInfo:
+    """
+    The route's answer to a login: the IM server to connect to, and the
+    token that proves the login to it.
+    """
+
+    host: str
+    port: int
+    http_port: int
+    token: str
+    user_id: int
+    user_name: str
+
+
+def _users(data: Any) -> list[User]:
+    """
+    Parse a C{[{userId, userName}]} list.
+    """
+    return [User(int(u["userId"]), str(u["userName"])) for u in data or ()]
+
+
+class RouteClient:
+    """
+    The route's HTTP API.  Every method fails with L{RouteError} for a
+    business refusal, and with the underlying error (connection refused,
+    L{twisted.internet.defer.TimeoutError}...) when the route cannot be
+    reached.
+    """
+
+    def __init__(
+        self, clock: Any, http: HTTPClient, url: str, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """
+        @param clock: an L{IReactorTime} for timeouts.
+        @param url: the route's base URL, such as C{http://127.0.0.1:8083}.
+        """
+        self.clock = clock
+        self.http = http
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def call(
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        token: str = "",
+        timeout: float | None = None,
+    ) -> Deferred[Any]:
+        """
+        POST C{body} as JSON to C{path} (GET when C{body} is C{None}).
+
+        @param token: sent as the bearer token when not empty.
+        @param timeout: seconds before it fails (the client's default when
+            C{None}).
+        @return: fires with the C{dataBody} of a success envelope.
+        """
+        d = ensureDeferred(self._call(path, body, token))
+        d.addTimeout(self.timeout if timeout is None else timeout, self.clock)
+        return d
+
+    async def _call(self, path: str, body: dict[str, Any] | None, token: str) -> Any:
+        headers = Headers()
+        if token:
+            headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
+        url = self.url + path
+        if body is None:
+            response = await self.http.get(url, headers=headers)
+        else:
+            response = await self.http.post(url, json=body, headers=headers)
+        content = await response.content()
+        try:
+            answer = json.loads(content)
+            code = str(answer["code"])
+        except (ValueError, KeyError, TypeError):
+            raise RouteError(
+                "4000", f"unexpected HTTP {response.code} answer from {path}"
+            ) from None
+        if code != SUCCESS:
+            raise RouteError(code, str(answer.get("message") or "error"))
+        return answer.get("dataBody")
+
+    async def register(self, user_name: str, password: str | None = None) -> User:
+        """
+        Create the account C{user_name} (or get the existing one's id).
+        """
+        body: dict[str, Any] = {"userName": user_name}
+        if password:
+            body["password"] = password
+        data = await self.call("/registerAccount", body)
+        return User(int(data["userId"]), str(data["userName"]))
+
+    async def login(
+        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+    ) -> LoginInfo:
+        """
+        Log in: the route picks an IM server and issues a token for it.
+
+        @param token: an earlier token of this user, the proof that lets this
+            login replace the user's current session.
+        """
+        body: dict[str, Any] = {"userId": user_id, "userName": user_name}
+        if password:
+            body["password"] = password
+        if token:
+            body["token"] = token
+        data = await self.call("/login", body)
+        return LoginInfo(
+            host=str(data["ip"]),
+            port=int(data["cimServerPort"]),
+            http_port=int(data.get("httpPort", 0)),
+            token=str(data["token"]),
+            user_id=int(data.get("userId", user_id)),
+            user_name=str(data.get("userName", user_name)),
+        )
+
+    async def offline(self, user_id: int, token: str) -> None:
+        """
+        End the user's session (CIM's C{/offLine}).
+        """
+        # Quickly: a client that quits should not hang on a dead route.
+        timeout = min(self.timeout, 3.0)
+        await self.call("/offLine", {"userId": user_id, "msg": "bye"}, token, timeout)
+
+    async def online_users(self) -> list[User]:
+        """
+        The users connected now.
+        """
+        return _users(await self.call("/onlineUser"))
+
+    async def broadcast(self, user_id: int, token: str, text: str) -> None:
+        """
+        Send C{text} to every other online user (CIM's C{/groupRoute}).
+        """
+        await self.call("/groupRoute", {"userId": user_id, "msg": text}, token)
+
+    async def create_group(self, user_id: int, token: str, group_id: str) -> None:
+        """
+        Create group C{group_id} with the user as its first member.
+        """
+        await self.call(
+            "/group/create", {"userId": user_id, "groupId": group_id}, token
+        )
+
+    async def join_group(self, user_id: int, token: str, group_id: str) -> bool:
+        """
+        Join a group.  @return: C{False} if already a member.
+        """
+        data = await self.call(
+            "/group/join", {"userId": user_id, "groupId": group_id}, token
+        )
+        return bool(data.get("joined", True)) if isinstance(data, dict) else True
+
+    async def leave_group(self, user_id: int, token: str, group_id: str) -> bool:
+        """
+        Leave a group.  @return: C{False} if not a member.
+        """
+        data = await self.call(
+            "/group/leave", {"userId": user_id, "groupId": group_id}, token
+        )
+        return bool(data.get("left", True)) if isinstance(data, dict) else True
+
+    async def group_members(
+        self, user_id: int, token: str, group_id: str
+    ) -> list[User]:
+        """
+        The members of a group the user belongs to.
+        """
+        return _users(
+            await self.call(
+                "/group/members", {"userId": user_id, "groupId": group_id}, token
+            )
+        )
+
+    async def user_groups(self, user_id: int, token: str) -> list[str]:
+        """
+        The ids of the user's groups.
+        """
+        data = await self.call("/user/groups", {"userId": user_id}, token)
+        return [str(g) for g in data or ()]
+
+    async def history(
+        self, user_id: int, token: str, conversation: str, after_seq: int, limit: int
+    ) -> list[ChatMessage]:
+        """
+        Up to C{limit} stored messages of C{conversation} after C{after_seq}.
+        """
+        data = await self.call(
+            "/history",
+            {
+                "userId": user_id,
+                "conversation": conversation,
+                "afterSeq": after_seq,
+                "limit": limit,
+            },
+            token,
+        )
+        return [message_from_dict(m) for m in data or ()]

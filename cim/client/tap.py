@@ -1,0 +1,154 @@
+"""
+C{twistd -n cim-client}: the console client.
+
+Its logs go to a file (C{--logfile}, default C{~/.cim/cim-client.log}),
+never into the console: unless twistd's own C{--logfile} names a file,
+L{makeService} points C{sys.stdout} (where twistd's log observer writes,
+looked up after L{makeService}) at that file, while the console writes to
+file descriptor 1 through L{StandardIO}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python import usage
+
+from cim.client.console import Console, echo_switch
+from cim.client.history import History, history_path, thread_runner
+from cim.client.library import Client
+
+DEFAULT_ROUTE = "http://127.0.0.1:8083"
+
+
+def _user_id(text: str) -> int:
+    """
+    Parse C{--user-id}.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--user-id must be a number, not {text!r}") from None
+    if value <= 0:
+        raise usage.UsageError("--user-id must be positive")
+    return value
+
+
+class Options(usage.Options):
+    """
+    The options of C{twistd -n cim-client}.
+    """
+
+    synopsis = "--user <name> [options]"
+    longdesc = (
+        "Chat from the terminal (run it with `twistd -n cim-client`). A plain "
+        "line goes to the current group or to everybody online, "
+        "<userId>;;<text> and @<name> <text> are private messages, :all lists "
+        "the commands."
+    )
+    optParameters = [
+        ["route", "r", DEFAULT_ROUTE, "The route's URL."],
+        ["user", "u", None, "Your user name (registered if new)."],
+        [
+            "password",
+            None,
+            None,
+            "Your password (asked for when the account needs one).",
+        ],
+        [
+            "user-id",
+            None,
+            None,
+            "Log in CIM style with an existing user id (and its --user name).",
+            _user_id,
+        ],
+        ["history-dir", None, "~/.cim/history", "Where the chat history is kept."],
+        ["state-dir", None, "~/.cim/state", "Where the receive cursors are kept."],
+        ["logfile", None, "~/.cim/cim-client.log", "The client's log file."],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["user"]:
+            raise usage.UsageError("--user is required")
+        if not self["route"].startswith(("http://", "https://")):
+            raise usage.UsageError(
+                f"--route must be an http:// URL, not {self['route']!r}"
+            )
+
+
+class ConsoleService(Service):
+    """
+    Runs the console on standard input and output, logs in, and stops the
+    reactor when the user quits.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, options: usage.Options) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.console: Console | None = None
+        self.client: Client | None = None
+
+    def startService(self) -> None:
+        from twisted.internet.stdio import StandardIO
+
+        super().startService()
+        options = self.options
+        reactor = self.reactor
+        self.client = client = Client(
+            reactor, options["route"], state_dir=Path(options["state-dir"]).expanduser()
+        )
+        history_dir = Path(options["history-dir"]).expanduser()
+        runner = thread_runner(reactor)
+        self.console = console = Console(
+            client,
+            reactor,
+            history_factory=lambda uid: History(history_path(history_dir, uid), runner),
+            on_quit=self._quit,
+            route_url=options["route"],
+            secret_input=echo_switch(0),
+        )
+        client.listener = console
+        StandardIO(console, reactor=reactor)
+        ensureDeferred(
+            console.start(options["user"], options["password"], options["user-id"])
+        ).addErrback(lambda f: self.log.failure("Starting the console failed", f))
+
+    def _quit(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.console is None:
+            return None
+        return ensureDeferred(self.console.quit())
+
+
+def _log_to_file(path: Path) -> None:
+    """
+    Send twistd's log (which it writes to C{sys.stdout}) to C{path}.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+
+def makeService(options: usage.Options) -> IService:
+    """
+    The console service; logs go to C{--logfile} unless twistd's own is set.
+    """
+    from twisted.internet import reactor
+
+    parent = getattr(options, "parent", None)
+    if parent is not None and not parent.get("nodaemon"):
+        raise SystemExit("cim-client is interactive: run it as `twistd -n cim-client`")
+    twistd_logfile = parent.get("logfile") if parent is not None else None
+    if twistd_logfile in (None, "-"):
+        _log_to_file(Path(options["logfile"]).expanduser())
+    return ConsoleService(reactor, options)

@@ -1,0 +1,674 @@
+"""
+The console client in memory: command parsing (a pure function) and the
+console's output through a L{StringTransport}, with a fake client behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python import usage
+
+from cim.client import emoji
+from cim.client.console import (
+    Console,
+    Create,
+    Delay,
+    EmojiList,
+    Groups,
+    Help,
+    Info,
+    Join,
+    Leave,
+    Members,
+    OnlineUsers,
+    ParseError,
+    PrivateById,
+    PrivateByName,
+    Quit,
+    Say,
+    Search,
+    ShowHistory,
+    format_message,
+    parse_line,
+)
+from cim.client.history import History
+from cim.client.library import Ack, ClientState, LoginError, SendError
+from cim.client.route import RouteError, User
+from cim.client.tap import Options
+from cim.message import ChatMessage
+
+# Parsing
+
+
+@pytest.mark.parametrize(
+    "line, command",
+    [
+        ("hello world", Say("hello world")),
+        ("  hello  ", Say("hello")),
+        (":smile: hello", Say(":smile: hello")),
+        ("a b;;c", Say("a b;;c")),
+        ("12;;hi there", PrivateById(12, "hi there")),
+        ("@bob hi there", PrivateByName("bob", "hi there")),
+        (":q!", Quit()),
+        (":quit", Quit()),
+        (":all", Help()),
+        (":olu", OnlineUsers()),
+        (":pu al", OnlineUsers("al")),
+        (":q some words", Search("some words")),
+        (":info", Info()),
+        (":emoji", EmojiList(1)),
+        (":emoji 3", EmojiList(3)),
+        (":delay hello there 5", Delay(Say("hello there"), 5.0)),
+        (":delay 12;;hi 0.5", Delay(PrivateById(12, "hi"), 0.5)),
+        (":groups", Groups()),
+        (":join dev", Join("dev")),
+        (":join g:dev", Join("dev")),
+        (":leave dev", Leave("dev")),
+        (":create dev.team-1", Create("dev.team-1")),
+        (":members", Members()),
+        (":members dev", Members("dev")),
+        (":history", ShowHistory()),
+        (":history 5", ShowHistory("", 5)),
+        (":history dev", ShowHistory("dev")),
+        (":history u:3 7", ShowHistory("u:3", 7)),
+    ],
+)
+def test_parse(line: str, command: object) -> None:
+    assert parse_line(line) == command
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ("", "empty message"),
+        ("   ", "empty message"),
+        ("abc;;x", "'abc' is not a user id"),
+        ("0;;x", "'0' is not a user id"),
+        ("12;;", "empty message"),
+        ("12;;   ", "empty message"),
+        ("@bob", "empty message"),
+        ("@ hi", "usage: @<name>"),
+        (":nope", "unknown command :nope"),
+        (":emoji x", "'x' is not a page number"),
+        (":emoji 0", "not a page number"),
+        (":emoji 1 2", "usage: :emoji"),
+        (":q", "usage: :q <keyword>"),
+        (":pu", "usage: :pu"),
+        (":delay hello", "usage: :delay"),
+        (":delay hello soon", "'soon' is not a number of seconds"),
+        (":delay hello -1", "between 0 and"),
+        (":delay :q! 5", "only messages can be delayed"),
+        (":delay abc;;x 5", "not a user id"),
+        (":join", "usage: :join"),
+        (":join a/b", "bad group name"),
+        (":join " + "x" * 65, "bad group name"),
+        (":leave a b", "usage: :leave"),
+        (":history dev many", "'many' is not a number"),
+        (":history dev 0", "between 1 and"),
+        (":history a b c", "usage: :history"),
+    ],
+)
+def test_parse_errors(line: str, error: str) -> None:
+    with pytest.raises(ParseError) as e:
+        parse_line(line)
+    assert error in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_emoji_render() -> None:
+    assert emoji.render("hi :smile: :nope: :+1:") == "hi 😄 :nope: 👍"
+    assert emoji.render("a:b:c") == "a:b:c"
+
+
+def test_emoji_pages() -> None:
+    pages = emoji.page_count()
+    assert pages >= 2
+    assert emoji.page(1)[0] == (":smile:", "😄")
+    seen = [alias for n in range(1, pages + 1) for alias, _ in emoji.page(n)]
+    assert len(seen) == len(emoji.EMOJI)
+    with pytest.raises(ValueError):
+        emoji.page(pages + 1)
+
+
+# Formatting
+
+
+def message(
+    text: str = "hi",
+    conversation: str = "u:7",
+    sender: str = "bob",
+    seq: int = 1,
+    **kw: Any,
+) -> ChatMessage:
+    return ChatMessage(
+        msg_id=seq,
+        conversation=conversation,
+        seq=seq,
+        sender_id=1,
+        sender_name=sender,
+        text=text,
+        timestamp=1_700_000_000_000,
+        **kw,
+    )
+
+
+STAMP = time.strftime("%H:%M:%S", time.localtime(1_700_000_000))
+
+
+def test_format_private() -> None:
+    line = format_message(message("hello :smile:", receive_user_id=7))
+    assert line == f"[{STAMP}] (private) bob: hello 😄"
+
+
+def test_format_group() -> None:
+    line = format_message(message("yo", conversation="g:dev", group_id="dev"))
+    assert line == f"[{STAMP}] [dev] bob: yo"
+
+
+def test_format_broadcast() -> None:
+    assert format_message(message("all", conversation="all")) == f"[{STAMP}] bob: all"
+
+
+# The console, with a fake client
+
+
+class FakeClient:
+    """
+    The parts of L{cim.client.library.Client} the console uses; every call
+    answers at once.
+    """
+
+    def __init__(self) -> None:
+        self.user_id: int | None = None
+        self.user_name = ""
+        self.server: tuple[str, int] | None = None
+        self.state = ClientState.IDLE
+        self.ready = False
+        self.calls: list[tuple[Any, ...]] = []
+        self.online = [User(1, "bob"), User(7, "alice"), User(9, "bea")]
+        self.groups: list[str] = []
+        self.login_errors: list[Exception] = []
+        self.send_error: Exception | None = None
+        self.closed = False
+
+    async def login(
+        self, user_name: str, password: str | None = None, user_id: int | None = None
+    ) -> None:
+        self.calls.append(("login", user_name, password, user_id))
+        if self.login_errors:
+            raise self.login_errors.pop(0)
+        self.user_id = user_id or 7
+        self.user_name = user_name
+        self.server = ("127.0.0.1", 4321)
+        self.state = ClientState.READY
+        self.ready = True
+
+    def send_private(self, user_id: int, text: str) -> Deferred[Ack]:
+        self.calls.append(("private", user_id, text))
+        if self.send_error is not None:
+            return fail(self.send_error)
+        return succeed(Ack("c1", 5, 3, f"u:{user_id}", 1_700_000_000_000))
+
+    def send_group(self, group_id: str, text: str) -> Deferred[Ack]:
+        self.calls.append(("group", group_id, text))
+        return succeed(Ack("c2", 6, 4, f"g:{group_id}", 1_700_000_000_000))
+
+    async def broadcast(self, text: str) -> None:
+        self.calls.append(("broadcast", text))
+
+    async def online_users(self) -> list[User]:
+        return list(self.online)
+
+    async def my_groups(self) -> list[str]:
+        return list(self.groups)
+
+    async def create_group(self, group_id: str) -> None:
+        if group_id in self.groups:
+            raise RouteError("4090", f"the group {group_id} exists")
+        self.groups.append(group_id)
+
+    async def join_group(self, group_id: str) -> bool:
+        if group_id == "missing":
+            raise RouteError("3000", f"groupId: no group {group_id}")
+        self.groups.append(group_id)
+        return True
+
+    async def leave_group(self, group_id: str) -> bool:
+        if group_id in self.groups:
+            self.groups.remove(group_id)
+            return True
+        return False
+
+    async def group_members(self, group_id: str) -> list[User]:
+        return [User(7, "alice"), User(1, "bob")]
+
+    async def history(self, conversation: str, limit: int = 20) -> list[ChatMessage]:
+        self.calls.append(("history", conversation, limit))
+        return [message("old one", conversation=conversation)]
+
+    def inbox(self) -> str:
+        return f"u:{self.user_id}"
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Screen:
+    """
+    A console on a StringTransport, with a fake client and a clock.
+    """
+
+    def __init__(self, history_dir: Path | None = None) -> None:
+        self.client = FakeClient()
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.quits = 0
+        self.echo: list[bool] = []
+
+        def history(user_id: int) -> History:
+            if history_dir is None:
+                return History(None)
+            return History(history_dir / f"{user_id}.jsonl")
+
+        self.console = Console(
+            self.client,
+            self.clock,
+            history_factory=history,
+            on_quit=self._quit,
+            route_url="http://route",
+            secret_input=self.echo.append,
+        )
+        self.transport = StringTransportWithDisconnection()
+        self.transport.protocol = self.console
+        self.console.makeConnection(self.transport)
+
+    def _quit(self) -> None:
+        self.quits += 1
+
+    def login(self, password: str | None = None) -> bool:
+        results: list[bool] = []
+        d = Deferred.fromCoroutine(self.console.start("alice", password))
+        d.addCallback(results.append)
+        self.output()
+        return bool(results and results[0])
+
+    def type(self, line: str) -> list[str]:
+        self.console.dataReceived(line.encode("utf-8") + b"\n")
+        return self.output()
+
+    def output(self) -> list[str]:
+        text = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        return text.splitlines()
+
+    @property
+    def closed(self) -> bool:
+        return not self.transport.connected
+
+
+@pytest.fixture
+def screen(tmp_path: Path) -> Screen:
+    screen = Screen(tmp_path)
+    assert screen.login()
+    return screen
+
+
+def test_login_banner() -> None:
+    screen = Screen()
+    d = Deferred.fromCoroutine(screen.console.start("alice"))
+    assert screen.output() == [
+        "logging in as alice via http://route...",
+        "logged in as alice (id 7) on 127.0.0.1:4321; :all lists the commands",
+    ]
+    assert d.called
+
+
+def test_login_failure_quits() -> None:
+    screen = Screen()
+    screen.client.login_errors = [LoginError("7100", "no IM server available")]
+    assert not screen.login()
+    assert screen.quits == 1
+
+
+def test_password_prompt() -> None:
+    screen = Screen()
+    screen.client.login_errors = [LoginError("4090", "the user name is taken")]
+    results: list[bool] = []
+    Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
+    assert screen.output()[-1] == "password for alice:"
+    assert screen.echo == [True]
+    assert not results
+    screen.type("s3cret")
+    assert results == [True]
+    assert screen.echo == [True, False]
+    assert screen.client.calls[-1] == ("login", "alice", "s3cret", None)
+
+
+def test_wrong_password_prompts_again() -> None:
+    screen = Screen()
+    screen.client.login_errors = [
+        LoginError("9100", "the password is wrong"),
+        LoginError("9100", "the password is wrong"),
+    ]
+    Deferred.fromCoroutine(screen.console.start("alice", "bad"))
+    assert screen.output()[-2:] == [
+        "error: the password is wrong",
+        "password for alice:",
+    ]
+    assert screen.type("worse")[-2:] == [
+        "error: the password is wrong",
+        "password for alice:",
+    ]
+    assert screen.type("good")[-1].startswith("logged in as alice")
+
+
+def test_lines_typed_before_the_login_wait_for_it() -> None:
+    screen = Screen()
+    screen.console.dataReceived(b"hello early\n1;;hi bob\n:olu\n")
+    assert screen.client.calls == []
+    results: list[bool] = []
+    Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
+    assert results == [True]
+    out = screen.output()
+    assert out[1].startswith("logged in as alice") and out[2] == "online users: 3"
+    assert screen.client.calls[-2:] == [
+        ("broadcast", "hello early"),
+        ("private", 1, "hi bob"),
+    ]
+
+
+def test_quit_before_the_login_is_immediate() -> None:
+    screen = Screen()
+    screen.type(":q!")
+    assert screen.client.closed and screen.quits == 1
+
+
+def test_commands_run_in_the_order_typed(screen: Screen) -> None:
+    gate: Deferred[None] = Deferred()
+    create = screen.client.create_group
+
+    async def slow_create(group_id: str) -> None:
+        await gate
+        await create(group_id)
+
+    screen.client.create_group = slow_create  # type: ignore[method-assign]
+    screen.type(":create dev")
+    screen.type("hello dev")
+    assert screen.client.calls == [("login", "alice", None, None)]
+    gate.callback(None)
+    assert screen.client.calls[-1] == ("group", "dev", "hello dev")
+
+
+def test_sends_do_not_wait_for_their_acks(screen: Screen) -> None:
+    pending: Deferred[Ack] = Deferred()
+    screen.client.send_private = lambda uid, text: pending  # type: ignore[method-assign]
+    assert screen.type("1;;first") == []
+    assert screen.type(":olu")[0] == "online users: 3"
+    pending.errback(SendError(9200, "not stored; send it again"))
+    assert screen.output() == ["error: not stored; send it again"]
+
+
+def test_gives_up_after_three_passwords() -> None:
+    screen = Screen()
+    screen.client.login_errors = [
+        LoginError("9100", "the password is wrong") for _ in range(4)
+    ]
+    Deferred.fromCoroutine(screen.console.start("alice", "bad"))
+    for _ in range(3):
+        assert screen.output()[-1] == "password for alice:"
+        screen.console.dataReceived(b"still wrong\n")
+    assert screen.output()[-2:] == [
+        "error: cannot log in: the password is wrong",
+        "bye",
+    ]
+    assert screen.quits == 1
+
+
+def test_end_of_input_runs_the_commands_typed_then_quits() -> None:
+    screen = Screen()
+    screen.console.dataReceived(b"hello\n:olu\n")
+    screen.console.readConnectionLost()
+    assert screen.quits == 0
+    assert screen.login()
+    assert screen.client.calls[-1] == ("broadcast", "hello")
+    assert screen.client.closed and screen.quits == 1
+
+
+def test_plain_line_goes_to_everybody(screen: Screen) -> None:
+    assert screen.type("hello all") == []
+    assert screen.client.calls[-1] == ("broadcast", "hello all")
+
+
+def test_plain_line_goes_to_the_current_group(screen: Screen) -> None:
+    assert screen.type(":join dev") == ["joined dev; plain lines go there now"]
+    screen.type("hello devs")
+    assert screen.client.calls[-1] == ("group", "dev", "hello devs")
+    assert screen.type(":leave dev") == ["left dev; plain lines go to everybody online"]
+    screen.type("hello all")
+    assert screen.client.calls[-1] == ("broadcast", "hello all")
+
+
+def test_private_by_id(screen: Screen) -> None:
+    assert screen.type("1;;hi bob") == []
+    assert screen.client.calls[-1] == ("private", 1, "hi bob")
+
+
+def test_private_by_name(screen: Screen) -> None:
+    screen.type("@bea hi bea")
+    assert screen.client.calls[-1] == ("private", 9, "hi bea")
+
+
+def test_private_to_an_unknown_name(screen: Screen) -> None:
+    assert screen.type("@carol hi") == [
+        "error: unknown user 'carol' (not online, not in your history)"
+    ]
+
+
+def test_private_to_a_name_from_the_history(screen: Screen) -> None:
+    screen.console.message_received(message("hey", sender="carol"))
+    screen.client.online = []
+    screen.output()
+    screen.type("@carol back at you")
+    assert screen.client.calls[-1] == ("private", 1, "back at you")
+
+
+def test_refused_send_prints_an_error(screen: Screen) -> None:
+    screen.client.send_error = SendError(3000, "no user 99")
+    assert screen.type("99;;hi") == ["error: no user 99"]
+    # Still running.
+    assert screen.type(":info")[0].startswith("user alice")
+
+
+@pytest.mark.parametrize(
+    "line", ["abc;;x", ":emoji x", ":emoji 999", ":nope", "", "@nobody hi", "5;;"]
+)
+def test_bad_input_keeps_running(screen: Screen, line: str) -> None:
+    out = screen.type(line)
+    assert len(out) == 1 and out[0].startswith("error: ")
+    assert screen.quits == 0
+    assert screen.type(":olu")[0] == "online users: 3"
+
+
+def test_online_users(screen: Screen) -> None:
+    assert screen.type(":olu") == [
+        "online users: 3",
+        "  1  bob",
+        "  7  alice",
+        "  9  bea",
+    ]
+
+
+def test_prefix_search(screen: Screen) -> None:
+    assert screen.type(":pu b") == [
+        "online users starting with 'b': 2",
+        "  1  bob",
+        "  9  bea",
+    ]
+
+
+def test_help_lists_every_command(screen: Screen) -> None:
+    out = "\n".join(screen.type(":all"))
+    for command in [":q!", ":olu", ":all", ":q <keyword>", ":pu", ":info", ":emoji"]:
+        assert command in out
+    for command in [":delay", ":groups", ":join", ":leave", ":create", ":history"]:
+        assert command in out
+
+
+def test_info(screen: Screen) -> None:
+    assert screen.type(":info") == [
+        "user alice (id 7), server 127.0.0.1:4321, route http://route, "
+        "state ready, talking to everybody online"
+    ]
+
+
+def test_emoji_list(screen: Screen) -> None:
+    out = screen.type(":emoji 1")
+    assert out[0] == f"emoji page 1/{emoji.page_count()}:"
+    assert ":smile: 😄" in out[1]
+    assert screen.type(":emoji 999")[0].startswith("error: no emoji page 999")
+
+
+def test_delay(screen: Screen) -> None:
+    assert screen.type(":delay later :smile: 5") == ["will send in 5s"]
+    screen.clock.advance(4.9)
+    assert ("broadcast", "later :smile:") not in screen.client.calls
+    screen.clock.advance(0.2)
+    assert screen.client.calls[-1] == ("broadcast", "later :smile:")
+
+
+def test_groups(screen: Screen) -> None:
+    assert screen.type(":groups") == [
+        "you are in no group (:create <group> or :join <group>)"
+    ]
+    assert screen.type(":create dev") == ["created group dev; plain lines go there now"]
+    assert screen.type(":create dev") == ["error: the group dev exists"]
+    screen.type(":join ops")
+    assert screen.type(":groups") == ["  dev", "* ops"]
+    assert screen.type(":join missing") == ["error: groupId: no group missing"]
+    assert screen.type(":members") == ["ops: alice (7), bob (1)"]
+
+
+def test_members_without_a_group(screen: Screen) -> None:
+    assert screen.type(":members") == [
+        "error: usage: :members <group> (or :join one first)"
+    ]
+
+
+def test_history(screen: Screen) -> None:
+    assert screen.type(":history") == [f"[{STAMP}] (private) bob: old one"]
+    assert screen.client.calls[-1] == ("history", "u:7", 20)
+    screen.type(":history dev 5")
+    assert screen.client.calls[-1] == ("history", "g:dev", 5)
+
+
+def test_incoming_messages(screen: Screen) -> None:
+    screen.console.message_received(message("hi :smile:", receive_user_id=7))
+    screen.console.message_received(message("yo", conversation="g:dev", group_id="dev"))
+    assert screen.output() == [
+        f"[{STAMP}] (private) bob: hi 😄",
+        f"[{STAMP}] [dev] bob: yo",
+    ]
+
+
+def test_connection_state_messages(screen: Screen) -> None:
+    screen.console.state_changed(ClientState.RECONNECTING, "connection lost")
+    screen.console.state_changed(ClientState.CONNECTING, "")
+    screen.console.state_changed(ClientState.RECONNECTING, "refused")
+    screen.console.state_changed(ClientState.READY, "127.0.0.1:5555")
+    assert screen.output() == [
+        "connection lost (connection lost); reconnecting...",
+        "reconnected to 127.0.0.1:5555",
+    ]
+    screen.console.error_received(8000, "log in first", "")
+    screen.console.error_received(3000, "refused send", "abc")
+    assert screen.output() == ["error: server: log in first"]
+
+
+def test_history_file_and_search(screen: Screen, tmp_path: Path) -> None:
+    screen.console.message_received(message("the quick fox"))
+    screen.type("1;;a lazy dog")
+    screen.type(":join dev")
+    screen.console.message_received(
+        message("group fox", conversation="g:dev", group_id="dev", seq=2)
+    )
+    screen.output()
+    lines = (tmp_path / "7.jsonl").read_text("utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["dir"], r["text"]) for r in records] == [
+        ("in", "the quick fox"),
+        ("out", "a lazy dog"),
+        ("in", "group fox"),
+    ]
+    assert records[1]["to"] == "bob" and records[1]["toId"] == 1
+    out = screen.type(":q FOX")
+    assert len(out) == 2
+    assert out[0].endswith("bob: the quick fox")
+    assert out[1].endswith("bob -> dev: group fox")
+    assert screen.type(":q nothing-like-this") == [
+        "nothing in the history matches 'nothing-like-this'"
+    ]
+
+
+def test_history_survives_a_restart(tmp_path: Path) -> None:
+    first = Screen(tmp_path)
+    first.login()
+    first.console.message_received(message("hello", sender="carol"))
+    first.type(":q!")
+    second = Screen(tmp_path)
+    second.login()
+    second.client.online = []
+    second.type("@carol still there?")
+    assert second.client.calls[-1] == ("private", 1, "still there?")
+    assert second.type(":q hello")[0].endswith("carol: hello")
+
+
+def test_quit(screen: Screen) -> None:
+    screen.type(":delay never 100")
+    assert screen.type(":q!") == ["bye"]
+    assert screen.client.closed
+    assert screen.closed
+    assert screen.quits == 1
+    screen.clock.advance(200)
+    assert ("broadcast", "never") not in screen.client.calls
+
+
+def test_end_of_input_quits(screen: Screen) -> None:
+    screen.transport.loseConnection()
+    assert screen.client.closed
+    assert screen.quits == 1
+
+
+def test_garbage_bytes_do_not_crash(screen: Screen) -> None:
+    screen.console.dataReceived(b"\xff\xfe;;x\r\n")
+    assert screen.output()[0].startswith("error: ")
+
+
+# Options
+
+
+def test_options() -> None:
+    options = Options()
+    options.parseOptions(
+        ["--user", "alice", "--user-id", "12", "--route", "http://r:1"]
+    )
+    assert options["user"] == "alice"
+    assert options["user-id"] == 12
+    assert options["history-dir"] == "~/.cim/history"
+    assert options["logfile"] == "~/.cim/cim-client.log"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--user", "a", "--user-id", "x"], ["--user", "a", "--route", "ftp://x"]],
+)
+def test_bad_options(args: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(args)
