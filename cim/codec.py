@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 from cim._proto import cim_pb2
 from cim.message import ChatMessage, Command, Cursor, Frame
 
-_KNOWN_COMMANDS = frozenset(int(c) for c in Command)
+_COMMANDS = {int(c): c for c in Command}
 
 
 class CodecError(ValueError):
@@ -49,30 +49,41 @@ def _chat_to_pb(message: ChatMessage, pb: cim_pb2.ChatMessage) -> None:
         pb.groupId = message.group_id
 
 
+#: Frame attribute -> protobuf field, for the scalar fields.
+_SCALARS = (
+    ("req_msg", "reqMsg"),
+    ("request_id", "requestId"),
+    ("token", "token"),
+    ("client_msg_id", "clientMsgId"),
+    ("msg_id", "msgId"),
+    ("seq", "seq"),
+    ("conversation", "conversation"),
+    ("receive_user_id", "receiveUserId"),
+    ("group_id", "groupId"),
+    ("error_code", "errorCode"),
+    ("error_reason", "errorReason"),
+    ("redirect", "redirect"),
+    ("timestamp", "timestamp"),
+)
+_ATTRIBUTE = {field: attribute for attribute, field in _SCALARS}
+
+
 def encode(frame: Frame) -> bytes:
     """
     Serialize C{frame} (without its length prefix).
     """
-    pb = cim_pb2.Request(
-        cmd=int(frame.cmd),  # type: ignore[arg-type]
-        reqMsg=frame.req_msg,
-        requestId=frame.request_id,
-        token=frame.token,
-        clientMsgId=frame.client_msg_id,
-        msgId=frame.msg_id,
-        seq=frame.seq,
-        conversation=frame.conversation,
-        receiveUserId=frame.receive_user_id,
-        groupId=frame.group_id,
-        errorCode=frame.error_code,
-        errorReason=frame.error_reason,
-        redirect=frame.redirect,
-        timestamp=frame.timestamp,
-    )
+    fields = {
+        name: value
+        for attribute, name in _SCALARS
+        if (value := getattr(frame, attribute))
+    }
+    if frame.cmd:
+        fields["cmd"] = int(frame.cmd)
     if frame.properties:
-        pb.properties.update(frame.properties)
+        fields["properties"] = frame.properties
     if frame.batch:
-        pb.batchReqMsg.extend(frame.batch)
+        fields["batchReqMsg"] = frame.batch
+    pb = cim_pb2.Request(**fields)
     for cursor in frame.cursors:
         pb.cursors.add(conversation=cursor.conversation, seq=cursor.seq)
     for message in frame.messages:
@@ -88,6 +99,21 @@ def encode_framed(frame: Frame) -> bytes:
     return encode_varint(len(body)) + body
 
 
+def _chat_from_pb(m: cim_pb2.ChatMessage) -> ChatMessage:
+    return ChatMessage(
+        msg_id=m.msgId,
+        conversation=m.conversation,
+        seq=m.seq,
+        sender_id=m.senderId,
+        sender_name=m.senderName,
+        text=m.text,
+        timestamp=m.timestamp,
+        client_msg_id=m.clientMsgId,
+        receive_user_id=m.receiveUserId,
+        group_id=m.groupId,
+    )
+
+
 def decode(data: bytes) -> Frame:
     """
     Parse one frame body.
@@ -100,39 +126,22 @@ def decode(data: bytes) -> Frame:
         pb.ParseFromString(data)
     except (DecodeError, RuntimeWarning, ValueError) as e:
         raise CodecError(f"undecodable frame: {e}") from None
-    if pb.cmd not in _KNOWN_COMMANDS:
+    command = _COMMANDS.get(pb.cmd)
+    if command is None:
         raise CodecError(f"unknown command {pb.cmd}")
-    return Frame(
-        cmd=Command(pb.cmd),
-        req_msg=pb.reqMsg,
-        request_id=pb.requestId,
-        properties=dict(pb.properties),
-        batch=tuple(pb.batchReqMsg),
-        token=pb.token,
-        client_msg_id=pb.clientMsgId,
-        msg_id=pb.msgId,
-        seq=pb.seq,
-        conversation=pb.conversation,
-        receive_user_id=pb.receiveUserId,
-        group_id=pb.groupId,
-        error_code=pb.errorCode,
-        error_reason=pb.errorReason,
-        cursors=tuple(Cursor(c.conversation, c.seq) for c in pb.cursors),
-        messages=tuple(
-            ChatMessage(
-                msg_id=m.msgId,
-                conversation=m.conversation,
-                seq=m.seq,
-                sender_id=m.senderId,
-                sender_name=m.senderName,
-                text=m.text,
-                timestamp=m.timestamp,
-                client_msg_id=m.clientMsgId,
-                receive_user_id=m.receiveUserId,
-                group_id=m.groupId,
-            )
-            for m in pb.messages
-        ),
-        redirect=pb.redirect,
-        timestamp=pb.timestamp,
-    )
+    frame = Frame(command)
+    # Only the fields on the wire: usually a handful of the eighteen.
+    for descriptor, value in pb.ListFields():
+        name = descriptor.name
+        attribute = _ATTRIBUTE.get(name)
+        if attribute is not None:
+            setattr(frame, attribute, value)
+        elif name == "properties":
+            frame.properties = dict(value)
+        elif name == "batchReqMsg":
+            frame.batch = tuple(value)
+        elif name == "cursors":
+            frame.cursors = tuple(Cursor(c.conversation, c.seq) for c in value)
+        elif name == "messages":
+            frame.messages = tuple(_chat_from_pb(m) for m in value)
+    return frame

@@ -78,7 +78,7 @@ class Cursor:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatMessage:
     """
     A stored chat message.
@@ -102,10 +102,14 @@ class ChatMessage:
     group_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     """
     One decoded frame.  Fields left at their defaults are not on the wire.
+
+    Frames and messages are plain (not frozen) dataclasses because they are
+    built on the hot path, where a frozen dataclass's C{__init__} costs
+    several times more; treat them as immutable all the same.
     """
 
     cmd: Command
