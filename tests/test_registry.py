@@ -104,8 +104,8 @@ class RawZooKeeper:
     def call(self, method: str, *args: Any) -> Deferred[Any]:
         return in_thread(self._reactor, getattr(self.client, method), *args)
 
-    async def start(self) -> None:
-        await self.call("start", 10.0)
+    async def start(self, seconds: float = 10.0) -> None:
+        await self.call("start", seconds)
 
     async def close(self) -> None:
         await self.call("stop")
@@ -448,42 +448,6 @@ async def test_zk_replaces_stale_node(
     assert route.servers() == [A]
 
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_zk_session_expiry(
-    reactor: Any, zk_cluster: Cluster, zk_hosts: str, raw_zk: RawZooKeeper, root: str
-) -> None:
-    """
-    After its session expires, a registry gets a new one and re-creates its
-    node by itself; a watcher sees it again.
-    """
-    server = await zk_cluster.registry()
-    route = await zk_cluster.registry()
-    seen: list[list[ServerAddress]] = []
-    route.watch(seen.append)
-    await server.register(A)
-    await wait_until(reactor, lambda: route.servers() == [A], "A to appear")
-    old_session, password = server._client.client_id
-
-    # The standard trick: another client takes the session over and closes
-    # it, which expires it for the first.
-    thief = RawZooKeeper(reactor, zk_hosts, client_id=(old_session, password))
-    await thief.start()
-    await thief.close()
-
-    async def owned_by_new_session() -> bool:
-        client_id = server._client.client_id
-        if client_id is None or client_id[0] == old_session:
-            return False
-        stat = await raw_zk.call("exists", f"{root}/{A}")
-        return stat is not None and stat.ephemeralOwner == client_id[0]
-
-    await wait_until(reactor, owned_by_new_session, "A re-registered", seconds=20)
-    await wait_until(reactor, lambda: route.servers() == [A], "route to see A")
-    assert seen[-1] == [A]
-    assert server.connected
-
-
 class _TrackingProxy(portforward.ProxyServer):
     def connectionMade(self) -> None:
         self.factory.connections.add(self)  # type: ignore[attr-defined]
@@ -567,6 +531,55 @@ async def test_zk_connection_loss(
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
+async def test_zk_session_expiry(
+    reactor: Any, zk_cluster: Cluster, zk_hosts: str, raw_zk: RawZooKeeper, root: str
+) -> None:
+    """
+    After its session expires, a registry gets a new one and re-creates its
+    node by itself; a watcher sees it again.
+    """
+    proxy = CuttableProxy(reactor, zk_hosts)
+    proxy.listen()
+    server = ZooKeeperRegistry(reactor, f"127.0.0.1:{proxy.port}", root=root)
+    zk_cluster._registries.append(server)
+    route = await zk_cluster.registry()
+    try:
+        await server.start()
+        seen: list[list[ServerAddress]] = []
+        route.watch(seen.append)
+        await server.register(A)
+        await wait_until(reactor, lambda: route.servers() == [A], "A to appear")
+        old_session, password = server._client.client_id
+
+        # The standard trick: another client takes the session over and
+        # closes it, which expires it for the first.  The first is cut off
+        # meanwhile, or it could take its session back before it is closed.
+        await proxy.cut()
+        await wait_until(reactor, lambda: not server.connected, "disconnection")
+        thief = RawZooKeeper(reactor, zk_hosts, client_id=(old_session, password))
+        await thief.start()
+        await thief.close()
+        await wait_until(reactor, lambda: route.servers() == [], "A to expire")
+        proxy.listen()
+
+        async def owned_by_new_session() -> bool:
+            client_id = server._client.client_id
+            if client_id is None or client_id[0] == old_session:
+                return False
+            stat = await raw_zk.call("exists", f"{root}/{A}")
+            return stat is not None and stat.ephemeralOwner == client_id[0]
+
+        await wait_until(reactor, owned_by_new_session, "A re-registered")
+        await wait_until(reactor, lambda: route.servers() == [A], "route to see A")
+        assert seen == [[A], [], [A]]
+        assert server.connected
+    finally:
+        await server.stop()
+        await proxy.cut()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
 async def test_zk_server_restart(
     reactor: Any, tmp_path: Path, root: str, zk_url: str
 ) -> None:
@@ -602,8 +615,10 @@ async def test_zk_server_restart(
         await wait_until(reactor, lambda: not route.connected, "disconnection", 30)
         await zookeeper.start()
         # Another client changes the list as soon as the server is back,
-        # likely before the route has reconnected.
-        await raw.start()
+        # likely before the route has reconnected.  (The server answers
+        # ruok a little before it serves clients: a slow machine needs the
+        # longer timeout.)
+        await raw.start(30.0)
         await raw.call("create", f"{root}/{C}")
         await server_b.unregister()
 
