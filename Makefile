@@ -86,3 +86,9 @@ demo: install
 
 fuzz: install
 	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$${FUZZ_SECONDS:-60}
+
+bench: install
+	$(BIN)/python -m bench.harness
+
+bench-quick: install
+	$(BIN)/python -m bench.harness --quick

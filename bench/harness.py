@@ -1,0 +1,1479 @@
+"""
+C{make bench}: run every scenario against a real cluster and print one
+table.
+
+    python -m bench.harness [--quick] [--only SCENARIO ...] [--workers N]
+                            [--duration SECONDS] [--profile]
+
+It starts Redis and ZooKeeper of its own (C{scripts/services.sh} with
+C{CIM_SERVICES_DIR=.run/bench/services}, ports 16479 and 12281 unless
+C{CIM_BENCH_REDIS_PORT} / C{CIM_BENCH_ZK_PORT} say otherwise), and for each
+scenario a fresh cluster (one route, two IM servers, as C{twistd}
+processes; an empty Redis database, a new ZooKeeper root) and load
+generator processes (L{bench.loadgen}).  Every process it started is
+stopped at the end, also on failure or Ctrl-C.  One harness runs at a time
+on a machine (C{.run/bench/lock}; another one waits).  Logs go to
+C{.run/bench/<timestamp>/}; the results to C{bench/results/<timestamp>.json}
+and C{bench/results/latest.json}.
+
+The exit status is 1 when a scenario could not run (the harness broke) or
+messages were lost, duplicated or damaged; missed throughput targets only
+show as MISS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from bench.loadgen import Histogram, merge_reports
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+RESULTS = ROOT / "bench" / "results"
+
+SCENARIOS = ("raw", "p2p", "p2p-latency", "group", "http", "login", "connections")
+#: Source addresses of the connections scenario (each takes up to ~2,000).
+SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
+
+#: Per scenario: full run, quick run.
+PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "raw": (
+        {"clients": 1000, "duration": 20, "window": 4},
+        {"clients": 50, "duration": 2, "window": 4},
+    ),
+    "p2p": (
+        {"clients": 1000, "duration": 20, "window": 4},
+        {"clients": 50, "duration": 2, "window": 4},
+    ),
+    "p2p-latency": (
+        {"clients": 1000, "duration": 20, "rate": 5000},
+        {"clients": 50, "duration": 2, "rate": 1000},
+    ),
+    "group": (
+        {"members": 1000, "senders": 20, "window": 2, "duration": 20},
+        {"members": 50, "senders": 4, "window": 2, "duration": 2},
+    ),
+    "http": (
+        {"users": 200, "concurrency": 32, "duration": 20},
+        {"users": 50, "concurrency": 8, "duration": 2},
+    ),
+    "login": (
+        {"users": 12000, "concurrency": 64, "duration": 20},
+        {"users": 300, "concurrency": 16, "duration": 2},
+    ),
+    "connections": (
+        {"connections": 15000, "hold": 60, "ping_interval": 10, "concurrency": 64},
+        {"connections": 500, "hold": 3, "ping_interval": 1, "concurrency": 32},
+    ),
+}
+
+SIZE = 100
+
+
+class HarnessError(Exception):
+    """
+    The benchmark could not run a scenario.
+    """
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        body: dict[str, Any] = json.loads(r.read())
+        return body
+
+
+def post_json(
+    url: str, body: dict[str, Any], headers: dict[str, str]
+) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Content-Type": "application/json", **headers},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        answer: dict[str, Any] = json.loads(r.read())
+        return answer
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# Processes
+
+
+class Processes:
+    """
+    Every process the harness started, to stop them all whatever happens.
+    """
+
+    def __init__(self) -> None:
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(
+        self, name: str, argv: list[str], log: Path, **kw: Any
+    ) -> subprocess.Popen[bytes]:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                cwd=str(ROOT),
+                stdin=kw.pop("stdin", subprocess.DEVNULL),
+                stdout=kw.pop("stdout", out),
+                stderr=out,
+                start_new_session=True,
+                **kw,
+            )
+        self.running.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        """
+        SIGTERM, then SIGKILL after C{grace} seconds.
+        """
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.running = [(n, p) for n, p in self.running if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.running)):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in reversed(list(self.running)):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.running = []
+
+
+class Services:
+    """
+    The bench's own Redis and ZooKeeper (C{scripts/services.sh}), stopped
+    at the end if this harness started them.
+    """
+
+    def __init__(
+        self, directory: Path, redis_port: int, zk_port: int, log: Path
+    ) -> None:
+        self.directory = directory
+        self.redis_port = redis_port
+        self.zk_port = zk_port
+        self.log = log
+        self.started = False
+        self.env = dict(
+            os.environ,
+            CIM_SERVICES_DIR=str(directory),
+            CIM_REDIS_PORT=str(redis_port),
+            CIM_ZK_PORT=str(zk_port),
+        )
+
+    def _script(self, action: str) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            done = subprocess.run(
+                ["scripts/services.sh", action],
+                cwd=str(ROOT),
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=300,
+                start_new_session=True,
+            )
+        if done.returncode != 0:
+            raise HarnessError(
+                f"scripts/services.sh {action} failed:\n{tail(self.log)}"
+            )
+
+    def redis_ok(self) -> bool:
+        try:
+            with socket.create_connection(
+                ("127.0.0.1", self.redis_port), timeout=1
+            ) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def zk_ok(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.zk_port), timeout=1) as s:
+                s.sendall(b"ruok")
+                return s.recv(16) == b"imok"
+        except OSError:
+            return False
+
+    def up(self) -> None:
+        if self.redis_ok() and self.zk_ok():
+            say(
+                f"using the running Redis :{self.redis_port} and ZooKeeper :{self.zk_port}"
+            )
+            return
+        say(f"starting Redis :{self.redis_port} and ZooKeeper :{self.zk_port}")
+        self.started = True
+        self._script("up")
+
+    def down(self) -> None:
+        if self.started:
+            say("stopping Redis and ZooKeeper")
+            self.started = False
+            self._script("down")
+
+    def flush(self, db: int) -> None:
+        with socket.create_connection(("127.0.0.1", self.redis_port), timeout=10) as s:
+            s.sendall(f"SELECT {db}\r\nFLUSHDB\r\n".encode())
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                reply += chunk
+        if reply != b"+OK\r\n+OK\r\n":
+            raise HarnessError(f"Redis FLUSHDB failed: {reply!r}")
+
+    def pid(self, name: str) -> int | None:
+        try:
+            return int((self.directory / f"{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+
+class Cluster:
+    """
+    One route and C{n} IM servers as C{twistd} processes.
+    """
+
+    def __init__(
+        self,
+        processes: Processes,
+        logs: Path,
+        store: str,
+        registry: str,
+        secret: str,
+        servers: int,
+        profile: bool = False,
+    ) -> None:
+        self.processes = processes
+        self.profile = profile
+        self.logs = logs
+        self.store = store
+        self.registry = registry
+        self.secret = secret
+        self.n = servers
+        self.servers: list[tuple[subprocess.Popen[bytes], int, int]] = []
+        self.route: subprocess.Popen[bytes] | None = None
+        self.route_port = 0
+
+    def _twistd(
+        self, name: str, plugin: str, args: list[str]
+    ) -> subprocess.Popen[bytes]:
+        log = self.logs / f"{name}.log"
+        twistd = [TWISTD]
+        if self.profile:
+            twistd = [
+                PYTHON,
+                "-m",
+                "bench.harness",
+                "--profiled-twistd",
+                str(self.logs / f"{name}.prof"),
+            ]
+        return self.processes.start(
+            name,
+            [*twistd, "-n", "--logfile", str(log), "--pidfile", "", plugin, *args],
+            self.logs / f"{name}.out",
+        )
+
+    def start(self) -> None:
+        common = [
+            "--store",
+            self.store,
+            "--registry",
+            self.registry,
+            "--secret",
+            self.secret,
+        ]
+        for i in range(self.n):
+            port, http = free_port(), free_port()
+            proc = self._twistd(
+                f"server{i + 1}",
+                "cim-server",
+                [
+                    "--port",
+                    str(port),
+                    "--http-port",
+                    str(http),
+                    "--bind",
+                    "127.0.0.1",
+                    "--rate",
+                    "20000",
+                    *common,
+                ],
+            )
+            self.servers.append((proc, port, http))
+        self.route_port = free_port()
+        self.route = self._twistd(
+            "route",
+            "cim-route",
+            ["--port", str(self.route_port), "--bind", "127.0.0.1", *common],
+        )
+        for i, (proc, _, http) in enumerate(self.servers):
+            self._wait(f"server{i + 1}", proc, f"http://127.0.0.1:{http}/health")
+        self._wait(
+            "route",
+            self.route,
+            f"http://127.0.0.1:{self.route_port}/health",
+            lambda body: len(body["dataBody"]["servers"]) == self.n,
+        )
+
+    def _wait(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        url: str,
+        ok: Callable[[dict[str, Any]], bool] = lambda body: True,
+        deadline: float = 60.0,
+    ) -> None:
+        end = time.monotonic() + deadline
+        last: object = None
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise HarnessError(f"{name} exited:\n{tail(self.logs / f'{name}.log')}")
+            try:
+                body = get_json(url)
+                if body.get("code") == "9000" and ok(body):
+                    return
+                last = body
+            except Exception as e:
+                last = e
+            time.sleep(0.1)
+        raise HarnessError(
+            f"{name} not healthy at {url}: {last}\n{tail(self.logs / f'{name}.log')}"
+        )
+
+    def pids(self) -> dict[str, int]:
+        out = {f"server{i + 1}": p.pid for i, (p, _, _) in enumerate(self.servers)}
+        if self.route is not None:
+            out["route"] = self.route.pid
+        return out
+
+    def stop(self) -> None:
+        if self.route is not None:
+            self.processes.stop(self.route)
+        for proc, _, _ in self.servers:
+            self.processes.stop(proc)
+
+
+class WorkerProc:
+    """
+    One L{bench.loadgen} process, driven over its stdin and stdout.
+    """
+
+    def __init__(self, processes: Processes, index: int, log: Path) -> None:
+        self.index = index
+        self.log = log
+        self.proc = processes.start(
+            f"loadgen{index}",
+            [PYTHON, "-m", "bench.loadgen"],
+            log,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._buffer = b""
+        self._events: list[dict[str, Any]] = []
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(command).encode("utf-8") + b"\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise HarnessError(
+                f"loadgen {self.index} exited:\n{tail(self.log)}"
+            ) from None
+
+    def _read(self, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+        if not ready:
+            return
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            self.proc.wait(5)
+            raise HarnessError(
+                f"loadgen {self.index} exited ({self.proc.returncode}):\n{tail(self.log)}"
+            )
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self._events.append(json.loads(line))
+
+    def poll(self, event: str, timeout: float = 0.0) -> dict[str, Any] | None:
+        """
+        The next C{event}, if it comes within C{timeout} seconds.
+        @raise HarnessError: the process reported an error or exited.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            while self._events:
+                got = self._events.pop(0)
+                if got.get("event") == "error":
+                    raise HarnessError(f"loadgen {self.index}: {got.get('message')}")
+                if got.get("event") == event:
+                    return got
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                self._read(0)
+                if not self._events:
+                    return None
+                continue
+            self._read(remaining)
+
+    def expect(self, event: str, timeout: float) -> dict[str, Any]:
+        got = self.poll(event, timeout)
+        if got is None:
+            raise HarnessError(
+                f"loadgen {self.index}: no {event!r} within {timeout:.0f}s\n{tail(self.log)}"
+            )
+        return got
+
+
+class Sampler:
+    """
+    CPU time and resident memory of the processes that matter, with psutil.
+    """
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {}
+        for name, pid in pids.items():
+            try:
+                self.procs[name] = psutil.Process(pid)
+            except psutil.Error:
+                pass
+        self.peak: dict[str, int] = {}
+        self._cpu0: dict[str, float] = {}
+        self._t0 = 0.0
+        self._busy0 = 0.0
+        self.cpu: dict[str, float] = {}
+        self.wall = 0.0
+        #: The whole machine's busy CPU over the window (% of one core).
+        self.machine = 0.0
+
+    @staticmethod
+    def _busy() -> float:
+        times = psutil.cpu_times()
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+    def _cpu(self, proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    def rss(self, name: str) -> int:
+        try:
+            return int(self.procs[name].memory_info().rss)
+        except (KeyError, psutil.Error):
+            return 0
+
+    def begin(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = self._busy()
+        for name, proc in self.procs.items():
+            try:
+                self._cpu0[name] = self._cpu(proc)
+            except psutil.Error:
+                pass
+
+    def sample(self) -> None:
+        for name in self.procs:
+            self.peak[name] = max(self.peak.get(name, 0), self.rss(name))
+
+    def end(self) -> None:
+        self.sample()
+        wall = self.wall = max(1e-6, time.monotonic() - self._t0)
+        self.machine = 100.0 * (self._busy() - self._busy0) / wall
+        for name, proc in self.procs.items():
+            try:
+                self.cpu[name] = 100.0 * (self._cpu(proc) - self._cpu0[name]) / wall
+            except (psutil.Error, KeyError):
+                pass
+
+
+# Results
+
+
+def ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1000.0, 2)
+
+
+def latency_fields(h: Histogram) -> dict[str, Any]:
+    return {
+        "p50_ms": ms(h.percentile(50)),
+        "p99_ms": ms(h.percentile(99)),
+        "max_ms": ms(h.max_us) if h.total else None,
+    }
+
+
+def new_row(name: str) -> dict[str, Any]:
+    return {
+        "scenario": name,
+        "throughput": None,
+        "unit": "",
+        "p50_ms": None,
+        "p99_ms": None,
+        "max_ms": None,
+        "sent": None,
+        "delivered": None,
+        "lost": None,
+        "duplicated": None,
+        "out_of_order": None,
+        "damaged": None,
+        "server_cpu_pct": [],
+        "server_rss_mb": [],
+        "cpu_pct": {},
+        "targets": [],
+        "notes": [],
+        "error": None,
+        "seconds": None,
+    }
+
+
+def target(row: dict[str, Any], label: str, ok: bool) -> None:
+    row["targets"].append({"target": label, "ok": bool(ok)})
+
+
+def fmt_num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{value:,}"
+
+
+def print_table(rows: list[dict[str, Any]], quick: bool, out: Any = sys.stdout) -> None:
+    header = (
+        f"{'scenario':<12} {'throughput':>20} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'sent':>8} {'delivered':>10} {'lost':>5} {'dup':>4} {'srv CPU %':>10} "
+        f"{'srv RSS MB':>10}  targets"
+    )
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        if row["error"]:
+            first = (
+                row["error"].strip().splitlines()[0]
+                if row["error"].strip()
+                else "error"
+            )
+            print(f"{row['scenario']:<12} ERROR: {first[:120]}", file=out)
+            continue
+        tp = f"{fmt_num(row['throughput'])} {row['unit']}"
+        cpu = "+".join(f"{c:.0f}" for c in row["server_cpu_pct"]) or "-"
+        rss = "/".join(f"{m:.0f}" for m in row["server_rss_mb"]) or "-"
+        targets = ", ".join(
+            f"{t['target']} {'PASS' if t['ok'] else 'MISS'}" for t in row["targets"]
+        )
+        print(
+            f"{row['scenario']:<12} {tp:>20} {fmt_num(row['p50_ms']):>7} "
+            f"{fmt_num(row['p99_ms']):>7} {fmt_num(row['max_ms']):>7} "
+            f"{fmt_num(row['sent']):>8} {fmt_num(row['delivered']):>10} "
+            f"{fmt_num(row['lost']):>5} {fmt_num(row['duplicated']):>4} {cpu:>10} "
+            f"{rss:>10}  {targets}",
+            file=out,
+        )
+    print(file=out)
+    for row in rows:
+        if row["error"]:
+            continue
+        cpu = ", ".join(f"{k} {v:.0f}%" for k, v in row["cpu_pct"].items())
+        print(f"{row['scenario']}: CPU {cpu}", file=out)
+        for note in row["notes"]:
+            print(f"    {note}", file=out)
+    if quick:
+        print(
+            "(quick run: small scale; the targets are for the full run and only informative)",
+            file=out,
+        )
+
+
+def failed(row: dict[str, Any]) -> bool:
+    """
+    Whether a row makes the run fail: an error, or messages lost,
+    duplicated or damaged.
+    """
+    return bool(row["error"]) or any(
+        (row.get(key) or 0) > 0 for key in ("lost", "duplicated", "damaged")
+    )
+
+
+# Scenarios
+
+
+@dataclass
+class Login:
+    """
+    The outcome of a login phase.
+
+    @ivar users: the users whose connections are open.
+    @ivar logged_in: how many logged in (some may have been closed since).
+    """
+
+    users: list[int]
+    logged_in: int
+    failed: int
+    elapsed: float
+    servers: dict[str, int]
+
+
+class Bench:
+    def __init__(
+        self, quick: bool, workers: int, run_id: str, logs: Path, profile: bool = False
+    ) -> None:
+        self.quick = quick
+        self.profile = profile
+        self.duration: float | None = None
+        #: The longest wait for the last messages after a run.
+        self.drain = 10.0 if quick else 60.0
+        self.workers = workers
+        self.run_id = run_id
+        self.logs = logs
+        self.processes = Processes()
+        redis_port = int(os.environ.get("CIM_BENCH_REDIS_PORT", "16479"))
+        zk_port = int(os.environ.get("CIM_BENCH_ZK_PORT", "12281"))
+        self.db = int(os.environ.get("CIM_BENCH_REDIS_DB", "3"))
+        self.services = Services(
+            ROOT / ".run" / "bench" / "services",
+            redis_port,
+            zk_port,
+            logs / "services.log",
+        )
+        self.secret = os.urandom(18).hex()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.last_start = 0.0
+
+    def params(self, name: str) -> dict[str, Any]:
+        full, quick = PARAMS[name]
+        params = dict(quick if self.quick else full)
+        if self.duration:
+            params["hold" if name == "connections" else "duration"] = self.duration
+        return params
+
+    def run(self, names: list[str]) -> list[dict[str, Any]]:
+        rows = []
+        route_ready = (ROOT / "cim/route/service.py").exists() and (
+            ROOT / "cim/route/tap.py"
+        ).exists()
+        services_up = False
+        for name in names:
+            row = new_row(name)
+            started = time.monotonic()
+            try:
+                if name != "raw":
+                    if not route_ready:
+                        raise HarnessError(
+                            "the route is not available yet "
+                            "(cim/route/service.py and cim/route/tap.py are missing)"
+                        )
+                    if not services_up:
+                        self.services.up()
+                        services_up = True
+                say(f"{name}: starting")
+                getattr(self, "scenario_" + name.replace("-", "_"))(
+                    row, self.params(name)
+                )
+            except HarnessError as e:
+                row["error"] = str(e)
+                say(f"{name}: ERROR {e}")
+            except Exception as e:
+                import traceback
+
+                row["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+                say(f"{name}: ERROR {row['error']}")
+            finally:
+                self.processes.stop_all()
+            row["seconds"] = round(time.monotonic() - started, 1)
+            say(f"{name}: done in {row['seconds']}s")
+            rows.append(row)
+            self.rows[name] = row
+        return rows
+
+    def close(self) -> None:
+        self.processes.stop_all()
+        self.services.down()
+
+    # Helpers
+
+    def cluster(self, name: str, servers: int = 2) -> Cluster:
+        self.services.flush(self.db)
+        cluster = Cluster(
+            self.processes,
+            self.logs / name,
+            f"redis://127.0.0.1:{self.services.redis_port}/{self.db}",
+            f"zk://127.0.0.1:{self.services.zk_port}/cimbench/{self.run_id}-{name}",
+            self.secret,
+            servers,
+            self.profile,
+        )
+        cluster.start()
+        return cluster
+
+    def spawn(self, name: str, n: int | None = None) -> list[WorkerProc]:
+        return [
+            WorkerProc(self.processes, i, self.logs / name / f"loadgen{i}.log")
+            for i in range(n or self.workers)
+        ]
+
+    @staticmethod
+    def split(total: int, parts: int) -> list[int]:
+        return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+    def setup_cim(
+        self,
+        name: str,
+        cluster: Cluster,
+        workers: list[WorkerProc],
+        users: int,
+        concurrency: int = 32,
+        ping_interval: float = 10.0,
+    ) -> list[tuple[int, str]]:
+        """
+        Register C{users} fresh users, spread over the workers.
+        """
+        counts = self.split(users, len(workers))
+        for w, count in zip(workers, counts, strict=True):
+            w.send(
+                {
+                    "cmd": "setup",
+                    "mode": "cim",
+                    "scenario": name,
+                    "index": w.index,
+                    "size": SIZE,
+                    "route": ["127.0.0.1", cluster.route_port],
+                    "secret": self.secret,
+                    "register": count,
+                    "prefix": f"b{self.run_id}-{name}-{w.index}-",
+                    "concurrency": concurrency,
+                    "ping_interval": ping_interval,
+                }
+            )
+        say(f"{name}: registering {users} users")
+        all_users: list[tuple[int, str]] = []
+        elapsed = 0.0
+        for w in workers:
+            got = w.expect("registered", 60 + users / 50)
+            all_users += [(int(u), str(n)) for u, n in got["users"]]
+            elapsed = max(elapsed, got["elapsed"])
+        say(f"{name}: registered {len(all_users)} users in {elapsed:.1f}s")
+        return all_users
+
+    def login(
+        self,
+        name: str,
+        workers: list[WorkerProc],
+        expected: int,
+        concurrency: int = 32,
+        group: str = "",
+        bind: list[str] | None = None,
+        connect: bool = True,
+    ) -> Login:
+        for w in workers:
+            w.send(
+                {
+                    "cmd": "login",
+                    "group": group,
+                    "connect": connect,
+                    "bind": bind or [],
+                    "concurrency": concurrency,
+                }
+            )
+        logged: list[int] = []
+        logged_in = 0
+        failed_logins = 0
+        elapsed = 0.0
+        servers: dict[str, int] = {}
+        for w in workers:
+            got = w.expect("ready", 60 + expected / 20)
+            logged += [int(u) for u in got["users"]]
+            logged_in += int(got["logged_in"])
+            failed_logins += int(got["failed"])
+            elapsed = max(elapsed, float(got["elapsed"]))
+            for k, v in got["servers"].items():
+                servers[k] = servers.get(k, 0) + v
+        if connect:
+            say(
+                f"{name}: {logged_in} logged in ({failed_logins} failed, "
+                f"{logged_in - len(logged)} closed since) in {elapsed:.1f}s {servers}"
+            )
+        return Login(logged, logged_in, failed_logins, elapsed, servers)
+
+    def measure(
+        self,
+        workers: list[WorkerProc],
+        sampler: Sampler,
+        run: dict[str, Any],
+        drain: float,
+        per_worker: list[dict[str, Any]] | None = None,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+        """
+        Start the run on every worker, sample the processes while it lasts,
+        wait until all are quiet, and collect the reports (asking again for
+        a while if messages seem lost, in case they are still on their way).
+
+        @return: the merged checks, the raw reports, and the measured
+            seconds.
+        """
+        start = self.last_start = time.monotonic() + 1.0
+        duration = float(run["duration"])
+        for k, w in enumerate(workers):
+            extra = per_worker[k] if per_worker else {}
+            w.send({"cmd": "run", "start": start, "drain": drain, **run, **extra})
+        time.sleep(max(0.0, start - time.monotonic()))
+        sampler.begin()
+        quiet: set[int] = set()
+        timeouts = 0
+        end = start + duration
+        deadline = end + drain + 60
+        measured_end: float | None = None
+        while len(quiet) < len(workers):
+            if time.monotonic() > deadline:
+                raise HarnessError("the load generators did not finish in time")
+            for w in workers:
+                if w.index in quiet:
+                    continue
+                got = w.poll("quiet", 0.05)
+                if got is not None:
+                    quiet.add(w.index)
+                    timeouts += bool(got.get("timeout"))
+            now = time.monotonic()
+            if measured_end is None:
+                sampler.sample()
+                if now >= end or len(quiet) == len(workers):
+                    sampler.end()
+                    measured_end = min(now, end)
+            time.sleep(0.1)
+        if measured_end is None:
+            sampler.end()
+        reports = self.reports(workers)
+        merged = merge_reports(reports)
+        # Messages still on their way are not lost: ask again as long as
+        # deliveries make progress.
+        give_up = time.monotonic() + drain + 30
+        progress = (merged["delivered"], time.monotonic())
+        while merged["lost"] and time.monotonic() < give_up:
+            time.sleep(1.0)
+            reports = self.reports(workers)
+            merged = merge_reports(reports)
+            if merged["delivered"] > progress[0]:
+                progress = (merged["delivered"], time.monotonic())
+            elif time.monotonic() - progress[1] > 5:
+                break
+        merged["drain_timeouts"] = timeouts
+        return merged, reports, duration
+
+    def reports(self, workers: list[WorkerProc]) -> list[dict[str, Any]]:
+        for w in workers:
+            w.send({"cmd": "report"})
+        return [w.expect("report", 60) for w in workers]
+
+    @staticmethod
+    def check_login(login: Login, expected: int) -> None:
+        if login.failed or len(login.users) < expected:
+            raise HarnessError(
+                f"only {len(login.users)} of {expected} clients logged in "
+                f"({login.failed} failed); see the load generators' logs"
+            )
+
+    def stop_workers(self, workers: list[WorkerProc]) -> None:
+        for w in workers:
+            try:
+                w.send({"cmd": "stop"})
+            except HarnessError:
+                pass
+        for w in workers:
+            try:
+                w.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.processes.stop(w.proc)
+
+    def pids(
+        self, cluster: Cluster | None, workers: list[WorkerProc]
+    ) -> dict[str, int]:
+        pids = cluster.pids() if cluster is not None else {}
+        if cluster is not None:
+            for service in ("redis", "zookeeper"):
+                pid = self.services.pid(service)
+                if pid:
+                    pids[service] = pid
+        for w in workers:
+            pids[f"loadgen{w.index}"] = w.proc.pid
+        return pids
+
+    @staticmethod
+    def counter(reports: list[dict[str, Any]], key: str) -> int:
+        return sum(int(r["counters"].get(key, 0)) for r in reports)
+
+    @staticmethod
+    def histogram(reports: list[dict[str, Any]], key: str) -> Histogram:
+        h = Histogram()
+        for r in reports:
+            h.merge(Histogram.from_dict(r[key]))
+        return h
+
+    def fill(
+        self,
+        row: dict[str, Any],
+        merged: dict[str, Any],
+        reports: list[dict[str, Any]],
+        sampler: Sampler,
+        servers: list[str],
+    ) -> None:
+        """
+        The message figures and the process figures of a row.
+        """
+        row.update(
+            {
+                "sent": merged["sent"],
+                "delivered": merged["delivered"],
+                "lost": merged["lost"],
+                "duplicated": merged["duplicates"],
+                "out_of_order": merged["out_of_order"],
+                "damaged": merged["corrupt"] + merged["misrouted"] + merged["extra"],
+            }
+        )
+        row.update(latency_fields(merged["latency"]))
+        self.fill_processes(row, sampler, servers)
+        if merged["delivered_in_window"]:
+            per = {
+                k: v / 100 * sampler.wall / merged["delivered_in_window"] * 1e6
+                for k, v in sampler.cpu.items()
+            }
+            row["cpu_us_per_delivery"] = {k: round(v, 1) for k, v in per.items()}
+            row["notes"].append(
+                "CPU per delivered message: "
+                + ", ".join(f"{k} {v:.0f} us" for k, v in per.items() if v >= 0.5)
+            )
+        counters: dict[str, int] = {}
+        for r in reports:
+            for k, v in r["counters"].items():
+                counters[k] = counters.get(k, 0) + v
+        row["counters"] = counters
+        if merged["out_of_order"]:
+            row["notes"].append(
+                f"{merged['out_of_order']} messages arrived out of order"
+            )
+        if merged["corrupt"] or merged["misrouted"] or merged["extra"]:
+            row["notes"].append(
+                f"damaged: {merged['corrupt']} corrupt, {merged['misrouted']} misrouted, "
+                f"{merged['extra']} never sent"
+            )
+        for key in (
+            "rejected",
+            "errors",
+            "dropped",
+            "kicked",
+            "relogins",
+            "relogin_failures",
+            "bad_frames",
+            "skipped",
+        ):
+            if counters.get(key):
+                row["notes"].append(f"{key}: {counters[key]}")
+        if merged["drain_timeouts"]:
+            row["notes"].append(
+                "drain timed out (messages still unacknowledged or arriving)"
+            )
+
+    @staticmethod
+    def fill_processes(
+        row: dict[str, Any], sampler: Sampler, servers: list[str]
+    ) -> None:
+        row["cpu_pct"] = {k: round(v, 1) for k, v in sampler.cpu.items()}
+        ours = sum(sampler.cpu.values())
+        row["machine_cpu_pct"] = round(sampler.machine, 1)
+        row["other_cpu_pct"] = round(max(0.0, sampler.machine - ours), 1)
+        row["notes"].append(
+            f"machine: {sampler.machine:.0f}% busy of {100 * (os.cpu_count() or 1)}%, "
+            f"{row['other_cpu_pct']:.0f}% of it by processes outside the benchmark"
+        )
+        row["server_cpu_pct"] = [round(sampler.cpu.get(s, 0.0), 1) for s in servers]
+        row["server_rss_mb"] = [
+            round(sampler.peak.get(s, 0) / 2**20, 1) for s in servers
+        ]
+
+    # The scenarios
+
+    def scenario_raw(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        port = free_port()
+        log = self.logs / "raw" / "raw_server.log"
+        raw = self.processes.start(
+            "raw", [PYTHON, "-m", "bench.raw_server", "--port", str(port)], log
+        )
+        workers = self.spawn("raw")
+        end = time.monotonic() + 30
+        while True:
+            if raw.poll() is not None:
+                raise HarnessError(f"the raw server exited:\n{tail(log)}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise HarnessError("the raw server does not listen") from None
+                time.sleep(0.1)
+        ids = list(range(1, p["clients"] + 1))
+        counts = self.split(len(ids), len(workers))
+        first = 0
+        for w, count in zip(workers, counts, strict=True):
+            w.send(
+                {
+                    "cmd": "setup",
+                    "mode": "raw",
+                    "scenario": "raw",
+                    "index": w.index,
+                    "size": SIZE,
+                    "ids": ids[first : first + count],
+                    "raw": ["127.0.0.1", port],
+                }
+            )
+            first += count
+        for w in workers:
+            w.expect("registered", 30)
+        login = self.login("raw", workers, len(ids))
+        self.check_login(login, len(ids))
+        sampler = Sampler({"raw": raw.pid, **self.pids(None, workers)})
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {"duration": p["duration"], "peers": login.users, "window": p["window"]},
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["raw"])
+        row["throughput"] = merged["delivered_in_window"] / duration
+        row["unit"] = "msgs/s"
+        row["notes"].insert(
+            0,
+            f"{p['clients']} clients, window {p['window']}, {SIZE}-byte texts, 1 process",
+        )
+        self.stop_workers(workers)
+
+    def _p2p_like(
+        self, name: str, row: dict[str, Any], p: dict[str, Any], run: dict[str, Any]
+    ) -> dict[str, Any]:
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["clients"])
+        login = self.login(name, workers, p["clients"])
+        self.check_login(login, p["clients"])
+        row["notes"].append(f"clients per server: {sorted(login.servers.values())}")
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {"duration": p["duration"], "peers": login.users, **run},
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        row["throughput"] = merged["delivered_in_window"] / duration
+        row["unit"] = "msgs/s"
+        self.stop_workers(workers)
+        return merged
+
+    def scenario_p2p(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        self._p2p_like("p2p", row, p, {"window": p["window"]})
+        row["notes"].insert(
+            0, f"{p['clients']} clients, window {p['window']}, {SIZE}-byte texts"
+        )
+        target(row, ">=15,000/s", row["throughput"] >= 15000)
+        raw = self.rows.get("raw")
+        if raw and raw.get("throughput"):
+            ratio = row["throughput"] / raw["throughput"]
+            row["ratio_to_raw"] = round(ratio, 3)
+            target(row, f">=0.25 raw ({ratio:.2f})", ratio >= 0.25)
+        target(row, "0 lost/dup", not row["lost"] and not row["duplicated"])
+
+    def scenario_p2p_latency(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        merged = self._p2p_like(
+            "p2p-latency",
+            row,
+            p,
+            {"rate": p["rate"] / self.workers, "cap": 10},
+        )
+        offered = merged["sent_in_window"] / p["duration"]
+        row["offered"] = round(offered, 1)
+        row["notes"].insert(
+            0,
+            f"{p['clients']} clients, offered {offered:,.0f} msgs/s (asked {p['rate']:,})",
+        )
+        target(
+            row,
+            f"p99<=50ms at {p['rate']:,}/s",
+            row["p99_ms"] is not None
+            and row["p99_ms"] <= 50
+            and offered >= 0.95 * p["rate"],
+        )
+
+    def scenario_group(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "group"
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        users = self.setup_cim(name, cluster, workers, p["members"])
+        group = f"bench-{self.run_id}"
+        created = post_json(
+            f"http://127.0.0.1:{cluster.route_port}/group/create",
+            {"userId": users[0][0], "groupId": group},
+            {"X-Cim-Secret": self.secret},
+        )
+        if created.get("code") != "9000":
+            raise HarnessError(f"/group/create: {created}")
+        login = self.login(name, workers, p["members"], group=group)
+        self.check_login(login, p["members"])
+        logged, servers = login.users, login.servers
+        senders = self.split(p["senders"], len(workers))
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "quiet": 1.0,
+                "peers": logged,
+                "window": p["window"],
+                "fanout": len(logged),
+            },
+            drain=self.drain,
+            per_worker=[{"senders": n} for n in senders],
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        row["throughput"] = merged["delivered_in_window"] / duration
+        row["unit"] = "deliv/s"
+        row["notes"].insert(
+            0,
+            f"{len(logged)} members (per server {sorted(servers.values())}), "
+            f"{p['senders']} senders, window {p['window']}; "
+            f"{merged['sent_in_window'] / duration:,.0f} group msgs/s",
+        )
+        target(row, ">=200,000/s", row["throughput"] >= 200000)
+        self.stop_workers(workers)
+
+    def scenario_http(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "http"
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["users"])
+        login = self.login(name, workers, p["users"])
+        self.check_login(login, p["users"])
+        logged = login.users
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "peers": logged,
+                "concurrency": p["concurrency"] // len(workers),
+                "auth": "secret",
+            },
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        ok = self.counter(reports, "http_ok_in_window")
+        row["throughput"] = ok / duration
+        row["unit"] = "calls/s"
+        calls = self.histogram(reports, "http_latency")
+        row["http_call_latency"] = latency_fields(calls)
+        row["notes"].insert(
+            0,
+            f"{p['concurrency']} concurrent HTTP clients (X-Cim-Secret), {p['users']} TCP "
+            f"receivers; call latency p50 {fmt_num(ms(calls.percentile(50)))} ms, "
+            f"p99 {fmt_num(ms(calls.percentile(99)))} ms; the latency columns are end to end",
+        )
+        for key in ("http_errors", "http_failures", "http_offline"):
+            if self.counter(reports, key):
+                row["notes"].append(f"{key}: {self.counter(reports, key)}")
+        target(row, ">=3,000/s", row["throughput"] >= 3000)
+        self.stop_workers(workers)
+
+    def scenario_login(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "login"
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["users"], concurrency=64)
+        self.login(name, workers, p["users"], connect=False)
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "concurrency": p["concurrency"] // len(workers),
+                "bind": SOURCES,
+            },
+            drain=2,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        for key in ("sent", "delivered", "lost", "duplicated"):
+            row[key] = None
+        done = self.counter(reports, "logins")
+        in_window = self.counter(reports, "logins_in_window")
+        last = max(float(r["last_done"]) for r in reports)
+        if done == p["users"] and last:
+            # All done before the end: the rate over the time they took.
+            row["throughput"] = done / max(last - self.last_start, 1e-3)
+        else:
+            row["throughput"] = in_window / duration
+        row["unit"] = "logins/s"
+        if done:
+            per = {
+                k: v / 100 * sampler.wall / max(1, in_window) * 1e6
+                for k, v in sampler.cpu.items()
+            }
+            row["notes"].append(
+                "CPU per login: "
+                + ", ".join(f"{k} {v:.0f} us" for k, v in per.items() if v >= 0.5)
+            )
+        row.update(latency_fields(self.histogram(reports, "login_latency")))
+        failures = self.counter(reports, "login_failures")
+        row["notes"].insert(
+            0,
+            f"{done} of {p['users']} fresh users logged in (route /login + TCP login), "
+            f"{p['concurrency']} at a time; latency is per login; {failures} failed",
+        )
+        target(row, ">=1,000/s", row["throughput"] >= 1000)
+        self.stop_workers(workers)
+
+    def scenario_connections(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "connections"
+        n = p["connections"]
+        cluster = self.cluster(name, servers=1)
+        workers = self.spawn(name)
+        self.setup_cim(
+            name, cluster, workers, n, concurrency=64, ping_interval=p["ping_interval"]
+        )
+        sampler = Sampler(self.pids(cluster, workers))
+        time.sleep(0.5)
+        before = sampler.rss("server1")
+        login = self.login(name, workers, n, concurrency=p["concurrency"], bind=SOURCES)
+        after = sampler.rss("server1")
+        open_now = len(login.users)
+        per_conn = (after - before) / max(1, open_now)
+        merged, reports, duration = self.measure(
+            workers, sampler, {"duration": p["hold"]}, drain=2
+        )
+        self.fill(row, merged, reports, sampler, ["server1"])
+        for key in ("sent", "delivered", "lost", "duplicated"):
+            row[key] = None
+        held = sum(int(r["held"]) for r in reports)
+        missing = sum(int(r["missing_pongs"]) for r in reports)
+        pings = self.counter(reports, "hold_pings")
+        pongs = self.counter(reports, "hold_pongs")
+        dropped = self.counter(reports, "dropped")
+        row["throughput"] = held
+        row["unit"] = "conns"
+        row.update(latency_fields(self.histogram(reports, "ping_latency")))
+        row["rss_per_connection_bytes"] = round(per_conn)
+        row["rss_before_mb"] = round(before / 2**20, 1)
+        row["rss_after_mb"] = round(after / 2**20, 1)
+        row["logins_per_s"] = round(login.logged_in / max(login.elapsed, 1e-3), 1)
+        row["notes"].insert(
+            0,
+            f"{login.logged_in} of {n} logged in ({login.failed} failed) in "
+            f"{login.elapsed:.1f}s ({row['logins_per_s']:,.0f}/s) from "
+            f"{len(SOURCES)} source addresses, {open_now} open then; server RSS "
+            f"{before / 2**20:.1f} -> {after / 2**20:.1f} MB = "
+            f"{per_conn / 1024:.2f} KB each",
+        )
+        row["notes"].insert(
+            1,
+            f"held {p['hold']}s, a PING every {p['ping_interval']}s: {pings} pings, "
+            f"{pongs} pongs, {missing} unanswered, {dropped} dropped; "
+            "the latency columns are the PING round trip",
+        )
+        target(row, f"{n:,} held", held == n and not dropped and not missing)
+        target(row, f"<=4KB/conn ({per_conn / 1024:.1f})", per_conn <= 4096)
+        self.stop_workers(workers)
+
+
+def lock(path: Path, wait: float = 1800.0) -> IO[str]:
+    """
+    Take the machine's benchmark lock: two harnesses at once would share
+    the services (one empties the other's Redis database) and the CPU.
+    Wait for another one to finish (at most C{wait} seconds).
+
+    @return: the open lock file; the lock lasts until the process exits.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    deadline = time.monotonic() + wait
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waiting:
+                f.seek(0)
+                say(
+                    f"another benchmark (pid {f.read().strip() or '?'}) is running; waiting"
+                )
+                waiting = True
+            if time.monotonic() > deadline:
+                raise HarnessError("another benchmark is still running") from None
+            time.sleep(1.0)
+            continue
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+
+def profiled_twistd(out: str, args: list[str]) -> None:
+    """
+    Run C{twistd args} under cProfile counting CPU time (not wall time, so
+    that waiting for the CPU on a busy machine does not count), and save
+    the statistics to C{out} when it exits.
+    """
+    import cProfile
+
+    from twisted.application import app
+    from twisted.scripts.twistd import run
+
+    # twistd ends by killing itself with the signal that stopped it; save
+    # the statistics first.
+    app._exitWithSignal = lambda sig: None  # type: ignore[assignment]
+    profiler = cProfile.Profile(time.process_time)
+    sys.argv = ["twistd", *args]
+    profiler.enable()
+    try:
+        run()
+    finally:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--profiled-twistd"]:
+        profiled_twistd(argv[1], argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description="The cim benchmark.")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short, small-scale run (CI)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (may be repeated)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="load generator processes"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the daemons under cProfile, counting CPU time "
+        "(.run/bench/<timestamp>/<scenario>/<daemon>.prof)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help="measure each scenario for this many seconds instead",
+    )
+    args = parser.parse_args(argv)
+    names = [s for s in SCENARIOS if not args.only or s in args.only]
+    try:
+        held = lock(ROOT / ".run" / "bench" / "lock")
+    except (HarnessError, KeyboardInterrupt) as e:
+        say(f"not started: {e}")
+        return 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_id = stamp.replace("-", "")
+    logs = ROOT / ".run" / "bench" / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, terminate)
+    bench = Bench(args.quick, args.workers, run_id, logs, args.profile)
+    bench.duration = args.duration
+    started = time.monotonic()
+    say(
+        f"{'quick' if args.quick else 'full'} run of {', '.join(names)}; logs in {logs}"
+    )
+    try:
+        rows = bench.run(names)
+    except KeyboardInterrupt:
+        say("interrupted; stopping everything")
+        return 130
+    finally:
+        bench.close()
+        held.close()
+    result = {
+        "started": stamp,
+        "quick": args.quick,
+        "seconds": round(time.monotonic() - started, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "workers": args.workers,
+        },
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    shutil.copyfile(path, RESULTS / "latest.json")
+    print()
+    print_table(rows, args.quick)
+    print(
+        f"\n{result['seconds']}s; results in {path.relative_to(ROOT)} and bench/results/latest.json"
+    )
+    return 1 if any(failed(r) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
