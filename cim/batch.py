@@ -29,6 +29,10 @@ class Batcher(Generic[T, R]):
 
     Waiters are plain callables, not Deferreds, to keep the per-item cost
     low: C{submit(item, done)} calls C{done(result)} or C{done(failure)}.
+
+    With C{fail_queued}, the items queued when a batch fails fail with it,
+    untried: with one batch in flight, an item is then never stored after
+    an earlier one that failed (their sender can send both again, in order).
     """
 
     log = Logger()
@@ -38,8 +42,10 @@ class Batcher(Generic[T, R]):
         call: Callable[[list[T]], Deferred[Sequence[R]]],
         max_in_flight: int = 2,
         max_batch: int = 1000,
+        fail_queued: bool = False,
     ) -> None:
         self._call = call
+        self._fail_queued = fail_queued
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
         self._in_flight = 0
@@ -91,6 +97,9 @@ class Batcher(Generic[T, R]):
     ) -> None:
         self._in_flight -= 1
         if isinstance(results, Failure):
+            if self._fail_queued and self._waiters:
+                waiters = waiters + self._waiters
+                self._items, self._waiters = [], []
             outcomes: Sequence[R | Failure] = [results] * len(waiters)
         elif len(results) != len(waiters):
             error = ValueError(f"{len(results)} results for {len(waiters)} items")

@@ -94,10 +94,13 @@ class Delivery:
         self.here = here
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
             # One batch at a time keeps appends in submission order (a
-            # sender's messages are stored in the order it sent them).
+            # sender's messages are stored in the order it sent them); and
+            # when one fails, those queued behind it fail too, so that none
+            # is stored before an earlier one sent again.
             self._append_batch,
             max_in_flight=1,
             max_batch=500,
+            fail_queued=True,
         )
         self._lookup: Batcher[list[int], dict[int, Session]] = Batcher(
             self._lookup_batch, max_in_flight=4, max_batch=500

@@ -5,10 +5,37 @@ keeps pointing users at a dead server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from cim.interfaces import IRegistry, IStore, ServerAddress
+
+#: Whether the server named by an address string is alive: fires with a bool.
+Probe = Callable[[str], "Deferred[bool]"]
+
+
+def http_probe(http: Any, timeout: float = 2.0) -> Probe:
+    """
+    A L{Probe} asking a server's push API for C{/health} with C{http} (a treq
+    client): a server that answers within C{timeout} seconds is alive.
+    """
+
+    async def alive(server: str) -> bool:
+        address = ServerAddress.parse(server)
+        response = await http.get(
+            f"http://{address.host}:{address.http_port}/health", timeout=timeout
+        )
+        await response.content()
+        return bool(response.code == 200)
+
+    def probe(server: str) -> Deferred[bool]:
+        return ensureDeferred(alive(server)).addErrback(lambda _: False)
+
+    return probe
 
 
 class DeadServerJanitor:
@@ -17,6 +44,12 @@ class DeadServerJanitor:
     (longer than a ZooKeeper session expiry and re-registration takes), drop
     its sessions from C{store}.  Every route and server runs one; dropping is
     idempotent.
+
+    With a C{probe}, a server that left the registry but still answers is
+    not dead (cut off from ZooKeeper, it keeps serving its clients and will
+    register again): its sessions are kept, and it is checked again after
+    another C{grace}.  Dropping them would strand its connected clients,
+    whom nobody would deliver to any more.
     """
 
     log = Logger()
@@ -27,11 +60,15 @@ class DeadServerJanitor:
         registry: IRegistry,
         store: IStore,
         grace: float = 3.0,
+        probe: Probe | None = None,
     ) -> None:
         self.clock = clock
         self.registry = registry
         self.store = store
         self.grace = grace
+        self.probe = probe
+        #: Servers gone from the registry that still answered the probe.
+        self._answering: set[str] = set()
         self._known: set[str] = set()
         self._pending: dict[str, IDelayedCall] = {}
         self._unwatch = None
@@ -51,6 +88,7 @@ class DeadServerJanitor:
 
     def _changed(self, servers: list[ServerAddress]) -> None:
         now = {str(s) for s in servers}
+        self._answering -= now
         for server in now:
             call = self._pending.pop(server, None)
             if call is not None and call.active():
@@ -66,6 +104,27 @@ class DeadServerJanitor:
         self._pending.pop(server, None)
         if server in {str(s) for s in self.registry.servers()}:
             return
+        if self.probe is None:
+            self._drop_sessions(server)
+            return
+        self.probe(server).addCallback(self._probed, server)
+
+    def _probed(self, alive: bool, server: str) -> None:
+        if self._unwatch is None or server in {str(s) for s in self.registry.servers()}:
+            return  # stopped, or back meanwhile
+        if not alive:
+            self._drop_sessions(server)
+        elif server not in self._pending:
+            if server not in self._answering:
+                self._answering.add(server)
+                self.log.info(
+                    "{server} left the registry but still answers; "
+                    "keeping its sessions",
+                    server=server,
+                )
+            self._pending[server] = self.clock.callLater(self.grace, self._drop, server)
+
+    def _drop_sessions(self, server: str) -> None:
         d = self.store.drop_server_sessions(server)
 
         def dropped(users: list[int]) -> None:

@@ -434,6 +434,9 @@ def test_a_gap_is_filled_from_the_store() -> None:
         )
     )
     world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
+    # It waits a moment for the first one, then reads it from the store.
+    assert bob_peer.messages() == []
+    world.clock.advance(0.05)
     assert [m.text for m in bob_peer.messages()] == ["first", "second"]
     world.server.deliver_local(stored, [bob])  # type: ignore[arg-type]
     assert bob_peer.messages() == []  # duplicates are dropped
@@ -527,3 +530,29 @@ def test_group_joined_while_connected_arrives_whole_and_in_order() -> None:
     world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
     world.server.deliver_local(stored[:1], [bob])  # type: ignore[index]
     assert [m.text for m in bob_peer.messages()] == ["one", "two"]
+
+
+def test_out_of_order_arrivals_are_put_in_order_without_a_read() -> None:
+    world = World(store=SlowReads(World().clock))
+    store: SlowReads = world.store  # type: ignore[assignment]
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    from cim.interfaces import NewMessage
+
+    stored = world.result(
+        world.store.append(
+            [
+                NewMessage(inbox(bob), alice, "alice", t, receive_user_id=bob)
+                for t in "abc"
+            ]
+        )
+    )
+    store.slow = True
+    world.server.deliver_local(stored[2:], [bob])  # type: ignore[index]
+    world.server.deliver_local(stored[1:2], [bob])  # type: ignore[index]
+    assert bob_peer.messages() == []
+    world.server.deliver_local(stored[:1], [bob])  # type: ignore[index]
+    assert [m.text for m in bob_peer.messages()] == ["a", "b", "c"]
+    world.clock.advance(1)
+    assert store.reads == []
+    assert bob_peer.messages() == []

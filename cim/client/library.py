@@ -856,6 +856,16 @@ class Client:
             self._login_waiter.errback(LoginError(str(code), reason))
             return
         self._notify("error_received", code, reason, cmid)
+        if code == ErrorCode.STORE_ERROR and cmid and cmid in self._pending:
+            # Not a refusal: the server's store failed for a moment and the
+            # message was not stored.  Keep it pending and reconnect, so
+            # that it and every later send go out again, in order, once the
+            # server can store them (a resend is stored once, by its client
+            # message id).
+            self.log.info("Send {cmid} not stored: {reason}", cmid=cmid, reason=reason)
+            if self._protocol is not None:
+                self._protocol.close("the server could not store a message")
+            return
         pending = self._pending.pop(cmid, None) if cmid else None
         if pending is not None:
             pending.deferred.errback(SendError(code, reason, cmid))

@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING, Any
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from cim.delivery import Delivery
 from cim.interfaces import IRegistry, IStore, ServerAddress
-from cim.janitor import DeadServerJanitor
+from cim.janitor import DeadServerJanitor, http_probe
 from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
 from cim.route.logic import Probe
+from cim.web import QuietSite
 
 if TYPE_CHECKING:
     from cim.server.core import IMServer
@@ -52,6 +52,10 @@ class RouteConfig:
     probe_timeout: float = 2.0
 
 
+#: How long a probe's answer is reused, in seconds.
+PROBE_CACHE = 1.0
+
+
 class _Hangup(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -69,12 +73,25 @@ def tcp_probe(reactor: Any, timeout: float = 2.0) -> Probe:
     factory = Factory.forProtocol(_Hangup)
     factory.noisy = False
 
+    # A probe's answer stands for a second: logins do not each open a
+    # connection to their server, and a dead server is skipped at once.
+    answers: dict[ServerAddress, tuple[float, bool]] = {}
+
+    def remember(alive: bool, server: ServerAddress) -> bool:
+        answers[server] = (reactor.seconds(), alive)
+        return alive
+
     def probe(server: ServerAddress) -> Deferred[bool]:
+        known = answers.get(server)
+        if known is not None and reactor.seconds() - known[0] < PROBE_CACHE:
+            return succeed(known[1])
         endpoint = endpoints.TCP4ClientEndpoint(
             reactor, server.host, server.port, timeout=timeout
         )
         d: Deferred[Any] = endpoint.connect(factory)
-        return d.addCallbacks(lambda _: True, lambda _: False)
+        return d.addCallbacks(lambda _: True, lambda _: False).addCallback(
+            remember, server
+        )
 
     return probe
 
@@ -144,13 +161,18 @@ class RouteService(Service):
         self.store = store = await self.store_factory()
         self._registry_started = True
         await self.registry.start()
-        self._janitor = DeadServerJanitor(self.reactor, self.registry, store)
-        self._janitor.start()
         # A pool of our own, so that stopping closes its connections.
         self._pool = pool = HTTPConnectionPool(self.reactor, persistent=True)
         pool.maxPersistentPerHost = 8
         pool.retryAutomatically = False
-        pusher = HttpPusher(HTTPClient(Agent(self.reactor, pool=pool)), config.secret)
+        http = HTTPClient(Agent(self.reactor, pool=pool))
+        pusher = HttpPusher(http, config.secret)
+        # Issue 8: a server that left the registry but still answers keeps
+        # its sessions (see DeadServerJanitor).
+        self._janitor = DeadServerJanitor(
+            self.reactor, self.registry, store, probe=http_probe(http)
+        )
+        self._janitor.start()
         local = self.local
         delivery = Delivery(
             store, pusher, local=local, here=str(local.address) if local else None
@@ -170,7 +192,7 @@ class RouteService(Service):
             max_message=config.max_message,
             max_body=config.max_body,
         )
-        site = Site(self.api.app.resource())
+        site = QuietSite(self.api.app.resource())
         site.noisy = False
         self._listening = await endpoints.TCP4ServerEndpoint(
             self.reactor, config.port, interface=config.bind

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,6 +35,9 @@ from cim.metrics import Metrics
 
 #: Messages read from the store per page when replaying.
 REPLAY_PAGE = 200
+#: How long a gap in a conversation may stay open before it is read from
+#: the store, in seconds (the missing message is usually in flight).
+GAP_WAIT = 0.05
 #: The longest client message id accepted.
 MAX_CLIENT_MSG_ID = 64
 
@@ -224,6 +227,9 @@ class IMServer:
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
         self._stopping = False
+        self._gaps: set[tuple[Connection, str]] = set()
+        self._gap_call: IDelayedCall | None = None
+        self._reads: dict[tuple[str, int], list[Deferred[list[ChatMessage]]]] = {}
         self.metrics = metrics = Metrics("cim_server")
         metrics.gauge(
             "connections", "Open client connections", lambda: len(self.connections)
@@ -260,6 +266,9 @@ class IMServer:
         self._stopping = True
         if self._sweeper.running:
             self._sweeper.stop()
+        if self._gap_call is not None and self._gap_call.active():
+            self._gap_call.cancel()
+            self._gap_call = None
         releases = []
         for conn in list(self.connections):
             if conn.user_id and self.users.get(conn.user_id) is conn:
@@ -568,7 +577,7 @@ class IMServer:
         try:
             while not conn.closed:
                 after = conn.delivered[conversation]
-                page = await self.store.read(conversation, after, REPLAY_PAGE)
+                page = await self._read(conversation, after)
                 if conn.closed:
                     return
                 fresh = [m for m in page if m.seq > conn.delivered[conversation]]
@@ -656,7 +665,12 @@ class IMServer:
             if conversation == BROADCAST:
                 continue
             last = positions.get(conversation, delivered.get(conversation))
-            if last is None or conversation in conn.filling or m.seq != last + 1:
+            if (
+                last is None
+                or m.seq != last + 1
+                or conversation in conn.filling
+                or conversation in conn.pending
+            ):
                 in_order = False
                 break
             positions[conversation] = m.seq
@@ -690,13 +704,65 @@ class IMServer:
         elif m.seq <= last:
             return  # a duplicate
         elif m.seq == last + 1:
-            self._write_live(conn, [m])
-            conn.delivered[conversation] = m.seq
+            ready = [m]
+            pending = conn.pending.get(conversation)
+            if pending:
+                # This closed a gap: what waited behind it goes too.
+                position = m.seq
+                while position + 1 in pending:
+                    position += 1
+                    ready.append(pending.pop(position))
+                for seq in [seq for seq in pending if seq <= position]:
+                    del pending[seq]
+                if not pending:
+                    del conn.pending[conversation]
+            self._write_live(conn, ready)
+            conn.delivered[conversation] = ready[-1].seq
         else:
-            # A gap: an earlier message is still on its way (or was missed);
-            # hold this one and read the gap from the store.
+            # A gap: an earlier message is usually still on its way (pushed
+            # from another server).  Hold this one; if the gap is still
+            # open after GAP_WAIT, read it from the store.
             conn.pending.setdefault(conversation, {})[m.seq] = m
-            self._fill_in_background(conn, conversation)
+            self._gaps.add((conn, conversation))
+            if self._gap_call is None:
+                self._gap_call = self.clock.callLater(GAP_WAIT, self._close_gaps)
+
+    def _close_gaps(self) -> None:
+        """
+        Fill from the store the gaps that the live messages did not close.
+        """
+        self._gap_call = None
+        gaps, self._gaps = self._gaps, set()
+        for conn, conversation in gaps:
+            if (
+                not conn.closed
+                and conn.pending.get(conversation)
+                and conversation not in conn.filling
+            ):
+                self._fill_in_background(conn, conversation)
+
+    def _read(self, conversation: str, after: int) -> Deferred[list[ChatMessage]]:
+        """
+        Read a page of C{conversation} after C{after}, sharing one store
+        read among the connections that want the same page at once (a
+        group's members catching up together).
+        """
+        waiter: Deferred[list[ChatMessage]] = Deferred()
+        key = (conversation, after)
+        waiters = self._reads.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._reads[key] = [waiter]
+        self.store.read(conversation, after, REPLAY_PAGE).addBoth(self._read_done, key)
+        return waiter
+
+    def _read_done(self, result: object, key: tuple[str, int]) -> None:
+        for waiter in self._reads.pop(key):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)  # type: ignore[arg-type]
 
     # Acknowledgements
 
@@ -758,6 +824,21 @@ class IMServer:
             )
             return
         self.m_in.inc(len(texts))
+        receiver = frame.receive_user_id
+        if not conn.sending and receiver in self._known_users:
+            # The common case, with nothing to look up: straight to the
+            # appender, without a coroutine.
+            self.delivery.append_callback(
+                self._new_messages(
+                    conn,
+                    inbox(receiver),
+                    texts,
+                    frame.client_msg_id,
+                    receive_user_id=receiver,
+                ),
+                partial(self._appended, conn, frame, [receiver]),
+            )
+            return
         # Sends of one connection are stored in the order they were sent:
         # they queue here, and each is handed to the (FIFO) appender only
         # after the previous one was.
@@ -777,6 +858,10 @@ class IMServer:
                 except Exception:
                     self._send_failed(Failure(), conn, frame)
                     continue
+                if conn.closed:
+                    # Closed while we checked (after a store failure, see
+                    # _send_failed): the client sends it again.
+                    break
                 if prepared is not None:
                     messages, recipients = prepared
                     self.delivery.append_callback(
@@ -872,6 +957,11 @@ class IMServer:
         self._send_error(
             conn, frame, ErrorCode.STORE_ERROR, "not stored; send it again"
         )
+        # Store nothing more of this connection: its later sends must not be
+        # stored before this one (the appender fails those queued behind a
+        # failed batch).  The client reconnects and sends again, in order,
+        # everything not acknowledged.
+        self.kick(conn, "temporary store failure")
 
     def _new_messages(
         self,

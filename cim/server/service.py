@@ -13,15 +13,15 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
-from cim.janitor import DeadServerJanitor
+from cim.janitor import DeadServerJanitor, http_probe
 from cim.pusher import HttpPusher
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
 from cim.server.push import PushAPI
+from cim.web import QuietSite
 
 
 @dataclass
@@ -128,13 +128,18 @@ class IMServerService(Service):
             rate=config.rate,
         )
         client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
-        site = Site(PushAPI(server, config.secret).app.resource())
+        site = QuietSite(PushAPI(server, config.secret).app.resource())
         site.noisy = False
         http_port.factory.wrapped = site
         server.start()
         await self.registry.start()
         await self.registry.register(self.address)
-        self._janitor = DeadServerJanitor(self.reactor, self.registry, store)
+        # Sessions of a server that left the registry are dropped only if it
+        # does not answer either (issue 8: one cut off from ZooKeeper keeps
+        # serving its clients).
+        self._janitor = DeadServerJanitor(
+            self.reactor, self.registry, store, probe=http_probe(http)
+        )
         self._janitor.start()
         self.log.info(
             "cim-server {address} ready: clients on {bind}:{port}, push API on {bind}:{http}",
