@@ -280,6 +280,14 @@ class IStore(Interface):
         @return: fires with C{None}.
         """
 
+    def set_many_cursors(cursors: dict[int, dict[str, int]]):  # type: ignore[no-untyped-def]
+        """
+        L{set_cursors} for several users at once (user id to cursors), in
+        one round trip.
+
+        @return: fires with C{None}.
+        """
+
     def get_cursors(user_id: int):  # type: ignore[no-untyped-def]
         """
         @return: fires with a C{dict} of conversation to acknowledged seq.

@@ -556,3 +556,14 @@ def test_out_of_order_arrivals_are_put_in_order_without_a_read() -> None:
     world.clock.advance(1)
     assert store.reads == []
     assert bob_peer.messages() == []
+
+
+def test_acknowledged_cursors_are_saved_by_the_sweep() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m", receive_user_id=bob))
+    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 1)]))
+    assert world.result(world.store.get_cursors(bob)) == {}
+    world.clock.advance(10)
+    assert world.result(world.store.get_cursors(bob)) == {inbox(bob): 1}

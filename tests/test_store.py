@@ -723,3 +723,13 @@ async def test_password_hashes() -> None:
     assert await verify_password("password", stored) is False
     for bad in ["", "scrypt$1$8$1$AA==$AA==", "md5$x", stored + "$x", "a$b$c$d$e$f"]:
         assert await verify_password("pässword", bad) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_many_cursors(backend: Backend) -> None:
+    store = backend.store
+    await store.set_cursors(1, {"u:1": 5})
+    await store.set_many_cursors({1: {"u:1": 3, "g:a": 2}, 2: {"u:2": 9}, 3: {}})
+    assert await store.get_cursors(1) == {"u:1": 5, "g:a": 2}
+    assert await store.get_cursors(2) == {"u:2": 9}
+    assert await store.get_cursors(3) == {}

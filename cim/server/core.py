@@ -285,6 +285,7 @@ class IMServer:
         now = self.clock.seconds()
         idle = now - self.heartbeat_timeout
         late = now - self.login_timeout
+        dirty: list[Connection] = []
         for conn in list(self.connections):
             if conn.user_id:
                 if conn.last_seen < idle:
@@ -297,11 +298,25 @@ class IMServer:
                         conn, ErrorCode.LOGIN_TIMEOUT, "heartbeat timeout", close=True
                     )
                 elif conn.ack_dirty:
-                    self._save_acks(conn)
+                    dirty.append(conn)
             elif not conn.logging_in and conn.opened < late:
                 self.error(
                     conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True
                 )
+        if dirty:
+            # Every connection's acknowledged cursors in one store call.
+            for conn in dirty:
+                conn.ack_dirty = False
+            self.store.set_many_cursors(
+                {conn.user_id: dict(conn.acked) for conn in dirty}
+            ).addErrback(self._save_many_failed, dirty)
+
+    def _save_many_failed(self, failure: Failure, dirty: list[Connection]) -> None:
+        for conn in dirty:
+            conn.ack_dirty = True
+        self.log.failure(
+            "Saving the cursors of {count} users failed", failure, count=len(dirty)
+        )
 
     # Connection events (from the protocol)
 

@@ -414,6 +414,14 @@ class MemoryStore:
                 current[conversation] = seq
 
     @_fired
+    def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
+        for user_id, theirs in cursors.items():
+            current = self._cursors.setdefault(user_id, {})
+            for conversation, seq in theirs.items():
+                if seq > current.get(conversation, 0):
+                    current[conversation] = seq
+
+    @_fired
     def get_cursors(self, user_id: int) -> dict[str, int]:
         return dict(self._cursors.get(user_id, {}))
 

@@ -357,6 +357,24 @@ end
 return 1
 """)
 
+# KEYS: the cursor hashes of several users.  ARGV: for each key, the number
+# of its cursors, then that many conversation, seq pairs.
+_SET_MANY_CURSORS = _Script("""
+local a = 1
+for k = 1, #KEYS do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  for i = 1, n do
+    local seq = tonumber(ARGV[a + 1])
+    if seq > tonumber(redis.call('HGET', KEYS[k], ARGV[a]) or '0') then
+      redis.call('HSET', KEYS[k], ARGV[a], seq)
+    end
+    a = a + 2
+  end
+end
+return 1
+""")
+
 # KEYS: group, members, the owner's groups.  ARGV: owner id, group id.
 # Returns 1, or 0 when the group exists.
 _CREATE_GROUP = _Script("""
@@ -812,6 +830,19 @@ class RedisStore:
         await self._run(_SET_CURSORS, [self._key("cursors", user_id)], args)
 
     @_deferred
+    async def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
+        keys = []
+        args: list[Any] = []
+        for user_id, theirs in cursors.items():
+            if theirs:
+                keys.append(self._key("cursors", user_id))
+                args.append(len(theirs))
+                for conversation, seq in theirs.items():
+                    args += [conversation, int(seq)]
+        if keys:
+            await self._run(_SET_MANY_CURSORS, keys, args)
+
+    @_deferred
     async def get_cursors(self, user_id: int) -> dict[str, int]:
         flat = await self._command("HGETALL", self._key("cursors", user_id))
         return {c: int(seq) for c, seq in zip(flat[::2], flat[1::2], strict=True)}
@@ -914,9 +945,40 @@ def connect_redis(
         connectTimeout=timeout,
         convertNumbers=False,
     )
+    # Connections are made once the reactor runs, so the protocol class can
+    # still be swapped for one with a faster command encoder.
+    pool._factory.protocol = _protocol_with_fast_commands(pool._factory.protocol)
     store = RedisStore(pool, clock, retention, prefix, timeout)
 
     def failed(failure: Failure) -> defer.Deferred[Any]:
         return pool.disconnect().addBoth(lambda _: failure)
 
     return store.ping().addCallbacks(lambda _: store, failed)
+
+
+def _protocol_with_fast_commands(base: type) -> type:
+    """
+    Subclass txredisapi's protocol class C{base} (the hiredis one when
+    hiredis is installed) with a command encoder that costs about a third
+    of the original's: it formats each argument once, where the original
+    calls a type-dispatching encoder twice per argument.  Commands with
+    hundreds of arguments (batched appends, session lookups) are the hot
+    path of every IM server.
+    """
+
+    def _build_command(self: Any, *args: Any, **kwargs: Any) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        charset = self.charset or "utf-8"
+        for arg in args:
+            if isinstance(arg, str):
+                data = arg.encode(charset, self.errors)
+            elif isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, int):
+                data = b"%d" % arg
+            else:
+                data = self._encode_value(arg)
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
+
+    return type("FastCommandProtocol", (base,), {"_build_command": _build_command})
