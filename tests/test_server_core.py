@@ -436,7 +436,7 @@ def test_a_gap_is_filled_from_the_store() -> None:
     world.server.deliver_local(stored[1:], [bob])  # type: ignore[index]
     # It waits a moment for the first one, then reads it from the store.
     assert bob_peer.messages() == []
-    world.clock.advance(0.05)
+    world.clock.advance(0.25)
     assert [m.text for m in bob_peer.messages()] == ["first", "second"]
     world.server.deliver_local(stored, [bob])  # type: ignore[arg-type]
     assert bob_peer.messages() == []  # duplicates are dropped

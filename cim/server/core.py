@@ -37,7 +37,7 @@ from cim.metrics import Metrics
 REPLAY_PAGE = 200
 #: How long a gap in a conversation may stay open before it is read from
 #: the store, in seconds (the missing message is usually in flight).
-GAP_WAIT = 0.05
+GAP_WAIT = 0.25
 #: The longest client message id accepted.
 MAX_CLIENT_MSG_ID = 64
 
