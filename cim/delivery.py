@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
@@ -21,6 +22,11 @@ from zope.interface import Interface
 from cim.batch import Batcher
 from cim.interfaces import IStore, NewMessage, Session
 from cim.message import ChatMessage
+
+#: How long a user's server, once looked up, is pushed to without asking the
+#: store again, in seconds; and how many such entries are kept at most.
+ROUTE_CACHE_TTL = 10.0
+ROUTE_CACHE_SIZE = 200_000
 
 
 class ILocalDelivery(Interface):
@@ -77,6 +83,8 @@ class Delivery:
 
     @param here: the L{cim.interfaces.ServerAddress} string of the IM server
         this process runs (with C{local}), or C{None} in a route.
+    @param clock: with a clock, where users were found is remembered for
+        L{ROUTE_CACHE_TTL} seconds, saving a store lookup per delivery.
     """
 
     log = Logger()
@@ -87,11 +95,17 @@ class Delivery:
         pusher: IPusher,
         local: ILocalDelivery | None = None,
         here: str | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.store = store
         self.pusher = pusher
         self.local = local
         self.here = here
+        self.clock = clock
+        #: user id -> (server, expiry): where a recent lookup found the user.
+        #: Only used with a clock; never trusted for "offline" (a push that
+        #: finds the user gone leads to a fresh lookup).
+        self._routes: dict[int, tuple[str, float]] = {}
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
             # One batch at a time keeps appends in submission order (a
             # sender's messages are stored in the order it sent them); and
@@ -170,10 +184,71 @@ class Delivery:
                 report.delivered.extend(u for u in user_ids if u not in missing)
         if not remaining:
             return succeed(report)
-        d: Deferred = self._lookup.submit_deferred(list(remaining))
-        d.addCallback(self._push_remote, messages, list(remaining), report)
-        d.addErrback(self._lookup_failed, list(remaining), report)
+        if self.clock is None:
+            return self._lookup_and_push(messages, list(remaining), report)
+        # Users whose server we learnt recently are pushed to directly; the
+        # others (and any that a push finds gone) are looked up in the store.
+        now = self.clock.seconds()
+        unknown = []
+        cached: dict[str, list[int]] = {}
+        for uid in remaining:
+            entry = self._routes.get(uid)
+            if entry is not None and entry[1] > now:
+                cached.setdefault(entry[0], []).append(uid)
+            else:
+                unknown.append(uid)
+        work = []
+        for server, uids in cached.items():
+            d = self.pusher.push(server, messages, uids)
+            d.addCallbacks(
+                self._pushed_cached,
+                self._push_cached_failed,
+                callbackArgs=(uids, messages, report),
+                errbackArgs=(uids, messages, report),
+            )
+            work.append(d)
+        if unknown:
+            work.append(self._lookup_and_push(messages, unknown, report))
+        return _all(work).addCallback(lambda _: report)
+
+    def _lookup_and_push(
+        self,
+        messages: Sequence[ChatMessage],
+        user_ids: list[int],
+        report: DeliveryReport,
+    ) -> Deferred[DeliveryReport]:
+        d: Deferred = self._lookup.submit_deferred(user_ids)
+        d.addCallback(self._push_remote, messages, user_ids, report)
+        d.addErrback(self._lookup_failed, user_ids, report)
         return d
+
+    def _pushed_cached(
+        self,
+        missing: list[int],
+        uids: list[int],
+        messages: Sequence[ChatMessage],
+        report: DeliveryReport,
+    ) -> Deferred[DeliveryReport] | None:
+        if not missing:
+            report.delivered.extend(uids)
+            return None
+        gone = set(missing)
+        report.delivered.extend(u for u in uids if u not in gone)
+        # They moved (or left) since we learnt where they were: ask the store.
+        for uid in gone:
+            self._routes.pop(uid, None)
+        return self._lookup_and_push(messages, list(gone), report)
+
+    def _push_cached_failed(
+        self,
+        failure: Failure,
+        uids: list[int],
+        messages: Sequence[ChatMessage],
+        report: DeliveryReport,
+    ) -> Deferred[DeliveryReport]:
+        for uid in uids:
+            self._routes.pop(uid, None)
+        return self._lookup_and_push(messages, uids, report)
 
     def _lookup_failed(
         self, failure: Failure, user_ids: list[int], report: DeliveryReport
@@ -198,6 +273,13 @@ class Delivery:
                 report.offline.append(uid)
             else:
                 by_server.setdefault(session.server, []).append(uid)
+        if self.clock is not None and by_server:
+            if len(self._routes) > ROUTE_CACHE_SIZE:
+                self._routes.clear()
+            expires = self.clock.seconds() + ROUTE_CACHE_TTL
+            for server, uids in by_server.items():
+                for uid in uids:
+                    self._routes[uid] = (server, expires)
         if not by_server:
             return succeed(report)
         pushes = []
@@ -216,6 +298,8 @@ class Delivery:
         self, missing: list[int], uids: list[int], report: DeliveryReport
     ) -> None:
         gone = set(missing)
+        for uid in gone:
+            self._routes.pop(uid, None)
         report.delivered.extend(u for u in uids if u not in gone)
         report.offline.extend(u for u in uids if u in gone)
 
@@ -228,6 +312,8 @@ class Delivery:
             count=len(uids),
             error=failure.getErrorMessage(),
         )
+        for uid in uids:
+            self._routes.pop(uid, None)
         report.failed.extend(uids)
 
 

@@ -175,7 +175,11 @@ class RouteService(Service):
         self._janitor.start()
         local = self.local
         delivery = Delivery(
-            store, pusher, local=local, here=str(local.address) if local else None
+            store,
+            pusher,
+            local=local,
+            here=str(local.address) if local else None,
+            clock=self.reactor,
         )
         self.api = RouteAPI(
             store,

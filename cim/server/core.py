@@ -222,7 +222,7 @@ class IMServer:
         self.rate = rate
         self.users: dict[int, Connection] = {}
         self.connections: set[Connection] = set()
-        self.delivery = Delivery(store, pusher, local=self, here=self.here)
+        self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
         self._known_users: set[int] = set()
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
