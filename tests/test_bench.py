@@ -6,6 +6,12 @@ damaged messages correctly.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from bench.loadgen import (
@@ -382,3 +388,32 @@ def test_login_resumes_from_the_cursors() -> None:
         ("g:x", 3),
         ("u:2", 7),
     ]
+
+
+@pytest.mark.integration
+def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
+    """
+    `make bench-quick`: every scenario runs end to end and nothing is lost
+    or duplicated (the throughput targets are for the full run).
+    """
+    if not os.environ.get("CIM_TEST_REDIS"):
+        pytest.skip("runs with `make test`")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.harness", "--quick"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for scenario in (
+        "raw",
+        "p2p",
+        "p2p-latency",
+        "group",
+        "http",
+        "login",
+        "connections",
+    ):
+        assert f"\n{scenario} " in result.stdout, scenario
+    assert "ERROR" not in result.stdout
