@@ -39,6 +39,8 @@ from cim.message import (
 )
 from cim.route.balancer import Balancer
 
+#: How many accounts the route keeps in memory for existence checks.
+ACCOUNT_CACHE_SIZE = 100_000
 #: How long a login's session claim waits for the client's TCP login.
 CLAIM_TTL = 60.0
 
@@ -118,6 +120,9 @@ class Router:
         legacy_auth: bool = False,
     ) -> None:
         self.store = store
+        #: Accounts seen, by id: they are never deleted, and their names
+        #: never change, so existence checks need not ask the store twice.
+        self._accounts: dict[int, Account] = {}
         self.registry = registry
         self.delivery = delivery
         self.pusher = pusher
@@ -177,9 +182,15 @@ class Router:
         """
         @raise ApiError: L{codes.INVALID_ARGUMENT} when there is no such user.
         """
+        known = self._accounts.get(user_id)
+        if known is not None:
+            return known
         account: Account | None = await self.store.get_account(user_id)
         if account is None:
             raise ApiError(codes.INVALID_ARGUMENT, f"{field}: no user {user_id}")
+        if len(self._accounts) >= ACCOUNT_CACHE_SIZE:
+            self._accounts.clear()
+        self._accounts[user_id] = account
         return account
 
     # Accounts and sessions
