@@ -21,6 +21,8 @@ help:
 	@echo "make demo         two scripted clients chat through a standalone node"
 	@echo "make cluster      Redis, ZooKeeper, one route, two servers (make cluster-down)"
 	@echo "make bench        the benchmark (bench-quick: a short run)"
+	@echo "make soak         the soak test: 2,000 clients, 10 minutes (SOAK_ARGS=--quick: 200, 1 minute)"
+	@echo "make fuzz         the frame/codec fuzzer (FUZZ_SECONDS, default 60)"
 	@echo "make proto        regenerate the protobuf code (proto-check: fail if stale)"
 	@echo "make lint / typecheck / install / services-up / services-down"
 
@@ -92,3 +94,6 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.harness --quick
+
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
