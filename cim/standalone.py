@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import secrets
 
-from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.logger import Logger
+from twisted.application.service import IService
+from twisted.internet.defer import succeed
 from twisted.python import usage
 
+from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.options import as_deferred, check_registry_url, check_store_url, port_number
 from cim.route.service import RouteConfig, RouteService
@@ -64,33 +64,20 @@ class Options(usage.Options):
             self["secret"] = secrets.token_urlsafe(24)
 
 
-class StandaloneService(Service):
+class StandaloneService(AsyncStartService):
     """
     Start the IM server, then the route with the server as its local
     delivery target (no HTTP hop between them); stop in the reverse order.
     """
 
-    log = Logger()
+    what = "cim-standalone"
 
     def __init__(self, reactor, options: usage.Options, on_failure=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(on_failure)
         self.reactor = reactor
         self.options = options
-        self.on_failure = on_failure
         self.server: IMServerService | None = None
         self.route: RouteService | None = None
-        self.ready: Deferred[StandaloneService] = Deferred()
-
-    def startService(self) -> None:
-        super().startService()
-        ensureDeferred(self._start()).addErrback(self._failed)
-
-    def _failed(self, failure) -> None:  # type: ignore[no-untyped-def]
-        self.log.failure("cim-standalone could not start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
-        if self.on_failure is not None:
-            self.on_failure()
 
     async def _start(self) -> None:
         from cim.registry import open_registry
@@ -135,11 +122,6 @@ class StandaloneService(Service):
             route=self.route.port,
             address=str(self.server.address),
         )
-        self.ready.callback(self)
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
         if self.route is not None and self.route.running:

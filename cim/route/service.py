@@ -10,14 +10,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from treq.client import HTTPClient
-from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
@@ -96,7 +94,7 @@ def tcp_probe(reactor: Any, timeout: float = 2.0) -> Probe:
     return probe
 
 
-class RouteService(Service):
+class RouteService(AsyncStartService):
     """
     Runs a route: opens the store (C{store_factory} returns a Deferred, or a
     coroutine, firing with it), starts the registry and a
@@ -114,7 +112,7 @@ class RouteService(Service):
     @ivar api: the L{RouteAPI}, once L{ready} fired.
     """
 
-    log = Logger()
+    what = "The route"
 
     def __init__(
         self,
@@ -126,35 +124,20 @@ class RouteService(Service):
         on_failure: Callable[[], object] | None = None,
         probe: Probe | None = None,
     ) -> None:
+        super().__init__(on_failure)
         self.reactor = reactor
         self.config = config
         self.store_factory = store_factory
         self.registry = registry
         self.local = local
-        self.on_failure = on_failure
         self.probe = probe or tcp_probe(reactor, config.probe_timeout)
         self.store: IStore | None = None
         self.api: RouteAPI | None = None
         self.port: int | None = None
-        self.ready: Deferred[RouteService] = Deferred()
         self._listening: Any = None
         self._janitor: DeadServerJanitor | None = None
         self._pool: HTTPConnectionPool | None = None
         self._registry_started = False
-        self._starting: Deferred[None] | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._starting = ensureDeferred(self._start())
-        self._starting.addErrback(self._start_failed)
-
-    def _start_failed(self, failure: Failure) -> None:
-        self.log.failure("The route could not start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
-        if self.on_failure is not None:
-            self.on_failure()
 
     async def _start(self) -> None:
         config = self.config
@@ -209,15 +192,8 @@ class RouteService(Service):
             balancer=config.balancer,
             servers=len(self.registry.servers()),
         )
-        self.ready.callback(self)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
         if self._listening is not None:
             await self._listening.stopListening()
             self._listening = None

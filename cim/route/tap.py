@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 from twisted.application.service import IService
 from twisted.python import usage
 
+from cim.daemon import daemon_service
 from cim.options import (
-    as_deferred,
     check_registry_url,
     check_store_url,
     port_number,
@@ -139,19 +139,4 @@ def config_from(options: usage.Options) -> RouteConfig:
 
 
 def makeService(options: usage.Options) -> IService:
-    from twisted.internet import reactor
-
-    from cim.registry import open_registry
-    from cim.store import open_store
-
-    def stop() -> None:
-        if reactor.running:  # type: ignore[attr-defined]
-            reactor.stop()  # type: ignore[attr-defined]
-
-    return RouteService(
-        reactor,
-        config_from(options),
-        lambda: as_deferred(open_store(options["store"], reactor)),
-        open_registry(options["registry"], reactor),
-        on_failure=stop,
-    )
+    return daemon_service(RouteService, config_from(options), options)

@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from treq.client import HTTPClient
-from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
@@ -53,18 +51,18 @@ def make_http_client(reactor) -> HTTPClient:  # type: ignore[no-untyped-def]
     return HTTPClient(Agent(reactor, pool=pool))
 
 
-class IMServerService(Service):
+class IMServerService(AsyncStartService):
     """
     Runs an L{IMServer}: opens the store and registry (given as factories
     returning Deferreds, so that a failure is reported, not lost), listens
     on the client and push ports, then registers.  Stopping deregisters
     first, then tells clients to reconnect elsewhere.
 
-    If start-up fails, the failure is logged and C{on_failure} is called
-    (the tap stops the reactor).
+    If start-up fails, the failure is logged, L{ready} fails and
+    C{on_failure} is called (the tap stops the reactor).
     """
 
-    log = Logger()
+    what = "The IM server"
 
     def __init__(
         self,
@@ -74,31 +72,16 @@ class IMServerService(Service):
         registry: IRegistry,
         on_failure=None,
     ) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(on_failure)
         self.reactor = reactor
         self.config = config
         self.store_factory = store_factory
         self.registry = registry
-        self.on_failure = on_failure
         self.server: IMServer | None = None
         self.address: ServerAddress | None = None
         self.store: IStore | None = None
-        self.ready: Deferred[IMServerService] = Deferred()
         self._ports: list = []
         self._janitor: DeadServerJanitor | None = None
-        self._starting: Deferred | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._starting = ensureDeferred(self._start())
-        self._starting.addErrback(self._start_failed)
-
-    def _start_failed(self, failure) -> None:  # type: ignore[no-untyped-def]
-        self.log.failure("The IM server could not start", failure)
-        if not self.ready.called:
-            self.ready.errback(failure)
-            self.ready.addErrback(lambda _: None)
-        if self.on_failure is not None:
-            self.on_failure()
 
     async def _start(self) -> None:
         config = self.config
@@ -148,15 +131,8 @@ class IMServerService(Service):
             port=self.address.port,
             http=self.address.http_port,
         )
-        self.ready.callback(self)
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._starting is not None and not self._starting.called:
-            self._starting.cancel()
         if self._janitor is not None:
             self._janitor.stop()
         try:
