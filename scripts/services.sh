@@ -90,6 +90,14 @@ CFG
     fi
     wait_for redis redis_ok
     wait_for zookeeper zk_ok
+    # Healthy, but ours?  A port taken by another process answers too.
+    for what in redis zookeeper; do
+        if ! alive "$DIR/$what.pid"; then
+            log "$what did not start (is its port taken by another process?); its log:"
+            tail -n 5 "$DIR/$what.log" >&2 || true
+            return 1
+        fi
+    done
 }
 
 stop_pid() {
