@@ -91,11 +91,11 @@ class IMServerService(AsyncStartService):
         # The address is known once the ports listen (they may be 0).
         client_port = await endpoints.TCP4ServerEndpoint(
             self.reactor, config.port, interface=config.bind, backlog=4096
-        ).listen(_LateFactory())
+        ).listen(_LateFactory("cim-server clients"))
         self._ports.append(client_port)
         http_port = await endpoints.TCP4ServerEndpoint(
             self.reactor, config.http_port, interface=config.bind
-        ).listen(_LateFactory())
+        ).listen(_LateFactory("cim-server push API"))
         self._ports.append(http_port)
         self.address = ServerAddress(
             config.host, client_port.getHost().port, http_port.getHost().port
@@ -157,9 +157,13 @@ class _LateFactory:
     server knows its own port before it builds anything).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.wrapped = None
         self.noisy = False
+
+    def logPrefix(self) -> str:
+        return self.name
 
     def doStart(self) -> None:
         pass
