@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    gatherResults,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -38,6 +43,8 @@ REPLAY_PAGE = 200
 #: How long a gap in a conversation may stay open before it is read from
 #: the store, in seconds (the missing message is usually in flight).
 GAP_WAIT = 0.25
+#: The answer to every heartbeat, encoded once.
+PONG = encode_framed(Frame(cmd=Command.PING, req_msg="pong"))
 #: The longest client message id accepted.
 MAX_CLIENT_MSG_ID = 64
 
@@ -85,7 +92,6 @@ class Connection:
         "replaced",
         "closed",
         "tokens",
-        "tokens_at",
         "outgoing",
         "sending",
     )
@@ -108,7 +114,6 @@ class Connection:
         self.replaced = False
         self.closed = False
         self.tokens = 0.0
-        self.tokens_at = now
         self.outgoing: deque[tuple[Frame, list[str]]] = deque()
         self.sending = False
 
@@ -347,10 +352,16 @@ class IMServer:
         return d
 
     def error(
-        self, conn: Connection, code: int, reason: str, close: bool = False
+        self,
+        conn: Connection,
+        code: int,
+        reason: str,
+        close: bool = False,
+        client_msg_id: str = "",
     ) -> None:
         """
-        Send an error frame (and close the connection when C{close}).
+        Send an error frame (about the send C{client_msg_id}, if given), and
+        close the connection when C{close}.
         """
         self.m_errors.inc()
         conn.write(
@@ -360,6 +371,7 @@ class IMServer:
                     error_code=int(code),
                     error_reason=reason,
                     req_msg=reason,
+                    client_msg_id=client_msg_id,
                 )
             )
         )
@@ -395,12 +407,12 @@ class IMServer:
         if conn.closed:
             return
         now = self.clock.seconds()
-        conn.last_seen = now
-        # Token bucket: refill at `rate` per second, up to a burst of 2*rate.
+        # Token bucket: refill at `rate` per second since the last frame, up
+        # to a burst of 2*rate.
         conn.tokens = min(
-            2 * self.rate, conn.tokens + (now - conn.tokens_at) * self.rate
+            2 * self.rate, conn.tokens + (now - conn.last_seen) * self.rate
         )
-        conn.tokens_at = now
+        conn.last_seen = now
         conn.tokens -= 1
         if conn.tokens < 0:
             self.error(conn, ErrorCode.RATE_LIMITED, "too many frames", close=True)
@@ -434,7 +446,7 @@ class IMServer:
             )
 
     def _pong(self, conn: Connection) -> None:
-        conn.write(encode_framed(Frame(cmd=Command.PING, req_msg="pong")))
+        conn.write(PONG)
 
     # Login
 
@@ -502,8 +514,10 @@ class IMServer:
                 conn, ErrorCode.BAD_TOKEN, "the session was replaced or expired"
             )
             return
-        stored = await self.store.get_cursors(user_id)
-        groups = await self.store.user_groups(user_id)
+        stored, groups = await gatherResults(
+            [self.store.get_cursors(user_id), self.store.user_groups(user_id)],
+            consumeErrors=True,
+        )
         if conn.closed:
             # The client went away while we were checking; it still holds
             # the session, so release it.
@@ -597,28 +611,23 @@ class IMServer:
                     return
                 fresh = [m for m in page if m.seq > conn.delivered[conversation]]
                 if fresh:
-                    self._write_stored(conn, fresh, cmd)
+                    self._write(conn, fresh, cmd)
                     conn.delivered[conversation] = fresh[-1].seq
                 if len(page) == REPLAY_PAGE:
                     continue
                 # Caught up with the store: drain what arrived live.
-                pending = conn.pending.pop(conversation, {})
-                position = conn.delivered[conversation]
-                ready = []
-                for seq in sorted(pending):
-                    if seq == position + 1:
-                        ready.append(pending.pop(seq))
-                        position = seq
-                    elif seq <= position:
-                        pending.pop(seq)
+                ready = self._take_pending(
+                    conn, conversation, conn.delivered[conversation]
+                )
                 if ready:
-                    self._write_live(conn, ready)
-                    conn.delivered[conversation] = position
+                    self._write(conn, ready, Command.MESSAGE)
+                    conn.delivered[conversation] = ready[-1].seq
+                pending = conn.pending.get(conversation)
                 if not pending:
                     return
                 # Still a gap (a message the store has not shown us yet, or
                 # that retention dropped); go round again.
-                conn.pending[conversation] = pending
+                position = conn.delivered[conversation]
                 if not page and not ready:
                     # The store has nothing after our position: the gap can
                     # only be messages lost to retention; skip over it.
@@ -633,7 +642,7 @@ class IMServer:
         finally:
             conn.filling.discard(conversation)
 
-    def _write_stored(
+    def _write(
         self, conn: Connection, messages: list[ChatMessage], cmd: Command
     ) -> None:
         if conn.legacy:
@@ -642,9 +651,6 @@ class IMServer:
         else:
             conn.write(encode_framed(Frame(cmd=cmd, messages=messages)))
         self.m_out.inc(len(messages))
-
-    def _write_live(self, conn: Connection, messages: list[ChatMessage]) -> None:
-        self._write_stored(conn, messages, Command.MESSAGE)
 
     # Delivery to connections here
 
@@ -700,7 +706,7 @@ class IMServer:
     def _offer_one(self, conn: Connection, m: ChatMessage) -> None:
         conversation = m.conversation
         if conversation == BROADCAST:
-            self._write_live(conn, [m])
+            self._write(conn, [m], Command.MESSAGE)
             return
         last = conn.delivered.get(conversation)
         if last is None:
@@ -719,19 +725,9 @@ class IMServer:
         elif m.seq <= last:
             return  # a duplicate
         elif m.seq == last + 1:
-            ready = [m]
-            pending = conn.pending.get(conversation)
-            if pending:
-                # This closed a gap: what waited behind it goes too.
-                position = m.seq
-                while position + 1 in pending:
-                    position += 1
-                    ready.append(pending.pop(position))
-                for seq in [seq for seq in pending if seq <= position]:
-                    del pending[seq]
-                if not pending:
-                    del conn.pending[conversation]
-            self._write_live(conn, ready)
+            # If this closed a gap, what waited behind it goes too.
+            ready = [m, *self._take_pending(conn, conversation, m.seq)]
+            self._write(conn, ready, Command.MESSAGE)
             conn.delivered[conversation] = ready[-1].seq
         else:
             # A gap: an earlier message is usually still on its way (pushed
@@ -741,6 +737,27 @@ class IMServer:
             self._gaps.add((conn, conversation))
             if self._gap_call is None:
                 self._gap_call = self.clock.callLater(GAP_WAIT, self._close_gaps)
+
+    def _take_pending(
+        self, conn: Connection, conversation: str, position: int
+    ) -> list[ChatMessage]:
+        """
+        Take from C{conn}'s held messages of C{conversation} those that
+        follow C{position} without a gap, in order, and drop any at or below
+        where they end (duplicates).
+        """
+        pending = conn.pending.get(conversation)
+        if not pending:
+            return []
+        ready = []
+        while position + 1 in pending:
+            position += 1
+            ready.append(pending.pop(position))
+        for seq in [seq for seq in pending if seq <= position]:
+            del pending[seq]
+        if not pending:
+            del conn.pending[conversation]
+        return ready
 
     def _close_gaps(self) -> None:
         """
@@ -843,16 +860,7 @@ class IMServer:
         if not conn.sending and receiver in self._known_users:
             # The common case, with nothing to look up: straight to the
             # appender, without a coroutine.
-            self.delivery.append_callback(
-                self._new_messages(
-                    conn,
-                    inbox(receiver),
-                    texts,
-                    frame.client_msg_id,
-                    receive_user_id=receiver,
-                ),
-                partial(self._appended, conn, frame, [receiver]),
-            )
+            self._store(conn, frame, self._private(conn, frame, texts))
             return
         # Sends of one connection are stored in the order they were sent:
         # they queue here, and each is handed to the (FIFO) appender only
@@ -878,10 +886,7 @@ class IMServer:
                     # _send_failed): the client sends it again.
                     break
                 if prepared is not None:
-                    messages, recipients = prepared
-                    self.delivery.append_callback(
-                        messages, partial(self._appended, conn, frame, recipients)
-                    )
+                    self._store(conn, frame, prepared)
         finally:
             conn.sending = False
 
@@ -906,14 +911,7 @@ class IMServer:
                     )
                     return None
                 self._known_users.add(receiver)
-            messages = self._new_messages(
-                conn,
-                inbox(receiver),
-                texts,
-                frame.client_msg_id,
-                receive_user_id=receiver,
-            )
-            return messages, [receiver]
+            return self._private(conn, frame, texts)
         group_id = frame.group_id
         try:
             members = await self.store.group_members(group_id)
@@ -938,6 +936,30 @@ class IMServer:
         # others), so that its view of the group has no holes.
         return messages, members
 
+    def _private(
+        self, conn: Connection, frame: Frame, texts: list[str]
+    ) -> tuple[list[NewMessage], list[int]]:
+        receiver = frame.receive_user_id
+        messages = self._new_messages(
+            conn, inbox(receiver), texts, frame.client_msg_id, receive_user_id=receiver
+        )
+        return messages, [receiver]
+
+    def _store(
+        self,
+        conn: Connection,
+        frame: Frame,
+        prepared: tuple[list[NewMessage], list[int]],
+    ) -> None:
+        """
+        Hand a checked send to the appender; L{_appended} acknowledges and
+        delivers it once stored.
+        """
+        messages, recipients = prepared
+        self.delivery.append_callback(
+            messages, partial(self._appended, conn, frame, recipients)
+        )
+
     def _appended(
         self,
         conn: Connection,
@@ -954,18 +976,7 @@ class IMServer:
     def _send_error(
         self, conn: Connection, frame: Frame, code: ErrorCode, reason: str
     ) -> None:
-        self.m_errors.inc()
-        conn.write(
-            encode_framed(
-                Frame(
-                    cmd=Command.ERROR,
-                    error_code=int(code),
-                    error_reason=reason,
-                    req_msg=reason,
-                    client_msg_id=frame.client_msg_id,
-                )
-            )
-        )
+        self.error(conn, code, reason, client_msg_id=frame.client_msg_id)
 
     def _send_failed(self, failure: Failure, conn: Connection, frame: Frame) -> None:
         self.log.failure("Send from {user_id} failed", failure, user_id=conn.user_id)
