@@ -293,6 +293,11 @@ class IStore(Interface):
         @return: fires with a C{dict} of conversation to acknowledged seq.
         """
 
+    def close():  # type: ignore[no-untyped-def]
+        """
+        Let go of the backend (connections).  @return: a Deferred.
+        """
+
     # Groups
 
     def create_group(group_id: str, owner_id: int):  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
+from cim.interfaces import IStore
 from cim.options import as_deferred, check_registry_url, check_store_url, port_number
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
@@ -78,13 +79,15 @@ class StandaloneService(AsyncStartService):
         self.options = options
         self.server: IMServerService | None = None
         self.route: RouteService | None = None
+        self.store: IStore | None = None
 
     async def _start(self) -> None:
         from cim.registry import open_registry
         from cim.store import open_store
 
         o = self.options
-        store = await as_deferred(open_store(o["store"], self.reactor))
+        # One store for both; this service closes it, after both stopped.
+        self.store = store = await as_deferred(open_store(o["store"], self.reactor))
         self.server = IMServerService(
             self.reactor,
             ServerConfig(
@@ -98,6 +101,7 @@ class StandaloneService(AsyncStartService):
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
+            own_store=False,
         )
         self.server.startService()
         await self.server.ready
@@ -112,6 +116,7 @@ class StandaloneService(AsyncStartService):
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
             local=self.server.server,
+            own_store=False,
         )
         self.route.startService()
         await self.route.ready
@@ -128,6 +133,9 @@ class StandaloneService(AsyncStartService):
             await self.route.stopService()
         if self.server is not None and self.server.running:
             await self.server.stopService()
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
 
 
 def makeService(options: usage.Options) -> IService:

@@ -43,7 +43,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from zope.interface import Interface, implementer
 
 from cim import envelope as codes
@@ -60,6 +60,7 @@ from cim.message import (
     group_conversation,
     inbox,
 )
+from cim.web import http_client
 
 __all__ = [
     "Ack",
@@ -247,16 +248,6 @@ class _PendingSend:
     deferred: Deferred[Ack]
 
 
-def make_http_client(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """
-    A treq client with a persistent connection pool (and the pool, to close
-    it).
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 2
-    return HTTPClient(Agent(reactor, pool=pool)), pool
-
-
 class Client:
     """
     A cim user's connection to a cluster.
@@ -332,7 +323,7 @@ class Client:
         self._rng = rng or _random.Random()
         self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = make_http_client(reactor)
+            http, self._pool = http_client(reactor, per_host=2)
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
         self.user_id: int | None = None
         self.user_name = ""

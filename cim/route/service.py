@@ -9,11 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from treq.client import HTTPClient
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
@@ -23,7 +22,7 @@ from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
 from cim.route.logic import Probe
-from cim.web import QuietSite
+from cim.web import QuietSite, http_client
 
 if TYPE_CHECKING:
     from cim.server.core import IMServer
@@ -105,6 +104,8 @@ class RouteService(AsyncStartService):
 
     @param local: the IM server running in this process (single-process
         mode), which the route delivers to directly.
+    @param own_store: close the store when stopping (not when the store is
+        shared, in the single-process mode).
     @param probe: checks servers before logins go there; a L{tcp_probe} by
         default.
     @ivar ready: fires with this service once it listens.
@@ -123,8 +124,10 @@ class RouteService(AsyncStartService):
         local: IMServer | None = None,
         on_failure: Callable[[], object] | None = None,
         probe: Probe | None = None,
+        own_store: bool = True,
     ) -> None:
         super().__init__(on_failure)
+        self.own_store = own_store
         self.reactor = reactor
         self.config = config
         self.store_factory = store_factory
@@ -145,10 +148,7 @@ class RouteService(AsyncStartService):
         self._registry_started = True
         await self.registry.start()
         # A pool of our own, so that stopping closes its connections.
-        self._pool = pool = HTTPConnectionPool(self.reactor, persistent=True)
-        pool.maxPersistentPerHost = 8
-        pool.retryAutomatically = False
-        http = HTTPClient(Agent(self.reactor, pool=pool))
+        http, self._pool = http_client(self.reactor)
         pusher = HttpPusher(http, config.secret)
         # Issue 8: a server that left the registry but still answers keeps
         # its sessions (see DeadServerJanitor).
@@ -209,10 +209,9 @@ class RouteService(AsyncStartService):
         if self._pool is not None:
             await self._pool.closeCachedConnections()
             self._pool = None
-        close = getattr(self.store, "close", None)
-        if close is not None:
-            self.store = None
+        if self.store is not None and self.own_store:
             try:
-                await close()
+                await self.store.close()
             except Exception:
                 self.log.failure("Closing the store failed")
+        self.store = None

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from treq.client import HTTPClient
 from twisted.internet import endpoints
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 
 from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
@@ -19,7 +18,7 @@ from cim.pusher import HttpPusher
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
 from cim.server.push import PushAPI
-from cim.web import QuietSite
+from cim.web import QuietSite, http_client
 
 
 @dataclass
@@ -38,17 +37,6 @@ class ServerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     legacy_login: bool = False
     rate: float = 2000.0
-
-
-def make_http_client(reactor) -> HTTPClient:  # type: ignore[no-untyped-def]
-    """
-    A treq client with a persistent connection pool, for calls between
-    daemons.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 8
-    pool.retryAutomatically = False
-    return HTTPClient(Agent(reactor, pool=pool))
 
 
 class IMServerService(AsyncStartService):
@@ -71,8 +59,10 @@ class IMServerService(AsyncStartService):
         store_factory,
         registry: IRegistry,
         on_failure=None,
+        own_store: bool = True,
     ) -> None:  # type: ignore[no-untyped-def]
         super().__init__(on_failure)
+        self.own_store = own_store
         self.reactor = reactor
         self.config = config
         self.store_factory = store_factory
@@ -82,11 +72,12 @@ class IMServerService(AsyncStartService):
         self.store: IStore | None = None
         self._ports: list = []
         self._janitor: DeadServerJanitor | None = None
+        self._pool: HTTPConnectionPool | None = None
 
     async def _start(self) -> None:
         config = self.config
         self.store = store = await self.store_factory()
-        http = make_http_client(self.reactor)
+        http, self._pool = http_client(self.reactor)
         pusher = HttpPusher(http, config.secret)
         # The address is known once the ports listen (they may be 0).
         client_port = await endpoints.TCP4ServerEndpoint(
@@ -143,10 +134,12 @@ class IMServerService(AsyncStartService):
             await self.server.stop()
         for port in self._ports:
             await port.stopListening()
-        close = getattr(self.store, "close", None)
-        if close is not None:
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
+            self._pool = None
+        if self.store is not None and self.own_store:
             try:
-                await close()
+                await self.store.close()
             except Exception:
                 self.log.failure("Closing the store failed")
 
