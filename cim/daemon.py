@@ -84,14 +84,23 @@ def daemon_service(
     from cim.registry import open_registry
     from cim.store import open_store
 
-    def stop() -> None:
-        if reactor.running:  # type: ignore[attr-defined]
-            reactor.stop()  # type: ignore[attr-defined]
-
     return service(
         reactor,
         config,
         lambda: as_deferred(open_store(options["store"], reactor)),
         open_registry(options["registry"], reactor),
-        on_failure=stop,
+        on_failure=reactor_stopper(reactor),
     )
+
+
+def reactor_stopper(reactor: Any) -> Callable[[], None]:
+    """
+    An C{on_failure} for a daemon's service: stop the reactor (twistd then
+    exits) unless it is already stopping.
+    """
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    return stop

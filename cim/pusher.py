@@ -57,7 +57,6 @@ class HttpPusher:
         return ensureDeferred(self._post(server, items))
 
     async def _post(self, server: str, items: list[_Item]) -> list[list[int]]:
-        address = ServerAddress.parse(server)
         body = {
             "items": [
                 {
@@ -67,17 +66,7 @@ class HttpPusher:
                 for messages, users in items
             ]
         }
-        url = f"http://{address.host}:{address.http_port}/push"
-        response = await self._http.post(
-            url,
-            data=json.dumps(body, separators=(",", ":")).encode("utf-8"),
-            headers={
-                b"Content-Type": [b"application/json"],
-                SECRET_HEADER: [self._secret],
-            },
-            timeout=self._timeout,
-        )
-        reply = json.loads(await response.content())
+        reply = await self._call(server, "push", body)
         if reply.get("code") != "9000":
             raise PushError(f"{server}: {reply.get('code')} {reply.get('message')}")
         missing = reply["dataBody"]["missing"]
@@ -105,10 +94,14 @@ class HttpPusher:
         return ensureDeferred(self._call(server, "resync", {"userId": user_id}))
 
     async def _call(self, server: str, path: str, body: dict) -> dict:
+        """
+        POST C{body} to C{server}'s push API C{path}, with the cluster
+        secret.  @return: the reply envelope.
+        """
         address = ServerAddress.parse(server)
         response = await self._http.post(
             f"http://{address.host}:{address.http_port}/{path}",
-            data=json.dumps(body).encode("utf-8"),
+            data=json.dumps(body, separators=(",", ":")).encode("utf-8"),
             headers={
                 b"Content-Type": [b"application/json"],
                 SECRET_HEADER: [self._secret],

@@ -14,7 +14,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import succeed
 from twisted.python import usage
 
-from cim.daemon import AsyncStartService
+from cim.daemon import AsyncStartService, reactor_stopper
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IStore
 from cim.options import as_deferred, check_registry_url, check_store_url, port_number
@@ -141,8 +141,4 @@ class StandaloneService(AsyncStartService):
 def makeService(options: usage.Options) -> IService:
     from twisted.internet import reactor
 
-    def stop() -> None:
-        if reactor.running:  # type: ignore[attr-defined]
-            reactor.stop()  # type: ignore[attr-defined]
-
-    return StandaloneService(reactor, options, on_failure=stop)
+    return StandaloneService(reactor, options, on_failure=reactor_stopper(reactor))
