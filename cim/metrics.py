@@ -30,6 +30,32 @@ class Counter:
         return [f"{self.name} {self.value}"]
 
 
+class LabelledCounter:
+    """
+    A counter per value of one label.
+    """
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, label: str) -> None:
+        self.name = name
+        self.help = help
+        self.label = label
+        self.values: dict[str, int] = {}
+
+    def inc(self, value: str, amount: int = 1) -> None:
+        self.values[value] = self.values.get(value, 0) + amount
+
+    def samples(self) -> list[str]:
+        out = []
+        for value, count in sorted(self.values.items()):
+            escaped = (
+                value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            )
+            out.append(f'{self.name}{{{self.label}="{escaped}"}} {count}')
+        return out
+
+
 class Gauge:
     """
     A value read from a callable when metrics are rendered.
@@ -87,10 +113,15 @@ class Metrics:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._metrics: list[Counter | Gauge | Histogram] = []
+        self._metrics: list[Counter | LabelledCounter | Gauge | Histogram] = []
 
     def counter(self, name: str, help: str) -> Counter:
         metric = Counter(f"{self.prefix}_{name}", help)
+        self._metrics.append(metric)
+        return metric
+
+    def labelled_counter(self, name: str, help: str, label: str) -> LabelledCounter:
+        metric = LabelledCounter(f"{self.prefix}_{name}", help, label)
         self._metrics.append(metric)
         return metric
 

@@ -52,30 +52,6 @@ MAX_USER_ID = 2**63 - 1
 _JSON = b"application/json; charset=utf-8"
 
 
-class LabelledCounter:
-    """
-    A counter per value of one label, in the Prometheus text format.
-    """
-
-    def __init__(self, name: str, help: str, label: str) -> None:
-        self.name = name
-        self.help = help
-        self.label = label
-        self.values: dict[str, int] = {}
-
-    def inc(self, value: str, amount: int = 1) -> None:
-        self.values[value] = self.values.get(value, 0) + amount
-
-    def render(self) -> bytes:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        for value, count in sorted(self.values.items()):
-            escaped = (
-                value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            )
-            lines.append(f'{self.name}{{{self.label}="{escaped}"}} {count}')
-        return ("\n".join(lines) + "\n").encode("utf-8")
-
-
 @dataclass(slots=True)
 class _Call:
     """
@@ -278,11 +254,11 @@ class RouteAPI:
             openapi_document(max_message=max_message), indent=1
         ).encode("utf-8")
         self.metrics = metrics = Metrics("cim_route")
-        self.m_requests = LabelledCounter(
-            "cim_route_requests_total", "HTTP requests by endpoint", "endpoint"
+        self.m_requests = metrics.labelled_counter(
+            "requests_total", "HTTP requests by endpoint", "endpoint"
         )
-        self.m_errors = LabelledCounter(
-            "cim_route_errors_total", "Answers other than success, by code", "code"
+        self.m_errors = metrics.labelled_counter(
+            "errors_total", "Answers other than success, by code", "code"
         )
         self.m_logins = metrics.counter("logins_total", "Successful logins")
         self.m_latency = metrics.histogram(
@@ -589,7 +565,7 @@ class RouteAPI:
         self._begin(request)
         self._calls.pop(request, None)
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
-        return self.metrics.render() + self.m_requests.render() + self.m_errors.render()
+        return self.metrics.render()
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
