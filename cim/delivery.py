@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -317,20 +317,9 @@ class Delivery:
         report.failed.extend(uids)
 
 
-def _all(deferreds: list[Deferred]) -> Deferred[None]:
+def _all(deferreds: list[Deferred]) -> Deferred:
     """
-    Fire once every one of C{deferreds} fired (none of which fails).
+    Fire once every one of C{deferreds} fired (none of which fails); the
+    common single push goes without a L{DeferredList}.
     """
-    if len(deferreds) == 1:
-        return deferreds[0].addCallback(lambda _: None)
-    done: Deferred[None] = Deferred()
-    remaining = [len(deferreds)]
-
-    def one(_: object) -> None:
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            done.callback(None)
-
-    for d in deferreds:
-        d.addBoth(one)
-    return done
+    return deferreds[0] if len(deferreds) == 1 else DeferredList(deferreds)
