@@ -25,6 +25,13 @@ UNAUTHORIZED = "4010"
 NOT_FOUND = "4040"
 CONFLICT = "4090"
 
+#: The request header by which cim's own clients ask for cim's extended
+#: replies (its value: L{EXTENDED}).  Without it, every CIM endpoint answers
+#: exactly the fields of CIM's reply classes, as CIM's client decodes them
+#: strictly: a field it does not know fails the whole call.
+EXTENDED_HEADER = b"X-Cim-Extended"
+EXTENDED = b"1"
+
 MESSAGES = {
     SUCCESS: "success",
     INVALID_ARGUMENT: "invalid argument",

@@ -132,6 +132,17 @@ class Frame:
     timestamp: int = 0
 
 
+def batch_client_msg_ids(client_msg_id: str, count: int) -> list[str]:
+    """
+    The client message ids of the C{count} texts of one send with id
+    C{client_msg_id}: the first keeps it, the others get C{#1}, C{#2}...
+    (none when the send has none).
+    """
+    if not client_msg_id:
+        return [""] * count
+    return [client_msg_id] + [f"{client_msg_id}#{i}" for i in range(1, count)]
+
+
 def message_to_dict(message: ChatMessage) -> dict[str, object]:
     """
     The JSON form of a message (HTTP API and push API), with CIM-style names.

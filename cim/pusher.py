@@ -74,18 +74,27 @@ class HttpPusher:
             raise PushError(f"{server}: answered {len(missing)} of {len(items)} items")
         return [list(m) for m in missing]
 
-    def kick(self, server: str, user_id: int, session_id: str, reason: str) -> Deferred:
+    def kick(
+        self,
+        server: str,
+        user_id: int,
+        session_id: str,
+        reason: str,
+        logged_off: bool = False,
+    ) -> Deferred:
         """
         Ask C{server} to close C{user_id}'s connection if it still belongs to
-        C{session_id}.  @return: a Deferred firing with the reply envelope.
+        C{session_id} (C{logged_off}: because the user logged off).
+        @return: a Deferred firing with the reply envelope.
         """
-        return ensureDeferred(
-            self._call(
-                server,
-                "kick",
-                {"userId": user_id, "sessionId": session_id, "reason": reason},
-            )
-        )
+        body: dict[str, object] = {
+            "userId": user_id,
+            "sessionId": session_id,
+            "reason": reason,
+        }
+        if logged_off:
+            body["loggedOff"] = True
+        return ensureDeferred(self._call(server, "kick", body))
 
     def resync(self, server: str, user_id: int) -> Deferred:
         """

@@ -140,6 +140,7 @@ async def call(
     """
     http = http_client(reactor)
     raw_headers = {k.encode(): [v.encode()] for k, v in (headers or {}).items()}
+    raw_headers[b"X-Cim-Extended"] = [b"1"]  # as cim's own clients
     if body is None:
         response = await http.get(url, headers=raw_headers, timeout=timeout)
     else:

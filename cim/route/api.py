@@ -11,7 +11,6 @@ which answer them; anything unexpected is logged and answered 4000.
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,14 @@ from cim import envelope as codes
 from cim.delivery import Delivery
 from cim.envelope import ApiError, envelope
 from cim.interfaces import IRegistry, IStore, StoreError
+from cim.limits import (
+    GROUP_ID_RULE,
+    MAX_CLIENT_MSG_ID,
+    MAX_NAME,
+    MAX_PASSWORD,
+    MAX_USER_ID,
+    is_group_id,
+)
 from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pusher import SECRET_HEADER
@@ -36,18 +43,9 @@ from cim.route.openapi import openapi_document
 
 #: The largest request body accepted by default, in bytes.
 MAX_BODY = 1024 * 1024
-#: The longest user name and password.
-MAX_NAME = 64
-MAX_PASSWORD = 1024
-#: The longest client message id (as the IM server).
-MAX_CLIENT_MSG_ID = 64
 #: History page sizes.
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
-#: Group ids.
-GROUP_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-#: The largest user id (Java's long).
-MAX_USER_ID = 2**63 - 1
 
 _JSON = b"application/json; charset=utf-8"
 
@@ -143,8 +141,8 @@ def str_field(
 def group_id_field(body: dict[str, Any]) -> str:
     group_id = str_field(body, "groupId", 64)
     assert group_id is not None
-    if not GROUP_ID.fullmatch(group_id):
-        raise _bad("groupId must be 1-64 letters, digits, '_', '-' or '.'")
+    if not is_group_id(group_id):
+        raise _bad(f"groupId must be {GROUP_ID_RULE}")
     return group_id
 
 
@@ -314,6 +312,14 @@ class RouteAPI:
         return self._answer(request, codes.SUCCESS, None, data)
 
     @staticmethod
+    def _extended(request: IRequest) -> bool:
+        """
+        Whether the request asks for cim's extended replies
+        (L{codes.EXTENDED_HEADER}); CIM's clients never do.
+        """
+        return request.getHeader(codes.EXTENDED_HEADER) == codes.EXTENDED
+
+    @staticmethod
     def _credentials(request: IRequest) -> Credentials:
         """
         The bearer token and cluster secret the request carries.
@@ -415,12 +421,17 @@ class RouteAPI:
             user_id, user_name, password, token, self._credentials(request)
         )
         self.m_logins.inc()
+        server = {
+            "ip": done.server.host,
+            "cimServerPort": done.server.port,
+            "httpPort": done.server.http_port,
+        }
+        if not self._extended(request):
+            return self._ok(request, server)
         return self._ok(
             request,
             {
-                "ip": done.server.host,
-                "cimServerPort": done.server.port,
-                "httpPort": done.server.http_port,
+                **server,
                 "token": done.token,
                 "userId": done.account.user_id,
                 "userName": done.account.user_name,
@@ -447,7 +458,11 @@ class RouteAPI:
         last, delivered = await self.router.send_private(
             user_id, receiver, texts, client_msg_id
         )
-        data = {"msgId": last.msg_id, "seq": last.seq}
+        # CIM's reply is empty (NULLBody); cim's clients learn where the
+        # message was stored.
+        data = (
+            {"msgId": last.msg_id, "seq": last.seq} if self._extended(request) else None
+        )
         if not delivered:
             raise ApiError(
                 codes.OFFLINE_USER,
@@ -477,7 +492,12 @@ class RouteAPI:
         body = self._json(request)
         user_id = user_id_field(body, "receiveUserId")
         await self._authorize(request, user_id, legacy=True)
-        await self.router.fetch_offline(user_id)
+        try:
+            await self.router.fetch_offline(user_id)
+        except ApiError as e:
+            # CIM answers success whether or not the user is connected.
+            if e.code != codes.OFFLINE_USER or self._extended(request):
+                raise
         return self._ok(request)
 
     # Groups and history

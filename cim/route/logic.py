@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -34,6 +34,7 @@ from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
     ChatMessage,
+    batch_client_msg_ids,
     group_conversation,
     inbox,
 )
@@ -58,7 +59,12 @@ class RoutePusher(Protocol):
     ) -> Deferred[list[int]]: ...
 
     def kick(
-        self, server: str, user_id: int, session_id: str, reason: str
+        self,
+        server: str,
+        user_id: int,
+        session_id: str,
+        reason: str,
+        logged_off: bool = False,
     ) -> Deferred[Any]: ...
 
     def resync(self, server: str, user_id: int) -> Deferred[Any]: ...
@@ -344,10 +350,13 @@ class Router:
                 user_id=user_id,
             )
 
-    def kick(self, session: Session, reason: str) -> None:
+    def kick(
+        self, session: Session, reason: str, logged_off: bool = False
+    ) -> Deferred[None]:
         """
         Ask the server of C{session} to close the connection of that
-        session, in the background; a failure is only logged.
+        session.  @return: a Deferred firing when the server answered (or
+        failed to: a failure is only logged); callers may leave it running.
         """
 
         def failed(failure: Failure) -> None:
@@ -360,12 +369,16 @@ class Router:
 
         try:
             d = self.pusher.kick(
-                session.server, session.user_id, session.session_id, reason
+                session.server,
+                session.user_id,
+                session.session_id,
+                reason,
+                logged_off,
             )
         except Exception:
             failed(Failure())
-            return
-        d.addErrback(failed)
+            return succeed(None)
+        return d.addCallbacks(lambda _: None, failed)
 
     async def log_off(self, user_id: int) -> bool:
         """
@@ -379,7 +392,10 @@ class Router:
             return False
         released: bool = await self.store.release_session(user_id, session.session_id)
         if released:
-            self.kick(session, "logged off")
+            # Answer once the server closed the connection and saved its
+            # cursors: what a CIM client was sent counts as received, and a
+            # login right after this one must not get it again.
+            await self.kick(session, "logged off", logged_off=True)
         return released
 
     async def online_users(self) -> list[tuple[int, str]]:
@@ -430,20 +446,16 @@ class Router:
         **target: Any,
     ) -> list[NewMessage]:
         """
-        One message per text; the texts after the first get the client
-        message id C{"<id>#<i>"} (as the IM server does).
+        One message per text (L{batch_client_msg_ids}).
         """
+        ids = batch_client_msg_ids(client_msg_id, len(texts))
         return [
             NewMessage(
                 conversation=conversation,
                 sender_id=sender.user_id,
                 sender_name=sender.user_name,
                 text=text,
-                client_msg_id=(
-                    (client_msg_id if i == 0 else f"{client_msg_id}#{i}")
-                    if client_msg_id
-                    else ""
-                ),
+                client_msg_id=ids[i],
                 **target,
             )
             for i, text in enumerate(texts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cim import envelope as codes
+from cim.limits import GROUP_ID_PATTERN, MAX_CLIENT_MSG_ID
 
 Schema = dict[str, Any]
 
@@ -37,13 +38,25 @@ _USER_ID: Schema = {
     ],
     "description": "A user id, as a number or a string of digits.",
 }
-_GROUP_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_GROUP_ID: Schema = {"type": "string", "pattern": f"^{GROUP_ID_PATTERN}$"}
 _CLIENT_MSG_ID: Schema = {
     "type": "string",
-    "maxLength": 64,
+    "maxLength": MAX_CLIENT_MSG_ID,
     "description": "The sender's id for this send: a retry with it is stored once.",
 }
 _REQ_NO: Schema = {"description": "Any value; echoed as reqNo in the answer."}
+#: The header by which cim's clients ask for cim's extended replies.
+_EXTENDED: Schema = {
+    "name": codes.EXTENDED_HEADER.decode("ascii"),
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "enum": [codes.EXTENDED.decode("ascii")]},
+    "description": (
+        "cim's own clients send it to get cim's extended replies.  Without "
+        "it (as from CIM's clients, which decode replies strictly), a CIM "
+        "endpoint answers exactly CIM's fields."
+    ),
+}
 _TIMESTAMP: Schema = {"description": "Ignored (CIM clients send it)."}
 
 
@@ -85,10 +98,12 @@ def _operation(
     data: Schema | None,
     data_description: str,
     auth: str = "",
+    cim: bool = False,
 ) -> Schema:
     """
     One operation.  C{auth}: C{""} (none), C{"user"} (the user's token or
-    the secret), C{"legacy"} (the same, unless C{--legacy-auth}).
+    the secret), C{"legacy"} (the same, unless C{--legacy-auth}).  C{cim}:
+    one of CIM's endpoints, whose extended reply needs L{_EXTENDED}.
     """
     if auth:
         description += (
@@ -108,6 +123,8 @@ def _operation(
     }
     if auth:
         operation["security"] = [{"bearer": []}, {"clusterSecret": []}]
+    if cim:
+        operation["parameters"] = [_EXTENDED]
     if request is not None:
         operation["requestBody"] = {
             "required": True,
@@ -146,6 +163,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             ),
             user,
             "The account.",
+            cim=True,
         ),
         "/login": _operation(
             "Log in: choose an IM server",
@@ -166,7 +184,9 @@ def openapi_document(max_message: int = 4096) -> Schema:
                 ["userId", "userName"],
             ),
             _ref("LoginResult"),
-            "Where to connect, and the token to log in with.",
+            "Where to connect (CIM's fields), and with X-Cim-Extended the "
+            "token to log in with.",
+            cim=True,
         ),
         "/groupRoute": _operation(
             "Send to every other online user (CIM's group chat)",
@@ -175,13 +195,15 @@ def openapi_document(max_message: int = 4096) -> Schema:
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/p2pRoute": _operation(
             "Send a private message",
             "Stored in the receiver's inbox (batchMsg: several texts, in order), "
-            "then delivered; 7000 (with the same dataBody) when the receiver is "
-            "offline or unreachable: the message waits for its next login.  "
-            "3000 for an unknown receiver.",
+            "then delivered; 7000 when the receiver is offline or unreachable: "
+            "the message waits for its next login.  3000 for an unknown "
+            "receiver.  dataBody is null (CIM's NULLBody) unless the request "
+            "has X-Cim-Extended (then also with 7000).",
             _request(
                 {
                     "userId": _USER_ID,
@@ -193,8 +215,9 @@ def openapi_document(max_message: int = 4096) -> Schema:
                 ["userId", "receiveUserId"],
             ),
             sent,
-            "The last stored message's id and seq.",
+            "null; with X-Cim-Extended the last stored message's id and seq.",
             auth="legacy",
+            cim=True,
         ),
         "/offLine": _operation(
             "Log off",
@@ -203,15 +226,18 @@ def openapi_document(max_message: int = 4096) -> Schema:
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/fetchOfflineMsgs": _operation(
             "Have the stored messages pushed again",
-            "Asks the user's IM server to send what the user has not got; 7000 "
-            "when the user is not connected.",
+            "Asks the user's IM server to send what the user has not got.  "
+            "Success whether or not the user is connected, as CIM answers; "
+            "with X-Cim-Extended, 7000 when the user is not connected.",
             _request({"receiveUserId": _USER_ID}, ["receiveUserId"]),
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/group/create": _operation(
             "Create a group",
@@ -300,6 +326,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         None,
         _array(user),
         "The online users.",
+        cim=True,
     )
     paths: dict[str, Schema] = {path: {"post": op} for path, op in post.items()}
     paths["/onlineUser"] = {
@@ -389,11 +416,20 @@ def openapi_document(max_message: int = 4096) -> Schema:
                         "ip": {"type": "string"},
                         "cimServerPort": {"type": "integer"},
                         "httpPort": {"type": "integer"},
-                        "token": {"type": "string"},
-                        "userId": {"type": "integer"},
-                        "userName": {"type": "string"},
+                        "token": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only.",
+                        },
+                        "userId": {
+                            "type": "integer",
+                            "description": "With X-Cim-Extended only.",
+                        },
+                        "userName": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only.",
+                        },
                     },
-                    ["ip", "cimServerPort", "httpPort", "token", "userId", "userName"],
+                    ["ip", "cimServerPort", "httpPort"],
                 ),
                 "Message": _obj(
                     {

@@ -16,6 +16,7 @@ from twisted.internet.defer import (
     DeferredList,
     ensureDeferred,
     gatherResults,
+    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
@@ -23,9 +24,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.codec import encode_framed
 from cim.delivery import Delivery, ILocalDelivery, IPusher
 from cim.interfaces import IStore, NewMessage, NoSuchGroup, ServerAddress
+from cim.limits import MAX_CLIENT_MSG_ID
 from cim.message import (
     BROADCAST,
     ChatMessage,
@@ -33,30 +34,40 @@ from cim.message import (
     Cursor,
     ErrorCode,
     Frame,
+    batch_client_msg_ids,
     group_conversation,
     inbox,
 )
 from cim.metrics import Metrics
+from cim.server import wire
 
 #: Messages read from the store per page when replaying.
 REPLAY_PAGE = 200
 #: How long a gap in a conversation may stay open before it is read from
 #: the store, in seconds (the missing message is usually in flight).
 GAP_WAIT = 0.25
-#: The answer to every heartbeat, encoded once.
-PONG = encode_framed(Frame(cmd=Command.PING, req_msg="pong"))
-#: The longest client message id accepted.
-MAX_CLIENT_MSG_ID = 64
 
 
 class Transport(TypingProtocol):
     """
-    What the server core needs of a connection's protocol.
+    What the server core needs of a connection's wire adapter: it hands
+    over frames (L{cim.server.wire}) and never bytes.
     """
 
-    def write_bytes(self, data: bytes) -> None: ...
+    def send(self, frame: Frame) -> None:
+        """
+        Encode and write one frame.
+        """
 
-    def close(self) -> None: ...
+    def send_batch(self, batch: wire.Batch) -> None:
+        """
+        Write a batch of live messages shared by several connections.
+        """
+
+    def close(self) -> None:
+        """
+        Close the connection once what was written is sent.
+        """
 
 
 class Connection:
@@ -72,6 +83,9 @@ class Connection:
         was received.
     @ivar replaced: a newer login of the same user took over; closing this
         connection must not release the session.
+    @ivar legacy: a CIM client (it logged in without a token): it gets only
+        the frames CIM's client reads (L{wire.CIM_COMMANDS}), each message
+        with its properties.
     """
 
     __slots__ = (
@@ -117,76 +131,33 @@ class Connection:
         self.outgoing: deque[tuple[Frame, list[str]]] = deque()
         self.sending = False
 
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write_bytes(data)
+    def send(self, frame: Frame) -> None:
+        """
+        Send one frame, unless the connection is closed, or is a CIM client
+        that could not read it.
+        """
+        if not self.closed and (not self.legacy or frame.cmd in wire.CIM_COMMANDS):
+            self.transport.send(frame)
 
-
-def _legacy_properties(message: ChatMessage) -> dict[str, str]:
-    props = {
-        "sendUserId": str(message.sender_id),
-        "sendUserName": message.sender_name,
-    }
-    if message.receive_user_id:
-        props["receiveUserId"] = str(message.receive_user_id)
-    return props
-
-
-def legacy_frames(messages: Sequence[ChatMessage], cmd: Command) -> list[bytes]:
-    """
-    Encode C{messages} for a CIM client: consecutive messages of one sender
-    share a frame (text in C{batchReqMsg} when several), each frame carrying
-    its own sender's properties.
-    """
-    out: list[bytes] = []
-    run: list[ChatMessage] = []
-
-    def flush() -> None:
-        if not run:
+    def deliver(
+        self,
+        messages: Sequence[ChatMessage],
+        cmd: Command,
+        batch: wire.Batch | None = None,
+    ) -> None:
+        """
+        Send chat messages, live (C{MESSAGE}, as the shared C{batch} when
+        given) or replayed (C{OFFLINE}), in the form this client reads.
+        """
+        if self.closed:
             return
-        props = _legacy_properties(run[0])
-        if len(run) == 1 and cmd == Command.MESSAGE:
-            frame = Frame(cmd=cmd, req_msg=run[0].text, properties=props)
+        if self.legacy:
+            for frame in wire.for_cim_client(messages, cmd, self.user_id):
+                self.transport.send(frame)
+        elif batch is not None:
+            self.transport.send_batch(batch)
         else:
-            frame = Frame(cmd=cmd, batch=[m.text for m in run], properties=props)
-        out.append(encode_framed(frame))
-        run.clear()
-
-    for message in messages:
-        if run and (
-            run[0].sender_id != message.sender_id
-            or run[0].receive_user_id != message.receive_user_id
-        ):
-            flush()
-        run.append(message)
-    flush()
-    return out
-
-
-class _Encoded:
-    """
-    The frames of one batch of messages, encoded at most once whatever the
-    number of recipients.
-    """
-
-    __slots__ = ("messages", "_cim", "_legacy")
-
-    def __init__(self, messages: Sequence[ChatMessage]) -> None:
-        self.messages = messages
-        self._cim: bytes | None = None
-        self._legacy: bytes | None = None
-
-    def cim(self) -> bytes:
-        if self._cim is None:
-            self._cim = encode_framed(
-                Frame(cmd=Command.MESSAGE, messages=self.messages)
-            )
-        return self._cim
-
-    def legacy(self) -> bytes:
-        if self._legacy is None:
-            self._legacy = b"".join(legacy_frames(self.messages, Command.MESSAGE))
-        return self._legacy
+            self.transport.send(wire.messages(cmd, messages))
 
 
 @implementer(ILocalDelivery)
@@ -331,13 +302,28 @@ class IMServer:
         self.connections.add(conn)
         return conn
 
-    def connection_lost(self, conn: Connection) -> None:
+    def connection_lost(self, conn: Connection, clean: bool = False) -> None:
+        """
+        C{conn} is gone; C{clean} when the client closed it in good order
+        (not reset, not timed out, not closed by this server).
+
+        A CIM client cannot acknowledge: what it was sent counts as received
+        at its next heartbeat, or when it closes cleanly; after any other
+        loss it is sent again at its next login.
+        """
+        closed_by_client = not conn.closed
         conn.closed = True
         self.connections.discard(conn)
-        if not conn.user_id or self.users.get(conn.user_id) is not conn:
+        if not conn.user_id:
+            return
+        if conn.legacy and clean and closed_by_client:
+            self._legacy_ack(conn)
+        if self.users.get(conn.user_id) is not conn:
+            self._save_acks(conn)
             return
         del self.users[conn.user_id]
         if conn.replaced:
+            self._save_acks(conn)
             return
         self._release(conn).addErrback(
             lambda f: self.log.failure(
@@ -345,11 +331,14 @@ class IMServer:
             )
         )
 
-    def _release(self, conn: Connection) -> Deferred:
-        if conn.ack_dirty:
-            self._save_acks(conn)
-        d: Deferred = self.store.release_session(conn.user_id, conn.session_id)
-        return d
+    def _release(self, conn: Connection) -> Deferred[object]:
+        """
+        Save C{conn}'s acknowledged cursors, then release its session: a
+        new login (which needs the session free) reads the saved cursors.
+        """
+        return self._save_acks(conn).addCallback(
+            lambda _: self.store.release_session(conn.user_id, conn.session_id)
+        )
 
     def error(
         self,
@@ -364,17 +353,7 @@ class IMServer:
         close the connection when C{close}.
         """
         self.m_errors.inc()
-        conn.write(
-            encode_framed(
-                Frame(
-                    cmd=Command.ERROR,
-                    error_code=int(code),
-                    error_reason=reason,
-                    req_msg=reason,
-                    client_msg_id=client_msg_id,
-                )
-            )
-        )
+        conn.send(wire.error(code, reason, client_msg_id))
         if close:
             self.close(conn)
 
@@ -388,16 +367,7 @@ class IMServer:
         Tell C{conn} to reconnect (through the route unless C{redirect} names
         a server) and close it.
         """
-        conn.write(
-            encode_framed(
-                Frame(
-                    cmd=Command.KICK,
-                    error_reason=reason,
-                    req_msg=reason,
-                    redirect=redirect,
-                )
-            )
-        )
+        conn.send(wire.kick(reason, redirect))
         self.close(conn)
 
     def frame_received(self, conn: Connection, frame: Frame) -> None:
@@ -433,6 +403,15 @@ class IMServer:
             self._pong(conn)
             if conn.legacy:
                 self._legacy_ack(conn)
+        elif conn.legacy:
+            # CIM clients chat through the route's HTTP API and cannot read
+            # an acknowledgement or an error.
+            self.log.info(
+                "Closing CIM client {user_id}: it sent {cmd}",
+                user_id=conn.user_id,
+                cmd=cmd.name,
+            )
+            self.close(conn)
         elif cmd == Command.MESSAGE:
             self._send(conn, frame)
         elif cmd == Command.ACK:
@@ -446,7 +425,7 @@ class IMServer:
             )
 
     def _pong(self, conn: Connection) -> None:
-        conn.write(PONG)
+        conn.send(wire.PONG)
 
     # Login
 
@@ -464,6 +443,10 @@ class IMServer:
 
     async def _login(self, conn: Connection, frame: Frame) -> None:
         user_id = frame.request_id
+        # Where CIM clients are accepted, a login without a token is one:
+        # from here on it gets only what CIM's client reads (a refusal is
+        # then a plain close, logged here).
+        conn.legacy = self.legacy_login and not frame.token
         if user_id <= 0:
             self._refuse(
                 conn, ErrorCode.INVALID_ARGUMENT, "login needs requestId = userId"
@@ -486,13 +469,12 @@ class IMServer:
                 )
                 return
             session_id = info.session_id
-            legacy = False
         elif self.legacy_login:
-            legacy = True
             session_id = ""
         else:
             self._refuse(conn, ErrorCode.BAD_TOKEN, "a login token is required")
             return
+        legacy = conn.legacy
         session = await self.store.get_session(user_id)
         if session is None or (not legacy and session.session_id != session_id):
             self._refuse(
@@ -530,7 +512,6 @@ class IMServer:
         conn.user_id = user_id
         conn.user_name = session.user_name
         conn.session_id = session.session_id
-        conn.legacy = legacy
         conn.logging_in = False
         # Resume each conversation from the client's cursor, or the stored
         # one; live messages wait in `pending` until the replay caught up.
@@ -555,14 +536,9 @@ class IMServer:
             legacy=" (CIM client)" if legacy else "",
         )
         if not legacy:
-            conn.write(
-                encode_framed(
-                    Frame(
-                        cmd=Command.LOGIN_RESPONSE,
-                        request_id=user_id,
-                        req_msg=session.user_name,
-                        timestamp=int(self.clock.seconds() * 1000),
-                    )
+            conn.send(
+                wire.login_response(
+                    user_id, session.user_name, int(self.clock.seconds() * 1000)
                 )
             )
         for conversation in conversations:
@@ -645,11 +621,7 @@ class IMServer:
     def _write(
         self, conn: Connection, messages: list[ChatMessage], cmd: Command
     ) -> None:
-        if conn.legacy:
-            for data in legacy_frames(messages, cmd):
-                conn.write(data)
-        else:
-            conn.write(encode_framed(Frame(cmd=cmd, messages=messages)))
+        conn.deliver(messages, cmd)
         self.m_out.inc(len(messages))
 
     # Delivery to connections here
@@ -662,20 +634,20 @@ class IMServer:
         connected here, encoding them once for all.  @return: the others.
         """
         missing = []
-        encoded = _Encoded(messages)
+        batch = wire.Batch(messages)
         now_ms = self.clock.seconds() * 1000
         for uid in user_ids:
             conn = self.users.get(uid)
             if conn is None or conn.closed:
                 missing.append(uid)
                 continue
-            self._offer(conn, messages, encoded)
+            self._offer(conn, messages, batch)
         if messages:
             self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
         return missing
 
     def _offer(
-        self, conn: Connection, messages: Sequence[ChatMessage], encoded: _Encoded
+        self, conn: Connection, messages: Sequence[ChatMessage], batch: wire.Batch
     ) -> None:
         # Fast path: every message is the next one of its conversation.
         delivered = conn.delivered
@@ -697,7 +669,7 @@ class IMServer:
             positions[conversation] = m.seq
         if in_order:
             delivered.update(positions)
-            conn.write(encoded.legacy() if conn.legacy else encoded.cim())
+            conn.deliver(messages, Command.MESSAGE, batch)
             self.m_out.inc(len(messages))
             return
         for m in messages:
@@ -805,20 +777,25 @@ class IMServer:
                 conn.ack_dirty = True
 
     def _legacy_ack(self, conn: Connection) -> None:
-        # A CIM client cannot acknowledge; a heartbeat after a write is the
-        # best proof that the connection carried it.
+        """
+        Count what was written to CIM client C{conn} as received (it cannot
+        acknowledge; see L{connection_lost} for when this is done).
+        """
         for conversation, seq in conn.delivered.items():
-            if conversation not in conn.filling and seq > conn.acked.get(
-                conversation, 0
-            ):
+            if seq > conn.acked.get(conversation, 0):
                 conn.acked[conversation] = seq
                 conn.ack_dirty = True
 
-    def _save_acks(self, conn: Connection) -> None:
+    def _save_acks(self, conn: Connection) -> Deferred[None]:
+        """
+        Save C{conn}'s acknowledged cursors if they changed.  @return: a
+        Deferred firing (never failing: a failure is logged) when saved.
+        """
+        if not conn.ack_dirty:
+            return succeed(None)
         conn.ack_dirty = False
-        self.store.set_cursors(conn.user_id, dict(conn.acked)).addErrback(
-            self._save_acks_failed, conn
-        )
+        d: Deferred[None] = self.store.set_cursors(conn.user_id, dict(conn.acked))
+        return d.addErrback(self._save_acks_failed, conn)
 
     def _save_acks_failed(self, failure: Failure, conn: Connection) -> None:
         conn.ack_dirty = True
@@ -997,13 +974,14 @@ class IMServer:
         cmid: str,
         **target: object,
     ) -> list[NewMessage]:
+        ids = batch_client_msg_ids(cmid, len(texts))
         return [
             NewMessage(
                 conversation=conversation,
                 sender_id=conn.user_id,
                 sender_name=conn.user_name,
                 text=text,
-                client_msg_id=(cmid if i == 0 else f"{cmid}#{i}") if cmid else "",
+                client_msg_id=ids[i],
                 **target,  # type: ignore[arg-type]
             )
             for i, text in enumerate(texts)
@@ -1012,45 +990,47 @@ class IMServer:
     def _acknowledge(
         self, conn: Connection, frame: Frame, stored: list[ChatMessage]
     ) -> None:
-        last = stored[-1]
-        conn.write(
-            encode_framed(
-                Frame(
-                    cmd=Command.ACK,
-                    client_msg_id=frame.client_msg_id,
-                    msg_id=last.msg_id,
-                    seq=last.seq,
-                    conversation=last.conversation,
-                    timestamp=last.timestamp,
-                    cursors=[Cursor(m.conversation, m.seq) for m in stored],
-                )
-            )
-        )
+        conn.send(wire.acknowledgement(frame.client_msg_id, stored))
 
     # Push API operations
 
     def send_raw(self, user_id: int, frame: Frame) -> bool:
         """
-        Write C{frame} to C{user_id}'s connection (CIM's C{/sendMsg}).
+        Write C{frame} to C{user_id}'s connection (CIM's C{/sendMsg}),
+        completed with the receiver's properties for a CIM client.
+
         @return: whether the user is connected here.
+        @raise ValueError: a CIM client could not read C{frame}.
         """
         conn = self.users.get(user_id)
         if conn is None or conn.closed:
             return False
-        conn.write(encode_framed(frame))
+        if conn.legacy:
+            frame = wire.raw_for_cim_client(frame, user_id)
+        conn.send(frame)
         return True
 
-    def kick_user(self, user_id: int, session_id: str, reason: str) -> bool:
+    def kick_user(
+        self, user_id: int, session_id: str, reason: str, logged_off: bool = False
+    ) -> Deferred[bool]:
         """
         Close C{user_id}'s connection if it belongs to C{session_id} (or to
-        any session when C{session_id} is empty).  @return: whether one was.
+        any session when C{session_id} is empty).
+
+        @param logged_off: the user logged off (CIM's C{/offLine}): what a
+            CIM client was sent counts as received.
+        @return: fires with whether there was such a connection, once its
+            acknowledged cursors are saved.
         """
         conn = self.users.get(user_id)
         if conn is None or (session_id and conn.session_id != session_id):
-            return False
+            return succeed(False)
         conn.replaced = True
+        if logged_off and conn.legacy:
+            self._legacy_ack(conn)
+        saved = self._save_acks(conn)
         self.kick(conn, reason)
-        return True
+        return saved.addCallback(lambda _: True)
 
     def resync(self, user_id: int) -> bool:
         """
