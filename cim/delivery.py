@@ -10,54 +10,23 @@ from the store when its server notices the gap or when it logs in again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
 
 from cim.batch import Batcher
-from cim.interfaces import IStore, NewMessage, Session
+from cim.interfaces import ILocalDelivery, IPusher, IStore, NewMessage, Session
 from cim.message import ChatMessage
 
 #: How long a user's server, once looked up, is pushed to without asking the
 #: store again, in seconds; and how many such entries are kept at most.
 ROUTE_CACHE_TTL = 10.0
 ROUTE_CACHE_SIZE = 200_000
-
-
-class ILocalDelivery(Interface):
-    """
-    The connections of the IM server this process runs, if any.
-    """
-
-    def deliver_local(  # type: ignore[no-untyped-def]
-        messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ):
-        """
-        Write C{messages} to each of C{user_ids} that is connected here.
-
-        @return: the list of C{user_ids} that are not connected here.
-        """
-
-
-class IPusher(Interface):
-    """
-    Sends messages to the users of another IM server.
-    """
-
-    def push(  # type: ignore[no-untyped-def]
-        server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ):
-        """
-        Ask C{server} to write C{messages} to each of C{user_ids}.
-
-        @return: a Deferred firing with the list of C{user_ids} that are not
-            connected there; fails when the server cannot be reached.
-        """
 
 
 @dataclass(slots=True)
@@ -145,7 +114,11 @@ class Delivery:
         """
         return self._appender.submit_deferred(messages)
 
-    def append_callback(self, messages: list[NewMessage], done) -> None:  # type: ignore[no-untyped-def]
+    def append_callback(
+        self,
+        messages: list[NewMessage],
+        done: Callable[[list[ChatMessage] | Failure], object],
+    ) -> None:
         """
         Like L{append}, calling C{done(stored_list_or_failure)}; the hot path
         of TCP sends, without a Deferred per message.
@@ -197,9 +170,10 @@ class Delivery:
                 cached.setdefault(entry[0], []).append(uid)
             else:
                 unknown.append(uid)
-        work = []
+        work: list[Deferred[Any]] = []
         for server, uids in cached.items():
-            d = self.pusher.push(server, messages, uids)
+            # (Typed loosely: the callbacks chain to a DeliveryReport.)
+            d: Any = self.pusher.push(server, messages, uids)
             d.addCallbacks(
                 self._pushed_cached,
                 self._push_cached_failed,

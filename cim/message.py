@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Command(enum.IntEnum):
@@ -165,7 +166,7 @@ def message_to_dict(message: ChatMessage) -> dict[str, object]:
     return out
 
 
-def message_from_dict(data: dict[str, object]) -> ChatMessage:
+def message_from_dict(data: Mapping[str, Any]) -> ChatMessage:
     """
     Parse L{message_to_dict}'s output.
 
@@ -173,15 +174,15 @@ def message_from_dict(data: dict[str, object]) -> ChatMessage:
     """
     try:
         return ChatMessage(
-            msg_id=int(data["msgId"]),  # type: ignore[call-overload]
+            msg_id=int(data["msgId"]),
             conversation=str(data["conversation"]),
-            seq=int(data["seq"]),  # type: ignore[call-overload]
-            sender_id=int(data["sendUserId"]),  # type: ignore[call-overload]
+            seq=int(data["seq"]),
+            sender_id=int(data["sendUserId"]),
             sender_name=str(data["sendUserName"]),
             text=str(data["msg"]),
-            timestamp=int(data["timestamp"]),  # type: ignore[call-overload]
+            timestamp=int(data["timestamp"]),
             client_msg_id=str(data.get("clientMsgId", "")),
-            receive_user_id=int(data.get("receiveUserId", 0)),  # type: ignore[call-overload]
+            receive_user_id=int(data.get("receiveUserId", 0)),
             group_id=str(data.get("groupId", "")),
         )
     except (KeyError, TypeError) as e:

@@ -13,8 +13,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from zope.interface import implementer
 
 from cim.batch import Batcher
-from cim.delivery import IPusher
-from cim.interfaces import ServerAddress
+from cim.interfaces import IPusher, IServerControl, ServerAddress
 from cim.message import ChatMessage, message_to_dict
 
 #: The header carrying the cluster secret between daemons.
@@ -29,7 +28,7 @@ class PushError(Exception):
     """
 
 
-@implementer(IPusher)
+@implementer(IPusher, IServerControl)
 class HttpPusher:
     """
     Push to IM servers with an HTTP client (a L{treq.client.HTTPClient} or

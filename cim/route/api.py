@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from cim import envelope as codes
 from cim.delivery import Delivery
 from cim.envelope import ApiError, envelope
-from cim.interfaces import IRegistry, IStore, StoreError
+from cim.interfaces import IRegistry, IServerControl, IStore, StoreError
 from cim.limits import (
     GROUP_ID_RULE,
     MAX_CLIENT_MSG_ID,
@@ -38,7 +38,7 @@ from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pusher import SECRET_HEADER
 from cim.route.balancer import Balancer
-from cim.route.logic import Credentials, Probe, RoutePusher, Router
+from cim.route.logic import Credentials, Probe, Router
 from cim.route.openapi import openapi_document
 
 #: The largest request body accepted by default, in bytes.
@@ -217,7 +217,7 @@ class RouteAPI:
         store: IStore,
         registry: IRegistry,
         delivery: Delivery,
-        pusher: RoutePusher,
+        pusher: IServerControl,
         balancer: Balancer,
         clock: IReactorTime,
         secret: str,

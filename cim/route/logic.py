@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -22,6 +22,7 @@ from cim.interfaces import (
     Account,
     GroupExists,
     IRegistry,
+    IServerControl,
     IStore,
     NameTaken,
     NewMessage,
@@ -47,27 +48,6 @@ CLAIM_TTL = 60.0
 
 #: Checks that an IM server accepts connections: fires with a bool.
 Probe = Callable[[ServerAddress], "Deferred[bool]"]
-
-
-class RoutePusher(Protocol):
-    """
-    What the route asks of IM servers (L{cim.pusher.HttpPusher}).
-    """
-
-    def push(
-        self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ) -> Deferred[list[int]]: ...
-
-    def kick(
-        self,
-        server: str,
-        user_id: int,
-        session_id: str,
-        reason: str,
-        logged_off: bool = False,
-    ) -> Deferred[Any]: ...
-
-    def resync(self, server: str, user_id: int) -> Deferred[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +96,7 @@ class Router:
         store: IStore,
         registry: IRegistry,
         delivery: Delivery,
-        pusher: RoutePusher,
+        pusher: IServerControl,
         balancer: Balancer,
         probe: Probe,
         secret: str,

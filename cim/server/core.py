@@ -15,7 +15,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     ensureDeferred,
-    gatherResults,
     succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -496,10 +495,13 @@ class IMServer:
                 conn, ErrorCode.BAD_TOKEN, "the session was replaced or expired"
             )
             return
-        stored, groups = await gatherResults(
-            [self.store.get_cursors(user_id), self.store.user_groups(user_id)],
-            consumeErrors=True,
-        )
+        # Both reads at once.
+        reading_cursors = self.store.get_cursors(user_id)
+        reading_groups = self.store.user_groups(user_id)
+        try:
+            stored = await reading_cursors
+        finally:
+            groups = await reading_groups
         if conn.closed:
             # The client went away while we were checking; it still holds
             # the session, so release it.
