@@ -1,0 +1,15 @@
+"""
+The L{cim.interfaces.IStore} kept in Redis:
+
+  - L{cim.store.redis.store}: L{RedisStore}, L{connect_redis}, and the key
+    layout;
+  - L{cim.store.redis.scripts}: the Lua scripts, one C{.lua} file each.
+"""
+
+from cim.store.redis.scripts import Script
+from cim.store.redis.store import RedisStore, connect_redis
+
+#: The name of L{Script} before the store became a package.
+_Script = Script
+
+__all__ = ["RedisStore", "Script", "connect_redis"]
