@@ -3,6 +3,8 @@ The L{cim.interfaces.IStore} kept in Redis:
 
   - L{cim.store.redis.store}: L{RedisStore}, L{connect_redis}, and the key
     layout;
+  - L{cim.store.redis.records}: what the values hold (stored messages,
+    session records);
   - L{cim.store.redis.scripts}: the Lua scripts, one C{.lua} file each.
 """
 

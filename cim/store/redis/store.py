@@ -43,11 +43,8 @@ default; user names are only ever hash fields and values, never key names)::
     P members:<group_id>           set     member user ids
     P groups:<user_id>             set     the user's group ids
 
-A stored message (a C{conv} member) is a compact JSON object with short
-keys, always starting with C{"i"} (msg_id), C{"q"} (seq) and C{"ts"}
-(milliseconds) in that order, so the append script reads a timestamp without
-decoding JSON; then C{"s"} sender id, C{"n"} sender name, C{"t"} text, and
-when not empty C{"c"} client_msg_id, C{"r"} receive_user_id, C{"g"} group_id.
+What the values hold (a stored message's JSON, a session record):
+L{cim.store.redis.records}.
 
 Every update touching more than one key is one Lua script of
 L{cim.store.redis.scripts} (EVALSHA, falling back to EVAL when Redis does not
@@ -60,7 +57,6 @@ L{connect_redis} does.
 from __future__ import annotations
 
 import functools
-import json
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -90,6 +86,12 @@ from cim.passwords import hash_password, verify_password
 from cim.store import Retention
 from cim.store.memory import token_key
 from cim.store.redis import scripts
+from cim.store.redis.records import (
+    SESSION_FIELDS,
+    decode_message,
+    decode_session,
+    encode_message,
+)
 from cim.store.redis.scripts import Script
 
 _P = ParamSpec("_P")
@@ -115,52 +117,6 @@ def _ms(seconds: float) -> int:
     Seconds as whole milliseconds, at least 1 (Redis rejects 0 as a TTL).
     """
     return max(1, int(seconds * 1000))
-
-
-def _encode(message: NewMessage, timestamp: int) -> bytes:
-    """
-    The JSON body of a stored message, without its ids (the append script
-    puts them in front), in UTF-8.
-
-    Strings holding lone surrogates (which UTF-8 cannot carry, but a JSON
-    request may) are escaped rather than failing the whole batch.
-    """
-    body: dict[str, Any] = {
-        "ts": timestamp,
-        "s": message.sender_id,
-        "n": message.sender_name,
-        "t": message.text,
-    }
-    if message.client_msg_id:
-        body["c"] = message.client_msg_id
-    if message.receive_user_id:
-        body["r"] = message.receive_user_id
-    if message.group_id:
-        body["g"] = message.group_id
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(body, separators=(",", ":")).encode("ascii")
-
-
-def _decode(conversation: str, member: str) -> ChatMessage:
-    """
-    A stored message from its JSON.
-    """
-    d = json.loads(member)
-    return ChatMessage(
-        msg_id=d["i"],
-        conversation=conversation,
-        seq=d["q"],
-        sender_id=d["s"],
-        sender_name=d.get("n", ""),
-        text=d.get("t", ""),
-        timestamp=d["ts"],
-        client_msg_id=d.get("c", ""),
-        receive_user_id=d.get("r", 0),
-        group_id=d.get("g", ""),
-    )
 
 
 @implementer(IStore)
@@ -332,11 +288,6 @@ class RedisStore:
 
     # Sessions
 
-    @staticmethod
-    def _session(user_id: int, fields: Sequence[Any]) -> Session:
-        name, server, session_id, connected = fields
-        return Session(user_id, name, server, session_id, connected == "1")
-
     @_deferred
     async def claim_session(
         self,
@@ -360,7 +311,7 @@ class RedisStore:
                 self.prefix,
             ],
         )
-        previous = self._session(user_id, result[1:]) if len(result) > 1 else None
+        previous = decode_session(user_id, result[1:]) if len(result) > 1 else None
         if not int(result[0]):
             assert previous is not None
             raise SessionExists(previous)
@@ -378,16 +329,11 @@ class RedisStore:
     @_deferred
     async def get_session(self, user_id: int) -> Session | None:
         fields = await self._command(
-            "HMGET",
-            self._key("session", user_id),
-            "name",
-            "server",
-            "session_id",
-            "connected",
+            "HMGET", self._key("session", user_id), *SESSION_FIELDS
         )
         if fields[2] is None:
             return None
-        return self._session(user_id, fields)
+        return decode_session(user_id, fields)
 
     @_deferred
     async def get_sessions(self, user_ids: Sequence[int]) -> dict[int, Session]:
@@ -469,7 +415,7 @@ class RedisStore:
         ]
         for m in messages:
             sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
-            args += [m.conversation, sent_id, _encode(m, timestamp)]
+            args += [m.conversation, sent_id, encode_message(m, timestamp)]
         appended, retries = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args
         )
@@ -478,7 +424,7 @@ class RedisStore:
         for i in range(0, len(retries), 6):
             index, msg_id, seq, ts, conversation, member = retries[i : i + 6]
             originals[int(index) - 1] = (
-                _decode(conversation, member)
+                decode_message(conversation, member)
                 if member
                 else (int(msg_id), int(seq), int(ts), conversation)
             )
@@ -526,7 +472,7 @@ class RedisStore:
             0,
             int(limit),
         )
-        return [_decode(conversation, member) for member in members]
+        return [decode_message(conversation, member) for member in members]
 
     @_deferred
     async def last_seq(self, conversation: str) -> int:
