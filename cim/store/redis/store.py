@@ -61,7 +61,6 @@ import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet import defer
@@ -83,7 +82,7 @@ from cim.interfaces import (
 )
 from cim.message import ChatMessage
 from cim.passwords import hash_password, verify_password
-from cim.store import Retention
+from cim.store import Retention, parse_redis_url
 from cim.store.memory import token_key
 from cim.store.redis import scripts
 from cim.store.redis.records import (
@@ -571,38 +570,29 @@ def connect_redis(
     """
     Open a pool of connections to the Redis at C{url}.
 
-    @param url: C{redis://[[user]:password@]host[:port][/db]}.
+    @param url: C{redis://[[user]:password@]host[:port][/db]}
+        (L{parse_redis_url}).
     @param clock: the store's clock; the global reactor when C{None}.
     @param timeout: seconds to wait for a connection, and for each call.
     @return: a Deferred firing with the L{RedisStore} once Redis answered a
         PING, or failing with L{StoreError} (the pool is then closed).
     @raise ValueError: C{url} is not such a URL.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    try:
-        port = parts.port or 6379
-        path = parts.path.strip("/")
-        db = int(path) if path else 0
-    except ValueError as e:
-        raise ValueError(f"bad Redis URL {url!r}: {e}") from None
+    address = parse_redis_url(url)
     if clock is None:
         from twisted.internet import reactor
 
         clock = reactor  # type: ignore[assignment]
     assert clock is not None
-    password = unquote(parts.password) if parts.password is not None else None
-    username = unquote(parts.username) if parts.username else None
     pool = txredisapi.lazyConnectionPool(
-        host=parts.hostname or "localhost",
-        port=port,
-        dbid=db,
+        host=address.host,
+        port=address.port,
+        dbid=address.db,
         poolsize=poolsize,
         reconnect=True,
         charset="utf-8",
-        password=password,
-        username=username,
+        password=address.password,
+        username=address.username,
         connectTimeout=timeout,
         convertNumbers=False,
     )
