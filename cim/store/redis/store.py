@@ -1,8 +1,7 @@
 """
-L{RedisStore}: the L{IStore} kept in Redis, over txredisapi.
-
-This is the only module that imports txredisapi (which imports the global
-reactor); L{connect_redis} opens a connection pool from a URL.
+L{RedisStore}: the L{IStore} kept in Redis, over txredisapi (which only
+L{cim.store.redis.connection} imports); L{connect_redis} opens one from a
+URL.
 
 Key layout (every key starts with the store's prefix C{P}, C{"cim:"} by
 default; user names are only ever hash fields and values, never key names)::
@@ -48,10 +47,11 @@ L{cim.store.redis.records}.
 
 Every update touching more than one key is one Lua script of
 L{cim.store.redis.scripts} (EVALSHA, falling back to EVAL when Redis does not
-know it), so it is atomic and costs one round trip.  Scripts derive some related keys from the prefix, so the store
-needs a standalone Redis (not Redis Cluster).  The connection must decode
-replies as UTF-8 and leave numbers as strings (C{convertNumbers=False}), as
-L{connect_redis} does.
+know it), so it is atomic and costs one round trip.  Scripts derive some
+related keys from the prefix, so the store needs a standalone Redis (not
+Redis Cluster).  The connection must decode replies as UTF-8 and leave
+numbers as strings (C{convertNumbers=False}), as the pool of
+L{cim.store.redis.connection.open_pool} does.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
-import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python.failure import Failure
@@ -85,6 +84,7 @@ from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
 from cim.store.memory import token_key
 from cim.store.redis import scripts
+from cim.store.redis.connection import open_pool
 from cim.store.redis.records import (
     SESSION_FIELDS,
     decode_message,
@@ -195,28 +195,9 @@ class RedisStore:
         self, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Awaitable[Any]:
         """
-        Run C{script} with EVALSHA, sending it with EVAL when Redis does not
-        have it yet.
+        Run C{script} (L{Script.run}).
         """
-
-        def evaluate(command: str, body: str) -> defer.Deferred[Any]:
-            try:
-                d: defer.Deferred[Any] = self._redis.execute_command(
-                    command, body, len(keys), *keys, *args
-                )
-            except Exception:
-                d = defer.fail()
-            return d
-
-        def unknown(failure: Failure) -> defer.Deferred[Any] | Failure:
-            if failure.check(txredisapi.ResponseError) and str(
-                failure.value
-            ).startswith("NOSCRIPT"):
-                return evaluate("EVAL", script.source)
-            return failure
-
-        d = evaluate("EVALSHA", script.sha).addErrback(unknown)
-        return self._guard(d, "script")
+        return self._guard(script.run(self._redis, keys, args), "script")
 
     def _key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
@@ -584,52 +565,10 @@ def connect_redis(
 
         clock = reactor  # type: ignore[assignment]
     assert clock is not None
-    pool = txredisapi.lazyConnectionPool(
-        host=address.host,
-        port=address.port,
-        dbid=address.db,
-        poolsize=poolsize,
-        reconnect=True,
-        charset="utf-8",
-        password=address.password,
-        username=address.username,
-        connectTimeout=timeout,
-        convertNumbers=False,
-    )
-    # Connections are made once the reactor runs, so the protocol class can
-    # still be swapped for one with a faster command encoder.
-    pool._factory.protocol = _protocol_with_fast_commands(pool._factory.protocol)
+    pool = open_pool(address, poolsize, timeout)
     store = RedisStore(pool, clock, retention, prefix, timeout)
 
     def failed(failure: Failure) -> defer.Deferred[Any]:
         return pool.disconnect().addBoth(lambda _: failure)
 
     return store.ping().addCallbacks(lambda _: store, failed)
-
-
-def _protocol_with_fast_commands(base: type) -> type:
-    """
-    Subclass txredisapi's protocol class C{base} (the hiredis one when
-    hiredis is installed) with a command encoder that costs about a third
-    of the original's: it formats each argument once, where the original
-    calls a type-dispatching encoder twice per argument.  Commands with
-    hundreds of arguments (batched appends, session lookups) are the hot
-    path of every IM server.
-    """
-
-    def _build_command(self: Any, *args: Any, **kwargs: Any) -> bytes:
-        parts = [b"*%d\r\n" % len(args)]
-        charset = self.charset or "utf-8"
-        for arg in args:
-            if isinstance(arg, str):
-                data = arg.encode(charset, self.errors)
-            elif isinstance(arg, bytes):
-                data = arg
-            elif isinstance(arg, int):
-                data = b"%d" % arg
-            else:
-                data = self._encode_value(arg)
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
-
-    return type("FastCommandProtocol", (base,), {"_build_command": _build_command})

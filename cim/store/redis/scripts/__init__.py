@@ -11,7 +11,14 @@ as L{_load} is told.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from cim.store.redis.connection import is_noscript
 
 
 class Script:
@@ -22,6 +29,33 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def run(
+        self, redis: Any, keys: Sequence[str], args: Sequence[Any]
+    ) -> defer.Deferred[Any]:
+        """
+        Run the script with EVALSHA, sending it with EVAL when Redis does
+        not have it yet.
+
+        @param redis: a txredisapi connection or pool.
+        @return: a Deferred firing with the script's reply.
+        """
+
+        def evaluate(command: str, body: str) -> defer.Deferred[Any]:
+            try:
+                d: defer.Deferred[Any] = redis.execute_command(
+                    command, body, len(keys), *keys, *args
+                )
+            except Exception:
+                d = defer.fail()
+            return d
+
+        def unknown(failure: Failure) -> defer.Deferred[Any] | Failure:
+            if is_noscript(failure):
+                return evaluate("EVAL", self.source)
+            return failure
+
+        return evaluate("EVALSHA", self.sha).addErrback(unknown)
 
 
 #: The text of every C{.lua} file of this package, by file name without
