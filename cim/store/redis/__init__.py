@@ -5,7 +5,11 @@ The L{cim.interfaces.IStore} kept in Redis:
     layout;
   - L{cim.store.redis.records}: what the values hold (stored messages,
     session records);
-  - L{cim.store.redis.scripts}: the Lua scripts, one C{.lua} file each.
+  - L{cim.store.redis.scripts}: the Lua scripts, one C{.lua} file each;
+  - L{cim.store.redis.connection}: the only importer of txredisapi.
+
+Redis URLs are parsed by L{cim.store.parse_redis_url}, outside this package,
+so that checking one imports no txredisapi.
 """
 
 from cim.store.redis.scripts import Script
