@@ -21,6 +21,7 @@ from cim.options import (
 )
 from cim.route.balancer import BALANCERS
 from cim.route.service import RouteConfig, RouteService
+from cim.store import parse_redis_url
 
 
 def int_between(name: str, low: int, high: int) -> Callable[[str], int]:
@@ -47,16 +48,10 @@ def check_urls(store: str, registry: str) -> None:
     check_store_url(store)
     check_registry_url(registry)
     if store.startswith("redis://"):
-        parts = urlsplit(store)
         try:
-            redis_port = parts.port
-        except ValueError:
-            raise usage.UsageError(f"--store {store!r}: bad port") from None
-        db = parts.path.strip("/")
-        if not parts.hostname or redis_port == 0 or (db and not db.isdigit()):
-            raise usage.UsageError(
-                f"--store {store!r}: expected redis://[:password@]host[:port][/db]"
-            )
+            parse_redis_url(store)
+        except ValueError as e:
+            raise usage.UsageError(f"--store: {e}") from None
     if registry.startswith("zk://"):
         parts = urlsplit(registry)
         for host_port in parts.netloc.split(","):
