@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cim.codes import Code
+
 
 class Command(enum.IntEnum):
     """
@@ -28,24 +30,9 @@ class Command(enum.IntEnum):
     LOGIN_RESPONSE = 7
 
 
-class ErrorCode(enum.IntEnum):
-    """
-    Codes carried by L{Command.ERROR} frames.  They reuse the route's HTTP
-    business codes where one fits.
-    """
-
-    INVALID_ARGUMENT = 3000
-    FAILURE = 4000
-    REPEAT_LOGIN = 5000
-    RATE_LIMITED = 6000
-    NOT_LOGGED_IN = 8000
-    BAD_TOKEN = 8001
-    FRAME_TOO_LONG = 8002
-    MALFORMED_FRAME = 8003
-    UNKNOWN_COMMAND = 8004
-    LOGIN_TIMEOUT = 8005
-    NOT_A_MEMBER = 8006
-    STORE_ERROR = 9200
+#: The codes of L{Command.ERROR} frames: the same enumeration as the HTTP
+#: envelope's (L{cim.codes}).
+ErrorCode = Code
 
 
 #: Conversation id prefixes: a user's private inbox and a group.

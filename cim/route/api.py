@@ -36,7 +36,7 @@ from cim.limits import (
 )
 from cim.message import message_to_dict
 from cim.metrics import Metrics
-from cim.pusher import SECRET_HEADER
+from cim.pushapi import SECRET_HEADER
 from cim.route.balancer import Balancer
 from cim.route.logic import Credentials, Probe, Router
 from cim.route.openapi import openapi_document
