@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import LRUCache
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -108,7 +109,7 @@ class Router:
         self.store = store
         #: Accounts seen, by id: they are never deleted, and their names
         #: never change, so existence checks need not ask the store twice.
-        self._accounts: dict[int, Account] = {}
+        self._accounts: LRUCache[int, Account] = LRUCache(ACCOUNT_CACHE_SIZE)
         self.registry = registry
         self.delivery = delivery
         self.pusher = pusher
@@ -174,8 +175,6 @@ class Router:
         account: Account | None = await self.store.get_account(user_id)
         if account is None:
             raise ApiError(codes.INVALID_ARGUMENT, f"{field}: no user {user_id}")
-        if len(self._accounts) >= ACCOUNT_CACHE_SIZE:
-            self._accounts.clear()
         self._accounts[user_id] = account
         return account
 
