@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from cim import envelope as codes
-from cim.limits import GROUP_ID_PATTERN, MAX_CLIENT_MSG_ID
+from cim.limits import GROUP_ID_PATTERN
+from cim.route.fields import REQUESTS, Limits
 
 Schema = dict[str, Any]
 
@@ -31,20 +32,7 @@ def _array(items: Schema) -> Schema:
     return {"type": "array", "items": items}
 
 
-_USER_ID: Schema = {
-    "oneOf": [
-        {"type": "integer", "format": "int64", "minimum": 1},
-        {"type": "string", "pattern": "^[0-9]+$"},
-    ],
-    "description": "A user id, as a number or a string of digits.",
-}
 _GROUP_ID: Schema = {"type": "string", "pattern": f"^{GROUP_ID_PATTERN}$"}
-_CLIENT_MSG_ID: Schema = {
-    "type": "string",
-    "maxLength": MAX_CLIENT_MSG_ID,
-    "description": "The sender's id for this send: a retry with it is stored once.",
-}
-_REQ_NO: Schema = {"description": "Any value; echoed as reqNo in the answer."}
 #: The header by which cim's clients ask for cim's extended replies.
 _EXTENDED: Schema = {
     "name": codes.EXTENDED_HEADER.decode("ascii"),
@@ -57,14 +45,6 @@ _EXTENDED: Schema = {
         "endpoint answers exactly CIM's fields."
     ),
 }
-_TIMESTAMP: Schema = {"description": "Ignored (CIM clients send it)."}
-
-
-def _request(properties: dict[str, Schema], required: list[str]) -> Schema:
-    """
-    A request body: C{properties} plus CIM's C{reqNo} and C{timeStamp}.
-    """
-    return _obj({**properties, "reqNo": _REQ_NO, "timeStamp": _TIMESTAMP}, required)
 
 
 def _answer(data: Schema | None, description: str) -> Schema:
@@ -139,28 +119,22 @@ def openapi_document(max_message: int = 4096) -> Schema:
 
     @param max_message: the C{--max-message} limit, shown in the schemas.
     """
-    text: Schema = {"type": "string", "minLength": 1, "maxLength": max_message}
-    texts: Schema = _array(text)
+    limits = Limits(max_message=max_message)
+
+    def body(path: str) -> Schema:
+        return REQUESTS[path].schema(limits)
+
     sent = _obj(
         {"msgId": {"type": "integer"}, "seq": {"type": "integer"}}, ["msgId", "seq"]
     )
     user = _ref("User")
-    group_body = _request(
-        {"userId": _USER_ID, "groupId": _GROUP_ID}, ["userId", "groupId"]
-    )
     post = {
         "/registerAccount": _operation(
             "Register an account",
             "Creates the account, or returns the existing one of that name when "
             "the password matches it (or it has none); 4090 otherwise.  With "
             "--require-password a password is required (3000).",
-            _request(
-                {
-                    "userName": {"type": "string", "minLength": 1, "maxLength": 64},
-                    "password": {"type": "string", "minLength": 1, "maxLength": 1024},
-                },
-                ["userName"],
-            ),
+            body("/registerAccount"),
             user,
             "The account.",
             cim=True,
@@ -174,15 +148,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "token in the body or the bearer header, or the secret): then the "
             "old session is replaced and its connection closed.  An account "
             "with a password always needs that proof.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "userName": {"type": "string"},
-                    "password": {"type": "string"},
-                    "token": {"type": "string"},
-                },
-                ["userId", "userName"],
-            ),
+            body("/login"),
             _ref("LoginResult"),
             "Where to connect (CIM's fields), and with X-Cim-Extended the "
             "token to log in with.",
@@ -191,7 +157,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/groupRoute": _operation(
             "Send to every other online user (CIM's group chat)",
             "Stored once, delivered to each online user but the sender.",
-            _request({"userId": _USER_ID, "msg": text}, ["userId", "msg"]),
+            body("/groupRoute"),
             None,
             "null",
             auth="legacy",
@@ -204,16 +170,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "the message waits for its next login.  3000 for an unknown "
             "receiver.  dataBody is null (CIM's NULLBody) unless the request "
             "has X-Cim-Extended (then also with 7000).",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "receiveUserId": _USER_ID,
-                    "msg": text,
-                    "batchMsg": texts,
-                    "clientMsgId": _CLIENT_MSG_ID,
-                },
-                ["userId", "receiveUserId"],
-            ),
+            body("/p2pRoute"),
             sent,
             "null; with X-Cim-Extended the last stored message's id and seq.",
             auth="legacy",
@@ -222,7 +179,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/offLine": _operation(
             "Log off",
             "Releases the user's session and closes its connection.",
-            _request({"userId": _USER_ID, "msg": {"type": "string"}}, ["userId"]),
+            body("/offLine"),
             None,
             "null",
             auth="legacy",
@@ -233,7 +190,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "Asks the user's IM server to send what the user has not got.  "
             "Success whether or not the user is connected, as CIM answers; "
             "with X-Cim-Extended, 7000 when the user is not connected.",
-            _request({"receiveUserId": _USER_ID}, ["receiveUserId"]),
+            body("/fetchOfflineMsgs"),
             None,
             "null",
             auth="legacy",
@@ -242,7 +199,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/create": _operation(
             "Create a group",
             "The creator is its first member; 4090 when the group exists.",
-            group_body,
+            body("/group/create"),
             _obj({"groupId": _GROUP_ID}),
             "The group id.",
             auth="user",
@@ -250,7 +207,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/join": _operation(
             "Join a group",
             "3000 when there is no such group.",
-            group_body,
+            body("/group/join"),
             _obj({"groupId": _GROUP_ID, "joined": {"type": "boolean"}}),
             "joined: false when already a member.",
             auth="user",
@@ -258,7 +215,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/leave": _operation(
             "Leave a group",
             "3000 when there is no such group.",
-            group_body,
+            body("/group/leave"),
             _obj({"groupId": _GROUP_ID, "left": {"type": "boolean"}}),
             "left: false when not a member.",
             auth="user",
@@ -266,7 +223,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/members": _operation(
             "List a group's members",
             "For members only (4010).",
-            group_body,
+            body("/group/members"),
             _array(user),
             "The members.",
             auth="user",
@@ -275,16 +232,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "Send to a group",
             "For members only (4010).  Stored in the group's conversation and "
             "delivered to every member, the sender included.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "groupId": _GROUP_ID,
-                    "msg": text,
-                    "batchMsg": texts,
-                    "clientMsgId": _CLIENT_MSG_ID,
-                },
-                ["userId", "groupId"],
-            ),
+            body("/group/send"),
             sent,
             "The last stored message's id and seq.",
             auth="user",
@@ -292,7 +240,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/user/groups": _operation(
             "List a user's groups",
             "",
-            _request({"userId": _USER_ID}, ["userId"]),
+            body("/user/groups"),
             _array(_GROUP_ID),
             "The group ids, sorted.",
             auth="user",
@@ -301,20 +249,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "Read a conversation",
             "u:<userId> (the user's own inbox) or g:<groupId> (a group the user "
             "belongs to; 4010 otherwise), the messages with seq > afterSeq.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "conversation": {"type": "string", "example": "g:friends"},
-                    "afterSeq": {"type": "integer", "minimum": 0, "default": 0},
-                    "limit": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": 200,
-                        "default": 50,
-                    },
-                },
-                ["userId", "conversation"],
-            ),
+            body("/history"),
             _array(_ref("Message")),
             "Up to limit messages, in seq order.",
             auth="user",
