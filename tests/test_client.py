@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface.verify import verifyObject
 
 from cim.client.connection import ClientProtocol, Heartbeat
@@ -30,7 +31,8 @@ from cim.client.library import (
     QueueListener,
     SendError,
 )
-from cim.client.route import RouteError, User
+from cim.client.route import LoginInfo, RouteError, User
+from cim.client.session import reconnect_delays
 from cim.codec import decode, encode_framed
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, inbox
 from tests.clientkit import (
@@ -245,25 +247,69 @@ def test_corrupt_cursor_file_is_ignored(tmp_path: Path) -> None:
 # In memory: a client on a StringTransport
 
 
-class Wired:
+class FakeRoute:
     """
-    A L{Client} whose connection is a L{StringTransport}, logged in as user
-    7, with a clock.
+    The route's login for a session: it names the server 127.0.0.1:11211,
+    or fails with the next of C{errors}.  C{logins} keeps the time of each.
     """
 
-    def __init__(self) -> None:
-        self.clock = Clock()
+    def __init__(self, clock: MemoryReactorClock) -> None:
+        self.clock = clock
+        self.errors: list[Exception] = []
+        self.logins: list[float] = []
+
+    async def login(
+        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+    ) -> LoginInfo:
+        self.logins.append(self.clock.seconds())
+        if self.errors:
+            raise self.errors.pop(0)
+        return LoginInfo("127.0.0.1", 11211, 0, "token", user_id, user_name)
+
+
+def accept(reactor: MemoryReactorClock) -> StringTransport:
+    """
+    Complete the TCP connection the client asked C{reactor} for, on a
+    L{StringTransport}.
+    """
+    _, _, factory, _, _ = reactor.tcpClients.pop(0)
+    transport = StringTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    return transport
+
+
+class Wired:
+    """
+    A L{Client} logged in as user 7 through a fake route, its connection a
+    L{StringTransport}, on a L{MemoryReactorClock}.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.clock = MemoryReactorClock()
         self.listener = QueueListener()
         self.client = Client(
-            self.clock, "http://route.invalid", http=object(), listener=self.listener
-        )  # type: ignore[arg-type]
-        self.client.user_id = 7
-        self.client.user_name = "alice"
-        self.protocol = ClientProtocol(self.clock, self.client)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        self.client._protocol = self.protocol
-        self.client.state = ClientState.READY
+            self.clock,
+            "http://route.invalid",
+            http=object(),
+            listener=self.listener,
+            **kwargs,
+        )
+        self.route = FakeRoute(self.clock)
+        self.client._session.route = self.route
+        login = Deferred.fromCoroutine(self.client.login("alice", user_id=7))
+        self.connect()
+        assert login.called and login.result is None
+
+    def connect(self) -> None:
+        """
+        Accept the connection a login asked for, and answer the login.
+        """
+        self.transport = accept(self.clock)
+        assert self.client._protocol is not None
+        self.protocol = self.client._protocol
+        assert [f.cmd for f in self.sent()] == [Command.LOGIN_REQUEST]
+        self.receive(Frame(cmd=Command.LOGIN_RESPONSE))
+        assert self.client.state == ClientState.READY
 
     def receive(self, *frames: Frame) -> None:
         self.protocol.dataReceived(b"".join(encode_framed(f) for f in frames))
@@ -415,13 +461,13 @@ def test_replaced_session_gives_up() -> None:
 
 
 def test_backoff_doubles_up_to_thirty_seconds_with_jitter() -> None:
-    client = Client(Clock(), http=object(), rng=random.Random(1))  # type: ignore[arg-type]
+    delays = reconnect_delays(0.5, 30.0, 0.2, random.Random(1))
     for attempt, base in enumerate([0.5, 1, 2, 4, 8, 16, 30, 30, 30]):
-        delays = [client._backoff(attempt) for _ in range(50)]
-        assert all(0.8 * base <= d <= min(1.2 * base, 30) for d in delays)
-        assert len(set(delays)) > 1
-    client.jitter = 0
-    assert [client._backoff(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+        varied = [delays(attempt) for _ in range(50)]
+        assert all(0.8 * base <= d <= min(1.2 * base, 30) for d in varied)
+        assert len(set(varied)) > 1
+    exact = reconnect_delays(0.5, 30.0, 0.0, random.Random(1))
+    assert [exact(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 
 
 # Against a real route and IM server (memory store)
