@@ -17,8 +17,7 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python import usage
 
 from cim.client import emoji
-from cim.client.console import (
-    Console,
+from cim.client.commands import (
     Create,
     Delay,
     EmojiList,
@@ -36,11 +35,13 @@ from cim.client.console import (
     Say,
     Search,
     ShowHistory,
-    format_message,
     parse_line,
 )
+from cim.client.console import Console
+from cim.client.errors import LoginError, SendError
 from cim.client.history import History
-from cim.client.library import Ack, ClientState, LoginError, SendError
+from cim.client.listeners import Ack, ClientState
+from cim.client.render import format_message
 from cim.client.route import RouteError, User
 from cim.client.tap import Options
 from cim.message import ChatMessage

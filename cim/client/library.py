@@ -51,15 +51,7 @@ from cim.client.listeners import (
 from cim.client.outbox import Outbox
 from cim.client.route import RouteClient, RouteError, User
 from cim.client.session import Session, reconnect_delays
-from cim.message import (
-    BROADCAST,
-    ChatMessage,
-    Command,
-    ErrorCode,
-    Frame,
-    group_conversation,
-    inbox,
-)
+from cim.message import ChatMessage, Command, ErrorCode, Frame, inbox
 from cim.web import http_client
 
 __all__ = [
@@ -422,13 +414,3 @@ class Client:
         if not frame.req_msg:
             return fail(SendError(int(ErrorCode.INVALID_ARGUMENT), "empty message"))
         return self._outbox.add(frame)
-
-
-def conversation_of(target: str) -> str:
-    """
-    The conversation id a user means by C{target}: C{"u:<id>"} and
-    C{"g:<group>"} as they are, anything else a group id.
-    """
-    if target.startswith(("u:", "g:")) or target == BROADCAST:
-        return target
-    return group_conversation(target)
