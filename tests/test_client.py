@@ -470,6 +470,116 @@ def test_backoff_doubles_up_to_thirty_seconds_with_jitter() -> None:
     assert [exact(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 
 
+def drop(wired: Wired) -> None:
+    """
+    Lose the connection as the network would.
+    """
+    wired.protocol.connectionLost(None)
+
+
+def test_reconnects_with_backoff_on_the_clock() -> None:
+    wired = Wired(jitter=0.0)
+    route = wired.route
+    route.errors = [RouteError("7100", "no IM server available") for _ in range(5)]
+    wired.clock.advance(100)
+    drop(wired)
+    assert wired.client.state == ClientState.RECONNECTING
+    wired.clock.pump([0.25] * 200)
+    # Each failure doubles the wait: 0.5, 1, 2, 4, 8, then 16 to success.
+    assert [t - 100 for t in route.logins[1:]] == [0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+    assert wired.client.state == ClientState.CONNECTING
+    wired.connect()
+    # A later loss starts from the first delay again.
+    route.errors = [RouteError("7100", "no IM server available")]
+    start = wired.clock.seconds()
+    drop(wired)
+    wired.clock.pump([0.25] * 8)
+    assert [t - start for t in route.logins[-2:]] == [0.5, 1.5]
+    wired.connect()
+
+
+def test_reconnect_delays_have_jitter() -> None:
+    wired = Wired(rng=random.Random(3))
+    route = wired.route
+    route.errors = [OSError("connection refused") for _ in range(3)]
+    drop(wired)
+    wired.clock.pump([0.01] * 1000)
+    waits = [b - a for a, b in zip(route.logins[1:], route.logins[2:])]
+    assert 0.4 <= route.logins[1] <= 0.61 and len(waits) == 3
+    for wait, base in zip(waits, [1, 2, 4]):
+        assert 0.8 * base - 0.01 <= wait <= 1.2 * base + 0.01
+    assert len({round(w / b, 2) for w, b in zip(waits, [1, 2, 4])}) > 1
+
+
+def test_sends_are_resent_in_order_after_a_reconnect() -> None:
+    wired = Wired()
+    first = wired.client.send_private(2, "one")
+    second = wired.client.send_private(2, "two")
+    [one, two] = wired.sent()
+    wired.receive(
+        Frame(cmd=Command.ACK, client_msg_id=two.client_msg_id, msg_id=9, seq=2)
+    )
+    assert second.called and not first.called
+    drop(wired)
+    third = wired.client.send_private(2, "three")  # while reconnecting
+    assert wired.sent() == []
+    wired.clock.advance(1)
+    wired.connect()
+    again = wired.sent()
+    assert [(f.req_msg, f.client_msg_id) for f in again] == [
+        ("one", one.client_msg_id),
+        ("three", again[1].client_msg_id),
+    ]
+    assert not third.called
+
+
+def test_a_store_failure_resends_through_a_new_connection() -> None:
+    wired = Wired()
+    d = wired.client.send_private(2, "keep me")
+    [frame] = wired.sent()
+    wired.receive(
+        Frame(
+            cmd=Command.ERROR,
+            error_code=ErrorCode.STORE_ERROR,
+            error_reason="temporary store failure",
+            client_msg_id=frame.client_msg_id,
+        )
+    )
+    assert wired.transport.disconnecting and not d.called
+    drop(wired)
+    wired.clock.advance(1)
+    wired.connect()
+    assert [f.client_msg_id for f in wired.sent()] == [frame.client_msg_id]
+
+
+def test_a_permanent_refusal_gives_up() -> None:
+    wired = Wired()
+    pending = wired.client.send_private(2, "pending")
+    failures: list[Any] = []
+    pending.addErrback(failures.append)
+    wired.route.errors = [RouteError("9100", "the password is wrong")]
+    drop(wired)
+    wired.clock.advance(1)
+    assert wired.client.state == ClientState.FAILED
+    assert "the password is wrong" in wired.listener.log[-1][1]
+    assert failures[0].check(ClientClosed)
+    assert wired.clock.getDelayedCalls() == []
+
+
+def test_close_stops_reconnecting() -> None:
+    wired = Wired()
+    wired.route.errors = [OSError("refused") for _ in range(3)]
+    drop(wired)
+    wired.clock.advance(1)
+    closed = Deferred.fromCoroutine(wired.client.close())
+    assert closed.called
+    assert wired.client.state == ClientState.CLOSED
+    logins = len(wired.route.logins)
+    wired.clock.pump([1.0] * 60)
+    assert len(wired.route.logins) == logins
+    assert wired.clock.getDelayedCalls() == []
+
+
 # Against a real route and IM server (memory store)
 
 
