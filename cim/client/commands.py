@@ -12,10 +12,10 @@ intents do is L{cim.client.console.Console}'s business.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cim.limits import GROUP_ID_RULE, is_group_id
 from cim.message import BROADCAST, GROUP_PREFIX, group_conversation
 
 # Intents
@@ -170,7 +170,6 @@ class BadUsage(ParseError):
     """
 
 
-_GROUP_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 #: The longest :delay accepted, in seconds.
 MAX_DELAY = 24 * 3600.0
 #: The most messages :history shows.
@@ -202,10 +201,8 @@ def _group(args: Arguments) -> str:
     group = args.words[0]
     if group.startswith(GROUP_PREFIX):
         group = group[len(GROUP_PREFIX) :]
-    if not _GROUP_ID.match(group):
-        raise ParseError(
-            f"bad group name {group!r}: 1-64 letters, digits, '_', '-' or '.'"
-        )
+    if not is_group_id(group):
+        raise ParseError(f"bad group name {group!r}: {GROUP_ID_RULE}")
     return group
 
 
