@@ -15,7 +15,8 @@ from cim.codec import CodecError, decode, encode_framed
 from cim.framing import VarintFrameReceiver
 from cim.message import ErrorCode, Frame
 from cim.server import wire
-from cim.server.core import Connection, IMServer
+from cim.server.connection import Connection
+from cim.server.core import IMServer
 from cim.server.link import IClientLink
 
 #: The answer to every heartbeat, encoded once.
