@@ -17,8 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twisted.internet.defer import gatherResults
-
 from cim.interfaces import IStore
 from cim.message import ErrorCode, Frame, group_conversation, inbox
 
@@ -125,10 +123,13 @@ class Authenticator:
             return Refusal(ErrorCode.BAD_TOKEN, "userName does not match the session")
         if not await self.store.activate_session(user_id, session.session_id):
             return Refusal(ErrorCode.BAD_TOKEN, "the session was replaced or expired")
-        cursors, groups = await gatherResults(
-            [self.store.get_cursors(user_id), self.store.user_groups(user_id)],
-            consumeErrors=True,
-        )
+        # Both reads at once.
+        reading_cursors = self.store.get_cursors(user_id)
+        reading_groups = self.store.user_groups(user_id)
+        try:
+            cursors = await reading_cursors
+        finally:
+            groups = await reading_groups
         return Grant(
             user_id=user_id,
             user_name=session.user_name,
