@@ -823,7 +823,7 @@ async def test_dead_server_is_detected(reactor: Any, harness: Harness) -> None:
     assert bob.user_id is not None
     # The server stops reading Bob's connection: no more pongs.
     conn = harness.server_of(bob).server.users[bob.user_id]  # type: ignore[union-attr]
-    conn.transport.transport.pauseProducing()  # type: ignore[attr-defined]
+    conn.link.transport.pauseProducing()  # type: ignore[attr-defined]
     reason = await wait_state(reactor, bob_events, ClientState.RECONNECTING)
     assert "no pong" in reason
     await wait_state(reactor, bob_events, ClientState.READY)

@@ -163,7 +163,7 @@ def test_second_login_kicks_the_first_connection() -> None:
     # The old connection's close did not release the new session.
     session = world.result(world.store.get_session(alice))
     assert session is not None and session.connected  # type: ignore[attr-defined]
-    assert world.server.users[alice].transport is second.protocol
+    assert world.server.users[alice].link is second.protocol
 
 
 # Heartbeats and deadlines
@@ -425,7 +425,7 @@ def test_a_gap_is_filled_from_the_store() -> None:
     # push went astray): bob must still see both, in order.
     stored = world.result(
         world.server.delivery.append(
-            world.server._new_messages(
+            world.server.sender.new_messages(
                 world.server.users[
                     world.result(world.store.get_account_by_name("alice")).user_id
                 ],  # type: ignore[attr-defined]

@@ -9,12 +9,15 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from cim.codec import CodecError, decode, encode_framed
 from cim.framing import VarintFrameReceiver
 from cim.message import ErrorCode, Frame
 from cim.server import wire
-from cim.server.core import Connection, IMServer
+from cim.server.connection import Connection
+from cim.server.core import IMServer
+from cim.server.link import IClientLink
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)
@@ -22,9 +25,10 @@ _PONG = encode_framed(wire.PONG)
 _FORM = "framed-protobuf"
 
 
+@implementer(IClientLink)
 class ClientConnectionProtocol(VarintFrameReceiver):
     """
-    One client's TCP connection.
+    One client's TCP connection: the server core's L{IClientLink}.
     """
 
     log = Logger()
@@ -48,7 +52,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         clean = reason is not None and reason.check(ConnectionDone) is not None
         self.server.connection_lost(self.conn, clean=clean)
 
-    # Transport, for the core
+    # IClientLink, for the core
 
     def send(self, frame: Frame) -> None:
         self.transport.write(_PONG if frame is wire.PONG else encode_framed(frame))
