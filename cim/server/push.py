@@ -15,23 +15,21 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from cim import envelope as codes
+from cim import pushapi
 from cim.envelope import ApiError, envelope
-from cim.message import Command, Frame, message_from_dict
-from cim.pusher import SECRET_HEADER
+from cim.message import Command, Frame
+from cim.pushapi import SECRET_HEADER
 from cim.server.core import IMServer
 
 #: The largest request body accepted.
 MAX_BODY = 4 * 1024 * 1024
 
 
-def _int(body: dict, key: str) -> int:
-    value = body.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ApiError(codes.INVALID_ARGUMENT, f"{key} must be an integer")
+def _int(body: dict[str, Any], key: str) -> int:
     try:
-        return int(value)
-    except ValueError:
-        raise ApiError(codes.INVALID_ARGUMENT, f"{key} must be an integer") from None
+        return pushapi.integer(body, key)
+    except ValueError as e:
+        raise ApiError(codes.INVALID_ARGUMENT, str(e)) from None
 
 
 class PushAPI:
@@ -74,29 +72,21 @@ class PushAPI:
         request.setHeader(b"Content-Type", b"application/json")
         return envelope(codes.FAILURE, "internal error")
 
-    @app.route("/push", methods=["POST"])
+    @app.route(f"/{pushapi.PUSH}", methods=["POST"])
     def push(self, request: IRequest) -> bytes:
         """
         C{{"items": [{"messages": [...], "users": [ids]}]}}: write each
         item's stored messages to its users connected here.  Answers
         C{{"missing": [[ids not connected here], ...]}}, one list per item.
         """
-        body = self._json(request)
-        items = body.get("items")
-        if not isinstance(items, list):
-            raise ApiError(codes.INVALID_ARGUMENT, "items must be a list")
-        parsed = []
-        for item in items:
-            try:
-                messages = [message_from_dict(m) for m in item["messages"]]
-                users = [int(u) for u in item["users"]]
-            except (KeyError, TypeError, ValueError) as e:
-                raise ApiError(codes.INVALID_ARGUMENT, f"bad item: {e}") from None
-            parsed.append((messages, users))
-        missing = [self.server.deliver_local(m, u) for m, u in parsed]
-        return envelope(data={"missing": missing})
+        try:
+            items = pushapi.parse_push(self._json(request))
+        except ValueError as e:
+            raise ApiError(codes.INVALID_ARGUMENT, str(e)) from None
+        missing = [self.server.deliver_local(m, u) for m, u in items]
+        return envelope(data=pushapi.push_reply(missing))
 
-    @app.route("/sendMsg", methods=["POST"])
+    @app.route(f"/{pushapi.SEND_MSG}", methods=["POST"])
     def send_msg(self, request: IRequest) -> bytes:
         """
         CIM's C{/sendMsg}: C{{msg, batchMsg, userId, cmd, properties}} written
@@ -133,7 +123,7 @@ class PushAPI:
             raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected here")
         return envelope()
 
-    @app.route("/kick", methods=["POST"])
+    @app.route(f"/{pushapi.KICK}", methods=["POST"])
     async def kick(self, request: IRequest) -> bytes:
         """
         C{{userId, sessionId, reason, loggedOff}}: close the user's
@@ -141,15 +131,16 @@ class PushAPI:
         are saved.  C{loggedOff}: the user logged off, so what a CIM client
         was sent counts as received.
         """
-        body = self._json(request)
-        user_id = _int(body, "userId")
-        session_id = str(body.get("sessionId") or "")
-        reason = str(body.get("reason") or "logged in again elsewhere")
-        logged_off = body.get("loggedOff") is True
-        kicked = await self.server.kick_user(user_id, session_id, reason, logged_off)
+        try:
+            kick = pushapi.Kick.parse(self._json(request))
+        except ValueError as e:
+            raise ApiError(codes.INVALID_ARGUMENT, str(e)) from None
+        kicked = await self.server.kick_user(
+            kick.user_id, kick.session_id, kick.reason, kick.logged_off
+        )
         return envelope(data={"kicked": kicked})
 
-    @app.route("/resync", methods=["POST"])
+    @app.route(f"/{pushapi.RESYNC}", methods=["POST"])
     def resync(self, request: IRequest) -> bytes:
         """
         C{{userId}}: send the user the stored messages it has not got.
