@@ -459,33 +459,6 @@ def test_receiver_on_another_server_gets_one_push() -> None:
     assert [m.text for m in messages] == ["far"]
 
 
-def test_legacy_client_gets_cim_frames_with_the_right_sender() -> None:
-    world = World(legacy_login=True)
-    alice_peer, alice = world.login("alice")
-    carol_peer, carol = world.login("carol")
-    bob = world.account("bob")
-    alice_peer.send(
-        Frame(cmd=Command.MESSAGE, req_msg="from alice", receive_user_id=bob)
-    )
-    carol_peer.send(Frame(cmd=Command.MESSAGE, batch=["c1", "c2"], receive_user_id=bob))
-    world.token(bob, "bob")
-    bob_peer = Peer(world.server)
-    bob_peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=bob, req_msg="bob"))
-    frames = bob_peer.received()
-    # Offline messages: one OFFLINE batch per sender, each with its sender.
-    assert [(f.cmd, list(f.batch), f.properties["sendUserId"]) for f in frames] == [
-        (Command.OFFLINE, ["from alice"], str(alice)),
-        (Command.OFFLINE, ["c1", "c2"], str(carol)),
-    ]
-    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="live", receive_user_id=bob))
-    [live] = bob_peer.received()
-    assert (live.cmd, live.req_msg, dict(live.properties)) == (
-        Command.MESSAGE,
-        "live",
-        {"sendUserId": str(alice), "sendUserName": "alice", "receiveUserId": str(bob)},
-    )
-
-
 def test_group_message_reaches_members_only() -> None:
     world = World()
     alice_peer, alice = world.login("alice")
