@@ -29,13 +29,8 @@ from cim.message import inbox
 from cim.registry import open_registry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
-from tests.clientkit import (
-    SECRET,
-    Harness,
-    take_messages,
-    wait_until,
-    within,
-)
+from tests.clientkit import SECRET, Harness, take_messages
+from tests.kit.wait import wait_until, within
 
 pytestmark = pytest.mark.integration
 
