@@ -84,11 +84,13 @@ class _Service:
 
     name = "service"
 
-    def __init__(self, directory: Path, processes: Processes | None) -> None:
+    def __init__(self, directory: Path, processes: Processes | None, log: Path) -> None:
         self.directory = directory
         self.processes = processes or Processes(directory)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        #: Where it says what it does.
+        self.log = LogWatch(log)
         directory.mkdir(parents=True, exist_ok=True)
 
     def _argv(self) -> list[str]:
@@ -107,7 +109,7 @@ class _Service:
         raise NotImplementedError
 
     def log_tail(self) -> str:
-        raise NotImplementedError
+        return self.log.tail()
 
     def _ports(self) -> Iterator[int]:
         if self.port:
@@ -119,13 +121,10 @@ class _Service:
     def _spawn(self, port: int) -> None:
         assert not self.running, f"{self.name} is running"
         self.port = port
-        self._mark()
+        self.log.mark()
         self.process = self.processes.spawn(
             self.name, self._argv(), self.directory / f"{self.name}.out"
         )
-
-    def _mark(self) -> None:
-        pass
 
     def ready(self) -> bool:
         """
@@ -206,9 +205,8 @@ class RedisServer(_Service):
         processes: Processes | None = None,
         appendfsync: str = "always",
     ) -> None:
-        super().__init__(directory, processes)
+        super().__init__(directory, processes, directory / "redis.log")
         self.appendfsync = appendfsync
-        self.log = LogWatch(directory / "redis.log")
 
     def url(self, db: int = 0) -> str:
         assert self.port, "start it first"
@@ -222,17 +220,11 @@ class RedisServer(_Service):
             "--logfile", str(self.log.path),
         ]  # fmt: skip
 
-    def _mark(self) -> None:
-        self.log.mark()
-
     def _up(self) -> bool:
         return "Ready to accept connections" in self.log.since()
 
     def _taken(self) -> bool:
         return "Address already in use" in self.log.since()
-
-    def log_tail(self) -> str:
-        return self.log.tail()
 
 
 class ZooKeeperServer(_Service):
@@ -253,12 +245,12 @@ class ZooKeeperServer(_Service):
         processes: Processes | None = None,
         max_session_ms: int = 60000,
     ) -> None:
-        super().__init__(directory, processes)
+        # Debian's ZooKeeper logs nowhere: its output is all there is.
+        super().__init__(directory, processes, directory / f"{self.name}.out")
         self.max_session_ms = max_session_ms
         self.data = directory / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self._config = directory / "zoo.cfg"
-        self._out = LogWatch(directory / f"{self.name}.out")
 
     @property
     def hosts(self) -> str:
@@ -281,17 +273,11 @@ class ZooKeeperServer(_Service):
             "-cp", self.CLASSPATH, self.MAIN, str(self._config),
         ]  # fmt: skip
 
-    def _mark(self) -> None:
-        self._out.mark()
-
     def _up(self) -> bool:
         # Its configuration names its data directory: it is this one.
         return f"dataDir={self.data}".encode() in _ask(self.port, b"conf")
 
     def _taken(self) -> bool:
-        # It logs nowhere (Debian's logging is off): an early exit on the
-        # first start is taken for a port taken, and another is tried.
+        # Its output does not say: an early exit on the first start is
+        # taken for a port taken, and another port is tried.
         return True
-
-    def log_tail(self) -> str:
-        return self._out.tail()

@@ -49,6 +49,15 @@ async def within(
     return result
 
 
+def _timed_out(
+    what: str, deadline: float, last: BaseException | None = None
+) -> AssertionError:
+    return AssertionError(
+        f"timed out after {deadline:g}s waiting for {what}"
+        + (f" (last error: {last!r})" if last is not None else "")
+    )
+
+
 async def wait_until(
     reactor: Any,
     check: Callable[[], object | Awaitable[object]],
@@ -79,10 +88,7 @@ async def wait_until(
         if result:
             return result
         if reactor.seconds() > end:
-            raise AssertionError(
-                f"timed out after {deadline:g}s waiting for {what}"
-                + (f" (last: {last!r})" if last is not None else "")
-            )
+            raise _timed_out(what, deadline, last)
         await deferLater(reactor, interval)
 
 
@@ -109,10 +115,7 @@ def wait_blocking(
         if result:
             return result
         if time.monotonic() > end:
-            raise AssertionError(
-                f"timed out after {deadline:g}s waiting for {what}"
-                + (f" (last: {last!r})" if last is not None else "")
-            )
+            raise _timed_out(what, deadline, last)
         time.sleep(interval)
 
 
@@ -147,7 +150,7 @@ async def take_until(
     while True:
         left = end - reactor.seconds()
         if left <= 0:
-            raise AssertionError(f"timed out after {deadline:g}s waiting for {what}")
+            raise _timed_out(what, deadline)
         item = await within(reactor, queue.get(), left)
         if wanted(item):
             return item
