@@ -35,7 +35,9 @@ async def call(
     @return: the HTTP status and the decoded JSON answer.
     """
     http = http_client(reactor)
-    raw_headers = {k.encode(): [v.encode()] for k, v in (headers or {}).items()}
+    raw_headers: dict[bytes | str, list[bytes | str]] = {
+        k.encode(): [v.encode()] for k, v in (headers or {}).items()
+    }
     if body is None:
         response = await http.get(url, headers=raw_headers, timeout=timeout)
     else:

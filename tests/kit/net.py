@@ -15,6 +15,8 @@ from twisted.protocols import portforward
 
 
 class _Forwarded(portforward.ProxyServer):
+    factory: _ForwardFactory
+
     def connectionMade(self) -> None:
         self.factory.open.add(self)
         super().connectionMade()
@@ -72,8 +74,9 @@ class Link:
             await listening.stopListening()
         for proxy in list(self.factory.open):
             for side in (proxy, proxy.peer):
-                if side is not None and side.transport is not None:
-                    side.transport.abortConnection()
+                transport: Any = side.transport if side is not None else None
+                if transport is not None:
+                    transport.abortConnection()
 
 
 @contextmanager

@@ -93,7 +93,7 @@ async def wait_until(
 
 
 def wait_blocking(
-    check: Callable[[], T],
+    check: Callable[[], T | None],
     what: str,
     deadline: float = DEADLINE,
     interval: float = 0.05,
