@@ -521,6 +521,7 @@ class HTTPPool:
         data = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            "X-Cim-Extended: 1\r\n"
             f"{extra}\r\n"
         ).encode("latin-1") + payload
         conn = await self._acquire()

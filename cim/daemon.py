@@ -10,12 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    ensureDeferred,
+    maybeDeferred,
+)
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
-
-from cim.options import as_deferred
 
 
 class AsyncStartService(Service):
@@ -87,7 +90,7 @@ def daemon_service(
     return service(
         reactor,
         config,
-        lambda: as_deferred(open_store(options["store"], reactor)),
+        lambda: maybeDeferred(open_store, options["store"], reactor),
         open_registry(options["registry"], reactor),
         on_failure=reactor_stopper(reactor),
     )

@@ -10,54 +10,27 @@ from the store when its server notices the gap or when it logs in again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from cachetools import TTLCache
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
 
 from cim.batch import Batcher
-from cim.interfaces import IStore, NewMessage, Session
+from cim.interfaces import ILocalDelivery, IPusher, IStore, NewMessage, Session
 from cim.message import ChatMessage
 
 #: How long a user's server, once looked up, is pushed to without asking the
 #: store again, in seconds; and how many such entries are kept at most.
 ROUTE_CACHE_TTL = 10.0
 ROUTE_CACHE_SIZE = 200_000
-
-
-class ILocalDelivery(Interface):
-    """
-    The connections of the IM server this process runs, if any.
-    """
-
-    def deliver_local(  # type: ignore[no-untyped-def]
-        messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ):
-        """
-        Write C{messages} to each of C{user_ids} that is connected here.
-
-        @return: the list of C{user_ids} that are not connected here.
-        """
-
-
-class IPusher(Interface):
-    """
-    Sends messages to the users of another IM server.
-    """
-
-    def push(  # type: ignore[no-untyped-def]
-        server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ):
-        """
-        Ask C{server} to write C{messages} to each of C{user_ids}.
-
-        @return: a Deferred firing with the list of C{user_ids} that are not
-            connected there; fails when the server cannot be reached.
-        """
+#: The clock of a delivery without one (its location cache stays unused).
+_NO_CLOCK = Clock()
 
 
 @dataclass(slots=True)
@@ -102,10 +75,13 @@ class Delivery:
         self.local = local
         self.here = here
         self.clock = clock
-        #: user id -> (server, expiry): where a recent lookup found the user.
-        #: Only used with a clock; never trusted for "offline" (a push that
-        #: finds the user gone leads to a fresh lookup).
-        self._routes: dict[int, tuple[str, float]] = {}
+        #: user id -> server: where a recent lookup found the user, for
+        #: L{ROUTE_CACHE_TTL} seconds on C{clock}.  Never trusted for
+        #: "offline" (a push that finds the user gone leads to a fresh
+        #: lookup).
+        self._routes: TTLCache[int, str] = TTLCache(
+            ROUTE_CACHE_SIZE, ROUTE_CACHE_TTL, timer=(clock or _NO_CLOCK).seconds
+        )
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
             # One batch at a time keeps appends in submission order (a
             # sender's messages are stored in the order it sent them); and
@@ -145,7 +121,11 @@ class Delivery:
         """
         return self._appender.submit_deferred(messages)
 
-    def append_callback(self, messages: list[NewMessage], done) -> None:  # type: ignore[no-untyped-def]
+    def append_callback(
+        self,
+        messages: list[NewMessage],
+        done: Callable[[list[ChatMessage] | Failure], object],
+    ) -> None:
         """
         Like L{append}, calling C{done(stored_list_or_failure)}; the hot path
         of TCP sends, without a Deferred per message.
@@ -188,18 +168,18 @@ class Delivery:
             return self._lookup_and_push(messages, list(remaining), report)
         # Users whose server we learnt recently are pushed to directly; the
         # others (and any that a push finds gone) are looked up in the store.
-        now = self.clock.seconds()
         unknown = []
         cached: dict[str, list[int]] = {}
         for uid in remaining:
-            entry = self._routes.get(uid)
-            if entry is not None and entry[1] > now:
-                cached.setdefault(entry[0], []).append(uid)
+            server = self._routes.get(uid)
+            if server is not None:
+                cached.setdefault(server, []).append(uid)
             else:
                 unknown.append(uid)
-        work = []
+        work: list[Deferred[Any]] = []
         for server, uids in cached.items():
-            d = self.pusher.push(server, messages, uids)
+            # (Typed loosely: the callbacks chain to a DeliveryReport.)
+            d: Any = self.pusher.push(server, messages, uids)
             d.addCallbacks(
                 self._pushed_cached,
                 self._push_cached_failed,
@@ -273,13 +253,10 @@ class Delivery:
                 report.offline.append(uid)
             else:
                 by_server.setdefault(session.server, []).append(uid)
-        if self.clock is not None and by_server:
-            if len(self._routes) > ROUTE_CACHE_SIZE:
-                self._routes.clear()
-            expires = self.clock.seconds() + ROUTE_CACHE_TTL
+        if self.clock is not None:
             for server, uids in by_server.items():
                 for uid in uids:
-                    self._routes[uid] = (server, expires)
+                    self._routes[uid] = server
         if not by_server:
             return succeed(report)
         pushes = []

@@ -8,40 +8,34 @@ from __future__ import annotations
 import json
 from typing import Any
 
-SUCCESS = "9000"
-INVALID_ARGUMENT = "3000"
-FAILURE = "4000"
-REPEAT_LOGIN = "5000"
-RATE_LIMITED = "6000"
-OFFLINE_USER = "7000"
-NO_SERVER = "7100"
-RECONNECT_FAILED = "7200"
-ACCOUNT_MISMATCH = "9100"
-OFFLINE_STORE_ERROR = "9200"
-OFFLINE_FETCH_ERROR = "9201"
-OFFLINE_DELETE_ERROR = "9202"
-#: cim additions.
-UNAUTHORIZED = "4010"
-NOT_FOUND = "4040"
-CONFLICT = "4090"
+from cim.codes import Code
 
-MESSAGES = {
-    SUCCESS: "success",
-    INVALID_ARGUMENT: "invalid argument",
-    FAILURE: "failure",
-    REPEAT_LOGIN: "repeat login: the user is already logged in",
-    RATE_LIMITED: "request rate limited",
-    OFFLINE_USER: "the receiver is offline; the message is stored for later",
-    NO_SERVER: "no IM server available",
-    RECONNECT_FAILED: "reconnect failed",
-    ACCOUNT_MISMATCH: "userId and userName do not match an account",
-    OFFLINE_STORE_ERROR: "offline message store error",
-    OFFLINE_FETCH_ERROR: "offline message fetch error",
-    OFFLINE_DELETE_ERROR: "offline message delete error",
-    UNAUTHORIZED: "unauthorized",
-    NOT_FOUND: "not found",
-    CONFLICT: "conflict",
-}
+#: The envelope's codes (L{Code}'s string forms), by name.
+SUCCESS = Code.SUCCESS.text
+INVALID_ARGUMENT = Code.INVALID_ARGUMENT.text
+FAILURE = Code.FAILURE.text
+REPEAT_LOGIN = Code.REPEAT_LOGIN.text
+RATE_LIMITED = Code.RATE_LIMITED.text
+OFFLINE_USER = Code.OFFLINE_USER.text
+NO_SERVER = Code.NO_SERVER.text
+RECONNECT_FAILED = Code.RECONNECT_FAILED.text
+ACCOUNT_MISMATCH = Code.ACCOUNT_MISMATCH.text
+OFFLINE_STORE_ERROR = Code.OFFLINE_STORE_ERROR.text
+OFFLINE_FETCH_ERROR = Code.OFFLINE_FETCH_ERROR.text
+OFFLINE_DELETE_ERROR = Code.OFFLINE_DELETE_ERROR.text
+UNAUTHORIZED = Code.UNAUTHORIZED.text
+NOT_FOUND = Code.NOT_FOUND.text
+CONFLICT = Code.CONFLICT.text
+
+#: The request header by which cim's own clients ask for cim's extended
+#: replies (its value: L{EXTENDED}).  Without it, every CIM endpoint answers
+#: exactly the fields of CIM's reply classes, as CIM's client decodes them
+#: strictly: a field it does not know fails the whole call.
+EXTENDED_HEADER = b"X-Cim-Extended"
+EXTENDED = b"1"
+
+#: What each code means, by its string form.
+MESSAGES = {code.text: code.meaning for code in Code}
 
 
 class ApiError(Exception):

@@ -1,6 +1,9 @@
 """
-The backends every daemon needs, as zope interfaces: the store (accounts,
-sessions, tokens, messages, groups) and the server registry.
+Every interface between cim's parts, as zope interfaces (mypy-zope checks
+the implementations): the store's roles (accounts, sessions and tokens,
+messages, groups) and the whole store, the server registry, and the
+delivery core's view of IM servers (local connections, pushes, the push
+API's controls).
 
 Each has an in-memory implementation and a real one (Redis, ZooKeeper) with
 the same behaviour; C{tests/test_store.py} and C{tests/test_registry.py} run
@@ -11,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+from cim.message import ChatMessage
 
 
 class StoreError(Exception):
@@ -142,17 +149,12 @@ class NewMessage:
     group_id: str = ""
 
 
-class IStore(Interface):
+class IAccounts(Interface):
     """
-    Accounts, sessions, login tokens, messages and groups.
-
-    Every method returns a L{Deferred}; any of them may fail with
-    L{StoreError} when the backend is unreachable.
+    Accounts: ids, names and passwords.
     """
 
-    # Accounts
-
-    def register(user_name: str, password: str | None = None):  # type: ignore[no-untyped-def]
+    def register(user_name: str, password: str | None = None) -> Deferred[Account]:
         """
         Create the account C{user_name}, or return the existing one.
 
@@ -162,27 +164,31 @@ class IStore(Interface):
             never reused.
         """
 
-    def get_account(user_id: int):  # type: ignore[no-untyped-def]
+    def get_account(user_id: int) -> Deferred[Account | None]:
         """
         @return: fires with the L{Account} or C{None}.
         """
 
-    def get_account_by_name(user_name: str):  # type: ignore[no-untyped-def]
+    def get_account_by_name(user_name: str) -> Deferred[Account | None]:
         """
         @return: fires with the L{Account} or C{None}.
         """
 
-    def check_password(user_id: int, password: str):  # type: ignore[no-untyped-def]
+    def check_password(user_id: int, password: str) -> Deferred[bool]:
         """
         @return: fires with C{True} when C{password} matches the account's
             (salted scrypt hash), C{False} otherwise or when it has none.
         """
 
-    # Sessions
 
-    def claim_session(  # type: ignore[no-untyped-def]
+class ISessions(Interface):
+    """
+    Each user's single session and its login tokens.
+    """
+
+    def claim_session(
         user_id: int, user_name: str, server: str, ttl: float, replace: bool = False
-    ):
+    ) -> Deferred[tuple[Session, Session | None]]:
         """
         Atomically give C{user_id} a new, not yet connected session on
         C{server}, which expires after C{ttl} seconds unless activated.
@@ -192,7 +198,7 @@ class IStore(Interface):
             C{replace} is false, fails with L{SessionExists}.
         """
 
-    def activate_session(user_id: int, session_id: str):  # type: ignore[no-untyped-def]
+    def activate_session(user_id: int, session_id: str) -> Deferred[bool]:
         """
         Mark the session connected (its server accepted the user's TCP
         login): it no longer expires, and the user is listed online.
@@ -201,18 +207,18 @@ class IStore(Interface):
             longer the user's session.
         """
 
-    def get_session(user_id: int):  # type: ignore[no-untyped-def]
+    def get_session(user_id: int) -> Deferred[Session | None]:
         """
         @return: fires with the user's L{Session} or C{None}.
         """
 
-    def get_sessions(user_ids: Sequence[int]):  # type: ignore[no-untyped-def]
+    def get_sessions(user_ids: Sequence[int]) -> Deferred[dict[int, Session]]:
         """
         @return: fires with a C{dict} mapping each of C{user_ids} that has a
             connected session to it.
         """
 
-    def release_session(user_id: int, session_id: str):  # type: ignore[no-untyped-def]
+    def release_session(user_id: int, session_id: str) -> Deferred[bool]:
         """
         Delete the user's session and its tokens, only if it still is
         C{session_id} (compare-and-delete).
@@ -220,59 +226,65 @@ class IStore(Interface):
         @return: fires with C{True} when it was deleted.
         """
 
-    def online_users():  # type: ignore[no-untyped-def]
+    def online_users() -> Deferred[list[tuple[int, str]]]:
         """
         @return: fires with a list of C{(user_id, user_name)} of connected
             sessions, ordered by user id.
         """
 
-    def drop_server_sessions(server: str):  # type: ignore[no-untyped-def]
+    def drop_server_sessions(server: str) -> Deferred[list[int]]:
         """
         Delete every session held by C{server} (it died).
 
         @return: fires with the list of user ids whose session was dropped.
         """
 
-    # Login tokens
-
-    def issue_token(user_id: int, server: str, session_id: str, ttl: float):  # type: ignore[no-untyped-def]
+    def issue_token(
+        user_id: int, server: str, session_id: str, ttl: float
+    ) -> Deferred[str]:
         """
         @return: fires with a new unguessable token string bound to the user,
             server and session, valid for C{ttl} seconds.
         """
 
-    def verify_token(token: str):  # type: ignore[no-untyped-def]
+    def verify_token(token: str) -> Deferred[TokenInfo | None]:
         """
         @return: fires with the L{TokenInfo}, or C{None} when the token is
             unknown, expired, or its session was released or replaced.
         """
 
-    # Messages
 
-    def append(messages: Sequence[NewMessage]):  # type: ignore[no-untyped-def]
+class IMessages(Interface):
+    """
+    Conversations (numbered messages) and each user's acknowledged cursors.
+    """
+
+    def append(messages: Sequence[NewMessage]) -> Deferred[list[ChatMessage]]:
         """
         Append each message to its conversation, in order.
 
-        @return: fires with a list of L{cim.message.ChatMessage}, one per
-            input: the stored message with its C{msg_id} and C{seq}.  A
-            message whose C{(sender_id, client_msg_id)} was appended before
-            is not appended again; its original is returned.
+        @return: fires with a list of L{ChatMessage}, one per input: the
+            stored message with its C{msg_id} and C{seq}.  A message whose
+            C{(sender_id, client_msg_id)} was appended before is not
+            appended again; its original is returned.
         """
 
-    def read(conversation: str, after_seq: int, limit: int):  # type: ignore[no-untyped-def]
+    def read(
+        conversation: str, after_seq: int, limit: int
+    ) -> Deferred[list[ChatMessage]]:
         """
         @return: fires with up to C{limit} messages of C{conversation} with
             C{seq > after_seq}, in order.  Messages past the retention
             limits may be missing.
         """
 
-    def last_seq(conversation: str):  # type: ignore[no-untyped-def]
+    def last_seq(conversation: str) -> Deferred[int]:
         """
         @return: fires with the highest sequence number of C{conversation}
             (0 when empty).
         """
 
-    def set_cursors(user_id: int, cursors: dict[str, int]):  # type: ignore[no-untyped-def]
+    def set_cursors(user_id: int, cursors: dict[str, int]) -> Deferred[None]:
         """
         Raise the user's acknowledged cursor of each conversation to the
         given seq (a lower value never lowers it).
@@ -280,7 +292,7 @@ class IStore(Interface):
         @return: fires with C{None}.
         """
 
-    def set_many_cursors(cursors: dict[int, dict[str, int]]):  # type: ignore[no-untyped-def]
+    def set_many_cursors(cursors: dict[int, dict[str, int]]) -> Deferred[None]:
         """
         L{set_cursors} for several users at once (user id to cursors), in
         one round trip.
@@ -288,46 +300,59 @@ class IStore(Interface):
         @return: fires with C{None}.
         """
 
-    def get_cursors(user_id: int):  # type: ignore[no-untyped-def]
+    def get_cursors(user_id: int) -> Deferred[dict[str, int]]:
         """
         @return: fires with a C{dict} of conversation to acknowledged seq.
         """
 
-    def close():  # type: ignore[no-untyped-def]
-        """
-        Let go of the backend (connections).  @return: a Deferred.
-        """
 
-    # Groups
+class IGroups(Interface):
+    """
+    Groups and their members.
+    """
 
-    def create_group(group_id: str, owner_id: int):  # type: ignore[no-untyped-def]
+    def create_group(group_id: str, owner_id: int) -> Deferred[None]:
         """
         Create group C{group_id} with C{owner_id} as its first member.
 
         @return: fires with C{None}; fails with L{GroupExists}.
         """
 
-    def join_group(group_id: str, user_id: int):  # type: ignore[no-untyped-def]
+    def join_group(group_id: str, user_id: int) -> Deferred[bool]:
         """
         @return: fires with C{True} if the user joined, C{False} if already a
             member; fails with L{NoSuchGroup}.
         """
 
-    def leave_group(group_id: str, user_id: int):  # type: ignore[no-untyped-def]
+    def leave_group(group_id: str, user_id: int) -> Deferred[bool]:
         """
         @return: fires with C{True} if the user left, C{False} if not a
             member; fails with L{NoSuchGroup}.
         """
 
-    def group_members(group_id: str):  # type: ignore[no-untyped-def]
+    def group_members(group_id: str) -> Deferred[list[int]]:
         """
         @return: fires with the sorted list of member user ids; fails with
             L{NoSuchGroup}.
         """
 
-    def user_groups(user_id: int):  # type: ignore[no-untyped-def]
+    def user_groups(user_id: int) -> Deferred[list[str]]:
         """
         @return: fires with the sorted list of the user's group ids.
+        """
+
+
+class IStore(IAccounts, ISessions, IMessages, IGroups):
+    """
+    The whole store: one backend that plays every role.
+
+    Every method returns a L{Deferred}; any of them may fail with
+    L{StoreError} when the backend is unreachable.
+    """
+
+    def close() -> Deferred[None]:
+        """
+        Let go of the backend (connections).
         """
 
 
@@ -340,17 +365,17 @@ class IRegistry(Interface):
     the reactor thread.
     """
 
-    def start():  # type: ignore[no-untyped-def]
+    def start() -> Deferred[None]:
         """
         Connect.  @return: a Deferred firing once the server list is known.
         """
 
-    def stop():  # type: ignore[no-untyped-def]
+    def stop() -> Deferred[None]:
         """
-        Unregister (if registered) and disconnect.  @return: a Deferred.
+        Unregister (if registered) and disconnect.
         """
 
-    def register(address: ServerAddress):  # type: ignore[no-untyped-def]
+    def register(address: ServerAddress) -> Deferred[None]:
         """
         Announce C{address} (an ephemeral node) until L{unregister} or
         L{stop}, re-announcing it by itself after a session expiry.
@@ -358,18 +383,18 @@ class IRegistry(Interface):
         @return: a Deferred firing once it is announced.
         """
 
-    def unregister():  # type: ignore[no-untyped-def]
+    def unregister() -> Deferred[None]:
         """
-        Withdraw the announcement.  @return: a Deferred.
+        Withdraw the announcement.
         """
 
-    def servers():  # type: ignore[no-untyped-def]
+    def servers() -> list[ServerAddress]:
         """
         @return: the cached, sorted list of live L{ServerAddress} (not a
             Deferred).
         """
 
-    def watch(callback: Callable[[list[ServerAddress]], None]):  # type: ignore[no-untyped-def]
+    def watch(callback: Callable[[list[ServerAddress]], None]) -> Callable[[], None]:
         """
         Call C{callback} with the new list each time it changes.
 
@@ -377,3 +402,61 @@ class IRegistry(Interface):
         """
 
     connected = Attribute("True while the registry's backend is reachable.")
+
+
+class ILocalDelivery(Interface):
+    """
+    The connections of the IM server this process runs, if any.
+    """
+
+    def deliver_local(
+        messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> list[int]:
+        """
+        Write C{messages} to each of C{user_ids} that is connected here.
+
+        @return: the list of C{user_ids} that are not connected here.
+        """
+
+
+class IPusher(Interface):
+    """
+    Sends messages to the users of another IM server.
+    """
+
+    def push(
+        server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[list[int]]:
+        """
+        Ask C{server} to write C{messages} to each of C{user_ids}.
+
+        @return: a Deferred firing with the list of C{user_ids} that are not
+            connected there; fails when the server cannot be reached.
+        """
+
+
+class IServerControl(IPusher):
+    """
+    What a route asks of IM servers besides pushes (their push API).
+    """
+
+    def kick(
+        server: str,
+        user_id: int,
+        session_id: str,
+        reason: str,
+        logged_off: bool = False,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        Ask C{server} to close C{user_id}'s connection if it still belongs
+        to C{session_id} (C{logged_off}: because the user logged off).
+
+        @return: fires with the server's reply envelope once it is done.
+        """
+
+    def resync(server: str, user_id: int) -> Deferred[dict[str, Any]]:
+        """
+        Ask C{server} to send C{user_id} the stored messages it has not got.
+
+        @return: fires with the server's reply envelope.
+        """

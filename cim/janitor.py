@@ -71,7 +71,7 @@ class DeadServerJanitor:
         self._answering: set[str] = set()
         self._known: set[str] = set()
         self._pending: dict[str, IDelayedCall] = {}
-        self._unwatch = None
+        self._unwatch: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._known = {str(s) for s in self.registry.servers()}

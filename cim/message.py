@@ -10,6 +10,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from cim.codes import Code
 
 
 class Command(enum.IntEnum):
@@ -27,24 +30,9 @@ class Command(enum.IntEnum):
     LOGIN_RESPONSE = 7
 
 
-class ErrorCode(enum.IntEnum):
-    """
-    Codes carried by L{Command.ERROR} frames.  They reuse the route's HTTP
-    business codes where one fits.
-    """
-
-    INVALID_ARGUMENT = 3000
-    FAILURE = 4000
-    REPEAT_LOGIN = 5000
-    RATE_LIMITED = 6000
-    NOT_LOGGED_IN = 8000
-    BAD_TOKEN = 8001
-    FRAME_TOO_LONG = 8002
-    MALFORMED_FRAME = 8003
-    UNKNOWN_COMMAND = 8004
-    LOGIN_TIMEOUT = 8005
-    NOT_A_MEMBER = 8006
-    STORE_ERROR = 9200
+#: The codes of L{Command.ERROR} frames: the same enumeration as the HTTP
+#: envelope's (L{cim.codes}).
+ErrorCode = Code
 
 
 #: Conversation id prefixes: a user's private inbox and a group.
@@ -132,6 +120,17 @@ class Frame:
     timestamp: int = 0
 
 
+def batch_client_msg_ids(client_msg_id: str, count: int) -> list[str]:
+    """
+    The client message ids of the C{count} texts of one send with id
+    C{client_msg_id}: the first keeps it, the others get C{#1}, C{#2}...
+    (none when the send has none).
+    """
+    if not client_msg_id:
+        return [""] * count
+    return [client_msg_id] + [f"{client_msg_id}#{i}" for i in range(1, count)]
+
+
 def message_to_dict(message: ChatMessage) -> dict[str, object]:
     """
     The JSON form of a message (HTTP API and push API), with CIM-style names.
@@ -154,7 +153,7 @@ def message_to_dict(message: ChatMessage) -> dict[str, object]:
     return out
 
 
-def message_from_dict(data: dict[str, object]) -> ChatMessage:
+def message_from_dict(data: Mapping[str, Any]) -> ChatMessage:
     """
     Parse L{message_to_dict}'s output.
 
@@ -162,15 +161,15 @@ def message_from_dict(data: dict[str, object]) -> ChatMessage:
     """
     try:
         return ChatMessage(
-            msg_id=int(data["msgId"]),  # type: ignore[call-overload]
+            msg_id=int(data["msgId"]),
             conversation=str(data["conversation"]),
-            seq=int(data["seq"]),  # type: ignore[call-overload]
-            sender_id=int(data["sendUserId"]),  # type: ignore[call-overload]
+            seq=int(data["seq"]),
+            sender_id=int(data["sendUserId"]),
             sender_name=str(data["sendUserName"]),
             text=str(data["msg"]),
-            timestamp=int(data["timestamp"]),  # type: ignore[call-overload]
+            timestamp=int(data["timestamp"]),
             client_msg_id=str(data.get("clientMsgId", "")),
-            receive_user_id=int(data.get("receiveUserId", 0)),  # type: ignore[call-overload]
+            receive_user_id=int(data.get("receiveUserId", 0)),
             group_id=str(data.get("groupId", "")),
         )
     except (KeyError, TypeError) as e:

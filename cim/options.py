@@ -4,13 +4,13 @@ Option helpers shared by the daemons' tap modules.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.python import usage
+
+from cim.registry import parse_zk_url
+from cim.store import STORE_URLS, parse_redis_url
 
 
 def positive_float(name: str) -> Callable[[str], float]:
@@ -27,32 +27,47 @@ def positive_float(name: str) -> Callable[[str], float]:
 
 
 def port_number(name: str) -> Callable[[str], int]:
+    """
+    A C{--name} port option (0 lets the system pick a free one).
+    """
+
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            return usage.portCoerce(text)
         except ValueError:
+            if text.strip().isdigit():
+                raise usage.UsageError(
+                    f"--{name} must be between 0 and 65535"
+                ) from None
             raise usage.UsageError(
                 f"--{name} must be a port number, not {text!r}"
             ) from None
-        if not 0 <= value <= 65535:
-            raise usage.UsageError(f"--{name} must be between 0 and 65535")
-        return value
 
     return parse
 
 
 def check_store_url(url: str) -> None:
-    if url != "memory:" and not url.startswith("redis://"):
-        raise usage.UsageError(
-            f"--store must be memory: or redis://host:port/db, not {url!r}"
-        )
+    """
+    @raise usage.UsageError: C{url} names no store (L{STORE_URLS}).
+    """
+    if url == "memory:":
+        return
+    try:
+        parse_redis_url(url)
+    except ValueError as e:
+        raise usage.UsageError(f"--store must be {STORE_URLS}: {e}") from None
 
 
 def check_registry_url(url: str) -> None:
-    if url != "local:" and not url.startswith("zk://"):
-        raise usage.UsageError(
-            f"--registry must be local: or zk://host:port/root, not {url!r}"
-        )
+    """
+    @raise usage.UsageError: C{url} names no registry.
+    """
+    if url == "local:":
+        return
+    try:
+        parse_zk_url(url)
+    except ValueError as e:
+        raise usage.UsageError(f"--registry must be local: or zk://...: {e}") from None
 
 
 def secret_option(options: usage.Options) -> str:
@@ -70,16 +85,3 @@ def secret_option(options: usage.Options) -> str:
     if len(secret) < 8:
         raise usage.UsageError("the cluster secret must be at least 8 characters")
     return secret
-
-
-def as_deferred(value: Any) -> Deferred:
-    """
-    Turn a coroutine, a Deferred or a plain value into a Deferred.
-    """
-    if inspect.iscoroutine(value):
-        return ensureDeferred(value)
-    if isinstance(value, Deferred):
-        return value
-    d: Deferred = Deferred()
-    d.callback(value)
-    return d

@@ -8,19 +8,22 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from cim import pushapi
 from cim.batch import Batcher
-from cim.delivery import IPusher
-from cim.interfaces import ServerAddress
-from cim.message import ChatMessage, message_to_dict
+from cim.envelope import SUCCESS
+from cim.interfaces import IPusher, IServerControl, ServerAddress
+from cim.message import ChatMessage
+from cim.pushapi import PushItem
 
-#: The header carrying the cluster secret between daemons.
-SECRET_HEADER = b"X-Cim-Secret"
-
-_Item = tuple[Sequence[ChatMessage], Sequence[int]]
+#: Kept importable from here for the push API's users.
+SECRET_HEADER = pushapi.SECRET_HEADER
 
 
 class PushError(Exception):
@@ -29,7 +32,7 @@ class PushError(Exception):
     """
 
 
-@implementer(IPusher)
+@implementer(IPusher, IServerControl)
 class HttpPusher:
     """
     Push to IM servers with an HTTP client (a L{treq.client.HTTPClient} or
@@ -37,11 +40,11 @@ class HttpPusher:
     request to it is in flight are sent together in the next request.
     """
 
-    def __init__(self, http, secret: str, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, http: HTTPClient, secret: str, timeout: float = 5.0) -> None:
         self._http = http
         self._secret = secret.encode("utf-8")
         self._timeout = timeout
-        self._batchers: dict[str, Batcher[_Item, list[int]]] = {}
+        self._batchers: dict[str, Batcher[PushItem, list[int]]] = {}
 
     def push(
         self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
@@ -53,47 +56,38 @@ class HttpPusher:
             )
         return batcher.submit_deferred((messages, user_ids))
 
-    def _send(self, server: str, items: list[_Item]) -> Deferred[Sequence[list[int]]]:
+    def _send(
+        self, server: str, items: list[PushItem]
+    ) -> Deferred[Sequence[list[int]]]:
         return ensureDeferred(self._post(server, items))
 
-    async def _post(self, server: str, items: list[_Item]) -> list[list[int]]:
-        body = {
-            "items": [
-                {
-                    "messages": [message_to_dict(m) for m in messages],
-                    "users": list(users),
-                }
-                for messages, users in items
-            ]
-        }
-        reply = await self._call(server, "push", body)
-        if reply.get("code") != "9000":
+    async def _post(self, server: str, items: list[PushItem]) -> list[list[int]]:
+        reply = await self._call(server, pushapi.PUSH, pushapi.push_request(items))
+        if reply.get("code") != SUCCESS:
             raise PushError(f"{server}: {reply.get('code')} {reply.get('message')}")
-        missing = reply["dataBody"]["missing"]
-        if len(missing) != len(items):
-            raise PushError(f"{server}: answered {len(missing)} of {len(items)} items")
-        return [list(m) for m in missing]
+        try:
+            return pushapi.parse_push_reply(reply.get("dataBody"), len(items))
+        except ValueError as e:
+            raise PushError(f"{server}: {e}") from None
 
-    def kick(self, server: str, user_id: int, session_id: str, reason: str) -> Deferred:
-        """
-        Ask C{server} to close C{user_id}'s connection if it still belongs to
-        C{session_id}.  @return: a Deferred firing with the reply envelope.
-        """
-        return ensureDeferred(
-            self._call(
-                server,
-                "kick",
-                {"userId": user_id, "sessionId": session_id, "reason": reason},
-            )
-        )
+    def kick(
+        self,
+        server: str,
+        user_id: int,
+        session_id: str,
+        reason: str,
+        logged_off: bool = False,
+    ) -> Deferred[dict[str, Any]]:
+        request = pushapi.Kick(user_id, session_id, reason, logged_off).request()
+        return ensureDeferred(self._call(server, pushapi.KICK, request))
 
-    def resync(self, server: str, user_id: int) -> Deferred:
-        """
-        Ask C{server} to send C{user_id} any stored message it has not got.
-        """
-        return ensureDeferred(self._call(server, "resync", {"userId": user_id}))
+    def resync(self, server: str, user_id: int) -> Deferred[dict[str, Any]]:
+        request = pushapi.resync_request(user_id)
+        return ensureDeferred(self._call(server, pushapi.RESYNC, request))
 
-    async def _call(self, server: str, path: str, body: dict) -> dict:
+    async def _call(
+        self, server: str, path: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         """
         POST C{body} to C{server}'s push API C{path}, with the cluster
         secret.  @return: the reply envelope.
@@ -102,11 +96,13 @@ class HttpPusher:
         response = await self._http.post(
             f"http://{address.host}:{address.http_port}/{path}",
             data=json.dumps(body, separators=(",", ":")).encode("utf-8"),
-            headers={
-                b"Content-Type": [b"application/json"],
-                SECRET_HEADER: [self._secret],
-            },
+            headers=Headers(
+                {
+                    b"Content-Type": [b"application/json"],
+                    pushapi.SECRET_HEADER: [self._secret],
+                }
+            ),
             timeout=self._timeout,
         )
-        reply: dict = json.loads(await response.content())
+        reply: dict[str, Any] = json.loads(await response.content())
         return reply

@@ -17,7 +17,7 @@ from twisted.python import usage
 from cim.daemon import AsyncStartService, reactor_stopper
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IStore
-from cim.options import as_deferred, check_registry_url, check_store_url, port_number
+from cim.options import check_registry_url, check_store_url, port_number
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
 
@@ -87,7 +87,7 @@ class StandaloneService(AsyncStartService):
 
         o = self.options
         # One store for both; this service closes it, after both stopped.
-        self.store = store = await as_deferred(open_store(o["store"], self.reactor))
+        self.store = store = await open_store(o["store"], self.reactor)
         self.server = IMServerService(
             self.reactor,
             ServerConfig(

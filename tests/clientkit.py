@@ -144,7 +144,7 @@ class Harness:
         server = self.server_of(client).server
         assert server is not None
         conn = server.users[client.user_id]
-        conn.transport.transport.abortConnection()  # type: ignore[attr-defined]
+        conn.link.transport.abortConnection()  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
         """

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.codec import decode, encode_framed
@@ -89,8 +91,13 @@ class Peer:
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)
 
-    def lose(self) -> None:
-        self.protocol.connectionLost(None)
+    def lose(self, clean: bool = False) -> None:
+        """
+        The connection is gone: closed in good order by the client when
+        C{clean}, else lost (reset, timed out).
+        """
+        reason = ConnectionDone() if clean else ConnectionLost()
+        self.protocol.connectionLost(Failure(reason))
 
 
 class World:

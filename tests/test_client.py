@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface.verify import verifyObject
 
 from cim.client.connection import ClientProtocol, Heartbeat
@@ -30,7 +31,8 @@ from cim.client.library import (
     QueueListener,
     SendError,
 )
-from cim.client.route import RouteError, User
+from cim.client.route import LoginInfo, RouteError, User
+from cim.client.session import reconnect_delays
 from cim.codec import decode, encode_framed
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, inbox
 from tests.clientkit import Harness, take_messages, wait_state
@@ -240,25 +242,69 @@ def test_corrupt_cursor_file_is_ignored(tmp_path: Path) -> None:
 # In memory: a client on a StringTransport
 
 
-class Wired:
+class FakeRoute:
     """
-    A L{Client} whose connection is a L{StringTransport}, logged in as user
-    7, with a clock.
+    The route's login for a session: it names the server 127.0.0.1:11211,
+    or fails with the next of C{errors}.  C{logins} keeps the time of each.
     """
 
-    def __init__(self) -> None:
-        self.clock = Clock()
+    def __init__(self, clock: MemoryReactorClock) -> None:
+        self.clock = clock
+        self.errors: list[Exception] = []
+        self.logins: list[float] = []
+
+    async def login(
+        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+    ) -> LoginInfo:
+        self.logins.append(self.clock.seconds())
+        if self.errors:
+            raise self.errors.pop(0)
+        return LoginInfo("127.0.0.1", 11211, 0, "token", user_id, user_name)
+
+
+def accept(reactor: MemoryReactorClock) -> StringTransport:
+    """
+    Complete the TCP connection the client asked C{reactor} for, on a
+    L{StringTransport}.
+    """
+    _, _, factory, _, _ = reactor.tcpClients.pop(0)
+    transport = StringTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    return transport
+
+
+class Wired:
+    """
+    A L{Client} logged in as user 7 through a fake route, its connection a
+    L{StringTransport}, on a L{MemoryReactorClock}.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.clock = MemoryReactorClock()
         self.listener = QueueListener()
         self.client = Client(
-            self.clock, "http://route.invalid", http=object(), listener=self.listener
-        )  # type: ignore[arg-type]
-        self.client.user_id = 7
-        self.client.user_name = "alice"
-        self.protocol = ClientProtocol(self.clock, self.client)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        self.client._protocol = self.protocol
-        self.client.state = ClientState.READY
+            self.clock,
+            "http://route.invalid",
+            http=object(),
+            listener=self.listener,
+            **kwargs,
+        )
+        self.route = FakeRoute(self.clock)
+        self.client._session.route = self.route
+        login = Deferred.fromCoroutine(self.client.login("alice", user_id=7))
+        self.connect()
+        assert login.called and login.result is None
+
+    def connect(self) -> None:
+        """
+        Accept the connection a login asked for, and answer the login.
+        """
+        self.transport = accept(self.clock)
+        assert self.client._protocol is not None
+        self.protocol = self.client._protocol
+        assert [f.cmd for f in self.sent()] == [Command.LOGIN_REQUEST]
+        self.receive(Frame(cmd=Command.LOGIN_RESPONSE))
+        assert self.client.state == ClientState.READY
 
     def receive(self, *frames: Frame) -> None:
         self.protocol.dataReceived(b"".join(encode_framed(f) for f in frames))
@@ -410,13 +456,123 @@ def test_replaced_session_gives_up() -> None:
 
 
 def test_backoff_doubles_up_to_thirty_seconds_with_jitter() -> None:
-    client = Client(Clock(), http=object(), rng=random.Random(1))  # type: ignore[arg-type]
+    delays = reconnect_delays(0.5, 30.0, 0.2, random.Random(1))
     for attempt, base in enumerate([0.5, 1, 2, 4, 8, 16, 30, 30, 30]):
-        delays = [client._backoff(attempt) for _ in range(50)]
-        assert all(0.8 * base <= d <= min(1.2 * base, 30) for d in delays)
-        assert len(set(delays)) > 1
-    client.jitter = 0
-    assert [client._backoff(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+        varied = [delays(attempt) for _ in range(50)]
+        assert all(0.8 * base <= d <= min(1.2 * base, 30) for d in varied)
+        assert len(set(varied)) > 1
+    exact = reconnect_delays(0.5, 30.0, 0.0, random.Random(1))
+    assert [exact(a) for a in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+
+
+def drop(wired: Wired) -> None:
+    """
+    Lose the connection as the network would.
+    """
+    wired.protocol.connectionLost(None)
+
+
+def test_reconnects_with_backoff_on_the_clock() -> None:
+    wired = Wired(jitter=0.0)
+    route = wired.route
+    route.errors = [RouteError("7100", "no IM server available") for _ in range(5)]
+    wired.clock.advance(100)
+    drop(wired)
+    assert wired.client.state == ClientState.RECONNECTING
+    wired.clock.pump([0.25] * 200)
+    # Each failure doubles the wait: 0.5, 1, 2, 4, 8, then 16 to success.
+    assert [t - 100 for t in route.logins[1:]] == [0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+    assert wired.client.state == ClientState.CONNECTING
+    wired.connect()
+    # A later loss starts from the first delay again.
+    route.errors = [RouteError("7100", "no IM server available")]
+    start = wired.clock.seconds()
+    drop(wired)
+    wired.clock.pump([0.25] * 8)
+    assert [t - start for t in route.logins[-2:]] == [0.5, 1.5]
+    wired.connect()
+
+
+def test_reconnect_delays_have_jitter() -> None:
+    wired = Wired(rng=random.Random(3))
+    route = wired.route
+    route.errors = [OSError("connection refused") for _ in range(3)]
+    drop(wired)
+    wired.clock.pump([0.01] * 1000)
+    waits = [b - a for a, b in zip(route.logins[1:], route.logins[2:])]
+    assert 0.4 <= route.logins[1] <= 0.61 and len(waits) == 3
+    for wait, base in zip(waits, [1, 2, 4]):
+        assert 0.8 * base - 0.01 <= wait <= 1.2 * base + 0.01
+    assert len({round(w / b, 2) for w, b in zip(waits, [1, 2, 4])}) > 1
+
+
+def test_sends_are_resent_in_order_after_a_reconnect() -> None:
+    wired = Wired()
+    first = wired.client.send_private(2, "one")
+    second = wired.client.send_private(2, "two")
+    [one, two] = wired.sent()
+    wired.receive(
+        Frame(cmd=Command.ACK, client_msg_id=two.client_msg_id, msg_id=9, seq=2)
+    )
+    assert second.called and not first.called
+    drop(wired)
+    third = wired.client.send_private(2, "three")  # while reconnecting
+    assert wired.sent() == []
+    wired.clock.advance(1)
+    wired.connect()
+    again = wired.sent()
+    assert [(f.req_msg, f.client_msg_id) for f in again] == [
+        ("one", one.client_msg_id),
+        ("three", again[1].client_msg_id),
+    ]
+    assert not third.called
+
+
+def test_a_store_failure_resends_through_a_new_connection() -> None:
+    wired = Wired()
+    d = wired.client.send_private(2, "keep me")
+    [frame] = wired.sent()
+    wired.receive(
+        Frame(
+            cmd=Command.ERROR,
+            error_code=ErrorCode.STORE_ERROR,
+            error_reason="temporary store failure",
+            client_msg_id=frame.client_msg_id,
+        )
+    )
+    assert wired.transport.disconnecting and not d.called
+    drop(wired)
+    wired.clock.advance(1)
+    wired.connect()
+    assert [f.client_msg_id for f in wired.sent()] == [frame.client_msg_id]
+
+
+def test_a_permanent_refusal_gives_up() -> None:
+    wired = Wired()
+    pending = wired.client.send_private(2, "pending")
+    failures: list[Any] = []
+    pending.addErrback(failures.append)
+    wired.route.errors = [RouteError("9100", "the password is wrong")]
+    drop(wired)
+    wired.clock.advance(1)
+    assert wired.client.state == ClientState.FAILED
+    assert "the password is wrong" in wired.listener.log[-1][1]
+    assert failures[0].check(ClientClosed)
+    assert wired.clock.getDelayedCalls() == []
+
+
+def test_close_stops_reconnecting() -> None:
+    wired = Wired()
+    wired.route.errors = [OSError("refused") for _ in range(3)]
+    drop(wired)
+    wired.clock.advance(1)
+    closed = Deferred.fromCoroutine(wired.client.close())
+    assert closed.called
+    assert wired.client.state == ClientState.CLOSED
+    logins = len(wired.route.logins)
+    wired.clock.pump([1.0] * 60)
+    assert len(wired.route.logins) == logins
+    assert wired.clock.getDelayedCalls() == []
 
 
 # Against a real route and IM server (memory store)
@@ -662,7 +818,7 @@ async def test_dead_server_is_detected(reactor: Any, harness: Harness) -> None:
     assert bob.user_id is not None
     # The server stops reading Bob's connection: no more pongs.
     conn = harness.server_of(bob).server.users[bob.user_id]  # type: ignore[union-attr]
-    conn.transport.transport.pauseProducing()  # type: ignore[attr-defined]
+    conn.link.transport.pauseProducing()  # type: ignore[attr-defined]
     reason = await wait_state(reactor, bob_events, ClientState.RECONNECTING)
     assert "no pong" in reason
     await wait_state(reactor, bob_events, ClientState.READY)

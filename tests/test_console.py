@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
@@ -17,14 +17,17 @@ from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python import usage
 
 from cim.client import emoji
-from cim.client.console import (
-    Console,
+from cim.client.commands import (
+    BY_NAME,
+    COMMANDS,
+    MESSAGE_FORMS,
     Create,
     Delay,
     EmojiList,
     Groups,
     Help,
     Info,
+    Intent,
     Join,
     Leave,
     Members,
@@ -36,11 +39,14 @@ from cim.client.console import (
     Say,
     Search,
     ShowHistory,
-    format_message,
+    help_rows,
     parse_line,
 )
+from cim.client.console import Console
+from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.history import History
-from cim.client.library import Ack, ClientState, LoginError, SendError
+from cim.client.listeners import Ack, ClientState
+from cim.client.render import STATE_LINES, describe, format_message
 from cim.client.route import RouteError, User
 from cim.client.tap import Options
 from cim.message import ChatMessage
@@ -123,6 +129,61 @@ def test_parse_errors(line: str, error: str) -> None:
     assert "\n" not in str(e.value)
 
 
+# The command table
+
+
+def test_every_command_has_usage_and_help() -> None:
+    names = [name for spec in COMMANDS for name in spec.names]
+    assert len(names) == len(set(names)) == len(BY_NAME)
+    for spec in COMMANDS:
+        assert spec.usage.startswith(spec.names[0]) and spec.help.strip()
+        assert all(name.startswith(":") for name in spec.names)
+
+
+def test_every_command_is_listed_by_all(screen: Screen) -> None:
+    listing = screen.type(":all")
+    assert len(listing) == len(COMMANDS) + len(MESSAGE_FORMS)
+    for line, (form, text) in zip(listing, help_rows()):
+        assert line.split() == form.split() + text.split()
+    for spec in COMMANDS:
+        assert any(spec.usage in line and spec.help in line for line in listing)
+
+
+def test_every_command_parses_to_an_intent_with_a_handler() -> None:
+    handlers = Console.__dict__["execute"].dispatcher.registry
+    intents = set(get_args(Intent))
+    assert intents <= set(handlers)
+    examples = {":pu": ":pu a", ":q": ":q a", ":delay": ":delay hi 1"}
+    for spec in COMMANDS:
+        for name in spec.names:
+            line = examples.get(
+                name, name + (" dev" if "<group>" in spec.usage else "")
+            )
+            assert type(parse_line(line)) in intents
+
+
+def test_usage_errors_quote_the_table() -> None:
+    misused = {}
+    for spec in COMMANDS:
+        try:
+            parse_line(spec.names[0] + " a b c")
+        except ParseError as e:
+            if str(e).startswith("usage:"):
+                misused[spec.names[0]] = str(e)
+                assert str(e) == f"usage: {spec.usage}{spec.note}"
+    assert set(misused) == {
+        ":pu",
+        ":emoji",
+        ":create",
+        ":join",
+        ":leave",
+        ":members",
+        ":history",
+    }
+    with pytest.raises(ParseError, match=r"^usage: :q <keyword> \(:q! quits\)$"):
+        parse_line(":q")
+
+
 def test_emoji_render() -> None:
     assert emoji.render("hi :smile: :nope: :+1:") == "hi 😄 :nope: 👍"
     assert emoji.render("a:b:c") == "a:b:c"
@@ -175,6 +236,28 @@ def test_format_group() -> None:
 
 def test_format_broadcast() -> None:
     assert format_message(message("all", conversation="all")) == f"[{STAMP}] bob: all"
+
+
+def test_describe_each_kind_of_error() -> None:
+    assert describe(RouteError("4090", "the name is taken")) == "the name is taken"
+    assert describe(LoginError("9100", "wrong password")) == "wrong password"
+    assert describe(SendError(3000, "no user 9")) == "no user 9"
+    assert describe(NotLoggedIn("log in first")) == "not logged in yet"
+    assert describe(ClientClosed()) == "the client is closed"
+    assert describe(ClientClosed("gave up")) == "gave up"
+    assert describe(ParseError("bad\nworse")) == "bad"
+    assert describe(KeyError()) == "KeyError"
+
+
+def test_state_lines() -> None:
+    assert set(STATE_LINES) == {
+        ClientState.RECONNECTING,
+        ClientState.READY,
+        ClientState.FAILED,
+    }
+    assert STATE_LINES[ClientState.FAILED]("kicked") == (
+        "error: disconnected: kicked (:q! to quit)"
+    )
 
 
 # The console, with a fake client

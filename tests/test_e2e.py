@@ -102,7 +102,7 @@ async def post(
     token: str | None = None,
     secret: bool = False,
 ) -> dict:
-    headers = {b"Content-Type": [b"application/json"]}
+    headers = {b"Content-Type": [b"application/json"], b"X-Cim-Extended": [b"1"]}
     if token:
         headers[b"Authorization"] = [f"Bearer {token}".encode()]
     if secret:

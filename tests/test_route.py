@@ -67,6 +67,7 @@ class FakePusher:
     def __init__(self) -> None:
         self.pushes: list[tuple[str, list[ChatMessage], list[int]]] = []
         self.kicks: list[tuple[str, int, str, str]] = []
+        self.logged_off: list[int] = []
         self.resyncs: list[tuple[str, int]] = []
         self.down: set[str] = set()
         self.absent: set[int] = set()
@@ -81,9 +82,16 @@ class FakePusher:
         return succeed([u for u in user_ids if u in self.absent])
 
     def kick(
-        self, server: str, user_id: int, session_id: str, reason: str
+        self,
+        server: str,
+        user_id: int,
+        session_id: str,
+        reason: str,
+        logged_off: bool = False,
     ) -> Deferred[Any]:
         self.kicks.append((server, user_id, session_id, reason))
+        if logged_off:
+            self.logged_off.append(user_id)
         if server in self.down:
             return fail(ConnectionRefusedError(server))
         return succeed({"code": "9000", "dataBody": {"kicked": True}})
@@ -155,9 +163,16 @@ class Route:
         secret: str | None = None,
         raw: bytes | None = None,
         headers: dict[bytes, list[bytes]] | None = None,
+        extended: bool = True,
     ) -> tuple[int, bytes]:
+        """
+        @param extended: ask for cim's extended replies, as cim's clients
+            do (CIM's never do).
+        """
         headers = dict(headers or {})
         headers[b"Content-Type"] = [b"application/json"]
+        if extended:
+            headers[b"X-Cim-Extended"] = [b"1"]
         if token is not None:
             headers[b"Authorization"] = [f"Bearer {token}".encode()]
         if secret is not None:

@@ -156,7 +156,8 @@ class Cluster:
     async def call(self, path: str, body: Any = None, token: str | None = None) -> dict:
         assert self.route is not None
         headers: dict[bytes | str, list[bytes | str]] = {
-            b"Content-Type": [b"application/json"]
+            b"Content-Type": [b"application/json"],
+            b"X-Cim-Extended": [b"1"],
         }
         if token is not None:
             headers[b"Authorization"] = [f"Bearer {token}".encode()]

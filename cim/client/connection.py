@@ -1,7 +1,7 @@
 """
 The client's side of the TCP connection to an IM server: framing, decoding
 and the heartbeat.  It only frames and dispatches; what the frames mean is
-L{cim.client.library.Client}'s business.
+L{cim.client.session.Session}'s business.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from cim.codec import CodecError, decode, encode_framed
@@ -36,7 +36,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         ping: Callable[[], None],
         dead: Callable[[str], None],
         interval: float = 10.0,
@@ -44,7 +44,6 @@ class Heartbeat:
         pong_timeout: float = 10.0,
     ) -> None:
         """
-        @param clock: an L{IReactorTime}.
         @param ping: writes a PING (and calls L{wrote}, as every write does).
         @param dead: called with the reason when the connection is dead.
         """
@@ -121,7 +120,7 @@ class Heartbeat:
 
 class FrameHandler(Protocol):
     """
-    What a L{ClientProtocol} reports to (the L{cim.client.library.Client}).
+    What a L{ClientProtocol} reports to (the L{cim.client.session.Session}).
     """
 
     def frame_received(self, protocol: ClientProtocol, frame: Frame) -> None: ...
@@ -145,7 +144,7 @@ class ClientProtocol(VarintFrameReceiver):
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         handler: FrameHandler,
         interval: float = 10.0,
         idle_timeout: float = 30.0,

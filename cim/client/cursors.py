@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from cim.message import Cursor
@@ -45,10 +44,10 @@ class CursorFile:
     log = Logger()
 
     def __init__(
-        self, clock: Any, path: Path | None = None, interval: float = 1.0
+        self, clock: IReactorTime, path: Path | None = None, interval: float = 1.0
     ) -> None:
         """
-        @param clock: an L{IReactorTime} for the save timer.
+        @param clock: for the save timer.
         @param path: where to keep the cursors; C{None} keeps them in memory.
         @param interval: the shortest time between two saves, in seconds.
         """

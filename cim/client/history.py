@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from cim.message import ChatMessage
@@ -29,7 +30,7 @@ def inline_runner(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     return succeed(f(*args))
 
 
-def thread_runner(reactor: Any) -> Runner:
+def thread_runner(reactor: IReactorThreads) -> Runner:
     """
     A L{Runner} on the reactor's thread pool.
     """

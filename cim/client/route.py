@@ -13,7 +13,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.web.http_headers import Headers
 
-from cim.envelope import SUCCESS
+from cim.envelope import EXTENDED, EXTENDED_HEADER, SUCCESS
 from cim.message import ChatMessage, message_from_dict
 
 #: Seconds an HTTP call may take before it fails.
@@ -106,7 +106,9 @@ class RouteClient:
         return d
 
     async def _call(self, path: str, body: dict[str, Any] | None, token: str) -> Any:
-        headers = Headers()
+        # cim's extended replies (the login token, where a message was
+        # stored...), which CIM's own clients never ask for.
+        headers = Headers({EXTENDED_HEADER: [EXTENDED]})
         if token:
             headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
         url = self.url + path

@@ -11,7 +11,6 @@ which answer them; anything unexpected is logged and answered 4000.
 from __future__ import annotations
 
 import json
-import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -26,28 +25,17 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from cim import envelope as codes
 from cim.delivery import Delivery
 from cim.envelope import ApiError, envelope
-from cim.interfaces import IRegistry, IStore, StoreError
+from cim.interfaces import IRegistry, IServerControl, IStore, StoreError
 from cim.message import message_to_dict
 from cim.metrics import Metrics
-from cim.pusher import SECRET_HEADER
+from cim.pushapi import SECRET_HEADER
 from cim.route.balancer import Balancer
-from cim.route.logic import Credentials, Probe, RoutePusher, Router
+from cim.route.fields import REQUESTS, Limits, bad, type_name
+from cim.route.logic import Credentials, Probe, Router
 from cim.route.openapi import openapi_document
 
 #: The largest request body accepted by default, in bytes.
 MAX_BODY = 1024 * 1024
-#: The longest user name and password.
-MAX_NAME = 64
-MAX_PASSWORD = 1024
-#: The longest client message id (as the IM server).
-MAX_CLIENT_MSG_ID = 64
-#: History page sizes.
-DEFAULT_PAGE = 50
-MAX_PAGE = 200
-#: Group ids.
-GROUP_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-#: The largest user id (Java's long).
-MAX_USER_ID = 2**63 - 1
 
 _JSON = b"application/json; charset=utf-8"
 
@@ -60,132 +48,6 @@ class _Call:
 
     started: float
     req_no: Any = None
-
-
-# Request parsing: each helper raises ApiError(INVALID_ARGUMENT) naming the
-# field.  JSON null counts as absent (Java clients send null fields).
-
-
-def _bad(message: str) -> ApiError:
-    return ApiError(codes.INVALID_ARGUMENT, message)
-
-
-def _type_name(value: object) -> str:
-    return {
-        type(None): "null",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
-
-
-def user_id_field(body: dict[str, Any], key: str) -> int:
-    """
-    A user id: a positive integer, as a JSON number or a string of digits
-    (CIM sends numbers; some clients quote them).
-    """
-    value = body.get(key)
-    if value is None:
-        raise _bad(f"{key} is missing")
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit():
-        number = int(value)
-    else:
-        raise _bad(f"{key} must be an integer, not {_type_name(value)}")
-    if not 0 < number <= MAX_USER_ID:
-        raise _bad(f"{key} must be a positive 64-bit integer")
-    return number
-
-
-def int_field(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    """
-    An optional integer between C{low} and C{high}.
-    """
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise _bad(f"{key} must be an integer, not {_type_name(value)}")
-    try:
-        number = int(value)
-    except ValueError:
-        raise _bad(f"{key} must be an integer") from None
-    if not low <= number <= high:
-        raise _bad(f"{key} must be between {low} and {high}")
-    return number
-
-
-def str_field(
-    body: dict[str, Any], key: str, max_length: int, required: bool = True
-) -> str | None:
-    """
-    A string of 1 to C{max_length} characters; C{None} when absent and not
-    C{required}.
-    """
-    value = body.get(key)
-    if value is None:
-        if required:
-            raise _bad(f"{key} is missing")
-        return None
-    if not isinstance(value, str):
-        raise _bad(f"{key} must be a string, not {_type_name(value)}")
-    if not value.strip():
-        raise _bad(f"{key} must not be empty")
-    if len(value) > max_length:
-        raise _bad(f"{key} is longer than {max_length} characters")
-    return value
-
-
-def group_id_field(body: dict[str, Any]) -> str:
-    group_id = str_field(body, "groupId", 64)
-    assert group_id is not None
-    if not GROUP_ID.fullmatch(group_id):
-        raise _bad("groupId must be 1-64 letters, digits, '_', '-' or '.'")
-    return group_id
-
-
-def client_msg_id_field(body: dict[str, Any]) -> str:
-    value = body.get("clientMsgId")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _bad(f"clientMsgId must be a string, not {_type_name(value)}")
-    if len(value) > MAX_CLIENT_MSG_ID:
-        raise _bad(f"clientMsgId is longer than {MAX_CLIENT_MSG_ID} characters")
-    return value
-
-
-def texts_field(body: dict[str, Any], max_message: int) -> list[str]:
-    """
-    The texts of a send: C{batchMsg} when it is a non-empty list (each
-    stored as its own message, in order), else C{msg}.
-    """
-    batch = body.get("batchMsg")
-    if batch is not None and batch != []:
-        if not isinstance(batch, list):
-            raise _bad(f"batchMsg must be a list of strings, not {_type_name(batch)}")
-        texts = batch
-        where = "batchMsg items"
-    else:
-        value = body.get("msg")
-        if value is None:
-            raise _bad("msg is missing")
-        texts = [value]
-        where = "msg"
-    for text in texts:
-        if not isinstance(text, str):
-            raise _bad(f"{where} must be strings, not {_type_name(text)}")
-        if not text:
-            raise _bad(f"{where} must not be empty")
-        if len(text) > max_message:
-            raise _bad(
-                f"{where} must be at most {max_message} characters (got {len(text)})"
-            )
-    return texts
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
@@ -219,7 +81,7 @@ class RouteAPI:
         store: IStore,
         registry: IRegistry,
         delivery: Delivery,
-        pusher: RoutePusher,
+        pusher: IServerControl,
         balancer: Balancer,
         clock: IReactorTime,
         secret: str,
@@ -245,7 +107,7 @@ class RouteAPI:
         )
         self.registry = registry
         self.clock = clock
-        self.max_message = max_message
+        self.limits = Limits(max_message=max_message)
         self.max_body = max_body
         self._calls: weakref.WeakKeyDictionary[IRequest, _Call] = (
             weakref.WeakKeyDictionary()
@@ -285,19 +147,27 @@ class RouteAPI:
         self._begin(request)
         raw = request.content.read(self.max_body + 1) if request.content else b""
         if len(raw) > self.max_body:
-            raise _bad(f"the request body is over the limit of {self.max_body} bytes")
+            raise bad(f"the request body is over the limit of {self.max_body} bytes")
         if not raw.strip():
             if not required:
                 return {}
-            raise _bad("the request body is empty: send a JSON object")
+            raise bad("the request body is empty: send a JSON object")
         try:
             body = json.loads(raw)
         except ValueError as e:
-            raise _bad(f"malformed JSON: {e}") from None
+            raise bad(f"malformed JSON: {e}") from None
         if not isinstance(body, dict):
-            raise _bad(f"the body must be a JSON object, not {_type_name(body)}")
+            raise bad(f"the body must be a JSON object, not {type_name(body)}")
         self._calls[request].req_no = body.get("reqNo")
         return body
+
+    def _parse(self, request: IRequest) -> dict[str, Any]:
+        """
+        Start serving a POST: @return: its declared fields, checked
+        (L{cim.route.fields.REQUESTS}).
+        """
+        declared = REQUESTS[request.path.decode("ascii")]
+        return declared.parse(self._json(request), self.limits)
 
     def _answer(
         self, request: IRequest, code: str, message: str | None = None, data: Any = None
@@ -312,6 +182,14 @@ class RouteAPI:
 
     def _ok(self, request: IRequest, data: Any = None) -> bytes:
         return self._answer(request, codes.SUCCESS, None, data)
+
+    @staticmethod
+    def _extended(request: IRequest) -> bool:
+        """
+        Whether the request asks for cim's extended replies
+        (L{codes.EXTENDED_HEADER}); CIM's clients never do.
+        """
+        return request.getHeader(codes.EXTENDED_HEADER) == codes.EXTENDED
 
     @staticmethod
     def _credentials(request: IRequest) -> Credentials:
@@ -394,33 +272,34 @@ class RouteAPI:
 
     @app.route("/registerAccount", methods=["POST"])
     async def register_account(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_name = str_field(body, "userName", MAX_NAME)
-        password = str_field(body, "password", MAX_PASSWORD, required=False)
-        assert user_name is not None
-        account = await self.router.register(user_name, password)
+        v = self._parse(request)
+        account = await self.router.register(v["userName"], v["password"])
         return self._ok(
             request, {"userId": account.user_id, "userName": account.user_name}
         )
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        user_name = str_field(body, "userName", MAX_NAME)
-        password = str_field(body, "password", MAX_PASSWORD, required=False)
-        token = str_field(body, "token", 1024, required=False)
-        assert user_name is not None
+        v = self._parse(request)
         done = await self.router.login(
-            user_id, user_name, password, token, self._credentials(request)
+            v["userId"],
+            v["userName"],
+            v["password"],
+            v["token"],
+            self._credentials(request),
         )
         self.m_logins.inc()
+        server = {
+            "ip": done.server.host,
+            "cimServerPort": done.server.port,
+            "httpPort": done.server.http_port,
+        }
+        if not self._extended(request):
+            return self._ok(request, server)
         return self._ok(
             request,
             {
-                "ip": done.server.host,
-                "cimServerPort": done.server.port,
-                "httpPort": done.server.http_port,
+                **server,
                 "token": done.token,
                 "userId": done.account.user_id,
                 "userName": done.account.user_name,
@@ -429,25 +308,24 @@ class RouteAPI:
 
     @app.route("/groupRoute", methods=["POST"])
     async def group_route(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        [text] = texts_field({"msg": body.get("msg")}, self.max_message)
-        await self._authorize(request, user_id, legacy=True)
-        await self.router.broadcast(user_id, text)
+        v = self._parse(request)
+        await self._authorize(request, v["userId"], legacy=True)
+        await self.router.broadcast(v["userId"], v["msg"])
         return self._ok(request)
 
     @app.route("/p2pRoute", methods=["POST"])
     async def p2p_route(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        receiver = user_id_field(body, "receiveUserId")
-        texts = texts_field(body, self.max_message)
-        client_msg_id = client_msg_id_field(body)
-        await self._authorize(request, user_id, legacy=True)
+        v = self._parse(request)
+        receiver = v["receiveUserId"]
+        await self._authorize(request, v["userId"], legacy=True)
         last, delivered = await self.router.send_private(
-            user_id, receiver, texts, client_msg_id
+            v["userId"], receiver, v["texts"], v["clientMsgId"]
         )
-        data = {"msgId": last.msg_id, "seq": last.seq}
+        # CIM's reply is empty (NULLBody); cim's clients learn where the
+        # message was stored.
+        data = (
+            {"msgId": last.msg_id, "seq": last.seq} if self._extended(request) else None
+        )
         if not delivered:
             raise ApiError(
                 codes.OFFLINE_USER,
@@ -458,8 +336,7 @@ class RouteAPI:
 
     @app.route("/offLine", methods=["POST"])
     async def off_line(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
+        user_id = self._parse(request)["userId"]
         await self._authorize(request, user_id, legacy=True)
         await self.router.log_off(user_id)
         return self._ok(request)
@@ -474,44 +351,44 @@ class RouteAPI:
 
     @app.route("/fetchOfflineMsgs", methods=["POST"])
     async def fetch_offline_msgs(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "receiveUserId")
+        user_id = self._parse(request)["receiveUserId"]
         await self._authorize(request, user_id, legacy=True)
-        await self.router.fetch_offline(user_id)
+        try:
+            await self.router.fetch_offline(user_id)
+        except ApiError as e:
+            # CIM answers success whether or not the user is connected.
+            if e.code != codes.OFFLINE_USER or self._extended(request):
+                raise
         return self._ok(request)
 
     # Groups and history
 
-    async def _group_request(
-        self, request: IRequest
-    ) -> tuple[dict[str, Any], int, str]:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        group_id = group_id_field(body)
-        await self._authorize(request, user_id)
-        return body, user_id, group_id
+    async def _group_request(self, request: IRequest) -> tuple[int, str]:
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        return v["userId"], v["groupId"]
 
     @app.route("/group/create", methods=["POST"])
     async def group_create(self, request: IRequest) -> bytes:
-        _, user_id, group_id = await self._group_request(request)
+        user_id, group_id = await self._group_request(request)
         await self.router.create_group(user_id, group_id)
         return self._ok(request, {"groupId": group_id})
 
     @app.route("/group/join", methods=["POST"])
     async def group_join(self, request: IRequest) -> bytes:
-        _, user_id, group_id = await self._group_request(request)
+        user_id, group_id = await self._group_request(request)
         joined = await self.router.join_group(user_id, group_id)
         return self._ok(request, {"groupId": group_id, "joined": joined})
 
     @app.route("/group/leave", methods=["POST"])
     async def group_leave(self, request: IRequest) -> bytes:
-        _, user_id, group_id = await self._group_request(request)
+        user_id, group_id = await self._group_request(request)
         left = await self.router.leave_group(user_id, group_id)
         return self._ok(request, {"groupId": group_id, "left": left})
 
     @app.route("/group/members", methods=["POST"])
     async def group_members(self, request: IRequest) -> bytes:
-        _, user_id, group_id = await self._group_request(request)
+        user_id, group_id = await self._group_request(request)
         members = await self.router.group_members(user_id, group_id)
         return self._ok(
             request, [{"userId": a.user_id, "userName": a.user_name} for a in members]
@@ -519,32 +396,26 @@ class RouteAPI:
 
     @app.route("/group/send", methods=["POST"])
     async def group_send(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        group_id = group_id_field(body)
-        texts = texts_field(body, self.max_message)
-        client_msg_id = client_msg_id_field(body)
-        await self._authorize(request, user_id)
-        last = await self.router.send_group(user_id, group_id, texts, client_msg_id)
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        last = await self.router.send_group(
+            v["userId"], v["groupId"], v["texts"], v["clientMsgId"]
+        )
         return self._ok(request, {"msgId": last.msg_id, "seq": last.seq})
 
     @app.route("/user/groups", methods=["POST"])
     async def user_groups(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
+        user_id = self._parse(request)["userId"]
         await self._authorize(request, user_id)
         return self._ok(request, await self.router.user_groups(user_id))
 
     @app.route("/history", methods=["POST"])
     async def history(self, request: IRequest) -> bytes:
-        body = self._json(request)
-        user_id = user_id_field(body, "userId")
-        conversation = str_field(body, "conversation", 80)
-        assert conversation is not None
-        after_seq = int_field(body, "afterSeq", 0, 0, MAX_USER_ID)
-        limit = int_field(body, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        await self._authorize(request, user_id)
-        messages = await self.router.history(user_id, conversation, after_seq, limit)
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        messages = await self.router.history(
+            v["userId"], v["conversation"], v["afterSeq"], v["limit"]
+        )
         return self._ok(request, [message_to_dict(m) for m in messages])
 
     # Operations

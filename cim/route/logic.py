@@ -9,9 +9,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from cachetools import LRUCache
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,6 +23,7 @@ from cim.interfaces import (
     Account,
     GroupExists,
     IRegistry,
+    IServerControl,
     IStore,
     NameTaken,
     NewMessage,
@@ -34,6 +36,7 @@ from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
     ChatMessage,
+    batch_client_msg_ids,
     group_conversation,
     inbox,
 )
@@ -46,22 +49,6 @@ CLAIM_TTL = 60.0
 
 #: Checks that an IM server accepts connections: fires with a bool.
 Probe = Callable[[ServerAddress], "Deferred[bool]"]
-
-
-class RoutePusher(Protocol):
-    """
-    What the route asks of IM servers (L{cim.pusher.HttpPusher}).
-    """
-
-    def push(
-        self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
-    ) -> Deferred[list[int]]: ...
-
-    def kick(
-        self, server: str, user_id: int, session_id: str, reason: str
-    ) -> Deferred[Any]: ...
-
-    def resync(self, server: str, user_id: int) -> Deferred[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +97,7 @@ class Router:
         store: IStore,
         registry: IRegistry,
         delivery: Delivery,
-        pusher: RoutePusher,
+        pusher: IServerControl,
         balancer: Balancer,
         probe: Probe,
         secret: str,
@@ -122,7 +109,7 @@ class Router:
         self.store = store
         #: Accounts seen, by id: they are never deleted, and their names
         #: never change, so existence checks need not ask the store twice.
-        self._accounts: dict[int, Account] = {}
+        self._accounts: LRUCache[int, Account] = LRUCache(ACCOUNT_CACHE_SIZE)
         self.registry = registry
         self.delivery = delivery
         self.pusher = pusher
@@ -188,8 +175,6 @@ class Router:
         account: Account | None = await self.store.get_account(user_id)
         if account is None:
             raise ApiError(codes.INVALID_ARGUMENT, f"{field}: no user {user_id}")
-        if len(self._accounts) >= ACCOUNT_CACHE_SIZE:
-            self._accounts.clear()
         self._accounts[user_id] = account
         return account
 
@@ -344,10 +329,13 @@ class Router:
                 user_id=user_id,
             )
 
-    def kick(self, session: Session, reason: str) -> None:
+    def kick(
+        self, session: Session, reason: str, logged_off: bool = False
+    ) -> Deferred[None]:
         """
         Ask the server of C{session} to close the connection of that
-        session, in the background; a failure is only logged.
+        session.  @return: a Deferred firing when the server answered (or
+        failed to: a failure is only logged); callers may leave it running.
         """
 
         def failed(failure: Failure) -> None:
@@ -360,12 +348,16 @@ class Router:
 
         try:
             d = self.pusher.kick(
-                session.server, session.user_id, session.session_id, reason
+                session.server,
+                session.user_id,
+                session.session_id,
+                reason,
+                logged_off,
             )
         except Exception:
             failed(Failure())
-            return
-        d.addErrback(failed)
+            return succeed(None)
+        return d.addCallbacks(lambda _: None, failed)
 
     async def log_off(self, user_id: int) -> bool:
         """
@@ -379,7 +371,10 @@ class Router:
             return False
         released: bool = await self.store.release_session(user_id, session.session_id)
         if released:
-            self.kick(session, "logged off")
+            # Answer once the server closed the connection and saved its
+            # cursors: what a CIM client was sent counts as received, and a
+            # login right after this one must not get it again.
+            await self.kick(session, "logged off", logged_off=True)
         return released
 
     async def online_users(self) -> list[tuple[int, str]]:
@@ -430,20 +425,16 @@ class Router:
         **target: Any,
     ) -> list[NewMessage]:
         """
-        One message per text; the texts after the first get the client
-        message id C{"<id>#<i>"} (as the IM server does).
+        One message per text (L{batch_client_msg_ids}).
         """
+        ids = batch_client_msg_ids(client_msg_id, len(texts))
         return [
             NewMessage(
                 conversation=conversation,
                 sender_id=sender.user_id,
                 sender_name=sender.user_name,
                 text=text,
-                client_msg_id=(
-                    (client_msg_id if i == 0 else f"{client_msg_id}#{i}")
-                    if client_msg_id
-                    else ""
-                ),
+                client_msg_id=ids[i],
                 **target,
             )
             for i, text in enumerate(texts)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from cim import envelope as codes
+from cim.limits import GROUP_ID_PATTERN
+from cim.route.fields import REQUESTS, Limits
 
 Schema = dict[str, Any]
 
@@ -30,28 +32,19 @@ def _array(items: Schema) -> Schema:
     return {"type": "array", "items": items}
 
 
-_USER_ID: Schema = {
-    "oneOf": [
-        {"type": "integer", "format": "int64", "minimum": 1},
-        {"type": "string", "pattern": "^[0-9]+$"},
-    ],
-    "description": "A user id, as a number or a string of digits.",
+_GROUP_ID: Schema = {"type": "string", "pattern": f"^{GROUP_ID_PATTERN}$"}
+#: The header by which cim's clients ask for cim's extended replies.
+_EXTENDED: Schema = {
+    "name": codes.EXTENDED_HEADER.decode("ascii"),
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "enum": [codes.EXTENDED.decode("ascii")]},
+    "description": (
+        "cim's own clients send it to get cim's extended replies.  Without "
+        "it (as from CIM's clients, which decode replies strictly), a CIM "
+        "endpoint answers exactly CIM's fields."
+    ),
 }
-_GROUP_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
-_CLIENT_MSG_ID: Schema = {
-    "type": "string",
-    "maxLength": 64,
-    "description": "The sender's id for this send: a retry with it is stored once.",
-}
-_REQ_NO: Schema = {"description": "Any value; echoed as reqNo in the answer."}
-_TIMESTAMP: Schema = {"description": "Ignored (CIM clients send it)."}
-
-
-def _request(properties: dict[str, Schema], required: list[str]) -> Schema:
-    """
-    A request body: C{properties} plus CIM's C{reqNo} and C{timeStamp}.
-    """
-    return _obj({**properties, "reqNo": _REQ_NO, "timeStamp": _TIMESTAMP}, required)
 
 
 def _answer(data: Schema | None, description: str) -> Schema:
@@ -85,10 +78,12 @@ def _operation(
     data: Schema | None,
     data_description: str,
     auth: str = "",
+    cim: bool = False,
 ) -> Schema:
     """
     One operation.  C{auth}: C{""} (none), C{"user"} (the user's token or
-    the secret), C{"legacy"} (the same, unless C{--legacy-auth}).
+    the secret), C{"legacy"} (the same, unless C{--legacy-auth}).  C{cim}:
+    one of CIM's endpoints, whose extended reply needs L{_EXTENDED}.
     """
     if auth:
         description += (
@@ -108,6 +103,8 @@ def _operation(
     }
     if auth:
         operation["security"] = [{"bearer": []}, {"clusterSecret": []}]
+    if cim:
+        operation["parameters"] = [_EXTENDED]
     if request is not None:
         operation["requestBody"] = {
             "required": True,
@@ -122,30 +119,25 @@ def openapi_document(max_message: int = 4096) -> Schema:
 
     @param max_message: the C{--max-message} limit, shown in the schemas.
     """
-    text: Schema = {"type": "string", "minLength": 1, "maxLength": max_message}
-    texts: Schema = _array(text)
+    limits = Limits(max_message=max_message)
+
+    def body(path: str) -> Schema:
+        return REQUESTS[path].schema(limits)
+
     sent = _obj(
         {"msgId": {"type": "integer"}, "seq": {"type": "integer"}}, ["msgId", "seq"]
     )
     user = _ref("User")
-    group_body = _request(
-        {"userId": _USER_ID, "groupId": _GROUP_ID}, ["userId", "groupId"]
-    )
     post = {
         "/registerAccount": _operation(
             "Register an account",
             "Creates the account, or returns the existing one of that name when "
             "the password matches it (or it has none); 4090 otherwise.  With "
             "--require-password a password is required (3000).",
-            _request(
-                {
-                    "userName": {"type": "string", "minLength": 1, "maxLength": 64},
-                    "password": {"type": "string", "minLength": 1, "maxLength": 1024},
-                },
-                ["userName"],
-            ),
+            body("/registerAccount"),
             user,
             "The account.",
+            cim=True,
         ),
         "/login": _operation(
             "Log in: choose an IM server",
@@ -156,67 +148,58 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "token in the body or the bearer header, or the secret): then the "
             "old session is replaced and its connection closed.  An account "
             "with a password always needs that proof.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "userName": {"type": "string"},
-                    "password": {"type": "string"},
-                    "token": {"type": "string"},
-                },
-                ["userId", "userName"],
-            ),
+            body("/login"),
             _ref("LoginResult"),
-            "Where to connect, and the token to log in with.",
+            "Where to connect (CIM's fields), and with X-Cim-Extended the "
+            "token to log in with.",
+            cim=True,
         ),
         "/groupRoute": _operation(
             "Send to every other online user (CIM's group chat)",
             "Stored once, delivered to each online user but the sender.",
-            _request({"userId": _USER_ID, "msg": text}, ["userId", "msg"]),
+            body("/groupRoute"),
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/p2pRoute": _operation(
             "Send a private message",
             "Stored in the receiver's inbox (batchMsg: several texts, in order), "
-            "then delivered; 7000 (with the same dataBody) when the receiver is "
-            "offline or unreachable: the message waits for its next login.  "
-            "3000 for an unknown receiver.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "receiveUserId": _USER_ID,
-                    "msg": text,
-                    "batchMsg": texts,
-                    "clientMsgId": _CLIENT_MSG_ID,
-                },
-                ["userId", "receiveUserId"],
-            ),
+            "then delivered; 7000 when the receiver is offline or unreachable: "
+            "the message waits for its next login.  3000 for an unknown "
+            "receiver.  dataBody is null (CIM's NULLBody) unless the request "
+            "has X-Cim-Extended (then also with 7000).",
+            body("/p2pRoute"),
             sent,
-            "The last stored message's id and seq.",
+            "null; with X-Cim-Extended the last stored message's id and seq.",
             auth="legacy",
+            cim=True,
         ),
         "/offLine": _operation(
             "Log off",
             "Releases the user's session and closes its connection.",
-            _request({"userId": _USER_ID, "msg": {"type": "string"}}, ["userId"]),
+            body("/offLine"),
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/fetchOfflineMsgs": _operation(
             "Have the stored messages pushed again",
-            "Asks the user's IM server to send what the user has not got; 7000 "
-            "when the user is not connected.",
-            _request({"receiveUserId": _USER_ID}, ["receiveUserId"]),
+            "Asks the user's IM server to send what the user has not got.  "
+            "Success whether or not the user is connected, as CIM answers; "
+            "with X-Cim-Extended, 7000 when the user is not connected.",
+            body("/fetchOfflineMsgs"),
             None,
             "null",
             auth="legacy",
+            cim=True,
         ),
         "/group/create": _operation(
             "Create a group",
             "The creator is its first member; 4090 when the group exists.",
-            group_body,
+            body("/group/create"),
             _obj({"groupId": _GROUP_ID}),
             "The group id.",
             auth="user",
@@ -224,7 +207,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/join": _operation(
             "Join a group",
             "3000 when there is no such group.",
-            group_body,
+            body("/group/join"),
             _obj({"groupId": _GROUP_ID, "joined": {"type": "boolean"}}),
             "joined: false when already a member.",
             auth="user",
@@ -232,7 +215,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/leave": _operation(
             "Leave a group",
             "3000 when there is no such group.",
-            group_body,
+            body("/group/leave"),
             _obj({"groupId": _GROUP_ID, "left": {"type": "boolean"}}),
             "left: false when not a member.",
             auth="user",
@@ -240,7 +223,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/group/members": _operation(
             "List a group's members",
             "For members only (4010).",
-            group_body,
+            body("/group/members"),
             _array(user),
             "The members.",
             auth="user",
@@ -249,16 +232,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "Send to a group",
             "For members only (4010).  Stored in the group's conversation and "
             "delivered to every member, the sender included.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "groupId": _GROUP_ID,
-                    "msg": text,
-                    "batchMsg": texts,
-                    "clientMsgId": _CLIENT_MSG_ID,
-                },
-                ["userId", "groupId"],
-            ),
+            body("/group/send"),
             sent,
             "The last stored message's id and seq.",
             auth="user",
@@ -266,7 +240,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/user/groups": _operation(
             "List a user's groups",
             "",
-            _request({"userId": _USER_ID}, ["userId"]),
+            body("/user/groups"),
             _array(_GROUP_ID),
             "The group ids, sorted.",
             auth="user",
@@ -275,20 +249,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "Read a conversation",
             "u:<userId> (the user's own inbox) or g:<groupId> (a group the user "
             "belongs to; 4010 otherwise), the messages with seq > afterSeq.",
-            _request(
-                {
-                    "userId": _USER_ID,
-                    "conversation": {"type": "string", "example": "g:friends"},
-                    "afterSeq": {"type": "integer", "minimum": 0, "default": 0},
-                    "limit": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": 200,
-                        "default": 50,
-                    },
-                },
-                ["userId", "conversation"],
-            ),
+            body("/history"),
             _array(_ref("Message")),
             "Up to limit messages, in seq order.",
             auth="user",
@@ -300,6 +261,7 @@ def openapi_document(max_message: int = 4096) -> Schema:
         None,
         _array(user),
         "The online users.",
+        cim=True,
     )
     paths: dict[str, Schema] = {path: {"post": op} for path, op in post.items()}
     paths["/onlineUser"] = {
@@ -389,11 +351,20 @@ def openapi_document(max_message: int = 4096) -> Schema:
                         "ip": {"type": "string"},
                         "cimServerPort": {"type": "integer"},
                         "httpPort": {"type": "integer"},
-                        "token": {"type": "string"},
-                        "userId": {"type": "integer"},
-                        "userName": {"type": "string"},
+                        "token": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only.",
+                        },
+                        "userId": {
+                            "type": "integer",
+                            "description": "With X-Cim-Extended only.",
+                        },
+                        "userName": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only.",
+                        },
                     },
-                    ["ip", "cimServerPort", "httpPort", "token", "userId", "userName"],
+                    ["ip", "cimServerPort", "httpPort"],
                 ),
                 "Message": _obj(
                     {

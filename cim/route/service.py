@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cachetools import TTLCache
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -51,6 +52,8 @@ class RouteConfig:
 
 #: How long a probe's answer is reused, in seconds.
 PROBE_CACHE = 1.0
+#: How many servers' answers are kept.
+PROBE_CACHE_SIZE = 10_000
 
 
 class _Hangup(Protocol):
@@ -72,16 +75,18 @@ def tcp_probe(reactor: Any, timeout: float = 2.0) -> Probe:
 
     # A probe's answer stands for a second: logins do not each open a
     # connection to their server, and a dead server is skipped at once.
-    answers: dict[ServerAddress, tuple[float, bool]] = {}
+    answers: TTLCache[ServerAddress, bool] = TTLCache(
+        PROBE_CACHE_SIZE, PROBE_CACHE, timer=reactor.seconds
+    )
 
     def remember(alive: bool, server: ServerAddress) -> bool:
-        answers[server] = (reactor.seconds(), alive)
+        answers[server] = alive
         return alive
 
     def probe(server: ServerAddress) -> Deferred[bool]:
         known = answers.get(server)
-        if known is not None and reactor.seconds() - known[0] < PROBE_CACHE:
-            return succeed(known[1])
+        if known is not None:
+            return succeed(known)
         endpoint = endpoints.TCP4ClientEndpoint(
             reactor, server.host, server.port, timeout=timeout
         )

@@ -6,7 +6,6 @@ behind a load balancer).
 from __future__ import annotations
 
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -36,36 +35,6 @@ def int_between(name: str, low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def check_urls(store: str, registry: str) -> None:
-    """
-    Check the C{--store} and C{--registry} URLs beyond their scheme.
-
-    @raise usage.UsageError: one is malformed.
-    """
-    check_store_url(store)
-    check_registry_url(registry)
-    if store.startswith("redis://"):
-        parts = urlsplit(store)
-        try:
-            redis_port = parts.port
-        except ValueError:
-            raise usage.UsageError(f"--store {store!r}: bad port") from None
-        db = parts.path.strip("/")
-        if not parts.hostname or redis_port == 0 or (db and not db.isdigit()):
-            raise usage.UsageError(
-                f"--store {store!r}: expected redis://[:password@]host[:port][/db]"
-            )
-    if registry.startswith("zk://"):
-        parts = urlsplit(registry)
-        for host_port in parts.netloc.split(","):
-            host, _, port = host_port.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise usage.UsageError(
-                    f"--registry {registry!r}: bad ZooKeeper address {host_port!r}, "
-                    "expected zk://host:port[,host:port...][/root]"
-                )
 
 
 class Options(usage.Options):
@@ -113,7 +82,8 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        check_urls(self["store"], self["registry"])
+        check_store_url(self["store"])
+        check_registry_url(self["registry"])
         if self["balancer"] not in BALANCERS:
             raise usage.UsageError(
                 f"--balancer must be one of {', '.join(BALANCERS)}, "

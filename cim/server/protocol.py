@@ -5,18 +5,30 @@ L{cim.server.core.IMServer}.
 
 from __future__ import annotations
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from cim.codec import CodecError, decode
+from cim.codec import CodecError, decode, encode_framed
 from cim.framing import VarintFrameReceiver
-from cim.message import ErrorCode
-from cim.server.core import Connection, IMServer
+from cim.message import ErrorCode, Frame
+from cim.server import wire
+from cim.server.connection import Connection
+from cim.server.core import IMServer
+from cim.server.link import IClientLink
+
+#: The answer to every heartbeat, encoded once.
+_PONG = encode_framed(wire.PONG)
+#: The name of this adapter's encoding of a shared batch.
+_FORM = "framed-protobuf"
 
 
+@implementer(IClientLink)
 class ClientConnectionProtocol(VarintFrameReceiver):
     """
-    One client's TCP connection.
+    One client's TCP connection: the server core's L{IClientLink}.
     """
 
     log = Logger()
@@ -36,13 +48,17 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         except Exception:  # not a TCP transport (tests)
             pass
 
-    def connectionLost(self, reason: object = None) -> None:
-        self.server.connection_lost(self.conn)
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        clean = reason is not None and reason.check(ConnectionDone) is not None
+        self.server.connection_lost(self.conn, clean=clean)
 
-    # Transport, for the core
+    # IClientLink, for the core
 
-    def write_bytes(self, data: bytes) -> None:
-        self.transport.write(data)
+    def send(self, frame: Frame) -> None:
+        self.transport.write(_PONG if frame is wire.PONG else encode_framed(frame))
+
+    def send_batch(self, batch: wire.Batch) -> None:
+        self.transport.write(batch.encoded(_FORM, encode_framed))
 
     def close(self) -> None:
         self.stopReading()

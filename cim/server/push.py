@@ -125,21 +125,28 @@ class PushAPI:
             batch=[str(b) for b in batch],
             properties={str(k): str(v) for k, v in props.items()},
         )
-        if not self.server.send_raw(user_id, frame):
+        try:
+            connected = self.server.send_raw(user_id, frame)
+        except ValueError as e:
+            raise ApiError(codes.INVALID_ARGUMENT, f"user {user_id}: {e}") from None
+        if not connected:
             raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected here")
         return envelope()
 
     @app.route("/kick", methods=["POST"])
-    def kick(self, request: IRequest) -> bytes:
+    async def kick(self, request: IRequest) -> bytes:
         """
-        C{{userId, sessionId, reason}}: close the user's connection if it
-        belongs to that session.
+        C{{userId, sessionId, reason, loggedOff}}: close the user's
+        connection if it belongs to that session; answered once its cursors
+        are saved.  C{loggedOff}: the user logged off, so what a CIM client
+        was sent counts as received.
         """
         body = self._json(request)
         user_id = _int(body, "userId")
         session_id = str(body.get("sessionId") or "")
         reason = str(body.get("reason") or "logged in again elsewhere")
-        kicked = self.server.kick_user(user_id, session_id, reason)
+        logged_off = body.get("loggedOff") is True
+        kicked = await self.server.kick_user(user_id, session_id, reason, logged_off)
         return envelope(data={"kicked": kicked})
 
     @app.route("/resync", methods=["POST"])

@@ -1,15 +1,16 @@
 """
 Store backends (L{cim.interfaces.IStore}): in memory, and Redis.
 
-L{open_store} picks one from a URL (the C{--store} options).  Importing this
-package imports neither backend: the Redis one pulls in txredisapi, which
-imports the global reactor.
+L{open_store} picks one from a URL (the C{--store} options), and
+L{parse_redis_url} reads a Redis one.  Importing this package imports neither
+backend: the Redis one pulls in txredisapi, which imports the global reactor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -39,6 +40,54 @@ class Retention:
 
 #: What L{open_store} accepts, for error messages and C{--help} texts.
 STORE_URLS = "memory: or redis://[:password@]host[:port][/db]"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """
+    Where a Redis is and how to log in to it: a parsed C{redis://} URL.
+
+    @ivar db: the database number.
+    @ivar username: the ACL user, or C{None} for the default one.
+    @ivar password: the password, or C{None} for none.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """
+    Parse C{redis://[[user]:password@]host[:port][/db]}: the one parser of
+    Redis URLs.  It is here rather than in L{cim.store.redis} so that
+    checking an option imports no Redis client (txredisapi imports the
+    global reactor).
+
+    @raise ValueError: C{url} is not such a URL; the message says why.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"not a redis:// URL: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad Redis URL {url!r}: bad port") from None
+    db = parts.path.strip("/") or "0"
+    if not parts.hostname or port == 0 or not (db.isascii() and db.isdigit()):
+        raise ValueError(
+            f"bad Redis URL {url!r}: expected "
+            "redis://[[user]:password@]host[:port][/db]"
+        )
+    return RedisAddress(
+        host=parts.hostname,
+        port=port or 6379,
+        db=int(db),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
 
 
 def open_store(

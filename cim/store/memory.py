@@ -136,8 +136,7 @@ class MemoryStore:
         """
         The clock's current time, in seconds.
         """
-        # Without the mypy-zope plugin mypy thinks interface methods lack self.
-        now: float = self.clock.seconds()  # type: ignore[misc]
+        now: float = self.clock.seconds()
         return now
 
     # Accounts

@@ -38,6 +38,7 @@ async def call(
     raw_headers: dict[bytes | str, list[bytes | str]] = {
         k.encode(): [v.encode()] for k, v in (headers or {}).items()
     }
+    raw_headers[b"X-Cim-Extended"] = [b"1"]  # as cim's own clients
     if body is None:
         response = await http.get(url, headers=raw_headers, timeout=timeout)
     else:

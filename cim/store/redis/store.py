@@ -1,8 +1,7 @@
 """
-L{RedisStore}: the L{IStore} kept in Redis, over txredisapi.
-
-This is the only module that imports txredisapi (which imports the global
-reactor); L{connect_redis} opens a connection pool from a URL.
+L{RedisStore}: the L{IStore} kept in Redis, over txredisapi (which only
+L{cim.store.redis.connection} imports); L{connect_redis} opens one from a
+URL.
 
 Key layout (every key starts with the store's prefix C{P}, C{"cim:"} by
 default; user names are only ever hash fields and values, never key names)::
@@ -32,8 +31,8 @@ default; user names are only ever hash fields and values, never key names)::
     P conv:<conversation>          zset    messages scored by seq; PEXPIRE
                                            max_age, refreshed on append, which
                                            also trims it to max_messages and
-                                           drops up to AGE_SCAN messages
-                                           older than max_age
+                                           drops up to AGE_SCAN (append.lua)
+                                           messages older than max_age
     P sent:<sender_id>:<client_msg_id>
                                    string  "msg_id:seq:timestamp:conversation"
                                            of an appended message; PEXPIRE
@@ -43,32 +42,26 @@ default; user names are only ever hash fields and values, never key names)::
     P members:<group_id>           set     member user ids
     P groups:<user_id>             set     the user's group ids
 
-A stored message (a C{conv} member) is a compact JSON object with short
-keys, always starting with C{"i"} (msg_id), C{"q"} (seq) and C{"ts"}
-(milliseconds) in that order, so the append script reads a timestamp without
-decoding JSON; then C{"s"} sender id, C{"n"} sender name, C{"t"} text, and
-when not empty C{"c"} client_msg_id, C{"r"} receive_user_id, C{"g"} group_id.
+What the values hold (a stored message's JSON, a session record):
+L{cim.store.redis.records}.
 
-Every update touching more than one key is one Lua script (EVALSHA, falling
-back to EVAL when Redis does not know it), so it is atomic and costs one
-round trip.  Scripts derive some related keys from the prefix, so the store
-needs a standalone Redis (not Redis Cluster).  The connection must decode
-replies as UTF-8 and leave numbers as strings (C{convertNumbers=False}), as
-L{connect_redis} does.
+Every update touching more than one key is one Lua script of
+L{cim.store.redis.scripts} (EVALSHA, falling back to EVAL when Redis does not
+know it), so it is atomic and costs one round trip.  Scripts derive some
+related keys from the prefix, so the store needs a standalone Redis (not
+Redis Cluster).  The connection must decode replies as UTF-8 and leave
+numbers as strings (C{convertNumbers=False}), as the pool of
+L{cim.store.redis.connection.open_pool} does.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
-from urllib.parse import unquote, urlsplit
 
-import txredisapi
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.python.failure import Failure
@@ -88,14 +81,20 @@ from cim.interfaces import (
 )
 from cim.message import ChatMessage
 from cim.passwords import hash_password, verify_password
-from cim.store import Retention
+from cim.store import Retention, parse_redis_url
 from cim.store.memory import token_key
+from cim.store.redis import scripts
+from cim.store.redis.connection import open_pool
+from cim.store.redis.records import (
+    SESSION_FIELDS,
+    decode_message,
+    decode_session,
+    encode_message,
+)
+from cim.store.redis.scripts import Script
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-
-#: How many of a conversation's oldest messages one append checks for age.
-AGE_SCAN = 100
 
 
 def _deferred(
@@ -112,350 +111,11 @@ def _deferred(
     return wrapper
 
 
-class _Script:
-    """
-    A Lua script and its SHA1, for EVALSHA.
-    """
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
-
-
-#: Shared by the scripts that delete a session: its record, online entry,
-#: server set entry and tokens.
-_DELETE_SESSION = """
-local function delete_session(prefix, uid, server)
-  local tokens = prefix .. 'tokens:' .. uid
-  for _, digest in ipairs(redis.call('SMEMBERS', tokens)) do
-    redis.call('DEL', prefix .. 'token:' .. digest)
-  end
-  redis.call('DEL', prefix .. 'session:' .. uid, tokens)
-  redis.call('HDEL', prefix .. 'online', uid)
-  if server then
-    redis.call('SREM', prefix .. 'server:' .. server, uid)
-  end
-end
-"""
-
-# KEYS: byname.  ARGV: name, prefix.
-# Returns false, or {user_id, password hash or ''}.
-_ACCOUNT_BY_NAME = _Script("""
-local id = redis.call('HGET', KEYS[1], ARGV[1])
-if not id then return false end
-return {id, redis.call('HGET', ARGV[2] .. 'user:' .. id, 'pw') or ''}
-""")
-
-# KEYS: byname, user counter.  ARGV: name, has password, hash, prefix.
-# Returns {created (0/1), user_id, password hash or ''}.
-_REGISTER = _Script("""
-local id = redis.call('HGET', KEYS[1], ARGV[1])
-if id then
-  return {0, id, redis.call('HGET', ARGV[4] .. 'user:' .. id, 'pw') or ''}
-end
-id = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], id)
-local user = ARGV[4] .. 'user:' .. id
-redis.call('HSET', user, 'name', ARGV[1])
-if ARGV[2] == '1' then
-  redis.call('HSET', user, 'pw', ARGV[3])
-  return {1, id, ARGV[3]}
-end
-return {1, id, ''}
-""")
-
-# KEYS: session.  ARGV: user id, name, server, session id, ttl ms, replace,
-# prefix.  Returns {claimed (0/1)} followed by the previous session's name,
-# server, session id and connected flag when there was one.
-_CLAIM = _Script(
-    _DELETE_SESSION
-    + """
-local old = redis.call('HMGET', KEYS[1], 'name', 'server', 'session_id',
-                       'connected')
-local result = {1}
-if old[3] then
-  if ARGV[6] ~= '1' then
-    return {0, old[1], old[2], old[3], old[4]}
-  end
-  delete_session(ARGV[7], ARGV[1], old[2])
-  result = {1, old[1], old[2], old[3], old[4]}
-end
-redis.call('HSET', KEYS[1], 'name', ARGV[2], 'server', ARGV[3],
-           'session_id', ARGV[4], 'connected', '0')
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SADD', ARGV[7] .. 'server:' .. ARGV[3], ARGV[1])
-return result
-"""
-)
-
-# KEYS: session, online.  ARGV: user id, session id.  Returns 1 or 0.
-_ACTIVATE = _Script("""
-local rec = redis.call('HMGET', KEYS[1], 'session_id', 'name')
-if rec[1] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'connected', '1')
-redis.call('PERSIST', KEYS[1])
-redis.call('HSET', KEYS[2], ARGV[1], rec[2])
-return 1
-""")
-
-# KEYS: session records.  Returns {index, name, server, session id} of the
-# connected ones.
-_GET_SESSIONS = _Script("""
-local found = {}
-for i, key in ipairs(KEYS) do
-  local rec = redis.call('HMGET', key, 'name', 'server', 'session_id',
-                         'connected')
-  if rec[4] == '1' then
-    found[#found + 1] = {i, rec[1], rec[2], rec[3]}
-  end
-end
-return found
-""")
-
-# KEYS: session.  ARGV: user id, session id, prefix.  Returns 1 or 0.
-_RELEASE = _Script(
-    _DELETE_SESSION
-    + """
-local rec = redis.call('HMGET', KEYS[1], 'session_id', 'server')
-if rec[1] ~= ARGV[2] then return 0 end
-delete_session(ARGV[3], ARGV[1], rec[2])
-return 1
-"""
-)
-
-# KEYS: server set.  ARGV: server, prefix.  Returns the dropped user ids.
-_DROP_SERVER = _Script(
-    _DELETE_SESSION
-    + """
-local dropped = {}
-for _, uid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('HGET', ARGV[2] .. 'session:' .. uid, 'server') == ARGV[1] then
-    delete_session(ARGV[2], uid, nil)
-    dropped[#dropped + 1] = uid
-  end
-end
-redis.call('DEL', KEYS[1])
-return dropped
-"""
-)
-
-# KEYS: token, the user's token set.  ARGV: user id, server, session id,
-# ttl ms, digest, prefix.
-_ISSUE_TOKEN = _Script("""
-for _, digest in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('EXISTS', ARGV[6] .. 'token:' .. digest) == 0 then
-    redis.call('SREM', KEYS[2], digest)
-  end
-end
-redis.call('HSET', KEYS[1], 'user', ARGV[1], 'server', ARGV[2],
-           'session_id', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SADD', KEYS[2], ARGV[5])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-return 1
-""")
-
-# KEYS: token.  ARGV: prefix.  Returns false or {user id, server, session id}.
-_VERIFY_TOKEN = _Script("""
-local t = redis.call('HMGET', KEYS[1], 'user', 'server', 'session_id')
-if not t[1] then return false end
-if redis.call('HGET', ARGV[1] .. 'session:' .. t[1], 'session_id') ~= t[3] then
-  return false
-end
-return t
-""")
-
-# KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
-# window ms, prefix, then per message: conversation, "<sender_id>:
-# <client_msg_id>" ('' without client_msg_id), JSON body (an object starting
-# with "ts").  Returns {appended, retries}: appended is one string with a
-# "msg_id:seq" per message, separated by commas ('' for a retry); retries is
-# flat: index, msg id, seq, timestamp, conversation, stored member or '' per
-# message that was appended before.  (One string parses much faster than a
-# nested reply.)
-_APPEND = _Script(
-    """
-local now = tonumber(ARGV[1])
-local max_messages = tonumber(ARGV[2])
-local cutoff = now - tonumber(ARGV[3])
-local prefix = ARGV[5]
-local appended = {}
-local retries = {}
-local touched = {}
-local count = (#ARGV - 5) / 3
--- One INCRBY reserves ids for the whole batch (a retry leaves its id unused).
-local first_id = redis.call('INCRBY', KEYS[1], count) - count
-
-local function is_old(member)
-  local ts = tonumber(string.match(member, '^{"i":%d+,"q":%d+,"ts":(%d+)'))
-  return ts ~= nil and ts < cutoff
-end
-
-for i = 1, count do
-  local conversation = ARGV[3 + 3 * i]
-  local sent_id = ARGV[4 + 3 * i]
-  local sent_key = prefix .. 'sent:' .. sent_id
-  local sent = false
-  if sent_id ~= '' then
-    sent = redis.call('GET', sent_key)
-  end
-  if sent then
-    local msg_id, seq, ts, conv = string.match(sent, '^(%d+):(%d+):(%d+):(.*)$')
-    local original = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
-                                seq, seq)
-    for _, v in ipairs({i, msg_id, seq, ts, conv, original[1] or ''}) do
-      retries[#retries + 1] = v
-    end
-    appended[i] = ''
-  else
-    local conv_key = prefix .. 'conv:' .. conversation
-    local msg_id = string.format('%d', first_id + i)
-    local seq = string.format('%d',
-                              redis.call('INCR', prefix .. 'seq:' .. conversation))
-    redis.call('ZADD', conv_key, seq, '{"i":' .. msg_id .. ',"q":' .. seq .. ','
-               .. string.sub(ARGV[5 + 3 * i], 2))
-    if sent_id ~= '' then
-      redis.call('SET', sent_key,
-                 msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation,
-                 'PX', ARGV[4])
-    end
-    touched[conv_key] = true
-    appended[i] = msg_id .. ':' .. seq
-  end
-end
-
-for conv_key in pairs(touched) do
-  local excess = redis.call('ZCARD', conv_key) - max_messages
-  if excess > 0 then
-    redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
-  end
-  local head = redis.call('ZRANGE', conv_key, 0, 0)
-  if head[1] and is_old(head[1]) then
-    local old = 0
-    for _, member in ipairs(redis.call('ZRANGE', conv_key, 0, AGE_SCAN - 1)) do
-      if not is_old(member) then break end
-      old = old + 1
-    end
-    redis.call('ZREMRANGEBYRANK', conv_key, 0, old - 1)
-  end
-  redis.call('PEXPIRE', conv_key, ARGV[3])
-end
-return {table.concat(appended, ','), retries}
-""".replace("AGE_SCAN", str(AGE_SCAN))
-)
-
-# KEYS: cursors.  ARGV: conversation, seq, conversation, seq, ...
-_SET_CURSORS = _Script("""
-for i = 1, #ARGV, 2 do
-  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
-  if tonumber(ARGV[i + 1]) > current then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  end
-end
-return 1
-""")
-
-# KEYS: the cursor hashes of several users.  ARGV: for each key, the number
-# of its cursors, then that many conversation, seq pairs.
-_SET_MANY_CURSORS = _Script("""
-local a = 1
-for k = 1, #KEYS do
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  for i = 1, n do
-    local seq = tonumber(ARGV[a + 1])
-    if seq > tonumber(redis.call('HGET', KEYS[k], ARGV[a]) or '0') then
-      redis.call('HSET', KEYS[k], ARGV[a], seq)
-    end
-    a = a + 2
-  end
-end
-return 1
-""")
-
-# KEYS: group, members, the owner's groups.  ARGV: owner id, group id.
-# Returns 1, or 0 when the group exists.
-_CREATE_GROUP = _Script("""
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
-return 1
-""")
-
-# KEYS: group, members, the user's groups.  ARGV: user id, group id.
-# Returns 1 (changed), 0 (unchanged) or -1 (no such group).
-_JOIN_GROUP = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('SADD', KEYS[3], ARGV[2])
-return redis.call('SADD', KEYS[2], ARGV[1])
-""")
-
-_LEAVE_GROUP = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('SREM', KEYS[3], ARGV[2])
-return redis.call('SREM', KEYS[2], ARGV[1])
-""")
-
-# KEYS: group, members.  Returns false (no such group) or the members.
-_GROUP_MEMBERS = _Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return redis.call('SMEMBERS', KEYS[2])
-""")
-
-
 def _ms(seconds: float) -> int:
     """
     Seconds as whole milliseconds, at least 1 (Redis rejects 0 as a TTL).
     """
     return max(1, int(seconds * 1000))
-
-
-def _encode(message: NewMessage, timestamp: int) -> bytes:
-    """
-    The JSON body of a stored message, without its ids (the append script
-    puts them in front), in UTF-8.
-
-    Strings holding lone surrogates (which UTF-8 cannot carry, but a JSON
-    request may) are escaped rather than failing the whole batch.
-    """
-    body: dict[str, Any] = {
-        "ts": timestamp,
-        "s": message.sender_id,
-        "n": message.sender_name,
-        "t": message.text,
-    }
-    if message.client_msg_id:
-        body["c"] = message.client_msg_id
-    if message.receive_user_id:
-        body["r"] = message.receive_user_id
-    if message.group_id:
-        body["g"] = message.group_id
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(body, separators=(",", ":")).encode("ascii")
-
-
-def _decode(conversation: str, member: str) -> ChatMessage:
-    """
-    A stored message from its JSON.
-    """
-    d = json.loads(member)
-    return ChatMessage(
-        msg_id=d["i"],
-        conversation=conversation,
-        seq=d["q"],
-        sender_id=d["s"],
-        sender_name=d.get("n", ""),
-        text=d.get("t", ""),
-        timestamp=d["ts"],
-        client_msg_id=d.get("c", ""),
-        receive_user_id=d.get("r", 0),
-        group_id=d.get("g", ""),
-    )
 
 
 @implementer(IStore)
@@ -532,31 +192,12 @@ class RedisStore:
         return self._guard(d, args[0])
 
     def _run(
-        self, script: _Script, keys: Sequence[str], args: Sequence[Any]
+        self, script: Script, keys: Sequence[str], args: Sequence[Any]
     ) -> Awaitable[Any]:
         """
-        Run C{script} with EVALSHA, sending it with EVAL when Redis does not
-        have it yet.
+        Run C{script} (L{Script.run}).
         """
-
-        def evaluate(command: str, body: str) -> defer.Deferred[Any]:
-            try:
-                d: defer.Deferred[Any] = self._redis.execute_command(
-                    command, body, len(keys), *keys, *args
-                )
-            except Exception:
-                d = defer.fail()
-            return d
-
-        def unknown(failure: Failure) -> defer.Deferred[Any] | Failure:
-            if failure.check(txredisapi.ResponseError) and str(
-                failure.value
-            ).startswith("NOSCRIPT"):
-                return evaluate("EVAL", script.source)
-            return failure
-
-        d = evaluate("EVALSHA", script.sha).addErrback(unknown)
-        return self._guard(d, "script")
+        return self._guard(script.run(self._redis, keys, args), "script")
 
     def _key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
@@ -574,14 +215,16 @@ class RedisStore:
     @_deferred
     async def register(self, user_name: str, password: str | None = None) -> Account:
         found = await self._run(
-            _ACCOUNT_BY_NAME, [self._key("user", "byname")], [user_name, self.prefix]
+            scripts.ACCOUNT_BY_NAME,
+            [self._key("user", "byname")],
+            [user_name, self.prefix],
         )
         if found is None:
             stored = ""
             if password is not None:
                 stored = await hash_password(password, self._threads)
             created, user_id, stored = await self._run(
-                _REGISTER,
+                scripts.REGISTER,
                 [self._key("user", "byname"), self._key("user", "next")],
                 [user_name, "0" if password is None else "1", stored, self.prefix],
             )
@@ -608,7 +251,9 @@ class RedisStore:
     @_deferred
     async def get_account_by_name(self, user_name: str) -> Account | None:
         found = await self._run(
-            _ACCOUNT_BY_NAME, [self._key("user", "byname")], [user_name, self.prefix]
+            scripts.ACCOUNT_BY_NAME,
+            [self._key("user", "byname")],
+            [user_name, self.prefix],
         )
         if found is None:
             return None
@@ -623,11 +268,6 @@ class RedisStore:
 
     # Sessions
 
-    @staticmethod
-    def _session(user_id: int, fields: Sequence[Any]) -> Session:
-        name, server, session_id, connected = fields
-        return Session(user_id, name, server, session_id, connected == "1")
-
     @_deferred
     async def claim_session(
         self,
@@ -639,7 +279,7 @@ class RedisStore:
     ) -> tuple[Session, Session | None]:
         session = Session(user_id, user_name, server, uuid.uuid4().hex, False)
         result = await self._run(
-            _CLAIM,
+            scripts.CLAIM_SESSION,
             [self._key("session", user_id)],
             [
                 user_id,
@@ -651,7 +291,7 @@ class RedisStore:
                 self.prefix,
             ],
         )
-        previous = self._session(user_id, result[1:]) if len(result) > 1 else None
+        previous = decode_session(user_id, result[1:]) if len(result) > 1 else None
         if not int(result[0]):
             assert previous is not None
             raise SessionExists(previous)
@@ -660,7 +300,7 @@ class RedisStore:
     @_deferred
     async def activate_session(self, user_id: int, session_id: str) -> bool:
         done = await self._run(
-            _ACTIVATE,
+            scripts.ACTIVATE_SESSION,
             [self._key("session", user_id), self._key("online")],
             [user_id, session_id],
         )
@@ -669,16 +309,11 @@ class RedisStore:
     @_deferred
     async def get_session(self, user_id: int) -> Session | None:
         fields = await self._command(
-            "HMGET",
-            self._key("session", user_id),
-            "name",
-            "server",
-            "session_id",
-            "connected",
+            "HMGET", self._key("session", user_id), *SESSION_FIELDS
         )
         if fields[2] is None:
             return None
-        return self._session(user_id, fields)
+        return decode_session(user_id, fields)
 
     @_deferred
     async def get_sessions(self, user_ids: Sequence[int]) -> dict[int, Session]:
@@ -686,7 +321,7 @@ class RedisStore:
         if not user_ids:
             return {}
         found = await self._run(
-            _GET_SESSIONS, [self._key("session", u) for u in user_ids], []
+            scripts.GET_SESSIONS, [self._key("session", u) for u in user_ids], []
         )
         sessions = {}
         for index, name, server, session_id in found:
@@ -697,7 +332,7 @@ class RedisStore:
     @_deferred
     async def release_session(self, user_id: int, session_id: str) -> bool:
         done = await self._run(
-            _RELEASE,
+            scripts.RELEASE_SESSION,
             [self._key("session", user_id)],
             [user_id, session_id, self.prefix],
         )
@@ -713,7 +348,9 @@ class RedisStore:
     @_deferred
     async def drop_server_sessions(self, server: str) -> list[int]:
         dropped = await self._run(
-            _DROP_SERVER, [self._key("server", server)], [server, self.prefix]
+            scripts.DROP_SERVER_SESSIONS,
+            [self._key("server", server)],
+            [server, self.prefix],
         )
         return sorted(int(u) for u in dropped)
 
@@ -726,7 +363,7 @@ class RedisStore:
         token = secrets.token_urlsafe(32)
         digest = token_key(token)
         await self._run(
-            _ISSUE_TOKEN,
+            scripts.ISSUE_TOKEN,
             [self._key("token", digest), self._key("tokens", user_id)],
             [user_id, server, session_id, _ms(ttl), digest, self.prefix],
         )
@@ -735,7 +372,7 @@ class RedisStore:
     @_deferred
     async def verify_token(self, token: str) -> TokenInfo | None:
         found = await self._run(
-            _VERIFY_TOKEN, [self._key("token", token_key(token))], [self.prefix]
+            scripts.VERIFY_TOKEN, [self._key("token", token_key(token))], [self.prefix]
         )
         if found is None:
             return None
@@ -758,14 +395,16 @@ class RedisStore:
         ]
         for m in messages:
             sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
-            args += [m.conversation, sent_id, _encode(m, timestamp)]
-        appended, retries = await self._run(_APPEND, [self._key("msg", "next")], args)
+            args += [m.conversation, sent_id, encode_message(m, timestamp)]
+        appended, retries = await self._run(
+            scripts.APPEND, [self._key("msg", "next")], args
+        )
         # A retry's original: stored, or only its ids when retention dropped it.
         originals: dict[int, ChatMessage | tuple[int, int, int, str]] = {}
         for i in range(0, len(retries), 6):
             index, msg_id, seq, ts, conversation, member = retries[i : i + 6]
             originals[int(index) - 1] = (
-                _decode(conversation, member)
+                decode_message(conversation, member)
                 if member
                 else (int(msg_id), int(seq), int(ts), conversation)
             )
@@ -813,7 +452,7 @@ class RedisStore:
             0,
             int(limit),
         )
-        return [_decode(conversation, member) for member in members]
+        return [decode_message(conversation, member) for member in members]
 
     @_deferred
     async def last_seq(self, conversation: str) -> int:
@@ -827,7 +466,7 @@ class RedisStore:
         args: list[Any] = []
         for conversation, seq in cursors.items():
             args += [conversation, int(seq)]
-        await self._run(_SET_CURSORS, [self._key("cursors", user_id)], args)
+        await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
 
     @_deferred
     async def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
@@ -840,7 +479,7 @@ class RedisStore:
                 for conversation, seq in theirs.items():
                     args += [conversation, int(seq)]
         if keys:
-            await self._run(_SET_MANY_CURSORS, keys, args)
+            await self._run(scripts.SET_MANY_CURSORS, keys, args)
 
     @_deferred
     async def get_cursors(self, user_id: int) -> dict[str, int]:
@@ -859,12 +498,14 @@ class RedisStore:
     @_deferred
     async def create_group(self, group_id: str, owner_id: int) -> None:
         created = await self._run(
-            _CREATE_GROUP, self._group_keys(group_id, owner_id), [owner_id, group_id]
+            scripts.CREATE_GROUP,
+            self._group_keys(group_id, owner_id),
+            [owner_id, group_id],
         )
         if not int(created):
             raise GroupExists(group_id)
 
-    async def _membership(self, script: _Script, group_id: str, user_id: int) -> bool:
+    async def _membership(self, script: Script, group_id: str, user_id: int) -> bool:
         changed = int(
             await self._run(
                 script, self._group_keys(group_id, user_id), [user_id, group_id]
@@ -876,16 +517,16 @@ class RedisStore:
 
     @_deferred
     async def join_group(self, group_id: str, user_id: int) -> bool:
-        return await self._membership(_JOIN_GROUP, group_id, user_id)
+        return await self._membership(scripts.JOIN_GROUP, group_id, user_id)
 
     @_deferred
     async def leave_group(self, group_id: str, user_id: int) -> bool:
-        return await self._membership(_LEAVE_GROUP, group_id, user_id)
+        return await self._membership(scripts.LEAVE_GROUP, group_id, user_id)
 
     @_deferred
     async def group_members(self, group_id: str) -> list[int]:
         members = await self._run(
-            _GROUP_MEMBERS,
+            scripts.GROUP_MEMBERS,
             [self._key("group", group_id), self._key("members", group_id)],
             [],
         )
@@ -910,75 +551,24 @@ def connect_redis(
     """
     Open a pool of connections to the Redis at C{url}.
 
-    @param url: C{redis://[[user]:password@]host[:port][/db]}.
+    @param url: C{redis://[[user]:password@]host[:port][/db]}
+        (L{parse_redis_url}).
     @param clock: the store's clock; the global reactor when C{None}.
     @param timeout: seconds to wait for a connection, and for each call.
     @return: a Deferred firing with the L{RedisStore} once Redis answered a
         PING, or failing with L{StoreError} (the pool is then closed).
     @raise ValueError: C{url} is not such a URL.
     """
-    parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    try:
-        port = parts.port or 6379
-        path = parts.path.strip("/")
-        db = int(path) if path else 0
-    except ValueError as e:
-        raise ValueError(f"bad Redis URL {url!r}: {e}") from None
+    address = parse_redis_url(url)
     if clock is None:
         from twisted.internet import reactor
 
         clock = reactor  # type: ignore[assignment]
     assert clock is not None
-    password = unquote(parts.password) if parts.password is not None else None
-    username = unquote(parts.username) if parts.username else None
-    pool = txredisapi.lazyConnectionPool(
-        host=parts.hostname or "localhost",
-        port=port,
-        dbid=db,
-        poolsize=poolsize,
-        reconnect=True,
-        charset="utf-8",
-        password=password,
-        username=username,
-        connectTimeout=timeout,
-        convertNumbers=False,
-    )
-    # Connections are made once the reactor runs, so the protocol class can
-    # still be swapped for one with a faster command encoder.
-    pool._factory.protocol = _protocol_with_fast_commands(pool._factory.protocol)
+    pool = open_pool(address, poolsize, timeout)
     store = RedisStore(pool, clock, retention, prefix, timeout)
 
     def failed(failure: Failure) -> defer.Deferred[Any]:
         return pool.disconnect().addBoth(lambda _: failure)
 
     return store.ping().addCallbacks(lambda _: store, failed)
-
-
-def _protocol_with_fast_commands(base: type) -> type:
-    """
-    Subclass txredisapi's protocol class C{base} (the hiredis one when
-    hiredis is installed) with a command encoder that costs about a third
-    of the original's: it formats each argument once, where the original
-    calls a type-dispatching encoder twice per argument.  Commands with
-    hundreds of arguments (batched appends, session lookups) are the hot
-    path of every IM server.
-    """
-
-    def _build_command(self: Any, *args: Any, **kwargs: Any) -> bytes:
-        parts = [b"*%d\r\n" % len(args)]
-        charset = self.charset or "utf-8"
-        for arg in args:
-            if isinstance(arg, str):
-                data = arg.encode(charset, self.errors)
-            elif isinstance(arg, bytes):
-                data = arg
-            elif isinstance(arg, int):
-                data = b"%d" % arg
-            else:
-                data = self._encode_value(arg)
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
-
-    return type("FastCommandProtocol", (base,), {"_build_command": _build_command})

@@ -1,0 +1,436 @@
+"""
+What a line typed in the console means: L{parse_line} turns it into an
+intent (one small frozen dataclass per kind of command or message), a pure
+function, so that every form of bad input is easy to test.
+
+The console commands are the table L{COMMANDS}: each row has the command's
+names, its usage and help text (from which C{:all}'s listing is made, see
+L{help_rows}) and the parser of its arguments.  A line that is no command is
+a message: plain, C{<userId>;;<text>} or C{@<name> <text>}.  What the
+intents do is L{cim.client.console.Console}'s business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cim.limits import GROUP_ID_RULE, is_group_id
+from cim.message import BROADCAST, GROUP_PREFIX, group_conversation
+
+# Intents
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    """
+    A plain line: to the current group, or to every online user.
+    """
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateById:
+    """
+    C{<userId>;;<text>}.
+    """
+
+    user_id: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateByName:
+    """
+    C{@<name> <text>}.
+    """
+
+    name: str
+    text: str
+
+
+#: A message (a line that is no command).
+Message = Say | PrivateById | PrivateByName
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """C{:q!} or C{:quit}."""
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineUsers:
+    """C{:olu}, or C{:pu <prefix>} with a prefix."""
+
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Help:
+    """C{:all}."""
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """C{:q <keyword>}: search the history file."""
+
+    keyword: str
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    """C{:info}."""
+
+
+@dataclass(frozen=True, slots=True)
+class EmojiList:
+    """C{:emoji [page]}."""
+
+    page: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """C{:delay <msg> <seconds>}: send C{message} later."""
+
+    message: Message
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """C{:groups}."""
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """C{:join <group>}: join and talk there."""
+
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """C{:leave <group>}."""
+
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """C{:create <group>}: create, join and talk there."""
+
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """C{:members [group]}."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ShowHistory:
+    """C{:history [conversation] [n]}: stored messages from the server."""
+
+    conversation: str = ""
+    count: int = 20
+
+
+#: Everything L{parse_line} returns.
+Intent = (
+    Message
+    | Quit
+    | OnlineUsers
+    | Help
+    | Search
+    | Info
+    | EmojiList
+    | Delay
+    | Groups
+    | Join
+    | Leave
+    | Create
+    | Members
+    | ShowHistory
+)
+
+
+class ParseError(ValueError):
+    """
+    A line that is no command nor message; its text is the one-line error.
+    """
+
+
+class BadUsage(ParseError):
+    """
+    A command with the wrong arguments: L{parse_line} says how it is used.
+    """
+
+
+#: The longest :delay accepted, in seconds.
+MAX_DELAY = 24 * 3600.0
+#: The most messages :history shows.
+MAX_HISTORY = 200
+
+
+# Arguments
+
+
+@dataclass(frozen=True, slots=True)
+class Arguments:
+    """
+    What follows a command's name.
+
+    @ivar words: split on white space.
+    @ivar text: as typed (inner white space kept), or C{""}.
+    """
+
+    words: tuple[str, ...]
+    text: str
+
+
+def _group(args: Arguments) -> str:
+    """
+    The one group id argument of a command (C{g:} prefix allowed).
+    """
+    if len(args.words) != 1:
+        raise BadUsage()
+    group = args.words[0]
+    if group.startswith(GROUP_PREFIX):
+        group = group[len(GROUP_PREFIX) :]
+    if not is_group_id(group):
+        raise ParseError(f"bad group name {group!r}: {GROUP_ID_RULE}")
+    return group
+
+
+def _count(text: str) -> int:
+    """
+    A message count argument.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise ParseError(f"{text!r} is not a number") from None
+    if not 1 <= value <= MAX_HISTORY:
+        raise ParseError(f"the count must be between 1 and {MAX_HISTORY}")
+    return value
+
+
+def _no_arguments(intent: Callable[[], Intent]) -> Callable[[Arguments], Intent]:
+    """
+    The parser of a command that takes no argument (and ignores any).
+    """
+    return lambda _: intent()
+
+
+def _prefix(args: Arguments) -> OnlineUsers:
+    if len(args.words) != 1:
+        raise BadUsage()
+    return OnlineUsers(args.words[0])
+
+
+def _search(args: Arguments) -> Search:
+    if not args.words:
+        raise BadUsage()
+    return Search(args.text)
+
+
+def _emoji(args: Arguments) -> EmojiList:
+    if len(args.words) > 1:
+        raise BadUsage()
+    if not args.words:
+        return EmojiList()
+    page = args.words[0]
+    if not page.isdigit() or int(page) < 1:
+        raise ParseError(f"{page!r} is not a page number")
+    return EmojiList(int(page))
+
+
+def _delay(args: Arguments) -> Delay:
+    if len(args.words) < 2:
+        raise BadUsage()
+    try:
+        seconds = float(args.words[-1])
+    except ValueError:
+        raise ParseError(f"{args.words[-1]!r} is not a number of seconds") from None
+    if not 0 <= seconds <= MAX_DELAY:
+        raise ParseError(f"the delay must be between 0 and {MAX_DELAY:g} seconds")
+    text = args.text.rsplit(None, 1)[0]
+    if _is_command(text.split()[0]):
+        raise ParseError("only messages can be delayed")
+    return Delay(parse_message(text), seconds)
+
+
+def _members(args: Arguments) -> Members:
+    return Members(_group(args) if args.words else "")
+
+
+def _history(args: Arguments) -> ShowHistory:
+    words = args.words
+    if len(words) > 2:
+        raise BadUsage()
+    if len(words) == 2:
+        return ShowHistory(words[0], _count(words[1]))
+    if len(words) == 1:
+        if words[0].isdigit():
+            return ShowHistory("", _count(words[0]))
+        return ShowHistory(words[0])
+    return ShowHistory()
+
+
+# The table
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """
+    One console command.
+
+    @ivar names: what is typed (the first is the main one).
+    @ivar usage: how it is typed, with its arguments.
+    @ivar help: what it does, as C{:all} lists it.
+    @ivar parse: makes the intent of the arguments; raises L{BadUsage} (or
+        L{ParseError} with a message) when they are wrong.
+    @ivar note: said after the usage when the command is misused.
+    """
+
+    names: tuple[str, ...]
+    usage: str
+    help: str
+    parse: Callable[[Arguments], Intent]
+    note: str = ""
+
+
+#: Every console command, in the order C{:all} lists them.
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec((":q!", ":quit"), ":q! | :quit", "quit", _no_arguments(Quit)),
+    CommandSpec((":all",), ":all", "list the commands", _no_arguments(Help)),
+    CommandSpec((":olu",), ":olu", "list the online users", _no_arguments(OnlineUsers)),
+    CommandSpec(
+        (":pu",),
+        ":pu <prefix>",
+        "online users whose name starts with <prefix>",
+        _prefix,
+    ),
+    CommandSpec(
+        (":q",),
+        ":q <keyword>",
+        "search the chat history",
+        _search,
+        note=" (:q! quits)",
+    ),
+    CommandSpec((":info",), ":info", "who and where you are", _no_arguments(Info)),
+    CommandSpec((":emoji",), ":emoji [page]", "list the emoji aliases", _emoji),
+    CommandSpec((":delay",), ":delay <msg> <seconds>", "send <msg> later", _delay),
+    CommandSpec((":groups",), ":groups", "your groups", _no_arguments(Groups)),
+    CommandSpec(
+        (":create",),
+        ":create <group>",
+        "create a group and talk there",
+        lambda args: Create(_group(args)),
+    ),
+    CommandSpec(
+        (":join",),
+        ":join <group>",
+        "join a group and talk there",
+        lambda args: Join(_group(args)),
+    ),
+    CommandSpec(
+        (":leave",), ":leave <group>", "leave a group", lambda args: Leave(_group(args))
+    ),
+    CommandSpec((":members",), ":members [group]", "the members of a group", _members),
+    CommandSpec(
+        (":history",),
+        ":history [conversation] [n]",
+        "the last n stored messages (u:<you> or a group)",
+        _history,
+    ),
+)
+
+#: The command of each name.
+BY_NAME: dict[str, CommandSpec] = {
+    name: spec for spec in COMMANDS for name in spec.names
+}
+
+#: The forms of a message, listed by C{:all} after the commands.
+MESSAGE_FORMS: tuple[tuple[str, str], ...] = (
+    ("<text>", "to the current group, or to every online user"),
+    ("<userId>;;<text>", "private message"),
+    ("@<name> <text>", "private message"),
+)
+
+
+def help_rows() -> list[tuple[str, str]]:
+    """
+    C{(usage, help)} of every command then every message form, as C{:all}
+    lists them.
+    """
+    return [(spec.usage, spec.help) for spec in COMMANDS] + list(MESSAGE_FORMS)
+
+
+# Parsing
+
+
+def _is_command(word: str) -> bool:
+    """
+    Whether a line starting with C{word} is a command.
+    """
+    # ":smile: hello" is a message that starts with an emoji alias.
+    return word.startswith(":") and not (len(word) > 2 and word.endswith(":"))
+
+
+def parse_message(line: str) -> Message:
+    """
+    A line that is no command: plain, C{<id>;;<text>} or C{@<name> <text>}.
+    """
+    if line.startswith("@"):
+        name, _, text = line[1:].partition(" ")
+        if not name:
+            raise ParseError("usage: @<name> <text>")
+        if not text.strip():
+            raise ParseError("empty message")
+        return PrivateByName(name, text.strip())
+    target, sep, text = line.partition(";;")
+    if sep and target and not any(c.isspace() for c in target):
+        if not target.isdigit() or int(target) <= 0:
+            raise ParseError(f"{target!r} is not a user id (usage: <userId>;;<text>)")
+        if not text.strip():
+            raise ParseError("empty message")
+        return PrivateById(int(target), text.strip())
+    return Say(line)
+
+
+def parse_line(line: str) -> Intent:
+    """
+    Parse one typed line.
+
+    @raise ParseError: the line is an unknown command, a command with bad
+        arguments, or a message without text or with a bad recipient.
+    """
+    line = line.strip()
+    if not line:
+        raise ParseError("empty message (:all lists the commands)")
+    name, *after = line.split(None, 1)
+    if not _is_command(name):
+        return parse_message(line)
+    spec = BY_NAME.get(name)
+    if spec is None:
+        raise ParseError(f"unknown command {name} (:all lists the commands)")
+    rest = after[0] if after else ""
+    try:
+        return spec.parse(Arguments(tuple(rest.split()), rest))
+    except BadUsage:
+        raise ParseError(f"usage: {spec.usage}{spec.note}") from None
+
+
+def conversation_of(target: str) -> str:
+    """
+    The conversation id a user means by C{target}: C{"u:<id>"} and
+    C{"g:<group>"} as they are, anything else a group id.
+    """
+    if target.startswith(("u:", "g:")) or target == BROADCAST:
+        return target
+    return group_conversation(target)

@@ -1,0 +1,166 @@
+"""
+How the console shows things: pure functions from what happened (a message,
+a state change, an error, an answer of the route) to the lines printed.
+
+L{describe} explains an error in one line, one function per kind of error
+(L{functools.singledispatch}); L{STATE_LINES} says what each connection
+state change prints.  Emoji aliases in messages are rendered here.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from cim.client import emoji
+from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
+from cim.client.listeners import ClientState
+from cim.client.route import RouteError, User
+from cim.message import GROUP_PREFIX, INBOX_PREFIX, ChatMessage
+
+
+def clock_time(timestamp_ms: int) -> str:
+    """
+    C{HH:MM:SS} of a timestamp, in local time.
+    """
+    return time.strftime("%H:%M:%S", time.localtime(timestamp_ms / 1000))
+
+
+def format_message(message: ChatMessage) -> str:
+    """
+    How an incoming message is shown: C{[HH:MM:SS] sender: text}, marked
+    C{(private)} or with its C{[group]}, emoji aliases rendered.
+    """
+    sender = message.sender_name or str(message.sender_id)
+    text = emoji.render(message.text)
+    stamp = clock_time(message.timestamp)
+    if message.group_id or message.conversation.startswith(GROUP_PREFIX):
+        group = message.group_id or message.conversation[len(GROUP_PREFIX) :]
+        return f"[{stamp}] [{group}] {sender}: {text}"
+    if message.conversation.startswith(INBOX_PREFIX) or message.receive_user_id:
+        return f"[{stamp}] (private) {sender}: {text}"
+    return f"[{stamp}] {sender}: {text}"
+
+
+# Errors
+
+
+@functools.singledispatch
+def describe(error: BaseException) -> str:
+    """
+    A one-line explanation of C{error} for the user.
+    """
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text or type(error).__name__
+
+
+@describe.register
+def _route_error(error: RouteError) -> str:
+    return error.message
+
+
+@describe.register
+def _refusal(error: LoginError | SendError) -> str:
+    return error.reason
+
+
+@describe.register
+def _not_logged_in(error: NotLoggedIn) -> str:
+    return "not logged in yet"
+
+
+@describe.register
+def _closed(error: ClientClosed) -> str:
+    return str(error) or "the client is closed"
+
+
+def error_line(text: str) -> str:
+    """
+    A one-line error.
+    """
+    return f"error: {text}"
+
+
+# Connection state
+
+#: What a change to each state prints (when the console shows it), given
+#: the change's reason.
+STATE_LINES: Mapping[ClientState, Callable[[str], str]] = {
+    ClientState.RECONNECTING: lambda reason: (
+        f"connection lost ({reason}); reconnecting..."
+    ),
+    ClientState.READY: lambda reason: f"reconnected to {reason}",
+    ClientState.FAILED: lambda reason: error_line(
+        f"disconnected: {reason} (:q! to quit)"
+    ),
+}
+
+
+def server_error(reason: str) -> str:
+    """
+    An error the server reported about the connection.
+    """
+    return error_line(f"server: {reason}")
+
+
+# Answers to commands
+
+
+def help_listing(rows: Sequence[tuple[str, str]]) -> str:
+    """
+    C{:all}: one C{usage  help} line per row, aligned.
+    """
+    width = max(len(usage) for usage, _ in rows)
+    return "\n".join(f"  {usage.ljust(width)}  {text}" for usage, text in rows)
+
+
+def online_users(users: Sequence[User], prefix: str) -> list[str]:
+    """
+    C{:olu} and C{:pu}: a count, then one user per line.
+    """
+    if prefix:
+        head = f"online users starting with {prefix!r}: {len(users)}"
+    else:
+        head = f"online users: {len(users)}"
+    return [head] + [f"  {user.user_id}  {user.user_name}" for user in users]
+
+
+def search_result(record: Mapping[str, Any]) -> str:
+    """
+    C{:q}: one history record.
+    """
+    stamp = time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(record.get("ts", 0) / 1000)
+    )
+    where = record.get("to") or record.get("group") or ""
+    arrow = f" -> {where}" if where else ""
+    text = emoji.render(str(record.get("text", "")))
+    return f"[{stamp}] {record.get('from', '?')}{arrow}: {text}"
+
+
+def emoji_page(number: int, items: Sequence[tuple[str, str]]) -> list[str]:
+    """
+    C{:emoji}: one page of aliases, four per line.
+    """
+    lines = [f"emoji page {number}/{emoji.page_count()}:"]
+    for i in range(0, len(items), 4):
+        lines.append(
+            "  " + "   ".join(f"{alias} {char}" for alias, char in items[i : i + 4])
+        )
+    return lines
+
+
+def group_list(groups: Iterable[str], current: str) -> list[str]:
+    """
+    C{:groups}: one group per line, the current one starred.
+    """
+    return [f"{'*' if group == current else ' '} {group}" for group in groups]
+
+
+def members_line(group: str, members: Iterable[User]) -> str:
+    """
+    C{:members}.
+    """
+    return f"{group}: " + ", ".join(f"{m.user_name} ({m.user_id})" for m in members)

@@ -1,0 +1,28 @@
+"""
+The limits and patterns of what crosses the wire and the HTTP API, declared
+once: the server, the route, the OpenAPI document and the client all take
+them from here.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: The longest client message id.
+MAX_CLIENT_MSG_ID = 64
+#: The longest user name and password.
+MAX_NAME = 64
+MAX_PASSWORD = 1024
+#: The largest user id (Java's long, as CIM's clients hold it).
+MAX_USER_ID = 2**63 - 1
+#: Group ids: 1-64 letters, digits, C{_}, C{-} or C{.}.
+GROUP_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
+GROUP_ID = re.compile(GROUP_ID_PATTERN)
+GROUP_ID_RULE = "1-64 letters, digits, '_', '-' or '.'"
+
+
+def is_group_id(value: str) -> bool:
+    """
+    Whether C{value} is a valid group id.
+    """
+    return GROUP_ID.fullmatch(value) is not None

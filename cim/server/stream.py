@@ -1,0 +1,307 @@
+"""
+In-order delivery of each conversation to each connection.
+
+A connection holds one L{Stream} per conversation it receives: the highest
+seq written to it, whether the store is being read for it, and the live
+messages held meanwhile or behind a gap.  L{Streams} moves them forward:
+it offers live messages (L{Streams.offer}), replays from the store
+(L{Streams.fill}), shares one store read among the connections that want
+the same page, and reads from the store the gaps that live messages did
+not close within L{GAP_WAIT} seconds of its clock.
+
+Every method runs in the reactor thread; the store is the only source of
+waiting.  A connection that a store read fails for is handed to
+L{ConnectionControl.kick}: the client logs in again and resumes from its
+cursors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cim.interfaces import IStore
+from cim.message import BROADCAST, ChatMessage, Command
+from cim.metrics import Counter
+from cim.server import wire
+from cim.server.connection import Connection, ConnectionControl
+
+#: Messages read from the store per page when replaying.
+REPLAY_PAGE = 200
+#: How long a gap in a conversation may stay open before it is read from
+#: the store, in seconds (the missing message is usually in flight).
+GAP_WAIT = 0.25
+#: The position of a conversation whose start is not known yet (a group
+#: joined since login, while its cursor is read).
+UNKNOWN = -1
+
+
+class Stream:
+    """
+    One conversation as one connection receives it.
+
+    @ivar delivered: the highest seq written to the connection (or
+        L{UNKNOWN}); messages are written in seq order with no gap.
+    @ivar filling: the store is being read for it; live messages wait in
+        C{pending}.
+    @ivar pending: live messages held, by seq, until what precedes them
+        is written.
+    """
+
+    __slots__ = ("conversation", "delivered", "filling", "pending")
+
+    def __init__(
+        self, conversation: str, delivered: int = UNKNOWN, filling: bool = False
+    ) -> None:
+        self.conversation = conversation
+        self.delivered = delivered
+        self.filling = filling
+        self.pending: dict[int, ChatMessage] = {}
+
+    def hold(self, message: ChatMessage) -> None:
+        self.pending[message.seq] = message
+
+    def advance(self) -> list[ChatMessage]:
+        """
+        Take the held messages that follow C{delivered} without a gap, in
+        order, and move C{delivered} past them; drop any held at or below
+        where they end (duplicates).
+        """
+        pending = self.pending
+        if not pending:
+            return []
+        position = self.delivered
+        ready = []
+        while position + 1 in pending:
+            position += 1
+            ready.append(pending.pop(position))
+        self.delivered = position
+        for seq in [seq for seq in pending if seq <= position]:
+            del pending[seq]
+        return ready
+
+
+class Streams:
+    """
+    Moves the L{Stream}s of every connection of one server.
+
+    @param written: counts the chat messages written.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IStore,
+        control: ConnectionControl,
+        written: Counter,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self.control = control
+        self.written = written
+        self._gaps: set[tuple[Connection, Stream]] = set()
+        self._gap_call: IDelayedCall | None = None
+        self._reads: dict[tuple[str, int], list[Deferred[list[ChatMessage]]]] = {}
+
+    def stop(self) -> None:
+        """
+        Read no more gaps.
+        """
+        if self._gap_call is not None and self._gap_call.active():
+            self._gap_call.cancel()
+            self._gap_call = None
+
+    # Live messages
+
+    def offer(
+        self, conn: Connection, messages: Sequence[ChatMessage], batch: wire.Batch
+    ) -> None:
+        """
+        Write live C{messages} (in seq order) to C{conn} as far as they
+        follow what it has, holding the others; C{batch} is their shared
+        frame.
+        """
+        # Fast path: every message is the next one of its conversation.
+        streams = conn.streams
+        positions: dict[Stream, int] = {}
+        for m in messages:
+            conversation = m.conversation
+            if conversation == BROADCAST:
+                continue
+            stream = streams.get(conversation)
+            if stream is None or stream.filling or stream.pending:
+                break
+            if m.seq != positions.get(stream, stream.delivered) + 1:
+                break
+            positions[stream] = m.seq
+        else:
+            for stream, seq in positions.items():
+                stream.delivered = seq
+            conn.deliver(messages, Command.MESSAGE, batch)
+            self.written.inc(len(messages))
+            return
+        for m in messages:
+            self._offer_one(conn, m)
+
+    def _offer_one(self, conn: Connection, m: ChatMessage) -> None:
+        conversation = m.conversation
+        if conversation == BROADCAST:
+            self._write(conn, [m], Command.MESSAGE)
+            return
+        stream = conn.streams.get(conversation)
+        if stream is None:
+            stream = conn.streams[conversation] = Stream(conversation)
+        if stream.delivered == UNKNOWN:
+            # A conversation this connection has not seen (a group joined
+            # since login): hold the message, and start from the user's
+            # stored cursor (the route records it at the join).
+            stream.hold(m)
+            if not stream.filling:
+                stream.filling = True
+                ensureDeferred(self._adopt(conn, stream)).addErrback(
+                    self._fill_failed, conn, stream
+                )
+            return
+        if stream.filling:
+            stream.hold(m)
+        elif m.seq <= stream.delivered:
+            return  # a duplicate
+        elif m.seq == stream.delivered + 1:
+            # If this closed a gap, what waited behind it goes too.
+            stream.delivered = m.seq
+            self._write(conn, [m, *stream.advance()], Command.MESSAGE)
+        else:
+            # A gap: an earlier message is usually still on its way (pushed
+            # from another server).  Hold this one; if the gap is still
+            # open after GAP_WAIT, read it from the store.
+            stream.hold(m)
+            self._gaps.add((conn, stream))
+            if self._gap_call is None:
+                self._gap_call = self.clock.callLater(GAP_WAIT, self._close_gaps)
+
+    def _close_gaps(self) -> None:
+        """
+        Fill from the store the gaps that the live messages did not close.
+        """
+        self._gap_call = None
+        gaps, self._gaps = self._gaps, set()
+        for conn, stream in gaps:
+            if not conn.closed and stream.pending and not stream.filling:
+                self.fill_in_background(conn, stream)
+
+    # Replay
+
+    def resync(self, conn: Connection) -> None:
+        """
+        Write to C{conn} whatever the store holds that it has not got yet.
+        """
+        for stream in list(conn.streams.values()):
+            if stream.delivered != UNKNOWN and not stream.filling:
+                self.fill_in_background(conn, stream)
+
+    def fill_in_background(self, conn: Connection, stream: Stream) -> None:
+        stream.filling = True
+        ensureDeferred(self.fill(conn, stream, Command.MESSAGE)).addErrback(
+            self._fill_failed, conn, stream
+        )
+
+    async def _adopt(self, conn: Connection, stream: Stream) -> None:
+        try:
+            stored = await self.store.get_cursors(conn.user_id)
+        except BaseException:
+            stream.filling = False
+            raise
+        start = stored.get(stream.conversation, 0)
+        if stream.delivered == UNKNOWN:
+            stream.delivered = start
+        conn.acked.setdefault(stream.conversation, start)
+        await self.fill(conn, stream, Command.MESSAGE)
+
+    def _fill_failed(self, failure: Failure, conn: Connection, stream: Stream) -> None:
+        stream.filling = False
+        self.log.failure(
+            "Reading {conversation} for {user_id} failed; reconnecting it",
+            failure,
+            conversation=stream.conversation,
+            user_id=conn.user_id,
+        )
+        # The client will log in again and resume from its cursors.
+        self.control.kick(conn, "temporary store failure")
+
+    async def fill(self, conn: Connection, stream: Stream, cmd: Command) -> None:
+        """
+        Write the stored messages of C{stream} after what C{conn} has (as
+        C{cmd}), then whatever arrived live meanwhile, in order, without
+        duplicates.  The caller marked C{stream} as filling.
+        """
+        conversation = stream.conversation
+        try:
+            while not conn.closed:
+                page = await self._read(conversation, stream.delivered)
+                if conn.closed:
+                    return
+                after = stream.delivered
+                fresh = [m for m in page if m.seq > after]
+                if fresh:
+                    self._write(conn, fresh, cmd)
+                    stream.delivered = fresh[-1].seq
+                if len(page) == REPLAY_PAGE:
+                    continue
+                # Caught up with the store: drain what arrived live.
+                ready = stream.advance()
+                if ready:
+                    self._write(conn, ready, Command.MESSAGE)
+                pending = stream.pending
+                if not pending:
+                    return
+                # Still a gap (a message the store has not shown us yet, or
+                # that retention dropped); go round again.
+                if not page and not ready:
+                    # The store has nothing after our position: the gap can
+                    # only be messages lost to retention; skip over it.
+                    first = min(pending)
+                    self.log.warn(
+                        "Skipping {conversation} {start}..{end} (not in the store)",
+                        conversation=conversation,
+                        start=stream.delivered + 1,
+                        end=first - 1,
+                    )
+                    stream.delivered = first - 1
+        finally:
+            stream.filling = False
+
+    def _read(self, conversation: str, after: int) -> Deferred[list[ChatMessage]]:
+        """
+        Read a page of C{conversation} after C{after}, sharing one store
+        read among the connections that want the same page at once (a
+        group's members catching up together).
+        """
+        waiter: Deferred[list[ChatMessage]] = Deferred()
+        key = (conversation, after)
+        waiters = self._reads.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._reads[key] = [waiter]
+        self.store.read(conversation, after, REPLAY_PAGE).addBoth(self._read_done, key)
+        return waiter
+
+    def _read_done(self, result: object, key: tuple[str, int]) -> None:
+        for waiter in self._reads.pop(key):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(cast(list[ChatMessage], result))
+
+    def _write(
+        self, conn: Connection, messages: list[ChatMessage], cmd: Command
+    ) -> None:
+        conn.deliver(messages, cmd)
+        self.written.inc(len(messages))

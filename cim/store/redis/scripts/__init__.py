@@ -1,0 +1,97 @@
+"""
+The Lua scripts of L{cim.store.redis.store.RedisStore}, one C{.lua} file each
+in this package, read once, when this module is imported.
+
+Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
+what it returns.  Redis has no C{require}: a script calling a function of
+another file (C{delete_session.lua}) is sent with that file in front of it,
+as L{_load} is told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from cim.store.redis.connection import is_noscript
+
+
+class Script:
+    """
+    A Lua script and its SHA1, for EVALSHA.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def run(
+        self, redis: Any, keys: Sequence[str], args: Sequence[Any]
+    ) -> defer.Deferred[Any]:
+        """
+        Run the script with EVALSHA, sending it with EVAL when Redis does
+        not have it yet.
+
+        @param redis: a txredisapi connection or pool.
+        @return: a Deferred firing with the script's reply.
+        """
+
+        def evaluate(command: str, body: str) -> defer.Deferred[Any]:
+            try:
+                d: defer.Deferred[Any] = redis.execute_command(
+                    command, body, len(keys), *keys, *args
+                )
+            except Exception:
+                d = defer.fail()
+            return d
+
+        def unknown(failure: Failure) -> defer.Deferred[Any] | Failure:
+            if is_noscript(failure):
+                return evaluate("EVAL", self.source)
+            return failure
+
+        return evaluate("EVALSHA", self.sha).addErrback(unknown)
+
+
+#: The text of every C{.lua} file of this package, by file name without
+#: C{.lua}.
+SOURCES: dict[str, str] = {
+    entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")
+    for entry in resources.files(__name__).iterdir()
+    if entry.name.endswith(".lua")
+}
+
+#: Every script, by the name of its file.
+SCRIPTS: dict[str, Script] = {}
+
+
+def _load(name: str, *needs: str) -> Script:
+    """
+    The script of C{name}.lua, with the files C{needs} in front of it.
+    """
+    script = Script("".join(SOURCES[part] for part in (*needs, name)))
+    SCRIPTS[name] = script
+    return script
+
+
+ACCOUNT_BY_NAME = _load("account_by_name")
+REGISTER = _load("register")
+CLAIM_SESSION = _load("claim_session", "delete_session")
+ACTIVATE_SESSION = _load("activate_session")
+GET_SESSIONS = _load("get_sessions")
+RELEASE_SESSION = _load("release_session", "delete_session")
+DROP_SERVER_SESSIONS = _load("drop_server_sessions", "delete_session")
+ISSUE_TOKEN = _load("issue_token")
+VERIFY_TOKEN = _load("verify_token")
+APPEND = _load("append")
+SET_CURSORS = _load("set_cursors")
+SET_MANY_CURSORS = _load("set_many_cursors")
+CREATE_GROUP = _load("create_group")
+JOIN_GROUP = _load("join_group")
+LEAVE_GROUP = _load("leave_group")
+GROUP_MEMBERS = _load("group_members")

@@ -1,0 +1,7 @@
+-- KEYS: group, members, the owner's groups.  ARGV: owner id, group id.
+-- Returns 1, or 0 when the group exists.
+
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then return 0 end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1

@@ -1,0 +1,6 @@
+-- KEYS: group, members, the user's groups.  ARGV: user id, group id.
+-- Returns 1 (changed), 0 (unchanged) or -1 (no such group).
+
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('SADD', KEYS[3], ARGV[2])
+return redis.call('SADD', KEYS[2], ARGV[1])

@@ -1,0 +1,286 @@
+"""
+L{cim.server.stream}: in-order delivery of each conversation to a
+connection, driven on a L{task.Clock} without a server; and the
+L{IClientLink} that the wire adapter provides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from cim.interfaces import NewMessage
+from cim.message import ChatMessage, Command, Frame, group_conversation, inbox
+from cim.metrics import Counter
+from cim.server import wire
+from cim.server.connection import Connection
+from cim.server.link import IClientLink
+from cim.server.stream import GAP_WAIT, Stream, Streams
+from cim.store.memory import MemoryStore
+from tests.serverkit import Peer, World
+
+BOB = 2
+CONVERSATION = inbox(BOB)
+
+
+@implementer(IClientLink)
+class RecordingLink:
+    """
+    Records what the core writes to a connection.
+    """
+
+    def __init__(self) -> None:
+        self.writes: list[Frame | wire.Batch] = []
+        self.closed = False
+
+    def send(self, frame: Frame) -> None:
+        self.writes.append(frame)
+
+    def send_batch(self, batch: wire.Batch) -> None:
+        self.writes.append(batch)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def texts(self) -> list[str]:
+        """
+        The texts written since the last call, in order.
+        """
+        writes, self.writes = self.writes, []
+        out: list[str] = []
+        for write in writes:
+            frame = write.frame() if isinstance(write, wire.Batch) else write
+            out.extend(m.text for m in frame.messages)
+        return out
+
+
+class Control:
+    """
+    Records kicks and errors instead of acting on them.
+    """
+
+    def __init__(self) -> None:
+        self.kicks: list[tuple[Connection, str]] = []
+
+    def error(
+        self,
+        conn: Connection,
+        code: int,
+        reason: str,
+        close: bool = False,
+        client_msg_id: str = "",
+    ) -> None:
+        raise AssertionError(f"unexpected error {code} {reason}")
+
+    def kick(self, conn: Connection, reason: str, redirect: str = "") -> None:
+        self.kicks.append((conn, reason))
+
+
+class CountingReads(MemoryStore):
+    """
+    A memory store that counts its reads, and holds them while C{slow}.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.reads: list[tuple[str, int]] = []
+        self.slow = False
+        self.held: list[tuple[Deferred[list[ChatMessage]], Deferred]] = []
+
+    def read(
+        self, conversation: str, after_seq: int, limit: int
+    ) -> Deferred[list[ChatMessage]]:
+        self.reads.append((conversation, after_seq))
+        d = super().read(conversation, after_seq, limit)
+        if not self.slow:
+            return d
+        held: Deferred[list[ChatMessage]] = Deferred()
+        self.held.append((d, held))
+        return held
+
+    def release(self) -> None:
+        self.slow = False
+        while self.held:
+            d, held = self.held.pop(0)
+            d.chainDeferred(held)
+
+
+class Setting:
+    """
+    A L{Streams} over a memory store, and connections to it.
+    """
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = CountingReads(self.clock)
+        self.control = Control()
+        self.written = Counter("written", "")
+        self.streams = Streams(self.clock, self.store, self.control, self.written)
+
+    def connect(self, **positions: int) -> tuple[Connection, RecordingLink]:
+        """
+        A logged-in connection of bob's, at C{positions} (by conversation,
+        C{inbox} for bob's own) in its conversations.
+        """
+        link = RecordingLink()
+        conn = Connection(link, "10.0.0.1:5000", self.clock.seconds())
+        conn.user_id = BOB
+        for name, delivered in positions.items():
+            conversation = CONVERSATION if name == "inbox" else name
+            conn.streams[conversation] = Stream(conversation, delivered)
+        return conn, link
+
+    def store_texts(
+        self, *texts: str, conversation: str = CONVERSATION
+    ) -> list[ChatMessage]:
+        """
+        Store C{texts} from alice (user 1) in C{conversation}.
+        """
+        results: list[list[ChatMessage]] = []
+        self.store.append(
+            [NewMessage(conversation, 1, "alice", text) for text in texts]
+        ).addCallback(results.append)
+        [stored] = results
+        return stored
+
+    def offer(self, conn: Connection, messages: Sequence[ChatMessage]) -> None:
+        self.streams.offer(conn, messages, wire.Batch(messages))
+
+
+def test_the_wire_adapter_provides_iclientlink() -> None:
+    peer = Peer(World().server)
+    assert verifyObject(IClientLink, peer.protocol)
+    assert verifyObject(IClientLink, RecordingLink())
+
+
+def test_in_order_messages_are_written_as_the_shared_batch() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    stored = setting.store_texts("one", "two")
+    batch = wire.Batch(stored)
+    setting.streams.offer(conn, stored, batch)
+    assert link.writes == [batch]
+    assert conn.streams[CONVERSATION].delivered == 2
+    assert setting.written.value == 2
+    assert setting.store.reads == []
+
+
+def test_duplicates_are_dropped() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    one, two = setting.store_texts("one", "two")
+    setting.offer(conn, [one])
+    setting.offer(conn, [one])
+    setting.offer(conn, [one, two])
+    assert link.texts() == ["one", "two"]
+    setting.offer(conn, [two])
+    assert link.texts() == []
+    assert conn.streams[CONVERSATION].delivered == 2
+
+
+def test_a_gap_is_held_then_filled_from_the_store_on_the_clock() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    stored = setting.store_texts("one", "two", "three")
+    # Only the last one arrives live: the others are still on their way.
+    setting.offer(conn, stored[2:])
+    stream = conn.streams[CONVERSATION]
+    assert link.texts() == [] and list(stream.pending) == [3]
+    setting.clock.advance(GAP_WAIT / 2)
+    assert link.texts() == [] and setting.store.reads == []
+    setting.clock.advance(GAP_WAIT / 2)
+    assert setting.store.reads == [(CONVERSATION, 0)]
+    assert link.texts() == ["one", "two", "three"]
+    assert stream.delivered == 3 and not stream.pending and not stream.filling
+    # What arrives late is a duplicate by now.
+    setting.offer(conn, stored[:2])
+    assert link.texts() == []
+
+
+def test_a_gap_closed_live_costs_no_store_read() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    one, two, three = setting.store_texts("one", "two", "three")
+    setting.offer(conn, [one])
+    setting.offer(conn, [three])
+    setting.offer(conn, [two])
+    assert link.texts() == ["one", "two", "three"]
+    setting.clock.advance(GAP_WAIT)
+    assert setting.store.reads == []
+    assert link.texts() == []
+
+
+def test_connections_with_the_same_gap_share_one_store_read() -> None:
+    setting = Setting()
+    group = group_conversation("team")
+    stored = setting.store_texts("one", "two", conversation=group)
+    links = []
+    for _ in range(3):
+        conn, link = setting.connect(**{group: 0})
+        setting.offer(conn, stored[1:])
+        links.append(link)
+    setting.store.slow = True
+    setting.clock.advance(GAP_WAIT)
+    assert setting.store.reads == [(group, 0)]
+    assert [link.texts() for link in links] == [[]] * 3
+    setting.store.release()
+    assert setting.store.reads == [(group, 0)]
+    assert [link.texts() for link in links] == [["one", "two"]] * 3
+
+
+def test_live_messages_wait_for_the_replay_then_drain() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+    # Bob's replay is about to read; meanwhile two (already stored) and a
+    # third (still being stored) arrive live.
+    stream = conn.streams[CONVERSATION] = Stream(CONVERSATION, 0, filling=True)
+    three = replace(two, seq=3, msg_id=two.msg_id + 1, text="three")
+    setting.offer(conn, [two])
+    setting.offer(conn, [three])
+    assert link.writes == [] and sorted(stream.pending) == [2, 3]
+    ensureDeferred(setting.streams.fill(conn, stream, Command.OFFLINE))
+    replayed, live = link.writes
+    assert isinstance(replayed, Frame) and replayed.cmd == Command.OFFLINE
+    assert [m.text for m in replayed.messages] == ["one", "two"]
+    assert isinstance(live, Frame) and live.cmd == Command.MESSAGE
+    assert [m.text for m in live.messages] == ["three"]
+    assert stream.delivered == 3 and not stream.pending and not stream.filling
+
+
+def test_a_conversation_joined_since_login_starts_at_the_stored_cursor() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    group = group_conversation("team")
+    setting.store_texts("before", "joined", "after", conversation=group)
+    setting.store.set_cursors(BOB, {group: 1})
+    last = setting.store_texts("live", conversation=group)
+    setting.offer(conn, last)
+    assert link.texts() == ["joined", "after", "live"]
+    assert conn.streams[group].delivered == 4 and conn.acked[group] == 1
+
+
+def test_a_failed_read_kicks_the_connection() -> None:
+    class FailingReads(CountingReads):
+        def read(
+            self, conversation: str, after_seq: int, limit: int
+        ) -> Deferred[list[ChatMessage]]:
+            self.reads.append((conversation, after_seq))
+            return fail(RuntimeError("the store is down"))
+
+    setting = Setting()
+    setting.store = store = FailingReads(setting.clock)
+    setting.streams = Streams(setting.clock, store, setting.control, setting.written)
+    conn, link = setting.connect(inbox=0)
+    one, two = setting.store_texts("one", "two")
+    setting.offer(conn, [two])
+    setting.clock.advance(GAP_WAIT)
+    assert setting.control.kicks == [(conn, "temporary store failure")]
+    assert not conn.streams[CONVERSATION].filling
+    assert link.texts() == []
