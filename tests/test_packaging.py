@@ -41,11 +41,18 @@ from tests.kit.http import get_json
 pytestmark = pytest.mark.integration
 
 PLUGINS = ("cim-server", "cim-route", "cim-client", "cim-standalone")
-#: Not needed to build or run cim.
+#: Not needed to build or run cim: at the top of the tree...
+NOT_COPIED_TOP = {".git", ".venv", ".run", "build", "dist", "tests", "bench", "fuzz",
+                  "scripts"}  # fmt: skip
+#: ... and anywhere.
 NOT_COPIED = shutil.ignore_patterns(
-    ".git", ".venv", ".run", "build", "dist", "*.egg-info", "__pycache__",
-    ".*_cache", ".hypothesis", "tests", "bench", "fuzz", "scripts", "dropin.cache",
-)  # fmt: skip
+    "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "dropin.cache"
+)
+
+
+def not_copied(directory: str, names: list[str]) -> set[str]:
+    top = NOT_COPIED_TOP if Path(directory) == ROOT else set()
+    return set(NOT_COPIED(directory, names)) | (top & set(names))
 
 
 class Environment:
@@ -95,7 +102,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Environment:
     """
     base = tmp_path_factory.mktemp("packaging")
     source = base / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_COPIED)
+    shutil.copytree(ROOT, source, ignore=not_copied)
     environment = Environment(base / "venv")
     done = environment.run(
         sys.executable, "-m", "pip", "--python", environment.python,
@@ -111,11 +118,18 @@ def test_installed_copy_is_imported(installed: Environment) -> None:
         installed.python,
         "-c",
         "import cim, cim._proto.cim_pb2, twisted.plugins.cim_plugins as p\n"
-        "print(cim.__file__); print(p.__file__)",
+        "import cim.store.redis.scripts as s\n"
+        "print(cim.__file__); print(p.__file__); print(s.__file__)",
     )
     assert done.returncode == 0, done.stderr
     for path in done.stdout.split():
         assert Path(path).is_relative_to(installed.site), done.stdout
+    # The package data came along: the Redis store's Lua scripts.
+    scripts = Path(done.stdout.split()[-1]).parent
+    source = ROOT / "cim" / "store" / "redis" / "scripts"
+    assert {p.name for p in scripts.glob("*.lua")} == {
+        p.name for p in source.glob("*.lua")
+    }
 
 
 @pytest.mark.parametrize("plugin", PLUGINS)
