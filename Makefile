@@ -28,11 +28,15 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+# The pinned run-time and development packages (requirements-dev.txt
+# includes requirements.txt), then cim itself, editable; `pip check` fails
+# the install when the pins do not satisfy what cim declares.
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
+	$(BIN)/python -m pip check
 	touch $@
 
 test: install

@@ -27,6 +27,7 @@ import argparse
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -34,8 +35,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,10 +42,14 @@ from typing import IO, Any
 import psutil
 
 from bench.loadgen import Histogram, merge_reports
+from tests.kit.cluster import ROOT, TWISTD, Cluster, LogWatch, Processes
+from tests.kit.http import post_json
+from tests.kit.services import redis_ping, ruok
+from tests.kit.wait import wait_blocking
 
-ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-TWISTD = str(Path(sys.executable).with_name("twistd"))
+#: What the raw server says once it listens (it is given port 0).
+RAW_LISTENING = re.compile(r"raw server listening on \S+:(\d+)")
 RESULTS = ROOT / "bench" / "results"
 
 SCENARIOS = ("raw", "p2p", "p2p-latency", "group", "http", "login", "connections")
@@ -98,32 +101,6 @@ def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get_json(url: str, timeout: float = 2.0) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        body: dict[str, Any] = json.loads(r.read())
-        return body
-
-
-def post_json(
-    url: str, body: dict[str, Any], headers: dict[str, str]
-) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode("utf-8"),
-        headers={"Content-Type": "application/json", **headers},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as r:
-        answer: dict[str, Any] = json.loads(r.read())
-        return answer
-
-
 def tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -131,59 +108,7 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-# Processes
-
-
-class Processes:
-    """
-    Every process the harness started, to stop them all whatever happens.
-    """
-
-    def __init__(self) -> None:
-        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(
-        self, name: str, argv: list[str], log: Path, **kw: Any
-    ) -> subprocess.Popen[bytes]:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                cwd=str(ROOT),
-                stdin=kw.pop("stdin", subprocess.DEVNULL),
-                stdout=kw.pop("stdout", out),
-                stderr=out,
-                start_new_session=True,
-                **kw,
-            )
-        self.running.append((name, proc))
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-        """
-        SIGTERM, then SIGKILL after C{grace} seconds.
-        """
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.running = [(n, p) for n, p in self.running if p is not proc]
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(list(self.running)):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, proc in reversed(list(self.running)):
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.running = []
+# Processes (L{tests.kit.cluster}: the daemons, a group of processes)
 
 
 class Services:
@@ -226,22 +151,10 @@ class Services:
             )
 
     def redis_ok(self) -> bool:
-        try:
-            with socket.create_connection(
-                ("127.0.0.1", self.redis_port), timeout=1
-            ) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+        return redis_ping(self.redis_port)
 
     def zk_ok(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.zk_port), timeout=1) as s:
-                s.sendall(b"ruok")
-                return s.recv(16) == b"imok"
-        except OSError:
-            return False
+        return ruok(self.zk_port)
 
     def up(self) -> None:
         if self.redis_ok() and self.zk_ok():
@@ -278,131 +191,6 @@ class Services:
             return None
 
 
-class Cluster:
-    """
-    One route and C{n} IM servers as C{twistd} processes.
-    """
-
-    def __init__(
-        self,
-        processes: Processes,
-        logs: Path,
-        store: str,
-        registry: str,
-        secret: str,
-        servers: int,
-        profile: bool = False,
-    ) -> None:
-        self.processes = processes
-        self.profile = profile
-        self.logs = logs
-        self.store = store
-        self.registry = registry
-        self.secret = secret
-        self.n = servers
-        self.servers: list[tuple[subprocess.Popen[bytes], int, int]] = []
-        self.route: subprocess.Popen[bytes] | None = None
-        self.route_port = 0
-
-    def _twistd(
-        self, name: str, plugin: str, args: list[str]
-    ) -> subprocess.Popen[bytes]:
-        log = self.logs / f"{name}.log"
-        twistd = [TWISTD]
-        if self.profile:
-            twistd = [
-                PYTHON,
-                "-m",
-                "bench.harness",
-                "--profiled-twistd",
-                str(self.logs / f"{name}.prof"),
-            ]
-        return self.processes.start(
-            name,
-            [*twistd, "-n", "--logfile", str(log), "--pidfile", "", plugin, *args],
-            self.logs / f"{name}.out",
-        )
-
-    def start(self) -> None:
-        common = [
-            "--store",
-            self.store,
-            "--registry",
-            self.registry,
-            "--secret",
-            self.secret,
-        ]
-        for i in range(self.n):
-            port, http = free_port(), free_port()
-            proc = self._twistd(
-                f"server{i + 1}",
-                "cim-server",
-                [
-                    "--port",
-                    str(port),
-                    "--http-port",
-                    str(http),
-                    "--bind",
-                    "127.0.0.1",
-                    "--rate",
-                    "20000",
-                    *common,
-                ],
-            )
-            self.servers.append((proc, port, http))
-        self.route_port = free_port()
-        self.route = self._twistd(
-            "route",
-            "cim-route",
-            ["--port", str(self.route_port), "--bind", "127.0.0.1", *common],
-        )
-        for i, (proc, _, http) in enumerate(self.servers):
-            self._wait(f"server{i + 1}", proc, f"http://127.0.0.1:{http}/health")
-        self._wait(
-            "route",
-            self.route,
-            f"http://127.0.0.1:{self.route_port}/health",
-            lambda body: len(body["dataBody"]["servers"]) == self.n,
-        )
-
-    def _wait(
-        self,
-        name: str,
-        proc: subprocess.Popen[bytes],
-        url: str,
-        ok: Callable[[dict[str, Any]], bool] = lambda body: True,
-        deadline: float = 60.0,
-    ) -> None:
-        end = time.monotonic() + deadline
-        last: object = None
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise HarnessError(f"{name} exited:\n{tail(self.logs / f'{name}.log')}")
-            try:
-                body = get_json(url)
-                if body.get("code") == "9000" and ok(body):
-                    return
-                last = body
-            except Exception as e:
-                last = e
-            time.sleep(0.1)
-        raise HarnessError(
-            f"{name} not healthy at {url}: {last}\n{tail(self.logs / f'{name}.log')}"
-        )
-
-    def pids(self) -> dict[str, int]:
-        out = {f"server{i + 1}": p.pid for i, (p, _, _) in enumerate(self.servers)}
-        if self.route is not None:
-            out["route"] = self.route.pid
-        return out
-
-    def stop(self) -> None:
-        if self.route is not None:
-            self.processes.stop(self.route)
-        for proc, _, _ in self.servers:
-            self.processes.stop(proc)
-
-
 class WorkerProc:
     """
     One L{bench.loadgen} process, driven over its stdin and stdout.
@@ -411,7 +199,7 @@ class WorkerProc:
     def __init__(self, processes: Processes, index: int, log: Path) -> None:
         self.index = index
         self.log = log
-        self.proc = processes.start(
+        self.proc = processes.spawn(
             f"loadgen{index}",
             [PYTHON, "-m", "bench.loadgen"],
             log,
@@ -679,7 +467,7 @@ class Bench:
         self.workers = workers
         self.run_id = run_id
         self.logs = logs
-        self.processes = Processes()
+        self.processes = Processes(logs)
         redis_port = int(os.environ.get("CIM_BENCH_REDIS_PORT", "16479"))
         zk_port = int(os.environ.get("CIM_BENCH_ZK_PORT", "12281"))
         self.db = int(os.environ.get("CIM_BENCH_REDIS_DB", "3"))
@@ -746,17 +534,25 @@ class Bench:
     # Helpers
 
     def cluster(self, name: str, servers: int = 2) -> Cluster:
+        """
+        A fresh cluster (one route, C{servers} IM servers) on an empty
+        Redis database and a new ZooKeeper root, started (stopped with the
+        other processes after the scenario).
+        """
         self.services.flush(self.db)
+        twistd = [TWISTD]
+        if self.profile:
+            twistd = [PYTHON, "-m", "bench.harness", "--profiled-twistd"]
         cluster = Cluster(
             self.processes,
             self.logs / name,
             f"redis://127.0.0.1:{self.services.redis_port}/{self.db}",
             f"zk://127.0.0.1:{self.services.zk_port}/cimbench/{self.run_id}-{name}",
             self.secret,
-            servers,
-            self.profile,
+            server_args=["--rate", "20000"],
+            twistd=twistd,
         )
-        cluster.start()
+        cluster.start_blocking(servers)
         return cluster
 
     def spawn(self, name: str, n: int | None = None) -> list[WorkerProc]:
@@ -1045,23 +841,21 @@ class Bench:
     # The scenarios
 
     def scenario_raw(self, row: dict[str, Any], p: dict[str, Any]) -> None:
-        port = free_port()
         log = self.logs / "raw" / "raw_server.log"
-        raw = self.processes.start(
-            "raw", [PYTHON, "-m", "bench.raw_server", "--port", str(port)], log
+        watch = LogWatch(log)
+        watch.mark()
+        raw = self.processes.spawn(
+            "raw", [PYTHON, "-m", "bench.raw_server", "--port", "0"], log
         )
         workers = self.spawn("raw")
-        end = time.monotonic() + 30
-        while True:
+
+        def listening() -> int | None:
             if raw.poll() is not None:
                 raise HarnessError(f"the raw server exited:\n{tail(log)}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise HarnessError("the raw server does not listen") from None
-                time.sleep(0.1)
+            found = RAW_LISTENING.search(watch.since())
+            return int(found.group(1)) if found else None
+
+        port = wait_blocking(listening, "the raw server to listen")
         ids = list(range(1, p["clients"] + 1))
         counts = self.split(len(ids), len(workers))
         first = 0
@@ -1368,17 +1162,19 @@ def lock(path: Path, wait: float = 1800.0) -> IO[str]:
         return f
 
 
-def profiled_twistd(out: str, args: list[str]) -> None:
+def profiled_twistd(args: list[str]) -> None:
     """
     Run C{twistd args} under cProfile counting CPU time (not wall time, so
     that waiting for the CPU on a busy machine does not count), and save
-    the statistics to C{out} when it exits.
+    the statistics beside its log (C{--logfile X.log}: C{X.prof}) when it
+    exits.
     """
     import cProfile
 
     from twisted.application import app
     from twisted.scripts.twistd import run
 
+    out = Path(args[args.index("--logfile") + 1]).with_suffix(".prof")
     # twistd ends by killing itself with the signal that stopped it; save
     # the statistics first.
     app._exitWithSignal = lambda sig: None  # type: ignore[assignment]
@@ -1389,13 +1185,13 @@ def profiled_twistd(out: str, args: list[str]) -> None:
         run()
     finally:
         profiler.disable()
-        profiler.dump_stats(out)
+        profiler.dump_stats(str(out))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--profiled-twistd"]:
-        profiled_twistd(argv[1], argv[2:])
+        profiled_twistd(argv[1:])
         return 0
     parser = argparse.ArgumentParser(description="The cim benchmark.")
     parser.add_argument(

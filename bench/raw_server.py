@@ -11,13 +11,14 @@ C{receiveUserId} and is written as it came (the same bytes, re-framed) to
 that receiver's connection, and acknowledged to the sender with an C{ACK}
 carrying its C{clientMsgId}; C{PING} gets a pong.
 
-    python -m bench.raw_server --port 12345 [--bind 127.0.0.1]
+    python -m bench.raw_server --port 12345 [--bind 127.0.0.1]   (0: any free port)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -158,7 +159,16 @@ def main(argv: list[str] | None = None) -> None:
         failure.printTraceback()
         reactor.stop()  # type: ignore[attr-defined]
 
-    endpoint.listen(RawFactory()).addErrback(failed)
+    def listening(port: Any) -> None:
+        address = port.getHost()
+        # The harness reads the port from this line (it may have asked for 0).
+        Logger().info(
+            "raw server listening on {host}:{port}",
+            host=address.host,
+            port=address.port,
+        )
+
+    endpoint.listen(RawFactory()).addCallbacks(listening, failed)
     reactor.run()  # type: ignore[attr-defined]
 
 

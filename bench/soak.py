@@ -58,8 +58,6 @@ import math
 import os
 import random
 import secrets
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -680,10 +678,12 @@ class Coordinator:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.secret = secrets.token_urlsafe(24)
         self.tag = secrets.token_hex(3)
-        self.redis: subprocess.Popen[bytes] | None = None
-        self.zookeeper: Any = None
+        from tests.kit.cluster import Processes
+
+        #: Redis, ZooKeeper and the daemons (L{tests.kit}).
+        self.processes = Processes(self.directory, reactor)
+        self.cluster: Any = None
         self.daemons: dict[str, Any] = {}
-        self.ports: dict[str, tuple[int, int]] = {}
         self.route_port = 0
         self.workers: list[WorkerProcess] = []
         self.rss_start: dict[str, int | None] = {}
@@ -694,106 +694,34 @@ class Coordinator:
 
     # Services and daemons
 
-    def _start_redis(self) -> int:
-        from tests.processes import free_port
-
-        port = free_port()
-        data = self.directory / "redis"
-        data.mkdir()
-        self.redis = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
-             "--dir", str(data), "--appendonly", "yes",
-             "--appendfsync", "everysec", "--save", "",
-             "--logfile", str(data / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        return port
-
-    async def _wait_redis(self, port: int) -> None:
-        import socket
-
-        def ping() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    return s.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        await self._poll(ping, "redis-server to answer", 30)
-
-    async def _poll(self, predicate: Any, what: str, seconds: float) -> None:
-        from twisted.internet.task import deferLater
-
-        end = time.monotonic() + seconds
-        while not predicate():
-            if time.monotonic() > end:
-                raise RuntimeError(f"timed out waiting for {what}")
-            await deferLater(self.reactor, 0.1)
-
-    def _daemon(self, name: str, plugin: str, args: list[str]) -> Any:
-        from tests.processes import Daemon
-
-        daemon = Daemon(name, plugin, args, self.directory)
-        self.daemons[name] = daemon
-        return daemon
-
-    async def _healthy(self, name: str, port: int, seconds: float = 60) -> None:
-        import urllib.request
-
-        daemon = self.daemons[name]
-
-        def ok() -> bool:
-            if daemon.process is not None and daemon.process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{daemon.log_tail()}")
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/health", timeout=1
-                ) as r:
-                    return bool(json.loads(r.read()).get("code") == "9000")
-            except Exception:
-                return False
-
-        await self._poll(ok, f"{name} to be healthy", seconds)
-
     async def start_cluster(self) -> None:
-        from tests.processes import free_port
-        from tests.zkserver import ZooKeeperServer
+        from tests.kit.cluster import Cluster
+        from tests.kit.services import RedisServer, ZooKeeperServer
 
-        redis_port = self._start_redis()
-        self.zookeeper = ZooKeeperServer(self.reactor, self.directory / "zookeeper")
-        await self.zookeeper.start()
-        await self._wait_redis(redis_port)
-        store = f"redis://127.0.0.1:{redis_port}/0"
-        registry = f"zk://{self.zookeeper.hosts}/cim"
-        common = ["--bind", "127.0.0.1", "--store", store, "--registry", registry,
-                  "--secret", self.secret]  # fmt: skip
-        for name in ("server1", "server2"):
-            port, http = free_port(), free_port()
-            self.ports[name] = (port, http)
-            self._daemon(
-                name,
-                "cim-server",
-                ["--port", str(port), "--http-port", str(http), *common],
-            ).start()
-        self.route_port = free_port()
-        self._daemon("route", "cim-route", ["--port", str(self.route_port), *common])
-        self.daemons["route"].start()
-        for name, (_, http) in self.ports.items():
-            await self._healthy(name, http)
-        await self._healthy("route", self.route_port)
+        redis = RedisServer(
+            self.directory / "redis", self.processes, appendfsync="everysec"
+        )
+        zookeeper = ZooKeeperServer(self.directory / "zookeeper", self.processes)
+        await zookeeper.start(self.reactor)
+        await redis.start(self.reactor)
+        self.cluster = Cluster(
+            self.processes,
+            self.directory,
+            redis.url(),
+            f"zk://{zookeeper.hosts}/cim",
+            self.secret,
+        )
+        await self.cluster.start()
+        self.daemons = {d.name: d for d in self.cluster.daemons()}
+        self.route_port = self.cluster.route_port
 
     async def restart_server(self, name: str) -> None:
         daemon = self.daemons[name]
         started = time.monotonic()
         say(f"soak: restarting {name}")
-        daemon.process.send_signal(signal.SIGTERM)
-        await self._poll(
-            lambda: daemon.process.poll() is not None, f"{name} to stop", 30
-        )
-        daemon.start()
-        await self._healthy(name, self.ports[name][1])
+        await daemon.stop(self.reactor, 30)
+        daemon.start(keep_ports=True)
+        await daemon.wait_ready(self.reactor, 60)
         self.restart_took = time.monotonic() - started
         self.rss_start[name] = rss(daemon.process.pid)
         say(f"soak: {name} is back after {self.restart_took:.1f}s")
@@ -1034,19 +962,12 @@ class Coordinator:
                         transport.signalProcess("KILL")
                     except Exception:
                         pass
-        for daemon in self.daemons.values():
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGTERM)
-        for daemon in self.daemons.values():
-            daemon.stop()
-        if self.zookeeper is not None:
-            await self.zookeeper.stop()
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            try:
-                self.redis.wait(10)
-            except subprocess.TimeoutExpired:
-                self.redis.kill()
+        # The daemons first, then Redis and ZooKeeper.
+        if self.cluster is not None:
+            await self.cluster.stop()
+        await self.processes.terminate_async(
+            self.reactor, [p for _, p in self.processes.running]
+        )
 
 
 def coordinator_main(args: argparse.Namespace) -> int:
@@ -1084,14 +1005,7 @@ def coordinator_main(args: argparse.Namespace) -> int:
         reactor.run()  # type: ignore[attr-defined]
     finally:
         # After an interruption: nothing may be left running.
-        for daemon in coordinator.daemons.values():
-            daemon.stop()
-        if coordinator.redis is not None and coordinator.redis.poll() is None:
-            coordinator.redis.kill()
-        zk = coordinator.zookeeper
-        process = getattr(zk, "_process", None) if zk is not None else None
-        if process is not None and process.poll() is None:
-            process.kill()
+        coordinator.processes.stop_all()
     return outcome["code"]
 
 

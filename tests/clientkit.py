@@ -1,17 +1,13 @@
 """
 Helpers for the client tests: a route and IM servers running in the test's
-reactor on port 0, client factories, and waiting with deadlines.
+reactor on port 0, client factories, and waiting (with L{tests.kit.wait})
+for what a L{QueueListener} gets.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from typing import Any
 
 from cim.client.library import Client, ClientState, QueueListener
 from cim.message import ChatMessage
@@ -19,37 +15,9 @@ from cim.registry.local import LocalBoard, LocalRegistry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
 from cim.store.memory import MemoryStore
+from tests.kit.wait import DEADLINE, take, take_until, within
 
 SECRET = "client-test-secret"
-#: The longest a test waits for anything.
-DEADLINE = 15.0
-
-T = TypeVar("T")
-
-
-async def within(reactor: Any, d: Deferred[T] | Any, deadline: float = DEADLINE) -> T:
-    """
-    Wait for C{d} (a Deferred or a coroutine), failing after C{deadline}
-    seconds.
-    """
-    if not isinstance(d, Deferred):
-        d = Deferred.fromCoroutine(d)
-    d.addTimeout(deadline, reactor)
-    result: T = await d
-    return result
-
-
-async def wait_until(
-    reactor: Any, predicate: Callable[[], object], what: str, deadline: float = DEADLINE
-) -> None:
-    """
-    Poll C{predicate} until it is true; fail with C{what} after C{deadline}.
-    """
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.01)
 
 
 async def wait_state(
@@ -61,14 +29,10 @@ async def wait_state(
     """
     Take state changes from C{listener} until C{state}; return its reason.
     """
-    end = time.monotonic() + deadline
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {state}")
-        got, reason = await within(reactor, listener.states.get(), left)
-        if got == state:
-            return reason
+    _, reason = await take_until(
+        reactor, listener.states, lambda got: got[0] == state, str(state), deadline
+    )
+    return reason
 
 
 async def take_messages(
@@ -77,12 +41,7 @@ async def take_messages(
     """
     The next C{count} messages C{listener} receives.
     """
-    end = time.monotonic() + deadline
-    out = []
-    for _ in range(count):
-        left = max(0.001, end - time.monotonic())
-        out.append(await within(reactor, listener.messages.get(), left))
-    return out
+    return await take(reactor, listener.messages, count, deadline)
 
 
 class Harness:

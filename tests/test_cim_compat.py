@@ -23,7 +23,7 @@ import pytest
 from cim.codec import decode, encode_framed
 from cim.message import BROADCAST, ChatMessage, Command, Frame, inbox
 from tests.cimstrict import CimHandler, StrictDecodeError, decode_reply
-from tests.processes import Daemon, free_port
+from tests.kit.cluster import Daemon
 from tests.serverkit import Peer, World
 from tests.test_route import Route
 
@@ -547,22 +547,19 @@ def cim_node(tmp_path: Path) -> Iterator[int]:
     C{twistd cim-standalone --legacy-login --legacy-auth}, as CIM's users run
     it; @return: the route's port.
     """
-    route_port = free_port()
     daemon = Daemon(
         "standalone",
         "cim-standalone",
-        ["--route-port", str(route_port), "--port", str(free_port()),
-         "--http-port", str(free_port()), "--legacy-login", "--legacy-auth"],
+        ["--legacy-login", "--legacy-auth"],
         tmp_path,
-    )  # fmt: skip
+    )
     try:
         daemon.start()
-        daemon.wait_http(route_port)
-        yield route_port
-        log = daemon.logfile.read_text(errors="replace")
+        yield daemon.wait_ready_blocking()["route"]
+        log = daemon.log_text()
         assert "Unhandled" not in log and "Traceback" not in log, log[-5000:]
     finally:
-        daemon.stop()
+        daemon.stop_blocking()
 
 
 @pytest.mark.integration

@@ -35,13 +35,8 @@ from cim.client.route import LoginInfo, RouteError, User
 from cim.client.session import reconnect_delays
 from cim.codec import decode, encode_framed
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, inbox
-from tests.clientkit import (
-    Harness,
-    take_messages,
-    wait_state,
-    wait_until,
-    within,
-)
+from tests.clientkit import Harness, take_messages, wait_state
+from tests.kit.wait import wait_until, within
 
 # In memory: the heartbeat
 
@@ -899,12 +894,13 @@ async def test_close_waits_for_acks(reactor: Any, harness: Harness) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_route(reactor: Any, tmp_path: Path) -> None:
-    from tests.processes import free_port
+    from tests.kit.net import refusing_port
 
-    client = Client(reactor, f"http://127.0.0.1:{free_port()}", state_dir=tmp_path)
-    try:
-        with pytest.raises(LoginError) as e:
-            await within(reactor, client.login("nobody"))
-        assert "cannot reach the route" in e.value.reason
-    finally:
-        await within(reactor, client.close())
+    with refusing_port() as port:
+        client = Client(reactor, f"http://127.0.0.1:{port}", state_dir=tmp_path)
+        try:
+            with pytest.raises(LoginError) as e:
+                await within(reactor, client.login("nobody"))
+            assert "cannot reach the route" in e.value.reason
+        finally:
+            await within(reactor, client.close())

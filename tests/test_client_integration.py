@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,18 +28,11 @@ from cim.message import inbox
 from cim.registry import open_registry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
-from tests.clientkit import (
-    SECRET,
-    Harness,
-    take_messages,
-    wait_until,
-    within,
-)
+from tests.clientkit import SECRET, Harness, take_messages
+from tests.kit.cluster import ROOT, TWISTD
+from tests.kit.wait import wait_until, within
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parent.parent
-TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
 @pytest.fixture

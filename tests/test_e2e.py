@@ -18,13 +18,12 @@ import pytest
 import pytest_twisted
 import treq
 from kazoo.client import KazooClient
-from twisted.internet.task import deferLater
 
 from cim.client.library import Client, ClientState, QueueListener
-from cim.interfaces import ServerAddress
 from cim.message import inbox
-from tests.clientkit import take_messages, wait_state, wait_until, within
-from tests.processes import Daemon, free_port
+from tests.clientkit import take_messages, wait_state
+from tests.kit.cluster import Cluster, Processes
+from tests.kit.wait import wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -33,66 +32,25 @@ SECRET = "e2e-cluster-secret"
 E2E_DB = 7
 
 
-class Cluster:
+class E2ECluster(Cluster):
     """
-    The daemons of one test module, and what they share.
+    The daemons of one test module (servers with a 10 s heartbeat
+    timeout), under a ZooKeeper root of their own.
     """
 
-    def __init__(self, directory: Path, redis: str, zk_hosts: str) -> None:
-        self.directory = directory
-        self.redis = redis
+    def __init__(
+        self, processes: Processes, directory: Path, redis: str, zk_hosts: str
+    ) -> None:
         self.zk_hosts = zk_hosts
         self.root = f"/cime2e-{uuid.uuid4().hex[:8]}"
-        self.registry = f"zk://{zk_hosts}{self.root}"
-        self.route_port = free_port()
-        self.servers: dict[str, tuple[Daemon, int, int]] = {}
-        self.route: Daemon | None = None
-
-    def start_server(self, name: str) -> Daemon:
-        port, http = free_port(), free_port()
-        daemon = Daemon(
-            name,
-            "cim-server",
-            [
-                "--port", str(port), "--http-port", str(http), "--bind", "127.0.0.1",
-                "--store", self.redis, "--registry", self.registry,
-                "--secret", SECRET, "--heartbeat-timeout", "10",
-            ],
-            self.directory,
-        )  # fmt: skip
-        daemon.start()
-        daemon.wait_http(http)
-        self.servers[name] = (daemon, port, http)
-        return daemon
-
-    def start_route(self) -> None:
-        self.route = Daemon(
-            "route",
-            "cim-route",
-            [
-                "--port", str(self.route_port), "--bind", "127.0.0.1",
-                "--store", self.redis, "--registry", self.registry,
-                "--secret", SECRET,
-            ],
-            self.directory,
-        )  # fmt: skip
-        self.route.start()
-        self.route.wait_http(self.route_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.route_port}"
-
-    def server_holding(self, client: Client) -> str:
-        assert client.server is not None
-        for name, (_, port, _) in self.servers.items():
-            if port == client.server[1]:
-                return name
-        raise AssertionError(f"no server on {client.server}")
-
-    def address(self, name: str) -> str:
-        _, port, http = self.servers[name]
-        return str(ServerAddress("127.0.0.1", port, http))
+        super().__init__(
+            processes,
+            directory,
+            redis,
+            f"zk://{zk_hosts}{self.root}",
+            SECRET,
+            server_args=["--heartbeat-timeout", "10"],
+        )
 
     def registered(self) -> list[str]:
         zk = KazooClient(hosts=self.zk_hosts)
@@ -103,16 +61,12 @@ class Cluster:
             zk.stop()
             zk.close()
 
-    def stop(self) -> None:
-        if self.route is not None:
-            self.route.stop()
-        for daemon, _, _ in self.servers.values():
-            daemon.stop()
-
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ECluster]:
     import os
+
+    from twisted.internet import reactor
 
     redis = os.environ.get("CIM_TEST_REDIS")
     zk = os.environ.get("CIM_TEST_ZK")
@@ -120,22 +74,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if os.environ.get("CI"):
             pytest.fail("CIM_TEST_REDIS / CIM_TEST_ZK not set; run `make test`")
         pytest.skip("needs Redis and ZooKeeper (make test)")
+    directory = tmp_path_factory.mktemp("e2e")
+    processes = Processes(directory, reactor)
     # A database of its own, emptied first.
-    cluster = Cluster(
-        tmp_path_factory.mktemp("e2e"), redis_url_db(redis), urlsplit(zk).netloc
-    )
-    redis_cli(cluster.redis, "FLUSHDB")
+    cluster = E2ECluster(processes, directory, redis_url_db(redis), urlsplit(zk).netloc)
+    redis_cli(cluster.store, "FLUSHDB")
     try:
-        cluster.start_server("server1")
-        cluster.start_server("server2")
-        cluster.start_route()
+        cluster.start_blocking()
         yield cluster
     finally:
-        cluster.stop()
+        processes.stop_all()
 
 
 async def client(
-    reactor: Any, cluster: Cluster, name: str, state: Path
+    reactor: Any, cluster: E2ECluster, name: str, state: Path
 ) -> tuple[Client, QueueListener]:
     events = QueueListener()
     c = Client(reactor, cluster.url, listener=events, state_dir=state / name)
@@ -144,7 +96,7 @@ async def client(
 
 
 async def post(
-    cluster: Cluster,
+    cluster: E2ECluster,
     path: str,
     body: dict,
     token: str | None = None,
@@ -178,24 +130,12 @@ def redis_cli(url: str, *command: str) -> str:
     return result.stdout.strip()
 
 
-async def poll(reactor: Any, check: Any, what: str, deadline: float = 30.0) -> None:
-    """
-    Call C{check} every half second until it is true, for at most
-    C{deadline} seconds.
-    """
-    end = reactor.seconds() + deadline
-    while not check():
-        if reactor.seconds() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await deferLater(reactor, 0.5)
-
-
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest_twisted.ensureDeferred
-async def test_group_chat(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+async def test_group_chat(reactor: Any, cluster: E2ECluster, tmp_path: Path) -> None:
     a, _ = await client(reactor, cluster, unique("ga"), tmp_path)
     b, b_events = await client(reactor, cluster, unique("gb"), tmp_path)
     c, c_events = await client(reactor, cluster, unique("gc"), tmp_path)
@@ -219,7 +159,7 @@ async def test_group_chat(reactor: Any, cluster: Cluster, tmp_path: Path) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_private_chat_and_batches(
-    reactor: Any, cluster: Cluster, tmp_path: Path
+    reactor: Any, cluster: E2ECluster, tmp_path: Path
 ) -> None:
     a, a_events = await client(reactor, cluster, unique("pa"), tmp_path)
     b, b_events = await client(reactor, cluster, unique("pb"), tmp_path)
@@ -261,7 +201,7 @@ async def test_private_chat_and_batches(
 
 
 @pytest_twisted.ensureDeferred
-async def test_online_users(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+async def test_online_users(reactor: Any, cluster: E2ECluster, tmp_path: Path) -> None:
     a, _ = await client(reactor, cluster, unique("oa"), tmp_path)
     b, _ = await client(reactor, cluster, unique("ob"), tmp_path)
     try:
@@ -276,7 +216,9 @@ async def test_online_users(reactor: Any, cluster: Cluster, tmp_path: Path) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_login(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+async def test_duplicate_login(
+    reactor: Any, cluster: E2ECluster, tmp_path: Path
+) -> None:
     # Without proof: refused with 5000, and the first session is intact.
     plain, _ = await client(reactor, cluster, unique("dupp"), tmp_path)
     reply = await post(
@@ -315,7 +257,9 @@ async def test_duplicate_login(reactor: Any, cluster: Cluster, tmp_path: Path) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_offline_messages(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+async def test_offline_messages(
+    reactor: Any, cluster: E2ECluster, tmp_path: Path
+) -> None:
     a, _ = await client(reactor, cluster, unique("fa"), tmp_path)
     b_name = unique("fb")
     b, _ = await client(reactor, cluster, b_name, tmp_path)
@@ -336,13 +280,15 @@ async def test_offline_messages(reactor: Any, cluster: Cluster, tmp_path: Path) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_server_failure(reactor: Any, cluster: Cluster, tmp_path: Path) -> None:
+async def test_server_failure(
+    reactor: Any, cluster: E2ECluster, tmp_path: Path
+) -> None:
     a, _ = await client(reactor, cluster, unique("ka"), tmp_path)
     b, b_events = await client(reactor, cluster, unique("kb"), tmp_path)
     assert b.user_id is not None
-    victim = cluster.server_holding(b)
-    victim_address = cluster.address(victim)
-    daemon = cluster.servers[victim][0]
+    victim = cluster.server_of(b)
+    victim_address = cluster.servers[victim].address
+    daemon = cluster.servers[victim].daemon
     sent = []
     try:
         for i in range(5):
@@ -359,50 +305,56 @@ async def test_server_failure(reactor: Any, cluster: Cluster, tmp_path: Path) ->
         start = reactor.seconds()
         await wait_state(reactor, b_events, ClientState.READY)
         assert reactor.seconds() - start < 10
-        assert cluster.server_holding(b) != victim
+        assert cluster.server_of(b) != victim
         for d in pending:
             await within(reactor, d, 20)
         got = await take_messages(reactor, b_events, len(sent), 20)
         assert [m.text for m in got] == sent
         assert b_events.pending_messages() == []
         # The dead server's node and sessions go away.
-        await poll(
+        await wait_until(
             reactor,
             lambda: victim_address not in cluster.registered(),
             "the dead server's node to vanish",
+            interval=0.5,
         )
-        await poll(
+        await wait_until(
             reactor,
             lambda: (
-                redis_cli(cluster.redis, "SCARD", f"cim:server:{victim_address}") == "0"
+                redis_cli(cluster.store, "SCARD", f"cim:server:{victim_address}") == "0"
             ),
             "the dead server's sessions to be dropped",
+            interval=0.5,
         )
     finally:
         await a.close()
         await b.close()
         # Later tests get their two servers back.
         daemon.start()
-        daemon.wait_http(cluster.servers[victim][2])
+        await daemon.wait_ready(reactor)
 
 
 @pytest_twisted.ensureDeferred
 async def test_new_server_receives_logins(
-    reactor: Any, cluster: Cluster, tmp_path: Path
+    reactor: Any, cluster: E2ECluster, tmp_path: Path
 ) -> None:
-    cluster.start_server("server3")
-    third = cluster.address("server3")
-    await poll(reactor, lambda: third in cluster.registered(), "server3 to register")
+    third = (await cluster.start_server("server3")).address
+    await wait_until(
+        reactor,
+        lambda: third in cluster.registered(),
+        "server3 to register",
+        interval=0.5,
+    )
     clients = []
     try:
         # With consistent hashing, some of a few dozen fresh users land there.
         for i in range(40):
             c, _ = await client(reactor, cluster, unique(f"n{i}"), tmp_path)
             clients.append(c)
-            if cluster.server_holding(c) == "server3":
+            if cluster.server_of(c) == "server3":
                 break
-        assert any(cluster.server_holding(c) == "server3" for c in clients)
+        assert any(cluster.server_of(c) == "server3" for c in clients)
     finally:
         for c in clients:
             await c.close()
-        cluster.servers.pop("server3")[0].stop()
+        await cluster.servers.pop("server3").daemon.stop(reactor)

@@ -13,510 +13,95 @@ At the end of each chat every message must have arrived exactly once, in
 order: every text carries a per-sender, per-conversation counter (see
 L{Chat}).
 
-The helpers here (L{RedisServer}, L{Processes}, L{Cluster}, L{RawClient},
-L{Chat}) are shared with C{test_security}, C{test_slowloris} and
-C{test_schemathesis}.
+The processes are L{tests.kit}'s; the helpers here (L{Lab}, the C{procs}
+and C{clients} fixtures, L{Chat}, the logins) are shared with
+C{test_security} and C{test_slowloris}.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from treq.client import HTTPClient
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredSemaphore, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.protocols import portforward
-from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from cim.client.library import Ack, Client, ClientState, IClientListener, LoginError
-from cim.codec import decode, encode
-from cim.framing import VarintFrameReceiver
-from cim.interfaces import ServerAddress
-from cim.message import ChatMessage, Command, Frame, group_conversation, inbox
-from tests.processes import ROOT, Daemon, free_port
-from tests.zkserver import ZooKeeperServer
+from cim.message import ChatMessage, Command, group_conversation, inbox
+from tests.kit.cluster import Cluster, Daemon, Processes
+from tests.kit.http import call
+from tests.kit.net import Link
+from tests.kit.services import RedisServer, ZooKeeperServer
+from tests.kit.wait import DEADLINE, wait_until, within
+from tests.kit.wire import WireClient, connect
 
 pytestmark = pytest.mark.integration
 
 SECRET = "faults-cluster-secret"
-#: The longest a test waits for one event (generous: 2 cores, many processes).
-DEADLINE = 30.0
 
 
-# Waiting
-
-
-async def wait_for(
-    reactor: Any,
-    predicate: Callable[[], object],
-    what: str,
-    deadline: float = DEADLINE,
-    interval: float = 0.05,
-) -> None:
+class Lab(Processes):
     """
-    Poll C{predicate} (with the reactor running) until it is true; fail
-    naming C{what} after C{deadline} seconds.
-    """
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline:g}s waiting for {what}")
-        await deferLater(reactor, interval)
-
-
-async def wait_for_async(
-    reactor: Any,
-    check: Callable[[], Any],
-    what: str,
-    deadline: float = DEADLINE,
-    interval: float = 0.1,
-) -> Any:
-    """
-    Like L{wait_for} with an asynchronous C{check} (a coroutine function);
-    an exception it raises counts as false.  @return: its true result.
-    """
-    end = time.monotonic() + deadline
-    last: object = None
-    while True:
-        try:
-            result = await check()
-        except Exception as e:
-            result, last = None, e
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(
-                f"timed out after {deadline:g}s waiting for {what} (last: {last!r})"
-            )
-        await deferLater(reactor, interval)
-
-
-async def within(reactor: Any, d: Any, deadline: float = DEADLINE) -> Any:
-    """
-    Wait for C{d} (a Deferred or a coroutine), failing after C{deadline}.
-    """
-    if not isinstance(d, Deferred):
-        d = Deferred.fromCoroutine(d)
-    d.addTimeout(deadline, reactor)
-    return await d
-
-
-# HTTP
-
-
-def http_client(reactor: Any) -> HTTPClient:
-    """
-    A treq client without persistent connections (daemons come and go).
-    """
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
-
-
-async def call(
-    reactor: Any,
-    url: str,
-    body: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, dict[str, Any]]:
-    """
-    POST C{body} as JSON to C{url} (GET without a body).  @return: the HTTP
-    status and the decoded JSON answer.
-    """
-    http = http_client(reactor)
-    raw_headers = {k.encode(): [v.encode()] for k, v in (headers or {}).items()}
-    raw_headers[b"X-Cim-Extended"] = [b"1"]  # as cim's own clients
-    if body is None:
-        response = await http.get(url, headers=raw_headers, timeout=timeout)
-    else:
-        raw_headers[b"Content-Type"] = [b"application/json"]
-        response = await http.post(
-            url, data=json.dumps(body).encode(), headers=raw_headers, timeout=timeout
-        )
-    content = await response.content()
-    return response.code, json.loads(content)
-
-
-# Processes
-
-
-class RedisServer:
-    """
-    A private C{redis-server} on a free loopback port, with its append-only
-    file fsynced on every write (C{--appendfsync always}) in C{directory};
-    it keeps its port and data across restarts.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def ping(self) -> bool:
-        """
-        Whether it answers PING (blocks at most a second, on loopback).
-        """
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def spawn(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.directory), "--appendonly", "yes",
-             "--appendfsync", "always", "--save", "",
-             "--logfile", str(self.directory / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    async def start(self, reactor: Any, deadline: float = DEADLINE) -> None:
-        """
-        Start it and wait until it answers (its data loaded).
-        """
-        self.spawn()
-        assert self.process is not None
-        process = self.process
-        await wait_for(
-            reactor,
-            lambda: self.ping() or process.poll() is not None,
-            "redis-server to answer",
-            deadline,
-        )
-        if process.poll() is not None:
-            raise RuntimeError(f"redis-server exited:\n{self.log_tail()}")
-
-    def start_blocking(self, deadline: float = DEADLINE) -> None:
-        """
-        L{start} for fixtures that run before the reactor does (polling with
-        a deadline).
-        """
-        self.spawn()
-        assert self.process is not None
-        end = time.monotonic() + deadline
-        while not self.ping():
-            if self.process.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"redis-server did not start:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    def log_tail(self) -> str:
-        try:
-            return (self.directory / "redis.log").read_text()[-2000:]
-        except OSError:
-            return "(no log)"
-
-    def kill(self) -> None:
-        """
-        C{kill -9}.
-        """
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-async def wait_healthy(
-    reactor: Any, daemon: Daemon, port: int, deadline: float = DEADLINE
-) -> dict[str, Any]:
-    """
-    Wait (with the reactor running) until C{GET /health} on C{port} answers
-    a success envelope.
-
-    @raise RuntimeError: the daemon exited meanwhile.
-    """
-    url = f"http://127.0.0.1:{port}/health"
-    end = time.monotonic() + deadline
-    while True:
-        if daemon.process is not None and daemon.process.poll() is not None:
-            raise RuntimeError(f"{daemon.name} exited:\n{daemon.log_tail()}")
-        try:
-            _, body = await call(reactor, url, timeout=2)
-            if body.get("code") == "9000":
-                return body
-        except Exception:
-            pass  # not up yet
-        if time.monotonic() > end:
-            raise TimeoutError(f"{daemon.name} not healthy:\n{daemon.log_tail()}")
-        await deferLater(reactor, 0.1)
-
-
-async def stop_daemon(
-    reactor: Any, daemon: Daemon, deadline: float = 15.0, signalled: bool = False
-) -> None:
-    """
-    SIGTERM (unless C{signalled} already), and wait (with the reactor
-    running) until it exited; SIGKILL after C{deadline}.
-    """
-    process = daemon.process
-    if process is None or process.poll() is not None:
-        return
-    if not signalled:
-        process.send_signal(signal.SIGTERM)
-    try:
-        await wait_for(
-            reactor, lambda: process.poll() is not None, f"{daemon.name} to exit"
-        )
-    except AssertionError:
-        daemon.kill()
-
-
-class Server:
-    """
-    One C{twistd cim-server} of a L{Cluster}.
-    """
-
-    def __init__(self, daemon: Daemon, port: int, http_port: int) -> None:
-        self.daemon = daemon
-        self.port = port
-        self.http_port = http_port
-
-    @property
-    def address(self) -> str:
-        return str(ServerAddress("127.0.0.1", self.port, self.http_port))
-
-
-class Cluster:
-    """
-    One route and some IM servers as C{twistd} processes, on a store and a
-    registry given as URLs.  The route spreads logins round robin, so that
-    consecutive logins alternate between the servers.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        directory: Path,
-        store: str,
-        registry: str,
-        server_args: Sequence[str] = (),
-        route_args: Sequence[str] = (),
-    ) -> None:
-        self.reactor = reactor
-        self.directory = directory
-        self.store = store
-        self.registry = registry
-        self.server_args = list(server_args)
-        self.route_args = list(route_args)
-        self.route_port = free_port()
-        self.route = Daemon(
-            "route",
-            "cim-route",
-            ["--port", str(self.route_port), "--bind", "127.0.0.1",
-             "--store", store, "--registry", registry, "--secret", SECRET,
-             "--balancer", "round-robin", *self.route_args],
-            directory,
-        )  # fmt: skip
-        self.servers: dict[str, Server] = {}
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.route_port}"
-
-    def add_server(self, name: str, registry: str | None = None) -> Server:
-        port, http = free_port(), free_port()
-        daemon = Daemon(
-            name,
-            "cim-server",
-            ["--port", str(port), "--http-port", str(http), "--bind", "127.0.0.1",
-             "--store", self.store, "--registry", registry or self.registry,
-             "--secret", SECRET, *self.server_args],
-            self.directory,
-        )  # fmt: skip
-        self.servers[name] = server = Server(daemon, port, http)
-        return server
-
-    def daemons(self) -> list[Daemon]:
-        return [self.route] + [s.daemon for s in self.servers.values()]
-
-    async def start(self, servers: int = 2) -> Cluster:
-        """
-        Start C{servers} servers (unless added already) and the route, all
-        at once, and wait until the route lists every server.
-        """
-        if not self.servers:
-            for i in range(servers):
-                self.add_server(f"server{i + 1}")
-        for daemon in self.daemons():
-            daemon.start()
-        for server in self.servers.values():
-            await wait_healthy(self.reactor, server.daemon, server.http_port)
-        await wait_healthy(self.reactor, self.route, self.route_port)
-        await self.wait_listed(set(self.servers))
-        return self
-
-    def start_blocking(self, servers: int = 2) -> Cluster:
-        """
-        L{start} for fixtures that run before the reactor does (polling with
-        a deadline).
-        """
-        if not self.servers:
-            for i in range(servers):
-                self.add_server(f"server{i + 1}")
-        for daemon in self.daemons():
-            daemon.start()
-        for server in self.servers.values():
-            server.daemon.wait_http(server.http_port, deadline=DEADLINE)
-        body = self.route.wait_http(self.route_port, deadline=DEADLINE)
-        end = time.monotonic() + DEADLINE
-        wanted = sorted(s.address for s in self.servers.values())
-        while sorted(body["dataBody"]["servers"]) != wanted:
-            if time.monotonic() > end:
-                raise TimeoutError(f"the route lists {body['dataBody']['servers']}")
-            time.sleep(0.1)
-            body = self.route.wait_http(self.route_port, deadline=DEADLINE)
-        return self
-
-    def stop_blocking(self) -> None:
-        for daemon in self.daemons():
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGCONT)
-            daemon.stop()
-
-    async def health(self) -> dict[str, Any]:
-        _, body = await call(self.reactor, f"{self.url}/health", timeout=5)
-        return body
-
-    async def wait_listed(self, names: set[str], deadline: float = DEADLINE) -> None:
-        """
-        Wait until the route's registry lists exactly the servers C{names}.
-        """
-        wanted = sorted(self.servers[n].address for n in names)
-
-        async def check() -> bool:
-            body = await self.health()
-            return sorted(body["dataBody"]["servers"]) == wanted
-
-        await wait_for_async(
-            self.reactor, check, f"the route to list {sorted(names)}", deadline
-        )
-
-    def server_of(self, client: Client) -> str:
-        assert client.server is not None
-        for name, server in self.servers.items():
-            if server.port == client.server[1]:
-                return name
-        raise AssertionError(f"no server on {client.server}")
-
-    async def online(self) -> set[int]:
-        _, body = await call(self.reactor, f"{self.url}/onlineUser", timeout=5)
-        return {int(u["userId"]) for u in body["dataBody"]}
-
-    async def stop(self) -> None:
-        """
-        Stop every daemon (with the reactor running, for daemons that
-        reach a service through it, see L{Link}).
-        """
-        for daemon in self.daemons():
-            if daemon.process is not None and daemon.process.poll() is None:
-                daemon.process.send_signal(signal.SIGCONT)
-                daemon.process.send_signal(signal.SIGTERM)
-        for daemon in self.daemons():
-            await stop_daemon(self.reactor, daemon, signalled=True)
-
-    def assert_running(self) -> None:
-        for daemon in self.daemons():
-            assert daemon.process is not None
-            assert daemon.process.poll() is None, (
-                f"{daemon.name} exited:\n{daemon.log_tail()}"
-            )
-
-    def logs(self) -> dict[str, str]:
-        out = {}
-        for daemon in self.daemons():
-            try:
-                out[daemon.name] = daemon.logfile.read_text(errors="replace")
-            except OSError:
-                out[daemon.name] = ""
-        return out
-
-
-class Processes:
-    """
-    Everything a test starts: every one is stopped by L{stop_all} (the
-    C{procs} fixture's teardown), even when the test fails.
+    Everything a test starts: processes (every one stopped by
+    L{Processes.stop_all}, the C{procs} fixture's teardown, even when the
+    test fails) and library clients (closed by the C{clients} fixture).
     """
 
     def __init__(self, reactor: Any, directory: Path) -> None:
-        self.reactor = reactor
-        self.directory = directory
-        self.redis_servers: list[RedisServer] = []
-        self.clusters: list[Cluster] = []
-        self.popens: list[subprocess.Popen[bytes]] = []
+        super().__init__(directory, reactor)
         self.clients: list[Client] = []
+        self._clusters = 0
 
     def redis(self, name: str = "redis") -> RedisServer:
-        server = RedisServer(self.directory / name)
-        self.redis_servers.append(server)
-        return server
+        """
+        A private Redis (not started).
+        """
+        return RedisServer(self.directory / name, self)
 
     def cluster(self, store: str, registry: str, **kwargs: Any) -> Cluster:
-        cluster = Cluster(
-            self.reactor,
-            self.directory / f"cluster{len(self.clusters)}",
+        """
+        A route and servers (not started) spreading logins round robin, so
+        that consecutive logins alternate between the servers.
+        """
+        kwargs["route_args"] = [
+            "--balancer",
+            "round-robin",
+            *kwargs.get("route_args", ()),
+        ]
+        self._clusters += 1
+        return Cluster(
+            self,
+            self.directory / f"cluster{self._clusters - 1}",
             store,
             registry,
+            SECRET,
             **kwargs,
         )
-        self.clusters.append(cluster)
-        return cluster
-
-    def popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(args, **kwargs)
-        self.popens.append(process)
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.popens:
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-        for cluster in self.clusters:
-            cluster.stop_blocking()
-        for server in self.redis_servers:
-            server.stop()
 
 
 @pytest.fixture
-def procs(reactor: Any, tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(reactor, tmp_path)
+def procs(reactor: Any, tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(reactor, tmp_path)
     try:
-        yield processes
+        yield lab
     finally:
-        processes.stop_all()
+        lab.stop_all()
 
 
 @pytest_twisted.async_yield_fixture
-async def clients(reactor: Any, procs: Processes) -> Any:
+async def clients(reactor: Any, procs: Lab) -> Any:
     """
     The library clients a test makes (C{procs.clients}); closed at the end.
     """
@@ -579,7 +164,7 @@ class Member:
 
 
 def new_client(
-    reactor: Any, procs: Processes, url: str, name: str, **kwargs: Any
+    reactor: Any, procs: Lab, url: str, name: str, **kwargs: Any
 ) -> tuple[Client, Recorder]:
     """
     A library client for C{url} (state under the test's directory), with
@@ -603,7 +188,7 @@ def new_client(
 
 
 async def login_member(
-    reactor: Any, procs: Processes, cluster: Cluster, name: str, **kwargs: Any
+    reactor: Any, procs: Lab, cluster: Cluster, name: str, **kwargs: Any
 ) -> Member:
     client, recorder = new_client(reactor, procs, cluster.url, name, **kwargs)
     await within(reactor, client.login(name))
@@ -611,7 +196,7 @@ async def login_member(
 
 
 async def members_in_group(
-    reactor: Any, procs: Processes, cluster: Cluster, count: int, group: str
+    reactor: Any, procs: Lab, cluster: Cluster, count: int, group: str
 ) -> list[Member]:
     """
     C{count} logged-in clients (alternating between the servers), all
@@ -625,60 +210,6 @@ async def members_in_group(
     for member in members[1:]:
         await within(reactor, member.client.join_group(group))
     return members
-
-
-class RawClient(VarintFrameReceiver):
-    """
-    A client speaking the wire protocol itself: keeps the frames it gets,
-    and fires L{closed} when the connection ends.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.frames: list[Frame] = []
-        self.closed: Deferred[None] = Deferred()
-        self.closed_at: float | None = None
-        self.undecodable = 0
-
-    def frameReceived(self, data: bytes) -> None:
-        try:
-            self.frames.append(decode(data))
-        except Exception:
-            self.undecodable += 1
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closed_at = time.monotonic()
-        if not self.closed.called:
-            self.closed.callback(None)
-
-    def send(self, frame: Frame) -> None:
-        self.sendFrame(encode(frame))
-
-    def find(self, cmd: Command) -> Frame | None:
-        return next((f for f in self.frames if f.cmd == cmd), None)
-
-    async def wait_frame(self, cmd: Command, deadline: float = DEADLINE) -> Frame:
-        await wait_for(
-            self.reactor,
-            lambda: self.find(cmd) is not None or self.closed.called,
-            f"a {cmd.name} frame",
-            deadline,
-        )
-        frame = self.find(cmd)
-        assert frame is not None, f"closed without a {cmd.name}: {self.frames}"
-        return frame
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closed.called:
-            self.transport.abortConnection()
-
-
-async def raw_connect(reactor: Any, port: int) -> RawClient:
-    client = RawClient(reactor)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
-    await endpoints.connectProtocol(endpoint, client)
-    return client
 
 
 async def route_login(
@@ -700,20 +231,15 @@ async def route_login(
     return data
 
 
-async def raw_login(reactor: Any, cluster: Cluster, name: str) -> tuple[RawClient, int]:
+async def raw_login(
+    reactor: Any, cluster: Cluster, name: str
+) -> tuple[WireClient, int]:
     """
     A raw TCP client logged in as a new user C{name}, with its token.
     """
     info = await route_login(reactor, cluster, name)
-    raw = await raw_connect(reactor, int(info["cimServerPort"]))
-    raw.send(
-        Frame(
-            cmd=Command.LOGIN_REQUEST,
-            request_id=int(info["userId"]),
-            req_msg=name,
-            token=info["token"],
-        )
-    )
+    raw = await connect(reactor, int(info["cimServerPort"]))
+    raw.send_login(int(info["userId"]), name, info["token"])
     await raw.wait_frame(Command.LOGIN_RESPONSE)
     return raw, int(info["userId"])
 
@@ -834,7 +360,7 @@ class Chat:
         """
         Wait until C{count} sends were acknowledged in all.
         """
-        await wait_for(
+        await wait_until(
             self.reactor,
             lambda: self.acks >= count or self.failures,
             f"{count} acknowledged sends (have {self.acks})",
@@ -892,7 +418,7 @@ class Chat:
             return True
 
         try:
-            await wait_for(self.reactor, complete, "every last message", deadline)
+            await wait_until(self.reactor, complete, "every last message", deadline)
         finally:
             report = self.check()
         return report
@@ -945,7 +471,7 @@ async def assert_chats(reactor: Any, member: Member, other: Member) -> None:
     """
     text = f"ping-{uuid.uuid4().hex[:8]}"
     await within(reactor, member.client.send_private(other.user_id, text))
-    await wait_for(
+    await wait_until(
         reactor,
         lambda: any(m.text == text for m in other.recorder.messages),
         f"{other.name} to get {text!r}",
@@ -965,7 +491,7 @@ def assert_no_unhandled_errors(cluster: Cluster) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_redis_restart_under_load(
-    reactor: Any, procs: Processes, clients: Any, zk_url: str
+    reactor: Any, procs: Lab, clients: Any, zk_url: str
 ) -> None:
     """
     Redis is killed (C{kill -9}) while clients chat, and started again on
@@ -983,7 +509,7 @@ async def test_redis_restart_under_load(
     # Some sends are made while Redis is down (they wait, or fail and are
     # sent again).
     attempts = chat.attempts
-    await wait_for(
+    await wait_until(
         reactor,
         lambda: chat.attempts >= attempts + 5 or chat.outstanding() >= 12,
         "sends while Redis is down",
@@ -1006,7 +532,7 @@ async def test_redis_restart_under_load(
 
 @pytest_twisted.ensureDeferred
 async def test_route_restart(
-    reactor: Any, procs: Processes, clients: Any, zk_url: str
+    reactor: Any, procs: Lab, clients: Any, zk_url: str
 ) -> None:
     """
     The route stops while clients chat: they keep chatting over TCP (the
@@ -1022,7 +548,7 @@ async def test_route_restart(
     chat = Chat(reactor, members, "routefault", seed=2)
     chat.start()
     await chat.wait_acks(40)
-    await stop_daemon(reactor, cluster.route)
+    await cluster.route.stop(reactor)
     acks = chat.acks
     await chat.wait_acks(acks + 80)
     name = f"new-{uuid.uuid4().hex[:6]}"
@@ -1030,8 +556,8 @@ async def test_route_restart(
     with pytest.raises(LoginError):
         await within(reactor, newcomer.login(name))
     assert all(m.client.ready for m in members)
-    cluster.route.start()
-    await wait_healthy(reactor, cluster.route, cluster.route_port)
+    cluster.route.start(keep_ports=True)  # where the clients look for it
+    await cluster.route.wait_ready(reactor)
     await cluster.wait_listed(set(cluster.servers))
     late = await login_member(reactor, procs, cluster, f"late-{uuid.uuid4().hex[:6]}")
     await assert_chats(reactor, late, members[0])
@@ -1067,7 +593,7 @@ reactor.run()
 
 @pytest_twisted.ensureDeferred
 async def test_vanished_clients_are_dropped(
-    reactor: Any, procs: Processes, clients: Any, zk_url: str
+    reactor: Any, procs: Lab, clients: Any, zk_url: str
 ) -> None:
     """
     A raw TCP client that logs in and goes silent, and a client process
@@ -1085,12 +611,11 @@ async def test_vanished_clients_are_dropped(
     silent, silent_id = await raw_login(reactor, cluster, f"mute-{uuid.uuid4().hex}")
     silent_since = time.monotonic()
     name = f"frozen-{uuid.uuid4().hex[:6]}"
-    process = procs.popen(
+    process = procs.spawn(
+        "frozen-client",
         [sys.executable, "-c", SILENT_CLIENT, cluster.url, name],
-        cwd=str(ROOT),
-        stdin=subprocess.DEVNULL,
+        procs.directory / "frozen-client.log",
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
     )
     assert process.stdout is not None
     line = await within(reactor, deferToThread(process.stdout.readline), DEADLINE)
@@ -1111,7 +636,9 @@ async def test_vanished_clients_are_dropped(
             now = await cluster.online()
             return silent_id not in now and frozen_id not in now
 
-        await wait_for_async(reactor, freed, "both sessions to be freed", 20)
+        await wait_until(
+            reactor, freed, "both sessions to be freed", 20, 0.1, (Exception,)
+        )
     finally:
         process.send_signal(signal.SIGCONT)
     # The healthy clients were never dropped, and still chat.
@@ -1124,7 +651,9 @@ async def test_vanished_clients_are_dropped(
     async def back() -> bool:
         return frozen_id in await cluster.online()
 
-    await wait_for_async(reactor, back, "the continued client to log in again", 20)
+    await wait_until(
+        reactor, back, "the continued client to log in again", 20, 0.1, (Exception,)
+    )
     cluster.assert_running()
     assert_no_unhandled_errors(cluster)
 
@@ -1132,89 +661,22 @@ async def test_vanished_clients_are_dropped(
 # ZooKeeper
 
 
-class FastExpiryZooKeeper(ZooKeeperServer):
-    """
-    The private ZooKeeper of L{tests.zkserver}, with sessions that expire
-    after at most C{max_session_ms} of silence (the registries ask for 10 s;
-    the server grants at most this).
-    """
-
-    def __init__(self, reactor: Any, directory: Path, max_session_ms: int) -> None:
-        super().__init__(reactor, directory)
-        config = directory / "zoo.cfg"
-        text = config.read_text()
-        assert "maxSessionTimeout=60000" in text
-        config.write_text(
-            text.replace(
-                "maxSessionTimeout=60000", f"maxSessionTimeout={max_session_ms}"
-            )
-        )
-
-
 @pytest_twisted.async_yield_fixture
 async def private_zk(reactor: Any, tmp_path: Path) -> Any:
     """
     A private ZooKeeper (sessions of at most 4 s), stopped at the end.
     """
-    server = FastExpiryZooKeeper(reactor, tmp_path / "zookeeper", 4000)
-    await server.start()
+    server = ZooKeeperServer(tmp_path / "zookeeper", max_session_ms=4000)
+    await server.start(reactor)
     try:
         yield server
     finally:
-        await server.stop()
-
-
-class _Forwarded(portforward.ProxyServer):
-    def connectionMade(self) -> None:
-        self.factory.open.add(self)
-        super().connectionMade()
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.factory.open.discard(self)
-        super().connectionLost(reason)
-
-
-class _ForwardFactory(portforward.ProxyFactory):
-    protocol = _Forwarded
-    noisy = False
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.open: set[_Forwarded] = set()
-
-
-class Link:
-    """
-    A TCP forwarder from a free port to C{target_port}, which the test can
-    cut (connections dropped, new ones refused) and restore: a network
-    partition between one daemon and a service.
-    """
-
-    def __init__(self, reactor: Any, target_port: int) -> None:
-        self.reactor = reactor
-        self.port = free_port()
-        self.factory = _ForwardFactory("127.0.0.1", target_port)
-        self._listening: Any = None
-
-    async def restore(self) -> None:
-        endpoint = endpoints.TCP4ServerEndpoint(
-            self.reactor, self.port, interface="127.0.0.1"
-        )
-        self._listening = await endpoint.listen(self.factory)
-
-    async def cut(self) -> None:
-        if self._listening is not None:
-            await self._listening.stopListening()
-            self._listening = None
-        for proxy in list(self.factory.open):
-            for side in (proxy, proxy.peer):
-                if side is not None and side.transport is not None:
-                    side.transport.abortConnection()
+        await server.stop(reactor)
 
 
 @pytest_twisted.ensureDeferred
 async def test_zookeeper_restart(
-    reactor: Any, private_zk: ZooKeeperServer, procs: Processes, clients: Any
+    reactor: Any, private_zk: ZooKeeperServer, procs: Lab, clients: Any
 ) -> None:
     """
     ZooKeeper stops while clients chat: chat and logins go on with the
@@ -1229,17 +691,19 @@ async def test_zookeeper_restart(
     chat = Chat(reactor, members, "zkrestart", seed=3)
     chat.start()
     await chat.wait_acks(40)
-    await private_zk.stop()
+    await private_zk.stop(reactor)
     acks = chat.acks
     await chat.wait_acks(acks + 40)
     during = await login_member(reactor, procs, cluster, f"dz-{uuid.uuid4().hex[:6]}")
-    await private_zk.start()
+    await private_zk.start(reactor)
 
     async def reconnected() -> bool:
         body = await cluster.health()
         return bool(body["dataBody"]["registry"] == "connected")
 
-    await wait_for_async(reactor, reconnected, "the route to reconnect")
+    await wait_until(
+        reactor, reconnected, "the route to reconnect", DEADLINE, 0.1, (Exception,)
+    )
     await cluster.wait_listed(set(cluster.servers))
     late = [
         await login_member(reactor, procs, cluster, f"lz{i}-{uuid.uuid4().hex[:6]}")
@@ -1259,7 +723,7 @@ async def test_zookeeper_restart(
 
 @pytest_twisted.ensureDeferred
 async def test_zookeeper_session_expiry(
-    reactor: Any, private_zk: ZooKeeperServer, procs: Processes, clients: Any
+    reactor: Any, private_zk: ZooKeeperServer, procs: Lab, clients: Any
 ) -> None:
     """
     One server is cut off from ZooKeeper (not from anything else) until its
@@ -1271,7 +735,7 @@ async def test_zookeeper_session_expiry(
     redis = procs.redis()
     await redis.start(reactor)
     link = Link(reactor, private_zk.port)
-    await link.restore()
+    link.listen()
     cluster = procs.cluster(redis.url(), f"zk://{private_zk.hosts}/cim")
     cut_off = cluster.add_server("server1", registry=f"zk://127.0.0.1:{link.port}/cim")
     cluster.add_server("server2")
@@ -1286,7 +750,7 @@ async def test_zookeeper_session_expiry(
         # Each janitor waits its grace, probes server1, and keeps its
         # sessions.
         for daemon in (cluster.route, cluster.servers["server2"].daemon):
-            await wait_for(
+            await wait_until(
                 reactor,
                 lambda daemon=daemon: cut_off.address in kept_by(daemon),
                 f"{daemon.name} to find server1 alive",
@@ -1296,7 +760,7 @@ async def test_zookeeper_session_expiry(
         assert {m.user_id for m in members} <= await cluster.online()
         acks = chat.acks
         await chat.wait_acks(acks + 40)
-        await link.restore()
+        link.listen()
         await cluster.wait_listed({"server1", "server2"}, 20)
         log = cut_off.daemon.logfile.read_text()
         assert "connected to ZooKeeper with a new session" in log, log[-3000:]

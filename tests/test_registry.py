@@ -5,15 +5,14 @@ nodes, stale nodes, session expiry, connection loss, server restart).
 
 The ZooKeeper tests use the shared test server (C{CIM_TEST_ZK}), each under
 its own root, except the restart test, which runs a private server
-(L{tests.zkserver}).
+(L{tests.kit.services}).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -21,10 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 from kazoo.client import KazooClient
-from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.protocols import portforward
 from twisted.python.failure import Failure
 from twisted.python.threadable import isInIOThread
 from zope.interface.verify import verifyObject
@@ -33,7 +30,9 @@ from cim.interfaces import IRegistry, ServerAddress
 from cim.registry import open_registry
 from cim.registry.local import LocalBoard, LocalRegistry
 from cim.registry.zk import ZooKeeperRegistry
-from tests.zkserver import ZooKeeperServer, free_port
+from tests.kit.net import Link, refusing_port
+from tests.kit.services import ZooKeeperServer
+from tests.kit.wait import wait_until
 
 A = ServerAddress("10.0.0.1", 11211, 8081)
 B = ServerAddress("10.0.0.2", 11211, 8081)
@@ -45,29 +44,6 @@ def reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-async def wait_until(
-    reactor: Any,
-    condition: Callable[[], bool | Awaitable[bool]],
-    what: str,
-    seconds: float = 10.0,
-) -> None:
-    """
-    Check C{condition} every 50 ms until it is true.
-
-    @raise AssertionError: it is still false after C{seconds} seconds.
-    """
-    deadline = reactor.seconds() + seconds
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.05)
 
 
 def in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -152,7 +128,7 @@ async def no_leftover_threads(reactor: Any) -> AsyncIterator[None]:
     before = set(threading.enumerate())
     yield
     await wait_until(
-        reactor, lambda: not _extra_threads(before), "threads to end", seconds=5.0
+        reactor, lambda: not _extra_threads(before), "threads to end", deadline=5.0
     )
 
 
@@ -448,43 +424,16 @@ async def test_zk_replaces_stale_node(
     assert route.servers() == [A]
 
 
-class _TrackingProxy(portforward.ProxyServer):
-    def connectionMade(self) -> None:
-        self.factory.connections.add(self)  # type: ignore[attr-defined]
-        super().connectionMade()
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.factory.connections.discard(self)  # type: ignore[attr-defined]
-        super().connectionLost(reason)
-
-
-class CuttableProxy:
+def zk_link(reactor: Any, hosts: str) -> Link:
     """
-    A TCP proxy to ZooKeeper that a test can cut (drop every connection and
+    A link to ZooKeeper that a test can cut (drop every connection and
     refuse new ones) and restore, to make a client lose its connection but
     not its session.
     """
-
-    def __init__(self, reactor: Any, hosts: str) -> None:
-        host, _, port = hosts.split(",")[0].rpartition(":")
-        self._reactor = reactor
-        self._factory = portforward.ProxyFactory(host, int(port))
-        self._factory.protocol = _TrackingProxy
-        self._factory.connections = set()  # type: ignore[attr-defined]
-        self.port = free_port()
-        self._listening: Any = None
-
-    def listen(self) -> None:
-        self._listening = self._reactor.listenTCP(
-            self.port, self._factory, interface="127.0.0.1"
-        )
-
-    async def cut(self) -> None:
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            await listening.stopListening()
-        for connection in list(self._factory.connections):  # type: ignore[attr-defined]
-            connection.transport.abortConnection()
+    host, _, port = hosts.split(",")[0].rpartition(":")
+    link = Link(reactor, int(port), host)
+    link.listen()
+    return link
 
 
 @pytest.mark.integration
@@ -496,8 +445,7 @@ async def test_zk_connection_loss(
     After a connection loss (same session), the registry re-reads the
     children it missed and watches them again, without a restart.
     """
-    proxy = CuttableProxy(reactor, zk_hosts)
-    proxy.listen()
+    proxy = zk_link(reactor, zk_hosts)
     route = ZooKeeperRegistry(reactor, f"127.0.0.1:{proxy.port}", root=root)
     zk_cluster._registries.append(route)
     server_a = await zk_cluster.registry()
@@ -538,8 +486,7 @@ async def test_zk_session_expiry(
     After its session expires, a registry gets a new one and re-creates its
     node by itself; a watcher sees it again.
     """
-    proxy = CuttableProxy(reactor, zk_hosts)
-    proxy.listen()
+    proxy = zk_link(reactor, zk_hosts)
     server = ZooKeeperRegistry(reactor, f"127.0.0.1:{proxy.port}", root=root)
     zk_cluster._registries.append(server)
     route = await zk_cluster.registry()
@@ -596,8 +543,8 @@ async def test_zk_server_restart(
     loaded machine a session can expire meanwhile; the registry survives that
     too (it re-registers), and the test allows both outcomes.
     """
-    zookeeper = ZooKeeperServer(reactor, tmp_path)
-    await zookeeper.start()
+    zookeeper = ZooKeeperServer(tmp_path)
+    await zookeeper.start(reactor)
     route, server_a, server_b = (
         ZooKeeperRegistry(reactor, zookeeper.hosts, root=root) for _ in range(3)
     )
@@ -611,9 +558,9 @@ async def test_zk_server_restart(
         await server_b.register(B)
         await wait_until(reactor, lambda: route.servers() == [A, B], "A and B")
 
-        await zookeeper.stop()
+        await zookeeper.stop(reactor)
         await wait_until(reactor, lambda: not route.connected, "disconnection", 30)
-        await zookeeper.start()
+        await zookeeper.start(reactor)
         # Another client changes the list as soon as the server is back,
         # likely before the route has reconnected.  (The server answers
         # ruok a little before it serves clients: a slow machine needs the
@@ -623,7 +570,7 @@ async def test_zk_server_restart(
         await server_b.unregister()
 
         await wait_until(
-            reactor, lambda: route.servers() == [A, C], "catching up", seconds=30
+            reactor, lambda: route.servers() == [A, C], "catching up", deadline=30
         )
         assert route.connected
         await wait_until(reactor, lambda: server_a.connected, "A to reconnect", 30)
@@ -633,18 +580,19 @@ async def test_zk_server_restart(
         for registry in reversed(started):
             await registry.stop()
         await raw.close()
-        await zookeeper.stop()
+        await zookeeper.stop(reactor)
 
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_zk_start_fails_when_unreachable(reactor: Any) -> None:
-    registry = ZooKeeperRegistry(reactor, f"127.0.0.1:{free_port()}", root="/x")
-    registry.connect_timeout = 1.0
-    with pytest.raises(Exception, match="time-out"):
-        await registry.start()
-    assert not registry.connected
-    await registry.stop()
+    with refusing_port() as port:
+        registry = ZooKeeperRegistry(reactor, f"127.0.0.1:{port}", root="/x")
+        registry.connect_timeout = 1.0
+        with pytest.raises(Exception, match="time-out"):
+            await registry.start()
+        assert not registry.connected
+        await registry.stop()
 
 
 @pytest.mark.integration

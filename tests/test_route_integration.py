@@ -2,8 +2,7 @@
 The route with two real IM servers, on the real Redis and ZooKeeper
 (C{CIM_TEST_REDIS}, C{CIM_TEST_ZK}): every service listens on a free port
 of the test's reactor, under a Redis key prefix and a ZooKeeper root of the
-test's own.  Test clients speak the TCP protocol with
-L{cim.framing.VarintFrameReceiver} and L{cim.codec}.
+test's own.  Test clients speak the TCP protocol (L{tests.kit.wire}).
 
 Every wait is on an event, with a deadline.
 """
@@ -18,20 +17,16 @@ from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
-from treq.client import HTTPClient
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Factory
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from cim.codec import decode, encode
-from cim.framing import VarintFrameReceiver
 from cim.interfaces import ServerAddress
-from cim.message import ChatMessage, Command, Cursor, Frame, inbox
+from cim.message import Command, Cursor, Frame, inbox
 from cim.registry.zk import ZooKeeperRegistry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
 from cim.store.redis import connect_redis
+from tests.kit.http import http_client
+from tests.kit.wire import WireClient, connect
 from tests.test_registry import RawZooKeeper
 
 pytestmark = pytest.mark.integration
@@ -48,96 +43,6 @@ def reactor() -> Any:
     return reactor
 
 
-class TestClient(VarintFrameReceiver):
-    """
-    A minimal cim client: sends frames, keeps the ones it receives, and
-    fires Deferreds when awaited frames arrive.
-    """
-
-    __test__ = False  # not a test class for pytest
-
-    def __init__(self, reactor: Any) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.frames: list[Frame] = []
-        self.closed: Deferred[None] = Deferred()
-        self._waiters: list[tuple[Callable[[], Any], Deferred[Any], str]] = []
-
-    def frameReceived(self, data: bytes) -> None:
-        self.frames.append(decode(data))
-        self._check()
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closed.callback(None)
-        for _, d, what in self._waiters:
-            d.errback(AssertionError(f"connection lost while waiting for {what}"))
-        self._waiters = []
-
-    def send(self, frame: Frame) -> None:
-        self.sendFrame(encode(frame))
-
-    def _check(self) -> None:
-        for waiter in list(self._waiters):
-            found = waiter[0]()
-            if found:
-                self._waiters.remove(waiter)
-                waiter[1].callback(found)
-
-    def wait(self, find: Callable[[], Any], what: str) -> Deferred[Any]:
-        """
-        @return: a Deferred firing with C{find()} once that is true, failing
-            after L{DEADLINE} seconds.
-        """
-        found = find()
-        if found:
-            return succeed(found)
-        d: Deferred[Any] = Deferred()
-        self._waiters.append((find, d, what))
-        return d.addTimeout(DEADLINE, self.reactor)
-
-    def wait_frame(self, cmd: Command) -> Deferred[Frame]:
-        return self.wait(
-            lambda: next((f for f in self.frames if f.cmd == cmd), None), cmd.name
-        )
-
-    def messages(self) -> list[ChatMessage]:
-        """
-        The chat messages received (live and offline), in arrival order.
-        """
-        return [
-            m
-            for f in self.frames
-            if f.cmd in (Command.MESSAGE, Command.OFFLINE)
-            for m in f.messages
-        ]
-
-    def wait_texts(self, texts: Sequence[str]) -> Deferred[list[ChatMessage]]:
-        """
-        Wait until the last messages received have C{texts}.
-        """
-
-        def find() -> list[ChatMessage] | None:
-            got = self.messages()[-len(texts) :]
-            return got if [m.text for m in got] == list(texts) else None
-
-        return self.wait(find, f"messages {texts}")
-
-    def cursors(self) -> list[Cursor]:
-        """
-        The highest seq received per conversation (what a client resumes
-        from).
-        """
-        highest: dict[str, int] = {}
-        for m in self.messages():
-            highest[m.conversation] = max(highest.get(m.conversation, 0), m.seq)
-        return [Cursor(c, s) for c, s in highest.items()]
-
-    def hang_up(self) -> Deferred[None]:
-        if not self.closed.called and self.transport is not None:
-            self.transport.loseConnection()
-        return self.closed
-
-
 class User:
     def __init__(
         self, user_id: int, name: str, token: str, server: ServerAddress
@@ -146,10 +51,10 @@ class User:
         self.name = name
         self.token = token
         self.server = server
-        self.client: TestClient | None = None
+        self.client: WireClient | None = None
 
     @property
-    def tcp(self) -> TestClient:
+    def tcp(self) -> WireClient:
         assert self.client is not None
         return self.client
 
@@ -167,10 +72,8 @@ class Cluster:
         self.root = f"/cimtest-{uuid.uuid4().hex}"
         self.servers: list[IMServerService] = []
         self.route: RouteService | None = None
-        self.clients: list[TestClient] = []
-        self.http = HTTPClient(
-            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
-        )
+        self.clients: list[WireClient] = []
+        self.http = http_client(reactor)
 
     def store_factory(self) -> Deferred[Any]:
         return connect_redis(self.redis_url, clock=self.reactor, prefix=self.prefix)
@@ -302,26 +205,14 @@ class Cluster:
         await self.connect(user, cursors)
         return user
 
-    async def connect(self, user: User, cursors: Sequence[Cursor] = ()) -> TestClient:
-        endpoint = endpoints.TCP4ClientEndpoint(
-            self.reactor, user.server.host, user.server.port, timeout=DEADLINE
+    async def connect(self, user: User, cursors: Sequence[Cursor] = ()) -> WireClient:
+        client = await connect(
+            self.reactor, user.server.port, user.server.host, timeout=DEADLINE
         )
-        client = await endpoint.connect(
-            Factory.forProtocol(lambda: TestClient(self.reactor))
-        )
-        assert isinstance(client, TestClient)
         self.clients.append(client)
         user.client = client
-        client.send(
-            Frame(
-                cmd=Command.LOGIN_REQUEST,
-                request_id=user.user_id,
-                req_msg=user.name,
-                token=user.token,
-                cursors=tuple(cursors),
-            )
-        )
-        await client.wait_frame(Command.LOGIN_RESPONSE)
+        client.send_login(user.user_id, user.name, user.token, cursors)
+        await client.wait_frame(Command.LOGIN_RESPONSE, DEADLINE)
         return client
 
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import Daemon, free_port
-from tests.test_faults import SECRET, RedisServer
+from tests.kit.cluster import Daemon, Processes
+from tests.kit.services import RedisServer
+from tests.test_faults import SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -75,29 +76,25 @@ def standalone(tmp_path: Path) -> Iterator[int]:
     A C{twistd cim-standalone} on a private Redis; @return: its route's
     port.
     """
-    redis = RedisServer(tmp_path / "redis")
-    route_port = free_port()
-    daemon = Daemon(
-        "standalone",
-        "cim-standalone",
-        ["--route-port", str(route_port), "--port", str(free_port()),
-         "--http-port", str(free_port()), "--store", redis.url(),
-         "--secret", SECRET],
-        tmp_path,
-    )  # fmt: skip
+    processes = Processes(tmp_path)
+    redis = RedisServer(tmp_path / "redis", processes)
     try:
         redis.start_blocking()
-        daemon.start()
-        daemon.wait_http(route_port)
-        yield route_port
-        assert daemon.process is not None and daemon.process.poll() is None, (
-            daemon.log_tail()
+        daemon = Daemon(
+            "standalone",
+            "cim-standalone",
+            ["--store", redis.url(), "--secret", SECRET],
+            tmp_path,
+            processes,
         )
-        log = daemon.logfile.read_text(errors="replace")
+        daemon.start()
+        daemon.wait_ready_blocking()
+        yield daemon.ports["route"]
+        assert daemon.running, daemon.log_tail()
+        log = daemon.log_text()
         assert "Unhandled" not in log and "Traceback" not in log, log[-5000:]
     finally:
-        daemon.stop()
-        redis.stop()
+        processes.stop_all()
 
 
 def test_openapi_fuzzing(standalone: int, tmp_path: Path) -> None:

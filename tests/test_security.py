@@ -23,25 +23,21 @@ import pytest
 import pytest_twisted
 
 from cim.message import Command, ErrorCode, Frame, inbox
-from tests.processes import Daemon, free_port
+from tests.kit.cluster import Cluster, Daemon, Processes
+from tests.kit.http import call
+from tests.kit.services import RedisServer
+from tests.kit.wait import wait_until, within
+from tests.kit.wire import WireClient, connect
 from tests.test_faults import (
     SECRET,
-    Cluster,
+    Lab,
     Member,
-    Processes,
-    RawClient,
-    RedisServer,
-    call,
     clients,  # noqa: F401 (a fixture)
     login_member,
     new_client,
     procs,  # noqa: F401 (a fixture)
-    raw_connect,
     route_login,
     unique_root,
-    wait_for,
-    wait_for_async,
-    within,
 )
 
 pytestmark = pytest.mark.integration
@@ -53,10 +49,10 @@ class Secured:
     may appear in a log).
     """
 
-    def __init__(self, cluster: Cluster, short: Daemon, short_port: int) -> None:
+    def __init__(self, cluster: Cluster, short: Daemon) -> None:
         self.cluster = cluster
         self.short = short
-        self.short_url = f"http://127.0.0.1:{short_port}"
+        self.short_url = short.url()
         self.secrets: set[str] = {SECRET}
 
     def daemons(self) -> list[Daemon]:
@@ -83,28 +79,33 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             pytest.fail("CIM_TEST_ZK is not set; run `make test`")
         pytest.skip("needs ZooKeeper (make test)")
     directory = tmp_path_factory.mktemp("security")
-    redis = RedisServer(directory / "redis")
-    registry = unique_root(zk, "cimsecurity")
-    cluster = Cluster(reactor, directory, redis.url(), registry)
-    short_port = free_port()
-    short = Daemon(
-        "route-short-tokens",
-        "cim-route",
-        ["--port", str(short_port), "--bind", "127.0.0.1",
-         "--store", redis.url(), "--registry", registry, "--secret", SECRET,
-         "--token-ttl", "1"],
-        directory,
-    )  # fmt: skip
+    processes = Processes(directory, reactor)
     try:
+        redis = RedisServer(directory / "redis", processes)
         redis.start_blocking()
+        registry = unique_root(zk, "cimsecurity")
+        cluster = Cluster(
+            processes,
+            directory,
+            redis.url(),
+            registry,
+            SECRET,
+            route_args=["--balancer", "round-robin"],
+        )
+        short = Daemon(
+            "route-short-tokens",
+            "cim-route",
+            ["--bind", "127.0.0.1", "--store", redis.url(), "--registry", registry,
+             "--secret", SECRET, "--token-ttl", "1"],
+            directory,
+            processes,
+        )  # fmt: skip
         short.start()
         cluster.start_blocking()
-        short.wait_http(short_port)
-        yield Secured(cluster, short, short_port)
+        short.wait_ready_blocking()
+        yield Secured(cluster, short)
     finally:
-        short.stop()
-        cluster.stop_blocking()
-        redis.stop()
+        processes.stop_all()
 
 
 def unique(prefix: str) -> str:
@@ -113,23 +114,20 @@ def unique(prefix: str) -> str:
 
 async def tcp_login(
     reactor: Any, port: int, user_id: int, name: str, token: str
-) -> RawClient:
+) -> WireClient:
     """
     Connect to C{port} and log in; return once answered (or closed).
     """
-    raw = await raw_connect(reactor, port)
-    raw.send(
-        Frame(cmd=Command.LOGIN_REQUEST, request_id=user_id, req_msg=name, token=token)
-    )
-    await wait_for(
-        reactor,
+    raw = await connect(reactor, port)
+    raw.send_login(user_id, name, token)
+    await raw.wait(
         lambda: raw.find(Command.LOGIN_RESPONSE) or raw.find(Command.ERROR),
         "an answer to the login",
     )
     return raw
 
 
-async def assert_refused(reactor: Any, raw: RawClient, why: str = "") -> Frame:
+async def assert_refused(reactor: Any, raw: WireClient, why: str = "") -> Frame:
     """
     The login got an ERROR frame (bad token), never a LOGIN_RESPONSE, and
     the server closed the connection.
@@ -229,7 +227,9 @@ async def test_expired_token(reactor: Any, secured: Secured) -> None:
         )
         return bool(body["code"] == "4010")
 
-    await wait_for_async(reactor, expired, "the one-second token to expire", 15)
+    await wait_until(
+        reactor, expired, "the one-second token to expire", 15, 0.1, (Exception,)
+    )
     raw = await tcp_login(
         reactor,
         secured.server_port(alice),
@@ -301,7 +301,7 @@ def credentials_of_others(bob_token: str) -> list[dict[str, str]]:
 async def test_route_refuses_acting_for_others(
     reactor: Any,
     secured: Secured,
-    procs: Processes,  # noqa: F811
+    procs: Lab,  # noqa: F811
     clients: Any,  # noqa: F811
 ) -> None:
     cluster = secured.cluster
@@ -345,7 +345,7 @@ async def test_route_refuses_acting_for_others(
     assert await within(reactor, alice.client.my_groups()) == [alices_group]
     await within(reactor, bob.client.create_group(new_group))
     await within(reactor, alice.client.send_private(b, "the real one"))
-    await wait_for(
+    await wait_until(
         reactor,
         lambda: any(m.text == "the real one" for m in bob.recorder.messages),
         "Bob to get Alice's real message",
@@ -372,7 +372,7 @@ async def test_route_refuses_acting_for_others(
 async def test_push_api_needs_the_secret(
     reactor: Any,
     secured: Secured,
-    procs: Processes,  # noqa: F811
+    procs: Lab,  # noqa: F811
     clients: Any,  # noqa: F811
 ) -> None:
     cluster = secured.cluster
@@ -404,7 +404,7 @@ async def test_push_api_needs_the_secret(
     # Alice is still connected and got none of it: a message sent now is
     # the next thing she gets.
     await within(reactor, bob.client.send_private(a, "after the forgeries"))
-    await wait_for(
+    await wait_until(
         reactor,
         lambda: any(m.text == "after the forgeries" for m in alice.recorder.messages),
         "Alice to get Bob's message",
@@ -419,7 +419,7 @@ async def test_push_api_needs_the_secret(
         {"X-Cim-Secret": SECRET},
     )
     assert answer["code"] == "9000", answer
-    await wait_for(
+    await wait_until(
         reactor,
         lambda: any(m.text == "from the back-end" for m in alice.recorder.messages),
         "Alice to get the back-end's message",
@@ -433,7 +433,7 @@ async def test_push_api_needs_the_secret(
 async def test_no_secrets_in_logs(
     reactor: Any,
     secured: Secured,
-    procs: Processes,  # noqa: F811
+    procs: Lab,  # noqa: F811
     clients: Any,  # noqa: F811
 ) -> None:
     """

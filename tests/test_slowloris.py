@@ -24,18 +24,17 @@ from twisted.internet.task import LoopingCall
 from cim.client.library import ClientState
 from cim.codec import encode_framed, encode_varint
 from cim.message import Command, ErrorCode, Frame
+from tests.kit.wait import within
+from tests.kit.wire import WireClient, connect
 from tests.test_faults import (
     Chat,
-    Processes,
-    RawClient,
+    Lab,
     assert_no_unhandled_errors,
     clients,  # noqa: F401 (a fixture)
     members_in_group,
     procs,  # noqa: F401 (a fixture)
-    raw_connect,
     raw_login,
     unique_root,
-    within,
 )
 
 pytestmark = pytest.mark.integration
@@ -50,7 +49,7 @@ class Dribble:
     Write C{data} to C{client} one byte a second until it is closed.
     """
 
-    def __init__(self, client: RawClient, data: bytes) -> None:
+    def __init__(self, client: WireClient, data: bytes) -> None:
         self.client = client
         self.data = data
         self.sent = 0
@@ -71,7 +70,7 @@ class Dribble:
             self.sent += 1
 
 
-def error_of(client: RawClient) -> Frame:
+def error_of(client: WireClient) -> Frame:
     error = client.find(Command.ERROR)
     assert error is not None, client.frames
     return error
@@ -80,7 +79,7 @@ def error_of(client: RawClient) -> Frame:
 @pytest_twisted.ensureDeferred
 async def test_slow_loris_and_flood(
     reactor: Any,
-    procs: Processes,  # noqa: F811
+    procs: Lab,  # noqa: F811
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
@@ -102,8 +101,8 @@ async def test_slow_loris_and_flood(
     # second of a body far longer than the test.
     endless = encode_varint(10_000) + b"\x0a" * 10_000
     start = time.monotonic()
-    mute = await raw_connect(reactor, port)
-    loris = await raw_connect(reactor, port)
+    mute = await connect(reactor, port)
+    loris = await connect(reactor, port)
     Dribble(loris, endless).start()
     logged_in_loris, _ = await raw_login(reactor, cluster, f"loris-{uuid.uuid4().hex}")
     loris_since = time.monotonic()
@@ -112,7 +111,7 @@ async def test_slow_loris_and_flood(
     ping = encode_framed(Frame(cmd=Command.PING, req_msg="ping"))
     assert flooder.transport is not None
     flooder.transport.write(ping * 5000)
-    oversized = await raw_connect(reactor, port)
+    oversized = await connect(reactor, port)
     assert oversized.transport is not None
     oversized.transport.write(encode_varint(64 * 1024 * 1024) + b"x" * 100)
 
