@@ -259,7 +259,12 @@ class FakeRoute:
         self.logins: list[float] = []
 
     async def login(
-        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None = None,
+        token: str = "",
+        account_key: str = "",
     ) -> LoginInfo:
         self.logins.append(self.clock.seconds())
         if self.errors:
