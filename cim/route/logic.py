@@ -223,7 +223,9 @@ class Router:
         if password is None and self.require_password:
             raise ApiError(codes.INVALID_ARGUMENT, "password is required")
         subject = ("name", name_key(user_name))
-        self._check_rate(subject, address)
+        self._check_rate(
+            subject, address, guessable=not account_key or password is not None
+        )
         new_key = None if password is not None else secrets.token_urlsafe(32)
         account: Account = await self.store.register(user_name, password, new_key)
         if account.created:
@@ -258,9 +260,11 @@ class Router:
                 return True
         return False
 
-    def _check_rate(self, subject: object, address: str | None) -> None:
+    def _check_rate(
+        self, subject: object, address: str | None, guessable: bool = True
+    ) -> None:
         if self.guesses is not None:
-            self.guesses.check(subject, address)
+            self.guesses.check(subject, address, guessable)
 
     def _failed(self, subject: object, address: str | None) -> None:
         if self.guesses is not None:
@@ -296,7 +300,10 @@ class Router:
             L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}, L{codes.RATE_LIMITED}.
         """
         subject = ("user", user_id)
-        self._check_rate(subject, address)
+        unguessable = account_key or token or credentials.token or credentials.secret
+        self._check_rate(
+            subject, address, guessable=not unguessable or password is not None
+        )
         account: Account | None = await self.store.get_account(user_id)
         if account is None or name_key(account.user_name) != name_key(user_name):
             self._failed(subject, address)

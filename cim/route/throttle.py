@@ -6,9 +6,12 @@ address, that only failed attempts drain.
 A failed attempt is one that did not prove its claim: a wrong password or
 account key, no credential for an account that needs one, a user id and
 name that do not match, an existing name registered without proof.  While
-an account's or an address's bucket is empty, every attempt on it is
-answered 6000 before any credential is checked, so guessing gets no
-answers; a successful login costs nothing, so normal use is never slowed.
+an address's bucket is empty, every attempt from it is answered 6000
+before any credential is checked, and so is every attempt on an account
+whose bucket is empty, unless it carries a credential nobody can guess (an
+account key, a token, the cluster secret): guessing gets no answers, and
+guessing at an account does not lock out its owner's client.  A successful
+login costs nothing, so normal use is never slowed.
 Buckets refill continuously (C{rate} a minute, at most C{rate} saved up).
 
 The buckets live in the route process's memory (bounded, least recently
@@ -110,14 +113,21 @@ class GuessLimit:
         self.accounts = TokenBuckets(clock, account_rate)
         self.addresses = TokenBuckets(clock, address_rate)
 
-    def check(self, account: Hashable, address: str | None) -> None:
+    def check(
+        self, account: Hashable, address: str | None, guessable: bool = True
+    ) -> None:
         """
         Refuse an attempt on C{account} from C{address} while either has
         run out of attempts.
 
+        @param guessable: whether the attempt's credential could be guessed
+            (a password, or none).  One that cannot (an account key, a
+            token, the secret: long random strings) passes an empty account
+            bucket, so that guessing at an account does not lock its owner
+            out; its address's limit still applies.
         @raise ApiError: L{codes.RATE_LIMITED}, saying when to retry.
         """
-        wait = self.accounts.wait(account)
+        wait = self.accounts.wait(account) if guessable else 0.0
         what = "for this account"
         if address is not None:
             by_address = self.addresses.wait(address)
