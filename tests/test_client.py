@@ -950,3 +950,17 @@ async def test_unreachable_route(reactor: Any, tmp_path: Path) -> None:
         assert "cannot reach the route" in e.value.reason
     finally:
         await within(reactor, client.close())
+
+
+def test_account_keys_shared_by_two_clients(tmp_path: Path) -> None:
+    # Two clients on one state folder (the quick start's two terminals),
+    # both started before either saved a key: neither key is lost.
+    first, second = AccountKeys(tmp_path), AccountKeys(tmp_path)
+    first.put("http://route:8083", "alice", 1, "key-a")
+    second.put("http://route:8083/", "bob", 2, "key-b")
+    again = AccountKeys(tmp_path)
+    assert again.get("http://route:8083", "Alice") == HeldKey(1, "key-a")
+    assert again.get("http://route:8083", "bob") == HeldKey(2, "key-b")
+    assert "key-a" not in repr(again.get("http://route:8083", "alice"))
+    (tmp_path / "account-keys.json").write_text("{not json")
+    assert AccountKeys(tmp_path).get("http://route:8083", "alice") is None

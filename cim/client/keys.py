@@ -96,6 +96,10 @@ class AccountKeys:
         @raise OSError: the file cannot be written (the key would be lost:
             the caller must say so).
         """
+        if self.path is not None:
+            # Other clients sharing the folder (one per account, as in the
+            # quick start) may have added keys since this one read it.
+            self._load(self.path)
         accounts = self._keys.setdefault(_route(route_url), {})
         accounts[name_key(user_name)] = HeldKey(user_id, key)
         if self.path is not None:
