@@ -68,7 +68,12 @@ class Options(usage.Options):
             _user_id,
         ],
         ["history-dir", None, "~/.cim/history", "Where the chat history is kept."],
-        ["state-dir", None, "~/.cim/state", "Where the receive cursors are kept."],
+        [
+            "state-dir",
+            None,
+            "~/.cim/state",
+            "Where the receive cursors and account keys are kept.",
+        ],
         ["logfile", None, "~/.cim/cim-client.log", "The client's log file."],
     ]
 

@@ -36,6 +36,8 @@ class RouteConfig:
 
     @ivar probe_timeout: how long a login waits for a chosen server to
         accept a TCP connection before trying the next one, in seconds.
+    @ivar login_rate: failed logins and registrations a minute per account;
+        C{address_rate}: per client address (L{cim.route.throttle}).
     """
 
     port: int = 8083
@@ -48,6 +50,8 @@ class RouteConfig:
     max_message: int = 4096
     max_body: int = MAX_BODY
     probe_timeout: float = 2.0
+    login_rate: float = 10.0
+    address_rate: float = 60.0
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -183,6 +187,8 @@ class RouteService(AsyncStartService):
             legacy_auth=config.legacy_auth,
             max_message=config.max_message,
             max_body=config.max_body,
+            login_rate=config.login_rate,
+            address_rate=config.address_rate,
         )
         site = QuietSite(self.api.app.resource())
         site.noisy = False

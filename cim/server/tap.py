@@ -10,6 +10,7 @@ from twisted.python import usage
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.options import (
+    SECRET_PARAMETERS,
     check_registry_url,
     check_store_url,
     port_number,
@@ -52,7 +53,7 @@ class Options(usage.Options):
         ["bind", None, "0.0.0.0", "The interface both ports listen on."],
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
-        ["secret", None, "", "The cluster secret (default: $CIM_SECRET)."],
+        *SECRET_PARAMETERS,
         [
             "heartbeat-timeout",
             None,
