@@ -341,26 +341,102 @@ class IMessages(Interface):
         """
 
 
+#: Who may join a group: anyone (C{open}), the users its owner invited
+#: (C{invite}, the default), or those whose request the owner approved
+#: (C{approval}; an invitation counts as approval too).
+GROUP_POLICIES = ("open", "invite", "approval")
+DEFAULT_POLICY = "invite"
+#: What history a member reads: from the seq at which it joined (C{join},
+#: the default), or all that is kept (C{full}).
+HISTORY_MODES = ("join", "full")
+DEFAULT_HISTORY = "join"
+
+
+class TooManyJoinRequests(Exception):
+    """
+    A group has as many pending join requests as it may hold.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """
+    A group's settings, and where one user stands in it.
+
+    A group stored before groups had owners has none: C{owner_id} is
+    C{None}, its policy C{open}, its history C{join}, and its members from
+    then have no join point (C{joined_at} 0: they read everything kept).
+
+    @ivar owner_id: the owner (its creator, unless it handed the group
+        over), or C{None}.
+    @ivar policy: one of L{GROUP_POLICIES}.
+    @ivar history: one of L{HISTORY_MODES}.
+    @ivar members: how many members it has.
+    @ivar member: whether the user asked about is a member.
+    @ivar joined_at: the seq of the group's conversation when that member
+        joined (0 for the creator and for members from before owners).
+    @ivar invited: whether the user has an invitation not used yet.
+    @ivar requested: whether the user's request to join is pending.
+    """
+
+    group_id: str
+    owner_id: int | None
+    policy: str
+    history: str
+    members: int
+    member: bool = False
+    joined_at: int = 0
+    invited: bool = False
+    requested: bool = False
+
+
 class IGroups(Interface):
     """
-    Groups and their members.
+    Groups, their owners and policies, and their members.
+
+    The store keeps the facts (who is owner, member, invited or asking, and
+    each member's join point) and changes them atomically; who may change
+    them (the owner only, a policy's rules) is the route's business.
     """
 
-    def create_group(group_id: str, owner_id: int) -> Deferred[None]:
+    def create_group(
+        group_id: str,
+        owner_id: int,
+        policy: str = DEFAULT_POLICY,
+        history: str = DEFAULT_HISTORY,
+    ) -> Deferred[None]:
         """
-        Create group C{group_id} with C{owner_id} as its first member.
+        Create group C{group_id} with C{owner_id} as its owner and first
+        member (joined at 0).
 
+        @param policy: one of L{GROUP_POLICIES}.
+        @param history: one of L{HISTORY_MODES}.
         @return: fires with C{None}; fails with L{GroupExists}.
         """
 
-    def join_group(group_id: str, user_id: int) -> Deferred[bool]:
+    def group_info(group_id: str, user_id: int = 0) -> Deferred[GroupInfo]:
         """
+        The group's settings and member count, and where C{user_id} stands.
+
+        @return: fires with a L{GroupInfo}; fails with L{NoSuchGroup}.
+        """
+
+    def join_group(group_id: str, user_id: int, seq: int = 0) -> Deferred[bool]:
+        """
+        Make the user a member (whatever the group's policy: the caller
+        checked it), joined at C{seq}, using up its invitation and its
+        pending request.
+
+        @param seq: the seq of the group's conversation from which the
+            member reads (the route passes the last one at the join).
         @return: fires with C{True} if the user joined, C{False} if already a
-            member; fails with L{NoSuchGroup}.
+            member (its join point unchanged); fails with L{NoSuchGroup}.
         """
 
     def leave_group(group_id: str, user_id: int) -> Deferred[bool]:
         """
+        Remove the user from the members, with its join point.
+
         @return: fires with C{True} if the user left, C{False} if not a
             member; fails with L{NoSuchGroup}.
         """
@@ -374,6 +450,46 @@ class IGroups(Interface):
     def user_groups(user_id: int) -> Deferred[list[str]]:
         """
         @return: fires with the sorted list of the user's group ids.
+        """
+
+    def invite_to_group(group_id: str, user_id: int) -> Deferred[bool]:
+        """
+        Record an invitation of C{user_id} (kept until it joins).
+
+        @return: fires with C{True} if new, C{False} if already invited;
+            fails with L{NoSuchGroup}.
+        """
+
+    def ask_to_join(group_id: str, user_id: int, limit: int) -> Deferred[bool]:
+        """
+        Record the user's request to join, after the pending ones.
+
+        @param limit: how many requests the group may have pending.
+        @return: fires with C{True} if new, C{False} if already pending;
+            fails with L{NoSuchGroup}, or L{TooManyJoinRequests} when
+            C{limit} requests are pending.
+        """
+
+    def join_requests(group_id: str) -> Deferred[list[int]]:
+        """
+        @return: fires with the user ids whose requests are pending, oldest
+            first; fails with L{NoSuchGroup}.
+        """
+
+    def drop_join_request(group_id: str, user_id: int) -> Deferred[bool]:
+        """
+        Forget the user's pending request (refused).
+
+        @return: fires with C{True} if there was one; fails with
+            L{NoSuchGroup}.
+        """
+
+    def set_group_owner(group_id: str, owner_id: int) -> Deferred[None]:
+        """
+        Hand the group over to C{owner_id} (the caller checked it is a
+        member).
+
+        @return: fires with C{None}; fails with L{NoSuchGroup}.
         """
 
 

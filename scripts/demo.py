@@ -75,7 +75,8 @@ async def run(reactor, route_url: str, state: str) -> bool:  # type: ignore[no-u
         say(f"alice got from {got.sender_name}: {got.text!r}")
         ok &= (got.sender_name, got.text) == ("bob", "hello alice")
 
-        await alice.create_group("demo")
+        await alice.create_group("demo")  # by invitation
+        await alice.invite_to_group("demo", bob.user_id)
         await bob.join_group("demo")
         await alice.send_group("demo", "welcome to the group")
         for name, events in (("alice", alice_events), ("bob", bob_events)):

@@ -656,6 +656,10 @@ async def test_group_chat_both_ways(reactor: Any, harness: Harness) -> None:
     alice, alice_events = await harness.logged_in("alice")
     bob, bob_events = await harness.logged_in("bob")
     await alice.create_group("dev")
+    with pytest.raises(RouteError) as refused:
+        await bob.join_group("dev")
+    assert refused.value.code == "4010"
+    assert await alice.invite_to_group("dev", bob.user_id)
     assert await bob.join_group("dev")
     assert not await bob.join_group("dev")
     assert await bob.my_groups() == ["dev"]
@@ -676,6 +680,45 @@ async def test_group_chat_both_ways(reactor: Any, harness: Harness) -> None:
     assert e.value.code == ErrorCode.NOT_A_MEMBER
     with pytest.raises(RouteError):
         await alice.create_group("dev")
+
+
+@pytest_twisted.ensureDeferred
+async def test_managing_a_group(reactor: Any, harness: Harness) -> None:
+    alice, _ = await harness.logged_in("alice")
+    bob, _ = await harness.logged_in("bob")
+    carol, _ = await harness.logged_in("carol")
+    await alice.create_group("club", policy="approval", history="full")
+    info = await alice.group_info("club")
+    assert (info.owner_id, info.policy, info.history) == (
+        alice.user_id,
+        "approval",
+        "full",
+    )
+    assert (info.members, info.member, info.joined_at) == (1, True, 0)
+    asked = await bob.join_group("club")
+    assert (bool(asked), asked.pending) == (False, True)
+    await carol.join_group("club")
+    assert await alice.join_requests("club") == [
+        User(bob.user_id, "bob"),
+        User(carol.user_id, "carol"),
+    ]
+    await alice.approve_request("club", bob.user_id)
+    await alice.reject_request("club", carol.user_id)
+    assert await alice.join_requests("club") == []
+    assert (await bob.group_info("club")).member
+    with pytest.raises(RouteError) as refused:
+        await bob.remove_member("club", alice.user_id)
+    assert refused.value.code == "4010"
+    with pytest.raises(RouteError) as refused:
+        await alice.leave_group("club")
+    assert refused.value.code == "4090"
+    await alice.transfer_group("club", bob.user_id)
+    assert await alice.leave_group("club")
+    assert await bob.remove_member("club", alice.user_id) is False
+    assert await bob.invite_to_group("club", carol.user_id)
+    assert await carol.join_group("club")
+    assert await bob.remove_member("club", carol.user_id)
+    assert (await bob.group_info("club")).members == 1
 
 
 @pytest_twisted.ensureDeferred

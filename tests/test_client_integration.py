@@ -180,7 +180,7 @@ async def test_failover_to_another_server(reactor: Any, cluster: RealCluster) ->
     await within(reactor, bob.send_private(alice.user_id, "hello alice"))
     [got] = await take_messages(reactor, alice_events, 1)
     assert got.text == "hello alice"
-    await alice.create_group("ops")
+    await alice.create_group("ops", policy="open")
     await bob.join_group("ops")
     # (One at a time: the servers start a group joined after login at the
     # first message they see of it, so a later one overtaking an earlier

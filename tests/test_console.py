@@ -21,6 +21,8 @@ from cim.client.commands import (
     BY_NAME,
     COMMANDS,
     MESSAGE_FORMS,
+    AboutGroup,
+    Approve,
     Create,
     Delay,
     EmojiList,
@@ -28,6 +30,7 @@ from cim.client.commands import (
     Help,
     Info,
     Intent,
+    Invite,
     Join,
     Leave,
     Members,
@@ -36,9 +39,13 @@ from cim.client.commands import (
     PrivateById,
     PrivateByName,
     Quit,
+    Reject,
+    Remove,
+    Requests,
     Say,
     Search,
     ShowHistory,
+    Transfer,
     help_rows,
     parse_line,
 )
@@ -47,7 +54,7 @@ from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.history import History
 from cim.client.listeners import Ack, ClientState
 from cim.client.render import STATE_LINES, describe, format_message
-from cim.client.route import RouteError, User
+from cim.client.route import GroupInfo, JoinResult, RouteError, User
 from cim.client.tap import Options
 from cim.message import ChatMessage
 
@@ -79,6 +86,19 @@ from cim.message import ChatMessage
         (":join g:dev", Join("dev")),
         (":leave dev", Leave("dev")),
         (":create dev.team-1", Create("dev.team-1")),
+        (":create dev open", Create("dev", "open")),
+        (":create dev full approval", Create("dev", "approval", "full")),
+        (":create g:dev invite join", Create("dev", "invite", "join")),
+        (":ginfo", AboutGroup()),
+        (":ginfo dev", AboutGroup("dev")),
+        (":invite dev 12", Invite("dev", "12")),
+        (":invite g:dev @bob", Invite("dev", "bob")),
+        (":requests", Requests()),
+        (":requests dev", Requests("dev")),
+        (":approve dev bob", Approve("dev", "bob")),
+        (":reject dev 3", Reject("dev", "3")),
+        (":remove dev bob", Remove("dev", "bob")),
+        (":transfer dev 4", Transfer("dev", "4")),
         (":members", Members()),
         (":members dev", Members("dev")),
         (":history", ShowHistory()),
@@ -117,6 +137,16 @@ def test_parse(line: str, command: object) -> None:
         (":join a/b", "bad group name"),
         (":join " + "x" * 65, "bad group name"),
         (":leave a b", "usage: :leave"),
+        (":create dev secret", "'secret': the policy is one of open, invite"),
+        (":create dev open invite", "'invite': the policy is one of"),
+        (":create dev full full", "'full': the policy is one of"),
+        (":create a b c d", "usage: :create"),
+        (":invite dev", "usage: :invite <group> <user>"),
+        (":invite dev 0", "'0' is not a user id"),
+        (":invite dev @", "usage: :invite"),
+        (":approve a/b bob", "bad group name"),
+        (":remove dev bob carol", "usage: :remove"),
+        (":ginfo a b", "usage: :ginfo"),
         (":history dev many", "'many' is not a number"),
         (":history dev 0", "between 1 and"),
         (":history a b c", "usage: :history"),
@@ -159,6 +189,8 @@ def test_every_command_parses_to_an_intent_with_a_handler() -> None:
             line = examples.get(
                 name, name + (" dev" if "<group>" in spec.usage else "")
             )
+            if "<user>" in spec.usage:
+                line += " bob"
             assert type(parse_line(line)) in intents
 
 
@@ -174,11 +206,17 @@ def test_usage_errors_quote_the_table() -> None:
     assert set(misused) == {
         ":pu",
         ":emoji",
-        ":create",
         ":join",
         ":leave",
         ":members",
         ":history",
+        ":ginfo",
+        ":invite",
+        ":requests",
+        ":approve",
+        ":reject",
+        ":remove",
+        ":transfer",
     }
     with pytest.raises(ParseError, match=r"^usage: :q <keyword> \(:q! quits\)$"):
         parse_line(":q")
@@ -313,22 +351,58 @@ class FakeClient:
     async def my_groups(self) -> list[str]:
         return list(self.groups)
 
-    async def create_group(self, group_id: str) -> None:
+    async def create_group(
+        self, group_id: str, policy: str | None = None, history: str | None = None
+    ) -> None:
+        self.calls.append(("create", group_id, policy, history))
         if group_id in self.groups:
             raise RouteError("4090", f"the group {group_id} exists")
         self.groups.append(group_id)
 
-    async def join_group(self, group_id: str) -> bool:
+    async def join_group(self, group_id: str) -> JoinResult:
         if group_id == "missing":
             raise RouteError("3000", f"groupId: no group {group_id}")
+        if group_id == "club":
+            return JoinResult(False, pending=True)
+        if group_id in self.groups:
+            return JoinResult(False)
         self.groups.append(group_id)
-        return True
+        return JoinResult(True)
 
     async def leave_group(self, group_id: str) -> bool:
         if group_id in self.groups:
             self.groups.remove(group_id)
             return True
         return False
+
+    async def group_info(self, group_id: str) -> GroupInfo:
+        self.calls.append(("ginfo", group_id))
+        if group_id == "old":
+            return GroupInfo(group_id, None, "open", "join", 3, False)
+        return GroupInfo(group_id, 7, "invite", "join", 2, True, 12)
+
+    async def invite_to_group(self, group_id: str, user_id: int) -> bool:
+        self.calls.append(("invite", group_id, user_id))
+        return user_id != 9
+
+    async def join_requests(self, group_id: str) -> list[User]:
+        self.calls.append(("requests", group_id))
+        return [] if group_id == "quiet" else [User(1, "bob"), User(9, "bea")]
+
+    async def approve_request(self, group_id: str, user_id: int) -> None:
+        self.calls.append(("approve", group_id, user_id))
+
+    async def reject_request(self, group_id: str, user_id: int) -> None:
+        self.calls.append(("reject", group_id, user_id))
+        if user_id == 9:
+            raise RouteError("3000", "requesterId: user 9 has no request waiting")
+
+    async def remove_member(self, group_id: str, user_id: int) -> bool:
+        self.calls.append(("remove", group_id, user_id))
+        return user_id != 9
+
+    async def transfer_group(self, group_id: str, user_id: int) -> None:
+        self.calls.append(("transfer", group_id, user_id))
 
     async def group_members(self, group_id: str) -> list[User]:
         return [User(7, "alice"), User(1, "bob")]
@@ -478,16 +552,19 @@ def test_commands_run_in_the_order_typed(screen: Screen) -> None:
     gate: Deferred[None] = Deferred()
     create = screen.client.create_group
 
-    async def slow_create(group_id: str) -> None:
+    async def slow_create(group_id: str, *settings: str | None) -> None:
         await gate
-        await create(group_id)
+        await create(group_id, *settings)
 
     screen.client.create_group = slow_create  # type: ignore[method-assign]
     screen.type(":create dev")
     screen.type("hello dev")
     assert screen.client.calls == [("login", "alice", None, None)]
     gate.callback(None)
-    assert screen.client.calls[-1] == ("group", "dev", "hello dev")
+    assert screen.client.calls[-2:] == [
+        ("create", "dev", None, None),
+        ("group", "dev", "hello dev"),
+    ]
 
 
 def test_sends_do_not_wait_for_their_acks(screen: Screen) -> None:
@@ -603,6 +680,17 @@ def test_help_lists_every_command(screen: Screen) -> None:
         assert command in out
     for command in [":delay", ":groups", ":join", ":leave", ":create", ":history"]:
         assert command in out
+    for command in [
+        ":create <group> [open|invite|approval] [join|full]",
+        ":ginfo",
+        ":invite <group> <user>",
+        ":requests",
+        ":approve",
+        ":reject",
+        ":remove",
+        ":transfer",
+    ]:
+        assert command in out
 
 
 def test_info(screen: Screen) -> None:
@@ -631,12 +719,80 @@ def test_groups(screen: Screen) -> None:
     assert screen.type(":groups") == [
         "you are in no group (:create <group> or :join <group>)"
     ]
-    assert screen.type(":create dev") == ["created group dev; plain lines go there now"]
+    assert screen.type(":create dev") == [
+        "created group dev (members join by invitation (:invite dev <user>)); "
+        "plain lines go there now"
+    ]
+    assert screen.client.calls[-1] == ("create", "dev", None, None)
     assert screen.type(":create dev") == ["error: the group dev exists"]
     screen.type(":join ops")
     assert screen.type(":groups") == ["  dev", "* ops"]
     assert screen.type(":join missing") == ["error: groupId: no group missing"]
     assert screen.type(":members") == ["ops: alice (7), bob (1)"]
+
+
+def test_create_with_a_policy(screen: Screen) -> None:
+    assert screen.type(":create park open") == [
+        "created group park (anyone may join); plain lines go there now"
+    ]
+    assert screen.client.calls[-1] == ("create", "park", "open", None)
+    assert screen.type(":create club approval full") == [
+        "created group club (members join by your approval (:requests club)); "
+        "plain lines go there now"
+    ]
+    assert screen.client.calls[-1] == ("create", "club", "approval", "full")
+
+
+def test_join_outcomes(screen: Screen) -> None:
+    assert screen.type(":join club") == ["asked to join club; waiting for its owner"]
+    assert screen.type(":info")[0].endswith("talking to everybody online")
+    assert screen.type(":join ops") == ["joined ops; plain lines go there now"]
+    assert screen.type(":join ops") == ["you are in ops; plain lines go there now"]
+
+
+def test_group_info(screen: Screen) -> None:
+    assert screen.type(":ginfo dev") == [
+        "dev: owner 7, by invitation, members read from their join on, "
+        "2 members; you joined after message 12"
+    ]
+    assert screen.type(":ginfo old") == [
+        "old: no owner, open to anyone, members read from their join on, "
+        "3 members; you are not a member"
+    ]
+    assert screen.type(":ginfo") == [
+        "error: usage: :ginfo <group> (or :join one first)"
+    ]
+    screen.type(":join ops")
+    screen.type(":ginfo")
+    assert screen.client.calls[-1] == ("ginfo", "ops")
+
+
+def test_managing_a_group(screen: Screen) -> None:
+    assert screen.type(":invite dev 12") == ["invited 12 to dev"]
+    assert screen.client.calls[-1] == ("invite", "dev", 12)
+    # A name is looked up among the online users.
+    assert screen.type(":invite dev @bea") == ["bea was invited to dev already"]
+    assert screen.client.calls[-1] == ("invite", "dev", 9)
+    assert screen.type(":invite dev nobody") == [
+        "error: unknown user 'nobody' (not online, not in your history)"
+    ]
+    assert screen.type(":requests dev") == [
+        "asking to join dev:",
+        "  1  bob",
+        "  9  bea",
+    ]
+    assert screen.type(":requests quiet") == ["nobody asks to join quiet"]
+    assert screen.type(":approve dev bob") == ["bob joined dev"]
+    assert screen.client.calls[-1] == ("approve", "dev", 1)
+    assert screen.type(":reject dev 1") == ["turned down 1's request to join dev"]
+    assert screen.type(":reject dev bea") == [
+        "error: requesterId: user 9 has no request waiting"
+    ]
+    assert screen.type(":remove dev bob") == ["removed bob from dev"]
+    assert screen.client.calls[-1] == ("remove", "dev", 1)
+    assert screen.type(":remove dev 9") == ["9 is not in dev"]
+    assert screen.type(":transfer dev bob") == ["bob owns dev now"]
+    assert screen.client.calls[-1] == ("transfer", "dev", 1)
 
 
 def test_members_without_a_group(screen: Screen) -> None:

@@ -206,7 +206,7 @@ async def members_in_group(
     members = []
     for i in range(count):
         members.append(await login_member(reactor, procs, cluster, f"m{i}-{tag}"))
-    await within(reactor, members[0].client.create_group(group))
+    await within(reactor, members[0].client.create_group(group, policy="open"))
     for member in members[1:]:
         await within(reactor, member.client.join_group(group))
     return members

@@ -954,16 +954,18 @@ def test_groups(route: Route) -> None:
     bob, bobs = route.online("bob")
     carol, carols = route.online("carol")
     assert route.ok(
-        "/group/create", {"userId": alice, "groupId": "team"}, token=alices
-    ) == {"groupId": "team"}
+        "/group/create",
+        {"userId": alice, "groupId": "team", "policy": "open"},
+        token=alices,
+    ) == {"groupId": "team", "policy": "open", "history": "join"}
     assert (
         route.code("/group/create", {"userId": bob, "groupId": "team"}, token=bobs)
         == "4090"
     )
     joined = route.ok("/group/join", {"userId": bob, "groupId": "team"}, token=bobs)
-    assert joined == {"groupId": "team", "joined": True}
+    assert joined == {"groupId": "team", "joined": True, "pending": False}
     again = route.ok("/group/join", {"userId": bob, "groupId": "team"}, token=bobs)
-    assert again == {"groupId": "team", "joined": False}
+    assert again == {"groupId": "team", "joined": False, "pending": False}
     members = route.ok("/group/members", {"userId": bob, "groupId": "team"}, token=bobs)
     assert members == [
         {"userId": alice, "userName": "alice"},

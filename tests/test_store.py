@@ -19,12 +19,14 @@ from zope.interface.verify import verifyObject
 from cim.interfaces import (
     Account,
     GroupExists,
+    GroupInfo,
     IStore,
     NewMessage,
     NoSuchGroup,
     SessionExists,
     StoreError,
     TokenInfo,
+    TooManyJoinRequests,
 )
 from cim.message import BROADCAST, group_conversation, inbox
 from cim.store import Retention, open_store
@@ -682,9 +684,119 @@ async def test_unknown_group(backend: Backend) -> None:
         store.join_group("nope", 1),
         store.leave_group("nope", 1),
         store.group_members("nope"),
+        store.group_info("nope", 1),
+        store.invite_to_group("nope", 1),
+        store.ask_to_join("nope", 1, 10),
+        store.join_requests("nope"),
+        store.drop_join_request("nope", 1),
+        store.set_group_owner("nope", 1),
     ]:
         assert isinstance(await failure_of(d), NoSuchGroup)
     assert await store.user_groups(1) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_settings(backend: Backend) -> None:
+    store = backend.store
+    await store.create_group("shut", 5)
+    await store.create_group("club", 6, "approval", "full")
+    await store.create_group("park", 7, policy="open")
+    assert await store.group_info("shut") == GroupInfo("shut", 5, "invite", "join", 1)
+    assert await store.group_info("club", 6) == GroupInfo(
+        "club", 6, "approval", "full", 1, member=True
+    )
+    assert (await store.group_info("park")).policy == "open"
+    await store.join_group("club", 2, 40)
+    assert (await store.group_info("club")).members == 2
+    await store.set_group_owner("club", 2)
+    info = await store.group_info("club", 2)
+    assert (info.owner_id, info.member, info.joined_at) == (2, True, 40)
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_points(backend: Backend) -> None:
+    store = backend.store
+    await store.create_group("g", 5)
+    assert (await store.group_info("g", 5)).joined_at == 0
+    assert await store.join_group("g", 2, 17) is True
+    # Joining again changes nothing, the join point included.
+    assert await store.join_group("g", 2, 30) is False
+    assert (await store.group_info("g", 2)).joined_at == 17
+    assert await store.join_group("g", 3) is True
+    assert (await store.group_info("g", 3)).joined_at == 0
+    # Leaving forgets the join point; joining again sets a new one.
+    assert await store.leave_group("g", 2) is True
+    info = await store.group_info("g", 2)
+    assert (info.member, info.joined_at) == (False, 0)
+    await store.join_group("g", 2, 55)
+    assert (await store.group_info("g", 2)).joined_at == 55
+
+
+@pytest_twisted.ensureDeferred
+async def test_invitations(backend: Backend) -> None:
+    store = backend.store
+    await store.create_group("g", 5)
+    assert (await store.group_info("g", 2)).invited is False
+    assert await store.invite_to_group("g", 2) is True
+    assert await store.invite_to_group("g", 2) is False
+    info = await store.group_info("g", 2)
+    assert (info.invited, info.member) == (True, False)
+    # Joining uses the invitation up.
+    await store.join_group("g", 2, 3)
+    info = await store.group_info("g", 2)
+    assert (info.invited, info.member) == (False, True)
+    await store.leave_group("g", 2)
+    assert (await store.group_info("g", 2)).invited is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_join_requests(backend: Backend) -> None:
+    store = backend.store
+    await store.create_group("g", 5, "approval")
+    assert await store.join_requests("g") == []
+    for user_id in [9, 3, 11]:
+        assert await store.ask_to_join("g", user_id, 3) is True
+        backend.clock.advance(1)
+    assert await store.ask_to_join("g", 3, 3) is False
+    assert await store.join_requests("g") == [9, 3, 11]
+    assert (await store.group_info("g", 3)).requested is True
+    full = await failure_of(store.ask_to_join("g", 4, 3))
+    assert isinstance(full, TooManyJoinRequests)
+    assert await store.drop_join_request("g", 3) is True
+    assert await store.drop_join_request("g", 3) is False
+    assert (await store.group_info("g", 3)).requested is False
+    # Joining uses the request up.
+    await store.join_group("g", 9, 0)
+    assert await store.join_requests("g") == [11]
+    assert (await store.group_info("g", 9)).requested is False
+    assert await store.ask_to_join("g", 4, 3) is True
+    assert await store.join_requests("g") == [11, 4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_from_before_owners(backend: Backend) -> None:
+    """
+    A group the previous release stored (its creator in C{group:<id>}, its
+    members, no settings nor join points) is open, has no owner, and its
+    members read from 0.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps nothing across releases")
+    redis, prefix = backend.redis, backend.prefix
+    await redis.execute_command("SET", prefix + "group:old", "5")
+    await redis.execute_command("SADD", prefix + "members:old", "5", "6")
+    await redis.execute_command("SADD", prefix + "groups:6", "old")
+    store = backend.store
+    assert await store.group_info("old", 6) == GroupInfo(
+        "old", None, "open", "join", 2, member=True
+    )
+    assert await store.join_group("old", 7, 12) is True
+    assert (await store.group_info("old", 7)).joined_at == 12
+    assert await store.leave_group("old", 6) is True
+    assert await store.group_members("old") == [5, 7]
+    await store.set_group_owner("old", 5)
+    info = await store.group_info("old")
+    assert (info.owner_id, info.policy) == (5, "open")
 
 
 # open_store

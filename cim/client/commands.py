@@ -119,9 +119,69 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class Create:
-    """C{:create <group>}: create, join and talk there."""
+    """
+    C{:create <group> [open|invite|approval] [join|full]}: create (with a
+    policy and a history mode; the route's defaults when empty), and talk
+    there.
+    """
 
     group: str
+    policy: str = ""
+    history: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AboutGroup:
+    """C{:ginfo [group]}: a group's owner, policy, history and size."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    """C{:invite <group> <user>} (the owner)."""
+
+    group: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Requests:
+    """C{:requests [group]}: who waits to join (the owner)."""
+
+    group: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Approve:
+    """C{:approve <group> <user>} (the owner)."""
+
+    group: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """C{:reject <group> <user>} (the owner)."""
+
+    group: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """C{:remove <group> <user>}: remove a member (the owner)."""
+
+    group: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """C{:transfer <group> <user>}: hand the group over (the owner)."""
+
+    group: str
+    user: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +213,13 @@ Intent = (
     | Join
     | Leave
     | Create
+    | AboutGroup
+    | Invite
+    | Requests
+    | Approve
+    | Reject
+    | Remove
+    | Transfer
     | Members
     | ShowHistory
 )
@@ -198,7 +265,13 @@ def _group(args: Arguments) -> str:
     """
     if len(args.words) != 1:
         raise BadUsage()
-    group = args.words[0]
+    return _group_id(args.words[0])
+
+
+def _group_id(group: str) -> str:
+    """
+    A group id as typed (C{g:} prefix allowed).
+    """
     if group.startswith(GROUP_PREFIX):
         group = group[len(GROUP_PREFIX) :]
     if not is_group_id(group):
@@ -268,6 +341,63 @@ def _members(args: Arguments) -> Members:
     return Members(_group(args) if args.words else "")
 
 
+#: The group policies and history modes C{:create} takes.
+POLICIES = ("open", "invite", "approval")
+HISTORY_MODES = ("join", "full")
+
+
+def _create(args: Arguments) -> Create:
+    if not 1 <= len(args.words) <= 3:
+        raise BadUsage()
+    group, *options = args.words
+    policy = history = ""
+    for option in options:
+        if option in POLICIES and not policy:
+            policy = option
+        elif option in HISTORY_MODES and not history:
+            history = option
+        else:
+            raise ParseError(
+                f"{option!r}: the policy is one of {', '.join(POLICIES)}, the "
+                f"history one of {', '.join(HISTORY_MODES)}"
+            )
+    return Create(_group_id(group), policy, history)
+
+
+def _user(word: str) -> str:
+    """
+    A user argument: an id, or a name (C{@} allowed in front).
+    """
+    user = word.removeprefix("@")
+    if not user:
+        raise BadUsage()
+    if user.isdigit() and int(user) <= 0:
+        raise ParseError(f"{word!r} is not a user id")
+    return user
+
+
+def _group_user(
+    intent: Callable[[str, str], Intent],
+) -> Callable[[Arguments], Intent]:
+    """
+    The parser of a C{<group> <user>} command.
+    """
+
+    def parse(args: Arguments) -> Intent:
+        if len(args.words) != 2:
+            raise BadUsage()
+        return intent(_group_id(args.words[0]), _user(args.words[1]))
+
+    return parse
+
+
+def _optional_group(intent: Callable[[str], Intent]) -> Callable[[Arguments], Intent]:
+    """
+    The parser of a C{[group]} command (the current group when omitted).
+    """
+    return lambda args: intent(_group(args) if args.words else "")
+
+
 def _history(args: Arguments) -> ShowHistory:
     words = args.words
     if len(words) > 2:
@@ -328,9 +458,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec((":groups",), ":groups", "your groups", _no_arguments(Groups)),
     CommandSpec(
         (":create",),
-        ":create <group>",
-        "create a group and talk there",
-        lambda args: Create(_group(args)),
+        ":create <group> [open|invite|approval] [join|full]",
+        "create a group you own and talk there: who may join (by invitation "
+        "unless you say), what history members read (from their join unless "
+        "full)",
+        _create,
     ),
     CommandSpec(
         (":join",),
@@ -342,6 +474,48 @@ COMMANDS: tuple[CommandSpec, ...] = (
         (":leave",), ":leave <group>", "leave a group", lambda args: Leave(_group(args))
     ),
     CommandSpec((":members",), ":members [group]", "the members of a group", _members),
+    CommandSpec(
+        (":ginfo",),
+        ":ginfo [group]",
+        "a group's owner, policy, history and size",
+        _optional_group(AboutGroup),
+    ),
+    CommandSpec(
+        (":invite",),
+        ":invite <group> <user>",
+        "let a user (id or name) join your group",
+        _group_user(Invite),
+    ),
+    CommandSpec(
+        (":requests",),
+        ":requests [group]",
+        "who asks to join your group",
+        _optional_group(Requests),
+    ),
+    CommandSpec(
+        (":approve",),
+        ":approve <group> <user>",
+        "let a user who asked join your group",
+        _group_user(Approve),
+    ),
+    CommandSpec(
+        (":reject",),
+        ":reject <group> <user>",
+        "turn down a user who asked to join your group",
+        _group_user(Reject),
+    ),
+    CommandSpec(
+        (":remove",),
+        ":remove <group> <user>",
+        "remove a member from your group",
+        _group_user(Remove),
+    ),
+    CommandSpec(
+        (":transfer",),
+        ":transfer <group> <user>",
+        "hand your group over to a member (then you may leave it)",
+        _group_user(Transfer),
+    ),
     CommandSpec(
         (":history",),
         ":history [conversation] [n]",

@@ -34,6 +34,8 @@ from zope.interface import implementer
 from cim import envelope as codes
 from cim.client import emoji, render
 from cim.client.commands import (
+    AboutGroup,
+    Approve,
     Create,
     Delay,
     EmojiList,
@@ -41,6 +43,7 @@ from cim.client.commands import (
     Help,
     Info,
     Intent,
+    Invite,
     Join,
     Leave,
     Members,
@@ -49,9 +52,13 @@ from cim.client.commands import (
     ParseError,
     PrivateByName,
     Quit,
+    Reject,
+    Remove,
+    Requests,
     Say,
     Search,
     ShowHistory,
+    Transfer,
     conversation_of,
     help_rows,
     parse_line,
@@ -432,20 +439,34 @@ class Console(LineReceiver):
     @execute.register
     async def create_group(self, command: Create) -> None:
         """
-        C{:create}: create a group, and talk there.
+        C{:create}: create a group (with its policy), and talk there.
         """
-        await self.client.create_group(command.group)
+        await self.client.create_group(
+            command.group, command.policy or None, command.history or None
+        )
         self.group = command.group
-        self.say(f"created group {command.group}; plain lines go there now")
+        policy = command.policy or "invite"
+        how = {
+            "open": "anyone may join",
+            "invite": f"members join by invitation (:invite {command.group} <user>)",
+            "approval": f"members join by your approval (:requests {command.group})",
+        }[policy]
+        self.say(f"created group {command.group} ({how}); plain lines go there now")
 
     @execute.register
     async def join_group(self, command: Join) -> None:
         """
-        C{:join}: join a group, and talk there.
+        C{:join}: join a group, and talk there (or ask to join).
         """
-        await self.client.join_group(command.group)
+        result = await self.client.join_group(command.group)
+        if result.pending:
+            self.say(f"asked to join {command.group}; waiting for its owner")
+            return
         self.group = command.group
-        self.say(f"joined {command.group}; plain lines go there now")
+        if result.joined:
+            self.say(f"joined {command.group}; plain lines go there now")
+        else:
+            self.say(f"you are in {command.group}; plain lines go there now")
 
     @execute.register
     async def leave_group(self, command: Leave) -> None:
@@ -461,15 +482,96 @@ class Console(LineReceiver):
         else:
             self.say(f"you were not in {command.group}")
 
+    def _group_or_current(self, group: str, usage: str) -> str:
+        """
+        C{group}, or the current group when it is empty.
+
+        @raise ParseError: neither.
+        """
+        group = group or self.group
+        if not group:
+            raise ParseError(f"usage: {usage} (or :join one first)")
+        return group
+
     @execute.register
     async def show_members(self, command: Members) -> None:
         """
         C{:members}: the members of a group (the current one by default).
         """
-        group = command.group or self.group
-        if not group:
-            raise ParseError("usage: :members <group> (or :join one first)")
+        group = self._group_or_current(command.group, ":members <group>")
         self.say(render.members_line(group, await self.client.group_members(group)))
+
+    @execute.register
+    async def show_group(self, command: AboutGroup) -> None:
+        """
+        C{:ginfo}: a group's owner, policy, history mode and size.
+        """
+        group = self._group_or_current(command.group, ":ginfo <group>")
+        self.say(render.group_info(await self.client.group_info(group)))
+
+    async def _user_id(self, user: str) -> int:
+        """
+        The id of a user typed as an id or a name.
+        """
+        return int(user) if user.isdigit() else await self.resolve(user)
+
+    @execute.register
+    async def invite(self, command: Invite) -> None:
+        """
+        C{:invite}: let a user join the group (the owner).
+        """
+        user_id = await self._user_id(command.user)
+        if await self.client.invite_to_group(command.group, user_id):
+            self.say(f"invited {command.user} to {command.group}")
+        else:
+            self.say(f"{command.user} was invited to {command.group} already")
+
+    @execute.register
+    async def show_requests(self, command: Requests) -> None:
+        """
+        C{:requests}: who waits to join the group (the owner).
+        """
+        group = self._group_or_current(command.group, ":requests <group>")
+        waiting = await self.client.join_requests(group)
+        self.say("\n".join(render.join_requests(group, waiting)))
+
+    @execute.register
+    async def approve(self, command: Approve) -> None:
+        """
+        C{:approve}: let a waiting user in (the owner).
+        """
+        user_id = await self._user_id(command.user)
+        await self.client.approve_request(command.group, user_id)
+        self.say(f"{command.user} joined {command.group}")
+
+    @execute.register
+    async def reject(self, command: Reject) -> None:
+        """
+        C{:reject}: turn a waiting user down (the owner).
+        """
+        user_id = await self._user_id(command.user)
+        await self.client.reject_request(command.group, user_id)
+        self.say(f"turned down {command.user}'s request to join {command.group}")
+
+    @execute.register
+    async def remove(self, command: Remove) -> None:
+        """
+        C{:remove}: remove a member (the owner).
+        """
+        user_id = await self._user_id(command.user)
+        if await self.client.remove_member(command.group, user_id):
+            self.say(f"removed {command.user} from {command.group}")
+        else:
+            self.say(f"{command.user} is not in {command.group}")
+
+    @execute.register
+    async def transfer(self, command: Transfer) -> None:
+        """
+        C{:transfer}: hand the group over to a member (the owner).
+        """
+        user_id = await self._user_id(command.user)
+        await self.client.transfer_group(command.group, user_id)
+        self.say(f"{command.user} owns {command.group} now")
 
     @execute.register
     async def show_history(self, command: ShowHistory) -> None:

@@ -50,7 +50,7 @@ from cim.client.listeners import (
     QueueListener,
 )
 from cim.client.outbox import Outbox
-from cim.client.route import RouteClient, RouteError, User
+from cim.client.route import GroupInfo, JoinResult, RouteClient, RouteError, User
 from cim.client.session import Session, reconnect_delays
 from cim.message import ChatMessage, Command, ErrorCode, Frame, inbox
 from cim.web import http_client
@@ -61,7 +61,9 @@ __all__ = [
     "ClientClosed",
     "ClientListener",
     "ClientState",
+    "GroupInfo",
     "IClientListener",
+    "JoinResult",
     "LoginError",
     "NotLoggedIn",
     "QueueListener",
@@ -364,20 +366,30 @@ class Client:
         """
         return await self.route.online_users()
 
-    async def create_group(self, group_id: str) -> None:
+    async def create_group(
+        self, group_id: str, policy: str | None = None, history: str | None = None
+    ) -> None:
         """
-        Create group C{group_id}, with this user as its first member.
+        Create group C{group_id}, owned by this user, its first member.
 
-        @raise RouteError: C{4090} when it exists.
+        @param policy: who may join: C{"open"} (anyone), C{"invite"} (the
+            users this user invites; the route's default) or C{"approval"}
+            (those whose request this user approves).
+        @param history: what members read with L{history}: C{"join"} (from
+            their join on; the default) or C{"full"}.
+        @raise RouteError: C{4090} when it exists; C{3000} for a bad policy.
         """
         user_id = self._need_login()
-        await self.route.create_group(user_id, self.token, group_id)
+        await self.route.create_group(user_id, self.token, group_id, policy, history)
 
-    async def join_group(self, group_id: str) -> bool:
+    async def join_group(self, group_id: str) -> JoinResult:
         """
-        Join group C{group_id}.  @return: C{False} if already a member.
+        Join group C{group_id}, or ask to (a group by approval).
 
-        @raise RouteError: C{3000} when there is no such group.
+        @return: a L{JoinResult}, true when the user joined now; false when
+            already a member, or (C{pending}) waiting for the owner.
+        @raise RouteError: C{3000} when there is no such group; C{4010} when
+            the group is by invitation and this user was not invited.
         """
         user_id = self._need_login()
         return await self.route.join_group(user_id, self.token, group_id)
@@ -385,9 +397,71 @@ class Client:
     async def leave_group(self, group_id: str) -> bool:
         """
         Leave group C{group_id}.  @return: C{False} if not a member.
+
+        @raise RouteError: C{4090} for its owner (L{transfer_group} first).
         """
         user_id = self._need_login()
         return await self.route.leave_group(user_id, self.token, group_id)
+
+    async def group_info(self, group_id: str) -> GroupInfo:
+        """
+        The owner, policy, history mode and member count of a group (for
+        members, invited users, and anyone when the group is open).
+        """
+        user_id = self._need_login()
+        return await self.route.group_info(user_id, self.token, group_id)
+
+    async def invite_to_group(self, group_id: str, user_id: int) -> bool:
+        """
+        Invite C{user_id} to a group this user owns.
+
+        @return: C{False} if it was invited already.
+        @raise RouteError: C{4010} when this user is not the owner; C{4090}
+            when C{user_id} is a member.
+        """
+        me = self._need_login()
+        return await self.route.invite(me, self.token, group_id, user_id)
+
+    async def join_requests(self, group_id: str) -> list[User]:
+        """
+        The users waiting to join a group this user owns, oldest first.
+        """
+        me = self._need_login()
+        return await self.route.join_requests(me, self.token, group_id)
+
+    async def approve_request(self, group_id: str, user_id: int) -> None:
+        """
+        Let a waiting user into a group this user owns.
+
+        @raise RouteError: C{3000} when it has no request waiting.
+        """
+        me = self._need_login()
+        await self.route.approve(me, self.token, group_id, user_id)
+
+    async def reject_request(self, group_id: str, user_id: int) -> None:
+        """
+        Turn a waiting user down.
+
+        @raise RouteError: C{3000} when it has no request waiting.
+        """
+        me = self._need_login()
+        await self.route.reject(me, self.token, group_id, user_id)
+
+    async def remove_member(self, group_id: str, user_id: int) -> bool:
+        """
+        Remove a member from a group this user owns.
+
+        @return: C{False} if it was not a member.
+        """
+        me = self._need_login()
+        return await self.route.remove_member(me, self.token, group_id, user_id)
+
+    async def transfer_group(self, group_id: str, user_id: int) -> None:
+        """
+        Hand a group this user owns over to another member.
+        """
+        me = self._need_login()
+        await self.route.transfer_group(me, self.token, group_id, user_id)
 
     async def group_members(self, group_id: str) -> list[User]:
         """

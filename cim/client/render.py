@@ -17,7 +17,7 @@ from typing import Any
 from cim.client import emoji
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.listeners import ClientState
-from cim.client.route import RouteError, User
+from cim.client.route import GroupInfo, RouteError, User
 from cim.message import GROUP_PREFIX, INBOX_PREFIX, ChatMessage
 
 
@@ -164,3 +164,41 @@ def members_line(group: str, members: Iterable[User]) -> str:
     C{:members}.
     """
     return f"{group}: " + ", ".join(f"{m.user_name} ({m.user_id})" for m in members)
+
+
+#: How each group policy is said.
+POLICY_TEXT: Mapping[str, str] = {
+    "open": "open to anyone",
+    "invite": "by invitation",
+    "approval": "by the owner's approval",
+}
+
+
+def group_info(info: GroupInfo) -> str:
+    """
+    C{:ginfo}: who owns the group, who may join, what members read.
+    """
+    owner = "no owner" if info.owner_id is None else f"owner {info.owner_id}"
+    policy = POLICY_TEXT.get(info.policy, info.policy)
+    if info.history == "full":
+        history = "members read all its history"
+    else:
+        history = "members read from their join on"
+    count = f"{info.members} member{'' if info.members == 1 else 's'}"
+    line = f"{info.group_id}: {owner}, {policy}, {history}, {count}"
+    if info.member and info.joined_at:
+        line += f"; you joined after message {info.joined_at}"
+    elif not info.member:
+        line += "; you are not a member"
+    return line
+
+
+def join_requests(group: str, users: Sequence[User]) -> list[str]:
+    """
+    C{:requests}: who waits to join, oldest first.
+    """
+    if not users:
+        return [f"nobody asks to join {group}"]
+    return [f"asking to join {group}:"] + [
+        f"  {user.user_id}  {user.user_name}" for user in users
+    ]

@@ -63,6 +63,46 @@ class LoginInfo:
     user_name: str
 
 
+@dataclass(frozen=True, slots=True)
+class JoinResult:
+    """
+    The answer to a request to join a group.  True when the user joined
+    now (C{if await client.join_group(g)}).
+
+    @ivar joined: the user joined now (C{False}: already a member, or
+        waiting for the owner's approval).
+    @ivar pending: the request waits for the owner's approval.
+    """
+
+    joined: bool
+    pending: bool = False
+
+    def __bool__(self) -> bool:
+        return self.joined
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """
+    A group's settings, as C{/group/info} answers them.
+
+    @ivar owner_id: C{None} for a group created before groups had owners.
+    @ivar policy: C{open}, C{invite} or C{approval}.
+    @ivar history: C{join} (members read from their join on) or C{full}.
+    @ivar members: the member count.
+    @ivar member: whether the asking user is a member.
+    @ivar joined_at: for a member, the seq after which it reads.
+    """
+
+    group_id: str
+    owner_id: int | None
+    policy: str
+    history: str
+    members: int
+    member: bool
+    joined_at: int | None = None
+
+
 def _users(data: Any) -> list[User]:
     """
     Parse a C{[{userId, userName}]} list.
@@ -207,22 +247,38 @@ class RouteClient:
         """
         await self.call("/groupRoute", {"userId": user_id, "msg": text}, token)
 
-    async def create_group(self, user_id: int, token: str, group_id: str) -> None:
+    async def create_group(
+        self,
+        user_id: int,
+        token: str,
+        group_id: str,
+        policy: str | None = None,
+        history: str | None = None,
+    ) -> None:
         """
-        Create group C{group_id} with the user as its first member.
-        """
-        await self.call(
-            "/group/create", {"userId": user_id, "groupId": group_id}, token
-        )
+        Create group C{group_id}, owned by the user, its first member.
 
-    async def join_group(self, user_id: int, token: str, group_id: str) -> bool:
+        @param policy: C{open}, C{invite} or C{approval} (the route's
+            default, C{invite}, when C{None}).
+        @param history: C{join} or C{full} (the route's default, C{join}).
         """
-        Join a group.  @return: C{False} if already a member.
+        body: dict[str, Any] = {"userId": user_id, "groupId": group_id}
+        if policy is not None:
+            body["policy"] = policy
+        if history is not None:
+            body["history"] = history
+        await self.call("/group/create", body, token)
+
+    async def join_group(self, user_id: int, token: str, group_id: str) -> JoinResult:
+        """
+        Join a group (or ask to, for a group by approval).
         """
         data = await self.call(
             "/group/join", {"userId": user_id, "groupId": group_id}, token
         )
-        return bool(data.get("joined", True)) if isinstance(data, dict) else True
+        if not isinstance(data, dict):
+            return JoinResult(True)
+        return JoinResult(bool(data.get("joined")), bool(data.get("pending")))
 
     async def leave_group(self, user_id: int, token: str, group_id: str) -> bool:
         """
@@ -232,6 +288,95 @@ class RouteClient:
             "/group/leave", {"userId": user_id, "groupId": group_id}, token
         )
         return bool(data.get("left", True)) if isinstance(data, dict) else True
+
+    async def group_info(self, user_id: int, token: str, group_id: str) -> GroupInfo:
+        """
+        A group's owner, policy, history mode and member count.
+        """
+        data = await self.call(
+            "/group/info", {"userId": user_id, "groupId": group_id}, token
+        )
+        owner = data.get("ownerId")
+        joined_at = data.get("joinedAt")
+        return GroupInfo(
+            group_id=str(data.get("groupId", group_id)),
+            owner_id=None if owner is None else int(owner),
+            policy=str(data.get("policy", "")),
+            history=str(data.get("history", "")),
+            members=int(data.get("members", 0)),
+            member=bool(data.get("member")),
+            joined_at=None if joined_at is None else int(joined_at),
+        )
+
+    async def _about(
+        self, path: str, user_id: int, token: str, group_id: str, **other: int
+    ) -> Any:
+        """
+        Call a group endpoint that names another user (C{other}).
+        """
+        return await self.call(
+            path, {"userId": user_id, "groupId": group_id, **other}, token
+        )
+
+    async def invite(
+        self, user_id: int, token: str, group_id: str, invitee_id: int
+    ) -> bool:
+        """
+        The owner invites a user.  @return: C{False} if invited already.
+        """
+        data = await self._about(
+            "/group/invite", user_id, token, group_id, inviteeId=invitee_id
+        )
+        return bool(data.get("invited", True)) if isinstance(data, dict) else True
+
+    async def join_requests(
+        self, user_id: int, token: str, group_id: str
+    ) -> list[User]:
+        """
+        The users waiting for the owner's approval, oldest first.
+        """
+        return _users(await self._about("/group/requests", user_id, token, group_id))
+
+    async def approve(
+        self, user_id: int, token: str, group_id: str, requester_id: int
+    ) -> None:
+        """
+        The owner lets a waiting user in.
+        """
+        await self._about(
+            "/group/approve", user_id, token, group_id, requesterId=requester_id
+        )
+
+    async def reject(
+        self, user_id: int, token: str, group_id: str, requester_id: int
+    ) -> None:
+        """
+        The owner turns a waiting user down.
+        """
+        await self._about(
+            "/group/reject", user_id, token, group_id, requesterId=requester_id
+        )
+
+    async def remove_member(
+        self, user_id: int, token: str, group_id: str, member_id: int
+    ) -> bool:
+        """
+        The owner removes a member.  @return: C{False} if not a member.
+        """
+        data = await self._about(
+            "/group/remove", user_id, token, group_id, memberId=member_id
+        )
+        return bool(data.get("removed", True)) if isinstance(data, dict) else True
+
+    async def transfer_group(
+        self, user_id: int, token: str, group_id: str, new_owner_id: int
+    ) -> None:
+        """
+        The owner hands the group over to another member.
+        """
+        await self._about(
+            "/group/transfer", user_id, token, group_id, newOwnerId=new_owner_id
+        )
 
     async def group_members(
         self, user_id: int, token: str, group_id: str

@@ -396,21 +396,101 @@ class RouteAPI:
 
     @app.route("/group/create", methods=["POST"])
     async def group_create(self, request: IRequest) -> bytes:
-        user_id, group_id = await self._group_request(request)
-        await self.router.create_group(user_id, group_id)
-        return self._ok(request, {"groupId": group_id})
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        await self.router.create_group(
+            v["userId"], v["groupId"], v["policy"], v["history"]
+        )
+        return self._ok(
+            request,
+            {"groupId": v["groupId"], "policy": v["policy"], "history": v["history"]},
+        )
 
     @app.route("/group/join", methods=["POST"])
     async def group_join(self, request: IRequest) -> bytes:
         user_id, group_id = await self._group_request(request)
-        joined = await self.router.join_group(user_id, group_id)
-        return self._ok(request, {"groupId": group_id, "joined": joined})
+        joined, pending = await self.router.join_group(user_id, group_id)
+        return self._ok(
+            request, {"groupId": group_id, "joined": joined, "pending": pending}
+        )
 
     @app.route("/group/leave", methods=["POST"])
     async def group_leave(self, request: IRequest) -> bytes:
         user_id, group_id = await self._group_request(request)
         left = await self.router.leave_group(user_id, group_id)
         return self._ok(request, {"groupId": group_id, "left": left})
+
+    @app.route("/group/info", methods=["POST"])
+    async def group_info(self, request: IRequest) -> bytes:
+        user_id, group_id = await self._group_request(request)
+        info = await self.router.group_info(user_id, group_id)
+        data: dict[str, Any] = {
+            "groupId": group_id,
+            "ownerId": info.owner_id,
+            "policy": info.policy,
+            "history": info.history,
+            "members": info.members,
+            "member": info.member,
+        }
+        if info.member:
+            data["joinedAt"] = info.joined_at
+        return self._ok(request, data)
+
+    async def _group_and(self, request: IRequest, other: str) -> tuple[int, str, int]:
+        """
+        A group request naming another user (C{other}): @return: the user,
+        the group and the other user.
+        """
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        return v["userId"], v["groupId"], v[other]
+
+    @app.route("/group/invite", methods=["POST"])
+    async def group_invite(self, request: IRequest) -> bytes:
+        user_id, group_id, invitee = await self._group_and(request, "inviteeId")
+        invited = await self.router.invite(user_id, group_id, invitee)
+        return self._ok(
+            request, {"groupId": group_id, "inviteeId": invitee, "invited": invited}
+        )
+
+    @app.route("/group/requests", methods=["POST"])
+    async def group_requests(self, request: IRequest) -> bytes:
+        user_id, group_id = await self._group_request(request)
+        waiting = await self.router.join_requests(user_id, group_id)
+        return self._ok(
+            request, [{"userId": a.user_id, "userName": a.user_name} for a in waiting]
+        )
+
+    @app.route("/group/approve", methods=["POST"])
+    async def group_approve(self, request: IRequest) -> bytes:
+        user_id, group_id, requester = await self._group_and(request, "requesterId")
+        joined = await self.router.approve(user_id, group_id, requester)
+        return self._ok(
+            request, {"groupId": group_id, "requesterId": requester, "joined": joined}
+        )
+
+    @app.route("/group/reject", methods=["POST"])
+    async def group_reject(self, request: IRequest) -> bytes:
+        user_id, group_id, requester = await self._group_and(request, "requesterId")
+        rejected = await self.router.reject(user_id, group_id, requester)
+        return self._ok(
+            request,
+            {"groupId": group_id, "requesterId": requester, "rejected": rejected},
+        )
+
+    @app.route("/group/remove", methods=["POST"])
+    async def group_remove(self, request: IRequest) -> bytes:
+        user_id, group_id, member = await self._group_and(request, "memberId")
+        removed = await self.router.remove_member(user_id, group_id, member)
+        return self._ok(
+            request, {"groupId": group_id, "memberId": member, "removed": removed}
+        )
+
+    @app.route("/group/transfer", methods=["POST"])
+    async def group_transfer(self, request: IRequest) -> bytes:
+        user_id, group_id, owner = await self._group_and(request, "newOwnerId")
+        await self.router.transfer(user_id, group_id, owner)
+        return self._ok(request, {"groupId": group_id, "ownerId": owner})
 
     @app.route("/group/members", methods=["POST"])
     async def group_members(self, request: IRequest) -> bytes:

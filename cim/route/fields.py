@@ -17,6 +17,12 @@ from typing import Any
 
 from cim import envelope as codes
 from cim.envelope import ApiError
+from cim.interfaces import (
+    DEFAULT_HISTORY,
+    DEFAULT_POLICY,
+    GROUP_POLICIES,
+    HISTORY_MODES,
+)
 from cim.limits import (
     GROUP_ID_PATTERN,
     GROUP_ID_RULE,
@@ -325,6 +331,37 @@ class Integer(Field):
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Choice(Field):
+    """
+    An optional string that must be one of C{options}.
+    """
+
+    name: str
+    options: tuple[str, ...]
+    default: str
+    description: str = ""
+    required: bool = False
+
+    def parse(self, body: Body, limits: Limits) -> str:
+        value = body.get(self.name)
+        if value is None:
+            return self.default
+        if value not in self.options:
+            raise bad(f"{self.name} must be one of {', '.join(self.options)}")
+        return str(value)
+
+    def properties(self, limits: Limits) -> dict[str, Schema]:
+        schema: Schema = {
+            "type": "string",
+            "enum": list(self.options),
+            "default": self.default,
+        }
+        if self.description:
+            schema["description"] = self.description
+        return {self.name: schema}
+
+
 def _check_texts(texts: list[Any], where: str, limits: Limits) -> list[str]:
     for text in texts:
         if not isinstance(text, str):
@@ -449,6 +486,29 @@ def _request(*fields: Field) -> Request:
 
 
 _GROUP = _request(UserId(), GroupId())
+_POLICY = Choice(
+    "policy",
+    GROUP_POLICIES,
+    DEFAULT_POLICY,
+    "Who may join: anyone (open), the users the owner invited (invite), or "
+    "those whose request the owner approved (approval).",
+)
+_HISTORY = Choice(
+    "history",
+    HISTORY_MODES,
+    DEFAULT_HISTORY,
+    "What a member reads with /history: the messages from its join on "
+    "(join), or all that is kept (full).",
+)
+
+
+def _group_and(other: str) -> Request:
+    """
+    A group request naming another user: C{{userId, groupId, <other>}}.
+    """
+    return _request(UserId(), GroupId(), UserId(other))
+
+
 _ACCOUNT_KEY = Text(
     "accountKey",
     MAX_TOKEN,
@@ -475,10 +535,17 @@ REQUESTS: dict[str, Request] = {
     "/p2pRoute": _request(UserId(), UserId("receiveUserId"), Texts(), ClientMsgId()),
     "/offLine": _request(UserId(), Ignored("msg", {"type": "string"})),
     "/fetchOfflineMsgs": _request(UserId("receiveUserId")),
-    "/group/create": _GROUP,
+    "/group/create": _request(UserId(), GroupId(), _POLICY, _HISTORY),
     "/group/join": _GROUP,
     "/group/leave": _GROUP,
     "/group/members": _GROUP,
+    "/group/info": _GROUP,
+    "/group/invite": _group_and("inviteeId"),
+    "/group/requests": _GROUP,
+    "/group/approve": _group_and("requesterId"),
+    "/group/reject": _group_and("requesterId"),
+    "/group/remove": _group_and("memberId"),
+    "/group/transfer": _group_and("newOwnerId"),
     "/group/send": _request(UserId(), GroupId(), Texts(), ClientMsgId()),
     "/user/groups": _request(UserId()),
     "/history": _request(

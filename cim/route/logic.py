@@ -22,8 +22,11 @@ from cim import envelope as codes
 from cim.delivery import Delivery, DeliveryReport
 from cim.envelope import ApiError
 from cim.interfaces import (
+    DEFAULT_HISTORY,
+    DEFAULT_POLICY,
     Account,
     GroupExists,
+    GroupInfo,
     IRegistry,
     IServerControl,
     IStore,
@@ -32,6 +35,7 @@ from cim.interfaces import (
     ServerAddress,
     Session,
     SessionExists,
+    TooManyJoinRequests,
 )
 from cim.message import (
     BROADCAST,
@@ -49,6 +53,9 @@ from cim.route.throttle import GuessLimit
 ACCOUNT_CACHE_SIZE = 100_000
 #: How long a login's session claim waits for the client's TCP login.
 CLAIM_TTL = 60.0
+
+#: How many requests to join a group may wait for its owner.
+MAX_JOIN_REQUESTS = 1000
 
 #: Checks that an IM server accepts connections: fires with a bool.
 Probe = Callable[[ServerAddress], "Deferred[bool]"]
@@ -610,43 +617,264 @@ class Router:
 
     # Groups
 
-    async def create_group(self, user_id: int, group_id: str) -> None:
+    async def create_group(
+        self,
+        user_id: int,
+        group_id: str,
+        policy: str = DEFAULT_POLICY,
+        history: str = DEFAULT_HISTORY,
+    ) -> None:
         """
+        Create a group owned by C{user_id}, its first member.
+
         @raise ApiError: L{codes.CONFLICT} when the group exists.
         """
         await self.account(user_id)
         try:
-            await self.store.create_group(group_id, user_id)
+            await self.store.create_group(group_id, user_id, policy, history)
         except GroupExists:
             raise ApiError(codes.CONFLICT, f"the group {group_id} exists") from None
 
-    async def join_group(self, user_id: int, group_id: str) -> bool:
+    async def _info(self, group_id: str, user_id: int = 0) -> GroupInfo:
         """
-        Add the user to the group.  The group's history before the join is
-        not replayed to the new member: its cursor starts at the group's
-        last message (recorded before the join, so that nothing sent after
-        it can be skipped).
+        @raise ApiError: L{codes.INVALID_ARGUMENT} when there is no such group.
         """
-        await self.account(user_id)
+        try:
+            info: GroupInfo = await self.store.group_info(group_id, user_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return info
+
+    async def _owned(self, user_id: int, group_id: str) -> GroupInfo:
+        """
+        The group, which C{user_id} must own.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} (no such group),
+            L{codes.UNAUTHORIZED} (not its owner, or it has none).
+        """
+        info = await self._info(group_id, user_id)
+        if info.owner_id is None:
+            raise ApiError(
+                codes.UNAUTHORIZED,
+                f"the group {group_id} has no owner (it was created before groups "
+                "had owners): it is open, and nobody manages it",
+            )
+        if info.owner_id != user_id:
+            raise ApiError(
+                codes.UNAUTHORIZED,
+                f"only the owner of {group_id} (user {info.owner_id}) may do this",
+            )
+        return info
+
+    async def _admit(self, group_id: str, user_id: int) -> bool:
+        """
+        Make C{user_id} a member from the group's last message on: its
+        cursor starts there (recorded before the join, so that nothing sent
+        after it can be skipped: the user's server starts a group joined
+        since login from the stored cursor), and so does what its
+        C{/history} may read (unless the group's history is C{full}).
+        """
         conversation = group_conversation(group_id)
         last: int = await self.store.last_seq(conversation)
         await self.store.set_cursors(user_id, {conversation: last})
         try:
-            joined: bool = await self.store.join_group(group_id, user_id)
+            joined: bool = await self.store.join_group(group_id, user_id, last)
         except NoSuchGroup:
             raise self._no_group(group_id) from None
         return joined
 
+    async def join_group(self, user_id: int, group_id: str) -> tuple[bool, bool]:
+        """
+        Join a group, as its policy allows: an C{open} group (or one from
+        before owners) takes anyone; an C{invite} group the users its owner
+        invited; an C{approval} group the invited, and records anyone
+        else's request for the owner to approve.
+
+        @return: whether the user joined now (C{False}: already a member, or
+            waiting), and whether its request waits for the owner.
+        @raise ApiError: L{codes.UNAUTHORIZED} (not invited),
+            L{codes.CONFLICT} (too many requests waiting),
+            L{codes.INVALID_ARGUMENT} (no such group).
+        """
+        await self.account(user_id)
+        info = await self._info(group_id, user_id)
+        if info.member:
+            return False, False
+        if info.policy == "open" or info.invited:
+            return await self._admit(group_id, user_id), False
+        if info.policy != "approval":
+            raise ApiError(
+                codes.UNAUTHORIZED,
+                f"the group {group_id} is by invitation only: its owner (user "
+                f"{info.owner_id}) must invite you first",
+            )
+        try:
+            await self.store.ask_to_join(group_id, user_id, MAX_JOIN_REQUESTS)
+        except TooManyJoinRequests:
+            raise ApiError(
+                codes.CONFLICT,
+                f"the group {group_id} has {MAX_JOIN_REQUESTS} requests waiting "
+                "for its owner: try again later",
+            ) from None
+        return False, True
+
     async def leave_group(self, user_id: int, group_id: str) -> bool:
+        """
+        Leave a group; its owner cannot (it hands the group over first).
+
+        @raise ApiError: L{codes.CONFLICT} for the owner.
+        """
+        info = await self._info(group_id, user_id)
+        if info.owner_id == user_id:
+            raise ApiError(
+                codes.CONFLICT,
+                f"the owner cannot leave {group_id}: hand it over to another "
+                "member first (/group/transfer)",
+            )
         try:
             left: bool = await self.store.leave_group(group_id, user_id)
         except NoSuchGroup:
             raise self._no_group(group_id) from None
         return left
 
+    async def group_info(self, user_id: int, group_id: str) -> GroupInfo:
+        """
+        A group's owner, policy, history mode and member count, for its
+        members, the users invited or asking to join, and anyone when the
+        group is open.
+
+        @raise ApiError: L{codes.UNAUTHORIZED} for anyone else.
+        """
+        info = await self._info(group_id, user_id)
+        if not (info.member or info.invited or info.requested):
+            if info.policy != "open":
+                raise ApiError(
+                    codes.UNAUTHORIZED,
+                    f"user {user_id} is not a member of {group_id}, which is not open",
+                )
+        return info
+
+    async def _other(self, group_id: str, user_id: int, field: str) -> GroupInfo:
+        """
+        Where another user (named by C{field}) stands in the group.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} when there is no such user.
+        """
+        await self.account(user_id, field)
+        return await self._info(group_id, user_id)
+
+    async def invite(self, user_id: int, group_id: str, invitee_id: int) -> bool:
+        """
+        The owner invites C{invitee_id}: the invitation lets it join (an
+        C{approval} group without a request), once.
+
+        @return: C{False} if it was invited already.
+        @raise ApiError: L{codes.UNAUTHORIZED} (not the owner),
+            L{codes.CONFLICT} (already a member).
+        """
+        await self._owned(user_id, group_id)
+        if (await self._other(group_id, invitee_id, "inviteeId")).member:
+            raise ApiError(
+                codes.CONFLICT, f"user {invitee_id} is a member of {group_id} already"
+            )
+        try:
+            invited: bool = await self.store.invite_to_group(group_id, invitee_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return invited
+
+    async def join_requests(self, user_id: int, group_id: str) -> list[Account]:
+        """
+        The users waiting for the owner's approval, oldest first.
+        """
+        await self._owned(user_id, group_id)
+        try:
+            waiting: list[int] = await self.store.join_requests(group_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return await self._accounts_of(waiting)
+
+    async def _requested(self, user_id: int, group_id: str, requester_id: int) -> None:
+        """
+        Check that C{user_id} owns the group and C{requester_id} waits.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} when no request waits.
+        """
+        await self._owned(user_id, group_id)
+        if not (await self._other(group_id, requester_id, "requesterId")).requested:
+            raise ApiError(
+                codes.INVALID_ARGUMENT,
+                f"requesterId: user {requester_id} has no request to join "
+                f"{group_id} waiting",
+            )
+
+    async def approve(self, user_id: int, group_id: str, requester_id: int) -> bool:
+        """
+        The owner lets a waiting user in, from the group's last message on.
+        """
+        await self._requested(user_id, group_id, requester_id)
+        return await self._admit(group_id, requester_id)
+
+    async def reject(self, user_id: int, group_id: str, requester_id: int) -> bool:
+        """
+        The owner turns a waiting request down (the user may ask again).
+        """
+        await self._requested(user_id, group_id, requester_id)
+        try:
+            dropped: bool = await self.store.drop_join_request(group_id, requester_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return dropped
+
+    async def remove_member(self, user_id: int, group_id: str, member_id: int) -> bool:
+        """
+        The owner removes a member (from an C{open} group it may join
+        again).
+
+        @return: C{False} if it was not a member.
+        @raise ApiError: L{codes.CONFLICT} for the owner itself.
+        """
+        await self._owned(user_id, group_id)
+        if member_id == user_id:
+            raise ApiError(
+                codes.CONFLICT,
+                f"the owner cannot remove itself from {group_id}: hand the group "
+                "over first (/group/transfer)",
+            )
+        await self.account(member_id, "memberId")
+        try:
+            removed: bool = await self.store.leave_group(group_id, member_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+        return removed
+
+    async def transfer(self, user_id: int, group_id: str, new_owner_id: int) -> None:
+        """
+        The owner hands the group over to another member.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} when the new owner is not
+            a member.
+        """
+        await self._owned(user_id, group_id)
+        if not (await self._other(group_id, new_owner_id, "newOwnerId")).member:
+            raise ApiError(
+                codes.INVALID_ARGUMENT,
+                f"newOwnerId: user {new_owner_id} is not a member of {group_id}",
+            )
+        try:
+            await self.store.set_group_owner(group_id, new_owner_id)
+        except NoSuchGroup:
+            raise self._no_group(group_id) from None
+
     @staticmethod
     def _no_group(group_id: str) -> ApiError:
         return ApiError(codes.INVALID_ARGUMENT, f"groupId: no group {group_id}")
+
+    async def _accounts_of(self, user_ids: Sequence[int]) -> list[Account]:
+        accounts: list[Account | None] = await gatherResults(
+            [self.store.get_account(u) for u in user_ids], consumeErrors=True
+        )
+        return [a for a in accounts if a is not None]
 
     async def _members_for(self, user_id: int, group_id: str) -> list[int]:
         """
@@ -666,11 +894,7 @@ class Router:
         return members
 
     async def group_members(self, user_id: int, group_id: str) -> list[Account]:
-        members = await self._members_for(user_id, group_id)
-        accounts: list[Account | None] = await gatherResults(
-            [self.store.get_account(member) for member in members], consumeErrors=True
-        )
-        return [a for a in accounts if a is not None]
+        return await self._accounts_of(await self._members_for(user_id, group_id))
 
     async def send_group(
         self, user_id: int, group_id: str, texts: Sequence[str], client_msg_id: str = ""
@@ -703,12 +927,20 @@ class Router:
     ) -> list[ChatMessage]:
         """
         A page of C{conversation}: the user's own inbox or a group it belongs
-        to.
+        to.  Of a group, a member reads only the messages after the seq at
+        which it joined, unless the group's history is C{full}.
 
         @raise ApiError: L{codes.UNAUTHORIZED} for another conversation.
         """
         if conversation.startswith(GROUP_PREFIX):
-            await self._members_for(user_id, conversation[len(GROUP_PREFIX) :])
+            group_id = conversation[len(GROUP_PREFIX) :]
+            info = await self._info(group_id, user_id)
+            if not info.member:
+                raise ApiError(
+                    codes.UNAUTHORIZED, f"user {user_id} is not a member of {group_id}"
+                )
+            if info.history != "full":
+                after_seq = max(after_seq, info.joined_at)
         elif conversation != inbox(user_id):
             raise ApiError(
                 codes.UNAUTHORIZED,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cim import envelope as codes
+from cim.interfaces import GROUP_POLICIES, HISTORY_MODES
 from cim.limits import GROUP_ID_PATTERN
 from cim.route.fields import REQUESTS, Limits
 
@@ -206,23 +207,49 @@ def openapi_document(max_message: int = 4096) -> Schema:
         ),
         "/group/create": _operation(
             "Create a group",
-            "The creator is its first member; 4090 when the group exists.",
+            "The creator is its owner and first member.  policy: who may join "
+            "(open: anyone; invite, the default: the users the owner invited; "
+            "approval: those whose request the owner approved, or invited).  "
+            "history: what a member reads with /history (join, the default: "
+            "the messages after the seq at which it joined; full: all that is "
+            "kept).  4090 when the group exists; 3000 for an unknown policy or "
+            "history.",
             body("/group/create"),
-            _obj({"groupId": _GROUP_ID}),
-            "The group id.",
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "policy": {"type": "string"},
+                    "history": {"type": "string"},
+                }
+            ),
+            "The group id and its settings.",
             auth="user",
         ),
         "/group/join": _operation(
             "Join a group",
-            "3000 when there is no such group.",
+            "As its policy allows: an open group (or one created before groups "
+            "had owners) takes anyone; an invite group only a user the owner "
+            "invited (4010 otherwise); an approval group an invited user, and "
+            "records anyone else's request (pending: true) for the owner's "
+            "/group/approve (4090 when 1000 requests wait).  A new member "
+            "receives and reads the messages from its join on.  3000 when "
+            "there is no such group.",
             body("/group/join"),
-            _obj({"groupId": _GROUP_ID, "joined": {"type": "boolean"}}),
-            "joined: false when already a member.",
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "joined": {"type": "boolean"},
+                    "pending": {"type": "boolean"},
+                }
+            ),
+            "joined: false when already a member or waiting; pending: the "
+            "request waits for the owner.",
             auth="user",
         ),
         "/group/leave": _operation(
             "Leave a group",
-            "3000 when there is no such group.",
+            "3000 when there is no such group; 4090 for its owner, who hands "
+            "the group over first (/group/transfer).",
             body("/group/leave"),
             _obj({"groupId": _GROUP_ID, "left": {"type": "boolean"}}),
             "left: false when not a member.",
@@ -234,6 +261,109 @@ def openapi_document(max_message: int = 4096) -> Schema:
             body("/group/members"),
             _array(user),
             "The members.",
+            auth="user",
+        ),
+        "/group/info": _operation(
+            "A group's settings",
+            "For its members, users invited or waiting, and anyone when the "
+            "group is open (4010 otherwise).  ownerId is null for a group "
+            "created before groups had owners.",
+            body("/group/info"),
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "ownerId": {"type": "integer", "nullable": True},
+                    "policy": {"type": "string", "enum": list(GROUP_POLICIES)},
+                    "history": {"type": "string", "enum": list(HISTORY_MODES)},
+                    "members": {"type": "integer"},
+                    "member": {"type": "boolean"},
+                    "joinedAt": {
+                        "type": "integer",
+                        "description": "For a member: the seq after which it "
+                        "reads (history join).",
+                    },
+                }
+            ),
+            "The owner, policy, history mode and member count.",
+            auth="user",
+        ),
+        "/group/invite": _operation(
+            "Invite a user to a group",
+            "For the owner only (4010).  The invitation lets the invitee join "
+            "once (an approval group without a request).  4090 when the "
+            "invitee is a member; 3000 for an unknown user.",
+            body("/group/invite"),
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "inviteeId": {"type": "integer"},
+                    "invited": {"type": "boolean"},
+                }
+            ),
+            "invited: false when already invited.",
+            auth="user",
+        ),
+        "/group/requests": _operation(
+            "List the requests to join",
+            "For the owner only (4010).",
+            body("/group/requests"),
+            _array(user),
+            "The users waiting, oldest first.",
+            auth="user",
+        ),
+        "/group/approve": _operation(
+            "Approve a request to join",
+            "For the owner only (4010).  The requester becomes a member from "
+            "the group's last message on.  3000 when it has no request "
+            "waiting.",
+            body("/group/approve"),
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "requesterId": {"type": "integer"},
+                    "joined": {"type": "boolean"},
+                }
+            ),
+            "joined: true.",
+            auth="user",
+        ),
+        "/group/reject": _operation(
+            "Turn down a request to join",
+            "For the owner only (4010); the user may ask again.  3000 when it "
+            "has no request waiting.",
+            body("/group/reject"),
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "requesterId": {"type": "integer"},
+                    "rejected": {"type": "boolean"},
+                }
+            ),
+            "rejected: true.",
+            auth="user",
+        ),
+        "/group/remove": _operation(
+            "Remove a member",
+            "For the owner only (4010), who cannot remove itself (4090).  A "
+            "member removed from an open group may join again.",
+            body("/group/remove"),
+            _obj(
+                {
+                    "groupId": _GROUP_ID,
+                    "memberId": {"type": "integer"},
+                    "removed": {"type": "boolean"},
+                }
+            ),
+            "removed: false when it was not a member.",
+            auth="user",
+        ),
+        "/group/transfer": _operation(
+            "Hand a group over",
+            "For the owner only (4010): another member (3000 otherwise) "
+            "becomes the owner.",
+            body("/group/transfer"),
+            _obj({"groupId": _GROUP_ID, "ownerId": {"type": "integer"}}),
+            "The new owner.",
             auth="user",
         ),
         "/group/send": _operation(
@@ -256,7 +386,9 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/history": _operation(
             "Read a conversation",
             "u:<userId> (the user's own inbox) or g:<groupId> (a group the user "
-            "belongs to; 4010 otherwise), the messages with seq > afterSeq.",
+            "belongs to; 4010 otherwise), the messages with seq > afterSeq.  "
+            "Of a group whose history is join, only the messages after the "
+            "seq at which the user joined.",
             body("/history"),
             _array(_ref("Message")),
             "Up to limit messages, in seq order.",

@@ -26,14 +26,18 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from cim.interfaces import (
+    DEFAULT_HISTORY,
+    DEFAULT_POLICY,
     Account,
     GroupExists,
+    GroupInfo,
     IStore,
     NewMessage,
     NoSuchGroup,
     Session,
     SessionExists,
     TokenInfo,
+    TooManyJoinRequests,
 )
 from cim.message import ChatMessage
 from cim.names import name_key
@@ -103,6 +107,22 @@ class _Appended:
     timestamp: int
 
 
+@dataclass(slots=True)
+class _Group:
+    """
+    A group: its settings, and who is in it or wants in.
+    """
+
+    owner_id: int | None
+    policy: str
+    history: str
+    #: Member id -> the seq at which it joined.
+    members: dict[int, int]
+    invited: set[int]
+    #: User ids asking to join, oldest first (the values are unused).
+    requests: dict[int, None]
+
+
 @implementer(IStore)
 class MemoryStore:
     """
@@ -127,7 +147,7 @@ class MemoryStore:
         self._appended: dict[tuple[int, str], _Appended] = {}
         self._appended_order: deque[tuple[int, str]] = deque()
         self._cursors: dict[int, dict[str, int]] = {}
-        self._groups: dict[str, set[int]] = {}
+        self._groups: dict[str, _Group] = {}
         self._user_groups: dict[int, set[str]] = {}
 
     def close(self) -> defer.Deferred[None]:
@@ -447,40 +467,99 @@ class MemoryStore:
     # Groups
 
     @_fired
-    def create_group(self, group_id: str, owner_id: int) -> None:
+    def create_group(
+        self,
+        group_id: str,
+        owner_id: int,
+        policy: str = DEFAULT_POLICY,
+        history: str = DEFAULT_HISTORY,
+    ) -> None:
         if group_id in self._groups:
             raise GroupExists(group_id)
-        self._groups[group_id] = {owner_id}
+        self._groups[group_id] = _Group(
+            owner_id, policy, history, {owner_id: 0}, set(), {}
+        )
         self._user_groups.setdefault(owner_id, set()).add(group_id)
 
-    def _members(self, group_id: str) -> set[int]:
-        members = self._groups.get(group_id)
-        if members is None:
+    def _group(self, group_id: str) -> _Group:
+        group = self._groups.get(group_id)
+        if group is None:
             raise NoSuchGroup(group_id)
-        return members
+        return group
 
     @_fired
-    def join_group(self, group_id: str, user_id: int) -> bool:
-        members = self._members(group_id)
-        if user_id in members:
+    def group_info(self, group_id: str, user_id: int = 0) -> GroupInfo:
+        group = self._group(group_id)
+        return GroupInfo(
+            group_id,
+            group.owner_id,
+            group.policy,
+            group.history,
+            len(group.members),
+            member=user_id in group.members,
+            joined_at=group.members.get(user_id, 0),
+            invited=user_id in group.invited,
+            requested=user_id in group.requests,
+        )
+
+    @_fired
+    def join_group(self, group_id: str, user_id: int, seq: int = 0) -> bool:
+        group = self._group(group_id)
+        group.invited.discard(user_id)
+        group.requests.pop(user_id, None)
+        if user_id in group.members:
             return False
-        members.add(user_id)
+        group.members[user_id] = seq
         self._user_groups.setdefault(user_id, set()).add(group_id)
         return True
 
     @_fired
     def leave_group(self, group_id: str, user_id: int) -> bool:
-        members = self._members(group_id)
-        if user_id not in members:
+        group = self._group(group_id)
+        if user_id not in group.members:
             return False
-        members.discard(user_id)
+        del group.members[user_id]
         self._user_groups.get(user_id, set()).discard(group_id)
         return True
 
     @_fired
     def group_members(self, group_id: str) -> list[int]:
-        return sorted(self._members(group_id))
+        return sorted(self._group(group_id).members)
 
     @_fired
     def user_groups(self, user_id: int) -> list[str]:
         return sorted(self._user_groups.get(user_id, set()))
+
+    @_fired
+    def invite_to_group(self, group_id: str, user_id: int) -> bool:
+        invited = self._group(group_id).invited
+        if user_id in invited:
+            return False
+        invited.add(user_id)
+        return True
+
+    @_fired
+    def ask_to_join(self, group_id: str, user_id: int, limit: int) -> bool:
+        requests = self._group(group_id).requests
+        if user_id in requests:
+            return False
+        if len(requests) >= limit:
+            raise TooManyJoinRequests(group_id)
+        requests[user_id] = None
+        return True
+
+    @_fired
+    def join_requests(self, group_id: str) -> list[int]:
+        return list(self._group(group_id).requests)
+
+    @_fired
+    def drop_join_request(self, group_id: str, user_id: int) -> bool:
+        requests = self._group(group_id).requests
+        if user_id not in requests:
+            return False
+        del requests[user_id]
+        return True
+
+    @_fired
+    def set_group_owner(self, group_id: str, owner_id: int) -> None:
+        self._group(group_id).owner_id = owner_id

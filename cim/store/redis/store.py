@@ -42,8 +42,18 @@ never key names)::
                                            of an appended message; PEXPIRE
                                            the idempotency window
     P cursors:<user_id>            hash    conversation -> acknowledged seq
-    P group:<group_id>             string  owner id (the group exists)
+    P group:<group_id>             string  the creator's id (the group exists)
+    P ginfo:<group_id>             hash    owner, policy, history; absent for
+                                           a group stored before groups had
+                                           owners (open, no owner)
     P members:<group_id>           set     member user ids
+    P joined:<group_id>            hash    member id -> seq of the group's
+                                           conversation when it joined (none
+                                           for the creator and for members
+                                           from before owners: 0)
+    P invited:<group_id>           set     user ids invited, until they join
+    P asks:<group_id>              zset    user ids asking to join, scored by
+                                           the time they asked (ms)
     P groups:<user_id>             set     the user's group ids
 
 What the values hold (a stored message's JSON, a session record):
@@ -73,8 +83,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.interfaces import (
+    DEFAULT_HISTORY,
+    DEFAULT_POLICY,
     Account,
     GroupExists,
+    GroupInfo,
     IStore,
     NewMessage,
     NoSuchGroup,
@@ -82,6 +95,7 @@ from cim.interfaces import (
     SessionExists,
     StoreError,
     TokenInfo,
+    TooManyJoinRequests,
 )
 from cim.message import ChatMessage
 from cim.names import name_key
@@ -516,32 +530,84 @@ class RedisStore:
         ]
 
     @_deferred
-    async def create_group(self, group_id: str, owner_id: int) -> None:
+    async def create_group(
+        self,
+        group_id: str,
+        owner_id: int,
+        policy: str = DEFAULT_POLICY,
+        history: str = DEFAULT_HISTORY,
+    ) -> None:
         created = await self._run(
             scripts.CREATE_GROUP,
-            self._group_keys(group_id, owner_id),
-            [owner_id, group_id],
+            [*self._group_keys(group_id, owner_id), self._key("ginfo", group_id)],
+            [owner_id, group_id, policy, history],
         )
         if not int(created):
             raise GroupExists(group_id)
 
-    async def _membership(self, script: Script, group_id: str, user_id: int) -> bool:
-        changed = int(
-            await self._run(
-                script, self._group_keys(group_id, user_id), [user_id, group_id]
-            )
+    @_deferred
+    async def group_info(self, group_id: str, user_id: int = 0) -> GroupInfo:
+        found = await self._run(
+            scripts.GROUP_INFO,
+            [
+                self._key("group", group_id),
+                self._key("ginfo", group_id),
+                self._key("members", group_id),
+                self._key("joined", group_id),
+                self._key("invited", group_id),
+                self._key("asks", group_id),
+            ],
+            [user_id],
         )
+        if found is None:
+            raise NoSuchGroup(group_id)
+        owner, policy, history, count, member, joined_at, invited, requested = found
+        return GroupInfo(
+            group_id,
+            int(owner) if owner else None,
+            policy or "open",
+            history or "join",
+            int(count),
+            member=bool(int(member)),
+            joined_at=int(joined_at),
+            invited=bool(int(invited)),
+            requested=bool(int(requested)),
+        )
+
+    async def _changed(
+        self, script: Script, keys: list[str], args: list[Any], group_id: str
+    ) -> bool:
+        """
+        Run a group script answering 1 (changed), 0 (unchanged) or -1 (no
+        such group).
+        """
+        changed = int(await self._run(script, keys, args))
         if changed < 0:
             raise NoSuchGroup(group_id)
         return bool(changed)
 
     @_deferred
-    async def join_group(self, group_id: str, user_id: int) -> bool:
-        return await self._membership(scripts.JOIN_GROUP, group_id, user_id)
+    async def join_group(self, group_id: str, user_id: int, seq: int = 0) -> bool:
+        return await self._changed(
+            scripts.JOIN_GROUP,
+            [
+                *self._group_keys(group_id, user_id),
+                self._key("joined", group_id),
+                self._key("invited", group_id),
+                self._key("asks", group_id),
+            ],
+            [user_id, group_id, int(seq)],
+            group_id,
+        )
 
     @_deferred
     async def leave_group(self, group_id: str, user_id: int) -> bool:
-        return await self._membership(scripts.LEAVE_GROUP, group_id, user_id)
+        return await self._changed(
+            scripts.LEAVE_GROUP,
+            [*self._group_keys(group_id, user_id), self._key("joined", group_id)],
+            [user_id, group_id],
+            group_id,
+        )
 
     @_deferred
     async def group_members(self, group_id: str) -> list[int]:
@@ -558,6 +624,59 @@ class RedisStore:
     async def user_groups(self, user_id: int) -> list[str]:
         groups = await self._command("SMEMBERS", self._key("groups", user_id))
         return sorted(groups)
+
+    @_deferred
+    async def invite_to_group(self, group_id: str, user_id: int) -> bool:
+        return await self._changed(
+            scripts.INVITE_TO_GROUP,
+            [self._key("group", group_id), self._key("invited", group_id)],
+            [user_id],
+            group_id,
+        )
+
+    @_deferred
+    async def ask_to_join(self, group_id: str, user_id: int, limit: int) -> bool:
+        asked = int(
+            await self._run(
+                scripts.ASK_TO_JOIN,
+                [self._key("group", group_id), self._key("asks", group_id)],
+                [user_id, int(self._seconds() * 1000), int(limit)],
+            )
+        )
+        if asked == -1:
+            raise NoSuchGroup(group_id)
+        if asked == -2:
+            raise TooManyJoinRequests(group_id)
+        return bool(asked)
+
+    @_deferred
+    async def join_requests(self, group_id: str) -> list[int]:
+        pending = await self._run(
+            scripts.JOIN_REQUESTS,
+            [self._key("group", group_id), self._key("asks", group_id)],
+            [],
+        )
+        if pending is None:
+            raise NoSuchGroup(group_id)
+        return [int(u) for u in pending]
+
+    @_deferred
+    async def drop_join_request(self, group_id: str, user_id: int) -> bool:
+        return await self._changed(
+            scripts.DROP_JOIN_REQUEST,
+            [self._key("group", group_id), self._key("asks", group_id)],
+            [user_id],
+            group_id,
+        )
+
+    @_deferred
+    async def set_group_owner(self, group_id: str, owner_id: int) -> None:
+        await self._changed(
+            scripts.SET_GROUP_OWNER,
+            [self._key("group", group_id), self._key("ginfo", group_id)],
+            [owner_id],
+            group_id,
+        )
 
 
 def connect_redis(
