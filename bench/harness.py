@@ -956,7 +956,7 @@ class Bench:
         group = f"bench-{self.run_id}"
         created = post_json(
             f"http://127.0.0.1:{cluster.route_port}/group/create",
-            {"userId": users[0][0], "groupId": group},
+            {"userId": users[0][0], "groupId": group, "policy": "open"},
             {"X-Cim-Secret": self.secret},
         )
         if created.get("code") != "9000":

@@ -430,7 +430,7 @@ class Worker:
         user.uid = client.user_id
         group = plan.group(user.index)
         try:
-            await client.create_group(group)
+            await client.create_group(group, policy="open")
         except RouteError as e:
             if e.code != "4090":
                 raise
