@@ -9,6 +9,12 @@ from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
+from cim.limits_net import (
+    CLIENT_PER_ADDRESS,
+    HTTP_PER_ADDRESS,
+    daemon_options,
+    net_limits,
+)
 from cim.options import (
     check_registry_url,
     check_store_url,
@@ -74,6 +80,7 @@ class Options(usage.Options):
             "Frames per second a connection may send.",
             positive_float("rate"),
         ],
+        *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
     ]
 
     def postOptions(self) -> None:
@@ -95,6 +102,8 @@ def config_from(options: usage.Options) -> ServerConfig:
         max_frame=options["max-frame"],
         legacy_login=bool(options["legacy-login"]),
         rate=options["rate"],
+        limits=net_limits(options),
+        shutdown_timeout=options["shutdown-timeout"],
     )
 
 
