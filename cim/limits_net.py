@@ -183,12 +183,13 @@ class LimitedFactory(WrappingFactory[_Counted]):
             self._logged.clear()
         self._logged[host] = (now, 0)
         self.log.warn(
-            "{port}: refused a connection from {host} ({why}; "
-            "{since} more refused since the last such line)",
+            "{port}: refused a connection from {host} ({why}); "
+            "{since} more from it in the last {interval:g}s",
             port=self.name,
             host=host,
             why=why,
             since=since,
+            interval=LOG_INTERVAL,
         )
 
 

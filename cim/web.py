@@ -68,19 +68,20 @@ class LimitedRequest(Request):
         site = getattr(self.channel, "site", None)
         return int(getattr(site, "max_body", MAX_BODY))
 
-    def _too_large(self, size: str) -> None:
+    def _too_large(self, length: int | None) -> None:
         self._refused = True
         self.content = BytesIO()
+        size = "" if length is None else f" ({length} bytes)"
         _refuse(
             self.channel,
             413,
             b"Content Too Large",
-            f"the request body ({size}) is over the limit of {self._limit()} bytes",
+            f"the request body{size} is over the limit of {self._limit()} bytes",
         )
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
-            self._too_large(f"{length} bytes")
+            self._too_large(length)
             return
         # Within the limit: in memory (Request spools over 100 KB to disk).
         self.content = BytesIO()
@@ -90,7 +91,7 @@ class LimitedRequest(Request):
             return
         self._received += len(data)
         if self._received > self._limit():
-            self._too_large(f"over {self._received - len(data)} bytes")
+            self._too_large(None)
             return
         assert self.content is not None
         self.content.write(data)
