@@ -76,7 +76,8 @@ typecheck: install
 run: install
 	@echo "Starting a standalone cim node: route http://127.0.0.1:8083, server 127.0.0.1:11211"
 	@echo "In another terminal:  $(BIN)/twistd -n cim-client --user alice"
-	$(BIN)/twistd -n cim-standalone
+	@mkdir -p .run
+	$(BIN)/twistd --pidfile=.run/standalone.pid -n cim-standalone
 
 clean:
 	rm -rf .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ one suite against both.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -30,7 +30,8 @@ class StoreError(Exception):
 
 class NameTaken(Exception):
     """
-    A registration named an existing account with a different password.
+    A registration named an existing account without proving it owns it
+    (raised by the route's logic; stores return existing accounts).
     """
 
 
@@ -94,9 +95,23 @@ class ServerAddress:
 
 @dataclass(frozen=True, slots=True)
 class Account:
+    """
+    A user account.
+
+    @ivar user_name: the name as registered (the display name); the
+        account is found by its key (L{cim.names.name_key}).
+    @ivar has_password: the account has a password.
+    @ivar has_key: the account has an account key (a random secret issued
+        at its creation, for accounts without a password).
+    @ivar created: set on the L{Account} that L{IAccounts.register} returns
+        when it created the account (not compared).
+    """
+
     user_id: int
     user_name: str
     has_password: bool = False
+    has_key: bool = False
+    created: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,16 +166,28 @@ class NewMessage:
 
 class IAccounts(Interface):
     """
-    Accounts: ids, names and passwords.
+    Accounts: ids, names and credentials (a password, or an account key).
+
+    Names are unique by their key (L{cim.names.name_key}: NFKC, case-folded,
+    confusable skeleton), so C{"Zoe"}, C{" zoe"} and a Cyrillic look-alike
+    are one account; the name given at creation is kept for display.
+    Credentials are stored as hashes only: passwords as salted scrypt
+    strings (L{cim.passwords}), account keys (random, high-entropy) as
+    SHA-256.  Whether a caller may learn an existing account is the
+    caller's decision: the store only creates, finds and checks.
     """
 
-    def register(user_name: str, password: str | None = None) -> Deferred[Account]:
+    def register(
+        user_name: str, password: str | None = None, account_key: str | None = None
+    ) -> Deferred[Account]:
         """
-        Create the account C{user_name}, or return the existing one.
+        Create the account C{user_name}, with C{password} if given, else
+        with C{account_key} if given; or return the existing account of the
+        same name key, unchanged, whatever the credentials given (check
+        them with L{check_password} and L{check_account_key}).
 
-        @return: fires with the L{Account}.  An existing account is returned
-            when it has no password or C{password} matches it; otherwise
-            fails with L{NameTaken}.  User ids are allocated atomically and
+        @return: fires with the L{Account}, whose C{created} says whether
+            this call created it.  User ids are allocated atomically and
             never reused.
         """
 
@@ -171,13 +198,21 @@ class IAccounts(Interface):
 
     def get_account_by_name(user_name: str) -> Deferred[Account | None]:
         """
-        @return: fires with the L{Account} or C{None}.
+        @return: fires with the L{Account} whose name has the key of
+            C{user_name}, or C{None}.
         """
 
     def check_password(user_id: int, password: str) -> Deferred[bool]:
         """
         @return: fires with C{True} when C{password} matches the account's
             (salted scrypt hash), C{False} otherwise or when it has none.
+        """
+
+    def check_account_key(user_id: int, account_key: str) -> Deferred[bool]:
+        """
+        @return: fires with C{True} when C{account_key} matches the
+            account's (compared as SHA-256 digests, in constant time),
+            C{False} otherwise or when it has none.
         """
 
 

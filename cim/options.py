@@ -70,17 +70,69 @@ def check_registry_url(url: str) -> None:
         raise usage.UsageError(f"--registry must be local: or zk://...: {e}") from None
 
 
-def secret_option(options: usage.Options) -> str:
-    """
-    The cluster secret from C{--secret} or C{$CIM_SECRET}.
+#: The cluster secret's options, for a tap's C{optParameters}
+#: (C{*SECRET_PARAMETERS}); L{secret_option} reads them.
+SECRET_PARAMETERS: list[list[str | None]] = [
+    [
+        "secret",
+        None,
+        "",
+        "The cluster secret (default: $CIM_SECRET). Prefer --secret-file: "
+        "other users see command lines (ps).",
+    ],
+    [
+        "secret-file",
+        None,
+        None,
+        "A file holding the cluster secret (surrounding whitespace ignored).",
+    ],
+]
 
-    @raise usage.UsageError: neither is set.
+
+def read_secret_file(path: str) -> str:
     """
-    secret: str = options["secret"] or os.environ.get("CIM_SECRET", "")
-    if not secret:
+    The secret in the file C{path}: its content, stripped.
+
+    @raise usage.UsageError: it cannot be read, is not text, or is empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise usage.UsageError(
-            "a cluster secret is required: --secret or the CIM_SECRET environment "
-            "variable (the same value on every route and server)"
+            f"--secret-file: cannot read {path!r}: {reason}"
+        ) from None
+    if not secret:
+        raise usage.UsageError(f"--secret-file: {path!r} is empty")
+    return secret
+
+
+def secret_option(options: usage.Options, required: bool = True) -> str:
+    """
+    The cluster secret from C{--secret-file}, C{--secret} or C{$CIM_SECRET}
+    (the first given; C{--secret-file} and C{--secret} together are
+    refused).
+
+    @param required: refuse when none is given (else return C{""}).
+    @raise usage.UsageError: none is given (and C{required}), both options
+        are, the file cannot be read or is empty, or the secret is shorter
+        than 8 characters.
+    """
+    path = options.get("secret-file")
+    if path is not None and options["secret"]:
+        raise usage.UsageError("give --secret or --secret-file, not both")
+    if path is not None:
+        secret = read_secret_file(path)
+    else:
+        secret = options["secret"] or os.environ.get("CIM_SECRET", "")
+    if not secret:
+        if not required:
+            return ""
+        raise usage.UsageError(
+            "a cluster secret is required: --secret-file, --secret or the "
+            "CIM_SECRET environment variable (the same value on every route "
+            "and server)"
         )
     if len(secret) < 8:
         raise usage.UsageError("the cluster secret must be at least 8 characters")

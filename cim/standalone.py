@@ -25,7 +25,13 @@ from cim.limits_net import (
     daemon_options,
     net_limits,
 )
-from cim.options import check_registry_url, check_store_url, port_number
+from cim.options import (
+    SECRET_PARAMETERS,
+    check_registry_url,
+    check_store_url,
+    port_number,
+    secret_option,
+)
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
 
@@ -54,24 +60,17 @@ class Options(usage.Options):
         ["bind", None, "127.0.0.1", "The interface every port listens on."],
         ["store", None, "memory:", "memory: or redis://host:port/db"],
         ["registry", None, "local:", "local: or zk://host:port/root"],
-        ["secret", None, "", "The cluster secret (needed with a real registry)."],
+        *SECRET_PARAMETERS,
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
     ]
 
     def postOptions(self) -> None:
         check_store_url(self["store"])
         check_registry_url(self["registry"])
-        if not self["secret"]:
-            import os
-
-            self["secret"] = os.environ.get("CIM_SECRET", "")
-        if not self["secret"]:
-            if self["registry"] != "local:":
-                raise usage.UsageError(
-                    "with a real registry, give the cluster's --secret (or CIM_SECRET)"
-                )
-            # Nobody else needs to know it: the route and server share it here.
-            self["secret"] = secrets.token_urlsafe(24)
+        # Needed with a real registry; else nobody needs to know it (the
+        # route and server share it here).
+        required = self["registry"] != "local:"
+        self["secret"] = secret_option(self, required) or secrets.token_urlsafe(24)
 
 
 class StandaloneService(AsyncStartService):

@@ -21,6 +21,7 @@ from zope.interface.verify import verifyObject
 
 from cim.client.connection import ClientProtocol, Heartbeat
 from cim.client.cursors import CursorFile, state_path
+from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
     Ack,
     Client,
@@ -254,7 +255,12 @@ class FakeRoute:
         self.logins: list[float] = []
 
     async def login(
-        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None = None,
+        token: str = "",
+        account_key: str = "",
     ) -> LoginInfo:
         self.logins.append(self.clock.seconds())
         if self.errors:
@@ -719,12 +725,48 @@ async def test_passwords(reactor: Any, harness: Harness) -> None:
 async def test_cim_style_login_with_user_id(reactor: Any, harness: Harness) -> None:
     first, _ = harness.client("dave")
     account = await first.register("dave")
+    assert account.account_key and "account_key" not in repr(account)
     client, _ = harness.client("dave2")
     with pytest.raises(LoginError) as e:
         await within(reactor, client.login("not-dave", user_id=account.user_id))
     assert e.value.code == "9100"
-    await within(reactor, client.login("dave", user_id=account.user_id))
+    # The id and name are not enough: the key is needed (given here).
+    with pytest.raises(LoginError) as e:
+        await within(reactor, client.login("dave", user_id=account.user_id))
+    assert e.value.code == "9100" and "account key" in e.value.reason
+    await within(
+        reactor,
+        client.login("dave", user_id=account.user_id, account_key=account.account_key),
+    )
     assert client.user_id == account.user_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_account_key_is_kept_in_the_state_folder(
+    reactor: Any, harness: Harness, tmp_path: Path
+) -> None:
+    erin, _ = await harness.logged_in("erin")
+    key = erin.account_key
+    assert key
+    await erin.close()
+    # The same state folder (a restarted client): logged in again, no
+    # password asked, the same account; the name by its key.
+    again, _ = harness.client("erin")
+    await within(reactor, again.login("Erin"))
+    assert (again.user_id, again.account_key) == (erin.user_id, key)
+    await again.close()
+    kept = (harness.state_root / "erin" / "account-keys.json").stat()
+    assert kept.st_mode & 0o077 == 0
+    # Another state folder has no key: the name is taken, the id unknown.
+    other, _ = harness.client("not-erin")
+    with pytest.raises(LoginError) as e:
+        await within(reactor, other.login("erin"))
+    assert e.value.code == "4090"
+    assert other.user_id is None
+    # The same folder for another route keeps that route's keys apart.
+    keys = AccountKeys(harness.state_root / "erin")
+    assert keys.get("http://127.0.0.1:1", "erin") is None
+    assert keys.get(harness.route_url + "/", "ERIN") == HeldKey(erin.user_id, key)
 
 
 @pytest_twisted.ensureDeferred
@@ -904,3 +946,17 @@ async def test_unreachable_route(reactor: Any, tmp_path: Path) -> None:
             assert "cannot reach the route" in e.value.reason
         finally:
             await within(reactor, client.close())
+
+
+def test_account_keys_shared_by_two_clients(tmp_path: Path) -> None:
+    # Two clients on one state folder (the quick start's two terminals),
+    # both started before either saved a key: neither key is lost.
+    first, second = AccountKeys(tmp_path), AccountKeys(tmp_path)
+    first.put("http://route:8083", "alice", 1, "key-a")
+    second.put("http://route:8083/", "bob", 2, "key-b")
+    again = AccountKeys(tmp_path)
+    assert again.get("http://route:8083", "Alice") == HeldKey(1, "key-a")
+    assert again.get("http://route:8083", "bob") == HeldKey(2, "key-b")
+    assert "key-a" not in repr(again.get("http://route:8083", "alice"))
+    (tmp_path / "account-keys.json").write_text("{not json")
+    assert AccountKeys(tmp_path).get("http://route:8083", "alice") is None

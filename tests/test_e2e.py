@@ -219,12 +219,12 @@ async def test_online_users(reactor: Any, cluster: E2ECluster, tmp_path: Path) -
 async def test_duplicate_login(
     reactor: Any, cluster: E2ECluster, tmp_path: Path
 ) -> None:
-    # Without proof: refused with 5000, and the first session is intact.
+    # Without proof: refused (9100: no credential), the first session intact.
     plain, _ = await client(reactor, cluster, unique("dupp"), tmp_path)
     reply = await post(
         cluster, "/login", {"userId": plain.user_id, "userName": plain.user_name}
     )
-    assert reply["code"] == "5000", reply
+    assert reply["code"] == "9100", reply
     assert plain.ready
     await plain.close()
     # With proof (the password): the old session is replaced.

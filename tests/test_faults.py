@@ -225,6 +225,8 @@ async def route_login(
     _, reply = await call(reactor, f"{cluster.url}/registerAccount", body)
     assert reply["code"] == "9000", reply
     body["userId"] = reply["dataBody"]["userId"]
+    if "accountKey" in reply["dataBody"]:
+        body["accountKey"] = reply["dataBody"]["accountKey"]
     _, reply = await call(reactor, f"{cluster.url}/login", body)
     assert reply["code"] == "9000", reply
     data: dict[str, Any] = reply["dataBody"]

@@ -137,9 +137,10 @@ async def tcp_login(reactor: Any, node: Daemon, source: str) -> WireClient:
     _, reply = await call(reactor, f"{node.url()}/registerAccount", {"userName": name})
     assert reply["code"] == "9000", reply
     user_id = reply["dataBody"]["userId"]
-    _, reply = await call(
-        reactor, f"{node.url()}/login", {"userId": user_id, "userName": name}
-    )
+    login = {"userId": user_id, "userName": name}
+    if "accountKey" in reply["dataBody"]:
+        login["accountKey"] = reply["dataBody"]["accountKey"]
+    _, reply = await call(reactor, f"{node.url()}/login", login)
     assert reply["code"] == "9000", reply
     info = reply["dataBody"]
     client = WireClient(reactor)

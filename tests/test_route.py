@@ -142,6 +142,8 @@ class Route:
         )
         self.http: Any = StubTreq(self.api.app.resource())
         self.status = 0
+        #: The account keys of the accounts L{register} created, by id.
+        self.keys: dict[int, str] = {}
 
     def add_server(self, server: ServerAddress) -> None:
         registry = self.servers[server] = LocalRegistry(self.board)
@@ -211,18 +213,39 @@ class Route:
     # Users
 
     def register(self, name: str, password: str | None = None) -> int:
+        """
+        Register C{name}; @return: its id.  The account key of a new
+        account without a password is kept in L{keys}, by id.
+        """
         body = {"userName": name}
         if password is not None:
             body["password"] = password
-        user_id: int = self.ok("/registerAccount", body)["userId"]
+        data = self.ok("/registerAccount", body)
+        user_id: int = data["userId"]
+        if "accountKey" in data:
+            self.keys[user_id] = data["accountKey"]
         return user_id
 
     def login(self, user_id: int, name: str, **extra: Any) -> dict:
+        """
+        Log in, with the account key of L{register} unless C{extra} gives
+        a credential (C{accountKey=None}: none).
+        """
         token = extra.pop("bearer", None)
+        if not {"password", "token", "accountKey"} & set(extra) and token is None:
+            extra["accountKey"] = self.keys.get(int(user_id))
+        if extra.get("accountKey") is None:
+            extra.pop("accountKey", None)
         data: dict = self.ok(
             "/login", {"userId": user_id, "userName": name, **extra}, token=token
         )
         return data
+
+    def body(self, user_id: int, name: str) -> dict[str, Any]:
+        """
+        A C{/login} body with the account key of L{register}.
+        """
+        return {"userId": user_id, "userName": name, "accountKey": self.keys[user_id]}
 
     def connect(self, user_id: int) -> None:
         """
@@ -271,10 +294,17 @@ def test_register(route: Route) -> None:
     )
     assert answer["code"] == "9000"
     assert answer["reqNo"] == 42
+    key = answer["dataBody"].pop("accountKey")
+    assert len(key) >= 40
     assert answer["dataBody"] == {"userId": 1, "userName": "alice"}
     assert route.register("bob") == 2
-    # An existing name without a password: its id.
-    assert route.register("alice") == 1
+    # An existing name: its id only to whoever proves it owns the account.
+    assert route.code("/registerAccount", {"userName": "alice"}) == "4090"
+    again = route.ok("/registerAccount", {"userName": "alice", "accountKey": key})
+    assert again == {"userId": 1, "userName": "alice"}
+    # CIM's clients get exactly CIM's fields (and no key they cannot use).
+    answer = route.call("/registerAccount", {"userName": "carol"}, extended=False)
+    assert answer["dataBody"] == {"userId": 3, "userName": "carol"}
 
 
 def test_register_with_a_password(route: Route) -> None:
@@ -383,7 +413,7 @@ def test_login_with_a_password(route: Route) -> None:
 def test_login_without_servers() -> None:
     route = Route(servers=[])
     alice = route.register("alice")
-    assert route.code("/login", {"userId": alice, "userName": "alice"}) == "7100"
+    assert route.code("/login", route.body(alice, "alice")) == "7100"
     assert route.session(alice) is None
 
 
@@ -398,7 +428,7 @@ def test_login_falls_back_to_a_reachable_server(route: Route) -> None:
 def test_login_when_no_server_is_reachable(route: Route) -> None:
     alice = route.register("alice")
     route.reachable = set()
-    answer = route.call("/login", {"userId": alice, "userName": "alice"})
+    answer = route.call("/login", route.body(alice, "alice"))
     assert answer["code"] == "7100"
     assert "reachable" in answer["message"]
     assert route.session(alice) is None
@@ -413,14 +443,14 @@ def test_a_failing_probe_counts_as_unreachable(
 ) -> None:
     alice = route.register("alice")
     route.api.router.probe = lambda server: fail(RuntimeError("boom"))
-    assert route.code("/login", {"userId": alice, "userName": "alice"}) == "7100"
+    assert route.code("/login", route.body(alice, "alice")) == "7100"
     assert any(e.get("log_failure") for e in logged)
 
 
 def test_failed_login_leaves_no_session(route: Route, logged: list[dict]) -> None:
     alice = route.register("alice")
     route.store.issue_token = lambda *a, **k: fail(StoreError("redis is down"))  # type: ignore[method-assign]
-    answer = route.call("/login", {"userId": alice, "userName": "alice"})
+    answer = route.call("/login", route.body(alice, "alice"))
     assert answer == {
         "code": "4000",
         "message": "the store is unavailable",
@@ -430,7 +460,39 @@ def test_failed_login_leaves_no_session(route: Route, logged: list[dict]) -> Non
     assert route.session(alice) is None
 
 
-def test_repeat_login_is_refused(route: Route) -> None:
+def test_login_needs_a_credential(route: Route) -> None:
+    # Knowing the id and name is not enough: the account key is needed.
+    alice = route.register("alice")
+    answer = route.call("/login", {"userId": alice, "userName": "alice"})
+    assert answer["code"] == "9100"
+    assert "account key" in answer["message"]
+    assert route.session(alice) is None
+    wrong = {"userId": alice, "userName": "alice", "accountKey": "guess"}
+    answer = route.call("/login", wrong)
+    assert (answer["code"], answer["message"]) == ("9100", "the account key is wrong")
+    # Nor while the owner is online: no 5000 telling that she is.
+    _, token = route.online("bob")
+    answer = route.call("/login", {"userId": 2, "userName": "bob"})
+    assert answer["code"] == "9100"
+    assert result(route.store.verify_token(token)) is not None
+    # The name is compared by its key (case, look-alikes).
+    assert route.login(alice, "ALICE")["userName"] == "alice"
+
+
+def test_an_account_without_any_credential() -> None:
+    # Made before account keys (or by another tool): only a token or the
+    # secret logs it in.
+    route = Route()
+    alice = result(route.store.register("alice")).user_id
+    answer = route.call("/login", {"userId": alice, "userName": "alice"})
+    assert answer["code"] == "9100"
+    assert "without any credential" in answer["message"]
+    assert "password" not in answer["message"]  # the console would ask for one
+    assert route.ok("/login", {"userId": alice, "userName": "alice"}, secret=SECRET)
+
+
+def test_repeat_login_is_refused_with_legacy_auth() -> None:
+    route = Route(legacy_auth=True)
     alice, token = route.online("alice")
     session = route.session(alice)
     answer = route.call("/login", {"userId": alice, "userName": "alice"})
@@ -440,13 +502,33 @@ def test_repeat_login_is_refused(route: Route) -> None:
     assert route.pusher.kicks == []
 
 
-def test_repeat_login_of_a_claimed_session_is_refused(route: Route) -> None:
+def test_repeat_login_of_a_claimed_session_is_refused_with_legacy_auth() -> None:
+    route = Route(legacy_auth=True)
     alice = route.register("alice")
-    route.login(alice, "alice")
+    route.login(alice, "alice", accountKey=None)
     assert route.code("/login", {"userId": alice, "userName": "alice"}) == "5000"
     # The claim expires when the client never connects.
     route.clock.advance(61)
+    route.login(alice, "alice", accountKey=None)
+
+
+def test_a_login_that_never_connects_does_not_lock_the_owner_out(
+    route: Route,
+) -> None:
+    # A login whose client never connects leaves a claim for 60 s; the
+    # owner's next login, with the key, replaces it at once.
+    alice = route.register("alice")
     route.login(alice, "alice")
+    claim = route.session(alice)
+    assert not claim.connected
+    data = route.login(alice, "alice")
+    new = route.session(alice)
+    assert new.session_id != claim.session_id
+    assert route.pusher.kicks == [
+        (claim.server, alice, claim.session_id, "logged in again elsewhere")
+    ]
+    route.connect(alice)
+    assert result(route.store.verify_token(data["token"])) is not None
 
 
 @pytest.mark.parametrize("proof", ["password", "body token", "bearer token", "secret"])
@@ -482,7 +564,7 @@ def test_stale_token_is_no_proof(route: Route) -> None:
     route.connect(alice)
     assert (
         route.code("/login", {"userId": alice, "userName": "alice", "token": stale})
-        == "5000"
+        == "9100"
     )
     assert route.login(alice, "alice", token=fresh)
 
@@ -492,7 +574,7 @@ def test_another_users_token_is_no_proof(route: Route) -> None:
     _, bobs = route.online("bob")
     assert (
         route.code("/login", {"userId": alice, "userName": "alice", "token": bobs})
-        == "5000"
+        == "9100"
     )
 
 
@@ -520,7 +602,7 @@ def test_login_sees_registry_changes(route: Route) -> None:
     route.remove_server(A)
     route.remove_server(B)
     alice = route.register("alice")
-    assert route.code("/login", {"userId": alice, "userName": "alice"}) == "7100"
+    assert route.code("/login", route.body(alice, "alice")) == "7100"
     route.add_server(C)
     route.reachable.add(C)
     assert route.login(alice, "alice")["ip"] == C.host

@@ -73,6 +73,8 @@ class Cluster:
         self.servers: list[IMServerService] = []
         self.route: RouteService | None = None
         self.clients: list[WireClient] = []
+        #: The account keys of the accounts L{login} registered, by id.
+        self.keys: dict[int, str] = {}
         self.http = http_client(reactor)
 
     def store_factory(self) -> Deferred[Any]:
@@ -191,10 +193,14 @@ class Cluster:
         C{cursors}).
         """
         if user_id is None:
-            user_id = (await self.ok("/registerAccount", {"userName": name}))["userId"]
+            account = await self.ok("/registerAccount", {"userName": name})
+            user_id = account["userId"]
+            self.keys[user_id] = account["accountKey"]
         body = {"userId": user_id, "userName": name}
         if token:
             body["token"] = token
+        elif user_id in self.keys:
+            body["accountKey"] = self.keys[user_id]
         data = await self.ok("/login", body)
         user = User(
             user_id,

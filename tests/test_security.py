@@ -329,8 +329,8 @@ async def test_route_refuses_acting_for_others(
         for path, body in calls:
             status, answer = await call(reactor, cluster.url + path, body, headers)
             assert (status, answer["code"]) == (200, "4010"), (path, headers, answer)
-    # Logging in as Alice needs a proof while she is logged in: Bob's token
-    # or none is not one.
+    # Logging in as Alice needs a proof (her key, password or token): Bob's
+    # token or none is not one.
     for headers in ({}, {"Authorization": f"Bearer {bob.client.token}"}):
         _, answer = await call(
             reactor,
@@ -338,7 +338,7 @@ async def test_route_refuses_acting_for_others(
             {"userId": a, "userName": alice.name, "token": bob.client.token},
             headers,
         )
-        assert answer["code"] == "5000", answer
+        assert answer["code"] == "9100", answer
     # Nothing happened: Alice is still connected, in her group only, Bob
     # got nothing from her, the new group does not exist.
     assert alice.client.ready and a in await cluster.online()

@@ -61,7 +61,10 @@ async def register(reactor: Any, cluster: Cluster) -> dict[str, Any]:
     name = f"u{uuid.uuid4().hex[:10]}"
     _, reply = await call(reactor, f"{cluster.url}/registerAccount", {"userName": name})
     assert reply["code"] == "9000", reply
-    return {"userId": reply["dataBody"]["userId"], "userName": name}
+    login = {"userId": reply["dataBody"]["userId"], "userName": name}
+    if "accountKey" in reply["dataBody"]:
+        login["accountKey"] = reply["dataBody"]["accountKey"]
+    return login
 
 
 async def wait_health(reactor: Any, cluster: Cluster, status: int) -> None:

@@ -20,7 +20,6 @@ from cim.interfaces import (
     Account,
     GroupExists,
     IStore,
-    NameTaken,
     NewMessage,
     NoSuchGroup,
     SessionExists,
@@ -29,7 +28,7 @@ from cim.interfaces import (
 )
 from cim.message import BROADCAST, group_conversation, inbox
 from cim.store import Retention, open_store
-from cim.store.memory import MemoryStore
+from cim.store.memory import MemoryStore, token_key
 
 #: When the test clock starts (message timestamps are realistic).
 START = 1_700_000_000.0
@@ -203,13 +202,12 @@ async def test_register_names_stored_safely(backend: Backend) -> None:
 async def test_register_password(backend: Backend) -> None:
     store = backend.store
     bob = await store.register("bob", "secret")
-    assert bob.has_password
-    assert await store.register("bob", "secret") == bob
-    assert isinstance(await failure_of(store.register("bob", "wrong")), NameTaken)
-    assert isinstance(await failure_of(store.register("bob")), NameTaken)
-    # An account without a password is returned whatever password is given.
-    carol = await store.register("carol")
-    assert await store.register("carol", "anything") == carol
+    assert bob.has_password and not bob.has_key and bob.created
+    # The existing account, unchanged, whatever is given: the caller checks.
+    for password in ("secret", "wrong", None):
+        again = await store.register("bob", password, "a-key")
+        assert again == bob and not again.created
+    assert not (await store.get_account(bob.user_id)).has_key
 
 
 @pytest_twisted.ensureDeferred
@@ -221,6 +219,64 @@ async def test_check_password(backend: Backend) -> None:
     assert await store.check_password(bob.user_id, "password") is False
     assert await store.check_password(carol.user_id, "") is False
     assert await store.check_password(bob.user_id + 100, "pässword") is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_key(backend: Backend) -> None:
+    store = backend.store
+    alice = await store.register("alice", None, "alice-key-0123456789")
+    assert alice.has_key and not alice.has_password and alice.created
+    assert await store.get_account(alice.user_id) == alice
+    assert await store.get_account_by_name("alice") == alice
+    assert await store.check_account_key(alice.user_id, "alice-key-0123456789")
+    assert not await store.check_account_key(alice.user_id, "alice-key-012345678")
+    assert not await store.check_account_key(alice.user_id, "")
+    assert not await store.check_account_key(alice.user_id + 100, "x")
+    # A password wins over a key; an account with neither has neither.
+    bob = await store.register("bob", "pw", "bob-key")
+    assert bob.has_password and not bob.has_key
+    assert not await store.check_account_key(bob.user_id, "bob-key")
+    carol = await store.register("carol")
+    assert not carol.has_key and not carol.has_password
+    assert not await store.check_account_key(carol.user_id, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_account_key_stored_as_a_hash(backend: Backend) -> None:
+    key = "the-account-key-of-dora-" + "x" * 20
+    dora = await backend.store.register("dora", None, key)
+    assert dora.has_key
+    if backend.redis is None:
+        kept = repr(backend.store._users)
+    else:
+        kept = repr(
+            await backend.redis.execute_command(
+                "HGETALL", f"{backend.prefix}user:{dora.user_id}"
+            )
+        )
+    assert key not in kept and token_key(key) in kept
+
+
+#: Names that are one account: case, surrounding whitespace, a Cyrillic
+#: look-alike, fullwidth forms, NFC and NFD spellings.
+SAME_AS_ZOE = ["ZOE", "zoe ", " zoe", "Zoe", "z\u043e\u0435", "\uff5a\uff4f\uff45"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_names_are_unique_by_their_key(backend: Backend) -> None:
+    store = backend.store
+    zoe = await store.register("zoe", None, "k")
+    for name in SAME_AS_ZOE:
+        again = await store.register(name, None, "other")
+        assert again == zoe and not again.created, name
+        assert await store.get_account_by_name(name) == zoe
+    # The display name stays as registered.
+    assert (await store.get_account(zoe.user_id)).user_name == "zoe"
+    nfc, nfd = "Zo\u00eb", "Zoe\u0308"
+    first = await store.register(nfc)
+    assert await store.register(nfd) == first
+    assert first.user_id != zoe.user_id
+    assert (await store.register("Zoey")).created
 
 
 # Sessions

@@ -40,6 +40,7 @@ from cim.client.connection import ClientProtocol
 from cim.client.cursors import CursorFile, state_path
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.inbox import Inbox
+from cim.client.keys import AccountKeys
 from cim.client.listeners import (
     Ack,
     ClientListener,
@@ -113,8 +114,9 @@ class Client:
             with a persistent pool (closed by L{close}).
         @param listener: receives messages and events (see
             L{IClientListener}); none by default.
-        @param state_dir: where the cursor file is kept; C{None} keeps the
-            cursors in memory only.
+        @param state_dir: where the cursor files and the account keys
+            (L{cim.client.keys}) are kept; C{None} keeps them in memory
+            only.
         @param ack_delay: receive acknowledgements are coalesced: at most
             one ACK frame per this many seconds.
         @param backoff_base: the first reconnect delay, doubled after each
@@ -130,6 +132,8 @@ class Client:
         if http is None:
             http, self._pool = http_client(reactor, per_host=2)
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
+        self._keys = AccountKeys(self.state_dir)
+        self._account_key = ""
         self._events = ListenerGuard(listener)
         self._inbox = Inbox(
             reactor,
@@ -223,18 +227,59 @@ class Client:
 
     # Public API
 
-    async def register(self, user_name: str, password: str | None = None) -> User:
+    async def register(
+        self,
+        user_name: str,
+        password: str | None = None,
+        account_key: str | None = None,
+    ) -> User:
         """
         Create the account C{user_name}, or get the id of the existing one
-        (whose password, if it has one, must match).
+        by proving it is ours: its password, or its account key
+        (C{account_key}, else the one kept in the state folder).
 
-        @raise RouteError: the route refused (C{4090}: the name is taken
-            with another password).
+        A new account without a password comes with an account key, its
+        credential: it is kept in the state folder (and in memory), by
+        route URL and account, and used by every later login.
+
+        @raise RouteError: the route refused (C{4090}: the name is taken,
+            and neither a password nor a key of ours proves it is ours).
         """
-        return await self.route.register(user_name, password)
+        if account_key is None:
+            held = self._keys.get(self.route.url, user_name)
+            account_key = held.key if held is not None else ""
+        account = await self.route.register(user_name, password, account_key)
+        if account.account_key:
+            self._keep_key(account.user_name, account.user_id, account.account_key)
+        return account
+
+    def _keep_key(self, user_name: str, user_id: int, key: str) -> None:
+        try:
+            self._keys.put(self.route.url, user_name, user_id, key)
+        except OSError as e:
+            self.log.error(
+                "Cannot save the account key of {user_name} in {path}: {e}; "
+                "without it this account cannot log in after this run",
+                user_name=user_name,
+                path=str(self._keys.path),
+                e=e,
+            )
+
+    @property
+    def account_key(self) -> str:
+        """
+        The account key of the account logged in (or being logged in), or
+        C{""} when it has none here.  Whoever holds it can log in as this
+        account: keep it secret.
+        """
+        return self._account_key
 
     async def login(
-        self, user_name: str, password: str | None = None, user_id: int | None = None
+        self,
+        user_name: str,
+        password: str | None = None,
+        user_id: int | None = None,
+        account_key: str | None = None,
     ) -> None:
         """
         Log in and connect: register C{user_name} unless C{user_id} is given
@@ -242,18 +287,27 @@ class Client:
         from the route, connect there and log in.  Returns once the client
         is L{ClientState.READY}; from then on it reconnects by itself.
 
+        The account's credential is C{password}, or its account key:
+        C{account_key}, else the one kept in the state folder for this
+        route and name, else the one the route gives when C{register}
+        creates the account (then kept there).
+
         @raise LoginError: the route or the server refused (C{4090}: the
-            name is taken with another password; C{9100}: wrong id, name or
-            password; C{5000}: logged in elsewhere), or could not be reached
-            (one attempt only: the caller decides whether to retry).
+            name is taken, and not proven ours; C{9100}: wrong id, name,
+            password or key; C{5000}: logged in elsewhere; C{6000}: too
+            many failed attempts), or could not be reached (one attempt
+            only: the caller decides whether to retry).
         """
         if self._session.closed:
             raise ClientClosed("the client is closed")
         if self.state not in (ClientState.IDLE, ClientState.FAILED):
             raise LoginError("", f"already {self.state.value}")
+        if account_key is None:
+            held = self._keys.get(self.route.url, user_name)
+            account_key = held.key if held is not None else ""
         if user_id is None:
             try:
-                account = await self.register(user_name, password)
+                account = await self.register(user_name, password, account_key)
             except RouteError as e:
                 raise LoginError(e.code, e.message) from None
             except CancelledError:
@@ -261,10 +315,17 @@ class Client:
             except Exception as e:
                 raise LoginError("", f"cannot reach the route: {e}") from e
             user_id = account.user_id
+            account_key = account.account_key or account_key
+        elif account_key:
+            # A key given here for an id is worth keeping for the next run.
+            held = self._keys.get(self.route.url, user_name)
+            if held is None or held.key != account_key:
+                self._keep_key(user_name, user_id, account_key)
+        self._account_key = account_key
         # The cursors (and last token) of this user, from its file.
         path = state_path(self.state_dir, user_id) if self.state_dir else None
         self._inbox.open(user_id, path)
-        await self._session.start(user_id, user_name, password)
+        await self._session.start(user_id, user_name, password, account_key)
 
     def send_private(self, receive_user_id: int, text: str) -> Deferred[Ack]:
         """

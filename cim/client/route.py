@@ -6,7 +6,7 @@ login, online users, groups, history and CIM-style broadcasts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from treq.client import HTTPClient
@@ -38,10 +38,14 @@ class RouteError(Exception):
 class User:
     """
     An account, as the route lists it.
+
+    @ivar account_key: the account key, when the route just created the
+        account without a password (its only credential: keep it).
     """
 
     user_id: int
     user_name: str
+    account_key: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,30 +132,51 @@ class RouteClient:
             raise RouteError(code, str(answer.get("message") or "error"))
         return answer.get("dataBody")
 
-    async def register(self, user_name: str, password: str | None = None) -> User:
+    async def register(
+        self, user_name: str, password: str | None = None, account_key: str = ""
+    ) -> User:
         """
-        Create the account C{user_name} (or get the existing one's id).
+        Create the account C{user_name}, or get the existing one's id by
+        proving it is ours (its password, or C{account_key}).
+
+        @return: the account; its C{account_key} is set when the route
+            created it without a password.
         """
         body: dict[str, Any] = {"userName": user_name}
         if password:
             body["password"] = password
+        if account_key:
+            body["accountKey"] = account_key
         data = await self.call("/registerAccount", body)
-        return User(int(data["userId"]), str(data["userName"]))
+        return User(
+            int(data["userId"]),
+            str(data["userName"]),
+            str(data.get("accountKey") or ""),
+        )
 
     async def login(
-        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None = None,
+        token: str = "",
+        account_key: str = "",
     ) -> LoginInfo:
         """
         Log in: the route picks an IM server and issues a token for it.
 
         @param token: an earlier token of this user, the proof that lets this
             login replace the user's current session.
+        @param account_key: the account's key (its credential when it has
+            no password).
         """
         body: dict[str, Any] = {"userId": user_id, "userName": user_name}
         if password:
             body["password"] = password
         if token:
             body["token"] = token
+        if account_key:
+            body["accountKey"] = account_key
         data = await self.call("/login", body)
         return LoginInfo(
             host=str(data["ip"]),

@@ -74,7 +74,12 @@ class Router(Protocol):
     """
 
     async def login(
-        self, user_id: int, user_name: str, password: str | None = None, token: str = ""
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None = None,
+        token: str = "",
+        account_key: str = "",
     ) -> LoginInfo: ...
 
 
@@ -128,6 +133,7 @@ class Session:
         self.protocol: ClientProtocol | None = None
         self.closed = False
         self._password: str | None = None
+        self._account_key = ""
         self._login_waiter: Deferred[Frame] | None = None
         self._loop: Deferred[None] | None = None
         self._replaced = False
@@ -159,9 +165,16 @@ class Session:
         )
         self.events.state_changed(state, reason)
 
-    async def start(self, user_id: int, user_name: str, password: str | None) -> None:
+    async def start(
+        self,
+        user_id: int,
+        user_name: str,
+        password: str | None,
+        account_key: str = "",
+    ) -> None:
         """
-        Log in as C{user_id}; from then on, reconnect by itself.
+        Log in as C{user_id} (with C{password} or C{account_key}, whichever
+        the account has); from then on, reconnect by itself.
 
         @raise LoginError: the route or the server refused, or could not be
             reached; the state is then L{ClientState.FAILED}.
@@ -169,6 +182,7 @@ class Session:
         self.user_id = user_id
         self.user_name = user_name
         self._password = password
+        self._account_key = account_key
         self._replaced = False
         try:
             await self._attempt()
@@ -219,7 +233,11 @@ class Session:
         self.set_state(ClientState.CONNECTING)
         try:
             info = await self.route.login(
-                self.user_id, self.user_name, self._password, self.token
+                self.user_id,
+                self.user_name,
+                self._password,
+                self.token,
+                account_key=self._account_key,
             )
         except RouteError as e:
             raise LoginError(e.code, e.message) from None

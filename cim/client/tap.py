@@ -39,6 +39,10 @@ def _user_id(text: str) -> int:
     return value
 
 
+#: twistd's pid file when none is named.
+DEFAULT_PIDFILE = "twistd.pid"
+
+
 class Options(usage.Options):
     """
     The options of C{twistd -n cim-client}.
@@ -68,11 +72,21 @@ class Options(usage.Options):
             _user_id,
         ],
         ["history-dir", None, "~/.cim/history", "Where the chat history is kept."],
-        ["state-dir", None, "~/.cim/state", "Where the receive cursors are kept."],
+        [
+            "state-dir",
+            None,
+            "~/.cim/state",
+            "Where the receive cursors and account keys are kept.",
+        ],
         ["logfile", None, "~/.cim/cim-client.log", "The client's log file."],
     ]
 
     def postOptions(self) -> None:
+        # A console is started once per user, often several from one
+        # folder: it never writes twistd's pid file (unless asked to).
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("pidfile") == DEFAULT_PIDFILE:
+            parent["pidfile"] = ""
         if not self["user"]:
             raise usage.UsageError("--user is required")
         if not self["route"].startswith(("http://", "https://")):

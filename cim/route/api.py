@@ -30,7 +30,7 @@ from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pushapi import SECRET_HEADER
 from cim.route.balancer import Balancer
-from cim.route.fields import REQUESTS, Limits, bad, type_name
+from cim.route.fields import MAX_DEPTH, REQUESTS, Limits, bad, check_json, type_name
 from cim.route.logic import Credentials, Probe, Router
 from cim.route.openapi import openapi_document
 
@@ -48,6 +48,15 @@ class _Call:
 
     started: float
     req_no: Any = None
+
+
+def _address(request: IRequest) -> str | None:
+    """
+    The client's address (the guessing limits count per address), or
+    C{None} when the transport has none (a UNIX socket, a test).
+    """
+    host = getattr(request.getClientAddress(), "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
@@ -70,6 +79,8 @@ class RouteAPI:
         is sent there (see L{cim.route.service.tcp_probe}).
     @param max_message: the longest chat text, in characters.
     @param max_body: the largest request body, in bytes.
+    @param login_rate: failed logins and registrations a minute allowed per
+        account; C{address_rate}: per client address (L{cim.route.throttle}).
     Other parameters: see L{Router}.
     """
 
@@ -92,6 +103,8 @@ class RouteAPI:
         legacy_auth: bool = False,
         max_message: int = 4096,
         max_body: int = MAX_BODY,
+        login_rate: float = 10.0,
+        address_rate: float = 60.0,
     ) -> None:
         self.router = Router(
             store,
@@ -104,6 +117,9 @@ class RouteAPI:
             token_ttl=token_ttl,
             require_password=require_password,
             legacy_auth=legacy_auth,
+            clock=clock,
+            login_rate=login_rate,
+            address_rate=address_rate,
         )
         self.registry = registry
         self.clock = clock
@@ -156,8 +172,11 @@ class RouteAPI:
             body = json.loads(raw)
         except ValueError as e:
             raise bad(f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise bad(f"the JSON is nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(body, dict):
             raise bad(f"the body must be a JSON object, not {type_name(body)}")
+        check_json(body)
         self._calls[request].req_no = body.get("reqNo")
         return body
 
@@ -273,10 +292,15 @@ class RouteAPI:
     @app.route("/registerAccount", methods=["POST"])
     async def register_account(self, request: IRequest) -> bytes:
         v = self._parse(request)
-        account = await self.router.register(v["userName"], v["password"])
-        return self._ok(
-            request, {"userId": account.user_id, "userName": account.user_name}
+        account, new_key = await self.router.register(
+            v["userName"], v["password"], v["accountKey"], _address(request)
         )
+        data = {"userId": account.user_id, "userName": account.user_name}
+        # The new account's key goes to cim's clients only (CIM's decode
+        # exactly {userId, userName}, and could not use it anyway).
+        if new_key is not None and self._extended(request):
+            data["accountKey"] = new_key
+        return self._ok(request, data)
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
@@ -287,6 +311,8 @@ class RouteAPI:
             v["password"],
             v["token"],
             self._credentials(request),
+            v["accountKey"],
+            _address(request),
         )
         self.m_logins.inc()
         server = {

@@ -26,6 +26,7 @@ from cim.limits import (
     MAX_USER_ID,
     is_group_id,
 )
+from cim.names import NAME_RULE, BadName, check_name
 
 Schema = dict[str, Any]
 Body = Mapping[str, Any]
@@ -38,8 +39,55 @@ MAX_TOKEN = 1024
 MAX_CONVERSATION = 80
 
 
+#: How deeply a request body's JSON may nest (the declared fields need 2).
+MAX_DEPTH = 32
+
+
 def bad(message: str) -> ApiError:
     return ApiError(codes.INVALID_ARGUMENT, message)
+
+
+def _encodable(text: str) -> bool:
+    """
+    Whether C{text} is valid Unicode (JSON's C{"\\ud800"} escapes decode
+    to lone surrogates, which no store or wire can carry).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_SURROGATE = "a lone surrogate (an unpaired \\ud800-\\udfff escape): not text"
+
+
+def check_json(body: dict[str, Any]) -> None:
+    """
+    Check a whole request body, declared fields or not (C{reqNo} is echoed):
+    at most L{MAX_DEPTH} levels of nesting, and no lone surrogate in any
+    string or key.
+
+    @raise ApiError: 3000, naming the top-level field.
+    """
+    pending: list[tuple[str, Any, int]] = [("", body, 1)]
+    while pending:
+        where, value, depth = pending.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                raise bad(f"{where or 'a field name'} holds {_SURROGATE}")
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_DEPTH:
+            raise bad(f"{where} is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    raise bad(f"{where or 'a field name'} holds {_SURROGATE}")
+                pending.append((where or key, item, depth + 1))
+        else:
+            pending.extend((where, item, depth + 1) for item in value)
 
 
 def type_name(value: object) -> str:
@@ -160,6 +208,37 @@ class Text(Field):
         if self.description:
             schema["description"] = self.description
         return {self.name: schema}
+
+
+@dataclass(frozen=True, slots=True)
+class UserName(Field):
+    """
+    A user name: 1 to L{MAX_NAME} characters, by the rule of
+    L{cim.names.check_name}.
+    """
+
+    name: str = "userName"
+    required: bool = True
+
+    def parse(self, body: Body, limits: Limits) -> str:
+        user_name = Text(self.name, MAX_NAME).parse(body, limits)
+        assert user_name is not None
+        try:
+            return check_name(user_name)
+        except BadName as e:
+            raise bad(f"{self.name} {e}") from None
+
+    def properties(self, limits: Limits) -> dict[str, Schema]:
+        return {
+            self.name: {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_NAME,
+                "description": f"A user name: {NAME_RULE}.  Names are one "
+                "account when equal after NFKC, case folding and Unicode's "
+                "confusable skeleton.",
+            }
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,17 +449,27 @@ def _request(*fields: Field) -> Request:
 
 
 _GROUP = _request(UserId(), GroupId())
+_ACCOUNT_KEY = Text(
+    "accountKey",
+    MAX_TOKEN,
+    required=False,
+    description="The account key /registerAccount gave the client that created "
+    "the account (a proof of ownership, like the password).",
+)
 
 #: Every endpoint's request body, by path.
 REQUESTS: dict[str, Request] = {
     "/registerAccount": _request(
-        Text("userName", MAX_NAME), Text("password", MAX_PASSWORD, required=False)
+        UserName(),
+        Text("password", MAX_PASSWORD, required=False),
+        _ACCOUNT_KEY,
     ),
     "/login": _request(
         UserId(),
-        Text("userName", MAX_NAME),
+        UserName(),
         Text("password", MAX_PASSWORD, required=False),
         Text("token", MAX_TOKEN, required=False),
+        _ACCOUNT_KEY,
     ),
     "/groupRoute": _request(UserId(), Message()),
     "/p2pRoute": _request(UserId(), UserId("receiveUserId"), Texts(), ClientMsgId()),

@@ -7,12 +7,14 @@ L{Router}; every business outcome other than success is an L{ApiError}.
 from __future__ import annotations
 
 import hmac
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cachetools import LRUCache
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,7 +27,6 @@ from cim.interfaces import (
     IRegistry,
     IServerControl,
     IStore,
-    NameTaken,
     NewMessage,
     NoSuchGroup,
     ServerAddress,
@@ -40,7 +41,9 @@ from cim.message import (
     group_conversation,
     inbox,
 )
+from cim.names import name_key
 from cim.route.balancer import Balancer
+from cim.route.throttle import GuessLimit
 
 #: How many accounts the route keeps in memory for existence checks.
 ACCOUNT_CACHE_SIZE = 100_000
@@ -87,7 +90,13 @@ class Router:
     @param token_ttl: how long a login token lives, in seconds.
     @param require_password: refuse registrations without a password.
     @param legacy_auth: let the CIM endpoints act for a user without
-        credentials, as CIM clients send none.
+        credentials, as CIM clients send none, and let anyone log in as (and
+        learn the id of) an account without a password, as CIM does.
+    @param clock: the clock of the guessing limits; none without one.
+    @param login_rate: failed logins or registrations a minute allowed per
+        account (L{GuessLimit}).
+    @param address_rate: failed logins or registrations a minute allowed per
+        client address.
     """
 
     log = Logger()
@@ -105,8 +114,14 @@ class Router:
         token_ttl: float = 86400.0,
         require_password: bool = False,
         legacy_auth: bool = False,
+        clock: IReactorTime | None = None,
+        login_rate: float = 10.0,
+        address_rate: float = 60.0,
     ) -> None:
         self.store = store
+        self.guesses = (
+            None if clock is None else GuessLimit(clock, login_rate, address_rate)
+        )
         #: Accounts seen, by id: they are never deleted, and their names
         #: never change, so existence checks need not ask the store twice.
         self._accounts: LRUCache[int, Account] = LRUCache(ACCOUNT_CACHE_SIZE)
@@ -180,25 +195,80 @@ class Router:
 
     # Accounts and sessions
 
-    async def register(self, user_name: str, password: str | None) -> Account:
+    async def register(
+        self,
+        user_name: str,
+        password: str | None,
+        account_key: str | None = None,
+        address: str | None = None,
+    ) -> tuple[Account, str | None]:
         """
-        Create an account, or return the existing one of that name when the
-        password matches it (or it has none).
+        Create an account, or return the existing one of that name (by
+        L{cim.names.name_key}) when the request proves it owns it: its
+        password, or its account key.  With C{--legacy-auth}, an existing
+        account without a password is returned to anyone (CIM's open
+        behaviour).
 
+        An account created without a password gets a new random account key,
+        the credential its client logs in with; the store keeps its hash.
+
+        @param account_key: the key the client holds for this name (proof).
+        @param address: the client's address, for the guessing limit.
+        @return: the account, and the new account key when this call created
+            the account without a password (else C{None}).
         @raise ApiError: L{codes.INVALID_ARGUMENT} without a password under
             C{--require-password}; L{codes.CONFLICT} when the name is taken
-            with another password.
+            and not proven; L{codes.RATE_LIMITED}.
         """
         if password is None and self.require_password:
             raise ApiError(codes.INVALID_ARGUMENT, "password is required")
-        try:
-            account: Account = await self.store.register(user_name, password)
-        except NameTaken:
-            raise ApiError(
-                codes.CONFLICT,
-                f"the user name {user_name!r} is taken (or the password is wrong)",
-            ) from None
-        return account
+        subject = ("name", name_key(user_name))
+        self._check_rate(
+            subject, address, guessable=not account_key or password is not None
+        )
+        new_key = None if password is not None else secrets.token_urlsafe(32)
+        account: Account = await self.store.register(user_name, password, new_key)
+        if account.created:
+            self.log.info(
+                "Account {user_id} ({user_name}) created",
+                user_id=account.user_id,
+                user_name=account.user_name,
+            )
+            return account, new_key
+        if self.legacy_auth and not account.has_password:
+            return account, None
+        if await self._owns(account, password, account_key):
+            return account, None
+        self._failed(subject, address)
+        raise ApiError(
+            codes.CONFLICT,
+            f"the user name {user_name!r} is taken: registering it again needs "
+            "its password or its account key",
+        )
+
+    async def _owns(
+        self, account: Account, password: str | None, account_key: str | None
+    ) -> bool:
+        """
+        Whether C{password} or C{account_key} is the account's.
+        """
+        if password is not None and account.has_password:
+            if await self.store.check_password(account.user_id, password):
+                return True
+        if account_key is not None and account.has_key:
+            if await self.store.check_account_key(account.user_id, account_key):
+                return True
+        return False
+
+    def _check_rate(
+        self, subject: object, address: str | None, guessable: bool = True
+    ) -> None:
+        if self.guesses is not None:
+            self.guesses.check(subject, address, guessable)
+
+    def _failed(self, subject: object, address: str | None) -> None:
+        if self.guesses is not None:
+            self.guesses.failed(subject, address)
 
     async def login(
         self,
@@ -207,23 +277,48 @@ class Router:
         password: str | None,
         token: str | None,
         credentials: Credentials,
+        account_key: str | None = None,
+        address: str | None = None,
     ) -> Login:
         """
-        Log a user in: check the account, pick a reachable server, claim the
-        user's session there and issue a token for it.
+        Log a user in: check the account and the request's proof, pick a
+        reachable server, claim the user's session there and issue a token
+        for it.
 
-        A user who already holds a session is refused unless the request
-        proves it is that user (see L{_proof}); the old session is then
-        replaced and its server asked to drop the old connection.  Nothing
-        is left behind when a step fails.
+        The proof is the cluster secret, the account's password or account
+        key, or a valid token of the user (see L{_proof}).  Without one the
+        login is refused (L{codes.ACCOUNT_MISMATCH}) unless C{--legacy-auth}
+        is on; then (CIM's behaviour) a user who already holds a session is
+        refused with L{codes.REPEAT_LOGIN}.  A login with a proof replaces
+        the user's session (connected or only claimed: a login that never
+        connected cannot lock the owner out), and the old session's server
+        is asked to drop its connection.  Nothing is left behind when a step
+        fails.
 
+        @param address: the client's address, for the guessing limit.
         @raise ApiError: L{codes.ACCOUNT_MISMATCH}, L{codes.REPEAT_LOGIN},
-            L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}.
+            L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}, L{codes.RATE_LIMITED}.
         """
+        subject = ("user", user_id)
+        unguessable = account_key or token or credentials.token or credentials.secret
+        self._check_rate(
+            subject, address, guessable=not unguessable or password is not None
+        )
         account: Account | None = await self.store.get_account(user_id)
-        if account is None or account.user_name != user_name:
-            raise ApiError(codes.ACCOUNT_MISMATCH)
-        proof = await self._proof(account, password, token, credentials)
+        if account is None or name_key(account.user_name) != name_key(user_name):
+            self._failed(subject, address)
+            raise ApiError(
+                codes.ACCOUNT_MISMATCH,
+                f"userId {user_id} and userName {user_name!r} do not match an account",
+            )
+        try:
+            proof = await self._proof(
+                account, password, token, credentials, account_key
+            )
+        except ApiError as e:
+            if e.code == codes.ACCOUNT_MISMATCH:
+                self._failed(subject, address)
+            raise
         if not proof:
             existing: Session | None = await self.store.get_session(user_id)
             if existing is not None:
@@ -235,7 +330,7 @@ class Router:
         server = await self._pick_server(user_id)
         try:
             session, old = await self.store.claim_session(
-                user_id, user_name, str(server), ttl=CLAIM_TTL, replace=proof
+                user_id, account.user_name, str(server), ttl=CLAIM_TTL, replace=proof
             )
         except SessionExists:
             raise ApiError(codes.REPEAT_LOGIN) from None
@@ -251,7 +346,7 @@ class Router:
         self.log.info(
             "{user_id} ({user_name}) logs in on {server}",
             user_id=user_id,
-            user_name=user_name,
+            user_name=account.user_name,
             server=str(server),
         )
         return Login(account, server, issued)
@@ -262,15 +357,19 @@ class Router:
         password: str | None,
         token: str | None,
         credentials: Credentials,
+        account_key: str | None = None,
     ) -> bool:
         """
         Whether the login request proves it comes from the account's owner:
-        the cluster secret, the account's password, or a still valid token
-        of the user (in the body or the bearer header).  An account with a
-        password needs one of these to log in at all.
+        the cluster secret, the account's password or account key, or a
+        still valid token of the user (in the body or the bearer header).
 
-        @raise ApiError: L{codes.ACCOUNT_MISMATCH} for a wrong password or a
-            missing proof of an account with a password;
+        Without C{--legacy-auth} a login needs one of these; with it, only
+        an account with a password does.
+
+        @raise ApiError: L{codes.ACCOUNT_MISMATCH} for a wrong password or
+            account key, or a missing proof where one is needed (the
+            message says which credential the account takes);
             L{codes.UNAUTHORIZED} for a wrong cluster secret.
         """
         if credentials.secret is not None:
@@ -281,6 +380,10 @@ class Router:
             if await self.store.check_password(account.user_id, password):
                 return True
             raise ApiError(codes.ACCOUNT_MISMATCH, "the password is wrong")
+        if account.has_key and account_key is not None:
+            if await self.store.check_account_key(account.user_id, account_key):
+                return True
+            raise ApiError(codes.ACCOUNT_MISMATCH, "the account key is wrong")
         for candidate in (token, credentials.token):
             if candidate:
                 info = await self.store.verify_token(candidate)
@@ -291,7 +394,20 @@ class Router:
                 codes.ACCOUNT_MISMATCH,
                 "this account has a password: give it (or the current token)",
             )
-        return False
+        if self.legacy_auth:
+            return False
+        if account.has_key:
+            raise ApiError(
+                codes.ACCOUNT_MISMATCH,
+                "this account logs in with its account key (accountKey), which "
+                "the client that created it keeps in its state folder, or with "
+                "a current token of the user",
+            )
+        raise ApiError(
+            codes.ACCOUNT_MISMATCH,
+            "this account was created without any credential: only a current "
+            "token of the user or the cluster secret can log it in",
+        )
 
     async def _pick_server(self, user_id: int) -> ServerAddress:
         """

@@ -131,23 +131,31 @@ def openapi_document(max_message: int = 4096) -> Schema:
     post = {
         "/registerAccount": _operation(
             "Register an account",
-            "Creates the account, or returns the existing one of that name when "
-            "the password matches it (or it has none); 4090 otherwise.  With "
-            "--require-password a password is required (3000).",
+            "Creates the account (one without a password gets an account key, "
+            "its credential, in the extended reply), or returns the existing "
+            "one of that name (equal after NFKC, case folding and the "
+            "confusable skeleton) when the request gives its password or "
+            "accountKey; 4090 otherwise (with --legacy-auth an account without "
+            "a password is returned to anyone).  Names with control or format "
+            "characters are refused (3000).  With --require-password a "
+            "password is required (3000).  Failed attempts are limited per "
+            "name and per address (6000).",
             body("/registerAccount"),
-            user,
-            "The account.",
+            _ref("Registered"),
+            "The account, and with X-Cim-Extended the new account's key.",
             cim=True,
         ),
         "/login": _operation(
             "Log in: choose an IM server",
-            "Checks the account (9100), picks a reachable IM server with the "
-            "balancer (7100 when none), claims the user's session there and "
-            "issues a token for the TCP login.  A user already logged in gets "
-            "5000 unless the request proves it is that user (password, a valid "
-            "token in the body or the bearer header, or the secret): then the "
-            "old session is replaced and its connection closed.  An account "
-            "with a password always needs that proof.",
+            "Checks the account and the request's proof that it is the user: "
+            "its password, its accountKey, a valid token in the body or the "
+            "bearer header, or the secret (9100 without one; with "
+            "--legacy-auth an account without a password needs none, and a "
+            "user already logged in then gets 5000).  Picks a reachable IM "
+            "server with the balancer (7100 when none), claims the user's "
+            "session there, replacing (and closing) an older one, and issues "
+            "a token for the TCP login.  Failed attempts are limited per "
+            "account and per address (6000).",
             body("/login"),
             _ref("LoginResult"),
             "Where to connect (CIM's fields), and with X-Cim-Extended the "
@@ -344,6 +352,19 @@ def openapi_document(max_message: int = 4096) -> Schema:
                 ),
                 "User": _obj(
                     {"userId": {"type": "integer"}, "userName": {"type": "string"}},
+                    ["userId", "userName"],
+                ),
+                "Registered": _obj(
+                    {
+                        "userId": {"type": "integer"},
+                        "userName": {"type": "string"},
+                        "accountKey": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended, for an account "
+                            "this call created without a password: its "
+                            "credential (keep it secret).",
+                        },
+                    },
                     ["userId", "userName"],
                 ),
                 "LoginResult": _obj(

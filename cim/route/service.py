@@ -47,6 +47,8 @@ class RouteConfig:
         the HTTP port).
     @ivar shutdown_timeout: seconds the stop waits for the store and
         registry.
+    @ivar login_rate: failed logins and registrations a minute per account;
+        C{address_rate}: per client address (L{cim.route.throttle}).
     """
 
     port: int = 8083
@@ -63,6 +65,8 @@ class RouteConfig:
         default_factory=lambda: NetLimits(per_address=HTTP_PER_ADDRESS)
     )
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
+    login_rate: float = 10.0
+    address_rate: float = 60.0
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -207,6 +211,8 @@ class RouteService(AsyncStartService):
             legacy_auth=config.legacy_auth,
             max_message=config.max_message,
             max_body=config.max_body,
+            login_rate=config.login_rate,
+            address_rate=config.address_rate,
         )
         site = QuietSite(
             self.api.app.resource(),

@@ -13,6 +13,7 @@ from twisted.python import usage
 from cim.daemon import daemon_service
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.options import (
+    SECRET_PARAMETERS,
     check_registry_url,
     check_store_url,
     port_number,
@@ -51,7 +52,9 @@ class Options(usage.Options):
             "legacy-auth",
             None,
             "Let CIM clients call /p2pRoute, /groupRoute, /offLine and "
-            "/fetchOfflineMsgs without a token (anyone may then act for anyone).",
+            "/fetchOfflineMsgs without a token, log in with userId and userName "
+            "only, and learn an existing name's id from /registerAccount "
+            "(anyone may then act for anyone without a password).",
         ],
     ]
     optParameters = [
@@ -59,7 +62,7 @@ class Options(usage.Options):
         ["bind", None, "0.0.0.0", "The interface to listen on."],
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
-        ["secret", None, "", "The cluster secret (default: $CIM_SECRET)."],
+        *SECRET_PARAMETERS,
         [
             "balancer",
             None,
@@ -72,6 +75,21 @@ class Options(usage.Options):
             86400.0,
             "Lifetime of login tokens, in seconds.",
             positive_float("token-ttl"),
+        ],
+        [
+            "login-rate",
+            None,
+            10.0,
+            "Failed logins or registrations a minute allowed per account "
+            "(then 6000 until the allowance refills).",
+            positive_float("login-rate"),
+        ],
+        [
+            "address-rate",
+            None,
+            60.0,
+            "Failed logins or registrations a minute allowed per client address.",
+            positive_float("address-rate"),
         ],
         [
             "max-message",
@@ -104,6 +122,8 @@ def config_from(options: usage.Options) -> RouteConfig:
         token_ttl=options["token-ttl"],
         legacy_auth=bool(options["legacy-auth"]),
         max_message=options["max-message"],
+        login_rate=options["login-rate"],
+        address_rate=options["address-rate"],
         # A body holds a message and its JSON escapes (up to 6 bytes a
         # character), or a batch of a few.
         max_body=max(1024 * 1024, 64 * options["max-message"]),

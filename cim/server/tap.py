@@ -16,6 +16,7 @@ from cim.limits_net import (
     net_limits,
 )
 from cim.options import (
+    SECRET_PARAMETERS,
     check_registry_url,
     check_store_url,
     port_number,
@@ -58,7 +59,7 @@ class Options(usage.Options):
         ["bind", None, "0.0.0.0", "The interface both ports listen on."],
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
-        ["secret", None, "", "The cluster secret (default: $CIM_SECRET)."],
+        *SECRET_PARAMETERS,
         [
             "heartbeat-timeout",
             None,

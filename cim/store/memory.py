@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import secrets
 import uuid
 from collections import deque
@@ -28,7 +29,6 @@ from cim.interfaces import (
     Account,
     GroupExists,
     IStore,
-    NameTaken,
     NewMessage,
     NoSuchGroup,
     Session,
@@ -36,6 +36,7 @@ from cim.interfaces import (
     TokenInfo,
 )
 from cim.message import ChatMessage
+from cim.names import name_key
 from cim.passwords import check_hash, make_hash
 from cim.store import Retention
 
@@ -61,9 +62,10 @@ def _fired(f: Callable[_P, _T]) -> Callable[_P, defer.Deferred[_T]]:
 
 def token_key(token: str) -> str:
     """
-    What a store keeps instead of a token: its SHA-256, in hex.
+    What a store keeps instead of a token or an account key: its SHA-256,
+    in hex (both are random and long, so a fast hash cannot be reversed).
     """
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class _User:
     user_id: int
     user_name: str
     password_hash: str | None
+    #: The account key's SHA-256 (L{token_key}), or C{None}.
+    key_hash: str | None = None
 
 
 @dataclass(slots=True)
@@ -142,25 +146,34 @@ class MemoryStore:
     # Accounts
 
     @_fired
-    def register(self, user_name: str, password: str | None = None) -> Account:
-        user_id = self._user_ids.get(user_name)
+    def register(
+        self,
+        user_name: str,
+        password: str | None = None,
+        account_key: str | None = None,
+    ) -> Account:
+        key = name_key(user_name)
+        user_id = self._user_ids.get(key)
         if user_id is not None:
-            user = self._users[user_id]
-            if user.password_hash is not None and (
-                password is None or not check_hash(password, user.password_hash)
-            ):
-                raise NameTaken(user_name)
-            return self._account(user)
+            return self._account(self._users[user_id])
         user_id = len(self._users) + 1
         password_hash = None if password is None else make_hash(password)
-        user = _User(user_id, user_name, password_hash)
+        key_hash = None
+        if password is None and account_key is not None:
+            key_hash = token_key(account_key)
+        user = _User(user_id, user_name, password_hash, key_hash)
         self._users[user_id] = user
-        self._user_ids[user_name] = user_id
-        return self._account(user)
+        self._user_ids[key] = user_id
+        return replace(self._account(user), created=True)
 
     @staticmethod
     def _account(user: _User) -> Account:
-        return Account(user.user_id, user.user_name, user.password_hash is not None)
+        return Account(
+            user.user_id,
+            user.user_name,
+            has_password=user.password_hash is not None,
+            has_key=user.key_hash is not None,
+        )
 
     @_fired
     def get_account(self, user_id: int) -> Account | None:
@@ -169,7 +182,7 @@ class MemoryStore:
 
     @_fired
     def get_account_by_name(self, user_name: str) -> Account | None:
-        user_id = self._user_ids.get(user_name)
+        user_id = self._user_ids.get(name_key(user_name))
         return None if user_id is None else self._account(self._users[user_id])
 
     @_fired
@@ -178,6 +191,13 @@ class MemoryStore:
         if user is None or user.password_hash is None:
             return False
         return check_hash(password, user.password_hash)
+
+    @_fired
+    def check_account_key(self, user_id: int, account_key: str) -> bool:
+        user = self._users.get(user_id)
+        if user is None or user.key_hash is None:
+            return False
+        return hmac.compare_digest(token_key(account_key), user.key_hash)
 
     # Sessions
 

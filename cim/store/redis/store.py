@@ -4,12 +4,16 @@ L{cim.store.redis.connection} imports); L{connect_redis} opens one from a
 URL.
 
 Key layout (every key starts with the store's prefix C{P}, C{"cim:"} by
-default; user names are only ever hash fields and values, never key names)::
+default; user names and their keys are only ever hash fields and values,
+never key names)::
 
     P user:next                    string  INCR counter of user ids
-    P user:byname                  hash    user name -> user id
-    P user:<user_id>               hash    name, pw (scrypt string; absent
-                                           when the account has no password)
+    P user:bykey                   hash    name key (cim.names.name_key:
+                                           NFKC, case-folded, confusable
+                                           skeleton) -> user id
+    P user:<user_id>               hash    name (as registered), pw (scrypt
+                                           string) or key (SHA-256 of the
+                                           account key, hex), or neither
     P session:<user_id>            hash    name, server, session_id,
                                            connected ("0"/"1"); PEXPIRE'd
                                            until connected
@@ -57,6 +61,7 @@ L{cim.store.redis.connection.open_pool} does.
 from __future__ import annotations
 
 import functools
+import hmac
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -71,7 +76,6 @@ from cim.interfaces import (
     Account,
     GroupExists,
     IStore,
-    NameTaken,
     NewMessage,
     NoSuchGroup,
     Session,
@@ -80,6 +84,7 @@ from cim.interfaces import (
     TokenInfo,
 )
 from cim.message import ChatMessage
+from cim.names import name_key
 from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
 from cim.store.memory import token_key
@@ -229,52 +234,60 @@ class RedisStore:
 
     # Accounts
 
-    @_deferred
-    async def register(self, user_name: str, password: str | None = None) -> Account:
-        found = await self._run(
+    def _by_key(self, user_name: str) -> Awaitable[Any]:
+        """
+        The account of C{user_name}'s name key: C{None}, or C{[user_id,
+        name, has password, has key]}.
+        """
+        return self._run(
             scripts.ACCOUNT_BY_NAME,
-            [self._key("user", "byname")],
-            [user_name, self.prefix],
+            [self._key("user", "bykey")],
+            [name_key(user_name), self.prefix],
         )
-        if found is None:
-            stored = ""
-            if password is not None:
-                stored = await hash_password(password, self._threads)
-            created, user_id, stored = await self._run(
-                scripts.REGISTER,
-                [self._key("user", "byname"), self._key("user", "next")],
-                [user_name, "0" if password is None else "1", stored, self.prefix],
-            )
-            if int(created):
-                return Account(int(user_id), user_name, bool(stored))
-        else:
-            user_id, stored = found
-        if stored and (
-            password is None
-            or not await verify_password(password, stored, self._threads)
-        ):
-            raise NameTaken(user_name)
-        return Account(int(user_id), user_name, bool(stored))
+
+    @staticmethod
+    def _account(
+        user_id: Any, name: str, has_pw: Any, has_key: Any, created: bool = False
+    ) -> Account:
+        return Account(
+            int(user_id), name, bool(int(has_pw)), bool(int(has_key)), created
+        )
+
+    @_deferred
+    async def register(
+        self,
+        user_name: str,
+        password: str | None = None,
+        account_key: str | None = None,
+    ) -> Account:
+        found = await self._by_key(user_name)
+        if found is not None:
+            return self._account(*found)
+        stored = digest = ""
+        if password is not None:
+            stored = await hash_password(password, self._threads)
+        elif account_key is not None:
+            digest = token_key(account_key)
+        created, user_id, name, has_pw, has_key = await self._run(
+            scripts.REGISTER,
+            [self._key("user", "bykey"), self._key("user", "next")],
+            [name_key(user_name), user_name, stored, digest, self.prefix],
+        )
+        return self._account(user_id, name, has_pw, has_key, bool(int(created)))
 
     @_deferred
     async def get_account(self, user_id: int) -> Account | None:
-        name, stored = await self._command(
-            "HMGET", self._key("user", user_id), "name", "pw"
+        name, stored, key = await self._command(
+            "HMGET", self._key("user", user_id), "name", "pw", "key"
         )
         if name is None:
             return None
-        return Account(user_id, name, stored is not None)
+        return Account(user_id, name, stored is not None, key is not None)
 
     @_deferred
     async def get_account_by_name(self, user_name: str) -> Account | None:
-        found = await self._run(
-            scripts.ACCOUNT_BY_NAME,
-            [self._key("user", "byname")],
-            [user_name, self.prefix],
-        )
-        if found is None:
-            return None
-        return Account(int(found[0]), user_name, bool(found[1]))
+        found = await self._by_key(user_name)
+        return None if found is None else self._account(*found)
 
     @_deferred
     async def check_password(self, user_id: int, password: str) -> bool:
@@ -282,6 +295,13 @@ class RedisStore:
         if not stored:
             return False
         return bool(await verify_password(password, stored, self._threads))
+
+    @_deferred
+    async def check_account_key(self, user_id: int, account_key: str) -> bool:
+        stored = await self._command("HGET", self._key("user", user_id), "key")
+        if not stored:
+            return False
+        return hmac.compare_digest(token_key(account_key), stored)
 
     # Sessions
 

@@ -1,16 +1,24 @@
--- KEYS: byname, user counter.  ARGV: name, has password, hash, prefix.
--- Returns {created (0/1), user_id, password hash or ''}.
+-- KEYS: bykey, user counter.
+-- ARGV: name key, name, password hash or '', account key digest or '', prefix.
+-- Creates the account unless its name key is taken.
+-- Returns {created (0/1), user_id, name, has password (0/1), has key (0/1)}
+-- (of the existing account when not created).
 
 local id = redis.call('HGET', KEYS[1], ARGV[1])
 if id then
-  return {0, id, redis.call('HGET', ARGV[4] .. 'user:' .. id, 'pw') or ''}
+  local f = redis.call('HMGET', ARGV[5] .. 'user:' .. id, 'name', 'pw', 'key')
+  return {0, id, f[1] or '', f[2] and 1 or 0, f[3] and 1 or 0}
 end
 id = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], id)
-local user = ARGV[4] .. 'user:' .. id
-redis.call('HSET', user, 'name', ARGV[1])
-if ARGV[2] == '1' then
+local user = ARGV[5] .. 'user:' .. id
+redis.call('HSET', user, 'name', ARGV[2])
+local has_pw, has_key = 0, 0
+if ARGV[3] ~= '' then
   redis.call('HSET', user, 'pw', ARGV[3])
-  return {1, id, ARGV[3]}
+  has_pw = 1
+elseif ARGV[4] ~= '' then
+  redis.call('HSET', user, 'key', ARGV[4])
+  has_key = 1
 end
-return {1, id, ''}
+return {1, id, ARGV[2], has_pw, has_key}
