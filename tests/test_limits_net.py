@@ -44,7 +44,7 @@ SECRET = ["--secret", "x" * 16]
 def test_defaults() -> None:
     server = server_tap.config_from(_parse(server_tap.Options(), []))
     assert server.limits.per_address == CLIENT_PER_ADDRESS == 200
-    assert server.limits.http_per_address == HTTP_PER_ADDRESS == 100
+    assert server.limits.http_per_address == HTTP_PER_ADDRESS == 256
     assert server.limits.request_timeout == 30.0
     assert server.limits.max_connections == default_max_connections() <= 19_000
     assert server.shutdown_timeout == 5.0
