@@ -1,7 +1,8 @@
 """
 What the three daemons' services and taps share: an asynchronous start-up
-whose failure is reported (twistd ignores what C{startService} returns), and
-the C{makeService} wiring of a store and a registry from options.
+whose failure is reported (twistd ignores what C{startService} returns), a
+stop that ends within a deadline whatever the backends do (L{StopDeadline}),
+and the C{makeService} wiring of a store and a registry from options.
 """
 
 from __future__ import annotations
@@ -16,9 +17,86 @@ from twisted.internet.defer import (
     ensureDeferred,
     maybeDeferred,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+
+from cim.limits_net import SHUTDOWN_TIMEOUT
+
+#: The least time a stop step is given, even past the deadline (a step that
+#: is done at once, like closing a pool already closed, still gets done).
+MIN_STEP = 0.05
+#: How long past its deadline a whole stop sequence may run before the
+#: service gives up waiting for it.
+STOP_GRACE = 1.0
+
+_LATE = object()
+
+
+class StopDeadline:
+    """
+    The deadline of one stop sequence: each L{step} is waited for until the
+    deadline at most.  A step still running then is logged and left to
+    finish on its own (it is not cancelled: not every backend cancels
+    cleanly), and the sequence goes on, so that the daemon exits in time
+    whatever its store or registry do.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, seconds: float, what: str) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.what = what
+        self.end = clock.seconds() + seconds
+
+    async def step(self, name: str, f: Callable[[], Any]) -> Any:
+        """
+        Run C{f} (which may return a Deferred or a coroutine) and wait for
+        it until the deadline.  A failure is logged, not raised.
+
+        @return: its result, or C{None} if it failed or was late.
+        """
+        left = max(MIN_STEP, self.end - self.clock.seconds())
+        d = maybeDeferred(f)
+        done: Deferred[Any] = Deferred()
+
+        def late() -> None:
+            if not done.called:
+                done.callback(_LATE)
+
+        timer = self.clock.callLater(left, late)
+
+        def finished(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(result)
+            elif isinstance(result, Failure):
+                self.log.failure(
+                    "{what}: {step} failed after the deadline",
+                    result,
+                    what=self.what,
+                    step=name,
+                )
+
+        d.addBoth(finished)
+        try:
+            result = await done
+        except Exception:
+            self.log.failure("{what}: {step} failed", what=self.what, step=name)
+            return None
+        if result is _LATE:
+            self.log.warn(
+                "{what}: {step} did not finish within the shutdown timeout "
+                "({timeout:g}s); going on without it",
+                what=self.what,
+                step=name,
+                timeout=self.seconds,
+            )
+            return None
+        return result
 
 
 class AsyncStartService(Service):
@@ -29,12 +107,22 @@ class AsyncStartService(Service):
     If start-up fails, the failure is logged, L{ready} fails and
     C{on_failure} is called (the taps stop the reactor then).
 
+    Stopping gives L{_stop} C{shutdown_timeout} seconds: its steps run
+    through L{deadline} (a L{StopDeadline}), and L{stopService}'s Deferred
+    fires at most L{STOP_GRACE} seconds after the deadline, whatever
+    L{_stop} still waits for.
+
     @ivar ready: fires with the service once L{_start} finished.
+    @ivar reactor: the clock of the deadline (set by subclasses).
     """
 
     log = Logger()
     #: What the service is, for log messages.
     what = "the service"
+    reactor: Any = None
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
+    #: The deadline of the stop under way (or of none yet: unbounded).
+    deadline: StopDeadline | None = None
 
     def __init__(self, on_failure: Callable[[], object] | None = None) -> None:
         self.on_failure = on_failure
@@ -70,7 +158,25 @@ class AsyncStartService(Service):
         super().stopService()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
-        return ensureDeferred(self._stop())
+        if self.reactor is None:
+            return ensureDeferred(self._stop())
+        self.deadline = StopDeadline(self.reactor, self.shutdown_timeout, self.what)
+        whole = StopDeadline(
+            self.reactor, self.shutdown_timeout + STOP_GRACE, self.what
+        )
+        return ensureDeferred(whole.step("stopping", self._stop))
+
+    async def _step(self, name: str, f: Callable[[], Any]) -> Any:
+        """
+        One step of L{_stop}, within the L{deadline} if there is one.
+        """
+        if self.deadline is None:
+            try:
+                return await maybeDeferred(f)
+            except Exception:
+                self.log.failure("{what}: {step} failed", what=self.what, step=name)
+                return None
+        return await self.deadline.step(name, f)
 
 
 def daemon_service(
@@ -87,13 +193,28 @@ def daemon_service(
     from cim.registry import open_registry
     from cim.store import open_store
 
+    def store() -> Deferred[Any]:
+        d = maybeDeferred(open_store, options["store"], reactor)
+        return d.addCallback(with_store_timeout, options.get("store-timeout"))
+
     return service(
         reactor,
         config,
-        lambda: maybeDeferred(open_store, options["store"], reactor),
+        store,
         open_registry(options["registry"], reactor),
         on_failure=reactor_stopper(reactor),
     )
+
+
+def with_store_timeout(store: Any, timeout: float | None) -> Any:
+    """
+    Give C{store} the per-call time-out C{timeout} (C{--store-timeout}),
+    if it has one (the Redis store; the memory store never waits).
+    @return: C{store}.
+    """
+    if timeout is not None and hasattr(store, "timeout"):
+        store.timeout = timeout
+    return store
 
 
 def reactor_stopper(reactor: Any) -> Callable[[], None]:

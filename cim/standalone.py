@@ -14,9 +14,17 @@ from twisted.application.service import IService
 from twisted.internet.defer import succeed
 from twisted.python import usage
 
-from cim.daemon import AsyncStartService, reactor_stopper
+from cim.daemon import AsyncStartService, reactor_stopper, with_store_timeout
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IStore
+from cim.limits_net import (
+    CLIENT_PER_ADDRESS,
+    HTTP_PER_ADDRESS,
+    ConnectionLimits,
+    NetLimits,
+    daemon_options,
+    net_limits,
+)
 from cim.options import (
     SECRET_PARAMETERS,
     check_registry_url,
@@ -53,6 +61,7 @@ class Options(usage.Options):
         ["store", None, "memory:", "memory: or redis://host:port/db"],
         ["registry", None, "local:", "local: or zk://host:port/root"],
         *SECRET_PARAMETERS,
+        *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
     ]
 
     def postOptions(self) -> None:
@@ -67,7 +76,9 @@ class Options(usage.Options):
 class StandaloneService(AsyncStartService):
     """
     Start the IM server, then the route with the server as its local
-    delivery target (no HTTP hop between them); stop in the reverse order.
+    delivery target (no HTTP hop between them); stop in the reverse order,
+    within one shutdown deadline.  Both count their connections together
+    (C{--max-connections} is the process's).
     """
 
     what = "cim-standalone"
@@ -76,6 +87,7 @@ class StandaloneService(AsyncStartService):
         super().__init__(on_failure)
         self.reactor = reactor
         self.options = options
+        self.shutdown_timeout = options["shutdown-timeout"]
         self.server: IMServerService | None = None
         self.route: RouteService | None = None
         self.store: IStore | None = None
@@ -85,8 +97,12 @@ class StandaloneService(AsyncStartService):
         from cim.store import open_store
 
         o = self.options
+        limits = net_limits(o)
+        connections = ConnectionLimits(limits.max_connections)
         # One store for both; this service closes it, after both stopped.
-        self.store = store = await open_store(o["store"], self.reactor)
+        self.store = store = with_store_timeout(
+            await open_store(o["store"], self.reactor), o["store-timeout"]
+        )
         self.server = IMServerService(
             self.reactor,
             ServerConfig(
@@ -97,10 +113,13 @@ class StandaloneService(AsyncStartService):
                 secret=o["secret"],
                 max_frame=DEFAULT_MAX_FRAME,
                 legacy_login=bool(o["legacy-login"]),
+                limits=limits,
+                shutdown_timeout=self.shutdown_timeout,
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
             own_store=False,
+            connections=connections,
         )
         self.server.startService()
         await self.server.ready
@@ -111,11 +130,18 @@ class StandaloneService(AsyncStartService):
                 bind=o["bind"],
                 secret=o["secret"],
                 legacy_auth=bool(o["legacy-auth"]),
+                limits=NetLimits(
+                    max_connections=limits.max_connections,
+                    per_address=limits.http_per_address,
+                    request_timeout=limits.request_timeout,
+                ),
+                shutdown_timeout=self.shutdown_timeout,
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
             local=self.server.server,
             own_store=False,
+            connections=connections,
         )
         self.route.startService()
         await self.route.ready
@@ -128,13 +154,14 @@ class StandaloneService(AsyncStartService):
         )
 
     async def _stop(self) -> None:
+        # Each part within this service's deadline (see AsyncStartService).
         if self.route is not None and self.route.running:
-            await self.route.stopService()
+            await self._step("stopping the route", self.route.stopService)
         if self.server is not None and self.server.running:
-            await self.server.stopService()
+            await self._step("stopping the IM server", self.server.stopService)
         if self.store is not None:
-            await self.store.close()
-            self.store = None
+            store, self.store = self.store, None
+            await self._step("closing the store", store.close)
 
 
 def makeService(options: usage.Options) -> IService:

@@ -1,24 +1,204 @@
 """
-Web plumbing shared by the route and the IM servers' push API.
+Web plumbing shared by the route and the IM servers' push API: the site
+they serve from, with its limits on each request, and the HTTP client
+between daemons.
+
+A request's limits (issue 13):
+
+  - a deadline for the whole request, headers and body
+    (L{DeadlineChannel}): a client that sends a byte now and then is
+    answered 408 and cut once it passes, whatever the idle time-out;
+  - a body limit (L{LimitedRequest}): a C{Content-Length} over it is
+    answered 413 as soon as the headers are in, before a byte of the body
+    is read; a chunked body is cut the same way once it passes the limit.
+    Bodies within the limit are kept in memory, never spooled to a file.
+
+Both answers carry CIM's envelope and close the connection.
 """
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any
 
 from treq.client import HTTPClient
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from cim import envelope as codes
+from cim.envelope import envelope
+from cim.limits_net import REQUEST_TIMEOUT
+
+#: The largest body a site accepts unless told otherwise.
+MAX_BODY = 1024 * 1024
+
+
+def _refuse(channel: HTTPChannel, status: int, phrase: bytes, message: str) -> None:
+    """
+    Answer C{status} with an envelope (3000, C{message}) straight on the
+    channel's transport, and close the connection: for a request that is
+    not going to be served, whatever state its parsing is in.
+    """
+    body = envelope(codes.INVALID_ARGUMENT, message)
+    transport: Any = channel.transport
+    if transport is None or transport.disconnecting:
+        return
+    transport.write(
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, phrase, len(body), body)
+    )
+    channel.loseConnection()
+
+
+class LimitedRequest(Request):
+    """
+    A request whose body may not be over its site's C{max_body} bytes.
+    """
+
+    _refused = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        return int(getattr(site, "max_body", MAX_BODY))
+
+    def _too_large(self, length: int | None) -> None:
+        self._refused = True
+        self.content = BytesIO()
+        size = "" if length is None else f" ({length} bytes)"
+        _refuse(
+            self.channel,
+            413,
+            b"Content Too Large",
+            f"the request body{size} is over the limit of {self._limit()} bytes",
+        )
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self._limit():
+            self._too_large(length)
+            return
+        # Within the limit: in memory (Request spools over 100 KB to disk).
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._too_large(None)
+            return
+        assert self.content is not None
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return  # answered already; the connection is closing
+        super().requestReceived(command, path, version)
+
+
+class DeadlineChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that gives each request C{request_timeout} seconds
+    from the connection, or from its first byte on a kept-alive connection,
+    to its last byte; then it answers 408 and closes.
+    """
+
+    log = Logger()
+    request_timeout: float = REQUEST_TIMEOUT
+    _deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None and not self._handlingRequest:
+            self._start_deadline()
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _send100Continue(self) -> None:
+        request = self.requests[-1] if self.requests else None
+        if getattr(request, "_refused", False):
+            return  # answered 413 already
+        super()._send100Continue()
+
+    def _start_deadline(self) -> None:
+        self._deadline = self.callLater(self.request_timeout, self._expired)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self._handlingRequest:
+            return
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.log.info(
+            "Cutting {peer}: no whole request within {timeout}s",
+            peer=str(peer),
+            timeout=self.request_timeout,
+        )
+        _refuse(
+            self,
+            408,
+            b"Request Timeout",
+            f"the request was not complete within {self.request_timeout:g} seconds",
+        )
+        # A client that does not read its answer either goes as the idle
+        # time-out's would.
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(
+                self.abortTimeout, self.forceAbortClient
+            )
 
 
 class QuietSite(Site):
     """
-    A L{Site} that writes no access-log line per request: at thousands of
+    A L{Site} that writes no access-log line per request (at thousands of
     requests a second the log line costs more than the request, and the
-    daemons count requests in their metrics instead.
+    daemons count requests in their metrics instead), and limits each
+    request's time and body (see the module docstring).
+
+    @ivar max_body: the largest request body, in bytes.
+    @ivar request_timeout: seconds for a whole request.
     """
 
     noisy = False
+    protocol = DeadlineChannel  # type: ignore[assignment]
+    requestFactory = LimitedRequest
+
+    def __init__(
+        self,
+        resource: Any,
+        reactor: Any = None,
+        max_body: int = MAX_BODY,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.request_timeout = self.request_timeout
+        return channel
 
     def log(self, request: object) -> None:
         pass

@@ -9,6 +9,12 @@ same server keep chatting:
     frame is cut at the heartbeat timeout;
   - a connection that floods frames gets a rate-limit ERROR and is closed;
   - one that announces an oversized frame gets an ERROR and is closed.
+
+And against the HTTP ports of a real C{cim-standalone} (route and push API,
+C{--request-timeout 3}): a request whose headers, or whose body, come a
+byte a second, and a connection that sends nothing, are answered 408 and
+cut at the deadline, though each byte comes well within the idle time-out;
+requests on other connections are answered meanwhile.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from tests.test_faults import (
     raw_login,
     unique_root,
 )
+from tests.test_net_limits import Held, assert_chat, get_from, hold, standalone
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +153,62 @@ async def test_slow_loris_and_flood(
         ], member.recorder.states
     cluster.assert_running()
     assert_no_unhandled_errors(cluster)
+
+
+REQUEST_TIMEOUT = 3.0
+
+
+class DribbleHTTP:
+    """
+    Write C{data} to a L{Held} connection one byte a second until it is
+    closed.
+    """
+
+    def __init__(self, conn: Held, data: bytes) -> None:
+        self.conn = conn
+        self.data = data
+        self.sent = 0
+        self.loop = LoopingCall(self._one)
+
+    def start(self) -> None:
+        self.loop.start(1.0, now=True)
+        self.conn.closed.addBoth(lambda _: self.loop.running and self.loop.stop())
+
+    def _one(self) -> None:
+        transport = self.conn.transport
+        if self.sent < len(self.data) and transport is not None:
+            transport.write(self.data[self.sent : self.sent + 1])
+            self.sent += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_http_requests(
+    reactor: Any,
+    procs: Lab,  # noqa: F811
+    clients: Any,  # noqa: F811
+) -> None:
+    node = await standalone(reactor, procs, "--request-timeout", str(REQUEST_TIMEOUT))
+    headers = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 100
+    body = (
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"{" * 100
+    )
+    start = time.monotonic()
+    lorises = []
+    for port in (node.ports["route"], node.ports["http"]):
+        mute, slow_headers, slow_body = await hold(reactor, port, 3, "127.0.0.1")
+        DribbleHTTP(slow_headers, headers).start()
+        slow_body.transport.write(body[:-50])  # type: ignore[union-attr]
+        DribbleHTTP(slow_body, body[-50:]).start()
+        lorises += [mute, slow_headers, slow_body]
+    # Meanwhile a request on another connection is answered.
+    answer = await get_from(reactor, f"{node.url()}/health", "127.0.0.1")
+    assert answer["code"] == "9000"
+
+    for conn in lorises:
+        await within(reactor, conn.closed, REQUEST_TIMEOUT + 10)
+        took = time.monotonic() - start
+        assert REQUEST_TIMEOUT - 0.5 <= took <= REQUEST_TIMEOUT + 3, took
+        assert conn.data.startswith(b"HTTP/1.1 408 Request Timeout"), conn.data
+        assert b'"code":"3000"' in conn.data
+    await assert_chat(reactor, procs, node)
+    assert node.running

@@ -13,7 +13,10 @@ workers).  This module never blocks the reactor thread on it:
     nothing but C{reactor.callFromThread}.
   - The blocking lifecycle calls (C{KazooClient.start}, C{stop}, C{close})
     run in a one-thread pool that lives from L{ZooKeeperRegistry.start} to the
-    end of L{ZooKeeperRegistry.stop}.
+    end of L{ZooKeeperRegistry.stop}.  Its thread is a daemon thread, like
+    kazoo's own: a daemon that stops without waiting for the end of
+    L{ZooKeeperRegistry.stop} (its shutdown deadline passed) can exit while
+    kazoo is still closing.
 
 So every Deferred result and every L{IRegistry.watch} callback arrives on the
 reactor thread, and all the registry's state is only touched there.
@@ -22,6 +25,7 @@ reactor thread, and all the registry's state is only touched there.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from threading import Thread
 from typing import Any
 
 from kazoo.client import KazooClient
@@ -99,6 +103,7 @@ class ZooKeeperRegistry:
             connection_retry={"max_tries": -1, "delay": 0.1, "max_delay": 2.0},
         )
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name="cim-zookeeper")
+        self._pool.threadFactory = _daemon_thread  # type: ignore[assignment]
         #: Serialises node creation and deletion.
         self._lock = DeferredLock()
         #: Serialises start and stop (a stop waits for a start under way).
@@ -139,8 +144,9 @@ class ZooKeeperRegistry:
 
     def stop(self) -> Deferred[None]:
         """
-        Unregister (giving up after one session timeout: closing the session
-        removes the node anyway), then close the session.
+        Unregister (giving up after one session timeout, and at once when
+        not connected: closing the session, or its expiry, removes the node
+        anyway), then close the session.
         """
         return self._lifecycle.run(lambda: Deferred.fromCoroutine(self._stop()))
 
@@ -216,12 +222,22 @@ class ZooKeeperRegistry:
             return
         # From now on, events are ignored: only the unregistration goes on.
         self._running = False
-        try:
-            d = self.unregister()
-            d.addTimeout(self._session_timeout, self._reactor)
-            await d
-        except Exception:
-            self.log.failure("could not unregister from ZooKeeper")
+        if not self._connected:
+            # A delete would wait for a connection that may never come.
+            if self._address is not None:
+                self.log.warn(
+                    "not connected to ZooKeeper: {address} stays registered "
+                    "until the session expires",
+                    address=str(self._address),
+                )
+                self._address = None
+        else:
+            try:
+                d = self.unregister()
+                d.addTimeout(self._session_timeout, self._reactor)
+                await d
+            except Exception:
+                self.log.failure("could not unregister from ZooKeeper")
         await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -467,6 +483,13 @@ class ZooKeeperRegistry:
             # this session.
             return
         self.log.info("unregistered {path}", path=path)
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> Thread:
+    """
+    The registry's pool's threads (see the module docstring).
+    """
+    return Thread(*args, daemon=True, **kwargs)
 
 
 def _hex(session: int | None) -> str:

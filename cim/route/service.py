@@ -6,7 +6,7 @@ the HTTP API, and shuts down cleanly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
@@ -19,6 +19,13 @@ from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
+from cim.limits_net import (
+    HTTP_PER_ADDRESS,
+    SHUTDOWN_TIMEOUT,
+    ConnectionLimits,
+    LimitedFactory,
+    NetLimits,
+)
 from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
@@ -36,6 +43,10 @@ class RouteConfig:
 
     @ivar probe_timeout: how long a login waits for a chosen server to
         accept a TCP connection before trying the next one, in seconds.
+    @ivar limits: connections and requests (its C{per_address} applies to
+        the HTTP port).
+    @ivar shutdown_timeout: seconds the stop waits for the store and
+        registry.
     @ivar login_rate: failed logins and registrations a minute per account;
         C{address_rate}: per client address (L{cim.route.throttle}).
     """
@@ -50,6 +61,10 @@ class RouteConfig:
     max_message: int = 4096
     max_body: int = MAX_BODY
     probe_timeout: float = 2.0
+    limits: NetLimits = field(
+        default_factory=lambda: NetLimits(per_address=HTTP_PER_ADDRESS)
+    )
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
     login_rate: float = 10.0
     address_rate: float = 60.0
 
@@ -117,6 +132,8 @@ class RouteService(AsyncStartService):
         shared, in the single-process mode).
     @param probe: checks servers before logins go there; a L{tcp_probe} by
         default.
+    @param connections: the count of connections this process holds, when
+        another service shares it (single-process mode).
     @ivar ready: fires with this service once it listens.
     @ivar port: the port it listens on, once L{ready} fired.
     @ivar api: the L{RouteAPI}, once L{ready} fired.
@@ -134,11 +151,16 @@ class RouteService(AsyncStartService):
         on_failure: Callable[[], object] | None = None,
         probe: Probe | None = None,
         own_store: bool = True,
+        connections: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(on_failure)
         self.own_store = own_store
         self.reactor = reactor
         self.config = config
+        self.shutdown_timeout = config.shutdown_timeout
+        self.connections = connections or ConnectionLimits(
+            config.limits.max_connections
+        )
         self.store_factory = store_factory
         self.registry = registry
         self.local = local
@@ -147,6 +169,8 @@ class RouteService(AsyncStartService):
         self.api: RouteAPI | None = None
         self.port: int | None = None
         self._listening: Any = None
+        #: The HTTP port's factory, with its connection counts.
+        self.factory: LimitedFactory | None = None
         self._janitor: DeadServerJanitor | None = None
         self._pool: HTTPConnectionPool | None = None
         self._registry_started = False
@@ -190,11 +214,22 @@ class RouteService(AsyncStartService):
             login_rate=config.login_rate,
             address_rate=config.address_rate,
         )
-        site = QuietSite(self.api.app.resource())
-        site.noisy = False
+        site = QuietSite(
+            self.api.app.resource(),
+            reactor=self.reactor,
+            max_body=config.max_body,
+            request_timeout=config.limits.request_timeout,
+        )
+        self.factory = LimitedFactory(
+            site,
+            self.connections,
+            config.limits.per_address,
+            self.reactor,
+            "cim-route HTTP",
+        )
         self._listening = await endpoints.TCP4ServerEndpoint(
-            self.reactor, config.port, interface=config.bind
-        ).listen(site)
+            self.reactor, config.port, interface=config.bind, backlog=1024
+        ).listen(self.factory)
         self.port = self._listening.getHost().port
         self.log.info(
             "cim-route listening on {bind}:{port} ({balancer}; {servers} servers)",
@@ -205,24 +240,19 @@ class RouteService(AsyncStartService):
         )
 
     async def _stop(self) -> None:
+        # Each step within the shutdown deadline (see AsyncStartService).
         if self._listening is not None:
-            await self._listening.stopListening()
-            self._listening = None
+            listening, self._listening = self._listening, None
+            await self._step("closing the HTTP port", listening.stopListening)
         if self._janitor is not None:
             self._janitor.stop()
             self._janitor = None
         if self._registry_started:
             self._registry_started = False
-            try:
-                await self.registry.stop()
-            except Exception:
-                self.log.failure("Leaving the registry failed")
+            await self._step("leaving the registry", self.registry.stop)
         if self._pool is not None:
-            await self._pool.closeCachedConnections()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await self._step("closing calls to servers", pool.closeCachedConnections)
         if self.store is not None and self.own_store:
-            try:
-                await self.store.close()
-            except Exception:
-                self.log.failure("Closing the store failed")
+            await self._step("closing the store", self.store.close)
         self.store = None

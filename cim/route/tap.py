@@ -11,6 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from cim.daemon import daemon_service
+from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.options import (
     SECRET_PARAMETERS,
     check_registry_url,
@@ -97,6 +98,7 @@ class Options(usage.Options):
             "The longest chat message, in characters.",
             int_between("max-message", 1, 1024 * 1024),
         ],
+        *daemon_options(HTTP_PER_ADDRESS),
     ]
 
     def postOptions(self) -> None:
@@ -125,6 +127,8 @@ def config_from(options: usage.Options) -> RouteConfig:
         # A body holds a message and its JSON escapes (up to 6 bytes a
         # character), or a batch of a few.
         max_body=max(1024 * 1024, 64 * options["max-message"]),
+        limits=net_limits(options),
+        shutdown_timeout=options["shutdown-timeout"],
     )
 
 

@@ -5,7 +5,8 @@ cleanly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import endpoints
 from twisted.web.client import HTTPConnectionPool
@@ -14,10 +15,16 @@ from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
+from cim.limits_net import (
+    SHUTDOWN_TIMEOUT,
+    ConnectionLimits,
+    LimitedFactory,
+    NetLimits,
+)
 from cim.pusher import HttpPusher
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
-from cim.server.push import PushAPI
+from cim.server.push import MAX_BODY, PushAPI
 from cim.web import QuietSite, http_client
 
 
@@ -25,6 +32,11 @@ from cim.web import QuietSite, http_client
 class ServerConfig:
     """
     The settings of one IM server (see L{cim.server.tap.Options}).
+
+    @ivar limits: connections and requests (C{per_address} for the client
+        port, C{http_per_address} for the push API).
+    @ivar shutdown_timeout: seconds the stop waits for the store, the
+        registry and the clients' releases.
     """
 
     port: int = 11211
@@ -37,6 +49,8 @@ class ServerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     legacy_login: bool = False
     rate: float = 2000.0
+    limits: NetLimits = field(default_factory=NetLimits)
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT
 
 
 class IMServerService(AsyncStartService):
@@ -48,6 +62,10 @@ class IMServerService(AsyncStartService):
 
     If start-up fails, the failure is logged, L{ready} fails and
     C{on_failure} is called (the tap stops the reactor).
+
+    Both ports refuse connections over the limits of C{config.limits}
+    (L{cim.limits_net}); C{connections} is the process's count when another
+    service shares it (single-process mode).
     """
 
     what = "The IM server"
@@ -60,11 +78,18 @@ class IMServerService(AsyncStartService):
         registry: IRegistry,
         on_failure=None,
         own_store: bool = True,
+        connections: ConnectionLimits | None = None,
     ) -> None:  # type: ignore[no-untyped-def]
         super().__init__(on_failure)
         self.own_store = own_store
         self.reactor = reactor
         self.config = config
+        self.shutdown_timeout = config.shutdown_timeout
+        self.connections = connections or ConnectionLimits(
+            config.limits.max_connections
+        )
+        #: The client port's and the push API's factories.
+        self.factories: dict[str, LimitedFactory] = {}
         self.store_factory = store_factory
         self.registry = registry
         self.server: IMServer | None = None
@@ -80,13 +105,29 @@ class IMServerService(AsyncStartService):
         http, self._pool = http_client(self.reactor)
         pusher = HttpPusher(http, config.secret)
         # The address is known once the ports listen (they may be 0).
+        clients = _LateFactory("cim-server clients")
+        self.factories["clients"] = LimitedFactory(
+            clients,
+            self.connections,
+            config.limits.per_address,
+            self.reactor,
+            clients.name,
+        )
         client_port = await endpoints.TCP4ServerEndpoint(
             self.reactor, config.port, interface=config.bind, backlog=4096
-        ).listen(_LateFactory("cim-server clients"))
+        ).listen(self.factories["clients"])
         self._ports.append(client_port)
+        push = _LateFactory("cim-server push API")
+        self.factories["push"] = LimitedFactory(
+            push,
+            self.connections,
+            config.limits.http_per_address,
+            self.reactor,
+            push.name,
+        )
         http_port = await endpoints.TCP4ServerEndpoint(
-            self.reactor, config.http_port, interface=config.bind
-        ).listen(_LateFactory("cim-server push API"))
+            self.reactor, config.http_port, interface=config.bind, backlog=1024
+        ).listen(self.factories["push"])
         self._ports.append(http_port)
         self.address = ServerAddress(
             config.host, client_port.getHost().port, http_port.getHost().port
@@ -101,10 +142,13 @@ class IMServerService(AsyncStartService):
             login_timeout=config.login_timeout,
             rate=config.rate,
         )
-        client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
-        site = QuietSite(PushAPI(server, config.secret).app.resource())
-        site.noisy = False
-        http_port.factory.wrapped = site
+        clients.wrapped = ClientConnectionFactory(server, config.max_frame)
+        push.wrapped = QuietSite(
+            PushAPI(server, config.secret).app.resource(),
+            reactor=self.reactor,
+            max_body=MAX_BODY,
+            request_timeout=config.limits.request_timeout,
+        )
         server.start()
         await self.registry.start()
         await self.registry.register(self.address)
@@ -124,24 +168,20 @@ class IMServerService(AsyncStartService):
         )
 
     async def _stop(self) -> None:
+        # Each step within the shutdown deadline (see AsyncStartService).
         if self._janitor is not None:
             self._janitor.stop()
-        try:
-            await self.registry.stop()
-        except Exception:
-            self.log.failure("Leaving the registry failed")
+        await self._step("leaving the registry", self.registry.stop)
         if self.server is not None:
-            await self.server.stop()
-        for port in self._ports:
-            await port.stopListening()
+            await self._step("releasing the clients' sessions", self.server.stop)
+        ports, self._ports = self._ports, []
+        for port in ports:
+            await self._step("closing a port", port.stopListening)
         if self._pool is not None:
-            await self._pool.closeCachedConnections()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await self._step("closing calls to servers", pool.closeCachedConnections)
         if self.store is not None and self.own_store:
-            try:
-                await self.store.close()
-            except Exception:
-                self.log.failure("Closing the store failed")
+            await self._step("closing the store", self.store.close)
 
 
 class _LateFactory:
@@ -152,7 +192,7 @@ class _LateFactory:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.wrapped = None
+        self.wrapped: Any = None
         self.noisy = False
 
     def logPrefix(self) -> str:

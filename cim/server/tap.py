@@ -9,6 +9,12 @@ from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
+from cim.limits_net import (
+    CLIENT_PER_ADDRESS,
+    HTTP_PER_ADDRESS,
+    daemon_options,
+    net_limits,
+)
 from cim.options import (
     SECRET_PARAMETERS,
     check_registry_url,
@@ -75,6 +81,7 @@ class Options(usage.Options):
             "Frames per second a connection may send.",
             positive_float("rate"),
         ],
+        *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
     ]
 
     def postOptions(self) -> None:
@@ -96,6 +103,8 @@ def config_from(options: usage.Options) -> ServerConfig:
         max_frame=options["max-frame"],
         legacy_login=bool(options["legacy-login"]),
         rate=options["rate"],
+        limits=net_limits(options),
+        shutdown_timeout=options["shutdown-timeout"],
     )
 
 

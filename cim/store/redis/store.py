@@ -103,7 +103,7 @@ from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
 from cim.store.memory import token_key
 from cim.store.redis import scripts
-from cim.store.redis.connection import open_pool
+from cim.store.redis.connection import is_down, open_pool
 from cim.store.redis.records import (
     SESSION_FIELDS,
     decode_message,
@@ -147,7 +147,9 @@ class RedisStore:
     @ivar retention: the L{Retention} limits of conversations.
     @ivar prefix: the start of every key.
     @ivar timeout: seconds after which a Redis call fails with
-        L{StoreError} (also while no connection is available), or C{None}.
+        L{StoreError} (also while no connection is available yet), or
+        C{None}.  While a pool that was connected has lost every connection
+        (Redis went away), a call fails with L{StoreError} at once.
     """
 
     def __init__(
@@ -200,10 +202,22 @@ class RedisStore:
 
         return d.addErrback(failed)
 
+    def _down(self, what: str) -> defer.Deferred[Any] | None:
+        """
+        A failed call when Redis is known to be away (L{is_down}): fail at
+        once rather than wait for the time-out.
+        """
+        if not is_down(self._redis):
+            return None
+        return defer.fail(StoreError(f"Redis {what} failed: Redis is unreachable"))
+
     def _command(self, *args: Any) -> Awaitable[Any]:
         """
         Run one Redis command.
         """
+        down = self._down(args[0])
+        if down is not None:
+            return down
         try:
             d = self._redis.execute_command(*args)
         except Exception:
@@ -216,6 +230,9 @@ class RedisStore:
         """
         Run C{script} (L{Script.run}).
         """
+        down = self._down("script")
+        if down is not None:
+            return down
         return self._guard(script.run(self._redis, keys, args), "script")
 
     def _key(self, *parts: object) -> str:
