@@ -549,7 +549,10 @@ class Bench:
             f"redis://127.0.0.1:{self.services.redis_port}/{self.db}",
             f"zk://127.0.0.1:{self.services.zk_port}/cimbench/{self.run_id}-{name}",
             self.secret,
-            server_args=["--rate", "20000"],
+            # Every simulated user connects from 127.0.0.1: no per-address
+            # cap on the client port, and a wide one on the HTTP ports.
+            server_args=["--rate", "20000", "--max-connections-per-address", "0"],
+            route_args=["--max-connections-per-address", "0"],
             twistd=twistd,
         )
         cluster.start_blocking(servers)

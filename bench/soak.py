@@ -710,6 +710,9 @@ class Coordinator:
             redis.url(),
             f"zk://{zookeeper.hosts}/cim",
             self.secret,
+            # Every client connects from 127.0.0.1: no per-address caps.
+            server_args=["--max-connections-per-address", "0"],
+            route_args=["--max-connections-per-address", "0"],
         )
         await self.cluster.start()
         self.daemons = {d.name: d for d in self.cluster.daemons()}

@@ -267,7 +267,10 @@ async def test_token_replayed_after_logout(reactor: Any, secured: Secured) -> No
 async def test_made_up_or_missing_token(reactor: Any, secured: Secured) -> None:
     alice = await login_info(secured, reactor)
     port = secured.server_port(alice)
-    for token in ["", "x" * 43, alice["token"][:-1] + "A", alice["token"] + "A"]:
+    real = alice["token"]
+    # The real token with its last character changed (to one it is not).
+    changed = real[:-1] + ("B" if real.endswith("A") else "A")
+    for token in ["", "x" * 43, changed, real + "A"]:
         raw = await tcp_login(reactor, port, alice["userId"], alice["userName"], token)
         await assert_refused(reactor, raw)
     # None of that spoilt the real token.
