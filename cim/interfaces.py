@@ -287,7 +287,10 @@ class IMessages(Interface):
     def set_cursors(user_id: int, cursors: dict[str, int]) -> Deferred[None]:
         """
         Raise the user's acknowledged cursor of each conversation to the
-        given seq (a lower value never lowers it).
+        given seq (a lower value never lowers it).  Each seq is stored as
+        an integer; one that is not an C{int} between 1 and
+        L{cim.limits.MAX_SEQ} is left out.  Callers store only cursors of
+        the user's own conversations, never beyond what it was sent.
 
         @return: fires with C{None}.
         """
@@ -303,6 +306,8 @@ class IMessages(Interface):
     def get_cursors(user_id: int) -> Deferred[dict[str, int]]:
         """
         @return: fires with a C{dict} of conversation to acknowledged seq.
+            A stored value that is not such an integer is left out (with a
+            warning in the log), never a failure.
         """
 
 

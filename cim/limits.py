@@ -15,6 +15,9 @@ MAX_NAME = 64
 MAX_PASSWORD = 1024
 #: The largest user id (Java's long, as CIM's clients hold it).
 MAX_USER_ID = 2**63 - 1
+#: The largest sequence number (and acknowledged cursor) a store keeps:
+#: exact as a double, so Lua and JSON read it unchanged.
+MAX_SEQ = 2**53 - 1
 #: Group ids: 1-64 letters, digits, C{_}, C{-} or C{.}.
 GROUP_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
 GROUP_ID = re.compile(GROUP_ID_PATTERN)

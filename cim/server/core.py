@@ -91,6 +91,11 @@ class IMServer:
         self.m_in = metrics.counter("messages_in_total", "Chat messages received")
         self.m_out = metrics.counter("messages_out_total", "Chat messages written")
         self.m_errors = metrics.counter("errors_total", "Error frames sent")
+        self.m_acks_ignored = metrics.counter(
+            "acks_ignored_total",
+            "Acknowledged cursors ignored: not a conversation of the connection, "
+            "or beyond what it was sent",
+        )
         self.m_latency = metrics.histogram(
             "delivery_latency_seconds", "From store append to write, for live messages"
         )
@@ -289,7 +294,9 @@ class IMServer:
         elif cmd == Command.MESSAGE:
             self.sender.send(conn, frame)
         elif cmd == Command.ACK:
-            conn.acknowledge(frame.cursors)
+            ignored = conn.acknowledge(frame.cursors)
+            if ignored:
+                self.m_acks_ignored.inc(ignored)
         else:
             self.error(
                 conn,

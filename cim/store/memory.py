@@ -35,6 +35,7 @@ from cim.interfaces import (
     SessionExists,
     TokenInfo,
 )
+from cim.limits import MAX_SEQ
 from cim.message import ChatMessage
 from cim.passwords import check_hash, make_hash
 from cim.store import Retention
@@ -405,20 +406,24 @@ class MemoryStore:
     def last_seq(self, conversation: str) -> int:
         return self._seqs.get(conversation, 0)
 
-    @_fired
-    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
+    def _raise_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
         current = self._cursors.setdefault(user_id, {})
         for conversation, seq in cursors.items():
-            if seq > current.get(conversation, 0):
+            if (
+                type(seq) is int
+                and seq <= MAX_SEQ
+                and seq > current.get(conversation, 0)
+            ):
                 current[conversation] = seq
+
+    @_fired
+    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
+        self._raise_cursors(user_id, cursors)
 
     @_fired
     def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
         for user_id, theirs in cursors.items():
-            current = self._cursors.setdefault(user_id, {})
-            for conversation, seq in theirs.items():
-                if seq > current.get(conversation, 0):
-                    current[conversation] = seq
+            self._raise_cursors(user_id, theirs)
 
     @_fired
     def get_cursors(self, user_id: int) -> dict[str, int]:

@@ -64,6 +64,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -79,6 +80,7 @@ from cim.interfaces import (
     StoreError,
     TokenInfo,
 )
+from cim.limits import MAX_SEQ
 from cim.message import ChatMessage
 from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
@@ -111,6 +113,30 @@ def _deferred(
     return wrapper
 
 
+def _seq(text: str) -> int | None:
+    """
+    A stored sequence number, or C{None} when C{text} is not a whole
+    number between 0 and L{MAX_SEQ} written as digits.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 16:
+        return None
+    seq = int(text)
+    return seq if seq <= MAX_SEQ else None
+
+
+def _cursor_args(cursors: dict[str, int]) -> list[Any]:
+    """
+    C{cursors} as the scripts' flat C{conversation, seq} arguments, each seq
+    an integer (Redis stores the digits sent); a seq that is not an integer
+    between 1 and L{MAX_SEQ} is left out.
+    """
+    args: list[Any] = []
+    for conversation, seq in cursors.items():
+        if type(seq) is int and 0 < seq <= MAX_SEQ:
+            args += [conversation, seq]
+    return args
+
+
 def _ms(seconds: float) -> int:
     """
     Seconds as whole milliseconds, at least 1 (Redis rejects 0 as a TTL).
@@ -130,6 +156,8 @@ class RedisStore:
     @ivar timeout: seconds after which a Redis call fails with
         L{StoreError} (also while no connection is available), or C{None}.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -461,30 +489,40 @@ class RedisStore:
 
     @_deferred
     async def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
-        if not cursors:
-            return
-        args: list[Any] = []
-        for conversation, seq in cursors.items():
-            args += [conversation, int(seq)]
-        await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
+        args = _cursor_args(cursors)
+        if args:
+            await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
 
     @_deferred
     async def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
         keys = []
         args: list[Any] = []
         for user_id, theirs in cursors.items():
-            if theirs:
+            pairs = _cursor_args(theirs)
+            if pairs:
                 keys.append(self._key("cursors", user_id))
-                args.append(len(theirs))
-                for conversation, seq in theirs.items():
-                    args += [conversation, int(seq)]
+                args.append(len(pairs) // 2)
+                args += pairs
         if keys:
             await self._run(scripts.SET_MANY_CURSORS, keys, args)
 
     @_deferred
     async def get_cursors(self, user_id: int) -> dict[str, int]:
         flat = await self._command("HGETALL", self._key("cursors", user_id))
-        return {c: int(seq) for c, seq in zip(flat[::2], flat[1::2], strict=True)}
+        cursors = {}
+        for conversation, text in zip(flat[::2], flat[1::2], strict=True):
+            seq = _seq(text)
+            if seq is None:
+                self.log.warn(
+                    "Skipping the bad stored cursor {conversation}={value!r} "
+                    "of {user_id}",
+                    conversation=conversation,
+                    value=text[:40],
+                    user_id=user_id,
+                )
+                continue
+            cursors[conversation] = seq
+        return cursors
 
     # Groups
 
