@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from cim.envelope import RATE_LIMITED, ApiError
 from cim.message import ChatMessage
 
 
@@ -62,6 +63,26 @@ class SessionExists(Exception):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.session = session
+
+
+class QuotaExceeded(ApiError):
+    """
+    A sender used up its quota of messages to a conversation
+    (L{cim.store.Retention.sender_quota}): L{IMessages.append} stored none
+    of its new messages to that conversation.  An L{ApiError} of code 6000
+    (rate limited), so that the route answers it as it is.
+
+    @ivar results: per message of the refused append, the stored
+        L{ChatMessage}, or C{None} for each message refused.
+    """
+
+    def __init__(self, results: Sequence[ChatMessage | None] = ()) -> None:
+        super().__init__(
+            RATE_LIMITED,
+            "the sender's quota of messages to this conversation is used up; "
+            "wait before sending more",
+        )
+        self.results = list(results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,14 +280,29 @@ class IMessages(Interface):
     Conversations (numbered messages) and each user's acknowledged cursors.
     """
 
+    retention = Attribute(
+        "The L{cim.store.Retention} limits of conversations, read at each "
+        "append: a daemon may replace it with one built from its options "
+        "before it appends."
+    )
+
     def append(messages: Sequence[NewMessage]) -> Deferred[list[ChatMessage]]:
         """
         Append each message to its conversation, in order.
 
+        Each sender may append at most C{retention.sender_quota} new
+        messages to one conversation within any C{retention.max_age}
+        seconds, counted in the same round trip; a retry of an appended
+        message does not count.  When a sender's messages to a conversation
+        would go over it, none of its new messages to that conversation in
+        this call is appended (the others are).
+
         @return: fires with a list of L{ChatMessage}, one per input: the
             stored message with its C{msg_id} and C{seq}.  A message whose
             C{(sender_id, client_msg_id)} was appended before is not
-            appended again; its original is returned.
+            appended again; its original is returned.  Fails with
+            L{QuotaExceeded} (giving the messages that were stored) when
+            any was refused.
         """
 
     def read(

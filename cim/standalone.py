@@ -20,6 +20,7 @@ from cim.interfaces import IStore
 from cim.options import check_registry_url, check_store_url, port_number
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
+from cim.server.tap import SERVER_LIMITS
 
 
 class Options(usage.Options):
@@ -47,6 +48,7 @@ class Options(usage.Options):
         ["store", None, "memory:", "memory: or redis://host:port/db"],
         ["registry", None, "local:", "local: or zk://host:port/root"],
         ["secret", None, "", "The cluster secret (needed with a real registry)."],
+        *SERVER_LIMITS,
     ]
 
     def postOptions(self) -> None:
@@ -98,6 +100,10 @@ class StandaloneService(AsyncStartService):
                 secret=o["secret"],
                 max_frame=DEFAULT_MAX_FRAME,
                 legacy_login=bool(o["legacy-login"]),
+                max_batch=o["max-batch"],
+                sender_quota=o["sender-quota"],
+                max_output=o["max-output"],
+                session_ttl=o["session-ttl"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

@@ -8,6 +8,8 @@ the server renews them, and the output a connection may leave unread.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
@@ -91,3 +93,83 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
     store.failing = False
     world.login("bob", user_id=bob)
     assert world.result(store.online_users()) == [(bob, "bob")]
+
+
+# What one send may store
+
+
+def send(peer: Peer, receiver: int, texts: list[str], cmid: str = "") -> None:
+    peer.send(
+        Frame(
+            cmd=Command.MESSAGE,
+            receive_user_id=receiver,
+            batch=tuple(texts),
+            client_msg_id=cmid,
+        )
+    )
+
+
+def test_batch_over_the_limit_is_refused() -> None:
+    world = World(max_batch=5)
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    send(alice_peer, bob, [f"t{i}" for i in range(6)], "big")
+    [error] = alice_peer.received()
+    assert error.cmd == Command.ERROR
+    assert error.error_code == ErrorCode.INVALID_ARGUMENT
+    assert "at most 5 texts" in error.error_reason
+    assert error.client_msg_id == "big"
+    assert not alice_peer.closed
+    assert bob_peer.messages() == []
+    assert world.result(world.store.read(inbox(bob), 0, 100)) == []
+    # A batch within the limit goes through.
+    send(alice_peer, bob, [f"t{i}" for i in range(5)], "ok")
+    assert [f.cmd for f in alice_peer.received()] == [Command.ACK]
+    assert len(bob_peer.messages()) == 5
+
+
+def test_rate_limit_counts_messages() -> None:
+    world = World(rate=10.0, max_batch=100)
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    # A burst of twice the rate: 20 messages (the login frame was one).
+    send(alice_peer, bob, [f"a{i}" for i in range(10)])
+    send(alice_peer, bob, [f"b{i}" for i in range(9)])
+    assert not alice_peer.closed
+    assert len(bob_peer.messages()) == 19
+    # One more message is over it, even in one frame.
+    send(alice_peer, bob, ["c"])
+    frames = alice_peer.received()
+    assert frames[-1].cmd == Command.ERROR
+    assert frames[-1].error_code == ErrorCode.RATE_LIMITED
+    assert alice_peer.closed
+    # One big frame is over it at once.
+    carol_peer, _ = world.login("carol")
+    world.clock.advance(5)
+    send(carol_peer, bob, [f"d{i}" for i in range(21)])
+    assert carol_peer.received()[-1].error_code == ErrorCode.RATE_LIMITED
+    assert carol_peer.closed
+
+
+def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
+    world = World()
+    world.store.retention = replace(world.store.retention, sender_quota=3)
+    alice_peer, _ = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    carol_peer, carol = world.login("carol")
+    send(alice_peer, bob, ["1", "2"], "s1")
+    send(alice_peer, bob, ["3", "4"], "s2")  # over: 4 of 3
+    frames = alice_peer.received()
+    assert [f.cmd for f in frames] == [Command.ACK, Command.ERROR]
+    assert frames[1].error_code == ErrorCode.RATE_LIMITED
+    assert frames[1].client_msg_id == "s2"
+    assert "quota" in frames[1].error_reason
+    assert not alice_peer.closed
+    assert [m.text for m in bob_peer.messages()] == ["1", "2"]
+    # What still fits goes; so do other conversations and other senders.
+    send(alice_peer, bob, ["3"], "s3")
+    send(alice_peer, carol, ["hi carol"], "s4")
+    assert [f.cmd for f in alice_peer.received()] == [Command.ACK, Command.ACK]
+    send(carol_peer, bob, ["from carol"], "c1")
+    assert [m.text for m in bob_peer.messages()] == ["3", "from carol"]
+    assert [m.text for m in carol_peer.messages()] == ["hi carol"]

@@ -7,12 +7,16 @@ quota per conversation, sessions that expire unless renewed.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest_twisted
 
+from cim.interfaces import QuotaExceeded
 from cim.limits import MAX_SEQ
 from cim.message import inbox
 from tests import test_store
-from tests.test_store import Backend
+from tests.test_store import Backend, failure_of, msg
 
 # The store suite's fixtures: every test runs on each store.
 store_url = test_store.store_url
@@ -61,3 +65,123 @@ async def test_bad_stored_cursors_are_skipped(backend: Backend) -> None:
         assert await store.get_cursors(1) == {inbox(1): 5, "g:0": 2, "g:1": 4, "g:2": 3}
     else:
         assert await store.get_cursors(1) == {inbox(1): 5}
+
+
+# The senders' quota
+
+
+def quota_store(backend: Backend, quota: int) -> Any:
+    """
+    The backend's store with a quota of C{quota} messages per sender and
+    conversation (its retention keeps 5 per conversation, for an hour).
+    """
+    backend.store.retention = replace(backend.store.retention, sender_quota=quota)
+    return backend.store
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_keeps_a_receivers_unread_message(backend: Backend) -> None:
+    store = quota_store(backend, 4)
+    [unread] = await store.append([msg(inbox(2), "from carol", sender_id=3)])
+    attacker = [msg(inbox(2), f"spam{i}", sender_id=9) for i in range(4)]
+    assert len(await store.append(attacker)) == 4
+    error = await failure_of(store.append([msg(inbox(2), "one more", sender_id=9)]))
+    assert isinstance(error, QuotaExceeded)
+    assert error.code == "6000"
+    assert error.results == [None]
+    # The receiver's unread message is still there (retention keeps 5).
+    kept = await store.read(inbox(2), 0, 10)
+    assert kept[0] == unread
+    assert [m.text for m in kept] == ["from carol"] + [f"spam{i}" for i in range(4)]
+    # Others still write to that conversation, and the sender to others.
+    await store.append([msg(inbox(2), "from dave", sender_id=4)])
+    await store.append([msg(inbox(5), "elsewhere", sender_id=9)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_refuses_only_the_sender_over_it(backend: Backend) -> None:
+    store = quota_store(backend, 2)
+    batch = [
+        msg(inbox(2), "a1", sender_id=1),
+        msg(inbox(2), "b1", sender_id=9),
+        msg(inbox(2), "b2", sender_id=9),
+        msg(inbox(2), "b3", sender_id=9),  # one too many: all of b refused
+        msg(inbox(3), "b-elsewhere", sender_id=9),
+        msg(inbox(2), "a2", sender_id=1),
+    ]
+    error = await failure_of(store.append(batch))
+    assert isinstance(error, QuotaExceeded)
+    results = error.results
+    assert [r and r.text for r in results] == [
+        "a1",
+        None,
+        None,
+        None,
+        "b-elsewhere",
+        "a2",
+    ]
+    assert [m.text for m in await store.read(inbox(2), 0, 10)] == ["a1", "a2"]
+    assert [m.seq for m in await store.read(inbox(2), 0, 10)] == [1, 2]
+    # The refused ones were not counted: two still fit.
+    await store.append(
+        [msg(inbox(2), "b1", sender_id=9), msg(inbox(2), "b2", sender_id=9)]
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_does_not_count_retries(backend: Backend) -> None:
+    store = quota_store(backend, 2)
+    first = await store.append(
+        [msg(inbox(2), "x", client_msg_id="c1"), msg(inbox(2), "y", client_msg_id="c2")]
+    )
+    again = await store.append(
+        [msg(inbox(2), "x", client_msg_id="c1"), msg(inbox(2), "y", client_msg_id="c2")]
+    )
+    assert again == first
+    # A duplicate within one call is a retry too.
+    error = await failure_of(
+        store.append(
+            [
+                msg(inbox(2), "z", client_msg_id="c3"),
+                msg(inbox(2), "z", client_msg_id="c3"),
+            ]
+        )
+    )
+    assert isinstance(error, QuotaExceeded)
+    assert error.results == [None, None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_window(backend: Backend) -> None:
+    """
+    The quota counts over any C{max_age} (an hour here): the window before
+    the current one counts too.
+    """
+    store = quota_store(backend, 3)
+    clock = backend.clock
+    hour = store.retention.max_age
+    # Late in one window...
+    clock.advance(hour - clock.seconds() % hour - 60)
+    await store.append([msg(inbox(2), f"a{i}") for i in range(3)])
+    # ...and early in the next: still the same hour.
+    clock.advance(120)
+    assert isinstance(
+        await failure_of(store.append([msg(inbox(2), "b")])), QuotaExceeded
+    )
+    # An hour later, the first window no longer counts.
+    clock.advance(hour)
+    await store.append([msg(inbox(2), f"c{i}") for i in range(3)])
+    if backend.redis is not None:
+        keys = await backend.redis.execute_command("KEYS", backend.prefix + "quota:*")
+        assert keys, "the quota is counted in keys of its own"
+        for key in keys:
+            pttl = await backend.redis.execute_command("PTTL", key)
+            assert 0 < pttl <= 2 * hour * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_quota(backend: Backend) -> None:
+    store = quota_store(backend, 0)
+    for _ in range(3):
+        await store.append([msg(inbox(2), f"m{i}") for i in range(10)])
+    assert len(await store.read(inbox(2), 0, 100)) == 5

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher
 from cim.interfaces import IStore, ServerAddress
+from cim.limits import MAX_BATCH
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
 from cim.metrics import Metrics
 from cim.server import wire
@@ -45,8 +46,10 @@ class IMServer:
     @param address: this server's address; login tokens must name it.
     @param legacy_login: accept CIM clients that send no token, for users
         whose session the route assigned to this server.
-    @param rate: frames per second a connection may send (with a burst of
-        twice as many); past that it gets an error and is closed.
+    @param rate: messages per second a connection may send (each text of
+        a batch counts, any other frame counts one), with a burst of twice
+        as many; past that it gets an error and is closed.
+    @param max_batch: the most texts one send may carry.
     """
 
     log = Logger()
@@ -63,6 +66,7 @@ class IMServer:
         login_timeout: float = 10.0,
         max_text: int = 4096,
         rate: float = 2000.0,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -100,7 +104,14 @@ class IMServer:
             "delivery_latency_seconds", "From store append to write, for live messages"
         )
         self.authenticator = Authenticator(store, self.here, legacy_login)
-        self.sender = Sender(store, self.delivery, self, self.m_in, max_text=max_text)
+        self.sender = Sender(
+            store,
+            self.delivery,
+            self,
+            self.m_in,
+            max_text=max_text,
+            max_batch=max_batch,
+        )
         self.streams = Streams(clock, store, self, self.m_out)
 
     # Life cycle
@@ -256,17 +267,17 @@ class IMServer:
         if conn.closed:
             return
         now = self.clock.seconds()
+        cmd = frame.cmd
         # Token bucket: refill at `rate` per second since the last frame, up
-        # to a burst of 2*rate.
+        # to a burst of 2*rate; each message of a batch costs one.
         conn.tokens = min(
             2 * self.rate, conn.tokens + (now - conn.last_seen) * self.rate
         )
         conn.last_seen = now
-        conn.tokens -= 1
+        conn.tokens -= len(frame.batch) if frame.batch else 1
         if conn.tokens < 0:
-            self.error(conn, ErrorCode.RATE_LIMITED, "too many frames", close=True)
+            self.error(conn, ErrorCode.RATE_LIMITED, "too many messages", close=True)
             return
-        cmd = frame.cmd
         if not conn.user_id:
             if cmd == Command.LOGIN_REQUEST and not conn.logging_in:
                 conn.logging_in = True

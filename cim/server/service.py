@@ -5,7 +5,7 @@ cleanly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet import endpoints
 from twisted.web.client import HTTPConnectionPool
@@ -14,6 +14,7 @@ from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
+from cim.limits import MAX_BATCH, MAX_OUTPUT, SENDER_QUOTA, SESSION_TTL
 from cim.pusher import HttpPusher
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
@@ -37,6 +38,10 @@ class ServerConfig:
     max_frame: int = DEFAULT_MAX_FRAME
     legacy_login: bool = False
     rate: float = 2000.0
+    max_batch: int = MAX_BATCH
+    sender_quota: int = SENDER_QUOTA
+    max_output: int = MAX_OUTPUT
+    session_ttl: float = SESSION_TTL
 
 
 class IMServerService(AsyncStartService):
@@ -77,6 +82,8 @@ class IMServerService(AsyncStartService):
     async def _start(self) -> None:
         config = self.config
         self.store = store = await self.store_factory()
+        # The quota is counted where messages are stored.
+        store.retention = replace(store.retention, sender_quota=config.sender_quota)
         http, self._pool = http_client(self.reactor)
         pusher = HttpPusher(http, config.secret)
         # The address is known once the ports listen (they may be 0).
@@ -100,6 +107,7 @@ class IMServerService(AsyncStartService):
             heartbeat_timeout=config.heartbeat_timeout,
             login_timeout=config.login_timeout,
             rate=config.rate,
+            max_batch=config.max_batch,
         )
         client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
         site = QuietSite(PushAPI(server, config.secret).app.resource())

@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -31,6 +31,7 @@ from cim.interfaces import (
     NameTaken,
     NewMessage,
     NoSuchGroup,
+    QuotaExceeded,
     Session,
     SessionExists,
     TokenInfo,
@@ -124,6 +125,9 @@ class MemoryStore:
         self._appended: dict[tuple[int, str], _Appended] = {}
         self._appended_order: deque[tuple[int, str]] = deque()
         self._cursors: dict[int, dict[str, int]] = {}
+        #: (conversation, sender id, window index) -> messages appended
+        self._quota: dict[tuple[str, int, int], int] = {}
+        self._quota_index = 0
         self._groups: dict[str, set[int]] = {}
         self._user_groups: dict[int, set[str]] = {}
 
@@ -350,18 +354,59 @@ class MemoryStore:
             group_id=retry.group_id,
         )
 
+    def _over_quota(self, messages: Sequence[NewMessage]) -> set[tuple[str, int]]:
+        """
+        Count the new messages of C{messages} against their senders'
+        quotas (L{Retention.sender_quota}, per window of C{max_age}: the
+        current window and the one before count together).
+
+        @return: the C{(conversation, sender_id)} whose new messages would
+            go over it; they are not counted.
+        """
+        quota = self.retention.sender_quota
+        if quota <= 0:
+            return set()
+        index = int(self._seconds() // self.retention.max_age)
+        if index != self._quota_index:
+            self._quota_index = index
+            self._quota = {k: n for k, n in self._quota.items() if k[2] >= index - 1}
+        wanted: dict[tuple[str, int], int] = {}
+        seen: set[tuple[int, str]] = set()
+        for new in messages:
+            key = (new.sender_id, new.client_msg_id)
+            if new.client_msg_id and (key in self._appended or key in seen):
+                continue  # a retry
+            seen.add(key)
+            pair = (new.conversation, new.sender_id)
+            wanted[pair] = wanted.get(pair, 0) + 1
+        over = set()
+        for (conversation, sender), count in wanted.items():
+            current = (conversation, sender, index)
+            used = self._quota.get(current, 0) + self._quota.get(
+                (conversation, sender, index - 1), 0
+            )
+            if used + count > quota:
+                over.add((conversation, sender))
+            else:
+                self._quota[current] = self._quota.get(current, 0) + count
+        return over
+
     @_fired
     def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
         self._forget_appended()
         now = self._seconds()
         timestamp = self._now_ms()
-        stored = []
+        over = self._over_quota(messages)
+        stored: list[ChatMessage | None] = []
         touched = set()
         for new in messages:
             key = (new.sender_id, new.client_msg_id)
             entry = self._appended.get(key) if new.client_msg_id else None
             if entry is not None:
                 stored.append(self._original(entry, new))
+                continue
+            if (new.conversation, new.sender_id) in over:
+                stored.append(None)
                 continue
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
@@ -392,7 +437,9 @@ class MemoryStore:
             stored.append(message)
         for conversation in touched:
             self._trim(conversation)
-        return stored
+        if over:
+            raise QuotaExceeded(stored)
+        return cast(list[ChatMessage], stored)
 
     @_fired
     def read(self, conversation: str, after_seq: int, limit: int) -> list[ChatMessage]:

@@ -37,7 +37,13 @@ default; user names are only ever hash fields and values, never key names)::
                                    string  "msg_id:seq:timestamp:conversation"
                                            of an appended message; PEXPIRE
                                            the idempotency window
+    P quota:<conversation>:<sender_id>:<window>
+                                   string  messages the sender appended to
+                                           the conversation in window
+                                           now // max_age (INCRBY in
+                                           append.lua); PEXPIRE two windows
     P cursors:<user_id>            hash    conversation -> acknowledged seq
+                                           (digits, never a float's form)
     P group:<group_id>             string  owner id (the group exists)
     P members:<group_id>           set     member user ids
     P groups:<user_id>             set     the user's group ids
@@ -60,7 +66,7 @@ import functools
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -75,6 +81,7 @@ from cim.interfaces import (
     NameTaken,
     NewMessage,
     NoSuchGroup,
+    QuotaExceeded,
     Session,
     SessionExists,
     StoreError,
@@ -420,10 +427,11 @@ class RedisStore:
             _ms(self.retention.max_age),
             _ms(self.retention.idempotency_window),
             self.prefix,
+            max(0, int(self.retention.sender_quota)),
         ]
         for m in messages:
             sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
-            args += [m.conversation, sent_id, encode_message(m, timestamp)]
+            args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
         appended, retries = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args
         )
@@ -436,10 +444,15 @@ class RedisStore:
                 if member
                 else (int(msg_id), int(seq), int(ts), conversation)
             )
-        stored = []
+        stored: list[ChatMessage | None] = []
+        refused = False
         for index, (m, ids) in enumerate(
             zip(messages, appended.split(","), strict=True)
         ):
+            if ids == "q":
+                stored.append(None)
+                refused = True
+                continue
             if ids:
                 msg_id, seq = ids.split(":")
                 fields = (int(msg_id), int(seq), timestamp, m.conversation)
@@ -463,7 +476,9 @@ class RedisStore:
                     group_id=m.group_id,
                 )
             )
-        return stored
+        if refused:
+            raise QuotaExceeded(stored)
+        return cast(list[ChatMessage], stored)
 
     @_deferred
     async def read(
