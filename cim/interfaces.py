@@ -219,13 +219,31 @@ class ISessions(Interface):
             C{replace} is false, fails with L{SessionExists}.
         """
 
-    def activate_session(user_id: int, session_id: str) -> Deferred[bool]:
+    def activate_session(
+        user_id: int, session_id: str, ttl: float = ...
+    ) -> Deferred[bool]:
         """
         Mark the session connected (its server accepted the user's TCP
-        login): it no longer expires, and the user is listed online.
+        login): the user is listed online, and the session lives C{ttl}
+        seconds (default L{cim.limits.SESSION_TTL}) unless its server
+        renews it (L{renew_sessions}).
 
         @return: fires with C{True}, or C{False} when C{session_id} is no
             longer the user's session.
+        """
+
+    def renew_sessions(
+        server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> Deferred[list[int]]:
+        """
+        Give the connected sessions that C{server} holds, as C{(user_id,
+        session_id, user_name)}, C{ttl} more seconds to live, in one round
+        trip.  A session that expired meanwhile (the server could not renew
+        it in time) is made again, connected: the server still holds it.
+
+        @return: fires with the sorted user ids whose session is now another
+            one (a newer login replaced it): C{server} should close those
+            connections.
         """
 
     def get_session(user_id: int) -> Deferred[Session | None]:

@@ -9,8 +9,10 @@ the server renews them, and the output a connection may leave unread.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from cim.interfaces import StoreError
@@ -173,3 +175,95 @@ def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
     send(carol_peer, bob, ["from carol"], "c1")
     assert [m.text for m in bob_peer.messages()] == ["3", "from carol"]
     assert [m.text for m in carol_peer.messages()] == ["hi carol"]
+
+
+# Sessions
+
+
+def test_the_sweep_renews_sessions_in_one_call() -> None:
+    world = World(session_ttl=9.0)
+    calls: list[int] = []
+    renew = world.store.renew_sessions
+
+    def counting(server: str, sessions: Any, ttl: float) -> Any:
+        calls.append(len(sessions))
+        return renew(server, sessions, ttl)
+
+    world.store.renew_sessions = counting  # type: ignore[method-assign]
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    # Kept alive by heartbeats and renewals far past the ttl.
+    for _ in range(20):
+        world.clock.advance(1)
+        alice_peer.send(Frame(cmd=Command.PING))
+        bob_peer.send(Frame(cmd=Command.PING))
+    assert calls and set(calls) == {2}
+    assert len(calls) <= 20 / 3 + 1
+    assert world.result(world.store.online_users()) == [(alice, "alice"), (bob, "bob")]
+    # A newer login elsewhere replaced bob's session: the renewal closes him
+    # here, without releasing the newer session.
+    newer, _ = world.result(  # type: ignore[misc]
+        world.store.claim_session(bob, "bob", "10.0.0.9:1:2", 60.0, replace=True)
+    )
+    for _ in range(4):
+        world.clock.advance(1)
+        alice_peer.send(Frame(cmd=Command.PING))
+    assert bob_peer.closed
+    assert not alice_peer.closed
+    session = world.result(world.store.get_session(bob))
+    assert session == newer  # type: ignore[comparison-overlap]
+
+
+def test_a_server_that_stops_renewing_leaves_no_session_online() -> None:
+    world = World(session_ttl=9.0)
+    world.login("alice")
+    # As if killed: its sweep stops, nothing is released.
+    world.server._sweeper.stop()
+    world.clock.advance(10)
+    assert world.result(world.store.online_users()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_starting_drops_the_sessions_of_its_earlier_run() -> None:
+    from cim.registry.local import LocalBoard, LocalRegistry
+    from cim.server.service import IMServerService, ServerConfig
+
+    clock = Clock()
+    store = MemoryStore(clock)
+    from twisted.internet import reactor
+
+    config = ServerConfig(port=0, http_port=0, bind="127.0.0.1", secret="s")
+    first = IMServerService(
+        reactor,
+        config,
+        lambda: succeed(store),
+        LocalRegistry(LocalBoard()),
+        own_store=False,
+    )
+    first.startService()
+    await first.ready
+    address = str(first.address)
+    await first.stopService()
+    # The sessions of a server killed without releasing them...
+    session, _ = await store.claim_session(7, "ghost", address, 60.0)
+    assert await store.activate_session(7, session.session_id, 90.0)
+    assert await store.online_users() == [(7, "ghost")]
+    # ...are dropped when it starts again on the same address.
+    again_config = replace(
+        config, port=first.address.port, http_port=first.address.http_port
+    )
+    again = IMServerService(
+        reactor,
+        again_config,
+        lambda: succeed(store),
+        LocalRegistry(LocalBoard()),
+        own_store=False,
+    )
+    again.startService()
+    await again.ready
+    try:
+        assert str(again.address) == address
+        assert await store.online_users() == []
+        assert await store.get_session(7) is None
+    finally:
+        await again.stopService()

@@ -16,7 +16,7 @@ from cim.interfaces import QuotaExceeded
 from cim.limits import MAX_SEQ
 from cim.message import inbox
 from tests import test_store
-from tests.test_store import Backend, failure_of, msg
+from tests.test_store import LONG_TTL, SHORT_TTL, Backend, failure_of, msg
 
 # The store suite's fixtures: every test runs on each store.
 store_url = test_store.store_url
@@ -185,3 +185,64 @@ async def test_no_quota(backend: Backend) -> None:
     for _ in range(3):
         await store.append([msg(inbox(2), f"m{i}") for i in range(10)])
     assert len(await store.read(inbox(2), 0, 100)) == 5
+
+
+# Sessions live only while renewed
+
+
+@pytest_twisted.ensureDeferred
+async def test_connected_sessions_expire_unless_renewed(backend: Backend) -> None:
+    store = backend.store
+    ttl = SHORT_TTL
+    alice, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    bob, _ = await store.claim_session(2, "bob", "h:1:2", LONG_TTL)
+    assert await store.activate_session(1, alice.session_id, ttl)
+    assert await store.activate_session(2, bob.session_id, LONG_TTL)
+    assert await store.online_users() == [(1, "alice"), (2, "bob")]
+
+    async def gone() -> bool:
+        return await store.get_session(1) is None
+
+    await backend.expire(ttl, gone)
+    # No longer online: not listed, not found for delivery, free to log in.
+    assert await store.online_users() == [(2, "bob")]
+    assert await store.get_sessions([1, 2]) == {2: await store.get_session(2)}
+    if backend.redis is not None:
+        online = await backend.redis.execute_command("HKEYS", backend.prefix + "online")
+        assert online == ["2"]
+    again, previous = await store.claim_session(1, "alice", "h:3:4", LONG_TTL)
+    assert previous is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_sessions(backend: Backend) -> None:
+    store = backend.store
+    server = "h:1:2"
+    alice, _ = await store.claim_session(1, "alice", server, LONG_TTL)
+    bob, _ = await store.claim_session(2, "bob", server, LONG_TTL)
+    await store.activate_session(1, alice.session_id, 5.0)
+    await store.activate_session(2, bob.session_id, 5.0)
+    # Bob logs in again elsewhere: his session here is another one now.
+    newer, _ = await store.claim_session(2, "bob", "h:3:4", LONG_TTL, replace=True)
+    held = [(1, alice.session_id, "alice"), (2, bob.session_id, "bob")]
+    assert await store.renew_sessions(server, held, LONG_TTL) == [2]
+    assert await store.renew_sessions(server, [], LONG_TTL) == []
+    pttl = await backend.pttl("session:1")
+    assert pttl is None or pttl > 5000
+    backend.clock.advance(10)
+    assert (await store.get_session(1)).session_id == alice.session_id
+    assert await store.get_session(2) == newer
+    # A session that expired while its server could not renew it (Redis
+    # away) is made again: the server still holds it.
+    await store.release_session(1, alice.session_id)
+    assert await store.renew_sessions(server, held[:1], LONG_TTL) == []
+    again = await store.get_session(1)
+    assert again is not None and again.connected
+    assert (again.session_id, again.server, again.user_name) == (
+        alice.session_id,
+        server,
+        "alice",
+    )
+    assert (1, "alice") in await store.online_users()
+    # and dropped with its server's sessions.
+    assert await store.drop_server_sessions(server) == [1]

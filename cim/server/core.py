@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher
 from cim.interfaces import IStore, ServerAddress
-from cim.limits import MAX_BATCH
+from cim.limits import MAX_BATCH, SESSION_TTL
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
 from cim.metrics import Metrics
 from cim.server import wire
@@ -50,6 +50,8 @@ class IMServer:
         a batch counts, any other frame counts one), with a burst of twice
         as many; past that it gets an error and is closed.
     @param max_batch: the most texts one send may carry.
+    @param session_ttl: how long the sessions of its users live in the
+        store unless renewed; the sweep renews them every third of it.
     """
 
     log = Logger()
@@ -67,6 +69,7 @@ class IMServer:
         max_text: int = 4096,
         rate: float = 2000.0,
         max_batch: int = MAX_BATCH,
+        session_ttl: float = SESSION_TTL,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -77,6 +80,9 @@ class IMServer:
         self.login_timeout = login_timeout
         self.max_text = max_text
         self.rate = rate
+        self.session_ttl = session_ttl
+        self._renewed = clock.seconds()
+        self._renewing = False
         self.users: dict[int, Connection] = {}
         self.connections: set[Connection] = set()
         self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
@@ -103,7 +109,7 @@ class IMServer:
         self.m_latency = metrics.histogram(
             "delivery_latency_seconds", "From store append to write, for live messages"
         )
-        self.authenticator = Authenticator(store, self.here, legacy_login)
+        self.authenticator = Authenticator(store, self.here, legacy_login, session_ttl)
         self.sender = Sender(
             store,
             self.delivery,
@@ -120,7 +126,9 @@ class IMServer:
         """
         Start the heartbeat and login-deadline sweep.
         """
-        interval = max(0.5, min(self.heartbeat_timeout, self.login_timeout) / 3)
+        interval = max(
+            0.5, min(self.heartbeat_timeout, self.login_timeout, self.session_ttl) / 3
+        )
         self._sweeper.start(interval, now=False).addErrback(
             lambda f: self.log.failure("The sweep died", f)
         )
@@ -146,7 +154,8 @@ class IMServer:
     def sweep(self) -> None:
         """
         Close connections that were silent past the heartbeat timeout, or
-        that did not log in in time, and save acknowledged cursors.
+        that did not log in in time, save acknowledged cursors, and renew
+        the sessions (every third of their time to live).
         """
         now = self.clock.seconds()
         idle = now - self.heartbeat_timeout
@@ -176,6 +185,52 @@ class IMServer:
             self.store.set_many_cursors(
                 {conn.user_id: dict(conn.acked) for conn in dirty}
             ).addErrback(self._save_many_failed, dirty)
+        if now - self._renewed >= self.session_ttl / 3 and not self._renewing:
+            self._renew(now)
+
+    def _renew(self, now: float) -> None:
+        """
+        Renew the sessions of every user connected here, in one store call;
+        close the connections whose session a newer login replaced.
+        """
+        held = [
+            (conn.user_id, conn.session_id, conn.user_name)
+            for conn in self.users.values()
+            if not conn.closed
+        ]
+        self._renewed = now
+        if not held:
+            return
+        self._renewing = True
+
+        sessions = {user_id: session_id for user_id, session_id, _ in held}
+
+        def renewed(lost: list[int]) -> None:
+            for user_id in lost:
+                conn = self.users.get(user_id)
+                if (
+                    conn is not None
+                    and not conn.closed
+                    and conn.session_id == sessions.get(user_id)
+                ):
+                    self.log.info(
+                        "Closing {user_id}: its session was replaced", user_id=user_id
+                    )
+                    conn.replaced = True
+                    self.kick(conn, "logged in again elsewhere")
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Renewing the sessions of {count} users failed",
+                failure,
+                count=len(held),
+            )
+
+        def done(result: object) -> None:
+            self._renewing = False
+
+        d = self.store.renew_sessions(self.here, held, self.session_ttl)
+        d.addCallbacks(renewed, failed).addBoth(done)
 
     def _save_many_failed(self, failure: Failure, dirty: list[Connection]) -> None:
         for conn in dirty:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from cim.interfaces import IStore
+from cim.limits import SESSION_TTL
 from cim.message import ErrorCode, Frame, group_conversation, inbox
 
 
@@ -69,14 +70,23 @@ class Authenticator:
         tokens and sessions must name it.
     @param legacy_login: accept CIM clients that send no token, for users
         whose session the route assigned to this server.
+    @param session_ttl: how long an activated session lives unless the
+        server renews it.
     """
 
     log = Logger()
 
-    def __init__(self, store: IStore, here: str, legacy_login: bool) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        here: str,
+        legacy_login: bool,
+        session_ttl: float = SESSION_TTL,
+    ) -> None:
         self.store = store
         self.here = here
         self.legacy_login = legacy_login
+        self.session_ttl = session_ttl
 
     async def _release_quietly(self, user_id: int, session_id: str) -> None:
         try:
@@ -135,7 +145,9 @@ class Authenticator:
             return Refusal(ErrorCode.BAD_TOKEN, "the session belongs to another server")
         if legacy and session.user_name != frame.req_msg:
             return Refusal(ErrorCode.BAD_TOKEN, "userName does not match the session")
-        if not await self.store.activate_session(user_id, session.session_id):
+        if not await self.store.activate_session(
+            user_id, session.session_id, self.session_ttl
+        ):
             return Refusal(ErrorCode.BAD_TOKEN, "the session was replaced or expired")
         try:
             # Both reads at once.

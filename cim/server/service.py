@@ -98,6 +98,16 @@ class IMServerService(AsyncStartService):
         self.address = ServerAddress(
             config.host, client_port.getHost().port, http_port.getHost().port
         )
+        # Sessions naming this address are of an earlier run of this server
+        # (killed, or stopped while the store was away): nobody holds them.
+        # Drop them before any login is accepted here.
+        dropped = await store.drop_server_sessions(str(self.address))
+        if dropped:
+            self.log.info(
+                "Dropped {count} sessions of an earlier run of {address}",
+                count=len(dropped),
+                address=str(self.address),
+            )
         self.server = server = IMServer(
             self.reactor,
             store,
@@ -108,6 +118,7 @@ class IMServerService(AsyncStartService):
             login_timeout=config.login_timeout,
             rate=config.rate,
             max_batch=config.max_batch,
+            session_ttl=config.session_ttl,
         )
         client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
         site = QuietSite(PushAPI(server, config.secret).app.resource())

@@ -36,7 +36,7 @@ from cim.interfaces import (
     SessionExists,
     TokenInfo,
 )
-from cim.limits import MAX_SEQ
+from cim.limits import MAX_SEQ, SESSION_TTL
 from cim.message import ChatMessage
 from cim.passwords import check_hash, make_hash
 from cim.store import Retention
@@ -78,7 +78,8 @@ class _User:
 @dataclass(slots=True)
 class _SessionRecord:
     session: Session
-    #: When an unconnected session disappears (clock seconds), or C{None}.
+    #: When the session disappears (clock seconds) unless renewed, or
+    #: C{None}.
     expires: float | None
 
 
@@ -224,12 +225,32 @@ class MemoryStore:
         return session, previous
 
     @_fired
-    def activate_session(self, user_id: int, session_id: str) -> bool:
+    def activate_session(
+        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+    ) -> bool:
         session = self._session(user_id)
         if session is None or session.session_id != session_id:
             return False
-        self._sessions[user_id] = _SessionRecord(replace(session, connected=True), None)
+        self._sessions[user_id] = _SessionRecord(
+            replace(session, connected=True), self._seconds() + ttl
+        )
         return True
+
+    @_fired
+    def renew_sessions(
+        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> list[int]:
+        expires = self._seconds() + ttl
+        lost = []
+        for user_id, session_id, user_name in sessions:
+            current = self._session(user_id)
+            if current is None:
+                current = Session(user_id, user_name, server, session_id, True)
+            elif current.session_id != session_id:
+                lost.append(user_id)
+                continue
+            self._sessions[user_id] = _SessionRecord(current, expires)
+        return sorted(lost)
 
     @_fired
     def get_session(self, user_id: int) -> Session | None:
@@ -255,9 +276,9 @@ class MemoryStore:
     @_fired
     def online_users(self) -> list[tuple[int, str]]:
         return sorted(
-            (r.session.user_id, r.session.user_name)
-            for r in self._sessions.values()
-            if r.session.connected
+            (session.user_id, session.user_name)
+            for session in map(self._session, list(self._sessions))
+            if session is not None and session.connected
         )
 
     @_fired

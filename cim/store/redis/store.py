@@ -11,14 +11,18 @@ default; user names are only ever hash fields and values, never key names)::
     P user:<user_id>               hash    name, pw (scrypt string; absent
                                            when the account has no password)
     P session:<user_id>            hash    name, server, session_id,
-                                           connected ("0"/"1"); PEXPIRE'd
-                                           until connected
+                                           connected ("0"/"1"); PEXPIRE'd:
+                                           the claim's ttl until connected,
+                                           then the session ttl, renewed by
+                                           its server
     P server:<server>              set     user ids with a session on server
                                            (checked against the session
                                            record, so stale entries are
                                            harmless)
     P online                       hash    user id -> user name, connected
-                                           sessions only
+                                           sessions only (an entry whose
+                                           session expired is dropped when
+                                           read)
     P token:<sha256(token), hex>   hash    user, server, session_id; PEXPIRE
                                            ttl (the token itself is not
                                            stored)
@@ -87,7 +91,7 @@ from cim.interfaces import (
     StoreError,
     TokenInfo,
 )
-from cim.limits import MAX_SEQ
+from cim.limits import MAX_SEQ, SESSION_TTL
 from cim.message import ChatMessage
 from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
@@ -333,13 +337,27 @@ class RedisStore:
         return session, previous
 
     @_deferred
-    async def activate_session(self, user_id: int, session_id: str) -> bool:
+    async def activate_session(
+        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+    ) -> bool:
         done = await self._run(
             scripts.ACTIVATE_SESSION,
             [self._key("session", user_id), self._key("online")],
-            [user_id, session_id],
+            [user_id, session_id, _ms(ttl)],
         )
         return bool(int(done))
+
+    @_deferred
+    async def renew_sessions(
+        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> list[int]:
+        args: list[Any] = [self.prefix, server, _ms(ttl)]
+        for user_id, session_id, user_name in sessions:
+            args += [user_id, session_id, user_name]
+        if len(args) == 3:
+            return []
+        lost = await self._run(scripts.RENEW_SESSIONS, [], args)
+        return sorted(int(u) for u in lost)
 
     @_deferred
     async def get_session(self, user_id: int) -> Session | None:
@@ -375,7 +393,9 @@ class RedisStore:
 
     @_deferred
     async def online_users(self) -> list[tuple[int, str]]:
-        flat = await self._command("HGETALL", self._key("online"))
+        flat = await self._run(
+            scripts.ONLINE_USERS, [self._key("online")], [self.prefix]
+        )
         return sorted(
             (int(u), name) for u, name in zip(flat[::2], flat[1::2], strict=True)
         )
