@@ -49,8 +49,13 @@ class Peer:
     One client connection to the server under test.
     """
 
-    def __init__(self, server: IMServer, max_frame: int = 64 * 1024) -> None:
-        self.protocol = ClientConnectionProtocol(server, max_frame)
+    def __init__(
+        self,
+        server: IMServer,
+        max_frame: int = 64 * 1024,
+        max_output: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.protocol = ClientConnectionProtocol(server, max_frame, max_output)
         self.transport = StringTransport(
             peerAddress=IPv4Address("TCP", "10.1.1.1", 5000)
         )

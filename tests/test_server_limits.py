@@ -12,11 +12,14 @@ from dataclasses import replace
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from cim.interfaces import StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, inbox
+from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
 from tests.serverkit import Peer, World
 
@@ -267,3 +270,122 @@ async def test_a_server_starting_drops_the_sessions_of_its_earlier_run() -> None
         assert await store.get_session(7) is None
     finally:
         await again.stopService()
+
+
+# What the server buffers for a client that does not read
+
+
+def flood(world: World, sender: Peer, receiver: int, count: int) -> None:
+    for i in range(count):
+        send(sender, receiver, ["x" * 1000 + str(i)])
+        world.clock.advance(0.01)
+
+
+def test_a_client_that_does_not_read_is_dropped() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob_peer = Peer(world.server, max_output=64 * 1024)
+    bob = world.account("bob")
+    bob_peer.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=bob,
+            req_msg="bob",
+            token=world.token(bob, "bob"),
+        )
+    )
+    # The transport's buffer is full: it paused its producer.
+    bob_peer.transport.producer.pauseProducing()
+    flood(world, alice_peer, bob, 60)
+    assert not bob_peer.transport.disconnected
+    flood(world, alice_peer, bob, 10)
+    assert bob_peer.transport.disconnected  # aborted, not closed in order
+    assert world.server.m_overflows.value == 1
+    bob_peer.lose()
+    # The sender chats on; bob's messages stay stored, and he gets them all
+    # at his next login.
+    assert not alice_peer.closed
+    assert world.result(world.store.online_users()) == [
+        (alice_peer.protocol.conn.user_id, "alice")
+    ]
+    again, _ = world.login("bob", user_id=bob)
+    assert len(again.messages()) == 70
+
+
+class SmallBuffer(StringTransport):
+    """
+    A transport that pauses its producer when more than C{size} bytes wait,
+    as a TCP transport does; L{read} takes them and resumes it.
+    """
+
+    size = 100_000
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.size and self.producer is not None:
+            if not getattr(self, "paused", False):
+                self.paused = True
+                self.producer.pauseProducing()
+
+    def read(self) -> None:
+        self.clear()
+        if getattr(self, "paused", False):
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+def slow_peer(world: World, user_id: int, name: str) -> Peer:
+    """
+    A peer logged in as C{user_id} over a L{SmallBuffer}.
+    """
+    peer = Peer.__new__(Peer)
+    peer.protocol = ClientConnectionProtocol(world.server, 64 * 1024)
+    peer.transport = SmallBuffer(peerAddress=IPv4Address("TCP", "10.1.1.2", 5000))
+    peer.protocol.makeConnection(peer.transport)
+    peer.backlog = []
+    peer.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=user_id,
+            req_msg=name,
+            token=world.token(user_id, name),
+        )
+    )
+    return peer
+
+
+def test_a_replay_reads_no_more_than_the_client_takes() -> None:
+    world = World()
+    alice_peer, _ = world.login("alice")
+    bob = world.account("bob")
+    for i in range(10):
+        send(alice_peer, bob, [f"m{i}.{j}" + "x" * 500 for j in range(100)])
+        world.clock.advance(1)
+    reads = world.store.read
+    calls = []
+
+    def counting(*args: Any) -> Any:
+        calls.append(args)
+        return reads(*args)
+
+    world.store.read = counting  # type: ignore[method-assign]
+    peer = slow_peer(world, bob, "bob")
+    transport = peer.transport
+    assert isinstance(transport, SmallBuffer)
+    # One page (over 100 KB) fills the buffer: no more is read meanwhile.
+    assert len(calls) == 1
+    world.clock.advance(5)
+    assert len(calls) == 1
+    got = 0
+    while got < 1000:
+        got += len(peer.messages())
+        transport.read()
+    assert got == 1000
+    assert len(calls) == 6  # five pages, and the empty one after
+    # A client that stops reading in a replay is closed after a while.
+    peer.lose()
+    again = slow_peer(world, bob, "bob")
+    world.clock.advance(29)
+    assert not again.closed
+    world.clock.advance(2)
+    assert again.closed

@@ -101,6 +101,10 @@ class IMServer:
         self.m_in = metrics.counter("messages_in_total", "Chat messages received")
         self.m_out = metrics.counter("messages_out_total", "Chat messages written")
         self.m_errors = metrics.counter("errors_total", "Error frames sent")
+        self.m_overflows = metrics.counter(
+            "output_overflows_total",
+            "Connections dropped for leaving more than the output limit unread",
+        )
         self.m_acks_ignored = metrics.counter(
             "acks_ignored_total",
             "Acknowledged cursors ignored: not a conversation of the connection, "
@@ -307,6 +311,23 @@ class IMServer:
             conn.closed = True
             conn.link.close()
 
+    def overflowed(self, conn: Connection, unsent: int) -> None:
+        """
+        C{conn} does not read what it is sent: C{unsent} bytes wait past
+        the transport's buffer, over the limit.  Drop it at once; what it
+        was sent and did not acknowledge stays stored, and it gets that at
+        its next login.
+        """
+        self.m_overflows.inc()
+        self.log.info(
+            "Dropping {user_id} ({peer}): {unsent} bytes unread, over the limit",
+            user_id=conn.user_id,
+            peer=conn.peer,
+            unsent=unsent,
+        )
+        conn.closed = True
+        conn.link.abort()
+
     def kick(self, conn: Connection, reason: str, redirect: str = "") -> None:
         """
         Tell C{conn} to reconnect (through the route unless C{redirect} names
@@ -346,7 +367,8 @@ class IMServer:
             return
         if cmd == Command.PING:
             conn.send(wire.PONG)
-            if conn.legacy:
+            if conn.legacy and not conn.link.backed_up():
+                # (What waits unsent was not received.)
                 conn.acknowledge_delivered()
         elif conn.legacy:
             # CIM clients chat through the route's HTTP API and cannot read

@@ -120,7 +120,9 @@ class IMServerService(AsyncStartService):
             max_batch=config.max_batch,
             session_ttl=config.session_ttl,
         )
-        client_port.factory.wrapped = ClientConnectionFactory(server, config.max_frame)
+        client_port.factory.wrapped = ClientConnectionFactory(
+            server, config.max_frame, config.max_output
+        )
         site = QuietSite(PushAPI(server, config.secret).app.resource())
         site.noisy = False
         http_port.factory.wrapped = site
