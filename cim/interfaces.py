@@ -68,8 +68,8 @@ class SessionExists(Exception):
 class QuotaExceeded(ApiError):
     """
     A sender used up its quota of messages to a conversation
-    (L{cim.store.Retention.sender_quota}): L{IMessages.append} stored none
-    of its new messages to that conversation.  An L{ApiError} of code 6000
+    (L{cim.store.Retention.sender_quota}): L{IMessages.append} did not
+    store its messages past it.  An L{ApiError} of code 6000
     (rate limited), so that the route answers it as it is.
 
     @ivar results: per message of the refused append, the stored
@@ -310,10 +310,9 @@ class IMessages(Interface):
 
         Each sender may append at most C{retention.sender_quota} new
         messages to one conversation within any C{retention.max_age}
-        seconds, counted in the same round trip; a retry of an appended
-        message does not count.  When a sender's messages to a conversation
-        would go over it, none of its new messages to that conversation in
-        this call is appended (the others are).
+        seconds, counted in order in the same round trip; a retry of an
+        appended message does not count.  A message past its sender's quota
+        for its conversation is not appended (the others are).
 
         @return: fires with a list of L{ChatMessage}, one per input: the
             stored message with its C{msg_id} and C{seq}.  A message whose

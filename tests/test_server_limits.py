@@ -163,7 +163,7 @@ def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
     bob_peer, bob = world.login("bob")
     carol_peer, carol = world.login("carol")
     send(alice_peer, bob, ["1", "2"], "s1")
-    send(alice_peer, bob, ["3", "4"], "s2")  # over: 4 of 3
+    send(alice_peer, bob, ["3", "4"], "s2")  # "4" is over: 4 of 3
     frames = alice_peer.received()
     assert [f.cmd for f in frames] == [Command.ACK, Command.ERROR]
     assert frames[1].error_code == ErrorCode.RATE_LIMITED
@@ -171,11 +171,12 @@ def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
     assert "quota" in frames[1].error_reason
     assert not alice_peer.closed
     assert [m.text for m in bob_peer.messages()] == ["1", "2"]
-    # What still fits goes; so do other conversations and other senders.
-    send(alice_peer, bob, ["3"], "s3")
+    # Nothing more to bob; other conversations and senders go on.
+    send(alice_peer, bob, ["5"], "s3")
     send(alice_peer, carol, ["hi carol"], "s4")
-    assert [f.cmd for f in alice_peer.received()] == [Command.ACK, Command.ACK]
+    assert [f.cmd for f in alice_peer.received()] == [Command.ERROR, Command.ACK]
     send(carol_peer, bob, ["from carol"], "c1")
+    world.clock.advance(1)  # bob's gap (the "3" stored) is read from the store
     assert [m.text for m in bob_peer.messages()] == ["3", "from carol"]
     assert [m.text for m in carol_peer.messages()] == ["hi carol"]
 
@@ -294,8 +295,17 @@ def test_a_client_that_does_not_read_is_dropped() -> None:
             token=world.token(bob, "bob"),
         )
     )
-    # The transport's buffer is full: it paused its producer.
-    bob_peer.transport.producer.pauseProducing()
+    # The transport's buffer is full: it paused its producer (and tells it
+    # again at every write, as TCP transports do).
+    producer = bob_peer.transport.producer
+    producer.pauseProducing()
+    write = bob_peer.transport.write
+
+    def full(data: bytes) -> None:
+        write(data)
+        producer.pauseProducing()
+
+    bob_peer.transport.write = full  # type: ignore[method-assign]
     flood(world, alice_peer, bob, 60)
     assert not bob_peer.transport.disconnected
     flood(world, alice_peer, bob, 10)
@@ -323,9 +333,9 @@ class SmallBuffer(StringTransport):
     def write(self, data: bytes) -> None:
         super().write(data)
         if len(self.value()) > self.size and self.producer is not None:
-            if not getattr(self, "paused", False):
-                self.paused = True
-                self.producer.pauseProducing()
+            # Again at each write while full, as FileDescriptor does.
+            self.paused = True
+            self.producer.pauseProducing()
 
     def read(self) -> None:
         self.clear()

@@ -99,33 +99,30 @@ async def test_quota_keeps_a_receivers_unread_message(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_quota_refuses_only_the_sender_over_it(backend: Backend) -> None:
+async def test_quota_refuses_only_what_is_over_it(backend: Backend) -> None:
     store = quota_store(backend, 2)
     batch = [
         msg(inbox(2), "a1", sender_id=1),
         msg(inbox(2), "b1", sender_id=9),
         msg(inbox(2), "b2", sender_id=9),
-        msg(inbox(2), "b3", sender_id=9),  # one too many: all of b refused
+        msg(inbox(2), "b3", sender_id=9),  # one too many
         msg(inbox(3), "b-elsewhere", sender_id=9),
         msg(inbox(2), "a2", sender_id=1),
     ]
     error = await failure_of(store.append(batch))
     assert isinstance(error, QuotaExceeded)
-    results = error.results
-    assert [r and r.text for r in results] == [
-        "a1",
-        None,
-        None,
-        None,
-        "b-elsewhere",
-        "a2",
+    texts = [r and r.text for r in error.results]
+    assert texts == ["a1", "b1", "b2", None, "b-elsewhere", "a2"]
+    stored = await store.read(inbox(2), 0, 10)
+    assert [(m.seq, m.text) for m in stored] == [
+        (1, "a1"),
+        (2, "b1"),
+        (3, "b2"),
+        (4, "a2"),
     ]
-    assert [m.text for m in await store.read(inbox(2), 0, 10)] == ["a1", "a2"]
-    assert [m.seq for m in await store.read(inbox(2), 0, 10)] == [1, 2]
-    # The refused ones were not counted: two still fit.
-    await store.append(
-        [msg(inbox(2), "b1", sender_id=9), msg(inbox(2), "b2", sender_id=9)]
-    )
+    # The quota is used up: nothing more of 9's fits.
+    error = await failure_of(store.append([msg(inbox(2), "b4", sender_id=9)]))
+    assert isinstance(error, QuotaExceeded)
 
 
 @pytest_twisted.ensureDeferred

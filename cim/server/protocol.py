@@ -74,8 +74,11 @@ class Backlog:
     # IPushProducer, for the transport
 
     def pauseProducing(self) -> None:
-        self.paused = True
-        self.unsent = 0
+        # The transport calls it again at each write while its buffer is
+        # full: count from the first.
+        if not self.paused:
+            self.paused = True
+            self.unsent = 0
 
     def resumeProducing(self) -> None:
         self.paused = False

@@ -375,49 +375,44 @@ class MemoryStore:
             group_id=retry.group_id,
         )
 
-    def _over_quota(self, messages: Sequence[NewMessage]) -> set[tuple[str, int]]:
+    def _quota_budget(self) -> Callable[[NewMessage], bool]:
         """
-        Count the new messages of C{messages} against their senders'
-        quotas (L{Retention.sender_quota}, per window of C{max_age}: the
-        current window and the one before count together).
+        Count new messages against their senders' quotas
+        (L{Retention.sender_quota}, per window of C{max_age}: the current
+        window and the one before count together).
 
-        @return: the C{(conversation, sender_id)} whose new messages would
-            go over it; they are not counted.
+        @return: a function telling, for each new message in order, whether
+            it is within its sender's quota for its conversation (and
+            counting it if so).
         """
         quota = self.retention.sender_quota
         if quota <= 0:
-            return set()
+            return lambda new: True
         index = int(self._seconds() // self.retention.max_age)
         if index != self._quota_index:
             self._quota_index = index
             self._quota = {k: n for k, n in self._quota.items() if k[2] >= index - 1}
-        wanted: dict[tuple[str, int], int] = {}
-        seen: set[tuple[int, str]] = set()
-        for new in messages:
-            key = (new.sender_id, new.client_msg_id)
-            if new.client_msg_id and (key in self._appended or key in seen):
-                continue  # a retry
-            seen.add(key)
-            pair = (new.conversation, new.sender_id)
-            wanted[pair] = wanted.get(pair, 0) + 1
-        over = set()
-        for (conversation, sender), count in wanted.items():
-            current = (conversation, sender, index)
-            used = self._quota.get(current, 0) + self._quota.get(
-                (conversation, sender, index - 1), 0
+        counts = self._quota
+
+        def allowed(new: NewMessage) -> bool:
+            current = (new.conversation, new.sender_id, index)
+            used = counts.get(current, 0) + counts.get(
+                (new.conversation, new.sender_id, index - 1), 0
             )
-            if used + count > quota:
-                over.add((conversation, sender))
-            else:
-                self._quota[current] = self._quota.get(current, 0) + count
-        return over
+            if used >= quota:
+                return False
+            counts[current] = counts.get(current, 0) + 1
+            return True
+
+        return allowed
 
     @_fired
     def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
         self._forget_appended()
         now = self._seconds()
         timestamp = self._now_ms()
-        over = self._over_quota(messages)
+        allowed = self._quota_budget()
+        refused = False
         stored: list[ChatMessage | None] = []
         touched = set()
         for new in messages:
@@ -426,8 +421,9 @@ class MemoryStore:
             if entry is not None:
                 stored.append(self._original(entry, new))
                 continue
-            if (new.conversation, new.sender_id) in over:
+            if not allowed(new):
                 stored.append(None)
+                refused = True
                 continue
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
@@ -458,7 +454,7 @@ class MemoryStore:
             stored.append(message)
         for conversation in touched:
             self._trim(conversation)
-        if over:
+        if refused:
             raise QuotaExceeded(stored)
         return cast(list[ChatMessage], stored)
 

@@ -12,8 +12,8 @@
 -- conversation within any max-age window.  Windows are numbered (now /
 -- max age); a key per conversation, sender and window counts its messages
 -- (INCRBY, expiring after two windows), and the current and previous
--- windows count together.  A sender whose new messages to a conversation
--- would go over it has none of them appended.
+-- windows count together.  Messages are counted in order: those past the
+-- quota are not appended.
 
 -- How many of a conversation's oldest messages one append checks for age.
 local AGE_SCAN = 100
@@ -36,40 +36,25 @@ local function is_old(member)
   return ts ~= nil and ts < cutoff
 end
 
--- Which messages are retries (their sent record), and how many new ones
--- each conversation and sender wants.
-local sent = {}
-local fresh = {}
-local wanted = {}
-for i = 1, count do
-  local base = FIRST + STRIDE * (i - 1)
-  local sent_id = ARGV[base + 3]
-  if sent_id ~= '' then
-    sent[i] = redis.call('GET', prefix .. 'sent:' .. sent_id)
-  end
-  if not sent[i] and not (sent_id ~= '' and fresh[sent_id]) then
-    if sent_id ~= '' then fresh[sent_id] = true end
-    local pair = ARGV[base + 1] .. ':' .. ARGV[base + 2]
-    wanted[pair] = (wanted[pair] or 0) + 1
-  end
+-- How many more messages each conversation and sender may append (read
+-- when first needed), and how many it appends here.
+local budget = {}
+local counted = {}
+local window = math.floor(now / max_age)
+local function quota_key(pair, w)
+  return prefix .. 'quota:' .. pair .. ':' .. w
 end
-
--- Count them against the quota.
-local over = {}
-if quota > 0 then
-  local window = math.floor(now / max_age)
-  for pair, n in pairs(wanted) do
-    local current = prefix .. 'quota:' .. pair .. ':' .. window
-    local used = tonumber(redis.call('GET', current) or '0')
-        + tonumber(redis.call('GET', prefix .. 'quota:' .. pair .. ':'
-                              .. (window - 1)) or '0')
-    if used + n > quota then
-      over[pair] = true
-    else
-      redis.call('INCRBY', current, n)
-      redis.call('PEXPIRE', current, 2 * max_age)
-    end
+local function allowed(pair)
+  if quota <= 0 then return true end
+  if budget[pair] == nil then
+    budget[pair] = quota
+        - tonumber(redis.call('GET', quota_key(pair, window)) or '0')
+        - tonumber(redis.call('GET', quota_key(pair, window - 1)) or '0')
   end
+  if budget[pair] <= 0 then return false end
+  budget[pair] = budget[pair] - 1
+  counted[pair] = (counted[pair] or 0) + 1
+  return true
 end
 
 -- One INCRBY reserves ids for the whole batch (a retry leaves its id unused).
@@ -81,7 +66,10 @@ for i = 1, count do
   local base = FIRST + STRIDE * (i - 1)
   local conversation = ARGV[base + 1]
   local sent_id = ARGV[base + 3]
-  local original = sent[i] or (sent_id ~= '' and just_sent[sent_id])
+  local original = false
+  if sent_id ~= '' then
+    original = just_sent[sent_id] or redis.call('GET', prefix .. 'sent:' .. sent_id)
+  end
   if original then
     local msg_id, seq, ts, conv = string.match(original,
                                                '^(%d+):(%d+):(%d+):(.*)$')
@@ -91,7 +79,7 @@ for i = 1, count do
       retries[#retries + 1] = v
     end
     appended[i] = ''
-  elseif over[conversation .. ':' .. ARGV[base + 2]] then
+  elseif not allowed(conversation .. ':' .. ARGV[base + 2]) then
     appended[i] = 'q'
   else
     local conv_key = prefix .. 'conv:' .. conversation
@@ -108,6 +96,12 @@ for i = 1, count do
     touched[conv_key] = true
     appended[i] = msg_id .. ':' .. seq
   end
+end
+
+for pair, n in pairs(counted) do
+  local key = quota_key(pair, window)
+  redis.call('INCRBY', key, n)
+  redis.call('PEXPIRE', key, 2 * max_age)
 end
 
 for conv_key in pairs(touched) do
