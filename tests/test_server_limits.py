@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -399,3 +400,61 @@ def test_a_replay_reads_no_more_than_the_client_takes() -> None:
     assert not again.closed
     world.clock.advance(2)
     assert again.closed
+
+
+# Options
+
+
+@pytest.mark.parametrize("module", ["cim.server.tap", "cim.standalone"])
+def test_limit_options(module: str) -> None:
+    import importlib
+
+    from twisted.python import usage
+
+    options_class = importlib.import_module(module).Options
+    defaults = options_class()
+    defaults.parseOptions(["--secret", "a-long-secret"])
+    assert (
+        defaults["max-batch"],
+        defaults["sender-quota"],
+        defaults["max-output"],
+        defaults["session-ttl"],
+    ) == (100, 5000, 4 * 1024 * 1024, 90.0)
+    given = options_class()
+    given.parseOptions(
+        ["--secret", "a-long-secret", "--max-batch", "10", "--sender-quota", "0",
+         "--max-output", "65536", "--session-ttl", "2.5"]
+    )  # fmt: skip
+    assert (
+        given["max-batch"],
+        given["sender-quota"],
+        given["max-output"],
+        given["session-ttl"],
+    ) == (10, 0, 65536, 2.5)
+    for args, complaint in [
+        (["--max-batch", "0"], "--max-batch must be between 1 and 100,000"),
+        (["--max-batch", "ten"], "--max-batch must be a whole number"),
+        (["--sender-quota", "-1"], "--sender-quota must be between 0"),
+        (["--max-output", "1000"], "--max-output must be between 65,536"),
+        (["--session-ttl", "1"], "--session-ttl must be at least 2 seconds"),
+        (["--session-ttl", "x"], "--session-ttl must be a number"),
+    ]:
+        with pytest.raises(usage.UsageError, match=complaint):
+            options_class().parseOptions(["--secret", "a-long-secret", *args])
+
+
+def test_options_reach_the_server() -> None:
+    from cim.server import tap
+
+    options = tap.Options()
+    options.parseOptions(
+        ["--secret", "a-long-secret", "--max-batch", "7", "--sender-quota", "9",
+         "--max-output", "70000", "--session-ttl", "12"]
+    )  # fmt: skip
+    config = tap.config_from(options)
+    assert (
+        config.max_batch,
+        config.sender_quota,
+        config.max_output,
+        config.session_ttl,
+    ) == (7, 9, 70000, 12.0)
