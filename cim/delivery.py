@@ -22,7 +22,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.batch import Batcher
-from cim.interfaces import ILocalDelivery, IPusher, IStore, NewMessage, Session
+from cim.interfaces import (
+    ILocalDelivery,
+    IPusher,
+    IStore,
+    NewMessage,
+    QuotaExceeded,
+    Session,
+)
 from cim.message import ChatMessage
 
 #: How long a user's server, once looked up, is pushed to without asking the
@@ -109,15 +116,30 @@ class Delivery:
                 start += len(request)
             return out
 
+        def refused(failure: Failure) -> list[list[ChatMessage] | Failure]:
+            # Only the requests with a refused message fail; the others of
+            # the batch were stored.
+            failure.trap(QuotaExceeded)
+            assert isinstance(failure.value, QuotaExceeded)
+            out: list[list[ChatMessage] | Failure] = []
+            for part in split(failure.value.results):  # type: ignore[arg-type]
+                if None in part:
+                    out.append(Failure(QuotaExceeded(part)))
+                else:
+                    out.append(part)
+            return out
+
         d: Deferred = self.store.append(flat)
-        return d.addCallback(split)
+        return d.addCallbacks(split, refused)
 
     def append(self, messages: list[NewMessage]) -> Deferred[list[ChatMessage]]:
         """
         Append C{messages} (in order) with other concurrent appends in one
         store call.
 
-        @return: fires with the stored messages.
+        @return: fires with the stored messages; fails with
+            L{QuotaExceeded} when the store refused them (their sender's
+            quota for the conversation is used up).
         """
         return self._appender.submit_deferred(messages)
 

@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from cim.envelope import RATE_LIMITED, ApiError
 from cim.message import ChatMessage
 
 
@@ -63,6 +64,26 @@ class SessionExists(Exception):
     def __init__(self, session: Session) -> None:
         super().__init__(session)
         self.session = session
+
+
+class QuotaExceeded(ApiError):
+    """
+    A sender used up its quota of messages to a conversation
+    (L{cim.store.Retention.sender_quota}): L{IMessages.append} did not
+    store its messages past it.  An L{ApiError} of code 6000
+    (rate limited), so that the route answers it as it is.
+
+    @ivar results: per message of the refused append, the stored
+        L{ChatMessage}, or C{None} for each message refused.
+    """
+
+    def __init__(self, results: Sequence[ChatMessage | None] = ()) -> None:
+        super().__init__(
+            RATE_LIMITED,
+            "the sender's quota of messages to this conversation is used up; "
+            "wait before sending more",
+        )
+        self.results = list(results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,13 +254,31 @@ class ISessions(Interface):
             C{replace} is false, fails with L{SessionExists}.
         """
 
-    def activate_session(user_id: int, session_id: str) -> Deferred[bool]:
+    def activate_session(
+        user_id: int, session_id: str, ttl: float = ...
+    ) -> Deferred[bool]:
         """
         Mark the session connected (its server accepted the user's TCP
-        login): it no longer expires, and the user is listed online.
+        login): the user is listed online, and the session lives C{ttl}
+        seconds (default L{cim.limits.SESSION_TTL}) unless its server
+        renews it (L{renew_sessions}).
 
         @return: fires with C{True}, or C{False} when C{session_id} is no
             longer the user's session.
+        """
+
+    def renew_sessions(
+        server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> Deferred[list[int]]:
+        """
+        Give the connected sessions that C{server} holds, as C{(user_id,
+        session_id, user_name)}, C{ttl} more seconds to live, in one round
+        trip.  A session that expired meanwhile (the server could not renew
+        it in time) is made again, connected: the server still holds it.
+
+        @return: fires with the sorted user ids whose session is now another
+            one (a newer login replaced it): C{server} should close those
+            connections.
         """
 
     def get_session(user_id: int) -> Deferred[Session | None]:
@@ -294,14 +333,28 @@ class IMessages(Interface):
     Conversations (numbered messages) and each user's acknowledged cursors.
     """
 
+    retention = Attribute(
+        "The L{cim.store.Retention} limits of conversations, read at each "
+        "append: a daemon may replace it with one built from its options "
+        "before it appends."
+    )
+
     def append(messages: Sequence[NewMessage]) -> Deferred[list[ChatMessage]]:
         """
         Append each message to its conversation, in order.
 
+        Each sender may append at most C{retention.sender_quota} new
+        messages to one conversation within any C{retention.max_age}
+        seconds, counted in order in the same round trip; a retry of an
+        appended message does not count.  A message past its sender's quota
+        for its conversation is not appended (the others are).
+
         @return: fires with a list of L{ChatMessage}, one per input: the
             stored message with its C{msg_id} and C{seq}.  A message whose
             C{(sender_id, client_msg_id)} was appended before is not
-            appended again; its original is returned.
+            appended again; its original is returned.  Fails with
+            L{QuotaExceeded} (giving the messages that were stored) when
+            any was refused.
         """
 
     def read(
@@ -322,7 +375,10 @@ class IMessages(Interface):
     def set_cursors(user_id: int, cursors: dict[str, int]) -> Deferred[None]:
         """
         Raise the user's acknowledged cursor of each conversation to the
-        given seq (a lower value never lowers it).
+        given seq (a lower value never lowers it).  Each seq is stored as
+        an integer; one that is not an C{int} between 1 and
+        L{cim.limits.MAX_SEQ} is left out.  Callers store only cursors of
+        the user's own conversations, never beyond what it was sent.
 
         @return: fires with C{None}.
         """
@@ -338,6 +394,8 @@ class IMessages(Interface):
     def get_cursors(user_id: int) -> Deferred[dict[str, int]]:
         """
         @return: fires with a C{dict} of conversation to acknowledged seq.
+            A stored value that is not such an integer is left out (with a
+            warning in the log), never a failure.
         """
 
 

@@ -15,6 +15,20 @@ MAX_NAME = 64
 MAX_PASSWORD = 1024
 #: The largest user id (Java's long, as CIM's clients hold it).
 MAX_USER_ID = 2**63 - 1
+#: The largest sequence number (and acknowledged cursor) a store keeps:
+#: exact as a double, so Lua and JSON read it unchanged.
+MAX_SEQ = 2**53 - 1
+#: The most texts one send may carry (a frame's batch, C{batchMsg}).
+MAX_BATCH = 100
+#: How many messages one sender may append to one conversation within the
+#: retention window (7 days): half of what a conversation keeps (10,000),
+#: so that one sender cannot push a receiver's unread messages out.
+SENDER_QUOTA = 5_000
+#: Seconds a connected session lives unless its server renews it.
+SESSION_TTL = 90.0
+#: Bytes a server buffers for one connection that does not read them
+#: before it drops the connection.
+MAX_OUTPUT = 4 * 1024 * 1024
 #: Group ids: 1-64 letters, digits, C{_}, C{-} or C{.}.
 GROUP_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
 GROUP_ID = re.compile(GROUP_ID_PATTERN)

@@ -23,7 +23,6 @@ were), so a flood does not flood the log too.
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
+
+from cim.options import positive_float, whole_number
 
 #: The most connections a daemon holds in all, unless told otherwise (and
 #: unless its open-file limit is lower: see L{default_max_connections}).
@@ -199,42 +200,6 @@ class LimitedFactory(WrappingFactory[_Counted]):
 # Options, shared by the daemons' taps
 
 
-def count_option(name: str, low: int = 0) -> Callable[[str], int]:
-    """
-    A C{--name} option that is a whole number of at least C{low}.
-    """
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise usage.UsageError(
-                f"--{name} must be a whole number, not {text!r}"
-            ) from None
-        if value < low:
-            raise usage.UsageError(f"--{name} must be at least {low}")
-        return value
-
-    return parse
-
-
-def seconds_option(name: str) -> Callable[[str], float]:
-    """
-    A C{--name} option that is a positive number of seconds.
-    """
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
-        if not 0 < value < 86400:
-            raise usage.UsageError(f"--{name} must be between 0 and 86400 seconds")
-        return value
-
-    return parse
-
-
 #: The store and shutdown defaults, in seconds.
 STORE_TIMEOUT = 3.0
 SHUTDOWN_TIMEOUT = 5.0
@@ -258,7 +223,7 @@ def daemon_options(
             None,
             f"Connections held in all, on every port (default {MAX_CONNECTIONS:,}, "
             f"or {RESERVED_FILES:,} below the open-file limit if lower).",
-            count_option("max-connections", 1),
+            whole_number("max-connections", 1),
         ],
         [
             "max-connections-per-address",
@@ -267,28 +232,28 @@ def daemon_options(
             "Connections from one IP address"
             + (" to the client port" if http_per_address is not None else "")
             + " (0: no limit).",
-            count_option("max-connections-per-address"),
+            whole_number("max-connections-per-address", 0),
         ],
         [
             "request-timeout",
             None,
             REQUEST_TIMEOUT,
             "Seconds a client has to send a whole HTTP request.",
-            seconds_option("request-timeout"),
+            positive_float("request-timeout", high=86400),
         ],
         [
             "store-timeout",
             None,
             STORE_TIMEOUT,
             "Seconds a Redis call may take before it fails.",
-            seconds_option("store-timeout"),
+            positive_float("store-timeout", high=86400),
         ],
         [
             "shutdown-timeout",
             None,
             SHUTDOWN_TIMEOUT,
             "Seconds the shutdown waits for the store and registry.",
-            seconds_option("shutdown-timeout"),
+            positive_float("shutdown-timeout", high=86400),
         ],
     ]
     if http_per_address is not None:
@@ -299,7 +264,7 @@ def daemon_options(
                 None,
                 http_per_address,
                 "Connections from one IP address to the HTTP port(s) (0: no limit).",
-                count_option("max-http-connections-per-address"),
+                whole_number("max-http-connections-per-address", 0),
             ],
         )
     return options

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from twisted.python import usage
 
+from cim.limits import MAX_BATCH, SENDER_QUOTA
 from cim.registry import parse_zk_url
 from cim.store import STORE_URLS, parse_redis_url
 
 
-def positive_float(name: str) -> Callable[[str], float]:
+def positive_float(
+    name: str, low: float = 0.0, high: float | None = None
+) -> Callable[[str], float]:
+    """
+    A C{--name} option taking a positive number (of seconds, often), at
+    least C{low} and below C{high} when given.
+    """
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -21,6 +30,10 @@ def positive_float(name: str) -> Callable[[str], float]:
             raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
         if value <= 0:
             raise usage.UsageError(f"--{name} must be positive")
+        if value < low:
+            raise usage.UsageError(f"--{name} must be at least {low:g} seconds")
+        if high is not None and value >= high:
+            raise usage.UsageError(f"--{name} must be between 0 and {high:g} seconds")
         return value
 
     return parse
@@ -44,6 +57,49 @@ def port_number(name: str) -> Callable[[str], int]:
             ) from None
 
     return parse
+
+
+def whole_number(name: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """
+    A C{--name} option taking a whole number of at least C{low} (and at
+    most C{high}, when given).
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError(
+                f"--{name} must be an integer, not {text!r}"
+            ) from None
+        if high is None and value < low:
+            raise usage.UsageError(f"--{name} must be at least {low}")
+        if high is not None and not low <= value <= high:
+            raise usage.UsageError(f"--{name} must be between {low:,} and {high:,}")
+        return value
+
+    return parse
+
+
+#: What one send may store (issue 13), for every daemon that stores sends.
+SEND_LIMITS: list[list[Any]] = [
+    [
+        "max-batch",
+        None,
+        MAX_BATCH,
+        "The most texts one send may carry.",
+        whole_number("max-batch", 1, 100_000),
+    ],
+    [
+        "sender-quota",
+        None,
+        SENDER_QUOTA,
+        "Messages one sender may store in one conversation within the "
+        "retention window (7 days; 0: no limit). Keep it under the "
+        "10,000 a conversation keeps, and the same on every daemon.",
+        whole_number("sender-quota", 0, 10**9),
+    ],
+]
 
 
 def check_store_url(url: str) -> None:

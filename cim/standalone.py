@@ -34,6 +34,7 @@ from cim.options import (
 )
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
+from cim.server.tap import SERVER_LIMITS
 
 
 class Options(usage.Options):
@@ -62,6 +63,7 @@ class Options(usage.Options):
         ["registry", None, "local:", "local: or zk://host:port/root"],
         *SECRET_PARAMETERS,
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
+        *SERVER_LIMITS,
     ]
 
     def postOptions(self) -> None:
@@ -115,6 +117,10 @@ class StandaloneService(AsyncStartService):
                 legacy_login=bool(o["legacy-login"]),
                 limits=limits,
                 shutdown_timeout=self.shutdown_timeout,
+                max_batch=o["max-batch"],
+                sender_quota=o["sender-quota"],
+                max_output=o["max-output"],
+                session_ttl=o["session-ttl"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

@@ -6,6 +6,7 @@ L{StringTransport}, and frame parsing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
@@ -48,8 +49,13 @@ class Peer:
     One client connection to the server under test.
     """
 
-    def __init__(self, server: IMServer, max_frame: int = 64 * 1024) -> None:
-        self.protocol = ClientConnectionProtocol(server, max_frame)
+    def __init__(
+        self,
+        server: IMServer,
+        max_frame: int = 64 * 1024,
+        max_output: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.protocol = ClientConnectionProtocol(server, max_frame, max_output)
         self.transport = StringTransport(
             peerAddress=IPv4Address("TCP", "10.1.1.1", 5000)
         )
@@ -106,14 +112,25 @@ class World:
     """
 
     def __init__(
-        self, legacy_login: bool = False, store: MemoryStore | None = None
+        self,
+        legacy_login: bool = False,
+        store: MemoryStore | None = None,
+        **options: Any,
     ) -> None:
+        """
+        @param options: more of L{IMServer}'s options.
+        """
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = store or MemoryStore(self.clock)
         self.pusher = RecordingPusher()
         self.server = IMServer(
-            self.clock, self.store, HERE, self.pusher, legacy_login=legacy_login
+            self.clock,
+            self.store,
+            HERE,
+            self.pusher,
+            legacy_login=legacy_login,
+            **options,
         )
         self.server.start()
 

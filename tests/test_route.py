@@ -249,10 +249,11 @@ class Route:
 
     def connect(self, user_id: int) -> None:
         """
-        What the user's IM server does when its TCP login arrives.
+        What the user's IM server does when its TCP login arrives (its
+        sweep then renews the session: here it lives a day).
         """
         session = result(self.store.get_session(user_id))
-        assert result(self.store.activate_session(user_id, session.session_id))
+        assert result(self.store.activate_session(user_id, session.session_id, 86400.0))
 
     def online(self, name: str, password: str | None = None) -> tuple[int, str]:
         """

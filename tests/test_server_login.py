@@ -75,9 +75,11 @@ class SessionReplacedBeforeActivation(Store):
     being checked.
     """
 
-    def activate_session(self, user_id: int, session_id: str) -> Deferred[bool]:
+    def activate_session(
+        self, user_id: int, session_id: str, ttl: float = 90.0
+    ) -> Deferred[bool]:
         self.claim_session(user_id, "alice", str(HERE), 60.0, replace=True)
-        return super().activate_session(user_id, session_id)
+        return super().activate_session(user_id, session_id, ttl)
 
 
 def login(

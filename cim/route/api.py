@@ -26,6 +26,7 @@ from cim import envelope as codes
 from cim.delivery import Delivery
 from cim.envelope import ApiError, envelope
 from cim.interfaces import IRegistry, IServerControl, IStore, StoreError
+from cim.limits import MAX_BATCH
 from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pushapi import SECRET_HEADER
@@ -102,6 +103,7 @@ class RouteAPI:
         require_password: bool = False,
         legacy_auth: bool = False,
         max_message: int = 4096,
+        max_batch: int = MAX_BATCH,
         max_body: int = MAX_BODY,
         login_rate: float = 10.0,
         address_rate: float = 60.0,
@@ -123,7 +125,7 @@ class RouteAPI:
         )
         self.registry = registry
         self.clock = clock
-        self.limits = Limits(max_message=max_message)
+        self.limits = Limits(max_message=max_message, max_batch=max_batch)
         self.max_body = max_body
         self._calls: weakref.WeakKeyDictionary[IRequest, _Call] = (
             weakref.WeakKeyDictionary()

@@ -26,6 +26,7 @@ from cim.interfaces import (
 from cim.limits import (
     GROUP_ID_PATTERN,
     GROUP_ID_RULE,
+    MAX_BATCH,
     MAX_CLIENT_MSG_ID,
     MAX_NAME,
     MAX_PASSWORD,
@@ -115,6 +116,7 @@ class Limits:
     """
 
     max_message: int = 4096
+    max_batch: int = MAX_BATCH
 
 
 class Field:
@@ -415,6 +417,10 @@ class Texts(Field):
         if batch is not None and batch != []:
             if not isinstance(batch, list):
                 raise bad(f"batchMsg must be a list of strings, not {type_name(batch)}")
+            if len(batch) > limits.max_batch:
+                raise bad(
+                    f"batchMsg holds at most {limits.max_batch} texts (got {len(batch)})"
+                )
             return _check_texts(batch, "batchMsg items", limits)
         value = body.get("msg")
         if value is None:
@@ -424,7 +430,11 @@ class Texts(Field):
     def properties(self, limits: Limits) -> dict[str, Schema]:
         return {
             "msg": _text_schema(limits),
-            "batchMsg": {"type": "array", "items": _text_schema(limits)},
+            "batchMsg": {
+                "type": "array",
+                "items": _text_schema(limits),
+                "maxItems": limits.max_batch,
+            },
         }
 
 

@@ -6,7 +6,7 @@ the HTTP API, and shuts down cleanly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from cachetools import TTLCache
@@ -19,6 +19,7 @@ from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
+from cim.limits import MAX_BATCH, SENDER_QUOTA
 from cim.limits_net import (
     HTTP_PER_ADDRESS,
     SHUTDOWN_TIMEOUT,
@@ -59,6 +60,8 @@ class RouteConfig:
     token_ttl: float = 86400.0
     legacy_auth: bool = False
     max_message: int = 4096
+    max_batch: int = MAX_BATCH
+    sender_quota: int = SENDER_QUOTA
     max_body: int = MAX_BODY
     probe_timeout: float = 2.0
     limits: NetLimits = field(
@@ -178,6 +181,9 @@ class RouteService(AsyncStartService):
     async def _start(self) -> None:
         config = self.config
         self.store = store = await self.store_factory()
+        if self.own_store:
+            # The quota is counted where messages are stored.
+            store.retention = replace(store.retention, sender_quota=config.sender_quota)
         self._registry_started = True
         await self.registry.start()
         # A pool of our own, so that stopping closes its connections.
@@ -210,6 +216,7 @@ class RouteService(AsyncStartService):
             require_password=config.require_password,
             legacy_auth=config.legacy_auth,
             max_message=config.max_message,
+            max_batch=config.max_batch,
             max_body=config.max_body,
             login_rate=config.login_rate,
             address_rate=config.address_rate,

@@ -5,8 +5,6 @@ behind a load balancer).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -14,29 +12,16 @@ from cim.daemon import daemon_service
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.options import (
     SECRET_PARAMETERS,
+    SEND_LIMITS,
     check_registry_url,
     check_store_url,
     port_number,
     positive_float,
     secret_option,
+    whole_number,
 )
 from cim.route.balancer import BALANCERS
 from cim.route.service import RouteConfig, RouteService
-
-
-def int_between(name: str, low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise usage.UsageError(
-                f"--{name} must be an integer, not {text!r}"
-            ) from None
-        if not low <= value <= high:
-            raise usage.UsageError(f"--{name} must be between {low} and {high}")
-        return value
-
-    return parse
 
 
 class Options(usage.Options):
@@ -96,8 +81,9 @@ class Options(usage.Options):
             None,
             4096,
             "The longest chat message, in characters.",
-            int_between("max-message", 1, 1024 * 1024),
+            whole_number("max-message", 1, 1024 * 1024),
         ],
+        *SEND_LIMITS,
         *daemon_options(HTTP_PER_ADDRESS),
     ]
 
@@ -122,6 +108,8 @@ def config_from(options: usage.Options) -> RouteConfig:
         token_ttl=options["token-ttl"],
         legacy_auth=bool(options["legacy-auth"]),
         max_message=options["max-message"],
+        max_batch=options["max-batch"],
+        sender_quota=options["sender-quota"],
         login_rate=options["login-rate"],
         address_rate=options["address-rate"],
         # A body holds a message and its JSON escapes (up to 6 bytes a

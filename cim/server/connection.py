@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.message import BROADCAST, ChatMessage, Command, Cursor, Frame
 from cim.server import wire
 from cim.server.link import IClientLink
 
@@ -103,14 +103,30 @@ class Connection:
         else:
             self.link.send(wire.messages(cmd, messages))
 
-    def acknowledge(self, cursors: Sequence[Cursor]) -> None:
+    def acknowledge(self, cursors: Sequence[Cursor]) -> int:
         """
-        The client acknowledged C{cursors}.
+        The client acknowledged C{cursors}.  Only a conversation this
+        connection receives (one of its L{streams}: its inbox, its groups)
+        counts, and only up to what was written to it; any other cursor is
+        ignored (it would break the user's next logins, or grow its stored
+        cursors without bound).
+
+        @return: how many cursors were ignored (the broadcast conversation,
+            which has no cursor, is not counted).
         """
+        ignored = 0
+        acked = self.acked
         for cursor in cursors:
-            if cursor.seq > self.acked.get(cursor.conversation, 0):
-                self.acked[cursor.conversation] = cursor.seq
+            conversation = cursor.conversation
+            stream = self.streams.get(conversation)
+            if stream is None or cursor.seq > stream.delivered:
+                if conversation != BROADCAST:
+                    ignored += 1
+                continue
+            if cursor.seq > acked.get(conversation, 0):
+                acked[conversation] = cursor.seq
                 self.ack_dirty = True
+        return ignored
 
     def acknowledge_delivered(self) -> None:
         """

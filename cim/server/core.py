@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher
 from cim.interfaces import IStore, ServerAddress
+from cim.limits import MAX_BATCH, SESSION_TTL
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
 from cim.metrics import Metrics
 from cim.server import wire
@@ -45,8 +46,12 @@ class IMServer:
     @param address: this server's address; login tokens must name it.
     @param legacy_login: accept CIM clients that send no token, for users
         whose session the route assigned to this server.
-    @param rate: frames per second a connection may send (with a burst of
-        twice as many); past that it gets an error and is closed.
+    @param rate: messages per second a connection may send (each text of
+        a batch counts, any other frame counts one), with a burst of twice
+        as many; past that it gets an error and is closed.
+    @param max_batch: the most texts one send may carry.
+    @param session_ttl: how long the sessions of its users live in the
+        store unless renewed; the sweep renews them every third of it.
     """
 
     log = Logger()
@@ -63,6 +68,8 @@ class IMServer:
         login_timeout: float = 10.0,
         max_text: int = 4096,
         rate: float = 2000.0,
+        max_batch: int = MAX_BATCH,
+        session_ttl: float = SESSION_TTL,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -73,6 +80,9 @@ class IMServer:
         self.login_timeout = login_timeout
         self.max_text = max_text
         self.rate = rate
+        self.session_ttl = session_ttl
+        self._renewed = clock.seconds()
+        self._renewing = False
         self.users: dict[int, Connection] = {}
         self.connections: set[Connection] = set()
         self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
@@ -91,11 +101,27 @@ class IMServer:
         self.m_in = metrics.counter("messages_in_total", "Chat messages received")
         self.m_out = metrics.counter("messages_out_total", "Chat messages written")
         self.m_errors = metrics.counter("errors_total", "Error frames sent")
+        self.m_overflows = metrics.counter(
+            "output_overflows_total",
+            "Connections dropped for leaving more than the output limit unread",
+        )
+        self.m_acks_ignored = metrics.counter(
+            "acks_ignored_total",
+            "Acknowledged cursors ignored: not a conversation of the connection, "
+            "or beyond what it was sent",
+        )
         self.m_latency = metrics.histogram(
             "delivery_latency_seconds", "From store append to write, for live messages"
         )
-        self.authenticator = Authenticator(store, self.here, legacy_login)
-        self.sender = Sender(store, self.delivery, self, self.m_in, max_text=max_text)
+        self.authenticator = Authenticator(store, self.here, legacy_login, session_ttl)
+        self.sender = Sender(
+            store,
+            self.delivery,
+            self,
+            self.m_in,
+            max_text=max_text,
+            max_batch=max_batch,
+        )
         self.streams = Streams(clock, store, self, self.m_out)
 
     # Life cycle
@@ -104,7 +130,9 @@ class IMServer:
         """
         Start the heartbeat and login-deadline sweep.
         """
-        interval = max(0.5, min(self.heartbeat_timeout, self.login_timeout) / 3)
+        interval = max(
+            0.5, min(self.heartbeat_timeout, self.login_timeout, self.session_ttl) / 3
+        )
         self._sweeper.start(interval, now=False).addErrback(
             lambda f: self.log.failure("The sweep died", f)
         )
@@ -130,7 +158,8 @@ class IMServer:
     def sweep(self) -> None:
         """
         Close connections that were silent past the heartbeat timeout, or
-        that did not log in in time, and save acknowledged cursors.
+        that did not log in in time, save acknowledged cursors, and renew
+        the sessions (every third of their time to live).
         """
         now = self.clock.seconds()
         idle = now - self.heartbeat_timeout
@@ -160,6 +189,52 @@ class IMServer:
             self.store.set_many_cursors(
                 {conn.user_id: dict(conn.acked) for conn in dirty}
             ).addErrback(self._save_many_failed, dirty)
+        if now - self._renewed >= self.session_ttl / 3 and not self._renewing:
+            self._renew(now)
+
+    def _renew(self, now: float) -> None:
+        """
+        Renew the sessions of every user connected here, in one store call;
+        close the connections whose session a newer login replaced.
+        """
+        held = [
+            (conn.user_id, conn.session_id, conn.user_name)
+            for conn in self.users.values()
+            if not conn.closed
+        ]
+        self._renewed = now
+        if not held:
+            return
+        self._renewing = True
+
+        sessions = {user_id: session_id for user_id, session_id, _ in held}
+
+        def renewed(lost: list[int]) -> None:
+            for user_id in lost:
+                conn = self.users.get(user_id)
+                if (
+                    conn is not None
+                    and not conn.closed
+                    and conn.session_id == sessions.get(user_id)
+                ):
+                    self.log.info(
+                        "Closing {user_id}: its session was replaced", user_id=user_id
+                    )
+                    conn.replaced = True
+                    self.kick(conn, "logged in again elsewhere")
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Renewing the sessions of {count} users failed",
+                failure,
+                count=len(held),
+            )
+
+        def done(result: object) -> None:
+            self._renewing = False
+
+        d = self.store.renew_sessions(self.here, held, self.session_ttl)
+        d.addCallbacks(renewed, failed).addBoth(done)
 
     def _save_many_failed(self, failure: Failure, dirty: list[Connection]) -> None:
         for conn in dirty:
@@ -236,6 +311,23 @@ class IMServer:
             conn.closed = True
             conn.link.close()
 
+    def overflowed(self, conn: Connection, unsent: int) -> None:
+        """
+        C{conn} does not read what it is sent: C{unsent} bytes wait past
+        the transport's buffer, over the limit.  Drop it at once; what it
+        was sent and did not acknowledge stays stored, and it gets that at
+        its next login.
+        """
+        self.m_overflows.inc()
+        self.log.info(
+            "Dropping {user_id} ({peer}): {unsent} bytes unread, over the limit",
+            user_id=conn.user_id,
+            peer=conn.peer,
+            unsent=unsent,
+        )
+        conn.closed = True
+        conn.link.abort()
+
     def kick(self, conn: Connection, reason: str, redirect: str = "") -> None:
         """
         Tell C{conn} to reconnect (through the route unless C{redirect} names
@@ -251,17 +343,17 @@ class IMServer:
         if conn.closed:
             return
         now = self.clock.seconds()
+        cmd = frame.cmd
         # Token bucket: refill at `rate` per second since the last frame, up
-        # to a burst of 2*rate.
+        # to a burst of 2*rate; each message of a batch costs one.
         conn.tokens = min(
             2 * self.rate, conn.tokens + (now - conn.last_seen) * self.rate
         )
         conn.last_seen = now
-        conn.tokens -= 1
+        conn.tokens -= len(frame.batch) if frame.batch else 1
         if conn.tokens < 0:
-            self.error(conn, ErrorCode.RATE_LIMITED, "too many frames", close=True)
+            self.error(conn, ErrorCode.RATE_LIMITED, "too many messages", close=True)
             return
-        cmd = frame.cmd
         if not conn.user_id:
             if cmd == Command.LOGIN_REQUEST and not conn.logging_in:
                 conn.logging_in = True
@@ -275,7 +367,8 @@ class IMServer:
             return
         if cmd == Command.PING:
             conn.send(wire.PONG)
-            if conn.legacy:
+            if conn.legacy and not conn.link.backed_up():
+                # (What waits unsent was not received.)
                 conn.acknowledge_delivered()
         elif conn.legacy:
             # CIM clients chat through the route's HTTP API and cannot read
@@ -289,7 +382,9 @@ class IMServer:
         elif cmd == Command.MESSAGE:
             self.sender.send(conn, frame)
         elif cmd == Command.ACK:
-            conn.acknowledge(frame.cursors)
+            ignored = conn.acknowledge(frame.cursors)
+            if ignored:
+                self.m_acks_ignored.inc(ignored)
         else:
             self.error(
                 conn,

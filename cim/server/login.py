@@ -10,14 +10,18 @@ changes nothing but the session's state in the store
 connection is the server's job (L{cim.server.core.IMServer}).
 
 A store failure is not a refusal: it fails the coroutine, and the server
-answers with an internal error.
+answers with an internal error (a session activated before the failure is
+released first).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.logger import Logger
+
 from cim.interfaces import IStore
+from cim.limits import SESSION_TTL
 from cim.message import ErrorCode, Frame, group_conversation, inbox
 
 
@@ -66,12 +70,32 @@ class Authenticator:
         tokens and sessions must name it.
     @param legacy_login: accept CIM clients that send no token, for users
         whose session the route assigned to this server.
+    @param session_ttl: how long an activated session lives unless the
+        server renews it.
     """
 
-    def __init__(self, store: IStore, here: str, legacy_login: bool) -> None:
+    log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        here: str,
+        legacy_login: bool,
+        session_ttl: float = SESSION_TTL,
+    ) -> None:
         self.store = store
         self.here = here
         self.legacy_login = legacy_login
+        self.session_ttl = session_ttl
+
+    async def _release_quietly(self, user_id: int, session_id: str) -> None:
+        try:
+            await self.store.release_session(user_id, session_id)
+        except Exception:
+            self.log.failure(
+                "Releasing the session of {user_id} after a failed login failed",
+                user_id=user_id,
+            )
 
     def is_legacy(self, frame: Frame) -> bool:
         """
@@ -121,15 +145,23 @@ class Authenticator:
             return Refusal(ErrorCode.BAD_TOKEN, "the session belongs to another server")
         if legacy and session.user_name != frame.req_msg:
             return Refusal(ErrorCode.BAD_TOKEN, "userName does not match the session")
-        if not await self.store.activate_session(user_id, session.session_id):
+        if not await self.store.activate_session(
+            user_id, session.session_id, self.session_ttl
+        ):
             return Refusal(ErrorCode.BAD_TOKEN, "the session was replaced or expired")
-        # Both reads at once.
-        reading_cursors = self.store.get_cursors(user_id)
-        reading_groups = self.store.user_groups(user_id)
         try:
-            cursors = await reading_cursors
-        finally:
-            groups = await reading_groups
+            # Both reads at once.
+            reading_cursors = self.store.get_cursors(user_id)
+            reading_groups = self.store.user_groups(user_id)
+            try:
+                cursors = await reading_cursors
+            finally:
+                groups = await reading_groups
+        except BaseException:
+            # The session is active but nobody will hold it: release it, so
+            # that the user is not listed online and can log in again.
+            await self._release_quietly(user_id, session.session_id)
+            raise
         return Grant(
             user_id=user_id,
             user_name=session.user_name,

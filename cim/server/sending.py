@@ -9,6 +9,8 @@ the common private send whose receiver is known goes straight to the
 (FIFO) appender; any other waits in the connection's queue, which one
 coroutine at a time checks and hands over in order.
 
+A send over its sender's quota for the conversation
+(L{cim.interfaces.QuotaExceeded}) is refused with a rate-limit error.
 When the store fails a send, the sender gets an error about it and is
 kicked: nothing more of that connection is stored, so that no later send
 is stored before the failed one, which the client sends again after it
@@ -25,8 +27,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.delivery import Delivery
-from cim.interfaces import IStore, NewMessage, NoSuchGroup
-from cim.limits import MAX_CLIENT_MSG_ID
+from cim.interfaces import IStore, NewMessage, NoSuchGroup, QuotaExceeded
+from cim.limits import MAX_BATCH, MAX_CLIENT_MSG_ID
 from cim.message import (
     ChatMessage,
     ErrorCode,
@@ -50,6 +52,7 @@ class Sender:
 
     @param received: counts the chat messages received.
     @param max_text: the longest text of a message, in characters.
+    @param max_batch: the most texts of one send.
     @ivar known_users: users known to exist (a private send to one needs
         no account lookup).
     """
@@ -64,12 +67,14 @@ class Sender:
         received: Counter,
         *,
         max_text: int,
+        max_batch: int = MAX_BATCH,
     ) -> None:
         self.store = store
         self.delivery = delivery
         self.control = control
         self.received = received
         self.max_text = max_text
+        self.max_batch = max_batch
         self.known_users: set[int] = set()
         #: The sends waiting, for each connection whose send loop runs.
         self._queues: dict[Connection, deque[tuple[Frame, list[str]]]] = {}
@@ -79,6 +84,14 @@ class Sender:
         Check, store, acknowledge and deliver a C{MESSAGE} from C{conn}.
         """
         texts = list(frame.batch) if frame.batch else [frame.req_msg]
+        if len(texts) > self.max_batch:
+            self._refuse(
+                conn,
+                frame,
+                ErrorCode.INVALID_ARGUMENT,
+                f"a batch holds at most {self.max_batch} texts (got {len(texts)})",
+            )
+            return
         if len(frame.client_msg_id) > MAX_CLIENT_MSG_ID:
             self._refuse(
                 conn, frame, ErrorCode.INVALID_ARGUMENT, "clientMsgId too long"
@@ -241,6 +254,11 @@ class Sender:
         stored: list[ChatMessage] | Failure,
     ) -> None:
         if isinstance(stored, Failure):
+            if isinstance(stored.value, QuotaExceeded):
+                # Not a store failure: this send is refused for good (the
+                # sender's later sends to other conversations go on).
+                self._refuse(conn, frame, ErrorCode.RATE_LIMITED, stored.value.message)
+                return
             self._failed(stored, conn, frame)
             return
         conn.send(wire.acknowledgement(frame.client_msg_id, stored))

@@ -5,7 +5,7 @@ cleanly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import endpoints
@@ -15,6 +15,7 @@ from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
+from cim.limits import MAX_BATCH, MAX_OUTPUT, SENDER_QUOTA, SESSION_TTL
 from cim.limits_net import (
     SHUTDOWN_TIMEOUT,
     ConnectionLimits,
@@ -51,6 +52,10 @@ class ServerConfig:
     rate: float = 2000.0
     limits: NetLimits = field(default_factory=NetLimits)
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
+    max_batch: int = MAX_BATCH
+    sender_quota: int = SENDER_QUOTA
+    max_output: int = MAX_OUTPUT
+    session_ttl: float = SESSION_TTL
 
 
 class IMServerService(AsyncStartService):
@@ -102,6 +107,8 @@ class IMServerService(AsyncStartService):
     async def _start(self) -> None:
         config = self.config
         self.store = store = await self.store_factory()
+        # The quota is counted where messages are stored.
+        store.retention = replace(store.retention, sender_quota=config.sender_quota)
         http, self._pool = http_client(self.reactor)
         pusher = HttpPusher(http, config.secret)
         # The address is known once the ports listen (they may be 0).
@@ -132,6 +139,16 @@ class IMServerService(AsyncStartService):
         self.address = ServerAddress(
             config.host, client_port.getHost().port, http_port.getHost().port
         )
+        # Sessions naming this address are of an earlier run of this server
+        # (killed, or stopped while the store was away): nobody holds them.
+        # Drop them before any login is accepted here.
+        dropped = await store.drop_server_sessions(str(self.address))
+        if dropped:
+            self.log.info(
+                "Dropped {count} sessions of an earlier run of {address}",
+                count=len(dropped),
+                address=str(self.address),
+            )
         self.server = server = IMServer(
             self.reactor,
             store,
@@ -141,8 +158,12 @@ class IMServerService(AsyncStartService):
             heartbeat_timeout=config.heartbeat_timeout,
             login_timeout=config.login_timeout,
             rate=config.rate,
+            max_batch=config.max_batch,
+            session_ttl=config.session_ttl,
         )
-        clients.wrapped = ClientConnectionFactory(server, config.max_frame)
+        clients.wrapped = ClientConnectionFactory(
+            server, config.max_frame, config.max_output
+        )
         push.wrapped = QuietSite(
             PushAPI(server, config.secret).app.resource(),
             reactor=self.reactor,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -36,6 +37,9 @@ REPLAY_PAGE = 200
 #: How long a gap in a conversation may stay open before it is read from
 #: the store, in seconds (the missing message is usually in flight).
 GAP_WAIT = 0.25
+#: How long a replay waits for a client to read what it was sent before
+#: the connection is closed, in seconds.
+DRAIN_WAIT = 30.0
 #: The position of a conversation whose start is not known yet (a group
 #: joined since login, while its cursor is read).
 UNKNOWN = -1
@@ -244,6 +248,8 @@ class Streams:
         conversation = stream.conversation
         try:
             while not conn.closed:
+                if conn.link.backed_up() and not await self._drained(conn):
+                    return
                 page = await self._read(conversation, stream.delivered)
                 if conn.closed:
                     return
@@ -276,6 +282,25 @@ class Streams:
                     stream.delivered = first - 1
         finally:
             stream.filling = False
+
+    async def _drained(self, conn: Connection) -> bool:
+        """
+        Wait until what was written to C{conn} is sent (a replay reads no
+        more than the client takes), for at most L{DRAIN_WAIT} seconds:
+        then, or when it closed meanwhile, @return: C{False} (a client
+        that stopped reading is closed, and catches up at its next login).
+        """
+        try:
+            await conn.link.drained().addTimeout(DRAIN_WAIT, self.clock)
+        except defer.TimeoutError:
+            self.log.info(
+                "Closing {user_id}: it read nothing for {seconds}s",
+                user_id=conn.user_id,
+                seconds=DRAIN_WAIT,
+            )
+            self.control.kick(conn, "not reading")
+            return False
+        return not conn.closed
 
     def _read(self, conversation: str, after: int) -> Deferred[list[ChatMessage]]:
         """

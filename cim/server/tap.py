@@ -4,11 +4,14 @@ C{twistd cim-server}: one IM server of a cluster.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import IService
 from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
+from cim.limits import MAX_OUTPUT, SESSION_TTL
 from cim.limits_net import (
     CLIENT_PER_ADDRESS,
     HTTP_PER_ADDRESS,
@@ -17,13 +20,36 @@ from cim.limits_net import (
 )
 from cim.options import (
     SECRET_PARAMETERS,
+    SEND_LIMITS,
     check_registry_url,
     check_store_url,
     port_number,
     positive_float,
     secret_option,
+    whole_number,
 )
 from cim.server.service import IMServerService, ServerConfig
+
+#: The limits of what one connection may cost (issue 13), shared with
+#: C{cim-standalone}.
+SERVER_LIMITS: list[list[Any]] = [
+    *SEND_LIMITS,
+    [
+        "max-output",
+        None,
+        MAX_OUTPUT,
+        "Bytes buffered for a client that does not read them before it is dropped.",
+        whole_number("max-output", 64 * 1024, 1024**3),
+    ],
+    [
+        "session-ttl",
+        None,
+        SESSION_TTL,
+        "Seconds a connected session lives unless this server renews it "
+        "(it renews them every third of that).",
+        positive_float("session-ttl", low=2.0),
+    ],
+]
 
 
 class Options(usage.Options):
@@ -78,10 +104,12 @@ class Options(usage.Options):
             "rate",
             None,
             2000.0,
-            "Frames per second a connection may send.",
+            "Messages per second a connection may send (each text of a batch "
+            "counts; a burst of twice as many).",
             positive_float("rate"),
         ],
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
+        *SERVER_LIMITS,
     ]
 
     def postOptions(self) -> None:
@@ -105,6 +133,10 @@ def config_from(options: usage.Options) -> ServerConfig:
         rate=options["rate"],
         limits=net_limits(options),
         shutdown_timeout=options["shutdown-timeout"],
+        max_batch=options["max-batch"],
+        sender_quota=options["sender-quota"],
+        max_output=options["max-output"],
+        session_ttl=options["session-ttl"],
     )
 
 

@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from cim.interfaces import IStore
+from cim.limits import SENDER_QUOTA
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +32,17 @@ class Retention:
     @ivar idempotency_window: for how many seconds an appended message's
         C{(sender_id, client_msg_id)} is remembered, so that a retry within
         that time is not appended again.
+    @ivar sender_quota: how many messages one sender may append to one
+        conversation within any C{max_age} seconds (0: no limit).  Below
+        C{max_messages}, no sender can push out of a conversation the
+        messages that others sent before its own (a receiver's unread
+        messages) by sending many.
     """
 
     max_messages: int = 10_000
     max_age: float = 7 * 24 * 3600
     idempotency_window: float = 24 * 3600
+    sender_quota: int = SENDER_QUOTA
 
 
 #: What L{open_store} accepts, for error messages and C{--help} texts.

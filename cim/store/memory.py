@@ -19,7 +19,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -34,11 +34,13 @@ from cim.interfaces import (
     IStore,
     NewMessage,
     NoSuchGroup,
+    QuotaExceeded,
     Session,
     SessionExists,
     TokenInfo,
     TooManyJoinRequests,
 )
+from cim.limits import MAX_SEQ, SESSION_TTL
 from cim.message import ChatMessage
 from cim.names import name_key
 from cim.passwords import check_hash, make_hash
@@ -84,7 +86,8 @@ class _User:
 @dataclass(slots=True)
 class _SessionRecord:
     session: Session
-    #: When an unconnected session disappears (clock seconds), or C{None}.
+    #: When the session disappears (clock seconds) unless renewed, or
+    #: C{None}.
     expires: float | None
 
 
@@ -147,6 +150,9 @@ class MemoryStore:
         self._appended: dict[tuple[int, str], _Appended] = {}
         self._appended_order: deque[tuple[int, str]] = deque()
         self._cursors: dict[int, dict[str, int]] = {}
+        #: (conversation, sender id, window index) -> messages appended
+        self._quota: dict[tuple[str, int, int], int] = {}
+        self._quota_index = 0
         self._groups: dict[str, _Group] = {}
         self._user_groups: dict[int, set[str]] = {}
 
@@ -259,12 +265,32 @@ class MemoryStore:
         return session, previous
 
     @_fired
-    def activate_session(self, user_id: int, session_id: str) -> bool:
+    def activate_session(
+        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+    ) -> bool:
         session = self._session(user_id)
         if session is None or session.session_id != session_id:
             return False
-        self._sessions[user_id] = _SessionRecord(replace(session, connected=True), None)
+        self._sessions[user_id] = _SessionRecord(
+            replace(session, connected=True), self._seconds() + ttl
+        )
         return True
+
+    @_fired
+    def renew_sessions(
+        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> list[int]:
+        expires = self._seconds() + ttl
+        lost = []
+        for user_id, session_id, user_name in sessions:
+            current = self._session(user_id)
+            if current is None:
+                current = Session(user_id, user_name, server, session_id, True)
+            elif current.session_id != session_id:
+                lost.append(user_id)
+                continue
+            self._sessions[user_id] = _SessionRecord(current, expires)
+        return sorted(lost)
 
     @_fired
     def get_session(self, user_id: int) -> Session | None:
@@ -290,9 +316,9 @@ class MemoryStore:
     @_fired
     def online_users(self) -> list[tuple[int, str]]:
         return sorted(
-            (r.session.user_id, r.session.user_name)
-            for r in self._sessions.values()
-            if r.session.connected
+            (session.user_id, session.user_name)
+            for session in map(self._session, list(self._sessions))
+            if session is not None and session.connected
         )
 
     @_fired
@@ -389,18 +415,55 @@ class MemoryStore:
             group_id=retry.group_id,
         )
 
+    def _quota_budget(self) -> Callable[[NewMessage], bool]:
+        """
+        Count new messages against their senders' quotas
+        (L{Retention.sender_quota}, per window of C{max_age}: the current
+        window and the one before count together).
+
+        @return: a function telling, for each new message in order, whether
+            it is within its sender's quota for its conversation (and
+            counting it if so).
+        """
+        quota = self.retention.sender_quota
+        if quota <= 0:
+            return lambda new: True
+        index = int(self._seconds() // self.retention.max_age)
+        if index != self._quota_index:
+            self._quota_index = index
+            self._quota = {k: n for k, n in self._quota.items() if k[2] >= index - 1}
+        counts = self._quota
+
+        def allowed(new: NewMessage) -> bool:
+            current = (new.conversation, new.sender_id, index)
+            used = counts.get(current, 0) + counts.get(
+                (new.conversation, new.sender_id, index - 1), 0
+            )
+            if used >= quota:
+                return False
+            counts[current] = counts.get(current, 0) + 1
+            return True
+
+        return allowed
+
     @_fired
     def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
         self._forget_appended()
         now = self._seconds()
         timestamp = self._now_ms()
-        stored = []
+        allowed = self._quota_budget()
+        refused = False
+        stored: list[ChatMessage | None] = []
         touched = set()
         for new in messages:
             key = (new.sender_id, new.client_msg_id)
             entry = self._appended.get(key) if new.client_msg_id else None
             if entry is not None:
                 stored.append(self._original(entry, new))
+                continue
+            if not allowed(new):
+                stored.append(None)
+                refused = True
                 continue
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
@@ -431,7 +494,9 @@ class MemoryStore:
             stored.append(message)
         for conversation in touched:
             self._trim(conversation)
-        return stored
+        if refused:
+            raise QuotaExceeded(stored)
+        return cast(list[ChatMessage], stored)
 
     @_fired
     def read(self, conversation: str, after_seq: int, limit: int) -> list[ChatMessage]:
@@ -445,20 +510,24 @@ class MemoryStore:
     def last_seq(self, conversation: str) -> int:
         return self._seqs.get(conversation, 0)
 
-    @_fired
-    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
+    def _raise_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
         current = self._cursors.setdefault(user_id, {})
         for conversation, seq in cursors.items():
-            if seq > current.get(conversation, 0):
+            if (
+                type(seq) is int
+                and seq <= MAX_SEQ
+                and seq > current.get(conversation, 0)
+            ):
                 current[conversation] = seq
+
+    @_fired
+    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
+        self._raise_cursors(user_id, cursors)
 
     @_fired
     def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
         for user_id, theirs in cursors.items():
-            current = self._cursors.setdefault(user_id, {})
-            for conversation, seq in theirs.items():
-                if seq > current.get(conversation, 0):
-                    current[conversation] = seq
+            self._raise_cursors(user_id, theirs)
 
     @_fired
     def get_cursors(self, user_id: int) -> dict[str, int]:

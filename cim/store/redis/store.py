@@ -15,14 +15,18 @@ never key names)::
                                            string) or key (SHA-256 of the
                                            account key, hex), or neither
     P session:<user_id>            hash    name, server, session_id,
-                                           connected ("0"/"1"); PEXPIRE'd
-                                           until connected
+                                           connected ("0"/"1"); PEXPIRE'd:
+                                           the claim's ttl until connected,
+                                           then the session ttl, renewed by
+                                           its server
     P server:<server>              set     user ids with a session on server
                                            (checked against the session
                                            record, so stale entries are
                                            harmless)
     P online                       hash    user id -> user name, connected
-                                           sessions only
+                                           sessions only (an entry whose
+                                           session expired is dropped when
+                                           read)
     P token:<sha256(token), hex>   hash    user, server, session_id; PEXPIRE
                                            ttl (the token itself is not
                                            stored)
@@ -41,7 +45,13 @@ never key names)::
                                    string  "msg_id:seq:timestamp:conversation"
                                            of an appended message; PEXPIRE
                                            the idempotency window
+    P quota:<conversation>:<sender_id>:<window>
+                                   string  messages the sender appended to
+                                           the conversation in window
+                                           now // max_age (INCRBY in
+                                           append.lua); PEXPIRE two windows
     P cursors:<user_id>            hash    conversation -> acknowledged seq
+                                           (digits, never a float's form)
     P group:<group_id>             string  the creator's id (the group exists)
     P ginfo:<group_id>             hash    owner, policy, history; absent for
                                            a group stored before groups had
@@ -75,10 +85,11 @@ import hmac
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -91,12 +102,14 @@ from cim.interfaces import (
     IStore,
     NewMessage,
     NoSuchGroup,
+    QuotaExceeded,
     Session,
     SessionExists,
     StoreError,
     TokenInfo,
     TooManyJoinRequests,
 )
+from cim.limits import MAX_SEQ, SESSION_TTL
 from cim.message import ChatMessage
 from cim.names import name_key
 from cim.passwords import hash_password, verify_password
@@ -130,6 +143,30 @@ def _deferred(
     return wrapper
 
 
+def _seq(text: str) -> int | None:
+    """
+    A stored sequence number, or C{None} when C{text} is not a whole
+    number between 0 and L{MAX_SEQ} written as digits.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 16:
+        return None
+    seq = int(text)
+    return seq if seq <= MAX_SEQ else None
+
+
+def _cursor_args(cursors: dict[str, int]) -> list[Any]:
+    """
+    C{cursors} as the scripts' flat C{conversation, seq} arguments, each seq
+    an integer (Redis stores the digits sent); a seq that is not an integer
+    between 1 and L{MAX_SEQ} is left out.
+    """
+    args: list[Any] = []
+    for conversation, seq in cursors.items():
+        if type(seq) is int and 0 < seq <= MAX_SEQ:
+            args += [conversation, seq]
+    return args
+
+
 def _ms(seconds: float) -> int:
     """
     Seconds as whole milliseconds, at least 1 (Redis rejects 0 as a TTL).
@@ -151,6 +188,8 @@ class RedisStore:
         C{None}.  While a pool that was connected has lost every connection
         (Redis went away), a call fails with L{StoreError} at once.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -349,13 +388,27 @@ class RedisStore:
         return session, previous
 
     @_deferred
-    async def activate_session(self, user_id: int, session_id: str) -> bool:
+    async def activate_session(
+        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+    ) -> bool:
         done = await self._run(
             scripts.ACTIVATE_SESSION,
             [self._key("session", user_id), self._key("online")],
-            [user_id, session_id],
+            [user_id, session_id, _ms(ttl)],
         )
         return bool(int(done))
+
+    @_deferred
+    async def renew_sessions(
+        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
+    ) -> list[int]:
+        args: list[Any] = [self.prefix, server, _ms(ttl)]
+        for user_id, session_id, user_name in sessions:
+            args += [user_id, session_id, user_name]
+        if len(args) == 3:
+            return []
+        lost = await self._run(scripts.RENEW_SESSIONS, [], args)
+        return sorted(int(u) for u in lost)
 
     @_deferred
     async def get_session(self, user_id: int) -> Session | None:
@@ -391,7 +444,9 @@ class RedisStore:
 
     @_deferred
     async def online_users(self) -> list[tuple[int, str]]:
-        flat = await self._command("HGETALL", self._key("online"))
+        flat = await self._run(
+            scripts.ONLINE_USERS, [self._key("online")], [self.prefix]
+        )
         return sorted(
             (int(u), name) for u, name in zip(flat[::2], flat[1::2], strict=True)
         )
@@ -443,10 +498,11 @@ class RedisStore:
             _ms(self.retention.max_age),
             _ms(self.retention.idempotency_window),
             self.prefix,
+            max(0, int(self.retention.sender_quota)),
         ]
         for m in messages:
             sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
-            args += [m.conversation, sent_id, encode_message(m, timestamp)]
+            args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
         appended, retries = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args
         )
@@ -459,10 +515,15 @@ class RedisStore:
                 if member
                 else (int(msg_id), int(seq), int(ts), conversation)
             )
-        stored = []
+        stored: list[ChatMessage | None] = []
+        refused = False
         for index, (m, ids) in enumerate(
             zip(messages, appended.split(","), strict=True)
         ):
+            if ids == "q":
+                stored.append(None)
+                refused = True
+                continue
             if ids:
                 msg_id, seq = ids.split(":")
                 fields = (int(msg_id), int(seq), timestamp, m.conversation)
@@ -486,7 +547,9 @@ class RedisStore:
                     group_id=m.group_id,
                 )
             )
-        return stored
+        if refused:
+            raise QuotaExceeded(stored)
+        return cast(list[ChatMessage], stored)
 
     @_deferred
     async def read(
@@ -512,30 +575,40 @@ class RedisStore:
 
     @_deferred
     async def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
-        if not cursors:
-            return
-        args: list[Any] = []
-        for conversation, seq in cursors.items():
-            args += [conversation, int(seq)]
-        await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
+        args = _cursor_args(cursors)
+        if args:
+            await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
 
     @_deferred
     async def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
         keys = []
         args: list[Any] = []
         for user_id, theirs in cursors.items():
-            if theirs:
+            pairs = _cursor_args(theirs)
+            if pairs:
                 keys.append(self._key("cursors", user_id))
-                args.append(len(theirs))
-                for conversation, seq in theirs.items():
-                    args += [conversation, int(seq)]
+                args.append(len(pairs) // 2)
+                args += pairs
         if keys:
             await self._run(scripts.SET_MANY_CURSORS, keys, args)
 
     @_deferred
     async def get_cursors(self, user_id: int) -> dict[str, int]:
         flat = await self._command("HGETALL", self._key("cursors", user_id))
-        return {c: int(seq) for c, seq in zip(flat[::2], flat[1::2], strict=True)}
+        cursors = {}
+        for conversation, text in zip(flat[::2], flat[1::2], strict=True):
+            seq = _seq(text)
+            if seq is None:
+                self.log.warn(
+                    "Skipping the bad stored cursor {conversation}={value!r} "
+                    "of {user_id}",
+                    conversation=conversation,
+                    value=text[:40],
+                    user_id=user_id,
+                )
+                continue
+            cursors[conversation] = seq
+        return cursors
 
     # Groups
 
