@@ -111,6 +111,24 @@ async def test_no_takeover_by_name(reactor: Any, node: str, tmp_path: Path) -> N
         answer = await post(reactor, node + "/registerAccount", {"userName": name})
         assert answer["code"] == "3000", (name, answer)
 
+    # Malformed input is a plain 3000: JSON nested too deep, and a lone
+    # surrogate (valid JSON escapes, not valid text).
+    for raw_body in (
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"userName": "\\ud800x"}',
+        b'{"userId": 1, "receiveUserId": 2, "msg": "a\\udc00"}',
+    ):
+        for path in ("/registerAccount", "/p2pRoute"):
+            d = treq.post(
+                node + path,
+                data=raw_body,
+                headers={b"X-Cim-Secret": [SECRET.encode()]},
+                persistent=False,
+            )
+            response = await within(reactor, d)
+            answer = json.loads(await within(reactor, response.content()))
+            assert answer["code"] == "3000", (path, raw_body[:40], answer)
+
     # Alice's client, restarted on her state folder: no password asked,
     # her account, her message kept while she was away, and she chats.
     alice_events = QueueListener()
