@@ -275,7 +275,9 @@ async def test_chat_over_http_between_servers(cluster: Cluster) -> None:
     await alice.tcp.wait_texts(["hello all"])
 
     await cluster.ok(
-        "/group/create", {"userId": alice.user_id, "groupId": "team"}, alice.token
+        "/group/create",
+        {"userId": alice.user_id, "groupId": "team", "policy": "open"},
+        alice.token,
     )
     await cluster.ok(
         "/group/join", {"userId": bob.user_id, "groupId": "team"}, bob.token
@@ -311,7 +313,9 @@ async def test_chat_over_tcp_between_servers(cluster: Cluster) -> None:
     assert (message.msg_id, message.sender_id) == (ack.msg_id, alice.user_id)
 
     await cluster.ok(
-        "/group/create", {"userId": bob.user_id, "groupId": "g1"}, bob.token
+        "/group/create",
+        {"userId": bob.user_id, "groupId": "g1", "policy": "open"},
+        bob.token,
     )
     await cluster.ok(
         "/group/join", {"userId": alice.user_id, "groupId": "g1"}, alice.token
