@@ -5,9 +5,10 @@ and replay.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 
 from cim.codec import encode_varint
+from cim.interfaces import StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, inbox
 from cim.store.memory import MemoryStore
 from tests.serverkit import HERE, THERE, Peer, World
@@ -543,3 +544,35 @@ def test_acknowledged_cursors_are_saved_by_the_sweep() -> None:
     assert world.result(world.store.get_cursors(bob)) == {}
     world.clock.advance(10)
     assert world.result(world.store.get_cursors(bob)) == {inbox(bob): 1}
+
+
+class _StoreAway(MemoryStore):
+    """
+    A store whose session reads fail, as when Redis is away.
+    """
+
+    away = False
+
+    def get_session(self, user_id: int) -> Deferred:  # type: ignore[override]
+        if self.away:
+            return fail(StoreError("Redis is away"))
+        return super().get_session(user_id)
+
+
+def test_a_login_while_the_store_is_away_is_told_to_come_back() -> None:
+    world = World()
+    store = _StoreAway(world.clock)
+    world = World(store=store)
+    alice = world.account("alice")
+    token = world.token(alice, "alice")
+    store.away = True
+    peer = Peer(world.server)
+    peer.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=alice, req_msg="alice", token=token)
+    )
+    error = error_of(peer)
+    assert (error.error_code, peer.closed) == (ErrorCode.STORE_ERROR, True)
+    assert "log in again" in error.error_reason
+    store.away = False
+    peer, _ = world.login("alice", user_id=alice)
+    assert not peer.closed

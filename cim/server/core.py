@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher
-from cim.interfaces import IStore, ServerAddress
+from cim.interfaces import IStore, ServerAddress, StoreError
 from cim.limits import MAX_BATCH, SESSION_TTL
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
 from cim.metrics import Metrics
@@ -396,8 +396,22 @@ class IMServer:
     # Login
 
     def _login_crashed(self, failure: Failure, conn: Connection) -> None:
-        self.log.failure("Login of {peer} failed", failure, peer=conn.peer)
         self.m_login_failures.inc()
+        if failure.check(StoreError):
+            # Not the client's fault, and not for long: it may log in again.
+            self.log.warn(
+                "Login of {peer} failed: the store is unavailable ({error})",
+                peer=conn.peer,
+                error=failure.getErrorMessage(),
+            )
+            self.error(
+                conn,
+                ErrorCode.STORE_ERROR,
+                "the store is unavailable: log in again shortly",
+                close=True,
+            )
+            return
+        self.log.failure("Login of {peer} failed", failure, peer=conn.peer)
         self.error(conn, ErrorCode.FAILURE, "login failed: internal error", close=True)
 
     def _refuse(self, conn: Connection, refusal: Refusal) -> None:
