@@ -91,7 +91,7 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
     )
     peer_frames = peer.received()
     assert [f.cmd for f in peer_frames] == [Command.ERROR]
-    assert peer_frames[0].error_code == ErrorCode.FAILURE
+    assert peer_frames[0].error_code == ErrorCode.STORE_ERROR
     assert peer.closed
     # No ghost: nobody online, the session is free for the next login.
     assert world.result(store.online_users()) == []
