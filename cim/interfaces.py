@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from cim.envelope import RATE_LIMITED, ApiError
-from cim.message import ChatMessage
+from cim.message import ChatMessage, batch_client_msg_ids
 
 
 class StoreError(Exception):
@@ -183,6 +183,36 @@ class NewMessage:
     client_msg_id: str = ""
     receive_user_id: int = 0
     group_id: str = ""
+
+    @classmethod
+    def of_send(
+        cls,
+        conversation: str,
+        sender_id: int,
+        sender_name: str,
+        texts: Sequence[str],
+        client_msg_id: str,
+        *,
+        receive_user_id: int = 0,
+        group_id: str = "",
+    ) -> list[NewMessage]:
+        """
+        The messages of one send: one per text, the texts after the first
+        with the client message ids of L{batch_client_msg_ids}.
+        """
+        ids = batch_client_msg_ids(client_msg_id, len(texts))
+        return [
+            cls(
+                conversation,
+                sender_id,
+                sender_name,
+                text,
+                ids[i],
+                receive_user_id,
+                group_id,
+            )
+            for i, text in enumerate(texts)
+        ]
 
 
 class IAccounts(Interface):

@@ -41,7 +41,6 @@ from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
     ChatMessage,
-    batch_client_msg_ids,
     group_conversation,
     inbox,
 )
@@ -548,20 +547,16 @@ class Router:
         **target: Any,
     ) -> list[NewMessage]:
         """
-        One message per text (L{batch_client_msg_ids}).
+        The messages of one send by C{sender} (L{NewMessage.of_send}).
         """
-        ids = batch_client_msg_ids(client_msg_id, len(texts))
-        return [
-            NewMessage(
-                conversation=conversation,
-                sender_id=sender.user_id,
-                sender_name=sender.user_name,
-                text=text,
-                client_msg_id=ids[i],
-                **target,
-            )
-            for i, text in enumerate(texts)
-        ]
+        return NewMessage.of_send(
+            conversation,
+            sender.user_id,
+            sender.user_name,
+            texts,
+            client_msg_id,
+            **target,
+        )
 
     async def broadcast(self, user_id: int, text: str) -> ChatMessage:
         """

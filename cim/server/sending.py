@@ -33,7 +33,6 @@ from cim.message import (
     ChatMessage,
     ErrorCode,
     Frame,
-    batch_client_msg_ids,
     group_conversation,
     inbox,
 )
@@ -222,19 +221,15 @@ class Sender:
         The messages to store for C{texts} sent by C{conn}'s user, as one
         send C{cmid}, to C{receive_user_id} or C{group_id}.
         """
-        ids = batch_client_msg_ids(cmid, len(texts))
-        return [
-            NewMessage(
-                conversation=conversation,
-                sender_id=conn.user_id,
-                sender_name=conn.user_name,
-                text=text,
-                client_msg_id=ids[i],
-                receive_user_id=receive_user_id,
-                group_id=group_id,
-            )
-            for i, text in enumerate(texts)
-        ]
+        return NewMessage.of_send(
+            conversation,
+            conn.user_id,
+            conn.user_name,
+            texts,
+            cmid,
+            receive_user_id=receive_user_id,
+            group_id=group_id,
+        )
 
     def _store(self, conn: Connection, frame: Frame, prepared: Prepared) -> None:
         """
