@@ -8,7 +8,7 @@ and the C{makeService} wiring of a store and a registry from options.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import (
@@ -17,11 +17,12 @@ from twisted.internet.defer import (
     ensureDeferred,
     maybeDeferred,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from cim.interfaces import IReactor
 from cim.limits_net import SHUTDOWN_TIMEOUT
 
 #: The least time a stop step is given, even past the deadline (a step that
@@ -201,7 +202,7 @@ def daemon_service(
         reactor,
         config,
         store,
-        open_registry(options["registry"], reactor),
+        open_registry(options["registry"], cast(IReactor, reactor)),
         on_failure=reactor_stopper(reactor),
     )
 
@@ -217,7 +218,7 @@ def with_store_timeout(store: Any, timeout: float | None) -> Any:
     return store
 
 
-def reactor_stopper(reactor: Any) -> Callable[[], None]:
+def reactor_stopper(reactor: IReactorCore) -> Callable[[], None]:
     """
     An C{on_failure} for a daemon's service: stop the reactor (twistd then
     exits) unless it is already stopping.

@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+)
 from zope.interface import Attribute, Interface
 
 from cim.envelope import RATE_LIMITED, ApiError
@@ -213,6 +219,14 @@ class NewMessage:
             )
             for i, text in enumerate(texts)
         ]
+
+
+class IReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorThreads):
+    """
+    The reactor a daemon runs on, as its parts use it: life cycle, clock,
+    TCP, and threads (for scrypt and ZooKeeper).  Only a tap's
+    C{makeService} picks it (the global one); everything else is given it.
+    """
 
 
 class IAccounts(Interface):

@@ -24,10 +24,12 @@ import binascii
 import hashlib
 import hmac
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 
 #: The scrypt cost parameters of new hashes (16 MiB of memory, ~50 ms).
 N = 2**14
@@ -42,6 +44,9 @@ MAX_N = 2**20
 MAX_R = 32
 MAX_P = 16
 _SCHEME = "scrypt"
+
+
+_T = TypeVar("_T")
 
 
 def _derive(password: str, salt: bytes, n: int, r: int, p: int, size: int) -> bytes:
@@ -100,7 +105,9 @@ def check_hash(password: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, key)
 
 
-def _inThread(reactor: Any, f: Any, *args: Any) -> Deferred[Any]:
+def _inThread(
+    reactor: IReactorThreads | None, f: Callable[..., _T], *args: Any
+) -> Deferred[_T]:
     """
     Run C{f(*args)} in C{reactor}'s thread pool, or in the global reactor's
     when C{reactor} is C{None}.
@@ -110,7 +117,9 @@ def _inThread(reactor: Any, f: Any, *args: Any) -> Deferred[Any]:
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
-def hash_password(password: str, reactor: Any = None) -> Deferred[str]:
+def hash_password(
+    password: str, reactor: IReactorThreads | None = None
+) -> Deferred[str]:
     """
     Hash C{password} with a new random salt, in a thread.
 
@@ -121,7 +130,9 @@ def hash_password(password: str, reactor: Any = None) -> Deferred[str]:
     return _inThread(reactor, make_hash, password)
 
 
-def verify_password(password: str, stored: str, reactor: Any = None) -> Deferred[bool]:
+def verify_password(
+    password: str, stored: str, reactor: IReactorThreads | None = None
+) -> Deferred[bool]:
     """
     Check C{password} against the hash string C{stored}, in a thread.
 

@@ -22,7 +22,7 @@ from io import BytesIO
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -187,7 +187,7 @@ class QuietSite(Site):
     def __init__(
         self,
         resource: Any,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         max_body: int = MAX_BODY,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
@@ -205,7 +205,7 @@ class QuietSite(Site):
 
 
 def http_client(
-    reactor: Any, per_host: int = 8
+    reactor: IReactorTime, per_host: int = 8
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     A treq client over a persistent connection pool of its own, and the

@@ -11,6 +11,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
 from cim.envelope import EXTENDED, EXTENDED_HEADER, SUCCESS
@@ -119,7 +120,11 @@ class RouteClient:
     """
 
     def __init__(
-        self, clock: Any, http: HTTPClient, url: str, timeout: float = DEFAULT_TIMEOUT
+        self,
+        clock: IReactorTime,
+        http: HTTPClient,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         """
         @param clock: an L{IReactorTime} for timeouts.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -22,6 +22,7 @@ from twisted.python import usage
 from cim.client.console import Console, echo_switch
 from cim.client.history import History, history_path, thread_runner
 from cim.client.library import Client
+from cim.interfaces import IReactor
 
 DEFAULT_ROUTE = "http://127.0.0.1:8083"
 
@@ -103,7 +104,7 @@ class ConsoleService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, options: usage.Options) -> None:
+    def __init__(self, reactor: IReactor, options: usage.Options) -> None:
         self.reactor = reactor
         self.options = options
         self.console: Console | None = None
@@ -165,4 +166,4 @@ def makeService(options: usage.Options) -> IService:
     twistd_logfile = parent.get("logfile") if parent is not None else None
     if twistd_logfile in (None, "-"):
         _log_to_file(Path(options["logfile"]).expanduser())
-    return ConsoleService(reactor, options)
+    return ConsoleService(cast(IReactor, reactor), options)

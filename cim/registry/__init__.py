@@ -8,10 +8,9 @@ reads a ZooKeeper one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-from cim.interfaces import IRegistry
+from cim.interfaces import IReactor, IRegistry
 from cim.registry.local import LocalRegistry
 
 __all__ = ["open_registry", "parse_zk_url", "LocalRegistry"]
@@ -56,7 +55,7 @@ def parse_zk_url(url: str) -> ZooKeeperAddress:
     return ZooKeeperAddress(",".join(hosts), parts.path.rstrip("/") or DEFAULT_ROOT)
 
 
-def open_registry(url: str, reactor: Any) -> IRegistry:
+def open_registry(url: str, reactor: IReactor) -> IRegistry:
     """
     Make the registry that C{url} names:
 

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from cim.interfaces import IRegistry, ServerAddress
+from cim.interfaces import IReactor, IRegistry, ServerAddress
 from cim.registry.local import Callback, sort_addresses
 
 #: The errors of a request that was cut short by a lost connection or
@@ -77,7 +77,7 @@ class ZooKeeperRegistry:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         hosts: str,
         root: str = "/cim",
         session_timeout: float = 10.0,

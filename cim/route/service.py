@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
-from cim.interfaces import IRegistry, IStore, ServerAddress
+from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
 from cim.limits import MAX_BATCH, SENDER_QUOTA
 from cim.limits_net import (
@@ -84,7 +84,7 @@ class _Hangup(Protocol):
         self.transport.loseConnection()
 
 
-def tcp_probe(reactor: Any, timeout: float = 2.0) -> Probe:
+def tcp_probe(reactor: IReactor, timeout: float = 2.0) -> Probe:
     """
     A probe that connects to a server's client port (and hangs up at once).
 
@@ -146,7 +146,7 @@ class RouteService(AsyncStartService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         config: RouteConfig,
         store_factory: Callable[[], Any],
         registry: IRegistry,
