@@ -7,13 +7,13 @@ client does too.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from cim.client.statefile import read_json, write_json
 from cim.message import Cursor
 
 #: The version number written in the file.
@@ -63,14 +63,8 @@ class CursorFile:
             self._load(path)
 
     def _load(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            self.log.warn(
-                "Ignoring unreadable cursor file {path}: {e}", path=str(path), e=e
-            )
+        data = read_json(path, "cursor file")
+        if data is None:
             return
         if not isinstance(data, dict):
             self.log.warn("Ignoring malformed cursor file {path}", path=str(path))
@@ -138,13 +132,8 @@ class CursorFile:
         self._dirty = False
         self._last_save = self.clock.seconds()
         data = {"version": FORMAT_VERSION, "cursors": self.cursors, "token": self.token}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
+            write_json(self.path, data)
         except OSError as e:
             self._dirty = True
             self.log.warn(

@@ -13,13 +13,12 @@ as these accounts.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from cim.client.statefile import read_json, write_json
 from cim.names import name_key
 
 #: The file's name in the state folder, and its format version.
@@ -59,14 +58,8 @@ class AccountKeys:
             self._load(self.path)
 
     def _load(self, path: Path) -> None:
-        try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            self.log.warn(
-                "Ignoring unreadable account key file {path}: {e}", path=str(path), e=e
-            )
+        data = read_json(path, "account key file")
+        if data is None:
             return
         routes = data.get("routes") if isinstance(data, dict) else None
         if not isinstance(routes, dict):
@@ -116,11 +109,4 @@ class AccountKeys:
                 for route, accounts in self._keys.items()
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        write_json(path, data)
