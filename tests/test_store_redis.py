@@ -110,3 +110,49 @@ async def test_redis_knows_every_script(redis_url: str) -> None:
             assert sha == script.sha, name
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_migrating_names_of_an_earlier_release(redis_url: str) -> None:
+    """
+    Accounts an earlier release stored by raw name are found by name (and
+    their names are taken) after C{python -m cim.store.redis.migrate}.
+    """
+    import io
+    import uuid
+
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+    from cim.store.redis.migrate import migrate
+
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
+    try:
+        # What the earlier release wrote: ids 1-3, found by raw name.
+        await store._command("SET", prefix + "user:next", 3)
+        for user_id, name in [(1, "Zoe"), (2, "bob"), (3, "zoe")]:
+            await store._command("HSET", prefix + f"user:{user_id}", "name", name)
+            await store._command("HSET", prefix + "user:byname", name, user_id)
+        assert await store.get_account_by_name("bob") is None
+        assert await store.index_old_names() == (2, [("zoe", 3, 1)])
+        assert (await store.get_account_by_name("BOB")).user_id == 2  # type: ignore[union-attr]
+        assert (await store.get_account_by_name("zoe")).user_id == 1  # type: ignore[union-attr]
+        # Registering an old name finds its account instead of a new one.
+        again = await store.register("Bob")
+        assert (again.user_id, again.created) == (2, False)
+        # Running it again changes nothing.
+        assert await store.index_old_names() == (0, [("zoe", 3, 1)])
+        # The command itself (on the default prefix).
+        out = io.StringIO()
+        assert await migrate(reactor, redis_url, out) == 0
+        assert out.getvalue().startswith("indexed ")
+    finally:
+        await store._command(
+            "EVAL",
+            "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+            0,
+            prefix + "*",
+        )
+        await store.close()

@@ -342,6 +342,33 @@ class RedisStore:
         found = await self._by_key(user_name)
         return None if found is None else self._account(*found)
 
+    async def index_old_names(self) -> tuple[int, list[tuple[str, int, int]]]:
+        """
+        Index the accounts of a store written before names had keys (the
+        hash C{user:byname}, raw name -> id) by their name key, as
+        registrations and logins now look them up.  Safe to run again.
+
+        @return: how many names were indexed, and the names whose key an
+            other account already holds: C{(name, its id, the holder's id)}
+            (that account keeps its id, tokens and messages, but is not
+            found by name).
+        """
+        old = await self._command("HGETALL", self._key("user", "byname"))
+        pairs = old.items() if isinstance(old, dict) else zip(old[::2], old[1::2])
+        indexed = 0
+        collisions: list[tuple[str, int, int]] = []
+        bykey = self._key("user", "bykey")
+        for name, user_id in sorted(pairs, key=lambda pair: int(pair[1])):
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            key = name_key(name)
+            if await self._command("HSETNX", bykey, key, int(user_id)):
+                indexed += 1
+                continue
+            holder = int(await self._command("HGET", bykey, key))
+            if holder != int(user_id):
+                collisions.append((name, int(user_id), holder))
+        return indexed, collisions
+
     @_deferred
     async def check_password(self, user_id: int, password: str) -> bool:
         stored = await self._command("HGET", self._key("user", user_id), "pw")
