@@ -88,7 +88,13 @@ def describe_tls_failure(error: Any) -> str | None:
 
     for e in _failures(error):
         if isinstance(e, VerificationError):
-            return f"its certificate is not for this host ({e})"
+            ids = [getattr(m, "mismatched_id", None) for m in e.errors]
+            names = [
+                str(getattr(i, "ip", None) or getattr(i, "hostname", None) or i)
+                for i in ids
+                if i is not None
+            ]
+            return f"its certificate is not for {' or '.join(names) or 'this host'}"
         if isinstance(e, SSL.Error):
             texts = [
                 str(part[-1])
