@@ -7,9 +7,12 @@ made by L{cim.devcerts}, and library clients that verify them.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
@@ -25,9 +28,11 @@ from cim.server import tap as server_tap
 from cim.standalone import Options as StandaloneOptions
 from cim.web import http_client
 from tests.kit.cluster import Daemon, Processes
-from tests.kit.wait import within
+from tests.kit.wait import wait_until, within
 
 SECRET = "tls-test-secret"
+#: The Redis database of the cluster test (users have names of their own).
+REDIS_DB = 13
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +262,82 @@ async def test_clients_chat_over_tls(
     route = f"https://127.0.0.1:{node.ports['route']}"
     reason = await _refused(reactor, Client(reactor, route, ca_file=ca), "carol")
     assert "its certificate is not for 127.0.0.1" in reason, reason
+
+
+# A cluster whose push APIs speak https
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_push_api_is_called_over_https(
+    reactor: Any, tmp_path: Path, certs: DevCerts, redis_url: str, zk_url: str
+) -> None:
+    """
+    One route and two servers, every port with TLS: a message from a client
+    of one server reaches a client of the other through the https push.
+    """
+    tls = "ssl:{port}:interface=127.0.0.1:" + (
+        f"privateKey={certs.key}:certKey={certs.cert}"
+    )
+    redis = f"redis://{urlsplit(redis_url).netloc}/{REDIS_DB}"
+    registry = f"zk://{urlsplit(zk_url).netloc}/cimtls-{uuid.uuid4().hex[:8]}"
+    common = ["--bind", "127.0.0.1", "--store", redis, "--registry", registry,
+              "--secret", SECRET, "--ca-file", str(certs.ca)]  # fmt: skip
+    processes = Processes(tmp_path, reactor)
+    route = Daemon(
+        "route",
+        "cim-route",
+        [*common, "--balancer", "round-robin"],
+        tmp_path,
+        processes,
+        listen={"port": tls},
+    )
+    servers = [
+        Daemon(
+            f"server{i}",
+            "cim-server",
+            [*common, "--host", "localhost"],
+            tmp_path,
+            processes,
+            listen={"port": tls, "http-port": tls},
+        )
+        for i in (1, 2)
+    ]
+    try:
+        for daemon in [*servers, route]:
+            daemon.start()
+        for daemon in [*servers, route]:
+            await daemon.wait_ready(reactor)
+        assert "(TLS: clients, push API)" in servers[0].log_text()
+        url = f"https://localhost:{route.ports['route']}"
+        events = [QueueListener(), QueueListener()]
+        clients = [
+            Client(reactor, url, listener=e, ca_file=str(certs.ca)) for e in events
+        ]
+        try:
+            # Round robin: each on its own server (once both are listed).
+            async def both_listed() -> bool:
+                http, pool = http_client(reactor, ca_file=str(certs.ca))
+                try:
+                    response = await http.get(f"{url}/health")
+                    body = json.loads(await response.content())
+                finally:
+                    await pool.closeCachedConnections()
+                return len(body["dataBody"]["servers"]) == 2
+
+            await wait_until(reactor, both_listed, "both servers listed", 15, 0.1)
+            suffix = uuid.uuid4().hex[:8]
+            for client, name in zip(clients, ["ann", "ben"], strict=True):
+                await within(reactor, client.login(f"{name}{suffix}"), 10)
+            alice, bob = clients
+            assert alice.server is not None and bob.server is not None
+            assert alice.server[1] != bob.server[1]
+            assert bob.user_id is not None
+            await within(reactor, alice.send_private(bob.user_id, "via https"), 10)
+            message = await within(reactor, events[1].messages.get(), 10)
+            assert message.text == "via https"
+        finally:
+            for client in clients:
+                await client.close()
+    finally:
+        processes.stop_all()
