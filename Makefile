@@ -12,7 +12,8 @@ export CIM_TEST_ZK ?= zk://127.0.0.1:$(CIM_ZK_PORT)/cim
 PROTOC := $(BIN)/python -m grpc_tools.protoc
 
 .PHONY: help install test unit proto proto-check lint typecheck services-up \
-	services-down run demo cluster cluster-down bench bench-quick soak fuzz clean
+	services-down run demo cluster cluster-down bench bench-quick soak fuzz clean \
+	dev-certs
 
 help:
 	@echo "make run          start a standalone cim node (route :8083, server :11211)"
@@ -24,6 +25,7 @@ help:
 	@echo "make soak         the soak test: 2,000 clients, 10 minutes (SOAK_ARGS=--quick: 200, 1 minute)"
 	@echo "make fuzz         the frame/codec fuzzer (FUZZ_SECONDS, default 60)"
 	@echo "make proto        regenerate the protobuf code (proto-check: fail if stale)"
+	@echo "make dev-certs    a development CA and certificates for localhost in .run/certs"
 	@echo "make lint / typecheck / install / services-up / services-down"
 
 install: $(STAMP)
@@ -78,6 +80,12 @@ run: install
 	@echo "In another terminal:  $(BIN)/twistd -n cim-client --user alice"
 	@mkdir -p .run
 	$(BIN)/twistd --pidfile=.run/standalone.pid -n cim-standalone
+
+# A development CA and a certificate for localhost, 127.0.0.1 and ::1
+# (README: "Running with TLS"); DEV_CERTS names another folder.
+DEV_CERTS ?= .run/certs
+dev-certs: install
+	$(BIN)/python -m cim.devcerts $(DEV_CERTS)
 
 clean:
 	rm -rf .run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

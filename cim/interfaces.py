@@ -95,29 +95,56 @@ class QuotaExceeded(ApiError):
 @dataclass(frozen=True, slots=True)
 class ServerAddress:
     """
-    Where an IM server listens: the host clients connect to, its client TCP
-    port and its push API HTTP port.  Its string form
-    C{"host:port:http_port"} is the registry node name (as in CIM).
+    Where an IM server listens: the host clients connect to, its client
+    port and its push API port, and whether each speaks TLS.  Its string
+    form is the registry node name: C{"host:port:http_port"} as in CIM,
+    with a fourth field only when TLS is on: C{tls} (the client port),
+    C{https} (the push API) or C{tls+https}.  CIM reads the first three
+    fields only, and a CIM client could not speak TLS anyway.
+
+    @ivar tls: the client port speaks TLS.
+    @ivar https: the push API speaks TLS (called with C{https://}).
     """
 
     host: str
     port: int
     http_port: int
+    tls: bool = False
+    https: bool = False
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}:{self.http_port}"
+        text = f"{self.host}:{self.port}:{self.http_port}"
+        flags = [name for name, on in (("tls", self.tls), ("https", self.https)) if on]
+        return f"{text}:{'+'.join(flags)}" if flags else text
+
+    @property
+    def push_url(self) -> str:
+        """
+        The base URL of the server's push API.
+        """
+        scheme = "https" if self.https else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.http_port}"
 
     @classmethod
     def parse(cls, text: str) -> ServerAddress:
         """
-        Parse C{"host:port:http_port"}.
+        Parse C{"host:port:http_port"}, perhaps followed by C{":tls"},
+        C{":https"} or C{":tls+https"}.
 
         @raise ValueError: C{text} is not of that form.
         """
+        flags: set[str] = set()
+        head, _, last = text.rpartition(":")
+        if last and not last.isdigit() and head:
+            flags = set(last.split("+"))
+            if not flags <= {"tls", "https"}:
+                raise ValueError(f"unknown flags {last!r} in {text!r}")
+            text = head
         host, port, http_port = text.rsplit(":", 2)
         if not host:
             raise ValueError(f"no host in {text!r}")
-        return cls(host, int(port), int(http_port))
+        return cls(host, int(port), int(http_port), "tls" in flags, "https" in flags)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,9 +26,7 @@ def http_probe(http: Any, timeout: float = 2.0) -> Probe:
 
     async def alive(server: str) -> bool:
         address = ServerAddress.parse(server)
-        response = await http.get(
-            f"http://{address.host}:{address.http_port}/health", timeout=timeout
-        )
+        response = await http.get(f"{address.push_url}/health", timeout=timeout)
         await response.content()
         return bool(response.code == 200)
 

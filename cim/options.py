@@ -114,6 +114,21 @@ def check_store_url(url: str) -> None:
         raise usage.UsageError(f"--store must be {STORE_URLS}: {e}") from None
 
 
+def check_ca_file(path: str | None) -> None:
+    """
+    @raise usage.UsageError: C{path} (C{--ca-file}) is given but holds no
+        readable PEM certificate.
+    """
+    if path is None:
+        return
+    from cim.tls import trust_root
+
+    try:
+        trust_root(path)
+    except ValueError as e:
+        raise usage.UsageError(f"--ca-file: {e}") from None
+
+
 def check_registry_url(url: str) -> None:
     """
     @raise usage.UsageError: C{url} names no registry.

@@ -94,7 +94,7 @@ class HttpPusher:
         """
         address = ServerAddress.parse(server)
         response = await self._http.post(
-            f"http://{address.host}:{address.http_port}/{path}",
+            f"{address.push_url}/{path}",
             data=json.dumps(body, separators=(",", ":")).encode("utf-8"),
             headers=Headers(
                 {

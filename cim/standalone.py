@@ -25,11 +25,12 @@ from cim.limits_net import (
     daemon_options,
     net_limits,
 )
+from cim.listen import is_tls, listen_option
 from cim.options import (
     SECRET_PARAMETERS,
+    check_ca_file,
     check_registry_url,
     check_store_url,
-    port_number,
     secret_option,
 )
 from cim.route.service import RouteConfig, RouteService
@@ -48,25 +49,46 @@ class Options(usage.Options):
         ["legacy-auth", None, "Let CIM clients call the route without a token."],
     ]
     optParameters = [
-        ["port", "p", 11211, "Client TCP port.", port_number("port")],
+        [
+            "port",
+            "p",
+            11211,
+            "Client port: a number (TCP on --bind) or a Twisted endpoint "
+            "description (ssl:11211:privateKey=key.pem:certKey=cert.pem: TLS).",
+            listen_option("port"),
+        ],
         [
             "http-port",
             None,
             8081,
-            "The IM server's push API port.",
-            port_number("http-port"),
+            "The IM server's push API port, or an endpoint description.",
+            listen_option("http-port"),
         ],
-        ["route-port", None, 8083, "The route's HTTP port.", port_number("route-port")],
+        [
+            "route-port",
+            None,
+            8083,
+            "The route's HTTP port, or an endpoint description (ssl:...: https).",
+            listen_option("route-port"),
+        ],
         ["host", None, "127.0.0.1", "The address announced to clients."],
         ["bind", None, "127.0.0.1", "The interface every port listens on."],
         ["store", None, "memory:", "memory: or redis://host:port/db"],
         ["registry", None, "local:", "local: or zk://host:port/root"],
         *SECRET_PARAMETERS,
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs whose certificates the push APIs called "
+            "over https must carry (default: the system's).",
+        ],
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
     ]
 
     def postOptions(self) -> None:
+        check_ca_file(self["ca-file"])
         check_store_url(self["store"])
         check_registry_url(self["registry"])
         # Needed with a real registry; else nobody needs to know it (the
@@ -121,6 +143,7 @@ class StandaloneService(AsyncStartService):
                 sender_quota=o["sender-quota"],
                 max_output=o["max-output"],
                 session_ttl=o["session-ttl"],
+                ca_file=o["ca-file"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
@@ -142,6 +165,7 @@ class StandaloneService(AsyncStartService):
                     request_timeout=limits.request_timeout,
                 ),
                 shutdown_timeout=self.shutdown_timeout,
+                ca_file=o["ca-file"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
@@ -153,7 +177,8 @@ class StandaloneService(AsyncStartService):
         await self.route.ready
         assert self.server.address is not None
         self.log.info(
-            "cim-standalone ready: route http://{bind}:{route}/ , IM server {address}",
+            "cim-standalone ready: route {scheme}://{bind}:{route}/ , IM server {address}",
+            scheme="https" if is_tls(o["route-port"]) else "http",
             bind=o["bind"],
             route=self.route.port,
             address=str(self.server.address),

@@ -32,6 +32,7 @@ from twisted.web.server import Request, Site
 from cim import envelope as codes
 from cim.envelope import envelope
 from cim.limits_net import REQUEST_TIMEOUT
+from cim.tls import https_policy
 
 #: The largest body a site accepts unless told otherwise.
 MAX_BODY = 1024 * 1024
@@ -205,15 +206,20 @@ class QuietSite(Site):
 
 
 def http_client(
-    reactor: IReactorTime, per_host: int = 8
+    reactor: IReactorTime, per_host: int = 8, ca_file: str | None = None
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     A treq client over a persistent connection pool of its own, and the
     pool (close it with C{closeCachedConnections} when done).  Calls between
     daemons are not retried automatically: a push must not be sent twice
     by the HTTP layer.
+
+    @param ca_file: the CAs that C{https} peers' certificates must be
+        signed by (L{cim.tls.trust_root}; the platform's when C{None}).
+    @raise ValueError: C{ca_file} cannot be read.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = per_host
     pool.retryAutomatically = False
-    return HTTPClient(Agent(reactor, pool=pool)), pool
+    agent = Agent(reactor, contextFactory=https_policy(ca_file), pool=pool)
+    return HTTPClient(agent), pool

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from cim.codec import CodecError, decode, encode_framed
 from cim.framing import VarintFrameReceiver
@@ -128,6 +129,7 @@ class FrameHandler(Protocol):
     def connection_lost(self, protocol: ClientProtocol, reason: str) -> None: ...
 
 
+@implementer(IHandshakeListener)
 class ClientProtocol(VarintFrameReceiver):
     """
     One TCP connection to an IM server.
@@ -137,6 +139,9 @@ class ClientProtocol(VarintFrameReceiver):
     connection is gone.
 
     @ivar reason: why the connection ended, when we ended it.
+    @ivar handshake: on a TLS connection (C{tls=True}), fires once the TLS
+        handshake is done (the server's certificate verified), or fails
+        with why the connection was lost before; C{None} otherwise.
     """
 
     log = Logger()
@@ -149,8 +154,10 @@ class ClientProtocol(VarintFrameReceiver):
         interval: float = 10.0,
         idle_timeout: float = 30.0,
         pong_timeout: float = 10.0,
+        tls: bool = False,
     ) -> None:
         super().__init__()
+        self.handshake: Deferred[None] | None = Deferred() if tls else None
         self.handler = handler
         self.heartbeat = Heartbeat(
             clock, self._ping, self._dead, interval, idle_timeout, pong_timeout
@@ -168,9 +175,15 @@ class ClientProtocol(VarintFrameReceiver):
             pass
         self.heartbeat.start()
 
+    def handshakeCompleted(self) -> None:
+        if self.handshake is not None and not self.handshake.called:
+            self.handshake.callback(None)
+
     def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
         self.heartbeat.stop()
+        if self.handshake is not None and not self.handshake.called:
+            self.handshake.errback(reason)
         if not self.reason:
             self.reason = "connection lost"
             if reason is not None and hasattr(reason, "getErrorMessage"):

@@ -107,6 +107,7 @@ class Client:
         cursor_save_interval: float = 1.0,
         close_timeout: float = 2.0,
         rng: _random.Random | None = None,
+        ca_file: str | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime} and L{IReactorTCP}: every
@@ -126,13 +127,19 @@ class Client:
             (a fraction), never over C{backoff_max}.
         @param close_timeout: how long L{close} waits for the
             acknowledgements of sends already written.
+        @param ca_file: a PEM file of the CAs that the route's (for an
+            C{https://} C{route_url}) and the IM servers' certificates must
+            be signed by; the system's CAs when C{None}.  A certificate that
+            does not verify, or is not for the host called, fails the login
+            with a L{LoginError} that says so.
+        @raise ValueError: C{ca_file} cannot be read.
         """
         self.reactor = reactor
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
         self.close_timeout = close_timeout
         self._pool: HTTPConnectionPool | None = None
         if http is None:
-            http, self._pool = http_client(reactor, per_host=2)
+            http, self._pool = http_client(reactor, per_host=2, ca_file=ca_file)
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
         self._keys = AccountKeys(self.state_dir)
         self._account_key = ""
@@ -157,6 +164,7 @@ class Client:
             idle_timeout=idle_timeout,
             pong_timeout=pong_timeout,
             login_timeout=login_timeout,
+            ca_file=ca_file,
         )
 
     # State

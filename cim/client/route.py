@@ -16,6 +16,7 @@ from twisted.web.http_headers import Headers
 
 from cim.envelope import EXTENDED, EXTENDED_HEADER, SUCCESS
 from cim.message import ChatMessage, message_from_dict
+from cim.tls import describe_tls_failure
 
 #: Seconds an HTTP call may take before it fails.
 DEFAULT_TIMEOUT = 10.0
@@ -54,6 +55,8 @@ class LoginInfo:
     """
     The route's answer to a login: the IM server to connect to, and the
     token that proves the login to it.
+
+    @ivar tls: the server's client port speaks TLS (extended replies only).
     """
 
     host: str
@@ -62,6 +65,14 @@ class LoginInfo:
     token: str
     user_id: int
     user_name: str
+    tls: bool = False
+
+
+class RouteTLSError(Exception):
+    """
+    The route could not be reached over https: its certificate does not
+    verify, or is not for its host (see L{cim.tls}).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +172,16 @@ class RouteClient:
         if token:
             headers.addRawHeader(b"Authorization", f"Bearer {token}".encode())
         url = self.url + path
-        if body is None:
-            response = await self.http.get(url, headers=headers)
-        else:
-            response = await self.http.post(url, json=body, headers=headers)
+        try:
+            if body is None:
+                response = await self.http.get(url, headers=headers)
+            else:
+                response = await self.http.post(url, json=body, headers=headers)
+        except Exception as e:
+            reason = describe_tls_failure(e) if self.url.startswith("https:") else None
+            if reason is None:
+                raise
+            raise RouteTLSError(f"the route {self.url}: {reason}") from None
         content = await response.content()
         try:
             answer = json.loads(content)
@@ -230,6 +247,7 @@ class RouteClient:
             token=str(data["token"]),
             user_id=int(data.get("userId", user_id)),
             user_name=str(data.get("userName", user_name)),
+            tls=data.get("tls") is True,
         )
 
     async def offline(self, user_id: int, token: str) -> None:

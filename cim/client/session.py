@@ -25,7 +25,11 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +42,7 @@ from cim.client.listeners import ClientState, IClientListener
 from cim.client.outbox import Outbox
 from cim.client.route import LoginInfo, RouteError
 from cim.message import Command, Frame
+from cim.tls import client_creator, describe_tls_failure
 
 #: Route codes after which logging in again cannot succeed by itself.
 PERMANENT_LOGIN_CODES = frozenset(
@@ -109,13 +114,18 @@ class Session:
         idle_timeout: float = 30.0,
         pong_timeout: float = 10.0,
         login_timeout: float = 10.0,
+        ca_file: str | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime}, and L{IReactorTCP} for
             connecting.
         @param delays: the delay before each reconnect attempt (see
             L{reconnect_delays}).
+        @param ca_file: the CAs that an IM server's certificate must be
+            signed by, when the route says it speaks TLS (the system's
+            when C{None}).
         """
+        self.ca_file = ca_file
         self.reactor = reactor
         self.route = route
         self.inbox = inbox
@@ -253,34 +263,66 @@ class Session:
 
     async def _connect(self, info: LoginInfo) -> ClientProtocol:
         """
-        Open the TCP connection to the server C{info} names.
+        Open the connection to the server C{info} names: TCP, and TLS when
+        the route says the server speaks it, verifying that the server's
+        certificate is signed by one of our CAs and names C{info.host}.
         """
+        where = f"{info.host}:{info.port}"
         protocol = ClientProtocol(
             self.reactor,
             self,
             interval=self.heartbeat_interval,
             idle_timeout=self.idle_timeout,
             pong_timeout=self.pong_timeout,
+            tls=info.tls,
         )
         try:
-            endpoint = endpoints.TCP4ClientEndpoint(
+            endpoint: IStreamClientEndpoint = endpoints.TCP4ClientEndpoint(
                 IReactorTCP(self.reactor),
                 info.host,
                 info.port,
                 timeout=self.login_timeout,
             )
+            if info.tls:
+                endpoint = endpoints.wrapClientTLS(
+                    client_creator(info.host, self.ca_file), endpoint
+                )
             await endpoints.connectProtocol(endpoint, protocol)
         except CancelledError:
             raise
         except Exception as e:
-            raise LoginError(
-                "", f"cannot connect to {info.host}:{info.port}: {e}"
-            ) from None
+            raise LoginError("", f"cannot connect to {where}: {e}") from None
+        if protocol.handshake is not None:
+            await self._handshake(protocol, where)
         if self.closed:
             protocol.abort("closed by the client")
             raise ClientClosed("the client is closed")
         self.protocol = protocol
         return protocol
+
+    async def _handshake(self, protocol: ClientProtocol, where: str) -> None:
+        """
+        Wait for C{protocol}'s TLS handshake.
+
+        @raise LoginError: it failed (the certificate does not verify, is
+            not for the host, or the server does not speak TLS) or took
+            longer than the login time-out.
+        """
+        assert protocol.handshake is not None
+        protocol.handshake.addTimeout(self.login_timeout, self.reactor)
+        try:
+            await protocol.handshake
+        except CancelledError:
+            raise
+        except Exception as e:
+            protocol.abort("TLS failed")
+            if isinstance(e, DeferredTimeout):
+                reason = "the TLS handshake timed out"
+            else:
+                reason = describe_tls_failure(e) or f"TLS failed ({e})"
+            raise LoginError(
+                "", f"cannot connect to the IM server {where} over TLS: {reason}"
+            ) from None
 
     async def _log_in(self, protocol: ClientProtocol, info: LoginInfo) -> None:
         """

@@ -23,6 +23,7 @@ from cim.client.console import Console, echo_switch
 from cim.client.history import History, history_path, thread_runner
 from cim.client.library import Client
 from cim.interfaces import IReactor
+from cim.tls import trust_root
 
 DEFAULT_ROUTE = "http://127.0.0.1:8083"
 
@@ -57,7 +58,14 @@ class Options(usage.Options):
         "the commands."
     )
     optParameters = [
-        ["route", "r", DEFAULT_ROUTE, "The route's URL."],
+        ["route", "r", DEFAULT_ROUTE, "The route's URL (http:// or https://)."],
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs whose certificates the route (https://) and "
+            "the IM servers (TLS) must carry (default: the system's).",
+        ],
         ["user", "u", None, "Your user name (registered if new)."],
         [
             "password",
@@ -92,8 +100,13 @@ class Options(usage.Options):
             raise usage.UsageError("--user is required")
         if not self["route"].startswith(("http://", "https://")):
             raise usage.UsageError(
-                f"--route must be an http:// URL, not {self['route']!r}"
+                f"--route must be an http:// or https:// URL, not {self['route']!r}"
             )
+        if self["ca-file"] is not None:
+            try:
+                trust_root(self["ca-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--ca-file: {e}") from None
 
 
 class ConsoleService(Service):
@@ -117,7 +130,10 @@ class ConsoleService(Service):
         options = self.options
         reactor = self.reactor
         self.client = client = Client(
-            reactor, options["route"], state_dir=Path(options["state-dir"]).expanduser()
+            reactor,
+            options["route"],
+            state_dir=Path(options["state-dir"]).expanduser(),
+            ca_file=options["ca-file"],
         )
         history_dir = Path(options["history-dir"]).expanduser()
         runner = thread_runner(reactor)

@@ -324,15 +324,17 @@ class RouteAPI:
         }
         if not self._extended(request):
             return self._ok(request, server)
-        return self._ok(
-            request,
-            {
-                **server,
-                "token": done.token,
-                "userId": done.account.user_id,
-                "userName": done.account.user_name,
-            },
-        )
+        extended = {
+            **server,
+            "token": done.token,
+            "userId": done.account.user_id,
+            "userName": done.account.user_name,
+        }
+        # Whether the server's client port speaks TLS: for cim's clients
+        # only (CIM's reply has exactly the three fields above).
+        if done.server.tls:
+            extended["tls"] = True
+        return self._ok(request, extended)
 
     @app.route("/groupRoute", methods=["POST"])
     async def group_route(self, request: IRequest) -> bytes:

@@ -516,6 +516,12 @@ def openapi_document(max_message: int = 4096) -> Schema:
                             "type": "string",
                             "description": "With X-Cim-Extended only.",
                         },
+                        "tls": {
+                            "type": "boolean",
+                            "description": "With X-Cim-Extended only, and "
+                            "only when true: the server's client port speaks "
+                            "TLS (verify its certificate for ip).",
+                        },
                     },
                     ["ip", "cimServerPort", "httpPort"],
                 ),

@@ -27,6 +27,7 @@ from cim.limits_net import (
     LimitedFactory,
     NetLimits,
 )
+from cim.listen import Listen, bound_host, is_tls, server_endpoint
 from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
@@ -50,9 +51,12 @@ class RouteConfig:
         registry.
     @ivar login_rate: failed logins and registrations a minute per account;
         C{address_rate}: per client address (L{cim.route.throttle}).
+    @ivar port: a number (TCP on C{bind}) or an endpoint description
+        (L{cim.listen}).
+    @ivar ca_file: the CAs of the servers' push API certificates.
     """
 
-    port: int = 8083
+    port: Listen = 8083
     bind: str = "0.0.0.0"
     secret: str = ""
     balancer: str = "consistent-hash"
@@ -70,6 +74,7 @@ class RouteConfig:
     shutdown_timeout: float = SHUTDOWN_TIMEOUT
     login_rate: float = 10.0
     address_rate: float = 60.0
+    ca_file: str | None = None
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -187,7 +192,7 @@ class RouteService(AsyncStartService):
         self._registry_started = True
         await self.registry.start()
         # A pool of our own, so that stopping closes its connections.
-        http, self._pool = http_client(self.reactor)
+        http, self._pool = http_client(self.reactor, ca_file=config.ca_file)
         pusher = HttpPusher(http, config.secret)
         # Issue 8: a server that left the registry but still answers keeps
         # its sessions (see DeadServerJanitor).
@@ -234,16 +239,18 @@ class RouteService(AsyncStartService):
             self.reactor,
             "cim-route HTTP",
         )
-        self._listening = await endpoints.TCP4ServerEndpoint(
-            self.reactor, config.port, interface=config.bind, backlog=1024
+        self._listening = await server_endpoint(
+            self.reactor, config.port, config.bind, 1024
         ).listen(self.factory)
-        self.port = self._listening.getHost().port
+        self.port = getattr(self._listening.getHost(), "port", None)
+        # tests/kit/cluster.py reads the port from this line.
         self.log.info(
-            "cim-route listening on {bind}:{port} ({balancer}; {servers} servers)",
-            bind=config.bind,
-            port=self.port,
+            "cim-route listening on {bind}:{port} ({balancer}; {servers} servers{tls})",
+            bind=bound_host(self._listening, config.bind),
+            port=self.port if self.port is not None else config.port,
             balancer=config.balancer,
             servers=len(self.registry.servers()),
+            tls="; TLS" if is_tls(config.port) else "",
         )
 
     async def _stop(self) -> None:

@@ -10,12 +10,13 @@ from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
+from cim.listen import listen_option
 from cim.options import (
     SECRET_PARAMETERS,
     SEND_LIMITS,
+    check_ca_file,
     check_registry_url,
     check_store_url,
-    port_number,
     positive_float,
     secret_option,
     whole_number,
@@ -43,11 +44,25 @@ class Options(usage.Options):
         ],
     ]
     optParameters = [
-        ["port", "p", 8083, "HTTP port (0: any free port).", port_number("port")],
+        [
+            "port",
+            "p",
+            8083,
+            "HTTP port (0: any free port), or a Twisted endpoint description, "
+            "such as ssl:8083:privateKey=key.pem:certKey=cert.pem for https.",
+            listen_option("port"),
+        ],
         ["bind", None, "0.0.0.0", "The interface to listen on."],
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
         *SECRET_PARAMETERS,
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs whose certificates the push APIs called "
+            "over https must carry (default: the system's).",
+        ],
         [
             "balancer",
             None,
@@ -88,6 +103,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        check_ca_file(self["ca-file"])
         check_store_url(self["store"])
         check_registry_url(self["registry"])
         if self["balancer"] not in BALANCERS:
@@ -117,6 +133,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         max_body=max(1024 * 1024, 64 * options["max-message"]),
         limits=net_limits(options),
         shutdown_timeout=options["shutdown-timeout"],
+        ca_file=options["ca-file"],
     )
 
 

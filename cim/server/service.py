@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from twisted.internet import endpoints
 from twisted.web.client import HTTPConnectionPool
 
 from cim.daemon import AsyncStartService
@@ -22,6 +21,7 @@ from cim.limits_net import (
     LimitedFactory,
     NetLimits,
 )
+from cim.listen import Listen, bound_host, bound_port, is_tls, server_endpoint
 from cim.pusher import HttpPusher
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
@@ -38,10 +38,13 @@ class ServerConfig:
         port, C{http_per_address} for the push API).
     @ivar shutdown_timeout: seconds the stop waits for the store, the
         registry and the clients' releases.
+    @ivar port: the client port: a number (TCP on C{bind}) or an endpoint
+        description (L{cim.listen}); C{http_port} the same for the push API.
+    @ivar ca_file: the CAs of the other servers' push API certificates.
     """
 
-    port: int = 11211
-    http_port: int = 8081
+    port: Listen = 11211
+    http_port: Listen = 8081
     host: str = "127.0.0.1"
     bind: str = "0.0.0.0"
     secret: str = ""
@@ -56,6 +59,7 @@ class ServerConfig:
     sender_quota: int = SENDER_QUOTA
     max_output: int = MAX_OUTPUT
     session_ttl: float = SESSION_TTL
+    ca_file: str | None = None
 
 
 class IMServerService(AsyncStartService):
@@ -109,7 +113,7 @@ class IMServerService(AsyncStartService):
         self.store = store = await self.store_factory()
         # The quota is counted where messages are stored.
         store.retention = replace(store.retention, sender_quota=config.sender_quota)
-        http, self._pool = http_client(self.reactor)
+        http, self._pool = http_client(self.reactor, ca_file=config.ca_file)
         pusher = HttpPusher(http, config.secret)
         # The address is known once the ports listen (they may be 0).
         clients = _LateFactory("cim-server clients")
@@ -120,8 +124,8 @@ class IMServerService(AsyncStartService):
             self.reactor,
             clients.name,
         )
-        client_port = await endpoints.TCP4ServerEndpoint(
-            self.reactor, config.port, interface=config.bind, backlog=4096
+        client_port = await server_endpoint(
+            self.reactor, config.port, config.bind, 4096
         ).listen(self.factories["clients"])
         self._ports.append(client_port)
         push = _LateFactory("cim-server push API")
@@ -132,12 +136,16 @@ class IMServerService(AsyncStartService):
             self.reactor,
             push.name,
         )
-        http_port = await endpoints.TCP4ServerEndpoint(
-            self.reactor, config.http_port, interface=config.bind, backlog=1024
+        http_port = await server_endpoint(
+            self.reactor, config.http_port, config.bind, 1024
         ).listen(self.factories["push"])
         self._ports.append(http_port)
         self.address = ServerAddress(
-            config.host, client_port.getHost().port, http_port.getHost().port
+            config.host,
+            bound_port(client_port, "port"),
+            bound_port(http_port, "http-port"),
+            tls=is_tls(config.port),
+            https=is_tls(config.http_port),
         )
         # Sessions naming this address are of an earlier run of this server
         # (killed, or stopped while the store was away): nobody holds them.
@@ -180,12 +188,16 @@ class IMServerService(AsyncStartService):
             self.reactor, self.registry, store, probe=http_probe(http)
         )
         self._janitor.start()
+        # tests/kit/cluster.py reads the ports from this line.
         self.log.info(
-            "cim-server {address} ready: clients on {bind}:{port}, push API on {bind}:{http}",
+            "cim-server {address} ready: clients on {bind}:{port}, "
+            "push API on {http_bind}:{http}{tls}",
             address=str(self.address),
-            bind=config.bind,
+            bind=bound_host(client_port, config.bind),
             port=self.address.port,
+            http_bind=bound_host(http_port, config.bind),
             http=self.address.http_port,
+            tls=_tls_note(self.address),
         )
 
     async def _stop(self) -> None:
@@ -203,6 +215,16 @@ class IMServerService(AsyncStartService):
             await self._step("closing calls to servers", pool.closeCachedConnections)
         if self.store is not None and self.own_store:
             await self._step("closing the store", self.store.close)
+
+
+def _tls_note(address: ServerAddress) -> str:
+    """
+    What of C{address} speaks TLS, for the ready line.
+    """
+    parts = [
+        n for n, on in (("clients", address.tls), ("push API", address.https)) if on
+    ]
+    return f" (TLS: {', '.join(parts)})" if parts else ""
 
 
 class _LateFactory:

@@ -18,12 +18,13 @@ from cim.limits_net import (
     daemon_options,
     net_limits,
 )
+from cim.listen import listen_option
 from cim.options import (
     SECRET_PARAMETERS,
     SEND_LIMITS,
+    check_ca_file,
     check_registry_url,
     check_store_url,
-    port_number,
     positive_float,
     secret_option,
     whole_number,
@@ -66,15 +67,17 @@ class Options(usage.Options):
             "port",
             "p",
             11211,
-            "Client TCP port (0: any free port).",
-            port_number("port"),
+            "Client port (0: any free port)."
+            " A number (TCP on --bind) or a Twisted endpoint description, such as"
+            " ssl:11211:privateKey=key.pem:certKey=cert.pem for TLS.",
+            listen_option("port"),
         ],
         [
             "http-port",
             None,
             8081,
-            "Push API HTTP port (0: any).",
-            port_number("http-port"),
+            "Push API HTTP port (0: any), or an endpoint description (ssl:...: https).",
+            listen_option("http-port"),
         ],
         [
             "host",
@@ -86,6 +89,13 @@ class Options(usage.Options):
         ["store", None, "redis://127.0.0.1:6379/0", "memory: or redis://host:port/db"],
         ["registry", None, "zk://127.0.0.1:2181/cim", "local: or zk://host:port/root"],
         *SECRET_PARAMETERS,
+        [
+            "ca-file",
+            None,
+            None,
+            "A PEM file of the CAs whose certificates the push APIs called "
+            "over https must carry (default: the system's).",
+        ],
         [
             "heartbeat-timeout",
             None,
@@ -113,6 +123,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        check_ca_file(self["ca-file"])
         check_store_url(self["store"])
         check_registry_url(self["registry"])
         if not 64 <= self["max-frame"] <= 64 * 1024 * 1024:
@@ -137,6 +148,7 @@ def config_from(options: usage.Options) -> ServerConfig:
         sender_quota=options["sender-quota"],
         max_output=options["max-output"],
         session_ttl=options["session-ttl"],
+        ca_file=options["ca-file"],
     )
 
 

@@ -230,7 +230,11 @@ class Daemon:
     One C{twistd -n <plugin>} process, logging to C{directory/<name>.log}
     (its standard output and error go to C{<name>.out}).
 
-    Its port options are the harness's: C{args} holds the others.
+    Its port options are the harness's: C{args} holds the others.  A port
+    listens on TCP (C{--port 0}), or as C{listen} says: by option, an
+    endpoint description with C{{port}} where the port goes (such as
+    C{ssl:{port}:privateKey=...:certKey=...}); its log line names the port
+    all the same.
 
     @ivar ports: the ports it listens on, by name (C{client}, C{http},
         C{route}: see L{PORT_OPTIONS}), as its log named them after its
@@ -246,8 +250,11 @@ class Daemon:
         processes: Processes | None = None,
         env: dict[str, str] | None = None,
         twistd: Sequence[str] = (TWISTD,),
+        listen: dict[str, str] | None = None,
     ) -> None:
         options = PORT_OPTIONS[plugin]
+        self.listen = dict(listen or {})
+        assert set(self.listen) <= set(options), f"not a port option: {self.listen}"
         assert not {f"--{o}" for o in options} & set(args), "ports are the harness's"
         self.name = name
         self.plugin = plugin
@@ -273,7 +280,8 @@ class Daemon:
         ports = []
         for option, kind in PORT_OPTIONS[self.plugin].items():
             port = self.ports[kind] if keep_ports else 0
-            ports += [f"--{option}", str(port)]
+            where = self.listen.get(option, "{port}").format(port=port)
+            ports += [f"--{option}", where]
         self.directory.mkdir(parents=True, exist_ok=True)
         self.log.mark()
         self.process = self.processes.spawn(
