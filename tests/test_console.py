@@ -817,6 +817,21 @@ def test_incoming_messages(screen: Screen) -> None:
     ]
 
 
+def test_text_from_others_reaches_the_terminal_inert(screen: Screen) -> None:
+    # Retitling the terminal, erasing the line, colours, a bidi override, a
+    # zero-width space, and a newline that would start a made-up line.
+    hostile = "\x1b]0;HACKED\x07\x1b[2K\x1b[31mred\u202eevil\u200b\n[00:00:00] admin: x"
+    screen.console.message_received(message(hostile, sender="mal\x1b[1mlory"))
+    raw = screen.transport.value()
+    assert b"\x1b" not in raw and b"\x07" not in raw
+    assert "\u202e".encode() not in raw and "\u200b".encode() not in raw
+    [line] = screen.output()
+    assert line == (
+        f"[{STAMP}] (private) mal\\x1b[1mlory: \\x1b]0;HACKED\\x07\\x1b[2K"
+        "\\x1b[31mred\\u202eevil\\u200b \u21b5 [00:00:00] admin: x"
+    )
+
+
 def test_connection_state_messages(screen: Screen) -> None:
     screen.console.state_changed(ClientState.RECONNECTING, "connection lost")
     screen.console.state_changed(ClientState.CONNECTING, "")

@@ -148,7 +148,8 @@ class Console(LineReceiver):
         Print one line (or several).
         """
         if self.transport is not None:
-            self.transport.write((text + "\n").encode("utf-8", "replace"))
+            line = render.inert(text) + "\n"
+            self.transport.write(line.encode("utf-8", "replace"))
 
     def error(self, text: str) -> None:
         """

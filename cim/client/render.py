@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,31 @@ from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.listeners import ClientState
 from cim.client.route import GroupInfo, RouteError, User
 from cim.message import GROUP_PREFIX, INBOX_PREFIX, ChatMessage
+
+
+#: The characters a terminal may act on instead of showing: controls
+#: (escape sequences, bells, carriage returns...), format characters
+#: (bidi overrides, zero-width), separators, surrogates, private use.
+_ACTIVE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co"})
+#: What a line may keep of those: tabs, and the newlines between lines.
+_KEPT = frozenset("\t\n")
+
+
+def inert(text: str) -> str:
+    """
+    C{text} safe for a terminal: every character it would act on instead of
+    showing is written as its escape (C{\\x1b}, C{\\u202e}), so that text
+    from others (messages, names, reasons) can never retitle the terminal,
+    erase a line or reverse what follows.  Tabs and newlines stay.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        char
+        if char in _KEPT or unicodedata.category(char) not in _ACTIVE
+        else (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+        for char in text
+    )
 
 
 def clock_time(timestamp_ms: int) -> str:
@@ -34,7 +60,8 @@ def format_message(message: ChatMessage) -> str:
     C{(private)} or with its C{[group]}, emoji aliases rendered.
     """
     sender = message.sender_name or str(message.sender_id)
-    text = emoji.render(message.text)
+    # One message, one line: a newline in it cannot start a made-up line.
+    text = emoji.render(message.text).replace("\n", " \u21b5 ")
     stamp = clock_time(message.timestamp)
     if message.group_id or message.conversation.startswith(GROUP_PREFIX):
         group = message.group_id or message.conversation[len(GROUP_PREFIX) :]
