@@ -21,7 +21,6 @@ from cim.client.listeners import ClientState
 from cim.client.route import GroupInfo, RouteError, User
 from cim.message import GROUP_PREFIX, INBOX_PREFIX, ChatMessage
 
-
 #: The characters a terminal may act on instead of showing: controls
 #: (escape sequences, bells, carriage returns...), format characters
 #: (bidi overrides, zero-width), separators, surrogates, private use.
