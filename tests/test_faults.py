@@ -70,6 +70,18 @@ class Lab(Processes):
         """
         return RedisServer(self.directory / name, self)
 
+    async def redis_cluster(
+        self, reactor: Any, zk_url: str, servers: int = 2, **kwargs: Any
+    ) -> tuple[RedisServer, Cluster]:
+        """
+        A private Redis, and a cluster on it (L{cluster}) under a ZooKeeper
+        root of its own: both started.
+        """
+        redis = self.redis()
+        await redis.start(reactor)
+        cluster = self.cluster(redis.url(), unique_root(zk_url), **kwargs)
+        return redis, await cluster.start(servers)
+
     def cluster(self, store: str, registry: str, **kwargs: Any) -> Cluster:
         """
         A route and servers (not started) spreading logins round robin, so
@@ -510,9 +522,7 @@ async def test_redis_restart_under_load(
     its append-only file: the daemons reconnect, the library resends what
     was not acknowledged, and nothing is lost, duplicated or reordered.
     """
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(redis.url(), unique_root(zk_url)).start()
+    redis, cluster = await procs.redis_cluster(reactor, zk_url)
     members = await members_in_group(reactor, procs, cluster, 6, "redisfault")
     chat = Chat(reactor, members, "redisfault", seed=1)
     chat.start()
@@ -551,9 +561,7 @@ async def test_route_restart(
     servers push to each other without it), a new login fails; once the
     route is back, new logins work.
     """
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(redis.url(), unique_root(zk_url)).start()
+    _, cluster = await procs.redis_cluster(reactor, zk_url)
     members = await members_in_group(reactor, procs, cluster, 4, "routefault")
     # Both servers hold some of them, so that chat crosses servers.
     assert {cluster.server_of(m.client) for m in members} == set(cluster.servers)
@@ -613,11 +621,9 @@ async def test_vanished_clients_are_dropped(
     and their sessions freed; a client that heartbeats stays.  The stopped
     process, continued, logs in again by itself.
     """
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(
-        redis.url(), unique_root(zk_url), server_args=["--heartbeat-timeout", "3"]
-    ).start()
+    _, cluster = await procs.redis_cluster(
+        reactor, zk_url, server_args=["--heartbeat-timeout", "3"]
+    )
     healthy = await login_member(reactor, procs, cluster, f"ok-{uuid.uuid4().hex[:6]}")
     other = await login_member(reactor, procs, cluster, f"ok2-{uuid.uuid4().hex[:6]}")
     silent, silent_id = await raw_login(reactor, cluster, f"mute-{uuid.uuid4().hex}")

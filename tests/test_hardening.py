@@ -39,7 +39,6 @@ from tests.test_faults import (
     procs,  # noqa: F401 (a fixture)
     raw_login,
     route_login,
-    unique_root,
 )
 
 pytestmark = pytest.mark.integration
@@ -93,11 +92,9 @@ async def test_no_sender_can_push_out_a_receivers_unread_message(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(
-        redis.url(), unique_root(zk_url), server_args=["--rate", "100000"]
-    ).start(servers=1)
+    _, cluster = await procs.redis_cluster(
+        reactor, zk_url, servers=1, server_args=["--rate", "100000"]
+    )
     bob_name = unique("bob")
     bob = await route_login(reactor, cluster, bob_name)
     # Bob is offline; carol's message waits for him.
@@ -181,9 +178,7 @@ async def test_one_ack_cannot_break_an_account(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(redis.url(), unique_root(zk_url)).start(servers=1)
+    redis, cluster = await procs.redis_cluster(reactor, zk_url, servers=1)
     name = unique("victim")
     raw, user_id = await raw_login(reactor, cluster, name)
     sender, _ = await raw_login(reactor, cluster, unique("friend"))
@@ -227,14 +222,13 @@ async def test_a_client_that_never_reads_is_dropped(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(
-        redis.url(),
-        unique_root(zk_url),
+    _, cluster = await procs.redis_cluster(
+        reactor,
+        zk_url,
+        servers=1,
         server_args=["--max-output", str(1024 * 1024), "--rate", "100000",
                      "--sender-quota", "0"],
-    ).start(servers=1)  # fmt: skip
+    )  # fmt: skip
     server = cluster.servers["server1"].daemon
     assert server.process is not None
     before = rss_kb(server.process.pid)
@@ -305,9 +299,7 @@ async def test_a_restarted_server_drops_its_old_sessions(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(redis.url(), unique_root(zk_url)).start(servers=1)
+    _, cluster = await procs.redis_cluster(reactor, zk_url, servers=1)
     server = cluster.servers["server1"].daemon
     names = [unique("held") for _ in range(3)]
     held = [await raw_login(reactor, cluster, name) for name in names]
@@ -338,12 +330,10 @@ async def test_a_session_nobody_renews_expires(
     Every daemon killed (or stopped while Redis was away): no session
     stays online past the session ttl.
     """
-    redis = procs.redis()
-    await redis.start(reactor)
     ttl = 3.0
-    cluster = await procs.cluster(
-        redis.url(), unique_root(zk_url), server_args=["--session-ttl", str(ttl)]
-    ).start(servers=1)
+    redis, cluster = await procs.redis_cluster(
+        reactor, zk_url, servers=1, server_args=["--session-ttl", str(ttl)]
+    )
     names = [unique("ghost") for _ in range(2)]
     held = [await raw_login(reactor, cluster, name) for name in names]
     # Renewed past the ttl while the server runs.

@@ -38,7 +38,6 @@ from tests.test_faults import (
     login_member,
     private_zk,  # noqa: F401 (a fixture)
     procs,  # noqa: F401 (a fixture)
-    unique_root,
 )
 
 pytestmark = pytest.mark.integration
@@ -110,9 +109,7 @@ async def test_redis_down_fast_answers_then_recovery_then_shutdown(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(redis.url(), unique_root(zk_url)).start(servers=1)
+    redis, cluster = await procs.redis_cluster(reactor, zk_url, servers=1)
     known = await register(reactor, cluster)
     alice = await login_member(reactor, procs, cluster, f"a-{uuid.uuid4().hex[:6]}")
     bob = await login_member(reactor, procs, cluster, f"b-{uuid.uuid4().hex[:6]}")
@@ -174,12 +171,10 @@ async def test_frozen_redis_shutdown_is_cut_at_the_deadline(
     waits for its session releases until C{--shutdown-timeout}, no longer,
     though the store's time-out is longer.
     """
-    redis = procs.redis()
-    await redis.start(reactor)
     args = ["--store-timeout", "30", "--shutdown-timeout", "2"]
-    cluster = await procs.cluster(
-        redis.url(), unique_root(zk_url), server_args=args, route_args=args
-    ).start(servers=1)
+    redis, cluster = await procs.redis_cluster(
+        reactor, zk_url, servers=1, server_args=args, route_args=args
+    )
     await login_member(reactor, procs, cluster, f"a-{uuid.uuid4().hex[:6]}")
     assert redis.process is not None
     redis.process.send_signal(signal.SIGSTOP)

@@ -40,7 +40,6 @@ from tests.test_faults import (
     members_in_group,
     procs,  # noqa: F401 (a fixture)
     raw_login,
-    unique_root,
 )
 from tests.test_net_limits import Held, assert_chat, get_from, hold, standalone
 
@@ -90,14 +89,13 @@ async def test_slow_loris_and_flood(
     clients: Any,  # noqa: F811
     zk_url: str,
 ) -> None:
-    redis = procs.redis()
-    await redis.start(reactor)
-    cluster = await procs.cluster(
-        redis.url(),
-        unique_root(zk_url),
+    _, cluster = await procs.redis_cluster(
+        reactor,
+        zk_url,
+        servers=1,
         server_args=["--heartbeat-timeout", str(int(HEARTBEAT_TIMEOUT)),
                      "--rate", "500"],
-    ).start(servers=1)  # fmt: skip
+    )  # fmt: skip
     port = cluster.servers["server1"].port
     members = await members_in_group(reactor, procs, cluster, 3, "loris")
     chat = Chat(reactor, members, "loris", seed=6)
