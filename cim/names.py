@@ -60,6 +60,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def load() -> None:
+    """
+    Read Unicode's confusable mappings now (about 70 ms of file reading and
+    parsing), at start-up, rather than in the first registration or login.
+    """
+    _prototypes()
+
+
 @functools.cache
 def _prototypes() -> dict[str, str]:
     """

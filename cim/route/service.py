@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import HTTPConnectionPool
 
+from cim import names
 from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
@@ -185,6 +186,8 @@ class RouteService(AsyncStartService):
 
     async def _start(self) -> None:
         config = self.config
+        # Before any request: names are compared by their confusable key.
+        names.load()
         self.store = store = await self.store_factory()
         if self.own_store:
             # The quota is counted where messages are stored.
