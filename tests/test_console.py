@@ -626,6 +626,13 @@ def test_private_by_name(screen: Screen) -> None:
     assert screen.client.calls[-1] == ("private", 9, "hi bea")
 
 
+def test_private_by_name_is_found_as_the_route_finds_it(screen: Screen) -> None:
+    # Case, compatibility forms and look-alikes: the same account.
+    for typed in ("@Bea hi", "@BEA hi", "@\uff42ea hi", "@b\u0435a hi"):
+        screen.type(typed)
+        assert screen.client.calls[-1] == ("private", 9, "hi"), typed
+
+
 def test_private_to_an_unknown_name(screen: Screen) -> None:
     assert screen.type("@carol hi") == [
         "error: unknown user 'carol' (not online, not in your history)"

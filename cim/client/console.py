@@ -69,6 +69,7 @@ from cim.client.listeners import Ack, ClientState, IClientListener
 from cim.client.render import describe, format_message
 from cim.client.route import RouteError
 from cim.message import GROUP_PREFIX, ChatMessage
+from cim.names import name_key
 
 #: How many times the console asks for a password.
 MAX_PROMPTS = 3
@@ -631,12 +632,15 @@ class Console(LineReceiver):
 
         @raise ParseError: nobody of that name is known.
         """
+        # Names are the same account by their key (case, look-alikes...).
+        key = name_key(name)
         for user in await self.client.online_users():
-            if user.user_name == name:
-                self.history.names[name] = user.user_id
+            if name_key(user.user_name) == key:
+                self.history.names[user.user_name] = user.user_id
                 return int(user.user_id)
-        if name in self.history.names:
-            return self.history.names[name]
+        for known, user_id in self.history.names.items():
+            if name_key(known) == key:
+                return user_id
         raise ParseError(f"unknown user {name!r} (not online, not in your history)")
 
     async def quit(self) -> None:
