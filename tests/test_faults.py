@@ -237,8 +237,7 @@ async def route_login(
     account's credential.  @return: the login's C{dataBody} (C{ip},
     C{cimServerPort}, C{token}, C{userId}...).
     """
-    where = getattr(cluster, "store", cluster.url)
-    known = _REGISTERED.get((where, name))
+    known = _REGISTERED.get((cluster.store, name))
     if known is None:
         body: dict[str, Any] = {"userName": name}
         if password is not None:
@@ -248,7 +247,7 @@ async def route_login(
         body["userId"] = reply["dataBody"]["userId"]
         if "accountKey" in reply["dataBody"]:
             body["accountKey"] = reply["dataBody"]["accountKey"]
-        known = _REGISTERED[(where, name)] = body
+        known = _REGISTERED[(cluster.store, name)] = body
     _, reply = await call(reactor, f"{cluster.url}/login", known)
     assert reply["code"] == "9000", reply
     data: dict[str, Any] = reply["dataBody"]

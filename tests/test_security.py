@@ -147,7 +147,7 @@ async def login_info(secured: Secured, reactor: Any, url: str | None = None) -> 
     """
     cluster = secured.cluster
     if url is not None:
-        cluster = _Route(url)  # type: ignore[assignment]
+        cluster = _Route(url, secured.cluster.store)  # type: ignore[assignment]
     info = await route_login(reactor, cluster, unique("sec"))
     secured.secrets.add(info["token"])
     return info
@@ -155,11 +155,13 @@ async def login_info(secured: Secured, reactor: Any, url: str | None = None) -> 
 
 class _Route:
     """
-    Just enough of a L{Cluster} for L{route_login}: another route's URL.
+    Just enough of a L{Cluster} for L{route_login}: another route's URL, on
+    the same store.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, store: str) -> None:
         self.url = url
+        self.store = store
 
 
 # TCP logins
