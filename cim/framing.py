@@ -63,13 +63,18 @@ class VarintFrameReceiver(Protocol):
         """
         self.stopReading()
 
-    def stopReading(self) -> None:
+    def stopReading(self, abort: bool = False) -> None:
         """
-        Deliver no further frames and close the connection.
+        Deliver no further frames and close the connection: once what was
+        written is sent, or at once (C{abort}: what waits unsent is dropped).
         """
         self._closing = True
         self._buffer = bytearray()
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abortConnection()
+        else:
             self.transport.loseConnection()
 
     def sendFrame(self, body: bytes) -> None:

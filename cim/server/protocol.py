@@ -141,16 +141,11 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self._write(batch.encoded(_FORM, encode_framed))
 
     def close(self) -> None:
-        if self.backlog.paused:
-            self.abort()
-        else:
-            self.stopReading()
+        # A client that does not read would keep a graceful close waiting.
+        self.stopReading(abort=self.backlog.paused)
 
     def abort(self) -> None:
-        self._closing = True
-        self._buffer = bytearray()
-        if self.transport is not None:
-            self.transport.abortConnection()
+        self.stopReading(abort=True)
 
     def backed_up(self) -> bool:
         return self.backlog.paused
