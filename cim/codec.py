@@ -47,6 +47,8 @@ def _chat_to_pb(message: ChatMessage, pb: cim_pb2.ChatMessage) -> None:
         pb.receiveUserId = message.receive_user_id
     if message.group_id:
         pb.groupId = message.group_id
+    if message.epoch:
+        pb.epoch = message.epoch
 
 
 #: Frame attribute -> protobuf field, for the scalar fields.
@@ -64,6 +66,7 @@ _SCALARS = (
     ("error_reason", "errorReason"),
     ("redirect", "redirect"),
     ("timestamp", "timestamp"),
+    ("device", "device"),
 )
 _ATTRIBUTE = {field: attribute for attribute, field in _SCALARS}
 
@@ -85,7 +88,12 @@ def encode(frame: Frame) -> bytes:
         fields["batchReqMsg"] = frame.batch
     pb = cim_pb2.Request(**fields)
     for cursor in frame.cursors:
-        pb.cursors.add(conversation=cursor.conversation, seq=cursor.seq)
+        pb.cursors.add(
+            conversation=cursor.conversation,
+            seq=cursor.seq,
+            epoch=cursor.epoch,
+            reset=cursor.reset,
+        )
     for message in frame.messages:
         _chat_to_pb(message, pb.messages.add())
     return pb.SerializeToString()
@@ -111,6 +119,7 @@ def _chat_from_pb(m: cim_pb2.ChatMessage) -> ChatMessage:
         client_msg_id=m.clientMsgId,
         receive_user_id=m.receiveUserId,
         group_id=m.groupId,
+        epoch=m.epoch,
     )
 
 
@@ -141,7 +150,9 @@ def decode(data: bytes) -> Frame:
         elif name == "batchReqMsg":
             frame.batch = tuple(value)
         elif name == "cursors":
-            frame.cursors = tuple(Cursor(c.conversation, c.seq) for c in value)
+            frame.cursors = tuple(
+                Cursor(c.conversation, c.seq, c.epoch, c.reset) for c in value
+            )
         elif name == "messages":
             frame.messages = tuple(_chat_from_pb(m) for m in value)
     return frame

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 from zope.interface import Attribute, Interface
 
 from cim.envelope import RATE_LIMITED, ApiError
-from cim.message import ChatMessage, batch_client_msg_ids
+from cim.message import ChatMessage, Position, batch_client_msg_ids
 
 
 class StoreError(Exception):
@@ -171,8 +171,9 @@ class Account:
 @dataclass(frozen=True, slots=True)
 class Session:
     """
-    A user's single session: which server holds (or will hold) its
-    connection.
+    One device's session of a user: which server holds (or will hold) its
+    connection.  A user holds at most one session per device, and at most
+    the route's C{--max-devices} sessions in all.
 
     @ivar session_id: unique per claim; releases compare it, so that a late
         release of an old session never erases a newer one.
@@ -180,6 +181,13 @@ class Session:
     @ivar connected: C{False} between the route's claim and the server's
         L{IStore.activate_session}; a session that stays unconnected past its
         claim's time to live disappears by itself.
+    @ivar device: the device's id, chosen and kept by the client; C{""}
+        for a client that names none (CIM's clients: one session per user,
+        as in CIM).
+    @ivar active: when the device was last active (its login, or its last
+        send, as its server reports at renewals), in seconds since the
+        epoch: past the device limit, the least recently active session
+        goes.
     """
 
     user_id: int
@@ -187,6 +195,21 @@ class Session:
     server: str
     session_id: str
     connected: bool = False
+    device: str = ""
+    active: float = 0.0
+
+
+class HeldSession(NamedTuple):
+    """
+    A connected session that a server holds, as it renews it
+    (L{ISessions.renew_sessions}).
+    """
+
+    user_id: int
+    session_id: str
+    user_name: str
+    device: str = ""
+    active: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +221,86 @@ class TokenInfo:
     user_id: int
     server: str
     session_id: str
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """
+    Which numbering of a conversation the store holds.
+
+    A conversation's messages are numbered 1, 2, 3...  When a store loses
+    or replaces them (a new store, a flushed database, one restored from an
+    older file, a failover to a replica that lagged), it numbers new
+    messages again from where it stands, and their seqs may repeat seqs that
+    clients saw with other messages.  So the store starts a new epoch at the
+    first append after such an event (L{IMessages.append}): a new random
+    C{id}, the epoch it follows (C{previous}) and the last seq the two have
+    in common (C{base}, the conversation's last seq at that append).  A
+    position (L{Position}) of the current epoch is trusted; one of the
+    previous epoch up to C{base}; any other is not (L{resume}).
+
+    @ivar id: C{""} when the conversation has no epoch yet (nothing was
+        appended to it since epochs exist, or the store lost it).
+    @ivar previous: the epoch this one follows (C{""} when unknown, or
+        from before epochs).
+    @ivar base: the last seq this epoch has in common with C{previous};
+        without an epoch: the conversation's last seq.
+    """
+
+    id: str = ""
+    previous: str = ""
+    base: int = 0
+
+    def resume(self, position: Position) -> tuple[int, bool]:
+        """
+        Where a client at C{position} resumes in this epoch.
+
+        @return: the seq after which to send it messages, and whether its
+            position is not trusted (C{True}: it saw messages after that seq
+            that this epoch does not hold; it must be told).
+        """
+        epoch, seq = position
+        if seq <= 0:
+            return 0, False
+        if self.id and epoch == self.id:
+            return seq, False
+        if epoch == self.previous:
+            return min(seq, self.base), seq > self.base
+        return 0, True
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    """
+    Where one user stands in one of its conversations (L{IMessages.
+    conversations}).
+
+    @ivar last_seq: the conversation's last seq (0: empty).
+    @ivar read: the user's read position (0: nothing read, or read in an
+        epoch that is not trusted any more).
+    @ivar peer_id: in a private conversation, the other user (the user
+        itself for its notes to itself); else 0.
+    @ivar peer_read: in a private conversation, the other user's read
+        position (read receipts).
+    @ivar group_id: in a group conversation, the group.
+    """
+
+    conversation: str
+    epoch: str
+    last_seq: int
+    read: int
+    peer_id: int = 0
+    peer_read: int = 0
+    group_id: str = ""
+
+    @property
+    def unread(self) -> int:
+        """
+        How many messages came after the user's read position.  (Its own
+        messages raise its read position: they are never unread.)
+        """
+        return max(0, self.last_seq - self.read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,62 +413,84 @@ class IAccounts(Interface):
 
 class ISessions(Interface):
     """
-    Each user's single session and its login tokens.
+    Each user's sessions, one per device, and their login tokens.
     """
 
     def claim_session(
-        user_id: int, user_name: str, server: str, ttl: float, replace: bool = False
-    ) -> Deferred[tuple[Session, Session | None]]:
+        user_id: int,
+        user_name: str,
+        server: str,
+        ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = ...,
+    ) -> Deferred[tuple[Session, list[Session]]]:
         """
-        Atomically give C{user_id} a new, not yet connected session on
-        C{server}, which expires after C{ttl} seconds unless activated.
+        Atomically give C{user_id}'s C{device} a new, not yet connected
+        session on C{server}, which expires after C{ttl} seconds unless
+        activated.
 
-        @return: fires with a tuple of the new L{Session} and the one it
-            replaced (or C{None}).  When the user already holds a session and
-            C{replace} is false, fails with L{SessionExists}.
+        Without C{replace}, fails with L{SessionExists} when the user holds
+        any session (CIM's rule: a repeat login is refused).  With it, the
+        device's own session is replaced; and when the user would then hold
+        more than C{max_devices} (default L{cim.limits.MAX_DEVICES})
+        sessions, its least recently active other sessions (by
+        L{Session.active}, connected or not) are dropped, with their tokens.
+
+        @return: fires with a tuple of the new L{Session} and the sessions
+            it replaced or dropped (their connections are to be closed).
         """
 
     def activate_session(
-        user_id: int, session_id: str, ttl: float = ...
+        user_id: int, session_id: str, ttl: float = ..., device: str = ""
     ) -> Deferred[bool]:
         """
-        Mark the session connected (its server accepted the user's TCP
-        login): the user is listed online, and the session lives C{ttl}
-        seconds (default L{cim.limits.SESSION_TTL}) unless its server
+        Mark the device's session connected (its server accepted the login)
+        and active now: the user is listed online, and the session lives
+        C{ttl} seconds (default L{cim.limits.SESSION_TTL}) unless its server
         renews it (L{renew_sessions}).
 
         @return: fires with C{True}, or C{False} when C{session_id} is no
-            longer the user's session.
+            longer the device's session.
         """
 
     def renew_sessions(
-        server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
-    ) -> Deferred[list[int]]:
+        server: str, sessions: Sequence[HeldSession], ttl: float
+    ) -> Deferred[list[str]]:
         """
-        Give the connected sessions that C{server} holds, as C{(user_id,
-        session_id, user_name)}, C{ttl} more seconds to live, in one round
+        Give the connected sessions that C{server} holds C{ttl} more seconds
+        to live, and record when each device was last active, in one round
         trip.  A session that expired meanwhile (the server could not renew
         it in time) is made again, connected: the server still holds it.
 
-        @return: fires with the sorted user ids whose session is now another
-            one (a newer login replaced it): C{server} should close those
-            connections.
+        @return: fires with the sorted session ids of C{sessions} that are
+            not their device's session any more (a newer login replaced
+            them, or the device limit dropped them): C{server} should close
+            those connections.
         """
 
-    def get_session(user_id: int) -> Deferred[Session | None]:
+    def get_session(user_id: int, device: str = "") -> Deferred[Session | None]:
         """
-        @return: fires with the user's L{Session} or C{None}.
-        """
-
-    def get_sessions(user_ids: Sequence[int]) -> Deferred[dict[int, Session]]:
-        """
-        @return: fires with a C{dict} mapping each of C{user_ids} that has a
-            connected session to it.
+        @return: fires with the device's L{Session} or C{None}.
         """
 
-    def release_session(user_id: int, session_id: str) -> Deferred[bool]:
+    def user_sessions(user_id: int) -> Deferred[list[Session]]:
         """
-        Delete the user's session and its tokens, only if it still is
+        @return: fires with all the user's sessions (claimed or connected),
+            ordered by device.
+        """
+
+    def get_sessions(user_ids: Sequence[int]) -> Deferred[dict[int, list[Session]]]:
+        """
+        @return: fires with a C{dict} mapping each of C{user_ids} that has
+            connected sessions to them (ordered by device).
+        """
+
+    def release_session(
+        user_id: int, session_id: str, device: str = ""
+    ) -> Deferred[bool]:
+        """
+        Delete the device's session and its tokens, only if it still is
         C{session_id} (compare-and-delete).
 
         @return: fires with C{True} when it was deleted.
@@ -373,23 +498,23 @@ class ISessions(Interface):
 
     def online_users() -> Deferred[list[tuple[int, str]]]:
         """
-        @return: fires with a list of C{(user_id, user_name)} of connected
-            sessions, ordered by user id.
+        @return: fires with a list of C{(user_id, user_name)} of the users
+            with at least one connected session, ordered by user id.
         """
 
     def drop_server_sessions(server: str) -> Deferred[list[int]]:
         """
         Delete every session held by C{server} (it died).
 
-        @return: fires with the list of user ids whose session was dropped.
+        @return: fires with the sorted user ids that lost a session.
         """
 
     def issue_token(
-        user_id: int, server: str, session_id: str, ttl: float
+        user_id: int, server: str, session_id: str, ttl: float, device: str = ""
     ) -> Deferred[str]:
         """
-        @return: fires with a new unguessable token string bound to the user,
-            server and session, valid for C{ttl} seconds.
+        @return: fires with a new unguessable token string bound to the
+            user, device, server and session, valid for C{ttl} seconds.
         """
 
     def verify_token(token: str) -> Deferred[TokenInfo | None]:
@@ -420,10 +545,18 @@ class IMessages(Interface):
         appended message does not count.  A message past its sender's quota
         for its conversation is not appended (the others are).
 
+        An appended message is tagged with its conversation's epoch
+        (L{ChatMessage.epoch}), which starts here when the conversation has
+        none or the store lost or replaced its messages since the last
+        append (L{Epoch}).  It raises its sender's read position in the
+        conversation to its seq (one's own messages are never unread); a
+        message to a private conversation (L{cim.message.pair_conversation})
+        lists it among both users' L{conversations}.
+
         @return: fires with a list of L{ChatMessage}, one per input: the
-            stored message with its C{msg_id} and C{seq}.  A message whose
-            C{(sender_id, client_msg_id)} was appended before is not
-            appended again; its original is returned.  Fails with
+            stored message with its C{msg_id}, C{seq} and C{epoch}.  A
+            message whose C{(sender_id, client_msg_id)} was appended before
+            is not appended again; its original is returned.  Fails with
             L{QuotaExceeded} (giving the messages that were stored) when
             any was refused.
         """
@@ -437,36 +570,90 @@ class IMessages(Interface):
             limits may be missing.
         """
 
+    def read_before(
+        conversation: str, before_seq: int, limit: int
+    ) -> Deferred[list[ChatMessage]]:
+        """
+        @return: fires with the (up to) C{limit} latest messages of
+            C{conversation} with C{seq < before_seq} (0: no bound), in
+            order (paging back through history).
+        """
+
     def last_seq(conversation: str) -> Deferred[int]:
         """
         @return: fires with the highest sequence number of C{conversation}
             (0 when empty).
         """
 
-    def set_cursors(user_id: int, cursors: dict[str, int]) -> Deferred[None]:
+    def epochs(conversations: Sequence[str]) -> Deferred[dict[str, Epoch]]:
         """
-        Raise the user's acknowledged cursor of each conversation to the
-        given seq (a lower value never lowers it).  Each seq is stored as
-        an integer; one that is not an C{int} between 1 and
-        L{cim.limits.MAX_SEQ} is left out.  Callers store only cursors of
-        the user's own conversations, never beyond what it was sent.
+        @return: fires with the current L{Epoch} of each conversation (an
+            C{Epoch()} with C{base} its last seq when it has none), in one
+            round trip.
+        """
+
+    def set_cursors(
+        user_id: int, cursors: dict[str, Position], device: str = ""
+    ) -> Deferred[None]:
+        """
+        Store the device's acknowledged position in each conversation: a
+        position of the stored one's epoch raises it (never lowers it); one
+        of another epoch replaces it.  A seq that is not an C{int} between
+        1 and L{cim.limits.MAX_SEQ} is left out.  Callers store only
+        positions in the user's own conversations, never beyond what the
+        device was sent.
 
         @return: fires with C{None}.
         """
 
-    def set_many_cursors(cursors: dict[int, dict[str, int]]) -> Deferred[None]:
+    def set_many_cursors(
+        cursors: dict[tuple[int, str], dict[str, Position]],
+    ) -> Deferred[None]:
         """
-        L{set_cursors} for several users at once (user id to cursors), in
-        one round trip.
+        L{set_cursors} for several devices at once (C{(user id, device)} to
+        cursors), in one round trip.
 
         @return: fires with C{None}.
         """
 
-    def get_cursors(user_id: int) -> Deferred[dict[str, int]]:
+    def get_cursors(user_id: int, device: str = "") -> Deferred[dict[str, Position]]:
         """
-        @return: fires with a C{dict} of conversation to acknowledged seq.
-            A stored value that is not such an integer is left out (with a
+        @return: fires with a C{dict} of conversation to the device's
+            acknowledged L{Position} (empty for a device never seen).  A
+            stored value that is not such a position is left out (with a
             warning in the log), never a failure.
+        """
+
+    def set_read(user_id: int, conversation: str, seq: int) -> Deferred[int]:
+        """
+        Raise the user's read position in C{conversation} (of its current
+        epoch) to C{seq}, at most its last seq; a lower one never lowers it.
+
+        @return: fires with the user's read position after the call.
+        """
+
+    def read_positions(
+        conversation: str, user_ids: Sequence[int]
+    ) -> Deferred[dict[int, int]]:
+        """
+        @return: fires with each user's read position in C{conversation}
+            (0 for none, or one of an epoch not trusted any more).
+        """
+
+    def conversations(user_id: int) -> Deferred[list[ConversationState]]:
+        """
+        @return: fires with where the user stands in each of its private
+            conversations that holds messages and in each of its groups
+            (L{ConversationState}), ordered by conversation id.
+        """
+
+    def forget_cursors(user_id: int, conversation: str) -> Deferred[None]:
+        """
+        Drop the acknowledged positions of all the user's devices in
+        C{conversation} (it left the group: when it joins again, its
+        devices start from its read position, set at the join).
+
+        @return: fires with C{None}.
         """
 
 

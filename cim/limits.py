@@ -26,6 +26,14 @@ MAX_BATCH = 100
 SENDER_QUOTA = 5_000
 #: Seconds a connected session lives unless its server renews it.
 SESSION_TTL = 90.0
+#: How many sessions (devices) one user may hold at once by default (the
+#: route's C{--max-devices}).
+MAX_DEVICES = 5
+#: Device ids: 1-64 letters, digits, C{_}, C{-} or C{.}, chosen and kept by
+#: the client (C{""}: a client that names none, such as CIM's).
+DEVICE_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"
+DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+DEVICE_ID_RULE = "1-64 letters, digits, '_', '-' or '.'"
 #: Bytes a server buffers for one connection that does not read them
 #: before it drops the connection.
 MAX_OUTPUT = 4 * 1024 * 1024

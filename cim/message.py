@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cim.codes import Code
 
@@ -28,6 +28,8 @@ class Command(enum.IntEnum):
     ERROR = 5
     KICK = 6
     LOGIN_RESPONSE = 7
+    EPOCH = 8
+    READ = 9
 
 
 #: The codes of L{Command.ERROR} frames: the same enumeration as the HTTP
@@ -35,18 +37,62 @@ class Command(enum.IntEnum):
 ErrorCode = Code
 
 
-#: Conversation id prefixes: a user's private inbox and a group.
-INBOX_PREFIX = "u:"
+#: Conversation id prefixes: the private conversation of two users, and a
+#: group.  C{u:<userId>} was a user's private inbox before private
+#: conversations had both sides (L{cim.store.redis.migrate} moves them).
+PAIR_PREFIX = "p:"
 GROUP_PREFIX = "g:"
+INBOX_PREFIX = "u:"
 #: The conversation of CIM-style broadcasts to every online user.
 BROADCAST = "all"
 
 
 def inbox(user_id: int) -> str:
     """
-    The conversation id of C{user_id}'s private inbox.
+    The id of C{user_id}'s private inbox of the old layout (one side only;
+    only L{cim.store.redis.migrate} still reads those).
     """
     return f"{INBOX_PREFIX}{user_id}"
+
+
+def pair_conversation(user_id: int, other_id: int) -> str:
+    """
+    The conversation id of the private chat between two users (both sides,
+    one sequence): C{p:<lower id>:<higher id>}; C{p:<id>:<id>} for a user's
+    notes to itself.
+    """
+    low, high = sorted((user_id, other_id))
+    return f"{PAIR_PREFIX}{low}:{high}"
+
+
+def pair_members(conversation: str) -> tuple[int, int] | None:
+    """
+    The two user ids of a L{pair_conversation} id (lower first), or
+    C{None} when C{conversation} is not one.
+    """
+    if not conversation.startswith(PAIR_PREFIX):
+        return None
+    low, sep, high = conversation[len(PAIR_PREFIX) :].partition(":")
+    if not (sep and low.isdigit() and high.isdigit() and low.isascii()):
+        return None
+    if not high.isascii() or str(int(low)) != low or str(int(high)) != high:
+        return None
+    if int(low) < 1 or int(low) > int(high):
+        return None
+    return int(low), int(high)
+
+
+def peer_of(conversation: str, user_id: int) -> int | None:
+    """
+    The other user of a private conversation of C{user_id} (C{user_id}
+    itself for its notes to itself), or C{None} when C{conversation} is not
+    a private conversation of that user.
+    """
+    members = pair_members(conversation)
+    if members is None or user_id not in members:
+        return None
+    low, high = members
+    return high if low == user_id else low
 
 
 def group_conversation(group_id: str) -> str:
@@ -56,14 +102,31 @@ def group_conversation(group_id: str) -> str:
     return f"{GROUP_PREFIX}{group_id}"
 
 
+class Position(NamedTuple):
+    """
+    A place in a conversation: C{seq} in the sequence of epoch C{epoch}
+    (L{cim.interfaces.Epoch}; C{""}: from before epochs, or unknown).
+    """
+
+    epoch: str
+    seq: int
+
+
 @dataclass(frozen=True, slots=True)
 class Cursor:
     """
-    Everything in C{conversation} up to and including C{seq} was received.
+    A position in C{conversation}.  From a client (login, ACK): everything
+    up to and including C{seq} of epoch C{epoch} was received; in a READ
+    frame: read up to C{seq}.  From the server (LOGIN_RESPONSE, EPOCH):
+    where the server starts the conversation for this connection; C{reset}
+    when the client's position was of another epoch and cannot be trusted
+    (the store lost or replaced what came after C{seq}).
     """
 
     conversation: str
     seq: int
+    epoch: str = ""
+    reset: bool = False
 
 
 @dataclass(slots=True)
@@ -76,6 +139,10 @@ class ChatMessage:
         or L{BROADCAST}).
     @ivar seq: its position in C{conversation}: 1, 2, 3, ... with no gaps.
     @ivar timestamp: milliseconds since the epoch, when it was stored.
+    @ivar epoch: the conversation's epoch when it was stored
+        (L{cim.interfaces.Epoch}); C{(epoch, seq)} names one message for
+        ever, even across a store that lost messages and numbered new ones
+        again.  C{""} for messages stored before epochs.
     """
 
     msg_id: int
@@ -88,6 +155,7 @@ class ChatMessage:
     client_msg_id: str = ""
     receive_user_id: int = 0
     group_id: str = ""
+    epoch: str = ""
 
 
 @dataclass(slots=True)
@@ -118,6 +186,7 @@ class Frame:
     messages: Sequence[ChatMessage] = ()
     redirect: str = ""
     timestamp: int = 0
+    device: str = ""
 
 
 def batch_client_msg_ids(client_msg_id: str, count: int) -> list[str]:
@@ -150,6 +219,8 @@ def message_to_dict(message: ChatMessage) -> dict[str, object]:
         out["receiveUserId"] = message.receive_user_id
     if message.group_id:
         out["groupId"] = message.group_id
+    if message.epoch:
+        out["epoch"] = message.epoch
     return out
 
 
@@ -171,6 +242,7 @@ def message_from_dict(data: Mapping[str, Any]) -> ChatMessage:
             client_msg_id=str(data.get("clientMsgId", "")),
             receive_user_id=int(data.get("receiveUserId", 0)),
             group_id=str(data.get("groupId", "")),
+            epoch=str(data.get("epoch", "")),
         )
     except (KeyError, TypeError) as e:
         raise ValueError(f"bad message: {e}") from None

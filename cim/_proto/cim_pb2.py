@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tcim.proto\x12$com.crossoverjie.cim.common.protocol\"+\n\x06\x43ursor\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\xc3\x01\n\x0b\x43hatMessage\x12\r\n\x05msgId\x18\x01 \x01(\x03\x12\x14\n\x0c\x63onversation\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x10\n\x08senderId\x18\x04 \x01(\x03\x12\x12\n\nsenderName\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttimestamp\x18\x07 \x01(\x03\x12\x13\n\x0b\x63lientMsgId\x18\x08 \x01(\t\x12\x15\n\rreceiveUserId\x18\t \x01(\x03\x12\x0f\n\x07groupId\x18\n \x01(\t\"\xd6\x04\n\x07Request\x12\x0e\n\x06reqMsg\x18\x01 \x01(\t\x12\x11\n\trequestId\x18\x02 \x01(\x03\x12>\n\x03\x63md\x18\x03 \x01(\x0e\x32\x31.com.crossoverjie.cim.common.protocol.BaseCommand\x12Q\n\nproperties\x18\x04 \x03(\x0b\x32=.com.crossoverjie.cim.common.protocol.Request.PropertiesEntry\x12\x13\n\x0b\x62\x61tchReqMsg\x18\x05 \x03(\t\x12\r\n\x05token\x18\x06 \x01(\t\x12\x13\n\x0b\x63lientMsgId\x18\x07 \x01(\t\x12\r\n\x05msgId\x18\x08 \x01(\x03\x12\x0b\n\x03seq\x18\t \x01(\x03\x12\x14\n\x0c\x63onversation\x18\n \x01(\t\x12\x15\n\rreceiveUserId\x18\x0b \x01(\x03\x12\x0f\n\x07groupId\x18\x0c \x01(\t\x12\x11\n\terrorCode\x18\r \x01(\x05\x12\x13\n\x0b\x65rrorReason\x18\x0e \x01(\t\x12=\n\x07\x63ursors\x18\x0f \x03(\x0b\x32,.com.crossoverjie.cim.common.protocol.Cursor\x12\x43\n\x08messages\x18\x10 \x03(\x0b\x32\x31.com.crossoverjie.cim.common.protocol.ChatMessage\x12\x10\n\x08redirect\x18\x11 \x01(\t\x12\x11\n\ttimestamp\x18\x12 \x01(\x03\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\x08Response\x12\x0e\n\x06resMsg\x18\x01 \x01(\t\x12\x12\n\nresponseId\x18\x02 \x01(\x03\x12>\n\x03\x63md\x18\x03 \x01(\x0e\x32\x31.com.crossoverjie.cim.common.protocol.BaseCommand\x12R\n\nproperties\x18\x04 \x03(\x0b\x32>.com.crossoverjie.cim.common.protocol.Response.PropertiesEntry\x12\x13\n\x0b\x62\x61tchResMsg\x18\x05 \x03(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*v\n\x0b\x42\x61seCommand\x12\x11\n\rLOGIN_REQUEST\x10\x00\x12\x0b\n\x07MESSAGE\x10\x01\x12\x08\n\x04PING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x12\x07\n\x03\x41\x43K\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x08\n\x04KICK\x10\x06\x12\x12\n\x0eLOGIN_RESPONSE\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tcim.proto\x12$com.crossoverjie.cim.common.protocol\"I\n\x06\x43ursor\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\r\n\x05reset\x18\x04 \x01(\x08\"\xd2\x01\n\x0b\x43hatMessage\x12\r\n\x05msgId\x18\x01 \x01(\x03\x12\x14\n\x0c\x63onversation\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x10\n\x08senderId\x18\x04 \x01(\x03\x12\x12\n\nsenderName\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x11\n\ttimestamp\x18\x07 \x01(\x03\x12\x13\n\x0b\x63lientMsgId\x18\x08 \x01(\t\x12\x15\n\rreceiveUserId\x18\t \x01(\x03\x12\x0f\n\x07groupId\x18\n \x01(\t\x12\r\n\x05\x65poch\x18\x0b \x01(\t\"\xe6\x04\n\x07Request\x12\x0e\n\x06reqMsg\x18\x01 \x01(\t\x12\x11\n\trequestId\x18\x02 \x01(\x03\x12>\n\x03\x63md\x18\x03 \x01(\x0e\x32\x31.com.crossoverjie.cim.common.protocol.BaseCommand\x12Q\n\nproperties\x18\x04 \x03(\x0b\x32=.com.crossoverjie.cim.common.protocol.Request.PropertiesEntry\x12\x13\n\x0b\x62\x61tchReqMsg\x18\x05 \x03(\t\x12\r\n\x05token\x18\x06 \x01(\t\x12\x13\n\x0b\x63lientMsgId\x18\x07 \x01(\t\x12\r\n\x05msgId\x18\x08 \x01(\x03\x12\x0b\n\x03seq\x18\t \x01(\x03\x12\x14\n\x0c\x63onversation\x18\n \x01(\t\x12\x15\n\rreceiveUserId\x18\x0b \x01(\x03\x12\x0f\n\x07groupId\x18\x0c \x01(\t\x12\x11\n\terrorCode\x18\r \x01(\x05\x12\x13\n\x0b\x65rrorReason\x18\x0e \x01(\t\x12=\n\x07\x63ursors\x18\x0f \x03(\x0b\x32,.com.crossoverjie.cim.common.protocol.Cursor\x12\x43\n\x08messages\x18\x10 \x03(\x0b\x32\x31.com.crossoverjie.cim.common.protocol.ChatMessage\x12\x10\n\x08redirect\x18\x11 \x01(\t\x12\x11\n\ttimestamp\x18\x12 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x13 \x01(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8a\x02\n\x08Response\x12\x0e\n\x06resMsg\x18\x01 \x01(\t\x12\x12\n\nresponseId\x18\x02 \x01(\x03\x12>\n\x03\x63md\x18\x03 \x01(\x0e\x32\x31.com.crossoverjie.cim.common.protocol.BaseCommand\x12R\n\nproperties\x18\x04 \x03(\x0b\x32>.com.crossoverjie.cim.common.protocol.Response.PropertiesEntry\x12\x13\n\x0b\x62\x61tchResMsg\x18\x05 \x03(\t\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x8b\x01\n\x0b\x42\x61seCommand\x12\x11\n\rLOGIN_REQUEST\x10\x00\x12\x0b\n\x07MESSAGE\x10\x01\x12\x08\n\x04PING\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03\x12\x07\n\x03\x41\x43K\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x08\n\x04KICK\x10\x06\x12\x12\n\x0eLOGIN_RESPONSE\x10\x07\x12\t\n\x05\x45POCH\x10\x08\x12\x08\n\x04READ\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUEST_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_RESPONSE_PROPERTIESENTRY']._loaded_options = None
   _globals['_RESPONSE_PROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_BASECOMMAND']._serialized_start=1164
-  _globals['_BASECOMMAND']._serialized_end=1282
+  _globals['_BASECOMMAND']._serialized_start=1226
+  _globals['_BASECOMMAND']._serialized_end=1365
   _globals['_CURSOR']._serialized_start=51
-  _globals['_CURSOR']._serialized_end=94
-  _globals['_CHATMESSAGE']._serialized_start=97
-  _globals['_CHATMESSAGE']._serialized_end=292
-  _globals['_REQUEST']._serialized_start=295
-  _globals['_REQUEST']._serialized_end=893
-  _globals['_REQUEST_PROPERTIESENTRY']._serialized_start=844
-  _globals['_REQUEST_PROPERTIESENTRY']._serialized_end=893
-  _globals['_RESPONSE']._serialized_start=896
-  _globals['_RESPONSE']._serialized_end=1162
-  _globals['_RESPONSE_PROPERTIESENTRY']._serialized_start=844
-  _globals['_RESPONSE_PROPERTIESENTRY']._serialized_end=893
+  _globals['_CURSOR']._serialized_end=124
+  _globals['_CHATMESSAGE']._serialized_start=127
+  _globals['_CHATMESSAGE']._serialized_end=337
+  _globals['_REQUEST']._serialized_start=340
+  _globals['_REQUEST']._serialized_end=954
+  _globals['_REQUEST_PROPERTIESENTRY']._serialized_start=905
+  _globals['_REQUEST_PROPERTIESENTRY']._serialized_end=954
+  _globals['_RESPONSE']._serialized_start=957
+  _globals['_RESPONSE']._serialized_end=1223
+  _globals['_RESPONSE_PROPERTIESENTRY']._serialized_start=905
+  _globals['_RESPONSE_PROPERTIESENTRY']._serialized_end=954
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,8 @@ class BaseCommand(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR: _ClassVar[BaseCommand]
     KICK: _ClassVar[BaseCommand]
     LOGIN_RESPONSE: _ClassVar[BaseCommand]
+    EPOCH: _ClassVar[BaseCommand]
+    READ: _ClassVar[BaseCommand]
 LOGIN_REQUEST: BaseCommand
 MESSAGE: BaseCommand
 PING: BaseCommand
@@ -25,17 +27,23 @@ ACK: BaseCommand
 ERROR: BaseCommand
 KICK: BaseCommand
 LOGIN_RESPONSE: BaseCommand
+EPOCH: BaseCommand
+READ: BaseCommand
 
 class Cursor(_message.Message):
-    __slots__ = ("conversation", "seq")
+    __slots__ = ("conversation", "seq", "epoch", "reset")
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
     conversation: str
     seq: int
-    def __init__(self, conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    epoch: str
+    reset: bool
+    def __init__(self, conversation: _Optional[str] = ..., seq: _Optional[int] = ..., epoch: _Optional[str] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("msgId", "conversation", "seq", "senderId", "senderName", "text", "timestamp", "clientMsgId", "receiveUserId", "groupId")
+    __slots__ = ("msgId", "conversation", "seq", "senderId", "senderName", "text", "timestamp", "clientMsgId", "receiveUserId", "groupId", "epoch")
     MSGID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +54,7 @@ class ChatMessage(_message.Message):
     CLIENTMSGID_FIELD_NUMBER: _ClassVar[int]
     RECEIVEUSERID_FIELD_NUMBER: _ClassVar[int]
     GROUPID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     msgId: int
     conversation: str
     seq: int
@@ -56,10 +65,11 @@ class ChatMessage(_message.Message):
     clientMsgId: str
     receiveUserId: int
     groupId: str
-    def __init__(self, msgId: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., senderId: _Optional[int] = ..., senderName: _Optional[str] = ..., text: _Optional[str] = ..., timestamp: _Optional[int] = ..., clientMsgId: _Optional[str] = ..., receiveUserId: _Optional[int] = ..., groupId: _Optional[str] = ...) -> None: ...
+    epoch: str
+    def __init__(self, msgId: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ..., senderId: _Optional[int] = ..., senderName: _Optional[str] = ..., text: _Optional[str] = ..., timestamp: _Optional[int] = ..., clientMsgId: _Optional[str] = ..., receiveUserId: _Optional[int] = ..., groupId: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("reqMsg", "requestId", "cmd", "properties", "batchReqMsg", "token", "clientMsgId", "msgId", "seq", "conversation", "receiveUserId", "groupId", "errorCode", "errorReason", "cursors", "messages", "redirect", "timestamp")
+    __slots__ = ("reqMsg", "requestId", "cmd", "properties", "batchReqMsg", "token", "clientMsgId", "msgId", "seq", "conversation", "receiveUserId", "groupId", "errorCode", "errorReason", "cursors", "messages", "redirect", "timestamp", "device")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +95,7 @@ class Request(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     REDIRECT_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     reqMsg: str
     requestId: int
     cmd: BaseCommand
@@ -103,7 +114,8 @@ class Request(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     redirect: str
     timestamp: int
-    def __init__(self, reqMsg: _Optional[str] = ..., requestId: _Optional[int] = ..., cmd: _Optional[_Union[BaseCommand, str]] = ..., properties: _Optional[_Mapping[str, str]] = ..., batchReqMsg: _Optional[_Iterable[str]] = ..., token: _Optional[str] = ..., clientMsgId: _Optional[str] = ..., msgId: _Optional[int] = ..., seq: _Optional[int] = ..., conversation: _Optional[str] = ..., receiveUserId: _Optional[int] = ..., groupId: _Optional[str] = ..., errorCode: _Optional[int] = ..., errorReason: _Optional[str] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., redirect: _Optional[str] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    device: str
+    def __init__(self, reqMsg: _Optional[str] = ..., requestId: _Optional[int] = ..., cmd: _Optional[_Union[BaseCommand, str]] = ..., properties: _Optional[_Mapping[str, str]] = ..., batchReqMsg: _Optional[_Iterable[str]] = ..., token: _Optional[str] = ..., clientMsgId: _Optional[str] = ..., msgId: _Optional[int] = ..., seq: _Optional[int] = ..., conversation: _Optional[str] = ..., receiveUserId: _Optional[int] = ..., groupId: _Optional[str] = ..., errorCode: _Optional[int] = ..., errorReason: _Optional[str] = ..., cursors: _Optional[_Iterable[_Union[Cursor, _Mapping]]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., redirect: _Optional[str] = ..., timestamp: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Response(_message.Message):
     __slots__ = ("resMsg", "responseId", "cmd", "properties", "batchResMsg")

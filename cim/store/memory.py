@@ -29,8 +29,11 @@ from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
     Account,
+    ConversationState,
+    Epoch,
     GroupExists,
     GroupInfo,
+    HeldSession,
     IStore,
     NewMessage,
     NoSuchGroup,
@@ -40,8 +43,13 @@ from cim.interfaces import (
     TokenInfo,
     TooManyJoinRequests,
 )
-from cim.limits import MAX_SEQ, SESSION_TTL
-from cim.message import ChatMessage
+from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
+from cim.message import (
+    ChatMessage,
+    Position,
+    group_conversation,
+    pair_members,
+)
 from cim.names import name_key
 from cim.passwords import check_hash, make_hash
 from cim.store import Retention
@@ -141,15 +149,22 @@ class MemoryStore:
         self.retention = retention
         self._users: dict[int, _User] = {}
         self._user_ids: dict[str, int] = {}
-        self._sessions: dict[int, _SessionRecord] = {}
+        #: user id -> device -> its session
+        self._sessions: dict[int, dict[str, _SessionRecord]] = {}
         self._tokens: dict[str, _Token] = {}
-        self._user_tokens: dict[int, set[str]] = {}
+        self._user_tokens: dict[tuple[int, str], set[str]] = {}
         self._messages: dict[str, list[ChatMessage]] = {}
         self._seqs: dict[str, int] = {}
         self._last_msg_id = 0
         self._appended: dict[tuple[int, str], _Appended] = {}
         self._appended_order: deque[tuple[int, str]] = deque()
-        self._cursors: dict[int, dict[str, int]] = {}
+        #: (user id, device) -> conversation -> acknowledged position
+        self._cursors: dict[tuple[int, str], dict[str, Position]] = {}
+        #: user id -> conversation -> read position
+        self._read: dict[int, dict[str, Position]] = {}
+        #: user id -> its private conversations that hold messages
+        self._pairs: dict[int, set[str]] = {}
+        self._epochs: dict[str, Epoch] = {}
         #: (conversation, sender id, window index) -> messages appended
         self._quota: dict[tuple[str, int, int], int] = {}
         self._quota_index = 0
@@ -227,25 +242,40 @@ class MemoryStore:
 
     # Sessions
 
-    def _session(self, user_id: int) -> Session | None:
+    def _live(self, user_id: int) -> dict[str, _SessionRecord]:
         """
-        The user's session, forgetting it first when its claim expired.
+        The user's sessions by device, forgetting those whose claim expired.
         """
-        record = self._sessions.get(user_id)
-        if record is None:
-            return None
-        if record.expires is not None and record.expires <= self._seconds():
-            del self._sessions[user_id]
-            return None
-        return record.session
+        records = self._sessions.get(user_id)
+        if not records:
+            return {}
+        now = self._seconds()
+        for device in [
+            d for d, r in records.items() if r.expires is not None and r.expires <= now
+        ]:
+            self._delete_session(user_id, device)
+        return self._sessions.get(user_id, {})
 
-    def _delete_session(self, user_id: int) -> None:
+    def _session(self, user_id: int, device: str) -> Session | None:
+        record = self._live(user_id).get(device)
+        return None if record is None else record.session
+
+    def _delete_session(self, user_id: int, device: str) -> None:
         """
-        Forget the user's session and its tokens.
+        Forget the device's session and its tokens.
         """
-        self._sessions.pop(user_id, None)
-        for key in self._user_tokens.pop(user_id, set()):
+        records = self._sessions.get(user_id)
+        if records is not None:
+            records.pop(device, None)
+            if not records:
+                del self._sessions[user_id]
+        for key in self._user_tokens.pop((user_id, device), set()):
             self._tokens.pop(key, None)
+
+    def _put(self, session: Session, expires: float) -> None:
+        self._sessions.setdefault(session.user_id, {})[session.device] = (
+            _SessionRecord(session, expires)
+        )
 
     @_fired
     def claim_session(
@@ -255,96 +285,135 @@ class MemoryStore:
         server: str,
         ttl: float,
         replace: bool = False,
-    ) -> tuple[Session, Session | None]:
-        previous = self._session(user_id)
-        if previous is not None and not replace:
-            raise SessionExists(previous)
-        self._delete_session(user_id)
-        session = Session(user_id, user_name, server, uuid.uuid4().hex, False)
-        self._sessions[user_id] = _SessionRecord(session, self._seconds() + ttl)
-        return session, previous
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+    ) -> tuple[Session, list[Session]]:
+        held = self._live(user_id)
+        if held and not replace:
+            first = held.get(device) or held[min(held)]
+            raise SessionExists(first.session)
+        dropped = []
+        mine = held.get(device)
+        if mine is not None:
+            dropped.append(mine.session)
+            self._delete_session(user_id, device)
+        others = sorted(
+            (r.session for r in self._live(user_id).values()),
+            key=lambda session: (session.active, session.device),
+        )
+        for old in others[: max(0, len(others) - max(1, max_devices) + 1)]:
+            dropped.append(old)
+            self._delete_session(user_id, old.device)
+        now = self._seconds()
+        session = Session(
+            user_id, user_name, server, uuid.uuid4().hex, False, device, now
+        )
+        self._put(session, now + ttl)
+        return session, dropped
 
     @_fired
     def activate_session(
-        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+        self,
+        user_id: int,
+        session_id: str,
+        ttl: float = SESSION_TTL,
+        device: str = "",
     ) -> bool:
-        session = self._session(user_id)
+        session = self._session(user_id, device)
         if session is None or session.session_id != session_id:
             return False
-        self._sessions[user_id] = _SessionRecord(
-            replace(session, connected=True), self._seconds() + ttl
-        )
+        now = self._seconds()
+        self._put(replace(session, connected=True, active=now), now + ttl)
         return True
 
     @_fired
     def renew_sessions(
-        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
-    ) -> list[int]:
+        self, server: str, sessions: Sequence[HeldSession], ttl: float
+    ) -> list[str]:
         expires = self._seconds() + ttl
         lost = []
-        for user_id, session_id, user_name in sessions:
-            current = self._session(user_id)
+        for held in sessions:
+            user_id, session_id, user_name, device, active = held
+            current = self._session(user_id, device)
             if current is None:
-                current = Session(user_id, user_name, server, session_id, True)
+                current = Session(
+                    user_id, user_name, server, session_id, True, device, active
+                )
             elif current.session_id != session_id:
-                lost.append(user_id)
+                lost.append(session_id)
                 continue
-            self._sessions[user_id] = _SessionRecord(current, expires)
+            self._put(replace(current, active=max(active, current.active)), expires)
         return sorted(lost)
 
     @_fired
-    def get_session(self, user_id: int) -> Session | None:
-        return self._session(user_id)
+    def get_session(self, user_id: int, device: str = "") -> Session | None:
+        return self._session(user_id, device)
 
     @_fired
-    def get_sessions(self, user_ids: Sequence[int]) -> dict[int, Session]:
+    def user_sessions(self, user_id: int) -> list[Session]:
+        held = self._live(user_id)
+        return [held[device].session for device in sorted(held)]
+
+    @_fired
+    def get_sessions(self, user_ids: Sequence[int]) -> dict[int, list[Session]]:
         found = {}
         for user_id in user_ids:
-            session = self._session(user_id)
-            if session is not None and session.connected:
-                found[user_id] = session
+            held = self._live(user_id)
+            connected = [
+                held[d].session for d in sorted(held) if held[d].session.connected
+            ]
+            if connected:
+                found[user_id] = connected
         return found
 
     @_fired
-    def release_session(self, user_id: int, session_id: str) -> bool:
-        session = self._session(user_id)
+    def release_session(self, user_id: int, session_id: str, device: str = "") -> bool:
+        session = self._session(user_id, device)
         if session is None or session.session_id != session_id:
             return False
-        self._delete_session(user_id)
+        self._delete_session(user_id, device)
         return True
 
     @_fired
     def online_users(self) -> list[tuple[int, str]]:
-        return sorted(
-            (session.user_id, session.user_name)
-            for session in map(self._session, list(self._sessions))
-            if session is not None and session.connected
-        )
+        online = []
+        for user_id in sorted(self._sessions):
+            connected = [r for r in self._live(user_id).values() if r.session.connected]
+            if connected:
+                online.append((user_id, connected[0].session.user_name))
+        return online
 
     @_fired
     def drop_server_sessions(self, server: str) -> list[int]:
-        dropped = []
+        dropped = set()
         for user_id in sorted(self._sessions):
-            session = self._session(user_id)
-            if session is not None and session.server == server:
-                self._delete_session(user_id)
-                dropped.append(user_id)
-        return dropped
+            for device, record in list(self._live(user_id).items()):
+                if record.session.server == server:
+                    self._delete_session(user_id, device)
+                    dropped.add(user_id)
+        return sorted(dropped)
 
     # Login tokens
 
     @_fired
     def issue_token(
-        self, user_id: int, server: str, session_id: str, ttl: float
+        self,
+        user_id: int,
+        server: str,
+        session_id: str,
+        ttl: float,
+        device: str = "",
     ) -> str:
         now = self._seconds()
-        keys = self._user_tokens.setdefault(user_id, set())
+        keys = self._user_tokens.setdefault((user_id, device), set())
         for key in [k for k in keys if self._tokens[k].expires <= now]:
             keys.discard(key)
             del self._tokens[key]
         token = secrets.token_urlsafe(32)
         key = token_key(token)
-        self._tokens[key] = _Token(TokenInfo(user_id, server, session_id), now + ttl)
+        self._tokens[key] = _Token(
+            TokenInfo(user_id, server, session_id, device), now + ttl
+        )
         keys.add(key)
         return token
 
@@ -353,10 +422,11 @@ class MemoryStore:
         found = self._tokens.get(token_key(token))
         if found is None or found.expires <= self._seconds():
             return None
-        session = self._session(found.info.user_id)
-        if session is None or session.session_id != found.info.session_id:
+        info = found.info
+        session = self._session(info.user_id, info.device)
+        if session is None or session.session_id != info.session_id:
             return None
-        return found.info
+        return info
 
     # Messages
 
@@ -413,6 +483,7 @@ class MemoryStore:
             client_msg_id=retry.client_msg_id,
             receive_user_id=retry.receive_user_id,
             group_id=retry.group_id,
+            epoch=self._epochs.get(entry.conversation, Epoch()).id,
         )
 
     def _quota_budget(self) -> Callable[[NewMessage], bool]:
@@ -467,6 +538,11 @@ class MemoryStore:
                 continue
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
+            epoch = self._epochs.get(new.conversation)
+            if epoch is None:
+                epoch = self._epochs[new.conversation] = Epoch(
+                    uuid.uuid4().hex[:16], "", seq - 1
+                )
             self._seqs[new.conversation] = seq
             message = ChatMessage(
                 msg_id=self._last_msg_id,
@@ -479,9 +555,15 @@ class MemoryStore:
                 client_msg_id=new.client_msg_id,
                 receive_user_id=new.receive_user_id,
                 group_id=new.group_id,
+                epoch=epoch.id,
             )
             self._messages.setdefault(new.conversation, []).append(message)
             touched.add(new.conversation)
+            self._raise_read(new.sender_id, new.conversation, seq)
+            members = pair_members(new.conversation)
+            if members is not None:
+                for user_id in members:
+                    self._pairs.setdefault(user_id, set()).add(new.conversation)
             if new.client_msg_id:
                 self._appended[key] = _Appended(
                     now + self.retention.idempotency_window,
@@ -507,31 +589,127 @@ class MemoryStore:
         return messages[start : start + limit]
 
     @_fired
+    def read_before(
+        self, conversation: str, before_seq: int, limit: int
+    ) -> list[ChatMessage]:
+        messages = self._trim(conversation)
+        if before_seq > 0:
+            messages = [m for m in messages if m.seq < before_seq]
+        return messages[-limit:] if limit > 0 else []
+
+    @_fired
     def last_seq(self, conversation: str) -> int:
         return self._seqs.get(conversation, 0)
 
-    def _raise_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
-        current = self._cursors.setdefault(user_id, {})
-        for conversation, seq in cursors.items():
-            if (
-                type(seq) is int
-                and seq <= MAX_SEQ
-                and seq > current.get(conversation, 0)
-            ):
-                current[conversation] = seq
+    def _epoch(self, conversation: str) -> Epoch:
+        epoch = self._epochs.get(conversation)
+        if epoch is None:
+            return Epoch(base=self._seqs.get(conversation, 0))
+        return epoch
 
     @_fired
-    def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
-        self._raise_cursors(user_id, cursors)
+    def epochs(self, conversations: Sequence[str]) -> dict[str, Epoch]:
+        return {c: self._epoch(c) for c in conversations}
+
+    def _raise_cursors(
+        self, user_id: int, device: str, cursors: dict[str, Position]
+    ) -> None:
+        current = self._cursors.setdefault((user_id, device), {})
+        for conversation, position in cursors.items():
+            epoch, seq = position
+            if type(seq) is not int or not 0 < seq <= MAX_SEQ:
+                continue
+            old = current.get(conversation)
+            if old is None or old.epoch != epoch or seq > old.seq:
+                current[conversation] = Position(str(epoch), seq)
 
     @_fired
-    def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
-        for user_id, theirs in cursors.items():
-            self._raise_cursors(user_id, theirs)
+    def set_cursors(
+        self, user_id: int, cursors: dict[str, Position], device: str = ""
+    ) -> None:
+        self._raise_cursors(user_id, device, cursors)
 
     @_fired
-    def get_cursors(self, user_id: int) -> dict[str, int]:
-        return dict(self._cursors.get(user_id, {}))
+    def set_many_cursors(
+        self, cursors: dict[tuple[int, str], dict[str, Position]]
+    ) -> None:
+        for (user_id, device), theirs in cursors.items():
+            self._raise_cursors(user_id, device, theirs)
+
+    @_fired
+    def get_cursors(self, user_id: int, device: str = "") -> dict[str, Position]:
+        return dict(self._cursors.get((user_id, device), {}))
+
+    @_fired
+    def forget_cursors(self, user_id: int, conversation: str) -> None:
+        for (owner, _), cursors in self._cursors.items():
+            if owner == user_id:
+                cursors.pop(conversation, None)
+
+    # Read positions
+
+    def _raise_read(self, user_id: int, conversation: str, seq: int) -> int:
+        epoch = self._epoch(conversation)
+        positions = self._read.setdefault(user_id, {})
+        current = self._read_position(user_id, conversation, epoch)
+        seq = min(seq, self._seqs.get(conversation, 0))
+        if seq > current:
+            positions[conversation] = Position(epoch.id, seq)
+            return seq
+        return current
+
+    def _read_position(self, user_id: int, conversation: str, epoch: Epoch) -> int:
+        position = self._read.get(user_id, {}).get(conversation)
+        if position is None:
+            return 0
+        start, _ = epoch.resume(position)
+        return start
+
+    @_fired
+    def set_read(self, user_id: int, conversation: str, seq: int) -> int:
+        if type(seq) is not int or seq > MAX_SEQ:
+            seq = 0
+        return self._raise_read(user_id, conversation, seq)
+
+    @_fired
+    def read_positions(
+        self, conversation: str, user_ids: Sequence[int]
+    ) -> dict[int, int]:
+        epoch = self._epoch(conversation)
+        return {u: self._read_position(u, conversation, epoch) for u in user_ids}
+
+    @_fired
+    def conversations(self, user_id: int) -> list[ConversationState]:
+        states = []
+        for conversation in self._pairs.get(user_id, set()):
+            members = pair_members(conversation)
+            assert members is not None
+            low, high = members
+            peer = high if low == user_id else low
+            epoch = self._epoch(conversation)
+            states.append(
+                ConversationState(
+                    conversation,
+                    epoch.id,
+                    self._seqs.get(conversation, 0),
+                    self._read_position(user_id, conversation, epoch),
+                    peer_id=peer,
+                    peer_read=self._read_position(peer, conversation, epoch),
+                )
+            )
+        for group_id in self._user_groups.get(user_id, set()):
+            conversation = group_conversation(group_id)
+            epoch = self._epoch(conversation)
+            states.append(
+                ConversationState(
+                    conversation,
+                    epoch.id,
+                    self._seqs.get(conversation, 0),
+                    self._read_position(user_id, conversation, epoch),
+                    group_id=group_id,
+                )
+            )
+        return sorted(states, key=lambda state: state.conversation)
 
     # Groups
 
