@@ -46,6 +46,15 @@ INBOX_PREFIX = "u:"
 #: The conversation of CIM-style broadcasts to every online user.
 BROADCAST = "all"
 
+#: KICK reasons after which a client must not log in again by itself: the
+#: same device logged in again, or the user's newest login on another
+#: device went over the device limit and this one was the least active.
+KICK_REPLACED = "logged in again elsewhere"
+KICK_DEVICE_LIMIT = (
+    "logged out: this user logged in on more devices than allowed, and this "
+    "one was the least recently active"
+)
+
 
 def inbox(user_id: int) -> str:
     """
