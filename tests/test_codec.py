@@ -14,7 +14,7 @@ from cim.message import ChatMessage, Command, Cursor, Frame
 def test_round_trip_of_every_field() -> None:
     message = ChatMessage(
         msg_id=7,
-        conversation="u:2",
+        conversation="p:1:2",
         seq=3,
         sender_id=1,
         sender_name="alice",
@@ -22,6 +22,7 @@ def test_round_trip_of_every_field() -> None:
         timestamp=1700000000000,
         client_msg_id="c-1",
         receive_user_id=2,
+        epoch="e1",
     )
     frame = Frame(
         cmd=Command.MESSAGE,
@@ -38,12 +39,26 @@ def test_round_trip_of_every_field() -> None:
         group_id="team",
         error_code=8001,
         error_reason="bad",
-        cursors=(Cursor("u:1", 4),),
+        cursors=(Cursor("p:1:2", 4, "e1", True), Cursor("g:team", 2)),
         messages=(message,),
         redirect="10.0.0.1:11211",
         timestamp=123,
+        device="laptop",
     )
     assert decode(encode(frame)) == frame
+
+
+@pytest.mark.parametrize("command", [Command.EPOCH, Command.READ])
+def test_device_commands_round_trip(command: Command) -> None:
+    """
+    The frames of read positions and epochs carry their cursors whole.
+    """
+    frame = Frame(
+        cmd=command, request_id=3, cursors=(Cursor("p:1:3", 7, "e2", True),)
+    )
+    decoded = decode(encode(frame))
+    assert decoded == frame
+    assert decoded.cursors[0].reset
 
 
 def test_cim_v2_layout() -> None:
