@@ -156,15 +156,28 @@ class WireClient(VarintFrameReceiver):
 
         return self.wait(find, f"messages {list(texts)}", deadline)
 
+    def epochs(self) -> dict[str, str]:
+        """
+        The epoch of each conversation, as the server last announced it
+        (C{LOGIN_RESPONSE} and C{EPOCH} frames).
+        """
+        announced: dict[str, str] = {}
+        for f in self.frames:
+            if f.cmd in (Command.LOGIN_RESPONSE, Command.EPOCH):
+                for cursor in f.cursors:
+                    announced[cursor.conversation] = cursor.epoch
+        return announced
+
     def cursors(self) -> list[Cursor]:
         """
-        The highest seq received per conversation (what a client resumes
-        from).
+        The highest seq received per conversation, in the epoch the server
+        announced (what a client resumes from).
         """
         highest: dict[str, int] = {}
         for m in self.messages():
             highest[m.conversation] = max(highest.get(m.conversation, 0), m.seq)
-        return [Cursor(c, s) for c, s in highest.items()]
+        epochs = self.epochs()
+        return [Cursor(c, s, epochs.get(c, "")) for c, s in highest.items()]
 
     # Closing
 
