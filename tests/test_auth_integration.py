@@ -19,7 +19,6 @@ import pytest_twisted
 import treq
 
 from cim.client.library import Client, QueueListener
-from cim.message import inbox
 from tests.clientkit import take_messages, within
 from tests.kit.cluster import Daemon
 
@@ -103,7 +102,7 @@ async def test_no_takeover_by_name(reactor: Any, node: str, tmp_path: Path) -> N
         codes.append(answer["code"])
     assert codes[-1] == "6000" and set(codes) == {"9100", "6000"}
     # Her messages: not without her token.
-    body = {"userId": alice.user_id, "conversation": inbox(alice.user_id)}
+    body = {"userId": alice.user_id, "peerId": alice.user_id}
     answer = await post(reactor, node + "/history", body)
     assert answer["code"] == "4010" and answer["dataBody"] is None
     # Control characters and whitespace-only names are refused.

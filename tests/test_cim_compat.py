@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from cim.codec import decode, encode_framed
-from cim.message import BROADCAST, ChatMessage, Command, Frame, inbox
+from cim.interfaces import NewMessage
+from cim.message import BROADCAST, ChatMessage, Command, Frame, pair_conversation
 from tests.cimstrict import CimHandler, StrictDecodeError, decode_reply
 from tests.kit.cluster import Daemon
 from tests.serverkit import Peer, World
@@ -197,7 +198,10 @@ def test_a_cim_client_that_sends_chat_over_tcp_is_closed_without_an_error() -> N
     bob = CimPeer(world, "bob")
     bob.peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=alice))
     assert bob.peer.received() == [] and bob.peer.closed
-    assert world.result(world.store.read(inbox(alice), 0, 10)) == []
+    assert (
+        world.result(world.store.read(pair_conversation(alice, bob.user_id), 0, 10))
+        == []
+    )
 
 
 def test_push_api_frames_are_completed_for_a_cim_client() -> None:
@@ -625,3 +629,42 @@ def test_cim_client_end_to_end(cim_node: int) -> None:
     assert bob.login() == "9000"
     assert bob.texts(1) == ["unproven"]
     assert bob.handler.received[-1][0] == Command.OFFLINE
+
+
+def test_a_cim_client_never_gets_its_own_private_messages() -> None:
+    """
+    A private conversation holds both sides, and every device of both users
+    gets it; but CIM's client shows whatever it receives as a message from
+    someone else, so its own messages (sent through the route's
+    C{/p2pRoute}) never reach it.
+    """
+    world = cim_world()
+    alice = CimPeer(world, "alice")
+    bob = CimPeer(world, "bob")
+    conversation = pair_conversation(alice.user_id, bob.user_id)
+    for sender, receiver, text in [
+        (alice, bob, "from alice"),
+        (bob, alice, "from bob"),
+        (alice, bob, "again from alice"),
+    ]:
+        stored = world.result(
+            world.server.delivery.append(
+                NewMessage.of_send(
+                    conversation,
+                    sender.user_id,
+                    sender.name,
+                    [text],
+                    "",
+                    receive_user_id=receiver.user_id,
+                )
+            )
+        )
+        world.result(
+            world.server.delivery.deliver(stored, [sender.user_id, receiver.user_id])
+        )
+    assert alice.read() == ["from bob"]
+    assert bob.read() == ["from alice", "again from alice"]
+    # Logging in again replays nothing of its own either.
+    alice.peer.lose()
+    alice.login()
+    assert alice.read() == ["from bob"]

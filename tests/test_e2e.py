@@ -20,7 +20,7 @@ import treq
 from kazoo.client import KazooClient
 
 from cim.client.library import Client, ClientState, QueueListener
-from cim.message import inbox
+from cim.message import pair_conversation
 from tests.clientkit import take_messages, wait_state
 from tests.kit.cluster import Cluster, Processes
 from tests.kit.wait import wait_until, within
@@ -171,7 +171,7 @@ async def test_private_chat_and_batches(
         assert (got.text, got.sender_id, got.conversation) == (
             "for c only",
             a.user_id,
-            inbox(c.user_id),
+            pair_conversation(a.user_id, c.user_id),
         )
         reply = await post(
             cluster,
@@ -188,12 +188,15 @@ async def test_private_chat_and_batches(
         assert [m.text for m in got3] == ["one", "two", "three"]
         assert [m.seq for m in got3] == sorted(m.seq for m in got3)
         assert {m.sender_name for m in got3} == {b.user_name}
-        # Nobody else got them.
+        # The sender's device gets them too (its side of the conversation);
+        # nobody else does.
+        mine = await take_messages(reactor, b_events, 3)
+        assert [m.text for m in mine] == ["one", "two", "three"]
+        assert {m.conversation for m in mine} == {
+            pair_conversation(a.user_id, b.user_id)
+        }
         assert [
-            m for m in b_events.pending_messages() if m.conversation.startswith("u:")
-        ] == []
-        assert [
-            m for m in c_events.pending_messages() if m.conversation.startswith("u:")
+            m for m in c_events.pending_messages() if m.sender_id == b.user_id
         ] == []
     finally:
         for x in (a, b, c):

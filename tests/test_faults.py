@@ -39,7 +39,14 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from cim.client.library import Ack, Client, ClientState, IClientListener, LoginError
-from cim.message import ChatMessage, Command, group_conversation, inbox
+from cim.message import (
+    ChatMessage,
+    Command,
+    group_conversation,
+    pair_conversation,
+    pair_members,
+    peer_of,
+)
 from tests.kit.cluster import Cluster, Daemon, Processes
 from tests.kit.http import call
 from tests.kit.net import Link
@@ -313,13 +320,20 @@ class Chat:
 
     def conversations(self, member: Member) -> list[str]:
         return [group_conversation(self.group)] + [
-            inbox(m.user_id) for m in self.members if m is not member
+            pair_conversation(member.user_id, m.user_id)
+            for m in self.members
+            if m is not member
         ]
 
     def recipients(self, conversation: str) -> list[Member]:
+        """
+        Who gets the messages of C{conversation}: a group's members, or
+        both users of a private conversation (a sender gets its own too).
+        """
         if conversation.startswith("g:"):
             return list(self.members)
-        return [m for m in self.members if inbox(m.user_id) == conversation]
+        pair = pair_members(conversation) or ()
+        return [m for m in self.members if m.user_id in pair]
 
     def send(self, member: Member, conversation: str) -> Deferred[Ack]:
         key = (member.user_id, conversation)
@@ -328,7 +342,9 @@ class Chat:
         if conversation.startswith("g:"):
             d = member.client.send_group(self.group, text)
         else:
-            d = member.client.send_private(int(conversation[2:]), text)
+            peer = peer_of(conversation, member.user_id)
+            assert peer is not None, conversation
+            d = member.client.send_private(peer, text)
         self.attempts += 1
 
         def acked(ack: Ack) -> Ack:

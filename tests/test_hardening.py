@@ -27,7 +27,7 @@ from twisted.internet.task import deferLater
 
 from cim.codec import encode_framed
 from cim.limits import MAX_BATCH, SENDER_QUOTA
-from cim.message import Command, Cursor, ErrorCode, Frame, inbox
+from cim.message import Command, Cursor, ErrorCode, Frame, Position
 from tests.kit.http import call
 from tests.kit.wait import wait_until, within
 from tests.kit.wire import connect
@@ -183,25 +183,34 @@ async def test_one_ack_cannot_break_an_account(
     raw, user_id = await raw_login(reactor, cluster, name)
     sender, _ = await raw_login(reactor, cluster, unique("friend"))
     sender.send(Frame(cmd=Command.MESSAGE, req_msg="hello", receive_user_id=user_id))
-    await raw.wait_texts(["hello"])
+    (hello,) = await raw.wait_texts(["hello"])
+    conversation = hello.conversation
     for batch in range(20):
         raw.send(
             Frame(
                 cmd=Command.ACK,
                 cursors=(
-                    Cursor("u:999", 2**63 - 1),
-                    Cursor(inbox(user_id), 2**63 - 1),
+                    Cursor("p:998:999", 2**63 - 1, hello.epoch),
+                    Cursor(conversation, 2**63 - 1, hello.epoch),
                     *[Cursor(f"g:made-up-{batch}-{i}", 1) for i in range(1000)],
                 ),
             )
         )
-    raw.send(Frame(cmd=Command.ACK, cursors=(Cursor(inbox(user_id), 1),)))
+    raw.send(Frame(cmd=Command.ACK, cursors=(Cursor(conversation, 1, hello.epoch),)))
     await raw.hang_up()
-    await wait_until(
-        reactor, lambda: hgetall(redis.url(), f"cim:cursors:{user_id}"), "the cursor"
-    )
-    # Only the cursor of what it was sent was stored, as an integer.
-    assert await hgetall(redis.url(), f"cim:cursors:{user_id}") == {inbox(user_id): "1"}
+
+    async def cursors() -> dict[str, Position]:
+        from cim.store.redis import connect_redis
+
+        store = await connect_redis(redis.url())
+        try:
+            return await store.get_cursors(user_id)
+        finally:
+            await store.close()
+
+    await wait_until(reactor, cursors, "the cursor")
+    # Only the cursor of what it was sent was stored.
+    assert await cursors() == {conversation: Position(hello.epoch, 1)}
     assert user_id not in await cluster.online()
     # The account logs in again, and chats.
     again, _ = await raw_login(reactor, cluster, name)
