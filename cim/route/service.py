@@ -33,6 +33,7 @@ from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
 from cim.route.logic import Probe
+from cim.route.webclient import WebClient
 from cim.web import QuietSite, http_client
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ class RouteService(AsyncStartService):
             address_rate=config.address_rate,
         )
         site = QuietSite(
-            self.api.app.resource(),
+            WebClient(self.api.app.resource()),
             reactor=self.reactor,
             max_body=config.max_body,
             request_timeout=config.limits.request_timeout,
