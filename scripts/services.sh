@@ -2,7 +2,8 @@
 # Start or stop the Redis and ZooKeeper that cim's tests (and `make cluster`)
 # use: loopback only, non-default ports, data in a temporary directory.
 #
-#   scripts/services.sh up     install when missing, start, wait until healthy
+#   scripts/services.sh up     install when missing (and chromium, for the
+#                              browser tests), start, wait until healthy
 #   scripts/services.sh down   stop exactly what `up` started
 #   scripts/services.sh env    print the CIM_TEST_* variables
 #
@@ -26,6 +27,10 @@ install_missing() {
     command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
     [ -f /usr/share/java/zookeeper.jar ] || pkgs+=(zookeeper)
     command -v java >/dev/null 2>&1 || pkgs+=(default-jre-headless)
+    # The web client's browser tests (tests/test_web.py): Debian's browser,
+    # which playwright drives (it downloads none), and an emoji font.
+    command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
+    [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || pkgs+=(fonts-noto-color-emoji)
     if [ ${#pkgs[@]} -gt 0 ]; then
         log "installing ${pkgs[*]} from Debian packages"
         as_root apt-get update -qq

@@ -2,7 +2,7 @@
 C{pip install .} (not editable) gives working daemons: in a fresh virtual
 environment, C{twistd cim-server}, C{cim-route}, C{cim-client} and
 C{cim-standalone} answer C{--help}, and a standalone node starts, answers
-C{/health} on its route port, and stops.
+C{/health} on its route port, serves the web client's files, and stops.
 
 How it stays fast (a few seconds) and off the network:
 
@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -155,6 +156,14 @@ def test_standalone_answers_health(installed: Environment) -> None:
         standalone.wait_ready_blocking()
         health = get_json(f"{standalone.url('route')}/health", timeout=10)
         assert health["code"] == "9000", health
+        # The web client's files came along (package data) and are served.
+        with urllib.request.urlopen(standalone.url("route") + "/", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/html")
+            assert b'src="/app.js"' in r.read()
+        with urllib.request.urlopen(
+            standalone.url("route") + "/app.js", timeout=10
+        ) as r:
+            assert b"textContent" in r.read()
         standalone.stop_blocking()
         assert not standalone.running
         assert "Traceback" not in standalone.log_text(), standalone.log_tail()

@@ -17,7 +17,6 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -104,10 +103,8 @@ class Tab:
     """
 
     def __init__(self, browser: Browser, url: str, phone: bool = False) -> None:
-        viewport = {"width": 390, "height": 780} if phone else None
-        self.context = browser.new_context(
-            viewport=viewport or {"width": 1100, "height": 700}
-        )
+        width, height = (390, 780) if phone else (1100, 700)
+        self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page: Page = self.context.new_page()
         self.url = url
         self.errors: list[str] = []
@@ -280,7 +277,12 @@ def test_html_looking_text_is_shown_as_text(
     expect(page.locator("#chat-title")).to_have_text("# markup", timeout=WAIT)
     # Another member sends markup and an emoji alias over HTTP.
     dave = account(url, "webdave")
-    api(url, "/group/join", {"userId": dave["userId"], "groupId": "markup"}, dave["token"])
+    api(
+        url,
+        "/group/join",
+        {"userId": dave["userId"], "groupId": "markup"},
+        dave["token"],
+    )
     hostile = "<img src=x onerror=alert(1)>"
     for text in (hostile, "<b>bold</b> :smile:"):
         api(

@@ -352,10 +352,10 @@ function startSession(acc, reply = null) {
     const status = $("status");
     status.className = `status ${detail.state}`;
     status.textContent =
-      detail.state === "online" ? "online" : detail.state === "connecting" ? "connecting…" : "offline, retrying";
+      detail.state === "online" ? "online" : detail.state === "connecting" ? "connecting…" : "offline";
     status.title = detail.reason || "";
   });
-  session.addEventListener("login", () => {
+  session.addEventListener("routed", () => {
     refreshConversations();
     refreshOnline();
   });

@@ -201,7 +201,8 @@ export class Cursors {
  * acknowledges, sends the outbox, and reconnects (through the route) after
  * any loss.  Events (an EventTarget; detail in each):
  *   state      {state: "connecting" | "online" | "offline", reason}
- *   login      {conversations}    a (re)login succeeded
+ *   routed     {reply}            the route's login succeeded (the token is new)
+ *   login      {}                 the server's login succeeded: live
  *   message    {message, mine}    a message not shown before
  *   stored     {item, seq, msgId} the server stored a send of ours
  *   read       {readerId, conversation, seq}
@@ -255,6 +256,7 @@ export class Session extends EventTarget {
     this.route.token = reply.token;
     localStorage.setItem("cim.account", JSON.stringify(this.account));
     this.server = reply;
+    this.emit("routed", { reply });
     const url = webSocketUrl(reply);
     if (!url) {
       this.retry("the server has no WebSocket port");
