@@ -11,12 +11,19 @@ saves C{docs/web-client.png}, the screenshot README shows.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import queue
 import re
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,6 +64,13 @@ except ImportError:  # pragma: no cover - make install installs it
 ISSUE_14 = "/conversations" in REQUESTS
 needs_issue_14 = pytest.mark.skipif(
     not ISSUE_14, reason="needs issue 14 (devices, /conversations) merged into main"
+)
+
+#: The WebSocket gateway (issue 16) on every server, and the route's login
+#: reply naming it.
+GATEWAY = ISSUE_14 and importlib.util.find_spec("autobahn") is not None
+needs_gateway = pytest.mark.skipif(
+    not GATEWAY, reason="needs the WebSocket gateway (issue 16) merged into main"
 )
 
 
@@ -298,3 +312,199 @@ def test_html_looking_text_is_shown_as_text(
     expect(messages).to_have_text([hostile, "<b>bold</b> 😄"], timeout=WAIT)
     assert page.locator("#messages img, #messages b").count() == 0
     assert not tab.dialogs
+
+
+# Live chat: the WebSocket gateway
+
+
+class Peer:
+    """
+    A library client in a process of its own (L{tests.kit.peer}).
+    """
+
+    def __init__(self, processes: Processes, url: str, name: str, log: Path) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.messages: list[dict[str, Any]] = []
+        self.process = processes.spawn(
+            f"peer-{name}",
+            [sys.executable, "-m", "tests.kit.peer", url, name, "peer-password"],
+            log,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        self.user_id = int(self.next("ready")["ready"])
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.events.put(json.loads(line))
+
+    def next(self, kind: str, timeout: float = WAIT / 1000) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {kind!r} from the peer in {timeout}s")
+            try:
+                event = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if "message" in event:
+                self.messages.append(event["message"])
+            if kind in event:
+                return event
+
+    def texts(self, count: int) -> list[str]:
+        while len(self.messages) < count:
+            self.next("message")
+        return [m["msg"] for m in self.messages]
+
+    def command(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def send(self, user_id: int, text: str) -> None:
+        self.command(private=user_id, text=text)
+        self.next("acked")
+
+
+@pytest.fixture
+def peers(node: Daemon, tmp_path: Path) -> Iterator[Any]:
+    processes = Processes(tmp_path)
+
+    def start(name: str) -> Peer:
+        return Peer(processes, node.url("route"), name, tmp_path / f"{name}.log")
+
+    yield start
+    processes.stop_all()
+
+
+def states(tab: Tab) -> list[str]:
+    return tab.page.locator("#messages .msg.mine").evaluate_all(
+        "items => items.map(i => i.dataset.state)"
+    )
+
+
+@needs_gateway
+def test_two_pages_chat_privately_and_in_a_group(
+    browser: Browser, node: Daemon, tabs: list[Tab]
+) -> None:
+    url = node.url("route") + "/"
+    bob = Tab(browser, url, phone=True)
+    tabs.append(bob)
+    bob.log_in("webbob")
+    alice = Tab(browser, url)
+    tabs.append(alice)
+    alice.log_in("webann")
+    a, b = alice.page, bob.page
+    expect(a.locator("#status")).to_have_text("online", timeout=WAIT)
+    # Ann starts the conversation from the online list.
+    a.locator("#online button", has_text="webbob").click()
+    expect(a.locator("#chat-title")).to_have_text("webbob")
+    a.fill("#compose-text", "hi bob :wave:")
+    a.press("#compose-text", "Enter")
+    expect(a.locator("#messages .msg.mine .text")).to_have_text(["hi bob 👋"])
+    expect(a.locator("#messages .msg.mine")).to_have_attribute(
+        "data-state", "stored", timeout=WAIT
+    )
+    # Bob (phone width) sees an unread count, opens the conversation with
+    # the keyboard, reads, and answers.
+    badge = b.locator("#conversations button", has_text="webann").locator(".badge")
+    expect(badge).to_have_text("1", timeout=WAIT)
+    b.locator("#conversations button", has_text="webann").focus()
+    b.keyboard.press("Enter")
+    expect(b.locator("#messages .text")).to_have_text(["hi bob 👋"], timeout=WAIT)
+    expect(badge).to_have_count(0)
+    expect(a.locator("#messages .msg.mine")).to_have_attribute(
+        "data-state", "read", timeout=WAIT
+    )
+    expect(b.locator("#compose-text")).to_be_focused()
+    b.keyboard.type("hello ann")
+    b.keyboard.press("Enter")
+    expect(a.locator("#messages .text")).to_have_text(
+        ["hi bob 👋", "hello ann"], timeout=WAIT
+    )
+    b.keyboard.press("Escape")
+    expect(b.locator("#side")).to_be_visible()
+
+    # A group: Ann creates it, Bob joins with the keyboard, both talk.
+    a.fill("#group-id", "webteam")
+    a.click("#group-create")
+    expect(a.locator("#chat-title")).to_have_text("# webteam", timeout=WAIT)
+    b.fill("#group-id", "webteam")
+    b.press("#group-id", "Enter")
+    expect(b.locator("#chat-title")).to_have_text("# webteam", timeout=WAIT)
+    a.fill("#compose-text", "welcome")
+    a.press("#compose-text", "Enter")
+    expect(b.locator("#messages .text")).to_have_text(["welcome"], timeout=WAIT)
+    b.fill("#compose-text", "thanks")
+    b.press("#compose-text", "Enter")
+    expect(a.locator("#messages .text")).to_have_text(
+        ["welcome", "thanks"], timeout=WAIT
+    )
+    a.click("#members")
+    expect(a.locator("#member-list li")).to_have_text(
+        ["webann", "webbob"], timeout=WAIT
+    )
+    a.screenshot(path=str(SCREENSHOT))
+    b.click("#leave")
+    expect(b.locator("#conversations button", has_text="webteam")).to_have_count(0)
+
+
+@needs_gateway
+def test_a_page_and_a_library_client_chat(
+    browser: Browser, node: Daemon, tabs: list[Tab], peers: Any
+) -> None:
+    peer = peers("libpeer")
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    tab.log_in("webeve")
+    page = tab.page
+    page.locator("#online button", has_text="libpeer").click()
+    page.fill("#compose-text", "from the page <b>")
+    page.press("#compose-text", "Enter")
+    assert peer.texts(1) == ["from the page <b>"]
+    me = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account')).userId")
+    peer.send(me, "from the library :+1:")
+    expect(page.locator("#messages .text")).to_have_text(
+        ["from the page <b>", "from the library 👍"], timeout=WAIT
+    )
+
+
+@needs_gateway
+def test_a_reload_resumes_with_nothing_lost_or_doubled(
+    browser: Browser, node: Daemon, tabs: list[Tab], peers: Any
+) -> None:
+    peer = peers("reloader")
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    tab.log_in("webfay")
+    page = tab.page
+    me = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account')).userId")
+    # More than a page of messages, received live.
+    for i in range(1, 41):
+        peer.command(private=me, text=f"m{i}")
+    for _ in range(40):
+        peer.next("acked")
+    tab.open("reloader")
+    every = [f"m{i}" for i in range(1, 51)]
+    expect(page.locator("#messages .text")).to_have_text(every[:40], timeout=WAIT)
+    # A reload while the peer goes on sending: the page resumes from its
+    # cursors (the ten new ones come live), and shows the history again.
+    page.reload(wait_until="commit")
+    for i in range(41, 51):
+        peer.send(me, f"m{i}")
+    expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
+    tab.open("reloader")
+    expect(page.locator("#messages .text").last).to_have_text("m50", timeout=WAIT)
+    # Scroll back, a page at a time: everything, once each.
+    while page.locator("#earlier").is_visible():
+        page.click("#earlier")
+        page.wait_for_timeout(200)
+    expect(page.locator("#messages .text")).to_have_text(every, timeout=WAIT)
+    cursors = page.evaluate(
+        "id => JSON.parse(localStorage.getItem('cim.state.' + id)).streams", me
+    )
+    assert max(c["seq"] for c in cursors.values()) == 50, cursors
