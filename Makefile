@@ -77,6 +77,7 @@ typecheck: install
 
 run: install
 	@echo "Starting a standalone cim node: route http://127.0.0.1:8083, server 127.0.0.1:11211"
+	@echo "In a browser:         open http://127.0.0.1:8083/"
 	@echo "In another terminal:  $(BIN)/twistd -n cim-client --user alice"
 	@mkdir -p .run
 	$(BIN)/twistd --pidfile=.run/standalone.pid -n cim-standalone
