@@ -508,3 +508,148 @@ def test_a_reload_resumes_with_nothing_lost_or_doubled(
         "id => JSON.parse(localStorage.getItem('cim.state.' + id)).streams", me
     )
     assert max(c["seq"] for c in cursors.values()) == 50, cursors
+
+
+# The page's own logic, in the browser (chat.js), on a fake WebSocket
+
+
+def test_cursors_show_each_message_once_across_epochs(
+    browser: Browser, node: Daemon, tabs: list[Tab]
+) -> None:
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    result = tab.page.evaluate(
+        """async () => {
+        const { Cursors } = await import("/chat.js");
+        const store = new Map();
+        const storage = { getItem: (k) => store.get(k) ?? null,
+                          setItem: (k, v) => store.set(k, v) };
+        const c = new Cursors(7, storage);
+        const got = [];
+        const receive = (tag, seq) => got.push(c.received("p:1:7", tag, seq));
+        c.start("p:1:7", "e1", 0);
+        receive("e1", 1); receive("e1", 2); receive("e1", 2); receive("e1", 1);
+        // The store lost messages: a new epoch, which keeps the old one up
+        // to seq 1 (shown already), from 0 again.
+        c.start("p:1:7", "e2", 0);
+        receive("e1", 1); receive("e2", 2); receive("e2", 2);
+        const again = new Cursors(7, storage);  // a reload
+        return { got, list: again.list(), seen: again.seen };
+    }"""
+    )
+    assert [g["isNew"] for g in result["got"]] == [
+        True, True, False, False, False, True, False,
+    ]  # fmt: skip
+    assert result["list"] == [{"conversation": "p:1:7", "seq": "2", "epoch": "e2"}]
+    assert result["seen"] == {"p:1:7": {"e1": 2, "e2": 2}}
+
+
+def test_session_speaks_the_json_wire(
+    browser: Browser, node: Daemon, tabs: list[Tab]
+) -> None:
+    """
+    The page's L{Session} against a fake WebSocket: the login frame, ACK
+    cursors with the stream's epoch, the outbox, READ, dedupe after a
+    resumed stream, and a final kick.
+    """
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    result = tab.page.evaluate(
+        """async () => {
+        localStorage.clear();
+        const { Session } = await import("/chat.js");
+        const sockets = [];
+        class FakeSocket {
+          constructor(url, protocol) {
+            Object.assign(this, { url, protocol, sent: [], readyState: 1 });
+            sockets.push(this);
+            setTimeout(() => this.onopen(), 0);
+          }
+          send(text) { this.sent.push(JSON.parse(text)); }
+          close() { this.readyState = 3; }
+          push(frame) { this.onmessage({ data: JSON.stringify(frame) }); }
+        }
+        const route = { token: null, calls: [], async call(path, body) {
+          this.calls.push([path, body]);
+          return { token: "t" + this.calls.length, ip: "127.0.0.1",
+                   cimServerPort: 1, webSocketUrl: "ws://127.0.0.1:9/" };
+        } };
+        const account = { userId: 7, userName: "seven", token: "t0" };
+        const s = new Session(route, account, "web-test", { websocket: FakeSocket });
+        const events = [];
+        for (const type of ["message", "stored", "read", "reset", "kicked"]) {
+          s.addEventListener(type, (e) => events.push([type, e.detail]));
+        }
+        const tick = (ms = 10) => new Promise((r) => setTimeout(r, ms));
+        s.sendText("queued while connecting", { receiveUserId: 9 });
+        await s.start();
+        await tick();
+        const ws = sockets[0];
+        ws.push({ cmd: "LOGIN_RESPONSE", device: "web-test",
+                  cursors: [{ conversation: "p:7:9", seq: "0", epoch: "e1" }] });
+        const message = (seq, sender, text, extra = {}) => ({
+          msgId: String(100 + seq), conversation: "p:7:9", seq: String(seq),
+          senderId: String(sender), senderName: sender === 7 ? "seven" : "nine",
+          text, timestamp: "1700000000000", epoch: "e1", ...extra });
+        const sent = ws.sent[1];
+        ws.push({ cmd: "ACK", clientMsgId: sent.clientMsgId, msgId: "101",
+                  seq: "1", conversation: "p:7:9" });
+        ws.push({ cmd: "MESSAGE", messages: [message(1, 7, "queued while connecting",
+                  { clientMsgId: sent.clientMsgId })] });
+        ws.push({ cmd: "MESSAGE", messages: [message(2, 9, "hello")] });
+        ws.push({ cmd: "MESSAGE", messages: [message(2, 9, "hello")] });
+        ws.push({ cmd: "READ", requestId: "9",
+                  cursors: [{ conversation: "p:7:9", seq: "1" }] });
+        await tick(400);
+        s.markRead("p:7:9", 2);
+        // The connection drops; the next one resumes from the cursors.
+        ws.onclose({ code: 1006, reason: "" });
+        await tick(1500);
+        const ws2 = sockets[1];
+        ws2.push({ cmd: "LOGIN_RESPONSE",
+                   cursors: [{ conversation: "p:7:9", seq: "2", epoch: "e1" }] });
+        ws2.push({ cmd: "MESSAGE", messages: [message(2, 9, "hello"), message(3, 9, "again")] });
+        ws2.push({ cmd: "KICK", errorReason: "logged in again elsewhere" });
+        await tick(400);
+        return { first: ws.sent, second: ws2.sent, protocol: ws.protocol,
+                 events, outbox: s.cursors.outbox.length, state: s.state,
+                 logins: route.calls.map((c) => c[1]) };
+    }"""
+    )
+    assert result["protocol"] == "cim.v1.json"
+    login, send = result["first"][0], result["first"][1]
+    assert login == {
+        "cmd": "LOGIN_REQUEST",
+        "requestId": "7",
+        "reqMsg": "seven",
+        "token": "t1",
+        "cursors": [],
+    }
+    assert send["cmd"] == "MESSAGE" and send["receiveUserId"] == "9"
+    assert send["reqMsg"] == "queued while connecting" and send["clientMsgId"]
+    acks = [f for f in result["first"] if f["cmd"] == "ACK"]
+    assert acks == [
+        {
+            "cmd": "ACK",
+            "cursors": [{"conversation": "p:7:9", "seq": "2", "epoch": "e1"}],
+        }
+    ]
+    reads = [f for f in result["first"] if f["cmd"] == "READ"]
+    assert reads == [
+        {"cmd": "READ", "cursors": [{"conversation": "p:7:9", "seq": "2"}]}
+    ]
+    # The second login names the device and resumes from the cursors.
+    assert result["logins"][1]["device"] == "web-test"
+    assert result["second"][0]["cursors"] == [
+        {"conversation": "p:7:9", "seq": "2", "epoch": "e1"}
+    ]
+    kinds = [(kind, d.get("message", {}).get("text")) for kind, d in result["events"]]
+    assert kinds == [
+        ("stored", None),
+        ("message", "queued while connecting"),
+        ("message", "hello"),
+        ("read", None),
+        ("message", "again"),
+        ("kicked", None),
+    ]
+    assert result["outbox"] == 0 and result["state"] == "offline"

@@ -407,10 +407,14 @@ function startSession(acc, reply = null) {
     conv.lastSeq = 0;
     conv.read = 0;
     if (conv.id === current) renderMessages();
+    refreshConversations();
   });
   session.addEventListener("servererror", ({ detail }) => notice(detail.reason));
   session.addEventListener("kicked", ({ detail }) => {
-    logout(`This device was logged out: ${detail.reason}.`, false);
+    // Another page of this browser (the same device) or the device limit:
+    // stop here, and offer to take over again.
+    notice(`This page stopped: ${detail.reason}.`);
+    $("resume").hidden = false;
   });
   session.addEventListener("loggedout", () => {
     logout("Your login expired: log in again.", false);
@@ -579,6 +583,11 @@ function arrowKeys(event) {
 function wire() {
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", () => logout());
+  $("resume").addEventListener("click", () => {
+    $("resume").hidden = true;
+    notice("");
+    if (session) session.start();
+  });
   $("back").addEventListener("click", back);
   $("compose").addEventListener("submit", (e) => {
     e.preventDefault();

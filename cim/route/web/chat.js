@@ -18,6 +18,8 @@
 export const SUCCESS = "9000";
 export const SUBPROTOCOL = "cim.v1.json";
 export const PING_INTERVAL = 10_000;
+/** Nothing heard for this long (a PING is answered): the connection is dead. */
+export const IDLE_TIMEOUT = 25_000;
 export const ACK_DELAY = 200;
 /** Epoch tags remembered per conversation (as the library's cursor file). */
 const MAX_TAGS = 8;
@@ -248,10 +250,15 @@ export class Session extends EventTarget {
     this.stopped = false;
     clearTimeout(this.timers.retry);
     this.timers.retry = null;
-    if (this.ws) return;
+    if (this.ws || this.starting) return;
     this.setState("connecting");
-    if (!reply) reply = await this.login();
-    if (!reply || this.stopped) return;
+    this.starting = true;
+    try {
+      if (!reply) reply = await this.login();
+    } finally {
+      this.starting = false;
+    }
+    if (!reply || this.stopped || this.ws) return;
     this.account.token = reply.token;
     this.route.token = reply.token;
     localStorage.setItem("cim.account", JSON.stringify(this.account));
@@ -320,9 +327,11 @@ export class Session extends EventTarget {
         token: this.account.token,
         cursors: this.cursors.list(),
       });
-      this.timers.ping = setInterval(() => this.send({ cmd: "PING", reqMsg: "ping" }), PING_INTERVAL);
+      this.lastHeard = Date.now();
+      this.timers.ping = setInterval(() => this.heartbeat(ws), PING_INTERVAL);
     };
     ws.onmessage = (event) => {
+      this.lastHeard = Date.now();
       let frame;
       try {
         frame = JSON.parse(event.data);
@@ -333,6 +342,16 @@ export class Session extends EventTarget {
     };
     ws.onclose = (event) => this.closed(ws, event.reason || `connection closed (${event.code})`);
     ws.onerror = () => {};
+  }
+
+  heartbeat(ws) {
+    if (Date.now() - this.lastHeard > IDLE_TIMEOUT) {
+      // A lost network closes nothing: give up on this connection.
+      this.closed(ws, "the server stopped answering");
+      ws.close();
+      return;
+    }
+    this.send({ cmd: "PING", reqMsg: "ping" });
   }
 
   closed(ws, reason) {
