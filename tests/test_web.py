@@ -20,16 +20,19 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from cim.route.fields import REQUESTS
-from tests.kit.cluster import ROOT, Daemon, Processes
+from tests.kit.cluster import ROOT, Cluster, Daemon, Processes
+from tests.kit.services import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +52,7 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 SCREENSHOT = ROOT / "docs" / "web-client.png"
+SECRET = "web-cluster-secret"
 #: How long the page may take to show what a step expects, in milliseconds.
 WAIT = 15_000
 
@@ -158,13 +162,18 @@ def tabs(browser: Browser) -> Iterator[list[Tab]]:
         tab.close()
 
 
-def api(url: str, path: str, body: dict[str, Any], token: str = "") -> Any:
+def api(
+    url: str, path: str, body: dict[str, Any], token: str = "", secret: str = ""
+) -> Any:
     """
-    Call the route as cim's clients do; @return: C{dataBody}.
+    Call the route as cim's clients do (or with the cluster secret, as a
+    back-end); @return: C{dataBody}.
     """
     headers = {"Content-Type": "application/json", "X-Cim-Extended": "1"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    if secret:
+        headers["X-Cim-Secret"] = secret
     request = urllib.request.Request(
         url + path, json.dumps(body).encode(), headers, method="POST"
     )
@@ -653,3 +662,61 @@ def test_session_speaks_the_json_wire(
         ("kicked", None),
     ]
     assert result["outbox"] == 0 and result["state"] == "offline"
+
+
+@needs_gateway
+def test_a_page_survives_its_server_killed(
+    browser: Browser, zk_url: str, tmp_path: Path, tabs: list[Tab]
+) -> None:
+    """
+    Redis, ZooKeeper, a route and two servers as separate processes: the
+    page's server is killed with C{kill -9} while a library client sends to
+    the page; the page logs in again through the route, on the other
+    server, and shows every message once.
+    """
+    processes = Processes(tmp_path)
+    try:
+        redis = RedisServer(tmp_path / "redis", processes, appendfsync="everysec")
+        redis.start_blocking()
+        cluster = Cluster(
+            processes,
+            tmp_path / "cluster",
+            redis.url(),
+            f"zk://{urlsplit(zk_url).netloc}/cimweb-{uuid.uuid4().hex[:10]}",
+            SECRET,
+            server_args=["--ws-port", "0"],
+        )
+        cluster.start_blocking(2)
+        url = cluster.url
+        peer = Peer(processes, url, "survivorpeer", tmp_path / "peer.log")
+        tab = Tab(browser, url + "/")
+        tabs.append(tab)
+        tab.log_in("webgil")
+        page = tab.page
+        expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
+        me = page.evaluate(
+            "() => JSON.parse(localStorage.getItem('cim.account')).userId"
+        )
+        peer.send(me, "before")
+        tab.open("survivorpeer")
+        expect(page.locator("#messages .text")).to_have_text(["before"], timeout=WAIT)
+        devices = api(url, "/devices", {"userId": me}, secret=SECRET)
+        (held,) = [d["server"] for d in devices if d["device"].startswith("web-")]
+        (victim,) = [
+            s for s in cluster.servers.values() if str(s.port) in held.split(":")
+        ]
+        victim.daemon.kill()
+        for i in range(1, 6):
+            peer.command(private=me, text=f"after {i}")
+        for _ in range(5):
+            peer.next("acked", timeout=60)
+        expect(page.locator("#messages .text")).to_have_text(
+            ["before"] + [f"after {i}" for i in range(1, 6)], timeout=45_000
+        )
+        expect(page.locator("#status")).to_have_text("online")
+        # And it sends again, from the other server.
+        page.fill("#compose-text", "still here")
+        page.press("#compose-text", "Enter")
+        assert "still here" in peer.texts(2)
+    finally:
+        processes.stop_all()
