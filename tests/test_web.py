@@ -20,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
