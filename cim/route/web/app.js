@@ -287,16 +287,18 @@ async function open(id) {
   renderMessages();
   $("compose-text").focus();
   if (!conv.loaded) await loadEarlier(conv);
-  if (conv.groupId) {
-    route
-      .call("/readPositions", { userId: account.userId, conversation: conv.id })
-      .then((reads) => {
-        conv.groupReads = reads.map((r) => ({ userId: Number(r.userId), read: Number(r.read) }));
-        if (conv.id === current) renderMessages();
-      })
-      .catch(() => {});
-  }
+  if (conv.groupId) groupReads(conv);
   markRead(conv);
+}
+
+function groupReads(conv) {
+  route
+    .call("/readPositions", { userId: account.userId, conversation: conv.id })
+    .then((reads) => {
+      conv.groupReads = reads.map((r) => ({ userId: Number(r.userId), read: Number(r.read) }));
+      if (conv.id === current) renderMessages();
+    })
+    .catch(() => {});
 }
 
 function back() {
@@ -341,13 +343,14 @@ function pendingEntry(item) {
 
 // Session events
 
-function startSession(acc, reply = null) {
+function startSession(acc, reply = null, password = null) {
   account = acc;
   route.token = acc.token;
   names.set(acc.userId, acc.userName);
   $("me").textContent = acc.userName;
   show("app");
   session = new Session(route, acc, device);
+  session.password = password ?? sessionStorage.getItem(`cim.password.${acc.userId}`);
   session.addEventListener("state", ({ detail }) => {
     const status = $("status");
     status.className = `status ${detail.state}`;
@@ -367,6 +370,9 @@ function startSession(acc, reply = null) {
     if (conv.id === current) {
       renderMessages();
       markRead(conv);
+      // A member who writes has read up to there (groups' read positions
+      // are asked for, not pushed).
+      if (conv.groupId && !detail.mine) groupReads(conv);
     }
   });
   session.addEventListener("stored", ({ detail }) => {
@@ -460,6 +466,7 @@ async function logout(message = "", tellRoute = true) {
     await route.call("/offLine", { userId: account.userId }).catch(() => {});
   }
   localStorage.removeItem("cim.account");
+  if (account) sessionStorage.removeItem(`cim.password.${account.userId}`);
   account = null;
   route.token = null;
   current = null;
@@ -494,8 +501,9 @@ async function login(event) {
     });
     const acc = { userId: Number(reply.userId ?? who.userId), userName: reply.userName ?? who.userName, token: reply.token };
     localStorage.setItem("cim.account", JSON.stringify(acc));
+    sessionStorage.setItem(`cim.password.${acc.userId}`, password);
     $("login-password").value = "";
-    startSession(acc, reply);
+    startSession(acc, reply, password);
   } catch (e) {
     error.textContent = e instanceof ApiError ? describe(e) : String(e);
   } finally {
@@ -561,6 +569,7 @@ async function members() {
   }
   try {
     const people = await route.call("/group/members", { userId: account.userId, groupId: conv.groupId });
+    people.sort((x, y) => x.userName.localeCompare(y.userName));
     list.replaceChildren(...people.map((p) => el("li", { text: p.userName })));
     list.hidden = false;
   } catch (e) {

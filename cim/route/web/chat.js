@@ -8,12 +8,16 @@
 // What survives a reload, in local storage:
 //   cim.device              this browser's device id (a session per device)
 //   cim.account             {userId, userName, token}: the last login token
-//                           is the proof of the next login
+//                           (a proof while its session lives)
 //   cim.state.<userId>      per conversation the stream position the server
 //                           named (epoch, seq: what is acknowledged and sent
 //                           at login) and per epoch tag the highest seq
 //                           received (a message (tag, seq) is new iff seq is
 //                           above it); and the outbox, sends not yet stored.
+// and in this tab's session storage (gone when the tab closes):
+//   cim.password.<userId>   the password, the proof of every later login: a
+//                           token dies with its session, when the connection
+//                           closes or its server dies
 
 export const SUCCESS = "9000";
 export const SUBPROTOCOL = "cim.v1.json";
@@ -229,6 +233,9 @@ export class Session extends EventTarget {
     this.dirty = new Set();
     this.pending = new Map(); // clientMsgId -> item sent on this connection
     this.server = null;
+    // A token dies with its session (a closed connection, a dead server):
+    // the password, kept by the page for this tab only, logs in again.
+    this.password = null;
   }
 
   emit(type, detail = {}) {
@@ -275,13 +282,12 @@ export class Session extends EventTarget {
   /** The route's login with the last token; @return: its reply, or null. */
   async login() {
     try {
-      this.route.token = this.account.token;
-      return await this.route.call("/login", {
-        userId: this.account.userId,
-        userName: this.account.userName,
-        token: this.account.token,
-        device: this.device,
-      });
+      // The proof: the password when this tab knows it, else the last
+      // token (a bearer token, valid while its session lives).
+      this.route.token = this.password ? null : this.account.token;
+      const body = { userId: this.account.userId, userName: this.account.userName, device: this.device };
+      if (this.password) body.password = this.password;
+      return await this.route.call("/login", body);
     } catch (e) {
       if (e.code === "9100" || e.code === "4010") {
         this.stop();
