@@ -11,6 +11,8 @@ saves C{docs/web-client.png}, the screenshot README shows.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +31,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from cim.devcerts import make_dev_certs
 from cim.route.fields import REQUESTS
 from tests.kit.cluster import ROOT, Cluster, Daemon, Processes
 from tests.kit.services import RedisServer
@@ -129,6 +134,9 @@ class Tab:
         self.dialogs: list[str] = []
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("dialog", self._dialog)
+        #: The URLs of the WebSockets the page opened.
+        self.sockets: list[str] = []
+        self.page.on("websocket", lambda ws: self.sockets.append(ws.url))
         self.page.goto(url)
 
     def _dialog(self, dialog: Any) -> None:
@@ -722,5 +730,72 @@ def test_a_page_survives_its_server_killed(
         page.fill("#compose-text", "still here")
         page.press("#compose-text", "Enter")
         assert peer.received("still here").count("still here") == 1
+    finally:
+        processes.stop_all()
+
+
+def spki_hash(pem: Path) -> str:
+    """
+    The base64 SHA-256 of a certificate's public key, as Chromium's
+    C{--ignore-certificate-errors-spki-list} takes it.
+    """
+    certificate = x509.load_pem_x509_certificate(pem.read_bytes())
+    der = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode("ascii")
+
+
+@needs_gateway
+def test_https_and_wss_with_the_development_certificates(tmp_path: Path) -> None:
+    """
+    The route over https and the WebSocket over wss (C{make dev-certs}'s
+    certificate): the page logs in and chats.  The browser trusts exactly
+    that certificate's key (Chromium takes no CA file on the command line).
+    """
+    if sync_playwright is None or not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"needs playwright and {CHROMIUM} (make test installs them)")
+    certs = make_dev_certs(tmp_path / "certs")
+    tls = f"ssl:{{port}}:privateKey={certs.key}:certKey={certs.server}"
+    processes = Processes(tmp_path)
+    node = Daemon(
+        "standalone",
+        "cim-standalone",
+        [],
+        tmp_path,
+        processes,
+        listen={"route-port": tls, "ws-port": tls},
+    )
+    try:
+        node.start()
+        node.wait_ready_blocking()
+        url = f"https://127.0.0.1:{node.ports['route']}/"
+        args = [
+            *CHROMIUM_ARGS,
+            f"--ignore-certificate-errors-spki-list={spki_hash(certs.cert)}",
+        ]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=args
+            )
+            try:
+                one, two = Tab(browser, url), Tab(browser, url)
+                one.log_in("tlsone")
+                two.log_in("tlstwo")
+                for tab in (one, two):
+                    expect(tab.page.locator("#status")).to_have_text(
+                        "online", timeout=WAIT
+                    )
+                one.page.locator("#online button", has_text="tlstwo").click()
+                one.page.fill("#compose-text", "over wss")
+                one.page.press("#compose-text", "Enter")
+                two.open("tlsone")
+                expect(two.page.locator("#messages .text")).to_have_text(
+                    ["over wss"], timeout=WAIT
+                )
+                assert two.sockets and all(u.startswith("wss://") for u in two.sockets)
+                assert not one.errors and not two.errors
+            finally:
+                browser.close()
     finally:
         processes.stop_all()
