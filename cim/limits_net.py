@@ -26,11 +26,16 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
+from zope.interface import implementer
 
 from cim.options import positive_float, whole_number
 
@@ -112,10 +117,16 @@ class _Counted(ProtocolWrapper):
     host: str
 
 
+@implementer(IProtocolNegotiationFactory)
 class LimitedFactory(WrappingFactory[_Counted]):
     """
     Wraps one port's factory: refuses connections over the limits (see the
     module docstring).
+
+    On a TLS port it names the wrapped factory's protocols to ALPN (a
+    L{Site}'s), else C{http/1.1} (a WebSocket's): Twisted fails the
+    handshake of a client that offers protocols (every browser) when the
+    factory names none.
 
     @ivar peers: open connections per address.
     @ivar refused: connections refused since start.
@@ -146,6 +157,12 @@ class LimitedFactory(WrappingFactory[_Counted]):
 
     def logPrefix(self) -> str:
         return self.name
+
+    def acceptableProtocols(self) -> list[bytes]:
+        wrapped = IProtocolNegotiationFactory(self.wrappedFactory, None)
+        if wrapped is not None:
+            return list(wrapped.acceptableProtocols())
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: IAddress | None) -> _Counted:  # type: ignore[override]
         # None refuses the connection (the port closes it at once).

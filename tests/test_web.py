@@ -756,7 +756,7 @@ def test_https_and_wss_with_the_development_certificates(tmp_path: Path) -> None
     if sync_playwright is None or not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"needs playwright and {CHROMIUM} (make test installs them)")
     certs = make_dev_certs(tmp_path / "certs")
-    tls = f"ssl:{{port}}:privateKey={certs.key}:certKey={certs.server}"
+    tls = f"ssl:{{port}}:privateKey={certs.key}:certKey={certs.cert}"
     processes = Processes(tmp_path)
     node = Daemon(
         "standalone",
