@@ -62,7 +62,7 @@ SECRET = "web-cluster-secret"
 WAIT = 15_000
 
 try:
-    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 except ImportError:  # pragma: no cover - make install installs it
     sync_playwright = None  # type: ignore[assignment]
 
@@ -87,19 +87,34 @@ needs_gateway = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def playwright() -> Iterator[Playwright]:
+    """
+    Playwright (one per module: its sync API runs an event loop of its own).
+    """
     if sync_playwright is None:
         pytest.skip("playwright is not installed (make install installs it)")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium)")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with sync_playwright() as running:
+        yield running
+
+
+def launch(playwright: Playwright, *args: str) -> Browser:
+    """
+    Debian's chromium, headless, with the flags this machine needs.
+    """
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *args]
+    )
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright) -> Iterator[Browser]:
+    launched = launch(playwright)
+    try:
+        yield launched
+    finally:
+        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -747,14 +762,14 @@ def spki_hash(pem: Path) -> str:
 
 
 @needs_gateway
-def test_https_and_wss_with_the_development_certificates(tmp_path: Path) -> None:
+def test_https_and_wss_with_the_development_certificates(
+    playwright: Playwright, tmp_path: Path
+) -> None:
     """
     The route over https and the WebSocket over wss (C{make dev-certs}'s
     certificate): the page logs in and chats.  The browser trusts exactly
     that certificate's key (Chromium takes no CA file on the command line).
     """
-    if sync_playwright is None or not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"needs playwright and {CHROMIUM} (make test installs them)")
     certs = make_dev_certs(tmp_path / "certs")
     tls = f"ssl:{{port}}:privateKey={certs.key}:certKey={certs.cert}"
     processes = Processes(tmp_path)
@@ -766,36 +781,27 @@ def test_https_and_wss_with_the_development_certificates(tmp_path: Path) -> None
         processes,
         listen={"route-port": tls, "ws-port": tls},
     )
+    browser = launch(
+        playwright, f"--ignore-certificate-errors-spki-list={spki_hash(certs.cert)}"
+    )
     try:
         node.start()
         node.wait_ready_blocking()
         url = f"https://127.0.0.1:{node.ports['route']}/"
-        args = [
-            *CHROMIUM_ARGS,
-            f"--ignore-certificate-errors-spki-list={spki_hash(certs.cert)}",
-        ]
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM, headless=True, args=args
-            )
-            try:
-                one, two = Tab(browser, url), Tab(browser, url)
-                one.log_in("tlsone")
-                two.log_in("tlstwo")
-                for tab in (one, two):
-                    expect(tab.page.locator("#status")).to_have_text(
-                        "online", timeout=WAIT
-                    )
-                one.page.locator("#online button", has_text="tlstwo").click()
-                one.page.fill("#compose-text", "over wss")
-                one.page.press("#compose-text", "Enter")
-                two.open("tlsone")
-                expect(two.page.locator("#messages .text")).to_have_text(
-                    ["over wss"], timeout=WAIT
-                )
-                assert two.sockets and all(u.startswith("wss://") for u in two.sockets)
-                assert not one.errors and not two.errors
-            finally:
-                browser.close()
+        one, two = Tab(browser, url), Tab(browser, url)
+        two.log_in("tlstwo")
+        one.log_in("tlsone")
+        for tab in (one, two):
+            expect(tab.page.locator("#status")).to_have_text("online", timeout=WAIT)
+        one.page.locator("#online button", has_text="tlstwo").click()
+        one.page.fill("#compose-text", "over wss")
+        one.page.press("#compose-text", "Enter")
+        two.open("tlsone")
+        expect(two.page.locator("#messages .text")).to_have_text(
+            ["over wss"], timeout=WAIT
+        )
+        assert two.sockets and all(u.startswith("wss://") for u in two.sockets)
+        assert not one.errors and not two.errors
     finally:
+        browser.close()
         processes.stop_all()
