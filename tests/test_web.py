@@ -486,11 +486,11 @@ def test_two_pages_chat_privately_and_in_a_group(
     expect(a.locator("#messages .text")).to_have_text(
         ["welcome", "thanks"], timeout=WAIT
     )
+    a.screenshot(path=str(SCREENSHOT))
     a.click("#members")
     expect(a.locator("#member-list li")).to_have_text(
         ["webann", "webbob"], timeout=WAIT
     )
-    a.screenshot(path=str(SCREENSHOT))
     b.click("#leave")
     expect(b.locator("#conversations button", has_text="webteam")).to_have_count(0)
 

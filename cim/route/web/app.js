@@ -364,6 +364,7 @@ function startSession(acc, reply = null, password = null) {
   });
   session.addEventListener("message", ({ detail }) => {
     const { message } = detail;
+    if (!detail.mine) maybeRefreshOnline(message.senderId);
     if (!addMessage(message)) return;
     const conv = conversations.get(message.conversation);
     renderList();
@@ -433,8 +434,18 @@ function startSession(acc, reply = null, password = null) {
   renderList();
 }
 
+let onlineAsked = 0;
+
+/** A message from someone not listed online: ask again (at most every 3 s). */
+function maybeRefreshOnline(userId) {
+  if (document.querySelector(`#online [data-user="${userId}"]`)) return;
+  if (Date.now() - onlineAsked < 3000) return;
+  refreshOnline();
+}
+
 async function refreshOnline() {
   if (!account) return;
+  onlineAsked = Date.now();
   let users = [];
   try {
     users = await route.onlineUsers();
