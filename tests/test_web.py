@@ -478,13 +478,13 @@ def test_two_pages_chat_privately_and_in_a_group(
     b.fill("#group-id", "webteam")
     b.press("#group-id", "Enter")
     expect(b.locator("#chat-title")).to_have_text("# webteam", timeout=WAIT)
-    a.fill("#compose-text", "welcome")
+    a.fill("#compose-text", "welcome :tada:")
     a.press("#compose-text", "Enter")
-    expect(b.locator("#messages .text")).to_have_text(["welcome"], timeout=WAIT)
-    b.fill("#compose-text", "thanks")
+    expect(b.locator("#messages .text")).to_have_text(["welcome 🎉"], timeout=WAIT)
+    b.fill("#compose-text", "thanks, <b>great</b> :heart:")
     b.press("#compose-text", "Enter")
     expect(a.locator("#messages .text")).to_have_text(
-        ["welcome", "thanks"], timeout=WAIT
+        ["welcome 🎉", "thanks, <b>great</b> ❤️"], timeout=WAIT
     )
     a.screenshot(path=str(SCREENSHOT))
     a.click("#members")
