@@ -811,3 +811,40 @@ def test_https_and_wss_with_the_development_certificates(
     finally:
         browser.close()
         processes.stop_all()
+
+
+@needs_gateway
+def test_a_network_loss_is_survived(
+    browser: Browser, node: Daemon, tabs: list[Tab], peers: Any
+) -> None:
+    """
+    The browser goes offline: a send waits in the outbox (sending...), the
+    page logs in again when the network is back, sends it once, and gets
+    what came meanwhile.
+    """
+    peer = peers("netpeer")
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    tab.log_in("webhal")
+    page = tab.page
+    me = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account')).userId")
+    page.locator("#online button", has_text="netpeer").click()
+    expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
+    tab.context.set_offline(True)
+    expect(page.locator("#status")).to_have_text("offline", timeout=WAIT)
+    page.fill("#compose-text", "typed offline")
+    page.press("#compose-text", "Enter")
+    expect(page.locator("#messages .msg.mine")).to_have_attribute(
+        "data-state", "sending"
+    )
+    peer.send(me, "sent meanwhile")
+    tab.context.set_offline(False)
+    expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
+    # In the order the store took them.
+    expect(page.locator("#messages .text")).to_have_text(
+        ["sent meanwhile", "typed offline"], timeout=WAIT
+    )
+    expect(page.locator("#messages .msg.mine")).not_to_have_attribute(
+        "data-state", "sending", timeout=WAIT
+    )
+    assert peer.received("typed offline").count("typed offline") == 1

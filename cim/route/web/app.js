@@ -644,6 +644,7 @@ function wire() {
     if (conv) markRead(conv);
   });
   window.addEventListener("online", () => session && session.now());
+  window.addEventListener("offline", () => session && session.drop("the network is down"));
 }
 
 async function main() {

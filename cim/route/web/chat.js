@@ -308,6 +308,14 @@ export class Session extends EventTarget {
     this.timers.retry = setTimeout(() => this.start(), delay);
   }
 
+  /** Give up on the connection (the browser says the network is gone). */
+  drop(reason) {
+    const ws = this.ws;
+    if (!ws) return;
+    this.closed(ws, reason);
+    ws.close();
+  }
+
   /** Reconnect now (the network came back, or the user asked). */
   now() {
     if (this.stopped || this.ws) return;
