@@ -531,8 +531,15 @@ def test_a_reload_resumes_with_nothing_lost_or_doubled(
     for _ in range(40):
         peer.next("acked")
     tab.open("reloader")
-    every = [f"m{i}" for i in range(1, 51)]
+    every = [f"m{i}" for i in range(1, 41)] + ["mine 😄"]
+    every += [f"m{i}" for i in range(41, 51)]
     expect(page.locator("#messages .text")).to_have_text(every[:40], timeout=WAIT)
+    # And one of the page's own: history holds both sides.
+    page.fill("#compose-text", "mine :smile:")
+    page.press("#compose-text", "Enter")
+    expect(page.locator("#messages .msg.mine")).to_have_attribute(
+        "data-state", "stored", timeout=WAIT
+    )
     # A reload while the peer goes on sending: the page resumes from its
     # cursors (the ten new ones come live), and shows the history again.
     page.reload(wait_until="commit")
@@ -549,7 +556,7 @@ def test_a_reload_resumes_with_nothing_lost_or_doubled(
     cursors = page.evaluate(
         "id => JSON.parse(localStorage.getItem('cim.state.' + id)).streams", me
     )
-    assert max(c["seq"] for c in cursors.values()) == 50, cursors
+    assert max(c["seq"] for c in cursors.values()) == 51, cursors
 
 
 # The page's own logic, in the browser (chat.js), on a fake WebSocket
