@@ -328,6 +328,9 @@ class Route:
     def session(self, user_id: int) -> Any:
         return result(self.store.get_session(user_id))
 
+    def session_of(self, user_id: int, device: str) -> Any:
+        return result(self.store.get_session(user_id, device))
+
 
 @pytest.fixture
 def route() -> Route:
