@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from cim.message import Command, ErrorCode, Frame, inbox
+from cim.message import Command, ErrorCode, Frame, inbox, pair_conversation
 from tests.kit.cluster import Cluster, Daemon, Processes
 from tests.kit.http import call
 from tests.kit.services import RedisServer
@@ -328,7 +328,12 @@ async def test_route_refuses_acting_for_others(
         ("/group/members", {"userId": a, "groupId": alices_group}),
         ("/group/send", {"userId": a, "groupId": alices_group, "msg": "forged"}),
         ("/user/groups", {"userId": a}),
-        ("/history", {"userId": a, "conversation": inbox(a)}),
+        ("/history", {"userId": a, "peerId": b}),
+        ("/history", {"userId": a, "conversation": pair_conversation(a, b)}),
+        ("/conversations", {"userId": a}),
+        ("/read", {"userId": a, "conversation": pair_conversation(a, b), "seq": 1}),
+        ("/readPositions", {"userId": a, "conversation": pair_conversation(a, b)}),
+        ("/devices", {"userId": a}),
     ]
     for headers in credentials_of_others(bob.client.token):
         for path, body in calls:
