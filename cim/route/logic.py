@@ -13,12 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cachetools import LRUCache
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    gatherResults,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
