@@ -297,6 +297,14 @@ def test_notes_to_oneself(route: Route) -> None:
     assert [users for _, _, users in route.pusher.pushes] == [[alice]]
     history = route.ok("/history", {"userId": alice, "peerId": alice}, token=token)
     assert [m["msg"] for m in history] == ["buy milk"]
+    # Reading one's notes tells one's own devices, once.
+    body = {"userId": alice, "conversation": conversation, "seq": 1}
+    assert route.ok("/read", body, token=token) == {"read": 1}
+    assert route.delivery.reads == [(alice, conversation, 1, [alice])]
+    body = {"userId": alice, "conversation": conversation}
+    assert route.ok("/readPositions", body, token=token) == [
+        {"userId": alice, "read": 1}
+    ]
 
 
 # History
