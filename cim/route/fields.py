@@ -565,9 +565,10 @@ def _conversation(required: bool = True, also: str = "") -> Text:
         "conversation",
         MAX_CONVERSATION,
         required=required,
-        description="p:<lower userId>:<higher userId> (a private conversation "
-        "of yours) or g:<groupId> (a group of yours), e.g. p:3:7 or g:friends.  "
-        + also,
+        description=(
+            "p:<lower userId>:<higher userId> (a private conversation of yours) "
+            f"or g:<groupId> (a group of yours), e.g. p:3:7 or g:friends.  {also}"
+        ).strip(),
     )
 
 
