@@ -16,6 +16,7 @@ import pytest
 from twisted.python import usage
 
 from cim import standalone
+from cim.delivery import Delivery
 from cim.interfaces import HeldSession
 from cim.limits import MAX_DEVICES
 from cim.message import KICK_DEVICE_LIMIT, KICK_REPLACED, pair_conversation
@@ -583,3 +584,30 @@ def test_bad_max_devices(
     for options in (tap.Options(), standalone.Options()):
         with pytest.raises(usage.UsageError, match=re.escape(complaint)):
             options.parseOptions([f"--max-devices={value}"])
+
+
+# With the real delivery core
+
+
+@pytest.mark.skipif(
+    not hasattr(Delivery, "deliver_read"),
+    reason="cim.delivery.Delivery is not yet the one of issue 14 (no deliver_read)",
+)
+def test_private_sends_with_the_real_delivery() -> None:
+    route = Route()
+    route.delivery = delivery = Delivery(route.store, route.pusher)
+    route.api.router.delivery = delivery
+    alice = route.register("alice")
+    bob = route.register("bob")
+    token = on(route, alice, "alice", "phone")  # on A
+    on(route, alice, "alice", "laptop")  # on B
+    route.login(bob, "bob", device="pc")  # claimed, not connected
+    body = {"userId": alice, "receiveUserId": bob, "msg": "hi"}
+    assert route.code("/p2pRoute", body, token=token) == "7000"
+    reached = {(server, u) for server, _, users in route.pusher.pushes for u in users}
+    assert reached == {
+        (route.session_of(alice, "phone").server, alice),
+        (route.session_of(alice, "laptop").server, alice),
+    }
+    connect(route, bob, "pc")
+    assert route.code("/p2pRoute", body, token=token) == "9000"
