@@ -400,6 +400,7 @@ def test_cims_own_clients_ask_for_the_extended_replies() -> None:
         "token",
         "userId",
         "userName",
+        "device",
     }
     with pytest.raises(StrictDecodeError):
         decode_reply(
