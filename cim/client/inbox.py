@@ -107,6 +107,7 @@ class Inbox:
         self.reads = ReadState()
         self._user_id: int | None = None
         self._read_out: dict[str, int] = {}
+        self._read_high: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._ack_call: IDelayedCall | None = None
         self._broadcast_seen: deque[int] = deque(maxlen=BROADCAST_MEMORY)
@@ -123,6 +124,7 @@ class Inbox:
         self.cursors = CursorFile(self.clock, path, self.save_interval)
         self.reads.reset(user_id)
         self._read_out = {}
+        self._read_high = {}
         self._user_id = user_id
 
     def attach(self, connection: FrameWriter) -> None:
@@ -190,8 +192,8 @@ class Inbox:
             self._user_id, conversation, seq
         ):
             self.events.read_changed(self._user_id, conversation, seq)
-        if seq > self._read_out.get(conversation, 0):
-            self._read_out[conversation] = seq
+        if seq > self._read_high.get(conversation, 0):
+            self._read_high[conversation] = self._read_out[conversation] = seq
             self._send_reads()
 
     def _send_reads(self) -> None:
