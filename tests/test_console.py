@@ -946,6 +946,103 @@ def test_incoming_messages(screen: Screen) -> None:
     ]
 
 
+def test_a_message_sent_here_is_printed_once(screen: Screen) -> None:
+    # Stored first, then its echo arrives.
+    assert screen.type("@bob hi bob") == [f"[{STAMP}] (private) alice -> bob: hi bob"]
+    [cmid] = screen.client.sent
+    screen.console.message_received(own("hi bob", seq=3, client_msg_id=cmid))
+    assert screen.output() == []
+    # The echo first (the ack is late), then the ack.
+    pending: Deferred[Ack] = Deferred()
+    screen.client.send_private = lambda uid, text: pending  # type: ignore[method-assign]
+    screen.client.sent.append("late")
+    assert screen.type("@bob again") == []
+    screen.console.message_received(own("again", seq=4, client_msg_id="late"))
+    assert screen.output() == [f"[{STAMP}] (private) alice -> bob: again"]
+    pending.callback(Ack("late", 9, 4, "p:1:7", 1_700_000_000_000))
+    assert screen.output() == []
+
+
+def test_a_group_message_sent_here_is_printed_once(screen: Screen) -> None:
+    screen.type(":join dev")
+    assert screen.type("hello devs") == [f"[{STAMP}] [dev] alice: hello devs"]
+    [cmid] = screen.client.sent
+    screen.console.message_received(
+        own("hello devs", "g:dev", 3, group_id="dev", client_msg_id=cmid)
+    )
+    assert screen.output() == []
+
+
+def test_own_messages_from_another_device_are_marked(screen: Screen) -> None:
+    screen.console.history.names["bob"] = 1
+    screen.console.message_received(own("from my phone", seq=5, client_msg_id="x"))
+    screen.console.message_received(
+        own("to the group", "g:dev", 2, group_id="dev", client_msg_id="y")
+    )
+    assert screen.output() == [
+        f"[{STAMP}] (private) alice (another device) -> bob: from my phone",
+        f"[{STAMP}] [dev] alice (another device): to the group",
+    ]
+
+
+def test_read_receipts(screen: Screen) -> None:
+    screen.type("@bob one")
+    screen.type("@bob two")
+    screen.type("@bob three")
+    screen.output()
+    # Bob read the first two (seqs 3 and 4).
+    screen.client.reads.read_by(1, "p:1:7", 4)
+    screen.console.read_changed(1, "p:1:7", 4)
+    assert screen.output() == ["\u2713 bob read your messages up to: two"]
+    screen.console.read_changed(1, "p:1:7", 4)  # nothing new
+    screen.console.read_changed(7, "p:1:7", 9)  # this user's other device
+    screen.console.read_changed(3, "g:dev", 9)  # a group member
+    assert screen.output() == []
+    # What the peer has read shows its mark when printed again.
+    assert screen.type(":history @bob")[1].endswith("my answer \u2713")
+
+
+def test_a_conversation_reset_is_told(screen: Screen) -> None:
+    screen.client.infos = [ConversationInfo("p:1:7", peer_id=1, peer_name="bob")]
+    Deferred.fromCoroutine(screen.client.conversations())
+    screen.console.conversation_reset("p:1:7", 12)
+    screen.console.conversation_reset("g:dev", 0)
+    assert screen.output() == [
+        "the server's store lost messages of @bob after #12; it resent what it holds",
+        "the server's store lost messages of [dev] after #0; it resent what it holds",
+    ]
+
+
+def test_what_is_printed_is_marked_read(screen: Screen) -> None:
+    for seq in (1, 2, 3):
+        screen.console.message_received(message(f"m{seq}", seq=seq))
+    screen.console.message_received(
+        message("yo", conversation="g:dev", group_id="dev", seq=7)
+    )
+    screen.console.message_received(message("all", conversation="all", seq=9))
+    assert screen.client.marks == []
+    screen.clock.advance(MARK_DELAY)
+    # One mark per conversation, of the latest message printed.
+    assert screen.client.marks == [("g:dev", 7), ("p:1:7", 3)]
+    # What was read already (on another device) is not marked again.
+    screen.client.reads.read_by(7, "p:1:7", 5)
+    screen.console.message_received(message("m4", seq=4))
+    screen.clock.advance(MARK_DELAY)
+    assert screen.client.marks == [("g:dev", 7), ("p:1:7", 3)]
+    # Quitting marks what is pending at once.
+    screen.console.message_received(message("m6", seq=6))
+    screen.type(":q!")
+    assert screen.client.marks[-1] == ("p:1:7", 6)
+
+
+def test_unread_counts(screen: Screen) -> None:
+    assert screen.type(":unread") == ["no unread messages"]
+    screen.client.reads.message(message("one", seq=1))
+    screen.client.reads.message(message("two", seq=2))
+    screen.client.reads.message(message("yo", conversation="g:dev", seq=1))
+    assert screen.type(":unread") == ["unread: 3 ([dev] 1, @1 2)"]
+
+
 def test_text_from_others_reaches_the_terminal_inert(screen: Screen) -> None:
     # Retitling the terminal, erasing the line, colours, a bidi override, a
     # zero-width space, and a newline that would start a made-up line.

@@ -791,11 +791,15 @@ class Console(LineReceiver):
 
     def _name_of(self, user_id: int) -> str:
         """
-        The name of C{user_id} if the history knows it, else C{""}.
+        The name of C{user_id} if the history or the conversations know
+        it, else C{""}.
         """
         for name, known in self.history.names.items():
             if known == user_id:
                 return name
+        for info in self.client.conversation_states():
+            if info.peer_id == user_id and info.peer_name:
+                return str(info.peer_name)
         return ""
 
     async def resolve(self, name: str) -> int:
