@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,11 @@ from cim.client.library import (
     ClientClosed,
     ClientState,
     IClientListener,
-    LoginError,
     QueueListener,
     SendError,
 )
 from cim.client.reads import ConversationInfo
-from cim.client.route import LoginInfo, RouteClient, RouteError, User
+from cim.client.route import LoginInfo, RouteClient, RouteError
 from cim.client.session import reconnect_delays
 from cim.codec import decode, encode_framed
 from cim.message import (
@@ -739,9 +737,7 @@ def test_the_login_response_starts_the_streams() -> None:
     assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor(PAIR, 4, "e1"),))]
     wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1, "g:dev", epoch="e9")]))
     wired.clock.advance(1)
-    assert wired.sent() == [
-        Frame(cmd=Command.ACK, cursors=(Cursor("g:dev", 1, "e9"),))
-    ]
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("g:dev", 1, "e9"),))]
     # The next login sends the positions with their epochs.
     drop(wired)
     wired.clock.advance(1)
@@ -758,9 +754,7 @@ def test_an_epoch_frame_starts_a_conversation() -> None:
     )
     assert [m.conversation for m in wired.messages()] == ["p:7:9"]
     wired.clock.advance(1)
-    assert wired.sent() == [
-        Frame(cmd=Command.ACK, cursors=(Cursor("p:7:9", 1, "e5"),))
-    ]
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("p:7:9", 1, "e5"),))]
 
 
 def test_acks_carry_the_stream_epoch() -> None:

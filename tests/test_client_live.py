@@ -100,9 +100,7 @@ async def test_private_chat_both_ways(reactor: Any, harness: Harness) -> None:
     # Both sides, in order, from either user.
     history = await alice.history(peer=bob.user_id)
     assert [m.text for m in history] == ["hi bob :smile:", "hi alice"]
-    assert [m.text for m in await bob.history(pair, before_seq=2)] == [
-        "hi bob :smile:"
-    ]
+    assert [m.text for m in await bob.history(pair, before_seq=2)] == ["hi bob :smile:"]
     # Bob acknowledged: the server saved his device's cursor.
     await wait_until(
         reactor,
@@ -416,8 +414,8 @@ async def test_dead_server_is_detected(reactor: Any, harness: Harness) -> None:
     )
     assert bob.user_id is not None
     # The server stops reading Bob's connection: no more pongs.
-    conn = harness.server_of(bob).server.users[bob.user_id]  # type: ignore[union-attr]
-    conn.link.transport.pauseProducing()  # type: ignore[attr-defined]
+    conn = harness.connection_of(bob)
+    conn.link.transport.pauseProducing()
     reason = await wait_state(reactor, bob_events, ClientState.RECONNECTING)
     assert "no pong" in reason
     await wait_state(reactor, bob_events, ClientState.READY)

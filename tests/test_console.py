@@ -53,10 +53,10 @@ from cim.client.console import MARK_DELAY, Console
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.history import History
 from cim.client.listeners import Ack, ClientState
+from cim.client.reads import ConversationInfo, ReadState
 from cim.client.render import STATE_LINES, describe, format_message
 from cim.client.route import GroupInfo, JoinResult, RouteError, User
 from cim.client.tap import Options
-from cim.client.reads import ConversationInfo, ReadState
 from cim.message import ChatMessage, pair_conversation
 
 # Parsing
@@ -350,7 +350,9 @@ class FakeClient:
         self._cmids += 1
         cmid = f"c{self._cmids}"
         self.sent.append(cmid)
-        return Ack(cmid, 4 + self._cmids, 2 + self._cmids, conversation, 1_700_000_000_000)
+        return Ack(
+            cmid, 4 + self._cmids, 2 + self._cmids, conversation, 1_700_000_000_000
+        )
 
     def sent_here(self, client_msg_id: str) -> bool:
         return client_msg_id in self.sent
@@ -907,9 +909,7 @@ def test_members_without_a_group(screen: Screen) -> None:
 
 
 def test_history(screen: Screen) -> None:
-    assert screen.type(":history") == [
-        "error: usage: :history @<user> | <group> [n]"
-    ]
+    assert screen.type(":history") == ["error: usage: :history @<user> | <group> [n]"]
     assert screen.type(":history dev 5") == [f"[{STAMP}] [dev] bob: old one"]
     assert screen.client.calls[-1] == ("history", "g:dev", 5)
     # The current group by default.

@@ -252,6 +252,7 @@ class Console(LineReceiver):
         return render.unread_summary(
             [(self._where(info.conversation), info.unread) for info in infos]
         )
+
     def ask_password(self, user_name: str) -> Deferred[str]:
         """
         Take the next line as the password of C{user_name}.
@@ -787,7 +788,9 @@ class Console(LineReceiver):
                 if seq > self.client.read_position(conversation):
                     self.client.mark_read(conversation, seq)
             except Exception:
-                self.log.failure("Marking {conversation} read failed", conversation=conversation)
+                self.log.failure(
+                    "Marking {conversation} read failed", conversation=conversation
+                )
 
     def _name_of(self, user_id: int) -> str:
         """

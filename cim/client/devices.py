@@ -87,9 +87,7 @@ class DeviceIds:
         self._ids.setdefault(_route(route_url), {})[str(user_id)] = device
         if self.path is not None:
             try:
-                write_json(
-                    self.path, {"version": FORMAT_VERSION, "routes": self._ids}
-                )
+                write_json(self.path, {"version": FORMAT_VERSION, "routes": self._ids})
             except OSError as e:
                 self.log.error(
                     "Cannot save the device id in {path}: {e}; the next run "
