@@ -272,18 +272,23 @@ def test_a_cursor_file_of_the_previous_release_loads(tmp_path: Path) -> None:
     path = state_path(tmp_path, 7)
     path.write_text('{"version": 1, "cursors": {"u:7": 4, "g:a": 2}, "token": "t"}')
     cursors = CursorFile(Clock(), path)
-    assert cursors.cursors == {"u:7": Position("", 4), "g:a": Position("", 2)}
+    # The one-sided inboxes of that release are gone (moved into pairs).
+    assert cursors.cursors == {"g:a": Position("", 2)}
     assert cursors.token == "t"
     assert not cursors.received("g:a", "", 2).new
     assert cursors.received("g:a", "", 3).new
-    assert cursors.as_list() == [Cursor("g:a", 3, ""), Cursor("u:7", 4, "")]
+    assert cursors.as_list() == [Cursor("g:a", 3, "")]
+    # The server names the epoch at the next login; what was seen stays.
+    cursors.start("g:a", "e1", 3)
+    assert not cursors.received("g:a", "", 3).new
+    cursors.close()
 
 
 def test_corrupt_cursor_file_is_ignored(tmp_path: Path) -> None:
     path = state_path(tmp_path, 7)
     path.write_text("{not json")
     assert CursorFile(Clock(), path).cursors == {}
-    path.write_text('{"cursors": {"u:7": "x", "g:a": 3}}')
+    path.write_text('{"cursors": {"g:b": "x", "g:a": 3}}')
     assert CursorFile(Clock(), path).cursors == {"g:a": Position("", 3)}
     path.write_text(
         '{"version": 2, "conversations": {"g:a": {"epoch": 1, "seq": 3}, '

@@ -870,6 +870,11 @@ class Console(LineReceiver):
         self._displayed(message)
 
     def conversation_reset(self, conversation: str, seq: int) -> None:
+        # What is numbered after seq now is other messages.
+        shown = self._own_shown.get(conversation, [])
+        self._own_shown[conversation] = [m for m in shown if m.seq <= seq]
+        if self._to_mark.get(conversation, 0) > seq:
+            self._to_mark[conversation] = seq
         self.say(render.conversation_reset(self._where(conversation), seq))
 
     def read_changed(self, user_id: int, conversation: str, seq: int) -> None:

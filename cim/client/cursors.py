@@ -16,7 +16,10 @@ Per conversation the client keeps two things:
 
 Both live in a small JSON file (with the user's last login token), so that
 a restarted client resumes too.  A file of the previous release (a seq per
-conversation, no epochs) still loads: its positions are of epoch C{""}.
+conversation, no epochs) still loads: its positions are of epoch C{""},
+except those of the one-sided private inboxes C{u:<id>} of that release,
+which are gone (their messages moved to the two-sided private
+conversations, numbered anew).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from cim.client.statefile import read_json, write_json
-from cim.message import Cursor, Position
+from cim.message import INBOX_PREFIX, Cursor, Position
 
 #: The version number written in the file (1: seqs only, no epochs).
 FORMAT_VERSION = 2
@@ -125,7 +128,7 @@ class CursorFile:
             if isinstance(cursors, dict):
                 for conversation, value in cursors.items():
                     seq = _seq(value)
-                    if seq is not None:
+                    if seq is not None and not conversation.startswith(INBOX_PREFIX):
                         self.cursors[str(conversation)] = Position("", seq)
                         self.seen[str(conversation)] = {"": seq}
         token = data.get("token", "")

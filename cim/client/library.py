@@ -175,7 +175,8 @@ class Client:
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
         self._keys = AccountKeys(self.state_dir)
         self._devices = DeviceIds(self.state_dir)
-        self._device = device
+        self._device_given = device
+        self._device = ""
         self._account_key = ""
         self._events = ListenerGuard(listener)
         self._inbox = Inbox(
@@ -263,7 +264,7 @@ class Client:
         This client's device id: the one given, else (once L{login} picked
         it) the one kept in the state folder or a random one; C{""} before.
         """
-        return self._device or ""
+        return self._device
 
     @property
     def cursors(self) -> CursorFile:
@@ -374,11 +375,12 @@ class Client:
             if held is None or held.key != account_key:
                 self._keep_key(user_name, user_id, account_key)
         self._account_key = account_key
-        if self._device is None:
-            if self.state_dir is not None:
-                self._device = self._devices.device_for(self.route.url, user_id)
-            else:
-                self._device = new_device_id()
+        if self._device_given is not None:
+            self._device = self._device_given
+        elif self.state_dir is not None:
+            self._device = self._devices.device_for(self.route.url, user_id)
+        elif not self._device:
+            self._device = new_device_id()
         # The cursors (and last token) of this user, from its file.
         path = state_path(self.state_dir, user_id) if self.state_dir else None
         self._inbox.open(user_id, path)
