@@ -922,6 +922,38 @@ def route_client(answers: dict[str, Any]) -> tuple[RouteClient, FakeRouteResourc
     return RouteClient(Clock(), StubTreq(resource), "http://route"), resource
 
 
+def test_the_client_asks_the_route() -> None:
+    wired = Wired()
+    resource = FakeRouteResource(
+        {
+            "/conversations": [
+                {"conversation": PAIR, "lastSeq": 4, "read": 1, "unread": 3},
+                {"conversation": "g:dev", "lastSeq": 2, "read": 2, "groupId": "dev"},
+            ],
+            "/readPositions": [{"userId": 3, "read": 2}],
+            "/history": [],
+        }
+    )
+    wired.client.route = RouteClient(wired.clock, StubTreq(resource), "http://r")
+    d = Deferred.fromCoroutine(wired.client.conversations())
+    assert [(c.conversation, c.unread) for c in d.result] == [("g:dev", 0), (PAIR, 3)]
+    assert wired.client.unread() == 3
+    # Live from then on: 4 was counted, 5 is new.
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(4), chat(5)]))
+    assert wired.client.unread(PAIR) == 4
+    d = Deferred.fromCoroutine(wired.client.read_positions("g:dev"))
+    assert d.result == {3: 2} and wired.client.read_position("g:dev", 3) == 2
+    Deferred.fromCoroutine(wired.client.history(peer=1, before_seq=5))
+    assert resource.bodies[-1] == (
+        "/history",
+        {"userId": 7, "limit": 20, "peerId": 1, "beforeSeq": 5},
+    )
+    assert wired.client.private_conversation(1) == PAIR
+    failures: list[Any] = []
+    Deferred.fromCoroutine(wired.client.history()).addErrback(failures.append)
+    assert failures[0].check(ValueError)
+
+
 def test_the_route_login_names_the_device() -> None:
     route, resource = route_client(
         {
@@ -969,6 +1001,17 @@ def test_the_route_conversations() -> None:
         ConversationInfo("g:dev", "", 2, group_id="dev"),
     ]
     assert resource.bodies == [("/conversations", {"userId": 7})]
+
+
+def test_the_route_read_positions() -> None:
+    route, resource = route_client(
+        {"/readPositions": [{"userId": 1, "read": 4}, {"userId": 7, "read": 9}]}
+    )
+    d = Deferred.fromCoroutine(route.read_positions(7, "t", "g:dev"))
+    assert d.result == {1: 4, 7: 9}
+    assert resource.bodies == [
+        ("/readPositions", {"userId": 7, "conversation": "g:dev"})
+    ]
 
 
 def test_the_route_history() -> None:

@@ -589,6 +589,20 @@ class Client:
         self._inbox.reads.load(infos)
         return self._inbox.reads.all()
 
+    async def read_positions(self, conversation: str) -> dict[int, int]:
+        """
+        Ask the route how far each member of C{conversation} (a group's
+        members, or both users of a private conversation) has read it: the
+        server pushes a peer's read position in a private conversation,
+        not those of a group's members.  L{read_position} knows them from
+        then on.
+        """
+        user_id = self._need_login()
+        positions = await self.route.read_positions(user_id, self.token, conversation)
+        for reader, seq in positions.items():
+            self._inbox.reads.read_by(reader, conversation, seq)
+        return positions
+
     def conversation_states(self) -> list[ConversationInfo]:
         """
         Where this user stands in each conversation this client knows of

@@ -440,6 +440,19 @@ class RouteClient:
         data = await self.call("/conversations", {"userId": user_id}, token)
         return [ConversationInfo.from_json(c) for c in data or ()]
 
+    async def read_positions(
+        self, user_id: int, token: str, conversation: str
+    ) -> dict[int, int]:
+        """
+        How far each member of C{conversation} (a group's members, or the
+        two users of a private conversation) has read it
+        (C{/readPositions}).
+        """
+        data = await self.call(
+            "/readPositions", {"userId": user_id, "conversation": conversation}, token
+        )
+        return {int(p["userId"]): int(p["read"]) for p in data or ()}
+
     async def history(
         self,
         user_id: int,
