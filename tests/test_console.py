@@ -1144,11 +1144,21 @@ def test_options() -> None:
     assert options["user-id"] == 12
     assert options["history-dir"] == "~/.cim/history"
     assert options["logfile"] == "~/.cim/cim-client.log"
+    assert options["device"] is None
+    options = Options()
+    options.parseOptions(["--user", "alice", "--device", "laptop-2"])
+    assert options["device"] == "laptop-2"
 
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["--user", "a", "--user-id", "x"], ["--user", "a", "--route", "ftp://x"]],
+    [
+        [],
+        ["--user", "a", "--user-id", "x"],
+        ["--user", "a", "--route", "ftp://x"],
+        ["--user", "a", "--device", "my laptop"],
+        ["--user", "a", "--device", ""],
+    ],
 )
 def test_bad_options(args: list[str]) -> None:
     with pytest.raises(usage.UsageError):
