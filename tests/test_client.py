@@ -714,6 +714,18 @@ def test_the_device_id_is_kept_in_the_state_folder(tmp_path: Path) -> None:
     assert keep.device_for("http://route.invalid", 8) != device
     assert keep.device_for("http://other.invalid", 7) != device
     assert (tmp_path / "devices.json").stat().st_mode & 0o077 == 0
+    # Named devices in the same folder keep cursors (and tokens) apart.
+    named = Wired(state_dir=tmp_path, device="phone")
+    for wired in (first, again, named):
+        wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1)]))
+        closed = Deferred.fromCoroutine(wired.client.close())
+        wired.clock.advance(5)  # the server never closes the connection
+        assert closed.called
+    assert sorted(p.name for p in tmp_path.glob("cursors-*")) == [
+        "cursors-7-phone.json",
+        "cursors-7.json",
+    ]
+    assert CursorFile(Clock(), state_path(tmp_path, 7, "phone")).get(PAIR) == 1
 
 
 def test_a_device_id_given_or_random() -> None:

@@ -141,8 +141,8 @@ async def test_every_device_of_a_user_gets_every_message(
 ) -> None:
     alice, _ = await harness.logged_in("alice")
     phone, phone_events = await harness.logged_in("bob", device="phone")
-    laptop, laptop_events = harness.client("bob", device="laptop")
-    await within(reactor, laptop.login("bob"))
+    laptop, laptop_events = harness.client("bob-laptop", device="laptop")
+    await within(reactor, laptop.login("bob", account_key=phone.account_key))
     assert phone.ready and laptop.ready
     assert alice.user_id is not None and phone.user_id is not None
     await within(reactor, alice.send_private(phone.user_id, "to both"))

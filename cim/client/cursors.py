@@ -44,11 +44,16 @@ MAX_TAGS = 8
 NOWHERE = Position("", 0)
 
 
-def state_path(state_dir: str | os.PathLike[str], user_id: int) -> Path:
+def state_path(
+    state_dir: str | os.PathLike[str], user_id: int, device: str = ""
+) -> Path:
     """
-    The cursor file of C{user_id} under C{state_dir}.
+    The cursor file of C{user_id} under C{state_dir}: of its device
+    C{device} (one named by the application), or of the device the folder
+    keeps (C{""}; the file's name from before devices).
     """
-    return Path(state_dir).expanduser() / f"cursors-{user_id}.json"
+    suffix = f"-{device}" if device else ""
+    return Path(state_dir).expanduser() / f"cursors-{user_id}{suffix}.json"
 
 
 def _seq(value: Any) -> int | None:

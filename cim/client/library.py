@@ -140,8 +140,9 @@ class Client:
             with a persistent pool (closed by L{close}).
         @param listener: receives messages and events (see
             L{IClientListener}); none by default.
-        @param state_dir: where the cursor files and the account keys
-            (L{cim.client.keys}) are kept; C{None} keeps them in memory
+        @param state_dir: where the cursor files (one per user and device),
+            the account keys (L{cim.client.keys}) and the device ids
+            (L{cim.client.devices}) are kept; C{None} keeps them in memory
             only.
         @param ack_delay: receive acknowledgements are coalesced: at most
             one ACK frame per this many seconds.
@@ -381,8 +382,12 @@ class Client:
             self._device = self._devices.device_for(self.route.url, user_id)
         elif not self._device:
             self._device = new_device_id()
-        # The cursors (and last token) of this user, from its file.
-        path = state_path(self.state_dir, user_id) if self.state_dir else None
+        # The cursors (and last token) of this user's device, from its file:
+        # a device named by the application has its own.
+        path = None
+        if self.state_dir is not None:
+            named = self._device_given or ""
+            path = state_path(self.state_dir, user_id, named)
         self._inbox.open(user_id, path)
         await self._session.start(
             user_id, user_name, password, account_key, self._device
