@@ -638,7 +638,9 @@ class Client:
         This user read C{conversation} up to C{seq}: its unread count falls
         now, and the server (now, or once connected) stores it and tells
         the user's other devices and, in a private conversation, the peer.
-        A position never falls: a lower seq changes nothing.
+        A position never falls: a lower seq changes nothing.  Only private
+        conversations and groups have read positions (a broadcast has
+        none: nothing is sent for it).
         """
         self._need_login()
         if conversation.startswith((GROUP_PREFIX, PAIR_PREFIX)):
