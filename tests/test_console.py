@@ -56,8 +56,9 @@ from cim.client.listeners import Ack, ClientState
 from cim.client.reads import ConversationInfo, ReadState
 from cim.client.render import STATE_LINES, describe, format_message
 from cim.client.route import GroupInfo, JoinResult, RouteError, User
+from cim.client.session import FINAL_KICKS
 from cim.client.tap import Options
-from cim.message import ChatMessage, pair_conversation
+from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
 
 # Parsing
 
@@ -1070,6 +1071,14 @@ def test_connection_state_messages(screen: Screen) -> None:
     screen.console.error_received(8000, "log in first", "")
     screen.console.error_received(3000, "refused send", "abc")
     assert screen.output() == ["error: server: log in first"]
+
+
+def test_a_final_kick_is_explained(screen: Screen) -> None:
+    screen.console.state_changed(ClientState.FAILED, FINAL_KICKS[KICK_REPLACED])
+    assert screen.output() == [
+        "error: disconnected: replaced by a newer login of this device (logged in "
+        "again elsewhere); not reconnecting (:q! to quit)"
+    ]
 
 
 def test_history_file_and_search(screen: Screen, tmp_path: Path) -> None:
