@@ -24,7 +24,8 @@ from cim.client.listeners import (
     ListenerGuard,
     QueueListener,
 )
-from cim.client.outbox import Outbox
+from cim.client.outbox import SENT_MEMORY, Outbox
+from cim.client.reads import ConversationInfo, ReadState
 from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, Position
 
 
@@ -389,3 +390,56 @@ def test_the_inbox_follows_the_server_cursors_and_reads() -> None:
     assert box.reads.unread(PAIR) == 0
     clock.advance(1)
     assert wire.taken() == [Frame(cmd=Command.ACK, cursors=[Cursor(PAIR, 3, "e")])]
+
+
+# Read state
+
+
+def test_read_state_snapshot_and_live_counts() -> None:
+    reads = ReadState()
+    reads.reset(7)
+    # Messages from bob arrive before the route's snapshot is loaded: 3 of
+    # them are in it, 4 came after it was taken.
+    for seq in (3, 4):
+        reads.message(chat(seq))
+    reads.load([ConversationInfo(PAIR, "e", last_seq=3, read=1, unread=2, peer_id=1)])
+    assert reads.unread(PAIR) == 3
+    reads.message(chat(4))  # counted already
+    reads.message(chat(5))
+    assert reads.unread(PAIR) == 4
+    assert reads.read_by(7, PAIR, 4)
+    assert reads.unread(PAIR) == 1
+    assert not reads.read_by(7, PAIR, 2)
+    # One's own message reads everything before it.
+    mine = chat(6)
+    mine.sender_id = 7
+    reads.message(mine)
+    assert reads.unread(PAIR) == 0 and reads.read_position(PAIR) == 6
+    # The store lost what came after 2.
+    reads.restart(PAIR, 2)
+    info = reads.get(PAIR)
+    assert info is not None
+    assert (info.last_seq, info.read, info.unread, info.peer_read) == (2, 2, 0, 2)
+    reads.message(chat(3, epoch="f"))
+    assert reads.unread(PAIR) == 1
+    assert [i.conversation for i in reads.all()] == [PAIR]
+    # Broadcasts and raw pushes have no read state.
+    reads.message(chat(9, "all"))
+    reads.message(chat(0, ""))
+    assert [i.conversation for i in reads.all()] == [PAIR]
+
+
+def test_the_outbox_knows_its_own_sends() -> None:
+    box, _, _ = outbox()
+    wire = Wire()
+    box.attach(wire)
+    send(box, "one")
+    [frame] = wire.taken()
+    assert box.sent_here(frame.client_msg_id)  # pending
+    box.acknowledged(ack_of(frame))
+    assert box.sent_here(frame.client_msg_id)  # acknowledged, remembered
+    assert not box.sent_here("") and not box.sent_here("another device's")
+    for i in range(SENT_MEMORY):
+        send(box, f"more {i}")
+        box.acknowledged(ack_of(wire.taken()[0]))
+    assert not box.sent_here(frame.client_msg_id)  # forgotten at last

@@ -108,16 +108,19 @@ class ReadState:
     def load(self, infos: list[ConversationInfo]) -> None:
         """
         Take the route's snapshot: it replaces what was known, except read
-        positions that rose since (they never fall).
+        positions that rose since (they never fall) and messages from
+        others received after the snapshot was taken.
         """
         for info in infos:
             old = self._tracked.get(info.conversation)
             info = replace(info)
-            if old is not None and old.info.epoch == info.epoch:
+            tracked = _Tracked(info, info.last_seq, info.unread)
+            if old is not None and old.info.epoch in ("", info.epoch):
                 info.read = max(info.read, old.info.read)
                 info.peer_read = max(info.peer_read, old.info.peer_read)
                 info.last_seq = max(info.last_seq, old.info.last_seq)
-            tracked = _Tracked(info, info.last_seq, info.unread)
+                tracked.live = [s for s in old.live if s > tracked.snapshot_last]
+                tracked.others = dict(old.others)
             tracked.recount()
             self._tracked[info.conversation] = tracked
 
