@@ -263,8 +263,13 @@ class Sender:
         if isinstance(stored, Failure):
             if isinstance(stored.value, QuotaExceeded):
                 # Not a store failure: this send is refused for good (the
-                # sender's later sends to other conversations go on).
+                # sender's later sends to other conversations go on).  The
+                # texts of it stored before the quota ran out are delivered
+                # all the same (they hold seqs: the streams need them).
                 self._refuse(conn, frame, ErrorCode.RATE_LIMITED, stored.value.message)
+                kept = [m for m in stored.value.results if m is not None]
+                if kept:
+                    self.delivery.deliver(kept, recipients)
                 return
             self._failed(stored, conn, frame)
             return
