@@ -280,10 +280,13 @@ class Streams:
 
     def resync(self, conn: Connection) -> None:
         """
-        Write to C{conn} whatever the store holds that it has not got yet.
+        Write to C{conn} whatever the store holds that it has not got yet,
+        reading the epoch of each conversation first (a store that lost
+        messages may hold fewer than the connection was sent).
         """
         for stream in list(conn.streams.values()):
             if stream.delivered != UNKNOWN and not stream.filling:
+                stream.recheck = True
                 self.fill_in_background(conn, stream)
 
     def fill_in_background(self, conn: Connection, stream: Stream) -> None:

@@ -91,7 +91,7 @@ def read(reader_id: int, conversation: str, seq: int) -> Frame:
     User C{reader_id} read C{conversation} up to C{seq}.
     """
     return Frame(
-        cmd=Command.READ, request_id=reader_id, cursors=[Cursor(conversation, seq)]
+        cmd=Command.READ, request_id=reader_id, cursors=(Cursor(conversation, seq),)
     )
 
 
