@@ -152,3 +152,30 @@ async def test_kick_closes_only_the_named_session() -> None:
     reply = await post(treq, "/kick", {"userId": bob, "sessionId": ""})
     assert reply["dataBody"] == {"kicked": True}
     assert other.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_http_pusher_carries_messages_and_reads_in_order() -> None:
+    from cim.pusher import HttpPusher
+    from tests.serverkit import HERE
+
+    world = World()
+    phone, bob = world.login("bob", device="phone")
+    laptop, _ = world.login("bob", user_id=bob, device="laptop")
+    alice = world.account("alice")
+    conversation = pair_conversation(alice, bob)
+    stored = world.result(
+        world.store.append(
+            [NewMessage(conversation, alice, "alice", "hi", receive_user_id=bob)]
+        )
+    )
+    pusher = HttpPusher(api(world), SECRET)  # type: ignore[arg-type]
+    pushed = pusher.push(str(HERE), stored, [bob, 999])  # type: ignore[arg-type]
+    read = pusher.push_read(str(HERE), alice, conversation, 1, [bob])
+    assert await pushed == [999]
+    assert await read == []
+    for peer in (phone, laptop):
+        frames = peer.received()
+        assert [f.cmd for f in frames] == [Command.EPOCH, Command.MESSAGE, Command.READ]
+        assert list(frames[2].cursors) == [Cursor(conversation, 1)]
+        assert frames[2].request_id == alice
