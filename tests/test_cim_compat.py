@@ -108,12 +108,13 @@ def test_offline_replay_carries_each_senders_and_the_receivers_properties() -> N
         Frame(cmd=Command.MESSAGE, req_msg="alice again", receive_user_id=bob)
     )
     cim_bob = CimPeer(world, "bob")
-    assert cim_bob.read() == ["from alice", "c1", "c2", "alice again"]
+    # Replayed one conversation after the other (each in order).
+    assert cim_bob.read() == ["from alice", "alice again", "c1", "c2"]
     assert cim_bob.handler.received == [
         (Command.OFFLINE, alice, "from alice"),
+        (Command.OFFLINE, alice, "alice again"),
         (Command.OFFLINE, carol, "c1"),
         (Command.OFFLINE, carol, "c2"),
-        (Command.OFFLINE, alice, "alice again"),
     ]
 
 
