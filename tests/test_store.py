@@ -28,7 +28,7 @@ from cim.interfaces import (
     TokenInfo,
     TooManyJoinRequests,
 )
-from cim.message import BROADCAST, group_conversation, inbox
+from cim.message import BROADCAST, Position, group_conversation, pair_conversation
 from cim.store import Retention, open_store
 from cim.store.memory import MemoryStore, token_key
 
@@ -39,6 +39,8 @@ SHORT_TTL = 0.2
 #: A time to live no test outlives.
 LONG_TTL = 600.0
 RETENTION = Retention(max_messages=5, max_age=3600, idempotency_window=600)
+#: The private conversation of users 1 and 2.
+PAIR = pair_conversation(1, 2)
 
 
 @dataclass
@@ -128,6 +130,13 @@ async def backend(store_url: str) -> AsyncIterator[Backend]:
         if keys:
             await redis.execute_command("DEL", *keys)
         await store.close()
+
+
+def E(seq: int, epoch: str = "e1") -> Position:
+    """
+    A position of epoch C{epoch}.
+    """
+    return Position(epoch, seq)
 
 
 def msg(
@@ -287,24 +296,29 @@ async def test_names_are_unique_by_their_key(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_claim_and_activate(backend: Backend) -> None:
     store = backend.store
-    session, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
-    assert previous is None
+    session, dropped = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert dropped == []
     assert (session.user_id, session.user_name, session.server) == (1, "alice", "h:1:2")
     assert not session.connected
+    assert (session.device, session.active) == ("", START)
     assert await store.get_session(1) == session
     assert await store.online_users() == []
     assert await store.get_sessions([1]) == {}
-    pttl = await backend.pttl("session:1")
+    pttl = await backend.pttl("session:1:")
     assert pttl is None or 0 < pttl <= LONG_TTL * 1000
 
     assert await store.activate_session(1, "not-it", LONG_TTL) is False
+    backend.clock.advance(3)
     assert await store.activate_session(1, session.session_id, LONG_TTL) is True
     connected = await store.get_session(1)
     assert connected is not None and connected.connected
     assert connected.session_id == session.session_id
+    assert connected.active == START + 3
     assert await store.online_users() == [(1, "alice")]
+    assert await store.user_sessions(1) == [connected]
+    assert await store.get_sessions([1]) == {1: [connected]}
     # An activated session lives its session ttl (its server renews it).
-    pttl = await backend.pttl("session:1")
+    pttl = await backend.pttl("session:1:")
     assert pttl is None or LONG_TTL * 1000 - 5000 < pttl <= LONG_TTL * 1000
     backend.clock.advance(LONG_TTL / 2)
     assert await store.get_session(1) == connected
@@ -320,10 +334,10 @@ async def test_claim_existing(backend: Backend) -> None:
     assert await store.get_session(1) == first
 
     await store.activate_session(1, first.session_id)
-    second, previous = await store.claim_session(
+    second, dropped = await store.claim_session(
         1, "alice", "h:3:4", LONG_TTL, replace=True
     )
-    assert previous is not None
+    [previous] = dropped
     assert previous.session_id == first.session_id and previous.connected
     assert second.session_id != first.session_id
     assert second.server == "h:3:4" and not second.connected
@@ -351,8 +365,9 @@ async def test_claim_expires(backend: Backend) -> None:
 
     await backend.expire(SHORT_TTL, gone)
     assert await store.activate_session(1, session.session_id) is False
-    again, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
-    assert previous is None
+    assert await store.user_sessions(1) == []
+    again, dropped = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert dropped == []
 
 
 @pytest_twisted.ensureDeferred
@@ -367,8 +382,9 @@ async def test_get_sessions(backend: Backend) -> None:
     await store.activate_session(3, sessions[3].session_id)
     found = await store.get_sessions([1, 2, 3, 4])
     assert sorted(found) == [1, 3]
-    assert found[3].server == "h:3:0" and found[3].connected
-    assert found[1].session_id == sessions[1].session_id
+    [three] = found[3]
+    assert three.server == "h:3:0" and three.connected
+    assert [s.session_id for s in found[1]] == [sessions[1].session_id]
     assert await store.get_sessions([]) == {}
     many = await store.get_sessions(list(range(1000)))
     assert sorted(many) == [1, 3]
@@ -490,20 +506,20 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
 async def test_append_assigns_seq_and_ids(backend: Backend) -> None:
     store = backend.store
     batch = [
-        msg(inbox(2), "one", receive_user_id=2),
+        msg(PAIR, "one", receive_user_id=2),
         msg(group_conversation("g"), "hello", group_id="g"),
-        msg(inbox(2), "two", receive_user_id=2),
+        msg(PAIR, "two", receive_user_id=2),
         msg(BROADCAST, "all of you"),
-        msg(inbox(2), "three", receive_user_id=2),
+        msg(PAIR, "three", receive_user_id=2),
     ]
     stored = await store.append(batch)
     assert [m.text for m in stored] == [m.text for m in batch]
     assert [(m.conversation, m.seq) for m in stored] == [
-        (inbox(2), 1),
+        (PAIR, 1),
         ("g:g", 1),
-        (inbox(2), 2),
+        (PAIR, 2),
         ("all", 1),
-        (inbox(2), 3),
+        (PAIR, 3),
     ]
     ids = [m.msg_id for m in stored]
     assert len(set(ids)) == len(ids) and ids == sorted(ids)
@@ -516,11 +532,11 @@ async def test_append_assigns_seq_and_ids(backend: Backend) -> None:
     assert first.timestamp == int(START * 1000)
     assert stored[1].group_id == "g"
 
-    more = await store.append([msg(inbox(2), "four")])
+    more = await store.append([msg(PAIR, "four")])
     assert more[0].seq == 4 and more[0].msg_id > max(ids)
-    assert await store.last_seq(inbox(2)) == 4
+    assert await store.last_seq(PAIR) == 4
     assert await store.last_seq("g:g") == 1
-    assert await store.last_seq("u:99") == 0
+    assert await store.last_seq("p:9:99") == 0
     assert await store.append([]) == []
 
 
@@ -540,8 +556,8 @@ async def test_append_round_trips_content(backend: Backend) -> None:
     )
     assert read.group_id == "é:x" and read.receive_user_id == 0
     # A lone surrogate (a JSON request can carry one) does not break a batch.
-    odd = await store.append([msg("u:5", "half \ud800 pair"), msg("u:5", "fine")])
-    assert [m.text for m in await store.read("u:5", 0, 10)] == [
+    odd = await store.append([msg("p:5:6", "half \ud800 pair"), msg("p:5:6", "fine")])
+    assert [m.text for m in await store.read("p:5:6", 0, 10)] == [
         "half \ud800 pair",
         "fine",
     ]
@@ -551,21 +567,21 @@ async def test_append_round_trips_content(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_append_idempotent(backend: Backend) -> None:
     store = backend.store
-    [original] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    [original] = await store.append([msg(PAIR, "hi", client_msg_id="c1")])
     backend.clock.advance(5)
-    [retry] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    [retry] = await store.append([msg(PAIR, "hi", client_msg_id="c1")])
     assert retry == original
     # Another sender may use the same client id; no client id means no
     # idempotency.
     other = await store.append(
         [
-            msg(inbox(2), "hi", sender_id=3, client_msg_id="c1"),
-            msg(inbox(2), "x"),
-            msg(inbox(2), "x"),
+            msg(PAIR, "hi", sender_id=3, client_msg_id="c1"),
+            msg(PAIR, "x"),
+            msg(PAIR, "x"),
         ]
     )
     assert [m.seq for m in other] == [2, 3, 4]
-    assert len(await store.read(inbox(2), 0, 100)) == 4
+    assert len(await store.read(PAIR, 0, 100)) == 4
 
 
 @pytest_twisted.ensureDeferred
@@ -573,69 +589,69 @@ async def test_append_idempotent_within_batch(backend: Backend) -> None:
     store = backend.store
     stored = await store.append(
         [
-            msg(inbox(2), "a", client_msg_id="c1"),
-            msg(inbox(2), "b", client_msg_id="c2"),
-            msg(inbox(2), "a", client_msg_id="c1"),
+            msg(PAIR, "a", client_msg_id="c1"),
+            msg(PAIR, "b", client_msg_id="c2"),
+            msg(PAIR, "a", client_msg_id="c1"),
         ]
     )
     assert stored[2] == stored[0]
     assert [m.seq for m in stored] == [1, 2, 1]
-    assert [m.text for m in await store.read(inbox(2), 0, 10)] == ["a", "b"]
-    assert await store.last_seq(inbox(2)) == 2
+    assert [m.text for m in await store.read(PAIR, 0, 10)] == ["a", "b"]
+    assert await store.last_seq(PAIR) == 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
-    [original] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     if backend.redis is not None:
         pttl = await backend.pttl("sent:1:c1")
         assert pttl is not None
         assert 0 < pttl <= RETENTION.idempotency_window * 1000
         return
     backend.clock.advance(RETENTION.idempotency_window + 1)
-    [again] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    [again] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     assert again.seq == 2 and again.msg_id != original.msg_id
 
 
 @pytest_twisted.ensureDeferred
 async def test_read_paging(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), str(i)) for i in range(1, 5)])
-    page = await store.read(inbox(2), 0, 2)
+    await store.append([msg(PAIR, str(i)) for i in range(1, 5)])
+    page = await store.read(PAIR, 0, 2)
     assert [(m.seq, m.text) for m in page] == [(1, "1"), (2, "2")]
-    page = await store.read(inbox(2), page[-1].seq, 2)
+    page = await store.read(PAIR, page[-1].seq, 2)
     assert [m.seq for m in page] == [3, 4]
-    assert await store.read(inbox(2), 4, 2) == []
-    assert await store.read(inbox(2), 2, 0) == []
-    assert [m.seq for m in await store.read(inbox(2), 1, 100)] == [2, 3, 4]
-    assert await store.read("u:nobody", 0, 10) == []
+    assert await store.read(PAIR, 4, 2) == []
+    assert await store.read(PAIR, 2, 0) == []
+    assert [m.seq for m in await store.read(PAIR, 1, 100)] == [2, 3, 4]
+    assert await store.read("p:7:8", 0, 10) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_retention_by_count(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), str(i)) for i in range(1, 9)])
-    kept = await store.read(inbox(2), 0, 100)
+    await store.append([msg(PAIR, str(i)) for i in range(1, 9)])
+    kept = await store.read(PAIR, 0, 100)
     assert [m.seq for m in kept] == [4, 5, 6, 7, 8]
-    assert await store.last_seq(inbox(2)) == 8
-    await store.append([msg(inbox(2), "9")])
-    assert [m.seq for m in await store.read(inbox(2), 0, 100)] == [5, 6, 7, 8, 9]
-    pttl = await backend.pttl("conv:" + inbox(2))
+    assert await store.last_seq(PAIR) == 8
+    await store.append([msg(PAIR, "9")])
+    assert [m.seq for m in await store.read(PAIR, 0, 100)] == [5, 6, 7, 8, 9]
+    pttl = await backend.pttl("conv:" + PAIR)
     assert pttl is None or 0 < pttl <= RETENTION.max_age * 1000
 
 
 @pytest_twisted.ensureDeferred
 async def test_retention_by_age(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), "old1"), msg(inbox(2), "old2")])
+    await store.append([msg(PAIR, "old1"), msg(PAIR, "old2")])
     backend.clock.advance(RETENTION.max_age / 2)
-    await store.append([msg(inbox(2), "middle")])
+    await store.append([msg(PAIR, "middle")])
     backend.clock.advance(RETENTION.max_age / 2 + 1)
-    await store.append([msg(inbox(2), "new")])
-    kept = await store.read(inbox(2), 0, 100)
+    await store.append([msg(PAIR, "new")])
+    kept = await store.read(PAIR, 0, 100)
     assert [(m.seq, m.text) for m in kept] == [(3, "middle"), (4, "new")]
-    assert await store.last_seq(inbox(2)) == 4
+    assert await store.last_seq(PAIR) == 4
 
 
 # Cursors
@@ -645,10 +661,10 @@ async def test_retention_by_age(backend: Backend) -> None:
 async def test_cursors(backend: Backend) -> None:
     store = backend.store
     assert await store.get_cursors(1) == {}
-    assert await store.set_cursors(1, {inbox(1): 5, "g:a": 2}) is None
-    await store.set_cursors(1, {inbox(1): 3, "g:a": 7, "all": 1})
+    assert await store.set_cursors(1, {"p:1:1": E(5), "g:a": E(2)}) is None
+    await store.set_cursors(1, {"p:1:1": E(3), "g:a": E(7), "all": E(1)})
     await store.set_cursors(1, {})
-    assert await store.get_cursors(1) == {inbox(1): 5, "g:a": 7, "all": 1}
+    assert await store.get_cursors(1) == {"p:1:1": E(5), "g:a": E(7), "all": E(1)}
     assert await store.get_cursors(2) == {}
 
 
@@ -897,8 +913,16 @@ async def test_password_hashes() -> None:
 @pytest_twisted.ensureDeferred
 async def test_set_many_cursors(backend: Backend) -> None:
     store = backend.store
-    await store.set_cursors(1, {"u:1": 5})
-    await store.set_many_cursors({1: {"u:1": 3, "g:a": 2}, 2: {"u:2": 9}, 3: {}})
-    assert await store.get_cursors(1) == {"u:1": 5, "g:a": 2}
-    assert await store.get_cursors(2) == {"u:2": 9}
+    await store.set_cursors(1, {"p:1:1": E(5)})
+    await store.set_many_cursors(
+        {
+            (1, ""): {"p:1:1": E(3), "g:a": E(2)},
+            (2, ""): {"p:2:2": E(9)},
+            (3, ""): {},
+            (1, "phone"): {"p:1:1": E(1)},
+        }
+    )
+    assert await store.get_cursors(1) == {"p:1:1": E(5), "g:a": E(2)}
+    assert await store.get_cursors(1, "phone") == {"p:1:1": E(1)}
+    assert await store.get_cursors(2) == {"p:2:2": E(9)}
     assert await store.get_cursors(3) == {}

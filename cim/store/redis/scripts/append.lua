@@ -25,7 +25,8 @@
 --
 -- Appending raises each sender's read position in the conversation to its
 -- message's seq, and lists a private conversation (p:<low>:<high>) among
--- both users' pairs.
+-- both users' pairs (when its epoch starts: the hot path spares the two
+-- SADDs after that).
 -- Needs positions.lua in front.
 
 -- How many of a conversation's oldest messages one append checks for age.
@@ -89,6 +90,7 @@ local function epoch_of(conversation, seq_key)
     e = {ARGV[7], rec[1] or '', tonumber(base)}
     redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
                'run', run_id)
+    e.new = true
   end
   e.senders = {}
   epochs[conversation] = e
@@ -161,13 +163,17 @@ for _, conversation in ipairs(order) do
   local e = epochs[conversation]
   epoch_ids[#epoch_ids + 1] = conversation
   epoch_ids[#epoch_ids + 1] = e[1]
-  local read_key = prefix .. 'read:' .. conversation
+  -- A sender's message is the conversation's last: its seq is above any
+  -- read position of the epoch (they are at most the last seq), and above
+  -- the base of a new one, so it raises the sender's without reading it.
   for sender, seq in pairs(e.senders) do
-    if seq > resume(redis.call('HGET', read_key, sender), e) then
-      redis.call('HSET', read_key, sender, format_position(e[1], seq))
-    end
+    redis.call('HSET', prefix .. 'read:' .. conversation, sender,
+               format_position(e[1], seq))
   end
-  local low, high = pair_members(conversation)
+  -- Listed among its users' pairs when its epoch starts: at its first
+  -- message, and again after Redis lost or replaced anything.
+  local low, high = nil, nil
+  if e.new then low, high = pair_members(conversation) end
   if low then
     redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
