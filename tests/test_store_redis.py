@@ -7,6 +7,7 @@ C{tests/test_store.py}.)
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ CIM = Path(cim.__file__).parent
 def test_every_lua_file_is_loaded() -> None:
     """
     Every C{.lua} file of the scripts package is read, and is part of a
-    script.
+    script; every one but the libraries is a script of its own.
     """
     files = {p.stem for p in Path(scripts.__file__).parent.glob("*.lua")}
     assert files
@@ -30,13 +31,24 @@ def test_every_lua_file_is_loaded() -> None:
     for name, source in scripts.SOURCES.items():
         assert source.strip(), name
         assert any(source in s.source for s in scripts.SCRIPTS.values()), name
-    assert set(scripts.SCRIPTS) == files - {"delete_session"}
+    assert set(scripts.LIBRARIES) <= files
+    assert set(scripts.SCRIPTS) == files - set(scripts.LIBRARIES)
 
 
-def test_scripts_needing_delete_session_have_it() -> None:
-    for script in scripts.SCRIPTS.values():
-        if "delete_session(" in script.source:
-            assert script.source.startswith(scripts.SOURCES["delete_session"])
+def test_scripts_have_the_libraries_they_call() -> None:
+    """
+    A script calling a function of a library is sent with that library in
+    front of it (Lua would fail on the unknown name only when it runs).
+    """
+    for library in scripts.LIBRARIES:
+        source = scripts.SOURCES[library]
+        functions = re.findall(r"^local function (\w+)", source, re.MULTILINE)
+        assert functions, library
+        for name, script in scripts.SCRIPTS.items():
+            body = scripts.SOURCES[name]
+            if any(re.search(rf"\b{f}\(", body) for f in functions):
+                assert source in script.source, (name, library)
+                assert script.source.endswith(body), name
 
 
 def _imports(path: Path) -> set[str]:
