@@ -15,7 +15,7 @@ import pytest_twisted
 from cim.interfaces import HeldSession, QuotaExceeded
 from cim.limits import MAX_SEQ
 from tests import test_store
-from tests.test_store import E, LONG_TTL, PAIR, SHORT_TTL, Backend, failure_of, msg
+from tests.test_store import LONG_TTL, PAIR, SHORT_TTL, Backend, E, failure_of, msg
 
 # The store suite's fixtures: every test runs on each store.
 store_url = test_store.store_url
@@ -174,9 +174,7 @@ async def test_quota_window(backend: Backend) -> None:
     await store.append([msg(PAIR, f"a{i}") for i in range(3)])
     # ...and early in the next: still the same hour.
     clock.advance(120)
-    assert isinstance(
-        await failure_of(store.append([msg(PAIR, "b")])), QuotaExceeded
-    )
+    assert isinstance(await failure_of(store.append([msg(PAIR, "b")])), QuotaExceeded)
     # An hour later, the first window no longer counts.
     clock.advance(hour)
     await store.append([msg(PAIR, f"c{i}") for i in range(3)])

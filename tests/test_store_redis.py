@@ -187,9 +187,7 @@ async def _delete_prefix(store: Any, prefix: str) -> None:
     )
 
 
-def _old_message(
-    msg_id: int, seq: int, sender: int, receiver: int, text: str
-) -> str:
+def _old_message(msg_id: int, seq: int, sender: int, receiver: int, text: str) -> str:
     """
     A message as the previous release stored it in a private inbox.
     """
@@ -363,7 +361,9 @@ async def test_epochs_of_a_flushed_and_a_restarted_redis(
     await private_redis.start(reactor)
     store = await connect_redis(private_redis.url(), clock=reactor)
     try:
-        first = await store.append([NewMessage("p:1:2", 1, "a", str(i)) for i in range(3)])
+        first = await store.append(
+            [NewMessage("p:1:2", 1, "a", str(i)) for i in range(3)]
+        )
         e1 = first[0].epoch
         assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e1, "", 0)
         await store.set_read(2, "p:1:2", 2)

@@ -67,9 +67,7 @@ async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
         f"into {moved.conversations} pair conversations\n"
     )
     if moved.skipped:
-        out.write(
-            f"dropped {moved.skipped} inbox messages without a sender user id\n"
-        )
+        out.write(f"dropped {moved.skipped} inbox messages without a sender user id\n")
     return 0
 
 

@@ -489,9 +489,7 @@ class RedisStore:
                 continue
             inboxes += 1
             received = decode_position(
-                await self._command(
-                    "HGET", self._key("cursors", owner), inbox(owner)
-                )
+                await self._command("HGET", self._key("cursors", owner), inbox(owner))
             )
             by_sender: dict[int, list[str]] = {}
             bad: list[str] = []
