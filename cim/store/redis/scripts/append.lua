@@ -70,8 +70,9 @@ local function allowed(pair)
   return true
 end
 
--- The epoch of each conversation appended to ({id, previous, base}), its
--- seq counter's key, and each sender's highest seq there.
+-- The epoch of each conversation appended to ({id, previous, base}; new:
+-- it starts here; senders: each sender's highest seq there), in the order
+-- of their first messages.
 local epochs = {}
 local order = {}
 local run_id = nil
