@@ -216,8 +216,7 @@ class RouteService(AsyncStartService):
         self.api = RouteAPI(
             store,
             self.registry,
-            # (Its deliver_read comes with the server's part of issue 14.)
-            delivery,  # type: ignore[arg-type]
+            delivery,
             pusher,
             make_balancer(config.balancer),
             self.reactor,
