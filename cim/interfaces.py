@@ -284,6 +284,8 @@ class ConversationState:
     @ivar peer_read: in a private conversation, the other user's read
         position (read receipts).
     @ivar group_id: in a group conversation, the group.
+    @ivar joined: in a group conversation, the seq at which the user joined
+        (L{GroupInfo.joined_at}): its devices receive what follows.
     """
 
     conversation: str
@@ -293,6 +295,7 @@ class ConversationState:
     peer_id: int = 0
     peer_read: int = 0
     group_id: str = ""
+    joined: int = 0
 
     @property
     def unread(self) -> int:
@@ -465,8 +468,9 @@ class ISessions(Interface):
 
         @return: fires with the sorted session ids of C{sessions} that are
             not their device's session any more (a newer login replaced
-            them, or the device limit dropped them): C{server} should close
-            those connections.
+            them, the device limit dropped them, or they were released in
+            the last 10 minutes): C{server} should close those
+            connections.
         """
 
     def get_session(user_id: int, device: str = "") -> Deferred[Session | None]:

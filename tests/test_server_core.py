@@ -540,9 +540,9 @@ def test_group_joined_while_connected_arrives_whole_and_in_order() -> None:
     bob_peer, bob = world.login("bob")
     world.result(world.store.create_group("late", alice))
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="before bob", group_id="late"))
-    # Bob joins as the route does it: his read position is the last message.
+    # Bob joins as the route does it: from the last message on.
     world.result(world.store.set_read(bob, "g:late", 1))
-    world.result(world.store.join_group("late", bob))
+    world.result(world.store.join_group("late", bob, 1))
     from cim.interfaces import NewMessage
 
     stored = world.result(

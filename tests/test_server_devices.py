@@ -209,13 +209,15 @@ def test_login_response_names_the_device_and_where_each_conversation_starts() ->
     assert login is not None and login.device == "phone"
     assert list(login.cursors) == [
         Cursor(team, 0, epoch_of(world, team).id),
-        Cursor(with_bob, 2, epoch_of(world, with_bob).id),
+        # Not from the read position: the device shows the whole
+        # conversation.
+        Cursor(with_bob, 0, epoch_of(world, with_bob).id),
         Cursor(with_carol, 1, carol_epoch),
     ]
     # Only what holds more than its start is replayed.
     frames = peer.received()
     assert [f.cmd for f in frames] == [Command.OFFLINE]
-    assert texts(frames) == ["b3"]
+    assert texts(frames) == ["b1", "b2", "b3"]
 
 
 def test_login_replays_only_conversations_with_more_than_the_start() -> None:
@@ -231,8 +233,11 @@ def test_login_replays_only_conversations_with_more_than_the_start() -> None:
         return read(conversation, after_seq, limit)
 
     world.store.read = counting  # type: ignore[method-assign]
+    mine = pair_conversation(alice, 2)
+    epoch = epoch_of(world, mine).id
+    world.result(world.store.set_cursors(alice, {mine: Position(epoch, 1)}))
     peer, _ = world.login("alice", user_id=alice)
-    # Alice's own message raised her read position: nothing to replay there.
+    # The device has its own message already: nothing to read there.
     assert peer.texts() == ["two"]
     assert reads == [pair_conversation(alice, 3)]
 

@@ -298,7 +298,7 @@ def resumed(store: Store, user_id: int, device: str = "", sent=()) -> Resumption
     return result
 
 
-def test_each_conversation_starts_from_the_client_the_device_or_the_read() -> None:
+def test_each_conversation_starts_from_the_client_the_device_or_the_start() -> None:
     store = Store()
     alice = store.account("alice")
     bob = store.account("bob")
@@ -323,8 +323,9 @@ def test_each_conversation_starts_from_the_client_the_device_or_the_read() -> No
     sent = [Cursor(with_carol, 1, epochs[with_carol].id)]
     resumption = resumed(store, alice, "phone", sent)
     assert [s.cursor for s in resumption.starts] == [
-        # The group: alice's own messages raised her read position.
-        Cursor(team, 5, epochs[team].id),
+        # The group: from where alice joined it (she created it), her own
+        # messages too, whatever her read position.
+        Cursor(team, 0, epochs[team].id),
         Cursor(with_bob, 2, epochs[with_bob].id),  # the device's cursor
         Cursor(with_carol, 1, epochs[with_carol].id),  # what the client sent
         Cursor(with_dave, 0, epochs[with_dave].id),  # nothing read
@@ -334,9 +335,10 @@ def test_each_conversation_starts_from_the_client_the_device_or_the_read() -> No
         with_bob: Position(epochs[with_bob].id, 2),
         with_carol: Position(epochs[with_carol].id, 4),
     }
-    # Another device has no cursors: from the read positions.
+    # Another device has no cursors: everything kept, not from the read
+    # positions (a device shows the whole conversation).
     other = resumed(store, alice, "laptop")
-    assert [s.seq for s in other.starts] == [5, 0, 3, 0]
+    assert [s.seq for s in other.starts] == [0, 0, 0, 0]
     assert other.acked == {}
 
 
@@ -351,4 +353,5 @@ def test_a_position_of_another_epoch_or_beyond_the_last_is_reset() -> None:
     assert start.cursor == Cursor(conversation, 0, epoch.id, True)
     [start] = resumed(store, alice, "", [Cursor(conversation, 7, epoch.id)]).starts
     assert start.cursor == Cursor(conversation, 3, epoch.id, True)
-    assert resumed(store, bob, "", []).starts[0].seq == 3
+    # Bob's device without a position gets his own messages too.
+    assert resumed(store, bob, "", []).starts[0].seq == 0

@@ -284,13 +284,15 @@ def test_live_messages_wait_for_the_replay_then_drain() -> None:
     assert stream.delivered == 3 and not stream.pending and not stream.filling
 
 
-def test_a_conversation_joined_since_login_starts_at_the_read_position() -> None:
+def test_a_conversation_joined_since_login_starts_at_the_join() -> None:
     setting = Setting()
     conn, link = setting.connect(inbox=0)
     group = group_conversation("team")
+    setting.store.create_group("team", 1)
     setting.store_texts("before", "joined", "after", conversation=group)
-    # The route sets the joining user's read position at the join.
-    setting.store.set_read(BOB, group, 1)
+    # The route records where the user joined (its read position too).
+    setting.store.join_group("team", BOB, 1)
+    setting.store.set_read(BOB, group, 3)
     last = setting.store_texts("live", conversation=group)
     setting.offer(conn, last)
     epoch, *rest = link.writes
@@ -306,8 +308,9 @@ def test_a_conversation_adopted_starts_at_the_device_cursor_first() -> None:
     setting = Setting()
     conn, link = setting.connect(inbox=0)
     group = group_conversation("team")
+    setting.store.create_group("team", 1)
+    setting.store.join_group("team", BOB, 1)
     setting.store_texts("one", "two", "three", conversation=group)
-    setting.store.set_read(BOB, group, 1)
     setting.store.set_cursors(BOB, {group: Position(EPOCH.id, 2)})
     setting.offer(conn, setting.store_texts("four", conversation=group))
     assert link.texts() == ["three", "four"]

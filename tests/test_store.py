@@ -1105,8 +1105,14 @@ async def test_device_limit_counts_unconnected_claims(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_renew_makes_expired_device_sessions_again(backend: Backend) -> None:
     store = backend.store
-    phone, _ = await connect(backend, 1, "phone")
-    await store.release_session(1, phone.session_id, "phone")
+    backend.clock.advance(1)
+    phone, _ = await store.claim_session(1, "u1", "h:1:2", LONG_TTL, device="phone")
+    assert await store.activate_session(1, phone.session_id, SHORT_TTL, "phone")
+
+    async def gone() -> bool:
+        return await store.get_session(1, "phone") is None
+
+    await backend.expire(SHORT_TTL, gone)
     held = HeldSession(1, phone.session_id, "u1", "phone", START + 50)
     assert await store.renew_sessions("h:1:2", [held], LONG_TTL) == []
     again = await store.get_session(1, "phone")
@@ -1116,6 +1122,29 @@ async def test_renew_makes_expired_device_sessions_again(backend: Backend) -> No
     assert await store.online_users() == [(1, "u1")]
     assert await store.drop_server_sessions("h:1:2") == [1]
     assert await store.online_users() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_does_not_bring_back_ended_sessions(backend: Backend) -> None:
+    """
+    A session released (logged off), or dropped by the device limit, is
+    not made again by a renewal from its server (which did not close it
+    yet): it comes back as lost, for the server to close.
+    """
+    store = backend.store
+    phone, _ = await connect(backend, 1, "phone", max_devices=2)
+    laptop, _ = await connect(backend, 1, "laptop", max_devices=2)
+    _, dropped = await connect(backend, 1, "tablet", max_devices=2)
+    assert dropped == [phone]
+    await store.release_session(1, laptop.session_id, "laptop")
+    held = [
+        HeldSession(1, phone.session_id, "u1", "phone", START + 50),
+        HeldSession(1, laptop.session_id, "u1", "laptop", START + 50),
+    ]
+    assert await store.renew_sessions("h:1:2", held, LONG_TTL) == sorted(
+        [phone.session_id, laptop.session_id]
+    )
+    assert [s.device for s in await store.user_sessions(1)] == ["tablet"]
 
 
 @pytest_twisted.ensureDeferred

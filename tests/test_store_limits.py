@@ -244,7 +244,12 @@ async def test_renew_sessions(backend: Backend) -> None:
     assert await store.get_session(2) == newer
     # A session that expired while its server could not renew it (Redis
     # away) is made again: the server still holds it.
-    await store.release_session(1, alice.session_id)
+    assert await store.activate_session(1, alice.session_id, SHORT_TTL)
+
+    async def gone() -> bool:
+        return await store.get_session(1) is None
+
+    await backend.expire(SHORT_TTL, gone)
     assert await store.renew_sessions(server, held[:1], LONG_TTL) == []
     again = await store.get_session(1)
     assert again is not None and again.connected

@@ -93,9 +93,14 @@ async def resume(
     """
     Where C{user_id}'s C{device} resumes each of its conversations: after
     the position the client C{sent} at login, else the device's stored
-    cursor, else the user's read position, else from the start; each
-    through the conversation's current epoch (L{Epoch.resume}), and never
-    past its last seq (a position beyond it is not trusted).
+    cursor, else from the start (of a group: from where the user joined
+    it); each through the conversation's current epoch (L{Epoch.resume}),
+    never past its last seq (a position beyond it is not trusted), and
+    never before the user joined a group.
+
+    Not from the user's read position: a device must show the whole
+    conversation, also what the user read elsewhere, and its own messages
+    (sending raises the read position) that it has not received yet.
 
     Reads the conversations and the device's cursors at once, then their
     epochs: two round trips.
@@ -118,14 +123,16 @@ async def resume(
         device_position = stored.get(conversation)
         if device_position is not None:
             acked[conversation] = device_position
+        # A device without a position gets everything kept, of a group
+        # from where the user joined it.
+        floor = min(state.joined, state.last_seq) if state.group_id else 0
         position = (
-            client.get(conversation)
-            or device_position
-            or Position(epoch.id, state.read)
+            client.get(conversation) or device_position or Position(epoch.id, floor)
         )
         seq, reset = epoch.resume(position)
         if seq > state.last_seq:
             seq, reset = state.last_seq, True
+        seq = max(seq, floor)
         starts.append(Start(conversation, epoch, seq, reset, state.last_seq))
     return Resumption(starts, acked)
 

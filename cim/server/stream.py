@@ -33,13 +33,20 @@ from collections.abc import Sequence
 from typing import cast
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.interfaces import Epoch, IStore
-from cim.message import BROADCAST, ChatMessage, Command, Cursor, Position
+from cim.message import (
+    BROADCAST,
+    GROUP_PREFIX,
+    ChatMessage,
+    Command,
+    Cursor,
+    Position,
+)
 from cim.metrics import Counter
 from cim.server import wire
 from cim.server.connection import Connection, ConnectionControl
@@ -298,32 +305,32 @@ class Streams:
     async def _adopt(self, conn: Connection, stream: Stream) -> None:
         """
         Start C{stream}, a conversation first seen on C{conn} since its
-        login: from the device's stored cursor, else the user's read
-        position, through the conversation's epoch; never after a message
-        that was offered live (that one is new to this connection).  Tell
+        login: from the device's stored cursor, else from the start (of a
+        group: from where the user joined it), through the conversation's
+        epoch; never after a message that was offered live (that one is new
+        to this connection).  Tell
         the client (an EPOCH frame), then fill.
         """
         conversation = stream.conversation
         try:
-            # The three reads at once.
+            # The reads at once.
             reading_cursors = self.store.get_cursors(conn.user_id, conn.device)
-            reading_read = self.store.read_positions(conversation, [conn.user_id])
             reading_epochs = self.store.epochs([conversation])
+            reading_joined = self._joined(conn.user_id, conversation)
             try:
                 stored = await reading_cursors
             finally:
                 try:
-                    read = await reading_read
+                    floor = await reading_joined
                 finally:
                     epochs = await reading_epochs
         except BaseException:
             stream.filling = False
             raise
         epoch = epochs.get(conversation, NO_EPOCH)
-        position = stored.get(conversation)
-        if position is None:
-            position = Position(epoch.id, read.get(conn.user_id, 0))
+        position = stored.get(conversation) or Position(epoch.id, floor)
         start, reset = epoch.resume(position)
+        start = max(start, floor)
         stream.epoch = epoch
         live = [seq for seq, m in stream.pending.items() if stream.accepts(m)]
         if live:
@@ -333,6 +340,16 @@ class Streams:
             conn.acked.setdefault(conversation, position)
         conn.send(wire.epoch([stream.cursor(reset)]))
         await self.fill(conn, stream, Command.MESSAGE)
+
+    def _joined(self, user_id: int, conversation: str) -> Deferred[int]:
+        """
+        Where a device without a position starts C{conversation}: a group
+        from where the user joined it, anything else from the start.
+        """
+        if not conversation.startswith(GROUP_PREFIX):
+            return succeed(0)
+        d = self.store.group_info(conversation[len(GROUP_PREFIX) :], user_id)
+        return d.addCallback(lambda info: info.joined_at)
 
     async def _check_epoch(self, conn: Connection, stream: Stream) -> bool:
         """

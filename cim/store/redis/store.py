@@ -27,6 +27,10 @@ never key names)::
                                            (an entry whose record expired is
                                            dropped when read); PEXPIRE'd at
                                            least as long as each record
+    P ended:<session_id>           string  a session released or dropped by
+                                           a newer claim (renewals of it are
+                                           lost, not made again); PEXPIRE
+                                           10 minutes (sessions.lua)
     P server:<server>              set     "<user_id>:<device>" of the
                                            sessions on server (checked
                                            against the session record, so
@@ -986,11 +990,12 @@ class RedisStore:
         )
         states = []
         for i in range(0, len(flat), 8):
-            conversation, group_id, id, previous, base, last, read, peer_read = flat[
+            conversation, group_id, id, previous, base, last, read, other = flat[
                 i : i + 8
             ]
             epoch = decode_epoch(id, previous, base, last)
             peer = 0 if group_id else peer_of(conversation, user_id)
+            joined = int(other) if group_id and other.isdigit() else 0
             states.append(
                 ConversationState(
                     conversation,
@@ -998,8 +1003,9 @@ class RedisStore:
                     int(last),
                     resume_seq(read, epoch),
                     peer_id=peer or 0,
-                    peer_read=resume_seq(peer_read, epoch) if peer else 0,
+                    peer_read=resume_seq(other, epoch) if peer else 0,
                     group_id=group_id,
+                    joined=joined,
                 )
             )
         return sorted(states, key=lambda state: state.conversation)

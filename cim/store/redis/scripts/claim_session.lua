@@ -22,6 +22,7 @@ end
 local result = {1}
 local function drop(s)
   delete_session(prefix, uid, s[1], s[3])
+  bury(prefix, s[4])
   for _, v in ipairs(s) do result[#result + 1] = v end
 end
 

@@ -1,9 +1,9 @@
 -- KEYS: the user's private conversations (pairs), the user's groups.
 -- ARGV: user id, prefix.  Returns per conversation (its pairs, then
 -- its groups): conversation, group id ('' for a pair), epoch id, previous,
--- base, last seq, the user's stored read position, the peer's ('' each
--- when none; the peer's only for a pair), flat.  (The caller resumes the
--- positions and finds the peer.)
+-- base, last seq, the user's stored read position, then for a pair the
+-- peer's and for a group the user's join point ('' each when none), flat.
+-- (The caller resumes the positions and finds the peer.)
 
 local uid, prefix = ARGV[1], ARGV[2]
 local found = {}
@@ -12,7 +12,11 @@ local function add(conversation, group_id, peer)
                          'id', 'previous', 'base')
   local read_key = prefix .. 'read:' .. conversation
   local peer_read = ''
-  if peer then peer_read = redis.call('HGET', read_key, peer) or '' end
+  if peer then
+    peer_read = redis.call('HGET', read_key, peer) or ''
+  else
+    peer_read = redis.call('HGET', prefix .. 'joined:' .. group_id, uid) or ''
+  end
   for _, v in ipairs({conversation, group_id, rec[1] or '', rec[2] or '',
                       rec[3] or '',
                       redis.call('GET', prefix .. 'seq:' .. conversation) or '0',

@@ -5,4 +5,5 @@
 local rec = redis.call('HMGET', KEYS[1], 'session_id', 'server')
 if rec[1] ~= ARGV[2] then return 0 end
 delete_session(ARGV[3], ARGV[1], ARGV[4], rec[2])
+bury(ARGV[3], ARGV[2])
 return 1

@@ -7,7 +7,9 @@
 -- A session that is still its device's gets its time to live again, and
 -- its active time when later than the stored one; one that expired
 -- meanwhile (its server could not renew it in time, Redis was away) is
--- made again as it was, connected: its server still holds it.
+-- made again as it was, connected: its server still holds it.  One that
+-- was released or dropped by a newer claim (sessions.lua's bury) is lost,
+-- even when its device has no session now.
 -- Needs sessions.lua in front.
 
 local prefix, server, ttl = ARGV[1], ARGV[2], ARGV[3]
@@ -23,7 +25,7 @@ for i = 4, #ARGV, 5 do
       redis.call('HSET', key, 'active', active)
     end
     extend_ttl(devices_key(prefix, uid), ttl)
-  elseif not current[1] then
+  elseif not current[1] and not ended(prefix, sid) then
     redis.call('HSET', key, 'name', name, 'server', server, 'session_id', sid,
                'connected', '1', 'active', active)
     redis.call('PEXPIRE', key, ttl)

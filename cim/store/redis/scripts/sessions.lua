@@ -68,3 +68,18 @@ local function delete_session(prefix, uid, device, server)
     redis.call('HDEL', prefix .. 'online', uid)
   end
 end
+
+-- How long a session ended by a release or by a newer claim is remembered
+-- (ms): a renewal from its server within that time finds it ended (and
+-- closes its connection) instead of making it again.
+local ENDED_TTL = 600000
+
+-- Remember that the session session_id ended (see ENDED_TTL).
+local function bury(prefix, session_id)
+  redis.call('SET', prefix .. 'ended:' .. session_id, '1', 'PX', ENDED_TTL)
+end
+
+-- Whether the session session_id ended within ENDED_TTL.
+local function ended(prefix, session_id)
+  return redis.call('EXISTS', prefix .. 'ended:' .. session_id) == 1
+end
