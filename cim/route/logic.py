@@ -340,8 +340,10 @@ class Router:
             )
         except SessionExists:
             raise ApiError(codes.REPEAT_LOGIN) from None
-        if old is not None:
-            self.kick(old, "logged in again elsewhere")
+        # Issue 14's stores answer the sessions they dropped (a list); until
+        # all do, one replaced session or None.
+        for dropped in old if isinstance(old, list) else [old] if old else []:
+            self.kick(dropped, "logged in again elsewhere")
         try:
             issued: str = await self.store.issue_token(
                 user_id, str(server), session.session_id, ttl=self.token_ttl
