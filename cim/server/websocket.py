@@ -40,7 +40,8 @@ factory is given, not on autobahn's global reactor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,6 +52,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -209,8 +212,35 @@ class WebSocketConnection(WebSocketServerProtocol):
     # Twisted
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        with self._tls_below():
+            super().connectionMade()
         self.transport.registerProducer(self.backlog, True)
+
+    def _onOpen(self) -> None:
+        with self._tls_below():
+            super()._onOpen()
+
+    @contextmanager
+    def _tls_below(self) -> Iterator[None]:
+        """
+        autobahn reads a TLS connection's details off its transport, which
+        must be Twisted's TLS protocol; under the connection limits'
+        wrapper (L{cim.limits_net}), which claims the interfaces of the
+        transport it wraps, show it the TLS transport below meanwhile.
+        """
+        wrapper = self.transport
+        below = getattr(wrapper, "transport", None)
+        if not (
+            isinstance(wrapper, ProtocolWrapper)
+            and isinstance(below, TLSMemoryBIOProtocol)
+        ):
+            yield
+            return
+        self.transport = below
+        try:
+            yield
+        finally:
+            self.transport = wrapper
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
