@@ -182,7 +182,12 @@ def test_a_websocket_client_chats_with_a_tcp_client(subprotocol: str) -> None:
     alice = ws.login("alice")
     tcp, bob = world.login("bob")
     ws.send(
-        Frame(cmd=Command.MESSAGE, req_msg="hi bob", receive_user_id=bob, client_msg_id="c1")
+        Frame(
+            cmd=Command.MESSAGE,
+            req_msg="hi bob",
+            receive_user_id=bob,
+            client_msg_id="c1",
+        )
     )
     frames = ws.received()
     [ack] = [f for f in frames if f.cmd == Command.ACK]
@@ -190,7 +195,12 @@ def test_a_websocket_client_chats_with_a_tcp_client(subprotocol: str) -> None:
     [message] = tcp.messages()
     assert (message.text, message.sender_id) == ("hi bob", alice)
     tcp.send(
-        Frame(cmd=Command.MESSAGE, req_msg="hi alice", receive_user_id=alice, client_msg_id="d1")
+        Frame(
+            cmd=Command.MESSAGE,
+            req_msg="hi alice",
+            receive_user_id=alice,
+            client_msg_id="d1",
+        )
     )
     texts = [m.text for f in ws.received() for m in f.messages]
     assert "hi alice" in texts
@@ -333,8 +343,12 @@ def test_json_is_decoded_strictly(text: bytes, reason: str) -> None:
     assert _close_of(raw).close_code == 1007
 
 
-@pytest.mark.parametrize(("subprotocol", "opcode"), [(PROTO, wskit.TEXT), (JSON, wskit.BINARY)])
-def test_the_other_kind_of_message_closes_with_1003(subprotocol: str, opcode: int) -> None:
+@pytest.mark.parametrize(
+    ("subprotocol", "opcode"), [(PROTO, wskit.TEXT), (JSON, wskit.BINARY)]
+)
+def test_the_other_kind_of_message_closes_with_1003(
+    subprotocol: str, opcode: int
+) -> None:
     ws = WsPeer(World(), protocols=(subprotocol,))
     ws.send_raw(opcode, b"{}")
     assert _close_of(ws.raw()).close_code == 1003
@@ -365,7 +379,9 @@ def test_a_bad_token_is_refused() -> None:
     world = World()
     ws = WsPeer(world)
     user = world.account("alice")
-    ws.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=user, req_msg="alice", token="x"))
+    ws.send(
+        Frame(cmd=Command.LOGIN_REQUEST, request_id=user, req_msg="alice", token="x")
+    )
     raw = ws.raw()
     [error] = ws.received(raw)
     assert error.cmd == Command.ERROR

@@ -44,7 +44,9 @@ async def route_login(reactor: Any, route: str, name: str) -> dict[str, Any]:
     browser does: the extended reply, with the token and C{wsUrl}.
     """
     status, body = await call(
-        reactor, f"{route}/registerAccount", {"userName": name, "password": "pw-" + name}
+        reactor,
+        f"{route}/registerAccount",
+        {"userName": name, "password": "pw-" + name},
     )
     assert status == 200 and body["code"] == "9000", body
     user_id = body["dataBody"]["userId"]
@@ -197,7 +199,12 @@ async def cluster(
         registry,
         SECRET,
         server_args=[
-            "--ws-port", "0", "--max-frame", "4096", "--heartbeat-timeout", "2",
+            "--ws-port",
+            "0",
+            "--max-frame",
+            "4096",
+            "--heartbeat-timeout",
+            "2",
         ],  # fmt: skip
     )
     try:

@@ -46,7 +46,9 @@ def handshake(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def frame(opcode: int, payload: bytes, fin: bool = True, length: int | None = None) -> bytes:
+def frame(
+    opcode: int, payload: bytes, fin: bool = True, length: int | None = None
+) -> bytes:
     """
     A masked client frame (its header may claim another C{length}).
     """
@@ -162,6 +164,10 @@ class WsClient(WebSocketClientProtocol):
                 return frame
 
 
+def _trust(ca_file: str | None) -> Certificate | None:
+    return None if ca_file is None else Certificate.loadPEM(Path(ca_file).read_bytes())
+
+
 async def connect(
     reactor: Any,
     url: str,
@@ -183,9 +189,8 @@ async def connect(
     factory.protocol = WsClient
     endpoint: Any = HostnameEndpoint(reactor, parts.hostname, parts.port)
     if parts.scheme == "wss":
-        trust = None
-        if ca_file is not None:
-            trust = Certificate.loadPEM(Path(ca_file).read_bytes())
-        endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname, trust), endpoint)
+        endpoint = wrapClientTLS(
+            optionsForClientTLS(parts.hostname, _trust(ca_file)), endpoint
+        )
     client: WsClient = await endpoint.connect(factory)
     return await client.opened

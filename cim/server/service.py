@@ -168,7 +168,7 @@ class IMServerService(AsyncStartService):
             tls=is_tls(config.port),
             https=is_tls(config.http_port),
             ws_port=bound_port(ws_port, "ws-port") if ws_port is not None else 0,
-            wss=ws_port is not None and is_tls(config.ws_port),
+            wss=config.ws_port is not None and is_tls(config.ws_port),
         )
         # Sessions naming this address are of an earlier run of this server
         # (killed, or stopped while the store was away): nobody holds them.

@@ -94,7 +94,9 @@ class WebSocketOptions(usage.Options):
         """
         origin = origin.strip()
         if origin != "*" and (
-            "://" not in origin or origin.endswith("://") or "/" in origin.split("://", 1)[1]
+            "://" not in origin
+            or origin.endswith("://")
+            or "/" in origin.split("://", 1)[1]
         ):
             raise usage.UsageError(
                 f"--ws-origin must be scheme://host[:port] or *, not {origin!r}"

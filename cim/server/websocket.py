@@ -214,7 +214,8 @@ class WebSocketConnection(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         with self._tls_below():
             super().connectionMade()
-        self.transport.registerProducer(self.backlog, True)
+        transport: Any = self.transport
+        transport.registerProducer(self.backlog, True)
 
     def _onOpen(self) -> None:
         with self._tls_below():
@@ -270,7 +271,8 @@ class WebSocketConnection(WebSocketServerProtocol):
         )
 
     def onOpen(self) -> None:
-        peer = self.transport.getPeer()
+        transport: Any = self.transport
+        peer = transport.getPeer()
         where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self.conn = self.server.connection_made(self, where)
 
@@ -342,8 +344,7 @@ class WebSocketConnection(WebSocketServerProtocol):
         server = self.server
         now = server.clock.seconds()
         conn.tokens = (
-            min(2 * server.rate, conn.tokens + (now - conn.last_seen) * server.rate)
-            - 1
+            min(2 * server.rate, conn.tokens + (now - conn.last_seen) * server.rate) - 1
         )
         conn.last_seen = now
         if conn.tokens < 0:
@@ -431,7 +432,7 @@ class WebSocketGateway(WebSocketServerFactory):
             webStatus=False,
         )
 
-    def buildProtocol(self, addr: object) -> WebSocketConnection:
+    def buildProtocol(self, addr: object) -> WebSocketConnection:  # type: ignore[override]
         protocol = WebSocketConnection(self.im_server, self.origins, self.max_output)
         protocol.factory = self
         return protocol
