@@ -18,6 +18,7 @@ from cim.interfaces import ServerAddress
 from cim.message import Command, ErrorCode, Frame
 from cim.server.websocket import (
     JSON,
+    MAX_HANDSHAKE,
     PROTO,
     OriginPolicy,
     WebSocketConnection,
@@ -430,6 +431,21 @@ def test_the_handshake_has_a_deadline() -> None:
     assert not world.server.connections
 
 
+def test_a_handshake_has_a_size_limit() -> None:
+    world = World()
+    gateway = WebSocketGateway(world.server, world.clock, 1024)
+    protocol = gateway.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+    for _ in range(300):
+        if transport.disconnecting:
+            break
+        protocol.dataReceived(b"X-Padding: " + b"x" * 100 + b"\r\n")
+    assert transport.disconnecting
+    assert len(protocol.data) <= MAX_HANDSHAKE
+
+
 # The address and the login reply
 
 
@@ -462,3 +478,54 @@ def test_the_address_carries_the_websocket_port(
 def test_a_bad_websocket_flag_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="WebSocket flag"):
         ServerAddress.parse(text)
+
+
+# Options
+
+
+def test_the_server_gateway_is_off_unless_asked_for() -> None:
+    from cim.server import tap
+
+    options = tap.Options()
+    options.parseOptions(["--secret", "s" * 20])
+    config = tap.config_from(options)
+    assert (config.ws_port, config.ws_origins) == (None, ())
+    options = tap.Options()
+    options.parseOptions(
+        ["--secret", "s" * 20, "--ws-port", "tcp:0", "--ws-origin", "https://a.example",
+         "--ws-origin", "*"]
+    )  # fmt: skip
+    config = tap.config_from(options)
+    assert (config.ws_port, config.ws_origins) == ("tcp:0", ("https://a.example", "*"))
+
+
+def test_the_standalone_gateway_is_on_by_default() -> None:
+    from cim.standalone import Options
+
+    options = Options()
+    options.parseOptions([])
+    assert (options["ws-port"], options["ws-origin"]) == (8084, [])
+    options = Options()
+    options.parseOptions(["--ws-port", "off"])
+    assert options["ws-port"] is None
+    options = Options()
+    options.parseOptions(["--ws-port", "0"])
+    assert options["ws-port"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ws-port", "70000"], "--ws-port must be between"),
+        (["--ws-port", "nope:1"], "--ws-port must be a port number or"),
+        (["--ws-origin", "example.com"], "--ws-origin must be"),
+        (["--ws-origin", "https://a.example/path"], "--ws-origin must be"),
+    ],
+)
+def test_bad_websocket_options_are_usage_errors(args: list[str], message: str) -> None:
+    from twisted.python import usage
+
+    from cim.server import tap
+
+    with pytest.raises(usage.UsageError, match=message):
+        tap.Options().parseOptions(["--secret", "s" * 20, *args])

@@ -295,3 +295,50 @@ async def test_wss_with_the_development_ca(
     assert "certificate" in repr(e.value).lower() or isinstance(
         e.value, HandshakeRefused
     )
+
+
+# The service, in process: the gateway's own connection caps
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_gateway_counts_connections_per_address(reactor: Any) -> None:
+    from twisted.internet.defer import succeed
+
+    from cim.limits_net import NetLimits
+    from cim.registry.local import LocalBoard, LocalRegistry
+    from cim.server.service import IMServerService, ServerConfig
+    from cim.store.memory import MemoryStore
+
+    service = IMServerService(
+        reactor,
+        ServerConfig(
+            port=0,
+            http_port=0,
+            ws_port=0,
+            bind="127.0.0.1",
+            secret=SECRET,
+            limits=NetLimits(per_address=2),
+        ),
+        lambda: succeed(MemoryStore(reactor)),
+        LocalRegistry(LocalBoard()),
+    )
+    service.startService()
+    clients: list[WsClient] = []
+    try:
+        await within(reactor, service.ready, 10)
+        address = service.address
+        assert address is not None and address.ws_url is not None
+        assert service.factories["ws"].per_address == 2
+        for _ in range(2):
+            clients.append(await within(reactor, connect(reactor, address.ws_url), 10))
+        # The third from the same address is refused before its handshake.
+        with pytest.raises(HandshakeRefused):
+            await within(reactor, connect(reactor, address.ws_url), 10)
+        assert service.factories["ws"].refused == 1
+        # The TCP client port counts its own.
+        assert service.factories["clients"].peers == {}
+    finally:
+        for client in clients:
+            client.sendClose(1000)
+            await within(reactor, client.lost, 10)
+        await service.stopService()

@@ -17,7 +17,8 @@ subprotocol the client chose in its handshake:
 
 The handshake is refused (HTTP 400) without one of those subprotocols, and
 (HTTP 403) from a browser page whose C{Origin} is not allowed
-(L{OriginPolicy}).
+(L{OriginPolicy}); it must be done within the login timeout, in at most
+L{MAX_HANDSHAKE} bytes.
 
 Closing codes (RFC 6455 section 7.4): a message over C{--max-frame} closes
 with 1009 (message too big), an undecodable one with 1007 (invalid payload
@@ -94,6 +95,9 @@ _MAX_REASON = 123
 
 #: Seconds the closing handshake may take before the connection is dropped.
 CLOSE_TIMEOUT = 5.0
+#: The most bytes of an opening handshake (the HTTP request's head); autobahn
+#: sets no limit of its own.
+MAX_HANDSHAKE = 16 * 1024
 
 #: The names of this adapter's encodings of a shared batch.
 _FORMS = {True: "ws-protobuf", False: "ws-json"}
@@ -216,6 +220,20 @@ class WebSocketConnection(WebSocketServerProtocol):
             super().connectionMade()
         transport: Any = self.transport
         transport.registerProducer(self.backlog, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if (
+            self.state == self.STATE_CONNECTING
+            and len(self.data) + len(data) > MAX_HANDSHAKE
+        ):
+            log.info(
+                "Dropped a WebSocket from {peer}: handshake over {size} bytes",
+                peer=self.peer,
+                size=MAX_HANDSHAKE,
+            )
+            self.dropConnection(abort=True)
+            return
+        super().dataReceived(data)
 
     def _onOpen(self) -> None:
         with self._tls_below():
