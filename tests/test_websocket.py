@@ -446,6 +446,20 @@ def test_a_handshake_has_a_size_limit() -> None:
     assert len(protocol.data) <= MAX_HANDSHAKE
 
 
+def test_an_open_connection_keeps_little() -> None:
+    ws = WsPeer(World(), max_frame=1000)
+    protocol = ws.protocol
+    assert protocol.http_headers is None and protocol.http_request_data is None
+    # The options are the factory's, not copies.
+    assert "maxFramePayloadSize" not in vars(protocol)
+    assert protocol.maxMessagePayloadSize == 1000
+    assert protocol.trafficStats is ws.gateway.traffic
+    # Still speaks.
+    ws.login("alice")
+    ws.send(Frame(cmd=Command.PING, req_msg="ping"))
+    assert ws.received() == [Frame(cmd=Command.PING, req_msg="pong")]
+
+
 # The address and the login reply
 
 

@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -98,6 +99,22 @@ CLOSE_TIMEOUT = 5.0
 #: The most bytes of an opening handshake (the HTTP request's head); autobahn
 #: sets no limit of its own.
 MAX_HANDSHAKE = 16 * 1024
+
+#: The options autobahn copies from the factory into each connection.
+_CONFIG_ATTRS = tuple(WebSocketServerProtocol.CONFIG_ATTRS)
+
+#: What autobahn keeps of an opening handshake, not read once it is done.
+_HANDSHAKE_STATE = (
+    "http_headers",
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "data_before_open",
+)
 
 #: The names of this adapter's encodings of a shared batch.
 _FORMS = {True: "ws-protobuf", False: "ws-json"}
@@ -238,6 +255,27 @@ class WebSocketConnection(WebSocketServerProtocol):
     def _onOpen(self) -> None:
         with self._tls_below():
             super()._onOpen()
+        self._forget_handshake()
+
+    def _forget_handshake(self) -> None:
+        """
+        Drop what autobahn keeps of the opening handshake once it is done,
+        and share one traffic count between the connections (nobody reads
+        them): an idle connection is a few kilobytes smaller.
+        """
+        for name in _HANDSHAKE_STATE:
+            if name in self.__dict__:
+                setattr(self, name, None)
+        self.trafficStats = self.factory.traffic
+        # Only written to by sends in autobahn's "sync" or "chopped" modes,
+        # which this adapter does not use (a tuple fails loudly if it did).
+        self.send_queue = ()  # type: ignore[assignment]
+        if self.binary:
+            # Text messages are refused unread (1003): no UTF-8 to check.
+            self.utf8validateIncoming = False
+            self.utf8validator = None  # type: ignore[assignment]
+        # A dict does not shrink by itself.
+        self.__dict__ = dict(self.__dict__)
 
     @contextmanager
     def _tls_below(self) -> Iterator[None]:
@@ -436,6 +474,9 @@ class WebSocketGateway(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=clock, protocols=list(SUBPROTOCOLS), server="cim")
         self._batched_timer = _Timers(clock)
+        #: autobahn's traffic counts of every connection (see
+        #: L{WebSocketConnection._forget_handshake}).
+        self.traffic = TrafficStats()
         self.im_server = server
         self.max_output = max_output
         self.origins = OriginPolicy(origins)
@@ -449,8 +490,17 @@ class WebSocketGateway(WebSocketServerFactory):
             # No status page for plain HTTP requests.
             webStatus=False,
         )
+        # autobahn copies its 29 options into every connection; here they
+        # are class attributes of this factory's connections instead (so
+        # setProtocolOptions must not be called after this).
+        options = {name: getattr(self, name) for name in _CONFIG_ATTRS}
+        self.connection_class: type[WebSocketConnection] = type(
+            "WebSocketConnection",
+            (WebSocketConnection,),
+            {"CONFIG_ATTRS": [], **options},
+        )
 
     def buildProtocol(self, addr: object) -> WebSocketConnection:  # type: ignore[override]
-        protocol = WebSocketConnection(self.im_server, self.origins, self.max_output)
+        protocol = self.connection_class(self.im_server, self.origins, self.max_output)
         protocol.factory = self
         return protocol
