@@ -250,7 +250,9 @@ class WebSocketConnection(WebSocketServerProtocol):
             )
             self.dropConnection(abort=True)
             return
-        super().dataReceived(data)
+        # autobahn's Twisted adapter formats a debug line (with colours) for
+        # every read, logged or not: go straight to the WebSocket code.
+        self._dataReceived(data)
 
     def _onOpen(self) -> None:
         with self._tls_below():
@@ -352,6 +354,21 @@ class WebSocketConnection(WebSocketServerProtocol):
             self._fail(conn, INVALID_PAYLOAD, str(e))
             return
         self.server.frame_received(conn, frame)
+
+    def onMessageEnd(self) -> None:
+        # autobahn's, without its "message" event (nobody observes it here):
+        # one Deferred less per message.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None  # type: ignore[assignment]
+
+    def sendData(
+        self, data: bytes, sync: bool = False, chopsize: int | None = None
+    ) -> None:
+        # autobahn's, for the only way this adapter writes (neither "sync"
+        # nor chopped), without the debug line it formats for every write.
+        assert not sync and not chopsize
+        self.transport.write(data)  # type: ignore[union-attr]
 
     def onPing(self, payload: bytes) -> None:
         super().onPing(payload)
