@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 
 from cim.codec import decode, decode_json, encode, encode_json
 from cim.interfaces import ServerAddress
-from cim.message import Command, ErrorCode, Frame
+from cim.message import Command, Cursor, ErrorCode, Frame
 from cim.server.websocket import (
     JSON,
     MAX_HANDSHAKE,
@@ -243,6 +243,85 @@ def test_a_batch_is_encoded_once_per_form() -> None:
     for peer in (binary, text):
         [frame] = peer.received()
         assert [m.text for m in frame.messages] == ["hello"]
+
+
+def _every_kind_of_frame() -> list[Frame]:
+    from cim.message import ChatMessage, Cursor
+
+    message = ChatMessage(7, "p:1:2", 3, 1, "ann", "hé <b>", 99, "c1", 2, "", "e1")
+    return [
+        Frame(
+            cmd=command,
+            req_msg="x",
+            request_id=2**40,
+            properties={"k": "v"},
+            batch=("a", "b"),
+            token="t",
+            client_msg_id="c1",
+            msg_id=5,
+            seq=6,
+            conversation="g:x",
+            receive_user_id=2,
+            group_id="x",
+            error_code=8003,
+            error_reason="why",
+            cursors=(Cursor("p:1:2", 3, "e1", True),),
+            messages=(message,),
+            redirect="h:1",
+            timestamp=123,
+            device="phone",
+        )
+        for command in Command
+    ]
+
+
+@pytest.mark.parametrize("subprotocol", [PROTO, JSON])
+def test_every_frame_kind_is_carried_unchanged(subprotocol: str) -> None:
+    """
+    Both ways, every command with every field (EPOCH and READ of issue 14
+    too): the gateway frames, the core decides.
+    """
+    world = World()
+    ws = WsPeer(world, protocols=(subprotocol,))
+    for frame in _every_kind_of_frame():
+        ws.protocol.send(frame)
+        assert ws.received() == [frame]
+    seen: list[Frame] = []
+    world.server.frame_received = lambda conn, frame: seen.append(frame)  # type: ignore[method-assign]
+    for frame in _every_kind_of_frame():
+        ws.send(frame)
+    assert seen == _every_kind_of_frame()
+
+
+def test_messages_sent_while_away_are_replayed_on_login() -> None:
+    world = World()
+    tcp, bob = world.login("bob")
+    alice = world.account("alice")
+    tcp.send(
+        Frame(cmd=Command.MESSAGE, req_msg="while away", receive_user_id=alice,
+              client_msg_id="b1")
+    )  # fmt: skip
+    ws = WsPeer(world, protocols=(JSON,))
+    ws.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=alice,
+            req_msg="alice",
+            token=world.token(alice, "alice"),
+        )
+    )
+    frames = ws.received()
+    assert frames[0].cmd == Command.LOGIN_RESPONSE
+    texts = [m.text for f in frames for m in f.messages]
+    assert texts == ["while away"]
+    replayed = [f for f in frames if f.messages]
+    assert replayed[0].cmd == Command.OFFLINE
+    # Acknowledged like on TCP.
+    [message] = replayed[0].messages
+    ws.send(
+        Frame(cmd=Command.ACK, cursors=(Cursor(message.conversation, message.seq),))
+    )
+    assert not ws.closed
 
 
 # Heartbeats: WebSocket pings count
