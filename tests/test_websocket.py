@@ -143,6 +143,10 @@ def test_the_handshake_refuses_a_missing_or_unknown_subprotocol(
         ("http://127.0.0.1.evil.example", "127.0.0.1:8084", False),
         ("null", "127.0.0.1:8084", False),
         ("http://[::1]:8083", "[::1]:8084", True),
+        ("http://localhost:8083", "127.0.0.1:8084", True),  # loopback is one host
+        ("http://127.0.0.1:8083", "[::1]:8084", True),
+        ("http://localhost.evil.example", "127.0.0.1:8084", False),
+        ("http://127.0.0.1:8083", "10.0.0.1:8084", False),
     ],
 )
 def test_by_default_a_page_of_the_same_host_may_connect(

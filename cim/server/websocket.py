@@ -154,7 +154,7 @@ class OriginPolicy:
     host is the host the request is addressed to (its C{Host} header,
     whatever the scheme and the port): the web client served by the route
     of the same host (on its own port) connects, a page of another site
-    does not.  Otherwise an origin must match one of the patterns
+    does not (C{localhost}, C{127.0.0.1} and C{::1} count as one host).  Otherwise an origin must match one of the patterns
     (C{--ws-origin}): an exact origin such as C{https://chat.example.com}
     or C{http://127.0.0.1:8083}, a pattern with C{*} such as
     C{https://*.example.com}, or C{*} alone for any page.  Origins compare
@@ -180,7 +180,15 @@ class OriginPolicy:
             origin_host = urlsplit(origin).hostname
         except ValueError:
             return False
-        return origin_host is not None and origin_host == _bare(host)
+        if origin_host is None:
+            return False
+        host = _bare(host)
+        return origin_host == host or {origin_host, host} <= _LOOPBACK
+
+
+#: The names of this machine's loopback interface: one host for the origin
+#: check (a page of http://localhost:8083 opens ws://127.0.0.1:8084).
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _bare(host: str) -> str:
