@@ -354,10 +354,12 @@ def test_websocket_pings_keep_a_connection() -> None:
     assert _close_of(raw).close_code == 1008
 
 
-def test_a_ping_flood_is_rate_limited() -> None:
+@pytest.mark.parametrize("logged_in", [True, False])
+def test_a_ping_flood_is_rate_limited(logged_in: bool) -> None:
     world = World(rate=5.0)
     ws = WsPeer(world)
-    ws.login("alice")
+    if logged_in:
+        ws.login("alice")
     for _ in range(20):
         ws.send_raw(wskit.PING, b"")
     raw = ws.raw()
