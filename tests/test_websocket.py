@@ -487,6 +487,25 @@ def test_a_kick_closes_normally_and_the_loss_reaches_the_core() -> None:
     assert ws.protocol.conn not in world.server.connections
 
 
+def test_an_error_that_does_not_close_is_not_a_close_code() -> None:
+    world = World()
+    ws = WsPeer(world)
+    alice = ws.login("alice")
+    # A send to nobody: an error about that send, the connection stays.
+    ws.send(
+        Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=999, client_msg_id="x")
+    )
+    raw = ws.raw()
+    [error] = ws.received(raw)
+    assert error.cmd == Command.ERROR
+    assert wskit.CLOSE not in [r.opcode for r in raw]
+    ws.send(Frame(cmd=Command.PING, req_msg="ping"))
+    ws.received()
+    world.server.kick_user(alice, "", "bye", False)
+    [close] = [r for r in ws.raw() if r.opcode == wskit.CLOSE]
+    assert close.close_code == 1000
+
+
 def test_a_client_that_does_not_read_is_dropped() -> None:
     world = World()
     ws = WsPeer(world, max_output=64 * 1024)

@@ -243,8 +243,13 @@ class WebSocketConnection(WebSocketServerProtocol):
         self.conn: Connection | None = None
         self._overflowed = False
         self._lost = False
-        #: The close code and reason of the next close.
+        #: The close code and reason of the next close, when this adapter
+        #: decided them (else L{_said}'s, else 1000).
         self._closing: tuple[int, str] | None = None
+        #: The close code and reason of the last frame written, when it was
+        #: an ERROR or a KICK (the core closes right after the frame that
+        #: says why).
+        self._said: tuple[int, str] | None = None
 
     # Twisted
 
@@ -442,17 +447,20 @@ class WebSocketConnection(WebSocketServerProtocol):
     # IClientLink, for the core
 
     def send(self, frame: Frame) -> None:
-        if frame.cmd == Command.ERROR and self._closing is None:
+        if frame.cmd == Command.ERROR:
             code = _ERROR_CLOSE.get(frame.error_code, POLICY_VIOLATION)
-            self._closing = (code, frame.error_reason)
-        elif frame.cmd == Command.KICK and self._closing is None:
-            self._closing = (NORMAL, frame.error_reason)
+            self._said = (code, frame.error_reason)
+        elif frame.cmd == Command.KICK:
+            self._said = (NORMAL, frame.error_reason)
+        else:
+            self._said = None
         if frame is wire.PONG:
             self._write(_PONGS[self.binary])
         else:
             self._write(_ENCODERS[self.binary](frame))
 
     def send_batch(self, batch: wire.Batch) -> None:
+        self._said = None
         self._write(batch.encoded(_FORMS[self.binary], _ENCODERS[self.binary]))
 
     def close(self) -> None:
@@ -462,7 +470,7 @@ class WebSocketConnection(WebSocketServerProtocol):
             return
         if self.state != self.STATE_OPEN:
             return
-        code, reason = self._closing or (NORMAL, "")
+        code, reason = self._closing or self._said or (NORMAL, "")
         self.sendCloseFrame(code=code, reasonUtf8=_truncate(reason), isReply=False)
 
     def abort(self) -> None:
