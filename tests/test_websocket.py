@@ -415,6 +415,9 @@ def test_an_undecodable_binary_message_closes_with_1007() -> None:
         (b'{"cmd": "PING"', "Failed to load JSON"),
         (b"[]", "not a JSON object"),
         (b'{"cmd": 99}', "unknown command 99"),
+        (b'{"cmd": "PING", "cmd": "MESSAGE"}', "duplicate key"),
+        (b'{"cmd": "MESSAGE", "requestId": 1.5}', "requestId"),
+        (b'{"cmd": "MESSAGE", "reqMsg": "\\ud800"}', "Unpaired surrogate"),
     ],
 )
 def test_json_is_decoded_strictly(text: bytes, reason: str) -> None:
