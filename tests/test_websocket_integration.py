@@ -277,7 +277,7 @@ async def tls_node(
 
 @pytest_twisted.ensureDeferred
 async def test_wss_with_the_development_ca(
-    reactor: Any, tls_node: Daemon, certs: DevCerts
+    reactor: Any, tls_node: Daemon, certs: DevCerts, tmp_path: Path
 ) -> None:
     assert "(TLS: WebSocket)" in tls_node.log_text()
     route = tls_node.url()
@@ -290,11 +290,16 @@ async def test_wss_with_the_development_ca(
     ws.sendClose(1000)
     await within(reactor, ws.lost, 10)
     # Without the CA, the certificate does not verify.
-    with pytest.raises(Exception) as e:
+    with pytest.raises(HandshakeRefused, match="certificate verify failed"):
         await within(reactor, connect(reactor, reply["wsUrl"], (JSON,)), 10)
-    assert "certificate" in repr(e.value).lower() or isinstance(
-        e.value, HandshakeRefused
-    )
+    # Nor with a CA whose certificate is for another name.
+    other = make_dev_certs(tmp_path / "other", ("cim.invalid",))
+    with pytest.raises(HandshakeRefused, match="certificate verify failed"):
+        await within(
+            reactor,
+            connect(reactor, reply["wsUrl"], (JSON,), ca_file=str(other.ca)),
+            10,
+        )
 
 
 # The service, in process: the gateway's own connection caps
