@@ -121,7 +121,6 @@ _HANDSHAKE_STATE = (
     "http_request_path",
     "http_request_params",
     "http_request_host",
-    "data_before_open",
 )
 
 #: The names of this adapter's encodings of a shared batch.
