@@ -98,12 +98,16 @@ class ServerAddress:
     Where an IM server listens: the host clients connect to, its client
     port and its push API port, and whether each speaks TLS.  Its string
     form is the registry node name: C{"host:port:http_port"} as in CIM,
-    with a fourth field only when TLS is on: C{tls} (the client port),
-    C{https} (the push API) or C{tls+https}.  CIM reads the first three
+    with a fourth field only when TLS or WebSocket is on: flags joined by
+    C{+}, C{tls} (the client port), C{https} (the push API), and
+    C{ws=<port>} or C{wss=<port>} (the WebSocket gateway, with TLS), such as
+    C{10.0.0.1:11211:8081:tls+https+wss=8084}.  CIM reads the first three
     fields only, and a CIM client could not speak TLS anyway.
 
     @ivar tls: the client port speaks TLS.
     @ivar https: the push API speaks TLS (called with C{https://}).
+    @ivar ws_port: the WebSocket gateway's port; 0: none.
+    @ivar wss: the WebSocket gateway speaks TLS.
     """
 
     host: str
@@ -111,11 +115,26 @@ class ServerAddress:
     http_port: int
     tls: bool = False
     https: bool = False
+    ws_port: int = 0
+    wss: bool = False
 
     def __str__(self) -> str:
         text = f"{self.host}:{self.port}:{self.http_port}"
         flags = [name for name, on in (("tls", self.tls), ("https", self.https)) if on]
+        if self.ws_port:
+            flags.append(f"{'wss' if self.wss else 'ws'}={self.ws_port}")
         return f"{text}:{'+'.join(flags)}" if flags else text
+
+    @property
+    def ws_url(self) -> str | None:
+        """
+        The URL of the server's WebSocket gateway, if it has one.
+        """
+        if not self.ws_port:
+            return None
+        scheme = "wss" if self.wss else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.ws_port}/"
 
     @property
     def push_url(self) -> str:
@@ -129,22 +148,37 @@ class ServerAddress:
     @classmethod
     def parse(cls, text: str) -> ServerAddress:
         """
-        Parse C{"host:port:http_port"}, perhaps followed by C{":tls"},
-        C{":https"} or C{":tls+https"}.
+        Parse C{"host:port:http_port"}, perhaps followed by C{":"} and
+        flags joined by C{+}: C{tls}, C{https}, C{ws=<port>}, C{wss=<port>}.
 
         @raise ValueError: C{text} is not of that form.
         """
         flags: set[str] = set()
+        ws_port, wss = 0, False
         head, _, last = text.rpartition(":")
         if last and not last.isdigit() and head:
             flags = set(last.split("+"))
+            for flag in [f for f in flags if f.startswith(("ws=", "wss="))]:
+                name, _, number = flag.partition("=")
+                if ws_port or not number.isdigit() or not 0 < int(number) < 65536:
+                    raise ValueError(f"bad WebSocket flag {flag!r} in {text!r}")
+                ws_port, wss = int(number), name == "wss"
+                flags.discard(flag)
             if not flags <= {"tls", "https"}:
                 raise ValueError(f"unknown flags {last!r} in {text!r}")
             text = head
         host, port, http_port = text.rsplit(":", 2)
         if not host:
             raise ValueError(f"no host in {text!r}")
-        return cls(host, int(port), int(http_port), "tls" in flags, "https" in flags)
+        return cls(
+            host,
+            int(port),
+            int(http_port),
+            "tls" in flags,
+            "https" in flags,
+            ws_port,
+            wss,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ def main() -> int:
         node = subprocess.Popen(
             [twistd, "-n", "--pidfile", "", "--logfile", str(log), "cim-standalone",
              "--port", str(server_port), "--http-port", str(http_port),
-             "--route-port", str(route_port)],
+             "--route-port", str(route_port), "--ws-port", str(free_port())],
             cwd=ROOT,
             env=dict(os.environ),
             stdin=subprocess.DEVNULL,

@@ -342,6 +342,8 @@ class RouteAPI:
         # only (CIM's reply has exactly the three fields above).
         if done.server.tls:
             extended["tls"] = True
+        if done.server.ws_url:
+            extended["wsUrl"] = done.server.ws_url
         return self._ok(request, extended)
 
     @app.route("/groupRoute", methods=["POST"])

@@ -585,6 +585,12 @@ def openapi_document(max_message: int = 4096) -> Schema:
                             "only when true: the server's client port speaks "
                             "TLS (verify its certificate for ip).",
                         },
+                        "wsUrl": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only, and "
+                            "only when the server has a WebSocket gateway: "
+                            "its URL (ws:// or wss://).",
+                        },
                     },
                     ["ip", "cimServerPort", "httpPort"],
                 ),
