@@ -16,7 +16,7 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc
 	dev-certs
 
 help:
-	@echo "make run          start a standalone cim node (route :8083, server :11211)"
+	@echo "make run          start a standalone cim node (route :8083, server :11211, WebSocket :8084)"
 	@echo "make test         install, start Redis and ZooKeeper, run all tests, stop them"
 	@echo "make unit         the tests that need no Redis or ZooKeeper"
 	@echo "make demo         two scripted clients chat through a standalone node"
@@ -76,7 +76,7 @@ typecheck: install
 	$(BIN)/mypy
 
 run: install
-	@echo "Starting a standalone cim node: route http://127.0.0.1:8083, server 127.0.0.1:11211"
+	@echo "Starting a standalone cim node: route http://127.0.0.1:8083, server 127.0.0.1:11211, WebSocket ws://127.0.0.1:8084/"
 	@echo "In a browser:         open http://127.0.0.1:8083/"
 	@echo "In another terminal:  $(BIN)/twistd -n cim-client --user alice"
 	@mkdir -p .run

@@ -5,6 +5,7 @@ protobuf code.
 
 from __future__ import annotations
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from cim._proto import cim_pb2
@@ -156,3 +157,35 @@ def decode(data: bytes) -> Frame:
         elif name == "messages":
             frame.messages = tuple(_chat_from_pb(m) for m in value)
     return frame
+
+
+# The proto3 JSON form (the WebSocket gateway's text subprotocol)
+
+
+def encode_json(frame: Frame) -> str:
+    """
+    C{frame} in protobuf's canonical proto3 JSON form, made by protobuf's
+    own C{json_format}: lowerCamelCase field names, enum names, 64-bit
+    integers as strings, default values left out.
+    """
+    pb = cim_pb2.Request()
+    pb.ParseFromString(encode(frame))
+    return json_format.MessageToJson(pb, indent=None, ensure_ascii=False)
+
+
+def decode_json(text: str) -> Frame:
+    """
+    Parse one frame in the proto3 JSON form, strictly: an unknown field is
+    an error, as is anything L{decode} refuses.
+
+    @raise CodecError: C{text} is not such a frame.
+    """
+    if not text.lstrip().startswith("{"):
+        raise CodecError("undecodable JSON frame: not a JSON object")
+    pb = cim_pb2.Request()
+    try:
+        json_format.Parse(text, pb)
+    except (json_format.ParseError, RecursionError, ValueError) as e:
+        reason = str(e).split("\n", 1)[0].strip()
+        raise CodecError(f"undecodable JSON frame: {reason}") from None
+    return decode(pb.SerializeToString())

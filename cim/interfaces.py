@@ -98,12 +98,16 @@ class ServerAddress:
     Where an IM server listens: the host clients connect to, its client
     port and its push API port, and whether each speaks TLS.  Its string
     form is the registry node name: C{"host:port:http_port"} as in CIM,
-    with a fourth field only when TLS is on: C{tls} (the client port),
-    C{https} (the push API) or C{tls+https}.  CIM reads the first three
+    with a fourth field only when TLS or WebSocket is on: flags joined by
+    C{+}, C{tls} (the client port), C{https} (the push API), and
+    C{ws=<port>} or C{wss=<port>} (the WebSocket gateway, with TLS), such as
+    C{10.0.0.1:11211:8081:tls+https+wss=8084}.  CIM reads the first three
     fields only, and a CIM client could not speak TLS anyway.
 
     @ivar tls: the client port speaks TLS.
     @ivar https: the push API speaks TLS (called with C{https://}).
+    @ivar ws_port: the WebSocket gateway's port; 0: none.
+    @ivar wss: the WebSocket gateway speaks TLS.
     """
 
     host: str
@@ -111,11 +115,26 @@ class ServerAddress:
     http_port: int
     tls: bool = False
     https: bool = False
+    ws_port: int = 0
+    wss: bool = False
 
     def __str__(self) -> str:
         text = f"{self.host}:{self.port}:{self.http_port}"
         flags = [name for name, on in (("tls", self.tls), ("https", self.https)) if on]
+        if self.ws_port:
+            flags.append(f"{'wss' if self.wss else 'ws'}={self.ws_port}")
         return f"{text}:{'+'.join(flags)}" if flags else text
+
+    @property
+    def ws_url(self) -> str | None:
+        """
+        The URL of the server's WebSocket gateway, if it has one.
+        """
+        if not self.ws_port:
+            return None
+        scheme = "wss" if self.wss else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.ws_port}/"
 
     @property
     def push_url(self) -> str:
@@ -129,22 +148,37 @@ class ServerAddress:
     @classmethod
     def parse(cls, text: str) -> ServerAddress:
         """
-        Parse C{"host:port:http_port"}, perhaps followed by C{":tls"},
-        C{":https"} or C{":tls+https"}.
+        Parse C{"host:port:http_port"}, perhaps followed by C{":"} and
+        flags joined by C{+}: C{tls}, C{https}, C{ws=<port>}, C{wss=<port>}.
 
         @raise ValueError: C{text} is not of that form.
         """
         flags: set[str] = set()
+        ws_port, wss = 0, False
         head, _, last = text.rpartition(":")
         if last and not last.isdigit() and head:
             flags = set(last.split("+"))
+            for flag in [f for f in flags if f.startswith(("ws=", "wss="))]:
+                name, _, number = flag.partition("=")
+                if ws_port or not number.isdigit() or not 0 < int(number) < 65536:
+                    raise ValueError(f"bad WebSocket flag {flag!r} in {text!r}")
+                ws_port, wss = int(number), name == "wss"
+                flags.discard(flag)
             if not flags <= {"tls", "https"}:
                 raise ValueError(f"unknown flags {last!r} in {text!r}")
             text = head
         host, port, http_port = text.rsplit(":", 2)
         if not host:
             raise ValueError(f"no host in {text!r}")
-        return cls(host, int(port), int(http_port), "tls" in flags, "https" in flags)
+        return cls(
+            host,
+            int(port),
+            int(http_port),
+            "tls" in flags,
+            "https" in flags,
+            ws_port,
+            wss,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +318,8 @@ class ConversationState:
     @ivar peer_read: in a private conversation, the other user's read
         position (read receipts).
     @ivar group_id: in a group conversation, the group.
+    @ivar joined: in a group conversation, the seq at which the user joined
+        (L{GroupInfo.joined_at}): its devices receive what follows.
     """
 
     conversation: str
@@ -293,6 +329,7 @@ class ConversationState:
     peer_id: int = 0
     peer_read: int = 0
     group_id: str = ""
+    joined: int = 0
 
     @property
     def unread(self) -> int:
@@ -465,8 +502,9 @@ class ISessions(Interface):
 
         @return: fires with the sorted session ids of C{sessions} that are
             not their device's session any more (a newer login replaced
-            them, or the device limit dropped them): C{server} should close
-            those connections.
+            them, the device limit dropped them, or they were released in
+            the last 10 minutes): C{server} should close those
+            connections.
         """
 
     def get_session(user_id: int, device: str = "") -> Deferred[Session | None]:
@@ -880,25 +918,52 @@ class ILocalDelivery(Interface):
         messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> list[int]:
         """
-        Write C{messages} to each of C{user_ids} that is connected here.
+        Write C{messages} to every device of each of C{user_ids} that is
+        connected here.
 
-        @return: the list of C{user_ids} that are not connected here.
+        @return: the list of C{user_ids} with no device connected here.
+        """
+
+    def deliver_read_local(
+        reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> list[int]:
+        """
+        Tell every device of each of C{user_ids} that is connected here (a
+        READ frame) that C{reader_id} read C{conversation} up to C{seq}.
+
+        @return: the list of C{user_ids} with no device connected here.
         """
 
 
 class IPusher(Interface):
     """
-    Sends messages to the users of another IM server.
+    Sends messages, and read positions, to the users of another IM server.
     """
 
     def push(
         server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[list[int]]:
         """
-        Ask C{server} to write C{messages} to each of C{user_ids}.
+        Ask C{server} to write C{messages} to every device of each of
+        C{user_ids} connected there.
 
-        @return: a Deferred firing with the list of C{user_ids} that are not
-            connected there; fails when the server cannot be reached.
+        @return: a Deferred firing with the list of C{user_ids} with no
+            device connected there; fails when the server cannot be reached.
+        """
+
+    def push_read(
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        """
+        Ask C{server} to tell every device of each of C{user_ids} connected
+        there that C{reader_id} read C{conversation} up to C{seq}; in order
+        with the pushes of messages to that server.
+
+        @return: as L{push}.
         """
 
 
@@ -915,15 +980,17 @@ class IServerControl(IPusher):
         logged_off: bool = False,
     ) -> Deferred[dict[str, Any]]:
         """
-        Ask C{server} to close C{user_id}'s connection if it still belongs
-        to C{session_id} (C{logged_off}: because the user logged off).
+        Ask C{server} to close the connection of C{user_id}'s device whose
+        session is C{session_id} (every device's when empty; C{logged_off}:
+        because the user logged off).
 
         @return: fires with the server's reply envelope once it is done.
         """
 
     def resync(server: str, user_id: int) -> Deferred[dict[str, Any]]:
         """
-        Ask C{server} to send C{user_id} the stored messages it has not got.
+        Ask C{server} to send every device of C{user_id} connected there the
+        stored messages it has not got.
 
         @return: fires with the server's reply envelope.
         """

@@ -34,11 +34,12 @@ from cim.options import (
     secret_option,
 )
 from cim.route.service import RouteConfig, RouteService
+from cim.route.tap import MAX_DEVICES_OPTION
 from cim.server.service import IMServerService, ServerConfig
-from cim.server.tap import SERVER_LIMITS
+from cim.server.tap import SERVER_LIMITS, WS_PORT, WebSocketOptions, ws_port_option
 
 
-class Options(usage.Options):
+class Options(WebSocketOptions):
     synopsis = "[options]"
     longdesc = (
         "Run a cim route and IM server in one process: in memory by default, "
@@ -64,6 +65,7 @@ class Options(usage.Options):
             "The IM server's push API port, or an endpoint description.",
             listen_option("http-port"),
         ],
+        ws_port_option(WS_PORT),
         [
             "route-port",
             None,
@@ -83,6 +85,7 @@ class Options(usage.Options):
             "A PEM file of the CAs whose certificates the push APIs called "
             "over https must carry (default: the system's).",
         ],
+        MAX_DEVICES_OPTION,
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
     ]
@@ -144,6 +147,8 @@ class StandaloneService(AsyncStartService):
                 max_output=o["max-output"],
                 session_ttl=o["session-ttl"],
                 ca_file=o["ca-file"],
+                ws_port=o["ws-port"],
+                ws_origins=tuple(o["ws-origin"]),
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),
@@ -166,6 +171,7 @@ class StandaloneService(AsyncStartService):
                 ),
                 shutdown_timeout=self.shutdown_timeout,
                 ca_file=o["ca-file"],
+                max_devices=o["max-devices"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

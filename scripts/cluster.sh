@@ -52,8 +52,8 @@ up() {
         [ -f "$RUN/secret" ] || head -c 24 /dev/urandom | base64 | tr -d '/+=' >"$RUN/secret"
         SECRET=$(cat "$RUN/secret")
     fi
-    daemon server1 cim-server --port 11211 --http-port 8081 --store "$STORE" --registry "$REGISTRY"
-    daemon server2 cim-server --port 11212 --http-port 8082 --store "$STORE" --registry "$REGISTRY"
+    daemon server1 cim-server --port 11211 --http-port 8081 --ws-port 8084 --store "$STORE" --registry "$REGISTRY"
+    daemon server2 cim-server --port 11212 --http-port 8082 --ws-port 8085 --store "$STORE" --registry "$REGISTRY"
     wait_http server1 8081
     wait_http server2 8082
     daemon route cim-route --port 8083 --store "$STORE" --registry "$REGISTRY"

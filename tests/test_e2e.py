@@ -23,7 +23,7 @@ from cim.client.library import Client, ClientState, QueueListener
 from cim.message import pair_conversation
 from tests.clientkit import take_messages, wait_state
 from tests.kit.cluster import Cluster, Processes
-from tests.kit.wait import wait_until, within
+from tests.kit.wait import take_until, wait_until, within
 
 pytestmark = pytest.mark.integration
 
@@ -184,6 +184,9 @@ async def test_private_chat_and_batches(
             token=b.token,
         )
         assert reply["code"] == "9000", reply
+        # (a's own message to c is in a's view too.)
+        [own] = await take_messages(reactor, a_events, 1)
+        assert (own.text, own.sender_id) == ("for c only", a.user_id)
         got3 = await take_messages(reactor, a_events, 3)
         assert [m.text for m in got3] == ["one", "two", "three"]
         assert [m.seq for m in got3] == sorted(m.seq for m in got3)
@@ -230,7 +233,8 @@ async def test_duplicate_login(
     assert reply["code"] == "9100", reply
     assert plain.ready
     await plain.close()
-    # With proof (the password): the old session is replaced.
+    # With proof (the password): another device logs in beside the first;
+    # both get the user's messages.  The same device again replaces it.
     name = unique("dup")
     first_events = QueueListener()
     first = Client(
@@ -241,22 +245,38 @@ async def test_duplicate_login(
     second = Client(
         reactor, cluster.url, listener=second_events, state_dir=tmp_path / "second"
     )
+    third_events = QueueListener()
+    third = Client(
+        reactor,
+        cluster.url,
+        listener=third_events,
+        state_dir=tmp_path / "third",
+        device=first.device,
+    )
     sender, _ = await client(reactor, cluster, unique("dups"), tmp_path)
     try:
         await within(reactor, second.login(name, password="pw-of-dup"))
-        assert second.ready
-        await wait_until(
-            reactor, lambda: not first.ready, "the first client to be kicked"
-        )
+        assert second.ready and first.ready
+        assert first.device != second.device
         assert second.user_id is not None
-        await within(reactor, sender.send_private(second.user_id, "to the new session"))
-        [got] = await take_messages(reactor, second_events, 1)
-        assert got.text == "to the new session"
+        await within(reactor, sender.send_private(second.user_id, "to both devices"))
+        for events in (first_events, second_events):
+            [got] = await take_messages(reactor, events, 1)
+            assert got.text == "to both devices"
+        await within(reactor, third.login(name, password="pw-of-dup"))
+        await wait_until(
+            reactor, lambda: not first.ready, "the first client to be replaced"
+        )
+        await within(reactor, sender.send_private(second.user_id, "after"))
+        for events in (second_events, third_events):
+            got = await take_until(
+                reactor, events.messages, lambda m: m.text == "after", "after"
+            )
+            assert got.sender_id == sender.user_id
         assert first_events.pending_messages() == []
     finally:
-        await first.close()
-        await second.close()
-        await sender.close()
+        for c in (first, second, third, sender):
+            await c.close()
 
 
 @pytest_twisted.ensureDeferred

@@ -41,6 +41,10 @@ class ServerConfig:
     @ivar port: the client port: a number (TCP on C{bind}) or an endpoint
         description (L{cim.listen}); C{http_port} the same for the push API.
     @ivar ca_file: the CAs of the other servers' push API certificates.
+    @ivar ws_port: the WebSocket gateway's listener (L{cim.server.websocket}),
+        like C{port}; C{None}: no gateway.
+    @ivar ws_origins: the C{--ws-origin} patterns of the pages that may
+        open a WebSocket (none: pages of the host the request names).
     """
 
     port: Listen = 11211
@@ -60,6 +64,8 @@ class ServerConfig:
     max_output: int = MAX_OUTPUT
     session_ttl: float = SESSION_TTL
     ca_file: str | None = None
+    ws_port: Listen | None = None
+    ws_origins: tuple[str, ...] = ()
 
 
 class IMServerService(AsyncStartService):
@@ -140,12 +146,29 @@ class IMServerService(AsyncStartService):
             self.reactor, config.http_port, config.bind, 1024
         ).listen(self.factories["push"])
         self._ports.append(http_port)
+        ws = _LateFactory("cim-server WebSocket")
+        ws_port = None
+        if config.ws_port is not None:
+            # Its own per-address count, as for the client port.
+            self.factories["ws"] = LimitedFactory(
+                ws,
+                self.connections,
+                config.limits.per_address,
+                self.reactor,
+                ws.name,
+            )
+            ws_port = await server_endpoint(
+                self.reactor, config.ws_port, config.bind, 4096
+            ).listen(self.factories["ws"])
+            self._ports.append(ws_port)
         self.address = ServerAddress(
             config.host,
             bound_port(client_port, "port"),
             bound_port(http_port, "http-port"),
             tls=is_tls(config.port),
             https=is_tls(config.http_port),
+            ws_port=bound_port(ws_port, "ws-port") if ws_port is not None else 0,
+            wss=config.ws_port is not None and is_tls(config.ws_port),
         )
         # Sessions naming this address are of an earlier run of this server
         # (killed, or stopped while the store was away): nobody holds them.
@@ -172,6 +195,18 @@ class IMServerService(AsyncStartService):
         clients.wrapped = ClientConnectionFactory(
             server, config.max_frame, config.max_output
         )
+        if ws_port is not None:
+            # autobahn is imported only by a server that speaks WebSocket.
+            from cim.server.websocket import WebSocketGateway
+
+            ws.wrapped = WebSocketGateway(
+                server,
+                self.reactor,
+                config.max_frame,
+                config.max_output,
+                config.ws_origins,
+                open_timeout=config.login_timeout,
+            )
         push.wrapped = QuietSite(
             PushAPI(server, config.secret).app.resource(),
             reactor=self.reactor,
@@ -191,12 +226,18 @@ class IMServerService(AsyncStartService):
         # tests/kit/cluster.py reads the ports from this line.
         self.log.info(
             "cim-server {address} ready: clients on {bind}:{port}, "
-            "push API on {http_bind}:{http}{tls}",
+            "push API on {http_bind}:{http}{ws}{tls}",
             address=str(self.address),
             bind=bound_host(client_port, config.bind),
             port=self.address.port,
             http_bind=bound_host(http_port, config.bind),
             http=self.address.http_port,
+            ws=(
+                f", WebSocket on {bound_host(ws_port, config.bind)}:"
+                f"{self.address.ws_port}"
+                if ws_port is not None
+                else ""
+            ),
             tls=_tls_note(self.address),
         )
 
@@ -222,7 +263,13 @@ def _tls_note(address: ServerAddress) -> str:
     What of C{address} speaks TLS, for the ready line.
     """
     parts = [
-        n for n, on in (("clients", address.tls), ("push API", address.https)) if on
+        n
+        for n, on in (
+            ("clients", address.tls),
+            ("push API", address.https),
+            ("WebSocket", address.wss),
+        )
+        if on
     ]
     return f" (TLS: {', '.join(parts)})" if parts else ""
 

@@ -18,7 +18,7 @@ from cim.limits_net import (
     daemon_options,
     net_limits,
 )
-from cim.listen import listen_option
+from cim.listen import Listen, listen_option
 from cim.options import (
     SECRET_PARAMETERS,
     SEND_LIMITS,
@@ -53,11 +53,63 @@ SERVER_LIMITS: list[list[Any]] = [
 ]
 
 
-class Options(usage.Options):
+#: The WebSocket gateway's port when it is on (C{cim-standalone}'s default).
+WS_PORT = 8084
+
+
+def ws_port_option(default: int | None) -> list[Any]:
+    """
+    The C{--ws-port} parameter, with its C{default} (C{None}: off).
+    """
+    parse = listen_option("ws-port")
+
+    def ws_port(text: str) -> Listen | None:
+        return None if text.strip().lower() == "off" else parse(text)
+
+    return [
+        "ws-port",
+        None,
+        default,
+        "The WebSocket gateway's port (ws://; 0: any free port), an endpoint "
+        "description (ssl:...: wss://), or off"
+        + (" (default: off)." if default is None else "."),
+        ws_port,
+    ]
+
+
+class WebSocketOptions(usage.Options):
+    """
+    The C{--ws-origin} option of the daemons with a WebSocket gateway.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ws-origin"] = []
+
+    def opt_ws_origin(self, origin: str) -> None:
+        """
+        An origin whose pages may open a WebSocket: scheme://host[:port],
+        with * as a wildcard (https://*.example.com), or * for any page;
+        repeatable (default: pages of the host the request names).
+        """
+        origin = origin.strip()
+        if origin != "*" and (
+            "://" not in origin
+            or origin.endswith("://")
+            or "/" in origin.split("://", 1)[1]
+        ):
+            raise usage.UsageError(
+                f"--ws-origin must be scheme://host[:port] or *, not {origin!r}"
+            )
+        self["ws-origin"].append(origin)
+
+
+class Options(WebSocketOptions):
     synopsis = "[options]"
     longdesc = (
-        "Run a cim IM server: it holds clients' TCP connections, pushes their "
-        "messages, and registers itself in the registry."
+        "Run a cim IM server: it holds clients' TCP (and, with --ws-port, "
+        "WebSocket) connections, pushes their messages, and registers itself "
+        "in the registry."
     )
     optFlags = [
         ["legacy-login", None, "Accept CIM clients that log in without a token."],
@@ -79,6 +131,7 @@ class Options(usage.Options):
             "Push API HTTP port (0: any), or an endpoint description (ssl:...: https).",
             listen_option("http-port"),
         ],
+        ws_port_option(None),
         [
             "host",
             None,
@@ -149,6 +202,8 @@ def config_from(options: usage.Options) -> ServerConfig:
         max_output=options["max-output"],
         session_ttl=options["session-ttl"],
         ca_file=options["ca-file"],
+        ws_port=options["ws-port"],
+        ws_origins=tuple(options["ws-origin"]),
     )
 
 

@@ -54,6 +54,11 @@ from cim.names import name_key
 from cim.passwords import check_hash, make_hash
 from cim.store import Retention
 
+#: How long a session that was released or dropped by a newer claim is
+#: remembered, in seconds: a renewal from its server within that time finds
+#: it ended (and closes its connection) instead of making it again.
+ENDED_TTL = 600.0
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -153,6 +158,9 @@ class MemoryStore:
         self._sessions: dict[int, dict[str, _SessionRecord]] = {}
         self._tokens: dict[str, _Token] = {}
         self._user_tokens: dict[tuple[int, str], set[str]] = {}
+        #: session id -> until when it is remembered as ended (released, or
+        #: dropped by a newer claim): a renewal of it is lost
+        self._ended: dict[str, float] = {}
         self._messages: dict[str, list[ChatMessage]] = {}
         self._seqs: dict[str, int] = {}
         self._last_msg_id = 0
@@ -272,9 +280,18 @@ class MemoryStore:
         for key in self._user_tokens.pop((user_id, device), set()):
             self._tokens.pop(key, None)
 
+    def _end(self, session: Session) -> None:
+        """
+        Delete C{session}, and remember that it ended (L{ENDED_TTL}).
+        """
+        self._delete_session(session.user_id, session.device)
+        now = self._seconds()
+        self._ended = {s: t for s, t in self._ended.items() if t > now}
+        self._ended[session.session_id] = now + ENDED_TTL
+
     def _put(self, session: Session, expires: float) -> None:
-        self._sessions.setdefault(session.user_id, {})[session.device] = (
-            _SessionRecord(session, expires)
+        self._sessions.setdefault(session.user_id, {})[session.device] = _SessionRecord(
+            session, expires
         )
 
     @_fired
@@ -296,14 +313,13 @@ class MemoryStore:
         mine = held.get(device)
         if mine is not None:
             dropped.append(mine.session)
-            self._delete_session(user_id, device)
         others = sorted(
-            (r.session for r in self._live(user_id).values()),
+            (r.session for d, r in held.items() if d != device),
             key=lambda session: (session.active, session.device),
         )
-        for old in others[: max(0, len(others) - max(1, max_devices) + 1)]:
-            dropped.append(old)
-            self._delete_session(user_id, old.device)
+        dropped += others[: max(0, len(others) - max(1, max_devices) + 1)]
+        for old in dropped:
+            self._end(old)
         now = self._seconds()
         session = Session(
             user_id, user_name, server, uuid.uuid4().hex, False, device, now
@@ -335,6 +351,9 @@ class MemoryStore:
         for held in sessions:
             user_id, session_id, user_name, device, active = held
             current = self._session(user_id, device)
+            if current is None and self._ended.get(session_id, 0) > self._seconds():
+                lost.append(session_id)
+                continue
             if current is None:
                 current = Session(
                     user_id, user_name, server, session_id, True, device, active
@@ -371,7 +390,7 @@ class MemoryStore:
         session = self._session(user_id, device)
         if session is None or session.session_id != session_id:
             return False
-        self._delete_session(user_id, device)
+        self._end(session)
         return True
 
     @_fired
@@ -707,6 +726,7 @@ class MemoryStore:
                     self._seqs.get(conversation, 0),
                     self._read_position(user_id, conversation, epoch),
                     group_id=group_id,
+                    joined=self._groups[group_id].members.get(user_id, 0),
                 )
             )
         return sorted(states, key=lambda state: state.conversation)

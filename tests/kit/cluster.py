@@ -47,7 +47,12 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 PORT_OPTIONS: dict[str, dict[str, str]] = {
     "cim-server": {"port": "client", "http-port": "http"},
     "cim-route": {"port": "route"},
-    "cim-standalone": {"port": "client", "http-port": "http", "route-port": "route"},
+    "cim-standalone": {
+        "port": "client",
+        "http-port": "http",
+        "route-port": "route",
+        "ws-port": "ws",
+    },
 }
 
 #: The log lines that name the ports (see the module docstring).
@@ -57,6 +62,8 @@ PORT_LINES = [
         r"push API on \S+:(?P<http>\d+)"
     ),
     re.compile(r"cim-route listening on \S+:(?P<route>\d+)"),
+    # A server with a WebSocket gateway (cim-server --ws-port: in its args).
+    re.compile(r"cim-server \S+ ready: .*, WebSocket on \S+:(?P<ws>\d+)"),
 ]
 
 
@@ -408,7 +415,10 @@ class Server:
 
     @property
     def address(self) -> str:
-        return str(ServerAddress("127.0.0.1", self.port, self.http_port))
+        ws_port = self.daemon.ports.get("ws", 0)  # with --ws-port
+        return str(
+            ServerAddress("127.0.0.1", self.port, self.http_port, ws_port=ws_port)
+        )
 
 
 class Cluster:
