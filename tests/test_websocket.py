@@ -650,3 +650,31 @@ def test_bad_websocket_options_are_usage_errors(args: list[str], message: str) -
 
     with pytest.raises(usage.UsageError, match=message):
         tap.Options().parseOptions(["--secret", "s" * 20, *args])
+
+
+def test_a_browser_handshake_offering_compression_is_accepted() -> None:
+    """
+    Every browser offers permessage-deflate: autobahn's (default) answer to
+    the offer is a function among the options, which must stay one on the
+    connections' class (bound to the connection, it failed every browser's
+    handshake).
+    """
+    world = World()
+    gateway = WebSocketGateway(world.server, world.clock, 1024)
+    protocol = gateway.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5002))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(
+        b"GET / HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:8084\r\n"
+        b"Origin: http://127.0.0.1:8083\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: cim.v1.json\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        b"\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 101 "), transport.value()
+    assert b"Sec-WebSocket-Protocol: cim.v1.json" in transport.value()

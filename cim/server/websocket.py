@@ -52,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
+from types import FunctionType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -533,7 +534,13 @@ class WebSocketGateway(WebSocketServerFactory):
         # autobahn copies its 29 options into every connection; here they
         # are class attributes of this factory's connections instead (so
         # setProtocolOptions must not be called after this).
-        options = {name: getattr(self, name) for name in _CONFIG_ATTRS}
+        # A function among them (perMessageCompressionAccept) stays one:
+        # as a plain class attribute it would be bound to the connection.
+        options = {
+            name: staticmethod(value) if isinstance(value, FunctionType) else value
+            for name in _CONFIG_ATTRS
+            for value in (getattr(self, name),)
+        }
         self.connection_class: type[WebSocketConnection] = type(
             "WebSocketConnection",
             (WebSocketConnection,),
