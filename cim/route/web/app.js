@@ -76,6 +76,7 @@ function conversation(id, facts = {}) {
       complete: false,
       reset: false,
       groupReads: [],
+      newest: 0, // the latest message's time
     };
     conversations.set(id, conv);
   }
@@ -118,9 +119,32 @@ function renderList() {
 }
 
 function latest(conv) {
-  let newest = 0;
-  for (const entry of conv.entries.values()) newest = Math.max(newest, entry.timestamp || 0);
-  return newest || conv.lastSeq;
+  return conv.newest || conv.lastSeq;
+}
+
+let due = null;
+
+/**
+ * Show what changed in `conv` soon: a burst of messages (a replay after a
+ * login) is drawn once, and read once.
+ */
+function refresh(conv, askReads = false) {
+  due ??= { messages: false, reads: false, timer: setTimeout(redraw, 16) };
+  if (conv.id === current) {
+    due.messages = true;
+    due.reads ||= askReads;
+  }
+}
+
+function redraw() {
+  const done = due;
+  due = null;
+  renderList();
+  const conv = current && conversations.get(current);
+  if (!conv || !done.messages) return;
+  renderMessages();
+  markRead(conv);
+  if (done.reads) groupReads(conv);
 }
 
 async function refreshConversations() {
@@ -166,6 +190,7 @@ function addMessage(message) {
   if (conv.entries.has(key)) return false;
   const mine = message.senderId === account.userId;
   conv.entries.set(key, { key, ...message, mine, state: "stored" });
+  conv.newest = Math.max(conv.newest, message.timestamp || 0);
   if (!conv.epoch || message.epoch === conv.epoch) {
     conv.epoch = message.epoch;
     conv.lastSeq = Math.max(conv.lastSeq, message.seq);
@@ -326,6 +351,7 @@ function pendingEntry(item) {
   const key = `c:${item.clientMsgId}`;
   if (conv.entries.has(key)) return;
   conv.byClient.set(item.clientMsgId, key);
+  conv.newest = Math.max(conv.newest, item.at);
   conv.entries.set(key, {
     key,
     seq: 0,
@@ -366,15 +392,10 @@ function startSession(acc, reply = null, password = null) {
     const { message } = detail;
     if (!detail.mine) maybeRefreshOnline(message.senderId);
     if (!addMessage(message)) return;
+    // A member who writes has read up to there (groups' read positions
+    // are asked for, not pushed).
     const conv = conversations.get(message.conversation);
-    renderList();
-    if (conv.id === current) {
-      renderMessages();
-      markRead(conv);
-      // A member who writes has read up to there (groups' read positions
-      // are asked for, not pushed).
-      if (conv.groupId && !detail.mine) groupReads(conv);
-    }
+    refresh(conv, Boolean(conv.groupId && !detail.mine));
   });
   session.addEventListener("stored", ({ detail }) => {
     const conv = conversation(detail.item.conversation);
