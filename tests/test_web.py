@@ -348,6 +348,21 @@ def test_html_looking_text_is_shown_as_text(
     messages = page.locator("#messages .msg .text")
     expect(messages).to_have_text([hostile, "<b>bold</b> 😄"], timeout=WAIT)
     assert page.locator("#messages img, #messages b").count() == 0
+    # A name is text too: a user named like markup writes privately.
+    named = account(url, "<img src=y onerror=alert(2)>")
+    me = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account')).userId")
+    api(
+        url,
+        "/p2pRoute",
+        {"userId": named["userId"], "receiveUserId": me, "msg": "hi"},
+        named["token"],
+    )
+    page.reload()
+    tab.open("<img src=y onerror=alert(2)>")
+    expect(page.locator("#messages .sender")).to_have_text(
+        ["<img src=y onerror=alert(2)>"], timeout=WAIT
+    )
+    assert page.locator("img, b").count() == 0
     assert not tab.dialogs
 
 
