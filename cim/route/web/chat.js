@@ -27,6 +27,10 @@ export const IDLE_TIMEOUT = 25_000;
 export const ACK_DELAY = 200;
 /** Epoch tags remembered per conversation (as the library's cursor file). */
 const MAX_TAGS = 8;
+/** Errors of a send that a later try may not get (cim/codes.py): rate
+ * limited, a failure, the store failing; any other refuses it for good. */
+const TRANSIENT_ERRORS = [6000, 4000, 9200];
+const RESEND_DELAY = 2_000;
 /** Kick reasons after which the client must not reconnect (cim.message). */
 export const FINAL_KICKS = [
   "logged in again elsewhere",
@@ -49,9 +53,10 @@ export class Route {
     this.token = null;
   }
 
-  async call(path, body = {}) {
+  /** POST `body` to `path` (with `token` as the bearer, if any): @return dataBody. */
+  async call(path, body = {}, token = this.token) {
     const headers = { "Content-Type": "application/json", "X-Cim-Extended": "1" };
-    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    if (token) headers.Authorization = `Bearer ${token}`;
     let response;
     try {
       response = await fetch(this.base + path, {
@@ -284,10 +289,9 @@ export class Session extends EventTarget {
     try {
       // The proof: the password when this tab knows it, else the last
       // token (a bearer token, valid while its session lives).
-      this.route.token = this.password ? null : this.account.token;
       const body = { userId: this.account.userId, userName: this.account.userName, device: this.device };
       if (this.password) body.password = this.password;
-      return await this.route.call("/login", body);
+      return await this.route.call("/login", body, this.password ? null : this.account.token);
     } catch (e) {
       if (e.code === "9100" || e.code === "4010") {
         this.stop();
@@ -371,6 +375,7 @@ export class Session extends EventTarget {
   closed(ws, reason) {
     if (ws !== this.ws) return;
     this.ws = null;
+    this.loggedIn = false;
     clearInterval(this.timers.ping);
     clearTimeout(this.timers.ack);
     this.timers.ack = null;
@@ -450,7 +455,7 @@ export class Session extends EventTarget {
     let isNew = true;
     if (conversation === "all") {
       if (this.cursors.broadcastSeen.includes(message.msgId)) isNew = false;
-      else this.cursors.broadcastSeen.push(message.msgId);
+      else if (this.cursors.broadcastSeen.push(message.msgId) > 1000) this.cursors.broadcastSeen.shift();
     } else if (conversation && seq > 0) {
       const got = this.cursors.received(conversation, epoch, seq);
       isNew = got.isNew;
@@ -487,7 +492,15 @@ export class Session extends EventTarget {
   error(frame) {
     const item = frame.clientMsgId && this.cursors.outbox.find((i) => i.clientMsgId === frame.clientMsgId);
     const reason = frame.errorReason || `error ${frame.errorCode || ""}`;
-    if (item) {
+    if (item && TRANSIENT_ERRORS.includes(Number(frame.errorCode))) {
+      // Rate limited, or the store failed: the same send again, later.
+      this.pending.delete(item.clientMsgId);
+      setTimeout(() => {
+        if (this.loggedIn && this.cursors.outbox.includes(item) && !this.pending.has(item.clientMsgId)) {
+          this.transmit(item);
+        }
+      }, RESEND_DELAY);
+    } else if (item) {
       this.cursors.outbox = this.cursors.outbox.filter((i) => i !== item);
       this.cursors.save();
       this.emit("failed", { item, reason });
