@@ -869,3 +869,46 @@ def test_a_network_loss_is_survived(
         "data-state", "sending", timeout=WAIT
     )
     assert peer.received("typed offline").count("typed offline") == 1
+
+
+def test_session_resends_after_a_passing_error_only(
+    browser: Browser, node: Daemon, tabs: list[Tab]
+) -> None:
+    tab = Tab(browser, node.url("route") + "/")
+    tabs.append(tab)
+    result = tab.page.evaluate(
+        """async () => {
+        localStorage.clear();
+        const { Session } = await import("/chat.js");
+        const sockets = [];
+        class FakeSocket {
+          constructor() { this.sent = []; this.readyState = 1; sockets.push(this);
+                          setTimeout(() => this.onopen(), 0); }
+          send(text) { this.sent.push(JSON.parse(text)); }
+          close() {}
+          push(frame) { this.onmessage({ data: JSON.stringify(frame) }); }
+        }
+        const route = { async call() {
+          return { token: "t", webSocketUrl: "ws://127.0.0.1:9/" }; } };
+        const s = new Session(route, { userId: 7, userName: "seven", token: "t" },
+                              "web-test", { websocket: FakeSocket });
+        const failed = [];
+        s.addEventListener("failed", (e) => failed.push(e.detail.reason));
+        await s.start();
+        await new Promise((r) => setTimeout(r, 10));
+        const ws = sockets[0];
+        ws.push({ cmd: "LOGIN_RESPONSE" });
+        const busy = s.sendText("later", { groupId: "g1" });
+        const refused = s.sendText("never", { groupId: "g2" });
+        ws.push({ cmd: "ERROR", errorCode: 6000, errorReason: "slow down",
+                  clientMsgId: busy.clientMsgId });
+        ws.push({ cmd: "ERROR", errorCode: 8006, errorReason: "not a member",
+                  clientMsgId: refused.clientMsgId });
+        await new Promise((r) => setTimeout(r, 2500));
+        return { texts: ws.sent.filter((f) => f.cmd === "MESSAGE").map((f) => f.reqMsg),
+                 failed, outbox: s.cursors.outbox.map((i) => i.text) };
+    }"""
+    )
+    assert result["texts"] == ["later", "never", "later"]
+    assert result["failed"] == ["not a member"]
+    assert result["outbox"] == ["later"]
