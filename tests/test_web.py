@@ -482,8 +482,16 @@ def test_two_pages_chat_privately_and_in_a_group(
     expect(a.locator("#messages .text")).to_have_text(
         ["hi bob 👋", "hello ann"], timeout=WAIT
     )
+    # At phone width one pane at a time: Escape goes back to the list, on
+    # the conversation's button; Enter opens it again.
+    expect(b.locator("#side")).to_be_hidden()
     b.keyboard.press("Escape")
     expect(b.locator("#side")).to_be_visible()
+    expect(b.locator("#chat")).to_be_hidden()
+    expect(b.locator("#conversations button", has_text="webann")).to_be_focused()
+    b.keyboard.press("Enter")
+    expect(b.locator("#compose-text")).to_be_focused()
+    b.keyboard.press("Escape")
 
     # A group: Ann creates it, Bob joins with the keyboard, both talk.
     a.fill("#group-id", "webteam")
