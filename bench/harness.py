@@ -41,7 +41,12 @@ from typing import IO, Any
 
 import psutil
 
-from bench.loadgen import Histogram, merge_reports
+from bench.loadgen import (
+    Histogram,
+    check_streams,
+    deliveries_per_message,
+    merge_reports,
+)
 from tests.kit.cluster import ROOT, TWISTD, Cluster, LogWatch, Processes
 from tests.kit.http import post_json
 from tests.kit.services import redis_ping, ruok
@@ -52,7 +57,16 @@ PYTHON = sys.executable
 RAW_LISTENING = re.compile(r"raw server listening on \S+:(\d+)")
 RESULTS = ROOT / "bench" / "results"
 
-SCENARIOS = ("raw", "p2p", "p2p-latency", "group", "http", "login", "connections")
+SCENARIOS = (
+    "raw",
+    "p2p",
+    "p2p-latency",
+    "group",
+    "devices",
+    "http",
+    "login",
+    "connections",
+)
 #: Source addresses of the connections scenario (each takes up to ~2,000).
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 
@@ -73,6 +87,10 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "group": (
         {"members": 1000, "senders": 20, "window": 2, "duration": 20},
         {"members": 50, "senders": 4, "window": 2, "duration": 2},
+    ),
+    "devices": (
+        {"users": 500, "devices": 2, "friends": 4, "window": 2, "duration": 20},
+        {"users": 25, "devices": 2, "friends": 4, "window": 2, "duration": 2},
     ),
     "http": (
         {"users": 200, "concurrency": 32, "duration": 20},
@@ -351,6 +369,7 @@ def new_row(name: str) -> dict[str, Any]:
         "p99_ms": None,
         "max_ms": None,
         "sent": None,
+        "messages": None,
         "delivered": None,
         "lost": None,
         "duplicated": None,
@@ -429,11 +448,13 @@ def print_table(rows: list[dict[str, Any]], quick: bool, out: Any = sys.stdout) 
 def failed(row: dict[str, Any]) -> bool:
     """
     Whether a row makes the run fail: an error, or messages lost,
-    duplicated or damaged.
+    duplicated or damaged (or out of order, in a scenario that requires
+    the order: C{order_required}).
     """
-    return bool(row["error"]) or any(
-        (row.get(key) or 0) > 0 for key in ("lost", "duplicated", "damaged")
-    )
+    keys = ["lost", "duplicated", "damaged"]
+    if row.get("order_required"):
+        keys.append("out_of_order")
+    return bool(row["error"]) or any((row.get(key) or 0) > 0 for key in keys)
 
 
 # Scenarios
@@ -453,6 +474,9 @@ class Login:
     failed: int
     elapsed: float
     servers: dict[str, int]
+    #: Open connections (devices), and users with devices on two servers.
+    connections: int = 0
+    spread: int = 0
 
 
 class Bench:
@@ -576,9 +600,13 @@ class Bench:
         users: int,
         concurrency: int = 32,
         ping_interval: float = 10.0,
+        exact: bool = False,
     ) -> list[tuple[int, str]]:
         """
         Register C{users} fresh users, spread over the workers.
+
+        @param exact: the workers keep every stream sent and received, for
+            L{check_streams}.
         """
         counts = self.split(users, len(workers))
         for w, count in zip(workers, counts, strict=True):
@@ -595,6 +623,7 @@ class Bench:
                     "prefix": f"b{self.run_id}-{name}-{w.index}-",
                     "concurrency": concurrency,
                     "ping_interval": ping_interval,
+                    "exact": exact,
                 }
             )
         say(f"{name}: registering {users} users")
@@ -616,6 +645,7 @@ class Bench:
         group: str = "",
         bind: list[str] | None = None,
         connect: bool = True,
+        devices: int = 1,
     ) -> Login:
         for w in workers:
             w.send(
@@ -625,6 +655,7 @@ class Bench:
                     "connect": connect,
                     "bind": bind or [],
                     "concurrency": concurrency,
+                    "devices": devices,
                 }
             )
         logged: list[int] = []
@@ -632,10 +663,13 @@ class Bench:
         failed_logins = 0
         elapsed = 0.0
         servers: dict[str, int] = {}
+        connections = spread = 0
         for w in workers:
-            got = w.expect("ready", 60 + expected / 20)
+            got = w.expect("ready", 60 + devices * expected / 20)
             logged += [int(u) for u in got["users"]]
             logged_in += int(got["logged_in"])
+            connections += int(got.get("connections", 0))
+            spread += int(got.get("spread", 0))
             failed_logins += int(got["failed"])
             elapsed = max(elapsed, float(got["elapsed"]))
             for k, v in got["servers"].items():
@@ -645,7 +679,9 @@ class Bench:
                 f"{name}: {logged_in} logged in ({failed_logins} failed, "
                 f"{logged_in - len(logged)} closed since) in {elapsed:.1f}s {servers}"
             )
-        return Login(logged, logged_in, failed_logins, elapsed, servers)
+        return Login(
+            logged, logged_in, failed_logins, elapsed, servers, connections, spread
+        )
 
     def measure(
         self,
@@ -767,13 +803,23 @@ class Bench:
         reports: list[dict[str, Any]],
         sampler: Sampler,
         servers: list[str],
+        messages: int | None = None,
     ) -> None:
         """
         The message figures and the process figures of a row.
+
+        @param messages: the messages of the window (by default the
+            private messages received in it, each counted once:
+            C{messages_in_window}); the deliveries are every message
+            written to every device (a private message's echo to the
+            sending device too).
         """
+        if messages is None:
+            messages = merged["messages_in_window"]
         row.update(
             {
                 "sent": merged["sent"],
+                "messages": messages,
                 "delivered": merged["delivered"],
                 "lost": merged["lost"],
                 "duplicated": merged["duplicates"],
@@ -783,14 +829,35 @@ class Bench:
         )
         row.update(latency_fields(merged["latency"]))
         self.fill_processes(row, sampler, servers)
-        if merged["delivered_in_window"]:
+        deliveries = merged["delivered_in_window"]
+        if messages and deliveries:
+            ratio = deliveries / messages
+            row["deliveries_per_message"] = round(ratio, 3)
+            kinds = deliveries_per_message(merged)
+            if kinds is not None and merged["messages_in_window"] == messages:
+                row["deliveries_per_message_by_kind"] = {
+                    k: round(v, 3) for k, v in kinds.items()
+                }
+                row["notes"].append(
+                    f"deliveries per message: {ratio:.2f} ({kinds['peer']:.2f} to "
+                    f"the receiver's devices, {kinds['echo']:.2f} echo to the "
+                    f"sending device, {kinds['own']:.2f} to the sender's other "
+                    "devices)"
+                )
+            else:
+                row["notes"].append(f"deliveries per message: {ratio:.2f}")
+        for label, key, count in (
+            ("message", "cpu_us_per_message", messages),
+            ("delivery", "cpu_us_per_delivery", deliveries),
+        ):
+            if not count:
+                continue
             per = {
-                k: v / 100 * sampler.wall / merged["delivered_in_window"] * 1e6
-                for k, v in sampler.cpu.items()
+                k: v / 100 * sampler.wall / count * 1e6 for k, v in sampler.cpu.items()
             }
-            row["cpu_us_per_delivery"] = {k: round(v, 1) for k, v in per.items()}
+            row[key] = {k: round(v, 1) for k, v in per.items()}
             row["notes"].append(
-                "CPU per delivered message: "
+                f"CPU per {label}: "
                 + ", ".join(f"{k} {v:.0f} us" for k, v in per.items() if v >= 0.5)
             )
         counters: dict[str, int] = {}
@@ -816,6 +883,12 @@ class Bench:
             "relogin_failures",
             "bad_frames",
             "skipped",
+            "device_mismatch",
+            "resets",
+            "epoch_frames",
+            "unannounced",
+            "seq_regressions",
+            "final",
         ):
             if counters.get(key):
                 row["notes"].append(f"{key}: {counters[key]}")
@@ -883,11 +956,17 @@ class Bench:
         merged, reports, duration = self.measure(
             workers,
             sampler,
-            {"duration": p["duration"], "peers": login.users, "window": p["window"]},
+            {
+                "duration": p["duration"],
+                "peers": login.users,
+                "window": p["window"],
+                # The receiver and the sender's echo.
+                "fanout": 2,
+            },
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["raw"])
-        row["throughput"] = merged["delivered_in_window"] / duration
+        row["throughput"] = merged["messages_in_window"] / duration
         row["unit"] = "msgs/s"
         row["notes"].insert(
             0,
@@ -908,11 +987,13 @@ class Bench:
         merged, reports, duration = self.measure(
             workers,
             sampler,
-            {"duration": p["duration"], "peers": login.users, **run},
+            # Each message goes to the receiver's device and back to the
+            # sending device (its echo).
+            {"duration": p["duration"], "peers": login.users, "fanout": 2, **run},
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["server1", "server2"])
-        row["throughput"] = merged["delivered_in_window"] / duration
+        row["throughput"] = merged["messages_in_window"] / duration
         row["unit"] = "msgs/s"
         self.stop_workers(workers)
         return merged
@@ -982,7 +1063,14 @@ class Bench:
             drain=self.drain,
             per_worker=[{"senders": n} for n in senders],
         )
-        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        self.fill(
+            row,
+            merged,
+            reports,
+            sampler,
+            ["server1", "server2"],
+            messages=merged["sent_in_window"],
+        )
         row["throughput"] = merged["delivered_in_window"] / duration
         row["unit"] = "deliv/s"
         row["notes"].insert(
@@ -992,6 +1080,66 @@ class Bench:
             f"{merged['sent_in_window'] / duration:,.0f} group msgs/s",
         )
         target(row, ">=200,000/s", row["throughput"] >= 200000)
+        self.stop_workers(workers)
+
+    def scenario_devices(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "devices"
+        devices = p["devices"]
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["users"], exact=True)
+        login = self.login(name, workers, p["users"], devices=devices)
+        self.check_login(login, p["users"])
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "quiet": 1.0,
+                "peers": login.users,
+                "window": p["window"],
+                "friends": p["friends"],
+                # Every device of the receiver and of the sender (the
+                # sending one's echo included).
+                "fanout": 2 * devices,
+            },
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        exact = check_streams(reports, devices)
+        row["order_required"] = True
+        row["streams"] = exact
+        # The exact check decides: every device, every stream, every counter.
+        row["lost"] = exact["lost"]
+        row["damaged"] = (row["damaged"] or 0) + exact["extra"]
+        row["throughput"] = merged["delivered_in_window"] / duration
+        row["unit"] = "deliv/s"
+        messages = merged["messages_in_window"]
+        row["notes"].insert(
+            0,
+            f"{len(login.users)} users x {devices} devices ({login.connections} "
+            f"connections, per server {sorted(login.servers.values())}; "
+            f"{login.spread} users on two servers), {p['friends']} friends each, "
+            f"window {p['window']} per device; {messages / duration:,.0f} msgs/s",
+        )
+        row["notes"].insert(
+            1,
+            f"exact check: {exact['streams']} streams, {exact['expected']} "
+            f"deliveries expected (every device of both users), "
+            f"{exact['delivered']} delivered, {exact['lost']} lost, "
+            f"{exact['extra']} never sent, {exact['devices_short']} devices short",
+        )
+        row["notes"].extend(f"    {e}" for e in exact["examples"][:5])
+        target(
+            row,
+            "every device: all once, in order",
+            not exact["lost"]
+            and not exact["extra"]
+            and not row["duplicated"]
+            and not row["out_of_order"]
+            and not row["damaged"],
+        )
         self.stop_workers(workers)
 
     def scenario_http(self, row: dict[str, Any], p: dict[str, Any]) -> None:
@@ -1011,6 +1159,8 @@ class Bench:
                 "peers": logged,
                 "concurrency": p["concurrency"] // len(workers),
                 "auth": "secret",
+                # The receiver's device and the sender's (it is connected).
+                "fanout": 2,
             },
             drain=self.drain,
         )
