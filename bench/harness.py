@@ -677,7 +677,7 @@ class Bench:
         if connect:
             say(
                 f"{name}: {logged_in} logged in ({failed_logins} failed, "
-                f"{logged_in - len(logged)} closed since) in {elapsed:.1f}s {servers}"
+                f"{logged_in - connections} closed since) in {elapsed:.1f}s {servers}"
             )
         return Login(
             logged, logged_in, failed_logins, elapsed, servers, connections, spread
