@@ -726,7 +726,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=480,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for scenario in (
