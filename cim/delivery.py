@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from cachetools import TTLCache
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -32,12 +29,12 @@ from cim.interfaces import (
 )
 from cim.message import ChatMessage
 
-#: How long a user's server, once looked up, is pushed to without asking the
-#: store again, in seconds; and how many such entries are kept at most.
-ROUTE_CACHE_TTL = 10.0
-ROUTE_CACHE_SIZE = 200_000
-#: The clock of a delivery without one (its location cache stays unused).
-_NO_CLOCK = Clock()
+__all__ = ["Delivery", "DeliveryReport", "ILocalDelivery", "IPusher"]
+
+#: Delivers to users connected here: user ids -> those with no device here.
+_Local = Callable[[Sequence[int]], list[int]]
+#: Pushes to one server: (server, user ids) -> those with no device there.
+_Push = Callable[[str, Sequence[int]], "Deferred[list[int]]"]
 
 
 @dataclass(slots=True)
@@ -46,10 +43,11 @@ class DeliveryReport:
     Where a delivery went.  A user in C{offline} or C{failed} still gets the
     message from the store at its next login.
 
-    @ivar delivered: written to the user's connection (or handed to the
-        server holding it).
-    @ivar offline: the user has no connected session.
-    @ivar failed: the user's server could not be reached.
+    @ivar delivered: written to at least one of the user's devices (or
+        handed to a server holding one).
+    @ivar offline: the user has no connected device.
+    @ivar failed: no device was reached, and a server holding one could not
+        be reached.
     """
 
     delivered: list[int] = field(default_factory=list)
@@ -59,12 +57,21 @@ class DeliveryReport:
 
 class Delivery:
     """
-    Append messages to the store and deliver them.
+    Append messages to the store and deliver them to every connected device
+    of their recipients.
+
+    A user's devices may be connected to several servers, and a device may
+    log in on any server at any time: so every delivery asks the store
+    where the users' sessions are (L{IStore.get_sessions}; concurrent
+    deliveries share one lookup), after writing at once to the devices
+    connected to this process.  (A cache of where users were found would
+    miss a device that logged in elsewhere since: its live messages would
+    wait for its next gap or login.)
 
     @param here: the L{cim.interfaces.ServerAddress} string of the IM server
         this process runs (with C{local}), or C{None} in a route.
-    @param clock: with a clock, where users were found is remembered for
-        L{ROUTE_CACHE_TTL} seconds, saving a store lookup per delivery.
+    @param clock: unused (deliveries keep no cache any more); accepted for
+        the callers that pass one.
     """
 
     log = Logger()
@@ -81,14 +88,6 @@ class Delivery:
         self.pusher = pusher
         self.local = local
         self.here = here
-        self.clock = clock
-        #: user id -> server: where a recent lookup found the user, for
-        #: L{ROUTE_CACHE_TTL} seconds on C{clock}.  Never trusted for
-        #: "offline" (a push that finds the user gone leads to a fresh
-        #: lookup).
-        self._routes: TTLCache[int, str] = TTLCache(
-            ROUTE_CACHE_SIZE, ROUTE_CACHE_TTL, timer=(clock or _NO_CLOCK).seconds
-        )
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
             # One batch at a time keeps appends in submission order (a
             # sender's messages are stored in the order it sent them); and
@@ -99,7 +98,7 @@ class Delivery:
             max_batch=500,
             fail_queued=True,
         )
-        self._lookup: Batcher[list[int], dict[int, Session]] = Batcher(
+        self._lookup: Batcher[list[int], dict[int, list[Session]]] = Batcher(
             self._lookup_batch, max_in_flight=4, max_batch=500
         )
 
@@ -159,7 +158,9 @@ class Delivery:
     def _lookup_batch(self, requests: list[list[int]]) -> Deferred:
         wanted = sorted({uid for request in requests for uid in request})
 
-        def split(sessions: dict[int, Session]) -> list[dict[int, Session]]:
+        def split(
+            sessions: dict[int, list[Session]],
+        ) -> list[dict[int, list[Session]]]:
             return [
                 {uid: sessions[uid] for uid in request if uid in sessions}
                 for request in requests
@@ -172,138 +173,99 @@ class Delivery:
         self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[DeliveryReport]:
         """
-        Deliver C{messages} (already stored) to each of C{user_ids}: those
-        connected to this process directly, the others with one push per
-        server.  Never fails: a failure to reach a server is reported (and
-        logged), and the store still holds the messages.
+        Deliver C{messages} (already stored) to every connected device of
+        each of C{user_ids}: those connected to this process directly, the
+        others with one push per server holding any of their sessions.
+        Never fails: a failure to reach a server is reported (and logged),
+        and the store still holds the messages.
         """
-        report = DeliveryReport()
-        remaining: Sequence[int] = user_ids
-        if self.local is not None:
-            remaining = self.local.deliver_local(messages, user_ids)
-            if len(remaining) != len(user_ids):
-                missing = set(remaining)
-                report.delivered.extend(u for u in user_ids if u not in missing)
-        if not remaining:
-            return succeed(report)
-        if self.clock is None:
-            return self._lookup_and_push(messages, list(remaining), report)
-        # Users whose server we learnt recently are pushed to directly; the
-        # others (and any that a push finds gone) are looked up in the store.
-        unknown = []
-        cached: dict[str, list[int]] = {}
-        for uid in remaining:
-            server = self._routes.get(uid)
-            if server is not None:
-                cached.setdefault(server, []).append(uid)
-            else:
-                unknown.append(uid)
-        work: list[Deferred[Any]] = []
-        for server, uids in cached.items():
-            # (Typed loosely: the callbacks chain to a DeliveryReport.)
-            d: Any = self.pusher.push(server, messages, uids)
-            d.addCallbacks(
-                self._pushed_cached,
-                self._push_cached_failed,
-                callbackArgs=(uids, messages, report),
-                errbackArgs=(uids, messages, report),
-            )
-            work.append(d)
-        if unknown:
-            work.append(self._lookup_and_push(messages, unknown, report))
-        return _all(work).addCallback(lambda _: report)
+        local = self.local
+        return self._fan_out(
+            user_ids,
+            None if local is None else lambda uids: local.deliver_local(messages, uids),
+            lambda server, uids: self.pusher.push(server, messages, uids),
+        )
 
-    def _lookup_and_push(
-        self,
-        messages: Sequence[ChatMessage],
-        user_ids: list[int],
-        report: DeliveryReport,
+    def deliver_read(
+        self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
     ) -> Deferred[DeliveryReport]:
-        d: Deferred = self._lookup.submit_deferred(user_ids)
-        d.addCallback(self._push_remote, messages, user_ids, report)
-        d.addErrback(self._lookup_failed, user_ids, report)
+        """
+        Tell every connected device of each of C{user_ids} that
+        C{reader_id} read C{conversation} up to C{seq} (a READ frame), as
+        L{deliver} does with messages.  Never fails.
+        """
+        local = self.local
+        return self._fan_out(
+            user_ids,
+            None
+            if local is None
+            else lambda uids: local.deliver_read_local(
+                reader_id, conversation, seq, uids
+            ),
+            lambda server, uids: self.pusher.push_read(
+                server, reader_id, conversation, seq, uids
+            ),
+        )
+
+    def _fan_out(
+        self, user_ids: Sequence[int], local: _Local | None, push: _Push
+    ) -> Deferred[DeliveryReport]:
+        users = list(dict.fromkeys(user_ids))
+        reached: set[int] = set()
+        if local is not None:
+            missing = set(local(users))
+            reached.update(u for u in users if u not in missing)
+        if not users:
+            return succeed(DeliveryReport())
+        d: Deferred = self._lookup.submit_deferred(users)
+        d.addCallback(self._push_remote, push, users, reached)
+        d.addErrback(self._lookup_failed, users, reached)
         return d
 
-    def _pushed_cached(
-        self,
-        missing: list[int],
-        uids: list[int],
-        messages: Sequence[ChatMessage],
-        report: DeliveryReport,
-    ) -> Deferred[DeliveryReport] | None:
-        if not missing:
-            report.delivered.extend(uids)
-            return None
-        gone = set(missing)
-        report.delivered.extend(u for u in uids if u not in gone)
-        # They moved (or left) since we learnt where they were: ask the store.
-        for uid in gone:
-            self._routes.pop(uid, None)
-        return self._lookup_and_push(messages, list(gone), report)
-
-    def _push_cached_failed(
-        self,
-        failure: Failure,
-        uids: list[int],
-        messages: Sequence[ChatMessage],
-        report: DeliveryReport,
-    ) -> Deferred[DeliveryReport]:
-        for uid in uids:
-            self._routes.pop(uid, None)
-        return self._lookup_and_push(messages, uids, report)
-
     def _lookup_failed(
-        self, failure: Failure, user_ids: list[int], report: DeliveryReport
+        self, failure: Failure, users: list[int], reached: set[int]
     ) -> DeliveryReport:
         self.log.failure("Session lookup failed; messages stay stored", failure)
-        report.failed.extend(user_ids)
-        return report
+        return _report(users, reached, set(users) - reached)
 
     def _push_remote(
         self,
-        sessions: dict[int, Session],
-        messages: Sequence[ChatMessage],
-        user_ids: list[int],
-        report: DeliveryReport,
+        sessions: dict[int, list[Session]],
+        push: _Push,
+        users: list[int],
+        reached: set[int],
     ) -> Deferred[DeliveryReport]:
         by_server: dict[str, list[int]] = {}
-        for uid in user_ids:
-            session = sessions.get(uid)
-            if session is None or session.server == self.here:
-                # No session, or one here whose connection just went away:
-                # the store has the messages for its next login.
-                report.offline.append(uid)
-            else:
-                by_server.setdefault(session.server, []).append(uid)
-        if self.clock is not None:
-            for server, uids in by_server.items():
-                for uid in uids:
-                    self._routes[uid] = server
+        for uid in users:
+            for server in dict.fromkeys(s.server for s in sessions.get(uid, ())):
+                # A session here whose device is not connected (claimed, or
+                # its connection just went away): the store has the
+                # messages for its next login.
+                if server != self.here:
+                    by_server.setdefault(server, []).append(uid)
         if not by_server:
-            return succeed(report)
+            return succeed(_report(users, reached, set()))
+        failed: set[int] = set()
         pushes = []
         for server, uids in by_server.items():
-            d = self.pusher.push(server, messages, uids)
+            d = push(server, uids)
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
-                callbackArgs=(uids, report),
-                errbackArgs=(server, uids, report),
+                callbackArgs=(uids, reached),
+                errbackArgs=(server, uids, failed),
             )
             pushes.append(d)
-        return _all(pushes).addCallback(lambda _: report)
+        return _all(pushes).addCallback(
+            lambda _: _report(users, reached, failed - reached)
+        )
 
-    def _pushed(
-        self, missing: list[int], uids: list[int], report: DeliveryReport
-    ) -> None:
+    def _pushed(self, missing: list[int], uids: list[int], reached: set[int]) -> None:
         gone = set(missing)
-        for uid in gone:
-            self._routes.pop(uid, None)
-        report.delivered.extend(u for u in uids if u not in gone)
-        report.offline.extend(u for u in uids if u in gone)
+        reached.update(u for u in uids if u not in gone)
 
     def _push_failed(
-        self, failure: Failure, server: str, uids: list[int], report: DeliveryReport
+        self, failure: Failure, server: str, uids: list[int], failed: set[int]
     ) -> None:
         self.log.warn(
             "Push to {server} failed for {count} users: {error}",
@@ -311,9 +273,23 @@ class Delivery:
             count=len(uids),
             error=failure.getErrorMessage(),
         )
-        for uid in uids:
-            self._routes.pop(uid, None)
-        report.failed.extend(uids)
+        failed.update(uids)
+
+
+def _report(users: list[int], reached: set[int], failed: set[int]) -> DeliveryReport:
+    """
+    The report of a delivery to C{users}: those C{reached} delivered, then
+    those C{failed}, the others offline.
+    """
+    report = DeliveryReport()
+    for uid in users:
+        if uid in reached:
+            report.delivered.append(uid)
+        elif uid in failed:
+            report.failed.append(uid)
+        else:
+            report.offline.append(uid)
+    return report
 
 
 def _all(deferreds: list[Deferred]) -> Deferred:

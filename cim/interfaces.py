@@ -880,25 +880,52 @@ class ILocalDelivery(Interface):
         messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> list[int]:
         """
-        Write C{messages} to each of C{user_ids} that is connected here.
+        Write C{messages} to every device of each of C{user_ids} that is
+        connected here.
 
-        @return: the list of C{user_ids} that are not connected here.
+        @return: the list of C{user_ids} with no device connected here.
+        """
+
+    def deliver_read_local(
+        reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> list[int]:
+        """
+        Tell every device of each of C{user_ids} that is connected here (a
+        READ frame) that C{reader_id} read C{conversation} up to C{seq}.
+
+        @return: the list of C{user_ids} with no device connected here.
         """
 
 
 class IPusher(Interface):
     """
-    Sends messages to the users of another IM server.
+    Sends messages, and read positions, to the users of another IM server.
     """
 
     def push(
         server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[list[int]]:
         """
-        Ask C{server} to write C{messages} to each of C{user_ids}.
+        Ask C{server} to write C{messages} to every device of each of
+        C{user_ids} connected there.
 
-        @return: a Deferred firing with the list of C{user_ids} that are not
-            connected there; fails when the server cannot be reached.
+        @return: a Deferred firing with the list of C{user_ids} with no
+            device connected there; fails when the server cannot be reached.
+        """
+
+    def push_read(
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        """
+        Ask C{server} to tell every device of each of C{user_ids} connected
+        there that C{reader_id} read C{conversation} up to C{seq}; in order
+        with the pushes of messages to that server.
+
+        @return: as L{push}.
         """
 
 
@@ -915,15 +942,17 @@ class IServerControl(IPusher):
         logged_off: bool = False,
     ) -> Deferred[dict[str, Any]]:
         """
-        Ask C{server} to close C{user_id}'s connection if it still belongs
-        to C{session_id} (C{logged_off}: because the user logged off).
+        Ask C{server} to close the connection of C{user_id}'s device whose
+        session is C{session_id} (every device's when empty; C{logged_off}:
+        because the user logged off).
 
         @return: fires with the server's reply envelope once it is done.
         """
 
     def resync(server: str, user_id: int) -> Deferred[dict[str, Any]]:
         """
-        Ask C{server} to send C{user_id} the stored messages it has not got.
+        Ask C{server} to send every device of C{user_id} connected there the
+        stored messages it has not got.
 
         @return: fires with the server's reply envelope.
         """

@@ -4,9 +4,14 @@ servers that call it (L{cim.pusher}) and the server that answers it
 (L{cim.server.push}).  Every request is a JSON POST carrying the cluster
 secret in L{SECRET_HEADER}; every answer is CIM's envelope.
 
-- C{/push}: C{{"items": [{"messages": [message...], "users": [id...]}]}},
-  answered with C{{"missing": [[id...], ...]}}, one list per item: the users
-  not connected there.
+- C{/push}: C{{"items": [item...]}}, each item
+  C{{"messages": [message...], "users": [id...]}} (write the messages to
+  every device of those users connected there) or
+  C{{"read": {"userId", "conversation", "seq"}, "users": [id...]}} (tell
+  those devices, in a READ frame, that user C{userId} read the conversation
+  up to C{seq}); answered with C{{"missing": [[id...], ...]}}, one list per
+  item: the users with no device connected there.  Items are applied in
+  order.
 - C{/kick}: C{{userId, sessionId, reason, loggedOff?}}, answered with
   C{{"kicked": bool}} once the connection's cursors are saved.
 - C{/resync}: C{{userId}}; 7000 when the user is not connected there.
@@ -19,7 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cim.message import ChatMessage, message_from_dict, message_to_dict
+from cim.message import (
+    KICK_REPLACED,
+    ChatMessage,
+    message_from_dict,
+    message_to_dict,
+)
 
 #: The header carrying the cluster secret between daemons (and from
 #: application back-ends to the route).
@@ -31,10 +41,40 @@ RESYNC = "resync"
 SEND_MSG = "sendMsg"
 
 #: Why a connection is kicked when the request does not say.
-KICK_REASON = "logged in again elsewhere"
+KICK_REASON = KICK_REPLACED
 
-#: Messages for some users: one item of a C{/push}.
-PushItem = tuple[Sequence[ChatMessage], Sequence[int]]
+
+@dataclass(frozen=True, slots=True)
+class ReadEvent:
+    """
+    User C{reader_id} read C{conversation} up to C{seq}.
+    """
+
+    reader_id: int
+    conversation: str
+    seq: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "userId": self.reader_id,
+            "conversation": self.conversation,
+            "seq": self.seq,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ReadEvent:
+        """
+        @raise ValueError: C{data} is not a read event.
+        """
+        if not isinstance(data, Mapping) or not isinstance(
+            data.get("conversation"), str
+        ):
+            raise ValueError("a read event needs userId, conversation and seq")
+        return cls(integer(data, "userId"), data["conversation"], integer(data, "seq"))
+
+
+#: Messages, or a read event, for some users: one item of a C{/push}.
+PushItem = tuple[Sequence[ChatMessage] | ReadEvent, Sequence[int]]
 
 
 def integer(body: Mapping[str, Any], key: str) -> int:
@@ -53,12 +93,15 @@ def integer(body: Mapping[str, Any], key: str) -> int:
 
 
 def push_request(items: Sequence[PushItem]) -> dict[str, Any]:
-    return {
-        "items": [
-            {"messages": [message_to_dict(m) for m in messages], "users": list(users)}
-            for messages, users in items
-        ]
-    }
+    out = []
+    for what, users in items:
+        if isinstance(what, ReadEvent):
+            out.append({"read": what.to_dict(), "users": list(users)})
+        else:
+            out.append(
+                {"messages": [message_to_dict(m) for m in what], "users": list(users)}
+            )
+    return {"items": out}
 
 
 def parse_push(body: Mapping[str, Any]) -> list[PushItem]:
@@ -71,11 +114,15 @@ def parse_push(body: Mapping[str, Any]) -> list[PushItem]:
     parsed: list[PushItem] = []
     for item in items:
         try:
-            messages = [message_from_dict(m) for m in item["messages"]]
+            what: Sequence[ChatMessage] | ReadEvent
+            if "read" in item:
+                what = ReadEvent.from_dict(item["read"])
+            else:
+                what = [message_from_dict(m) for m in item["messages"]]
             users = [int(u) for u in item["users"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"bad item: {e}") from None
-        parsed.append((messages, users))
+        parsed.append((what, users))
     return parsed
 
 
@@ -101,8 +148,9 @@ def parse_push_reply(data: Any, count: int) -> list[list[int]]:
 @dataclass(frozen=True, slots=True)
 class Kick:
     """
-    Close C{user_id}'s connection if it belongs to C{session_id} (any
-    session when empty); C{logged_off}: because the user logged off.
+    Close the connection of C{user_id}'s device whose session is
+    C{session_id} (every device's when empty); C{logged_off}: because the
+    user logged off.
     """
 
     user_id: int

@@ -1,6 +1,6 @@
 """
-Pushes to IM servers over their push API, one batched request per server at
-a time.
+Pushes (messages, read positions) to IM servers over their push API, one
+batched request per server at a time.
 """
 
 from __future__ import annotations
@@ -49,12 +49,30 @@ class HttpPusher:
     def push(
         self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[list[int]]:
+        return self._batcher(server).submit_deferred((messages, user_ids))
+
+    def push_read(
+        self,
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        event = pushapi.ReadEvent(reader_id, conversation, seq)
+        return self._batcher(server).submit_deferred((event, user_ids))
+
+    def _batcher(self, server: str) -> Batcher[PushItem, list[int]]:
+        """
+        The batcher of pushes to C{server}: pushes made while a request to
+        it is in flight go together, in order, in the next request.
+        """
         batcher = self._batchers.get(server)
         if batcher is None:
             batcher = self._batchers[server] = Batcher(
                 partial(self._send, server), max_in_flight=2, max_batch=200
             )
-        return batcher.submit_deferred((messages, user_ids))
+        return batcher
 
     def _send(
         self, server: str, items: list[PushItem]

@@ -34,6 +34,7 @@ from cim.options import (
     secret_option,
 )
 from cim.route.service import RouteConfig, RouteService
+from cim.route.tap import MAX_DEVICES_OPTION
 from cim.server.service import IMServerService, ServerConfig
 from cim.server.tap import SERVER_LIMITS
 
@@ -83,6 +84,7 @@ class Options(usage.Options):
             "A PEM file of the CAs whose certificates the push APIs called "
             "over https must carry (default: the system's).",
         ],
+        MAX_DEVICES_OPTION,
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
     ]
@@ -166,6 +168,7 @@ class StandaloneService(AsyncStartService):
                 ),
                 shutdown_timeout=self.shutdown_timeout,
                 ca_file=o["ca-file"],
+                max_devices=o["max-devices"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

@@ -1,7 +1,9 @@
 """
 `make demo`: start a standalone cim node, have two scripted clients
-register, exchange private and group messages and list the online users,
-print the transcript, and exit 0 only if every message arrived.
+register, exchange private and group messages, read them (with read
+receipts and unread counts), page through a private conversation's history
+and list the online users, print the transcript, and exit 0 only if every
+message arrived.
 """
 
 from __future__ import annotations
@@ -34,15 +36,34 @@ def say(line: str) -> None:
 
 
 async def next_message(
-    reactor, listener: QueueListener, timeout: float = 10.0
+    reactor, client: Client, listener: QueueListener, timeout: float = 10.0
 ) -> ChatMessage:  # type: ignore[no-untyped-def]
+    """
+    The next message from someone else (a client gets its own messages
+    back too: they are skipped).
+    """
     deadline = reactor.seconds() + timeout
     while reactor.seconds() < deadline:
-        pending = listener.pending_messages()
-        if pending:
-            return pending[0]
+        while listener.messages.pending:
+            message = listener.messages.pending.pop(0)
+            if message.sender_id != client.user_id:
+                return message
         await task.deferLater(reactor, 0.02, lambda: None)
     raise TimeoutError("no message arrived in time")
+
+
+async def next_read(
+    reactor, listener: QueueListener, timeout: float = 10.0
+) -> tuple[int, str, int]:  # type: ignore[no-untyped-def]
+    """
+    The next read position the listener hears of.
+    """
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        if listener.reads.pending:
+            return listener.reads.pending.pop(0)
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise TimeoutError("no read receipt arrived in time")
 
 
 async def run(reactor, route_url: str, state: str) -> bool:  # type: ignore[no-untyped-def]
@@ -65,26 +86,34 @@ async def run(reactor, route_url: str, state: str) -> bool:  # type: ignore[no-u
 
         assert bob.user_id is not None and alice.user_id is not None
         ack = await alice.send_private(bob.user_id, "hi bob :smile:")
-        say(f"alice -> bob: 'hi bob :smile:' (stored as #{ack.seq})")
-        got = await next_message(reactor, bob_events)
+        say(
+            f"alice -> bob: 'hi bob :smile:' (stored as #{ack.seq} of {ack.conversation})"
+        )
+        got = await next_message(reactor, bob, bob_events)
         say(f"bob got from {got.sender_name}: {got.text!r}")
         ok &= (got.sender_name, got.text) == ("alice", "hi bob :smile:")
+        await bob.conversations()
+        say(f"bob has {bob.unread(got.conversation)} unread message(s) from alice")
+        bob.mark_read(got.conversation, got.seq)
+        reader, _, seq = await next_read(reactor, alice_events)
+        say(f"alice's read receipt: user {reader} read up to #{seq}")
+        ok &= (reader, seq) == (bob.user_id, got.seq)
 
         await bob.send_private(alice.user_id, "hello alice")
-        got = await next_message(reactor, alice_events)
+        got = await next_message(reactor, alice, alice_events)
         say(f"alice got from {got.sender_name}: {got.text!r}")
         ok &= (got.sender_name, got.text) == ("bob", "hello alice")
+        history = await alice.history(peer=bob.user_id)
+        say("alice's history with bob: " + ", ".join(repr(m.text) for m in history))
+        ok &= [m.text for m in history] == ["hi bob :smile:", "hello alice"]
 
         await alice.create_group("demo")  # by invitation
         await alice.invite_to_group("demo", bob.user_id)
         await bob.join_group("demo")
         await alice.send_group("demo", "welcome to the group")
-        for name, events in (("alice", alice_events), ("bob", bob_events)):
-            got = await next_message(reactor, events)
-            say(
-                f"{name} got in group {got.group_id}: {got.text!r} from {got.sender_name}"
-            )
-            ok &= got.text == "welcome to the group"
+        got = await next_message(reactor, bob, bob_events)
+        say(f"bob got in group {got.group_id}: {got.text!r} from {got.sender_name}")
+        ok &= got.text == "welcome to the group"
     except Exception as e:
         say(f"demo failed: {e!r}")
         ok = False

@@ -106,8 +106,9 @@ class Harness:
 
     def client(self, name: str = "", **kwargs: Any) -> tuple[Client, QueueListener]:
         """
-        A new client with a L{QueueListener}; its cursor file lives under
-        C{state_root/name} unless C{state_dir} is given.
+        A new client with a L{QueueListener}; its cursor file (and device
+        id, unless C{device} is given) lives under C{state_root/name}
+        unless C{state_dir} is given.
         """
         listener = QueueListener()
         kwargs.setdefault("state_dir", self.state_root / (name or "default"))
@@ -136,15 +137,25 @@ class Harness:
                 return service
         raise AssertionError(f"no server at {client.server}")
 
-    def drop(self, client: Client) -> None:
+    def connection_of(self, client: Client) -> Any:
         """
-        Drop C{client}'s TCP connection from the server side.
+        The server's connection of C{client} (its user's connection of its
+        device, when the server keeps one per device).
         """
         assert client.user_id is not None
         server = self.server_of(client).server
         assert server is not None
-        conn = server.users[client.user_id]
-        conn.link.transport.abortConnection()  # type: ignore[attr-defined]
+        conn: Any = server.users[client.user_id]
+        if isinstance(conn, dict):
+            conn = conn[client.device]
+        return conn
+
+    def drop(self, client: Client) -> None:
+        """
+        Drop C{client}'s TCP connection from the server side.
+        """
+        conn = self.connection_of(client)
+        conn.link.transport.abortConnection()
 
     async def stop(self) -> None:
         """

@@ -20,6 +20,7 @@ from cim.codec import decode, encode_framed
 from cim.delivery import IPusher
 from cim.interfaces import ServerAddress
 from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.pushapi import ReadEvent
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
@@ -31,16 +32,30 @@ THERE = ServerAddress("127.0.0.2", 11211, 8081)
 @implementer(IPusher)
 class RecordingPusher:
     """
-    Records pushes; answers that every user is connected there.
+    Records pushes of messages and of read positions; answers that every
+    user is connected there.
     """
 
     def __init__(self) -> None:
         self.pushes: list[tuple[str, list[ChatMessage], list[int]]] = []
+        self.reads: list[tuple[str, ReadEvent, list[int]]] = []
 
     def push(
         self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[list[int]]:
         self.pushes.append((server, list(messages), list(user_ids)))
+        return succeed([])
+
+    def push_read(
+        self,
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        event = ReadEvent(reader_id, conversation, seq)
+        self.reads.append((server, event, list(user_ids)))
         return succeed([])
 
 
@@ -61,6 +76,8 @@ class Peer:
         )
         self.protocol.makeConnection(self.transport)
         self.backlog: list[Frame] = []
+        #: The LOGIN_RESPONSE of L{World.login}.
+        self.login: Frame | None = None
 
     def send(self, frame: Frame) -> None:
         self.protocol.dataReceived(encode_framed(frame))
@@ -92,6 +109,12 @@ class Peer:
         The chat messages received since the last call, from every frame.
         """
         return [m for f in self.received() for m in f.messages]
+
+    def texts(self) -> list[str]:
+        """
+        The texts of the chat messages received since the last call.
+        """
+        return [m.text for m in self.messages()]
 
     @property
     def closed(self) -> bool:
@@ -146,31 +169,79 @@ class World:
     def account(self, name: str) -> int:
         return self.result(self.store.register(name)).user_id  # type: ignore[attr-defined]
 
-    def token(self, user_id: int, name: str, server: ServerAddress = HERE) -> str:
+    def token(
+        self,
+        user_id: int,
+        name: str,
+        server: ServerAddress = HERE,
+        device: str = "",
+    ) -> str:
         session, _ = self.result(  # type: ignore[misc]
-            self.store.claim_session(user_id, name, str(server), 60.0, replace=True)
+            self.store.claim_session(
+                user_id, name, str(server), 60.0, replace=True, device=device
+            )
         )
         return self.result(  # type: ignore[return-value]
-            self.store.issue_token(user_id, str(server), session.session_id, 3600.0)
+            self.store.issue_token(
+                user_id, str(server), session.session_id, 3600.0, device=device
+            )
         )
 
+    def user(self, name: str) -> int:
+        """
+        The id of account C{name}, registered if need be.
+        """
+        existing = self.result(self.store.get_account_by_name(name))
+        return existing.user_id if existing else self.account(name)  # type: ignore[attr-defined]
+
     def login(
-        self, name: str, cursors: Sequence[Cursor] = (), user_id: int | None = None
+        self,
+        name: str,
+        cursors: Sequence[Cursor] = (),
+        user_id: int | None = None,
+        device: str = "",
     ) -> tuple[Peer, int]:
         if user_id is None:
-            existing = self.result(self.store.get_account_by_name(name))
-            user_id = existing.user_id if existing else self.account(name)  # type: ignore[attr-defined]
+            user_id = self.user(name)
         peer = Peer(self.server)
         peer.send(
             Frame(
                 cmd=Command.LOGIN_REQUEST,
                 request_id=user_id,
                 req_msg=name,
-                token=self.token(user_id, name),
+                token=self.token(user_id, name, device=device),
                 cursors=tuple(cursors),
             )
         )
         frames = peer.received()
         assert frames and frames[0].cmd == Command.LOGIN_RESPONSE, frames
+        peer.login = frames[0]
         peer.backlog = frames[1:]
         return peer, user_id
+
+    def legacy_login(self, name: str) -> tuple[Peer, int]:
+        """
+        Log C{name} in as a CIM client (no token), on a session the route
+        assigned here (the server must accept legacy logins).
+        """
+        user_id = self.user(name)
+        self.token(user_id, name)
+        peer = Peer(self.server)
+        peer.send(Frame(cmd=Command.LOGIN_REQUEST, request_id=user_id, req_msg=name))
+        return peer, user_id
+
+    def send(
+        self, peer: Peer, text: str, receiver: int = 0, group: str = "", cmid: str = ""
+    ) -> None:
+        """
+        C{peer} sends C{text} to user C{receiver} or to C{group}.
+        """
+        peer.send(
+            Frame(
+                cmd=Command.MESSAGE,
+                req_msg=text,
+                receive_user_id=receiver,
+                group_id=group,
+                client_msg_id=cmid,
+            )
+        )

@@ -108,12 +108,13 @@ def test_offline_replay_carries_each_senders_and_the_receivers_properties() -> N
         Frame(cmd=Command.MESSAGE, req_msg="alice again", receive_user_id=bob)
     )
     cim_bob = CimPeer(world, "bob")
-    assert cim_bob.read() == ["from alice", "c1", "c2", "alice again"]
+    # Replayed one conversation after the other (each in order).
+    assert cim_bob.read() == ["from alice", "alice again", "c1", "c2"]
     assert cim_bob.handler.received == [
         (Command.OFFLINE, alice, "from alice"),
+        (Command.OFFLINE, alice, "alice again"),
         (Command.OFFLINE, carol, "c1"),
         (Command.OFFLINE, carol, "c2"),
-        (Command.OFFLINE, alice, "alice again"),
     ]
 
 
@@ -400,6 +401,7 @@ def test_cims_own_clients_ask_for_the_extended_replies() -> None:
         "token",
         "userId",
         "userName",
+        "device",
     }
     with pytest.raises(StrictDecodeError):
         decode_reply(
@@ -642,11 +644,8 @@ def test_a_cim_client_never_gets_its_own_private_messages() -> None:
     alice = CimPeer(world, "alice")
     bob = CimPeer(world, "bob")
     conversation = pair_conversation(alice.user_id, bob.user_id)
-    for sender, receiver, text in [
-        (alice, bob, "from alice"),
-        (bob, alice, "from bob"),
-        (alice, bob, "again from alice"),
-    ]:
+
+    def send(sender: CimPeer, receiver: CimPeer, text: str) -> None:
         stored = world.result(
             world.server.delivery.append(
                 NewMessage.of_send(
@@ -662,9 +661,17 @@ def test_a_cim_client_never_gets_its_own_private_messages() -> None:
         world.result(
             world.server.delivery.deliver(stored, [sender.user_id, receiver.user_id])
         )
+
+    send(alice, bob, "from alice")
+    send(bob, alice, "from bob")
+    send(alice, bob, "again from alice")
     assert alice.read() == ["from bob"]
     assert bob.read() == ["from alice", "again from alice"]
-    # Logging in again replays nothing of its own either.
+    # Logging in again replays nothing of its own either: only what the
+    # other side sent meanwhile.
+    alice.ping()
     alice.peer.lose()
+    send(alice, bob, "while alice was away")
+    send(bob, alice, "to alice while away")
     alice.login()
-    assert alice.read() == ["from bob"]
+    assert alice.read() == ["to alice while away"]

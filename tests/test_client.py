@@ -1,26 +1,30 @@
 """
-The client library: its parts in memory with a L{Clock} (heartbeat, cursors,
-acknowledgements, backoff), then whole clients against a real route and IM
-servers running in the test reactor on the memory store.
+The client library in memory with a L{Clock}: the heartbeat, the cursor
+file, a whole client on a L{StringTransport} behind a fake route (cursors
+and epochs, acknowledgements, devices, read state, kicks, backoff), and the
+route's calls on a L{StubTreq}.  C{tests/test_client_live.py} runs whole
+clients against a real route and IM servers.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.resource import Resource
+from twisted.web.server import Request
 from zope.interface.verify import verifyObject
 
 from cim.client.connection import ClientProtocol, Heartbeat
-from cim.client.cursors import CursorFile, state_path
+from cim.client.cursors import CursorFile, Received, state_path
+from cim.client.devices import DeviceIds
 from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
     Ack,
@@ -28,16 +32,23 @@ from cim.client.library import (
     ClientClosed,
     ClientState,
     IClientListener,
-    LoginError,
     QueueListener,
     SendError,
 )
-from cim.client.route import LoginInfo, RouteError, User
+from cim.client.reads import ConversationInfo
+from cim.client.route import LoginInfo, RouteClient, RouteError
 from cim.client.session import reconnect_delays
 from cim.codec import decode, encode_framed
-from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, inbox
-from tests.clientkit import Harness, take_messages, wait_state
-from tests.kit.wait import wait_until, within
+from cim.message import (
+    KICK_DEVICE_LIMIT,
+    KICK_REPLACED,
+    ChatMessage,
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+    Position,
+)
 
 # In memory: the heartbeat
 
@@ -184,15 +195,34 @@ def test_undecodable_frames_are_skipped() -> None:
 
 # In memory: the cursor file
 
+PAIR = "p:1:7"
+
 
 def test_cursors_drop_duplicates() -> None:
     cursors = CursorFile(Clock())
-    assert cursors.advance("u:1", 1)
-    assert cursors.advance("u:1", 3)
-    assert not cursors.advance("u:1", 3)
-    assert not cursors.advance("u:1", 2)
-    assert cursors.advance("g:a", 1)
-    assert cursors.as_list() == [Cursor("g:a", 1), Cursor("u:1", 3)]
+    assert cursors.received(PAIR, "e1", 1) == Received(moved=True, new=True)
+    assert cursors.received(PAIR, "e1", 3).new
+    assert cursors.received(PAIR, "e1", 3) == Received(moved=False, new=False)
+    assert not cursors.received(PAIR, "e1", 2).new
+    assert cursors.received("g:a", "", 1).new
+    assert cursors.as_list() == [Cursor("g:a", 1, ""), Cursor(PAIR, 3, "e1")]
+
+
+def test_cursors_across_an_epoch_reset() -> None:
+    cursors = CursorFile(Clock())
+    for seq in (1, 2, 3):
+        cursors.received(PAIR, "e1", seq)
+    # The store lost everything after 1: the server starts epoch e2 at 1
+    # and resends what it holds: 2 and 3 of e1 were seen, the new 2 and 3
+    # (of e2) were not.
+    assert cursors.start(PAIR, "e2", 1)
+    assert cursors.position(PAIR) == Position("e2", 1)
+    assert cursors.received(PAIR, "e1", 2) == Received(moved=True, new=False)
+    assert cursors.received(PAIR, "e2", 3) == Received(moved=True, new=True)
+    assert not cursors.received(PAIR, "e1", 3).new
+    assert cursors.cursor(PAIR) == Cursor(PAIR, 3, "e2")
+    assert cursors.seen[PAIR] == {"e1": 3, "e2": 3}
+    assert not cursors.start(PAIR, "e2", 3)
 
 
 def test_cursor_file_saved_at_most_once_a_second(tmp_path: Path) -> None:
@@ -200,20 +230,22 @@ def test_cursor_file_saved_at_most_once_a_second(tmp_path: Path) -> None:
     clock.advance(1000)
     path = state_path(tmp_path / "state", 7)
     cursors = CursorFile(clock, path)
-    cursors.advance("u:7", 1)
+    cursors.received(PAIR, "e1", 1)
     clock.advance(0)
-    assert json.loads(path.read_text())["cursors"] == {"u:7": 1}
+    assert json.loads(path.read_text())["conversations"] == {
+        PAIR: {"epoch": "e1", "seq": 1, "seen": {"e1": 1}}
+    }
     writes = []
     for seq in range(2, 12):
-        cursors.advance("u:7", seq)
+        cursors.received(PAIR, "e1", seq)
         clock.advance(0.1)
-        writes.append(json.loads(path.read_text())["cursors"]["u:7"])
+        writes.append(json.loads(path.read_text())["conversations"][PAIR]["seq"])
     # Ten changes over a second, written about once.
     assert len(set(writes)) <= 2
     assert writes[-1] >= 10
-    cursors.advance("u:7", 12)
+    cursors.received(PAIR, "e1", 12)
     cursors.close()
-    assert json.loads(path.read_text())["cursors"] == {"u:7": 12}
+    assert json.loads(path.read_text())["conversations"][PAIR]["seq"] == 12
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files
     assert clock.getDelayedCalls() == []
     assert path.stat().st_mode & 0o077 == 0
@@ -223,21 +255,49 @@ def test_cursor_file_resumes(tmp_path: Path) -> None:
     clock = Clock()
     path = state_path(tmp_path, 7)
     first = CursorFile(clock, path)
-    first.advance("u:7", 5)
+    first.received(PAIR, "e1", 5)
+    first.start(PAIR, "e2", 2)
+    first.received(PAIR, "e2", 3)
     first.set_token("tok")
     first.close()
     second = CursorFile(clock, path)
-    assert second.get("u:7") == 5
+    assert second.position(PAIR) == Position("e2", 3)
+    assert second.seen[PAIR] == {"e1": 5, "e2": 3}
     assert second.token == "tok"
-    assert not second.advance("u:7", 5)
+    assert not second.received(PAIR, "e1", 5).new
+    assert not second.received(PAIR, "e2", 3).new
+
+
+def test_a_cursor_file_of_the_previous_release_loads(tmp_path: Path) -> None:
+    path = state_path(tmp_path, 7)
+    path.write_text('{"version": 1, "cursors": {"u:7": 4, "g:a": 2}, "token": "t"}')
+    cursors = CursorFile(Clock(), path)
+    # The one-sided inboxes of that release are gone (moved into pairs).
+    assert cursors.cursors == {"g:a": Position("", 2)}
+    assert cursors.token == "t"
+    assert not cursors.received("g:a", "", 2).new
+    assert cursors.received("g:a", "", 3).new
+    assert cursors.as_list() == [Cursor("g:a", 3, "")]
+    # The server names the epoch at the next login; what was seen stays.
+    cursors.start("g:a", "e1", 3)
+    assert not cursors.received("g:a", "", 3).new
+    cursors.close()
 
 
 def test_corrupt_cursor_file_is_ignored(tmp_path: Path) -> None:
     path = state_path(tmp_path, 7)
     path.write_text("{not json")
     assert CursorFile(Clock(), path).cursors == {}
-    path.write_text('{"cursors": {"u:7": "x", "g:a": 3}}')
-    assert CursorFile(Clock(), path).cursors == {"g:a": 3}
+    path.write_text('{"cursors": {"g:b": "x", "g:a": 3}}')
+    assert CursorFile(Clock(), path).cursors == {"g:a": Position("", 3)}
+    path.write_text(
+        '{"version": 2, "conversations": {"g:a": {"epoch": 1, "seq": 3}, '
+        '"g:b": {"epoch": "e", "seq": true, "seen": {"e": 2, "f": "x"}}, '
+        '"g:c": [1]}}'
+    )
+    cursors = CursorFile(Clock(), path)
+    assert cursors.cursors == {}
+    assert cursors.seen == {"g:b": {"e": 2}}
 
 
 # In memory: a client on a StringTransport
@@ -253,6 +313,7 @@ class FakeRoute:
         self.clock = clock
         self.errors: list[Exception] = []
         self.logins: list[float] = []
+        self.devices: list[str] = []
 
     async def login(
         self,
@@ -261,8 +322,10 @@ class FakeRoute:
         password: str | None = None,
         token: str = "",
         account_key: str = "",
+        device: str = "",
     ) -> LoginInfo:
         self.logins.append(self.clock.seconds())
+        self.devices.append(device)
         if self.errors:
             raise self.errors.pop(0)
         return LoginInfo("127.0.0.1", 11211, 0, "token", user_id, user_name)
@@ -285,7 +348,7 @@ class Wired:
     L{StringTransport}, on a L{MemoryReactorClock}.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, cursors: tuple[Cursor, ...] = (), **kwargs: Any) -> None:
         self.clock = MemoryReactorClock()
         self.listener = QueueListener()
         self.client = Client(
@@ -298,19 +361,24 @@ class Wired:
         self.route = FakeRoute(self.clock)
         self.client._session.route = self.route
         login = Deferred.fromCoroutine(self.client.login("alice", user_id=7))
-        self.connect()
+        self.connect(cursors)
         assert login.called and login.result is None
 
-    def connect(self) -> None:
+    def connect(self, cursors: tuple[Cursor, ...] = ()) -> Frame:
         """
-        Accept the connection a login asked for, and answer the login.
+        Accept the connection a login asked for, and answer the login
+        (starting the conversations at C{cursors}).
+
+        @return: the C{LOGIN_REQUEST}.
         """
         self.transport = accept(self.clock)
         assert self.client._protocol is not None
         self.protocol = self.client._protocol
-        assert [f.cmd for f in self.sent()] == [Command.LOGIN_REQUEST]
-        self.receive(Frame(cmd=Command.LOGIN_RESPONSE))
+        [login] = self.sent()
+        assert login.cmd == Command.LOGIN_REQUEST
+        self.receive(Frame(cmd=Command.LOGIN_RESPONSE, cursors=cursors))
         assert self.client.state == ClientState.READY
+        return login
 
     def receive(self, *frames: Frame) -> None:
         self.protocol.dataReceived(b"".join(encode_framed(f) for f in frames))
@@ -322,15 +390,24 @@ class Wired:
         return self.listener.pending_messages()
 
 
-def chat(seq: int, conversation: str = "u:7", text: str = "") -> ChatMessage:
+def chat(
+    seq: int,
+    conversation: str = PAIR,
+    text: str = "",
+    epoch: str = "e1",
+    sender_id: int = 1,
+    client_msg_id: str = "",
+) -> ChatMessage:
     return ChatMessage(
         msg_id=100 + seq,
         conversation=conversation,
         seq=seq,
-        sender_id=1,
-        sender_name="bob",
+        sender_id=sender_id,
+        sender_name="bob" if sender_id == 1 else "alice",
         text=text or f"m{seq}",
         timestamp=1,
+        client_msg_id=client_msg_id,
+        epoch=epoch,
     )
 
 
@@ -350,7 +427,9 @@ def test_acks_are_coalesced() -> None:
     assert wired.sent() == []
     wired.clock.advance(0.005)
     assert wired.sent() == [
-        Frame(cmd=Command.ACK, cursors=(Cursor("g:dev", 1), Cursor("u:7", 5)))
+        Frame(
+            cmd=Command.ACK, cursors=(Cursor("g:dev", 1, "e1"), Cursor(PAIR, 5, "e1"))
+        )
     ]
     wired.clock.advance(1)
     assert wired.sent() == []
@@ -365,7 +444,7 @@ def test_duplicates_are_dropped_and_not_acknowledged() -> None:
     wired.receive(Frame(cmd=Command.OFFLINE, messages=[chat(1), chat(2), chat(3)]))
     assert [m.seq for m in wired.messages()] == [3]
     wired.clock.advance(1)
-    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("u:7", 3),))]
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor(PAIR, 3, "e1"),))]
     wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(3)]))
     wired.clock.advance(1)
     assert wired.messages() == [] and wired.sent() == []
@@ -410,11 +489,11 @@ def test_send_is_acknowledged() -> None:
             client_msg_id=frame.client_msg_id,
             msg_id=9,
             seq=4,
-            conversation="u:2",
+            conversation="p:2:7",
             timestamp=5,
         )
     )
-    ack = Ack(frame.client_msg_id, 9, 4, "u:2", 5)
+    ack = Ack(frame.client_msg_id, 9, 4, "p:2:7", 5)
     assert d.result == ack
     assert wired.listener.acks.pending == [ack]
 
@@ -453,12 +532,49 @@ def test_replaced_session_gives_up() -> None:
     d = wired.client.send_private(2, "pending")
     failures: list[Any] = []
     d.addErrback(failures.append)
-    wired.receive(Frame(cmd=Command.KICK, error_reason="logged in again elsewhere"))
+    wired.receive(Frame(cmd=Command.KICK, error_reason=KICK_REPLACED))
     assert wired.transport.disconnecting
     wired.protocol.connectionLost(None)
     assert wired.client.state == ClientState.FAILED
+    reason = wired.listener.log[-1][1]
+    assert "replaced by a newer login of this device" in reason
+    assert "not reconnecting" in reason
     assert failures[0].check(ClientClosed)
     assert wired.clock.getDelayedCalls() == []  # no reconnect
+    assert len(wired.route.logins) == 1
+
+
+def test_the_device_limit_gives_up() -> None:
+    wired = Wired()
+    wired.receive(Frame(cmd=Command.KICK, error_reason=KICK_DEVICE_LIMIT))
+    wired.protocol.connectionLost(None)
+    assert wired.client.state == ClientState.FAILED
+    assert "more devices than allowed" in wired.listener.log[-1][1]
+    wired.clock.pump([1.0] * 60)
+    assert len(wired.route.logins) == 1
+
+
+def test_other_kicks_reconnect() -> None:
+    wired = Wired()
+    wired.receive(Frame(cmd=Command.KICK, error_reason="the server shuts down"))
+    wired.protocol.connectionLost(None)
+    assert wired.client.state == ClientState.RECONNECTING
+    wired.clock.advance(1)
+    wired.connect()
+
+
+def test_a_final_kick_during_a_login_gives_up() -> None:
+    wired = Wired()
+    drop(wired)
+    wired.clock.advance(1)
+    wired.transport = accept(wired.clock)
+    assert wired.client._protocol is not None
+    wired.protocol = wired.client._protocol
+    wired.receive(Frame(cmd=Command.KICK, error_reason=KICK_REPLACED))
+    wired.protocol.connectionLost(None)
+    assert wired.client.state == ClientState.FAILED
+    wired.clock.pump([1.0] * 60)
+    assert len(wired.route.logins) == 2
 
 
 def test_backoff_doubles_up_to_thirty_seconds_with_jitter() -> None:
@@ -581,414 +697,356 @@ def test_close_stops_reconnecting() -> None:
     assert wired.clock.getDelayedCalls() == []
 
 
-# Against a real route and IM server (memory store)
+# Devices
 
 
-@pytest.fixture
-def reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-@pytest_twisted.async_yield_fixture
-async def harness(reactor: Any, tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(reactor, tmp_path)
-    try:
-        await h.start()
-        yield h
-    finally:
-        await h.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def two_servers(reactor: Any, tmp_path: Path) -> AsyncIterator[Harness]:
-    h = Harness(reactor, tmp_path)
-    try:
-        await h.start(servers=2)
-        yield h
-    finally:
-        await h.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_private_chat_both_ways(reactor: Any, harness: Harness) -> None:
-    alice, alice_events = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    assert alice.state == bob.state == ClientState.READY
-    assert [s for s, _ in alice_events.log] == [
-        ClientState.CONNECTING,
-        ClientState.READY,
+def test_the_device_id_is_kept_in_the_state_folder(tmp_path: Path) -> None:
+    first = Wired(state_dir=tmp_path)
+    device = first.client.device
+    assert device and first.route.devices == [device]
+    # Another client on the same folder, route and account: the same device.
+    again = Wired(state_dir=tmp_path)
+    assert again.client.device == device
+    assert again.route.devices == [device]
+    keep = DeviceIds(tmp_path)
+    assert keep.get("http://route.invalid/", 7) == device
+    # Another account, or another route: another device.
+    assert keep.device_for("http://route.invalid", 8) != device
+    assert keep.device_for("http://other.invalid", 7) != device
+    assert (tmp_path / "devices.json").stat().st_mode & 0o077 == 0
+    # Named devices in the same folder keep cursors (and tokens) apart.
+    named = Wired(state_dir=tmp_path, device="phone")
+    for wired in (first, again, named):
+        wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1)]))
+        closed = Deferred.fromCoroutine(wired.client.close())
+        wired.clock.advance(5)  # the server never closes the connection
+        assert closed.called
+    assert sorted(p.name for p in tmp_path.glob("cursors-*")) == [
+        "cursors-7-phone.json",
+        "cursors-7.json",
     ]
-    assert bob.user_id is not None and alice.user_id is not None
-    ack = await within(reactor, alice.send_private(bob.user_id, "hi bob :smile:"))
-    assert (ack.conversation, ack.seq) == (inbox(bob.user_id), 1)
-    [got] = await take_messages(reactor, bob_events, 1)
-    assert (got.text, got.sender_name, got.msg_id) == (
-        "hi bob :smile:",
-        "alice",
-        ack.msg_id,
+    assert CursorFile(Clock(), state_path(tmp_path, 7, "phone")).get(PAIR) == 1
+
+
+def test_a_device_id_given_or_random() -> None:
+    given = Wired(device="phone-1")
+    assert given.client.device == given.route.devices[0] == "phone-1"
+    # Without a state folder, each client is a device of its own.
+    one, two = Wired(), Wired()
+    assert one.client.device and one.client.device != two.client.device
+    # A reconnect keeps it.
+    drop(one)
+    one.clock.advance(1)
+    one.connect()
+    assert one.route.devices == [one.client.device] * 2
+    with pytest.raises(ValueError, match="bad device id"):
+        Client(MemoryReactorClock(), http=object(), device="no spaces")
+
+
+# Cursors and epochs
+
+
+def test_the_login_response_starts_the_streams() -> None:
+    wired = Wired(cursors=(Cursor(PAIR, 4, "e1"), Cursor("g:dev", 0, "e9")))
+    assert wired.client.cursors.position(PAIR) == Position("e1", 4)
+    assert wired.client.cursors.position("g:dev") == Position("e9", 0)
+    # Acknowledged at once (what the server stores for this device).
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor(PAIR, 4, "e1"),))]
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1, "g:dev", epoch="e9")]))
+    wired.clock.advance(1)
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("g:dev", 1, "e9"),))]
+    # The next login sends the positions with their epochs.
+    drop(wired)
+    wired.clock.advance(1)
+    login = wired.connect()
+    assert list(login.cursors) == [Cursor("g:dev", 1, "e9"), Cursor(PAIR, 4, "e1")]
+    assert wired.listener.resets.pending == []
+
+
+def test_an_epoch_frame_starts_a_conversation() -> None:
+    wired = Wired()
+    wired.receive(
+        Frame(cmd=Command.EPOCH, cursors=[Cursor("p:7:9", 0, "e5")]),
+        Frame(cmd=Command.MESSAGE, messages=[chat(1, "p:7:9", epoch="e5")]),
     )
-    assert got.client_msg_id == ack.client_msg_id
-    await within(reactor, bob.send_private(alice.user_id, "hi alice"))
-    [back] = await take_messages(reactor, alice_events, 1)
-    assert (back.text, back.sender_id, back.conversation) == (
-        "hi alice",
-        bob.user_id,
-        inbox(alice.user_id),
+    assert [m.conversation for m in wired.messages()] == ["p:7:9"]
+    wired.clock.advance(1)
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("p:7:9", 1, "e5"),))]
+
+
+def test_acks_carry_the_stream_epoch() -> None:
+    # A stream of epoch e2 that trusts its previous epoch up to 3: the
+    # messages it resends keep their tag e1, the acknowledgement is of e2.
+    wired = Wired(cursors=(Cursor(PAIR, 0, "e2"),))
+    wired.receive(
+        Frame(cmd=Command.OFFLINE, messages=[chat(s, epoch="e1") for s in (1, 2, 3)]),
+        Frame(cmd=Command.MESSAGE, messages=[chat(4, epoch="e2")]),
     )
-    assert await alice.online_users() == [
-        User(alice.user_id, "alice"),
-        User(bob.user_id, "bob"),
+    assert len(wired.messages()) == 4
+    wired.clock.advance(1)
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor(PAIR, 4, "e2"),))]
+
+
+def test_nothing_twice_across_an_epoch_reset() -> None:
+    wired = Wired(cursors=(Cursor(PAIR, 0, "e1"),))
+    wired.receive(
+        Frame(cmd=Command.MESSAGE, messages=[chat(s, epoch="e1") for s in (1, 2, 3)])
+    )
+    assert [m.seq for m in wired.messages()] == [1, 2, 3]
+    wired.clock.advance(1)
+    wired.sent()
+    # The store lost everything: the server starts a new epoch from 0 and
+    # resends what it holds: the three old messages (kept with their tag,
+    # restored from a copy), then the new ones, numbered again from 4... and
+    # new ones of the new epoch numbered 1 and 2 are new.
+    wired.receive(
+        Frame(cmd=Command.EPOCH, cursors=[Cursor(PAIR, 0, "e2", reset=True)]),
+        Frame(
+            cmd=Command.MESSAGE,
+            messages=[chat(1, epoch="e1"), chat(2, epoch="e1")]
+            + [chat(3, text="new 3", epoch="e2"), chat(4, text="new 4", epoch="e2")],
+        ),
+    )
+    assert wired.listener.resets.pending == [(PAIR, 0)]
+    assert [(m.epoch, m.seq, m.text) for m in wired.messages()] == [
+        ("e2", 3, "new 3"),
+        ("e2", 4, "new 4"),
     ]
-    # Bob acknowledged: the server saved his cursor.
-    await wait_until(
-        reactor,
-        lambda: (
-            harness.servers[0].server.sweep() or harness.store._cursors.get(bob.user_id)
-        ),  # type: ignore[union-attr]
-        "bob's cursor to be saved",
+    wired.clock.advance(1)
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor(PAIR, 4, "e2"),))]
+    # The same happening at login (the client's position was of e1).
+    drop(wired)
+    wired.clock.advance(1)
+    login = wired.connect((Cursor(PAIR, 2, "e3", reset=True),))
+    assert list(login.cursors) == [Cursor(PAIR, 4, "e2")]
+    assert wired.listener.resets.pending[-1] == (PAIR, 2)
+    wired.receive(
+        Frame(cmd=Command.MESSAGE, messages=[chat(3, epoch="e2"), chat(3, epoch="e3")])
     )
+    assert [(m.epoch, m.seq) for m in wired.messages()] == [("e3", 3)]
 
 
-@pytest_twisted.ensureDeferred
-async def test_group_chat_both_ways(reactor: Any, harness: Harness) -> None:
-    alice, alice_events = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    await alice.create_group("dev")
-    with pytest.raises(RouteError) as refused:
-        await bob.join_group("dev")
-    assert refused.value.code == "4010"
-    assert await alice.invite_to_group("dev", bob.user_id)
-    assert await bob.join_group("dev")
-    assert not await bob.join_group("dev")
-    assert await bob.my_groups() == ["dev"]
-    assert [m.user_name for m in await alice.group_members("dev")] == ["alice", "bob"]
-    await within(reactor, alice.send_group("dev", "hello dev"))
-    await within(reactor, bob.send_group("dev", "hello alice"))
-    for events in (alice_events, bob_events):
-        got = await take_messages(reactor, events, 2)
-        assert [(m.sender_name, m.text, m.group_id, m.seq) for m in got] == [
-            ("alice", "hello dev", "dev", 1),
-            ("bob", "hello alice", "dev", 2),
-        ]
-    history = await alice.history("g:dev")
-    assert [m.text for m in history] == ["hello dev", "hello alice"]
-    assert await bob.leave_group("dev")
-    with pytest.raises(SendError) as e:
-        await within(reactor, bob.send_group("dev", "still there?"))
-    assert e.value.code == ErrorCode.NOT_A_MEMBER
-    with pytest.raises(RouteError):
-        await alice.create_group("dev")
+# Own messages and read state
 
 
-@pytest_twisted.ensureDeferred
-async def test_managing_a_group(reactor: Any, harness: Harness) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, _ = await harness.logged_in("bob")
-    carol, _ = await harness.logged_in("carol")
-    await alice.create_group("club", policy="approval", history="full")
-    info = await alice.group_info("club")
-    assert (info.owner_id, info.policy, info.history) == (
-        alice.user_id,
-        "approval",
-        "full",
+def test_own_messages_come_back_and_are_known() -> None:
+    wired = Wired()
+    d = wired.client.send_private(1, "hello")
+    [frame] = wired.sent()
+    assert wired.client.sent_here(frame.client_msg_id)
+    echo = chat(1, sender_id=7, client_msg_id=frame.client_msg_id)
+    wired.receive(
+        Frame(cmd=Command.MESSAGE, messages=[echo]),
+        Frame(cmd=Command.ACK, client_msg_id=frame.client_msg_id, msg_id=101, seq=1),
     )
-    assert (info.members, info.member, info.joined_at) == (1, True, 0)
-    asked = await bob.join_group("club")
-    assert (bool(asked), asked.pending) == (False, True)
-    await carol.join_group("club")
-    assert await alice.join_requests("club") == [
-        User(bob.user_id, "bob"),
-        User(carol.user_id, "carol"),
+    assert wired.messages() == [echo]
+    assert d.called and wired.client.sent_here(frame.client_msg_id)
+    assert not wired.client.sent_here("from-another-device")
+    assert not wired.client.sent_here("")
+    # One's own message is no unread one, and reads what came before.
+    assert wired.client.unread(PAIR) == 0
+    assert wired.client.read_position(PAIR) == 1
+
+
+def test_read_frames_update_read_positions_and_unread_counts() -> None:
+    wired = Wired()
+    wired.client._inbox.reads.load(
+        [ConversationInfo(PAIR, "e1", last_seq=5, read=3, unread=2, peer_id=1)]
+    )
+    wired.receive(
+        Frame(cmd=Command.MESSAGE, messages=[chat(4), chat(5), chat(6), chat(7)])
+    )
+    # 4 and 5 were counted in the snapshot already.
+    assert wired.client.unread(PAIR) == 4
+    assert wired.client.unread() == 4
+    # This user read up to 5 on another device.
+    wired.receive(Frame(cmd=Command.READ, request_id=7, cursors=[Cursor(PAIR, 5)]))
+    assert wired.client.unread(PAIR) == 2
+    assert wired.client.read_position(PAIR) == 5
+    # The peer read this user's messages (a read receipt), and a member of
+    # a group read it.
+    wired.receive(
+        Frame(cmd=Command.READ, request_id=1, cursors=[Cursor(PAIR, 9)]),
+        Frame(cmd=Command.READ, request_id=3, cursors=[Cursor("g:dev", 2)]),
+    )
+    assert wired.client.read_position(PAIR, 1) == 9
+    assert wired.client.read_position("g:dev", 3) == 2
+    # Positions never fall: a stale READ says nothing.
+    wired.receive(Frame(cmd=Command.READ, request_id=7, cursors=[Cursor(PAIR, 4)]))
+    assert wired.listener.reads.pending == [
+        (7, PAIR, 5),
+        (1, PAIR, 9),
+        (3, "g:dev", 2),
     ]
-    await alice.approve_request("club", bob.user_id)
-    await alice.reject_request("club", carol.user_id)
-    assert await alice.join_requests("club") == []
-    assert (await bob.group_info("club")).member
-    with pytest.raises(RouteError) as refused:
-        await bob.remove_member("club", alice.user_id)
-    assert refused.value.code == "4010"
-    with pytest.raises(RouteError) as refused:
-        await alice.leave_group("club")
-    assert refused.value.code == "4090"
-    await alice.transfer_group("club", bob.user_id)
-    assert await alice.leave_group("club")
-    assert await bob.remove_member("club", alice.user_id) is False
-    assert await bob.invite_to_group("club", carol.user_id)
-    assert await carol.join_group("club")
-    assert await bob.remove_member("club", carol.user_id)
-    assert (await bob.group_info("club")).members == 1
+    assert wired.client.unread(PAIR) == 2
+    [state] = [c for c in wired.client.conversation_states() if c.conversation == PAIR]
+    assert (state.last_seq, state.read, state.unread, state.peer_read) == (7, 5, 2, 9)
 
 
-@pytest_twisted.ensureDeferred
-async def test_broadcast(reactor: Any, harness: Harness) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    await alice.broadcast("hello everybody")
-    [got] = await take_messages(reactor, bob_events, 1)
-    assert (got.text, got.conversation, got.sender_name) == (
-        "hello everybody",
-        "all",
-        "alice",
+def test_mark_read_sends_read() -> None:
+    wired = Wired()
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1), chat(2), chat(3)]))
+    assert wired.client.unread(PAIR) == 3
+    wired.client.mark_read(PAIR, 2)
+    assert wired.client.unread(PAIR) == 1
+    assert Frame(cmd=Command.READ, cursors=(Cursor(PAIR, 2),)) in wired.sent()
+    assert wired.listener.reads.pending == [(7, PAIR, 2)]
+    wired.client.mark_read(PAIR, 1)  # lower: nothing
+    assert wired.sent() == []
+    # While disconnected, it waits for the next connection.
+    drop(wired)
+    wired.client.mark_read(PAIR, 3)
+    assert wired.client.unread(PAIR) == 0
+    wired.clock.advance(1)
+    wired.connect()
+    assert Frame(cmd=Command.READ, cursors=(Cursor(PAIR, 3),)) in wired.sent()
+    # Broadcasts have no read position.
+    wired.client.mark_read("all", 5)
+    assert wired.sent() == []
+
+
+# The route's calls
+
+
+class FakeRouteResource(Resource):
+    """
+    The route's HTTP API, answering each path with C{answers[path]} and
+    keeping the bodies asked.
+    """
+
+    isLeaf = True
+
+    def __init__(self, answers: dict[str, Any]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        path = request.path.decode()
+        assert request.content is not None
+        self.bodies.append((path, json.loads(request.content.read())))
+        answer = {"code": "9000", "message": "ok", "dataBody": self.answers[path]}
+        return json.dumps(answer).encode()
+
+
+def route_client(answers: dict[str, Any]) -> tuple[RouteClient, FakeRouteResource]:
+    resource = FakeRouteResource(answers)
+    return RouteClient(Clock(), StubTreq(resource), "http://route"), resource
+
+
+def test_the_client_asks_the_route() -> None:
+    wired = Wired()
+    resource = FakeRouteResource(
+        {
+            "/conversations": [
+                {"conversation": PAIR, "lastSeq": 4, "read": 1, "unread": 3},
+                {"conversation": "g:dev", "lastSeq": 2, "read": 2, "groupId": "dev"},
+            ],
+            "/readPositions": [{"userId": 3, "read": 2}],
+            "/history": [],
+        }
     )
-
-
-@pytest_twisted.ensureDeferred
-async def test_send_to_nobody_fails(reactor: Any, harness: Harness) -> None:
-    alice, alice_events = await harness.logged_in("alice")
-    with pytest.raises(SendError) as e:
-        await within(reactor, alice.send_private(9999, "anyone?"))
-    assert e.value.code == ErrorCode.INVALID_ARGUMENT
-    assert alice.state == ClientState.READY
-
-
-@pytest_twisted.ensureDeferred
-async def test_passwords(reactor: Any, harness: Harness) -> None:
-    client, _ = harness.client("carol")
-    carol = await client.register("carol", "s3cret-pw")
-    with pytest.raises(RouteError) as taken:
-        await client.register("carol")
-    assert taken.value.code == "4090"
-    with pytest.raises(LoginError) as wrong:
-        await within(reactor, client.login("carol", "wrong-pw"))
-    assert wrong.value.code == "4090"
-    with pytest.raises(LoginError) as wrong:
-        await within(reactor, client.login("carol", "wrong-pw", user_id=carol.user_id))
-    assert wrong.value.code == "9100"
-    assert client.state == ClientState.FAILED
-    with pytest.raises(LoginError) as missing:
-        await within(reactor, client.login("carol", user_id=carol.user_id))
-    assert missing.value.code == "9100" and "password" in missing.value.reason
-    await within(reactor, client.login("carol", "s3cret-pw"))
-    assert client.ready
-
-
-@pytest_twisted.ensureDeferred
-async def test_cim_style_login_with_user_id(reactor: Any, harness: Harness) -> None:
-    first, _ = harness.client("dave")
-    account = await first.register("dave")
-    assert account.account_key and "account_key" not in repr(account)
-    client, _ = harness.client("dave2")
-    with pytest.raises(LoginError) as e:
-        await within(reactor, client.login("not-dave", user_id=account.user_id))
-    assert e.value.code == "9100"
-    # The id and name are not enough: the key is needed (given here).
-    with pytest.raises(LoginError) as e:
-        await within(reactor, client.login("dave", user_id=account.user_id))
-    assert e.value.code == "9100" and "account key" in e.value.reason
-    await within(
-        reactor,
-        client.login("dave", user_id=account.user_id, account_key=account.account_key),
+    wired.client.route = RouteClient(wired.clock, StubTreq(resource), "http://r")
+    d = Deferred.fromCoroutine(wired.client.conversations())
+    assert [(c.conversation, c.unread) for c in d.result] == [("g:dev", 0), (PAIR, 3)]
+    assert wired.client.unread() == 3
+    # Live from then on: 4 was counted, 5 is new.
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(4), chat(5)]))
+    assert wired.client.unread(PAIR) == 4
+    d = Deferred.fromCoroutine(wired.client.read_positions("g:dev"))
+    assert d.result == {3: 2} and wired.client.read_position("g:dev", 3) == 2
+    Deferred.fromCoroutine(wired.client.history(peer=1, before_seq=5))
+    assert resource.bodies[-1] == (
+        "/history",
+        {"userId": 7, "limit": 20, "peerId": 1, "beforeSeq": 5},
     )
-    assert client.user_id == account.user_id
+    assert wired.client.private_conversation(1) == PAIR
+    failures: list[Any] = []
+    Deferred.fromCoroutine(wired.client.history()).addErrback(failures.append)
+    assert failures[0].check(ValueError)
 
 
-@pytest_twisted.ensureDeferred
-async def test_the_account_key_is_kept_in_the_state_folder(
-    reactor: Any, harness: Harness, tmp_path: Path
-) -> None:
-    erin, _ = await harness.logged_in("erin")
-    key = erin.account_key
-    assert key
-    await erin.close()
-    # The same state folder (a restarted client): logged in again, no
-    # password asked, the same account; the name by its key.
-    again, _ = harness.client("erin")
-    await within(reactor, again.login("Erin"))
-    assert (again.user_id, again.account_key) == (erin.user_id, key)
-    await again.close()
-    kept = (harness.state_root / "erin" / "account-keys.json").stat()
-    assert kept.st_mode & 0o077 == 0
-    # Another state folder has no key: the name is taken, the id unknown.
-    other, _ = harness.client("not-erin")
-    with pytest.raises(LoginError) as e:
-        await within(reactor, other.login("erin"))
-    assert e.value.code == "4090"
-    assert other.user_id is None
-    # The same folder for another route keeps that route's keys apart.
-    keys = AccountKeys(harness.state_root / "erin")
-    assert keys.get("http://127.0.0.1:1", "erin") is None
-    assert keys.get(harness.route_url + "/", "ERIN") == HeldKey(erin.user_id, key)
-
-
-@pytest_twisted.ensureDeferred
-async def test_cursors_across_a_reconnect(reactor: Any, harness: Harness) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob", backoff_base=0.3)
-    assert bob.user_id is not None
-    for i in range(3):
-        await within(reactor, alice.send_private(bob.user_id, f"before {i}"))
-    await take_messages(reactor, bob_events, 3)
-    harness.drop(bob)
-    await wait_state(reactor, bob_events, ClientState.RECONNECTING)
-    # Sent while Bob is away.
-    for i in range(3):
-        await within(reactor, alice.send_private(bob.user_id, f"during {i}"))
-    await wait_state(reactor, bob_events, ClientState.READY)
-    for i in range(3):
-        await within(reactor, alice.send_private(bob.user_id, f"after {i}"))
-    got = await take_messages(reactor, bob_events, 6)
-    assert [m.text for m in got] == [f"during {i}" for i in range(3)] + [
-        f"after {i}" for i in range(3)
+def test_the_route_login_names_the_device() -> None:
+    route, resource = route_client(
+        {
+            "/login": {
+                "ip": "10.0.0.1",
+                "cimServerPort": 11211,
+                "httpPort": 8081,
+                "token": "t",
+                "userId": 7,
+                "userName": "alice",
+                "device": "phone",
+            }
+        }
+    )
+    d = Deferred.fromCoroutine(route.login(7, "alice", device="phone"))
+    assert d.result.device == "phone"
+    assert resource.bodies == [
+        ("/login", {"userId": 7, "userName": "alice", "device": "phone"})
     ]
-    assert [m.seq for m in got] == list(range(4, 10))
-    # Nothing more (no duplicate) is queued: the next message is the next one.
-    await within(reactor, alice.send_private(bob.user_id, "last"))
-    [last] = await take_messages(reactor, bob_events, 1)
-    assert (last.text, last.seq) == ("last", 10)
-    assert bob.cursors.get(inbox(bob.user_id)) == 10
+    Deferred.fromCoroutine(route.login(7, "alice"))
+    assert "device" not in resource.bodies[-1][1]
 
 
-@pytest_twisted.ensureDeferred
-async def test_sends_resent_after_a_reconnect(reactor: Any, harness: Harness) -> None:
-    alice, alice_events = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    assert bob.user_id is not None
-    # Alice's send reaches the server, but she never reads its ack.
-    assert alice._protocol is not None
-    alice._protocol.transport.pauseProducing()  # type: ignore[union-attr]
-    first = alice.send_private(bob.user_id, "stored once")
-    [got] = await take_messages(reactor, bob_events, 1)
-    alice._protocol.abort("test: the connection died")
-    await wait_state(reactor, alice_events, ClientState.RECONNECTING)
-    # A send while reconnecting waits for the new connection.
-    second = alice.send_private(bob.user_id, "sent while away")
-    ack1 = await within(reactor, first)
-    ack2 = await within(reactor, second)
-    assert ack1.msg_id == got.msg_id and ack1.seq == 1
-    assert ack2.seq == 2
-    stored = await harness.store.read(inbox(bob.user_id), 0, 10)
-    assert [m.text for m in stored] == ["stored once", "sent while away"]
-    # Bob sees each once.
-    [next_one] = await take_messages(reactor, bob_events, 1)
-    assert next_one.text == "sent while away"
-    await within(reactor, alice.send_private(bob.user_id, "third"))
-    [third] = await take_messages(reactor, bob_events, 1)
-    assert third.text == "third"
-
-
-@pytest_twisted.ensureDeferred
-async def test_cursor_file_resumes_after_a_restart(
-    reactor: Any, harness: Harness, tmp_path: Path
-) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    bob_id = bob.user_id
-    assert bob_id is not None
-    for i in range(2):
-        await within(reactor, alice.send_private(bob_id, f"first {i}"))
-    await take_messages(reactor, bob_events, 2)
-    await within(reactor, bob.close())
-    path = state_path(tmp_path / "bob", bob_id)
-    assert json.loads(path.read_text())["cursors"] == {inbox(bob_id): 2}
-    for i in range(2):
-        await within(reactor, alice.send_private(bob_id, f"second {i}"))
-    # Only the client's file knows what Bob saw: forget the server's copy.
-    harness.store._cursors.pop(bob_id, None)
-    again, again_events = await harness.logged_in("bob")
-    got = await take_messages(reactor, again_events, 2)
-    assert [m.text for m in got] == ["second 0", "second 1"]
-    await within(reactor, alice.send_private(bob_id, "third"))
-    [third] = await take_messages(reactor, again_events, 1)
-    assert third.text == "third"
-
-
-@pytest_twisted.ensureDeferred
-async def test_dead_server_is_detected(reactor: Any, harness: Harness) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in(
-        "bob", heartbeat_interval=0.1, pong_timeout=0.3, idle_timeout=2.0
+def test_the_route_conversations() -> None:
+    route, resource = route_client(
+        {
+            "/conversations": [
+                {
+                    "conversation": PAIR,
+                    "epoch": "e1",
+                    "lastSeq": 9,
+                    "read": 5,
+                    "unread": 3,
+                    "peerId": 1,
+                    "peerName": "bob",
+                    "peerRead": 9,
+                },
+                {"conversation": "g:dev", "lastSeq": 2, "groupId": "dev"},
+            ]
+        }
     )
-    assert bob.user_id is not None
-    # The server stops reading Bob's connection: no more pongs.
-    conn = harness.server_of(bob).server.users[bob.user_id]  # type: ignore[union-attr]
-    conn.link.transport.pauseProducing()  # type: ignore[attr-defined]
-    reason = await wait_state(reactor, bob_events, ClientState.RECONNECTING)
-    assert "no pong" in reason
-    await wait_state(reactor, bob_events, ClientState.READY)
-    await within(reactor, alice.send_private(bob.user_id, "still there?"))
-    [got] = await take_messages(reactor, bob_events, 1)
-    assert got.text == "still there?"
+    d = Deferred.fromCoroutine(route.conversations(7, "tok"))
+    assert d.result == [
+        ConversationInfo(PAIR, "e1", 9, 5, 3, 1, "bob", 9),
+        ConversationInfo("g:dev", "", 2, group_id="dev"),
+    ]
+    assert resource.bodies == [("/conversations", {"userId": 7})]
 
 
-@pytest_twisted.ensureDeferred
-async def test_server_shutdown_moves_clients(
-    reactor: Any, two_servers: Harness
-) -> None:
-    alice, _ = await two_servers.logged_in("alice")
-    bob, bob_events = await two_servers.logged_in("bob")
-    assert bob.user_id is not None
-    assert alice.server != bob.server
-    await within(reactor, alice.send_private(bob.user_id, "one"))
-    await take_messages(reactor, bob_events, 1)
-    old = two_servers.server_of(bob)
-    await old.stopService()
-    await wait_state(reactor, bob_events, ClientState.RECONNECTING)
-    await within(reactor, alice.send_private(bob.user_id, "two"))
-    await wait_state(reactor, bob_events, ClientState.READY)
-    assert bob.server == alice.server
-    await within(reactor, alice.send_private(bob.user_id, "three"))
-    got = await take_messages(reactor, bob_events, 2)
-    assert [m.text for m in got] == ["two", "three"]
+def test_the_route_read_positions() -> None:
+    route, resource = route_client(
+        {"/readPositions": [{"userId": 1, "read": 4}, {"userId": 7, "read": 9}]}
+    )
+    d = Deferred.fromCoroutine(route.read_positions(7, "t", "g:dev"))
+    assert d.result == {1: 4, 7: 9}
+    assert resource.bodies == [
+        ("/readPositions", {"userId": 7, "conversation": "g:dev"})
+    ]
 
 
-@pytest_twisted.ensureDeferred
-async def test_newer_login_replaces_the_session(reactor: Any, harness: Harness) -> None:
-    first, first_events = harness.client("erin")
-    await within(reactor, first.login("erin", "pw-of-erin"))
-    second, _ = harness.client("erin-2")
-    await within(reactor, second.login("erin", "pw-of-erin"))
-    reason = await wait_state(reactor, first_events, ClientState.FAILED)
-    assert "replaced" in reason
-    assert second.ready
-
-
-@pytest_twisted.ensureDeferred
-async def test_close(reactor: Any, harness: Harness) -> None:
-    alice, alice_events = await harness.logged_in("alice", close_timeout=0.2)
-    bob, _ = await harness.logged_in("bob")
-    assert alice._protocol is not None
-    alice._protocol.transport.pauseProducing()  # type: ignore[union-attr]
-    alice._protocol.heartbeat.stop()
-    # Unacknowledged when the client closes.
-    pending = alice.send_private(9999, "lost")
-    await within(reactor, alice.close())
-    with pytest.raises(ClientClosed):
-        await pending
-    assert alice.state == ClientState.CLOSED
-    assert alice_events.log[-1] == (ClientState.CLOSED, "closed")
-    assert [u.user_name for u in await bob.online_users()] == ["bob"]
-    with pytest.raises(ClientClosed):
-        await alice.send_private(2, "after close")
-    await within(reactor, alice.close())  # twice is fine
-
-
-@pytest_twisted.ensureDeferred
-async def test_close_waits_for_acks(reactor: Any, harness: Harness) -> None:
-    alice, _ = await harness.logged_in("alice")
-    bob, bob_events = await harness.logged_in("bob")
-    assert bob.user_id is not None
-    sends = [alice.send_private(bob.user_id, f"bye {i}") for i in range(5)]
-    await within(reactor, alice.close())
-    acks = [await send for send in sends]
-    assert [a.seq for a in acks] == [1, 2, 3, 4, 5]
-    got = await take_messages(reactor, bob_events, 5)
-    assert [m.text for m in got] == [f"bye {i}" for i in range(5)]
-
-
-@pytest_twisted.ensureDeferred
-async def test_unreachable_route(reactor: Any, tmp_path: Path) -> None:
-    from tests.kit.net import refusing_port
-
-    with refusing_port() as port:
-        client = Client(reactor, f"http://127.0.0.1:{port}", state_dir=tmp_path)
-        try:
-            with pytest.raises(LoginError) as e:
-                await within(reactor, client.login("nobody"))
-            assert "cannot reach the route" in e.value.reason
-        finally:
-            await within(reactor, client.close())
+def test_the_route_history() -> None:
+    message = {
+        "msgId": 1,
+        "conversation": PAIR,
+        "seq": 1,
+        "sendUserId": 1,
+        "sendUserName": "bob",
+        "msg": "hi",
+        "timestamp": 5,
+        "epoch": "e1",
+    }
+    route, resource = route_client({"/history": [message]})
+    d = Deferred.fromCoroutine(route.history(7, "t", peer_id=1, limit=5))
+    assert [m.epoch for m in d.result] == ["e1"]
+    Deferred.fromCoroutine(route.history(7, "t", "g:dev", 10, before_seq=40))
+    Deferred.fromCoroutine(route.history(7, "t", "g:dev", 10, after_seq=3))
+    assert [body for _, body in resource.bodies] == [
+        {"userId": 7, "limit": 5, "peerId": 1, "beforeSeq": 0},
+        {"userId": 7, "limit": 10, "conversation": "g:dev", "beforeSeq": 40},
+        {"userId": 7, "limit": 10, "conversation": "g:dev", "afterSeq": 3},
+    ]
 
 
 def test_account_keys_shared_by_two_clients(tmp_path: Path) -> None:

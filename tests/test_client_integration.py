@@ -24,7 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 
 from cim.client.library import Client, ClientState, QueueListener
-from cim.message import inbox
+from cim.message import pair_conversation
 from cim.registry import open_registry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
@@ -174,12 +174,17 @@ async def test_failover_to_another_server(reactor: Any, cluster: RealCluster) ->
     assert alice.server != bob.server
 
     # Private and group chat, both ways, across the two servers.
+    # (Each gets its own messages back too.)
     await within(reactor, alice.send_private(bob.user_id, "hello bob"))
     [got] = await take_messages(reactor, bob_events, 1)
     assert got.text == "hello bob"
+    [echo] = await take_messages(reactor, alice_events, 1)
+    assert echo.text == "hello bob" and alice.sent_here(echo.client_msg_id)
     await within(reactor, bob.send_private(alice.user_id, "hello alice"))
     [got] = await take_messages(reactor, alice_events, 1)
     assert got.text == "hello alice"
+    [echo] = await take_messages(reactor, bob_events, 1)
+    assert echo.sender_id == bob.user_id
     await alice.create_group("ops", policy="open")
     await bob.join_group("ops")
     # (One at a time: the servers start a group joined after login at the
@@ -205,11 +210,12 @@ async def test_failover_to_another_server(reactor: Any, cluster: RealCluster) ->
 
     got = await take_messages(reactor, bob_events, 2 * count, deadline=30)
     assert bob.ready and bob.server == alice.server
-    private = [m for m in got if m.conversation == inbox(bob.user_id)]
+    pair = pair_conversation(alice.user_id, bob.user_id)
+    private = [m for m in got if m.conversation == pair]
     group = [m for m in got if m.conversation == "g:ops"]
     assert [m.text for m in private] == [f"p{i}" for i in range(count)]
     assert [m.text for m in group] == [f"g{i}" for i in range(count)]
-    assert [m.seq for m in private] == list(range(2, count + 2))
+    assert [m.seq for m in private] == list(range(3, count + 3))
     assert [m.seq for m in group] == list(range(3, count + 3))
     states = [s for s, _ in bob_events.log]
     assert ClientState.RECONNECTING in states and states[-1] == ClientState.READY
@@ -314,15 +320,29 @@ async def test_console_process(reactor: Any, harness: Harness, tmp_path: Path) -
     try:
         match = await console.expect(reactor, r"logged in as alice \(id (\d+)\)")
         alice_id = int(match.group(1))
+        await console.expect(reactor, r"^no unread messages$")
 
         console.type(f"{bob.user_id};;hello bob :smile:")
         [got] = await take_messages(reactor, bob_events, 1)
         assert (got.text, got.sender_id) == ("hello bob :smile:", alice_id)
+        # Printed once, when stored (not again when it comes back).
+        await console.expect(
+            reactor, rf"^\[\d\d:\d\d:\d\d\] \(private\) alice -> {bob.user_id}: hello"
+        )
 
         await within(reactor, bob.send_private(alice_id, "hi alice :wave:"))
         await console.expect(
             reactor, r"^\[\d\d:\d\d:\d\d\] \(private\) bob: hi alice 👋$"
         )
+        # The console marked it read: Bob gets the receipt.
+        reads = [await within(reactor, bob_events.reads.get())]
+        while reads[-1][0] != alice_id:
+            reads.append(await within(reactor, bob_events.reads.get()))
+        assert reads[-1][2] == got.seq + 1
+
+        console.type(":history @bob")
+        await console.expect(reactor, r"alice -> bob: hello bob 😄 ✓$")
+        await console.expect(reactor, r"bob: hi alice 👋$")
 
         console.type(":olu")
         await console.expect(reactor, rf"^  {bob.user_id}  bob$")
@@ -332,6 +352,7 @@ async def test_console_process(reactor: Any, harness: Harness, tmp_path: Path) -
 
         console.type(":q hello")
         await console.expect(reactor, r"alice: hello bob 😄$")
+        assert console.output.count("hello bob") == 3  # sent, history, search
 
         console.type(":q!")
         await console.expect(reactor, r"^bye$")

@@ -24,8 +24,9 @@ from cim.client.listeners import (
     ListenerGuard,
     QueueListener,
 )
-from cim.client.outbox import Outbox
-from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
+from cim.client.outbox import SENT_MEMORY, Outbox
+from cim.client.reads import ConversationInfo, ReadState
+from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame, Position
 
 
 class Wire:
@@ -198,7 +199,12 @@ def test_drain_waits_for_the_acks_or_the_timeout() -> None:
 # The inbox
 
 
-def chat(seq: int, conversation: str = "u:7", msg_id: int = 0) -> ChatMessage:
+PAIR = "p:1:7"
+
+
+def chat(
+    seq: int, conversation: str = PAIR, msg_id: int = 0, epoch: str = "e"
+) -> ChatMessage:
     return ChatMessage(
         msg_id=msg_id or 100 + seq,
         conversation=conversation,
@@ -207,6 +213,7 @@ def chat(seq: int, conversation: str = "u:7", msg_id: int = 0) -> ChatMessage:
         sender_name="bob",
         text=f"m{seq}",
         timestamp=1,
+        epoch=epoch,
     )
 
 
@@ -230,8 +237,8 @@ def test_duplicates_are_dropped_per_conversation() -> None:
     box.receive(
         Frame(cmd=Command.MESSAGE, messages=[chat(1), chat(3), chat(1, "g:dev")])
     )
-    assert seqs(events) == [("u:7", 1), ("u:7", 2), ("g:dev", 1), ("u:7", 3)]
-    assert box.cursors.cursors == {"u:7": 3, "g:dev": 1}
+    assert seqs(events) == [(PAIR, 1), (PAIR, 2), ("g:dev", 1), (PAIR, 3)]
+    assert box.cursors.cursors == {PAIR: Position("e", 3), "g:dev": Position("e", 1)}
 
 
 def test_acknowledgements_are_coalesced_and_cumulative() -> None:
@@ -243,13 +250,13 @@ def test_acknowledgements_are_coalesced_and_cumulative() -> None:
     assert len(clock.getDelayedCalls()) == 1
     clock.advance(0.005)
     assert wire.taken() == [
-        Frame(cmd=Command.ACK, cursors=[Cursor("g:dev", 5), Cursor("u:7", 3)])
+        Frame(cmd=Command.ACK, cursors=[Cursor("g:dev", 5, "e"), Cursor(PAIR, 3, "e")])
     ]
     # Only what moved since, and nothing for duplicates.
     box.receive(Frame(cmd=Command.MESSAGE, messages=[chat(3), chat(4)]))
     box.receive(Frame(cmd=Command.MESSAGE, messages=[chat(5, "g:dev")]))
     clock.advance(0.005)
-    assert wire.taken() == [Frame(cmd=Command.ACK, cursors=[Cursor("u:7", 4)])]
+    assert wire.taken() == [Frame(cmd=Command.ACK, cursors=[Cursor(PAIR, 4, "e")])]
     box.receive(Frame(cmd=Command.MESSAGE, messages=[chat(4)]))
     assert clock.getDelayedCalls() == []
 
@@ -263,7 +270,7 @@ def test_a_new_connection_gets_every_cursor_at_once() -> None:
     again = Wire()
     box.attach(again)
     assert again.taken() == [
-        Frame(cmd=Command.ACK, cursors=[Cursor("g:dev", 2), Cursor("u:7", 2)])
+        Frame(cmd=Command.ACK, cursors=[Cursor("g:dev", 2, "e"), Cursor(PAIR, 2, "e")])
     ]
     clock.advance(1)
     assert again.taken() == [] and wire.taken() == []
@@ -305,7 +312,7 @@ def test_the_cursors_of_each_user() -> None:
     box.open(7, None)
     box.receive(Frame(cmd=Command.MESSAGE, messages=[chat(3)]))
     box.open(7, None)
-    assert box.cursors.get("u:7") == 3
+    assert box.cursors.get(PAIR) == 3
     box.open(8, None)
     assert box.cursors.cursors == {}
 
@@ -346,3 +353,93 @@ def test_listeners_accept_every_event(cls: type[ClientListener]) -> None:
     listener.ack_received(Ack("c", 1, 1, "u:2", 1))
     listener.error_received(3000, "no", "c")
     listener.state_changed(ClientState.IDLE, "")
+    listener.conversation_reset(PAIR, 3)
+    listener.read_changed(1, PAIR, 3)
+
+
+def test_a_listener_from_before_an_event_does_not_get_it() -> None:
+    class Old:
+        def __init__(self) -> None:
+            self.states: list[ClientState] = []
+
+        def state_changed(self, state: ClientState, reason: str) -> None:
+            self.states.append(state)
+
+    old = Old()
+    guard = ListenerGuard(old)  # type: ignore[arg-type]
+    with capturedLogs() as events:
+        guard.read_changed(1, PAIR, 2)
+        guard.conversation_reset(PAIR, 0)
+        guard.state_changed(ClientState.READY, "")
+    assert old.states == [ClientState.READY]
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []
+
+
+def test_the_inbox_follows_the_server_cursors_and_reads() -> None:
+    box, events, clock, wire = inbox()
+    box.open(7, None)
+    box.start([Cursor(PAIR, 2, "e"), Cursor("g:dev", 5, "f", reset=True)])
+    assert events.resets.pending == [("g:dev", 5)]
+    box.receive(Frame(cmd=Command.MESSAGE, messages=[chat(3)]))
+    # Bob's message raised his own read position; this user read it on
+    # another device.
+    assert box.reads.read_position(PAIR, 1) == 3
+    assert box.reads.unread(PAIR) == 1
+    box.read_received(Frame(cmd=Command.READ, request_id=7, cursors=[Cursor(PAIR, 3)]))
+    assert events.reads.pending == [(7, PAIR, 3)]
+    assert box.reads.unread(PAIR) == 0
+    clock.advance(1)
+    assert wire.taken() == [Frame(cmd=Command.ACK, cursors=[Cursor(PAIR, 3, "e")])]
+
+
+# Read state
+
+
+def test_read_state_snapshot_and_live_counts() -> None:
+    reads = ReadState()
+    reads.reset(7)
+    # Messages from bob arrive before the route's snapshot is loaded: 3 of
+    # them are in it, 4 came after it was taken.
+    for seq in (3, 4):
+        reads.message(chat(seq))
+    reads.load([ConversationInfo(PAIR, "e", last_seq=3, read=1, unread=2, peer_id=1)])
+    assert reads.unread(PAIR) == 3
+    reads.message(chat(4))  # counted already
+    reads.message(chat(5))
+    assert reads.unread(PAIR) == 4
+    assert reads.read_by(7, PAIR, 4)
+    assert reads.unread(PAIR) == 1
+    assert not reads.read_by(7, PAIR, 2)
+    # One's own message reads everything before it.
+    mine = chat(6)
+    mine.sender_id = 7
+    reads.message(mine)
+    assert reads.unread(PAIR) == 0 and reads.read_position(PAIR) == 6
+    # The store lost what came after 2.
+    reads.restart(PAIR, 2)
+    info = reads.get(PAIR)
+    assert info is not None
+    assert (info.last_seq, info.read, info.unread, info.peer_read) == (2, 2, 0, 2)
+    reads.message(chat(3, epoch="f"))
+    assert reads.unread(PAIR) == 1
+    assert [i.conversation for i in reads.all()] == [PAIR]
+    # Broadcasts and raw pushes have no read state.
+    reads.message(chat(9, "all"))
+    reads.message(chat(0, ""))
+    assert [i.conversation for i in reads.all()] == [PAIR]
+
+
+def test_the_outbox_knows_its_own_sends() -> None:
+    box, _, _ = outbox()
+    wire = Wire()
+    box.attach(wire)
+    send(box, "one")
+    [frame] = wire.taken()
+    assert box.sent_here(frame.client_msg_id)  # pending
+    box.acknowledged(ack_of(frame))
+    assert box.sent_here(frame.client_msg_id)  # acknowledged, remembered
+    assert not box.sent_here("") and not box.sent_here("another device's")
+    for i in range(SENT_MEMORY):
+        send(box, f"more {i}")
+        box.acknowledged(ack_of(wire.taken()[0]))
+    assert not box.sent_here(frame.client_msg_id)  # forgotten at last

@@ -53,9 +53,7 @@ def test_device_commands_round_trip(command: Command) -> None:
     """
     The frames of read positions and epochs carry their cursors whole.
     """
-    frame = Frame(
-        cmd=command, request_id=3, cursors=(Cursor("p:1:3", 7, "e2", True),)
-    )
+    frame = Frame(cmd=command, request_id=3, cursors=(Cursor("p:1:3", 7, "e2", True),))
     decoded = decode(encode(frame))
     assert decoded == frame
     assert decoded.cursors[0].reset

@@ -49,14 +49,16 @@ from cim.client.commands import (
     help_rows,
     parse_line,
 )
-from cim.client.console import Console
+from cim.client.console import MARK_DELAY, Console
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.history import History
 from cim.client.listeners import Ack, ClientState
+from cim.client.reads import ConversationInfo, ReadState
 from cim.client.render import STATE_LINES, describe, format_message
 from cim.client.route import GroupInfo, JoinResult, RouteError, User
+from cim.client.session import FINAL_KICKS
 from cim.client.tap import Options
-from cim.message import ChatMessage
+from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
 
 # Parsing
 
@@ -242,7 +244,7 @@ def test_emoji_pages() -> None:
 
 def message(
     text: str = "hi",
-    conversation: str = "u:7",
+    conversation: str = "p:1:7",
     sender: str = "bob",
     seq: int = 1,
     **kw: Any,
@@ -253,6 +255,24 @@ def message(
         seq=seq,
         sender_id=1,
         sender_name=sender,
+        text=text,
+        timestamp=1_700_000_000_000,
+        **kw,
+    )
+
+
+def own(
+    text: str = "hi", conversation: str = "p:1:7", seq: int = 1, **kw: Any
+) -> ChatMessage:
+    """
+    A message of alice (7), the console's user.
+    """
+    return ChatMessage(
+        msg_id=seq,
+        conversation=conversation,
+        seq=seq,
+        sender_id=7,
+        sender_name="alice",
         text=text,
         timestamp=1_700_000_000_000,
         **kw,
@@ -319,6 +339,46 @@ class FakeClient:
         self.login_errors: list[Exception] = []
         self.send_error: Exception | None = None
         self.closed = False
+        self.device = "dev-1"
+        self.reads = ReadState()
+        self.infos: list[ConversationInfo] = []
+        self.conversations_error: Exception | None = None
+        self.sent: list[str] = []
+        self.marks: list[tuple[str, int]] = []
+        self._cmids = 0
+
+    def _ack(self, conversation: str) -> Ack:
+        self._cmids += 1
+        cmid = f"c{self._cmids}"
+        self.sent.append(cmid)
+        return Ack(
+            cmid, 4 + self._cmids, 2 + self._cmids, conversation, 1_700_000_000_000
+        )
+
+    def sent_here(self, client_msg_id: str) -> bool:
+        return client_msg_id in self.sent
+
+    def read_position(self, conversation: str, user_id: int | None = None) -> int:
+        return self.reads.read_position(conversation, user_id)
+
+    def mark_read(self, conversation: str, seq: int) -> None:
+        self.marks.append((conversation, seq))
+        self.reads.read_by(self.user_id or 0, conversation, seq)
+
+    async def conversations(self) -> list[ConversationInfo]:
+        if self.conversations_error is not None:
+            raise self.conversations_error
+        self.reads.load(self.infos)
+        return self.reads.all()
+
+    def conversation_states(self) -> list[ConversationInfo]:
+        return self.reads.all()
+
+    def unread(self, conversation: str | None = None) -> int:
+        return sum(i.unread for i in self.reads.all())
+
+    def private_conversation(self, peer: int) -> str:
+        return pair_conversation(self.user_id or 0, peer)
 
     async def login(
         self, user_name: str, password: str | None = None, user_id: int | None = None
@@ -327,6 +387,7 @@ class FakeClient:
         if self.login_errors:
             raise self.login_errors.pop(0)
         self.user_id = user_id or 7
+        self.reads.reset(self.user_id)
         self.user_name = user_name
         self.server = ("127.0.0.1", 4321)
         self.state = ClientState.READY
@@ -336,11 +397,11 @@ class FakeClient:
         self.calls.append(("private", user_id, text))
         if self.send_error is not None:
             return fail(self.send_error)
-        return succeed(Ack("c1", 5, 3, f"u:{user_id}", 1_700_000_000_000))
+        return succeed(self._ack(pair_conversation(self.user_id or 0, user_id)))
 
     def send_group(self, group_id: str, text: str) -> Deferred[Ack]:
         self.calls.append(("group", group_id, text))
-        return succeed(Ack("c2", 6, 4, f"g:{group_id}", 1_700_000_000_000))
+        return succeed(self._ack(f"g:{group_id}"))
 
     async def broadcast(self, text: str) -> None:
         self.calls.append(("broadcast", text))
@@ -407,12 +468,25 @@ class FakeClient:
     async def group_members(self, group_id: str) -> list[User]:
         return [User(7, "alice"), User(1, "bob")]
 
-    async def history(self, conversation: str, limit: int = 20) -> list[ChatMessage]:
+    async def history(
+        self,
+        conversation: str | None = None,
+        limit: int = 20,
+        *,
+        peer: int | None = None,
+        before_seq: int | None = None,
+    ) -> list[ChatMessage]:
+        if peer is not None:
+            self.calls.append(("history", "peer", peer, limit))
+            pair = pair_conversation(self.user_id or 0, peer)
+            return [
+                message("old one", conversation=pair, seq=1),
+                own("my answer", conversation=pair, seq=2),
+                message("and again", conversation=pair, seq=3),
+                own("my last", conversation=pair, seq=4),
+            ]
         self.calls.append(("history", conversation, limit))
-        return [message("old one", conversation=conversation)]
-
-    def inbox(self) -> str:
-        return f"u:{self.user_id}"
+        return [message("old one", conversation=conversation or "")]
 
     async def close(self) -> None:
         self.closed = True
@@ -484,8 +558,33 @@ def test_login_banner() -> None:
     assert screen.output() == [
         "logging in as alice via http://route...",
         "logged in as alice (id 7) on 127.0.0.1:4321; :all lists the commands",
+        "no unread messages",
     ]
     assert d.called
+
+
+def test_login_shows_the_unread_counts() -> None:
+    screen = Screen()
+    screen.client.infos = [
+        ConversationInfo("g:dev", "e", 9, 4, 5, group_id="dev"),
+        ConversationInfo("p:1:7", "e", 3, 0, 3, peer_id=1, peer_name="bob"),
+        ConversationInfo("p:7:9", "e", 3, 3, 0, peer_id=9, peer_name="bea"),
+    ]
+    Deferred.fromCoroutine(screen.console.start("alice"))
+    assert screen.output()[-1] == "unread: 8 ([dev] 5, @bob 3)"
+    # The peers' names are known from then on.
+    screen.client.online = []
+    screen.type("@bea hi")
+    assert screen.client.calls[-1] == ("private", 9, "hi")
+
+
+def test_a_route_without_unread_counts_still_logs_in() -> None:
+    screen = Screen()
+    screen.client.conversations_error = RouteError("4040", "not found")
+    results: list[bool] = []
+    Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
+    assert results == [True]
+    assert screen.output()[-1].startswith("logged in as alice")
 
 
 def test_login_failure_quits() -> None:
@@ -524,7 +623,7 @@ def test_wrong_password_prompts_again() -> None:
         "error: the password is wrong",
         "password for alice:",
     ]
-    assert screen.type("good")[-1].startswith("logged in as alice")
+    assert screen.type("good")[-2].startswith("logged in as alice")
 
 
 def test_lines_typed_before_the_login_wait_for_it() -> None:
@@ -535,7 +634,9 @@ def test_lines_typed_before_the_login_wait_for_it() -> None:
     Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
     assert results == [True]
     out = screen.output()
-    assert out[1].startswith("logged in as alice") and out[2] == "online users: 3"
+    assert out[1].startswith("logged in as alice") and out[2] == "no unread messages"
+    assert out[3] == f"[{STAMP}] (private) alice -> 1: hi bob"
+    assert out[4] == "online users: 3"
     assert screen.client.calls[-2:] == [
         ("broadcast", "hello early"),
         ("private", 1, "hi bob"),
@@ -617,7 +718,7 @@ def test_plain_line_goes_to_the_current_group(screen: Screen) -> None:
 
 
 def test_private_by_id(screen: Screen) -> None:
-    assert screen.type("1;;hi bob") == []
+    assert screen.type("1;;hi bob") == [f"[{STAMP}] (private) alice -> 1: hi bob"]
     assert screen.client.calls[-1] == ("private", 1, "hi bob")
 
 
@@ -702,7 +803,7 @@ def test_help_lists_every_command(screen: Screen) -> None:
 
 def test_info(screen: Screen) -> None:
     assert screen.type(":info") == [
-        "user alice (id 7), server 127.0.0.1:4321, route http://route, "
+        "user alice (id 7), device dev-1, server 127.0.0.1:4321, route http://route, "
         "state ready, talking to everybody online"
     ]
 
@@ -809,10 +910,32 @@ def test_members_without_a_group(screen: Screen) -> None:
 
 
 def test_history(screen: Screen) -> None:
-    assert screen.type(":history") == [f"[{STAMP}] (private) bob: old one"]
-    assert screen.client.calls[-1] == ("history", "u:7", 20)
-    screen.type(":history dev 5")
+    assert screen.type(":history") == ["error: usage: :history @<user> | <group> [n]"]
+    assert screen.type(":history dev 5") == [f"[{STAMP}] [dev] bob: old one"]
     assert screen.client.calls[-1] == ("history", "g:dev", 5)
+    # The current group by default.
+    screen.type(":join ops")
+    screen.type(":history")
+    assert screen.client.calls[-1] == ("history", "g:ops", 20)
+
+
+def test_history_of_a_private_conversation_shows_both_sides(screen: Screen) -> None:
+    screen.client.reads.read_by(1, "p:1:7", 2)  # bob read up to 2
+    assert screen.type(":history @bob 4") == [
+        f"[{STAMP}] (private) bob: old one",
+        f"[{STAMP}] (private) alice -> bob: my answer \u2713",
+        f"[{STAMP}] (private) bob: and again",
+        f"[{STAMP}] (private) alice -> bob: my last",
+    ]
+    assert screen.client.calls[-1] == ("history", "peer", 1, 4)
+    screen.type(":history u:1")
+    assert screen.client.calls[-1] == ("history", "peer", 1, 20)
+    # What was shown is marked read; the private conversation shown last
+    # is the default now.
+    screen.clock.advance(MARK_DELAY)
+    assert screen.client.marks == [("p:1:7", 4)]
+    screen.type(":history")
+    assert screen.client.calls[-1] == ("history", "p:1:7", 20)
 
 
 def test_incoming_messages(screen: Screen) -> None:
@@ -822,6 +945,103 @@ def test_incoming_messages(screen: Screen) -> None:
         f"[{STAMP}] (private) bob: hi 😄",
         f"[{STAMP}] [dev] bob: yo",
     ]
+
+
+def test_a_message_sent_here_is_printed_once(screen: Screen) -> None:
+    # Stored first, then its echo arrives.
+    assert screen.type("@bob hi bob") == [f"[{STAMP}] (private) alice -> bob: hi bob"]
+    [cmid] = screen.client.sent
+    screen.console.message_received(own("hi bob", seq=3, client_msg_id=cmid))
+    assert screen.output() == []
+    # The echo first (the ack is late), then the ack.
+    pending: Deferred[Ack] = Deferred()
+    screen.client.send_private = lambda uid, text: pending  # type: ignore[method-assign]
+    screen.client.sent.append("late")
+    assert screen.type("@bob again") == []
+    screen.console.message_received(own("again", seq=4, client_msg_id="late"))
+    assert screen.output() == [f"[{STAMP}] (private) alice -> bob: again"]
+    pending.callback(Ack("late", 9, 4, "p:1:7", 1_700_000_000_000))
+    assert screen.output() == []
+
+
+def test_a_group_message_sent_here_is_printed_once(screen: Screen) -> None:
+    screen.type(":join dev")
+    assert screen.type("hello devs") == [f"[{STAMP}] [dev] alice: hello devs"]
+    [cmid] = screen.client.sent
+    screen.console.message_received(
+        own("hello devs", "g:dev", 3, group_id="dev", client_msg_id=cmid)
+    )
+    assert screen.output() == []
+
+
+def test_own_messages_from_another_device_are_marked(screen: Screen) -> None:
+    screen.console.history.names["bob"] = 1
+    screen.console.message_received(own("from my phone", seq=5, client_msg_id="x"))
+    screen.console.message_received(
+        own("to the group", "g:dev", 2, group_id="dev", client_msg_id="y")
+    )
+    assert screen.output() == [
+        f"[{STAMP}] (private) alice (another device) -> bob: from my phone",
+        f"[{STAMP}] [dev] alice (another device): to the group",
+    ]
+
+
+def test_read_receipts(screen: Screen) -> None:
+    screen.type("@bob one")
+    screen.type("@bob two")
+    screen.type("@bob three")
+    screen.output()
+    # Bob read the first two (seqs 3 and 4).
+    screen.client.reads.read_by(1, "p:1:7", 4)
+    screen.console.read_changed(1, "p:1:7", 4)
+    assert screen.output() == ["\u2713 bob read your messages up to: two"]
+    screen.console.read_changed(1, "p:1:7", 4)  # nothing new
+    screen.console.read_changed(7, "p:1:7", 9)  # this user's other device
+    screen.console.read_changed(3, "g:dev", 9)  # a group member
+    assert screen.output() == []
+    # What the peer has read shows its mark when printed again.
+    assert screen.type(":history @bob")[1].endswith("my answer \u2713")
+
+
+def test_a_conversation_reset_is_told(screen: Screen) -> None:
+    screen.client.infos = [ConversationInfo("p:1:7", peer_id=1, peer_name="bob")]
+    Deferred.fromCoroutine(screen.client.conversations())
+    screen.console.conversation_reset("p:1:7", 12)
+    screen.console.conversation_reset("g:dev", 0)
+    assert screen.output() == [
+        "the server's store lost messages of @bob after #12; it resent what it holds",
+        "the server's store lost messages of [dev] after #0; it resent what it holds",
+    ]
+
+
+def test_what_is_printed_is_marked_read(screen: Screen) -> None:
+    for seq in (1, 2, 3):
+        screen.console.message_received(message(f"m{seq}", seq=seq))
+    screen.console.message_received(
+        message("yo", conversation="g:dev", group_id="dev", seq=7)
+    )
+    screen.console.message_received(message("all", conversation="all", seq=9))
+    assert screen.client.marks == []
+    screen.clock.advance(MARK_DELAY)
+    # One mark per conversation, of the latest message printed.
+    assert screen.client.marks == [("g:dev", 7), ("p:1:7", 3)]
+    # What was read already (on another device) is not marked again.
+    screen.client.reads.read_by(7, "p:1:7", 5)
+    screen.console.message_received(message("m4", seq=4))
+    screen.clock.advance(MARK_DELAY)
+    assert screen.client.marks == [("g:dev", 7), ("p:1:7", 3)]
+    # Quitting marks what is pending at once.
+    screen.console.message_received(message("m6", seq=6))
+    screen.type(":q!")
+    assert screen.client.marks[-1] == ("p:1:7", 6)
+
+
+def test_unread_counts(screen: Screen) -> None:
+    assert screen.type(":unread") == ["no unread messages"]
+    screen.client.reads.message(message("one", seq=1))
+    screen.client.reads.message(message("two", seq=2))
+    screen.client.reads.message(message("yo", conversation="g:dev", seq=1))
+    assert screen.type(":unread") == ["unread: 3 ([dev] 1, @1 2)"]
 
 
 def test_text_from_others_reaches_the_terminal_inert(screen: Screen) -> None:
@@ -853,6 +1073,14 @@ def test_connection_state_messages(screen: Screen) -> None:
     assert screen.output() == ["error: server: log in first"]
 
 
+def test_a_final_kick_is_explained(screen: Screen) -> None:
+    screen.console.state_changed(ClientState.FAILED, FINAL_KICKS[KICK_REPLACED])
+    assert screen.output() == [
+        "error: disconnected: replaced by a newer login of this device (logged in "
+        "again elsewhere); not reconnecting (:q! to quit)"
+    ]
+
+
 def test_history_file_and_search(screen: Screen, tmp_path: Path) -> None:
     screen.console.message_received(message("the quick fox"))
     screen.type("1;;a lazy dog")
@@ -868,6 +1096,7 @@ def test_history_file_and_search(screen: Screen, tmp_path: Path) -> None:
         ("out", "a lazy dog"),
         ("in", "group fox"),
     ]
+    assert records[1]["conversation"] == "p:1:7"
     assert records[1]["to"] == "bob" and records[1]["toId"] == 1
     out = screen.type(":q FOX")
     assert len(out) == 2
@@ -924,11 +1153,21 @@ def test_options() -> None:
     assert options["user-id"] == 12
     assert options["history-dir"] == "~/.cim/history"
     assert options["logfile"] == "~/.cim/cim-client.log"
+    assert options["device"] is None
+    options = Options()
+    options.parseOptions(["--user", "alice", "--device", "laptop-2"])
+    assert options["device"] == "laptop-2"
 
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["--user", "a", "--user-id", "x"], ["--user", "a", "--route", "ftp://x"]],
+    [
+        [],
+        ["--user", "a", "--user-id", "x"],
+        ["--user", "a", "--route", "ftp://x"],
+        ["--user", "a", "--device", "my laptop"],
+        ["--user", "a", "--device", ""],
+    ],
 )
 def test_bad_options(args: list[str]) -> None:
     with pytest.raises(usage.UsageError):

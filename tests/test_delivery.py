@@ -1,32 +1,93 @@
 """
-The delivery core: pushes to other servers, and where users were found.
+The delivery core: every connected device of every recipient, here and on
+other servers, for messages and for read positions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
-from cim.delivery import ROUTE_CACHE_TTL, Delivery, IPusher
+from cim.delivery import Delivery, DeliveryReport, ILocalDelivery, IPusher
 from cim.interfaces import NewMessage
-from cim.message import ChatMessage, inbox
+from cim.message import ChatMessage, pair_conversation
+from cim.pushapi import ReadEvent
+from cim.pusher import HttpPusher
 from cim.store.memory import MemoryStore
+
+HERE = "here:1:2"
+THERE = "there:1:2"
+ELSEWHERE = "elsewhere:1:2"
 
 
 @implementer(IPusher)
 class Pusher:
+    """
+    Records pushes; answers that the users in C{gone} are not there, and
+    fails those to the servers in C{down}.
+    """
+
     def __init__(self) -> None:
         self.pushes: list[tuple[str, list[int]]] = []
+        self.reads: list[tuple[str, ReadEvent, list[int]]] = []
         self.gone: set[int] = set()
+        self.down: set[str] = set()
+
+    def _answer(self, server: str, user_ids: Sequence[int]) -> Deferred[list[int]]:
+        if server in self.down:
+            return fail(ConnectionError(server))
+        return succeed([u for u in user_ids if u in self.gone])
 
     def push(
         self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[list[int]]:
         self.pushes.append((server, list(user_ids)))
-        return succeed([u for u in user_ids if u in self.gone])
+        return self._answer(server, user_ids)
+
+    def push_read(
+        self,
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        self.reads.append(
+            (server, ReadEvent(reader_id, conversation, seq), list(user_ids))
+        )
+        return self._answer(server, user_ids)
+
+
+@implementer(ILocalDelivery)
+class Local:
+    """
+    The connections here: the users in C{connected}.
+    """
+
+    def __init__(self, *connected: int) -> None:
+        self.connected = set(connected)
+        self.messages: list[tuple[list[ChatMessage], list[int]]] = []
+        self.reads: list[tuple[ReadEvent, list[int]]] = []
+
+    def deliver_local(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> list[int]:
+        here = [u for u in user_ids if u in self.connected]
+        if here:
+            self.messages.append((list(messages), here))
+        return [u for u in user_ids if u not in self.connected]
+
+    def deliver_read_local(
+        self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> list[int]:
+        here = [u for u in user_ids if u in self.connected]
+        if here:
+            self.reads.append((ReadEvent(reader_id, conversation, seq), here))
+        return [u for u in user_ids if u not in self.connected]
 
 
 class CountingStore(MemoryStore):
@@ -37,59 +98,121 @@ class CountingStore(MemoryStore):
         return super().get_sessions(user_ids)
 
 
-def setup() -> tuple[Clock, CountingStore, Pusher, Delivery, int, list[ChatMessage]]:
-    clock = Clock()
-    store = CountingStore(clock)
-    pusher = Pusher()
-    delivery = Delivery(store, pusher, here="here:1:2", clock=clock)
-    bob = store.register("bob").result.user_id
-    session, _ = store.claim_session(bob, "bob", "there:1:2", 60).result
-    store.activate_session(bob, session.session_id)
-    stored = store.append(
-        [NewMessage(inbox(bob), 9, "al", "hi", receive_user_id=bob)]
-    ).result
-    return clock, store, pusher, delivery, bob, stored
+class Setting:
+    def __init__(self, *connected_here: int) -> None:
+        self.clock = Clock()
+        self.store = CountingStore(self.clock)
+        self.pusher = Pusher()
+        self.local = Local(*connected_here)
+        self.delivery = Delivery(self.store, self.pusher, local=self.local, here=HERE)
+        self.alice = self.store.register("alice").result.user_id
+        self.bob = self.store.register("bob").result.user_id
+
+    def connect(self, user_id: int, device: str, server: str) -> None:
+        session, _ = self.store.claim_session(
+            user_id, "x", server, 60, replace=True, device=device
+        ).result
+        self.store.activate_session(user_id, session.session_id, device=device)
+
+    def stored(self) -> list[ChatMessage]:
+        conversation = pair_conversation(self.alice, self.bob)
+        return self.store.append(
+            [NewMessage(conversation, self.alice, "alice", "hi", receive_user_id=2)]
+        ).result  # type: ignore[no-any-return]
+
+    def deliver(self, *user_ids: int) -> DeliveryReport:
+        return self.delivery.deliver(self.stored(), user_ids).result  # type: ignore[no-any-return]
 
 
-def test_a_users_server_is_looked_up_once() -> None:
-    clock, store, pusher, delivery, bob, stored = setup()
-    for _ in range(3):
-        report = delivery.deliver(stored, [bob]).result
-        assert report.delivered == [bob]
-    assert store.lookups == 1
-    assert pusher.pushes == [("there:1:2", [bob])] * 3
-    clock.advance(ROUTE_CACHE_TTL + 1)
-    delivery.deliver(stored, [bob])
-    assert store.lookups == 2
+def test_every_device_is_reached_here_and_on_each_server() -> None:
+    setting = Setting(1)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", HERE)
+    setting.connect(alice, "laptop", THERE)
+    setting.connect(bob, "phone", THERE)
+    setting.connect(bob, "tablet", ELSEWHERE)
+    setting.connect(bob, "laptop", ELSEWHERE)
+    report = setting.deliver(alice, bob)
+    assert report == DeliveryReport(delivered=[alice, bob])
+    assert [users for _, users in setting.local.messages] == [[alice]]
+    # One push per server, each user once.
+    assert sorted(setting.pusher.pushes) == [(ELSEWHERE, [bob]), (THERE, [alice, bob])]
+    assert setting.store.lookups == 1
 
 
-def test_a_user_who_moved_is_looked_up_again() -> None:
-    clock, store, pusher, delivery, bob, stored = setup()
-    delivery.deliver(stored, [bob])
-    # Bob moved to another server; the old one says he is not there.
-    session, _ = store.claim_session(
-        bob, "bob", "elsewhere:1:2", 60, replace=True
-    ).result
-    store.activate_session(bob, session.session_id)
-    pusher.gone = {bob}
-
-    def moved(server, messages, user_ids):  # type: ignore[no-untyped-def]
-        pusher.pushes.append((server, list(user_ids)))
-        return succeed([bob] if server == "there:1:2" else [])
-
-    pusher.push = moved  # type: ignore[method-assign]
-    report = delivery.deliver(stored, [bob]).result
-    assert report.delivered == [bob] and report.offline == []
-    assert pusher.pushes[-2:] == [("there:1:2", [bob]), ("elsewhere:1:2", [bob])]
+def test_a_new_device_elsewhere_gets_the_next_delivery() -> None:
+    # No cache of where users were: a device that logged in on another
+    # server since the last delivery gets the next one.
+    setting = Setting()
+    bob = setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.deliver(bob)
+    setting.connect(bob, "laptop", ELSEWHERE)
+    setting.deliver(bob)
+    # (Its sessions by device: laptop, then phone.)
+    assert setting.pusher.pushes == [
+        (THERE, [bob]),
+        (ELSEWHERE, [bob]),
+        (THERE, [bob]),
+    ]
+    assert setting.store.lookups == 2
 
 
-def test_a_user_who_left_is_offline_not_cached() -> None:
-    clock, store, pusher, delivery, bob, stored = setup()
-    delivery.deliver(stored, [bob])
-    store.release_session(bob, store.get_session(bob).result.session_id)
-    pusher.gone = {bob}
-    report = delivery.deliver(stored, [bob]).result
-    assert report.offline == [bob] and report.delivered == []
-    lookups = store.lookups
-    delivery.deliver(stored, [bob])
-    assert store.lookups == lookups + 1
+def test_a_user_with_no_connected_device_is_offline() -> None:
+    setting = Setting()
+    bob = setting.bob
+    assert setting.deliver(bob) == DeliveryReport(offline=[bob])
+    # A session claimed but not connected yet, and one here whose
+    # connection is gone: offline too.
+    setting.store.claim_session(bob, "bob", THERE, 60, device="phone")
+    setting.connect(bob, "laptop", HERE)
+    assert setting.deliver(bob) == DeliveryReport(offline=[bob])
+    assert setting.pusher.pushes == []
+
+
+def test_a_user_gone_from_its_server_is_offline() -> None:
+    setting = Setting()
+    bob = setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.pusher.gone = {bob}
+    assert setting.deliver(bob) == DeliveryReport(offline=[bob])
+
+
+def test_a_server_down_fails_only_users_not_reached_elsewhere() -> None:
+    setting = Setting()
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", THERE)
+    setting.connect(bob, "phone", THERE)
+    setting.connect(bob, "laptop", ELSEWHERE)
+    setting.pusher.down = {THERE}
+    assert setting.deliver(alice, bob) == DeliveryReport(
+        delivered=[bob], failed=[alice]
+    )
+
+
+def test_a_failed_lookup_fails_those_not_reached_here() -> None:
+    setting = Setting(1)
+    setting.store.get_sessions = lambda user_ids: fail(  # type: ignore[method-assign]
+        RuntimeError("the store is down")
+    )
+    report = setting.deliver(setting.alice, setting.bob)
+    assert report == DeliveryReport(delivered=[setting.alice], failed=[setting.bob])
+
+
+def test_read_positions_reach_every_device_here_and_elsewhere() -> None:
+    setting = Setting(1)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", HERE)
+    setting.connect(bob, "phone", THERE)
+    conversation = pair_conversation(alice, bob)
+    d = setting.delivery.deliver_read(alice, conversation, 3, [alice, bob])
+    assert d.result == DeliveryReport(delivered=[alice, bob])
+    event = ReadEvent(alice, conversation, 3)
+    assert setting.local.reads == [(event, [alice])]
+    assert setting.pusher.reads == [(THERE, event, [bob])]
+
+
+def test_the_http_pusher_provides_both_pushes() -> None:
+    assert verifyObject(IPusher, HttpPusher(None, "s"))  # type: ignore[arg-type]
+    assert verifyObject(IPusher, Pusher())
+    assert verifyObject(ILocalDelivery, Local())

@@ -10,7 +10,7 @@ import pytest_twisted
 from treq.testing import StubTreq
 
 from cim.interfaces import NewMessage
-from cim.message import Command, inbox, message_to_dict
+from cim.message import Command, Cursor, message_to_dict, pair_conversation
 from cim.server.push import PushAPI
 from tests.serverkit import World
 
@@ -47,7 +47,15 @@ async def test_push_delivers_and_reports_who_is_not_here() -> None:
     alice = world.account("alice")
     [stored] = world.result(
         world.store.append(
-            [NewMessage(inbox(bob), alice, "alice", "pushed", receive_user_id=bob)]
+            [
+                NewMessage(
+                    pair_conversation(alice, bob),
+                    alice,
+                    "alice",
+                    "pushed",
+                    receive_user_id=bob,
+                )
+            ]
         )
     )  # type: ignore[misc]
     reply = await post(
@@ -58,6 +66,35 @@ async def test_push_delivers_and_reports_who_is_not_here() -> None:
     assert reply["code"] == "9000"
     assert reply["dataBody"] == {"missing": [[999]]}
     assert [m.text for m in peer.messages()] == ["pushed"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_of_a_read_position_reaches_every_device() -> None:
+    world = World()
+    phone, bob = world.login("bob", device="phone")
+    laptop, _ = world.login("bob", user_id=bob, device="laptop")
+    alice = world.account("alice")
+    conversation = pair_conversation(alice, bob)
+    reply = await post(
+        api(world),
+        "/push",
+        {
+            "items": [
+                {
+                    "read": {"userId": alice, "conversation": conversation, "seq": 4},
+                    "users": [bob, 999],
+                }
+            ]
+        },
+    )
+    assert reply["dataBody"] == {"missing": [[999]]}
+    for peer in (phone, laptop):
+        [frame] = peer.received()
+        assert (frame.cmd, frame.request_id, list(frame.cursors)) == (
+            Command.READ,
+            alice,
+            [Cursor(conversation, 4)],
+        )
 
 
 @pytest_twisted.ensureDeferred
@@ -105,8 +142,40 @@ async def test_kick_closes_only_the_named_session() -> None:
     reply = await post(treq, "/kick", {"userId": bob, "sessionId": "not-it"})
     assert reply["dataBody"] == {"kicked": False}
     assert not peer.closed
-    session_id = world.server.users[bob].session_id
+    other, _ = world.login("bob", user_id=bob, device="laptop")
+    session_id = world.server.users[bob][""].session_id
     reply = await post(treq, "/kick", {"userId": bob, "sessionId": session_id})
     assert reply["dataBody"] == {"kicked": True}
-    assert peer.closed
+    assert peer.closed and not other.closed
     assert [f.cmd for f in peer.received()] == [Command.KICK]
+    # No session: every device.
+    reply = await post(treq, "/kick", {"userId": bob, "sessionId": ""})
+    assert reply["dataBody"] == {"kicked": True}
+    assert other.closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_http_pusher_carries_messages_and_reads_in_order() -> None:
+    from cim.pusher import HttpPusher
+    from tests.serverkit import HERE
+
+    world = World()
+    phone, bob = world.login("bob", device="phone")
+    laptop, _ = world.login("bob", user_id=bob, device="laptop")
+    alice = world.account("alice")
+    conversation = pair_conversation(alice, bob)
+    stored = world.result(
+        world.store.append(
+            [NewMessage(conversation, alice, "alice", "hi", receive_user_id=bob)]
+        )
+    )
+    pusher = HttpPusher(api(world), SECRET)  # type: ignore[arg-type]
+    pushed = pusher.push(str(HERE), stored, [bob, 999])  # type: ignore[arg-type]
+    read = pusher.push_read(str(HERE), alice, conversation, 1, [bob])
+    assert await pushed == [999]
+    assert await read == []
+    for peer in (phone, laptop):
+        frames = peer.received()
+        assert [f.cmd for f in frames] == [Command.EPOCH, Command.MESSAGE, Command.READ]
+        assert list(frames[2].cursors) == [Cursor(conversation, 1)]
+        assert frames[2].request_id == alice

@@ -16,7 +16,7 @@ from cim.message import ChatMessage
 def chat(seq: int) -> ChatMessage:
     return ChatMessage(
         msg_id=seq,
-        conversation="u:2",
+        conversation="p:1:2",
         seq=seq,
         sender_id=1,
         sender_name="alice",
@@ -28,7 +28,11 @@ def chat(seq: int) -> ChatMessage:
 
 
 def test_push_round_trip_through_json() -> None:
-    items = [([chat(1), chat(2)], [2, 3]), ([chat(3)], [4])]
+    items: list[pushapi.PushItem] = [
+        ([chat(1), chat(2)], [2, 3]),
+        (pushapi.ReadEvent(1, "p:1:2", 2), [1, 2]),
+        ([chat(3)], [4]),
+    ]
     body = json.loads(json.dumps(pushapi.push_request(items)))
     assert pushapi.parse_push(body) == [(m, u) for m, u in items]
     reply = json.loads(json.dumps(pushapi.push_reply([[3], []])))
@@ -38,7 +42,11 @@ def test_push_round_trip_through_json() -> None:
 @pytest.mark.parametrize(
     "body",
     [{}, {"items": {}}, {"items": [{"messages": [{}], "users": [1]}]},
-     {"items": [{"messages": [], "users": ["x"]}]}],
+     {"items": [{"messages": [], "users": ["x"]}]},
+     {"items": [{"read": {"userId": 1, "seq": 2}, "users": [1]}]},
+     {"items": [{"read": {"userId": 1, "conversation": "p:1:2", "seq": "x"},
+                 "users": [1]}]},
+     {"items": [{"read": [], "users": [1]}]}],
 )  # fmt: skip
 def test_malformed_pushes_are_refused(body: dict) -> None:
     with pytest.raises(ValueError):

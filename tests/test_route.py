@@ -26,9 +26,14 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from cim.delivery import Delivery, IPusher
-from cim.interfaces import ServerAddress, StoreError
-from cim.message import BROADCAST, ChatMessage, group_conversation, inbox
+from cim.delivery import DeliveryReport, IPusher
+from cim.interfaces import NewMessage, ServerAddress, StoreError
+from cim.message import (
+    BROADCAST,
+    ChatMessage,
+    group_conversation,
+    pair_conversation,
+)
 from cim.registry.local import LocalBoard, LocalRegistry
 from cim.route import tap
 from cim.route.api import RouteAPI
@@ -103,6 +108,61 @@ class FakePusher:
         return succeed({"code": self.resync_code})
 
 
+class FakeDelivery:
+    """
+    The delivery core as the route uses it (L{cim.route.logic.
+    RouteDelivery}, implemented by L{cim.delivery.Delivery}): appends to
+    the store, and delivers with one push per server holding a connected
+    session (device) of a recipient; a user counts as delivered when one
+    of its servers took the messages.  Read notices are recorded.
+
+    @ivar reads: the L{deliver_read} calls: (reader, conversation, seq,
+        user ids).
+    """
+
+    def __init__(self, store: MemoryStore, pusher: FakePusher) -> None:
+        self.store = store
+        self.pusher = pusher
+        self.reads: list[tuple[int, str, int, list[int]]] = []
+
+    def append(self, messages: list[NewMessage]) -> Deferred[list[ChatMessage]]:
+        return self.store.append(messages)
+
+    def deliver(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[DeliveryReport]:
+        report = DeliveryReport()
+        sessions = result(self.store.get_sessions(list(user_ids)))
+        servers: dict[str, list[int]] = {}
+        for user_id in user_ids:
+            for server in sorted({s.server for s in sessions.get(user_id, [])}):
+                servers.setdefault(server, []).append(user_id)
+        reached: set[int] = set()
+        failed: set[int] = set()
+        for server, users in servers.items():
+            outcome = self.pusher.push(server, messages, users)
+            try:
+                missing = result(outcome)
+            except Exception:
+                failed.update(users)
+                continue
+            reached.update(u for u in users if u not in missing)
+        for user_id in user_ids:
+            if user_id in reached:
+                report.delivered.append(user_id)
+            elif user_id in failed:
+                report.failed.append(user_id)
+            else:
+                report.offline.append(user_id)
+        return succeed(report)
+
+    def deliver_read(
+        self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> Deferred[DeliveryReport]:
+        self.reads.append((reader_id, conversation, seq, list(user_ids)))
+        return succeed(DeliveryReport(delivered=list(user_ids)))
+
+
 class Route:
     """
     A route app over in-memory backends, with helpers to call it.
@@ -128,7 +188,7 @@ class Route:
         self.reachable = set(servers)
         self.probed: list[ServerAddress] = []
         self.pusher = FakePusher()
-        self.delivery = Delivery(self.store, self.pusher)
+        self.delivery = FakeDelivery(self.store, self.pusher)
         self.api = RouteAPI(
             self.store,
             self.registry,
@@ -267,6 +327,9 @@ class Route:
 
     def session(self, user_id: int) -> Any:
         return result(self.store.get_session(user_id))
+
+    def session_of(self, user_id: int, device: str) -> Any:
+        return result(self.store.get_session(user_id, device))
 
 
 @pytest.fixture
@@ -641,7 +704,7 @@ def test_calls_need_a_token(route: Route) -> None:
     )
     assert answer["code"] == "4010"
     assert "Bearer" in answer["message"]
-    assert result(route.store.read(inbox(bob), 0, 10)) == []
+    assert result(route.store.read(pair_conversation(alice, bob), 0, 10)) == []
 
 
 def test_another_users_token_is_refused(route: Route) -> None:
@@ -715,7 +778,7 @@ def test_p2p_to_an_online_user(route: Route) -> None:
         token=token,
     )
     assert answer["code"] == "9000" and answer["reqNo"] == "r1"
-    [message] = result(route.store.read(inbox(bob), 0, 10))
+    [message] = result(route.store.read(pair_conversation(alice, bob), 0, 10))
     assert answer["dataBody"] == {"msgId": message.msg_id, "seq": 1}
     assert (message.sender_id, message.sender_name, message.text) == (
         alice,
@@ -723,7 +786,12 @@ def test_p2p_to_an_online_user(route: Route) -> None:
         "hi",
     )
     assert message.receive_user_id == bob
-    assert route.pusher.pushes == [(route.session(bob).server, [message], [bob])]
+    # Delivered to both users (every device): the sender's other devices
+    # see what it sent.
+    assert route.pusher.pushes == [
+        (route.session(alice).server, [message], [alice]),
+        (route.session(bob).server, [message], [bob]),
+    ]
 
 
 def test_p2p_to_an_offline_user_is_stored(route: Route) -> None:
@@ -734,8 +802,10 @@ def test_p2p_to_an_offline_user_is_stored(route: Route) -> None:
     )
     assert answer["code"] == "7000"
     assert answer["dataBody"] == {"msgId": 1, "seq": 1}
-    assert [m.text for m in result(route.store.read(inbox(bob), 0, 10))] == ["hi"]
-    assert route.pusher.pushes == []
+    stored = result(route.store.read(pair_conversation(alice, bob), 0, 10))
+    assert [m.text for m in stored] == ["hi"]
+    # Only the sender's own device was pushed to.
+    assert route.pusher.pushes == [(route.session(alice).server, stored, [alice])]
 
 
 def test_p2p_to_a_user_not_on_its_server(route: Route) -> None:
@@ -744,7 +814,7 @@ def test_p2p_to_a_user_not_on_its_server(route: Route) -> None:
     route.pusher.absent.add(bob)
     body = {"userId": alice, "receiveUserId": bob, "msg": "hi"}
     assert route.code("/p2pRoute", body, token=token) == "7000"
-    assert len(result(route.store.read(inbox(bob), 0, 10))) == 1
+    assert len(result(route.store.read(pair_conversation(alice, bob), 0, 10))) == 1
 
 
 def test_p2p_to_an_unreachable_server(route: Route, logged: list[dict]) -> None:
@@ -753,7 +823,7 @@ def test_p2p_to_an_unreachable_server(route: Route, logged: list[dict]) -> None:
     route.pusher.down.add(route.session(bob).server)
     body = {"userId": alice, "receiveUserId": bob, "msg": "hi"}
     assert route.code("/p2pRoute", body, token=token) == "7000"
-    assert len(result(route.store.read(inbox(bob), 0, 10))) == 1
+    assert len(result(route.store.read(pair_conversation(alice, bob), 0, 10))) == 1
 
 
 def test_p2p_batch(route: Route) -> None:
@@ -766,10 +836,9 @@ def test_p2p_batch(route: Route) -> None:
         "batchMsg": ["a", "b", "c"],
     }
     assert route.ok("/p2pRoute", body, token=token) == {"msgId": 3, "seq": 3}
-    stored = result(route.store.read(inbox(bob), 0, 10))
+    stored = result(route.store.read(pair_conversation(alice, bob), 0, 10))
     assert [(m.seq, m.text) for m in stored] == [(1, "a"), (2, "b"), (3, "c")]
-    [(_, pushed, _)] = route.pusher.pushes
-    assert pushed == stored
+    assert [pushed for _, pushed, _ in route.pusher.pushes] == [stored, stored]
 
 
 def test_p2p_client_msg_id_stores_once(route: Route) -> None:
@@ -778,7 +847,7 @@ def test_p2p_client_msg_id_stores_once(route: Route) -> None:
     body = {"userId": alice, "receiveUserId": bob, "msg": "hi", "clientMsgId": "c-1"}
     first = route.ok("/p2pRoute", body, token=token)
     assert route.ok("/p2pRoute", body, token=token) == first
-    assert len(result(route.store.read(inbox(bob), 0, 10))) == 1
+    assert len(result(route.store.read(pair_conversation(alice, bob), 0, 10))) == 1
 
 
 def test_p2p_unknown_users(route: Route) -> None:
@@ -864,7 +933,7 @@ def test_group_route_survives_a_dead_server(logged: list[dict]) -> None:
         route.code("/groupRoute", {"userId": alice, "msg": "hi"}, token=token) == "9000"
     )
     assert sorted(server for server, _, _ in route.pusher.pushes) == [str(B), str(C)]
-    assert any("failed" in e.get("log_format", "") for e in logged)
+    assert any("could not be reached" in e.get("log_format", "") for e in logged)
 
 
 def test_group_route_alone(route: Route) -> None:
@@ -1040,7 +1109,7 @@ def test_history_pages_by_seq(route: Route) -> None:
     for i in range(5):
         body = {"userId": alice, "receiveUserId": bob, "msg": f"m{i}"}
         route.ok("/p2pRoute", body, token=alices)
-    conversation = inbox(bob)
+    conversation = pair_conversation(alice, bob)
     page = route.ok(
         "/history",
         {"userId": bob, "conversation": conversation, "afterSeq": 1, "limit": 2},
@@ -1056,9 +1125,12 @@ def test_history_pages_by_seq(route: Route) -> None:
         token=bobs,
     )
     assert [m["seq"] for m in rest] == [4, 5]
-    # Another user's inbox is private.
+    # Both users read it; another user may not.
     body = {"userId": alice, "conversation": conversation}
-    assert route.code("/history", body, token=alices) == "4010"
+    assert len(route.ok("/history", body, token=alices)) == 5
+    carol, carols = route.online("carol")
+    body = {"userId": carol, "conversation": conversation}
+    assert route.code("/history", body, token=carols) == "4010"
     assert (
         route.code("/history", {"userId": bob, "conversation": BROADCAST}, token=bobs)
         == "4010"
@@ -1090,12 +1162,20 @@ def test_group_history_for_members(route: Route) -> None:
         ({"limit": "x"}, "limit must be an integer"),
         ({"afterSeq": -1}, "afterSeq must be between"),
         ({"afterSeq": 1.5}, "afterSeq must be an integer"),
-        ({"conversation": None}, "conversation is missing"),
+        ({"beforeSeq": -1}, "beforeSeq must be between"),
+        ({"beforeSeq": "x"}, "beforeSeq must be an integer"),
+        ({"conversation": None}, "give either conversation"),
+        ({"peerId": 1}, "give either conversation"),
+        ({"conversation": None, "peerId": 0}, "peerId must be a positive"),
+        ({"conversation": None, "peerId": 99}, "peerId: no user 99"),
+        ({"conversation": "p:1"}, "is not p:<lower id>:<higher id>"),
+        ({"conversation": "p:2:1"}, "is not p:<lower id>:<higher id>"),
+        ({"conversation": "g:a b"}, "no group a b"),
     ],
 )
 def test_history_bad_input(route: Route, extra: dict, complaint: str) -> None:
     alice, token = route.online("alice")
-    body = {"userId": alice, "conversation": inbox(alice), **extra}
+    body = {"userId": alice, "conversation": pair_conversation(alice, alice), **extra}
     answer = route.call("/history", body, token=token)
     assert answer["code"] == "3000"
     assert complaint in answer["message"]

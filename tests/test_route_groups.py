@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cim.message import group_conversation
+from cim.message import Position, group_conversation
 from cim.route import logic
 from cim.store.memory import _Group
 from tests.test_route import SECRET, Route, result
@@ -58,6 +58,12 @@ class Users:
             token=self.tokens[who],
         )
         return [m["msg"] for m in page]
+
+
+def read_position(route: Route, user_id: int, group_id: str) -> int:
+    conversation = group_conversation(group_id)
+    positions = result(route.store.read_positions(conversation, [user_id]))
+    return int(positions[user_id])
 
 
 @pytest.fixture
@@ -118,8 +124,9 @@ def test_an_invited_user_joins_and_reads_from_its_join_on(users: Users) -> None:
     assert users.ok("bob", "/group/info", "g")["member"] is False
     joined = users.ok("bob", "/group/join", "g")
     assert joined == {"groupId": "g", "joined": True, "pending": False}
-    # Its cursor starts at the join: delivery replays nothing from before.
-    assert result(route.store.get_cursors(bob)) == {group_conversation("g"): 3}
+    # Its read position starts at the join: its devices' streams of the
+    # group start there, and nothing from before is unread.
+    assert read_position(route, bob, "g") == 3
     assert users.ok("bob", "/group/info", "g")["joinedAt"] == 3
     users.say("alice", "g", "four")
     users.say("bob", "g", "five")
@@ -138,18 +145,27 @@ def test_full_history_is_visible_to_new_members(users: Users) -> None:
     users.say("alice", "g", "after")
     assert users.history("bob", "g") == ["before", "after"]
     # Delivery still starts at the join (the history is there to read).
-    cursors = result(users.route.store.get_cursors(users.ids["bob"]))
-    assert cursors == {group_conversation("g"): 1}
+    assert read_position(users.route, users.ids["bob"], "g") == 1
 
 
 def test_rejoining_starts_from_the_new_join(users: Users) -> None:
+    store = users.route.store
+    bob = users.ids["bob"]
     users.ok("alice", "/group/create", "g", policy="open")
     users.ok("bob", "/group/join", "g")
     users.say("alice", "g", "a")
+    # Bob's phone acknowledged "a" (its server stores that cursor).
+    conversation = group_conversation("g")
+    epoch = result(store.epochs([conversation]))[conversation].id
+    result(store.set_cursors(bob, {conversation: Position(epoch, 1)}, "phone"))
     users.ok("bob", "/group/leave", "g")
+    # Leaving forgets its devices' cursors: a later join starts them from
+    # the read position set at that join.
+    assert result(store.get_cursors(bob, "phone")) == {}
     users.say("alice", "g", "b")
     assert users.code("bob", "/group/info", "g") == "9000"
     users.ok("bob", "/group/join", "g")
+    assert read_position(users.route, bob, "g") == 2
     users.say("alice", "g", "c")
     assert users.history("bob", "g") == ["c"]
 
@@ -186,7 +202,7 @@ def test_approval(users: Users) -> None:
     users.say("alice", "g", "before bob")
     approved = users.ok("alice", "/group/approve", "g", requesterId=bob)
     assert approved == {"groupId": "g", "requesterId": bob, "joined": True}
-    assert result(users.route.store.get_cursors(bob)) == {group_conversation("g"): 1}
+    assert read_position(users.route, bob, "g") == 1
     users.say("alice", "g", "welcome")
     assert users.history("bob", "g") == ["welcome"]
     answer = users.call("alice", "/group/approve", "g", requesterId=bob)
@@ -251,6 +267,13 @@ def test_removing_members(users: Users) -> None:
     answer = users.call("alice", "/group/remove", "g", memberId=users.ids["alice"])
     assert answer["code"] == "4090" and "/group/transfer" in answer["message"]
     assert users.code("alice", "/group/remove", "g", memberId=999) == "3000"
+    # A removed member's devices forget their cursors of the group.
+    conversation = group_conversation("g")
+    result(users.route.store.set_cursors(carol, {conversation: Position("", 1)}, "pc"))
+    users.ok("alice", "/group/remove", "g", memberId=carol)
+    assert result(users.route.store.get_cursors(carol, "pc")) == {}
+    users.ok("alice", "/group/invite", "g", inviteeId=carol)
+    users.ok("carol", "/group/join", "g")
     # The members left get the group's messages; Bob does not.
     users.route.pusher.pushes.clear()
     users.say("alice", "g", "without bob")

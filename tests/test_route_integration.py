@@ -20,7 +20,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, succeed
 
 from cim.interfaces import ServerAddress
-from cim.message import Command, Cursor, Frame, inbox
+from cim.message import Command, Cursor, Frame, pair_conversation
 from cim.registry.zk import ZooKeeperRegistry
 from cim.route.service import RouteConfig, RouteService
 from cim.server.service import IMServerService, ServerConfig
@@ -266,8 +266,10 @@ async def test_chat_over_http_between_servers(cluster: Cluster) -> None:
     assert (message.msg_id, message.seq) == (sent["msgId"], sent["seq"])
     assert (message.sender_id, message.conversation) == (
         alice.user_id,
-        inbox(bob.user_id),
+        pair_conversation(alice.user_id, bob.user_id),
     )
+    # Alice's connection gets what it sent too (one stream for both sides).
+    await alice.tcp.wait_texts(["hi bob"])
 
     await cluster.ok(
         "/groupRoute", {"userId": bob.user_id, "msg": "hello all"}, bob.token
@@ -359,7 +361,8 @@ async def test_offline_messages_arrive_at_login_in_order(cluster: Cluster) -> No
     assert answer["code"] == "7000"
 
     # Bob comes back, resuming from what he had.
-    assert cursors == [Cursor(inbox(bob.user_id), 1)]
+    pair = pair_conversation(alice.user_id, bob.user_id)
+    assert [(c.conversation, c.seq) for c in cursors] == [(pair, 1)]
     again = await cluster.login("bob", user_id=bob.user_id, cursors=cursors)
     got = await again.tcp.wait_texts(["m1", "m2", "m3"])
     assert [m.seq for m in got] == [2, 3, 4]

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from cim.delivery import Delivery
 from cim.interfaces import NewMessage, QuotaExceeded
 from cim.limits import MAX_BATCH
-from cim.message import group_conversation, inbox
+from cim.message import group_conversation, pair_conversation
 from cim.store.memory import MemoryStore
 from tests.test_route import FakePusher, Route, result
 
@@ -36,7 +36,10 @@ def test_batch_over_the_limit() -> None:
         assert answer["code"] == "3000"
         assert f"at most {MAX_BATCH} texts" in answer["message"]
         route.ok(path, {**body, "batchMsg": too_many[:MAX_BATCH]}, token=token)
-    assert len(result(route.store.read(inbox(bob), 0, 1000))) == MAX_BATCH
+    assert (
+        len(result(route.store.read(pair_conversation(alice, bob), 0, 1000)))
+        == MAX_BATCH
+    )
     assert len(result(route.store.read(group_conversation("g"), 0, 1000))) == MAX_BATCH
     # The OpenAPI document says so too.
     document = route.request("GET", "/openapi.json")[1]
@@ -56,8 +59,8 @@ def test_sender_quota_is_6000() -> None:
     )
     assert answer["code"] == "6000"
     assert "quota" in answer["message"]
-    assert len(result(route.store.read(inbox(bob), 0, 10))) == 3
-    # Someone else still writes to bob.
+    assert len(result(route.store.read(pair_conversation(alice, bob), 0, 10))) == 3
+    # Someone else still writes to bob (another conversation).
     route.ok(
         "/p2pRoute", {"userId": carol, "receiveUserId": bob, "msg": "c"}, token=carols
     )
@@ -102,7 +105,7 @@ def test_one_refused_send_fails_alone() -> None:
     delivery = Delivery(store, FakePusher())
 
     def new(sender: int, text: str) -> NewMessage:
-        return NewMessage(inbox(2), sender, f"user{sender}", text)
+        return NewMessage(group_conversation("g"), sender, f"user{sender}", text)
 
     results: list[Any] = []
     # The first append is in flight; the next three queue and leave together.
@@ -122,5 +125,5 @@ def test_one_refused_send_fails_alone() -> None:
     assert isinstance(results[1], Failure) and results[1].check(QuotaExceeded)
     assert [m.text for m in results[2]] == ["b"]
     assert [m.text for m in results[3]] == ["c"]
-    stored = result(store.read(inbox(2), 0, 10))
+    stored = result(store.read(group_conversation("g"), 0, 10))
     assert [m.text for m in stored] == ["a", "x1", "x2", "b", "c"]

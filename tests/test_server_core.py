@@ -9,9 +9,39 @@ from twisted.internet.defer import Deferred, fail
 
 from cim.codec import encode_varint
 from cim.interfaces import StoreError
-from cim.message import Command, Cursor, ErrorCode, Frame, inbox
+from cim.message import (
+    KICK_REPLACED,
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+    Position,
+    pair_conversation,
+)
 from cim.store.memory import MemoryStore
 from tests.serverkit import HERE, THERE, Peer, World
+
+
+def epoch_of(world: World, conversation: str) -> str:
+    """
+    The current epoch id of C{conversation} in C{world}'s store.
+    """
+    epochs = world.result(world.store.epochs([conversation]))
+    return epochs[conversation].id  # type: ignore[index,no-any-return]
+
+
+def converse(world: World) -> tuple[Peer, int, Peer, int]:
+    """
+    Alice and Bob, logged in, with a first message from alice to bob
+    before bob logged in (their conversation is one of bob's streams).
+    """
+    alice_peer, alice = world.login("alice")
+    bob = world.account("bob")
+    world.send(alice_peer, "hello", bob)
+    alice_peer.received()
+    bob_peer, _ = world.login("bob", user_id=bob)
+    assert bob_peer.texts() == ["hello"]
+    return alice_peer, alice, bob_peer, bob
 
 
 def error_of(peer: Peer) -> Frame:
@@ -154,17 +184,19 @@ def test_anything_before_login_is_refused() -> None:
     assert peer.closed
 
 
-def test_second_login_kicks_the_first_connection() -> None:
+def test_second_login_of_a_device_kicks_the_first_connection() -> None:
     world = World()
-    first, alice = world.login("alice")
-    second, _ = world.login("alice", user_id=alice)
+    first, alice = world.login("alice", device="phone")
+    second, _ = world.login("alice", user_id=alice, device="phone")
     kicks = [f for f in first.received() if f.cmd == Command.KICK]
-    assert kicks and first.closed
+    assert [k.error_reason for k in kicks] == [KICK_REPLACED] and first.closed
     first.lose()
     # The old connection's close did not release the new session.
-    session = world.result(world.store.get_session(alice))
+    session = world.result(world.store.get_session(alice, "phone"))
     assert session is not None and session.connected  # type: ignore[attr-defined]
-    assert world.server.users[alice].link is second.protocol
+    conn = world.server.connection(alice, "phone")
+    assert conn is not None and conn.link is second.protocol
+    assert list(world.server.users[alice]) == ["phone"]
 
 
 # Heartbeats and deadlines
@@ -255,13 +287,21 @@ def test_private_message_is_stored_acknowledged_and_delivered() -> None:
             client_msg_id="c1",
         )
     )
-    [ack] = alice_peer.received()
+    ack, adopted, own = alice_peer.received()
+    conversation = pair_conversation(alice, bob)
+    # A conversation begun since login: where it starts, then its messages.
+    assert adopted.cmd == Command.EPOCH
+    assert list(adopted.cursors) == [
+        Cursor(conversation, 0, epoch_of(world, conversation))
+    ]
     assert (ack.cmd, ack.client_msg_id, ack.seq, ack.conversation) == (
         Command.ACK,
         "c1",
         1,
-        inbox(bob),
+        conversation,
     )
+    # The sender gets its own message too (its stream has no hole).
+    assert own.cmd == Command.MESSAGE and [m.text for m in own.messages] == ["hi bob"]
     [message] = bob_peer.messages()
     assert (message.text, message.sender_id, message.sender_name, message.seq) == (
         "hi bob",
@@ -270,23 +310,24 @@ def test_private_message_is_stored_acknowledged_and_delivered() -> None:
         1,
     )
     assert message.msg_id == ack.msg_id
-    stored = world.result(world.store.read(inbox(bob), 0, 10))
+    stored = world.result(world.store.read(conversation, 0, 10))
     assert [m.text for m in stored] == ["hi bob"]  # type: ignore[attr-defined]
 
 
 def test_retried_send_is_stored_and_delivered_once() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
+    alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
     send = Frame(
         cmd=Command.MESSAGE, req_msg="once", receive_user_id=bob, client_msg_id="c1"
     )
     alice_peer.send(send)
     alice_peer.send(send)
-    acks = alice_peer.received()
+    acks = [f for f in alice_peer.received() if f.cmd == Command.ACK]
     assert [a.seq for a in acks] == [1, 1]
     assert [m.text for m in bob_peer.messages()] == ["once"]
-    assert len(world.result(world.store.read(inbox(bob), 0, 10))) == 1  # type: ignore[arg-type]
+    conversation = pair_conversation(alice, bob)
+    assert len(world.result(world.store.read(conversation, 0, 10))) == 1  # type: ignore[arg-type]
 
 
 def test_message_to_an_unknown_user_gets_an_error() -> None:
@@ -340,26 +381,37 @@ def test_offline_receiver_gets_everything_at_login_in_order() -> None:
 
 def test_login_resumes_after_the_clients_cursor() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
+    alice_peer, alice = world.login("alice")
     bob = world.account("bob")
     for i in range(4):
         alice_peer.send(
             Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob)
         )
-    bob_peer, _ = world.login("bob", cursors=[Cursor(inbox(bob), 2)], user_id=bob)
+    conversation = pair_conversation(alice, bob)
+    bob_peer, _ = world.login(
+        "bob",
+        cursors=[Cursor(conversation, 2, epoch_of(world, conversation))],
+        user_id=bob,
+    )
     assert [m.text for m in bob_peer.messages()] == ["m2", "m3"]
 
 
 def test_acknowledged_cursor_is_kept_for_a_client_without_one() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
+    alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
     for i in range(2):
         alice_peer.send(
             Frame(cmd=Command.MESSAGE, req_msg=f"m{i}", receive_user_id=bob)
         )
     assert len(bob_peer.messages()) == 2
-    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 2)]))
+    conversation = pair_conversation(alice, bob)
+    bob_peer.send(
+        Frame(
+            cmd=Command.ACK,
+            cursors=[Cursor(conversation, 2, epoch_of(world, conversation))],
+        )
+    )
     bob_peer.lose()
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m2", receive_user_id=bob))
     again, _ = world.login("bob", user_id=bob)
@@ -420,17 +472,14 @@ def test_live_messages_wait_for_the_replay() -> None:
 
 def test_a_gap_is_filled_from_the_store() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
-    bob_peer, bob = world.login("bob")
+    alice_peer, alice, bob_peer, bob = converse(world)
     # Two messages are stored, but only the second one is pushed (the first
     # push went astray): bob must still see both, in order.
     stored = world.result(
         world.server.delivery.append(
             world.server.sender.new_messages(
-                world.server.users[
-                    world.result(world.store.get_account_by_name("alice")).user_id
-                ],  # type: ignore[attr-defined]
-                inbox(bob),
+                world.server.connection(alice),  # type: ignore[arg-type]
+                pair_conversation(alice, bob),
                 ["first", "second"],
                 "",
                 receive_user_id=bob,
@@ -455,6 +504,7 @@ def test_receiver_on_another_server_gets_one_push() -> None:
     )  # type: ignore[misc]
     world.result(world.store.activate_session(bob, session.session_id))
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="far", receive_user_id=bob))
+    # (Alice, connected here, got it here.)
     [(server, messages, users)] = world.pusher.pushes
     assert server == str(THERE) and users == [bob]
     assert [m.text for m in messages] == ["far"]
@@ -490,8 +540,8 @@ def test_group_joined_while_connected_arrives_whole_and_in_order() -> None:
     bob_peer, bob = world.login("bob")
     world.result(world.store.create_group("late", alice))
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="before bob", group_id="late"))
-    # Bob joins as the route does it: his cursor starts at the last message.
-    world.result(world.store.set_cursors(bob, {"g:late": 1}))
+    # Bob joins as the route does it: his read position is the last message.
+    world.result(world.store.set_read(bob, "g:late", 1))
     world.result(world.store.join_group("late", bob))
     from cim.interfaces import NewMessage
 
@@ -512,14 +562,19 @@ def test_group_joined_while_connected_arrives_whole_and_in_order() -> None:
 def test_out_of_order_arrivals_are_put_in_order_without_a_read() -> None:
     world = World(store=SlowReads(World().clock))
     store: SlowReads = world.store  # type: ignore[assignment]
-    alice_peer, alice = world.login("alice")
-    bob_peer, bob = world.login("bob")
+    alice_peer, alice, bob_peer, bob = converse(world)
     from cim.interfaces import NewMessage
 
     stored = world.result(
         world.store.append(
             [
-                NewMessage(inbox(bob), alice, "alice", t, receive_user_id=bob)
+                NewMessage(
+                    pair_conversation(alice, bob),
+                    alice,
+                    "alice",
+                    t,
+                    receive_user_id=bob,
+                )
                 for t in "abc"
             ]
         )
@@ -537,13 +592,18 @@ def test_out_of_order_arrivals_are_put_in_order_without_a_read() -> None:
 
 def test_acknowledged_cursors_are_saved_by_the_sweep() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
-    bob_peer, bob = world.login("bob")
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob", device="phone")
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m", receive_user_id=bob))
-    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 1)]))
-    assert world.result(world.store.get_cursors(bob)) == {}
+    conversation = pair_conversation(alice, bob)
+    epoch = epoch_of(world, conversation)
+    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(conversation, 1, epoch)]))
+    assert world.result(world.store.get_cursors(bob, "phone")) == {}
     world.clock.advance(10)
-    assert world.result(world.store.get_cursors(bob)) == {inbox(bob): 1}
+    assert world.result(world.store.get_cursors(bob, "phone")) == {
+        conversation: Position(epoch, 1)
+    }
+    assert world.result(world.store.get_cursors(bob)) == {}
 
 
 class _StoreAway(MemoryStore):
@@ -553,10 +613,10 @@ class _StoreAway(MemoryStore):
 
     away = False
 
-    def get_session(self, user_id: int) -> Deferred:  # type: ignore[override]
+    def get_session(self, user_id: int, device: str = "") -> Deferred:  # type: ignore[override]
         if self.away:
             return fail(StoreError("Redis is away"))
-        return super().get_session(user_id)
+        return super().get_session(user_id, device)
 
 
 def test_a_login_while_the_store_is_away_is_told_to_come_back() -> None:

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from cim.interfaces import StoreError
-from cim.message import Command, Cursor, ErrorCode, Frame, inbox
+from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
 from tests.serverkit import Peer, World
@@ -29,31 +29,35 @@ from tests.serverkit import Peer, World
 
 def test_acks_only_of_own_conversations_and_what_was_sent() -> None:
     world = World()
-    alice_peer, _ = world.login("alice")
+    alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
     for text in ("m1", "m2"):
         alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg=text, receive_user_id=bob))
     assert len(bob_peer.messages()) == 2
+    ours = pair_conversation(alice, bob)
+    epoch = world.result(world.store.epochs([ours]))[ours].id  # type: ignore[index]
     bob_peer.send(
         Frame(
             cmd=Command.ACK,
             cursors=[
-                Cursor("u:999", 2**63 - 1),  # someone else's inbox
-                Cursor(inbox(bob), 2**63 - 1),  # beyond what bob was sent
+                Cursor("p:998:999", 1, epoch),  # someone else's conversation
+                Cursor(ours, 2**63 - 1, epoch),  # beyond what bob was sent
+                Cursor(ours, 2, "another"),  # not the stream's epoch
+                Cursor(ours, 2),  # no epoch
                 Cursor("g:made-up", 1),  # not a group of bob's
                 *[Cursor(f"g:x{i}", 5) for i in range(1000)],
                 Cursor("all", 3),  # the broadcast conversation: no cursor
             ],
         )
     )
-    assert world.server.m_acks_ignored.value == 1003
+    assert world.server.m_acks_ignored.value == 1005
     assert not bob_peer.closed
     world.clock.advance(10)
     assert world.result(world.store.get_cursors(bob)) == {}
-    # What bob was sent may be acknowledged.
-    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(inbox(bob), 2)]))
+    # What bob was sent may be acknowledged, in the stream's epoch.
+    bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(ours, 2, epoch)]))
     world.clock.advance(10)
-    assert world.result(world.store.get_cursors(bob)) == {inbox(bob): 2}
+    assert world.result(world.store.get_cursors(bob)) == {ours: Position(epoch, 2)}
     # and bob still logs in, and resumes after it.
     bob_peer.lose()
     alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m3", receive_user_id=bob))
@@ -68,10 +72,12 @@ class FailingCursors(MemoryStore):
 
     failing = False
 
-    def get_cursors(self, user_id: int) -> Deferred[dict[str, int]]:
+    def get_cursors(
+        self, user_id: int, device: str = ""
+    ) -> Deferred[dict[str, Position]]:
         if self.failing:
             return fail(StoreError("Redis HGETALL failed"))
-        return super().get_cursors(user_id)
+        return super().get_cursors(user_id, device)
 
 
 def test_a_login_failing_after_activation_releases_the_session() -> None:
@@ -117,7 +123,7 @@ def send(peer: Peer, receiver: int, texts: list[str], cmid: str = "") -> None:
 
 def test_batch_over_the_limit_is_refused() -> None:
     world = World(max_batch=5)
-    alice_peer, _ = world.login("alice")
+    alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
     send(alice_peer, bob, [f"t{i}" for i in range(6)], "big")
     [error] = alice_peer.received()
@@ -127,10 +133,15 @@ def test_batch_over_the_limit_is_refused() -> None:
     assert error.client_msg_id == "big"
     assert not alice_peer.closed
     assert bob_peer.messages() == []
-    assert world.result(world.store.read(inbox(bob), 0, 100)) == []
+    conversation = pair_conversation(alice, bob)
+    assert world.result(world.store.read(conversation, 0, 100)) == []
     # A batch within the limit goes through.
     send(alice_peer, bob, [f"t{i}" for i in range(5)], "ok")
-    assert [f.cmd for f in alice_peer.received()] == [Command.ACK]
+    assert [f.cmd for f in alice_peer.received()] == [
+        Command.ACK,
+        Command.EPOCH,  # the conversation begins
+        Command.MESSAGE,  # alice's own
+    ]
     assert len(bob_peer.messages()) == 5
 
 
@@ -165,21 +176,34 @@ def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
     carol_peer, carol = world.login("carol")
     send(alice_peer, bob, ["1", "2"], "s1")
     send(alice_peer, bob, ["3", "4"], "s2")  # "4" is over: 4 of 3
-    frames = alice_peer.received()
-    assert [f.cmd for f in frames] == [Command.ACK, Command.ERROR]
+    frames = [f for f in alice_peer.received() if f.cmd != Command.EPOCH]
+    # (Alice gets her own messages too; the "3" stored before the quota ran
+    # out is delivered all the same.)
+    assert [f.cmd for f in frames] == [
+        Command.ACK,
+        Command.MESSAGE,
+        Command.ERROR,
+        Command.MESSAGE,
+    ]
+    assert [m.text for f in frames for m in f.messages] == ["1", "2", "3"]
+    frames = [f for f in frames if f.cmd != Command.MESSAGE]
     assert frames[1].error_code == ErrorCode.RATE_LIMITED
     assert frames[1].client_msg_id == "s2"
     assert "quota" in frames[1].error_reason
     assert not alice_peer.closed
-    assert [m.text for m in bob_peer.messages()] == ["1", "2"]
+    assert [m.text for m in bob_peer.messages()] == ["1", "2", "3"]
     # Nothing more to bob; other conversations and senders go on.
     send(alice_peer, bob, ["5"], "s3")
     send(alice_peer, carol, ["hi carol"], "s4")
-    assert [f.cmd for f in alice_peer.received()] == [Command.ERROR, Command.ACK]
+    assert [f.cmd for f in alice_peer.received() if f.cmd != Command.MESSAGE] == [
+        Command.ERROR,
+        Command.ACK,
+        Command.EPOCH,  # the conversation with carol begins
+    ]
     send(carol_peer, bob, ["from carol"], "c1")
-    world.clock.advance(1)  # bob's gap (the "3" stored) is read from the store
-    assert [m.text for m in bob_peer.messages()] == ["3", "from carol"]
-    assert [m.text for m in carol_peer.messages()] == ["hi carol"]
+    assert [m.text for m in bob_peer.messages()] == ["from carol"]
+    # (Carol gets her own message to bob too.)
+    assert [m.text for m in carol_peer.messages()] == ["hi carol", "from carol"]
 
 
 # Sessions
@@ -288,6 +312,8 @@ def test_a_client_that_does_not_read_is_dropped() -> None:
     alice_peer, _ = world.login("alice")
     bob_peer = Peer(world.server, max_output=64 * 1024)
     bob = world.account("bob")
+    # (Their conversation exists before bob logs in.)
+    send(alice_peer, bob, ["first"])
     bob_peer.send(
         Frame(
             cmd=Command.LOGIN_REQUEST,
@@ -320,7 +346,7 @@ def test_a_client_that_does_not_read_is_dropped() -> None:
         (alice_peer.protocol.conn.user_id, "alice")
     ]
     again, _ = world.login("bob", user_id=bob)
-    assert len(again.messages()) == 70
+    assert len(again.messages()) == 71
 
 
 class SmallBuffer(StringTransport):

@@ -11,9 +11,17 @@ from typing import TypeVar
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from cim.interfaces import ServerAddress, Session, TokenInfo
-from cim.message import Command, Cursor, ErrorCode, Frame, group_conversation, inbox
-from cim.server.login import Authenticator, Grant, Refusal
+from cim.interfaces import NewMessage, ServerAddress, Session, TokenInfo
+from cim.message import (
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+    Position,
+    group_conversation,
+    pair_conversation,
+)
+from cim.server.login import Authenticator, Grant, Refusal, Resumption, resume
 from cim.store.memory import MemoryStore
 from tests.serverkit import HERE, THERE
 
@@ -36,25 +44,37 @@ class Store(MemoryStore):
         assert results, "the Deferred has not fired"
         return results[0]
 
-    def session(self, user_id: int) -> Session:
-        session = self.value(self.get_session(user_id))
+    def session(self, user_id: int, device: str = "") -> Session:
+        session = self.value(self.get_session(user_id, device))
         assert session is not None
         return session
 
     def account(self, name: str) -> int:
         return self.value(self.register(name)).user_id
 
-    def assign(self, user_id: int, name: str, server: ServerAddress = HERE) -> str:
+    def assign(
+        self, user_id: int, name: str, server: ServerAddress = HERE, device: str = ""
+    ) -> str:
         """
-        Claim a session for C{user_id} on C{server}, as the route does.
-        @return: its id.
+        Claim a session for C{user_id}'s C{device} on C{server}, as the route
+        does.  @return: its id.
         """
-        claim = self.claim_session(user_id, name, str(server), 60.0, replace=True)
+        claim = self.claim_session(
+            user_id, name, str(server), 60.0, replace=True, device=device
+        )
         session, _ = self.value(claim)
         return session.session_id
 
-    def token(self, user_id: int, session_id: str, server: ServerAddress = HERE) -> str:
-        return self.value(self.issue_token(user_id, str(server), session_id, 3600.0))
+    def token(
+        self,
+        user_id: int,
+        session_id: str,
+        server: ServerAddress = HERE,
+        device: str = "",
+    ) -> str:
+        return self.value(
+            self.issue_token(user_id, str(server), session_id, 3600.0, device)
+        )
 
 
 class SessionEndsAfterTheToken(Store):
@@ -76,10 +96,12 @@ class SessionReplacedBeforeActivation(Store):
     """
 
     def activate_session(
-        self, user_id: int, session_id: str, ttl: float = 90.0
+        self, user_id: int, session_id: str, ttl: float = 90.0, device: str = ""
     ) -> Deferred[bool]:
-        self.claim_session(user_id, "alice", str(HERE), 60.0, replace=True)
-        return super().activate_session(user_id, session_id, ttl)
+        self.claim_session(
+            user_id, "alice", str(HERE), 60.0, replace=True, device=device
+        )
+        return super().activate_session(user_id, session_id, ttl, device)
 
 
 def login(
@@ -228,28 +250,25 @@ def test_a_session_replaced_while_checking_is_refused() -> None:
 # Grants
 
 
-def test_a_token_login_is_granted_with_the_stored_cursors_and_groups() -> None:
+def test_a_token_login_is_granted_for_the_tokens_device() -> None:
     store = Store()
     alice = store.account("alice")
-    store.create_group("team", alice)
-    store.set_cursors(alice, {inbox(alice): 7, group_conversation("team"): 3})
-    session_id = store.assign(alice, "alice")
-    token = store.token(alice, session_id)
+    store.assign(alice, "alice", device="laptop")
+    session_id = store.assign(alice, "alice", device="phone")
+    token = store.token(alice, session_id, device="phone")
     # Tokens make a cim client even where CIM clients are accepted.
     auth = Authenticator(store, str(HERE), legacy_login=True)
-    frame = login(alice, "alice", token, cursors=[Cursor(inbox(alice), 9)])
+    frame = login(alice, "alice", token)
     assert not auth.is_legacy(frame)
-    grant = outcome(auth, frame)
-    assert grant == Grant(
+    assert outcome(auth, frame) == Grant(
         user_id=alice,
         user_name="alice",
         session_id=session_id,
         legacy=False,
-        cursors={inbox(alice): 7, group_conversation("team"): 3},
-        groups=["team"],
+        device="phone",
     )
-    assert grant.conversations == [inbox(alice), group_conversation("team")]
-    assert store.session(alice).connected
+    assert store.session(alice, "phone").connected
+    assert not store.session(alice, "laptop").connected
 
 
 def test_a_cim_client_is_granted_the_session_the_route_assigned() -> None:
@@ -264,7 +283,72 @@ def test_a_cim_client_is_granted_the_session_the_route_assigned() -> None:
         user_name="alice",
         session_id=session_id,
         legacy=True,
-        cursors={},
-        groups=[],
+        device="",
     )
     assert store.session(alice).connected
+
+
+# Where a device resumes
+
+
+def resumed(store: Store, user_id: int, device: str = "", sent=()) -> Resumption:  # type: ignore[no-untyped-def]
+    results: list[Resumption] = []
+    ensureDeferred(resume(store, user_id, device, sent)).addCallback(results.append)
+    [result] = results
+    return result
+
+
+def test_each_conversation_starts_from_the_client_the_device_or_the_read() -> None:
+    store = Store()
+    alice = store.account("alice")
+    bob = store.account("bob")
+    carol = store.account("carol")
+    dave = store.account("dave")
+    store.create_group("team", alice)
+    team = group_conversation("team")
+    with_bob = pair_conversation(alice, bob)
+    with_carol = pair_conversation(alice, carol)
+    with_dave = pair_conversation(alice, dave)
+    for conversation, sender in (
+        (with_bob, bob),
+        (with_carol, carol),
+        (with_dave, dave),
+        (team, alice),
+    ):
+        store.append([NewMessage(conversation, sender, "x", f"m{i}") for i in range(5)])
+    epochs = store.value(store.epochs([with_bob, with_carol, with_dave, team]))
+    store.set_read(alice, with_carol, 3)
+    store.set_cursors(alice, {with_bob: Position(epochs[with_bob].id, 2)}, "phone")
+    store.set_cursors(alice, {with_carol: Position(epochs[with_carol].id, 4)}, "phone")
+    sent = [Cursor(with_carol, 1, epochs[with_carol].id)]
+    resumption = resumed(store, alice, "phone", sent)
+    assert [s.cursor for s in resumption.starts] == [
+        # The group: alice's own messages raised her read position.
+        Cursor(team, 5, epochs[team].id),
+        Cursor(with_bob, 2, epochs[with_bob].id),  # the device's cursor
+        Cursor(with_carol, 1, epochs[with_carol].id),  # what the client sent
+        Cursor(with_dave, 0, epochs[with_dave].id),  # nothing read
+    ]
+    assert [s.last_seq for s in resumption.starts] == [5] * 4
+    assert resumption.acked == {
+        with_bob: Position(epochs[with_bob].id, 2),
+        with_carol: Position(epochs[with_carol].id, 4),
+    }
+    # Another device has no cursors: from the read positions.
+    other = resumed(store, alice, "laptop")
+    assert [s.seq for s in other.starts] == [5, 0, 3, 0]
+    assert other.acked == {}
+
+
+def test_a_position_of_another_epoch_or_beyond_the_last_is_reset() -> None:
+    store = Store()
+    alice = store.account("alice")
+    bob = store.account("bob")
+    conversation = pair_conversation(alice, bob)
+    store.append([NewMessage(conversation, bob, "bob", f"m{i}") for i in range(3)])
+    epoch = store.value(store.epochs([conversation]))[conversation]
+    [start] = resumed(store, alice, "", [Cursor(conversation, 7, "gone")]).starts
+    assert start.cursor == Cursor(conversation, 0, epoch.id, True)
+    [start] = resumed(store, alice, "", [Cursor(conversation, 7, epoch.id)]).starts
+    assert start.cursor == Cursor(conversation, 3, epoch.id, True)
+    assert resumed(store, bob, "", []).starts[0].seq == 3

@@ -14,8 +14,16 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cim.interfaces import NewMessage
-from cim.message import ChatMessage, Command, Frame, group_conversation, inbox
+from cim.interfaces import Epoch, NewMessage
+from cim.message import (
+    ChatMessage,
+    Command,
+    Cursor,
+    Frame,
+    Position,
+    group_conversation,
+    pair_conversation,
+)
 from cim.metrics import Counter
 from cim.server import wire
 from cim.server.connection import Connection
@@ -25,7 +33,9 @@ from cim.store.memory import MemoryStore
 from tests.serverkit import Peer, World
 
 BOB = 2
-CONVERSATION = inbox(BOB)
+CONVERSATION = pair_conversation(1, BOB)
+#: The epoch of every conversation of these tests.
+EPOCH = Epoch("e1")
 
 
 @implementer(IClientLink)
@@ -128,21 +138,30 @@ class Setting:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.store = CountingReads(self.clock)
+        self.seed(self.store)
         self.control = Control()
         self.written = Counter("written", "")
         self.streams = Streams(self.clock, self.store, self.control, self.written)
 
+    @staticmethod
+    def seed(store: MemoryStore) -> None:
+        """
+        Give the conversations of these tests the epoch L{EPOCH}.
+        """
+        for conversation in (CONVERSATION, group_conversation("team")):
+            store._epochs[conversation] = EPOCH
+
     def connect(self, **positions: int) -> tuple[Connection, RecordingLink]:
         """
         A logged-in connection of bob's, at C{positions} (by conversation,
-        C{inbox} for bob's own) in its conversations.
+        C{inbox} for the one with alice) in its conversations.
         """
         link = RecordingLink()
         conn = Connection(link, "10.0.0.1:5000", self.clock.seconds())
         conn.user_id = BOB
         for name, delivered in positions.items():
             conversation = CONVERSATION if name == "inbox" else name
-            conn.streams[conversation] = Stream(conversation, delivered)
+            conn.streams[conversation] = Stream(conversation, delivered, epoch=EPOCH)
         return conn, link
 
     def store_texts(
@@ -249,7 +268,9 @@ def test_live_messages_wait_for_the_replay_then_drain() -> None:
     one, two = setting.store_texts("one", "two")
     # Bob's replay is about to read; meanwhile two (already stored) and a
     # third (still being stored) arrive live.
-    stream = conn.streams[CONVERSATION] = Stream(CONVERSATION, 0, filling=True)
+    stream = conn.streams[CONVERSATION] = Stream(
+        CONVERSATION, 0, filling=True, epoch=EPOCH
+    )
     three = replace(two, seq=3, msg_id=two.msg_id + 1, text="three")
     setting.offer(conn, [two])
     setting.offer(conn, [three])
@@ -263,16 +284,56 @@ def test_live_messages_wait_for_the_replay_then_drain() -> None:
     assert stream.delivered == 3 and not stream.pending and not stream.filling
 
 
-def test_a_conversation_joined_since_login_starts_at_the_stored_cursor() -> None:
+def test_a_conversation_joined_since_login_starts_at_the_read_position() -> None:
     setting = Setting()
     conn, link = setting.connect(inbox=0)
     group = group_conversation("team")
     setting.store_texts("before", "joined", "after", conversation=group)
-    setting.store.set_cursors(BOB, {group: 1})
+    # The route sets the joining user's read position at the join.
+    setting.store.set_read(BOB, group, 1)
     last = setting.store_texts("live", conversation=group)
     setting.offer(conn, last)
+    epoch, *rest = link.writes
+    assert isinstance(epoch, Frame) and epoch.cmd == Command.EPOCH
+    assert list(epoch.cursors) == [Cursor(group, 1, EPOCH.id, False)]
+    link.writes = rest
     assert link.texts() == ["joined", "after", "live"]
-    assert conn.streams[group].delivered == 4 and conn.acked[group] == 1
+    assert conn.streams[group].delivered == 4
+    assert conn.streams[group].epoch == EPOCH
+
+
+def test_a_conversation_adopted_starts_at_the_device_cursor_first() -> None:
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    group = group_conversation("team")
+    setting.store_texts("one", "two", "three", conversation=group)
+    setting.store.set_read(BOB, group, 1)
+    setting.store.set_cursors(BOB, {group: Position(EPOCH.id, 2)})
+    setting.offer(conn, setting.store_texts("four", conversation=group))
+    assert link.texts() == ["three", "four"]
+    assert conn.acked[group] == Position(EPOCH.id, 2)
+
+
+def test_a_new_conversation_starts_before_its_first_live_message() -> None:
+    # Bob began a private conversation with carol from another device: his
+    # read position is his own first message, and this connection had not
+    # seen it: it gets it all the same.
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    conversation = pair_conversation(BOB, 3)
+    results: list[list[ChatMessage]] = []
+    setting.store.append(
+        [NewMessage(conversation, BOB, "bob", "hi carol", receive_user_id=3)]
+    ).addCallback(results.append)
+    [stored] = results
+    setting.offer(conn, stored)
+    epoch, *rest = link.writes
+    assert isinstance(epoch, Frame) and epoch.cmd == Command.EPOCH
+    assert [(c.conversation, c.seq, c.reset) for c in epoch.cursors] == [
+        (conversation, 0, False)
+    ]
+    link.writes = rest
+    assert link.texts() == ["hi carol"]
 
 
 def test_a_failed_read_kicks_the_connection() -> None:
@@ -285,6 +346,7 @@ def test_a_failed_read_kicks_the_connection() -> None:
 
     setting = Setting()
     setting.store = store = FailingReads(setting.clock)
+    setting.seed(store)
     setting.streams = Streams(setting.clock, store, setting.control, setting.written)
     conn, link = setting.connect(inbox=0)
     one, two = setting.store_texts("one", "two")

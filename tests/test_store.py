@@ -18,17 +18,21 @@ from zope.interface.verify import verifyObject
 
 from cim.interfaces import (
     Account,
+    ConversationState,
+    Epoch,
     GroupExists,
     GroupInfo,
+    HeldSession,
     IStore,
     NewMessage,
     NoSuchGroup,
+    Session,
     SessionExists,
     StoreError,
     TokenInfo,
     TooManyJoinRequests,
 )
-from cim.message import BROADCAST, group_conversation, inbox
+from cim.message import BROADCAST, Position, group_conversation, pair_conversation
 from cim.store import Retention, open_store
 from cim.store.memory import MemoryStore, token_key
 
@@ -39,6 +43,8 @@ SHORT_TTL = 0.2
 #: A time to live no test outlives.
 LONG_TTL = 600.0
 RETENTION = Retention(max_messages=5, max_age=3600, idempotency_window=600)
+#: The private conversation of users 1 and 2.
+PAIR = pair_conversation(1, 2)
 
 
 @dataclass
@@ -128,6 +134,13 @@ async def backend(store_url: str) -> AsyncIterator[Backend]:
         if keys:
             await redis.execute_command("DEL", *keys)
         await store.close()
+
+
+def E(seq: int, epoch: str = "e1") -> Position:
+    """
+    A position of epoch C{epoch}.
+    """
+    return Position(epoch, seq)
 
 
 def msg(
@@ -287,24 +300,29 @@ async def test_names_are_unique_by_their_key(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_claim_and_activate(backend: Backend) -> None:
     store = backend.store
-    session, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
-    assert previous is None
+    session, dropped = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert dropped == []
     assert (session.user_id, session.user_name, session.server) == (1, "alice", "h:1:2")
     assert not session.connected
+    assert (session.device, session.active) == ("", START)
     assert await store.get_session(1) == session
     assert await store.online_users() == []
     assert await store.get_sessions([1]) == {}
-    pttl = await backend.pttl("session:1")
+    pttl = await backend.pttl("session:1:")
     assert pttl is None or 0 < pttl <= LONG_TTL * 1000
 
     assert await store.activate_session(1, "not-it", LONG_TTL) is False
+    backend.clock.advance(3)
     assert await store.activate_session(1, session.session_id, LONG_TTL) is True
     connected = await store.get_session(1)
     assert connected is not None and connected.connected
     assert connected.session_id == session.session_id
+    assert connected.active == START + 3
     assert await store.online_users() == [(1, "alice")]
+    assert await store.user_sessions(1) == [connected]
+    assert await store.get_sessions([1]) == {1: [connected]}
     # An activated session lives its session ttl (its server renews it).
-    pttl = await backend.pttl("session:1")
+    pttl = await backend.pttl("session:1:")
     assert pttl is None or LONG_TTL * 1000 - 5000 < pttl <= LONG_TTL * 1000
     backend.clock.advance(LONG_TTL / 2)
     assert await store.get_session(1) == connected
@@ -320,10 +338,10 @@ async def test_claim_existing(backend: Backend) -> None:
     assert await store.get_session(1) == first
 
     await store.activate_session(1, first.session_id)
-    second, previous = await store.claim_session(
+    second, dropped = await store.claim_session(
         1, "alice", "h:3:4", LONG_TTL, replace=True
     )
-    assert previous is not None
+    [previous] = dropped
     assert previous.session_id == first.session_id and previous.connected
     assert second.session_id != first.session_id
     assert second.server == "h:3:4" and not second.connected
@@ -351,8 +369,9 @@ async def test_claim_expires(backend: Backend) -> None:
 
     await backend.expire(SHORT_TTL, gone)
     assert await store.activate_session(1, session.session_id) is False
-    again, previous = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
-    assert previous is None
+    assert await store.user_sessions(1) == []
+    again, dropped = await store.claim_session(1, "alice", "h:1:2", LONG_TTL)
+    assert dropped == []
 
 
 @pytest_twisted.ensureDeferred
@@ -367,8 +386,9 @@ async def test_get_sessions(backend: Backend) -> None:
     await store.activate_session(3, sessions[3].session_id)
     found = await store.get_sessions([1, 2, 3, 4])
     assert sorted(found) == [1, 3]
-    assert found[3].server == "h:3:0" and found[3].connected
-    assert found[1].session_id == sessions[1].session_id
+    [three] = found[3]
+    assert three.server == "h:3:0" and three.connected
+    assert [s.session_id for s in found[1]] == [sessions[1].session_id]
     assert await store.get_sessions([]) == {}
     many = await store.get_sessions(list(range(1000)))
     assert sorted(many) == [1, 3]
@@ -490,20 +510,20 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
 async def test_append_assigns_seq_and_ids(backend: Backend) -> None:
     store = backend.store
     batch = [
-        msg(inbox(2), "one", receive_user_id=2),
+        msg(PAIR, "one", receive_user_id=2),
         msg(group_conversation("g"), "hello", group_id="g"),
-        msg(inbox(2), "two", receive_user_id=2),
+        msg(PAIR, "two", receive_user_id=2),
         msg(BROADCAST, "all of you"),
-        msg(inbox(2), "three", receive_user_id=2),
+        msg(PAIR, "three", receive_user_id=2),
     ]
     stored = await store.append(batch)
     assert [m.text for m in stored] == [m.text for m in batch]
     assert [(m.conversation, m.seq) for m in stored] == [
-        (inbox(2), 1),
+        (PAIR, 1),
         ("g:g", 1),
-        (inbox(2), 2),
+        (PAIR, 2),
         ("all", 1),
-        (inbox(2), 3),
+        (PAIR, 3),
     ]
     ids = [m.msg_id for m in stored]
     assert len(set(ids)) == len(ids) and ids == sorted(ids)
@@ -516,11 +536,11 @@ async def test_append_assigns_seq_and_ids(backend: Backend) -> None:
     assert first.timestamp == int(START * 1000)
     assert stored[1].group_id == "g"
 
-    more = await store.append([msg(inbox(2), "four")])
+    more = await store.append([msg(PAIR, "four")])
     assert more[0].seq == 4 and more[0].msg_id > max(ids)
-    assert await store.last_seq(inbox(2)) == 4
+    assert await store.last_seq(PAIR) == 4
     assert await store.last_seq("g:g") == 1
-    assert await store.last_seq("u:99") == 0
+    assert await store.last_seq("p:9:99") == 0
     assert await store.append([]) == []
 
 
@@ -540,8 +560,8 @@ async def test_append_round_trips_content(backend: Backend) -> None:
     )
     assert read.group_id == "é:x" and read.receive_user_id == 0
     # A lone surrogate (a JSON request can carry one) does not break a batch.
-    odd = await store.append([msg("u:5", "half \ud800 pair"), msg("u:5", "fine")])
-    assert [m.text for m in await store.read("u:5", 0, 10)] == [
+    odd = await store.append([msg("p:5:6", "half \ud800 pair"), msg("p:5:6", "fine")])
+    assert [m.text for m in await store.read("p:5:6", 0, 10)] == [
         "half \ud800 pair",
         "fine",
     ]
@@ -551,21 +571,21 @@ async def test_append_round_trips_content(backend: Backend) -> None:
 @pytest_twisted.ensureDeferred
 async def test_append_idempotent(backend: Backend) -> None:
     store = backend.store
-    [original] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    [original] = await store.append([msg(PAIR, "hi", client_msg_id="c1")])
     backend.clock.advance(5)
-    [retry] = await store.append([msg(inbox(2), "hi", client_msg_id="c1")])
+    [retry] = await store.append([msg(PAIR, "hi", client_msg_id="c1")])
     assert retry == original
     # Another sender may use the same client id; no client id means no
     # idempotency.
     other = await store.append(
         [
-            msg(inbox(2), "hi", sender_id=3, client_msg_id="c1"),
-            msg(inbox(2), "x"),
-            msg(inbox(2), "x"),
+            msg(PAIR, "hi", sender_id=3, client_msg_id="c1"),
+            msg(PAIR, "x"),
+            msg(PAIR, "x"),
         ]
     )
     assert [m.seq for m in other] == [2, 3, 4]
-    assert len(await store.read(inbox(2), 0, 100)) == 4
+    assert len(await store.read(PAIR, 0, 100)) == 4
 
 
 @pytest_twisted.ensureDeferred
@@ -573,69 +593,69 @@ async def test_append_idempotent_within_batch(backend: Backend) -> None:
     store = backend.store
     stored = await store.append(
         [
-            msg(inbox(2), "a", client_msg_id="c1"),
-            msg(inbox(2), "b", client_msg_id="c2"),
-            msg(inbox(2), "a", client_msg_id="c1"),
+            msg(PAIR, "a", client_msg_id="c1"),
+            msg(PAIR, "b", client_msg_id="c2"),
+            msg(PAIR, "a", client_msg_id="c1"),
         ]
     )
     assert stored[2] == stored[0]
     assert [m.seq for m in stored] == [1, 2, 1]
-    assert [m.text for m in await store.read(inbox(2), 0, 10)] == ["a", "b"]
-    assert await store.last_seq(inbox(2)) == 2
+    assert [m.text for m in await store.read(PAIR, 0, 10)] == ["a", "b"]
+    assert await store.last_seq(PAIR) == 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
-    [original] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     if backend.redis is not None:
         pttl = await backend.pttl("sent:1:c1")
         assert pttl is not None
         assert 0 < pttl <= RETENTION.idempotency_window * 1000
         return
     backend.clock.advance(RETENTION.idempotency_window + 1)
-    [again] = await store.append([msg(inbox(2), "a", client_msg_id="c1")])
+    [again] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     assert again.seq == 2 and again.msg_id != original.msg_id
 
 
 @pytest_twisted.ensureDeferred
 async def test_read_paging(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), str(i)) for i in range(1, 5)])
-    page = await store.read(inbox(2), 0, 2)
+    await store.append([msg(PAIR, str(i)) for i in range(1, 5)])
+    page = await store.read(PAIR, 0, 2)
     assert [(m.seq, m.text) for m in page] == [(1, "1"), (2, "2")]
-    page = await store.read(inbox(2), page[-1].seq, 2)
+    page = await store.read(PAIR, page[-1].seq, 2)
     assert [m.seq for m in page] == [3, 4]
-    assert await store.read(inbox(2), 4, 2) == []
-    assert await store.read(inbox(2), 2, 0) == []
-    assert [m.seq for m in await store.read(inbox(2), 1, 100)] == [2, 3, 4]
-    assert await store.read("u:nobody", 0, 10) == []
+    assert await store.read(PAIR, 4, 2) == []
+    assert await store.read(PAIR, 2, 0) == []
+    assert [m.seq for m in await store.read(PAIR, 1, 100)] == [2, 3, 4]
+    assert await store.read("p:7:8", 0, 10) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_retention_by_count(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), str(i)) for i in range(1, 9)])
-    kept = await store.read(inbox(2), 0, 100)
+    await store.append([msg(PAIR, str(i)) for i in range(1, 9)])
+    kept = await store.read(PAIR, 0, 100)
     assert [m.seq for m in kept] == [4, 5, 6, 7, 8]
-    assert await store.last_seq(inbox(2)) == 8
-    await store.append([msg(inbox(2), "9")])
-    assert [m.seq for m in await store.read(inbox(2), 0, 100)] == [5, 6, 7, 8, 9]
-    pttl = await backend.pttl("conv:" + inbox(2))
+    assert await store.last_seq(PAIR) == 8
+    await store.append([msg(PAIR, "9")])
+    assert [m.seq for m in await store.read(PAIR, 0, 100)] == [5, 6, 7, 8, 9]
+    pttl = await backend.pttl("conv:" + PAIR)
     assert pttl is None or 0 < pttl <= RETENTION.max_age * 1000
 
 
 @pytest_twisted.ensureDeferred
 async def test_retention_by_age(backend: Backend) -> None:
     store = backend.store
-    await store.append([msg(inbox(2), "old1"), msg(inbox(2), "old2")])
+    await store.append([msg(PAIR, "old1"), msg(PAIR, "old2")])
     backend.clock.advance(RETENTION.max_age / 2)
-    await store.append([msg(inbox(2), "middle")])
+    await store.append([msg(PAIR, "middle")])
     backend.clock.advance(RETENTION.max_age / 2 + 1)
-    await store.append([msg(inbox(2), "new")])
-    kept = await store.read(inbox(2), 0, 100)
+    await store.append([msg(PAIR, "new")])
+    kept = await store.read(PAIR, 0, 100)
     assert [(m.seq, m.text) for m in kept] == [(3, "middle"), (4, "new")]
-    assert await store.last_seq(inbox(2)) == 4
+    assert await store.last_seq(PAIR) == 4
 
 
 # Cursors
@@ -645,10 +665,10 @@ async def test_retention_by_age(backend: Backend) -> None:
 async def test_cursors(backend: Backend) -> None:
     store = backend.store
     assert await store.get_cursors(1) == {}
-    assert await store.set_cursors(1, {inbox(1): 5, "g:a": 2}) is None
-    await store.set_cursors(1, {inbox(1): 3, "g:a": 7, "all": 1})
+    assert await store.set_cursors(1, {"p:1:1": E(5), "g:a": E(2)}) is None
+    await store.set_cursors(1, {"p:1:1": E(3), "g:a": E(7), "all": E(1)})
     await store.set_cursors(1, {})
-    assert await store.get_cursors(1) == {inbox(1): 5, "g:a": 7, "all": 1}
+    assert await store.get_cursors(1) == {"p:1:1": E(5), "g:a": E(7), "all": E(1)}
     assert await store.get_cursors(2) == {}
 
 
@@ -897,8 +917,458 @@ async def test_password_hashes() -> None:
 @pytest_twisted.ensureDeferred
 async def test_set_many_cursors(backend: Backend) -> None:
     store = backend.store
-    await store.set_cursors(1, {"u:1": 5})
-    await store.set_many_cursors({1: {"u:1": 3, "g:a": 2}, 2: {"u:2": 9}, 3: {}})
-    assert await store.get_cursors(1) == {"u:1": 5, "g:a": 2}
-    assert await store.get_cursors(2) == {"u:2": 9}
+    await store.set_cursors(1, {"p:1:1": E(5)})
+    await store.set_many_cursors(
+        {
+            (1, ""): {"p:1:1": E(3), "g:a": E(2)},
+            (2, ""): {"p:2:2": E(9)},
+            (3, ""): {},
+            (1, "phone"): {"p:1:1": E(1)},
+        }
+    )
+    assert await store.get_cursors(1) == {"p:1:1": E(5), "g:a": E(2)}
+    assert await store.get_cursors(1, "phone") == {"p:1:1": E(1)}
+    assert await store.get_cursors(2) == {"p:2:2": E(9)}
     assert await store.get_cursors(3) == {}
+
+
+# Devices
+
+
+async def connect(
+    backend: Backend,
+    user_id: int,
+    device: str,
+    server: str = "h:1:2",
+    max_devices: int = 3,
+) -> tuple[Any, list[Any]]:
+    """
+    Claim (replacing) and activate a session of the user's C{device}, one
+    second after the previous one.
+
+    @return: the connected session and the sessions the claim dropped.
+    """
+    backend.clock.advance(1)
+    store = backend.store
+    session, dropped = await store.claim_session(
+        user_id,
+        f"u{user_id}",
+        server,
+        LONG_TTL,
+        replace=True,
+        device=device,
+        max_devices=max_devices,
+    )
+    assert session.device == device
+    assert await store.activate_session(
+        user_id, session.session_id, LONG_TTL, device=device
+    )
+    return await store.get_session(user_id, device), dropped
+
+
+@pytest_twisted.ensureDeferred
+async def test_devices_have_sessions_of_their_own(backend: Backend) -> None:
+    store = backend.store
+    phone, dropped = await connect(backend, 1, "phone")
+    laptop, more = await connect(backend, 1, "laptop")
+    assert dropped == more == []
+    assert phone.session_id != laptop.session_id
+    assert (phone.connected, phone.active) == (True, START + 1)
+    assert await store.get_session(1, "phone") == phone
+    assert await store.get_session(1, "laptop") == laptop
+    assert await store.get_session(1) is None
+    assert await store.user_sessions(1) == [laptop, phone]
+    assert await store.get_sessions([1, 2]) == {1: [laptop, phone]}
+    # A session belongs to its device: no other device's id works for it.
+    assert not await store.activate_session(1, phone.session_id, device="laptop")
+    assert not await store.release_session(1, phone.session_id, "laptop")
+    assert not await store.release_session(1, phone.session_id)
+    # Online while any device is connected.
+    assert await store.online_users() == [(1, "u1")]
+    assert await store.release_session(1, phone.session_id, "phone")
+    assert await store.online_users() == [(1, "u1")]
+    assert await store.get_sessions([1]) == {1: [laptop]}
+    assert await store.release_session(1, laptop.session_id, "laptop")
+    assert await store.online_users() == []
+    assert await store.user_sessions(1) == []
+    assert await store.get_sessions([1]) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_without_replace(backend: Backend) -> None:
+    """
+    CIM's rule: without C{replace}, any session of the user refuses a
+    claim; the error names the device's own session, else the first by
+    device.
+    """
+    store = backend.store
+    laptop, _ = await connect(backend, 1, "laptop")
+    phone, _ = await connect(backend, 1, "phone")
+    error = await failure_of(store.claim_session(1, "u1", "h:1:2", LONG_TTL))
+    assert isinstance(error, SessionExists) and error.session == laptop
+    error = await failure_of(
+        store.claim_session(1, "u1", "h:1:2", LONG_TTL, device="phone")
+    )
+    assert isinstance(error, SessionExists) and error.session == phone
+    assert await store.user_sessions(1) == [laptop, phone]
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_device_replaces_its_session(backend: Backend) -> None:
+    store = backend.store
+    old, _ = await connect(backend, 1, "phone")
+    laptop, _ = await connect(backend, 1, "laptop")
+    token = await store.issue_token(1, "h:1:2", old.session_id, LONG_TTL, "phone")
+    kept = await store.issue_token(1, "h:1:2", laptop.session_id, LONG_TTL, "laptop")
+    assert await store.verify_token(token) == TokenInfo(
+        1, "h:1:2", old.session_id, "phone"
+    )
+    new, dropped = await connect(backend, 1, "phone", server="h:3:4")
+    assert dropped == [old]
+    assert new.server == "h:3:4" and new.session_id != old.session_id
+    assert await store.verify_token(token) is None
+    assert await store.verify_token(kept) == TokenInfo(
+        1, "h:1:2", laptop.session_id, "laptop"
+    )
+    assert await store.user_sessions(1) == [laptop, new]
+    # The old server's late release and death leave the new session be.
+    assert not await store.release_session(1, old.session_id, "phone")
+    assert await store.drop_server_sessions("h:1:2") == [1]
+    assert await store.user_sessions(1) == [new]
+    assert await store.verify_token(kept) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_limit_drops_the_least_recently_active(backend: Backend) -> None:
+    store = backend.store
+    a, _ = await connect(backend, 1, "a")
+    b, _ = await connect(backend, 1, "b")
+    c, _ = await connect(backend, 1, "c")
+    tokens = {
+        s.device: await store.issue_token(1, s.server, s.session_id, LONG_TTL, s.device)
+        for s in (a, b, c)
+    }
+    # a is active again (its server says so at a renewal): b is the oldest.
+    backend.clock.advance(1)
+    later = backend.clock.seconds()
+    lost = await store.renew_sessions(
+        "h:1:2", [HeldSession(1, a.session_id, "u1", "a", later)], LONG_TTL
+    )
+    assert lost == []
+    assert (await store.get_session(1, "a")).active == later
+    # An older activity report does not lower it.
+    await store.renew_sessions(
+        "h:1:2", [HeldSession(1, a.session_id, "u1", "a", START)], LONG_TTL
+    )
+    assert (await store.get_session(1, "a")).active == later
+    d, dropped = await connect(backend, 1, "d")
+    assert dropped == [b]
+    assert await store.verify_token(tokens["b"]) is None
+    assert await store.verify_token(tokens["a"]) is not None
+    assert [s.device for s in await store.user_sessions(1)] == ["a", "c", "d"]
+    # A lower limit drops as many as needed, oldest first; the claiming
+    # device's own session goes first.
+    e, dropped = await connect(backend, 1, "c", max_devices=2)
+    assert [s.device for s in dropped] == ["c", "a"]
+    assert [s.device for s in await store.user_sessions(1)] == ["c", "d"]
+    # The replaced session's server learns it at its next renewal.  (A
+    # session the limit dropped leaves its device without one: a renewal
+    # would make it again, as after an expiry; the route kicks it at once.)
+    held = [HeldSession(1, s.session_id, "u1", s.device, later) for s in (c, d)]
+    assert await store.renew_sessions("h:1:2", held, LONG_TTL) == [c.session_id]
+    # A limit of 1 (or less) keeps the new session only.
+    f, dropped = await connect(backend, 1, "f", max_devices=0)
+    assert sorted(s.device for s in dropped) == ["c", "d"]
+    assert await store.user_sessions(1) == [f]
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_limit_counts_unconnected_claims(backend: Backend) -> None:
+    """
+    A claimed session not connected yet counts against the limit, by its
+    claim's time; ties go by device.
+    """
+    store = backend.store
+    claimed = []
+    for device in ("y", "x"):
+        session, _ = await store.claim_session(
+            1, "u1", "h:1:2", LONG_TTL, replace=True, device=device
+        )
+        claimed.append(session)
+    _, dropped = await store.claim_session(
+        1, "u1", "h:1:2", LONG_TTL, replace=True, device="z", max_devices=2
+    )
+    assert dropped == [claimed[1]]
+    assert [s.device for s in await store.user_sessions(1)] == ["y", "z"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_makes_expired_device_sessions_again(backend: Backend) -> None:
+    store = backend.store
+    phone, _ = await connect(backend, 1, "phone")
+    await store.release_session(1, phone.session_id, "phone")
+    held = HeldSession(1, phone.session_id, "u1", "phone", START + 50)
+    assert await store.renew_sessions("h:1:2", [held], LONG_TTL) == []
+    again = await store.get_session(1, "phone")
+    assert again == Session(
+        1, "u1", "h:1:2", phone.session_id, True, "phone", START + 50
+    )
+    assert await store.online_users() == [(1, "u1")]
+    assert await store.drop_server_sessions("h:1:2") == [1]
+    assert await store.online_users() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_server_sessions_of_devices(backend: Backend) -> None:
+    store = backend.store
+    await connect(backend, 1, "phone", server="a:1:1")
+    laptop, _ = await connect(backend, 1, "laptop", server="b:1:1")
+    await connect(backend, 2, "", server="a:1:1")
+    await connect(backend, 2, "tab", server="a:1:1")
+    assert await store.drop_server_sessions("a:1:1") == [1, 2]
+    assert await store.user_sessions(1) == [laptop]
+    assert await store.user_sessions(2) == []
+    assert await store.online_users() == [(1, "u1")]
+
+
+# Cursors per device
+
+
+@pytest_twisted.ensureDeferred
+async def test_cursors_per_device(backend: Backend) -> None:
+    store = backend.store
+    await store.set_cursors(1, {PAIR: E(4)}, "phone")
+    await store.set_cursors(1, {PAIR: E(9), "g:a": E(2)}, "laptop")
+    await store.set_cursors(1, {PAIR: E(1)})
+    assert await store.get_cursors(1, "phone") == {PAIR: E(4)}
+    assert await store.get_cursors(1, "laptop") == {PAIR: E(9), "g:a": E(2)}
+    assert await store.get_cursors(1) == {PAIR: E(1)}
+    assert await store.get_cursors(1, "other") == {}
+    assert await store.get_cursors(2, "phone") == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_cursors_of_another_epoch_replace(backend: Backend) -> None:
+    store = backend.store
+    await store.set_cursors(1, {PAIR: E(9), "g:a": E(5, "")}, "phone")
+    # The same epoch raises only; another one replaces, lower or not.
+    await store.set_cursors(1, {PAIR: E(3)}, "phone")
+    assert await store.get_cursors(1, "phone") == {PAIR: E(9), "g:a": E(5, "")}
+    await store.set_cursors(1, {PAIR: E(3, "e2"), "g:a": E(2, "e1")}, "phone")
+    assert await store.get_cursors(1, "phone") == {PAIR: E(3, "e2"), "g:a": E(2)}
+    await store.set_many_cursors({(1, "phone"): {PAIR: E(7, "e1")}})
+    assert (await store.get_cursors(1, "phone"))[PAIR] == E(7, "e1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_cursors_of_every_device(backend: Backend) -> None:
+    store = backend.store
+    for device in ("", "phone", "laptop"):
+        await store.set_cursors(1, {"g:a": E(3), "g:b": E(4)}, device)
+    await store.set_cursors(2, {"g:a": E(3)}, "phone")
+    assert await store.forget_cursors(1, "g:a") is None
+    for device in ("", "phone", "laptop"):
+        assert await store.get_cursors(1, device) == {"g:b": E(4)}
+    assert await store.get_cursors(2, "phone") == {"g:a": E(3)}
+    await store.forget_cursors(3, "g:a")
+
+
+# Epochs
+
+
+@pytest_twisted.ensureDeferred
+async def test_epochs(backend: Backend) -> None:
+    store = backend.store
+    assert await store.epochs([PAIR, "g:a"]) == {PAIR: Epoch(), "g:a": Epoch()}
+    assert await store.epochs([]) == {}
+    first = await store.append([msg(PAIR, "one"), msg("g:a", "hi", group_id="a")])
+    epoch = first[0].epoch
+    assert epoch and first[1].epoch and first[1].epoch != ""
+    found = await store.epochs([PAIR, "g:a", "g:b"])
+    assert found == {
+        PAIR: Epoch(epoch, "", 0),
+        "g:a": Epoch(first[1].epoch, "", 0),
+        "g:b": Epoch(),
+    }
+    # The epoch stays while the store holds the conversation.
+    more = await store.append([msg(PAIR, "two"), msg(PAIR, "three")])
+    assert [m.epoch for m in more] == [epoch, epoch]
+    assert [m.epoch for m in await store.read(PAIR, 0, 10)] == [epoch] * 3
+    assert [m.epoch for m in await store.read_before(PAIR, 0, 10)] == [epoch] * 3
+    assert (await store.epochs([PAIR]))[PAIR] == Epoch(epoch, "", 0)
+    # A retry returns the original, with its epoch.
+    [original] = await store.append([msg(PAIR, "x", client_msg_id="c1")])
+    [retry] = await store.append([msg(PAIR, "x", client_msg_id="c1")])
+    assert retry == original and retry.epoch == epoch
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_store_starts_new_epochs(backend: Backend) -> None:
+    """
+    A store that lost its conversations starts a new epoch at the next
+    append: the memory store when made again; Redis when the epoch record
+    is gone (a flushed or restored database; tests/test_store_redis.py
+    flushes a whole one) or was written by another Redis run (a restart,
+    a failover: faked here, restarted for real in test_store_redis.py).
+    """
+    store = backend.store
+    [one] = await store.append([msg(PAIR, "one")])
+    if backend.redis is None:
+        again = MemoryStore(backend.clock, RETENTION)
+        [other] = await again.append([msg(PAIR, "one again")])
+        assert other.seq == 1 and other.epoch != one.epoch
+        assert (await again.epochs([PAIR]))[PAIR] == Epoch(other.epoch, "", 0)
+        return
+    # Another run wrote the record: the next epoch follows it.
+    key = backend.prefix + "epoch:" + PAIR
+    await backend.redis.execute_command("HSET", key, "run", "another-run")
+    [two] = await store.append([msg(PAIR, "two")])
+    assert two.epoch not in ("", one.epoch)
+    assert (await store.epochs([PAIR]))[PAIR] == Epoch(two.epoch, one.epoch, 1)
+    # Everything lost: the next epoch follows nothing.
+    for name in ("epoch", "seq", "conv", "read"):
+        await backend.redis.execute_command("DEL", f"{backend.prefix}{name}:{PAIR}")
+    [three] = await store.append([msg(PAIR, "three")])
+    assert three.seq == 1 and three.epoch not in ("", one.epoch, two.epoch)
+    assert (await store.epochs([PAIR]))[PAIR] == Epoch(three.epoch, "", 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_from_before_epochs(backend: Backend) -> None:
+    """
+    A conversation the previous release stored (messages without an epoch
+    tag, no epoch record) has no epoch until the next append, which starts
+    one after its last seq; positions of no epoch are trusted up to there.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps nothing across releases")
+    redis, prefix, store = backend.redis, backend.prefix, backend.store
+    old = '{"i":7,"q":1,"ts":1700000000000,"s":2,"n":"bob","t":"old","r":1}'
+    await redis.execute_command("ZADD", prefix + "conv:" + PAIR, 1, old)
+    await redis.execute_command("SET", prefix + "seq:" + PAIR, 1)
+    [stored] = await store.read(PAIR, 0, 10)
+    assert (stored.msg_id, stored.text, stored.epoch) == (7, "old", "")
+    assert await store.epochs([PAIR]) == {PAIR: Epoch(base=1)}
+    assert await store.set_read(2, PAIR, 5) == 1
+    [new] = await store.append([msg(PAIR, "new", sender_id=1)])
+    assert new.seq == 2 and new.epoch
+    assert await store.epochs([PAIR]) == {PAIR: Epoch(new.epoch, "", 1)}
+    assert await store.read_positions(PAIR, [1, 2]) == {1: 2, 2: 1}
+
+
+# Read positions
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_positions(backend: Backend) -> None:
+    store = backend.store
+    assert await store.read_positions(PAIR, [1, 2]) == {1: 0, 2: 0}
+    assert await store.set_read(2, PAIR, 3) == 0  # nothing to read yet
+    await store.append([msg(PAIR, str(i), sender_id=1) for i in range(4)])
+    # One's own messages are read.
+    assert await store.read_positions(PAIR, [1, 2, 3]) == {1: 4, 2: 0, 3: 0}
+    assert await store.set_read(2, PAIR, 2) == 2
+    assert await store.set_read(2, PAIR, 1) == 2  # never lowered
+    assert await store.set_read(2, PAIR, 99) == 4  # at most the last seq
+    assert await store.set_read(2, PAIR, 2**80) == 4
+    assert await store.read_positions(PAIR, [2, 1]) == {2: 4, 1: 4}
+    await store.append([msg(PAIR, "reply", sender_id=2)])
+    assert await store.read_positions(PAIR, [1, 2]) == {1: 4, 2: 5}
+    assert await store.read_positions(PAIR, []) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_positions_across_epochs(backend: Backend) -> None:
+    """
+    After a new epoch, read positions of the previous one count up to its
+    base; the next raise writes one of the new epoch.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps its epochs for ever")
+    store = backend.store
+    await store.append([msg(PAIR, str(i), sender_id=1) for i in range(3)])
+    await store.set_read(2, PAIR, 2)
+    key = backend.prefix + "epoch:" + PAIR
+    await backend.redis.execute_command("HSET", key, "run", "another-run")
+    [new] = await store.append([msg(PAIR, "after", sender_id=3)])
+    epoch = await store.epochs([PAIR])
+    assert epoch[PAIR].base == 3 and epoch[PAIR].id == new.epoch
+    assert await store.read_positions(PAIR, [1, 2, 3]) == {1: 3, 2: 2, 3: 4}
+    assert await store.set_read(2, PAIR, 4) == 4
+    # A second new epoch: positions of the first (now previous) count up to
+    # its base, those of the one before not at all.
+    await backend.redis.execute_command("HSET", key, "run", "yet-another-run")
+    await store.append([msg(PAIR, "later", sender_id=3)])
+    assert await store.read_positions(PAIR, [1, 2, 3]) == {1: 0, 2: 4, 3: 5}
+
+
+# Conversations
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversations(backend: Backend) -> None:
+    store = backend.store
+    assert await store.conversations(1) == []
+    await store.create_group("team", 1)
+    await store.join_group("team", 3)
+    await store.create_group("empty", 1)
+    await store.append(
+        [
+            msg(pair_conversation(1, 3), "to carol", sender_id=1),
+            msg(PAIR, "hi alice", sender_id=2),
+            msg(PAIR, "again", sender_id=2),
+            msg(group_conversation("team"), "all", sender_id=3, group_id="team"),
+            msg(pair_conversation(1, 1), "note to self", sender_id=1),
+            msg(pair_conversation(2, 3), "not alice's", sender_id=2),
+        ]
+    )
+    await store.set_read(1, PAIR, 1)
+    states = await store.conversations(1)
+    epochs = await store.epochs([s.conversation for s in states])
+    assert [s.conversation for s in states] == [
+        "g:empty",
+        "g:team",
+        "p:1:1",
+        "p:1:2",
+        "p:1:3",
+    ]
+    assert states == [
+        ConversationState("g:empty", "", 0, 0, group_id="empty"),
+        ConversationState("g:team", epochs["g:team"].id, 1, 0, group_id="team"),
+        ConversationState("p:1:1", epochs["p:1:1"].id, 1, 1, 1, 1),
+        ConversationState("p:1:2", epochs["p:1:2"].id, 2, 1, 2, 2),
+        ConversationState("p:1:3", epochs["p:1:3"].id, 1, 1, 3, 0),
+    ]
+    assert [s.unread for s in states] == [0, 1, 0, 1, 0]
+    # The peer's side: read receipts.
+    await store.set_read(3, pair_conversation(1, 3), 1)
+    [mine] = [s for s in await store.conversations(1) if s.peer_id == 3]
+    assert mine.peer_read == 1
+    [theirs] = [s for s in await store.conversations(3) if s.peer_id == 1]
+    assert (theirs.read, theirs.peer_read, theirs.unread) == (1, 1, 0)
+    assert [s.conversation for s in await store.conversations(2)] == [
+        "p:1:2",
+        "p:2:3",
+    ]
+    await store.leave_group("team", 1)
+    assert "g:team" not in [s.conversation for s in await store.conversations(1)]
+
+
+# Paging back
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_before(backend: Backend) -> None:
+    store = backend.store
+    assert await store.read_before(PAIR, 0, 10) == []
+    await store.append([msg(PAIR, str(i)) for i in range(1, 8)])
+    # Retention keeps 3..7.
+    page = await store.read_before(PAIR, 0, 2)
+    assert [m.seq for m in page] == [6, 7]
+    page = await store.read_before(PAIR, page[0].seq, 2)
+    assert [m.seq for m in page] == [4, 5]
+    page = await store.read_before(PAIR, page[0].seq, 2)
+    assert [(m.seq, m.text) for m in page] == [(3, "3")]
+    assert await store.read_before(PAIR, 3, 2) == []
+    assert await store.read_before(PAIR, 5, 0) == []
+    assert [m.seq for m in await store.read_before(PAIR, 99, 10)] == [3, 4, 5, 6, 7]

@@ -7,14 +7,23 @@ C{tests/test_store.py}.)
 from __future__ import annotations
 
 import ast
+import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 
 import cim
-from cim.store import RedisAddress, parse_redis_url
+from cim.interfaces import ConversationState, NewMessage
+from cim.message import Position
+from cim.store import RedisAddress, Retention, parse_redis_url
 from cim.store.redis import scripts
+from cim.store.redis.store import MovedInboxes
+from tests.kit.cluster import Processes
+from tests.kit.services import RedisServer
 
 CIM = Path(cim.__file__).parent
 
@@ -22,7 +31,7 @@ CIM = Path(cim.__file__).parent
 def test_every_lua_file_is_loaded() -> None:
     """
     Every C{.lua} file of the scripts package is read, and is part of a
-    script.
+    script; every one but the libraries is a script of its own.
     """
     files = {p.stem for p in Path(scripts.__file__).parent.glob("*.lua")}
     assert files
@@ -30,13 +39,24 @@ def test_every_lua_file_is_loaded() -> None:
     for name, source in scripts.SOURCES.items():
         assert source.strip(), name
         assert any(source in s.source for s in scripts.SCRIPTS.values()), name
-    assert set(scripts.SCRIPTS) == files - {"delete_session"}
+    assert set(scripts.LIBRARIES) <= files
+    assert set(scripts.SCRIPTS) == files - set(scripts.LIBRARIES)
 
 
-def test_scripts_needing_delete_session_have_it() -> None:
-    for script in scripts.SCRIPTS.values():
-        if "delete_session(" in script.source:
-            assert script.source.startswith(scripts.SOURCES["delete_session"])
+def test_scripts_have_the_libraries_they_call() -> None:
+    """
+    A script calling a function of a library is sent with that library in
+    front of it (Lua would fail on the unknown name only when it runs).
+    """
+    for library in scripts.LIBRARIES:
+        source = scripts.SOURCES[library]
+        functions = re.findall(r"^local function (\w+)", source, re.MULTILINE)
+        assert functions, library
+        for name, script in scripts.SCRIPTS.items():
+            body = scripts.SOURCES[name]
+            if any(re.search(rf"\b{f}\(", body) for f in functions):
+                assert source in script.source, (name, library)
+                assert script.source.endswith(body), name
 
 
 def _imports(path: Path) -> set[str]:
@@ -155,4 +175,224 @@ async def test_migrating_names_of_an_earlier_release(redis_url: str) -> None:
             0,
             prefix + "*",
         )
+        await store.close()
+
+
+async def _delete_prefix(store: Any, prefix: str) -> None:
+    await store._command(
+        "EVAL",
+        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+        0,
+        prefix + "*",
+    )
+
+
+def _old_message(msg_id: int, seq: int, sender: int, receiver: int, text: str) -> str:
+    """
+    A message as the previous release stored it in a private inbox.
+    """
+    return json.dumps(
+        {
+            "i": msg_id,
+            "q": seq,
+            "ts": 1_700_000_000_000 + msg_id,
+            "s": sender,
+            "n": f"user{sender}",
+            "t": text,
+            "r": receiver,
+        },
+        separators=(",", ":"),
+    )
+
+
+async def _snapshot(store: Any, prefix: str) -> dict[str, Any]:
+    """
+    Every key of C{prefix} with its type and contents.
+    """
+    snapshot: dict[str, Any] = {}
+    for key in sorted(await store._command("KEYS", prefix + "*")):
+        kind = await store._command("TYPE", key)
+        if kind == "string":
+            value = await store._command("GET", key)
+        elif kind == "hash":
+            flat = await store._command("HGETALL", key)
+            value = sorted(zip(flat[::2], flat[1::2], strict=True))
+        elif kind == "set":
+            value = sorted(await store._command("SMEMBERS", key))
+        else:
+            value = await store._command("ZRANGE", key, 0, -1, "WITHSCORES")
+        snapshot[key] = (kind, value)
+    return snapshot
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_migrating_private_inboxes(redis_url: str) -> None:
+    """
+    The previous release's inboxes (C{conv:u:<id>}: what others sent to
+    <id>) become both users' pair conversations, merged in msg id order
+    with what the new release appended there, numbered again in a new
+    epoch, with read positions from the senders and the inbox cursors.
+    """
+    import uuid
+
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(
+        redis_url,
+        clock=reactor,
+        prefix=prefix,
+        retention=Retention(sender_quota=0),
+    )
+    try:
+        # The previous release: alice (1) got 10 and 12 from bob (2), 14
+        # from carol (3) and 15 from herself; bob got 11 and 13 from alice,
+        # and one without a sender.  Alice's cursor reached seq 2 of hers.
+        inboxes = {
+            1: [(10, 2, "b1"), (12, 2, "b2"), (14, 3, "c1"), (15, 1, "note")],
+            2: [(11, 1, "a1"), (13, 1, "a2")],
+        }
+        for owner, messages in inboxes.items():
+            for seq, (msg_id, sender, text) in enumerate(messages, 1):
+                member = _old_message(msg_id, seq, sender, owner, text)
+                await store._command("ZADD", f"{prefix}conv:u:{owner}", seq, member)
+            await store._command("SET", f"{prefix}seq:u:{owner}", len(messages))
+            await store._command("PEXPIRE", f"{prefix}conv:u:{owner}", 3_600_000)
+        await store._command("ZADD", f"{prefix}conv:u:2", 3, '{"i":16,"q":3}')
+        await store._command("HSET", f"{prefix}cursors:1", "u:1", "2", "g:x", "4")
+        await store._command("SET", f"{prefix}msg:next", 20)
+        # The new release's daemons ran before the migration: bob sent one.
+        [early] = await store.append([NewMessage("p:1:2", 2, "user2", "b3")])
+        assert (early.msg_id, early.seq) == (21, 1)
+
+        moved = await store.move_old_inboxes()
+        assert moved == MovedInboxes(2, 6, 3, 1)
+
+        pair = await store.read("p:1:2", 0, 100)
+        assert [(m.msg_id, m.seq, m.text) for m in pair] == [
+            (10, 1, "b1"),
+            (11, 2, "a1"),
+            (12, 3, "b2"),
+            (13, 4, "a2"),
+            (21, 5, "b3"),
+        ]
+        assert [(m.sender_id, m.receive_user_id) for m in pair[:2]] == [(2, 1), (1, 2)]
+        epoch = (await store.epochs(["p:1:2"]))["p:1:2"]
+        assert {m.epoch for m in pair} == {epoch.id}
+        assert epoch.base == 0 and epoch.previous not in ("", early.epoch)
+        assert await store.last_seq("p:1:2") == 5
+        ids = {c: e.id for c, e in (await store.epochs(["p:1:1", "p:1:3"])).items()}
+        assert all(ids.values())
+        assert await store.conversations(1) == [
+            ConversationState("p:1:1", ids["p:1:1"], 1, 1, 1, 1),
+            ConversationState("p:1:2", epoch.id, 5, 4, 2, 5),
+            ConversationState("p:1:3", ids["p:1:3"], 1, 0, 3, 1),
+        ]
+        [bob] = await store.conversations(2)
+        assert (bob.conversation, bob.read, bob.peer_read, bob.unread) == (
+            "p:1:2",
+            5,
+            4,
+            0,
+        )
+        [carol] = await store.conversations(3)
+        assert (carol.conversation, carol.read, carol.unread) == ("p:1:3", 1, 0)
+        # The old keys are gone; other cursors stay.
+        for key in ("conv:u:1", "conv:u:2", "seq:u:1", "seq:u:2"):
+            assert not await store._command("EXISTS", prefix + key), key
+        assert await store.get_cursors(1) == {"g:x": Position("", 4)}
+        pttl = await store._command("PTTL", prefix + "conv:p:1:3")
+        assert 0 < pttl <= 3_600_000
+
+        # Running it again changes nothing.
+        before = await _snapshot(store, prefix)
+        assert await store.move_old_inboxes() == MovedInboxes(0, 0, 0, 0)
+        assert await _snapshot(store, prefix) == before
+
+        # Appending goes on in the migration's epoch.
+        [next_one] = await store.append([NewMessage("p:1:2", 1, "user1", "a3")])
+        assert (next_one.seq, next_one.epoch) == (6, epoch.id)
+    finally:
+        await _delete_prefix(store, prefix)
+        await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_migrate_command(redis_url: str) -> None:
+    import io
+
+    from twisted.internet import reactor
+
+    from cim.store.redis.migrate import migrate
+
+    out = io.StringIO()
+    assert await migrate(reactor, redis_url, out) == 0
+    assert "private inboxes" in out.getvalue()
+
+
+# Epochs of a Redis that lost its data or restarted
+
+
+@pytest.fixture
+def private_redis(reactor: Any, tmp_path: Path) -> Iterator[RedisServer]:
+    """
+    A private C{redis-server} (append only, fsynced at every write) on a
+    port of its own, not started; stopped at the end.
+    """
+    processes = Processes(tmp_path, reactor)
+    try:
+        yield RedisServer(tmp_path / "redis", processes)
+    finally:
+        processes.stop_all()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_epochs_of_a_flushed_and_a_restarted_redis(
+    reactor: Any, private_redis: RedisServer
+) -> None:
+    from cim.interfaces import Epoch
+    from cim.store.redis import connect_redis
+
+    await private_redis.start(reactor)
+    store = await connect_redis(private_redis.url(), clock=reactor)
+    try:
+        first = await store.append(
+            [NewMessage("p:1:2", 1, "a", str(i)) for i in range(3)]
+        )
+        e1 = first[0].epoch
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e1, "", 0)
+        await store.set_read(2, "p:1:2", 2)
+        # Everything lost: the next append starts an epoch after nothing.
+        await store._command("FLUSHALL")
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch()
+        [lost] = await store.append([NewMessage("p:1:2", 1, "a", "again")])
+        e2 = lost.epoch
+        assert lost.seq == 1 and e2 not in ("", e1)
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e2, "", 0)
+        await store.append([NewMessage("p:1:2", 1, "a", "more")])
+        await store.set_read(2, "p:1:2", 1)
+    finally:
+        await store.close()
+
+    # A restart (here with nothing lost): Redis has another run_id, and the
+    # next append starts an epoch following the last, after its last seq.
+    await private_redis.stop(reactor)
+    await private_redis.start(reactor)
+    store = await connect_redis(private_redis.url(), clock=reactor)
+    try:
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e2, "", 0)
+        assert [m.epoch for m in await store.read("p:1:2", 0, 10)] == [e2, e2]
+        [after] = await store.append([NewMessage("p:1:2", 3, "c", "after")])
+        assert after.seq == 3 and after.epoch not in ("", e1, e2)
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(after.epoch, e2, 2)
+        # Positions of the previous epoch are trusted up to its base.
+        assert await store.read_positions("p:1:2", [1, 2, 3]) == {1: 2, 2: 1, 3: 3}
+        [next_one] = await store.append([NewMessage("p:1:2", 3, "c", "next")])
+        assert next_one.epoch == after.epoch
+    finally:
         await store.close()

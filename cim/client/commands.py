@@ -16,7 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cim.limits import GROUP_ID_RULE, is_group_id
-from cim.message import BROADCAST, GROUP_PREFIX, group_conversation
+from cim.message import (
+    BROADCAST,
+    GROUP_PREFIX,
+    INBOX_PREFIX,
+    PAIR_PREFIX,
+    group_conversation,
+)
 
 # Intents
 
@@ -193,10 +199,18 @@ class Members:
 
 @dataclass(frozen=True, slots=True)
 class ShowHistory:
-    """C{:history [conversation] [n]}: stored messages from the server."""
+    """
+    C{:history [@user|group|conversation] [n]}: stored messages from the
+    server, of a private conversation (both sides) or a group.
+    """
 
     conversation: str = ""
     count: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """C{:unread}: the unread counts."""
 
 
 #: Everything L{parse_line} returns.
@@ -222,6 +236,7 @@ Intent = (
     | Transfer
     | Members
     | ShowHistory
+    | Unread
 )
 
 
@@ -518,9 +533,15 @@ COMMANDS: tuple[CommandSpec, ...] = (
     ),
     CommandSpec(
         (":history",),
-        ":history [conversation] [n]",
-        "the last n stored messages (u:<you> or a group)",
+        ":history [@user|group] [n]",
+        "the last n stored messages with a user (both sides) or of a group",
         _history,
+    ),
+    CommandSpec(
+        (":unread",),
+        ":unread",
+        "how many messages you have not read, by conversation",
+        _no_arguments(Unread),
     ),
 )
 
@@ -602,9 +623,12 @@ def parse_line(line: str) -> Intent:
 
 def conversation_of(target: str) -> str:
     """
-    The conversation id a user means by C{target}: C{"u:<id>"} and
-    C{"g:<group>"} as they are, anything else a group id.
+    The conversation id a user means by C{target}: C{"p:<id>:<id>"},
+    C{"g:<group>"} and C{"u:<id>"} as they are, anything else a group id.
+    (C{"@<name>"} is a user, which L{cim.client.console.Console} finds.)
     """
-    if target.startswith(("u:", "g:")) or target == BROADCAST:
+    if target.startswith((PAIR_PREFIX, INBOX_PREFIX, GROUP_PREFIX)):
+        return target
+    if target == BROADCAST:
         return target
     return group_conversation(target)

@@ -6,13 +6,22 @@ L{Console} runs the intents against a L{cim.client.library.Client}, one
 handler per kind of intent, and prints what arrives as
 L{cim.client.render} shows it.  Nothing typed can stop the console: bad
 input prints a one-line error.
+
+The console is one device of its user: a message it sent is printed once
+(when stored, or when it comes back, whichever is first), the user's
+messages from its other devices are printed marked as such, and its own
+private messages get a read mark once the peer has read them.  What it
+prints, it marks read (one C{READ} per conversation every
+L{MARK_DELAY} seconds at most).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.defer import (
@@ -59,6 +68,7 @@ from cim.client.commands import (
     Search,
     ShowHistory,
     Transfer,
+    Unread,
     conversation_of,
     help_rows,
     parse_line,
@@ -68,11 +78,26 @@ from cim.client.history import History
 from cim.client.listeners import Ack, ClientState, IClientListener
 from cim.client.render import describe, format_message
 from cim.client.route import RouteError
-from cim.message import GROUP_PREFIX, ChatMessage
+from cim.message import (
+    BROADCAST,
+    GROUP_PREFIX,
+    INBOX_PREFIX,
+    ChatMessage,
+    pair_members,
+    peer_of,
+)
 from cim.names import name_key
 
 #: How many times the console asks for a password.
 MAX_PROMPTS = 3
+#: Seconds between two read marks of a conversation (what is printed
+#: meanwhile is marked read at once).
+MARK_DELAY = 0.5
+#: Client message ids of the messages sent here and printed, remembered so
+#: that their echoes are not printed again.
+PRINTED_MEMORY = 1000
+#: One's own private messages remembered per conversation for read marks.
+OWN_MEMORY = 50
 
 
 def _needs_password(error: BaseException) -> bool:
@@ -141,6 +166,11 @@ class Console(LineReceiver):
         self._logged_in = False
         self._io_open = False
         self._quit_called = False
+        self._printed: OrderedDict[str, None] = OrderedDict()
+        self._own_shown: dict[str, list[ChatMessage]] = {}
+        self._to_mark: dict[str, int] = {}
+        self._mark_call: IDelayedCall | None = None
+        self._last_private = ""
 
     # Output
 
@@ -199,9 +229,29 @@ class Console(LineReceiver):
             f"logged in as {self.client.user_name} (id {self.client.user_id}) on "
             f"{host}:{port}; :all lists the commands"
         )
+        await self._login_unread()
         # Run what was typed meanwhile.
         self._lock.release()
         return True
+
+    async def _login_unread(self) -> None:
+        """
+        Load the conversations' read state, and print the unread counts.
+        """
+        try:
+            infos = await self.client.conversations()
+        except Exception as e:
+            self.log.info("Cannot read the unread counts: {e}", e=e)
+            return
+        for info in infos:
+            if info.peer_id is not None and info.peer_name:
+                self.history.names.setdefault(info.peer_name, info.peer_id)
+        self.say(self._unread_line(infos))
+
+    def _unread_line(self, infos: list[Any]) -> str:
+        return render.unread_summary(
+            [(self._where(info.conversation), info.unread) for info in infos]
+        )
 
     def ask_password(self, user_name: str) -> Deferred[str]:
         """
@@ -326,19 +376,24 @@ class Console(LineReceiver):
         """
         if isinstance(command, Say):
             if self.group:
-                # It comes back like every group message, and is recorded then.
-                sending = self.client.send_group(self.group, command.text)
-                sending.addErrback(self._failed)
+                group = self.group
+
+                def stored_in_group(ack: Ack) -> None:
+                    sent = self._sent(
+                        command.text, ack=ack, client_msg_id=ack.client_msg_id
+                    )
+                    self._show_sent(replace(sent, group_id=group))
+
+                sending = self.client.send_group(group, command.text)
+                sending.addCallback(stored_in_group).addErrback(self._failed)
                 return
             await self.client.broadcast(command.text)
             self.history.add(self._sent(command.text), "out", to_name="(everybody)")
             return
         if isinstance(command, PrivateByName):
             user_id = await self.resolve(command.name)
-            to_name = command.name
         else:
             user_id = command.user_id
-            to_name = self._name_of(user_id)
 
         def stored(ack: Ack) -> None:
             sent = self._sent(
@@ -347,7 +402,7 @@ class Console(LineReceiver):
                 receive_user_id=user_id,
                 client_msg_id=ack.client_msg_id,
             )
-            self.history.add(sent, "out", to_name=to_name)
+            self._show_sent(sent)
 
         sending = self.client.send_private(user_id, command.text)
         sending.addCallback(stored).addErrback(self._failed)
@@ -397,6 +452,7 @@ class Console(LineReceiver):
         target = f"group {self.group}" if self.group else "everybody online"
         self.say(
             f"user {client.user_name or '?'} (id {client.user_id or '?'}), "
+            f"device {client.device or '?'}, "
             f"server {server}, route {self.route_url or '?'}, "
             f"state {client.state.value}, "
             f"talking to {target}"
@@ -578,19 +634,49 @@ class Console(LineReceiver):
     @execute.register
     async def show_history(self, command: ShowHistory) -> None:
         """
-        C{:history}: stored messages from the server.
+        C{:history}: stored messages from the server, of a private
+        conversation (both sides, one's own with their read marks) or of a
+        group: the one named, else the current group, else the private
+        conversation last shown.
         """
-        if command.conversation:
-            conversation = conversation_of(command.conversation)
-        elif self.group:
-            conversation = GROUP_PREFIX + self.group
+        target = command.conversation
+        peer = None
+        if target.startswith("@"):
+            peer = await self.resolve(target[1:])
+        elif target.startswith(INBOX_PREFIX) and target[2:].isdigit():
+            peer = int(target[2:])
+        if peer is not None:
+            conversation = self.client.private_conversation(peer)
+            messages = await self.client.history(peer=peer, limit=command.count)
         else:
-            conversation = self.client.inbox()
-        messages = await self.client.history(conversation, command.count)
+            if target:
+                conversation = conversation_of(target)
+            elif self.group:
+                conversation = GROUP_PREFIX + self.group
+            elif self._last_private:
+                conversation = self._last_private
+            else:
+                raise ParseError("usage: :history @<user> | <group> [n]")
+            messages = await self.client.history(conversation, command.count)
         if not messages:
-            self.say(f"no stored messages in {conversation}")
+            self.say(f"no stored messages with {self._where(conversation)}")
+        me = self.client.user_id or 0
         for message in messages:
-            self.say(format_message(message))
+            if me and message.sender_id == me:
+                self.say(self._own_line(message))
+            else:
+                self.say(format_message(message, me))
+            self._displayed(message)
+
+    @execute.register
+    async def show_unread(self, command: Unread) -> None:
+        """
+        C{:unread}: the unread counts, kept live since the login.
+        """
+        infos = self.client.conversation_states()
+        if not infos:
+            infos = await self.client.conversations()
+        self.say(self._unread_line(infos))
 
     # Helpers of the handlers
 
@@ -616,13 +702,107 @@ class Console(LineReceiver):
             receive_user_id=receive_user_id,
         )
 
+    def _show_sent(self, message: ChatMessage) -> None:
+        """
+        A message sent here was stored: print it, unless its echo was.
+        """
+        if message.client_msg_id not in self._printed:
+            self._show_own(message, other_device=False)
+
+    def _show_own(self, message: ChatMessage, other_device: bool) -> None:
+        """
+        Print (and record) one of the user's own messages.
+        """
+        if message.client_msg_id:
+            self._printed[message.client_msg_id] = None
+            while len(self._printed) > PRINTED_MEMORY:
+                self._printed.popitem(last=False)
+        me = self.client.user_id or 0
+        peer = peer_of(message.conversation, me) if me else None
+        if peer is None:
+            peer = message.receive_user_id or None
+        if peer is not None and not message.receive_user_id:
+            message = replace(message, receive_user_id=peer)
+        to_name = self._name_of(peer) if peer is not None else ""
+        self.history.add(message, "out", to_name=to_name)
+        self.say(self._own_line(message, other_device))
+        if peer is not None and peer != me and message.conversation:
+            shown = self._own_shown.setdefault(message.conversation, [])
+            shown.append(message)
+            del shown[:-OWN_MEMORY]
+        self._displayed(message)
+
+    def _own_line(self, message: ChatMessage, other_device: bool = False) -> str:
+        """
+        How one of the user's own messages is shown: to whom, and read or
+        not by its peer.
+        """
+        me = self.client.user_id or 0
+        peer = peer_of(message.conversation, me) if me else None
+        if peer is None:
+            peer = message.receive_user_id or None
+        read = (
+            peer is not None
+            and peer != me
+            and message.seq > 0
+            and self.client.read_position(message.conversation, peer) >= message.seq
+        )
+        name = (self._name_of(peer) or str(peer)) if peer is not None else ""
+        return format_message(message, me, name, other_device, read)
+
+    def _where(self, conversation: str) -> str:
+        """
+        How a conversation is named: C{@<peer>}, C{[<group>]}, or its id.
+        """
+        if conversation.startswith(GROUP_PREFIX):
+            return f"[{conversation[len(GROUP_PREFIX) :]}]"
+        me = self.client.user_id or 0
+        peer = peer_of(conversation, me) if me else None
+        if peer is None:
+            return conversation
+        return f"@{self._name_of(peer) or peer}"
+
+    def _displayed(self, message: ChatMessage) -> None:
+        """
+        C{message} was printed: mark it read soon (with whatever else is
+        printed meanwhile).
+        """
+        conversation = message.conversation
+        if not conversation or conversation == BROADCAST or message.seq <= 0:
+            return
+        if pair_members(conversation) is not None:
+            self._last_private = conversation
+        if message.seq > self._to_mark.get(conversation, 0):
+            self._to_mark[conversation] = message.seq
+        if self._mark_call is None:
+            self._mark_call = self.clock.callLater(MARK_DELAY, self._mark_read)
+
+    def _mark_read(self) -> None:
+        """
+        Mark read the latest message printed of each conversation.
+        """
+        self._mark_call = None
+        marks, self._to_mark = self._to_mark, {}
+        for conversation, seq in sorted(marks.items()):
+            try:
+                if seq > self.client.read_position(conversation):
+                    self.client.mark_read(conversation, seq)
+            except Exception:
+                self.log.failure(
+                    "Marking {conversation} read failed", conversation=conversation
+                )
+
     def _name_of(self, user_id: int) -> str:
         """
-        The name of C{user_id} if the history knows it, else C{""}.
+        The name of C{user_id} if the history or the conversations know
+        it, else C{""}.
         """
         for name, known in self.history.names.items():
             if known == user_id:
                 return name
+        for info in self.client.conversation_states():
+            if info.peer_id == user_id and info.peer_name:
+                return str(info.peer_name)
         return ""
 
     async def resolve(self, name: str) -> int:
@@ -658,6 +838,10 @@ class Console(LineReceiver):
             if call.active():
                 call.cancel()
         self._delayed.clear()
+        if self._mark_call is not None:
+            if self._mark_call.active():
+                self._mark_call.cancel()
+            self._mark_read()
         try:
             await self.client.close()
         except Exception:
@@ -674,8 +858,36 @@ class Console(LineReceiver):
     # IClientListener
 
     def message_received(self, message: ChatMessage) -> None:
+        me = self.client.user_id or 0
+        if me and message.sender_id == me and message.conversation:
+            here = self.client.sent_here(message.client_msg_id)
+            if here and message.client_msg_id in self._printed:
+                return  # printed when it was stored
+            self._show_own(message, other_device=not here)
+            return
         self.history.add(message, "in")
-        self.say(format_message(message))
+        self.say(format_message(message, me))
+        self._displayed(message)
+
+    def conversation_reset(self, conversation: str, seq: int) -> None:
+        # What is numbered after seq now is other messages.
+        shown = self._own_shown.get(conversation, [])
+        self._own_shown[conversation] = [m for m in shown if m.seq <= seq]
+        if self._to_mark.get(conversation, 0) > seq:
+            self._to_mark[conversation] = seq
+        self.say(render.conversation_reset(self._where(conversation), seq))
+
+    def read_changed(self, user_id: int, conversation: str, seq: int) -> None:
+        me = self.client.user_id or 0
+        if user_id == me or peer_of(conversation, me) != user_id:
+            return  # this user's other devices; group members
+        shown = self._own_shown.get(conversation, [])
+        read = [m for m in shown if m.seq <= seq]
+        if not read:
+            return
+        self._own_shown[conversation] = [m for m in shown if m.seq > seq]
+        name = self._name_of(user_id) or str(user_id)
+        self.say(render.read_receipt(name, read[-1]))
 
     def ack_received(self, ack: Ack) -> None:
         pass

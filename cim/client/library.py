@@ -8,17 +8,27 @@ What it guarantees:
   - every send is stored exactly once: it carries a client message id
     (uuid4 hex) and is written again after a reconnect until the server
     acknowledges it, and the server stores one message per id;
-  - every message is shown exactly once and in order: the client keeps a
-    cursor per conversation, drops anything at or below it, sends the
-    cursors when it logs in so that the server replays exactly what is
-    missing, and keeps them in a file so that a restarted client resumes;
+  - every message is shown exactly once and in order: the client keeps,
+    per conversation, the position of the server's stream (epoch and seq)
+    and the highest seq seen of each epoch, drops anything at or below it,
+    sends the positions when it logs in so that the server replays exactly
+    what is missing, and keeps them in a file so that a restarted client
+    resumes; when the server's store lost messages, the listener is told
+    (L{IClientListener.conversation_reset}) and nothing is shown twice;
+  - it is one device of its user (C{device}, else an id kept in the state
+    folder): the user may be logged in on several, each receiving every
+    message of the user's conversations, its own included; read positions
+    go to the other devices and to the peers of private conversations
+    (L{Client.mark_read}, L{IClientListener.read_changed}), and unread
+    counts are kept live (L{Client.conversations}, L{Client.unread});
   - a dead connection is noticed (heartbeat) and replaced through the route,
     with exponential backoff, until L{Client.close}.
 
 L{Client} is the façade over the parts that do this: the session
 (L{cim.client.session}: logging in, the connection, reconnecting), the
 outbox (L{cim.client.outbox}: pending sends), the inbox
-(L{cim.client.inbox}: dedup, cursors, acknowledgements), and the listener
+(L{cim.client.inbox}: dedup, cursors, acknowledgements, read state), and
+the listener
 (L{cim.client.listeners}), which receives what happens.
 
 Everything runs on the reactor thread; the reactor is injected, so tests
@@ -38,6 +48,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim.client.connection import ClientProtocol
 from cim.client.cursors import CursorFile, state_path
+from cim.client.devices import DeviceIds, new_device_id
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.inbox import Inbox
 from cim.client.keys import AccountKeys
@@ -50,9 +61,19 @@ from cim.client.listeners import (
     QueueListener,
 )
 from cim.client.outbox import Outbox
+from cim.client.reads import ConversationInfo
 from cim.client.route import GroupInfo, JoinResult, RouteClient, RouteError, User
 from cim.client.session import Session, reconnect_delays
-from cim.message import ChatMessage, Command, ErrorCode, Frame, inbox
+from cim.limits import DEVICE_ID, DEVICE_ID_RULE
+from cim.message import (
+    GROUP_PREFIX,
+    PAIR_PREFIX,
+    ChatMessage,
+    Command,
+    ErrorCode,
+    Frame,
+    pair_conversation,
+)
 from cim.web import http_client
 
 __all__ = [
@@ -61,6 +82,7 @@ __all__ = [
     "ClientClosed",
     "ClientListener",
     "ClientState",
+    "ConversationInfo",
     "GroupInfo",
     "IClientListener",
     "JoinResult",
@@ -108,6 +130,7 @@ class Client:
         close_timeout: float = 2.0,
         rng: _random.Random | None = None,
         ca_file: str | None = None,
+        device: str | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorTime} and L{IReactorTCP}: every
@@ -117,8 +140,9 @@ class Client:
             with a persistent pool (closed by L{close}).
         @param listener: receives messages and events (see
             L{IClientListener}); none by default.
-        @param state_dir: where the cursor files and the account keys
-            (L{cim.client.keys}) are kept; C{None} keeps them in memory
+        @param state_dir: where the cursor files (one per user and device),
+            the account keys (L{cim.client.keys}) and the device ids
+            (L{cim.client.devices}) are kept; C{None} keeps them in memory
             only.
         @param ack_delay: receive acknowledgements are coalesced: at most
             one ACK frame per this many seconds.
@@ -132,8 +156,17 @@ class Client:
             be signed by; the system's CAs when C{None}.  A certificate that
             does not verify, or is not for the host called, fails the login
             with a L{LoginError} that says so.
-        @raise ValueError: C{ca_file} cannot be read.
+        @param device: this client's device id (L{cim.limits.DEVICE_ID_RULE}):
+            a new login of the same device replaces its session, and each
+            device of a user has its own cursors.  By default one kept in
+            the state folder per route and account (a restarted client is
+            the same device), or a random one per L{Client} without a state
+            folder.
+        @raise ValueError: C{ca_file} cannot be read, or C{device} is not a
+            device id.
         """
+        if device is not None and not DEVICE_ID.fullmatch(device):
+            raise ValueError(f"bad device id {device!r}: {DEVICE_ID_RULE}")
         self.reactor = reactor
         self.state_dir = Path(state_dir).expanduser() if state_dir is not None else None
         self.close_timeout = close_timeout
@@ -142,6 +175,9 @@ class Client:
             http, self._pool = http_client(reactor, per_host=2, ca_file=ca_file)
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
         self._keys = AccountKeys(self.state_dir)
+        self._devices = DeviceIds(self.state_dir)
+        self._device_given = device
+        self._device = ""
         self._account_key = ""
         self._events = ListenerGuard(listener)
         self._inbox = Inbox(
@@ -222,6 +258,14 @@ class Client:
         The current login token (the bearer token for the route), or C{""}.
         """
         return self._session.token
+
+    @property
+    def device(self) -> str:
+        """
+        This client's device id: the one given, else (once L{login} picked
+        it) the one kept in the state folder or a random one; C{""} before.
+        """
+        return self._device
 
     @property
     def cursors(self) -> CursorFile:
@@ -332,14 +376,29 @@ class Client:
             if held is None or held.key != account_key:
                 self._keep_key(user_name, user_id, account_key)
         self._account_key = account_key
-        # The cursors (and last token) of this user, from its file.
-        path = state_path(self.state_dir, user_id) if self.state_dir else None
+        if self._device_given is not None:
+            self._device = self._device_given
+        elif self.state_dir is not None:
+            self._device = self._devices.device_for(self.route.url, user_id)
+        elif not self._device:
+            self._device = new_device_id()
+        # The cursors (and last token) of this user's device, from its file:
+        # a device named by the application has its own.
+        path = None
+        if self.state_dir is not None:
+            named = self._device_given or ""
+            path = state_path(self.state_dir, user_id, named)
         self._inbox.open(user_id, path)
-        await self._session.start(user_id, user_name, password, account_key)
+        await self._session.start(
+            user_id, user_name, password, account_key, self._device
+        )
 
     def send_private(self, receive_user_id: int, text: str) -> Deferred[Ack]:
         """
-        Send C{text} to user C{receive_user_id}.
+        Send C{text} to user C{receive_user_id}, in the private
+        conversation of the two (L{private_conversation}).  It comes back
+        to this client too (and to the user's other devices), like to
+        every device of the receiver: L{sent_here} tells it apart.
 
         @return: fires with the L{Ack} once the server stored the message
             (after reconnects if need be); fails with L{SendError} when the
@@ -489,29 +548,111 @@ class Client:
         self,
         conversation: str | None = None,
         limit: int = 20,
+        *,
+        peer: int | None = None,
         after_seq: int | None = None,
+        before_seq: int | None = None,
     ) -> list[ChatMessage]:
         """
-        Stored messages of C{conversation} (this user's inbox by default,
-        or C{"g:<group>"}).
+        Stored messages, in order, of C{conversation} (C{"g:<group>"}, or
+        a private conversation C{"p:<id>:<id>"} of this user) or of the
+        private conversation with user C{peer} (both sides).
 
-        @param after_seq: read after this seq; by default the last C{limit}
-            messages up to this client's cursor.
+        @param after_seq: those after this seq (up to C{limit}).
+        @param before_seq: the last C{limit} before this seq, for paging
+            back; by default (neither given) the last C{limit}.
+        @raise ValueError: neither or both of C{conversation} and C{peer}.
         """
         user_id = self._need_login()
-        if conversation is None:
-            conversation = inbox(user_id)
-        if after_seq is None:
-            after_seq = max(0, self.cursors.get(conversation) - limit)
+        if (conversation is None) == (peer is None):
+            raise ValueError("name either a conversation or a peer")
         return await self.route.history(
-            user_id, self.token, conversation, after_seq, limit
+            user_id,
+            self.token,
+            conversation or "",
+            limit,
+            peer_id=peer,
+            after_seq=after_seq,
+            before_seq=before_seq,
         )
 
-    def inbox(self) -> str:
+    def private_conversation(self, peer: int) -> str:
         """
-        The conversation id of this user's private messages.
+        The conversation id of this user's private messages with C{peer}.
         """
-        return inbox(self._need_login())
+        return pair_conversation(self._need_login(), peer)
+
+    async def conversations(self) -> list[ConversationInfo]:
+        """
+        Ask the route where this user stands in each of its private
+        conversations and groups (last seq, read position, unread count,
+        the peer's read position), and keep it: from then on L{unread} and
+        L{read_position} follow new messages and read positions live.
+        """
+        user_id = self._need_login()
+        infos = await self.route.conversations(user_id, self.token)
+        self._inbox.reads.load(infos)
+        return self._inbox.reads.all()
+
+    async def read_positions(self, conversation: str) -> dict[int, int]:
+        """
+        Ask the route how far each member of C{conversation} (a group's
+        members, or both users of a private conversation) has read it: the
+        server pushes a peer's read position in a private conversation,
+        not those of a group's members.  L{read_position} knows them from
+        then on.
+        """
+        user_id = self._need_login()
+        positions = await self.route.read_positions(user_id, self.token, conversation)
+        for reader, seq in positions.items():
+            self._inbox.reads.read_by(reader, conversation, seq)
+        return positions
+
+    def conversation_states(self) -> list[ConversationInfo]:
+        """
+        Where this user stands in each conversation this client knows of
+        (L{conversations} loads them all), by id, kept live.
+        """
+        return self._inbox.reads.all()
+
+    def unread(self, conversation: str | None = None) -> int:
+        """
+        How many messages from others this user has not read in
+        C{conversation}, or in all the conversations known.
+        """
+        reads = self._inbox.reads
+        if conversation is not None:
+            return reads.unread(conversation)
+        return sum(info.unread for info in reads.all())
+
+    def read_position(self, conversation: str, user_id: int | None = None) -> int:
+        """
+        How far C{user_id} (this user by default; the peer of a private
+        conversation: its read receipts) read C{conversation}, as far as
+        this client knows.
+        """
+        return self._inbox.reads.read_position(conversation, user_id)
+
+    def mark_read(self, conversation: str, seq: int) -> None:
+        """
+        This user read C{conversation} up to C{seq}: its unread count falls
+        now, and the server (now, or once connected) stores it and tells
+        the user's other devices and, in a private conversation, the peer.
+        A position never falls: a lower seq changes nothing.  Only private
+        conversations and groups have read positions (a broadcast has
+        none: nothing is sent for it).
+        """
+        self._need_login()
+        if conversation.startswith((GROUP_PREFIX, PAIR_PREFIX)):
+            self._inbox.mark_read(conversation, seq)
+
+    def sent_here(self, client_msg_id: str) -> bool:
+        """
+        Whether this client sent the message of C{client_msg_id} (pending,
+        or among the last ones acknowledged): an own message that comes
+        back without it was sent from another device.
+        """
+        return self._outbox.sent_here(client_msg_id)
 
     async def close(self) -> None:
         """

@@ -67,10 +67,16 @@ class IClientListener(Interface):
 
     def message_received(message: ChatMessage) -> None:
         """
-        A chat message arrived that this client has not shown before
-        (private ones in the user's inbox C{"u:<id>"}, group ones in
-        C{"g:<group>"} including the user's own, CIM-style broadcasts in
-        C{"all"}, and raw pushes with C{seq} 0 and no conversation).
+        A chat message arrived that this client has not shown before:
+        private ones in the conversation of the two users
+        (C{"p:<low id>:<high id>"}, L{cim.message.pair_conversation}),
+        group ones in C{"g:<group>"}, CIM-style broadcasts in C{"all"}, and
+        raw pushes with C{seq} 0 and no conversation.
+
+        The user's own messages come too, whichever of its devices sent
+        them (this one included): C{message.sender_id} tells them apart,
+        and L{cim.client.library.Client.sent_here} tells whether this
+        client sent it.
         """
 
     def ack_received(ack: Ack) -> None:
@@ -89,6 +95,23 @@ class IClientListener(Interface):
     def state_changed(state: ClientState, reason: str) -> None:
         """
         The client entered C{state}; C{reason} says why (may be empty).
+        """
+
+    def conversation_reset(conversation: str, seq: int) -> None:
+        """
+        The server's store lost (or replaced) the messages of
+        C{conversation} after C{seq} that this client had received: it
+        started the conversation again from C{seq}, in a new epoch, and
+        resent what it holds (nothing already shown is shown again; what
+        was lost is gone).
+        """
+
+    def read_changed(user_id: int, conversation: str, seq: int) -> None:
+        """
+        User C{user_id} read C{conversation} up to C{seq}: this user on
+        another device (or through this client's
+        L{cim.client.library.Client.mark_read}: its unread count fell), or
+        the other user of a private conversation (a read receipt).
         """
 
 
@@ -111,6 +134,12 @@ class ClientListener:
     def state_changed(self, state: ClientState, reason: str) -> None:
         pass
 
+    def conversation_reset(self, conversation: str, seq: int) -> None:
+        pass
+
+    def read_changed(self, user_id: int, conversation: str, seq: int) -> None:
+        pass
+
 
 class QueueListener(ClientListener):
     """
@@ -123,6 +152,8 @@ class QueueListener(ClientListener):
     @ivar acks: L{Ack}s.
     @ivar errors: C{(code, reason, client_msg_id)} tuples.
     @ivar states: C{(ClientState, reason)} tuples.
+    @ivar resets: C{(conversation, seq)} tuples.
+    @ivar reads: C{(user_id, conversation, seq)} tuples.
     """
 
     def __init__(self) -> None:
@@ -130,6 +161,8 @@ class QueueListener(ClientListener):
         self.acks: DeferredQueue[Ack] = DeferredQueue()
         self.errors: DeferredQueue[tuple[int, str, str]] = DeferredQueue()
         self.states: DeferredQueue[tuple[ClientState, str]] = DeferredQueue()
+        self.resets: DeferredQueue[tuple[str, int]] = DeferredQueue()
+        self.reads: DeferredQueue[tuple[int, str, int]] = DeferredQueue()
         self.log: list[tuple[ClientState, str]] = []
 
     def message_received(self, message: ChatMessage) -> None:
@@ -144,6 +177,12 @@ class QueueListener(ClientListener):
     def state_changed(self, state: ClientState, reason: str) -> None:
         self.log.append((state, reason))
         self.states.put((state, reason))
+
+    def conversation_reset(self, conversation: str, seq: int) -> None:
+        self.resets.put((conversation, seq))
+
+    def read_changed(self, user_id: int, conversation: str, seq: int) -> None:
+        self.reads.put((user_id, conversation, seq))
 
     def pending_messages(self) -> list[ChatMessage]:
         """
@@ -172,7 +211,7 @@ class ListenerGuard:
         self.listener = listener
 
     def _guarded(self, method: str, call: Callable[[IClientListener], None]) -> None:
-        if self.listener is None:
+        if self.listener is None or not hasattr(self.listener, method):
             return
         try:
             call(self.listener)
@@ -192,3 +231,13 @@ class ListenerGuard:
 
     def state_changed(self, state: ClientState, reason: str) -> None:
         self._guarded("state_changed", lambda to: to.state_changed(state, reason))
+
+    def conversation_reset(self, conversation: str, seq: int) -> None:
+        self._guarded(
+            "conversation_reset", lambda to: to.conversation_reset(conversation, seq)
+        )
+
+    def read_changed(self, user_id: int, conversation: str, seq: int) -> None:
+        self._guarded(
+            "read_changed", lambda to: to.read_changed(user_id, conversation, seq)
+        )

@@ -30,6 +30,10 @@ from cim.client.errors import SendError
 from cim.client.listeners import Ack, IClientListener
 from cim.message import ErrorCode, Frame
 
+#: Client message ids of acknowledged sends remembered, to recognise their
+#: echoes (L{Outbox.sent_here}).
+SENT_MEMORY = 1000
+
 
 class FrameWriter(Protocol):
     """
@@ -77,6 +81,7 @@ class Outbox:
         self.clock = clock
         self.events = events
         self._pending: OrderedDict[str, PendingSend] = OrderedDict()
+        self._sent: OrderedDict[str, None] = OrderedDict()
         self._connection: FrameWriter | None = None
         self._drained: Deferred[None] | None = None
 
@@ -85,6 +90,16 @@ class Outbox:
 
     def __contains__(self, client_msg_id: object) -> bool:
         return client_msg_id in self._pending
+
+    def sent_here(self, client_msg_id: str) -> bool:
+        """
+        Whether C{client_msg_id} names a send of this outbox: pending, or
+        one of the last L{SENT_MEMORY} acknowledged (so that the echo of a
+        message this client sent is known as such).
+        """
+        if not client_msg_id:
+            return False
+        return client_msg_id in self._pending or client_msg_id in self._sent
 
     def frames(self) -> list[Frame]:
         """
@@ -137,6 +152,9 @@ class Outbox:
         pending = self._pending.pop(frame.client_msg_id, None)
         if pending is None:
             return
+        self._sent[frame.client_msg_id] = None
+        while len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)
         ack = Ack(
             client_msg_id=frame.client_msg_id,
             msg_id=frame.msg_id,

@@ -19,7 +19,7 @@ from cim.client import emoji
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.listeners import ClientState
 from cim.client.route import GroupInfo, RouteError, User
-from cim.message import GROUP_PREFIX, INBOX_PREFIX, ChatMessage
+from cim.message import GROUP_PREFIX, INBOX_PREFIX, PAIR_PREFIX, ChatMessage
 
 #: The characters a terminal may act on instead of showing: controls
 #: (escape sequences, bells, carriage returns...), format characters
@@ -53,21 +53,86 @@ def clock_time(timestamp_ms: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp_ms / 1000))
 
 
-def format_message(message: ChatMessage) -> str:
+#: After one's own private message once its peer has read it.
+READ_MARK = "\u2713"
+#: After the sender's name on one's own message sent from another device.
+OTHER_DEVICE = " (another device)"
+
+
+def one_line(text: str) -> str:
     """
-    How an incoming message is shown: C{[HH:MM:SS] sender: text}, marked
+    A message's text as shown: emoji aliases rendered, on one line (a
+    newline in it cannot start a made-up line).
+    """
+    return emoji.render(text).replace("\n", " \u21b5 ")
+
+
+def format_message(
+    message: ChatMessage,
+    me: int = 0,
+    peer_name: str = "",
+    other_device: bool = False,
+    read: bool = False,
+) -> str:
+    """
+    How a message is shown: C{[HH:MM:SS] sender: text}, marked
     C{(private)} or with its C{[group]}, emoji aliases rendered.
+
+    @param me: the user id of the console's user: its own private
+        messages show whom they went to (C{peer_name}), and a read mark
+        when C{read} (the peer read them).
+    @param other_device: one's own message, sent from another device.
     """
     sender = message.sender_name or str(message.sender_id)
-    # One message, one line: a newline in it cannot start a made-up line.
-    text = emoji.render(message.text).replace("\n", " \u21b5 ")
+    if other_device:
+        sender += OTHER_DEVICE
+    text = one_line(message.text)
     stamp = clock_time(message.timestamp)
     if message.group_id or message.conversation.startswith(GROUP_PREFIX):
         group = message.group_id or message.conversation[len(GROUP_PREFIX) :]
         return f"[{stamp}] [{group}] {sender}: {text}"
-    if message.conversation.startswith(INBOX_PREFIX) or message.receive_user_id:
+    private = message.conversation.startswith((PAIR_PREFIX, INBOX_PREFIX))
+    if private or message.receive_user_id:
+        if me and message.sender_id == me:
+            to = peer_name or str(message.receive_user_id or "?")
+            mark = f" {READ_MARK}" if read else ""
+            return f"[{stamp}] (private) {sender} -> {to}: {text}{mark}"
         return f"[{stamp}] (private) {sender}: {text}"
     return f"[{stamp}] {sender}: {text}"
+
+
+def read_receipt(peer_name: str, message: ChatMessage) -> str:
+    """
+    The peer read one's private messages, up to C{message} (the latest of
+    them shown).
+    """
+    text = one_line(message.text)
+    if len(text) > 40:
+        text = text[:39] + "\u2026"
+    return f"{READ_MARK} {peer_name} read your messages up to: {text}"
+
+
+def conversation_reset(where: str, seq: int) -> str:
+    """
+    The server's store lost the messages of a conversation after C{seq}.
+    """
+    return (
+        f"the server's store lost messages of {where} after #{seq}; "
+        "it resent what it holds"
+    )
+
+
+def unread_summary(counts: Sequence[tuple[str, int]]) -> str:
+    """
+    The unread counts of the conversations that have unread messages
+    (C{(where, count)}), on one line.
+    """
+    counts = [(where, count) for where, count in counts if count > 0]
+    if not counts:
+        return "no unread messages"
+    total = sum(count for _, count in counts)
+    listed = ", ".join(f"{where} {count}" for where, count in counts)
+    return f"unread: {total} ({listed})"
 
 
 # Errors

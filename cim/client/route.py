@@ -1,6 +1,7 @@
 """
 Calls to the route's HTTP API (C{cim/route/API.md}) for the client: accounts,
-login, online users, groups, history and CIM-style broadcasts.
+login, online users, groups, conversations and their read state, history
+and CIM-style broadcasts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
+from cim.client.reads import ConversationInfo
 from cim.envelope import EXTENDED, EXTENDED_HEADER, SUCCESS
 from cim.message import ChatMessage, message_from_dict
 from cim.tls import describe_tls_failure
@@ -57,6 +59,8 @@ class LoginInfo:
     token that proves the login to it.
 
     @ivar tls: the server's client port speaks TLS (extended replies only).
+    @ivar device: the device id the login claimed, as the route echoes it
+        (C{""} when it does not).
     """
 
     host: str
@@ -66,6 +70,7 @@ class LoginInfo:
     user_id: int
     user_name: str
     tls: bool = False
+    device: str = ""
 
 
 class RouteTLSError(Exception):
@@ -223,6 +228,7 @@ class RouteClient:
         password: str | None = None,
         token: str = "",
         account_key: str = "",
+        device: str = "",
     ) -> LoginInfo:
         """
         Log in: the route picks an IM server and issues a token for it.
@@ -231,8 +237,12 @@ class RouteClient:
             login replace the user's current session.
         @param account_key: the account's key (its credential when it has
             no password).
+        @param device: this client's device id (the session is this
+            device's; C{""}: none, CIM's one session per user).
         """
         body: dict[str, Any] = {"userId": user_id, "userName": user_name}
+        if device:
+            body["device"] = device
         if password:
             body["password"] = password
         if token:
@@ -248,6 +258,7 @@ class RouteClient:
             user_id=int(data.get("userId", user_id)),
             user_name=str(data.get("userName", user_name)),
             tls=data.get("tls") is True,
+            device=str(data.get("device") or ""),
         )
 
     async def offline(self, user_id: int, token: str) -> None:
@@ -420,20 +431,52 @@ class RouteClient:
         data = await self.call("/user/groups", {"userId": user_id}, token)
         return [str(g) for g in data or ()]
 
-    async def history(
-        self, user_id: int, token: str, conversation: str, after_seq: int, limit: int
-    ) -> list[ChatMessage]:
+    async def conversations(self, user_id: int, token: str) -> list[ConversationInfo]:
         """
-        Up to C{limit} stored messages of C{conversation} after C{after_seq}.
+        Where the user stands in each of its private conversations that
+        holds messages and in each of its groups: last seq, read position,
+        unread count, and the peer's read position (C{/conversations}).
+        """
+        data = await self.call("/conversations", {"userId": user_id}, token)
+        return [ConversationInfo.from_json(c) for c in data or ()]
+
+    async def read_positions(
+        self, user_id: int, token: str, conversation: str
+    ) -> dict[int, int]:
+        """
+        How far each member of C{conversation} (a group's members, or the
+        two users of a private conversation) has read it
+        (C{/readPositions}).
         """
         data = await self.call(
-            "/history",
-            {
-                "userId": user_id,
-                "conversation": conversation,
-                "afterSeq": after_seq,
-                "limit": limit,
-            },
-            token,
+            "/readPositions", {"userId": user_id, "conversation": conversation}, token
         )
+        return {int(p["userId"]): int(p["read"]) for p in data or ()}
+
+    async def history(
+        self,
+        user_id: int,
+        token: str,
+        conversation: str = "",
+        limit: int = 20,
+        *,
+        peer_id: int | None = None,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+    ) -> list[ChatMessage]:
+        """
+        Up to C{limit} stored messages, in order, of C{conversation} or of
+        the private conversation with C{peer_id}: those after C{after_seq},
+        else the latest before C{before_seq} (C{0} or C{None}: the latest).
+        """
+        body: dict[str, Any] = {"userId": user_id, "limit": limit}
+        if peer_id is not None:
+            body["peerId"] = peer_id
+        else:
+            body["conversation"] = conversation
+        if after_seq is not None:
+            body["afterSeq"] = after_seq
+        else:
+            body["beforeSeq"] = before_seq or 0
+        data = await self.call("/history", body, token)
         return [message_from_dict(m) for m in data or ()]

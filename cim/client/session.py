@@ -1,14 +1,16 @@
 """
-The client's session: log in through the route, connect to the IM server it
-names and log in there; when that connection is lost, do it all again, with
-exponential backoff, until it works, the client closes, or it cannot work
-(a permanent refusal, or a newer login of the same user).
+The client's session: log in through the route (as this client's device),
+connect to the IM server it names and log in there; when that connection is
+lost, do it all again, with exponential backoff, until it works, the client
+closes, or it cannot work (a permanent refusal, a newer login of the same
+device, or one of another device past the user's device limit).
 
 The session owns the connection and the L{ClientState}, and is the
 connection's frame handler: it handles the frames about the session itself
-(login response, kick, errors during a login) and hands messages to the
-L{Inbox} and acknowledgements and refused sends to the L{Outbox}, which it
-attaches to each connection once logged in.
+(login response, kick, errors during a login) and hands messages, the
+streams' starts (login response and C{EPOCH} cursors) and read positions
+(C{READ}) to the L{Inbox}, and acknowledgements and refused sends to the
+L{Outbox}, which it attaches to each connection once logged in.
 
 The delays between attempts are Twisted's L{backoffPolicy} with a jitter
 (L{reconnect_delays}); every timer runs on the injected reactor, so a
@@ -41,15 +43,22 @@ from cim.client.inbox import Inbox
 from cim.client.listeners import ClientState, IClientListener
 from cim.client.outbox import Outbox
 from cim.client.route import LoginInfo, RouteError
-from cim.message import Command, Frame
+from cim.message import KICK_DEVICE_LIMIT, KICK_REPLACED, Command, Frame
 from cim.tls import client_creator, describe_tls_failure
 
 #: Route codes after which logging in again cannot succeed by itself.
 PERMANENT_LOGIN_CODES = frozenset(
     {codes.ACCOUNT_MISMATCH, codes.INVALID_ARGUMENT, codes.UNAUTHORIZED}
 )
-#: The KICK reason of a connection replaced by a newer login of its user.
-REPLACED = "logged in again elsewhere"
+#: The KICK reason of a connection replaced by a newer login of its device.
+REPLACED = KICK_REPLACED
+#: What the client says when a kick ends it for good, by the kick's reason.
+FINAL_KICKS = {
+    KICK_REPLACED: "replaced by a newer login of this device (logged in again "
+    "elsewhere); not reconnecting",
+    KICK_DEVICE_LIMIT: "logged out: this user logged in on more devices than "
+    "allowed, and this one was the least recently active; not reconnecting",
+}
 #: How long closing waits for the server to close the connection.
 CLOSE_WAIT = 2.0
 
@@ -85,6 +94,7 @@ class Router(Protocol):
         password: str | None = None,
         token: str = "",
         account_key: str = "",
+        device: str = "",
     ) -> LoginInfo: ...
 
 
@@ -97,6 +107,7 @@ class Session:
         connection, or C{None}.
     @ivar protocol: the current connection, or C{None}.
     @ivar closed: set by L{close}; nothing reconnects after it.
+    @ivar device: this client's device id (set by L{start}).
     """
 
     log = Logger()
@@ -138,6 +149,7 @@ class Session:
         self.login_timeout = login_timeout
         self.user_id: int | None = None
         self.user_name = ""
+        self.device = ""
         self.server: tuple[str, int] | None = None
         self.state = ClientState.IDLE
         self.protocol: ClientProtocol | None = None
@@ -146,7 +158,7 @@ class Session:
         self._account_key = ""
         self._login_waiter: Deferred[Frame] | None = None
         self._loop: Deferred[None] | None = None
-        self._replaced = False
+        self._final_kick = ""
 
     @property
     def token(self) -> str:
@@ -181,10 +193,12 @@ class Session:
         user_name: str,
         password: str | None,
         account_key: str = "",
+        device: str = "",
     ) -> None:
         """
         Log in as C{user_id} (with C{password} or C{account_key}, whichever
-        the account has); from then on, reconnect by itself.
+        the account has) on device C{device}; from then on, reconnect by
+        itself.
 
         @raise LoginError: the route or the server refused, or could not be
             reached; the state is then L{ClientState.FAILED}.
@@ -193,7 +207,8 @@ class Session:
         self.user_name = user_name
         self._password = password
         self._account_key = account_key
-        self._replaced = False
+        self.device = device
+        self._final_kick = ""
         try:
             await self._attempt()
         except LoginError as e:
@@ -248,6 +263,7 @@ class Session:
                 self._password,
                 self.token,
                 account_key=self._account_key,
+                device=self.device,
             )
         except RouteError as e:
             raise LoginError(e.code, e.message) from None
@@ -342,7 +358,7 @@ class Session:
             )
         )
         try:
-            await waiter
+            answer = await waiter
         except BaseException as e:
             reason = "login timed out" if isinstance(e, DeferredTimeout) else str(e)
             protocol.abort(reason)
@@ -353,6 +369,8 @@ class Session:
             ) from None
         finally:
             self._login_waiter = None
+        # Where the server starts each conversation for this connection.
+        self.inbox.start(answer.cursors)
 
     def _pending_login(self) -> Deferred[Frame] | None:
         """
@@ -380,6 +398,9 @@ class Session:
             try:
                 await self._attempt()
             except LoginError as e:
+                if self._final_kick:
+                    self._give_up(FINAL_KICKS[self._final_kick])
+                    return
                 if e.code in PERMANENT_LOGIN_CODES:
                     self._give_up(f"cannot log in again: {e.reason}")
                     return
@@ -426,6 +447,10 @@ class Session:
         cmd = frame.cmd
         if cmd in (Command.MESSAGE, Command.OFFLINE):
             self.inbox.receive(frame)
+        elif cmd == Command.EPOCH:
+            self.inbox.start(frame.cursors)
+        elif cmd == Command.READ:
+            self.inbox.read_received(frame)
         elif cmd == Command.ACK:
             self.outbox.acknowledged(frame)
         elif cmd == Command.LOGIN_RESPONSE:
@@ -455,8 +480,8 @@ class Session:
             return
         if self.closed or self.state != ClientState.READY:
             return
-        if self._replaced:
-            self._give_up("replaced by a newer login of this user")
+        if self._final_kick:
+            self._give_up(FINAL_KICKS[self._final_kick])
             return
         self.log.info(
             "Connection to {server} lost: {reason}", server=self.server, reason=reason
@@ -465,12 +490,14 @@ class Session:
 
     def _kicked(self, protocol: ClientProtocol, frame: Frame) -> None:
         """
-        The server asks us to go: remember whether we were replaced, close.
+        The server asks us to go: remember whether for good (this device
+        logged in again elsewhere, or the user went over its device limit),
+        close.
         """
         reason = frame.error_reason or frame.req_msg or "kicked"
         self.log.info("Kicked by the server: {reason}", reason=reason)
-        if reason == REPLACED:
-            self._replaced = True
+        if reason in FINAL_KICKS:
+            self._final_kick = reason
         waiter = self._pending_login()
         if waiter is not None:
             waiter.errback(LoginError("", f"kicked: {reason}"))

@@ -1,6 +1,9 @@
 """
 C{twistd -n cim-client}: the console client.
 
+It is one device of its user: its device id is kept in its state folder
+(C{--state-dir}), or given with C{--device}.
+
 Its logs go to a file (C{--logfile}, default C{~/.cim/cim-client.log}),
 never into the console: unless twistd's own C{--logfile} names a file,
 L{makeService} points C{sys.stdout} (where twistd's log observer writes,
@@ -23,6 +26,7 @@ from cim.client.console import Console, echo_switch
 from cim.client.history import History, history_path, thread_runner
 from cim.client.library import Client
 from cim.interfaces import IReactor
+from cim.limits import DEVICE_ID, DEVICE_ID_RULE
 from cim.tls import trust_root
 
 DEFAULT_ROUTE = "http://127.0.0.1:8083"
@@ -85,7 +89,15 @@ class Options(usage.Options):
             "state-dir",
             None,
             "~/.cim/state",
-            "Where the receive cursors and account keys are kept.",
+            "Where the receive cursors, account keys and device ids are kept.",
+        ],
+        [
+            "device",
+            None,
+            None,
+            "This console's device id (default: one kept in --state-dir per "
+            "route and account). A new login of the same device logs the old "
+            "one out.",
         ],
         ["logfile", None, "~/.cim/cim-client.log", "The client's log file."],
     ]
@@ -102,6 +114,8 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--route must be an http:// or https:// URL, not {self['route']!r}"
             )
+        if self["device"] is not None and not DEVICE_ID.fullmatch(self["device"]):
+            raise usage.UsageError(f"--device: {DEVICE_ID_RULE}")
         if self["ca-file"] is not None:
             try:
                 trust_root(self["ca-file"])
@@ -134,6 +148,7 @@ class ConsoleService(Service):
             options["route"],
             state_dir=Path(options["state-dir"]).expanduser(),
             ca_file=options["ca-file"],
+            device=options["device"],
         )
         history_dir = Path(options["history-dir"]).expanduser()
         runner = thread_runner(reactor)

@@ -23,16 +23,15 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from cim import envelope as codes
-from cim.delivery import Delivery
 from cim.envelope import ApiError, envelope
-from cim.interfaces import IRegistry, IServerControl, IStore, StoreError
-from cim.limits import MAX_BATCH
+from cim.interfaces import IRegistry, IServerControl, IStore, StoreError, TokenInfo
+from cim.limits import MAX_BATCH, MAX_DEVICES
 from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pushapi import SECRET_HEADER
 from cim.route.balancer import Balancer
 from cim.route.fields import MAX_DEPTH, REQUESTS, Limits, bad, check_json, type_name
-from cim.route.logic import Credentials, Probe, Router
+from cim.route.logic import Credentials, Probe, RouteDelivery, Router
 from cim.route.openapi import openapi_document
 
 #: The largest request body accepted by default, in bytes.
@@ -82,6 +81,7 @@ class RouteAPI:
     @param max_body: the largest request body, in bytes.
     @param login_rate: failed logins and registrations a minute allowed per
         account; C{address_rate}: per client address (L{cim.route.throttle}).
+    @param max_devices: how many devices (sessions) one user may hold.
     Other parameters: see L{Router}.
     """
 
@@ -92,7 +92,7 @@ class RouteAPI:
         self,
         store: IStore,
         registry: IRegistry,
-        delivery: Delivery,
+        delivery: RouteDelivery,
         pusher: IServerControl,
         balancer: Balancer,
         clock: IReactorTime,
@@ -107,6 +107,7 @@ class RouteAPI:
         max_body: int = MAX_BODY,
         login_rate: float = 10.0,
         address_rate: float = 60.0,
+        max_devices: int = MAX_DEVICES,
     ) -> None:
         self.router = Router(
             store,
@@ -122,6 +123,7 @@ class RouteAPI:
             clock=clock,
             login_rate=login_rate,
             address_rate=address_rate,
+            max_devices=max_devices,
         )
         self.registry = registry
         self.clock = clock
@@ -231,8 +233,12 @@ class RouteAPI:
 
     async def _authorize(
         self, request: IRequest, user_id: int, legacy: bool = False
-    ) -> None:
-        await self.router.authorize(user_id, self._credentials(request), legacy)
+    ) -> TokenInfo | None:
+        """
+        @return: what the request's token stands for, or C{None} when it
+            passed by the secret or C{--legacy-auth}.
+        """
+        return await self.router.authorize(user_id, self._credentials(request), legacy)
 
     # Error handlers (tried in this order)
 
@@ -315,6 +321,7 @@ class RouteAPI:
             self._credentials(request),
             v["accountKey"],
             _address(request),
+            v["device"],
         )
         self.m_logins.inc()
         server = {
@@ -329,6 +336,7 @@ class RouteAPI:
             "token": done.token,
             "userId": done.account.user_id,
             "userName": done.account.user_name,
+            "device": done.device,
         }
         # Whether the server's client port speaks TLS: for cim's clients
         # only (CIM's reply has exactly the three fields above).
@@ -367,8 +375,10 @@ class RouteAPI:
     @app.route("/offLine", methods=["POST"])
     async def off_line(self, request: IRequest) -> bytes:
         user_id = self._parse(request)["userId"]
-        await self._authorize(request, user_id, legacy=True)
-        await self.router.log_off(user_id)
+        token = await self._authorize(request, user_id, legacy=True)
+        # A user's token logs off its own device; the secret (and CIM's
+        # clients, under --legacy-auth) every device of the user.
+        await self.router.log_off(user_id, None if token is None else token.device)
         return self._ok(request)
 
     @app.route("/onlineUser", methods=["GET", "POST"])
@@ -524,9 +534,75 @@ class RouteAPI:
         v = self._parse(request)
         await self._authorize(request, v["userId"])
         messages = await self.router.history(
-            v["userId"], v["conversation"], v["afterSeq"], v["limit"]
+            v["userId"],
+            v["conversation"],
+            v["afterSeq"],
+            v["limit"],
+            peer_id=v["peerId"],
+            before_seq=v["beforeSeq"],
         )
         return self._ok(request, [message_to_dict(m) for m in messages])
+
+    # Conversations, read positions and devices
+
+    async def _user_request(self, request: IRequest) -> dict[str, Any]:
+        v = self._parse(request)
+        await self._authorize(request, v["userId"])
+        return v
+
+    @app.route("/conversations", methods=["POST"])
+    async def conversations(self, request: IRequest) -> bytes:
+        v = await self._user_request(request)
+        found = await self.router.conversations(v["userId"])
+        data = []
+        for state, peer in found:
+            item: dict[str, Any] = {
+                "conversation": state.conversation,
+                "epoch": state.epoch,
+                "lastSeq": state.last_seq,
+                "read": state.read,
+                "unread": state.unread,
+            }
+            if state.peer_id:
+                item["peerId"] = state.peer_id
+                if peer is not None:
+                    item["peerName"] = peer.user_name
+                item["peerRead"] = state.peer_read
+            if state.group_id:
+                item["groupId"] = state.group_id
+            data.append(item)
+        return self._ok(request, data)
+
+    @app.route("/read", methods=["POST"])
+    async def read(self, request: IRequest) -> bytes:
+        v = await self._user_request(request)
+        position = await self.router.read(v["userId"], v["conversation"], v["seq"])
+        return self._ok(request, {"read": position})
+
+    @app.route("/readPositions", methods=["POST"])
+    async def read_positions(self, request: IRequest) -> bytes:
+        v = await self._user_request(request)
+        states = await self.router.read_positions(v["userId"], v["conversation"])
+        return self._ok(
+            request, [{"userId": s.user_id, "read": s.read} for s in states]
+        )
+
+    @app.route("/devices", methods=["POST"])
+    async def devices(self, request: IRequest) -> bytes:
+        v = await self._user_request(request)
+        sessions = await self.router.devices(v["userId"])
+        return self._ok(
+            request,
+            [
+                {
+                    "device": s.device,
+                    "server": s.server,
+                    "connected": s.connected,
+                    "active": s.active,
+                }
+                for s in sessions
+            ],
+        )
 
     # Operations
 

@@ -24,12 +24,16 @@ from cim.interfaces import (
     HISTORY_MODES,
 )
 from cim.limits import (
+    DEVICE_ID,
+    DEVICE_ID_PATTERN,
+    DEVICE_ID_RULE,
     GROUP_ID_PATTERN,
     GROUP_ID_RULE,
     MAX_BATCH,
     MAX_CLIENT_MSG_ID,
     MAX_NAME,
     MAX_PASSWORD,
+    MAX_SEQ,
     MAX_USER_ID,
     is_group_id,
 )
@@ -153,6 +157,7 @@ class UserId(Field):
 
     name: str = "userId"
     required: bool = True
+    description: str = ""
 
     def parse(self, body: Body, limits: Limits) -> int | None:
         value = body.get(self.name)
@@ -177,7 +182,9 @@ class UserId(Field):
                     {"type": "integer", "format": "int64", "minimum": 1},
                     {"type": "string", "pattern": "^[0-9]+$"},
                 ],
-                "description": "A user id, as a number or a string of digits.",
+                "description": (
+                    "A user id, as a number or a string of digits.  " + self.description
+                ).strip(),
             }
         }
 
@@ -266,6 +273,38 @@ class GroupId(Field):
 
 
 @dataclass(frozen=True, slots=True)
+class Device(Field):
+    """
+    The client's device id (L{cim.limits.DEVICE_ID}); absent: C{""}, the
+    device of a client that names none (CIM's).
+    """
+
+    name: str = "device"
+    required: bool = False
+
+    def parse(self, body: Body, limits: Limits) -> str:
+        value = body.get(self.name)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise bad(f"{self.name} must be a string, not {type_name(value)}")
+        if DEVICE_ID.fullmatch(value) is None:
+            raise bad(f"{self.name} must be {DEVICE_ID_RULE}")
+        return value
+
+    def properties(self, limits: Limits) -> dict[str, Schema]:
+        return {
+            self.name: {
+                "type": "string",
+                "pattern": f"^{DEVICE_ID_PATTERN}$",
+                "description": "This client's device id, chosen and kept by the "
+                f"client ({DEVICE_ID_RULE}).  A user holds one session per "
+                "device; without it the login is CIM's (one session per user).",
+            }
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ClientMsgId(Field):
     """
     The sender's id for a send: a retry with it is stored once.
@@ -299,18 +338,22 @@ class ClientMsgId(Field):
 @dataclass(frozen=True, slots=True)
 class Integer(Field):
     """
-    An optional integer between C{low} and C{high}.
+    An integer between C{low} and C{high}: C{default} when absent
+    (C{None}: absent stays C{None}), unless C{required}.
     """
 
     name: str
-    default: int
+    default: int | None
     low: int
     high: int
     required: bool = False
+    description: str = ""
 
-    def parse(self, body: Body, limits: Limits) -> int:
+    def parse(self, body: Body, limits: Limits) -> int | None:
         value = body.get(self.name)
         if value is None:
+            if self.required:
+                raise bad(f"{self.name} is missing")
             return self.default
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise bad(f"{self.name} must be an integer, not {type_name(value)}")
@@ -323,14 +366,12 @@ class Integer(Field):
         return number
 
     def properties(self, limits: Limits) -> dict[str, Schema]:
-        return {
-            self.name: {
-                "type": "integer",
-                "minimum": self.low,
-                "maximum": self.high,
-                "default": self.default,
-            }
-        }
+        schema: Schema = {"type": "integer", "minimum": self.low, "maximum": self.high}
+        if self.default is not None:
+            schema["default"] = self.default
+        if self.description:
+            schema["description"] = self.description
+        return {self.name: schema}
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,6 +560,18 @@ def _group_and(other: str) -> Request:
     return _request(UserId(), GroupId(), UserId(other))
 
 
+def _conversation(required: bool = True, also: str = "") -> Text:
+    return Text(
+        "conversation",
+        MAX_CONVERSATION,
+        required=required,
+        description=(
+            "p:<lower userId>:<higher userId> (a private conversation of yours) "
+            f"or g:<groupId> (a group of yours), e.g. p:3:7 or g:friends.  {also}"
+        ).strip(),
+    )
+
+
 _ACCOUNT_KEY = Text(
     "accountKey",
     MAX_TOKEN,
@@ -540,6 +593,7 @@ REQUESTS: dict[str, Request] = {
         Text("password", MAX_PASSWORD, required=False),
         Text("token", MAX_TOKEN, required=False),
         _ACCOUNT_KEY,
+        Device(),
     ),
     "/groupRoute": _request(UserId(), Message()),
     "/p2pRoute": _request(UserId(), UserId("receiveUserId"), Texts(), ClientMsgId()),
@@ -560,12 +614,41 @@ REQUESTS: dict[str, Request] = {
     "/user/groups": _request(UserId()),
     "/history": _request(
         UserId(),
-        Text(
-            "conversation",
-            MAX_CONVERSATION,
-            description="u:<userId> (your inbox) or g:<groupId>, e.g. g:friends",
+        _conversation(
+            required=False,
+            also="Give either it or peerId; u:<userId> inboxes are gone.",
         ),
-        Integer("afterSeq", 0, 0, MAX_USER_ID),
+        UserId(
+            "peerId",
+            required=False,
+            description="The other user of a private conversation (instead "
+            "of conversation).",
+        ),
+        Integer("afterSeq", 0, 0, MAX_SEQ, description="Messages after this seq."),
+        Integer(
+            "beforeSeq",
+            None,
+            0,
+            MAX_SEQ,
+            description="Paging back: the latest messages before this seq "
+            "(0: the latest of all), instead of those after afterSeq.",
+        ),
         Integer("limit", DEFAULT_PAGE, 1, MAX_PAGE),
     ),
+    "/conversations": _request(UserId()),
+    "/read": _request(
+        UserId(),
+        _conversation(),
+        Integer(
+            "seq",
+            None,
+            0,
+            MAX_SEQ,
+            required=True,
+            description="The seq of the last message read (never lowers the "
+            "position; at most the conversation's last seq).",
+        ),
+    ),
+    "/readPositions": _request(UserId(), _conversation()),
+    "/devices": _request(UserId()),
 }

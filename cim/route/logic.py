@@ -10,7 +10,7 @@ import hmac
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -19,12 +19,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim import envelope as codes
-from cim.delivery import Delivery, DeliveryReport
+from cim.delivery import DeliveryReport
 from cim.envelope import ApiError
 from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
     Account,
+    ConversationState,
     GroupExists,
     GroupInfo,
     IRegistry,
@@ -35,14 +36,22 @@ from cim.interfaces import (
     ServerAddress,
     Session,
     SessionExists,
+    TokenInfo,
     TooManyJoinRequests,
 )
+from cim.limits import MAX_DEVICES
 from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
+    INBOX_PREFIX,
+    KICK_DEVICE_LIMIT,
+    KICK_REPLACED,
+    PAIR_PREFIX,
     ChatMessage,
     group_conversation,
-    inbox,
+    pair_conversation,
+    pair_members,
+    peer_of,
 )
 from cim.names import name_key
 from cim.route.balancer import Balancer
@@ -58,6 +67,35 @@ MAX_JOIN_REQUESTS = 1000
 
 #: Checks that an IM server accepts connections: fires with a bool.
 Probe = Callable[[ServerAddress], "Deferred[bool]"]
+
+#: Why a session's connection is closed when its user logs off.
+KICK_LOGGED_OFF = "logged off"
+
+
+class RouteDelivery(Protocol):
+    """
+    What the route asks of the delivery core (L{cim.delivery.Delivery}).
+    """
+
+    def append(self, messages: list[NewMessage]) -> Deferred[list[ChatMessage]]:
+        """
+        Store C{messages}, in order.  @return: fires with the stored ones.
+        """
+
+    def deliver(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[DeliveryReport]:
+        """
+        Deliver stored messages to every connected device of each user.
+        """
+
+    def deliver_read(
+        self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> Deferred[DeliveryReport]:
+        """
+        Tell every connected device of each of C{user_ids} that
+        C{reader_id} read C{conversation} up to C{seq} (a READ frame).
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +121,17 @@ class Login:
     account: Account
     server: ServerAddress
     token: str
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """
+    One user's read position in a conversation (C{/readPositions}).
+    """
+
+    user_id: int
+    read: int
 
 
 class Router:
@@ -103,6 +152,8 @@ class Router:
         account (L{GuessLimit}).
     @param address_rate: failed logins or registrations a minute allowed per
         client address.
+    @param max_devices: how many sessions (devices) one user may hold: a
+        login past it drops the least recently active ones.
     """
 
     log = Logger()
@@ -111,7 +162,7 @@ class Router:
         self,
         store: IStore,
         registry: IRegistry,
-        delivery: Delivery,
+        delivery: RouteDelivery,
         pusher: IServerControl,
         balancer: Balancer,
         probe: Probe,
@@ -123,8 +174,10 @@ class Router:
         clock: IReactorTime | None = None,
         login_rate: float = 10.0,
         address_rate: float = 60.0,
+        max_devices: int = MAX_DEVICES,
     ) -> None:
         self.store = store
+        self.max_devices = max_devices
         self.guesses = (
             None if clock is None else GuessLimit(clock, login_rate, address_rate)
         )
@@ -153,19 +206,21 @@ class Router:
 
     async def authorize(
         self, user_id: int, credentials: Credentials, legacy: bool = False
-    ) -> None:
+    ) -> TokenInfo | None:
         """
         Check that the request may act for C{user_id}: it carries the
         cluster secret, or a valid token of that user.  With C{legacy} (a
         CIM endpoint) and C{--legacy-auth}, a request without any credential
         passes too; wrong credentials never do.
 
+        @return: what the token stands for (its device), or C{None} when the
+            request passed by the secret or by C{--legacy-auth}.
         @raise ApiError: L{codes.UNAUTHORIZED}.
         """
         if credentials.secret is not None:
             if not self.secret_matches(credentials.secret):
                 raise ApiError(codes.UNAUTHORIZED, "the cluster secret is wrong")
-            return
+            return None
         if credentials.token is not None:
             info = await self.store.verify_token(credentials.token)
             if info is None:
@@ -177,9 +232,9 @@ class Router:
                 raise ApiError(
                     codes.UNAUTHORIZED, f"the token does not belong to user {user_id}"
                 )
-            return
+            return info
         if legacy and self.legacy_auth:
-            return
+            return None
         raise ApiError(
             codes.UNAUTHORIZED,
             "this call needs the user's login token (Authorization: Bearer <token>) "
@@ -285,23 +340,28 @@ class Router:
         credentials: Credentials,
         account_key: str | None = None,
         address: str | None = None,
+        device: str = "",
     ) -> Login:
         """
-        Log a user in: check the account and the request's proof, pick a
-        reachable server, claim the user's session there and issue a token
-        for it.
+        Log one of a user's devices in: check the account and the request's
+        proof, pick a reachable server, claim the device's session there and
+        issue a token for it.
 
         The proof is the cluster secret, the account's password or account
         key, or a valid token of the user (see L{_proof}).  Without one the
         login is refused (L{codes.ACCOUNT_MISMATCH}) unless C{--legacy-auth}
-        is on; then (CIM's behaviour) a user who already holds a session is
-        refused with L{codes.REPEAT_LOGIN}.  A login with a proof replaces
-        the user's session (connected or only claimed: a login that never
-        connected cannot lock the owner out), and the old session's server
-        is asked to drop its connection.  Nothing is left behind when a step
-        fails.
+        is on; then (CIM's behaviour) a user who already holds any session
+        is refused with L{codes.REPEAT_LOGIN}.  A login with a proof
+        replaces the device's session (connected or only claimed: a login
+        that never connected cannot lock the owner out), and past
+        C{max_devices} sessions drops the user's least recently active
+        ones; each dropped session's server is asked to close its
+        connection (L{KICK_REPLACED}, L{KICK_DEVICE_LIMIT}).  Nothing is
+        left behind when a step fails.
 
         @param address: the client's address, for the guessing limit.
+        @param device: the client's device id (C{""}: a client naming none,
+            such as CIM's).
         @raise ApiError: L{codes.ACCOUNT_MISMATCH}, L{codes.REPEAT_LOGIN},
             L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}, L{codes.RATE_LIMITED}.
         """
@@ -326,36 +386,51 @@ class Router:
                 self._failed(subject, address)
             raise
         if not proof:
-            existing: Session | None = await self.store.get_session(user_id)
-            if existing is not None:
-                raise ApiError(
-                    codes.REPEAT_LOGIN,
-                    f"user {user_id} is already logged in; log off first, or prove "
-                    "it is you with the password or the current token",
-                )
+            held: list[Session] = await self.store.user_sessions(user_id)
+            if held:
+                raise self._repeat_login(user_id)
         server = await self._pick_server(user_id)
         try:
-            session, old = await self.store.claim_session(
-                user_id, account.user_name, str(server), ttl=CLAIM_TTL, replace=proof
+            session, dropped = await self.store.claim_session(
+                user_id,
+                account.user_name,
+                str(server),
+                ttl=CLAIM_TTL,
+                replace=proof,
+                device=device,
+                max_devices=self.max_devices,
             )
         except SessionExists:
-            raise ApiError(codes.REPEAT_LOGIN) from None
-        if old is not None:
-            self.kick(old, "logged in again elsewhere")
+            raise self._repeat_login(user_id) from None
+        for old in dropped:
+            self.kick(old, KICK_REPLACED if old.device == device else KICK_DEVICE_LIMIT)
         try:
             issued: str = await self.store.issue_token(
-                user_id, str(server), session.session_id, ttl=self.token_ttl
+                user_id,
+                str(server),
+                session.session_id,
+                ttl=self.token_ttl,
+                device=device,
             )
         except BaseException:
-            await self._release_quietly(user_id, session.session_id)
+            await self._release_quietly(user_id, session.session_id, device)
             raise
         self.log.info(
-            "{user_id} ({user_name}) logs in on {server}",
+            "{user_id} ({user_name}) logs in on {server}{device}",
             user_id=user_id,
             user_name=account.user_name,
             server=str(server),
+            device=f" from device {device}" if device else "",
         )
-        return Login(account, server, issued)
+        return Login(account, server, issued, device)
+
+    @staticmethod
+    def _repeat_login(user_id: int) -> ApiError:
+        return ApiError(
+            codes.REPEAT_LOGIN,
+            f"user {user_id} is already logged in; log off first, or prove "
+            "it is you with the password or the current token",
+        )
 
     async def _proof(
         self,
@@ -442,9 +517,11 @@ class Router:
             self.log.failure("Probing {server} failed", server=str(server))
             return False
 
-    async def _release_quietly(self, user_id: int, session_id: str) -> None:
+    async def _release_quietly(
+        self, user_id: int, session_id: str, device: str
+    ) -> None:
         try:
-            await self.store.release_session(user_id, session_id)
+            await self.store.release_session(user_id, session_id, device)
         except Exception:
             self.log.failure(
                 "Releasing the claim of {user_id} after a failed login failed",
@@ -481,22 +558,29 @@ class Router:
             return succeed(None)
         return d.addCallbacks(lambda _: None, failed)
 
-    async def log_off(self, user_id: int) -> bool:
+    async def log_off(self, user_id: int, device: str | None = None) -> bool:
         """
-        Release the user's session (only that one: compare-and-delete) and
-        ask its server to close the connection.
+        Release the sessions of the user's C{device} (C{None}: all its
+        devices), each only if it is still the device's (compare-and-delete),
+        and ask their servers to close the connections.
 
         @return: whether there was a session to release.
         """
-        session: Session | None = await self.store.get_session(user_id)
-        if session is None:
-            return False
-        released: bool = await self.store.release_session(user_id, session.session_id)
-        if released:
-            # Answer once the server closed the connection and saved its
-            # cursors: what a CIM client was sent counts as received, and a
-            # login right after this one must not get it again.
-            await self.kick(session, "logged off", logged_off=True)
+        if device is None:
+            sessions: list[Session] = await self.store.user_sessions(user_id)
+        else:
+            session: Session | None = await self.store.get_session(user_id, device)
+            sessions = [] if session is None else [session]
+        released = False
+        for session in sessions:
+            if await self.store.release_session(
+                user_id, session.session_id, session.device
+            ):
+                released = True
+                # Answer once the server closed the connection and saved its
+                # cursors: what a CIM client was sent counts as received,
+                # and a login right after this one must not get it again.
+                await self.kick(session, KICK_LOGGED_OFF, logged_off=True)
         return released
 
     async def online_users(self) -> list[tuple[int, str]]:
@@ -505,36 +589,48 @@ class Router:
 
     async def fetch_offline(self, user_id: int) -> None:
         """
-        Ask the user's server to send it the stored messages it has not got.
+        Ask the servers of the user's connected devices to send them the
+        stored messages they have not got.
 
-        @raise ApiError: L{codes.OFFLINE_USER} when the user is not
-            connected; L{codes.OFFLINE_FETCH_ERROR} when its server fails.
+        @raise ApiError: L{codes.OFFLINE_USER} when no device of the user is
+            connected; L{codes.OFFLINE_FETCH_ERROR} when a server fails.
         """
-        session: Session | None = await self.store.get_session(user_id)
-        if session is None or not session.connected:
+        sessions: list[Session] = await self.store.user_sessions(user_id)
+        servers = sorted({s.server for s in sessions if s.connected})
+        if not servers:
             raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected")
+        answers = [await self._resync(server, user_id) for server in servers]
+        if all(code == codes.OFFLINE_USER for code in answers):
+            raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected")
+        for server, code in zip(servers, answers, strict=True):
+            if code not in (codes.SUCCESS, codes.OFFLINE_USER):
+                raise ApiError(
+                    codes.OFFLINE_FETCH_ERROR,
+                    f"the server {server} did not answer"
+                    if code is None
+                    else f"the server {server} answered {code}",
+                )
+
+    async def _resync(self, server: str, user_id: int) -> str | None:
+        """
+        Ask C{server} to resync the user's devices there.
+
+        @return: the code it answered (C{None}: it did not answer).
+        """
         try:
-            reply = await self.pusher.resync(session.server, user_id)
+            reply = await self.pusher.resync(server, user_id)
         except CancelledError:
             raise
         except Exception as e:
             self.log.warn(
                 "Resync of {user_id} on {server} failed: {error}",
                 user_id=user_id,
-                server=session.server,
+                server=server,
                 error=str(e),
             )
-            raise ApiError(
-                codes.OFFLINE_FETCH_ERROR, f"the server {session.server} did not answer"
-            ) from None
+            return None
         code = reply.get("code") if isinstance(reply, dict) else None
-        if code == codes.OFFLINE_USER:
-            raise ApiError(codes.OFFLINE_USER, f"user {user_id} is not connected")
-        if code != codes.SUCCESS:
-            raise ApiError(
-                codes.OFFLINE_FETCH_ERROR,
-                f"the server {session.server} answered {code}",
-            )
+        return str(code)
 
     # Messages
 
@@ -582,23 +678,27 @@ class Router:
         client_msg_id: str = "",
     ) -> tuple[ChatMessage, bool]:
         """
-        Store C{texts} (in order) in the receiver's inbox, then deliver them.
+        Store C{texts} (in order) in the private conversation of the sender
+        and the receiver (L{pair_conversation}), then deliver them to every
+        connected device of both (the sender's other devices see what it
+        sent; the sending one keeps its stream without gaps).
 
-        @return: the last stored message, and whether it reached the
-            receiver's connection.
+        @return: the last stored message, and whether it reached a device
+            of the receiver.
         """
         sender = await self.account(user_id)
         await self.account(receiver_id, "receiveUserId")
         stored = await self.delivery.append(
             self._messages(
                 sender,
-                inbox(receiver_id),
+                pair_conversation(user_id, receiver_id),
                 texts,
                 client_msg_id,
                 receive_user_id=receiver_id,
             )
         )
-        report = await self.delivery.deliver(stored, [receiver_id])
+        users = [user_id] if receiver_id == user_id else [user_id, receiver_id]
+        report = await self.delivery.deliver(stored, users)
         return stored[-1], receiver_id in report.delivered
 
     def _report(self, what: str, report: DeliveryReport) -> None:
@@ -663,15 +763,15 @@ class Router:
 
     async def _admit(self, group_id: str, user_id: int) -> bool:
         """
-        Make C{user_id} a member from the group's last message on: its
-        cursor starts there (recorded before the join, so that nothing sent
-        after it can be skipped: the user's server starts a group joined
-        since login from the stored cursor), and so does what its
+        Make C{user_id} a member from the group's last message on: its read
+        position is set there (before the join, so that nothing sent after
+        it can be skipped: the devices' streams of a group joined since
+        their login start from the read position), and so does what its
         C{/history} may read (unless the group's history is C{full}).
         """
         conversation = group_conversation(group_id)
         last: int = await self.store.last_seq(conversation)
-        await self.store.set_cursors(user_id, {conversation: last})
+        await self.store.set_read(user_id, conversation, last)
         try:
             joined: bool = await self.store.join_group(group_id, user_id, last)
         except NoSuchGroup:
@@ -730,6 +830,8 @@ class Router:
             left: bool = await self.store.leave_group(group_id, user_id)
         except NoSuchGroup:
             raise self._no_group(group_id) from None
+        if left:
+            await self.store.forget_cursors(user_id, group_conversation(group_id))
         return left
 
     async def group_info(self, user_id: int, group_id: str) -> GroupInfo:
@@ -841,6 +943,8 @@ class Router:
             removed: bool = await self.store.leave_group(group_id, member_id)
         except NoSuchGroup:
             raise self._no_group(group_id) from None
+        if removed:
+            await self.store.forget_cursors(member_id, group_conversation(group_id))
         return removed
 
     async def transfer(self, user_id: int, group_id: str, new_owner_id: int) -> None:
@@ -917,15 +1021,20 @@ class Router:
         groups: list[str] = await self.store.user_groups(user_id)
         return groups
 
-    async def history(
-        self, user_id: int, conversation: str, after_seq: int, limit: int
-    ) -> list[ChatMessage]:
-        """
-        A page of C{conversation}: the user's own inbox or a group it belongs
-        to.  Of a group, a member reads only the messages after the seq at
-        which it joined, unless the group's history is C{full}.
+    # Conversations and read positions
 
-        @raise ApiError: L{codes.UNAUTHORIZED} for another conversation.
+    async def _conversation(
+        self, user_id: int, conversation: str
+    ) -> tuple[GroupInfo | None, int | None]:
+        """
+        Check that C{conversation} is one of the user's: a private one of
+        its (L{pair_conversation}), or a group it belongs to.
+
+        @return: the group's L{GroupInfo} (for a group), and the other user
+            (for a private conversation; the user itself for its notes).
+        @raise ApiError: L{codes.INVALID_ARGUMENT} for an id that names no
+            conversation (or an old C{u:} inbox), or an unknown group;
+            L{codes.UNAUTHORIZED} for another user's conversation.
         """
         if conversation.startswith(GROUP_PREFIX):
             group_id = conversation[len(GROUP_PREFIX) :]
@@ -934,17 +1043,148 @@ class Router:
                 raise ApiError(
                     codes.UNAUTHORIZED, f"user {user_id} is not a member of {group_id}"
                 )
-            if info.history != "full":
-                after_seq = max(after_seq, info.joined_at)
-        elif conversation != inbox(user_id):
+            return info, None
+        if conversation.startswith(INBOX_PREFIX):
             raise ApiError(
-                codes.UNAUTHORIZED,
-                f"user {user_id} may read u:{user_id} and its groups' g:<groupId> only",
+                codes.INVALID_ARGUMENT,
+                f"conversation: {conversation} is an old one-sided inbox; a private "
+                "conversation is p:<lower id>:<higher id> with both sides: give "
+                "the other user as peerId (or that id as conversation)",
             )
-        messages: list[ChatMessage] = await self.store.read(
-            conversation, after_seq, limit
+        if conversation.startswith(PAIR_PREFIX):
+            if pair_members(conversation) is None:
+                raise ApiError(
+                    codes.INVALID_ARGUMENT,
+                    f"conversation: {conversation!r} is not p:<lower id>:<higher id>",
+                )
+            peer = peer_of(conversation, user_id)
+            if peer is None:
+                raise ApiError(
+                    codes.UNAUTHORIZED,
+                    f"{conversation} is not a conversation of user {user_id}",
+                )
+            return None, peer
+        raise ApiError(
+            codes.UNAUTHORIZED,
+            f"user {user_id} may use its private conversations p:<id>:<id> and "
+            "its groups' g:<groupId> only",
         )
+
+    async def history(
+        self,
+        user_id: int,
+        conversation: str | None,
+        after_seq: int,
+        limit: int,
+        *,
+        peer_id: int | None = None,
+        before_seq: int | None = None,
+    ) -> list[ChatMessage]:
+        """
+        A page of one of the user's conversations (see L{_conversation}),
+        named by its id or, for a private one, by the other user
+        (C{peer_id}): the messages after C{after_seq} or, with
+        C{before_seq}, the latest ones before it (0: the latest), paging
+        back.  Of a group, a member reads only the messages after the seq
+        at which it joined, unless the group's history is C{full}.
+
+        @raise ApiError: L{codes.INVALID_ARGUMENT} without exactly one of
+            C{conversation} and C{peer_id}; see L{_conversation}.
+        """
+        if (conversation is None) == (peer_id is None):
+            raise ApiError(
+                codes.INVALID_ARGUMENT,
+                "give either conversation (p:<id>:<id> or g:<groupId>) or peerId "
+                "(the other user of a private conversation)",
+            )
+        if peer_id is not None:
+            await self.account(peer_id, "peerId")
+            conversation = pair_conversation(user_id, peer_id)
+        assert conversation is not None
+        info, _ = await self._conversation(user_id, conversation)
+        if info is not None and info.history != "full":
+            after_seq = max(after_seq, info.joined_at)
+        messages: list[ChatMessage]
+        if before_seq is None:
+            messages = await self.store.read(conversation, after_seq, limit)
+        else:
+            messages = await self.store.read_before(conversation, before_seq, limit)
+            messages = [m for m in messages if m.seq > after_seq]
         return messages
+
+    async def conversations(
+        self, user_id: int
+    ) -> list[tuple[ConversationState, Account | None]]:
+        """
+        Where the user stands in each of its private conversations that
+        hold messages and in each of its groups.
+
+        @return: each L{ConversationState}, with the other user's account
+            for a private conversation (C{None} for a group, or an unknown
+            peer).
+        """
+        await self.account(user_id)
+        states: list[ConversationState] = await self.store.conversations(user_id)
+        out: list[tuple[ConversationState, Account | None]] = []
+        for state in states:
+            peer = None
+            if state.peer_id:
+                try:
+                    peer = await self.account(state.peer_id)
+                except ApiError:
+                    peer = None
+            out.append((state, peer))
+        return out
+
+    async def read(self, user_id: int, conversation: str, seq: int) -> int:
+        """
+        Raise the user's read position in one of its conversations to
+        C{seq} (never lowering it; at most the last seq), and tell every
+        connected device of the user and, in a private conversation, of
+        the other user (read receipts).  Group members' positions are not
+        pushed (L{read_positions} answers them).
+
+        @return: the user's read position after the call.
+        """
+        _, peer = await self._conversation(user_id, conversation)
+        position: int = await self.store.set_read(user_id, conversation, seq)
+        told = [user_id] if peer is None or peer == user_id else [user_id, peer]
+        try:
+            report: DeliveryReport = await self.delivery.deliver_read(
+                user_id, conversation, position, told
+            )
+            self._report(f"read position in {conversation}", report)
+        except CancelledError:
+            raise
+        except Exception:
+            self.log.failure(
+                "Telling the devices of {users} about a read position failed",
+                users=told,
+            )
+        return position
+
+    async def read_positions(self, user_id: int, conversation: str) -> list[ReadState]:
+        """
+        The read positions of the members of one of the user's groups, or
+        of both users of one of its private conversations, by user id.
+        """
+        info, peer = await self._conversation(user_id, conversation)
+        if info is not None:
+            users = await self._members_for(user_id, info.group_id)
+        else:
+            assert peer is not None
+            users = sorted({user_id, peer})
+        positions: dict[int, int] = await self.store.read_positions(conversation, users)
+        return [ReadState(u, positions.get(u, 0)) for u in users]
+
+    async def devices(self, user_id: int) -> list[Session]:
+        """
+        The user's sessions, one per device (claimed or connected), ordered
+        by device.
+        """
+        await self.account(user_id)
+        sessions: list[Session] = await self.store.user_sessions(user_id)
+        return sessions
 
     # Health
 

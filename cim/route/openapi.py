@@ -152,15 +152,18 @@ def openapi_document(max_message: int = 4096) -> Schema:
             "its password, its accountKey, a valid token in the body or the "
             "bearer header, or the secret (9100 without one; with "
             "--legacy-auth an account without a password needs none, and a "
-            "user already logged in then gets 5000).  Picks a reachable IM "
-            "server with the balancer (7100 when none), claims the user's "
-            "session there, replacing (and closing) an older one, and issues "
-            "a token for the TCP login.  Failed attempts are limited per "
-            "account and per address (6000).",
+            "user already holding any session then gets 5000).  Picks a "
+            "reachable IM server with the balancer (7100 when none), claims "
+            "the session of the user's device there (one per device; no "
+            'device: the device "", CIM\'s single session), replacing (and '
+            "closing) the device's older one, and past --max-devices sessions "
+            "closing the least recently active other device's; then issues a "
+            "token bound to that device for the TCP login.  Failed attempts "
+            "are limited per account and per address (6000).",
             body("/login"),
             _ref("LoginResult"),
             "Where to connect (CIM's fields), and with X-Cim-Extended the "
-            "token to log in with.",
+            "token to log in with and the device.",
             cim=True,
         ),
         "/groupRoute": _operation(
@@ -174,11 +177,13 @@ def openapi_document(max_message: int = 4096) -> Schema:
         ),
         "/p2pRoute": _operation(
             "Send a private message",
-            "Stored in the receiver's inbox (batchMsg: several texts, in order), "
-            "then delivered; 7000 when the receiver is offline or unreachable: "
-            "the message waits for its next login.  3000 for an unknown "
-            "receiver.  dataBody is null (CIM's NULLBody) unless the request "
-            "has X-Cim-Extended (then also with 7000).",
+            "Stored in the private conversation of the two users, "
+            "p:<lower id>:<higher id> (batchMsg: several texts, in order), then "
+            "delivered to every connected device of both; 7000 when no device "
+            "of the receiver is connected or reachable: the message waits for "
+            "its next login.  3000 for an unknown receiver.  dataBody is null "
+            "(CIM's NULLBody) unless the request has X-Cim-Extended (then also "
+            "with 7000).",
             body("/p2pRoute"),
             sent,
             "null; with X-Cim-Extended the last stored message's id and seq.",
@@ -187,7 +192,9 @@ def openapi_document(max_message: int = 4096) -> Schema:
         ),
         "/offLine": _operation(
             "Log off",
-            "Releases the user's session and closes its connection.",
+            "With the user's token: releases the session of that token's "
+            "device and closes its connection.  With the secret (or no "
+            "credential under --legacy-auth): every device of the user.",
             body("/offLine"),
             None,
             "null",
@@ -196,7 +203,8 @@ def openapi_document(max_message: int = 4096) -> Schema:
         ),
         "/fetchOfflineMsgs": _operation(
             "Have the stored messages pushed again",
-            "Asks the user's IM server to send what the user has not got.  "
+            "Asks the IM servers of the user's devices to send them what they "
+            "have not got.  "
             "Success whether or not the user is connected, as CIM answers; "
             "with X-Cim-Extended, 7000 when the user is not connected.",
             body("/fetchOfflineMsgs"),
@@ -385,13 +393,62 @@ def openapi_document(max_message: int = 4096) -> Schema:
         ),
         "/history": _operation(
             "Read a conversation",
-            "u:<userId> (the user's own inbox) or g:<groupId> (a group the user "
-            "belongs to; 4010 otherwise), the messages with seq > afterSeq.  "
-            "Of a group whose history is join, only the messages after the "
-            "seq at which the user joined.",
+            "conversation: p:<lower id>:<higher id> (a private conversation of "
+            "the user; 4010 for another's) or g:<groupId> (a group the user "
+            "belongs to; 4010 otherwise); or peerId instead, for the private "
+            "conversation with that user.  u:<userId> inboxes are gone (3000, "
+            "naming peerId).  The messages with seq > afterSeq or, with "
+            "beforeSeq, the latest ones before it (0: the latest), to page "
+            "back.  Of a group whose history is join, only the messages after "
+            "the seq at which the user joined.",
             body("/history"),
             _array(_ref("Message")),
             "Up to limit messages, in seq order.",
+            auth="user",
+        ),
+        "/conversations": _operation(
+            "The user's conversations and unread counts",
+            "Each private conversation that holds messages and each group of "
+            "the user: its epoch (the numbering the store holds; a client "
+            "position of another epoch is not trusted), last seq, the user's "
+            "read position and unread count; the other user, its name and "
+            "read position (read receipts) of a private one; the group id of "
+            "a group.",
+            body("/conversations"),
+            _array(_ref("Conversation")),
+            "Ordered by conversation id.",
+            auth="user",
+        ),
+        "/read": _operation(
+            "Mark a conversation read",
+            "Raises the user's read position in one of its conversations to "
+            "seq (never lowers it; at most the last seq), and tells every "
+            "connected device of the user and, in a private conversation, of "
+            "the other user (a READ frame).  4010 for a conversation not the "
+            "user's; 3000 for an unknown group or a malformed id.",
+            body("/read"),
+            _obj({"read": {"type": "integer"}}, ["read"]),
+            "read: the user's read position after the call.",
+            auth="user",
+        ),
+        "/readPositions": _operation(
+            "Who read how far",
+            "The read positions of a group's members (for a member), or of "
+            "both users of a private conversation (for either); 4010 "
+            "otherwise.",
+            body("/readPositions"),
+            _array(_ref("ReadPosition")),
+            "By user id.",
+            auth="user",
+        ),
+        "/devices": _operation(
+            "The user's devices",
+            'One session per device: the device id ("" for a client naming '
+            "none), its IM server, whether it is connected (false: logged in, "
+            "not connected yet), and when it was last active.",
+            body("/devices"),
+            _array(_ref("Device")),
+            "Ordered by device.",
             auth="user",
         ),
     }
@@ -516,6 +573,12 @@ def openapi_document(max_message: int = 4096) -> Schema:
                             "type": "string",
                             "description": "With X-Cim-Extended only.",
                         },
+                        "device": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only: the "
+                            'device logged in ("" when the request named '
+                            "none).",
+                        },
                         "tls": {
                             "type": "boolean",
                             "description": "With X-Cim-Extended only, and "
@@ -524,6 +587,43 @@ def openapi_document(max_message: int = 4096) -> Schema:
                         },
                     },
                     ["ip", "cimServerPort", "httpPort"],
+                ),
+                "Conversation": _obj(
+                    {
+                        "conversation": {"type": "string"},
+                        "epoch": {"type": "string"},
+                        "lastSeq": {"type": "integer"},
+                        "read": {"type": "integer"},
+                        "unread": {"type": "integer"},
+                        "peerId": {
+                            "type": "integer",
+                            "description": "A private conversation's other "
+                            "user (the user itself for its notes).",
+                        },
+                        "peerName": {"type": "string"},
+                        "peerRead": {
+                            "type": "integer",
+                            "description": "The other user's read position.",
+                        },
+                        "groupId": {"type": "string"},
+                    },
+                    ["conversation", "epoch", "lastSeq", "read", "unread"],
+                ),
+                "ReadPosition": _obj(
+                    {"userId": {"type": "integer"}, "read": {"type": "integer"}},
+                    ["userId", "read"],
+                ),
+                "Device": _obj(
+                    {
+                        "device": {"type": "string"},
+                        "server": {"type": "string"},
+                        "connected": {"type": "boolean"},
+                        "active": {
+                            "type": "number",
+                            "description": "Seconds since the epoch.",
+                        },
+                    },
+                    ["device", "server", "connected", "active"],
                 ),
                 "Message": _obj(
                     {
@@ -537,6 +637,11 @@ def openapi_document(max_message: int = 4096) -> Schema:
                         "clientMsgId": {"type": "string"},
                         "receiveUserId": {"type": "integer"},
                         "groupId": {"type": "string"},
+                        "epoch": {
+                            "type": "string",
+                            "description": "The conversation's epoch when it "
+                            "was stored: (epoch, seq) names it for ever.",
+                        },
                     },
                     [
                         "msgId",

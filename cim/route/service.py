@@ -20,7 +20,7 @@ from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
-from cim.limits import MAX_BATCH, SENDER_QUOTA
+from cim.limits import MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
 from cim.limits_net import (
     HTTP_PER_ADDRESS,
     SHUTDOWN_TIMEOUT,
@@ -55,6 +55,7 @@ class RouteConfig:
     @ivar port: a number (TCP on C{bind}) or an endpoint description
         (L{cim.listen}).
     @ivar ca_file: the CAs of the servers' push API certificates.
+    @ivar max_devices: how many devices (sessions) one user may hold.
     """
 
     port: Listen = 8083
@@ -76,6 +77,7 @@ class RouteConfig:
     login_rate: float = 10.0
     address_rate: float = 60.0
     ca_file: str | None = None
+    max_devices: int = MAX_DEVICES
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -228,6 +230,7 @@ class RouteService(AsyncStartService):
             max_body=config.max_body,
             login_rate=config.login_rate,
             address_rate=config.address_rate,
+            max_devices=config.max_devices,
         )
         site = QuietSite(
             self.api.app.resource(),

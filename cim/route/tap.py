@@ -5,10 +5,13 @@ behind a load balancer).
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.service import IService
 from twisted.python import usage
 
 from cim.daemon import daemon_service
+from cim.limits import MAX_DEVICES
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
@@ -23,6 +26,16 @@ from cim.options import (
 )
 from cim.route.balancer import BALANCERS
 from cim.route.service import RouteConfig, RouteService
+
+#: C{--max-devices}, of the route and of the standalone process.
+MAX_DEVICES_OPTION: list[Any] = [
+    "max-devices",
+    None,
+    MAX_DEVICES,
+    "How many devices (sessions) one user may hold at once: a login from "
+    "one more device logs out the least recently active one.",
+    whole_number("max-devices", 1, 1000),
+]
 
 
 class Options(usage.Options):
@@ -98,6 +111,7 @@ class Options(usage.Options):
             "The longest chat message, in characters.",
             whole_number("max-message", 1, 1024 * 1024),
         ],
+        MAX_DEVICES_OPTION,
         *SEND_LIMITS,
         *daemon_options(HTTP_PER_ADDRESS),
     ]
@@ -134,6 +148,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         limits=net_limits(options),
         shutdown_timeout=options["shutdown-timeout"],
         ca_file=options["ca-file"],
+        max_devices=options["max-devices"],
     )
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from cim.message import BROADCAST, ChatMessage, Command, Cursor, Frame
+from cim.message import (
+    BROADCAST,
+    PAIR_PREFIX,
+    ChatMessage,
+    Command,
+    Cursor,
+    Frame,
+    Position,
+)
 from cim.server import wire
 from cim.server.link import IClientLink
 
@@ -27,17 +35,29 @@ class Connection:
 
     @ivar link: the connection's wire adapter.
     @ivar opened: when it was made; C{last_seen}: when it last sent a frame.
+    @ivar active: when its device was last active (its login, or its last
+        send), reported at session renewals.
+    @ivar device: the device it logged in as (C{""} for CIM clients and
+        clients that name none).
     @ivar logging_in: a login is being checked.
-    @ivar replaced: a newer login of the same user took over; closing this
-        connection must not release the session.
+    @ivar replaced: a newer login of the same device took over, or its
+        session was released elsewhere; closing this connection must not
+        release the session.
+    @ivar held: while its login reads where its conversations start, the
+        live messages that arrived for it (offered to its streams once they
+        exist); C{None} otherwise.
     @ivar legacy: a CIM client (it logged in without a token): it gets only
         the frames CIM's client reads (L{wire.CIM_COMMANDS}), each message
         with its properties.
     @ivar tokens: the rate limit's token bucket.
-    @ivar acked: per conversation, the highest seq the client acknowledged
-        (cim clients) or, for CIM clients, that a later heartbeat proved
-        was received; C{ack_dirty} when not saved yet.
+    @ivar acked: per conversation, the highest position (of the stream's
+        epoch) the client acknowledged (cim clients) or, for CIM clients,
+        that a later heartbeat proved was received; C{ack_dirty} when not
+        saved yet.
     @ivar streams: per conversation, what this connection was written.
+    @ivar read_sent: per conversation, the highest read position this
+        connection reported (a READ frame that does not raise it is not
+        passed on).
     """
 
     __slots__ = (
@@ -48,6 +68,8 @@ class Connection:
         "user_id",
         "user_name",
         "session_id",
+        "device",
+        "active",
         "legacy",
         "logging_in",
         "replaced",
@@ -56,6 +78,8 @@ class Connection:
         "acked",
         "ack_dirty",
         "streams",
+        "held",
+        "read_sent",
     )
 
     def __init__(self, link: IClientLink, peer: str, now: float) -> None:
@@ -66,14 +90,18 @@ class Connection:
         self.user_id = 0
         self.user_name = ""
         self.session_id = ""
+        self.device = ""
+        self.active = now
         self.legacy = False
         self.logging_in = False
         self.replaced = False
         self.closed = False
         self.tokens = 0.0
-        self.acked: dict[str, int] = {}
+        self.acked: dict[str, Position] = {}
         self.ack_dirty = False
         self.streams: dict[str, Stream] = {}
+        self.held: list[tuple[Sequence[ChatMessage], wire.Batch]] | None = None
+        self.read_sent: dict[str, int] = {}
 
     def send(self, frame: Frame) -> None:
         """
@@ -91,12 +119,16 @@ class Connection:
     ) -> None:
         """
         Send chat messages, live (C{MESSAGE}, as the shared C{batch} when
-        given) or replayed (C{OFFLINE}), in the form this client reads.
+        given) or replayed (C{OFFLINE}), in the form this client reads: a
+        CIM client never gets its own messages of a private conversation
+        (it did not get them in CIM; its streams advance all the same).
         """
         if self.closed:
             return
         if self.legacy:
-            for frame in wire.for_cim_client(messages, cmd, self.user_id):
+            user_id = self.user_id
+            theirs = [m for m in messages if not _own_private(m, user_id)]
+            for frame in wire.for_cim_client(theirs, cmd, user_id):
                 self.link.send(frame)
         elif batch is not None:
             self.link.send_batch(batch)
@@ -106,27 +138,36 @@ class Connection:
     def acknowledge(self, cursors: Sequence[Cursor]) -> int:
         """
         The client acknowledged C{cursors}.  Only a conversation this
-        connection receives (one of its L{streams}: its inbox, its groups)
-        counts, and only up to what was written to it; any other cursor is
-        ignored (it would break the user's next logins, or grow its stored
-        cursors without bound).
+        connection receives (one of its L{streams}: its private
+        conversations, its groups) counts, only in the stream's epoch (the
+        one the server told it at login or in an EPOCH frame), and only up
+        to what was written to it; any other cursor is ignored (it would
+        break the device's next logins, or grow its stored cursors without
+        bound).
 
         @return: how many cursors were ignored (the broadcast conversation,
             which has no cursor, is not counted).
         """
         ignored = 0
-        acked = self.acked
         for cursor in cursors:
             conversation = cursor.conversation
             stream = self.streams.get(conversation)
-            if stream is None or cursor.seq > stream.delivered:
+            if (
+                stream is None
+                or cursor.epoch != stream.epoch.id
+                or not 0 < cursor.seq <= stream.delivered
+            ):
                 if conversation != BROADCAST:
                     ignored += 1
                 continue
-            if cursor.seq > acked.get(conversation, 0):
-                acked[conversation] = cursor.seq
-                self.ack_dirty = True
+            self._raise_acked(conversation, stream.epoch.id, cursor.seq)
         return ignored
+
+    def _raise_acked(self, conversation: str, epoch: str, seq: int) -> None:
+        old = self.acked.get(conversation)
+        if old is None or old.epoch != epoch or seq > old.seq:
+            self.acked[conversation] = Position(epoch, seq)
+            self.ack_dirty = True
 
     def acknowledge_delivered(self) -> None:
         """
@@ -135,9 +176,20 @@ class Connection:
         when this is done).
         """
         for conversation, stream in self.streams.items():
-            if stream.delivered > self.acked.get(conversation, 0):
-                self.acked[conversation] = stream.delivered
-                self.ack_dirty = True
+            if stream.delivered > 0:
+                self._raise_acked(conversation, stream.epoch.id, stream.delivered)
+
+
+def _own_private(message: ChatMessage, user_id: int) -> bool:
+    """
+    Whether C{message} is C{user_id}'s own message of a private conversation
+    with another user.
+    """
+    return (
+        message.sender_id == user_id
+        and message.conversation.startswith(PAIR_PREFIX)
+        and message.conversation != f"{PAIR_PREFIX}{user_id}:{user_id}"
+    )
 
 
 class ConnectionControl(Protocol):

@@ -7,14 +7,17 @@ frames they send, dispatched to the parts that handle them:
   - L{cim.server.stream}: in-order delivery and replay to each connection;
   - L{cim.server.wire}: every frame the server sends.
 
-This module owns the life cycle (start, sweep, stop), the rate limit, the
-acknowledged cursors and the push API's operations.  The wire adapter is
-L{cim.server.protocol} (an L{IClientLink}); nothing here touches bytes.
+This module owns the life cycle (start, sweep, stop), the connections of
+each user's devices (one per device: a login of the same device replaces
+the older connection), the rate limit, the acknowledged cursors (per
+device), the read positions that clients report (READ frames) and the push
+API's operations.  The wire adapter is L{cim.server.protocol} (an
+L{IClientLink}); nothing here touches bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -24,14 +27,22 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher
-from cim.interfaces import IStore, ServerAddress, StoreError
+from cim.interfaces import HeldSession, IStore, ServerAddress, StoreError
 from cim.limits import MAX_BATCH, SESSION_TTL
-from cim.message import ChatMessage, Command, Cursor, ErrorCode, Frame
+from cim.message import (
+    KICK_REPLACED,
+    ChatMessage,
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+    peer_of,
+)
 from cim.metrics import Metrics
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.link import IClientLink
-from cim.server.login import Authenticator, Grant, Refusal
+from cim.server.login import Authenticator, Grant, Refusal, Resumption, resume
 from cim.server.sending import Sender
 from cim.server.stream import Stream, Streams
 
@@ -83,7 +94,8 @@ class IMServer:
         self.session_ttl = session_ttl
         self._renewed = clock.seconds()
         self._renewing = False
-        self.users: dict[int, Connection] = {}
+        #: user id -> device -> its logged-in connection here.
+        self.users: dict[int, dict[str, Connection]] = {}
         self.connections: set[Connection] = set()
         self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
         self._sweeper = LoopingCall(self.sweep)
@@ -108,6 +120,11 @@ class IMServer:
         self.m_acks_ignored = metrics.counter(
             "acks_ignored_total",
             "Acknowledged cursors ignored: not a conversation of the connection, "
+            "not of its epoch, or beyond what it was sent",
+        )
+        self.m_reads_ignored = metrics.counter(
+            "reads_ignored_total",
+            "Read positions ignored: not a conversation of the connection, "
             "or beyond what it was sent",
         )
         self.m_latency = metrics.histogram(
@@ -149,7 +166,7 @@ class IMServer:
         self.streams.stop()
         releases = []
         for conn in list(self.connections):
-            if conn.user_id and self.users.get(conn.user_id) is conn:
+            if conn.user_id and self.connection(conn.user_id, conn.device) is conn:
                 releases.append(self._release(conn))
                 conn.replaced = True  # released here, not again on close
             self.kick(conn, "the server is shutting down")
@@ -187,61 +204,110 @@ class IMServer:
             for conn in dirty:
                 conn.ack_dirty = False
             self.store.set_many_cursors(
-                {conn.user_id: dict(conn.acked) for conn in dirty}
+                {(conn.user_id, conn.device): dict(conn.acked) for conn in dirty}
             ).addErrback(self._save_many_failed, dirty)
         if now - self._renewed >= self.session_ttl / 3 and not self._renewing:
             self._renew(now)
 
     def _renew(self, now: float) -> None:
         """
-        Renew the sessions of every user connected here, in one store call;
-        close the connections whose session a newer login replaced.
+        Renew the sessions of every device connected here, with when each
+        was last active, in one store call; close the connections whose
+        session is not their device's any more (a newer login of the device
+        replaced it, or the device limit dropped it).
         """
-        held = [
-            (conn.user_id, conn.session_id, conn.user_name)
-            for conn in self.users.values()
-            if not conn.closed
-        ]
+        held = {
+            conn.session_id: conn
+            for conn in self.logged_in()
+            if not conn.closed and conn.held is None
+        }
         self._renewed = now
         if not held:
             return
         self._renewing = True
+        sessions = [
+            HeldSession(
+                conn.user_id, conn.session_id, conn.user_name, conn.device, conn.active
+            )
+            for conn in held.values()
+        ]
 
-        sessions = {user_id: session_id for user_id, session_id, _ in held}
-
-        def renewed(lost: list[int]) -> None:
-            for user_id in lost:
-                conn = self.users.get(user_id)
-                if (
-                    conn is not None
-                    and not conn.closed
-                    and conn.session_id == sessions.get(user_id)
-                ):
+        def renewed(lost: list[str]) -> None:
+            for session_id in lost:
+                conn = held.get(session_id)
+                if conn is not None and not conn.closed:
                     self.log.info(
-                        "Closing {user_id}: its session was replaced", user_id=user_id
+                        "Closing {user_id} ({device!r}): its session was replaced",
+                        user_id=conn.user_id,
+                        device=conn.device,
                     )
                     conn.replaced = True
-                    self.kick(conn, "logged in again elsewhere")
+                    self._save_acks(conn)
+                    self.kick(conn, KICK_REPLACED)
 
         def failed(failure: Failure) -> None:
             self.log.failure(
-                "Renewing the sessions of {count} users failed",
+                "Renewing the sessions of {count} devices failed",
                 failure,
-                count=len(held),
+                count=len(sessions),
             )
 
         def done(result: object) -> None:
             self._renewing = False
 
-        d = self.store.renew_sessions(self.here, held, self.session_ttl)
+        d = self.store.renew_sessions(self.here, sessions, self.session_ttl)
         d.addCallbacks(renewed, failed).addBoth(done)
 
     def _save_many_failed(self, failure: Failure, dirty: list[Connection]) -> None:
         for conn in dirty:
             conn.ack_dirty = True
         self.log.failure(
-            "Saving the cursors of {count} users failed", failure, count=len(dirty)
+            "Saving the cursors of {count} devices failed", failure, count=len(dirty)
         )
+
+    # The connections of each user's devices
+
+    def connection(self, user_id: int, device: str = "") -> Connection | None:
+        """
+        The logged-in connection of C{user_id}'s C{device} here, if any.
+        """
+        return self.users.get(user_id, {}).get(device)
+
+    def devices(self, user_id: int) -> list[Connection]:
+        """
+        The logged-in connections of C{user_id}'s devices here (open or
+        closing).
+        """
+        return list(self.users.get(user_id, {}).values())
+
+    def logged_in(self) -> Iterator[Connection]:
+        """
+        Every logged-in connection here.
+        """
+        for devices in self.users.values():
+            yield from devices.values()
+
+    def _bind(self, conn: Connection) -> Connection | None:
+        """
+        Make C{conn} its device's connection here.  @return: the one it
+        replaces, if any.
+        """
+        devices = self.users.setdefault(conn.user_id, {})
+        old = devices.get(conn.device)
+        devices[conn.device] = conn
+        return old
+
+    def _unbind(self, conn: Connection) -> bool:
+        """
+        Forget C{conn} as its device's connection.  @return: whether it was.
+        """
+        devices = self.users.get(conn.user_id)
+        if devices is None or devices.get(conn.device) is not conn:
+            return False
+        del devices[conn.device]
+        if not devices:
+            del self.users[conn.user_id]
+        return True
 
     # Connection events (from the protocol)
 
@@ -267,11 +333,7 @@ class IMServer:
             return
         if conn.legacy and clean and closed_by_client:
             conn.acknowledge_delivered()
-        if self.users.get(conn.user_id) is not conn:
-            self._save_acks(conn)
-            return
-        del self.users[conn.user_id]
-        if conn.replaced:
+        if not self._unbind(conn) or conn.replaced:
             self._save_acks(conn)
             return
         self._release(conn).addErrback(
@@ -283,10 +345,13 @@ class IMServer:
     def _release(self, conn: Connection) -> Deferred[object]:
         """
         Save C{conn}'s acknowledged cursors, then release its session: a
-        new login (which needs the session free) reads the saved cursors.
+        new login of the device (which needs the session free) reads the
+        saved cursors.
         """
         return self._save_acks(conn).addCallback(
-            lambda _: self.store.release_session(conn.user_id, conn.session_id)
+            lambda _: self.store.release_session(
+                conn.user_id, conn.session_id, conn.device
+            )
         )
 
     def error(
@@ -345,16 +410,22 @@ class IMServer:
         now = self.clock.seconds()
         cmd = frame.cmd
         # Token bucket: refill at `rate` per second since the last frame, up
-        # to a burst of 2*rate; each message of a batch costs one.
+        # to a burst of 2*rate; each message of a batch (each position of a
+        # READ) costs one.
         conn.tokens = min(
             2 * self.rate, conn.tokens + (now - conn.last_seen) * self.rate
         )
         conn.last_seen = now
-        conn.tokens -= len(frame.batch) if frame.batch else 1
+        if frame.batch:
+            conn.tokens -= len(frame.batch)
+        elif cmd == Command.READ and frame.cursors:
+            conn.tokens -= len(frame.cursors)
+        else:
+            conn.tokens -= 1
         if conn.tokens < 0:
             self.error(conn, ErrorCode.RATE_LIMITED, "too many messages", close=True)
             return
-        if not conn.user_id:
+        if not conn.user_id or conn.held is not None:
             if cmd == Command.LOGIN_REQUEST and not conn.logging_in:
                 conn.logging_in = True
                 ensureDeferred(self._login(conn, frame)).addErrback(
@@ -380,11 +451,14 @@ class IMServer:
             )
             self.close(conn)
         elif cmd == Command.MESSAGE:
+            conn.active = now
             self.sender.send(conn, frame)
         elif cmd == Command.ACK:
             ignored = conn.acknowledge(frame.cursors)
             if ignored:
                 self.m_acks_ignored.inc(ignored)
+        elif cmd == Command.READ:
+            self._read(conn, frame.cursors)
         else:
             self.error(
                 conn,
@@ -432,64 +506,100 @@ class IMServer:
         if self._stopping:
             self.kick(conn, "the server is shutting down")
             return
-        outcome = await self.authenticator.authenticate(frame)
-        if isinstance(outcome, Refusal):
-            self._refuse(conn, outcome)
+        grant = await self.authenticator.authenticate(frame)
+        if isinstance(grant, Refusal):
+            self._refuse(conn, grant)
             return
         if conn.closed:
             # The client went away while we were checking; it still holds
             # the session, so release it.
-            await self.store.release_session(outcome.user_id, outcome.session_id)
+            await self.authenticator.release_quietly(grant)
             return
-        streams = self._grant(conn, outcome, () if outcome.legacy else frame.cursors)
-        for stream in streams:
+        # Bound before its conversations are read: what is delivered live
+        # from here on waits in conn.held, and nothing falls between the
+        # reads and the streams.
+        saved = self._bind_login(conn, grant)
+        try:
+            await saved
+            resumption = await resume(
+                self.store,
+                grant.user_id,
+                grant.device,
+                () if grant.legacy else frame.cursors,
+            )
+        except BaseException:
+            if self._unbind(conn):
+                conn.held = None
+                await self.authenticator.release_quietly(grant)
+            raise
+        if conn.closed:
+            # Gone meanwhile (or replaced): its close released the session.
+            return
+        for stream in self._grant(conn, grant, resumption):
             await self.streams.fill(conn, stream, Command.OFFLINE)
 
-    def _grant(
-        self, conn: Connection, grant: Grant, cursors: Sequence[Cursor]
-    ) -> list[Stream]:
+    def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None]:
         """
-        Bind C{grant}'s user to C{conn}, resuming each of its conversations
-        from the client's C{cursors}, or the stored ones.  @return: the
-        conversations' streams, to replay from the store (live messages
-        wait in them until the replay caught up).
+        Make C{conn} the connection of C{grant}'s device, kicking the one it
+        replaces.  @return: a Deferred firing once the replaced one's
+        acknowledged cursors are saved (the new one resumes from them).
         """
-        user_id = grant.user_id
-        old = self.users.get(user_id)
-        if old is not None:
-            old.replaced = True
-            self.kick(old, "logged in again elsewhere")
-        conn.user_id = user_id
+        conn.user_id = grant.user_id
         conn.user_name = grant.user_name
         conn.session_id = grant.session_id
+        conn.device = grant.device
+        conn.active = self.clock.seconds()
+        conn.held = []
+        old = self._bind(conn)
+        self.sender.known_users.add(grant.user_id)
+        if old is None:
+            return succeed(None)
+        old.replaced = True
+        saved = self._save_acks(old)
+        self.kick(old, KICK_REPLACED)
+        return saved
+
+    def _grant(
+        self, conn: Connection, grant: Grant, resumption: Resumption
+    ) -> list[Stream]:
+        """
+        Start C{conn}'s streams where C{resumption} says, tell the client
+        (a cim client: LOGIN_RESPONSE), and offer it what arrived live
+        meanwhile.  @return: the streams to replay from the store (those
+        holding more than their start; live messages wait in them until
+        the replay caught up).
+        """
         conn.logging_in = False
-        resume = {c.conversation: c.seq for c in cursors}
-        stored = grant.cursors
+        conn.acked.update(resumption.acked)
         streams = []
-        for conversation in grant.conversations:
-            start = resume.get(conversation, stored.get(conversation, 0))
-            stream = Stream(conversation, start, filling=True)
-            conn.streams[conversation] = stream
-            conn.acked[conversation] = stored.get(conversation, 0)
-            streams.append(stream)
-        # Visible to deliveries from here on.  A message stored before this
-        # point reached the store before the replay reads it.
-        self.users[user_id] = conn
-        self.sender.known_users.add(user_id)
+        for start in resumption.starts:
+            behind = start.last_seq > start.seq
+            stream = Stream(start.conversation, start.seq, behind, start.epoch)
+            conn.streams[start.conversation] = stream
+            if behind:
+                streams.append(stream)
         self.m_logins.inc()
         self.log.info(
-            "{user_id} ({user_name}) logged in from {peer}{legacy}",
-            user_id=user_id,
+            "{user_id} ({user_name}) logged in from {peer}{device}{legacy}",
+            user_id=grant.user_id,
             user_name=grant.user_name,
             peer=conn.peer,
+            device=f" as device {grant.device!r}" if grant.device else "",
             legacy=" (CIM client)" if grant.legacy else "",
         )
         if not grant.legacy:
             conn.send(
                 wire.login_response(
-                    user_id, grant.user_name, int(self.clock.seconds() * 1000)
+                    grant.user_id,
+                    grant.user_name,
+                    int(self.clock.seconds() * 1000),
+                    grant.device,
+                    [start.cursor for start in resumption.starts],
                 )
             )
+        held, conn.held = conn.held or [], None
+        for messages, batch in held:
+            self.streams.offer(conn, messages, batch)
         return streams
 
     # Acknowledged cursors
@@ -502,7 +612,9 @@ class IMServer:
         if not conn.ack_dirty:
             return succeed(None)
         conn.ack_dirty = False
-        d: Deferred[None] = self.store.set_cursors(conn.user_id, dict(conn.acked))
+        d: Deferred[None] = self.store.set_cursors(
+            conn.user_id, dict(conn.acked), conn.device
+        )
         return d.addErrback(self._save_acks_failed, conn)
 
     def _save_acks_failed(self, failure: Failure, conn: Connection) -> None:
@@ -511,75 +623,158 @@ class IMServer:
             "Saving cursors of {user_id} failed", failure, user_id=conn.user_id
         )
 
+    # Read positions
+
+    def _read(self, conn: Connection, cursors: Sequence[Cursor]) -> None:
+        """
+        The client read up to each of C{cursors}: raise the user's read
+        positions, and tell every device of the user (and of the peer, in a
+        private conversation).  Only a conversation the connection receives
+        counts, in its epoch (or none given), up to what it was sent.
+        """
+        ignored = 0
+        for cursor in cursors:
+            conversation = cursor.conversation
+            stream = conn.streams.get(conversation)
+            if (
+                stream is None
+                or cursor.epoch not in ("", stream.epoch.id)
+                or not 0 < cursor.seq <= stream.delivered
+            ):
+                ignored += 1
+                continue
+            if cursor.seq <= conn.read_sent.get(conversation, 0):
+                continue
+            conn.read_sent[conversation] = cursor.seq
+            ensureDeferred(
+                self._set_read(conn.user_id, conversation, cursor.seq)
+            ).addErrback(self._set_read_failed, conn.user_id, conversation)
+        if ignored:
+            self.m_reads_ignored.inc(ignored)
+
+    def _set_read_failed(
+        self, failure: Failure, user_id: int, conversation: str
+    ) -> None:
+        self.log.failure(
+            "Setting the read position of {user_id} in {conversation} failed",
+            failure,
+            user_id=user_id,
+            conversation=conversation,
+        )
+
+    async def _set_read(self, user_id: int, conversation: str, seq: int) -> None:
+        position = await self.store.set_read(user_id, conversation, seq)
+        users = [user_id]
+        peer = peer_of(conversation, user_id)
+        if peer is not None and peer != user_id:
+            users.append(peer)
+        await self.delivery.deliver_read(user_id, conversation, position, users)
+
     # Delivery to connections here
 
     def deliver_local(
         self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> list[int]:
         """
-        Write C{messages} (one batch, in seq order) to those of C{user_ids}
-        connected here, encoding them once for all.  @return: the others.
+        Write C{messages} (one batch, in seq order) to every device of those
+        of C{user_ids} connected here, encoding them once for all.
+        @return: the users with no device connected here.
         """
         missing = []
         batch = wire.Batch(messages)
         now_ms = self.clock.seconds() * 1000
         offer = self.streams.offer
+        users = self.users
         for uid in user_ids:
-            conn = self.users.get(uid)
-            if conn is None or conn.closed:
+            devices = users.get(uid)
+            reached = False
+            if devices is not None:
+                for conn in devices.values():
+                    if not conn.closed:
+                        offer(conn, messages, batch)
+                        reached = True
+            if not reached:
                 missing.append(uid)
-                continue
-            offer(conn, messages, batch)
         if messages:
             self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
+        return missing
+
+    def deliver_read_local(
+        self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
+    ) -> list[int]:
+        """
+        Tell every device of those of C{user_ids} connected here that
+        C{reader_id} read C{conversation} up to C{seq} (a READ frame; CIM
+        clients get none).  @return: the users with no device connected
+        here.
+        """
+        frame = wire.read(reader_id, conversation, seq)
+        missing = []
+        for uid in user_ids:
+            reached = False
+            for conn in self.devices(uid):
+                if not conn.closed:
+                    if conn.held is None:
+                        conn.send(frame)
+                    reached = True
+            if not reached:
+                missing.append(uid)
         return missing
 
     # Push API operations
 
     def send_raw(self, user_id: int, frame: Frame) -> bool:
         """
-        Write C{frame} to C{user_id}'s connection (CIM's C{/sendMsg}),
-        completed with the receiver's properties for a CIM client.
+        Write C{frame} to every connection of C{user_id}'s devices (CIM's
+        C{/sendMsg}), completed with the receiver's properties for a CIM
+        client.
 
         @return: whether the user is connected here.
         @raise ValueError: a CIM client could not read C{frame}.
         """
-        conn = self.users.get(user_id)
-        if conn is None or conn.closed:
+        conns = [conn for conn in self.devices(user_id) if not conn.closed]
+        if not conns:
             return False
-        if conn.legacy:
-            frame = wire.raw_for_cim_client(frame, user_id)
-        conn.send(frame)
+        if any(conn.legacy for conn in conns):
+            cim_frame = wire.raw_for_cim_client(frame, user_id)
+        for conn in conns:
+            conn.send(cim_frame if conn.legacy else frame)
         return True
 
     def kick_user(
         self, user_id: int, session_id: str, reason: str, logged_off: bool = False
     ) -> Deferred[bool]:
         """
-        Close C{user_id}'s connection if it belongs to C{session_id} (or to
-        any session when C{session_id} is empty).
+        Close the connection of C{user_id}'s device whose session is
+        C{session_id} (every device's when C{session_id} is empty).
 
         @param logged_off: the user logged off (CIM's C{/offLine}): what a
             CIM client was sent counts as received.
         @return: fires with whether there was such a connection, once its
             acknowledged cursors are saved.
         """
-        conn = self.users.get(user_id)
-        if conn is None or (session_id and conn.session_id != session_id):
+        conns = [
+            conn
+            for conn in self.devices(user_id)
+            if not session_id or conn.session_id == session_id
+        ]
+        if not conns:
             return succeed(False)
-        conn.replaced = True
-        if logged_off and conn.legacy:
-            conn.acknowledge_delivered()
-        saved = self._save_acks(conn)
-        self.kick(conn, reason)
-        return saved.addCallback(lambda _: True)
+        saving = []
+        for conn in conns:
+            conn.replaced = True
+            if logged_off and conn.legacy:
+                conn.acknowledge_delivered()
+            saving.append(self._save_acks(conn))
+            self.kick(conn, reason)
+        return DeferredList(saving).addCallback(lambda _: True)
 
     def resync(self, user_id: int) -> bool:
         """
-        Send C{user_id} whatever the store holds that it has not got yet.
+        Send every device of C{user_id} connected here whatever the store
+        holds that it has not got yet.
         """
-        conn = self.users.get(user_id)
-        if conn is None:
-            return False
-        self.streams.resync(conn)
-        return True
+        conns = [conn for conn in self.devices(user_id) if conn.held is None]
+        for conn in conns:
+            self.streams.resync(conn)
+        return bool(conns)

@@ -1,28 +1,30 @@
 """
 L{Authenticator}: whether a login frame may bind its user to a connection.
 
-It checks the frame against the store (the token, or for a CIM client the
-session the route assigned to this server) and answers with a value: a
-L{Grant} naming the user, its session and where its conversations stand,
-or a L{Refusal} with the error code and reason to tell the client.  It
-changes nothing but the session's state in the store
+It checks the frame against the store (the token, which names the
+device, or for a CIM client the session the route assigned to this server)
+and answers with a value: a L{Grant} naming the user, its device and its
+session, or a L{Refusal} with the error code and reason to tell the client.
+It changes nothing but the session's state in the store
 (L{IStore.activate_session} on success); applying the answer to the
-connection is the server's job (L{cim.server.core.IMServer}).
+connection is the server's job (L{cim.server.core.IMServer}), which then
+asks L{resume} where the device starts each conversation.
 
 A store failure is not a refusal: it fails the coroutine, and the server
 answers with an internal error (a session activated before the failure is
-released first).
+released first: L{Authenticator.release_quietly}).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from cim.interfaces import IStore
+from cim.interfaces import Epoch, IStore
 from cim.limits import SESSION_TTL
-from cim.message import ErrorCode, Frame, group_conversation, inbox
+from cim.message import Cursor, ErrorCode, Frame, Position
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,24 +34,100 @@ class Grant:
 
     @ivar session_id: the session that the connection now holds.
     @ivar legacy: a CIM client (it sent no token).
-    @ivar cursors: the user's stored (acknowledged) cursors, by
-        conversation.
-    @ivar groups: the groups the user is a member of.
+    @ivar device: the device the session is of (the token's; C{""} for a
+        CIM client).
     """
 
     user_id: int
     user_name: str
     session_id: str
     legacy: bool
-    cursors: dict[str, int]
-    groups: list[str]
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """
+    Where a connection starts one of its conversations.
+
+    @ivar epoch: the conversation's current L{Epoch}.
+    @ivar seq: the seq after which it is sent messages.
+    @ivar reset: the position it resumed from was of an epoch that the
+        store does not trust (the client must be told).
+    @ivar last_seq: the conversation's last seq when it was read (nothing
+        to replay when not above C{seq}).
+    """
+
+    conversation: str
+    epoch: Epoch
+    seq: int
+    reset: bool = False
+    last_seq: int = 0
 
     @property
-    def conversations(self) -> list[str]:
+    def cursor(self) -> Cursor:
         """
-        The conversations the user receives: its inbox, then its groups.
+        The start as the server tells the client.
         """
-        return [inbox(self.user_id)] + [group_conversation(g) for g in self.groups]
+        return Cursor(self.conversation, self.seq, self.epoch.id, self.reset)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """
+    Where a device resumes each of its user's conversations.
+
+    @ivar starts: one L{Start} per conversation the connection receives
+        (the user's private conversations that hold messages, and its
+        groups), ordered by conversation.
+    @ivar acked: the device's stored (acknowledged) cursors in those.
+    """
+
+    starts: list[Start] = field(default_factory=list)
+    acked: dict[str, Position] = field(default_factory=dict)
+
+
+async def resume(
+    store: IStore, user_id: int, device: str, sent: Sequence[Cursor] = ()
+) -> Resumption:
+    """
+    Where C{user_id}'s C{device} resumes each of its conversations: after
+    the position the client C{sent} at login, else the device's stored
+    cursor, else the user's read position, else from the start; each
+    through the conversation's current epoch (L{Epoch.resume}), and never
+    past its last seq (a position beyond it is not trusted).
+
+    Reads the conversations and the device's cursors at once, then their
+    epochs: two round trips.
+    """
+    reading_states = store.conversations(user_id)
+    reading_cursors = store.get_cursors(user_id, device)
+    try:
+        states = await reading_states
+    finally:
+        stored = await reading_cursors
+    if not states:
+        return Resumption()
+    epochs = await store.epochs([state.conversation for state in states])
+    client = {c.conversation: Position(c.epoch, c.seq) for c in sent}
+    starts = []
+    acked = {}
+    for state in states:
+        conversation = state.conversation
+        epoch = epochs.get(conversation) or Epoch(base=state.last_seq)
+        device_position = stored.get(conversation)
+        if device_position is not None:
+            acked[conversation] = device_position
+        position = (
+            client.get(conversation)
+            or device_position
+            or Position(epoch.id, state.read)
+        )
+        seq, reset = epoch.resume(position)
+        if seq > state.last_seq:
+            seq, reset = state.last_seq, True
+        starts.append(Start(conversation, epoch, seq, reset, state.last_seq))
+    return Resumption(starts, acked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +166,6 @@ class Authenticator:
         self.legacy_login = legacy_login
         self.session_ttl = session_ttl
 
-    async def _release_quietly(self, user_id: int, session_id: str) -> None:
-        try:
-            await self.store.release_session(user_id, session_id)
-        except Exception:
-            self.log.failure(
-                "Releasing the session of {user_id} after a failed login failed",
-                user_id=user_id,
-            )
-
     def is_legacy(self, frame: Frame) -> bool:
         """
         Whether the login C{frame} comes from a CIM client: where those are
@@ -132,11 +201,12 @@ class Authenticator:
             if info.server != self.here:
                 return Refusal(ErrorCode.BAD_TOKEN, "the token is for another server")
             session_id = info.session_id
+            device = info.device
         elif self.legacy_login:
-            session_id = ""
+            session_id = device = ""
         else:
             return Refusal(ErrorCode.BAD_TOKEN, "a login token is required")
-        session = await self.store.get_session(user_id)
+        session = await self.store.get_session(user_id, device)
         if session is None or (not legacy and session.session_id != session_id):
             return Refusal(
                 ErrorCode.BAD_TOKEN, "no such session: log in through the route"
@@ -146,27 +216,28 @@ class Authenticator:
         if legacy and session.user_name != frame.req_msg:
             return Refusal(ErrorCode.BAD_TOKEN, "userName does not match the session")
         if not await self.store.activate_session(
-            user_id, session.session_id, self.session_ttl
+            user_id, session.session_id, self.session_ttl, device
         ):
             return Refusal(ErrorCode.BAD_TOKEN, "the session was replaced or expired")
-        try:
-            # Both reads at once.
-            reading_cursors = self.store.get_cursors(user_id)
-            reading_groups = self.store.user_groups(user_id)
-            try:
-                cursors = await reading_cursors
-            finally:
-                groups = await reading_groups
-        except BaseException:
-            # The session is active but nobody will hold it: release it, so
-            # that the user is not listed online and can log in again.
-            await self._release_quietly(user_id, session.session_id)
-            raise
         return Grant(
             user_id=user_id,
             user_name=session.user_name,
             session_id=session.session_id,
             legacy=legacy,
-            cursors=cursors,
-            groups=groups,
+            device=device,
         )
+
+    async def release_quietly(self, grant: Grant) -> None:
+        """
+        Release C{grant}'s session (its login failed after it was
+        activated), logging a failure to do so.
+        """
+        try:
+            await self.store.release_session(
+                grant.user_id, grant.session_id, grant.device
+            )
+        except Exception:
+            self.log.failure(
+                "Releasing the session of {user_id} after a failed login failed",
+                user_id=grant.user_id,
+            )

@@ -75,15 +75,26 @@ class PushAPI:
     @app.route(f"/{pushapi.PUSH}", methods=["POST"])
     def push(self, request: IRequest) -> bytes:
         """
-        C{{"items": [{"messages": [...], "users": [ids]}]}}: write each
-        item's stored messages to its users connected here.  Answers
-        C{{"missing": [[ids not connected here], ...]}}, one list per item.
+        C{{"items": [{"messages": [...], "users": [ids]}, {"read": {...},
+        "users": [ids]}]}}: write each item's stored messages, or its read
+        event, to every device of its users connected here, in order.
+        Answers C{{"missing": [[ids with no device here], ...]}}, one list
+        per item.
         """
         try:
             items = pushapi.parse_push(self._json(request))
         except ValueError as e:
             raise ApiError(codes.INVALID_ARGUMENT, str(e)) from None
-        missing = [self.server.deliver_local(m, u) for m, u in items]
+        missing = []
+        for what, users in items:
+            if isinstance(what, pushapi.ReadEvent):
+                missing.append(
+                    self.server.deliver_read_local(
+                        what.reader_id, what.conversation, what.seq, users
+                    )
+                )
+            else:
+                missing.append(self.server.deliver_local(what, users))
         return envelope(data=pushapi.push_reply(missing))
 
     @app.route(f"/{pushapi.SEND_MSG}", methods=["POST"])
@@ -126,9 +137,9 @@ class PushAPI:
     @app.route(f"/{pushapi.KICK}", methods=["POST"])
     async def kick(self, request: IRequest) -> bytes:
         """
-        C{{userId, sessionId, reason, loggedOff}}: close the user's
-        connection if it belongs to that session; answered once its cursors
-        are saved.  C{loggedOff}: the user logged off, so what a CIM client
+        C{{userId, sessionId, reason, loggedOff}}: close the connection of
+        the user's device whose session that is (every device's when
+        C{sessionId} is empty); answered once its cursors are saved.  C{loggedOff}: the user logged off, so what a CIM client
         was sent counts as received.
         """
         try:
@@ -143,7 +154,8 @@ class PushAPI:
     @app.route(f"/{pushapi.RESYNC}", methods=["POST"])
     def resync(self, request: IRequest) -> bytes:
         """
-        C{{userId}}: send the user the stored messages it has not got.
+        C{{userId}}: send every device of the user connected here the stored
+        messages it has not got.
         """
         body = self._json(request)
         user_id = _int(body, "userId")

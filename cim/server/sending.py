@@ -4,7 +4,9 @@ L{Sender}: the chat messages that clients send over their connection.
 A send is checked (its ids, texts and limits from L{cim.limits}, its
 receiver or group), handed to the appender of L{cim.delivery.Delivery},
 acknowledged to its sender once stored (L{wire.acknowledgement}) and then
-delivered.  One connection's sends are stored in the order it sent them:
+delivered: a private send to the conversation of the two users
+(L{cim.message.pair_conversation}) and to every device of both, a group
+send to every device of the members.  One connection's sends are stored in the order it sent them:
 the common private send whose receiver is known goes straight to the
 (FIFO) appender; any other waits in the connection's queue, which one
 coroutine at a time checks and hands over in order.
@@ -34,7 +36,7 @@ from cim.message import (
     ErrorCode,
     Frame,
     group_conversation,
-    inbox,
+    pair_conversation,
 )
 from cim.metrics import Counter
 from cim.server import wire
@@ -201,11 +203,21 @@ class Sender:
         return messages, members
 
     def _private(self, conn: Connection, frame: Frame, texts: list[str]) -> Prepared:
+        """
+        A private send goes to the conversation of the two users, and to
+        every device of both (the sending one too: its stream of the
+        conversation stays gap-free).
+        """
+        sender = conn.user_id
         receiver = frame.receive_user_id
         messages = self.new_messages(
-            conn, inbox(receiver), texts, frame.client_msg_id, receive_user_id=receiver
+            conn,
+            pair_conversation(sender, receiver),
+            texts,
+            frame.client_msg_id,
+            receive_user_id=receiver,
         )
-        return messages, [receiver]
+        return messages, [sender] if receiver == sender else [sender, receiver]
 
     def new_messages(
         self,
@@ -251,8 +263,13 @@ class Sender:
         if isinstance(stored, Failure):
             if isinstance(stored.value, QuotaExceeded):
                 # Not a store failure: this send is refused for good (the
-                # sender's later sends to other conversations go on).
+                # sender's later sends to other conversations go on).  The
+                # texts of it stored before the quota ran out are delivered
+                # all the same (they hold seqs: the streams need them).
                 self._refuse(conn, frame, ErrorCode.RATE_LIMITED, stored.value.message)
+                kept = [m for m in stored.value.results if m is not None]
+                if kept:
+                    self.delivery.deliver(kept, recipients)
                 return
             self._failed(stored, conn, frame)
             return

@@ -1,13 +1,25 @@
 """
 In-order delivery of each conversation to each connection.
 
-A connection holds one L{Stream} per conversation it receives: the highest
-seq written to it, whether the store is being read for it, and the live
+A connection holds one L{Stream} per conversation it receives: the epoch of
+the conversation it follows (L{cim.interfaces.Epoch}), the highest seq
+written to it, whether the store is being read for it, and the live
 messages held meanwhile or behind a gap.  L{Streams} moves them forward:
 it offers live messages (L{Streams.offer}), replays from the store
 (L{Streams.fill}), shares one store read among the connections that want
 the same page, and reads from the store the gaps that live messages did
 not close within L{GAP_WAIT} seconds of its clock.
+
+Epochs: a message that the stream's epoch does not name (live, or read from
+the store) makes the stream read the conversation's current epoch; when it
+changed, the stream resumes where L{Epoch.resume} says, tells the client in
+an EPOCH frame (with C{reset} when what it had is not trusted), and reads
+the store from there: live messages of another epoch are never written
+(the store is the truth).  A conversation that a connection had not been
+told of (a private conversation begun since its login, a group joined
+since) is adopted: it starts from the device's stored cursor, else the
+user's read position, and the client gets an EPOCH frame before its
+messages.
 
 Every method runs in the reactor thread; the store is the only source of
 waiting.  A connection that a store read fails for is handed to
@@ -26,8 +38,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cim.interfaces import IStore
-from cim.message import BROADCAST, ChatMessage, Command
+from cim.interfaces import Epoch, IStore
+from cim.message import BROADCAST, ChatMessage, Command, Cursor, Position
 from cim.metrics import Counter
 from cim.server import wire
 from cim.server.connection import Connection, ConnectionControl
@@ -40,41 +52,75 @@ GAP_WAIT = 0.25
 #: How long a replay waits for a client to read what it was sent before
 #: the connection is closed, in seconds.
 DRAIN_WAIT = 30.0
-#: The position of a conversation whose start is not known yet (a group
-#: joined since login, while its cursor is read).
+#: The position of a conversation whose start is not known yet (one first
+#: seen since login, while where it starts is read).
 UNKNOWN = -1
+#: The epoch of a stream before any is known.
+NO_EPOCH = Epoch()
 
 
 class Stream:
     """
     One conversation as one connection receives it.
 
+    @ivar epoch: the conversation's L{Epoch} that C{delivered} counts in
+        (the one the client was told, at login or in an EPOCH frame).
     @ivar delivered: the highest seq written to the connection (or
         L{UNKNOWN}); messages are written in seq order with no gap.
     @ivar filling: the store is being read for it; live messages wait in
         C{pending}.
     @ivar pending: live messages held, by seq, until what precedes them
         is written.
+    @ivar recheck: a message that C{epoch} does not name was seen: the
+        conversation's epoch is to be read again.
     """
 
-    __slots__ = ("conversation", "delivered", "filling", "pending")
+    __slots__ = ("conversation", "delivered", "filling", "pending", "epoch", "recheck")
 
     def __init__(
-        self, conversation: str, delivered: int = UNKNOWN, filling: bool = False
+        self,
+        conversation: str,
+        delivered: int = UNKNOWN,
+        filling: bool = False,
+        epoch: Epoch = NO_EPOCH,
     ) -> None:
         self.conversation = conversation
         self.delivered = delivered
         self.filling = filling
+        self.epoch = epoch
+        self.recheck = False
         self.pending: dict[int, ChatMessage] = {}
+
+    def accepts(self, message: ChatMessage) -> bool:
+        """
+        Whether C{message} is one of this stream's epoch: tagged with it, or
+        with the epoch it follows up to their common seq.
+        """
+        epoch = self.epoch
+        tag = message.epoch
+        return tag == epoch.id or (tag == epoch.previous and message.seq <= epoch.base)
 
     def hold(self, message: ChatMessage) -> None:
         self.pending[message.seq] = message
+
+    def move_to(self, epoch: Epoch, delivered: int) -> None:
+        """
+        Follow C{epoch} from C{delivered} on, dropping the held messages
+        that it does not name or that come no later.
+        """
+        self.epoch = epoch
+        self.delivered = delivered
+        pending = self.pending
+        for seq in [
+            seq for seq, m in pending.items() if seq <= delivered or not self.accepts(m)
+        ]:
+            del pending[seq]
 
     def advance(self) -> list[ChatMessage]:
         """
         Take the held messages that follow C{delivered} without a gap, in
         order, and move C{delivered} past them; drop any held at or below
-        where they end (duplicates).
+        where they end (duplicates), and any of another epoch.
         """
         pending = self.pending
         if not pending:
@@ -83,11 +129,23 @@ class Stream:
         ready = []
         while position + 1 in pending:
             position += 1
-            ready.append(pending.pop(position))
+            m = pending.pop(position)
+            if not self.accepts(m):
+                position -= 1
+                break
+            ready.append(m)
         self.delivered = position
-        for seq in [seq for seq in pending if seq <= position]:
+        for seq in [
+            seq for seq, m in pending.items() if seq <= position or not self.accepts(m)
+        ]:
             del pending[seq]
         return ready
+
+    def cursor(self, reset: bool = False) -> Cursor:
+        """
+        Where this stream stands, as the server tells the client.
+        """
+        return Cursor(self.conversation, self.delivered, self.epoch.id, reset)
 
 
 class Streams:
@@ -130,9 +188,14 @@ class Streams:
         """
         Write live C{messages} (in seq order) to C{conn} as far as they
         follow what it has, holding the others; C{batch} is their shared
-        frame.
+        frame.  While C{conn}'s login reads where its streams start, they
+        wait in L{Connection.held}.
         """
-        # Fast path: every message is the next one of its conversation.
+        if conn.held is not None:
+            conn.held.append((messages, batch))
+            return
+        # Fast path: every message is the next one of its conversation, in
+        # the stream's epoch.
         streams = conn.streams
         positions: dict[Stream, int] = {}
         for m in messages:
@@ -140,7 +203,12 @@ class Streams:
             if conversation == BROADCAST:
                 continue
             stream = streams.get(conversation)
-            if stream is None or stream.filling or stream.pending:
+            if (
+                stream is None
+                or stream.filling
+                or stream.pending
+                or m.epoch != stream.epoch.id
+            ):
                 break
             if m.seq != positions.get(stream, stream.delivered) + 1:
                 break
@@ -163,15 +231,23 @@ class Streams:
         if stream is None:
             stream = conn.streams[conversation] = Stream(conversation)
         if stream.delivered == UNKNOWN:
-            # A conversation this connection has not seen (a group joined
-            # since login): hold the message, and start from the user's
-            # stored cursor (the route records it at the join).
+            # A conversation this connection was not told of (begun or
+            # joined since its login): hold the message, and find where the
+            # device starts.
             stream.hold(m)
             if not stream.filling:
                 stream.filling = True
                 ensureDeferred(self._adopt(conn, stream)).addErrback(
                     self._fill_failed, conn, stream
                 )
+            return
+        if not stream.accepts(m):
+            # Of another epoch: perhaps the store lost or replaced the
+            # conversation.  Read its epoch (and then the store) before
+            # anything more of it is written.
+            stream.recheck = True
+            if not stream.filling:
+                self.fill_in_background(conn, stream)
             return
         if stream.filling:
             stream.hold(m)
@@ -204,10 +280,13 @@ class Streams:
 
     def resync(self, conn: Connection) -> None:
         """
-        Write to C{conn} whatever the store holds that it has not got yet.
+        Write to C{conn} whatever the store holds that it has not got yet,
+        reading the epoch of each conversation first (a store that lost
+        messages may hold fewer than the connection was sent).
         """
         for stream in list(conn.streams.values()):
             if stream.delivered != UNKNOWN and not stream.filling:
+                stream.recheck = True
                 self.fill_in_background(conn, stream)
 
     def fill_in_background(self, conn: Connection, stream: Stream) -> None:
@@ -217,16 +296,73 @@ class Streams:
         )
 
     async def _adopt(self, conn: Connection, stream: Stream) -> None:
+        """
+        Start C{stream}, a conversation first seen on C{conn} since its
+        login: from the device's stored cursor, else the user's read
+        position, through the conversation's epoch; never after a message
+        that was offered live (that one is new to this connection).  Tell
+        the client (an EPOCH frame), then fill.
+        """
+        conversation = stream.conversation
         try:
-            stored = await self.store.get_cursors(conn.user_id)
+            # The three reads at once.
+            reading_cursors = self.store.get_cursors(conn.user_id, conn.device)
+            reading_read = self.store.read_positions(conversation, [conn.user_id])
+            reading_epochs = self.store.epochs([conversation])
+            try:
+                stored = await reading_cursors
+            finally:
+                try:
+                    read = await reading_read
+                finally:
+                    epochs = await reading_epochs
         except BaseException:
             stream.filling = False
             raise
-        start = stored.get(stream.conversation, 0)
-        if stream.delivered == UNKNOWN:
-            stream.delivered = start
-        conn.acked.setdefault(stream.conversation, start)
+        epoch = epochs.get(conversation, NO_EPOCH)
+        position = stored.get(conversation)
+        if position is None:
+            position = Position(epoch.id, read.get(conn.user_id, 0))
+        start, reset = epoch.resume(position)
+        stream.epoch = epoch
+        live = [seq for seq, m in stream.pending.items() if stream.accepts(m)]
+        if live:
+            start = min(start, min(live) - 1)
+        stream.move_to(epoch, start)
+        if position.seq > 0 and position.epoch == epoch.id:
+            conn.acked.setdefault(conversation, position)
+        conn.send(wire.epoch([stream.cursor(reset)]))
         await self.fill(conn, stream, Command.MESSAGE)
+
+    async def _check_epoch(self, conn: Connection, stream: Stream) -> bool:
+        """
+        Read the conversation's current epoch; when it is not C{stream}'s,
+        resume C{stream} in it and tell the client (an EPOCH frame, with
+        C{reset} when what it had after the new start is not in the store).
+
+        @return: whether C{stream} moved to another epoch.
+        """
+        conversation = stream.conversation
+        epochs = await self.store.epochs([conversation])
+        epoch = epochs.get(conversation, NO_EPOCH)
+        if epoch.id == stream.epoch.id:
+            # Unchanged: the message was a late one of an older epoch.
+            stream.epoch = epoch
+            return False
+        start, reset = epoch.resume(Position(stream.epoch.id, stream.delivered))
+        self.log.info(
+            "{conversation} of {user_id} moved from epoch {old!r} to {new!r} "
+            "at {start}{reset}",
+            conversation=conversation,
+            user_id=conn.user_id,
+            old=stream.epoch.id,
+            new=epoch.id,
+            start=start,
+            reset=" (reset)" if reset else "",
+        )
+        stream.move_to(epoch, start)
+        conn.send(wire.epoch([stream.cursor(reset)]))
+        return True
 
     def _fill_failed(self, failure: Failure, conn: Connection, stream: Stream) -> None:
         stream.filling = False
@@ -243,11 +379,18 @@ class Streams:
         """
         Write the stored messages of C{stream} after what C{conn} has (as
         C{cmd}), then whatever arrived live meanwhile, in order, without
-        duplicates.  The caller marked C{stream} as filling.
+        duplicates; moving C{stream} to the conversation's current epoch
+        first when a message of another epoch was seen.  The caller marked
+        C{stream} as filling.
         """
         conversation = stream.conversation
         try:
             while not conn.closed:
+                if stream.recheck:
+                    stream.recheck = False
+                    await self._check_epoch(conn, stream)
+                    if conn.closed:
+                        return
                 if conn.link.backed_up() and not await self._drained(conn):
                     return
                 page = await self._read(conversation, stream.delivered)
@@ -255,10 +398,28 @@ class Streams:
                     return
                 after = stream.delivered
                 fresh = [m for m in page if m.seq > after]
-                if fresh:
-                    self._write(conn, fresh, cmd)
-                    stream.delivered = fresh[-1].seq
-                if len(page) == REPLAY_PAGE:
+                switched = False
+                for index, m in enumerate(fresh):
+                    if not stream.accepts(m):
+                        if index:
+                            self._write(conn, fresh[:index], cmd)
+                            stream.delivered = fresh[index - 1].seq
+                        if await self._check_epoch(conn, stream):
+                            switched = True
+                            break
+                        # The store's current epoch does not name them
+                        # either (it lost its epoch record): they are what
+                        # the store holds all the same.
+                        self._write(conn, fresh[index:], cmd)
+                        stream.delivered = fresh[-1].seq
+                        break
+                else:
+                    if fresh:
+                        self._write(conn, fresh, cmd)
+                        stream.delivered = fresh[-1].seq
+                if conn.closed:
+                    return
+                if switched or stream.recheck or len(page) == REPLAY_PAGE:
                     continue
                 # Caught up with the store: drain what arrived live.
                 ready = stream.advance()
@@ -266,6 +427,8 @@ class Streams:
                     self._write(conn, ready, Command.MESSAGE)
                 pending = stream.pending
                 if not pending:
+                    if stream.recheck:
+                        continue
                     return
                 # Still a gap (a message the store has not shown us yet, or
                 # that retention dropped); go round again.

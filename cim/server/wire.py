@@ -54,15 +54,44 @@ def kick(reason: str, redirect: str = "") -> Frame:
     )
 
 
-def login_response(user_id: int, user_name: str, now_ms: int) -> Frame:
+def login_response(
+    user_id: int,
+    user_name: str,
+    now_ms: int,
+    device: str = "",
+    cursors: Sequence[Cursor] = (),
+) -> Frame:
     """
-    The login of a cim client succeeded.
+    The login of a cim client succeeded, as C{device}: C{cursors} says where
+    the server starts each conversation the connection receives (its seq,
+    the epoch it counts in, and C{reset} when the client's position was of
+    an epoch the store does not trust).
     """
     return Frame(
         cmd=Command.LOGIN_RESPONSE,
         request_id=user_id,
         req_msg=user_name,
         timestamp=now_ms,
+        device=device,
+        cursors=cursors,
+    )
+
+
+def epoch(cursors: Sequence[Cursor]) -> Frame:
+    """
+    Where the server (re)starts conversations that the client was not told
+    of at login (begun or joined since), or whose epoch changed: as the
+    cursors of L{login_response}.
+    """
+    return Frame(cmd=Command.EPOCH, cursors=cursors)
+
+
+def read(reader_id: int, conversation: str, seq: int) -> Frame:
+    """
+    User C{reader_id} read C{conversation} up to C{seq}.
+    """
+    return Frame(
+        cmd=Command.READ, request_id=reader_id, cursors=(Cursor(conversation, seq),)
     )
 
 

@@ -273,8 +273,8 @@ class MemoryStore:
             self._tokens.pop(key, None)
 
     def _put(self, session: Session, expires: float) -> None:
-        self._sessions.setdefault(session.user_id, {})[session.device] = (
-            _SessionRecord(session, expires)
+        self._sessions.setdefault(session.user_id, {})[session.device] = _SessionRecord(
+            session, expires
         )
 
     @_fired

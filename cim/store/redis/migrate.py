@@ -2,7 +2,7 @@
 C{python -m cim.store.redis.migrate redis://host:port/db}: bring a Redis
 written by an earlier release of cim up to this one.
 
-What it does (safe to run again, and while the daemons run):
+What it does (safe to run again: a second run changes nothing):
 
 - accounts were found by their raw name (C{user:byname}); they are now
   found by their name key (L{cim.names.name_key}: NFKC, case-folded,
@@ -10,9 +10,30 @@ What it does (safe to run again, and while the daemons run):
   accounts whose names now count as the same (C{Zoe} and C{zoe}) keep
   their ids and messages, but only the older one is found by that name;
   the command lists the others.
+- private messages were kept in the receiver's inbox (C{conv:u:<id>}, the
+  messages others sent to user C{<id>}); private conversations now have two
+  sides and one sequence (C{p:<low>:<high>},
+  L{cim.message.pair_conversation}).  Each inbox's messages are moved into
+  the pair conversations of their senders and receivers, merged with the
+  other side's in msg id order and numbered again from 1 in a new epoch
+  (L{cim.interfaces.Epoch}); each user's read position there covers the
+  messages it sent and those its cursor in its inbox had reached.  Then
+  the inboxes, their seq counters and the cursors in them are deleted.  A
+  message without a sender that is a user id cannot be moved: it is
+  dropped, and counted.  (L{cim.store.redis.store.RedisStore.
+  move_old_inboxes}.)
+
+Run it after stopping the previous release's daemons (a message they
+append to an inbox meanwhile is moved by the next run; a pair conversation
+that the new release's daemons already appended to is merged and numbered
+again, and its clients are told to start it over), before starting the new
+release's.
 
 What needs no migration: groups stored before owners read as open groups
-without an owner; sessions and cursors keep their layout.  Accounts made
+without an owner; the previous release's sessions are ignored (their
+clients log in again); its cursors are those of device C{""} (messages
+stored before epochs have the epoch C{""}, whose positions are trusted up to
+the seq at which a conversation's first epoch starts).  Accounts made
 without a password before account keys existed can log in with a token
 they hold or through an application holding the cluster secret (or set a
 password that way).
@@ -32,6 +53,7 @@ async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
     store = await connect_redis(url, clock=reactor)
     try:
         indexed, collisions = await store.index_old_names()
+        moved = await store.move_old_inboxes()
     finally:
         await store.close()
     out.write(f"indexed {indexed} account names by their name key\n")
@@ -40,6 +62,12 @@ async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
             f"account {user_id} ({name!r}) is not found by name: the name "
             f"counts as that of account {holder}\n"
         )
+    out.write(
+        f"moved {moved.messages} messages of {moved.inboxes} private inboxes "
+        f"into {moved.conversations} pair conversations\n"
+    )
+    if moved.skipped:
+        out.write(f"dropped {moved.skipped} inbox messages without a sender user id\n")
     return 0
 
 

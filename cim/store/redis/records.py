@@ -6,11 +6,18 @@ A stored message (a C{conv} member) is a compact JSON object with short
 keys, always starting with C{"i"} (msg_id), C{"q"} (seq) and C{"ts"}
 (milliseconds) in that order, so the append script reads a timestamp without
 decoding JSON; then C{"s"} sender id, C{"n"} sender name, C{"t"} text, and
-when not empty C{"c"} client_msg_id, C{"r"} receive_user_id, C{"g"} group_id.
-The append script writes C{"i"} and C{"q"}; L{encode_message} the rest.
+when not empty C{"c"} client_msg_id, C{"r"} receive_user_id, C{"g"} group_id;
+and last C{"e"}, the conversation's epoch when it was appended (messages
+stored by the previous release have none: epoch C{""}).  The append script
+writes C{"i"}, C{"q"} and C{"e"}; L{encode_message} the rest.
 
 A session record (a C{session} hash) holds L{SESSION_FIELDS}, C{connected}
-being C{"0"} or C{"1"}.
+being C{"0"} or C{"1"} and C{active} the seconds since the epoch as Python
+writes a float (L{encode_active}), so that it reads back exactly.
+
+A position (a cursor, a read position) is C{"<epoch>:<seq>"}, or the bare
+digits of the seq when its epoch is C{""} (as the previous release wrote
+cursors): L{encode_position}, L{decode_position}.
 """
 
 from __future__ import annotations
@@ -19,17 +26,18 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from cim.interfaces import NewMessage, Session
-from cim.message import ChatMessage
+from cim.interfaces import Epoch, NewMessage, Session
+from cim.limits import MAX_SEQ
+from cim.message import ChatMessage, Position
 
 #: The fields of a session record, in the order L{decode_session} reads them.
-SESSION_FIELDS = ("name", "server", "session_id", "connected")
+SESSION_FIELDS = ("name", "server", "session_id", "connected", "active")
 
 
 def encode_message(message: NewMessage, timestamp: int) -> bytes:
     """
     The JSON body of a stored message, without its ids (the append script
-    puts them in front), in UTF-8.
+    puts them in front) nor its epoch (put last), in UTF-8.
 
     Strings holding lone surrogates (which UTF-8 cannot carry, but a JSON
     request may) are escaped rather than failing the whole batch.
@@ -69,13 +77,69 @@ def decode_message(conversation: str, member: str) -> ChatMessage:
         client_msg_id=d.get("c", ""),
         receive_user_id=d.get("r", 0),
         group_id=d.get("g", ""),
+        epoch=d.get("e", ""),
     )
 
 
-def decode_session(user_id: int, fields: Sequence[Any]) -> Session:
+def encode_active(active: float) -> str:
     """
-    The session of C{user_id} from the values of its record's
+    A session's active time as stored: Python's own form of the float,
+    which reads back exactly.
+    """
+    return repr(float(active))
+
+
+def decode_session(user_id: int, device: str, fields: Sequence[Any]) -> Session:
+    """
+    The session of C{user_id}'s C{device} from the values of its record's
     L{SESSION_FIELDS}.
     """
-    name, server, session_id, connected = fields
-    return Session(user_id, name, server, session_id, connected == "1")
+    name, server, session_id, connected, active = fields
+    try:
+        when = float(active) if active else 0.0
+    except ValueError:
+        when = 0.0
+    return Session(
+        user_id, name or "", server or "", session_id, connected == "1", device, when
+    )
+
+
+def encode_position(position: Position) -> str:
+    """
+    A position as stored (see the module docstring).
+    """
+    epoch, seq = position
+    return f"{epoch}:{seq}" if epoch else str(seq)
+
+
+def decode_position(text: str | None) -> Position | None:
+    """
+    A stored position, or C{None} when C{text} is not one: its seq must be
+    the digits of a whole number between 0 and L{MAX_SEQ}.
+    """
+    if text is None:
+        return None
+    epoch, _, digits = text.rpartition(":")
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 16:
+        return None
+    seq = int(digits)
+    return Position(epoch, seq) if seq <= MAX_SEQ else None
+
+
+def decode_epoch(id: str, previous: str, base: str, last_seq: str) -> Epoch:
+    """
+    A conversation's L{Epoch} from its record's fields (C{""} each without
+    one) and its last seq.
+    """
+    if not id:
+        return Epoch(base=int(last_seq or 0))
+    return Epoch(id, previous or "", int(base or 0))
+
+
+def resume_seq(text: str | None, epoch: Epoch) -> int:
+    """
+    Where a stored position (a read position) stands in C{epoch}: 0 for none,
+    or one that is not trusted (L{Epoch.resume}).
+    """
+    position = decode_position(text or None)
+    return 0 if position is None else epoch.resume(position)[0]

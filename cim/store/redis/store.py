@@ -14,23 +14,32 @@ never key names)::
     P user:<user_id>               hash    name (as registered), pw (scrypt
                                            string) or key (SHA-256 of the
                                            account key, hex), or neither
-    P session:<user_id>            hash    name, server, session_id,
-                                           connected ("0"/"1"); PEXPIRE'd:
-                                           the claim's ttl until connected,
-                                           then the session ttl, renewed by
-                                           its server
-    P server:<server>              set     user ids with a session on server
-                                           (checked against the session
-                                           record, so stale entries are
-                                           harmless)
-    P online                       hash    user id -> user name, connected
-                                           sessions only (an entry whose
-                                           session expired is dropped when
-                                           read)
-    P token:<sha256(token), hex>   hash    user, server, session_id; PEXPIRE
-                                           ttl (the token itself is not
-                                           stored)
-    P tokens:<user_id>             set     token digests of the user's session
+    P session:<user_id>:<device>   hash    one device's session (device ""
+                                           for clients that name none: key
+                                           "session:<user_id>:"): name,
+                                           server, session_id, connected
+                                           ("0"/"1"), active (seconds,
+                                           records.encode_active);
+                                           PEXPIRE'd: the claim's ttl until
+                                           connected, then the session ttl,
+                                           renewed by its server
+    P sessions:<user_id>           set     the user's devices with a session
+                                           (an entry whose record expired is
+                                           dropped when read); PEXPIRE'd at
+                                           least as long as each record
+    P server:<server>              set     "<user_id>:<device>" of the
+                                           sessions on server (checked
+                                           against the session record, so
+                                           stale entries are harmless)
+    P online                       hash    user id -> user name, users with
+                                           a connected session (an entry
+                                           whose sessions expired is dropped
+                                           when read)
+    P token:<sha256(token), hex>   hash    user, server, session_id, device;
+                                           PEXPIRE ttl (the token itself is
+                                           not stored)
+    P tokens:<user_id>:<device>    set     token digests of the device's
+                                           session
     P msg:next                     string  counter of message ids (one INCRBY
                                            per appended batch)
     P seq:<conversation>           string  INCR counter of the conversation's
@@ -50,8 +59,30 @@ never key names)::
                                            the conversation in window
                                            now // max_age (INCRBY in
                                            append.lua); PEXPIRE two windows
-    P cursors:<user_id>            hash    conversation -> acknowledged seq
-                                           (digits, never a float's form)
+    P epoch:<conversation>         hash    id, previous, base (the seq it
+                                           started after), run (the Redis
+                                           run_id when it was written): the
+                                           conversation's epoch
+                                           (cim.interfaces.Epoch), written
+                                           by append.lua, which starts a new
+                                           one when the record is missing or
+                                           its run is not Redis's; never
+                                           expires
+    P read:<conversation>          hash    user id -> the user's read
+                                           position, "<epoch>:<seq>" (see
+                                           records); never expires
+    P pairs:<user_id>              set     the user's private conversations
+                                           (p:<low>:<high>) that hold
+                                           messages (added by append.lua)
+    P cursors:<user_id>            hash    conversation -> the acknowledged
+                                           position of the user's device ""
+                                           ("<epoch>:<seq>", or the digits of
+                                           a seq of no epoch: the previous
+                                           release's per-user cursors, kept
+                                           as device "" cursors)
+    P cursors:<user_id>:<device>   hash    the same, of another device
+    P cdevices:<user_id>           set     the user's devices that have
+                                           cursors (forget_cursors.lua)
     P group:<group_id>             string  the creator's id (the group exists)
     P ginfo:<group_id>             hash    owner, policy, history; absent for
                                            a group stored before groups had
@@ -66,15 +97,30 @@ never key names)::
                                            the time they asked (ms)
     P groups:<user_id>             set     the user's group ids
 
-What the values hold (a stored message's JSON, a session record):
-L{cim.store.redis.records}.
+What the values hold (a stored message's JSON with its epoch, a session
+record, a position): L{cim.store.redis.records}.
 
 Every update touching more than one key is one Lua script of
 L{cim.store.redis.scripts} (EVALSHA, falling back to EVAL when Redis does not
-know it), so it is atomic and costs one round trip.  Scripts derive some
-related keys from the prefix, so the store needs a standalone Redis (not
-Redis Cluster).  The connection must decode replies as UTF-8 and leave
-numbers as strings (C{convertNumbers=False}), as the pool of
+know it), so it is atomic and costs one round trip.  Scripts name the keys
+they touch in their C{KEYS} where the caller knows them; they derive from
+the prefix the keys named by stored values (a user's device sessions, a
+user's conversations) and, in the hot C{append.lua}, those of each message's
+conversation.  So the store needs a standalone Redis (not Redis Cluster),
+for now: the per-user keys (C{session}, C{sessions}, C{tokens}, C{cursors},
+C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
+C{epoch}, C{read}) are the groups that would share a hash tag.
+
+Upgrading from the previous release (C{python -m cim.store.redis.migrate}):
+its sessions (C{session:<user_id>}, C{tokens:<user_id>}) are ignored (they
+expire by themselves; their clients log in again, and an IM server that
+still holds a connection makes its session again, as device C{""}, at its
+next renewal); its cursors are the device C{""} cursors; its private inboxes
+C{conv:u:<id>} are moved into pair conversations by the migration
+(L{RedisStore.move_old_inboxes}).
+
+The connection must decode replies as UTF-8 and leave numbers as strings
+(C{convertNumbers=False}), as the pool of
 L{cim.store.redis.connection.open_pool} does.
 """
 
@@ -82,10 +128,11 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
@@ -97,8 +144,11 @@ from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
     Account,
+    ConversationState,
+    Epoch,
     GroupExists,
     GroupInfo,
+    HeldSession,
     IStore,
     NewMessage,
     NoSuchGroup,
@@ -109,8 +159,8 @@ from cim.interfaces import (
     TokenInfo,
     TooManyJoinRequests,
 )
-from cim.limits import MAX_SEQ, SESSION_TTL
-from cim.message import ChatMessage
+from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
+from cim.message import ChatMessage, Position, inbox, pair_conversation, peer_of
 from cim.names import name_key
 from cim.passwords import hash_password, verify_password
 from cim.store import Retention, parse_redis_url
@@ -119,9 +169,13 @@ from cim.store.redis import scripts
 from cim.store.redis.connection import is_down, open_pool
 from cim.store.redis.records import (
     SESSION_FIELDS,
+    decode_epoch,
     decode_message,
+    decode_position,
     decode_session,
+    encode_active,
     encode_message,
+    resume_seq,
 )
 from cim.store.redis.scripts import Script
 
@@ -143,28 +197,56 @@ def _deferred(
     return wrapper
 
 
-def _seq(text: str) -> int | None:
+def _cursor_args(cursors: dict[str, Position]) -> list[Any]:
     """
-    A stored sequence number, or C{None} when C{text} is not a whole
-    number between 0 and L{MAX_SEQ} written as digits.
-    """
-    if not (text.isascii() and text.isdigit()) or len(text) > 16:
-        return None
-    seq = int(text)
-    return seq if seq <= MAX_SEQ else None
-
-
-def _cursor_args(cursors: dict[str, int]) -> list[Any]:
-    """
-    C{cursors} as the scripts' flat C{conversation, seq} arguments, each seq
-    an integer (Redis stores the digits sent); a seq that is not an integer
-    between 1 and L{MAX_SEQ} is left out.
+    C{cursors} as the scripts' flat C{conversation, epoch, seq} arguments,
+    each seq an integer (Redis stores the digits sent); a seq that is not an
+    integer between 1 and L{MAX_SEQ} is left out.
     """
     args: list[Any] = []
-    for conversation, seq in cursors.items():
+    for conversation, (epoch, seq) in cursors.items():
         if type(seq) is int and 0 < seq <= MAX_SEQ:
-            args += [conversation, seq]
+            args += [conversation, str(epoch), seq]
     return args
+
+
+def _new_epoch_id() -> str:
+    """
+    A new random epoch id (as L{cim.store.memory.MemoryStore} makes them).
+    """
+    return secrets.token_hex(8)
+
+
+def _glob_escape(text: str) -> str:
+    """
+    C{text} as a Redis glob pattern matching only itself.
+    """
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _old_sender(member: str) -> int | None:
+    """
+    The sender of a message of a previous release's inbox, or C{None} when
+    it has none that is a user id (or is not a stored message).
+    """
+    try:
+        sender = json.loads(member).get("s")
+    except (ValueError, AttributeError):
+        return None
+    return sender if type(sender) is int and sender >= 1 else None
+
+
+class MovedInboxes(NamedTuple):
+    """
+    What L{RedisStore.move_old_inboxes} did: how many inboxes it found,
+    messages it moved, pair conversations it wrote, and messages it could
+    not move (dropped).
+    """
+
+    inboxes: int
+    messages: int
+    conversations: int
+    skipped: int
 
 
 def _ms(seconds: float) -> int:
@@ -369,6 +451,86 @@ class RedisStore:
                 collisions.append((name, int(user_id), holder))
         return indexed, collisions
 
+    async def move_old_inboxes(self) -> MovedInboxes:
+        """
+        Move the private inboxes of a store written by the previous release
+        (C{conv:u:<id>}: the messages others sent to user C{<id>}) into the
+        pair conversations of their senders and receivers
+        (L{cim.message.pair_conversation}), then delete them (with their
+        seq counters and their owners' cursors in them).  Each pair
+        conversation gets its messages of both inboxes merged in msg id
+        order, numbered again from 1 in a new epoch; each user's read
+        position there covers its own messages and those it had received
+        (its cursor in its inbox).  A message whose sender is not a user id
+        cannot be moved: it is dropped, and counted.  Safe to run again: a
+        message is moved at most once (each pair's move is one script,
+        taking the messages out of the inbox as it moves them), and
+        nothing is left to move the second time.
+        """
+        pattern = _glob_escape(self.prefix) + "conv:u:*"
+        found: set[str] = set()
+        cursor = "0"
+        while True:
+            cursor, keys = await self._command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
+            )
+            found.update(keys)
+            if str(cursor) == "0":
+                break
+        start = len(self.prefix + "conv:u:")
+        inboxes = messages = skipped = 0
+        conversations: set[str] = set()
+        for key in sorted(found, key=lambda k: (len(k), k)):
+            owner_text = key[start:]
+            if not owner_text.isdigit() or str(int(owner_text)) != owner_text:
+                continue
+            owner = int(owner_text)
+            if owner < 1:
+                continue
+            inboxes += 1
+            received = decode_position(
+                await self._command("HGET", self._key("cursors", owner), inbox(owner))
+            )
+            by_sender: dict[int, list[str]] = {}
+            bad: list[str] = []
+            for member in await self._command("ZRANGE", key, 0, -1):
+                sender = _old_sender(member)
+                if sender is None:
+                    bad.append(member)
+                else:
+                    by_sender.setdefault(sender, []).append(member)
+            for sender, members in sorted(by_sender.items()):
+                conversation = pair_conversation(owner, sender)
+                moved = await self._run(
+                    scripts.MIGRATE_INBOX,
+                    [
+                        key,
+                        self._key("conv", conversation),
+                        self._key("seq", conversation),
+                        self._key("epoch", conversation),
+                        self._key("read", conversation),
+                        self._key("pairs", owner),
+                        self._key("pairs", sender),
+                    ],
+                    [
+                        owner,
+                        sender,
+                        _new_epoch_id(),
+                        0 if received is None else received.seq,
+                        conversation,
+                        *members,
+                    ],
+                )
+                if int(moved):
+                    messages += int(moved)
+                    conversations.add(conversation)
+            if bad:
+                skipped += int(await self._command("ZREM", key, *bad))
+            if not int(await self._command("EXISTS", key)):
+                await self._command("DEL", self._key("seq", inbox(owner)))
+                await self._command("HDEL", self._key("cursors", owner), inbox(owner))
+        return MovedInboxes(inboxes, messages, len(conversations), skipped)
+
     @_deferred
     async def check_password(self, user_id: int, password: str) -> bool:
         stored = await self._command("HGET", self._key("user", user_id), "pw")
@@ -385,6 +547,24 @@ class RedisStore:
 
     # Sessions
 
+    def _session_key(self, user_id: int, device: str) -> str:
+        return f"{self.prefix}session:{user_id}:{device}"
+
+    def _sessions(self, user_id: int, flat: Sequence[Any]) -> list[Session]:
+        """
+        Sessions from a script's flat fields: device, name, server, session
+        id, connected, active each.
+        """
+        found = []
+        for i in range(0, len(flat), 6):
+            device, name, server, session_id, connected, active = flat[i : i + 6]
+            found.append(
+                decode_session(
+                    user_id, device, (name, server, session_id, connected, active)
+                )
+            )
+        return found
+
     @_deferred
     async def claim_session(
         self,
@@ -393,11 +573,26 @@ class RedisStore:
         server: str,
         ttl: float,
         replace: bool = False,
-    ) -> tuple[Session, Session | None]:
-        session = Session(user_id, user_name, server, uuid.uuid4().hex, False)
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+    ) -> tuple[Session, list[Session]]:
+        active = encode_active(self._seconds())
+        session = Session(
+            user_id,
+            user_name,
+            server,
+            uuid.uuid4().hex,
+            False,
+            device,
+            float(active),
+        )
         result = await self._run(
             scripts.CLAIM_SESSION,
-            [self._key("session", user_id)],
+            [
+                self._session_key(user_id, device),
+                self._key("sessions", user_id),
+                self._key("server", server),
+            ],
             [
                 user_id,
                 user_name,
@@ -406,66 +601,96 @@ class RedisStore:
                 _ms(ttl),
                 "1" if replace else "0",
                 self.prefix,
+                device,
+                int(max_devices),
+                active,
             ],
         )
-        previous = decode_session(user_id, result[1:]) if len(result) > 1 else None
+        sessions = self._sessions(user_id, result[1:])
         if not int(result[0]):
-            assert previous is not None
-            raise SessionExists(previous)
-        return session, previous
+            raise SessionExists(sessions[0])
+        return session, sessions
 
     @_deferred
     async def activate_session(
-        self, user_id: int, session_id: str, ttl: float = SESSION_TTL
+        self,
+        user_id: int,
+        session_id: str,
+        ttl: float = SESSION_TTL,
+        device: str = "",
     ) -> bool:
         done = await self._run(
             scripts.ACTIVATE_SESSION,
-            [self._key("session", user_id), self._key("online")],
-            [user_id, session_id, _ms(ttl)],
+            [
+                self._session_key(user_id, device),
+                self._key("online"),
+                self._key("sessions", user_id),
+            ],
+            [user_id, session_id, _ms(ttl), encode_active(self._seconds())],
         )
         return bool(int(done))
 
     @_deferred
     async def renew_sessions(
-        self, server: str, sessions: Sequence[tuple[int, str, str]], ttl: float
-    ) -> list[int]:
+        self, server: str, sessions: Sequence[HeldSession], ttl: float
+    ) -> list[str]:
         args: list[Any] = [self.prefix, server, _ms(ttl)]
-        for user_id, session_id, user_name in sessions:
-            args += [user_id, session_id, user_name]
+        for user_id, session_id, user_name, device, active in sessions:
+            args += [user_id, session_id, user_name, device, encode_active(active)]
         if len(args) == 3:
             return []
         lost = await self._run(scripts.RENEW_SESSIONS, [], args)
-        return sorted(int(u) for u in lost)
+        return sorted(lost)
 
     @_deferred
-    async def get_session(self, user_id: int) -> Session | None:
+    async def get_session(self, user_id: int, device: str = "") -> Session | None:
         fields = await self._command(
-            "HMGET", self._key("session", user_id), *SESSION_FIELDS
+            "HMGET", self._session_key(user_id, device), *SESSION_FIELDS
         )
         if fields[2] is None:
             return None
-        return decode_session(user_id, fields)
+        return decode_session(user_id, device, fields)
 
-    @_deferred
-    async def get_sessions(self, user_ids: Sequence[int]) -> dict[int, Session]:
-        user_ids = list(user_ids)
-        if not user_ids:
-            return {}
+    async def _user_sessions(
+        self, user_ids: Sequence[int], connected: bool
+    ) -> dict[int, list[Session]]:
+        """
+        The sessions of each of C{user_ids} that has any (only the connected
+        ones if C{connected}), ordered by device.
+        """
         found = await self._run(
-            scripts.GET_SESSIONS, [self._key("session", u) for u in user_ids], []
+            scripts.GET_SESSIONS,
+            [self._key("sessions", u) for u in user_ids],
+            [self.prefix, "1" if connected else "0", *user_ids],
         )
-        sessions = {}
-        for index, name, server, session_id in found:
+        sessions: dict[int, list[Session]] = {}
+        for index, *fields in found:
             user_id = user_ids[int(index) - 1]
-            sessions[user_id] = Session(user_id, name, server, session_id, True)
+            sessions.setdefault(user_id, []).extend(self._sessions(user_id, fields))
+        for held in sessions.values():
+            held.sort(key=lambda session: session.device)
         return sessions
 
     @_deferred
-    async def release_session(self, user_id: int, session_id: str) -> bool:
+    async def user_sessions(self, user_id: int) -> list[Session]:
+        found = await self._user_sessions([user_id], False)
+        return found.get(user_id, [])
+
+    @_deferred
+    async def get_sessions(self, user_ids: Sequence[int]) -> dict[int, list[Session]]:
+        user_ids = list(user_ids)
+        if not user_ids:
+            return {}
+        return await self._user_sessions(user_ids, True)
+
+    @_deferred
+    async def release_session(
+        self, user_id: int, session_id: str, device: str = ""
+    ) -> bool:
         done = await self._run(
             scripts.RELEASE_SESSION,
-            [self._key("session", user_id)],
-            [user_id, session_id, self.prefix],
+            [self._session_key(user_id, device)],
+            [user_id, session_id, self.prefix, device],
         )
         return bool(int(done))
 
@@ -485,20 +710,25 @@ class RedisStore:
             [self._key("server", server)],
             [server, self.prefix],
         )
-        return sorted(int(u) for u in dropped)
+        return sorted({int(u) for u in dropped})
 
     # Login tokens
 
     @_deferred
     async def issue_token(
-        self, user_id: int, server: str, session_id: str, ttl: float
+        self,
+        user_id: int,
+        server: str,
+        session_id: str,
+        ttl: float,
+        device: str = "",
     ) -> str:
         token = secrets.token_urlsafe(32)
         digest = token_key(token)
         await self._run(
             scripts.ISSUE_TOKEN,
-            [self._key("token", digest), self._key("tokens", user_id)],
-            [user_id, server, session_id, _ms(ttl), digest, self.prefix],
+            [self._key("token", digest), self._key("tokens", user_id, device)],
+            [user_id, server, session_id, _ms(ttl), digest, self.prefix, device],
         )
         return token
 
@@ -509,8 +739,8 @@ class RedisStore:
         )
         if found is None:
             return None
-        user_id, server, session_id = found
-        return TokenInfo(int(user_id), server, session_id)
+        user_id, server, session_id, device = found
+        return TokenInfo(int(user_id), server, session_id, device)
 
     # Messages
 
@@ -526,21 +756,23 @@ class RedisStore:
             _ms(self.retention.idempotency_window),
             self.prefix,
             max(0, int(self.retention.sender_quota)),
+            _new_epoch_id(),
         ]
         for m in messages:
             sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
-        appended, retries = await self._run(
+        appended, retries, epoch_ids = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args
         )
+        epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
         # A retry's original: stored, or only its ids when retention dropped it.
-        originals: dict[int, ChatMessage | tuple[int, int, int, str]] = {}
-        for i in range(0, len(retries), 6):
-            index, msg_id, seq, ts, conversation, member = retries[i : i + 6]
+        originals: dict[int, ChatMessage | tuple[int, int, int, str, str]] = {}
+        for i in range(0, len(retries), 7):
+            index, msg_id, seq, ts, conversation, member, epoch = retries[i : i + 7]
             originals[int(index) - 1] = (
                 decode_message(conversation, member)
                 if member
-                else (int(msg_id), int(seq), int(ts), conversation)
+                else (int(msg_id), int(seq), int(ts), conversation, epoch)
             )
         stored: list[ChatMessage | None] = []
         refused = False
@@ -553,7 +785,13 @@ class RedisStore:
                 continue
             if ids:
                 msg_id, seq = ids.split(":")
-                fields = (int(msg_id), int(seq), timestamp, m.conversation)
+                fields = (
+                    int(msg_id),
+                    int(seq),
+                    timestamp,
+                    m.conversation,
+                    epochs[m.conversation],
+                )
             else:
                 original = originals[index]
                 if isinstance(original, ChatMessage):
@@ -572,6 +810,7 @@ class RedisStore:
                     client_msg_id=m.client_msg_id,
                     receive_user_id=m.receive_user_id,
                     group_id=m.group_id,
+                    epoch=fields[4],
                 )
             )
         if refused:
@@ -596,46 +835,174 @@ class RedisStore:
         return [decode_message(conversation, member) for member in members]
 
     @_deferred
+    async def read_before(
+        self, conversation: str, before_seq: int, limit: int
+    ) -> list[ChatMessage]:
+        if limit <= 0:
+            return []
+        members = await self._command(
+            "ZREVRANGEBYSCORE",
+            self._key("conv", conversation),
+            f"({int(before_seq)}" if before_seq > 0 else "+inf",
+            "-inf",
+            "LIMIT",
+            0,
+            int(limit),
+        )
+        return [decode_message(conversation, member) for member in reversed(members)]
+
+    @_deferred
     async def last_seq(self, conversation: str) -> int:
         seq = await self._command("GET", self._key("seq", conversation))
         return 0 if seq is None else int(seq)
 
     @_deferred
-    async def set_cursors(self, user_id: int, cursors: dict[str, int]) -> None:
-        args = _cursor_args(cursors)
-        if args:
-            await self._run(scripts.SET_CURSORS, [self._key("cursors", user_id)], args)
-
-    @_deferred
-    async def set_many_cursors(self, cursors: dict[int, dict[str, int]]) -> None:
+    async def epochs(self, conversations: Sequence[str]) -> dict[str, Epoch]:
+        conversations = list(dict.fromkeys(conversations))
+        if not conversations:
+            return {}
         keys = []
-        args: list[Any] = []
-        for user_id, theirs in cursors.items():
-            pairs = _cursor_args(theirs)
-            if pairs:
-                keys.append(self._key("cursors", user_id))
-                args.append(len(pairs) // 2)
-                args += pairs
-        if keys:
-            await self._run(scripts.SET_MANY_CURSORS, keys, args)
+        for conversation in conversations:
+            keys += [self._key("epoch", conversation), self._key("seq", conversation)]
+        flat = await self._run(scripts.EPOCHS, keys, [])
+        return {
+            conversation: decode_epoch(*flat[4 * i : 4 * i + 4])
+            for i, conversation in enumerate(conversations)
+        }
+
+    # Cursors
+
+    def _cursor_key(self, user_id: int, device: str) -> str:
+        """
+        The device's cursors: device C{""} keeps the key of the previous
+        release's (per user) cursors, which so remain its.
+        """
+        if not device:
+            return self._key("cursors", user_id)
+        return self._key("cursors", user_id, device)
+
+    def _cursor_script_args(
+        self,
+        user_id: int,
+        device: str,
+        cursors: dict[str, Position],
+        keys: list[str],
+        args: list[Any],
+    ) -> None:
+        """
+        Add a device's cursors to the keys and arguments of C{set_cursors.lua}.
+        """
+        triples = _cursor_args(cursors)
+        if triples:
+            keys += [self._cursor_key(user_id, device), self._key("cdevices", user_id)]
+            args += [device, len(triples) // 3, *triples]
 
     @_deferred
-    async def get_cursors(self, user_id: int) -> dict[str, int]:
-        flat = await self._command("HGETALL", self._key("cursors", user_id))
+    async def set_cursors(
+        self, user_id: int, cursors: dict[str, Position], device: str = ""
+    ) -> None:
+        keys: list[str] = []
+        args: list[Any] = []
+        self._cursor_script_args(user_id, device, cursors, keys, args)
+        if keys:
+            await self._run(scripts.SET_CURSORS, keys, args)
+
+    @_deferred
+    async def set_many_cursors(
+        self, cursors: dict[tuple[int, str], dict[str, Position]]
+    ) -> None:
+        keys: list[str] = []
+        args: list[Any] = []
+        for (user_id, device), theirs in cursors.items():
+            self._cursor_script_args(user_id, device, theirs, keys, args)
+        if keys:
+            await self._run(scripts.SET_CURSORS, keys, args)
+
+    @_deferred
+    async def get_cursors(self, user_id: int, device: str = "") -> dict[str, Position]:
+        flat = await self._command("HGETALL", self._cursor_key(user_id, device))
         cursors = {}
         for conversation, text in zip(flat[::2], flat[1::2], strict=True):
-            seq = _seq(text)
-            if seq is None:
+            position = decode_position(text)
+            if position is None:
                 self.log.warn(
                     "Skipping the bad stored cursor {conversation}={value!r} "
-                    "of {user_id}",
+                    "of {user_id} ({device!r})",
                     conversation=conversation,
                     value=text[:40],
                     user_id=user_id,
+                    device=device,
                 )
                 continue
-            cursors[conversation] = seq
+            cursors[conversation] = position
         return cursors
+
+    @_deferred
+    async def forget_cursors(self, user_id: int, conversation: str) -> None:
+        await self._run(
+            scripts.FORGET_CURSORS,
+            [self._key("cdevices", user_id), self._cursor_key(user_id, "")],
+            [conversation, self.prefix, user_id],
+        )
+
+    # Read positions
+
+    def _read_keys(self, conversation: str) -> list[str]:
+        return [
+            self._key("read", conversation),
+            self._key("epoch", conversation),
+            self._key("seq", conversation),
+        ]
+
+    @_deferred
+    async def set_read(self, user_id: int, conversation: str, seq: int) -> int:
+        if type(seq) is not int or seq > MAX_SEQ:
+            seq = 0
+        read = await self._run(
+            scripts.SET_READ, self._read_keys(conversation), [user_id, seq]
+        )
+        return int(read)
+
+    @_deferred
+    async def read_positions(
+        self, conversation: str, user_ids: Sequence[int]
+    ) -> dict[int, int]:
+        user_ids = list(user_ids)
+        found = await self._run(
+            scripts.READ_POSITIONS, self._read_keys(conversation), user_ids
+        )
+        epoch = decode_epoch(*found[:4])
+        return {
+            user_id: resume_seq(text, epoch)
+            for user_id, text in zip(user_ids, found[4:], strict=True)
+        }
+
+    @_deferred
+    async def conversations(self, user_id: int) -> list[ConversationState]:
+        flat = await self._run(
+            scripts.CONVERSATIONS,
+            [self._key("pairs", user_id), self._key("groups", user_id)],
+            [user_id, self.prefix],
+        )
+        states = []
+        for i in range(0, len(flat), 8):
+            conversation, group_id, id, previous, base, last, read, peer_read = flat[
+                i : i + 8
+            ]
+            epoch = decode_epoch(id, previous, base, last)
+            peer = 0 if group_id else peer_of(conversation, user_id)
+            states.append(
+                ConversationState(
+                    conversation,
+                    epoch.id,
+                    int(last),
+                    resume_seq(read, epoch),
+                    peer_id=peer or 0,
+                    peer_read=resume_seq(peer_read, epoch) if peer else 0,
+                    group_id=group_id,
+                )
+            )
+        return sorted(states, key=lambda state: state.conversation)
 
     # Groups
 

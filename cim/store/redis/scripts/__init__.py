@@ -4,8 +4,8 @@ in this package, read once, when this module is imported.
 
 Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
 what it returns.  Redis has no C{require}: a script calling a function of
-another file (C{delete_session.lua}) is sent with that file in front of it,
-as L{_load} is told.
+a library file (L{LIBRARIES}: C{sessions.lua}, C{positions.lua}) is sent
+with that file in front of it, as L{_load} is told.
 """
 
 from __future__ import annotations
@@ -79,20 +79,29 @@ def _load(name: str, *needs: str) -> Script:
     return script
 
 
+#: The files that are not scripts of their own, but functions put in front
+#: of the scripts that need them.
+LIBRARIES = ("sessions", "positions")
+
 ACCOUNT_BY_NAME = _load("account_by_name")
 REGISTER = _load("register")
-CLAIM_SESSION = _load("claim_session", "delete_session")
-ACTIVATE_SESSION = _load("activate_session")
-GET_SESSIONS = _load("get_sessions")
-RENEW_SESSIONS = _load("renew_sessions")
-ONLINE_USERS = _load("online_users")
-RELEASE_SESSION = _load("release_session", "delete_session")
-DROP_SERVER_SESSIONS = _load("drop_server_sessions", "delete_session")
+CLAIM_SESSION = _load("claim_session", "sessions")
+ACTIVATE_SESSION = _load("activate_session", "sessions")
+GET_SESSIONS = _load("get_sessions", "sessions")
+RENEW_SESSIONS = _load("renew_sessions", "sessions")
+ONLINE_USERS = _load("online_users", "sessions")
+RELEASE_SESSION = _load("release_session", "sessions")
+DROP_SERVER_SESSIONS = _load("drop_server_sessions", "sessions")
 ISSUE_TOKEN = _load("issue_token")
-VERIFY_TOKEN = _load("verify_token")
-APPEND = _load("append")
-SET_CURSORS = _load("set_cursors")
-SET_MANY_CURSORS = _load("set_many_cursors")
+VERIFY_TOKEN = _load("verify_token", "sessions")
+APPEND = _load("append", "positions")
+SET_CURSORS = _load("set_cursors", "positions")
+FORGET_CURSORS = _load("forget_cursors")
+SET_READ = _load("set_read", "positions")
+READ_POSITIONS = _load("read_positions")
+EPOCHS = _load("epochs")
+CONVERSATIONS = _load("conversations")
+MIGRATE_INBOX = _load("migrate_inbox", "positions")
 CREATE_GROUP = _load("create_group")
 JOIN_GROUP = _load("join_group")
 LEAVE_GROUP = _load("leave_group")

@@ -1,12 +1,14 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
--- window ms, prefix, sender quota (0: none), then per message:
--- conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
+-- window ms, prefix, sender quota (0: none), a new epoch id, then per
+-- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
 -- client_msg_id), JSON body (an object starting with "ts").  Returns
--- {appended, retries}: appended is one string with a "msg_id:seq" per
--- message, separated by commas ('' for a retry, 'q' for a message refused
--- by its sender's quota); retries is flat: index, msg id, seq, timestamp,
--- conversation, stored member or '' per message that was appended before.
--- (One string parses much faster than a nested reply.)
+-- {appended, retries, epochs}: appended is one string with a "msg_id:seq"
+-- per message, separated by commas ('' for a retry, 'q' for a message
+-- refused by its sender's quota); retries is flat: index, msg id, seq,
+-- timestamp, conversation, stored member or '', the conversation's epoch
+-- id per message that was appended before; epochs is flat: conversation,
+-- epoch id of each conversation appended to.  (One string parses much
+-- faster than a nested reply.)
 --
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
@@ -14,10 +16,22 @@
 -- (INCRBY, expiring after two windows), and the current and previous
 -- windows count together.  Messages are counted in order: those past the
 -- quota are not appended.
+--
+-- Epochs: the first append to a conversation that has no epoch record, or
+-- whose record was written by another Redis run (its run_id differs: a
+-- restart, a restore, a failover), starts a new epoch: the given id, the
+-- previous id ('' when none) and the conversation's last seq as its base.
+-- Each stored message carries its epoch id ("e", last in its JSON).
+--
+-- Appending raises each sender's read position in the conversation to its
+-- message's seq, and lists a private conversation (p:<low>:<high>) among
+-- both users' pairs (when its epoch starts: the hot path spares the two
+-- SADDs after that).
+-- Needs positions.lua in front.
 
 -- How many of a conversation's oldest messages one append checks for age.
 local AGE_SCAN = 100
-local FIRST = 6
+local FIRST = 7
 local STRIDE = 4
 
 local now = tonumber(ARGV[1])
@@ -28,7 +42,6 @@ local prefix = ARGV[5]
 local quota = tonumber(ARGV[6])
 local appended = {}
 local retries = {}
-local touched = {}
 local count = (#ARGV - FIRST) / STRIDE
 
 local function is_old(member)
@@ -57,6 +70,35 @@ local function allowed(pair)
   return true
 end
 
+-- The epoch of each conversation appended to ({id, previous, base}; new:
+-- it starts here; senders: each sender's highest seq there), in the order
+-- of their first messages.
+local epochs = {}
+local order = {}
+local run_id = nil
+local function epoch_of(conversation, seq_key)
+  local e = epochs[conversation]
+  if e then return e end
+  local key = prefix .. 'epoch:' .. conversation
+  local rec = redis.call('HMGET', key, 'id', 'previous', 'base', 'run')
+  if not run_id then
+    run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+  end
+  if rec[1] and rec[4] == run_id then
+    e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0}
+  else
+    local base = redis.call('GET', seq_key) or '0'
+    e = {ARGV[7], rec[1] or '', tonumber(base)}
+    redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
+               'run', run_id)
+    e.new = true
+  end
+  e.senders = {}
+  epochs[conversation] = e
+  order[#order + 1] = conversation
+  return e
+end
+
 -- One INCRBY reserves ids for the whole batch (a retry leaves its id unused).
 local first_id = redis.call('INCRBY', KEYS[1], count) - count
 -- Within the batch, a sent id appended already.
@@ -75,25 +117,30 @@ for i = 1, count do
                                                '^(%d+):(%d+):(%d+):(.*)$')
     local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
                               seq, seq)
-    for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or ''}) do
+    local epoch = epochs[conv]
+    epoch = epoch and epoch[1]
+        or redis.call('HGET', prefix .. 'epoch:' .. conv, 'id') or ''
+    for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
     appended[i] = ''
   elseif not allowed(conversation .. ':' .. ARGV[base + 2]) then
     appended[i] = 'q'
   else
-    local conv_key = prefix .. 'conv:' .. conversation
+    local seq_key = prefix .. 'seq:' .. conversation
+    local e = epoch_of(conversation, seq_key)
     local msg_id = string.format('%d', first_id + i)
-    local seq = string.format('%d',
-                              redis.call('INCR', prefix .. 'seq:' .. conversation))
-    redis.call('ZADD', conv_key, seq, '{"i":' .. msg_id .. ',"q":' .. seq .. ','
-               .. string.sub(ARGV[base + 4], 2))
+    local n = redis.call('INCR', seq_key)
+    local seq = string.format('%d', n)
+    redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
+               '{"i":' .. msg_id .. ',"q":' .. seq .. ','
+               .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. e[1] .. '"}')
     if sent_id ~= '' then
       local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
       redis.call('SET', prefix .. 'sent:' .. sent_id, record, 'PX', ARGV[4])
       just_sent[sent_id] = record
     end
-    touched[conv_key] = true
+    e.senders[ARGV[base + 2]] = n
     appended[i] = msg_id .. ':' .. seq
   end
 end
@@ -104,7 +151,35 @@ for pair, n in pairs(counted) do
   redis.call('PEXPIRE', key, 2 * max_age)
 end
 
-for conv_key in pairs(touched) do
+-- A pair conversation's two users, or nil (as cim.message.pair_members).
+local function pair_members(conversation)
+  local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
+  if not low then return nil end
+  if #low > #high or (#low == #high and low > high) then return nil end
+  return low, high
+end
+
+local epoch_ids = {}
+for _, conversation in ipairs(order) do
+  local e = epochs[conversation]
+  epoch_ids[#epoch_ids + 1] = conversation
+  epoch_ids[#epoch_ids + 1] = e[1]
+  -- A sender's message is the conversation's last: its seq is above any
+  -- read position of the epoch (they are at most the last seq), and above
+  -- the base of a new one, so it raises the sender's without reading it.
+  for sender, seq in pairs(e.senders) do
+    redis.call('HSET', prefix .. 'read:' .. conversation, sender,
+               format_position(e[1], seq))
+  end
+  -- Listed among its users' pairs when its epoch starts: at its first
+  -- message, and again after Redis lost or replaced anything.
+  local low, high = nil, nil
+  if e.new then low, high = pair_members(conversation) end
+  if low then
+    redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
+    redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
+  end
+  local conv_key = prefix .. 'conv:' .. conversation
   local excess = redis.call('ZCARD', conv_key) - max_messages
   if excess > 0 then
     redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
@@ -120,4 +195,4 @@ for conv_key in pairs(touched) do
   end
   redis.call('PEXPIRE', conv_key, ARGV[3])
 end
-return {table.concat(appended, ','), retries}
+return {table.concat(appended, ','), retries, epoch_ids}

@@ -1,10 +1,14 @@
--- KEYS: server set.  ARGV: server, prefix.  Returns the dropped user ids.
--- Needs delete_session.lua in front.
+-- KEYS: the server's sessions ("<user id>:<device>"; a bare user id,
+-- written by the previous release, names device "").  ARGV: server,
+-- prefix.  Returns the user ids that lost a session (perhaps repeated).
+-- Needs sessions.lua in front.
 
 local dropped = {}
-for _, uid in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('HGET', ARGV[2] .. 'session:' .. uid, 'server') == ARGV[1] then
-    delete_session(ARGV[2], uid, nil)
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local uid, device = string.match(member, '^(%d+):(.*)$')
+  if not uid then uid, device = member, '' end
+  if redis.call('HGET', session_key(ARGV[2], uid, device), 'server') == ARGV[1] then
+    delete_session(ARGV[2], uid, device, nil)
     dropped[#dropped + 1] = uid
   end
 end

@@ -1,11 +1,13 @@
 -- KEYS: online.  ARGV: prefix.  Returns user id, name, user id, name, ...
--- of the connected sessions; drops the entries whose session expired.
+-- of the users with a connected session; drops the entries of the others
+-- (their sessions expired).
+-- Needs sessions.lua in front.
 
 local flat = redis.call('HGETALL', KEYS[1])
 local found = {}
 for i = 1, #flat, 2 do
   local uid = flat[i]
-  if redis.call('HGET', ARGV[1] .. 'session:' .. uid, 'connected') == '1' then
+  if any_connected(ARGV[1], uid) then
     found[#found + 1] = uid
     found[#found + 1] = flat[i + 1]
   else

@@ -1,7 +1,8 @@
--- KEYS: session.  ARGV: user id, session id, prefix.  Returns 1 or 0.
--- Needs delete_session.lua in front.
+-- KEYS: the device's session.  ARGV: user id, session id, prefix, device.
+-- Returns 1 or 0.
+-- Needs sessions.lua in front.
 
 local rec = redis.call('HMGET', KEYS[1], 'session_id', 'server')
 if rec[1] ~= ARGV[2] then return 0 end
-delete_session(ARGV[3], ARGV[1], rec[2])
+delete_session(ARGV[3], ARGV[1], ARGV[4], rec[2])
 return 1

@@ -1,0 +1,32 @@
+-- KEYS: the user's private conversations (pairs), the user's groups.
+-- ARGV: user id, prefix.  Returns per conversation (its pairs, then
+-- its groups): conversation, group id ('' for a pair), epoch id, previous,
+-- base, last seq, the user's stored read position, the peer's ('' each
+-- when none; the peer's only for a pair), flat.  (The caller resumes the
+-- positions and finds the peer.)
+
+local uid, prefix = ARGV[1], ARGV[2]
+local found = {}
+local function add(conversation, group_id, peer)
+  local rec = redis.call('HMGET', prefix .. 'epoch:' .. conversation,
+                         'id', 'previous', 'base')
+  local read_key = prefix .. 'read:' .. conversation
+  local peer_read = ''
+  if peer then peer_read = redis.call('HGET', read_key, peer) or '' end
+  for _, v in ipairs({conversation, group_id, rec[1] or '', rec[2] or '',
+                      rec[3] or '',
+                      redis.call('GET', prefix .. 'seq:' .. conversation) or '0',
+                      redis.call('HGET', read_key, uid) or '', peer_read}) do
+    found[#found + 1] = v
+  end
+end
+for _, conversation in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local low, high = string.match(conversation, '^p:(%d+):(%d+)$')
+  local peer = low
+  if low == uid then peer = high end
+  add(conversation, '', peer)
+end
+for _, group_id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  add('g:' .. group_id, group_id, nil)
+end
+return found

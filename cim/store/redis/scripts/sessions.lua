@@ -1,0 +1,70 @@
+-- Not a script of its own: put in front of the scripts that read or
+-- delete sessions (scripts/__init__.py says which).
+--
+-- A session is per (user, device): its record is prefix .. 'session:' ..
+-- uid .. ':' .. device, and the user's devices are the set prefix ..
+-- 'sessions:' .. uid (a device whose record expired is dropped from it
+-- when read).  The set lives at least as long as each of its records
+-- (extend_ttl).
+
+local function session_key(prefix, uid, device)
+  return prefix .. 'session:' .. uid .. ':' .. device
+end
+
+local function devices_key(prefix, uid)
+  return prefix .. 'sessions:' .. uid
+end
+
+-- Give key at least ttl ms to live (never shorten it).
+local function extend_ttl(key, ttl)
+  if redis.call('PTTL', key) < tonumber(ttl) then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+
+-- The user's sessions: a list of {device, name, server, session id,
+-- connected ('0'/'1'), active}, forgetting the devices whose record
+-- expired.
+local function live_sessions(prefix, uid)
+  local index = devices_key(prefix, uid)
+  local found = {}
+  for _, device in ipairs(redis.call('SMEMBERS', index)) do
+    local rec = redis.call('HMGET', session_key(prefix, uid, device), 'name',
+                           'server', 'session_id', 'connected', 'active')
+    if rec[3] then
+      found[#found + 1] = {device, rec[1] or '', rec[2] or '', rec[3],
+                           rec[4] or '0', rec[5] or '0'}
+    else
+      redis.call('SREM', index, device)
+    end
+  end
+  return found
+end
+
+-- Whether the user has a connected session.
+local function any_connected(prefix, uid)
+  for _, device in ipairs(redis.call('SMEMBERS', devices_key(prefix, uid))) do
+    if redis.call('HGET', session_key(prefix, uid, device), 'connected') == '1' then
+      return true
+    end
+  end
+  return false
+end
+
+-- Delete the session of user uid's device: its record, its tokens, its
+-- entry in the user's devices and in the set of server (when server is not
+-- nil), and the user's online entry when no other device is connected.
+local function delete_session(prefix, uid, device, server)
+  local tokens = prefix .. 'tokens:' .. uid .. ':' .. device
+  for _, digest in ipairs(redis.call('SMEMBERS', tokens)) do
+    redis.call('DEL', prefix .. 'token:' .. digest)
+  end
+  redis.call('DEL', session_key(prefix, uid, device), tokens)
+  redis.call('SREM', devices_key(prefix, uid), device)
+  if server then
+    redis.call('SREM', prefix .. 'server:' .. server, uid .. ':' .. device)
+  end
+  if not any_connected(prefix, uid) then
+    redis.call('HDEL', prefix .. 'online', uid)
+  end
+end
