@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -557,11 +558,15 @@ class Bench:
 
     # Helpers
 
-    def cluster(self, name: str, servers: int = 2) -> Cluster:
+    def cluster(
+        self, name: str, servers: int = 2, route_args: Sequence[str] = ()
+    ) -> Cluster:
         """
         A fresh cluster (one route, C{servers} IM servers) on an empty
         Redis database and a new ZooKeeper root, started (stopped with the
         other processes after the scenario).
+
+        @param route_args: more options of the route.
         """
         self.services.flush(self.db)
         twistd = [TWISTD]
@@ -576,7 +581,7 @@ class Bench:
             # Every simulated user connects from 127.0.0.1: no per-address
             # cap on the client port, and a wide one on the HTTP ports.
             server_args=["--rate", "20000", "--max-connections-per-address", "0"],
-            route_args=["--max-connections-per-address", "0"],
+            route_args=["--max-connections-per-address", "0", *route_args],
             twistd=twistd,
         )
         cluster.start_blocking(servers)
@@ -1085,7 +1090,9 @@ class Bench:
     def scenario_devices(self, row: dict[str, Any], p: dict[str, Any]) -> None:
         name = "devices"
         devices = p["devices"]
-        cluster = self.cluster(name)
+        # The route's default balancer (a hash of the user) sends every
+        # device of a user to the same server; round robin spreads them.
+        cluster = self.cluster(name, route_args=["--balancer", "round-robin"])
         workers = self.spawn(name)
         self.setup_cim(name, cluster, workers, p["users"], exact=True)
         login = self.login(name, workers, p["users"], devices=devices)

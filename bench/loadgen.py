@@ -1430,7 +1430,10 @@ class Worker:
         device = client.device_index
         text = make_text(kind, sender, target, seq, now, self.size, device)
         client.next_cmid += 1
-        cmid = str(client.next_cmid)
+        # Unique per user, not only per device: the store keeps a send's id
+        # per sender, and takes a second send with the same id (from
+        # another device) for a retry of the first.
+        cmid = f"{device}.{client.next_cmid}"
         self.outstanding += 1
         self.ledger.sent_message(
             sender,

@@ -537,25 +537,30 @@ def test_worker_window_and_acks() -> None:
     worker._send(client)
     sent = written(transport)
     assert [(f.cmd, f.receive_user_id, f.client_msg_id) for f in sent] == [
-        (Command.MESSAGE, 2, "1"),
-        (Command.MESSAGE, 2, "2"),
+        (Command.MESSAGE, 2, "0.1"),
+        (Command.MESSAGE, 2, "0.2"),
     ]
     assert [parse_text(f.req_msg, 100).seq for f in sent] == [1, 2]  # type: ignore[union-attr]
     assert worker.outstanding == 2 and worker.ledger.expected == {1: 2}
-    assert client.pending["1"].target == "2" and client.pending["1"].counter == 1
+    assert client.pending["0.1"].target == "2" and client.pending["0.1"].counter == 1
     # An ACK sends the next one; an error cancels the message.
-    client.dataReceived(encode_framed(Frame(cmd=Command.ACK, client_msg_id="1")))
+    client.dataReceived(encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.1")))
     [third] = written(transport)
-    assert third.client_msg_id == "3"
+    assert third.client_msg_id == "0.3"
     worker.sending = False
     client.dataReceived(
-        encode_framed(Frame(cmd=Command.ERROR, error_code=9200, client_msg_id="2"))
-        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="3"))
-        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="3"))
+        encode_framed(Frame(cmd=Command.ERROR, error_code=9200, client_msg_id="0.2"))
+        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.3"))
+        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.3"))
     )
     assert worker.outstanding == 0
     assert worker.ledger.expected == {1: 2} and worker.ledger.sent == 2
     assert worker.counters["rejected"] == 1 and worker.counters["unknown_acks"] == 1
+    # Another device of the same user: other client message ids.
+    second, second_t = logged_in_client(worker, 1, device=1)
+    worker._send(second)
+    [other] = written(second_t)
+    assert other.client_msg_id == "1.1"
 
 
 def test_worker_raw_frames_and_group_cache() -> None:
