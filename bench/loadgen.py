@@ -493,9 +493,10 @@ def check_streams(reports: Sequence[dict[str, Any]], devices: int) -> dict[str, 
     device, target) stream must hold exactly the counters sent.
 
     @return: C{streams} (sent streams), C{expected} and C{delivered}
-        (deliveries), C{lost} (expected, not received), C{extra} (received,
-        never sent), C{devices_short} (receiving devices that miss
-        something) and a few C{examples}.
+        (deliveries), C{lost} (expected, not received) and C{lost_by_kind}
+        (L{KINDS}: the receiver's devices, the echo, the sender's other
+        devices), C{extra} (received, never sent), C{devices_short}
+        (receiving devices that miss something) and a few C{examples}.
     """
     sent: dict[tuple[int, int, str], tuple[int, set[int]]] = {}
     for report in reports:
@@ -513,6 +514,7 @@ def check_streams(reports: Sequence[dict[str, Any]], devices: int) -> dict[str, 
         "expected": 0,
         "delivered": 0,
         "lost": 0,
+        "lost_by_kind": dict.fromkeys(KINDS, 0),
         "extra": 0,
         "devices_short": 0,
         "examples": [],
@@ -533,13 +535,18 @@ def check_streams(reports: Sequence[dict[str, Any]], devices: int) -> dict[str, 
                 out["delivered"] += len(wanted & got)
                 out["lost"] += len(missing)
                 out["extra"] += len(extra)
+                if user != sender:
+                    kind = PEER
+                else:
+                    kind = ECHO if device == sdevice else OWN
+                out["lost_by_kind"][kind] += len(missing)
                 if missing:
                     short.add((user, device))
                 if (missing or extra) and len(out["examples"]) < 10:
                     out["examples"].append(
-                        f"device {device} of {user}, from device {sdevice} of "
-                        f"{sender} to {target}: missing {sorted(missing)[:10]}, "
-                        f"never sent {sorted(extra)[:10]}"
+                        f"device {device} of {user} ({kind}), from device "
+                        f"{sdevice} of {sender} to {target}: missing "
+                        f"{sorted(missing)[:10]}, never sent {sorted(extra)[:10]}"
                     )
     for key, got in received.items():
         if key not in seen:

@@ -356,14 +356,16 @@ def test_devices_check_finds_a_device_short() -> None:
     got = {**ALL, (1, 1): [1, 3], (2, 1): [1, 2]}
     result = check_streams(devices_reports(got), devices=2)
     assert (result["lost"], result["devices_short"]) == (2, 2)
+    assert result["lost_by_kind"] == {PEER: 1, ECHO: 0, OWN: 1}
     assert result["delivered"] == 10
-    assert "device 1 of 1" in result["examples"][0]
+    assert "device 1 of 1 (own)" in result["examples"][0]
 
 
 def test_devices_check_finds_a_missing_echo() -> None:
     got = {**ALL, (1, 0): [1, 2]}
     result = check_streams(devices_reports(got), devices=2)
     assert (result["lost"], result["devices_short"]) == (1, 1)
+    assert result["lost_by_kind"] == {PEER: 0, ECHO: 1, OWN: 0}
 
 
 def test_devices_check_refused_and_stray_messages() -> None:
