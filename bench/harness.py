@@ -813,12 +813,14 @@ class Bench:
         """
         The message figures and the process figures of a row.
 
-        @param messages: the messages of the window (by default the
-            private messages received in it, each counted once:
-            C{messages_in_window}); the deliveries are every message
+        @param messages: the messages of the window, for a scenario of
+            group messages (C{sent_in_window}); by default the private
+            messages received in it, each counted once
+            (C{messages_in_window}).  The deliveries are every message
             written to every device (a private message's echo to the
             sending device too).
         """
+        private = messages is None
         if messages is None:
             messages = merged["messages_in_window"]
         row.update(
@@ -835,22 +837,22 @@ class Bench:
         row.update(latency_fields(merged["latency"]))
         self.fill_processes(row, sampler, servers)
         deliveries = merged["delivered_in_window"]
-        if messages and deliveries:
-            ratio = deliveries / messages
+        kinds = deliveries_per_message(merged) if private else None
+        if kinds is not None:
+            row["deliveries_per_message"] = round(kinds["total"], 3)
+            row["deliveries_per_message_by_kind"] = {
+                k: round(v, 3) for k, v in kinds.items()
+            }
+            row["notes"].append(
+                f"deliveries per message: {kinds['total']:.2f} ({kinds['peer']:.2f} "
+                f"to the receiver's devices, {kinds['echo']:.2f} echo to the "
+                f"sending device, {kinds['own']:.2f} to the sender's other "
+                "devices)"
+            )
+        elif not private and merged["sent"]:
+            ratio = merged["delivered"] / merged["sent"]
             row["deliveries_per_message"] = round(ratio, 3)
-            kinds = deliveries_per_message(merged)
-            if kinds is not None and merged["messages_in_window"] == messages:
-                row["deliveries_per_message_by_kind"] = {
-                    k: round(v, 3) for k, v in kinds.items()
-                }
-                row["notes"].append(
-                    f"deliveries per message: {ratio:.2f} ({kinds['peer']:.2f} to "
-                    f"the receiver's devices, {kinds['echo']:.2f} echo to the "
-                    f"sending device, {kinds['own']:.2f} to the sender's other "
-                    "devices)"
-                )
-            else:
-                row["notes"].append(f"deliveries per message: {ratio:.2f}")
+            row["notes"].append(f"deliveries per message: {ratio:.2f}")
         for label, key, count in (
             ("message", "cpu_us_per_message", messages),
             ("delivery", "cpu_us_per_delivery", deliveries),

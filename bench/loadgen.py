@@ -237,6 +237,9 @@ class Checker:
     @ivar window: (start, end) in L{now_us} time: receptions within it are
         counted in C{in_window}, C{kinds_in_window} and
         C{messages_in_window}.
+    @ivar messages: private messages received by the first device (0)
+        of their receiver: each message once, whatever the number of
+        devices.
     @ivar messages_in_window: private messages received by the first
         device (0) of their receiver in the window: each message once,
         whatever the number of devices, so msgs/s stay comparable.
@@ -254,6 +257,7 @@ class Checker:
         self.corrupt = 0
         self.misrouted = 0
         self.in_window = 0
+        self.messages = 0
         self.messages_in_window = 0
         self.window = (0, -1)
         self.latency = Histogram()
@@ -313,11 +317,12 @@ class Checker:
         self.kinds[kind] += 1
         self.total += 1
         self.latency.add(now - parsed.sent_us)
+        first = kind == PEER and device == 0 and parsed.kind == "p"
+        self.messages += first
         if self.window[0] <= now <= self.window[1]:
             self.in_window += 1
             self.kinds_in_window[kind] += 1
-            if kind == PEER and device == 0 and parsed.kind == "p":
-                self.messages_in_window += 1
+            self.messages_in_window += first
 
     def stream_report(self) -> list[list[Any]]:
         """
@@ -405,6 +410,7 @@ def checker_report(checker: Checker, ledger: Ledger) -> dict[str, Any]:
         "sent_in_window": ledger.sent_in_window,
         "delivered": checker.total,
         "delivered_in_window": checker.in_window,
+        "messages": checker.messages,
         "messages_in_window": checker.messages_in_window,
         "kinds": dict(checker.kinds),
         "kinds_in_window": dict(checker.kinds_in_window),
@@ -435,6 +441,7 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "sent_in_window",
             "delivered",
             "delivered_in_window",
+            "messages",
             "messages_in_window",
             "duplicates",
             "out_of_order",
@@ -471,15 +478,17 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def deliveries_per_message(merged: dict[str, Any]) -> dict[str, float] | None:
     """
-    The deliveries of a private message in the window, per kind and in
-    all (C{"total"}), from L{merge_reports}' figures; C{None} without
+    The deliveries of a private message, per kind and in all
+    (C{"total"}), over the whole run (the window would count the
+    deliveries of messages sent before it and not those of messages
+    delivered after it), from L{merge_reports}' figures; C{None} without
     messages.
     """
-    messages = merged.get("messages_in_window", 0)
+    messages = merged.get("messages", 0)
     if not messages:
         return None
-    per = {k: v / messages for k, v in merged["kinds_in_window"].items()}
-    per["total"] = merged["delivered_in_window"] / messages
+    per = {k: v / messages for k, v in merged["kinds"].items()}
+    per["total"] = merged["delivered"] / messages
     return per
 
 

@@ -262,7 +262,7 @@ def test_an_echo_is_a_delivery_to_the_sending_device() -> None:
     assert checker.received == {1: 4}
     assert (checker.misrouted, checker.corrupt, checker.duplicates) == (0, 0, 0)
     # Two messages, each delivered twice: the figures stay comparable.
-    assert checker.messages_in_window == 2
+    assert checker.messages_in_window == checker.messages == 2
     merged = merge_reports([checker_report(checker, Ledger())])
     assert deliveries_per_message(merged) == {
         PEER: 1.0,
