@@ -35,13 +35,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import psutil
 
-from bench.loadgen import Histogram, merge_reports
+from bench.loadgen import (
+    Histogram,
+    check_streams,
+    deliveries_per_message,
+    merge_reports,
+)
 from tests.kit.cluster import ROOT, TWISTD, Cluster, LogWatch, Processes
 from tests.kit.http import post_json
 from tests.kit.services import redis_ping, ruok
@@ -52,7 +58,16 @@ PYTHON = sys.executable
 RAW_LISTENING = re.compile(r"raw server listening on \S+:(\d+)")
 RESULTS = ROOT / "bench" / "results"
 
-SCENARIOS = ("raw", "p2p", "p2p-latency", "group", "http", "login", "connections")
+SCENARIOS = (
+    "raw",
+    "p2p",
+    "p2p-latency",
+    "group",
+    "devices",
+    "http",
+    "login",
+    "connections",
+)
 #: Source addresses of the connections scenario (each takes up to ~2,000).
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 
@@ -73,6 +88,10 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "group": (
         {"members": 1000, "senders": 20, "window": 2, "duration": 20},
         {"members": 50, "senders": 4, "window": 2, "duration": 2},
+    ),
+    "devices": (
+        {"users": 500, "devices": 2, "friends": 4, "window": 2, "duration": 20},
+        {"users": 25, "devices": 2, "friends": 4, "window": 2, "duration": 2},
     ),
     "http": (
         {"users": 200, "concurrency": 32, "duration": 20},
@@ -351,6 +370,7 @@ def new_row(name: str) -> dict[str, Any]:
         "p99_ms": None,
         "max_ms": None,
         "sent": None,
+        "messages": None,
         "delivered": None,
         "lost": None,
         "duplicated": None,
@@ -429,11 +449,13 @@ def print_table(rows: list[dict[str, Any]], quick: bool, out: Any = sys.stdout) 
 def failed(row: dict[str, Any]) -> bool:
     """
     Whether a row makes the run fail: an error, or messages lost,
-    duplicated or damaged.
+    duplicated or damaged (or out of order, in a scenario that requires
+    the order: C{order_required}).
     """
-    return bool(row["error"]) or any(
-        (row.get(key) or 0) > 0 for key in ("lost", "duplicated", "damaged")
-    )
+    keys = ["lost", "duplicated", "damaged"]
+    if row.get("order_required"):
+        keys.append("out_of_order")
+    return bool(row["error"]) or any((row.get(key) or 0) > 0 for key in keys)
 
 
 # Scenarios
@@ -453,6 +475,9 @@ class Login:
     failed: int
     elapsed: float
     servers: dict[str, int]
+    #: Open connections (devices), and users with devices on two servers.
+    connections: int = 0
+    spread: int = 0
 
 
 class Bench:
@@ -533,11 +558,15 @@ class Bench:
 
     # Helpers
 
-    def cluster(self, name: str, servers: int = 2) -> Cluster:
+    def cluster(
+        self, name: str, servers: int = 2, route_args: Sequence[str] = ()
+    ) -> Cluster:
         """
         A fresh cluster (one route, C{servers} IM servers) on an empty
         Redis database and a new ZooKeeper root, started (stopped with the
         other processes after the scenario).
+
+        @param route_args: more options of the route.
         """
         self.services.flush(self.db)
         twistd = [TWISTD]
@@ -552,7 +581,7 @@ class Bench:
             # Every simulated user connects from 127.0.0.1: no per-address
             # cap on the client port, and a wide one on the HTTP ports.
             server_args=["--rate", "20000", "--max-connections-per-address", "0"],
-            route_args=["--max-connections-per-address", "0"],
+            route_args=["--max-connections-per-address", "0", *route_args],
             twistd=twistd,
         )
         cluster.start_blocking(servers)
@@ -576,9 +605,13 @@ class Bench:
         users: int,
         concurrency: int = 32,
         ping_interval: float = 10.0,
+        exact: bool = False,
     ) -> list[tuple[int, str]]:
         """
         Register C{users} fresh users, spread over the workers.
+
+        @param exact: the workers keep every stream sent and received, for
+            L{check_streams}.
         """
         counts = self.split(users, len(workers))
         for w, count in zip(workers, counts, strict=True):
@@ -595,6 +628,7 @@ class Bench:
                     "prefix": f"b{self.run_id}-{name}-{w.index}-",
                     "concurrency": concurrency,
                     "ping_interval": ping_interval,
+                    "exact": exact,
                 }
             )
         say(f"{name}: registering {users} users")
@@ -616,6 +650,7 @@ class Bench:
         group: str = "",
         bind: list[str] | None = None,
         connect: bool = True,
+        devices: int = 1,
     ) -> Login:
         for w in workers:
             w.send(
@@ -625,6 +660,7 @@ class Bench:
                     "connect": connect,
                     "bind": bind or [],
                     "concurrency": concurrency,
+                    "devices": devices,
                 }
             )
         logged: list[int] = []
@@ -632,10 +668,13 @@ class Bench:
         failed_logins = 0
         elapsed = 0.0
         servers: dict[str, int] = {}
+        connections = spread = 0
         for w in workers:
-            got = w.expect("ready", 60 + expected / 20)
+            got = w.expect("ready", 60 + devices * expected / 20)
             logged += [int(u) for u in got["users"]]
             logged_in += int(got["logged_in"])
+            connections += int(got.get("connections", 0))
+            spread += int(got.get("spread", 0))
             failed_logins += int(got["failed"])
             elapsed = max(elapsed, float(got["elapsed"]))
             for k, v in got["servers"].items():
@@ -643,9 +682,11 @@ class Bench:
         if connect:
             say(
                 f"{name}: {logged_in} logged in ({failed_logins} failed, "
-                f"{logged_in - len(logged)} closed since) in {elapsed:.1f}s {servers}"
+                f"{logged_in - connections} closed since) in {elapsed:.1f}s {servers}"
             )
-        return Login(logged, logged_in, failed_logins, elapsed, servers)
+        return Login(
+            logged, logged_in, failed_logins, elapsed, servers, connections, spread
+        )
 
     def measure(
         self,
@@ -767,13 +808,25 @@ class Bench:
         reports: list[dict[str, Any]],
         sampler: Sampler,
         servers: list[str],
+        messages: int | None = None,
     ) -> None:
         """
         The message figures and the process figures of a row.
+
+        @param messages: the messages of the window, for a scenario of
+            group messages (C{sent_in_window}); by default the private
+            messages received in it, each counted once
+            (C{messages_in_window}).  The deliveries are every message
+            written to every device (a private message's echo to the
+            sending device too).
         """
+        private = messages is None
+        if messages is None:
+            messages = merged["messages_in_window"]
         row.update(
             {
                 "sent": merged["sent"],
+                "messages": messages,
                 "delivered": merged["delivered"],
                 "lost": merged["lost"],
                 "duplicated": merged["duplicates"],
@@ -783,14 +836,35 @@ class Bench:
         )
         row.update(latency_fields(merged["latency"]))
         self.fill_processes(row, sampler, servers)
-        if merged["delivered_in_window"]:
-            per = {
-                k: v / 100 * sampler.wall / merged["delivered_in_window"] * 1e6
-                for k, v in sampler.cpu.items()
+        deliveries = merged["delivered_in_window"]
+        kinds = deliveries_per_message(merged) if private else None
+        if kinds is not None:
+            row["deliveries_per_message"] = round(kinds["total"], 3)
+            row["deliveries_per_message_by_kind"] = {
+                k: round(v, 3) for k, v in kinds.items()
             }
-            row["cpu_us_per_delivery"] = {k: round(v, 1) for k, v in per.items()}
             row["notes"].append(
-                "CPU per delivered message: "
+                f"deliveries per message: {kinds['total']:.2f} ({kinds['peer']:.2f} "
+                f"to the receiver's devices, {kinds['echo']:.2f} echo to the "
+                f"sending device, {kinds['own']:.2f} to the sender's other "
+                "devices)"
+            )
+        elif not private and merged["sent"]:
+            ratio = merged["delivered"] / merged["sent"]
+            row["deliveries_per_message"] = round(ratio, 3)
+            row["notes"].append(f"deliveries per message: {ratio:.2f}")
+        for label, key, count in (
+            ("message", "cpu_us_per_message", messages),
+            ("delivery", "cpu_us_per_delivery", deliveries),
+        ):
+            if not count:
+                continue
+            per = {
+                k: v / 100 * sampler.wall / count * 1e6 for k, v in sampler.cpu.items()
+            }
+            row[key] = {k: round(v, 1) for k, v in per.items()}
+            row["notes"].append(
+                f"CPU per {label}: "
                 + ", ".join(f"{k} {v:.0f} us" for k, v in per.items() if v >= 0.5)
             )
         counters: dict[str, int] = {}
@@ -816,6 +890,12 @@ class Bench:
             "relogin_failures",
             "bad_frames",
             "skipped",
+            "device_mismatch",
+            "resets",
+            "epoch_frames",
+            "unannounced",
+            "seq_regressions",
+            "final",
         ):
             if counters.get(key):
                 row["notes"].append(f"{key}: {counters[key]}")
@@ -883,11 +963,17 @@ class Bench:
         merged, reports, duration = self.measure(
             workers,
             sampler,
-            {"duration": p["duration"], "peers": login.users, "window": p["window"]},
+            {
+                "duration": p["duration"],
+                "peers": login.users,
+                "window": p["window"],
+                # The receiver and the sender's echo.
+                "fanout": 2,
+            },
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["raw"])
-        row["throughput"] = merged["delivered_in_window"] / duration
+        row["throughput"] = merged["messages_in_window"] / duration
         row["unit"] = "msgs/s"
         row["notes"].insert(
             0,
@@ -900,7 +986,8 @@ class Bench:
     ) -> dict[str, Any]:
         cluster = self.cluster(name)
         workers = self.spawn(name)
-        self.setup_cim(name, cluster, workers, p["clients"])
+        # Quick runs check every stream exactly (few enough of them).
+        self.setup_cim(name, cluster, workers, p["clients"], exact=self.quick)
         login = self.login(name, workers, p["clients"])
         self.check_login(login, p["clients"])
         row["notes"].append(f"clients per server: {sorted(login.servers.values())}")
@@ -908,11 +995,15 @@ class Bench:
         merged, reports, duration = self.measure(
             workers,
             sampler,
-            {"duration": p["duration"], "peers": login.users, **run},
+            # Each message goes to the receiver's device and back to the
+            # sending device (its echo).
+            {"duration": p["duration"], "peers": login.users, "fanout": 2, **run},
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["server1", "server2"])
-        row["throughput"] = merged["delivered_in_window"] / duration
+        if self.quick:
+            self.exact_check(row, reports, 1)
+        row["throughput"] = merged["messages_in_window"] / duration
         row["unit"] = "msgs/s"
         self.stop_workers(workers)
         return merged
@@ -982,7 +1073,14 @@ class Bench:
             drain=self.drain,
             per_worker=[{"senders": n} for n in senders],
         )
-        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        self.fill(
+            row,
+            merged,
+            reports,
+            sampler,
+            ["server1", "server2"],
+            messages=merged["sent_in_window"],
+        )
         row["throughput"] = merged["delivered_in_window"] / duration
         row["unit"] = "deliv/s"
         row["notes"].insert(
@@ -994,11 +1092,86 @@ class Bench:
         target(row, ">=200,000/s", row["throughput"] >= 200000)
         self.stop_workers(workers)
 
+    def scenario_devices(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        name = "devices"
+        devices = p["devices"]
+        # The route's default balancer (a hash of the user) sends every
+        # device of a user to the same server; round robin spreads them.
+        cluster = self.cluster(name, route_args=["--balancer", "round-robin"])
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["users"], exact=True)
+        login = self.login(name, workers, p["users"], devices=devices)
+        self.check_login(login, p["users"])
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "quiet": 1.0,
+                "peers": login.users,
+                "window": p["window"],
+                "friends": p["friends"],
+                # Every device of the receiver and of the sender (the
+                # sending one's echo included).
+                "fanout": 2 * devices,
+            },
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        exact = self.exact_check(row, reports, devices)
+        row["order_required"] = True
+        row["throughput"] = merged["delivered_in_window"] / duration
+        row["unit"] = "deliv/s"
+        messages = merged["messages_in_window"]
+        row["notes"].insert(
+            0,
+            f"{len(login.users)} users x {devices} devices ({login.connections} "
+            f"connections, per server {sorted(login.servers.values())}; "
+            f"{login.spread} users on two servers), {p['friends']} friends each, "
+            f"window {p['window']} per device; {messages / duration:,.0f} msgs/s",
+        )
+        target(
+            row,
+            "every device: all once, in order",
+            not exact["lost"]
+            and not exact["extra"]
+            and not row["duplicated"]
+            and not row["out_of_order"]
+            and not row["damaged"],
+        )
+        self.stop_workers(workers)
+
+    @staticmethod
+    def exact_check(
+        row: dict[str, Any], reports: list[dict[str, Any]], devices: int
+    ) -> dict[str, Any]:
+        """
+        The exact check of the private messages of a run whose workers kept
+        their streams (L{check_streams}): it decides what was lost, and
+        what was received but never sent is damaged.
+        """
+        exact = check_streams(reports, devices)
+        row["streams"] = exact
+        row["lost"] = exact["lost"]
+        row["damaged"] = (row["damaged"] or 0) + exact["extra"]
+        kinds = exact["lost_by_kind"]
+        row["notes"].append(
+            f"exact check: {exact['streams']} streams, {exact['expected']} "
+            f"deliveries expected (every device of both users), "
+            f"{exact['delivered']} delivered, {exact['lost']} lost ({kinds['peer']} "
+            f"of the receivers', {kinds['echo']} echoes, {kinds['own']} of the "
+            f"senders' other devices), {exact['extra']} never sent, "
+            f"{exact['devices_short']} devices short"
+        )
+        row["notes"].extend(f"    {e}" for e in exact["examples"][:5])
+        return exact
+
     def scenario_http(self, row: dict[str, Any], p: dict[str, Any]) -> None:
         name = "http"
         cluster = self.cluster(name)
         workers = self.spawn(name)
-        self.setup_cim(name, cluster, workers, p["users"])
+        self.setup_cim(name, cluster, workers, p["users"], exact=self.quick)
         login = self.login(name, workers, p["users"])
         self.check_login(login, p["users"])
         logged = login.users
@@ -1011,10 +1184,14 @@ class Bench:
                 "peers": logged,
                 "concurrency": p["concurrency"] // len(workers),
                 "auth": "secret",
+                # The receiver's device and the sender's (it is connected).
+                "fanout": 2,
             },
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        if self.quick:
+            self.exact_check(row, reports, 1)
         ok = self.counter(reports, "http_ok_in_window")
         row["throughput"] = ok / duration
         row["unit"] = "calls/s"

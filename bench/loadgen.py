@@ -49,7 +49,7 @@ from twisted.python.failure import Failure
 
 from cim.codec import CodecError, decode, encode_framed
 from cim.framing import VarintFrameReceiver
-from cim.message import Command, Cursor, Frame
+from cim.message import KICK_DEVICE_LIMIT, KICK_REPLACED, Command, Cursor, Frame
 
 # Texts
 
@@ -58,6 +58,8 @@ ALPHABET = string.ascii_letters + string.digits
 _CYCLE = ALPHABET * (8192 // len(ALPHABET) + 2)
 #: The largest text size supported (the server's default limit).
 MAX_SIZE = 4096
+#: The device number in the texts of a message sent over HTTP (no device).
+NO_DEVICE = -1
 
 
 def now_us() -> int:
@@ -68,28 +70,37 @@ def now_us() -> int:
     return time.monotonic_ns() // 1000
 
 
-def padding(sender: int, seq: int, length: int) -> str:
+def padding(sender: int, seq: int, length: int, device: int = 0) -> str:
     """
-    The padding of C{sender}'s message number C{seq}: C{length} characters
-    that depend on both, so a swapped or damaged text is noticed.
+    The padding of C{sender}'s (device C{device}'s) message number C{seq}:
+    C{length} characters that depend on all three, so a swapped or damaged
+    text is noticed.
     """
-    start = (sender * 31 + seq * 7) % len(ALPHABET)
+    start = (sender * 31 + seq * 7 + device * 13) % len(ALPHABET)
     return _CYCLE[start : start + length]
 
 
 def make_text(
-    kind: str, sender: int, target: str | int, seq: int, sent_us: int, size: int
+    kind: str,
+    sender: int,
+    target: str | int,
+    seq: int,
+    sent_us: int,
+    size: int,
+    device: int = 0,
 ) -> str:
     """
     A chat text of C{size} characters (or its header alone when longer):
-    C{kind|sender|target|seq|sent_us|padding}.
+    C{kind|sender|device|target|seq|sent_us|padding}.
 
     @param kind: C{"p"} (private) or C{"g"} (group).
     @param target: the receiver's id, or the group id.
-    @param seq: the sender's counter for this target, from 1.
+    @param seq: the sending device's counter for this target, from 1.
+    @param device: the number of the sending device among its user's
+        (0, 1, ...; L{NO_DEVICE} for an HTTP send).
     """
-    head = f"{kind}|{sender}|{target}|{seq}|{sent_us}|"
-    return head + padding(sender, seq, max(0, size - len(head)))
+    head = f"{kind}|{sender}|{device}|{target}|{seq}|{sent_us}|"
+    return head + padding(sender, seq, max(0, size - len(head)), device)
 
 
 class Parsed(NamedTuple):
@@ -98,6 +109,7 @@ class Parsed(NamedTuple):
     target: str
     seq: int
     sent_us: int
+    device: int = 0
 
 
 def parse_text(text: str, size: int = 0) -> Parsed | None:
@@ -106,21 +118,22 @@ def parse_text(text: str, size: int = 0) -> Parsed | None:
     when it is not such a text, its padding is wrong, or (with C{size}) it
     has another length than C{make_text} gives.
     """
-    parts = text.split("|", 5)
-    if len(parts) != 6:
+    parts = text.split("|", 6)
+    if len(parts) != 7:
         return None
-    kind, sender_s, target, seq_s, sent_s, pad = parts
+    kind, sender_s, device_s, target, seq_s, sent_s, pad = parts
     try:
         sender = int(sender_s)
+        device = int(device_s)
         seq = int(seq_s)
         sent_us = int(sent_s)
     except ValueError:
         return None
-    if pad != padding(sender, seq, len(pad)):
+    if pad != padding(sender, seq, len(pad), device):
         return None
     if size and len(text) != max(size, len(text) - len(pad)):
         return None
-    return Parsed(kind, sender, target, seq, sent_us)
+    return Parsed(kind, sender, target, seq, sent_us, device)
 
 
 # Figures
@@ -187,37 +200,75 @@ class Histogram:
         return h
 
 
+#: The kinds of deliveries (a delivery is one message written to one
+#: device): to a device of another user (the receiver, a group member), the
+#: sender's own echo (back to the device that sent it), and to the
+#: sender's other devices.
+PEER, ECHO, OWN = "peer", "echo", "own"
+KINDS = (PEER, ECHO, OWN)
+
+#: A stream as a receiving device sees it: (receiver, its device, sender,
+#: the sending device, target).
+StreamKey = tuple[int, int, int, int, str]
+
+
 class Checker:
     """
     Checks the messages one load process receives.
 
-    A stream is one (receiver, sender, target): its counters must arrive as
-    1, 2, 3, ... A counter seen before is a duplicate; one that arrives
-    before an earlier one is out of order (it still counts as received).
-    Texts that do not parse or check are corrupt; a private message for
-    another user is misrouted.  Losses need the senders' L{Ledger}s: see
-    L{merge_reports}.
+    A delivery is one message written to one device.  A stream is one
+    (receiving user, its device, sender, sending device, target): its
+    counters must arrive as 1, 2, 3, ... A counter seen before is a
+    duplicate; one that arrives before an earlier one is out of order (it
+    still counts as received).  Texts that do not parse or check are
+    corrupt; a private message that is neither for the receiving user nor
+    from it is misrouted.
 
-    @ivar received: distinct messages received, per sender.
+    A private message goes to every device of both users, the sending
+    device too: a delivery to the device that sent it is its B{echo}, to
+    the sender's other devices B{own}, to anybody else B{peer}.  Each is
+    checked like any other (its own stream: order, duplicates, damage) and
+    counted by kind.  Losses need the senders' L{Ledger}s: see
+    L{merge_reports} (counts per sender) and L{check_streams} (exact, per
+    stream and receiving device).
+
+    @ivar received: distinct deliveries received, per sender.
+    @ivar kinds: distinct deliveries per kind (L{KINDS}).
     @ivar window: (start, end) in L{now_us} time: receptions within it are
-        counted in C{in_window}.
+        counted in C{in_window}, C{kinds_in_window} and
+        C{messages_in_window}.
+    @ivar messages: private messages received by the first device (0)
+        of their receiver: each message once, whatever the number of
+        devices.
+    @ivar messages_in_window: private messages received by the first
+        device (0) of their receiver in the window: each message once,
+        whatever the number of devices, so msgs/s stay comparable.
     """
 
     def __init__(self, size: int = 0) -> None:
         self.size = size
-        self.streams: dict[tuple[int, int, str], list[Any]] = {}
+        self.streams: dict[StreamKey, list[Any]] = {}
         self.received: dict[int, int] = {}
+        self.kinds = dict.fromkeys(KINDS, 0)
+        self.kinds_in_window = dict.fromkeys(KINDS, 0)
         self.total = 0
         self.duplicates = 0
         self.out_of_order = 0
         self.corrupt = 0
         self.misrouted = 0
         self.in_window = 0
+        self.messages = 0
+        self.messages_in_window = 0
         self.window = (0, -1)
         self.latency = Histogram()
 
     def receive(
-        self, receiver: int, text: str, now: int, sender_id: int | None = None
+        self,
+        receiver: int,
+        text: str,
+        now: int,
+        sender_id: int | None = None,
+        device: int = 0,
     ) -> None:
         """
         Check one received message.
@@ -225,16 +276,21 @@ class Checker:
         @param receiver: the user whose connection got it.
         @param now: the reception time (L{now_us}).
         @param sender_id: the sender the server named, if it names one.
+        @param device: the number of the receiving device among its user's.
         """
         parsed = parse_text(text, self.size)
         if parsed is None or (sender_id is not None and sender_id != parsed.sender):
             self.corrupt += 1
             return
         sender = parsed.sender
-        if parsed.kind == "p" and parsed.target != str(receiver):
-            self.misrouted += 1
-            return
-        key = (receiver, sender, parsed.target)
+        if sender == receiver:
+            kind = ECHO if parsed.device == device else OWN
+        else:
+            kind = PEER
+            if parsed.kind == "p" and parsed.target != str(receiver):
+                self.misrouted += 1
+                return
+        key = (receiver, device, sender, parsed.device, parsed.target)
         state: list[Any] | None = self.streams.get(key)
         if state is None:
             state = self.streams[key] = [1, None]
@@ -258,58 +314,116 @@ class Checker:
                 ahead = state[1] = set()
             ahead.add(seq)
         self.received[sender] = self.received.get(sender, 0) + 1
+        self.kinds[kind] += 1
         self.total += 1
         self.latency.add(now - parsed.sent_us)
+        first = kind == PEER and device == 0 and parsed.kind == "p"
+        self.messages += first
         if self.window[0] <= now <= self.window[1]:
             self.in_window += 1
+            self.kinds_in_window[kind] += 1
+            self.messages_in_window += first
+
+    def stream_report(self) -> list[list[Any]]:
+        """
+        Every stream received: C{[receiver, device, sender, sending device,
+        target, next counter expected, [counters received beyond a gap]]}.
+        """
+        return [
+            [*key, state[0], sorted(state[1] or ())]
+            for key, state in self.streams.items()
+        ]
 
 
 class Ledger:
     """
     What one load process sent: per sender, how many deliveries its
-    messages should make (one per private message, one per member for a
-    group message).
+    messages should make (one per device of the receiver and of the
+    sender for a private message, the sending device's echo included; one
+    per member for a group message).
+
+    @ivar streams: with C{track}, per (sender, sending device, target), the
+        highest counter sent and the counters refused (not stored).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, track: bool = False) -> None:
         self.expected: dict[int, int] = {}
         self.sent = 0
         self.sent_in_window = 0
+        self.track = track
+        self.streams: dict[tuple[int, int, str], list[Any]] = {}
 
     def sent_message(
-        self, sender: int, fanout: int = 1, in_window: bool = False
+        self,
+        sender: int,
+        fanout: int = 1,
+        in_window: bool = False,
+        stream: tuple[int, str, int] | None = None,
     ) -> None:
+        """
+        @param stream: C{(sending device, target, counter)}, kept with
+            C{track}.
+        """
         self.expected[sender] = self.expected.get(sender, 0) + fanout
         self.sent += 1
         if in_window:
             self.sent_in_window += 1
+        if self.track and stream is not None:
+            device, target, counter = stream
+            state = self.streams.setdefault((sender, device, str(target)), [0, []])
+            state[0] = max(state[0], counter)
 
-    def cancel(self, sender: int, fanout: int = 1) -> None:
+    def cancel(
+        self,
+        sender: int,
+        fanout: int = 1,
+        stream: tuple[int, str, int] | None = None,
+    ) -> None:
         """
         A message was refused (it was not stored): expect nothing of it.
         """
         self.expected[sender] = self.expected.get(sender, 0) - fanout
         self.sent -= 1
+        if self.track and stream is not None:
+            device, target, counter = stream
+            state = self.streams.setdefault((sender, device, str(target)), [0, []])
+            state[1].append(counter)
+
+    def stream_report(self) -> list[list[Any]]:
+        """
+        C{[sender, sending device, target, highest counter, [refused]]}.
+        """
+        return [
+            [*key, n, sorted(refused)] for key, (n, refused) in self.streams.items()
+        ]
 
 
 def checker_report(checker: Checker, ledger: Ledger) -> dict[str, Any]:
     """
     The JSON form of one process's L{Checker} and L{Ledger}, for
-    L{merge_reports}.
+    L{merge_reports} (and, when the ledger tracks streams, L{check_streams}).
     """
-    return {
+    report = {
         "expected": {str(k): v for k, v in ledger.expected.items()},
         "received": {str(k): v for k, v in checker.received.items()},
         "sent": ledger.sent,
         "sent_in_window": ledger.sent_in_window,
         "delivered": checker.total,
         "delivered_in_window": checker.in_window,
+        "messages": checker.messages,
+        "messages_in_window": checker.messages_in_window,
+        "kinds": dict(checker.kinds),
+        "kinds_in_window": dict(checker.kinds_in_window),
         "duplicates": checker.duplicates,
         "out_of_order": checker.out_of_order,
         "corrupt": checker.corrupt,
         "misrouted": checker.misrouted,
         "latency": checker.latency.to_dict(),
     }
+    if ledger.track:
+        report["sent_streams"] = ledger.stream_report()
+        report["received_streams"] = checker.stream_report()
+    return report
 
 
 def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -327,6 +441,8 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "sent_in_window",
             "delivered",
             "delivered_in_window",
+            "messages",
+            "messages_in_window",
             "duplicates",
             "out_of_order",
             "corrupt",
@@ -334,6 +450,8 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ),
         0,
     )
+    kinds = dict.fromkeys(KINDS, 0)
+    kinds_in_window = dict.fromkeys(KINDS, 0)
     for report in reports:
         for sender, n in report.get("expected", {}).items():
             expected[sender] = expected.get(sender, 0) + n
@@ -341,16 +459,111 @@ def merge_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             received[sender] = received.get(sender, 0) + n
         for key in totals:
             totals[key] += int(report.get(key, 0))
+        for kind in KINDS:
+            kinds[kind] += int(report.get("kinds", {}).get(kind, 0))
+            kinds_in_window[kind] += int(report.get("kinds_in_window", {}).get(kind, 0))
         latency.merge(Histogram.from_dict(report.get("latency", {})))
     lost = sum(max(0, n - received.get(s, 0)) for s, n in expected.items())
     extra = sum(max(0, n - expected.get(s, 0)) for s, n in received.items())
     return {
         **totals,
+        "kinds": kinds,
+        "kinds_in_window": kinds_in_window,
         "expected": sum(expected.values()),
         "lost": lost,
         "extra": extra,
         "latency": latency,
     }
+
+
+def deliveries_per_message(merged: dict[str, Any]) -> dict[str, float] | None:
+    """
+    The deliveries of a private message, per kind and in all
+    (C{"total"}), over the whole run (the window would count the
+    deliveries of messages sent before it and not those of messages
+    delivered after it), from L{merge_reports}' figures; C{None} without
+    messages.
+    """
+    messages = merged.get("messages", 0)
+    if not messages:
+        return None
+    per = {k: v / messages for k, v in merged["kinds"].items()}
+    per["total"] = merged["delivered"] / messages
+    return per
+
+
+def check_streams(reports: Sequence[dict[str, Any]], devices: int) -> dict[str, Any]:
+    """
+    The exact check of private messages between users with C{devices}
+    devices each, from the L{checker_report}s of processes whose ledgers
+    tracked their streams: every message that a device of user A sent to
+    user B (and that was not refused) must reach every device of A (the
+    sending one too: its echo) and of B; each (receiving device, sending
+    device, target) stream must hold exactly the counters sent.
+
+    @return: C{streams} (sent streams), C{expected} and C{delivered}
+        (deliveries), C{lost} (expected, not received) and C{lost_by_kind}
+        (L{KINDS}: the receiver's devices, the echo, the sender's other
+        devices), C{extra} (received, never sent), C{devices_short}
+        (receiving devices that miss something) and a few C{examples}.
+    """
+    sent: dict[tuple[int, int, str], tuple[int, set[int]]] = {}
+    for report in reports:
+        for sender, device, target, n, refused in report.get("sent_streams", []):
+            sent[(int(sender), int(device), str(target))] = (int(n), set(refused))
+    received: dict[StreamKey, set[int]] = {}
+    for report in reports:
+        for row in report.get("received_streams", []):
+            receiver, device, sender, sdevice, target, next_expected, ahead = row
+            got = set(range(1, int(next_expected))) | set(ahead)
+            key = (int(receiver), int(device), int(sender), int(sdevice), str(target))
+            received[key] = received.get(key, set()) | got
+    out: dict[str, Any] = {
+        "streams": len(sent),
+        "expected": 0,
+        "delivered": 0,
+        "lost": 0,
+        "lost_by_kind": dict.fromkeys(KINDS, 0),
+        "extra": 0,
+        "devices_short": 0,
+        "examples": [],
+    }
+    short: set[tuple[int, int]] = set()
+    seen: set[StreamKey] = set()
+    for (sender, sdevice, target), (n, refused) in sorted(sent.items()):
+        wanted = set(range(1, n + 1)) - refused
+        users = {sender, int(target)}
+        for user in sorted(users):
+            for device in range(devices):
+                key = (user, device, sender, sdevice, target)
+                seen.add(key)
+                got = received.get(key, set())
+                missing = wanted - got
+                extra = got - wanted
+                out["expected"] += len(wanted)
+                out["delivered"] += len(wanted & got)
+                out["lost"] += len(missing)
+                out["extra"] += len(extra)
+                if user != sender:
+                    kind = PEER
+                else:
+                    kind = ECHO if device == sdevice else OWN
+                out["lost_by_kind"][kind] += len(missing)
+                if missing:
+                    short.add((user, device))
+                if (missing or extra) and len(out["examples"]) < 10:
+                    out["examples"].append(
+                        f"device {device} of {user} ({kind}), from device "
+                        f"{sdevice} of {sender} to {target}: missing "
+                        f"{sorted(missing)[:10]}, never sent {sorted(extra)[:10]}"
+                    )
+    for key, got in received.items():
+        if key not in seen:
+            out["extra"] += len(got)
+            if len(out["examples"]) < 10:
+                out["examples"].append(f"{key}: {len(got)} received, none sent")
+    out["devices_short"] = len(short)
+    return out
 
 
 # The route: a lean keep-alive HTTP/1.1 client
@@ -554,41 +767,97 @@ class LoginRefused(Exception):
     """
 
 
+class Pending(NamedTuple):
+    """
+    A message sent and not acknowledged yet: the deliveries it should
+    make, its frame (sent again after a reconnection), its target and its
+    counter.
+    """
+
+    fanout: int
+    data: bytes
+    target: str = ""
+    counter: int = 0
+
+
+def device_name(index: int) -> str:
+    """
+    The device id that the bench's device number C{index} logs in with.
+    """
+    return f"bench-d{index}"
+
+
 class BenchClient(VarintFrameReceiver):
     """
-    One user's TCP connection: logs in on connect, hands every frame to
+    One device's TCP connection: logs in on connect, hands every frame to
     its L{Worker}.
 
+    @ivar device: the device id it logs in with (C{""} in raw mode).
+    @ivar device_index: its number among its user's devices (0, 1, ...).
     @ivar login: fires once the login succeeded; fails if refused.
-    @ivar pending: the client message ids sent and not acknowledged yet,
-        with the deliveries each should make and its frame (sent again
-        after a reconnection).
+    @ivar pending: the client message ids sent and not acknowledged yet
+        (L{Pending}).
     @ivar seqs: the counter of the last message sent, per target.
-    @ivar cursors: per conversation, the highest seq received (sent back
-        in cumulative ACKs).
+    @ivar cursors: per conversation, C{[epoch, seq]}: the stream's epoch
+        as the server announced it (C{LOGIN_RESPONSE}, C{EPOCH}) and the
+        highest seq received in it (sent back, with the epoch, in
+        cumulative ACKs and at the next login).
+    @ivar friends: the users it sends to (all the peers when empty).
+    @ivar final: kicked for good (replaced, or over the device limit): it
+        must not log in again by itself.
     @ivar pings: send times of the PINGs not answered yet.
     """
 
     MAX_LENGTH = 16 * 1024 * 1024
 
     def __init__(
-        self, worker: Worker, user_id: int, name: str, token: str = ""
+        self,
+        worker: Worker,
+        user_id: int,
+        name: str,
+        token: str = "",
+        device: str = "",
+        device_index: int = 0,
     ) -> None:
         super().__init__()
         self.worker = worker
         self.user_id = user_id
         self.name = name
         self.token = token
+        self.device = device
+        self.device_index = device_index
         self.login: Deferred[None] = Deferred()
         self.logged_in = False
         self.closed = False
-        self.pending: dict[str, tuple[int, bytes]] = {}
+        self.final = False
+        self.pending: dict[str, Pending] = {}
         self.bind: str | None = None
+        self.server = ""
         self.next_cmid = 0
         self.seqs: dict[object, int] = {}
-        self.cursors: dict[str, int] = {}
+        self.cursors: dict[str, list[Any]] = {}
         self.cursors_dirty = False
+        self.friends: list[int] = []
         self.pings: deque[int] = deque()
+
+    def cursor_list(self) -> list[Cursor]:
+        """
+        The cursors to send (ACK, login): each conversation's highest seq
+        received, with its stream's epoch.
+        """
+        return [Cursor(c, seq, epoch) for c, (epoch, seq) in self.cursors.items()]
+
+    def announced(self, cursors: Iterable[Cursor]) -> int:
+        """
+        The server says where conversations start (C{LOGIN_RESPONSE},
+        C{EPOCH}): take each one's epoch and start.  @return: how many
+        were reset (the position sent was of another epoch).
+        """
+        resets = 0
+        for cursor in cursors:
+            self.cursors[cursor.conversation] = [cursor.epoch, cursor.seq]
+            resets += cursor.reset
+        return resets
 
     def connectionMade(self) -> None:
         try:
@@ -602,7 +871,7 @@ class BenchClient(VarintFrameReceiver):
                     request_id=self.user_id,
                     req_msg=self.name,
                     token=self.token,
-                    cursors=[Cursor(c, s) for c, s in self.cursors.items()],
+                    cursors=self.cursor_list(),
                 )
             )
         )
@@ -646,6 +915,23 @@ def sleep(reactor: Any, seconds: float) -> Deferred[None]:
     return deferLater(reactor, max(0.0, seconds), lambda: None)
 
 
+def friends_of(user: int, peers: Sequence[int], count: int) -> list[int]:
+    """
+    The C{count} users after C{user} in the sorted C{peers}, in a ring
+    (every process computes the same).
+    """
+    ring = sorted(set(peers))
+    if user not in ring or len(ring) < 2:
+        return [p for p in ring if p != user][:count]
+    at = ring.index(user)
+    return [ring[(at + k) % len(ring)] for k in range(1, min(count, len(ring) - 1) + 1)]
+
+
+#: A received message: text, the sender the server names (if any),
+#: conversation, seq, epoch.
+Item = tuple[str, int | None, str, int, str]
+
+
 class Worker:
     """
     The scenarios, as one load process runs them.  The harness sends the
@@ -675,6 +961,9 @@ class Worker:
         self.peers: list[int] = []
         self.group = ""
         self.fanout = 1
+        #: Devices per user, and friends per user (0: any peer).
+        self.devices = 1
+        self.friends = 0
         self.sending = False
         self.closed_loop = True
         self.outstanding = 0
@@ -684,7 +973,7 @@ class Worker:
         self.last_done = 0.0
         self.stopping = False
         self.servers: dict[str, int] = {}
-        self._decoded: dict[bytes, list[tuple[str, int | None, str, int]]] | None = None
+        self._decoded: dict[bytes, list[Item]] | None = None
         self._loops: list[LoopingCall] = []
         self._logged: dict[str, int] = {}
         self.heartbeat = 10.0
@@ -750,6 +1039,7 @@ class Worker:
         if not 0 < self.size <= MAX_SIZE:
             raise ValueError(f"size must be 1..{MAX_SIZE}")
         self.checker = Checker(self.size)
+        self.ledger = Ledger(track=bool(cmd.get("exact", False)))
         self.heartbeat = float(cmd.get("ping_interval", 10))
         started = time.monotonic()
         if self.mode == "raw":
@@ -784,11 +1074,15 @@ class Worker:
 
     async def login_phase(self, cmd: dict[str, Any]) -> None:
         """
-        C{{group, connect, bind: [addresses], concurrency}}: join the group
-        (if any), then log every user in (unless C{connect} is false).
+        C{{group, connect, bind: [addresses], concurrency, devices}}: join
+        the group (if any), then log every user in (unless C{connect} is
+        false) on C{devices} devices each (1 by default): each device after
+        the first on another server than the first one where the route's
+        round robin allows.
         """
         started = time.monotonic()
         concurrency = int(cmd.get("concurrency", 32))
+        self.devices = devices = max(1, int(cmd.get("devices", 1)))
         self.group = cmd.get("group") or ""
         if self.group:
 
@@ -810,21 +1104,44 @@ class Worker:
             async def login(item: tuple[int, tuple[int, str]]) -> None:
                 nonlocal failed
                 k, (uid, name) = item
-                try:
-                    await self.login_user(uid, name, binds[k % len(binds)])
-                except Exception as e:
-                    failed += 1
-                    self.note(
-                        "login_failures", "{user}: {error}", user=uid, error=str(e)
-                    )
+                first: BenchClient | None = None
+                for index in range(devices):
+                    try:
+                        client = await self.login_user(
+                            uid,
+                            name,
+                            binds[k % len(binds)],
+                            device_index=index,
+                            avoid=first.server if first is not None else "",
+                        )
+                    except Exception as e:
+                        failed += 1
+                        self.note(
+                            "login_failures",
+                            "{user}: {error}",
+                            user=uid,
+                            error=str(e),
+                        )
+                        return
+                    if first is None:
+                        first = client
 
             await bounded(enumerate(self.users), concurrency, login)
         elapsed = time.monotonic() - started
+        open_devices: dict[int, list[BenchClient]] = {}
+        for c in self.clients:
+            if not c.closed:
+                open_devices.setdefault(c.user_id, []).append(c)
+        complete = [u for u, cs in open_devices.items() if len(cs) == devices]
         self.emit(
             {
                 "event": "ready",
                 "logged_in": len(self.clients),
-                "users": [c.user_id for c in self.clients if not c.closed],
+                "users": complete,
+                "connections": sum(len(cs) for cs in open_devices.values()),
+                "spread": sum(
+                    1 for cs in open_devices.values() if len({c.server for c in cs}) > 1
+                ),
                 "failed": failed,
                 "elapsed": elapsed,
                 "servers": self.servers,
@@ -837,38 +1154,58 @@ class Worker:
         name: str,
         bind: str | None = None,
         previous: BenchClient | None = None,
+        device_index: int = 0,
+        avoid: str = "",
     ) -> BenchClient:
         """
-        Log C{uid} in: route C{/login} (cim mode), then TCP and
-        C{LOGIN_REQUEST} with the token, until C{LOGIN_RESPONSE}.
+        Log C{uid}'s device number C{device_index} in: route C{/login}
+        with its device id (cim mode), then TCP and C{LOGIN_REQUEST} with
+        the token, until C{LOGIN_RESPONSE}.
 
-        @param previous: the connection this one replaces: its token proves
-            the login, its cursors resume the conversations, and its
-            unacknowledged messages are sent again (with the same client
-            message ids, so that the server stores them once).
+        @param previous: the connection this one replaces (same device):
+            its token proves the login, its cursors (with their epochs)
+            resume the conversations, and its unacknowledged messages are
+            sent again (with the same client message ids, so that the
+            server stores them once).
+        @param avoid: C{"host:port"} of a server to avoid: ask the route
+            again (a few times) while it names that one.
         """
+        if previous is not None:
+            device_index = previous.device_index
+        device = "" if self.mode == "raw" else device_name(device_index)
         if self.mode == "raw":
             host, port = self.spec["raw"]
             token = ""
         else:
             assert self.http is not None
-            body: dict[str, Any] = {"userId": uid, "userName": name}
+            body: dict[str, Any] = {"userId": uid, "userName": name, "device": device}
             if previous is not None:
                 body["token"] = previous.token
-            # The load generator is a trusted back-end: the cluster secret
-            # stands for the users' credentials.
-            reply = await self.http.post("/login", body, self._secret())
-            if reply.get("code") != "9000":
+            for _ in range(8):
+                # The load generator is a trusted back-end: the cluster
+                # secret stands for the users' credentials.
+                reply = await self.http.post("/login", body, self._secret())
+                if reply.get("code") != "9000":
+                    raise LoginRefused(
+                        f"/login: {reply.get('code')} {reply.get('message')}"
+                    )
+                data = reply["dataBody"]
+                host, port = data["ip"], int(data["cimServerPort"])
+                token = data["token"]
+                if not avoid or f"{host}:{port}" != avoid:
+                    break
+            if data.get("device", "") != device:
                 raise LoginRefused(
-                    f"/login: {reply.get('code')} {reply.get('message')}"
+                    f"/login: asked for device {device!r}, "
+                    f"the answer names {data.get('device')!r}"
                 )
-            data = reply["dataBody"]
-            host, port, token = data["ip"], int(data["cimServerPort"]), data["token"]
-        client = BenchClient(self, uid, name, token)
+        client = BenchClient(self, uid, name, token, device, device_index)
         client.bind = bind
+        client.server = f"{host}:{port}"
         if previous is not None:
             client.seqs = previous.seqs
             client.cursors = previous.cursors
+            client.friends = previous.friends
             client.next_cmid = previous.next_cmid
         endpoint = TCP4ClientEndpoint(
             self.reactor,
@@ -897,8 +1234,8 @@ class Worker:
         else:
             self.clients[self.clients.index(previous)] = client
             client.pending = previous.pending
-            for _, data in client.pending.values():
-                client.transport.write(data)  # type: ignore[union-attr]
+            for pending in client.pending.values():
+                client.transport.write(pending.data)  # type: ignore[union-attr]
         self._heartbeat(client)
         where = f"{host}:{port}"
         self.servers[where] = self.servers.get(where, 0) + 1
@@ -909,9 +1246,9 @@ class Worker:
     def frame(self, client: BenchClient, body: bytes) -> None:
         cache = self._decoded
         if cache is not None:
-            items = cache.get(body)
-            if items is not None:
-                self._receive(client, items)
+            cached = cache.get(body)
+            if cached is not None:
+                self._receive(client, cached)
                 return
         try:
             frame = decode(body)
@@ -920,15 +1257,17 @@ class Worker:
             return
         cmd = frame.cmd
         if cmd == Command.MESSAGE or cmd == Command.OFFLINE:
+            items: list[Item]
             if frame.messages:
                 items = [
-                    (m.text, m.sender_id, m.conversation, m.seq) for m in frame.messages
+                    (m.text, m.sender_id, m.conversation, m.seq, m.epoch)
+                    for m in frame.messages
                 ]
             elif frame.batch:
-                items = [(text, None, "", 0) for text in frame.batch]
+                items = [(text, None, "", 0, "") for text in frame.batch]
             elif frame.req_msg:
                 # The raw server forwards the sender's own frame.
-                items = [(frame.req_msg, None, "", 0)]
+                items = [(frame.req_msg, None, "", 0, "")]
             else:
                 items = []
             if cache is not None:
@@ -943,31 +1282,74 @@ class Worker:
                 self.ping_latency.add(now_us() - client.pings.popleft())
             self.count("pongs")
         elif cmd == Command.LOGIN_RESPONSE:
+            if frame.device != client.device:
+                self.note(
+                    "device_mismatch",
+                    "{user}: logged in as device {device!r}, the server says {said!r}",
+                    user=client.user_id,
+                    device=client.device,
+                    said=frame.device,
+                )
+            self._announced(client, frame)
             client.logged_in = True
             if not client.login.called:
                 client.login.callback(None)
+        elif cmd == Command.EPOCH:
+            self.count("epoch_frames")
+            self._announced(client, frame)
+        elif cmd == Command.READ:
+            self.count("read_frames")
         elif cmd == Command.ERROR:
             self._error(client, frame)
         elif cmd == Command.KICK:
+            if frame.error_reason in (KICK_REPLACED, KICK_DEVICE_LIMIT):
+                client.final = True
             self.note(
                 "kicked",
-                "{user}: {reason}",
+                "{user} ({device}): {reason}",
                 user=client.user_id,
+                device=client.device,
                 reason=frame.error_reason,
             )
 
-    def _receive(
-        self, client: BenchClient, items: list[tuple[str, int | None, str, int]]
-    ) -> None:
+    def _announced(self, client: BenchClient, frame: Frame) -> None:
+        resets = client.announced(frame.cursors)
+        if resets:
+            self.note(
+                "resets",
+                "{user} ({device}): {n} conversations reset",
+                user=client.user_id,
+                device=client.device,
+                n=resets,
+            )
+
+    def _receive(self, client: BenchClient, items: list[Item]) -> None:
+        """
+        Check what C{client} received, and keep its cursors: the highest
+        seq of each conversation's stream.  A seq at or below it is a
+        step back in the conversation's order (counted as
+        C{seq_regressions}); a conversation the server had not announced
+        takes the epoch of its first message (C{unannounced}).
+        """
         now = now_us()
         receive = self.checker.receive
         uid = client.user_id
+        device = client.device_index
         cursors = client.cursors
-        for text, sender_id, conversation, seq in items:
-            receive(uid, text, now, sender_id)
-            if conversation and seq > cursors.get(conversation, 0):
-                cursors[conversation] = seq
+        for text, sender_id, conversation, seq, epoch in items:
+            receive(uid, text, now, sender_id, device)
+            if not conversation:
+                continue
+            cursor = cursors.get(conversation)
+            if cursor is None:
+                self.count("unannounced")
+                cursors[conversation] = [epoch, seq]
                 client.cursors_dirty = True
+            elif seq > cursor[1]:
+                cursor[1] = seq
+                client.cursors_dirty = True
+            else:
+                self.count("seq_regressions")
         self.last_receive = now
 
     def _acked(self, client: BenchClient, cmid: str) -> None:
@@ -994,7 +1376,11 @@ class Worker:
             self.note("errors", "{user}: {reason}", user=client.user_id, reason=reason)
             return
         self.outstanding -= 1
-        self.ledger.cancel(client.user_id, pending[0])
+        self.ledger.cancel(
+            client.user_id,
+            pending.fanout,
+            (client.device_index, pending.target, pending.counter),
+        )
         self.note("rejected", "{user}: {reason}", user=client.user_id, reason=reason)
         if self.sending and self.closed_loop:
             self.reactor.callLater(0.05, self._send_if_sending, client)
@@ -1006,6 +1392,10 @@ class Worker:
         """
         if client.logged_in and not self.stopping:
             self.note("dropped", "{user} lost its connection", user=client.user_id)
+            if client.final:
+                # Replaced or over the device limit: clients stop there.
+                self.note("final", "{user} stays logged out", user=client.user_id)
+                return
             if self.mode == "cim" and client in self.clients:
                 delay = 0.5 + random.random()
                 self.reactor.callLater(
@@ -1047,18 +1437,25 @@ class Worker:
             target: int | str = self.group
             kind = "g"
         else:
-            peers = self.peers
+            peers = client.friends or self.peers
             target = peers[random.randrange(len(peers))]
             while target == sender:
                 target = peers[random.randrange(len(peers))]
             kind = "p"
         seq = client.seqs[target] = client.seqs.get(target, 0) + 1
-        text = make_text(kind, sender, target, seq, now, self.size)
+        device = client.device_index
+        text = make_text(kind, sender, target, seq, now, self.size, device)
         client.next_cmid += 1
-        cmid = str(client.next_cmid)
+        # Unique per user, not only per device: the store keeps a send's id
+        # per sender, and takes a second send with the same id (from
+        # another device) for a retry of the first.
+        cmid = f"{device}.{client.next_cmid}"
         self.outstanding += 1
         self.ledger.sent_message(
-            sender, self.fanout, self.checker.window[0] <= now <= self.checker.window[1]
+            sender,
+            self.fanout,
+            self.checker.window[0] <= now <= self.checker.window[1],
+            (device, str(target), seq),
         )
         if kind == "g":
             frame = Frame(
@@ -1075,7 +1472,7 @@ class Worker:
                 client_msg_id=cmid,
             )
         data = encode_framed(frame)
-        client.pending[cmid] = (self.fanout, data)
+        client.pending[cmid] = Pending(self.fanout, data, str(target), seq)
         client.transport.write(data)  # type: ignore[union-attr]
 
     def _heartbeat(self, client: BenchClient) -> None:
@@ -1110,12 +1507,7 @@ class Worker:
             if client.cursors_dirty and not client.closed:
                 client.cursors_dirty = False
                 client.transport.write(  # type: ignore[union-attr]
-                    encode_framed(
-                        Frame(
-                            cmd=Command.ACK,
-                            cursors=[Cursor(c, s) for c, s in client.cursors.items()],
-                        )
-                    )
+                    encode_framed(Frame(cmd=Command.ACK, cursors=client.cursor_list()))
                 )
 
     def _loop(self, interval: float, call: Callable[[], object]) -> LoopingCall:
@@ -1129,24 +1521,33 @@ class Worker:
 
     async def run(self, cmd: dict[str, Any]) -> None:
         """
-        C{{start, duration, peers, window, senders, fanout, rate, cap,
-        concurrency, ping_interval, quiet, drain}}: wait for C{start}, run
-        the scenario for C{duration} seconds, then wait until every sent
-        message was acknowledged and nothing arrived for C{quiet} seconds
-        (at most C{drain} seconds), and answer C{quiet}.
+        C{{start, duration, peers, window, senders, fanout, friends, rate,
+        cap, concurrency, ping_interval, quiet, drain}}: wait for C{start},
+        run the scenario for C{duration} seconds, then wait until every
+        sent message was acknowledged and nothing arrived for C{quiet}
+        seconds (at most C{drain} seconds), and answer C{quiet}.
+
+        C{fanout} is the deliveries each message makes (a private message:
+        every device of the receiver and of the sender, its echo
+        included); with C{friends}, each user sends only to the
+        C{friends} users after it in C{peers} (in a ring).
         """
         self.start = float(cmd["start"])
         self.end = self.start + float(cmd["duration"])
         self.checker.window = (int(self.start * 1e6), int(self.end * 1e6))
         self.peers = [int(p) for p in cmd.get("peers", [])]
         self.fanout = int(cmd.get("fanout", 1))
+        self.friends = int(cmd.get("friends", 0))
+        if self.friends:
+            for client in self.clients:
+                client.friends = friends_of(client.user_id, self.peers, self.friends)
         if self.scenario == "group":
             self._decoded = {}
         if self.mode == "cim" and self.clients:
             self._loop(1.0, self._ack_cursors)
         await sleep(self.reactor, self.start - time.monotonic())
         scenario = self.scenario
-        if scenario in ("raw", "p2p", "group"):
+        if scenario in ("raw", "p2p", "group", "devices"):
             await self._closed_loop(cmd)
         elif scenario == "p2p-latency":
             await self._open_loop(cmd)
@@ -1242,8 +1643,11 @@ class Worker:
                     continue
                 seq = seqs[target] = seqs.get(target, 0) + 1
                 sent = now_us()
-                text = make_text("p", sender, target, seq, sent, self.size)
-                self.ledger.sent_message(sender, 1, window[0] <= sent <= window[1])
+                text = make_text("p", sender, target, seq, sent, self.size, NO_DEVICE)
+                stream = (NO_DEVICE, str(target), seq)
+                self.ledger.sent_message(
+                    sender, self.fanout, window[0] <= sent <= window[1], stream
+                )
                 try:
                     reply = await self.http.post(
                         "/p2pRoute",
@@ -1265,7 +1669,7 @@ class Worker:
                 elif code == "7000":
                     self.note("http_offline", "{target} offline", target=target)
                 else:
-                    self.ledger.cancel(sender, 1)
+                    self.ledger.cancel(sender, self.fanout, stream)
                     self.note(
                         "http_errors",
                         "{code} {reason}",

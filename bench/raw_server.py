@@ -8,8 +8,9 @@ It speaks just enough of cim's protocol for L{bench.loadgen} to drive it
 unchanged: a client logs in with C{LOGIN_REQUEST} (C{requestId} = its id)
 and gets C{LOGIN_RESPONSE}; each C{MESSAGE} it sends names a receiver in
 C{receiveUserId} and is written as it came (the same bytes, re-framed) to
-that receiver's connection, and acknowledged to the sender with an C{ACK}
-carrying its C{clientMsgId}; C{PING} gets a pong.
+that receiver's connection and back to the sender's (its echo: cim writes
+every private message to the sending device too), and acknowledged to the
+sender with an C{ACK} carrying its C{clientMsgId}; C{PING} gets a pong.
 
     python -m bench.raw_server --port 12345 [--bind 127.0.0.1]   (0: any free port)
 """
@@ -77,8 +78,14 @@ class RawConnection(VarintFrameReceiver):
                     decoded.client_msg_id,
                 )
                 return
-            receiver.transport.write(encode_varint(len(frame)) + frame)
+            framed = encode_varint(len(frame)) + frame
+            receiver.transport.write(framed)
             self.hub.forwarded += 1
+            if receiver is not self:
+                # The sender's own echo, as cim's servers write every
+                # private message to the sending device too.
+                self.transport.write(framed)
+                self.hub.forwarded += 1
             self.transport.write(
                 encode_framed(
                     Frame(cmd=Command.ACK, client_msg_id=decoded.client_msg_id)

@@ -21,8 +21,9 @@ C{.run/soak/<timestamp>/}):
     with one JSON object per line on their stdin, and they answer the same
     way on their stdout.
 
-The chat.  Client C{i} is a member of one group (of about 20) and has 4
-friends.  Clients send at random (exponential intervals of mean
+The chat.  Client C{i} (one device of its user, C{soak-<i>}) is a member
+of one group (of about 20) and has 4 friends: the private conversation
+with a friend is C{p:<low id>:<high id>}, both sides in one sequence.  Clients send at random (exponential intervals of mean
 C{--interval} seconds each, at most 8 unacknowledged), 30% to their group
 and the rest to a random friend.  Meanwhile connections are dropped at
 random (C{--disconnects} a second in all: the library notices and logs in
@@ -36,10 +37,13 @@ conversation from 1.  At the end the senders stop, wait for every
 acknowledgement, and send one last message (kind C{M}, a marker) to each of
 their conversations; every recipient waits until it has the markers of all
 its senders.  Then, for every acknowledged (sender, conversation, counter)
-and each of its recipients (the friend; every member of the group, the
-sender too): not received is B{lost}, received twice is B{duplicated}, and
-a counter after a higher one from the same sender in the same conversation
-is B{out of order}.
+and each of its recipients (both users of a private conversation: the
+friend, and the sender itself, whose own message comes back to the sending
+device as its B{echo}; every member of the group, the sender too): not
+received is B{lost}, received twice is B{duplicated}, and a counter after a
+higher one from the same sender in the same conversation is B{out of
+order}.  The echoes are checked like any other delivery, and counted apart
+(deliveries per message are reported).
 
 Memory.  The resident size of each daemon is sampled at the start of the
 chat (for the restarted server: once it is back up) and at the end; the
@@ -64,6 +68,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cim.client.listeners import ClientListener
+from cim.message import pair_conversation, pair_members, peer_of
 
 DEFAULT_CLIENTS = 2000
 DEFAULT_MINUTES = 10.0
@@ -131,17 +138,22 @@ class Plan:
 
     def conversations(self, i: int, ids: dict[int, int]) -> list[str]:
         """
-        Where C{i} sends: its group first, then its friends' inboxes.
+        Where C{i} sends: its group first, then its private conversations
+        with its friends.
         """
-        return [f"g:{self.group(i)}"] + [f"u:{ids[f]}" for f in self.friends(i)]
+        return [f"g:{self.group(i)}"] + [
+            pair_conversation(ids[i], ids[f]) for f in self.friends(i)
+        ]
 
     def recipients(self, conversation: str, by_id: dict[int, int]) -> list[int]:
         """
         The user ids that must receive what is sent to C{conversation}
-        (C{by_id}: user id -> index).
+        (C{by_id}: user id -> index): both users of a private conversation
+        (the sender's own echo too), every member of a group.
         """
-        if conversation.startswith("u:"):
-            return [int(conversation[2:])]
+        pair = pair_members(conversation)
+        if pair is not None:
+            return sorted(set(pair))
         group = conversation[2:]
         index = int(group.rsplit("-g", 1)[1])
         ids = {i: uid for uid, i in by_id.items()}
@@ -154,9 +166,15 @@ class Plan:
         The (sender id, conversation) pairs whose markers C{receiver} (an
         index) must get.
         """
+        me = ids[receiver]
         out = {(ids[m], f"g:{self.group(receiver)}") for m in self.members(receiver)}
-        mine = f"u:{ids[receiver]}"
-        out.update((ids[sender], mine) for sender in self._befriended[receiver])
+        # Its own markers to its friends come back (their echo) ...
+        out.update((me, pair_conversation(me, ids[f])) for f in self._friends[receiver])
+        # ... and those of the users that have it as a friend come in.
+        out.update(
+            (ids[sender], pair_conversation(ids[sender], me))
+            for sender in self._befriended[receiver]
+        )
         return out
 
 
@@ -179,10 +197,19 @@ def parse_text(text: str) -> tuple[str, str, int, str, int] | None:
 
 @dataclass
 class Verdict:
+    """
+    @ivar expected: deliveries expected (a delivery: one message to one
+        device), the echoes included.
+    @ivar echoes_expected: of them, a sender's own private messages back
+        to it; C{echoes_delivered}: those received.
+    """
+
     sent: int = 0
     markers: int = 0
     expected: int = 0
     delivered: int = 0
+    echoes_expected: int = 0
+    echoes_delivered: int = 0
     lost: int = 0
     duplicated: int = 0
     out_of_order: int = 0
@@ -220,6 +247,9 @@ def check(
             seen = set(got)
             verdict.expected += len(wanted)
             verdict.delivered += len(wanted & seen)
+            if receiver == sender and conversation.startswith("p:"):
+                verdict.echoes_expected += len(wanted)
+                verdict.echoes_delivered += len(wanted & seen)
             missing = wanted - seen
             dups = len(got) - len(seen)
             disorder = sum(1 for a, b in zip(got, got[1:]) if b < a)
@@ -251,9 +281,12 @@ def worker_main(args: argparse.Namespace) -> int:
     return worker.exit_code
 
 
-class SoakUser:
+class SoakUser(ClientListener):
     """
     One client of a load process, and what it sent and received.
+
+    Its own private messages come back to it (their echo) and are recorded
+    like any other: (its own id, conversation) -> counters.
     """
 
     def __init__(self, worker: Worker, index: int) -> None:
@@ -282,6 +315,13 @@ class SoakUser:
             worker.damaged += 1
             return
         worker.received += 1
+        if sender == self.uid and conversation.startswith("p:"):
+            # Its own message back (each user has this one device only).
+            worker.echoes += 1
+            if not self.client.sent_here(message.client_msg_id):
+                # The library no longer remembers sending it (acknowledged
+                # long ago, replayed after a reconnect): still the echo.
+                worker.echoes_unrecognised += 1
         self.received.setdefault((sender, conversation), []).append(counter)
         if kind == "M":
             key = (sender, conversation)
@@ -301,6 +341,13 @@ class SoakUser:
         elif state.value == "failed":
             self.worker.gave_up += 1
 
+    def conversation_reset(self, conversation: str, seq: int) -> None:
+        # The store never loses anything in a soak: a reset is a fault.
+        self.worker.resets += 1
+
+    def read_changed(self, user_id: int, conversation: str, seq: int) -> None:
+        pass
+
 
 class Worker:
     """
@@ -317,6 +364,9 @@ class Worker:
         self.ids: dict[int, int] = {}
         self.exit_code = 0
         self.received = 0
+        self.echoes = 0
+        self.echoes_unrecognised = 0
+        self.resets = 0
         self.acked = 0
         self.foreign = 0
         self.damaged = 0
@@ -414,6 +464,7 @@ class Worker:
             self.args.route,
             http=self._http,
             listener=user,
+            device=f"soak-{user.index}",
             backoff_base=0.2,
             backoff_max=3.0,
             http_timeout=30.0,
@@ -480,7 +531,9 @@ class Worker:
         if conversation.startswith("g:"):
             d = user.client.send_group(conversation[2:], text)
         else:
-            d = user.client.send_private(int(conversation[2:]), text)
+            peer = peer_of(conversation, user.uid)
+            assert peer is not None, conversation
+            d = user.client.send_private(peer, text)
         user.outstanding += 1
 
         def acked(_: object) -> None:
@@ -518,6 +571,9 @@ class Worker:
         return {
             "acked": self.acked,
             "received": self.received,
+            "echoes": self.echoes,
+            "echoes_unrecognised": self.echoes_unrecognised,
+            "resets": self.resets,
             "outstanding": sum(u.outstanding for u in self.users.values()),
             "ready": sum(1 for u in self.users.values() if u.client.ready),
             "clients": len(self.users),
@@ -899,6 +955,8 @@ class Coordinator:
             problems.append("failed sends")
         if missing_markers:
             problems.append("missing markers")
+        if totals.get("resets", 0):
+            problems.append("conversations reset")
         if not memory_ok:
             problems.append("memory")
         if not all(alive.values()):
@@ -909,8 +967,12 @@ class Coordinator:
             f"seed {self.args.seed}, logs in {self.directory})",
             f"  messages sent (acknowledged) {verdict.sent} (of which "
             f"{totals.get('markers', 0)} end markers)",
-            f"  deliveries expected          {verdict.expected}",
-            f"  delivered                    {verdict.delivered}",
+            f"  deliveries expected          {verdict.expected} (of which "
+            f"{verdict.echoes_expected} echoes to the sending device)",
+            f"  delivered                    {verdict.delivered} (echoes "
+            f"{verdict.echoes_delivered})",
+            f"  deliveries per message       "
+            f"{verdict.expected / max(1, verdict.sent):.2f}",
             f"  lost                         {verdict.lost}",
             f"  duplicated                   {verdict.duplicated}",
             f"  out of order                 {verdict.out_of_order}",
@@ -919,6 +981,7 @@ class Coordinator:
             f"  delivered, not acknowledged  {verdict.unacknowledged_delivered}",
             f"  connections dropped          {totals.get('disconnects', 0)}",
             f"  reconnects                   {totals.get('reconnects', 0)}",
+            f"  conversations reset          {totals.get('resets', 0)}",
             f"  server1 restarted at         {self.restart_at or 0:.0f}s "
             f"(back after {self.restart_took or 0:.1f}s)",
             "  memory (RSS; bound: end <= 2 x start + 50 MB):",
@@ -935,6 +998,9 @@ class Coordinator:
             "sent": verdict.sent,
             "expected": verdict.expected,
             "delivered": verdict.delivered,
+            "echoes_expected": verdict.echoes_expected,
+            "echoes_delivered": verdict.echoes_delivered,
+            "resets": totals.get("resets", 0),
             "lost": verdict.lost,
             "duplicated": verdict.duplicated,
             "out_of_order": verdict.out_of_order,

@@ -593,8 +593,11 @@ class IMessages(Interface):
 
         @return: fires with a list of L{ChatMessage}, one per input: the
             stored message with its C{msg_id}, C{seq} and C{epoch}.  A
-            message whose C{(sender_id, client_msg_id)} was appended before
-            is not appended again; its original is returned.  Fails with
+            message whose C{(sender_id, conversation, client_msg_id)} was
+            appended before is not appended again; its original is
+            returned.  (Never one of another conversation: a client that
+            reuses an id for another conversation gets a new message, not
+            another conversation's.)  Fails with
             L{QuotaExceeded} (giving the messages that were stored) when
             any was refused.
         """

@@ -1,7 +1,10 @@
 """
 The benchmark's own logic, on in-memory fakes: the raw server forwards
-frames, and the load generator counts lost, duplicated, out-of-order and
-damaged messages correctly.
+frames (and echoes them to the sender), the load generator counts lost,
+duplicated, out-of-order and damaged messages correctly, a sender's own
+echo is a delivery to its device, checked like any other, the devices
+check finds every missing, doubled or stray delivery, and the soak's plan
+and check know two-sided private conversations.
 """
 
 from __future__ import annotations
@@ -14,22 +17,39 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
+from bench.harness import failed, new_row
 from bench.loadgen import (
+    ECHO,
+    NO_DEVICE,
+    OWN,
+    PEER,
     BenchClient,
     Checker,
     Histogram,
     Ledger,
     Worker,
     _HTTPConnection,
+    check_streams,
     checker_report,
+    deliveries_per_message,
+    device_name,
+    friends_of,
     make_text,
     merge_reports,
     parse_text,
 )
 from bench.raw_server import RawFactory
+from bench.soak import Plan, check
 from cim.codec import decode, encode, encode_framed
 from cim.framing import VarintFrameReceiver
-from cim.message import ChatMessage, Command, Frame
+from cim.message import (
+    KICK_REPLACED,
+    ChatMessage,
+    Command,
+    Cursor,
+    Frame,
+    pair_conversation,
+)
 
 
 class Frames(VarintFrameReceiver):
@@ -69,7 +89,7 @@ def raw_client(factory: RawFactory, user_id: int) -> tuple[object, StringTranspo
     return protocol, transport
 
 
-def test_raw_server_forwards_and_acknowledges() -> None:
+def test_raw_server_forwards_echoes_and_acknowledges() -> None:
     factory = RawFactory()
     alice, alice_t = raw_client(factory, 1)
     _, bob_t = raw_client(factory, 2)
@@ -89,9 +109,13 @@ def test_raw_server_forwards_and_acknowledges() -> None:
     splitter = Frames()
     splitter.dataReceived(bob_t.value())
     assert splitter.frames == [body, body]
-    acks = written(alice_t)
-    assert [(f.cmd, f.client_msg_id) for f in acks] == [(Command.ACK, "7")] * 2
-    assert factory.hub.forwarded == 2
+    # The sender gets each message back (its echo), then the ACK.
+    back = written(alice_t)
+    assert [(f.cmd, f.client_msg_id) for f in back] == [
+        (Command.MESSAGE, "7"),
+        (Command.ACK, "7"),
+    ] * 2
+    assert factory.hub.forwarded == 4
 
 
 def test_raw_server_unknown_receiver_ping_and_logout() -> None:
@@ -131,7 +155,13 @@ def test_raw_server_wants_a_login_first() -> None:
 def test_text_round_trip_and_damage() -> None:
     text = make_text("p", 12, 34, 5, 1_000_000, 100)
     assert len(text) == 100
-    assert parse_text(text, 100) == ("p", 12, "34", 5, 1_000_000)
+    assert parse_text(text, 100) == ("p", 12, "34", 5, 1_000_000, 0)
+    second = make_text("p", 12, 34, 5, 1_000_000, 100, device=1)
+    assert parse_text(second, 100) == ("p", 12, "34", 5, 1_000_000, 1)
+    http = make_text("p", 12, 34, 5, 1_000_000, 100, device=NO_DEVICE)
+    assert parse_text(http, 100).device == NO_DEVICE  # type: ignore[union-attr]
+    # Another device's padding is not this one's.
+    assert parse_text(text[:20] + second[20:], 100) is None
     assert parse_text(text[:-1] + ("a" if text[-1] != "a" else "b"), 100) is None
     assert parse_text(text[:-1], 100) is None
     assert parse_text("hello", 100) is None
@@ -142,9 +172,28 @@ def test_text_round_trip_and_damage() -> None:
     assert parse_text(make_text("g", 1, "g" * 50, 1, 1, 10), 10) is not None
 
 
-def feed(checker: Checker, receiver: int, sender: int, seqs: list[int]) -> None:
+def feed(
+    checker: Checker,
+    receiver: int,
+    sender: int,
+    seqs: list[int],
+    device: int = 0,
+    target: int | None = None,
+    sending_device: int = 0,
+) -> None:
+    """
+    C{receiver}'s device C{device} gets C{sender}'s (device
+    C{sending_device}'s) messages to C{target} (by default C{receiver})
+    with these counters.
+    """
+    to = receiver if target is None else target
     for seq in seqs:
-        checker.receive(receiver, make_text("p", sender, receiver, seq, 0, 100), 1000)
+        checker.receive(
+            receiver,
+            make_text("p", sender, to, seq, 0, 100, sending_device),
+            1000,
+            device=device,
+        )
 
 
 def test_checker_in_order() -> None:
@@ -194,6 +243,163 @@ def test_checker_damage() -> None:
     checker.receive(2, good, 1000, sender_id=5)  # the server names another sender
     checker.receive(3, good, 1000)  # someone else's private message
     assert (checker.corrupt, checker.misrouted, checker.total) == (2, 1, 0)
+
+
+# The sender's own echo
+
+
+def test_an_echo_is_a_delivery_to_the_sending_device() -> None:
+    """
+    User 1 (device 0) writes to user 2: the message reaches user 2 and
+    comes back to device 0 of user 1, each a delivery, each checked.
+    """
+    checker = Checker(100)
+    checker.window = (0, 10_000)
+    feed(checker, 2, 1, [1, 2])  # the receiver
+    feed(checker, 1, 1, [1, 2], target=2)  # the echo, on the sending device
+    assert checker.total == 4
+    assert checker.kinds == {PEER: 2, ECHO: 2, OWN: 0}
+    assert checker.received == {1: 4}
+    assert (checker.misrouted, checker.corrupt, checker.duplicates) == (0, 0, 0)
+    # Two messages, each delivered twice: the figures stay comparable.
+    assert checker.messages_in_window == checker.messages == 2
+    merged = merge_reports([checker_report(checker, Ledger())])
+    assert deliveries_per_message(merged) == {
+        PEER: 1.0,
+        ECHO: 1.0,
+        OWN: 0.0,
+        "total": 2.0,
+    }
+
+
+def test_an_echo_is_checked_like_any_other_delivery() -> None:
+    checker = Checker(100)
+    # Duplicated and out of order, on the sending device only.
+    feed(checker, 1, 1, [1, 3, 2, 2], target=2)
+    assert (checker.total, checker.duplicates, checker.out_of_order) == (3, 1, 1)
+    assert checker.kinds[ECHO] == 3
+    # Damaged: the server names another sender.
+    checker.receive(1, make_text("p", 1, 2, 4, 0, 100), 1000, sender_id=2)
+    assert checker.corrupt == 1
+
+
+def test_the_senders_other_devices_and_the_receivers_devices() -> None:
+    """
+    Device 1 of user 1 writes to user 2 (two devices): device 1 gets its
+    echo, device 0 of user 1 an own delivery, both devices of user 2 a
+    peer delivery; the message counts once in msgs/s (on device 0 of the
+    receiver).
+    """
+    checker = Checker(100)
+    checker.window = (0, 10_000)
+    for user, device in ((1, 0), (1, 1), (2, 0), (2, 1)):
+        feed(checker, user, 1, [1], device=device, target=2, sending_device=1)
+    assert checker.kinds == {PEER: 2, ECHO: 1, OWN: 1}
+    assert (checker.total, checker.messages_in_window) == (4, 1)
+    # Each device is its own stream: none of these is a duplicate.
+    assert checker.duplicates == 0
+    feed(checker, 2, 1, [1], device=1, target=2, sending_device=1)
+    assert checker.duplicates == 1
+
+
+def test_losses_count_the_echo() -> None:
+    """
+    A private message between two one-device users is expected twice: a
+    missing echo is a loss like a missing delivery to the receiver.
+    """
+    ledger = Ledger()
+    ledger.sent_message(1, fanout=2)
+    ledger.sent_message(1, fanout=2)
+    checker = Checker(100)
+    feed(checker, 2, 1, [1, 2])
+    feed(checker, 1, 1, [1], target=2)  # the second echo never came
+    merged = merge_reports([checker_report(checker, ledger)])
+    assert (merged["expected"], merged["delivered"], merged["lost"]) == (4, 3, 1)
+
+
+# The devices check
+
+
+def devices_reports(
+    deliveries: dict[tuple[int, int], list[int]], sent: int = 3
+) -> list[dict]:
+    """
+    Device 0 of user 1 sent C{sent} messages to user 2 (two devices each);
+    C{deliveries}: per receiving (user, device), the counters it got, in
+    order.  One process holds user 1, the other user 2.
+    """
+    ledger = Ledger(track=True)
+    for counter in range(1, sent + 1):
+        ledger.sent_message(1, 4, stream=(0, "2", counter))
+    checkers = {1: Checker(100), 2: Checker(100)}
+    for (user, device), counters in deliveries.items():
+        feed(checkers[user], user, 1, counters, device=device, target=2)
+    return [
+        checker_report(checkers[1], ledger),
+        checker_report(checkers[2], Ledger(track=True)),
+    ]
+
+
+ALL = {(1, 0): [1, 2, 3], (1, 1): [1, 2, 3], (2, 0): [1, 2, 3], (2, 1): [1, 2, 3]}
+
+
+def test_devices_check_every_device_got_everything() -> None:
+    result = check_streams(devices_reports(ALL), devices=2)
+    assert result["streams"] == 1
+    assert (result["expected"], result["delivered"]) == (12, 12)
+    assert (result["lost"], result["extra"], result["devices_short"]) == (0, 0, 0)
+    assert result["examples"] == []
+
+
+def test_devices_check_finds_a_device_short() -> None:
+    # The sender's other device misses 2; the receiver's second device 3.
+    got = {**ALL, (1, 1): [1, 3], (2, 1): [1, 2]}
+    result = check_streams(devices_reports(got), devices=2)
+    assert (result["lost"], result["devices_short"]) == (2, 2)
+    assert result["lost_by_kind"] == {PEER: 1, ECHO: 0, OWN: 1}
+    assert result["delivered"] == 10
+    assert "device 1 of 1 (own)" in result["examples"][0]
+
+
+def test_devices_check_finds_a_missing_echo() -> None:
+    got = {**ALL, (1, 0): [1, 2]}
+    result = check_streams(devices_reports(got), devices=2)
+    assert (result["lost"], result["devices_short"]) == (1, 1)
+    assert result["lost_by_kind"] == {PEER: 0, ECHO: 1, OWN: 0}
+
+
+def test_devices_check_refused_and_stray_messages() -> None:
+    reports = devices_reports({**ALL, (2, 0): [1, 2, 3, 4]})
+    # Counter 2 was refused: nobody should have it...
+    reports[0]["sent_streams"] = [[1, 0, "2", 3, [2]]]
+    result = check_streams(reports, devices=2)
+    # ... every device has it, and device 0 of user 2 has a 4 never sent.
+    assert result["extra"] == 5 and result["lost"] == 0
+    # A stream nobody sent at all.
+    reports[1]["received_streams"].append([2, 0, 7, 0, "2", 3, []])
+    assert check_streams(reports, devices=2)["extra"] == 7
+
+
+def test_devices_check_duplicates_and_order_come_from_the_checker() -> None:
+    got = {**ALL, (2, 1): [1, 3, 2, 3]}
+    reports = devices_reports(got)
+    merged = merge_reports(reports)
+    assert (merged["duplicates"], merged["out_of_order"]) == (1, 1)
+    # Nothing lost: the stream has every counter, once.
+    assert check_streams(reports, devices=2)["lost"] == 0
+    row = new_row("devices")
+    row.update(out_of_order=1, order_required=True)
+    assert failed(row)
+    row["order_required"] = False
+    assert not failed(row)
+
+
+def test_friends_in_a_ring() -> None:
+    peers = [30, 10, 20, 40]
+    assert friends_of(10, peers, 2) == [20, 30]
+    assert friends_of(40, peers, 2) == [10, 20]
+    assert friends_of(40, peers, 9) == [10, 20, 30]
+    assert friends_of(50, peers, 2) == [10, 20]
 
 
 def test_losses_across_processes() -> None:
@@ -253,9 +459,14 @@ def test_histogram() -> None:
 
 
 def logged_in_client(
-    worker: Worker, user_id: int
+    worker: Worker,
+    user_id: int,
+    device: int = 0,
+    cursors: tuple[Cursor, ...] = (),
 ) -> tuple[BenchClient, StringTransport]:
-    client = BenchClient(worker, user_id, f"u{user_id}", "token")
+    client = BenchClient(
+        worker, user_id, f"u{user_id}", "token", device_name(device), device
+    )
     transport = StringTransport()
     client.makeConnection(transport)
     [login] = written(transport)
@@ -265,22 +476,32 @@ def logged_in_client(
         "token",
     )
     client.dataReceived(
-        encode_framed(Frame(cmd=Command.LOGIN_RESPONSE, request_id=user_id))
+        encode_framed(
+            Frame(
+                cmd=Command.LOGIN_RESPONSE,
+                request_id=user_id,
+                device=device_name(device),
+                cursors=cursors,
+            )
+        )
     )
     assert client.login.called and client.logged_in
     worker.clients.append(client)
     return client, transport
 
 
-def chat(seq: int, sender: int, receiver: int, counter: int) -> ChatMessage:
+def chat(
+    seq: int, sender: int, receiver: int, counter: int, epoch: str = "e1"
+) -> ChatMessage:
     return ChatMessage(
         msg_id=seq,
-        conversation=f"u:{receiver}",
+        conversation=pair_conversation(sender, receiver),
         seq=seq,
         sender_id=sender,
         sender_name=f"u{sender}",
         text=make_text("p", sender, receiver, counter, 0, 100),
         timestamp=0,
+        epoch=epoch,
     )
 
 
@@ -298,12 +519,14 @@ def test_worker_checks_server_frames() -> None:
     )
     checker = worker.checker
     assert (checker.total, checker.duplicates, checker.out_of_order) == (4, 1, 1)
-    assert client.cursors == {"u:2": 4}
+    # The again-sent message is a step back in the conversation's order.
+    assert worker.counters["seq_regressions"] == 1
+    # Not announced at login: it takes the epoch of the messages.
+    assert worker.counters["unannounced"] == 1
+    assert client.cursors == {"p:1:2": ["e1", 4]}
     worker._ack_cursors()
     [ack] = written(transport)
-    assert ack.cmd == Command.ACK and [
-        (c.conversation, c.seq) for c in ack.cursors
-    ] == [("u:2", 4)]
+    assert ack.cmd == Command.ACK and list(ack.cursors) == [Cursor("p:1:2", 4, "e1")]
 
 
 def test_worker_window_and_acks() -> None:
@@ -316,24 +539,30 @@ def test_worker_window_and_acks() -> None:
     worker._send(client)
     sent = written(transport)
     assert [(f.cmd, f.receive_user_id, f.client_msg_id) for f in sent] == [
-        (Command.MESSAGE, 2, "1"),
-        (Command.MESSAGE, 2, "2"),
+        (Command.MESSAGE, 2, "0.1"),
+        (Command.MESSAGE, 2, "0.2"),
     ]
     assert [parse_text(f.req_msg, 100).seq for f in sent] == [1, 2]  # type: ignore[union-attr]
     assert worker.outstanding == 2 and worker.ledger.expected == {1: 2}
+    assert client.pending["0.1"].target == "2" and client.pending["0.1"].counter == 1
     # An ACK sends the next one; an error cancels the message.
-    client.dataReceived(encode_framed(Frame(cmd=Command.ACK, client_msg_id="1")))
+    client.dataReceived(encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.1")))
     [third] = written(transport)
-    assert third.client_msg_id == "3"
+    assert third.client_msg_id == "0.3"
     worker.sending = False
     client.dataReceived(
-        encode_framed(Frame(cmd=Command.ERROR, error_code=9200, client_msg_id="2"))
-        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="3"))
-        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="3"))
+        encode_framed(Frame(cmd=Command.ERROR, error_code=9200, client_msg_id="0.2"))
+        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.3"))
+        + encode_framed(Frame(cmd=Command.ACK, client_msg_id="0.3"))
     )
     assert worker.outstanding == 0
     assert worker.ledger.expected == {1: 2} and worker.ledger.sent == 2
     assert worker.counters["rejected"] == 1 and worker.counters["unknown_acks"] == 1
+    # Another device of the same user: other client message ids.
+    second, second_t = logged_in_client(worker, 1, device=1)
+    worker._send(second)
+    [other] = written(second_t)
+    assert other.client_msg_id == "1.1"
 
 
 def test_worker_raw_frames_and_group_cache() -> None:
@@ -348,6 +577,7 @@ def test_worker_raw_frames_and_group_cache() -> None:
             Frame(cmd=Command.MESSAGE, req_msg=make_text("p", 1, 2, 1, 0, 100))
         )
     )
+    assert worker.checker.kinds[PEER] == 1
     group = ChatMessage(1, "g:x", 1, 1, "u1", make_text("g", 1, "x", 1, 0, 100), 0)
     frame = encode_framed(Frame(cmd=Command.MESSAGE, messages=[group]))
     a.dataReceived(frame)
@@ -377,17 +607,117 @@ def test_http_responses() -> None:
     assert len(failures) == 1 and not conn.open
 
 
-def test_login_resumes_from_the_cursors() -> None:
+def test_login_resumes_from_the_cursors_with_their_epochs() -> None:
     worker = Worker(MemoryReactorClock(), lambda event: None)
-    client = BenchClient(worker, 2, "u2", "token")
-    client.cursors = {"u:2": 7, "g:x": 3}
+    client = BenchClient(worker, 2, "u2", "token", "bench-d1", 1)
+    client.cursors = {"p:1:2": ["e1", 7], "g:x": ["e2", 3]}
     transport = StringTransport()
     client.makeConnection(transport)
     [login] = written(transport)
-    assert sorted((c.conversation, c.seq) for c in login.cursors) == [
-        ("g:x", 3),
-        ("u:2", 7),
+    assert sorted(login.cursors, key=lambda c: c.conversation) == [
+        Cursor("g:x", 3, "e2"),
+        Cursor("p:1:2", 7, "e1"),
     ]
+
+
+def test_cursors_follow_login_response_and_epoch_frames() -> None:
+    """
+    The stream epoch comes from LOGIN_RESPONSE and EPOCH; ACKs carry it,
+    with the highest seq received in the stream.
+    """
+    worker = Worker(MemoryReactorClock(), lambda event: None)
+    worker.checker = Checker(100)
+    client, transport = logged_in_client(
+        worker, 2, device=1, cursors=(Cursor("p:1:2", 5, "e1"),)
+    )
+    assert client.cursors == {"p:1:2": ["e1", 5]} and client.device == "bench-d1"
+    client.dataReceived(
+        encode_framed(Frame(cmd=Command.MESSAGE, messages=[chat(6, 1, 2, 1)]))
+    )
+    # The store lost the conversation: a new epoch, from 0, said.
+    client.dataReceived(
+        encode_framed(
+            Frame(cmd=Command.EPOCH, cursors=[Cursor("p:1:2", 0, "e9", reset=True)])
+        )
+        + encode_framed(
+            Frame(cmd=Command.MESSAGE, messages=[chat(1, 1, 2, 2, epoch="e9")])
+        )
+    )
+    assert client.cursors == {"p:1:2": ["e9", 1]}
+    assert worker.counters["resets"] == 1 and worker.counters["epoch_frames"] == 1
+    assert "seq_regressions" not in worker.counters
+    worker._ack_cursors()
+    [ack] = written(transport)
+    assert list(ack.cursors) == [Cursor("p:1:2", 1, "e9")]
+    # The receiving device is device 1: a peer delivery there.
+    assert worker.checker.streams.keys() == {(2, 1, 1, 0, "2")}
+
+
+def test_a_device_replaced_or_over_the_limit_stays_out() -> None:
+    reactor = MemoryReactorClock()
+    worker = Worker(reactor, lambda event: None)
+    client, _ = logged_in_client(worker, 2)
+    client.dataReceived(
+        encode_framed(Frame(cmd=Command.KICK, error_reason=KICK_REPLACED))
+    )
+    client.connectionLost()
+    assert client.final and worker.counters["final"] == 1
+    assert not reactor.getDelayedCalls()
+    # Any other drop: it logs in again.
+    other, _ = logged_in_client(worker, 3)
+    other.connectionLost()
+    assert not other.final and len(reactor.getDelayedCalls()) == 1
+
+
+def test_a_device_mismatch_is_noted() -> None:
+    worker = Worker(MemoryReactorClock(), lambda event: None)
+    client = BenchClient(worker, 2, "u2", "token", "bench-d0", 0)
+    client.makeConnection(StringTransport())
+    client.dataReceived(
+        encode_framed(Frame(cmd=Command.LOGIN_RESPONSE, request_id=2, device="x"))
+    )
+    assert worker.counters["device_mismatch"] == 1
+
+
+# The soak's plan and check
+
+
+def soak_plan() -> tuple[Plan, dict[int, int]]:
+    plan = Plan(clients=6, workers=2, seed=7, tag="t")
+    return plan, {i: 100 + i for i in range(6)}
+
+
+def test_soak_private_conversations_have_both_sides() -> None:
+    plan, ids = soak_plan()
+    by_id = {uid: i for i, uid in ids.items()}
+    conversations = plan.conversations(0, ids)
+    assert conversations[0].startswith("g:")
+    friend = plan.friends(0)[0]
+    pair = pair_conversation(ids[0], ids[friend])
+    assert conversations[1] == pair
+    # Both users receive: the friend, and the sender (its echo).
+    assert plan.recipients(pair, by_id) == sorted([ids[0], ids[friend]])
+    markers = plan.expected_markers(0, ids)
+    assert (ids[0], pair) in markers  # its own marker comes back
+    for other in range(6):
+        if 0 in plan.friends(other):
+            assert (ids[other], pair_conversation(ids[other], ids[0])) in markers
+
+
+def test_soak_check_counts_echoes_exactly() -> None:
+    plan, ids = soak_plan()
+    a, b = ids[0], ids[plan.friends(0)[0]]
+    pair = pair_conversation(a, b)
+    acked = {(a, pair): [1, 2, 3]}
+    received = {(b, a, pair): [1, 2, 3], (a, a, pair): [1, 3, 3, 2]}
+    verdict = check(plan, ids, acked, received)
+    assert (verdict.sent, verdict.expected, verdict.delivered) == (3, 6, 6)
+    assert (verdict.echoes_expected, verdict.echoes_delivered) == (3, 3)
+    assert (verdict.lost, verdict.duplicated, verdict.out_of_order) == (0, 1, 1)
+    # A missing echo is lost.
+    received[(a, a, pair)] = [1, 2]
+    verdict = check(plan, ids, acked, received)
+    assert (verdict.lost, verdict.echoes_delivered) == (1, 2)
 
 
 @pytest.mark.integration
@@ -403,7 +733,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=480,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for scenario in (
@@ -411,6 +741,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
         "p2p",
         "p2p-latency",
         "group",
+        "devices",
         "http",
         "login",
         "connections",

@@ -246,6 +246,7 @@ async def test_a_client_that_never_reads_is_dropped(
     assert sloth.transport is not None
     sloth.transport.pauseProducing()  # it never reads again
     flooder, _ = await raw_login(reactor, cluster, unique("flood"))
+    flooder.MAX_LENGTH = 16 * 1024 * 1024  # its own batches come back
     text = "f" * 4000
     sent = 0
 

@@ -589,6 +589,25 @@ async def test_append_idempotent(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reused_client_id_never_returns_another_conversations_message(
+    backend: Backend,
+) -> None:
+    """
+    A client that counts its ids (two devices of one user, each from 1)
+    sends one id to two conversations: each is a message of its own, and
+    neither receiver is handed the other's.
+    """
+    store = backend.store
+    other = pair_conversation(1, 3)
+    [to_bob] = await store.append([msg(PAIR, "to bob", client_msg_id="1")])
+    [to_carol] = await store.append([msg(other, "to carol", client_msg_id="1")])
+    assert (to_carol.conversation, to_carol.text) == (other, "to carol")
+    assert to_carol.msg_id != to_bob.msg_id
+    assert [m.text for m in await store.read(other, 0, 10)] == ["to carol"]
+    assert [m.text for m in await store.read(PAIR, 0, 10)] == ["to bob"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_append_idempotent_within_batch(backend: Backend) -> None:
     store = backend.store
     stored = await store.append(
@@ -609,7 +628,7 @@ async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
     [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     if backend.redis is not None:
-        pttl = await backend.pttl("sent:1:c1")
+        pttl = await backend.pttl(f"sent:1:{PAIR}:c1")
         assert pttl is not None
         assert 0 < pttl <= RETENTION.idempotency_window * 1000
         return

@@ -164,8 +164,9 @@ class MemoryStore:
         self._messages: dict[str, list[ChatMessage]] = {}
         self._seqs: dict[str, int] = {}
         self._last_msg_id = 0
-        self._appended: dict[tuple[int, str], _Appended] = {}
-        self._appended_order: deque[tuple[int, str]] = deque()
+        #: (sender id, conversation, client message id) -> what was appended
+        self._appended: dict[tuple[int, str, str], _Appended] = {}
+        self._appended_order: deque[tuple[int, str, str]] = deque()
         #: (user id, device) -> conversation -> acknowledged position
         self._cursors: dict[tuple[int, str], dict[str, Position]] = {}
         #: user id -> conversation -> read position
@@ -546,7 +547,7 @@ class MemoryStore:
         stored: list[ChatMessage | None] = []
         touched = set()
         for new in messages:
-            key = (new.sender_id, new.client_msg_id)
+            key = (new.sender_id, new.conversation, new.client_msg_id)
             entry = self._appended.get(key) if new.client_msg_id else None
             if entry is not None:
                 stored.append(self._original(entry, new))

@@ -54,7 +54,7 @@ never key names)::
                                            also trims it to max_messages and
                                            drops up to AGE_SCAN (append.lua)
                                            messages older than max_age
-    P sent:<sender_id>:<client_msg_id>
+    P sent:<sender_id>:<conversation>:<client_msg_id>
                                    string  "msg_id:seq:timestamp:conversation"
                                            of an appended message; PEXPIRE
                                            the idempotency window
@@ -763,7 +763,11 @@ class RedisStore:
             _new_epoch_id(),
         ]
         for m in messages:
-            sent_id = f"{m.sender_id}:{m.client_msg_id}" if m.client_msg_id else ""
+            sent_id = (
+                f"{m.sender_id}:{m.conversation}:{m.client_msg_id}"
+                if m.client_msg_id
+                else ""
+            )
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
         appended, retries, epoch_ids = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args
