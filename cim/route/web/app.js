@@ -489,14 +489,40 @@ async function refreshOnline() {
   if (current) $("chat-title").textContent = title(conversation(current));
 }
 
+/**
+ * Log this device off at the route, which forgets its device key too: with
+ * the token while its session lives, else (the connection was gone) with a
+ * token the device key gets for that.
+ */
+async function logOffAtRoute(acc) {
+  try {
+    await route.call("/offLine", { userId: acc.userId });
+    return;
+  } catch (e) {
+    if (!(e instanceof ApiError) || e.code !== "4010") return;
+  }
+  const saved = storedAccount();
+  const deviceKey = saved && saved.userId === acc.userId ? saved.deviceKey : acc.deviceKey;
+  if (!deviceKey) return;
+  try {
+    const reply = await route.call(
+      "/login", { userId: acc.userId, userName: acc.userName, device, deviceKey }, null,
+    );
+    await route.call("/offLine", { userId: acc.userId }, reply.token);
+  } catch {
+    // The key is unusable already.
+  }
+}
+
 async function logout(message = "", tellRoute = true) {
   const was = session;
   session = null;
-  if (was) was.stop();
+  // No reconnect from here on; the connection stays open until the route
+  // logged the device off (its token dies with the connection).
+  if (was) was.stopped = true;
   clearInterval(onlineTimer);
-  if (tellRoute && account) {
-    await route.call("/offLine", { userId: account.userId }).catch(() => {});
-  }
+  if (tellRoute && account) await logOffAtRoute(account);
+  if (was) was.stop();
   // Forget the token and the device key (/offLine made the route forget
   // the key too): the next login needs the password.
   localStorage.removeItem("cim.account");
