@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -125,7 +125,7 @@ class Login:
     server: ServerAddress
     token: str
     device: str = ""
-    device_key: str | None = None
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
