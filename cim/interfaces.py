@@ -398,14 +398,15 @@ class IReactor(IReactorCore, IReactorTime, IReactorTCP, IReactorThreads):
 
 class IAccounts(Interface):
     """
-    Accounts: ids, names and credentials (a password, or an account key).
+    Accounts: ids, names and credentials (a password, or an account key;
+    and per device, a device key).
 
     Names are unique by their key (L{cim.names.name_key}: NFKC, case-folded,
     confusable skeleton), so C{"Zoe"}, C{" zoe"} and a Cyrillic look-alike
     are one account; the name given at creation is kept for display.
     Credentials are stored as hashes only: passwords as salted scrypt
-    strings (L{cim.passwords}), account keys (random, high-entropy) as
-    SHA-256.  Whether a caller may learn an existing account is the
+    strings (L{cim.passwords}), account keys and device keys (random,
+    high-entropy) as SHA-256.  Whether a caller may learn an existing account is the
     caller's decision: the store only creates, finds and checks.
     """
 
@@ -445,6 +446,28 @@ class IAccounts(Interface):
         @return: fires with C{True} when C{account_key} matches the
             account's (compared as SHA-256 digests, in constant time),
             C{False} otherwise or when it has none.
+        """
+
+    def set_device_key(
+        user_id: int, device: str, device_key: str, ttl: float
+    ) -> Deferred[None]:
+        """
+        Make C{device_key} the one device key of the user's C{device} (a
+        credential that outlives the device's sessions), replacing any
+        older one, for C{ttl} seconds.  Only its SHA-256 digest is stored.
+        """
+
+    def check_device_key(user_id: int, device: str, device_key: str) -> Deferred[bool]:
+        """
+        @return: fires with C{True} when C{device_key} is the current,
+            unexpired device key of the user's C{device} (compared as
+            SHA-256 digests, in constant time), C{False} otherwise (another
+            device's or user's key, an old or expired one, none).
+        """
+
+    def drop_device_key(user_id: int, device: str) -> Deferred[None]:
+        """
+        Forget the device key of the user's C{device}, if any.
         """
 
 

@@ -29,6 +29,9 @@ SESSION_TTL = 90.0
 #: How many sessions (devices) one user may hold at once by default (the
 #: route's C{--max-devices}).
 MAX_DEVICES = 5
+#: Seconds a device key lives (the route's C{--device-key-ttl}): 30 days;
+#: each login with it issues a new one, for as long again.
+DEVICE_KEY_TTL = 30 * 86400.0
 #: Device ids: 1-64 letters, digits, C{_}, C{-} or C{.}, chosen and kept by
 #: the client (C{""}: a client that names none, such as CIM's).
 DEVICE_ID_PATTERN = r"[A-Za-z0-9_.\-]{1,64}"

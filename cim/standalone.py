@@ -34,7 +34,7 @@ from cim.options import (
     secret_option,
 )
 from cim.route.service import RouteConfig, RouteService
-from cim.route.tap import MAX_DEVICES_OPTION
+from cim.route.tap import DEVICE_KEY_TTL_OPTION, MAX_DEVICES_OPTION
 from cim.server.service import IMServerService, ServerConfig
 from cim.server.tap import SERVER_LIMITS, WS_PORT, WebSocketOptions, ws_port_option
 
@@ -86,6 +86,7 @@ class Options(WebSocketOptions):
             "over https must carry (default: the system's).",
         ],
         MAX_DEVICES_OPTION,
+        DEVICE_KEY_TTL_OPTION,
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
     ]
@@ -172,6 +173,7 @@ class StandaloneService(AsyncStartService):
                 shutdown_timeout=self.shutdown_timeout,
                 ca_file=o["ca-file"],
                 max_devices=o["max-devices"],
+                device_key_ttl=o["device-key-ttl"],
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from cim.client.connection import ClientProtocol, Heartbeat
 from cim.client.cursors import CursorFile, Received, state_path
+from cim.client.devicekeys import DeviceKeys, HeldDeviceKey
 from cim.client.devices import DeviceIds
 from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
@@ -1061,3 +1062,33 @@ def test_account_keys_shared_by_two_clients(tmp_path: Path) -> None:
     assert "key-a" not in repr(again.get("http://route:8083", "alice"))
     (tmp_path / "account-keys.json").write_text("{not json")
     assert AccountKeys(tmp_path).get("http://route:8083", "alice") is None
+
+
+def test_device_keys_file(tmp_path: Path) -> None:
+    # Two clients on one folder: neither key is lost, and each read sees
+    # the latest (another client may have used and replaced a key).
+    first, second = DeviceKeys(tmp_path), DeviceKeys(tmp_path)
+    first.put("http://route:8083", "alice", 1, "web-a", "key-a")
+    second.put("http://route:8083/", "bob", 2, "web-b", "key-b")
+    assert first.get("http://route:8083", "BOB") == HeldDeviceKey(2, "web-b", "key-b")
+    second.put("http://route:8083", "alice", 1, "web-a", "key-a2")
+    assert first.get("http://route:8083", "alice") == HeldDeviceKey(
+        1, "web-a", "key-a2"
+    )
+    assert "key-a2" not in repr(first.get("http://route:8083", "alice"))
+    path = tmp_path / "device-keys.json"
+    assert path.stat().st_mode & 0o077 == 0
+    # Forgetting one keeps the other; in memory without a folder.
+    first.drop("http://route:8083", "alice")
+    assert DeviceKeys(tmp_path).get("http://route:8083", "alice") is None
+    assert DeviceKeys(tmp_path).get("http://route:8083", "bob") is not None
+    memory = DeviceKeys(None)
+    memory.put("http://route:8083", "carol", 3, "d", "k")
+    assert memory.get("http://route:8083", "carol") == HeldDeviceKey(3, "d", "k")
+    memory.drop("http://route:8083", "carol")
+    assert memory.get("http://route:8083", "carol") is None
+    # A damaged file is as good as none.
+    path.write_text("{not json")
+    assert DeviceKeys(tmp_path).get("http://route:8083", "bob") is None
+    path.write_text('{"routes": {"http://route:8083": {"bob": {"userId": "2"}}}}')
+    assert DeviceKeys(tmp_path).get("http://route:8083", "bob") is None

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 
 from cim.client.cursors import state_path
+from cim.client.devicekeys import DeviceKeys
 from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
     Client,
@@ -316,6 +317,84 @@ async def test_the_account_key_is_kept_in_the_state_folder(
     keys = AccountKeys(harness.state_root / "erin")
     assert keys.get("http://127.0.0.1:1", "erin") is None
     assert keys.get(harness.route_url + "/", "ERIN") == HeldKey(erin.user_id, key)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_device_key_is_kept_in_the_state_folder(
+    reactor: Any, harness: Harness
+) -> None:
+    folder = harness.state_root / "fay"
+    fay, _ = harness.client("fay")
+    await within(reactor, fay.login("fay", "fay-password"))
+    device = fay.device
+    first = DeviceKeys(folder).get(harness.route_url, "fay")
+    assert first is not None and (first.user_id, first.device) == (fay.user_id, device)
+    assert first.key not in repr(first)
+    assert (folder / "device-keys.json").stat().st_mode & 0o077 == 0
+    # The password is kept nowhere in the folder.
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert "fay-password" not in path.read_text("utf-8", "replace"), path
+    await fay.close()
+    # Restarted without the password: the device key logs the same device of
+    # the same account in (no registration), and the next key is kept.
+    again, events = harness.client("fay")
+    await within(reactor, again.login("FAY"))
+    assert (again.user_id, again.device) == (fay.user_id, device)
+    second = DeviceKeys(folder).get(harness.route_url, "fay")
+    assert second is not None and second.key != first.key
+    # The key used stopped working.
+    assert fay.user_id is not None
+    with pytest.raises(RouteError) as e:
+        await within(
+            reactor,
+            again.route.login(fay.user_id, "fay", device=device, device_key=first.key),
+        )
+    assert e.value.code == "9100"
+    # A reconnect (no password in memory) logs in with the key, and keeps
+    # the next one.
+    harness.drop(again)
+    await wait_state(reactor, events, ClientState.RECONNECTING)
+    await wait_state(reactor, events, ClientState.READY)
+    third = DeviceKeys(folder).get(harness.route_url, "fay")
+    assert third is not None and third.key not in (first.key, second.key)
+    # Logging off ends the key, at the route and in the folder: the password
+    # is needed again.
+    await again.close(log_off=True)
+    assert DeviceKeys(folder).get(harness.route_url, "fay") is None
+    with pytest.raises(RouteError) as e:
+        await within(
+            reactor,
+            again.route.login(fay.user_id, "fay", device=device, device_key=third.key),
+        )
+    assert e.value.code == "9100"
+    last, _ = harness.client("fay")
+    with pytest.raises(LoginError) as refused:
+        await within(reactor, last.login("fay"))
+    assert refused.value.code == "4090"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_device_key_is_forgotten(
+    reactor: Any, harness: Harness
+) -> None:
+    folder = harness.state_root / "gil"
+    gil, _ = harness.client("gil")
+    await within(reactor, gil.login("gil", "gil-password"))
+    held = DeviceKeys(folder).get(harness.route_url, "gil")
+    assert held is not None
+    await gil.close()
+    # A stale key (another copy of the folder used it, say).
+    DeviceKeys(folder).put(harness.route_url, "gil", held.user_id, held.device, "old")
+    again, _ = harness.client("gil")
+    with pytest.raises(LoginError) as e:
+        await within(reactor, again.login("gil"))
+    assert e.value.code == "9100"
+    assert DeviceKeys(folder).get(harness.route_url, "gil") is None
+    # The password logs in again, and a new key is kept.
+    third, _ = harness.client("gil")
+    await within(reactor, third.login("gil", "gil-password"))
+    assert DeviceKeys(folder).get(harness.route_url, "gil") is not None
 
 
 @pytest_twisted.ensureDeferred

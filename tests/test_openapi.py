@@ -9,6 +9,7 @@ import json
 import pytest
 
 from cim.route.api import RouteAPI
+from cim.route.fields import REQUESTS, Limits
 from cim.route.openapi import openapi_document
 from tests.test_route import Route
 
@@ -60,6 +61,22 @@ def test_document_shape() -> None:
     for ref in set(text.split('"$ref": "')[1:]):
         name = ref.split('"')[0].rsplit("/", 1)[-1]
         assert name in schemas
+
+
+def test_the_device_key_is_documented_once_each_way() -> None:
+    document = openapi_document()
+    login = document["paths"]["/login"]["post"]
+    request = login["requestBody"]["content"]["application/json"]["schema"]
+    # The request field comes from cim.route.fields (declared once there).
+    assert (
+        request["properties"]["deviceKey"]
+        == REQUESTS["/login"].schema(Limits())["properties"]["deviceKey"]
+    )
+    assert "deviceKey" not in request.get("required", [])
+    reply = document["components"]["schemas"]["LoginResult"]
+    assert reply["properties"]["deviceKey"]["type"] == "string"
+    assert "X-Cim-Extended" in reply["properties"]["deviceKey"]["description"]
+    assert "deviceKey" not in reply["required"]
 
 
 def test_document_is_valid_openapi() -> None:

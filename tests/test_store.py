@@ -272,6 +272,59 @@ async def test_account_key_stored_as_a_hash(backend: Backend) -> None:
     assert key not in kept and token_key(key) in kept
 
 
+@pytest_twisted.ensureDeferred
+async def test_device_key(backend: Backend) -> None:
+    store = backend.store
+    await store.set_device_key(1, "laptop", "laptop-key-1", LONG_TTL)
+    assert await store.check_device_key(1, "laptop", "laptop-key-1")
+    # Never another key, device or user.
+    assert not await store.check_device_key(1, "laptop", "laptop-key-")
+    assert not await store.check_device_key(1, "laptop", "")
+    assert not await store.check_device_key(1, "phone", "laptop-key-1")
+    assert not await store.check_device_key(2, "laptop", "laptop-key-1")
+    assert not await store.check_device_key(1, "", "laptop-key-1")
+    # A new key replaces the old one; the device's key only.
+    await store.set_device_key(1, "phone", "phone-key-1", LONG_TTL)
+    await store.set_device_key(1, "laptop", "laptop-key-2", LONG_TTL)
+    assert not await store.check_device_key(1, "laptop", "laptop-key-1")
+    assert await store.check_device_key(1, "laptop", "laptop-key-2")
+    assert await store.check_device_key(1, "phone", "phone-key-1")
+    # Dropping forgets it (twice is harmless); the other device keeps its.
+    await store.drop_device_key(1, "laptop")
+    await store.drop_device_key(1, "laptop")
+    assert not await store.check_device_key(1, "laptop", "laptop-key-2")
+    assert await store.check_device_key(1, "phone", "phone-key-1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_key_expires(backend: Backend) -> None:
+    store = backend.store
+    await store.set_device_key(1, "laptop", "laptop-key", SHORT_TTL)
+    assert await store.check_device_key(1, "laptop", "laptop-key")
+
+    async def gone() -> bool:
+        return not await store.check_device_key(1, "laptop", "laptop-key")
+
+    await backend.expire(SHORT_TTL, gone)
+    # The lifetime is the ttl given, as a Redis PEXPIRE.
+    await store.set_device_key(1, "laptop", "laptop-key", LONG_TTL)
+    pttl = await backend.pttl("devkey:1:laptop")
+    assert pttl is None or LONG_TTL * 1000 - 5000 < pttl <= LONG_TTL * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_device_key_stored_as_a_hash(backend: Backend) -> None:
+    key = "the-device-key-of-dora-" + "x" * 20
+    await backend.store.set_device_key(4, "tab", key, LONG_TTL)
+    if backend.redis is None:
+        kept = repr(backend.store._device_keys)
+    else:
+        kept = repr(
+            await backend.redis.execute_command("GET", f"{backend.prefix}devkey:4:tab")
+        )
+    assert key not in kept and token_key(key) in kept
+
+
 #: Names that are one account: case, surrounding whitespace, a Cyrillic
 #: look-alike, fullwidth forms, NFC and NFD spellings.
 SAME_AS_ZOE = ["ZOE", "zoe ", " zoe", "Zoe", "z\u043e\u0435", "\uff5a\uff4f\uff45"]

@@ -211,6 +211,28 @@ def api(
     return answer["dataBody"]
 
 
+def answer(url: str, path: str, body: dict[str, Any]) -> Any:
+    """
+    Call the route as cim's clients do; @return: the whole envelope.
+    """
+    headers = {"Content-Type": "application/json", "X-Cim-Extended": "1"}
+    request = urllib.request.Request(
+        url + path, json.dumps(body).encode(), headers, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def storage(page: Page) -> str:
+    """
+    Everything the page keeps in its local and session storage.
+    """
+    kept: str = page.evaluate(
+        "() => JSON.stringify([{...localStorage}, {...sessionStorage}])"
+    )
+    return kept
+
+
 def account(url: str, name: str, password: str = "pw-" + "x" * 8) -> dict[str, Any]:
     """
     Register C{name} and log in over HTTP: @return: the login reply.
@@ -296,15 +318,40 @@ def test_register_log_in_and_stay_logged_in(
     page.keyboard.type("alice-password")
     page.keyboard.press("Enter")
     expect(page.locator("#me")).to_have_text("webalice", timeout=WAIT)
+    expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
     stored = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account'))")
     assert stored["userName"] == "webalice" and stored["token"]
+    assert len(stored["deviceKey"]) >= 43
     device = page.evaluate("() => localStorage.getItem('cim.device')")
     assert device.startswith("web-")
-    # A reload stays logged in, as the same device.
+    # The password is kept nowhere: the device key logs the page in again.
+    assert "alice-password" not in storage(page)
+    # A reload stays logged in, as the same device, with no password stored:
+    # the device key was used (and replaced by a new one).
     page.reload()
     expect(page.locator("#me")).to_have_text("webalice", timeout=WAIT)
     expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
     assert page.evaluate("() => localStorage.getItem('cim.device')") == device
+    again = page.evaluate("() => JSON.parse(localStorage.getItem('cim.account'))")
+    assert again["deviceKey"] and again["deviceKey"] != stored["deviceKey"]
+    assert "alice-password" not in storage(page)
+    used = {
+        "userId": stored["userId"],
+        "userName": "webalice",
+        "device": device,
+        "deviceKey": stored["deviceKey"],
+    }
+    assert answer(node.url("route"), "/login", used)["code"] == "9100"
+    # Log out forgets the device key, here and at the route.
+    page.click("#logout")
+    expect(page.locator("#login-name")).to_be_visible(timeout=WAIT)
+    assert page.evaluate("() => localStorage.getItem('cim.account')") is None
+    forgotten = {**used, "deviceKey": again["deviceKey"]}
+    assert answer(node.url("route"), "/login", forgotten)["code"] == "9100"
+    page.reload()
+    expect(page.locator("#login-name")).to_be_visible(timeout=WAIT)
+    tab.log_in("webalice", "alice-password")
     # A wrong password is refused with a message, on a page of its own.
     other = Tab(browser, url)
     tabs.append(other)

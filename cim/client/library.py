@@ -48,6 +48,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim.client.connection import ClientProtocol
 from cim.client.cursors import CursorFile, state_path
+from cim.client.devicekeys import DeviceKeys
 from cim.client.devices import DeviceIds, new_device_id
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.inbox import Inbox
@@ -175,6 +176,9 @@ class Client:
             http, self._pool = http_client(reactor, per_host=2, ca_file=ca_file)
         self.route = RouteClient(reactor, http, route_url, timeout=http_timeout)
         self._keys = AccountKeys(self.state_dir)
+        self._device_keys = DeviceKeys(self.state_dir)
+        #: Where this login keeps its device key, if it keeps one.
+        self._held_device_key: _HeldDeviceKey | None = None
         self._devices = DeviceIds(self.state_dir)
         self._device_given = device
         self._device = ""
@@ -346,6 +350,14 @@ class Client:
         route and name, else the one the route gives when C{register}
         creates the account (then kept there).
 
+        With a state folder, a login with a password keeps the device key
+        the route answers (L{cim.client.devicekeys}) and every later login
+        keeps the next one: a client started again without the password
+        (C{password} C{None}) logs this device in with it, and the
+        reconnects of this session use it too.  A key the route refuses
+        (used by another client, expired, the device logged off or dropped
+        by the device limit) is forgotten: the password is needed again.
+
         @raise LoginError: the route or the server refused (C{4090}: the
             name is taken, and not proven ours; C{9100}: wrong id, name,
             password or key; C{5000}: logged in elsewhere; C{6000}: too
@@ -359,6 +371,12 @@ class Client:
         if account_key is None:
             held = self._keys.get(self.route.url, user_name)
             account_key = held.key if held is not None else ""
+        device_key = None
+        if self.state_dir is not None:
+            device_key = self._device_keys.get(self.route.url, user_name)
+        if user_id is None and password is None and not account_key and device_key:
+            # The device key proves the account is ours: no registration.
+            user_id = device_key.user_id
         if user_id is None:
             try:
                 account = await self.register(user_name, password, account_key)
@@ -389,8 +407,14 @@ class Client:
             named = self._device_given or ""
             path = state_path(self.state_dir, user_id, named)
         self._inbox.open(user_id, path)
+        holder = None
+        if self.state_dir is not None and (password or device_key is not None):
+            holder = _HeldDeviceKey(
+                self._device_keys, self.route.url, user_name, user_id, self._device
+            )
+        self._held_device_key = holder
         await self._session.start(
-            user_id, user_name, password, account_key, self._device
+            user_id, user_name, password, account_key, self._device, holder
         )
 
     def send_private(self, receive_user_id: int, text: str) -> Deferred[Ack]:
@@ -654,22 +678,33 @@ class Client:
         """
         return self._outbox.sent_here(client_msg_id)
 
-    async def close(self) -> None:
+    async def close(self, log_off: bool | None = None) -> None:
         """
         Log off and close: wait (up to C{close_timeout}) for the
         acknowledgements of sends already written, acknowledge what was
         received, save the cursors, end the session at the route, close the
         connection.  Sends still not acknowledged fail with
         L{ClientClosed}.  Safe to call twice.
+
+        @param log_off: end the session at the route (C{/offLine}), which
+            also ends the device key of this device (and this client
+            forgets it).  By default, unless this client keeps a device key
+            in its state folder: then the connection is only closed, so that
+            the next run logs in again without the password.
         """
         session = self._session
         if session.closed:
             return
         session.close()
+        holder = self._held_device_key
+        if log_off is None:
+            log_off = holder is None
+        if log_off and holder is not None:
+            holder.refused()
         if session.ready:
             await self._outbox.drain(self.close_timeout)
             self._inbox.flush()
-            if session.user_id is not None and session.token:
+            if log_off and session.user_id is not None and session.token:
                 try:
                     await self.route.offline(session.user_id, session.token)
                 except Exception as e:
@@ -698,3 +733,55 @@ class Client:
         if not frame.req_msg:
             return fail(SendError(int(ErrorCode.INVALID_ARGUMENT), "empty message"))
         return self._outbox.add(frame)
+
+
+class _HeldDeviceKey:
+    """
+    The device key of one account's device, kept in the state folder
+    (L{cim.client.session.DeviceKeyHolder}); a file that cannot be written
+    is logged, never a failed login.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        keys: DeviceKeys,
+        route_url: str,
+        user_name: str,
+        user_id: int,
+        device: str,
+    ) -> None:
+        self.keys = keys
+        self.route_url = route_url
+        self.user_name = user_name
+        self.user_id = user_id
+        self.device = device
+
+    def current(self) -> str:
+        held = self.keys.get(self.route_url, self.user_name)
+        if held is None or (held.user_id, held.device) != (self.user_id, self.device):
+            return ""
+        return held.key
+
+    def keep(self, key: str) -> None:
+        try:
+            self.keys.put(
+                self.route_url, self.user_name, self.user_id, self.device, key
+            )
+        except OSError as e:
+            self.log.warn(
+                "Could not keep the device key in {path}: {e}",
+                path=str(self.keys.path),
+                e=e,
+            )
+
+    def refused(self) -> None:
+        try:
+            self.keys.drop(self.route_url, self.user_name)
+        except OSError as e:
+            self.log.warn(
+                "Could not forget the device key in {path}: {e}",
+                path=str(self.keys.path),
+                e=e,
+            )

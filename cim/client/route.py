@@ -61,6 +61,8 @@ class LoginInfo:
     @ivar tls: the server's client port speaks TLS (extended replies only).
     @ivar device: the device id the login claimed, as the route echoes it
         (C{""} when it does not).
+    @ivar device_key: the device's new device key, the proof of its next
+        login (C{""} when the route gave none).
     """
 
     host: str
@@ -71,6 +73,7 @@ class LoginInfo:
     user_name: str
     tls: bool = False
     device: str = ""
+    device_key: str = field(default="", repr=False)
 
 
 class RouteTLSError(Exception):
@@ -229,6 +232,7 @@ class RouteClient:
         token: str = "",
         account_key: str = "",
         device: str = "",
+        device_key: str = "",
     ) -> LoginInfo:
         """
         Log in: the route picks an IM server and issues a token for it.
@@ -239,6 +243,8 @@ class RouteClient:
             no password).
         @param device: this client's device id (the session is this
             device's; C{""}: none, CIM's one session per user).
+        @param device_key: the device's device key (its credential, used
+            up by this login: the reply carries the next one).
         """
         body: dict[str, Any] = {"userId": user_id, "userName": user_name}
         if device:
@@ -249,6 +255,8 @@ class RouteClient:
             body["token"] = token
         if account_key:
             body["accountKey"] = account_key
+        if device_key:
+            body["deviceKey"] = device_key
         data = await self.call("/login", body)
         return LoginInfo(
             host=str(data["ip"]),
@@ -259,6 +267,7 @@ class RouteClient:
             user_name=str(data.get("userName", user_name)),
             tls=data.get("tls") is True,
             device=str(data.get("device") or ""),
+            device_key=str(data.get("deviceKey") or ""),
         )
 
     async def offline(self, user_id: int, token: str) -> None:

@@ -98,6 +98,28 @@ class Router(Protocol):
     ) -> LoginInfo: ...
 
 
+class DeviceKeyHolder(Protocol):
+    """
+    Where a session keeps its device's device key
+    (L{cim.client.devicekeys}), the proof of its next login.
+    """
+
+    def current(self) -> str:
+        """
+        The device key held now (C{""}: none).
+        """
+
+    def keep(self, key: str) -> None:
+        """
+        Keep C{key}, the device key the last login answered.
+        """
+
+    def refused(self) -> None:
+        """
+        The route refused the key held: forget it.
+        """
+
+
 class Session:
     """
     One user's session with the cluster, across connections.
@@ -156,6 +178,7 @@ class Session:
         self.closed = False
         self._password: str | None = None
         self._account_key = ""
+        self._device_keys: DeviceKeyHolder | None = None
         self._login_waiter: Deferred[Frame] | None = None
         self._loop: Deferred[None] | None = None
         self._final_kick = ""
@@ -194,11 +217,16 @@ class Session:
         password: str | None,
         account_key: str = "",
         device: str = "",
+        device_keys: DeviceKeyHolder | None = None,
     ) -> None:
         """
         Log in as C{user_id} (with C{password} or C{account_key}, whichever
         the account has) on device C{device}; from then on, reconnect by
         itself.
+
+        With C{device_keys}, each login keeps the device key its reply
+        carries there, and a login without a password or account key proves
+        the device with the key held (a key refused is forgotten).
 
         @raise LoginError: the route or the server refused, or could not be
             reached; the state is then L{ClientState.FAILED}.
@@ -208,6 +236,7 @@ class Session:
         self._password = password
         self._account_key = account_key
         self.device = device
+        self._device_keys = device_keys
         self._final_kick = ""
         try:
             await self._attempt()
@@ -256,6 +285,13 @@ class Session:
         """
         assert self.user_id is not None
         self.set_state(ClientState.CONNECTING)
+        holder = self._device_keys
+        # The password or account key when known (the route checks them
+        # first), else the device key held; the route answers a new one.
+        device_key = ""
+        if holder is not None and not self._password and not self._account_key:
+            device_key = holder.current()
+        extra = {"device_key": device_key} if device_key else {}
         try:
             info = await self.route.login(
                 self.user_id,
@@ -264,9 +300,14 @@ class Session:
                 self.token,
                 account_key=self._account_key,
                 device=self.device,
+                **extra,
             )
         except RouteError as e:
+            if device_key and e.code == codes.ACCOUNT_MISMATCH and holder is not None:
+                holder.refused()
             raise LoginError(e.code, e.message) from None
+        if holder is not None and info.device_key:
+            holder.keep(info.device_key)
         if self.closed:
             raise ClientClosed("the client is closed")
         self.inbox.cursors.set_token(info.token)

@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from cim import envelope as codes
 from cim.envelope import ApiError, envelope
 from cim.interfaces import IRegistry, IServerControl, IStore, StoreError, TokenInfo
-from cim.limits import MAX_BATCH, MAX_DEVICES
+from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES
 from cim.message import message_to_dict
 from cim.metrics import Metrics
 from cim.pushapi import SECRET_HEADER
@@ -82,6 +82,7 @@ class RouteAPI:
     @param login_rate: failed logins and registrations a minute allowed per
         account; C{address_rate}: per client address (L{cim.route.throttle}).
     @param max_devices: how many devices (sessions) one user may hold.
+    @param device_key_ttl: how long a device key lives, in seconds.
     Other parameters: see L{Router}.
     """
 
@@ -108,6 +109,7 @@ class RouteAPI:
         login_rate: float = 10.0,
         address_rate: float = 60.0,
         max_devices: int = MAX_DEVICES,
+        device_key_ttl: float = DEVICE_KEY_TTL,
     ) -> None:
         self.router = Router(
             store,
@@ -124,6 +126,7 @@ class RouteAPI:
             login_rate=login_rate,
             address_rate=address_rate,
             max_devices=max_devices,
+            device_key_ttl=device_key_ttl,
         )
         self.registry = registry
         self.clock = clock
@@ -322,6 +325,10 @@ class RouteAPI:
             v["accountKey"],
             _address(request),
             v["device"],
+            v["deviceKey"],
+            # The device key goes to cim's clients only (CIM's decode
+            # exactly {ip, cimServerPort, httpPort}).
+            issue_device_key=self._extended(request),
         )
         self.m_logins.inc()
         server = {
@@ -338,6 +345,8 @@ class RouteAPI:
             "userName": done.account.user_name,
             "device": done.device,
         }
+        if done.device_key is not None:
+            extended["deviceKey"] = done.device_key
         # Whether the server's client port speaks TLS: for cim's clients
         # only (CIM's reply has exactly the three fields above).
         if done.server.tls:

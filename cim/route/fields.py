@@ -580,6 +580,15 @@ _ACCOUNT_KEY = Text(
     "the account (a proof of ownership, like the password).",
 )
 
+_DEVICE_KEY = Text(
+    "deviceKey",
+    MAX_TOKEN,
+    required=False,
+    description="The device key the last extended /login of this device "
+    "returned (a proof of ownership for this device only, with device; each "
+    "login with it answers a new one, and the old one stops working).",
+)
+
 #: Every endpoint's request body, by path.
 REQUESTS: dict[str, Request] = {
     "/registerAccount": _request(
@@ -594,6 +603,7 @@ REQUESTS: dict[str, Request] = {
         Text("token", MAX_TOKEN, required=False),
         _ACCOUNT_KEY,
         Device(),
+        _DEVICE_KEY,
     ),
     "/groupRoute": _request(UserId(), Message()),
     "/p2pRoute": _request(UserId(), UserId("receiveUserId"), Texts(), ClientMsgId()),

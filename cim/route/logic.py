@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -39,7 +39,7 @@ from cim.interfaces import (
     TokenInfo,
     TooManyJoinRequests,
 )
-from cim.limits import MAX_DEVICES
+from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
 from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
@@ -116,12 +116,16 @@ class Login:
     """
     A successful login: the server the client must connect to, and the
     token it presents there.
+
+    @ivar device_key: the device's new device key (L{Router.login}), or
+        C{None} when none was issued.
     """
 
     account: Account
     server: ServerAddress
     token: str
     device: str = ""
+    device_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,7 @@ class Router:
         client address.
     @param max_devices: how many sessions (devices) one user may hold: a
         login past it drops the least recently active ones.
+    @param device_key_ttl: how long a device key lives, in seconds.
     """
 
     log = Logger()
@@ -175,9 +180,11 @@ class Router:
         login_rate: float = 10.0,
         address_rate: float = 60.0,
         max_devices: int = MAX_DEVICES,
+        device_key_ttl: float = DEVICE_KEY_TTL,
     ) -> None:
         self.store = store
         self.max_devices = max_devices
+        self.device_key_ttl = device_key_ttl
         self.guesses = (
             None if clock is None else GuessLimit(clock, login_rate, address_rate)
         )
@@ -341,6 +348,8 @@ class Router:
         account_key: str | None = None,
         address: str | None = None,
         device: str = "",
+        device_key: str | None = None,
+        issue_device_key: bool = False,
     ) -> Login:
         """
         Log one of a user's devices in: check the account and the request's
@@ -348,7 +357,8 @@ class Router:
         issue a token for it.
 
         The proof is the cluster secret, the account's password or account
-        key, or a valid token of the user (see L{_proof}).  Without one the
+        key, the device's device key, or a valid token of the user (see
+        L{_proof}).  Without one the
         login is refused (L{codes.ACCOUNT_MISMATCH}) unless C{--legacy-auth}
         is on; then (CIM's behaviour) a user who already holds any session
         is refused with L{codes.REPEAT_LOGIN}.  A login with a proof
@@ -359,14 +369,31 @@ class Router:
         connection (L{KICK_REPLACED}, L{KICK_DEVICE_LIMIT}).  Nothing is
         left behind when a step fails.
 
+        Device keys: with C{issue_device_key} (cim's clients, which read
+        the extended reply) a login that names a C{device} gets a new random
+        device key for it, replacing the device's older one (so a key used
+        to log in works once); the store keeps its hash for
+        C{device_key_ttl} seconds.  A login with a device key that is not
+        given a new one (a reply that could not carry it) drops it.  The
+        device keys of the devices the limit drops are dropped.
+
         @param address: the client's address, for the guessing limit.
         @param device: the client's device id (C{""}: a client naming none,
             such as CIM's).
+        @param device_key: the device key the client holds for C{device}
+            (a proof).
+        @param issue_device_key: issue the device a new device key.
         @raise ApiError: L{codes.ACCOUNT_MISMATCH}, L{codes.REPEAT_LOGIN},
             L{codes.NO_SERVER}, L{codes.UNAUTHORIZED}, L{codes.RATE_LIMITED}.
         """
         subject = ("user", user_id)
-        unguessable = account_key or token or credentials.token or credentials.secret
+        unguessable = (
+            account_key
+            or device_key
+            or token
+            or credentials.token
+            or credentials.secret
+        )
         self._check_rate(
             subject, address, guessable=not unguessable or password is not None
         )
@@ -379,7 +406,7 @@ class Router:
             )
         try:
             proof = await self._proof(
-                account, password, token, credentials, account_key
+                account, password, token, credentials, account_key, device, device_key
             )
         except ApiError as e:
             if e.code == codes.ACCOUNT_MISMATCH:
@@ -404,6 +431,7 @@ class Router:
             raise self._repeat_login(user_id) from None
         for old in dropped:
             self.kick(old, KICK_REPLACED if old.device == device else KICK_DEVICE_LIMIT)
+        new_key = None
         try:
             issued: str = await self.store.issue_token(
                 user_id,
@@ -412,6 +440,16 @@ class Router:
                 ttl=self.token_ttl,
                 device=device,
             )
+            if device and issue_device_key:
+                new_key = secrets.token_urlsafe(32)
+                await self.store.set_device_key(
+                    user_id, device, new_key, self.device_key_ttl
+                )
+            elif device and device_key:
+                await self.store.drop_device_key(user_id, device)
+            for old in dropped:
+                if old.device != device:
+                    await self.store.drop_device_key(user_id, old.device)
         except BaseException:
             await self._release_quietly(user_id, session.session_id, device)
             raise
@@ -422,7 +460,7 @@ class Router:
             server=str(server),
             device=f" from device {device}" if device else "",
         )
-        return Login(account, server, issued, device)
+        return Login(account, server, issued, device, new_key)
 
     @staticmethod
     def _repeat_login(user_id: int) -> ApiError:
@@ -439,17 +477,21 @@ class Router:
         token: str | None,
         credentials: Credentials,
         account_key: str | None = None,
+        device: str = "",
+        device_key: str | None = None,
     ) -> bool:
         """
         Whether the login request proves it comes from the account's owner:
-        the cluster secret, the account's password or account key, or a
-        still valid token of the user (in the body or the bearer header).
+        the cluster secret, the account's password or account key, the
+        device key of the request's C{device}, or a still valid token of the
+        user (in the body or the bearer header).
 
         Without C{--legacy-auth} a login needs one of these; with it, only
         an account with a password does.
 
-        @raise ApiError: L{codes.ACCOUNT_MISMATCH} for a wrong password or
-            account key, or a missing proof where one is needed (the
+        @raise ApiError: L{codes.ACCOUNT_MISMATCH} for a wrong password,
+            account key or device key (another device's, an old or expired
+            one, one without its device), or a missing proof where one is needed (the
             message says which credential the account takes);
             L{codes.UNAUTHORIZED} for a wrong cluster secret.
         """
@@ -465,6 +507,16 @@ class Router:
             if await self.store.check_account_key(account.user_id, account_key):
                 return True
             raise ApiError(codes.ACCOUNT_MISMATCH, "the account key is wrong")
+        if device_key is not None:
+            if device and await self.store.check_device_key(
+                account.user_id, device, device_key
+            ):
+                return True
+            raise ApiError(
+                codes.ACCOUNT_MISMATCH,
+                "the device key is wrong, expired, used already or not this "
+                "device's: log in with the password (or the account key)",
+            )
         for candidate in (token, credentials.token):
             if candidate:
                 info = await self.store.verify_token(candidate)
@@ -562,7 +614,8 @@ class Router:
         """
         Release the sessions of the user's C{device} (C{None}: all its
         devices), each only if it is still the device's (compare-and-delete),
-        and ask their servers to close the connections.
+        forget their device keys, and ask their servers to close the
+        connections.
 
         @return: whether there was a session to release.
         """
@@ -571,6 +624,11 @@ class Router:
         else:
             session: Session | None = await self.store.get_session(user_id, device)
             sessions = [] if session is None else [session]
+        # Logging off a device forgets its device key: its next login needs
+        # the password (or the account key).
+        devices = {device} if device is not None else {s.device for s in sessions}
+        for each in sorted(devices - {""}):
+            await self.store.drop_device_key(user_id, each)
         released = False
         for session in sessions:
             if await self.store.release_session(

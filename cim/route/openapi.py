@@ -149,8 +149,8 @@ def openapi_document(max_message: int = 4096) -> Schema:
         "/login": _operation(
             "Log in: choose an IM server",
             "Checks the account and the request's proof that it is the user: "
-            "its password, its accountKey, a valid token in the body or the "
-            "bearer header, or the secret (9100 without one; with "
+            "its password, its accountKey, the deviceKey of its device, a "
+            "valid token in the body or the bearer header, or the secret (9100 without one; with "
             "--legacy-auth an account without a password needs none, and a "
             "user already holding any session then gets 5000).  Picks a "
             "reachable IM server with the balancer (7100 when none), claims "
@@ -158,12 +158,14 @@ def openapi_document(max_message: int = 4096) -> Schema:
             'device: the device "", CIM\'s single session), replacing (and '
             "closing) the device's older one, and past --max-devices sessions "
             "closing the least recently active other device's; then issues a "
-            "token bound to that device for the TCP login.  Failed attempts "
+            "token bound to that device for the TCP login, and with "
+            "X-Cim-Extended and a device a new deviceKey for that device "
+            "(the one used, if any, stops working).  Failed attempts "
             "are limited per account and per address (6000).",
             body("/login"),
             _ref("LoginResult"),
             "Where to connect (CIM's fields), and with X-Cim-Extended the "
-            "token to log in with and the device.",
+            "token to log in with, the device and its new deviceKey.",
             cim=True,
         ),
         "/groupRoute": _operation(
@@ -578,6 +580,16 @@ def openapi_document(max_message: int = 4096) -> Schema:
                             "description": "With X-Cim-Extended only: the "
                             'device logged in ("" when the request named '
                             "none).",
+                        },
+                        "deviceKey": {
+                            "type": "string",
+                            "description": "With X-Cim-Extended only, and "
+                            "only when the request named a device: the "
+                            "device's new device key (keep it secret), which "
+                            "logs this device in again (with userId, "
+                            "userName and device) until it is used, the "
+                            "device logs off, or it expires "
+                            "(--device-key-ttl).",
                         },
                         "tls": {
                             "type": "boolean",

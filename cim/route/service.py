@@ -20,7 +20,7 @@ from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
 from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
-from cim.limits import MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
+from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
 from cim.limits_net import (
     HTTP_PER_ADDRESS,
     SHUTDOWN_TIMEOUT,
@@ -57,6 +57,7 @@ class RouteConfig:
         (L{cim.listen}).
     @ivar ca_file: the CAs of the servers' push API certificates.
     @ivar max_devices: how many devices (sessions) one user may hold.
+    @ivar device_key_ttl: how long a device key lives, in seconds.
     """
 
     port: Listen = 8083
@@ -79,6 +80,7 @@ class RouteConfig:
     address_rate: float = 60.0
     ca_file: str | None = None
     max_devices: int = MAX_DEVICES
+    device_key_ttl: float = DEVICE_KEY_TTL
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -232,6 +234,7 @@ class RouteService(AsyncStartService):
             login_rate=config.login_rate,
             address_rate=config.address_rate,
             max_devices=config.max_devices,
+            device_key_ttl=config.device_key_ttl,
         )
         site = QuietSite(
             WebClient(self.api.app.resource()),

@@ -11,7 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from cim.daemon import daemon_service
-from cim.limits import MAX_DEVICES
+from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
@@ -35,6 +35,15 @@ MAX_DEVICES_OPTION: list[Any] = [
     "How many devices (sessions) one user may hold at once: a login from "
     "one more device logs out the least recently active one.",
     whole_number("max-devices", 1, 1000),
+]
+#: C{--device-key-ttl}, of the route and of the standalone process.
+DEVICE_KEY_TTL_OPTION: list[Any] = [
+    "device-key-ttl",
+    None,
+    DEVICE_KEY_TTL,
+    "Lifetime of a device key (the credential that logs a device in again "
+    "without its password), in seconds; each login with it issues a new one.",
+    positive_float("device-key-ttl", 60.0, 10 * 365 * 86400.0),
 ]
 
 
@@ -112,6 +121,7 @@ class Options(usage.Options):
             whole_number("max-message", 1, 1024 * 1024),
         ],
         MAX_DEVICES_OPTION,
+        DEVICE_KEY_TTL_OPTION,
         *SEND_LIMITS,
         *daemon_options(HTTP_PER_ADDRESS),
     ]
@@ -149,6 +159,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         shutdown_timeout=options["shutdown-timeout"],
         ca_file=options["ca-file"],
         max_devices=options["max-devices"],
+        device_key_ttl=options["device-key-ttl"],
     )
 
 

@@ -154,6 +154,8 @@ class MemoryStore:
         self.retention = retention
         self._users: dict[int, _User] = {}
         self._user_ids: dict[str, int] = {}
+        #: (user id, device) -> (SHA-256 of its device key, hex; expiry)
+        self._device_keys: dict[tuple[int, str], tuple[str, float]] = {}
         #: user id -> device -> its session
         self._sessions: dict[int, dict[str, _SessionRecord]] = {}
         self._tokens: dict[str, _Token] = {}
@@ -248,6 +250,30 @@ class MemoryStore:
         if user is None or user.key_hash is None:
             return False
         return hmac.compare_digest(token_key(account_key), user.key_hash)
+
+    @_fired
+    def set_device_key(
+        self, user_id: int, device: str, device_key: str, ttl: float
+    ) -> None:
+        self._device_keys[user_id, device] = (
+            token_key(device_key),
+            self._seconds() + ttl,
+        )
+
+    @_fired
+    def check_device_key(self, user_id: int, device: str, device_key: str) -> bool:
+        found = self._device_keys.get((user_id, device))
+        if found is None:
+            return False
+        digest, expires = found
+        if expires <= self._seconds():
+            del self._device_keys[user_id, device]
+            return False
+        return hmac.compare_digest(token_key(device_key), digest)
+
+    @_fired
+    def drop_device_key(self, user_id: int, device: str) -> None:
+        self._device_keys.pop((user_id, device), None)
 
     # Sessions
 

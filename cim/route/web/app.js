@@ -5,6 +5,7 @@
 
 import {
   ApiError, Route, Session, deviceId, emojiRenderer, normalize, pairConversation, peerOf,
+  storedAccount,
 } from "./chat.js";
 
 const PAGE = 30;
@@ -369,14 +370,13 @@ function pendingEntry(item) {
 
 // Session events
 
-function startSession(acc, reply = null, password = null) {
+function startSession(acc, reply = null) {
   account = acc;
   route.token = acc.token;
   names.set(acc.userId, acc.userName);
   $("me").textContent = acc.userName;
   show("app");
   session = new Session(route, acc, device);
-  session.password = password ?? sessionStorage.getItem(`cim.password.${acc.userId}`);
   session.addEventListener("state", ({ detail }) => {
     const status = $("status");
     status.className = `status ${detail.state}`;
@@ -489,16 +489,43 @@ async function refreshOnline() {
   if (current) $("chat-title").textContent = title(conversation(current));
 }
 
+/**
+ * Log this device off at the route, which forgets its device key too: with
+ * the token while its session lives, else (the connection was gone) with a
+ * token the device key gets for that.
+ */
+async function logOffAtRoute(acc) {
+  try {
+    await route.call("/offLine", { userId: acc.userId });
+    return;
+  } catch (e) {
+    if (!(e instanceof ApiError) || e.code !== "4010") return;
+  }
+  const saved = storedAccount();
+  const deviceKey = saved && saved.userId === acc.userId ? saved.deviceKey : acc.deviceKey;
+  if (!deviceKey) return;
+  try {
+    const reply = await route.call(
+      "/login", { userId: acc.userId, userName: acc.userName, device, deviceKey }, null,
+    );
+    await route.call("/offLine", { userId: acc.userId }, reply.token);
+  } catch {
+    // The key is unusable already.
+  }
+}
+
 async function logout(message = "", tellRoute = true) {
   const was = session;
   session = null;
-  if (was) was.stop();
+  // No reconnect from here on; the connection stays open until the route
+  // logged the device off (its token dies with the connection).
+  if (was) was.stopped = true;
   clearInterval(onlineTimer);
-  if (tellRoute && account) {
-    await route.call("/offLine", { userId: account.userId }).catch(() => {});
-  }
+  if (tellRoute && account) await logOffAtRoute(account);
+  if (was) was.stop();
+  // Forget the token and the device key (/offLine made the route forget
+  // the key too): the next login needs the password.
   localStorage.removeItem("cim.account");
-  if (account) sessionStorage.removeItem(`cim.password.${account.userId}`);
   account = null;
   route.token = null;
   current = null;
@@ -531,11 +558,17 @@ async function login(event) {
       password,
       device,
     });
-    const acc = { userId: Number(reply.userId ?? who.userId), userName: reply.userName ?? who.userName, token: reply.token };
+    // The password stops here: later logins prove the device with its
+    // device key (kept in local storage by the session).
+    const acc = {
+      userId: Number(reply.userId ?? who.userId),
+      userName: reply.userName ?? who.userName,
+      token: reply.token,
+      deviceKey: reply.deviceKey,
+    };
     localStorage.setItem("cim.account", JSON.stringify(acc));
-    sessionStorage.setItem(`cim.password.${acc.userId}`, password);
     $("login-password").value = "";
-    startSession(acc, reply, password);
+    startSession(acc, reply);
   } catch (e) {
     error.textContent = e instanceof ApiError ? describe(e) : String(e);
   } finally {
@@ -676,14 +709,11 @@ async function main() {
   } catch {
     // Aliases stay as typed.
   }
-  let saved = null;
-  try {
-    saved = JSON.parse(localStorage.getItem("cim.account") || "null");
-  } catch {
-    saved = null;
-  }
-  if (saved && saved.userId && saved.token) {
-    startSession({ userId: Number(saved.userId), userName: saved.userName, token: saved.token });
+  const saved = storedAccount();
+  if (saved && (saved.deviceKey || saved.token)) {
+    startSession({
+      userId: saved.userId, userName: saved.userName, token: saved.token, deviceKey: saved.deviceKey,
+    });
   } else {
     show("login");
     $("login-name").focus();

@@ -7,17 +7,19 @@
 //
 // What survives a reload, in local storage:
 //   cim.device              this browser's device id (a session per device)
-//   cim.account             {userId, userName, token}: the last login token
-//                           (a proof while its session lives)
+//   cim.account             {userId, userName, token, deviceKey}: the last
+//                           login token (a proof while its session lives)
+//                           and this device's device key, the proof of the
+//                           next login (a token dies with its session, when
+//                           the connection closes or its server dies); the
+//                           route answers a new key at each login, and the
+//                           one used stops working
 //   cim.state.<userId>      per conversation the stream position the server
 //                           named (epoch, seq: what is acknowledged and sent
 //                           at login) and per epoch tag the highest seq
 //                           received (a message (tag, seq) is new iff seq is
 //                           above it); and the outbox, sends not yet stored.
-// and in this tab's session storage (gone when the tab closes):
-//   cim.password.<userId>   the password, the proof of every later login: a
-//                           token dies with its session, when the connection
-//                           closes or its server dies
+// The password is never kept: it is asked for once, by the login form.
 
 export const SUCCESS = "9000";
 export const SUBPROTOCOL = "cim.v1.json";
@@ -43,6 +45,17 @@ export class ApiError extends Error {
     super(message || `error ${code}`);
     this.code = code;
     this.data = data;
+  }
+}
+
+/** The account kept in local storage (cim.account), or null. */
+export function storedAccount(storage = localStorage) {
+  try {
+    const saved = JSON.parse(storage.getItem("cim.account") || "null");
+    if (!saved || !saved.userId) return null;
+    return { ...saved, userId: Number(saved.userId) };
+  } catch {
+    return null;
   }
 }
 
@@ -226,7 +239,7 @@ export class Session extends EventTarget {
   constructor(route, account, device, { websocket = WebSocket } = {}) {
     super();
     this.route = route;
-    this.account = account; // {userId, userName, token}
+    this.account = account; // {userId, userName, token, deviceKey}
     this.device = device;
     this.cursors = new Cursors(account.userId);
     this.WebSocket = websocket;
@@ -238,9 +251,6 @@ export class Session extends EventTarget {
     this.dirty = new Set();
     this.pending = new Map(); // clientMsgId -> item sent on this connection
     this.server = null;
-    // A token dies with its session (a closed connection, a dead server):
-    // the password, kept by the page for this tab only, logs in again.
-    this.password = null;
   }
 
   emit(type, detail = {}) {
@@ -272,6 +282,9 @@ export class Session extends EventTarget {
     }
     if (!reply || this.stopped || this.ws) return;
     this.account.token = reply.token;
+    // Each login answers the device's next device key (the one used, if
+    // any, stopped working): keep it for the next login.
+    if (reply.deviceKey) this.account.deviceKey = reply.deviceKey;
     this.route.token = reply.token;
     localStorage.setItem("cim.account", JSON.stringify(this.account));
     this.server = reply;
@@ -284,14 +297,19 @@ export class Session extends EventTarget {
     this.connect(url);
   }
 
-  /** The route's login with the last token; @return: its reply, or null. */
+  /** The route's login with the device key; @return: its reply, or null. */
   async login() {
     try {
-      // The proof: the password when this tab knows it, else the last
-      // token (a bearer token, valid while its session lives).
+      // The proof: this device's device key (the freshest one stored:
+      // another page of this browser may have used the last), else the
+      // last token (a bearer token, valid while its session lives).
+      const saved = storedAccount();
+      if (saved && saved.userId === this.account.userId && saved.deviceKey) {
+        this.account.deviceKey = saved.deviceKey;
+      }
       const body = { userId: this.account.userId, userName: this.account.userName, device: this.device };
-      if (this.password) body.password = this.password;
-      return await this.route.call("/login", body, this.password ? null : this.account.token);
+      if (this.account.deviceKey) body.deviceKey = this.account.deviceKey;
+      return await this.route.call("/login", body, this.account.deviceKey ? null : this.account.token);
     } catch (e) {
       if (e.code === "9100" || e.code === "4010") {
         this.stop();

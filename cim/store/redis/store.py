@@ -14,6 +14,11 @@ never key names)::
     P user:<user_id>               hash    name (as registered), pw (scrypt
                                            string) or key (SHA-256 of the
                                            account key, hex), or neither
+    P devkey:<user_id>:<device>    string  the SHA-256 (hex) of the device's
+                                           device key, the credential that
+                                           outlives its sessions (the key
+                                           itself is not stored); PEXPIRE
+                                           the route's --device-key-ttl
     P session:<user_id>:<device>   hash    one device's session (device ""
                                            for clients that name none: key
                                            "session:<user_id>:"): name,
@@ -548,6 +553,31 @@ class RedisStore:
         if not stored:
             return False
         return hmac.compare_digest(token_key(account_key), stored)
+
+    @_deferred
+    async def set_device_key(
+        self, user_id: int, device: str, device_key: str, ttl: float
+    ) -> None:
+        await self._command(
+            "SET",
+            self._key("devkey", user_id, device),
+            token_key(device_key),
+            "PX",
+            _ms(ttl),
+        )
+
+    @_deferred
+    async def check_device_key(
+        self, user_id: int, device: str, device_key: str
+    ) -> bool:
+        stored = await self._command("GET", self._key("devkey", user_id, device))
+        if not stored:
+            return False
+        return hmac.compare_digest(token_key(device_key), stored)
+
+    @_deferred
+    async def drop_device_key(self, user_id: int, device: str) -> None:
+        await self._command("DEL", self._key("devkey", user_id, device))
 
     # Sessions
 
