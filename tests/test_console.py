@@ -72,7 +72,7 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         ("a b;;c", Say("a b;;c")),
         ("12;;hi there", PrivateById(12, "hi there")),
         ("@bob hi there", PrivateByName("bob", "hi there")),
-        (":q!", Quit()),
+        (":q!", Quit(True)),
         (":quit", Quit()),
         (":all", Help()),
         (":olu", OnlineUsers()),
@@ -185,7 +185,7 @@ def test_every_command_parses_to_an_intent_with_a_handler() -> None:
     handlers = Console.__dict__["execute"].dispatcher.registry
     intents = set(get_args(Intent))
     assert intents <= set(handlers)
-    examples = {":pu": ":pu a", ":q": ":q a", ":delay": ":delay hi 1"}
+    examples = {":pu": ":pu a", ":q": ":q a", ":delay": ":delay hi 1", ":to": ":to"}
     for spec in COMMANDS:
         for name in spec.names:
             line = examples.get(
@@ -219,6 +219,7 @@ def test_usage_errors_quote_the_table() -> None:
         ":reject",
         ":remove",
         ":transfer",
+        ":to",
     }
     with pytest.raises(ParseError, match=r"^usage: :q <keyword> \(:q! quits\)$"):
         parse_line(":q")
@@ -282,18 +283,31 @@ def own(
 STAMP = time.strftime("%H:%M:%S", time.localtime(1_700_000_000))
 
 
+NOW = 1_700_000_000_000
+
+
 def test_format_private() -> None:
-    line = format_message(message("hello :smile:", receive_user_id=7))
+    line = format_message(message("hello :smile:", receive_user_id=7), now_ms=NOW)
     assert line == f"[{STAMP}] (private) bob: hello 😄"
 
 
 def test_format_group() -> None:
-    line = format_message(message("yo", conversation="g:dev", group_id="dev"))
+    line = format_message(
+        message("yo", conversation="g:dev", group_id="dev"), now_ms=NOW
+    )
     assert line == f"[{STAMP}] [dev] bob: yo"
 
 
 def test_format_broadcast() -> None:
-    assert format_message(message("all", conversation="all")) == f"[{STAMP}] bob: all"
+    line = format_message(message("all", conversation="all"), now_ms=NOW)
+    assert line == f"[{STAMP}] bob: all"
+
+
+def test_a_message_of_another_day_shows_its_date() -> None:
+    day = time.strftime("%Y-%m-%d", time.localtime(1_700_000_000))
+    tomorrow = NOW + 24 * 3600 * 1000
+    line = format_message(message("old"), now_ms=tomorrow)
+    assert line == f"[{day} {STAMP}] (private) bob: old"
 
 
 def test_describe_each_kind_of_error() -> None:
@@ -628,15 +642,19 @@ def test_wrong_password_prompts_again() -> None:
 
 def test_lines_typed_before_the_login_wait_for_it() -> None:
     screen = Screen()
-    screen.console.dataReceived(b"hello early\n1;;hi bob\n:olu\n")
+    screen.console.dataReceived(b":to all\nhello early\n1;;hi bob\n:olu\n")
     assert screen.client.calls == []
     results: list[bool] = []
     Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
     assert results == [True]
     out = screen.output()
     assert out[1].startswith("logged in as alice") and out[2] == "no unread messages"
-    assert out[3] == f"[{STAMP}] (private) alice -> 1: hi bob"
-    assert out[4] == "online users: 3"
+    assert out[3:6] == [
+        "plain lines go to everybody online now",
+        f"[{STAMP}] alice -> everybody: hello early",
+        f"[{STAMP}] (private) alice -> 1: hi bob",
+    ]
+    assert out[6] == "online users: 3"
     assert screen.client.calls[-2:] == [
         ("broadcast", "hello early"),
         ("private", 1, "hi bob"),
@@ -673,8 +691,10 @@ def test_sends_do_not_wait_for_their_acks(screen: Screen) -> None:
     screen.client.send_private = lambda uid, text: pending  # type: ignore[method-assign]
     assert screen.type("1;;first") == []
     assert screen.type(":olu")[0] == "online users: 3"
+    assert screen.console.prompt_text() == "(:to whom?) (1 sending)> "
     pending.errback(SendError(9200, "not stored; send it again"))
-    assert screen.output() == ["error: not stored; send it again"]
+    assert screen.output() == ["error: not sent: not stored; send it again"]
+    assert screen.console.prompt_text() == "(:to whom?)> "
 
 
 def test_gives_up_after_three_passwords() -> None:
@@ -695,7 +715,7 @@ def test_gives_up_after_three_passwords() -> None:
 
 def test_end_of_input_runs_the_commands_typed_then_quits() -> None:
     screen = Screen()
-    screen.console.dataReceived(b"hello\n:olu\n")
+    screen.console.dataReceived(b":to all\nhello\n:olu\n")
     screen.console.readConnectionLost()
     assert screen.quits == 0
     assert screen.login()
@@ -703,18 +723,70 @@ def test_end_of_input_runs_the_commands_typed_then_quits() -> None:
     assert screen.client.closed and screen.quits == 1
 
 
+def test_a_plain_line_goes_nowhere_until_to_says_where(screen: Screen) -> None:
+    # A typo must not reach everybody: plain lines need a target first.
+    assert screen.type("clear") == [
+        "error: not sent: 'clear' looks like a command (commands start with ':', "
+        ":all lists them); type it again to send it as a message"
+    ]
+    assert screen.type("hello all") == [
+        "error: not sent: say to whom first: :to @<user>, :to <group>, or :to all "
+        "(everybody online); or @<user> <text> for one message"
+    ]
+    assert screen.client.calls == [("login", "alice", None, None)]
+    assert screen.console.prompt_text() == "(:to whom?)> "
+
+
 def test_plain_line_goes_to_everybody(screen: Screen) -> None:
-    assert screen.type("hello all") == []
+    assert screen.type(":to all") == ["plain lines go to everybody online now"]
+    assert screen.console.prompt_text() == "to everybody> "
+    assert screen.type("hello all") == [f"[{STAMP}] alice -> everybody: hello all"]
     assert screen.client.calls[-1] == ("broadcast", "hello all")
+
+
+def test_a_command_like_line_is_sent_when_typed_twice(screen: Screen) -> None:
+    screen.type(":to all")
+    assert screen.type("quit")[0].startswith("error: not sent: 'quit' looks like")
+    assert screen.type("quit") == [f"[{STAMP}] alice -> everybody: quit"]
+    assert screen.type("/help")[0].startswith("error: not sent: '/help' looks like")
+
+
+def test_plain_line_goes_to_a_user(screen: Screen) -> None:
+    assert screen.type(":to @Bea") == ["plain lines go to @bea now"]
+    assert screen.console.prompt_text() == "to @bea> "
+    screen.type("hi there")
+    assert screen.client.calls[-1] == ("private", 9, "hi there")
+    assert screen.type(":to") == ["plain lines go to @bea"]
+    assert screen.type(":to nobody") == [
+        "plain lines go to nobody yet (:to @<user>, :to <group> or :to all) now"
+    ]
+
+
+def test_to_a_group_one_is_not_in(screen: Screen) -> None:
+    assert screen.type(":to dev") == [
+        "error: you are not in group dev (:join dev first; for a user: :to @dev)"
+    ]
+
+
+def test_a_broadcast_the_route_refuses_is_not_sent(screen: Screen) -> None:
+    screen.type(":to all")
+
+    async def down(text: str) -> None:
+        raise ConnectionRefusedError()
+
+    screen.client.broadcast = down  # type: ignore[method-assign]
+    [line] = screen.type("hello")
+    assert line.startswith("error: not sent (to everybody online): ")
 
 
 def test_plain_line_goes_to_the_current_group(screen: Screen) -> None:
     assert screen.type(":join dev") == ["joined dev; plain lines go there now"]
+    assert screen.console.prompt_text() == "to [dev]> "
     screen.type("hello devs")
     assert screen.client.calls[-1] == ("group", "dev", "hello devs")
-    assert screen.type(":leave dev") == ["left dev; plain lines go to everybody online"]
-    screen.type("hello all")
-    assert screen.client.calls[-1] == ("broadcast", "hello all")
+    assert screen.type(":leave dev") == [
+        "left dev; plain lines go to nobody yet (:to @<user>, :to <group> or :to all)"
+    ]
 
 
 def test_private_by_id(screen: Screen) -> None:
@@ -736,7 +808,7 @@ def test_private_by_name_is_found_as_the_route_finds_it(screen: Screen) -> None:
 
 def test_private_to_an_unknown_name(screen: Screen) -> None:
     assert screen.type("@carol hi") == [
-        "error: unknown user 'carol' (not online, not in your history)"
+        "error: not sent: unknown user 'carol' (not online, not in your history)"
     ]
 
 
@@ -750,13 +822,13 @@ def test_private_to_a_name_from_the_history(screen: Screen) -> None:
 
 def test_refused_send_prints_an_error(screen: Screen) -> None:
     screen.client.send_error = SendError(3000, "no user 99")
-    assert screen.type("99;;hi") == ["error: no user 99"]
+    assert screen.type("99;;hi") == ["error: not sent: no user 99"]
     # Still running.
     assert screen.type(":info")[0].startswith("user alice")
 
 
 @pytest.mark.parametrize(
-    "line", ["abc;;x", ":emoji x", ":emoji 999", ":nope", "", "@nobody hi", "5;;"]
+    "line", ["abc;;x", ":emoji x", ":emoji 999", ":nope", "@nobody hi", "5;;", "hi"]
 )
 def test_bad_input_keeps_running(screen: Screen, line: str) -> None:
     out = screen.type(line)
@@ -804,7 +876,7 @@ def test_help_lists_every_command(screen: Screen) -> None:
 def test_info(screen: Screen) -> None:
     assert screen.type(":info") == [
         "user alice (id 7), device dev-1, server 127.0.0.1:4321, route http://route, "
-        "state ready, talking to everybody online"
+        "state ready, talking to nobody yet (:to @<user>, :to <group> or :to all)"
     ]
 
 
@@ -816,7 +888,11 @@ def test_emoji_list(screen: Screen) -> None:
 
 
 def test_delay(screen: Screen) -> None:
+    assert screen.type(":delay later :smile: 5")[0].startswith("error: not sent")
+    screen.type(":to all")
     assert screen.type(":delay later :smile: 5") == ["will send in 5s"]
+    # It goes where plain lines went when it was typed.
+    screen.type(":to nobody")
     screen.clock.advance(4.9)
     assert ("broadcast", "later :smile:") not in screen.client.calls
     screen.clock.advance(0.2)
@@ -853,7 +929,7 @@ def test_create_with_a_policy(screen: Screen) -> None:
 
 def test_join_outcomes(screen: Screen) -> None:
     assert screen.type(":join club") == ["asked to join club; waiting for its owner"]
-    assert screen.type(":info")[0].endswith("talking to everybody online")
+    assert ":to all" in screen.type(":info")[0]
     assert screen.type(":join ops") == ["joined ops; plain lines go there now"]
     assert screen.type(":join ops") == ["you are in ops; plain lines go there now"]
 
