@@ -1228,11 +1228,19 @@ def test_options() -> None:
     assert options["user"] == "alice"
     assert options["user-id"] == 12
     assert options["history-dir"] == "~/.cim/history"
-    assert options["logfile"] == "~/.cim/cim-client.log"
     assert options["device"] is None
+    # One log per state folder, route and user (and device, when named).
+    log = Path(options["logfile"])
+    assert log.parent == Path("~/.cim/state/logs/r_1").expanduser()
+    assert log.name.startswith("alice-") and log.suffix == ".log"
     options = Options()
     options.parseOptions(["--user", "alice", "--device", "laptop-2"])
     assert options["device"] == "laptop-2"
+    assert Path(options["logfile"]).name.endswith("-laptop-2.log")
+    assert Path(options["logfile"]).parent.name == "127.0.0.1_8083"
+    options = Options()
+    options.parseOptions(["--user", "bob"])
+    assert options["logfile"] != log
 
 
 @pytest.mark.parametrize(

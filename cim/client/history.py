@@ -6,8 +6,10 @@ saw let C{@name} reach users who are offline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -42,11 +44,51 @@ def thread_runner(reactor: IReactorThreads) -> Runner:
     return run
 
 
-def history_path(history_dir: str | os.PathLike[str], user_id: int) -> Path:
+def slug(text: str, hashed: bool = False) -> str:
     """
-    The history file of C{user_id} under C{history_dir}.
+    C{text} as a file name: what is not a letter, digit, C{.}, C{_} or
+    C{-} becomes C{_}; with C{hashed}, a short hash of C{text} follows, so
+    that two texts with one slug still differ.
     """
-    return Path(history_dir).expanduser() / f"{user_id}.jsonl"
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("._")[:48] or "_"
+    if hashed:
+        name += "-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+    return name
+
+
+def route_slug(route_url: str) -> str:
+    """
+    The folder name of a route: its host and port (and C{https_} when it
+    uses TLS), e.g. C{127.0.0.1_8083}.
+    """
+    url = route_url.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    return slug(("https_" if scheme == "https" else "") + rest)
+
+
+def history_path(
+    history_dir: str | os.PathLike[str],
+    user_id: int,
+    route_url: str = "",
+    account: str = "",
+    device: str = "",
+) -> Path:
+    """
+    The history file of C{user_id} under C{history_dir}: per route, account
+    and device when they are given (C{<route>/<id>-<account>-<device>.jsonl},
+    the account as a hash of what proves it, its account key, so that an
+    account of a new store that was given the same id never reads
+    another's history).
+    """
+    folder = Path(history_dir).expanduser()
+    if not route_url:
+        return folder / f"{user_id}.jsonl"
+    parts = [str(user_id)]
+    if account:
+        parts.append(hashlib.sha256(account.encode("utf-8")).hexdigest()[:12])
+    if device:
+        parts.append(slug(device))
+    return folder / route_slug(route_url) / ("-".join(parts) + ".jsonl")
 
 
 def record_of(

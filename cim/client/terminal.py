@@ -282,6 +282,8 @@ class LineEditor(insults.TerminalProtocol):
         self._batch = 0
         self._dirty = False
         self._open = False
+        #: Called when the terminal is gone (standard input closed).
+        self.on_lost: Callable[[], object] = lambda: None
 
     # Set-up
 
@@ -292,6 +294,7 @@ class LineEditor(insults.TerminalProtocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self._open = False
+        self.on_lost()
 
     def close(self) -> None:
         """
