@@ -540,7 +540,9 @@ class Console(LineReceiver):
             try:
                 await self.client.broadcast(text)
             except Exception as e:
-                raise SendFailed(f"not sent (to everybody online): {describe(e)}") from e
+                raise SendFailed(
+                    f"not sent (to everybody online): {describe(e)}"
+                ) from e
             sent = replace(self._sent(text), conversation=BROADCAST)
             self.history.add(sent, "out", to_name="(everybody)")
             self.say(format_message(sent, self.client.user_id or 0, now_ms=self._now()))
@@ -569,7 +571,9 @@ class Console(LineReceiver):
 
         self._sending_now(self.client.send_private(user_id, text), stored)
 
-    def _sending_now(self, sending: Deferred[Ack], stored: Callable[[Ack], None]) -> None:
+    def _sending_now(
+        self, sending: Deferred[Ack], stored: Callable[[Ack], None]
+    ) -> None:
         """
         A send handed to the client: counted in the prompt until stored or
         refused; said to be queued when the client is not connected.

@@ -243,9 +243,7 @@ class ConsoleService(Service):
             editor.terminalSize(width, height)
 
         resize()
-        signal.signal(
-            signal.SIGWINCH, lambda *_: self.reactor.callFromThread(resize)
-        )
+        signal.signal(signal.SIGWINCH, lambda *_: self.reactor.callFromThread(resize))
 
     def _quit(self) -> None:
         if self.reactor.running:

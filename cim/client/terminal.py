@@ -210,33 +210,41 @@ class EditLine:
     def window(self, width: int) -> tuple[str, int]:
         """
         What of the line fits in C{width} cells, drawn: the part around
-        the cursor (C{…} where cut), and the cursor's cell in it.
+        the cursor (C{…} where cut), and the cursor's cell in it.  Only the
+        characters near the cursor are measured: a long line (a paste of
+        10,000 characters) costs what fits on the screen.
         """
-        cells = [shown(c) for c in self.chars]
-        widths = [text_width(c) for c in cells]
-        before = sum(widths[: self.cursor])
-        total = sum(widths)
-        if total < width:
-            return "".join(cells), before
+        chars = self.chars
+
+        def cells(i: int) -> int:
+            char = chars[i]
+            if " " <= char < "\x7f":
+                return 1
+            return text_width(shown(char))
+
+        used = 0
+        for i in range(len(chars)):
+            used += cells(i)
+            if used >= width:
+                break
+        else:
+            before = sum(cells(i) for i in range(self.cursor))
+            return "".join(shown(c) for c in chars), before
         # Scroll: keep the cursor inside, with a marker at each cut end.
         room = max(width - 2, 1)
-        start = 0
-        if before >= room:
-            # Start so that the cursor sits near the right end.
-            start, skipped = self.cursor, 0
-            while start > 0 and skipped + widths[start - 1] <= room - 1:
-                start -= 1
-                skipped += widths[start]
-        out, used, end = [], 0, start
+        start, skipped = self.cursor, 0
+        while start > 0 and skipped + cells(start - 1) <= room - 1:
+            start -= 1
+            skipped += cells(start)
         head = "\u2026" if start > 0 else ""
         limit = width - 1 - len(head)
-        while end < len(cells) and used + widths[end] <= limit:
-            out.append(cells[end])
-            used += widths[end]
+        out, used, end = [], 0, start
+        while end < len(chars) and used + cells(end) <= limit:
+            out.append(shown(chars[end]))
+            used += cells(end)
             end += 1
-        tail = "\u2026" if end < len(cells) else ""
-        cursor = len(head) + sum(widths[start : self.cursor])
-        return head + "".join(out) + tail, cursor
+        tail = "\u2026" if end < len(chars) else ""
+        return head + "".join(out) + tail, len(head) + skipped
 
 
 class LineEditor(insults.TerminalProtocol):
@@ -461,13 +469,20 @@ class LineEditor(insults.TerminalProtocol):
             self.draw()
 
     def _enter(self) -> None:
-        text = self.line.accept(remember=not self.secret)
-        # The line typed stays on the screen, above the new input row.
+        # The line typed stays on the screen (whole, unless over the
+        # limit), above the new input row.
         if self.secret:
             self._erase()
         else:
-            self._draw_now(cursor_at_end=True)
+            prompt = self.counter() + self._prompt
+            if self.limit and len(self.line.chars) > self.limit:
+                text = self.line.window(max(self.width - text_width(prompt) - 1, 8))[0]
+            else:
+                text = "".join(shown(c) for c in self.line.chars)
+            self._erase()
+            self.terminal.write((prompt + text).encode("utf-8", "replace"))
             self.terminal.write(b"\r\n")
+        text = self.line.accept(remember=not self.secret)
         self._draw_now()
         self.on_line(text)
 
@@ -503,8 +518,8 @@ class LineEditor(insults.TerminalProtocol):
             return
         prompt = self.counter() + self._prompt
         room = max(self.width - text_width(prompt) - 1, 8)
-        if text_width(prompt) > self.width // 2:
-            prompt = prompt[: self.width // 2]
+        if text_width(prompt) > self.width - 10:
+            prompt = prompt[: max(self.width - 10, 1)]
             room = max(self.width - text_width(prompt) - 1, 8)
         if self.secret:
             text, cursor = "", 0
