@@ -653,22 +653,23 @@ def split_name(text: str) -> tuple[str, str]:
     @raise ParseError: an empty name, or a quote never closed.
     """
     if text.startswith('"'):
-        name, i = [], 1
+        chars: list[str] = []
+        i = 1
         while i < len(text):
             char = text[i]
             if char == "\\" and i + 1 < len(text):
-                name.append(text[i + 1])
+                chars.append(text[i + 1])
                 i += 2
                 continue
             if char == '"':
                 break
-            name.append(char)
+            chars.append(char)
             i += 1
         else:
             raise ParseError('a quoted name needs its closing " (@"<name>" <text>)')
-        if not "".join(name).strip():
+        if not "".join(chars).strip():
             raise ParseError("usage: @<name> <text>")
-        return "".join(name), text[i + 1 :]
+        return "".join(chars), text[i + 1 :]
     name, space, rest = text.partition(" ")
     if not name:
         raise ParseError("usage: @<name> <text>")

@@ -81,6 +81,7 @@ from cim.client.history import History
 from cim.client.listeners import Ack, ClientState, IClientListener
 from cim.client.render import describe, format_message
 from cim.client.route import RouteError
+from cim.limits import MAX_TEXT
 from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
@@ -89,7 +90,6 @@ from cim.message import (
     pair_members,
     peer_of,
 )
-from cim.limits import MAX_TEXT
 from cim.names import name_key
 
 if TYPE_CHECKING:

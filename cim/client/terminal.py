@@ -33,6 +33,9 @@ from twisted.logger import Logger
 #: The longest line kept in the input history, and how many are kept.
 HISTORY_SIZE = 500
 
+#: The modifier insults gives a key typed with Alt (ESC then the key).
+ALT: object = insults.ServerProtocol.ALT  # type: ignore[attr-defined]
+
 #: The bracketed paste mode (the terminal wraps a paste in these).
 PASTE_MODE = 2004
 PASTE_START = b"\x1b[200~"
@@ -374,7 +377,7 @@ class LineEditor(insults.TerminalProtocol):
         if isinstance(keyID, bytes) and len(keyID) == 1 and keyID >= b"\x80":
             self._text(self._decoder.decode(keyID))
             return
-        if modifier == insults.ServerProtocol.ALT:
+        if modifier is ALT:
             self._alt(keyID)
             return
         handler = {
