@@ -13,7 +13,7 @@ import pyte
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import StringTransportWithDisconnection
 
 from cim.client.console import Console
 from cim.client.errors import LoginError
@@ -59,8 +59,9 @@ class Terminal:
         )
         self.editor = LineEditor(self.console.line_typed)
         self.console.attach(self.editor)
-        self.transport = StringTransport()
+        self.transport = StringTransportWithDisconnection()
         self.keyboard = Keyboard(lambda: self.editor)
+        self.transport.protocol = self.keyboard
         self.keyboard.makeConnection(self.transport)
         self.editor.terminalSize(width, height)
         self.raw = b""

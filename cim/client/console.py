@@ -279,6 +279,7 @@ class Console(LineReceiver):
         self.terminal = terminal
         terminal.on_line = self.line_typed
         terminal.on_interrupt = terminal.on_eof = self.quit_asked
+        terminal.on_lost = self.terminal_lost
         terminal.limit = MAX_TEXT
         self.secret_input = terminal.set_secret
         self.update_prompt()
@@ -408,6 +409,15 @@ class Console(LineReceiver):
         if not isinstance(command, Quit):
             self._quit_warned = False
         self.run(command)
+
+    def terminal_lost(self) -> None:
+        """
+        The terminal closed: after L{quit}, or standard input ended.
+        """
+        if self._quitting is not None and self._quitting.called:
+            self._quit_done()
+        else:
+            ensureDeferred(self.quit()).addErrback(self._crashed)
 
     def quit_asked(self) -> None:
         """
@@ -1177,10 +1187,11 @@ class Console(LineReceiver):
             self.log.failure("Closing the client failed")
         self.history.close()
         self.say("bye")
-        if self.terminal is not None:
-            self.terminal.close()
         self._quitting.callback(None)
-        if self._io_open and self.transport is not None:
+        if self.terminal is not None and self.terminal.is_open:
+            # on_quit once the output is flushed (see terminal_lost).
+            self.terminal.close()
+        elif self._io_open and self.transport is not None:
             # on_quit once the output is flushed (see connectionLost).
             self.transport.loseConnection()
         else:

@@ -74,6 +74,7 @@ from cim.message import (
     Frame,
     pair_conversation,
 )
+from cim.names import name_key
 from cim.web import http_client
 
 __all__ = [
@@ -432,6 +433,23 @@ class Client:
         The users connected now, by user id.
         """
         return await self.route.online_users()
+
+    async def find_user(self, name: str) -> User | None:
+        """
+        The user called C{name}, by the route's naming rule
+        (L{cim.names.name_key}: C{"Bob"} finds bob): among the users online
+        now, else the peers of this user's private conversations (after
+        L{conversations}).  C{None} when neither knows the name.
+        """
+        key = name_key(name)
+        for user in await self.online_users():
+            if name_key(user.user_name) == key:
+                return user
+        for info in self._inbox.reads.all():
+            if info.peer_id is not None and info.peer_name:
+                if name_key(info.peer_name) == key:
+                    return User(info.peer_id, info.peer_name)
+        return None
 
     async def create_group(
         self, group_id: str, policy: str | None = None, history: str | None = None

@@ -232,7 +232,6 @@ class ConsoleService(Service):
         self.reactor.addSystemEventTrigger("after", "shutdown", restore)
         editor = LineEditor(console.line_typed)
         console.attach(editor)
-        editor.on_lost = lambda: ensureDeferred(console.quit())
         StandardIO(Keyboard(lambda: editor), reactor=self.reactor)
 
         def resize(*_: Any) -> None:

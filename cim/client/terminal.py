@@ -303,19 +303,30 @@ class LineEditor(insults.TerminalProtocol):
         self.terminal.write(b"\x1b[?%dh" % PASTE_MODE)
         self.draw()
 
+    @property
+    def is_open(self) -> bool:
+        """
+        Whether the terminal is there to be written to.
+        """
+        return self._open
+
     def connectionLost(self, reason: object = None) -> None:
         self._open = False
         self.on_lost()
 
     def close(self) -> None:
         """
-        Leave the terminal as it was: the input row erased, the bracketed
-        paste mode off.
+        Leave the terminal as it was (the input row erased, the bracketed
+        paste mode off), and close it once what was written is out
+        (C{on_lost} is called then).
         """
         if self._open:
             self._erase()
             self.terminal.write(b"\x1b[?%dl" % PASTE_MODE)
             self._open = False
+            # Not the terminal's loseConnection: it resets the terminal,
+            # clearing the screen.
+            self.terminal.transport.loseConnection()
 
     def terminalSize(self, width: int, height: int) -> None:
         self.width, self.height = max(width, 10), max(height, 1)
