@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python import usage
@@ -45,6 +47,7 @@ from cim.client.commands import (
     Say,
     Search,
     ShowHistory,
+    To,
     Transfer,
     help_rows,
     parse_line,
@@ -107,6 +110,20 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         (":history 5", ShowHistory("", 5)),
         (":history dev", ShowHistory("dev")),
         (":history u:3 7", ShowHistory("u:3", 7)),
+        ("1 ;; x", PrivateById(1, "x")),
+        ('@"bob smith" hi', PrivateByName("bob smith", "hi")),
+        ('@"a \\"q\\" b" hi', PrivateByName('a "q" b', "hi")),
+        ("@@bob hi", PrivateByName("@bob", "hi")),
+        ("@:x hi", PrivateByName(":x", "hi")),
+        (":quit", Quit()),
+        (":to", To()),
+        (":to all", To("all")),
+        (":to everybody", To("all")),
+        (":to @Bob", To("@Bob")),
+        (':to @"bob smith"', To("@bob smith")),
+        (":to dev", To("g:dev")),
+        (":to g:dev", To("g:dev")),
+        (":to nobody", To("nobody")),
     ],
 )
 def test_parse(line: str, command: object) -> None:
@@ -152,6 +169,15 @@ def test_parse(line: str, command: object) -> None:
         (":history dev many", "'many' is not a number"),
         (":history dev 0", "between 1 and"),
         (":history a b c", "usage: :history"),
+        ('@"bob hi', 'closing "'),
+        ('@"" hi', "usage: @<name>"),
+        ("clear", "'clear' looks like a command"),
+        ("Quit", "looks like a command"),
+        ("/quit", "looks like a command"),
+        ("/msg bob hi", "looks like a command"),
+        (":to a/b", "bad group name"),
+        (":to bob carol", "usage: :to"),
+        (":to @bob hi", "usage: :to"),
     ],
 )
 def test_parse_errors(line: str, error: str) -> None:
@@ -319,6 +345,10 @@ def test_describe_each_kind_of_error() -> None:
     assert describe(ClientClosed("gave up")) == "gave up"
     assert describe(ParseError("bad\nworse")) == "bad"
     assert describe(KeyError()) == "KeyError"
+    # The route's failures, in words (never a Twisted message).
+    unreachable = "the route cannot be reached (is it running?)"
+    assert describe(ConnectionRefusedError()) == unreachable
+    assert describe(defer.TimeoutError()) == "the route did not answer in time"
 
 
 def test_state_lines() -> None:
@@ -792,6 +822,50 @@ def test_plain_line_goes_to_the_current_group(screen: Screen) -> None:
 def test_private_by_id(screen: Screen) -> None:
     assert screen.type("1;;hi bob") == [f"[{STAMP}] (private) alice -> 1: hi bob"]
     assert screen.client.calls[-1] == ("private", 1, "hi bob")
+
+
+def test_a_message_sent_while_disconnected_is_said_queued(screen: Screen) -> None:
+    screen.client.state = ClientState.RECONNECTING
+    pending: list[Deferred[Ack]] = []
+
+    def send(uid: int, text: str) -> Deferred[Ack]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    screen.client.send_private = send  # type: ignore[method-assign]
+    assert screen.type("@bob later") == [
+        "queued: not connected right now; it is sent once the connection is back "
+        "(:quit warns while it waits)"
+    ]
+    assert screen.console.prompt_text() == "(:to whom?) (1 queued)> "
+    # The route is down too: a known name is still reached.
+    screen.console.history.names["bob"] = 1
+
+    async def down() -> list[User]:
+        raise ConnectionRefusedError()
+
+    screen.client.online_users = down  # type: ignore[method-assign]
+    screen.type("@Bob again")
+    assert screen.console.prompt_text() == "(:to whom?) (2 queued)> "
+    assert screen.type("@carol hi") == [
+        "error: not sent: cannot look up the user 'carol': the route cannot be "
+        "reached (is it running?)"
+    ]
+    assert screen.type(":quit")[0].startswith("2 messages still sending: quitting")
+    assert screen.quits == 0
+    pending[1].callback(Ack("c9", 9, 3, "p:1:7", 1_700_000_000_000))
+    assert screen.output() == [f"[{STAMP}] (private) alice -> bob: again"]
+    pending[0].errback(ClientClosed("the client is closed"))
+    assert screen.output() == ["error: not sent: the client is closed"]
+    assert screen.console.prompt_text() == "(:to whom?)> "
+
+
+def test_a_message_to_an_offline_user_is_marked(screen: Screen) -> None:
+    screen.console.history.names["carol"] = 5
+    assert screen.type("@carol hi") == [
+        f"[{STAMP}] (private) alice -> carol: hi (stored; carol is offline: "
+        "delivered when back)"
+    ]
 
 
 def test_private_by_name(screen: Screen) -> None:

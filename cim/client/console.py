@@ -263,7 +263,10 @@ class Console(LineReceiver):
         """
         The prompt: whom a plain line goes to, and what is still sending.
         """
-        sending = f" ({self._sending} sending)" if self._sending else ""
+        sending = ""
+        if self._sending:
+            ready = self.client.state == ClientState.READY
+            sending = f" ({self._sending} {'sending' if ready else 'queued'})"
         return f"{self.target.prompt()}{sending}> "
 
     def update_prompt(self) -> None:
@@ -939,6 +942,7 @@ class Console(LineReceiver):
             peer = self.target.user_id
         if peer is not None:
             conversation = self.client.private_conversation(peer)
+            await self._learn_name(peer)
             try:
                 messages = await self.client.history(peer=peer, limit=command.count)
             except RouteError as e:
@@ -1109,6 +1113,21 @@ class Console(LineReceiver):
                     "Marking {conversation} read failed", conversation=conversation
                 )
 
+    async def _learn_name(self, user_id: int) -> None:
+        """
+        Find the name of C{user_id} among the online users when neither the
+        history nor the conversations know it (so that it is shown by name).
+        """
+        if self._name_of(user_id):
+            return
+        try:
+            online = await self.client.online_users()
+        except Exception:
+            return
+        for user in online:
+            if user.user_id == user_id:
+                self.history.names[user.user_name] = user.user_id
+
     def _name_of(self, user_id: int) -> str:
         """
         The name of C{user_id} if the history or the conversations know
@@ -1239,6 +1258,7 @@ class Console(LineReceiver):
             self.say(render.server_error(reason))
 
     def state_changed(self, state: ClientState, reason: str) -> None:
+        self.update_prompt()  # "sending" or "queued"
         if state == ClientState.RECONNECTING:
             shown = not self._announced_loss
             self._announced_loss = True
