@@ -638,6 +638,19 @@ def test_login_failure_quits() -> None:
     assert screen.quits == 1
 
 
+def test_a_route_that_cannot_be_reached_is_said_so() -> None:
+    screen = Screen()
+    error = LoginError("", "cannot reach the route: Connection was refused ...")
+    error.__cause__ = ConnectionRefusedError()
+    screen.client.login_errors = [error]
+    Deferred.fromCoroutine(screen.console.start("alice"))
+    assert screen.output()[-2:] == [
+        "error: cannot log in: the route at http://route cannot be reached (is it "
+        "running?)",
+        "bye",
+    ]
+
+
 def test_password_prompt() -> None:
     screen = Screen()
     screen.client.login_errors = [LoginError("4090", "the user name is taken")]

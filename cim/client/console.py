@@ -313,7 +313,7 @@ class Console(LineReceiver):
                 if self._quitting is not None:
                     return False  # :q! while logging in
                 if not _needs_password(e) or prompts == MAX_PROMPTS:
-                    self.error(f"cannot log in: {describe(e)}")
+                    self.error(f"cannot log in: {self._login_failure(e)}")
                     await self.quit()
                     return False
                 if password is not None:
@@ -338,6 +338,19 @@ class Console(LineReceiver):
         # Run what was typed meanwhile.
         self._lock.release()
         return True
+
+    def _login_failure(self, error: BaseException) -> str:
+        """
+        Why the login failed, in words: a route that cannot be reached is
+        said so (not with the network library's message).
+        """
+        cause = error.__cause__
+        if isinstance(error, LoginError) and not error.code and cause is not None:
+            text = describe(cause)
+            if text.startswith("the route "):
+                route = self.route_url or "the route"
+                return f"the route at {route}{text[len('the route') :]}"
+        return describe(error)
 
     async def _login_unread(self) -> None:
         """
