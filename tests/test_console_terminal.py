@@ -388,3 +388,15 @@ def test_edit_line_model() -> None:
     assert line.text == "one"
     assert line.accept() == "one" and line.history == ["one"]
     assert line.accept() == "" and line.history == ["one"]
+
+
+def test_word_keys_and_a_resize(term: Terminal) -> None:
+    term.keys("one two three", b"\x1bb", "X", b"\x1b[1;5D", "Y")
+    assert term.input_row == "(:to whom?)> one two YXthree"
+    term.keys(b"\x1b[1;5C", b"\x1bf", b"\x1b\x7f")
+    assert term.editor.line.text == "one two "
+    term.screen.resize(term.screen.lines, 20)
+    term.editor.terminalSize(20, term.screen.lines)
+    term.pump()
+    assert term.input_row.startswith("(:to whom?)> ")
+    assert len(term.input_row) <= 20
