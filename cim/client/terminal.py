@@ -533,8 +533,9 @@ class LineEditor(insults.TerminalProtocol):
         prompt = self.counter() + self._prompt
         room = max(self.width - text_width(prompt) - 1, 8)
         if text_width(prompt) > self.width - 10:
-            prompt = prompt[: max(self.width - 10, 1)]
-            room = max(self.width - text_width(prompt) - 1, 8)
+            # A terminal too narrow for the prompt: the line matters more.
+            prompt = "> "
+            room = max(self.width - 3, 8)
         if self.secret:
             text, cursor = "", 0
         else:
