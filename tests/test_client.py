@@ -721,11 +721,23 @@ def test_the_device_id_is_kept_in_the_state_folder(tmp_path: Path) -> None:
         closed = Deferred.fromCoroutine(wired.client.close())
         wired.clock.advance(5)  # the server never closes the connection
         assert closed.called
-    assert sorted(p.name for p in tmp_path.glob("cursors-*")) == [
-        "cursors-7-phone.json",
-        "cursors-7.json",
-    ]
-    assert CursorFile(Clock(), state_path(tmp_path, 7, "phone")).get(PAIR) == 1
+    # Per route, too.
+    folder = tmp_path / "cursors" / "route.invalid"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["7-phone.json", "7.json"]
+    route = "http://route.invalid"
+    assert CursorFile(Clock(), state_path(tmp_path, 7, "phone", route)).get(PAIR) == 1
+
+
+def test_cursors_kept_before_routes_are_carried_over(tmp_path: Path) -> None:
+    legacy = state_path(tmp_path, 7)
+    old = CursorFile(Clock(), legacy)
+    old.received(PAIR, "e1", 4)
+    old.close()
+    assert legacy.exists()
+    Wired(state_dir=tmp_path)
+    assert not legacy.exists()
+    moved = state_path(tmp_path, 7, route_url="http://route.invalid")
+    assert CursorFile(Clock(), moved).get(PAIR) == 4
 
 
 def test_a_device_id_given_or_random() -> None:

@@ -388,7 +388,7 @@ async def test_cursor_file_resumes_after_a_restart(
         await within(reactor, alice.send_private(bob_id, f"first {i}"))
     await take_messages(reactor, bob_events, 2)
     await within(reactor, bob.close())
-    path = state_path(tmp_path / "bob", bob_id)
+    path = state_path(tmp_path / "bob", bob_id, route_url=bob.route.url)
     saved = json.loads(path.read_text())["conversations"][pair]
     assert (saved["seq"], saved["seen"]) == (2, {saved["epoch"]: 2})
     for i in range(2):

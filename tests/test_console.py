@@ -1343,3 +1343,23 @@ def test_options() -> None:
 def test_bad_options(args: list[str]) -> None:
     with pytest.raises(usage.UsageError):
         Options().parseOptions(args)
+
+
+def test_history_errors_speak_the_users_language(screen: Screen) -> None:
+    async def history(conversation: str | None = None, limit: int = 20, **kw: Any):  # type: ignore[no-untyped-def]
+        if conversation is not None:
+            raise RouteError("3000", f"groupId: no group {conversation[2:]}")
+        raise RouteError("3000", "peerId: no user 5")
+
+    screen.client.history = history  # type: ignore[method-assign]
+    assert screen.type(":history alice") == [
+        "error: no group 'alice' whose history you can read; your messages with "
+        "the user alice: :history @alice"
+    ]
+    assert screen.type(":history g:alice") == [
+        "error: no group 'alice' whose history you can read"
+    ]
+    # An id is shown as the user's name when it is known.
+    assert screen.type(":history u:1") == [
+        "error: cannot read your messages with @bob: peerId: no user 5"
+    ]

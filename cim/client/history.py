@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -18,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from cim.client.statefile import route_slug, slug
 from cim.message import ChatMessage
 
 #: Runs a blocking function away from the reactor thread: C{run(f, *args)}
@@ -42,28 +42,6 @@ def thread_runner(reactor: IReactorThreads) -> Runner:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return run
-
-
-def slug(text: str, hashed: bool = False) -> str:
-    """
-    C{text} as a file name: what is not a letter, digit, C{.}, C{_} or
-    C{-} becomes C{_}; with C{hashed}, a short hash of C{text} follows, so
-    that two texts with one slug still differ.
-    """
-    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("._")[:48] or "_"
-    if hashed:
-        name += "-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
-    return name
-
-
-def route_slug(route_url: str) -> str:
-    """
-    The folder name of a route: its host and port (and C{https_} when it
-    uses TLS), e.g. C{127.0.0.1_8083}.
-    """
-    url = route_url.rstrip("/")
-    scheme, _, rest = url.partition("://")
-    return slug(("https_" if scheme == "https" else "") + rest)
 
 
 def history_path(

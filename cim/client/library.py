@@ -388,7 +388,16 @@ class Client:
         path = None
         if self.state_dir is not None:
             named = self._device_given or ""
-            path = state_path(self.state_dir, user_id, named)
+            path = state_path(self.state_dir, user_id, named, self.route.url)
+            legacy = state_path(self.state_dir, user_id, named)
+            if not path.exists() and legacy.exists():
+                # Kept before cursors were per route: carried over once
+                # (the server's epochs tell a stale cursor).
+                try:
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    legacy.rename(path)
+                except OSError as e:
+                    self.log.warn("Cannot move {legacy}: {e}", legacy=str(legacy), e=e)
         self._inbox.open(user_id, path)
         await self._session.start(
             user_id, user_name, password, account_key, self._device
