@@ -32,8 +32,8 @@ from twisted.python import usage
 
 from cim.client.console import Console, echo_switch
 from cim.client.history import History, history_path, thread_runner
-from cim.client.statefile import route_slug, slug
 from cim.client.library import Client
+from cim.client.statefile import route_slug, slug
 from cim.interfaces import IReactor
 from cim.limits import DEVICE_ID, DEVICE_ID_RULE
 from cim.tls import trust_root
