@@ -1166,6 +1166,16 @@ def test_read_receipts(screen: Screen) -> None:
     assert screen.type(":history @bob")[1].endswith("my answer \u2713")
 
 
+def test_a_reply_is_a_read_receipt(screen: Screen) -> None:
+    screen.type("@bob one")
+    screen.output()
+    screen.console.message_received(message("a quick answer", seq=9))
+    assert screen.output() == [
+        f"[{STAMP}] (private) bob: a quick answer",
+        "\u2713 bob read your messages up to: one",
+    ]
+
+
 def test_a_conversation_reset_is_told(screen: Screen) -> None:
     screen.client.infos = [ConversationInfo("p:1:7", peer_id=1, peer_name="bob")]
     Deferred.fromCoroutine(screen.client.conversations())

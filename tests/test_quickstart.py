@@ -232,10 +232,10 @@ def test_the_quick_start_as_written(folder: Path) -> None:
         alice.wait_for(r"\(private\) alice -> bob: hi bob, 你好")
         bob.wait_for(r"\[\d\d:\d\d:\d\d\] \(private\) alice: hi bob, 你好")
         bob.wait_for(r"\(:to whom\?\)> half a li$")
-        # Bob read alice's message (it was printed on his screen).
-        alice.wait_for(r"✓ bob read your messages up to: hi bob")
         bob.type("ne\x15@alice hi alice\r")  # Ctrl-U, then a private message
         alice.wait_for(r"\(private\) bob: hi alice")
+        # Bob read alice's message (it was on his screen; he answered).
+        alice.wait_for(r"✓ bob read your messages up to: hi bob")
         # Arrows edit; they are never sent as text.
         alice.type("\x1b[A")
         alice.wait_for(r"to @bob> hi bob, 你好$")
