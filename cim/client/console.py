@@ -271,7 +271,7 @@ class Console(LineReceiver):
 
     def update_prompt(self) -> None:
         if self.terminal is not None:
-            self.terminal.prompt = self.prompt_text()
+            self.terminal.prompt = render.inert(self.prompt_text())
 
     def attach(self, terminal: LineEditor) -> None:
         """

@@ -66,9 +66,9 @@ class Options(usage.Options):
     synopsis = "--user <name> [options]"
     longdesc = (
         "Chat from the terminal (run it with `twistd -n cim-client`). A plain "
-        "line goes to the current group or to everybody online, "
-        "<userId>;;<text> and @<name> <text> are private messages, :all lists "
-        "the commands."
+        "line goes to whom the prompt names (:to @<user>, :to <group>, :to all "
+        "set it; nobody at first), <userId>;;<text> and @<name> <text> are "
+        "private messages, :all lists the commands, Ctrl-D quits."
     )
     optParameters = [
         ["route", "r", DEFAULT_ROUTE, "The route's URL (http:// or https://)."],
