@@ -49,18 +49,21 @@ def state_path(
     user_id: int,
     device: str = "",
     route_url: str = "",
+    account: str = "",
 ) -> Path:
     """
     The cursor file of C{user_id} under C{state_dir}: of its device
     C{device} (one named by the application), or of the device the folder
     keeps (C{""}; the file's name from before devices); in a folder of its
     route (C{cursors/<host_port>/}) when C{route_url} is given, so that
-    two routes' users of one id never share one.
+    two routes' users of one id never share one, and with the account's
+    tag (L{cim.client.devices.account_tag}) when C{account} is given.
     """
     suffix = f"-{device}" if device else ""
     folder = Path(state_dir).expanduser()
     if route_url:
-        return folder / "cursors" / route_slug(route_url) / f"{user_id}{suffix}.json"
+        user = f"{user_id}-{account}" if account else str(user_id)
+        return folder / "cursors" / route_slug(route_url) / f"{user}{suffix}.json"
     return folder / f"cursors-{user_id}{suffix}.json"
 
 

@@ -48,7 +48,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim.client.connection import ClientProtocol
 from cim.client.cursors import CursorFile, state_path
-from cim.client.devices import DeviceIds, new_device_id
+from cim.client.devices import DeviceIds, account_tag, new_device_id
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.inbox import Inbox
 from cim.client.keys import AccountKeys
@@ -377,10 +377,13 @@ class Client:
             if held is None or held.key != account_key:
                 self._keep_key(user_name, user_id, account_key)
         self._account_key = account_key
+        # The account's tag keeps its device id and cursors apart from those
+        # of another account that got the same id (a new store).
+        account = account_tag(account_key or name_key(user_name))
         if self._device_given is not None:
             self._device = self._device_given
         elif self.state_dir is not None:
-            self._device = self._devices.device_for(self.route.url, user_id)
+            self._device = self._devices.device_for(self.route.url, user_id, account)
         elif not self._device:
             self._device = new_device_id()
         # The cursors (and last token) of this user's device, from its file:
@@ -388,7 +391,7 @@ class Client:
         path = None
         if self.state_dir is not None:
             named = self._device_given or ""
-            path = state_path(self.state_dir, user_id, named, self.route.url)
+            path = state_path(self.state_dir, user_id, named, self.route.url, account)
             legacy = state_path(self.state_dir, user_id, named)
             if not path.exists() and legacy.exists():
                 # Kept before cursors were per route: carried over once
