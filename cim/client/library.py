@@ -379,11 +379,11 @@ class Client:
         self._account_key = account_key
         # The account's tag keeps its device id and cursors apart from those
         # of another account that got the same id (a new store).
-        account = account_tag(account_key or name_key(user_name))
+        tag = account_tag(account_key or name_key(user_name))
         if self._device_given is not None:
             self._device = self._device_given
         elif self.state_dir is not None:
-            self._device = self._devices.device_for(self.route.url, user_id, account)
+            self._device = self._devices.device_for(self.route.url, user_id, tag)
         elif not self._device:
             self._device = new_device_id()
         # The cursors (and last token) of this user's device, from its file:
@@ -391,7 +391,7 @@ class Client:
         path = None
         if self.state_dir is not None:
             named = self._device_given or ""
-            path = state_path(self.state_dir, user_id, named, self.route.url, account)
+            path = state_path(self.state_dir, user_id, named, self.route.url, tag)
             legacy = state_path(self.state_dir, user_id, named)
             if not path.exists() and legacy.exists():
                 # Kept before cursors were per route: carried over once
