@@ -54,7 +54,7 @@ from cim.client.commands import (
 )
 from cim.client.console import MARK_DELAY, Console
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
-from cim.client.history import History
+from cim.client.history import History, history_path
 from cim.client.listeners import Ack, ClientState
 from cim.client.reads import ConversationInfo, ReadState
 from cim.client.render import STATE_LINES, describe, format_message
@@ -1373,3 +1373,14 @@ def test_history_errors_speak_the_users_language(screen: Screen) -> None:
     assert screen.type(":history u:1") == [
         "error: cannot read your messages with @bob: peerId: no user 5"
     ]
+
+
+def test_history_files_are_per_route_account_and_device(tmp_path: Path) -> None:
+    route = "http://127.0.0.1:8083"
+    path = history_path(tmp_path, 1, route, "key-of-alice", "dev1")
+    assert path.parent == tmp_path / "127.0.0.1_8083"
+    assert path != history_path(tmp_path, 1, route, "key-of-bob", "dev1")
+    assert path != history_path(tmp_path, 1, "https://example.org", "key-of-alice")
+    assert path != history_path(tmp_path, 1, route, "key-of-alice", "dev2")
+    assert path == history_path(tmp_path, 1, route + "/", "key-of-alice", "dev1")
+    assert "key-of-alice" not in str(path)
