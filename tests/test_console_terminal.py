@@ -326,7 +326,7 @@ def test_quitting_with_messages_pending_warns_first() -> None:
     assert term.quits == 0
     assert (
         "1 message still sending and 1 delayed message not sent yet: quitting now "
-        "loses it; :q! (or Ctrl-D again) quits anyway, :quit again too"
+        "loses them; :q! (or Ctrl-D again) quits anyway, :quit again too"
     ) in "".join(term.text)
     term.keys(CTRL_D)
     assert term.quits == 1

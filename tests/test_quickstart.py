@@ -163,7 +163,7 @@ def test_the_quick_start_as_written(folder: Path) -> None:
     node = [".venv/bin/twistd", "--pidfile=.run/standalone.pid", "-n", "cim-standalone"]
     extra: list[str] = []
     route = "http://127.0.0.1:8083"
-    if not all(port_free(p) for p in (8083, 11211, 8084, 10211)):
+    if not all(port_free(p) for p in (8083, 11211, 8084, 8081)):
         route_port, im_port = free_port(), free_port()
         node += [
             f"--route-port={route_port}",

@@ -666,9 +666,10 @@ class Console(LineReceiver):
         if not pending or self._quit_warned:
             return False
         self._quit_warned = True
+        several = self._sending + sum(1 for c in self._delayed if c.active()) > 1
         self.say(
-            f"{pending}: quitting now loses it; :q! (or Ctrl-D again) quits "
-            "anyway, :quit again too"
+            f"{pending}: quitting now loses {'them' if several else 'it'}; :q! "
+            "(or Ctrl-D again) quits anyway, :quit again too"
         )
         return True
 
