@@ -13,10 +13,11 @@ from typing import Any, get_args
 import pytest
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python import usage
+from twisted.web._newclient import ResponseNeverReceived
 
 from cim.client import emoji
 from cim.client.commands import (
@@ -349,6 +350,8 @@ def test_describe_each_kind_of_error() -> None:
     unreachable = "the route cannot be reached (is it running?)"
     assert describe(ConnectionRefusedError()) == unreachable
     assert describe(defer.TimeoutError()) == "the route did not answer in time"
+    assert describe(DNSLookupError("x")) == "the route's host name cannot be found"
+    assert describe(ResponseNeverReceived([])) == "the connection to the route broke"
 
 
 def test_state_lines() -> None:

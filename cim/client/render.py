@@ -17,8 +17,16 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, ConnectingCancelledError
-from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
+from twisted.web._newclient import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from cim.client import emoji
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
@@ -188,8 +196,15 @@ def _timed_out(error: TimeoutError | defer.TimeoutError | CancelledError) -> str
 
 
 @describe.register
-def _cut(error: ResponseNeverReceived | RequestTransmissionFailed) -> str:
+def _cut(
+    error: ResponseNeverReceived | RequestTransmissionFailed | ResponseFailed,
+) -> str:
     return "the connection to the route broke"
+
+
+@describe.register
+def _no_such_host(error: DNSLookupError) -> str:
+    return "the route's host name cannot be found"
 
 
 @describe.register
