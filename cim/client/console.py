@@ -4,8 +4,16 @@ The console client: one line typed, one command or message.
 L{cim.client.commands.parse_line} turns a line into an intent;
 L{Console} runs the intents against a L{cim.client.library.Client}, one
 handler per kind of intent, and prints what arrives as
-L{cim.client.render} shows it.  Nothing typed can stop the console: bad
-input prints a one-line error.
+L{cim.client.render} shows it (inert: nothing from others acts on the
+terminal).  Nothing typed can stop the console: bad input prints a
+one-line error, and a failed send says whether the message was queued or
+not sent.
+
+Plain lines go to the L{Target} that C{:to} sets, nobody at first, so that
+a typo never reaches everybody; the prompt names it.  On a terminal the
+console runs behind a L{cim.client.terminal.LineEditor} (L{Console.attach}):
+what it says is printed above the line being typed.  Quitting with sends
+or delayed messages pending warns first.
 
 The console is one device of its user: a message it sent is printed once
 (when stored, or when it comes back, whichever is first), the user's
@@ -173,8 +181,8 @@ def _needs_password(error: BaseException) -> bool:
 class Console(LineReceiver):
     """
     The console on a line transport (L{twisted.internet.stdio.StandardIO}
-    in C{twistd -n cim-client}, a L{StringTransport} in tests), and the
-    client's listener.
+    when C{twistd -n cim-client} reads a pipe, a L{StringTransport} in
+    tests) or on a terminal (L{attach}), and the client's listener.
 
     @param client: a L{cim.client.library.Client} (or an object with the
         same methods).
@@ -182,7 +190,7 @@ class Console(LineReceiver):
     @param history_factory: makes the L{History} of a user id once logged
         in.
     @param on_quit: called once the console quit (after the client closed).
-    @ivar group: the group plain lines go to, or C{""}.
+    @ivar target: where plain lines go (L{Target}).
     """
 
     delimiter = b"\n"
