@@ -400,3 +400,8 @@ def test_word_keys_and_a_resize(term: Terminal) -> None:
     term.pump()
     # Too narrow for the prompt: the line keeps the room.
     assert term.input_row == "> one two"
+
+
+def test_the_terminal_closing_quits(term: Terminal) -> None:
+    term.transport.loseConnection()
+    assert term.client.closed and term.quits == 1
