@@ -99,6 +99,8 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         (":ginfo dev", AboutGroup("dev")),
         (":invite dev 12", Invite("dev", "12")),
         (":invite g:dev @bob", Invite("dev", "bob")),
+        (':invite dev @"bob smith"', Invite("dev", "bob smith")),
+        (':remove dev "a b"', Remove("dev", "a b")),
         (":requests", Requests()),
         (":requests dev", Requests("dev")),
         (":approve dev bob", Approve("dev", "bob")),

@@ -450,6 +450,14 @@ def _group_user(
     """
 
     def parse(args: Arguments) -> Intent:
+        group, _, rest = args.text.strip().partition(" ")
+        rest = rest.strip()
+        if rest.startswith(('"', '@"')):
+            # A name in quotes: @"bob smith".
+            name, after = split_name(rest.removeprefix("@"))
+            if after.strip():
+                raise BadUsage()
+            return intent(_group_id(group), name)
         if len(args.words) != 2:
             raise BadUsage()
         return intent(_group_id(args.words[0]), _user(args.words[1]))
