@@ -1389,3 +1389,18 @@ def test_history_files_are_per_route_account_and_device(tmp_path: Path) -> None:
     assert path != history_path(tmp_path, 1, route, "key-of-alice", "dev2")
     assert path == history_path(tmp_path, 1, route + "/", "key-of-alice", "dev1")
     assert "key-of-alice" not in str(path)
+
+
+def test_a_line_over_the_limit_is_refused_whole(screen: Screen) -> None:
+    screen.type(":to all")
+    assert screen.type("x" * 5000) == [
+        "error: not sent: the line has 5,000 characters, over the limit of 4,096; "
+        "nothing was cut"
+    ]
+    assert screen.type("x" * 70_000) == [
+        "error: not sent: the line is over 65,536 bytes, over the limit of 4,096 "
+        "characters; nothing was cut"
+    ]
+    assert [c for c in screen.client.calls if c[0] == "broadcast"] == []
+    screen.type("中" * 4096)
+    assert screen.client.calls[-1] == ("broadcast", "中" * 4096)

@@ -452,7 +452,10 @@ class Console(LineReceiver):
             ensureDeferred(self.quit()).addErrback(self._crashed)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.error(f"line too long (over {self.MAX_LENGTH} bytes)")
+        self.error(
+            f"not sent: the line is over {self.MAX_LENGTH:,} bytes, over the limit "
+            f"of {MAX_TEXT:,} characters; nothing was cut"
+        )
 
     def connectionMade(self) -> None:
         self._io_open = True
