@@ -405,3 +405,37 @@ def test_word_keys_and_a_resize(term: Terminal) -> None:
 def test_the_terminal_closing_quits(term: Terminal) -> None:
     term.transport.loseConnection()
     assert term.client.closed and term.quits == 1
+
+
+def test_tab_completes_commands_and_names(term: Terminal) -> None:
+    term.keys(":hi\t")
+    assert term.editor.line.text == ":history "
+    term.keys(CTRL_U, ":q\t")
+    assert term.text[-2] == ":q  :q!  :quit"
+    assert term.editor.line.text == ":q"
+    # Names: from the online users once listed, by the naming rule.
+    term.keys(CTRL_U)
+    term.enter(":olu")
+    term.keys("@AL\t")
+    assert term.editor.line.text == "@alice "
+    term.keys(CTRL_U, "@b\t")
+    assert term.text[-2] == "@bea  @bob"
+    term.keys("o\t", "hi")
+    assert term.editor.line.text == "@bob hi"
+    term.console.history.names["bob smith"] = 12
+    term.keys(CTRL_U, "@bob\t")
+    assert term.editor.line.text == "@bob"  # bob, or "bob smith"
+    assert term.text[-2] == '@"bob smith"  @bob'
+    term.keys(CTRL_U, "hi @bob_\t")  # nothing fits: nothing changes
+    assert term.editor.line.text == "hi @bob_"
+
+
+def test_a_quoted_name_is_completed_quoted(term: Terminal) -> None:
+    term.console.history.names['bob "the" smith'] = 12
+    term.keys("@bob \t")  # the word before the cursor is empty: nothing
+    assert term.editor.line.text == "@bob "
+    term.keys(CTRL_U, "@bob\t")
+    assert term.editor.line.text == '@"bob \\"the\\" smith" '
+    term.client.online = []
+    term.keys("hi", ENTER)
+    assert term.client.calls[-1] == ("private", 12, "hi")

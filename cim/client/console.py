@@ -51,6 +51,7 @@ from zope.interface import implementer
 from cim import envelope as codes
 from cim.client import emoji, render
 from cim.client.commands import (
+    BY_NAME,
     AboutGroup,
     Approve,
     Create,
@@ -221,6 +222,7 @@ class Console(LineReceiver):
         self.target = NOBODY
         self.terminal: LineEditor | None = None
         self._sending = 0
+        self._online_names: list[str] = []
         self._quit_warned = False
         self._said_again = ""
         self._password_wanted: Deferred[str] | None = None
@@ -292,6 +294,7 @@ class Console(LineReceiver):
         terminal.on_interrupt = terminal.on_eof = self.quit_asked
         terminal.on_lost = self.terminal_lost
         terminal.limit = MAX_TEXT
+        terminal.completer = self.complete
         self.secret_input = terminal.set_secret
         self.update_prompt()
 
@@ -433,6 +436,33 @@ class Console(LineReceiver):
         if not isinstance(command, Quit):
             self._quit_warned = False
         self.run(command)
+
+    def complete(self, word: str) -> list[str]:
+        """
+        What C{word} (before the cursor, Tab pressed) may become: a
+        command's name (C{:hi} is C{:history}), or C{@} and a user's name
+        known from the history, the conversations and the last list of
+        online users (C{@Bo} is C{@bob}).  Names that need quotes are
+        completed quoted.
+        """
+        if word.startswith(":"):
+            return [name for name in BY_NAME if name.startswith(word)]
+        if not word.startswith("@"):
+            return []
+        typed = name_key(word[1:]) if word[1:].strip() else ""
+        names = set(self.history.names) | set(self._online_names)
+        for info in self.client.conversation_states():
+            if info.peer_name:
+                names.add(str(info.peer_name))
+        found = []
+        for name in names:
+            if name and name_key(name).startswith(typed):
+                if any(c.isspace() or c == '"' for c in name):
+                    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+                    found.append(f'@"{escaped}"')
+                else:
+                    found.append("@" + name)
+        return found
 
     def terminal_lost(self) -> None:
         """
@@ -729,11 +759,9 @@ class Console(LineReceiver):
         C{:olu} and C{:pu}: the online users whose name starts with the
         prefix.
         """
-        users = [
-            u
-            for u in await self.client.online_users()
-            if u.user_name.startswith(command.prefix)
-        ]
+        online = await self.client.online_users()
+        self._online_names = [u.user_name for u in online]
+        users = [u for u in online if u.user_name.startswith(command.prefix)]
         self.say("\n".join(render.online_users(users, command.prefix)))
 
     @execute.register
@@ -1190,6 +1218,7 @@ class Console(LineReceiver):
         not_sent = "not sent: " if sending else ""
         try:
             online = await self.client.online_users()
+            self._online_names = [u.user_name for u in online]
         except Exception as e:
             if known is not None:
                 return known

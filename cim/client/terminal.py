@@ -23,6 +23,7 @@ it.
 from __future__ import annotations
 
 import codecs
+import os
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -257,7 +258,8 @@ class LineEditor(insults.TerminalProtocol):
 
     Keys: printable text inserts; Left/Right, Home/End (Ctrl-A/Ctrl-E),
     Alt-B/Alt-F (Ctrl-Left/Right) move; Backspace, Delete, Ctrl-U, Ctrl-K,
-    Ctrl-W delete; Up/Down (Ctrl-P/Ctrl-N) browse the input history; Enter
+    Ctrl-W delete; Up/Down (Ctrl-P/Ctrl-N) browse the input history; Tab
+    completes (C{completer}: commands, names); Enter
     hands the line to C{on_line}; Ctrl-C clears the line (calls
     C{on_interrupt} when it is empty), Ctrl-D deletes the character under
     the cursor (calls C{on_eof} when the line is empty); Ctrl-L redraws.
@@ -295,6 +297,8 @@ class LineEditor(insults.TerminalProtocol):
         self._open = False
         #: Called when the terminal is gone (standard input closed).
         self.on_lost: Callable[[], object] = lambda: None
+        #: Tab: the words that the word before the cursor may become.
+        self.completer: Callable[[str], list[str]] = lambda word: []
 
     # Set-up
 
@@ -420,7 +424,10 @@ class LineEditor(insults.TerminalProtocol):
             else:
                 self._enter()
         elif keyID == b"\t":
-            self._text("\t" if self._pasting else " ")
+            if self._pasting:
+                self._text("\t")
+            else:
+                self._complete()
         elif keyID == b"\x03":  # Ctrl-C
             if self.line.chars:
                 self.line.accept(remember=False)
@@ -476,6 +483,36 @@ class LineEditor(insults.TerminalProtocol):
             }.get(seq)
             if key is not None:
                 self.keystrokeReceived(key, None)
+
+    def _complete(self) -> None:
+        """
+        Tab: complete the word before the cursor (a command, a name): at
+        once when one word fits, else as far as they agree, listing them.
+        """
+        line = self.line
+        start = line.cursor
+        while start and not line.chars[start - 1].isspace():
+            start -= 1
+        word = "".join(line.chars[start : line.cursor])
+        if not word:
+            return
+        choices = sorted(set(self.completer(word)))
+        if not choices:
+            return
+        # The word is replaced: a name may be completed in its own case.
+        if len(choices) == 1:
+            del line.chars[start : line.cursor]
+            line.cursor = start
+            line.insert(choices[0] + " ")
+        else:
+            common = os.path.commonprefix(choices)
+            if len(common) > len(word):
+                del line.chars[start : line.cursor]
+                line.cursor = start
+                line.insert(common)
+            else:
+                self.show("".join(shown(c) for c in "  ".join(choices)))
+        self.draw()
 
     def _text(self, text: str) -> None:
         if text:
