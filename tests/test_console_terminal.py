@@ -8,6 +8,7 @@ sees it.
 from __future__ import annotations
 
 import unicodedata
+from pathlib import Path
 
 import pyte
 import pytest
@@ -439,3 +440,24 @@ def test_a_quoted_name_is_completed_quoted(term: Terminal) -> None:
     term.client.online = []
     term.keys("hi", ENTER)
     assert term.client.calls[-1] == ("private", 12, "hi")
+
+
+def test_lines_typed_are_kept_for_the_next_run(tmp_path: Path) -> None:
+    def history(_: int) -> History:
+        return History(tmp_path / "1-abc-dev.jsonl")
+
+    first = Terminal()
+    first.console.history_factory = history
+    first.login()
+    first.enter(":to all")
+    first.enter("hello again")
+    first.enter(":q!")
+    assert (tmp_path / "1-abc-dev.typed.json").exists()
+    second = Terminal()
+    second.console.history_factory = history
+    second.keys("draft before the login")
+    second.login()
+    second.keys(CTRL_U, UP)
+    assert second.editor.line.text == ":q!"
+    second.keys(UP)
+    assert second.editor.line.text == "hello again"

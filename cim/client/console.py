@@ -30,6 +30,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import (
@@ -90,6 +91,7 @@ from cim.client.history import History
 from cim.client.listeners import Ack, ClientState, IClientListener
 from cim.client.render import describe, format_message
 from cim.client.route import RouteError
+from cim.client.statefile import read_json, write_json
 from cim.limits import MAX_TEXT
 from cim.message import (
     BROADCAST,
@@ -114,6 +116,8 @@ MARK_DELAY = 0.5
 PRINTED_MEMORY = 1000
 #: One's own private messages remembered per conversation for read marks.
 OWN_MEMORY = 50
+#: How many lines typed are kept between runs (Up goes back through them).
+INPUT_HISTORY = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +343,7 @@ class Console(LineReceiver):
             await self.history.load()
         except Exception as e:
             self.error(f"cannot read the history: {describe(e)}")
+        self._load_input_history()
         self._logged_in = True
         host, port = self.client.server or ("?", 0)
         self.say(
@@ -362,6 +367,34 @@ class Console(LineReceiver):
                 route = self.route_url or "the route"
                 return f"the route at {route}{text[len('the route') :]}"
         return describe(error)
+
+    def _input_history_path(self) -> Path | None:
+        """
+        Where the lines typed on the terminal are kept between runs: beside
+        the chat history (so per route, account and device), or nowhere.
+        """
+        if self.terminal is None or self.history.path is None:
+            return None
+        path = self.history.path
+        return path.with_name(path.name.removesuffix(".jsonl") + ".typed.json")
+
+    def _load_input_history(self) -> None:
+        path = self._input_history_path()
+        if path is None or self.terminal is None:
+            return
+        lines = read_json(path, "input history")
+        if isinstance(lines, list):
+            typed = [line for line in lines if isinstance(line, str)]
+            self.terminal.line.load_history(typed + self.terminal.line.history)
+
+    def _save_input_history(self) -> None:
+        path = self._input_history_path()
+        if path is None or self.terminal is None:
+            return
+        try:
+            write_json(path, self.terminal.line.history[-INPUT_HISTORY:])
+        except OSError as e:
+            self.log.warn("Cannot save {path}: {e}", path=str(path), e=e)
 
     async def _login_unread(self) -> None:
         """
@@ -1258,6 +1291,7 @@ class Console(LineReceiver):
             await self.client.close()
         except Exception:
             self.log.failure("Closing the client failed")
+        self._save_input_history()
         self.history.close()
         self.say("bye")
         self._quitting.callback(None)

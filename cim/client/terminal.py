@@ -197,6 +197,13 @@ class EditLine:
         else:
             self.set(self.history[self._position])
 
+    def load_history(self, lines: list[str]) -> None:
+        """
+        Start with C{lines} as the lines entered before (the last ones kept).
+        """
+        self.history = [line for line in lines if line.strip()][-HISTORY_SIZE:]
+        self._position, self._draft = len(self.history), ""
+
     def accept(self, remember: bool = True) -> str:
         """
         Enter: the line, which is cleared (and added to the history unless
