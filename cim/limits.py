@@ -51,3 +51,8 @@ def is_group_id(value: str) -> bool:
     Whether C{value} is a valid group id.
     """
     return GROUP_ID.fullmatch(value) is not None
+
+
+#: The longest chat text, in characters (code points), by default: the IM
+#: servers' C{max_text} and the route's C{--max-message}.
+MAX_TEXT = 4096

@@ -8,6 +8,7 @@ message arrived.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -170,5 +171,22 @@ def main() -> int:
             node.wait(10)
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """
+    The demo takes no option; C{--help} says what it does.
+    """
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo.py",
+        description=(
+            "Start a standalone cim node on free ports, have two scripted "
+            "clients (alice and bob) chat privately and in a group, read "
+            "each other's messages and page through the history, print the "
+            "transcript, and exit 0 only if every message arrived (make demo)."
+        ),
+    )
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
+    parse_arguments(sys.argv[1:])
     sys.exit(main())

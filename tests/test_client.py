@@ -25,7 +25,7 @@ from zope.interface.verify import verifyObject
 from cim.client.connection import ClientProtocol, Heartbeat
 from cim.client.cursors import CursorFile, Received, state_path
 from cim.client.devicekeys import DeviceKeys, HeldDeviceKey
-from cim.client.devices import DeviceIds
+from cim.client.devices import DeviceIds, account_tag
 from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
     Ack,
@@ -50,6 +50,7 @@ from cim.message import (
     Frame,
     Position,
 )
+from cim.names import name_key
 
 # In memory: the heartbeat
 
@@ -710,10 +711,13 @@ def test_the_device_id_is_kept_in_the_state_folder(tmp_path: Path) -> None:
     assert again.client.device == device
     assert again.route.devices == [device]
     keep = DeviceIds(tmp_path)
-    assert keep.get("http://route.invalid/", 7) == device
+    alice = account_tag(name_key("alice"))  # (no account key in this test)
+    assert keep.get("http://route.invalid/", 7, alice) == device
     # Another account, or another route: another device.
-    assert keep.device_for("http://route.invalid", 8) != device
-    assert keep.device_for("http://other.invalid", 7) != device
+    assert keep.device_for("http://route.invalid", 8, alice) != device
+    assert keep.device_for("http://other.invalid", 7, alice) != device
+    # So is an account of a new store that got the same id.
+    assert keep.device_for("http://route.invalid", 7, account_tag("key")) != device
     assert (tmp_path / "devices.json").stat().st_mode & 0o077 == 0
     # Named devices in the same folder keep cursors (and tokens) apart.
     named = Wired(state_dir=tmp_path, device="phone")
@@ -722,11 +726,28 @@ def test_the_device_id_is_kept_in_the_state_folder(tmp_path: Path) -> None:
         closed = Deferred.fromCoroutine(wired.client.close())
         wired.clock.advance(5)  # the server never closes the connection
         assert closed.called
-    assert sorted(p.name for p in tmp_path.glob("cursors-*")) == [
-        "cursors-7-phone.json",
-        "cursors-7.json",
+    # Per route and account, too.
+    folder = tmp_path / "cursors" / "route.invalid"
+    assert sorted(p.name for p in folder.glob("*.json")) == [
+        f"7-{alice}-phone.json",
+        f"7-{alice}.json",
     ]
-    assert CursorFile(Clock(), state_path(tmp_path, 7, "phone")).get(PAIR) == 1
+    route = "http://route.invalid"
+    phone = state_path(tmp_path, 7, "phone", route, alice)
+    assert CursorFile(Clock(), phone).get(PAIR) == 1
+
+
+def test_cursors_kept_before_routes_are_carried_over(tmp_path: Path) -> None:
+    legacy = state_path(tmp_path, 7)
+    old = CursorFile(Clock(), legacy)
+    old.received(PAIR, "e1", 4)
+    old.close()
+    assert legacy.exists()
+    Wired(state_dir=tmp_path)
+    assert not legacy.exists()
+    alice = account_tag(name_key("alice"))
+    moved = state_path(tmp_path, 7, route_url="http://route.invalid", account=alice)
+    assert CursorFile(Clock(), moved).get(PAIR) == 4
 
 
 def test_a_device_id_given_or_random() -> None:

@@ -352,7 +352,8 @@ async def test_console_process(reactor: Any, harness: Harness, tmp_path: Path) -
 
         console.type(":q hello")
         await console.expect(reactor, r"alice: hello bob 😄$")
-        assert console.output.count("hello bob") == 3  # sent, history, search
+        # Sent, bob's reply as a receipt, history, search.
+        assert console.output.count("hello bob") == 4
 
         console.type(":q!")
         await console.expect(reactor, r"^bye$")

@@ -16,6 +16,7 @@ import pytest_twisted
 
 from cim.client.cursors import state_path
 from cim.client.devicekeys import DeviceKeys
+from cim.client.devices import account_tag
 from cim.client.keys import AccountKeys, HeldKey
 from cim.client.library import (
     Client,
@@ -27,6 +28,7 @@ from cim.client.library import (
     User,
 )
 from cim.message import ErrorCode, Position, pair_conversation
+from cim.names import name_key
 from tests.clientkit import Harness, take_messages, wait_state
 from tests.kit.wait import wait_until, within
 
@@ -467,7 +469,8 @@ async def test_cursor_file_resumes_after_a_restart(
         await within(reactor, alice.send_private(bob_id, f"first {i}"))
     await take_messages(reactor, bob_events, 2)
     await within(reactor, bob.close())
-    path = state_path(tmp_path / "bob", bob_id)
+    account = account_tag(bob.account_key or name_key("bob"))
+    path = state_path(tmp_path / "bob", bob_id, "", bob.route.url, account)
     saved = json.loads(path.read_text())["conversations"][pair]
     assert (saved["seq"], saved["seen"]) == (2, {saved["epoch"]: 2})
     for i in range(2):

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python import usage
+from twisted.web._newclient import ResponseNeverReceived
 
 from cim.client import emoji
 from cim.client.commands import (
@@ -45,13 +48,14 @@ from cim.client.commands import (
     Say,
     Search,
     ShowHistory,
+    To,
     Transfer,
     help_rows,
     parse_line,
 )
 from cim.client.console import MARK_DELAY, Console
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
-from cim.client.history import History
+from cim.client.history import History, history_path
 from cim.client.listeners import Ack, ClientState
 from cim.client.reads import ConversationInfo, ReadState
 from cim.client.render import STATE_LINES, describe, format_message
@@ -72,7 +76,7 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         ("a b;;c", Say("a b;;c")),
         ("12;;hi there", PrivateById(12, "hi there")),
         ("@bob hi there", PrivateByName("bob", "hi there")),
-        (":q!", Quit()),
+        (":q!", Quit(True)),
         (":quit", Quit()),
         (":all", Help()),
         (":olu", OnlineUsers()),
@@ -95,6 +99,8 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         (":ginfo dev", AboutGroup("dev")),
         (":invite dev 12", Invite("dev", "12")),
         (":invite g:dev @bob", Invite("dev", "bob")),
+        (':invite dev @"bob smith"', Invite("dev", "bob smith")),
+        (':remove dev "a b"', Remove("dev", "a b")),
         (":requests", Requests()),
         (":requests dev", Requests("dev")),
         (":approve dev bob", Approve("dev", "bob")),
@@ -107,6 +113,20 @@ from cim.message import KICK_REPLACED, ChatMessage, pair_conversation
         (":history 5", ShowHistory("", 5)),
         (":history dev", ShowHistory("dev")),
         (":history u:3 7", ShowHistory("u:3", 7)),
+        ("1 ;; x", PrivateById(1, "x")),
+        ('@"bob smith" hi', PrivateByName("bob smith", "hi")),
+        ('@"a \\"q\\" b" hi', PrivateByName('a "q" b', "hi")),
+        ("@@bob hi", PrivateByName("@bob", "hi")),
+        ("@:x hi", PrivateByName(":x", "hi")),
+        (":quit", Quit()),
+        (":to", To()),
+        (":to all", To("all")),
+        (":to everybody", To("all")),
+        (":to @Bob", To("@Bob")),
+        (':to @"bob smith"', To("@bob smith")),
+        (":to dev", To("g:dev")),
+        (":to g:dev", To("g:dev")),
+        (":to nobody", To("nobody")),
     ],
 )
 def test_parse(line: str, command: object) -> None:
@@ -152,6 +172,15 @@ def test_parse(line: str, command: object) -> None:
         (":history dev many", "'many' is not a number"),
         (":history dev 0", "between 1 and"),
         (":history a b c", "usage: :history"),
+        ('@"bob hi', 'closing "'),
+        ('@"" hi', "usage: @<name>"),
+        ("clear", "'clear' looks like a command"),
+        ("Quit", "looks like a command"),
+        ("/quit", "looks like a command"),
+        ("/msg bob hi", "looks like a command"),
+        (":to a/b", "bad group name"),
+        (":to bob carol", "usage: :to"),
+        (":to @bob hi", "usage: :to"),
     ],
 )
 def test_parse_errors(line: str, error: str) -> None:
@@ -185,7 +214,7 @@ def test_every_command_parses_to_an_intent_with_a_handler() -> None:
     handlers = Console.__dict__["execute"].dispatcher.registry
     intents = set(get_args(Intent))
     assert intents <= set(handlers)
-    examples = {":pu": ":pu a", ":q": ":q a", ":delay": ":delay hi 1"}
+    examples = {":pu": ":pu a", ":q": ":q a", ":delay": ":delay hi 1", ":to": ":to"}
     for spec in COMMANDS:
         for name in spec.names:
             line = examples.get(
@@ -219,6 +248,7 @@ def test_usage_errors_quote_the_table() -> None:
         ":reject",
         ":remove",
         ":transfer",
+        ":to",
     }
     with pytest.raises(ParseError, match=r"^usage: :q <keyword> \(:q! quits\)$"):
         parse_line(":q")
@@ -282,18 +312,31 @@ def own(
 STAMP = time.strftime("%H:%M:%S", time.localtime(1_700_000_000))
 
 
+NOW = 1_700_000_000_000
+
+
 def test_format_private() -> None:
-    line = format_message(message("hello :smile:", receive_user_id=7))
+    line = format_message(message("hello :smile:", receive_user_id=7), now_ms=NOW)
     assert line == f"[{STAMP}] (private) bob: hello 😄"
 
 
 def test_format_group() -> None:
-    line = format_message(message("yo", conversation="g:dev", group_id="dev"))
+    line = format_message(
+        message("yo", conversation="g:dev", group_id="dev"), now_ms=NOW
+    )
     assert line == f"[{STAMP}] [dev] bob: yo"
 
 
 def test_format_broadcast() -> None:
-    assert format_message(message("all", conversation="all")) == f"[{STAMP}] bob: all"
+    line = format_message(message("all", conversation="all"), now_ms=NOW)
+    assert line == f"[{STAMP}] bob: all"
+
+
+def test_a_message_of_another_day_shows_its_date() -> None:
+    day = time.strftime("%Y-%m-%d", time.localtime(1_700_000_000))
+    tomorrow = NOW + 24 * 3600 * 1000
+    line = format_message(message("old"), now_ms=tomorrow)
+    assert line == f"[{day} {STAMP}] (private) bob: old"
 
 
 def test_describe_each_kind_of_error() -> None:
@@ -305,6 +348,12 @@ def test_describe_each_kind_of_error() -> None:
     assert describe(ClientClosed("gave up")) == "gave up"
     assert describe(ParseError("bad\nworse")) == "bad"
     assert describe(KeyError()) == "KeyError"
+    # The route's failures, in words (never a Twisted message).
+    unreachable = "the route cannot be reached (is it running?)"
+    assert describe(ConnectionRefusedError()) == unreachable
+    assert describe(defer.TimeoutError()) == "the route did not answer in time"
+    assert describe(DNSLookupError("x")) == "the route's host name cannot be found"
+    assert describe(ResponseNeverReceived([])) == "the connection to the route broke"
 
 
 def test_state_lines() -> None:
@@ -594,6 +643,19 @@ def test_login_failure_quits() -> None:
     assert screen.quits == 1
 
 
+def test_a_route_that_cannot_be_reached_is_said_so() -> None:
+    screen = Screen()
+    error = LoginError("", "cannot reach the route: Connection was refused ...")
+    error.__cause__ = ConnectionRefusedError()
+    screen.client.login_errors = [error]
+    Deferred.fromCoroutine(screen.console.start("alice"))
+    assert screen.output()[-2:] == [
+        "error: cannot log in: the route at http://route cannot be reached (is it "
+        "running?)",
+        "bye",
+    ]
+
+
 def test_password_prompt() -> None:
     screen = Screen()
     screen.client.login_errors = [LoginError("4090", "the user name is taken")]
@@ -628,15 +690,19 @@ def test_wrong_password_prompts_again() -> None:
 
 def test_lines_typed_before_the_login_wait_for_it() -> None:
     screen = Screen()
-    screen.console.dataReceived(b"hello early\n1;;hi bob\n:olu\n")
+    screen.console.dataReceived(b":to all\nhello early\n1;;hi bob\n:olu\n")
     assert screen.client.calls == []
     results: list[bool] = []
     Deferred.fromCoroutine(screen.console.start("alice")).addCallback(results.append)
     assert results == [True]
     out = screen.output()
     assert out[1].startswith("logged in as alice") and out[2] == "no unread messages"
-    assert out[3] == f"[{STAMP}] (private) alice -> 1: hi bob"
-    assert out[4] == "online users: 3"
+    assert out[3:6] == [
+        "plain lines go to everybody online now",
+        f"[{STAMP}] alice -> everybody: hello early",
+        f"[{STAMP}] (private) alice -> 1: hi bob",
+    ]
+    assert out[6] == "online users: 3"
     assert screen.client.calls[-2:] == [
         ("broadcast", "hello early"),
         ("private", 1, "hi bob"),
@@ -673,8 +739,10 @@ def test_sends_do_not_wait_for_their_acks(screen: Screen) -> None:
     screen.client.send_private = lambda uid, text: pending  # type: ignore[method-assign]
     assert screen.type("1;;first") == []
     assert screen.type(":olu")[0] == "online users: 3"
+    assert screen.console.prompt_text() == "(:to whom?) (1 sending)> "
     pending.errback(SendError(9200, "not stored; send it again"))
-    assert screen.output() == ["error: not stored; send it again"]
+    assert screen.output() == ["error: not sent: not stored; send it again"]
+    assert screen.console.prompt_text() == "(:to whom?)> "
 
 
 def test_gives_up_after_three_passwords() -> None:
@@ -695,7 +763,7 @@ def test_gives_up_after_three_passwords() -> None:
 
 def test_end_of_input_runs_the_commands_typed_then_quits() -> None:
     screen = Screen()
-    screen.console.dataReceived(b"hello\n:olu\n")
+    screen.console.dataReceived(b":to all\nhello\n:olu\n")
     screen.console.readConnectionLost()
     assert screen.quits == 0
     assert screen.login()
@@ -703,23 +771,119 @@ def test_end_of_input_runs_the_commands_typed_then_quits() -> None:
     assert screen.client.closed and screen.quits == 1
 
 
+def test_a_plain_line_goes_nowhere_until_to_says_where(screen: Screen) -> None:
+    # A typo must not reach everybody: plain lines need a target first.
+    assert screen.type("clear") == [
+        "error: not sent: 'clear' looks like a command (commands start with ':', "
+        ":all lists them); type it again to send it as a message"
+    ]
+    assert screen.type("hello all") == [
+        "error: not sent: say to whom first: :to @<user>, :to <group>, or :to all "
+        "(everybody online); or @<user> <text> for one message"
+    ]
+    assert screen.client.calls == [("login", "alice", None, None)]
+    assert screen.console.prompt_text() == "(:to whom?)> "
+
+
 def test_plain_line_goes_to_everybody(screen: Screen) -> None:
-    assert screen.type("hello all") == []
+    assert screen.type(":to all") == ["plain lines go to everybody online now"]
+    assert screen.console.prompt_text() == "to everybody> "
+    assert screen.type("hello all") == [f"[{STAMP}] alice -> everybody: hello all"]
     assert screen.client.calls[-1] == ("broadcast", "hello all")
+
+
+def test_a_command_like_line_is_sent_when_typed_twice(screen: Screen) -> None:
+    screen.type(":to all")
+    assert screen.type("quit")[0].startswith("error: not sent: 'quit' looks like")
+    assert screen.type("quit") == [f"[{STAMP}] alice -> everybody: quit"]
+    assert screen.type("/help")[0].startswith("error: not sent: '/help' looks like")
+
+
+def test_plain_line_goes_to_a_user(screen: Screen) -> None:
+    assert screen.type(":to @Bea") == ["plain lines go to @bea now"]
+    assert screen.console.prompt_text() == "to @bea> "
+    screen.type("hi there")
+    assert screen.client.calls[-1] == ("private", 9, "hi there")
+    assert screen.type(":to") == ["plain lines go to @bea"]
+    assert screen.type(":to nobody") == [
+        "plain lines go to nobody yet (:to @<user>, :to <group> or :to all) now"
+    ]
+
+
+def test_to_a_group_one_is_not_in(screen: Screen) -> None:
+    assert screen.type(":to dev") == [
+        "error: you are not in group dev (:join dev first; for a user: :to @dev)"
+    ]
+
+
+def test_a_broadcast_the_route_refuses_is_not_sent(screen: Screen) -> None:
+    screen.type(":to all")
+
+    async def down(text: str) -> None:
+        raise ConnectionRefusedError()
+
+    screen.client.broadcast = down  # type: ignore[method-assign]
+    [line] = screen.type("hello")
+    assert line.startswith("error: not sent (to everybody online): ")
 
 
 def test_plain_line_goes_to_the_current_group(screen: Screen) -> None:
     assert screen.type(":join dev") == ["joined dev; plain lines go there now"]
+    assert screen.console.prompt_text() == "to [dev]> "
     screen.type("hello devs")
     assert screen.client.calls[-1] == ("group", "dev", "hello devs")
-    assert screen.type(":leave dev") == ["left dev; plain lines go to everybody online"]
-    screen.type("hello all")
-    assert screen.client.calls[-1] == ("broadcast", "hello all")
+    assert screen.type(":leave dev") == [
+        "left dev; plain lines go to nobody yet (:to @<user>, :to <group> or :to all)"
+    ]
 
 
 def test_private_by_id(screen: Screen) -> None:
     assert screen.type("1;;hi bob") == [f"[{STAMP}] (private) alice -> 1: hi bob"]
     assert screen.client.calls[-1] == ("private", 1, "hi bob")
+
+
+def test_a_message_sent_while_disconnected_is_said_queued(screen: Screen) -> None:
+    screen.client.state = ClientState.RECONNECTING
+    pending: list[Deferred[Ack]] = []
+
+    def send(uid: int, text: str) -> Deferred[Ack]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    screen.client.send_private = send  # type: ignore[method-assign]
+    assert screen.type("@bob later") == [
+        "queued: not connected right now; it is sent once the connection is back "
+        "(:quit warns while it waits)"
+    ]
+    assert screen.console.prompt_text() == "(:to whom?) (1 queued)> "
+    # The route is down too: a known name is still reached.
+    screen.console.history.names["bob"] = 1
+
+    async def down() -> list[User]:
+        raise ConnectionRefusedError()
+
+    screen.client.online_users = down  # type: ignore[method-assign]
+    screen.type("@Bob again")
+    assert screen.console.prompt_text() == "(:to whom?) (2 queued)> "
+    assert screen.type("@carol hi") == [
+        "error: not sent: cannot look up the user 'carol': the route cannot be "
+        "reached (is it running?)"
+    ]
+    assert screen.type(":quit")[0].startswith("2 messages still sending: quitting")
+    assert screen.quits == 0
+    pending[1].callback(Ack("c9", 9, 3, "p:1:7", 1_700_000_000_000))
+    assert screen.output() == [f"[{STAMP}] (private) alice -> bob: again"]
+    pending[0].errback(ClientClosed("the client is closed"))
+    assert screen.output() == ["error: not sent: the client is closed"]
+    assert screen.console.prompt_text() == "(:to whom?)> "
+
+
+def test_a_message_to_an_offline_user_is_marked(screen: Screen) -> None:
+    screen.console.history.names["carol"] = 5
+    assert screen.type("@carol hi") == [
+        f"[{STAMP}] (private) alice -> carol: hi (stored; carol is offline: "
+        "delivered when back)"
+    ]
 
 
 def test_private_by_name(screen: Screen) -> None:
@@ -736,7 +900,7 @@ def test_private_by_name_is_found_as_the_route_finds_it(screen: Screen) -> None:
 
 def test_private_to_an_unknown_name(screen: Screen) -> None:
     assert screen.type("@carol hi") == [
-        "error: unknown user 'carol' (not online, not in your history)"
+        "error: not sent: unknown user 'carol' (not online, not in your history)"
     ]
 
 
@@ -750,13 +914,13 @@ def test_private_to_a_name_from_the_history(screen: Screen) -> None:
 
 def test_refused_send_prints_an_error(screen: Screen) -> None:
     screen.client.send_error = SendError(3000, "no user 99")
-    assert screen.type("99;;hi") == ["error: no user 99"]
+    assert screen.type("99;;hi") == ["error: not sent: no user 99"]
     # Still running.
     assert screen.type(":info")[0].startswith("user alice")
 
 
 @pytest.mark.parametrize(
-    "line", ["abc;;x", ":emoji x", ":emoji 999", ":nope", "", "@nobody hi", "5;;"]
+    "line", ["abc;;x", ":emoji x", ":emoji 999", ":nope", "@nobody hi", "5;;", "hi"]
 )
 def test_bad_input_keeps_running(screen: Screen, line: str) -> None:
     out = screen.type(line)
@@ -804,7 +968,7 @@ def test_help_lists_every_command(screen: Screen) -> None:
 def test_info(screen: Screen) -> None:
     assert screen.type(":info") == [
         "user alice (id 7), device dev-1, server 127.0.0.1:4321, route http://route, "
-        "state ready, talking to everybody online"
+        "state ready, talking to nobody yet (:to @<user>, :to <group> or :to all)"
     ]
 
 
@@ -816,7 +980,11 @@ def test_emoji_list(screen: Screen) -> None:
 
 
 def test_delay(screen: Screen) -> None:
+    assert screen.type(":delay later :smile: 5")[0].startswith("error: not sent")
+    screen.type(":to all")
     assert screen.type(":delay later :smile: 5") == ["will send in 5s"]
+    # It goes where plain lines went when it was typed.
+    screen.type(":to nobody")
     screen.clock.advance(4.9)
     assert ("broadcast", "later :smile:") not in screen.client.calls
     screen.clock.advance(0.2)
@@ -853,7 +1021,7 @@ def test_create_with_a_policy(screen: Screen) -> None:
 
 def test_join_outcomes(screen: Screen) -> None:
     assert screen.type(":join club") == ["asked to join club; waiting for its owner"]
-    assert screen.type(":info")[0].endswith("talking to everybody online")
+    assert ":to all" in screen.type(":info")[0]
     assert screen.type(":join ops") == ["joined ops; plain lines go there now"]
     assert screen.type(":join ops") == ["you are in ops; plain lines go there now"]
 
@@ -1001,6 +1169,16 @@ def test_read_receipts(screen: Screen) -> None:
     assert screen.output() == []
     # What the peer has read shows its mark when printed again.
     assert screen.type(":history @bob")[1].endswith("my answer \u2713")
+
+
+def test_a_reply_is_a_read_receipt(screen: Screen) -> None:
+    screen.type("@bob one")
+    screen.output()
+    screen.console.message_received(message("a quick answer", seq=9))
+    assert screen.output() == [
+        f"[{STAMP}] (private) bob: a quick answer",
+        "\u2713 bob read your messages up to: one",
+    ]
 
 
 def test_a_conversation_reset_is_told(screen: Screen) -> None:
@@ -1152,11 +1330,19 @@ def test_options() -> None:
     assert options["user"] == "alice"
     assert options["user-id"] == 12
     assert options["history-dir"] == "~/.cim/history"
-    assert options["logfile"] == "~/.cim/cim-client.log"
     assert options["device"] is None
+    # One log per state folder, route and user (and device, when named).
+    log = Path(options["logfile"])
+    assert log.parent == Path("~/.cim/state/logs/r_1").expanduser()
+    assert log.name.startswith("alice-") and log.suffix == ".log"
     options = Options()
     options.parseOptions(["--user", "alice", "--device", "laptop-2"])
     assert options["device"] == "laptop-2"
+    assert Path(options["logfile"]).name.endswith("-laptop-2.log")
+    assert Path(options["logfile"]).parent.name == "127.0.0.1_8083"
+    options = Options()
+    options.parseOptions(["--user", "bob"])
+    assert options["logfile"] != log
 
 
 @pytest.mark.parametrize(
@@ -1172,3 +1358,49 @@ def test_options() -> None:
 def test_bad_options(args: list[str]) -> None:
     with pytest.raises(usage.UsageError):
         Options().parseOptions(args)
+
+
+def test_history_errors_speak_the_users_language(screen: Screen) -> None:
+    async def history(conversation: str | None = None, limit: int = 20, **kw: Any):  # type: ignore[no-untyped-def]
+        if conversation is not None:
+            raise RouteError("3000", f"groupId: no group {conversation[2:]}")
+        raise RouteError("3000", "peerId: no user 5")
+
+    screen.client.history = history  # type: ignore[method-assign]
+    assert screen.type(":history alice") == [
+        "error: no group 'alice' whose history you can read; your messages with "
+        "the user alice: :history @alice"
+    ]
+    assert screen.type(":history g:alice") == [
+        "error: no group 'alice' whose history you can read"
+    ]
+    # An id is shown as the user's name when it is known.
+    assert screen.type(":history u:1") == [
+        "error: cannot read your messages with @bob: peerId: no user 5"
+    ]
+
+
+def test_history_files_are_per_route_account_and_device(tmp_path: Path) -> None:
+    route = "http://127.0.0.1:8083"
+    path = history_path(tmp_path, 1, route, "key-of-alice", "dev1")
+    assert path.parent == tmp_path / "127.0.0.1_8083"
+    assert path != history_path(tmp_path, 1, route, "key-of-bob", "dev1")
+    assert path != history_path(tmp_path, 1, "https://example.org", "key-of-alice")
+    assert path != history_path(tmp_path, 1, route, "key-of-alice", "dev2")
+    assert path == history_path(tmp_path, 1, route + "/", "key-of-alice", "dev1")
+    assert "key-of-alice" not in str(path)
+
+
+def test_a_line_over_the_limit_is_refused_whole(screen: Screen) -> None:
+    screen.type(":to all")
+    assert screen.type("x" * 5000) == [
+        "error: not sent: the line has 5,000 characters, over the limit of 4,096; "
+        "nothing was cut"
+    ]
+    assert screen.type("x" * 70_000) == [
+        "error: not sent: the line is over 65,536 bytes, over the limit of 4,096 "
+        "characters; nothing was cut"
+    ]
+    assert [c for c in screen.client.calls if c[0] == "broadcast"] == []
+    screen.type("中" * 4096)
+    assert screen.client.calls[-1] == ("broadcast", "中" * 4096)

@@ -12,6 +12,7 @@ intents do is L{cim.client.console.Console}'s business.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ from cim.message import (
 @dataclass(frozen=True, slots=True)
 class Say:
     """
-    A plain line: to the current group, or to every online user.
+    A plain line: to the current target (L{To}); an error while there is
+    none.
     """
 
     text: str
@@ -62,7 +64,23 @@ Message = Say | PrivateById | PrivateByName
 
 @dataclass(frozen=True, slots=True)
 class Quit:
-    """C{:q!} or C{:quit}."""
+    """
+    C{:quit} (warns first when messages are still sending or delayed), or
+    C{:q!} (quits anyway: C{force}).
+    """
+
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class To:
+    """
+    C{:to <target>}: where plain lines go from now on: C{"@<name>"} (a
+    user), C{"all"} (everybody online), a group id, C{"nobody"}; C{""}
+    says where they go now.
+    """
+
+    target: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +235,7 @@ class Unread:
 Intent = (
     Message
     | Quit
+    | To
     | OnlineUsers
     | Help
     | Search
@@ -243,6 +262,14 @@ Intent = (
 class ParseError(ValueError):
     """
     A line that is no command nor message; its text is the one-line error.
+    """
+
+
+class LooksLikeACommand(ParseError):
+    """
+    A line that would be a message but reads like a command typed without
+    its C{:} (C{quit}, C{clear}, C{/help}): not sent, unless typed again
+    at once (then L{parse_message} sends it).
     """
 
 
@@ -352,6 +379,30 @@ def _delay(args: Arguments) -> Delay:
     return Delay(parse_message(text), seconds)
 
 
+#: What C{:to} takes for everybody online, and for nobody.
+EVERYBODY = ("all", "everybody", "*")
+NOBODY = ("nobody", "none", "-")
+
+
+def _to(args: Arguments) -> To:
+    text = args.text.strip()
+    if not text:
+        return To()
+    if text.startswith("@"):
+        name, rest = split_name(text[1:])
+        if rest.strip():
+            raise BadUsage()
+        return To("@" + name)
+    if len(args.words) != 1:
+        raise BadUsage()
+    word = args.words[0]
+    if word.lower() in EVERYBODY:
+        return To(BROADCAST)
+    if word.lower() in NOBODY:
+        return To(NOBODY[0])
+    return To(GROUP_PREFIX + _group_id(word))
+
+
 def _members(args: Arguments) -> Members:
     return Members(_group(args) if args.words else "")
 
@@ -399,6 +450,14 @@ def _group_user(
     """
 
     def parse(args: Arguments) -> Intent:
+        group, _, rest = args.text.strip().partition(" ")
+        rest = rest.strip()
+        if rest.startswith(('"', '@"')):
+            # A name in quotes: @"bob smith".
+            name, after = split_name(rest.removeprefix("@"))
+            if after.strip():
+                raise BadUsage()
+            return intent(_group_id(group), name)
         if len(args.words) != 2:
             raise BadUsage()
         return intent(_group_id(args.words[0]), _user(args.words[1]))
@@ -451,7 +510,22 @@ class CommandSpec:
 
 #: Every console command, in the order C{:all} lists them.
 COMMANDS: tuple[CommandSpec, ...] = (
-    CommandSpec((":q!", ":quit"), ":q! | :quit", "quit", _no_arguments(Quit)),
+    CommandSpec(
+        (":quit",),
+        ":quit",
+        "quit (asks first while messages are sending or delayed)",
+        _no_arguments(Quit),
+    ),
+    CommandSpec(
+        (":q!",), ":q!", "quit now, even with messages unsent", lambda _: Quit(True)
+    ),
+    CommandSpec(
+        (":to",),
+        ":to @<user> | <group> | all | nobody",
+        "where plain lines go: a user, a group, everybody online (all); "
+        "alone: where they go now",
+        _to,
+    ),
     CommandSpec((":all",), ":all", "list the commands", _no_arguments(Help)),
     CommandSpec((":olu",), ":olu", "list the online users", _no_arguments(OnlineUsers)),
     CommandSpec(
@@ -552,9 +626,9 @@ BY_NAME: dict[str, CommandSpec] = {
 
 #: The forms of a message, listed by C{:all} after the commands.
 MESSAGE_FORMS: tuple[tuple[str, str], ...] = (
-    ("<text>", "to the current group, or to every online user"),
+    ("<text>", "to whom the prompt names (:to sets it)"),
     ("<userId>;;<text>", "private message"),
-    ("@<name> <text>", "private message"),
+    ("@<name> <text>", 'private message (@"<name with spaces>" <text>)'),
 )
 
 
@@ -577,24 +651,84 @@ def _is_command(word: str) -> bool:
     return word.startswith(":") and not (len(word) > 2 and word.endswith(":"))
 
 
+def split_name(text: str) -> tuple[str, str]:
+    """
+    A user name at the start of C{text} (after its C{@}), and the rest: the
+    first word, or a name in double quotes (C{"bob smith"}, with C{\\"}
+    and C{\\\\} inside), so that every name the route accepts can be
+    typed.
+
+    @raise ParseError: an empty name, or a quote never closed.
+    """
+    if text.startswith('"'):
+        chars: list[str] = []
+        i = 1
+        while i < len(text):
+            char = text[i]
+            if char == "\\" and i + 1 < len(text):
+                chars.append(text[i + 1])
+                i += 2
+                continue
+            if char == '"':
+                break
+            chars.append(char)
+            i += 1
+        else:
+            raise ParseError('a quoted name needs its closing " (@"<name>" <text>)')
+        if not "".join(chars).strip():
+            raise ParseError("usage: @<name> <text>")
+        return "".join(chars), text[i + 1 :]
+    name, space, rest = text.partition(" ")
+    if not name:
+        raise ParseError("usage: @<name> <text>")
+    return name, space + rest
+
+
+#: Plain lines that read like a command typed without its colon.
+COMMAND_LIKE = frozenset(
+    {"q", "q!", "quit", "exit", "bye", "logout", "clear", "cls", "help", "?"}
+    | {"ls", "who", "whoami", "history", "join", "leave", "all", "olu"}
+)
+
+
+def _command_like(line: str) -> bool:
+    word = line.split()[0].lower() if line.split() else ""
+    if line.strip().lower() in COMMAND_LIKE:
+        return True
+    # IRC habits: /quit, /msg bob hi, /join #x.
+    return word.startswith("/") and word[1:].rstrip("!") in COMMAND_LIKE | {
+        "msg",
+        "me",
+        "nick",
+        "part",
+        "to",
+    }
+
+
+_PRIVATE_BY_ID = re.compile(r"(\d+)\s*;;(.*)", re.DOTALL)
+
+
 def parse_message(line: str) -> Message:
     """
-    A line that is no command: plain, C{<id>;;<text>} or C{@<name> <text>}.
+    A line that is no command: plain, C{<id>;;<text>} (spaces around
+    C{;;} allowed) or C{@<name> <text>}.
     """
     if line.startswith("@"):
-        name, _, text = line[1:].partition(" ")
-        if not name:
-            raise ParseError("usage: @<name> <text>")
+        name, text = split_name(line[1:])
         if not text.strip():
             raise ParseError("empty message")
         return PrivateByName(name, text.strip())
-    target, sep, text = line.partition(";;")
-    if sep and target and not any(c.isspace() for c in target):
-        if not target.isdigit() or int(target) <= 0:
+    by_id = _PRIVATE_BY_ID.fullmatch(line)
+    if by_id is not None:
+        target, text = by_id.groups()
+        if int(target) <= 0:
             raise ParseError(f"{target!r} is not a user id (usage: <userId>;;<text>)")
         if not text.strip():
             raise ParseError("empty message")
         return PrivateById(int(target), text.strip())
+    target, sep, text = line.partition(";;")
+    if sep and target and not any(c.isspace() for c in target):
+        raise ParseError(f"{target!r} is not a user id (usage: <userId>;;<text>)")
     return Say(line)
 
 
@@ -610,6 +744,11 @@ def parse_line(line: str) -> Intent:
         raise ParseError("empty message (:all lists the commands)")
     name, *after = line.split(None, 1)
     if not _is_command(name):
+        if _command_like(line):
+            raise LooksLikeACommand(
+                f"not sent: {line!r} looks like a command (commands start with "
+                "':', :all lists them); type it again to send it as a message"
+            )
         return parse_message(line)
     spec = BY_NAME.get(name)
     if spec is None:

@@ -4,8 +4,16 @@ The console client: one line typed, one command or message.
 L{cim.client.commands.parse_line} turns a line into an intent;
 L{Console} runs the intents against a L{cim.client.library.Client}, one
 handler per kind of intent, and prints what arrives as
-L{cim.client.render} shows it.  Nothing typed can stop the console: bad
-input prints a one-line error.
+L{cim.client.render} shows it (inert: nothing from others acts on the
+terminal).  Nothing typed can stop the console: bad input prints a
+one-line error, and a failed send says whether the message was queued or
+not sent.
+
+Plain lines go to the L{Target} that C{:to} sets, nobody at first, so that
+a typo never reaches everybody; the prompt names it.  On a terminal the
+console runs behind a L{cim.client.terminal.LineEditor} (L{Console.attach}):
+what it says is printed above the line being typed.  Quitting with sends
+or delayed messages pending warns first.
 
 The console is one device of its user: a message it sent is printed once
 (when stored, or when it comes back, whichever is first), the user's
@@ -21,8 +29,9 @@ import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import (
     CancelledError,
@@ -43,6 +52,7 @@ from zope.interface import implementer
 from cim import envelope as codes
 from cim.client import emoji, render
 from cim.client.commands import (
+    BY_NAME,
     AboutGroup,
     Approve,
     Create,
@@ -55,6 +65,7 @@ from cim.client.commands import (
     Invite,
     Join,
     Leave,
+    LooksLikeACommand,
     Members,
     Message,
     OnlineUsers,
@@ -67,17 +78,21 @@ from cim.client.commands import (
     Say,
     Search,
     ShowHistory,
+    To,
     Transfer,
     Unread,
     conversation_of,
     help_rows,
     parse_line,
+    parse_message,
 )
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.history import History
 from cim.client.listeners import Ack, ClientState, IClientListener
 from cim.client.render import describe, format_message
 from cim.client.route import RouteError
+from cim.client.statefile import read_json, write_json
+from cim.limits import MAX_TEXT
 from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
@@ -87,6 +102,9 @@ from cim.message import (
     peer_of,
 )
 from cim.names import name_key
+
+if TYPE_CHECKING:
+    from cim.client.terminal import LineEditor
 
 #: How many times the console asks for a password.
 MAX_PROMPTS = 3
@@ -98,6 +116,57 @@ MARK_DELAY = 0.5
 PRINTED_MEMORY = 1000
 #: One's own private messages remembered per conversation for read marks.
 OWN_MEMORY = 50
+#: How many lines typed are kept between runs (Up goes back through them).
+INPUT_HISTORY = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """
+    Where plain lines go: C{kind} is C{"nobody"} (the start: a plain line
+    is refused until C{:to} says where), C{"all"} (everybody online),
+    C{"user"} (C{name}, C{user_id}) or C{"group"} (C{name}).
+    """
+
+    kind: str = "nobody"
+    name: str = ""
+    user_id: int = 0
+
+    def prompt(self) -> str:
+        """
+        The prompt's words: whom a plain line goes to.
+        """
+        return {
+            "nobody": "(:to whom?)",
+            "all": "to everybody",
+            "user": f"to @{self.name}",
+            "group": f"to [{self.name}]",
+        }[self.kind]
+
+    def said(self) -> str:
+        """
+        Whom plain lines go to, in a sentence.
+        """
+        return {
+            "nobody": "nobody yet (:to @<user>, :to <group> or :to all)",
+            "all": "everybody online",
+            "user": f"@{self.name}",
+            "group": f"group {self.name}",
+        }[self.kind]
+
+
+class SendFailed(Exception):
+    """
+    A message was not sent; the text says so and why.
+    """
+
+
+NOBODY = Target()
+EVERYBODY = Target("all")
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _needs_password(error: BaseException) -> bool:
@@ -117,8 +186,8 @@ def _needs_password(error: BaseException) -> bool:
 class Console(LineReceiver):
     """
     The console on a line transport (L{twisted.internet.stdio.StandardIO}
-    in C{twistd -n cim-client}, a L{StringTransport} in tests), and the
-    client's listener.
+    when C{twistd -n cim-client} reads a pipe, a L{StringTransport} in
+    tests) or on a terminal (L{attach}), and the client's listener.
 
     @param client: a L{cim.client.library.Client} (or an object with the
         same methods).
@@ -126,7 +195,7 @@ class Console(LineReceiver):
     @param history_factory: makes the L{History} of a user id once logged
         in.
     @param on_quit: called once the console quit (after the client closed).
-    @ivar group: the group plain lines go to, or C{""}.
+    @ivar target: where plain lines go (L{Target}).
     """
 
     delimiter = b"\n"
@@ -154,7 +223,12 @@ class Console(LineReceiver):
         self.on_quit = on_quit
         self.route_url = route_url
         self.secret_input = secret_input
-        self.group = ""
+        self.target = NOBODY
+        self.terminal: LineEditor | None = None
+        self._sending = 0
+        self._online_names: list[str] = []
+        self._quit_warned = False
+        self._said_again = ""
         self._password_wanted: Deferred[str] | None = None
         # Commands run one after the other, in the order typed; lines typed
         # before the login completes wait for it.
@@ -176,11 +250,57 @@ class Console(LineReceiver):
 
     def say(self, text: str) -> None:
         """
-        Print one line (or several).
+        Print one line (or several), inert (see L{render.inert}): above the
+        input line on a terminal.
         """
-        if self.transport is not None:
+        if self.terminal is not None:
+            self.terminal.show(render.inert(text))
+        elif self.transport is not None:
             line = render.inert(text) + "\n"
             self.transport.write(line.encode("utf-8", "replace"))
+
+    @property
+    def group(self) -> str:
+        """
+        The group plain lines go to, or C{""}.
+        """
+        return self.target.name if self.target.kind == "group" else ""
+
+    def set_target(self, target: Target) -> None:
+        """
+        Send plain lines to C{target} from now on.
+        """
+        self.target = target
+        self.update_prompt()
+
+    def prompt_text(self) -> str:
+        """
+        The prompt: whom a plain line goes to, and what is still sending.
+        """
+        sending = ""
+        if self._sending:
+            ready = self.client.state == ClientState.READY
+            sending = f" ({self._sending} {'sending' if ready else 'queued'})"
+        return f"{self.target.prompt()}{sending}> "
+
+    def update_prompt(self) -> None:
+        if self.terminal is not None:
+            self.terminal.prompt = render.inert(self.prompt_text())
+
+    def attach(self, terminal: LineEditor) -> None:
+        """
+        Run on a terminal (a L{LineEditor}): lines typed come from it, what
+        is said is printed above its input line, a password is typed
+        hidden, Ctrl-C or Ctrl-D on an empty line quit.
+        """
+        self.terminal = terminal
+        terminal.on_line = self.line_typed
+        terminal.on_interrupt = terminal.on_eof = self.quit_asked
+        terminal.on_lost = self.terminal_lost
+        terminal.limit = MAX_TEXT
+        terminal.completer = self.complete
+        self.secret_input = terminal.set_secret
+        self.update_prompt()
 
     def error(self, text: str) -> None:
         """
@@ -208,7 +328,7 @@ class Console(LineReceiver):
                 if self._quitting is not None:
                     return False  # :q! while logging in
                 if not _needs_password(e) or prompts == MAX_PROMPTS:
-                    self.error(f"cannot log in: {describe(e)}")
+                    self.error(f"cannot log in: {self._login_failure(e)}")
                     await self.quit()
                     return False
                 if password is not None:
@@ -223,6 +343,7 @@ class Console(LineReceiver):
             await self.history.load()
         except Exception as e:
             self.error(f"cannot read the history: {describe(e)}")
+        self._load_input_history()
         self._logged_in = True
         host, port = self.client.server or ("?", 0)
         self.say(
@@ -233,6 +354,47 @@ class Console(LineReceiver):
         # Run what was typed meanwhile.
         self._lock.release()
         return True
+
+    def _login_failure(self, error: BaseException) -> str:
+        """
+        Why the login failed, in words: a route that cannot be reached is
+        said so (not with the network library's message).
+        """
+        cause = error.__cause__
+        if isinstance(error, LoginError) and not error.code and cause is not None:
+            text = describe(cause)
+            if text.startswith("the route "):
+                route = self.route_url or "the route"
+                return f"the route at {route}{text[len('the route') :]}"
+        return describe(error)
+
+    def _input_history_path(self) -> Path | None:
+        """
+        Where the lines typed on the terminal are kept between runs: beside
+        the chat history (so per route, account and device), or nowhere.
+        """
+        if self.terminal is None or self.history.path is None:
+            return None
+        path = self.history.path
+        return path.with_name(path.name.removesuffix(".jsonl") + ".typed.json")
+
+    def _load_input_history(self) -> None:
+        path = self._input_history_path()
+        if path is None or self.terminal is None:
+            return
+        lines = read_json(path, "input history")
+        if isinstance(lines, list):
+            typed = [line for line in lines if isinstance(line, str)]
+            self.terminal.line.load_history(typed + self.terminal.line.history)
+
+    def _save_input_history(self) -> None:
+        path = self._input_history_path()
+        if path is None or self.terminal is None:
+            return
+        try:
+            write_json(path, self.terminal.line.history[-INPUT_HISTORY:])
+        except OSError as e:
+            self.log.warn("Cannot save {path}: {e}", path=str(path), e=e)
 
     async def _login_unread(self) -> None:
         """
@@ -266,22 +428,97 @@ class Console(LineReceiver):
     # Input
 
     def lineReceived(self, line: bytes) -> None:
-        text = line.decode("utf-8", "replace").rstrip("\r")
+        self.line_typed(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def line_typed(self, text: str) -> None:
+        """
+        One line typed: a password asked for, a command or a message.  An
+        empty line does nothing; a line over the limit is refused whole
+        (on a terminal it goes back to the input line, to be shortened).
+        """
         if self._password_wanted is not None:
             wanted, self._password_wanted = self._password_wanted, None
             if self.secret_input is not None:
                 self.secret_input(False)
             wanted.callback(text)
             return
+        if not text.strip():
+            return
+        if len(text) > MAX_TEXT:
+            self.error(
+                f"not sent: the line has {len(text):,} characters, over the limit "
+                f"of {MAX_TEXT:,}; nothing was cut"
+                + (": shorten it" if self.terminal is not None else "")
+            )
+            if self.terminal is not None:
+                self.terminal.line.set(text)
+                self.terminal.draw()
+            return
+        again, self._said_again = self._said_again, ""
         try:
             command = parse_line(text)
+        except LooksLikeACommand as e:
+            if text.strip() != again:
+                self._said_again = text.strip()
+                self.error(str(e))
+                return
+            command = parse_message(text.strip())
         except ParseError as e:
             self.error(str(e))
             return
+        if not isinstance(command, Quit):
+            self._quit_warned = False
         self.run(command)
 
+    def complete(self, word: str) -> list[str]:
+        """
+        What C{word} (before the cursor, Tab pressed) may become: a
+        command's name (C{:hi} is C{:history}), or C{@} and a user's name
+        known from the history, the conversations and the last list of
+        online users (C{@Bo} is C{@bob}).  Names that need quotes are
+        completed quoted.
+        """
+        if word.startswith(":"):
+            return [name for name in BY_NAME if name.startswith(word)]
+        if not word.startswith("@"):
+            return []
+        typed = name_key(word[1:]) if word[1:].strip() else ""
+        names = set(self.history.names) | set(self._online_names)
+        for info in self.client.conversation_states():
+            if info.peer_name:
+                names.add(str(info.peer_name))
+        found = []
+        for name in names:
+            if name and name_key(name).startswith(typed):
+                if any(c.isspace() or c == '"' for c in name):
+                    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+                    found.append(f'@"{escaped}"')
+                else:
+                    found.append("@" + name)
+        return found
+
+    def terminal_lost(self) -> None:
+        """
+        The terminal closed: after L{quit}, or standard input ended.
+        """
+        if self._quitting is not None and self._quitting.called:
+            self._quit_done()
+        else:
+            ensureDeferred(self.quit()).addErrback(self._crashed)
+
+    def quit_asked(self) -> None:
+        """
+        Ctrl-D (or Ctrl-C) on an empty line: quit, unless messages are
+        still sending or delayed (then warn; asking again quits).
+        """
+        if self._password_wanted is not None or not self._warn_before_quit():
+            ensureDeferred(self.quit()).addErrback(self._crashed)
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.error(f"line too long (over {self.MAX_LENGTH} bytes)")
+        self.error(
+            f"not sent: the line is over {self.MAX_LENGTH:,} bytes, over the limit "
+            f"of {MAX_TEXT:,} characters; nothing was cut"
+        )
 
     def connectionMade(self) -> None:
         self._io_open = True
@@ -344,6 +581,7 @@ class Console(LineReceiver):
             return
         expected = (
             ParseError,
+            SendFailed,
             RouteError,
             LoginError,
             SendError,
@@ -369,47 +607,177 @@ class Console(LineReceiver):
     @execute.register
     async def send(self, command: Message) -> None:
         """
-        Send a message; a private one is recorded in the history once
-        stored.  Returns once the message is handed to the client (which
-        resends it after reconnects until the server has it), so that the
-        next command need not wait for the acknowledgement.
+        Send a message: a plain line to the current target, the others to
+        their user.  Returns once the message is handed to the client
+        (which resends it after reconnects until the server has it), so
+        that the next command need not wait for the acknowledgement; the
+        message is printed once stored.
         """
         if isinstance(command, Say):
-            if self.group:
-                group = self.group
-
-                def stored_in_group(ack: Ack) -> None:
-                    sent = self._sent(
-                        command.text, ack=ack, client_msg_id=ack.client_msg_id
-                    )
-                    self._show_sent(replace(sent, group_id=group))
-
-                sending = self.client.send_group(group, command.text)
-                sending.addCallback(stored_in_group).addErrback(self._failed)
-                return
-            await self.client.broadcast(command.text)
-            self.history.add(self._sent(command.text), "out", to_name="(everybody)")
+            await self._say_to(self.target, command.text)
             return
         if isinstance(command, PrivateByName):
-            user_id = await self.resolve(command.name)
+            user_id = await self.resolve(command.name, sending=True)
         else:
             user_id = command.user_id
+        await self._send_private(user_id, command.text)
+
+    async def _say_to(self, target: Target, text: str) -> None:
+        """
+        Send a plain line to C{target}.
+        """
+        if target.kind == "user":
+            await self._send_private(target.user_id, text)
+        elif target.kind == "group":
+            group = target.name
+
+            def stored_in_group(ack: Ack) -> None:
+                sent = self._sent(text, ack=ack, client_msg_id=ack.client_msg_id)
+                self._show_sent(replace(sent, group_id=group))
+
+            self._sending_now(self.client.send_group(group, text), stored_in_group)
+        elif target.kind == "all":
+            try:
+                await self.client.broadcast(text)
+            except Exception as e:
+                raise SendFailed(
+                    f"not sent (to everybody online): {describe(e)}"
+                ) from e
+            sent = replace(self._sent(text), conversation=BROADCAST)
+            self.history.add(sent, "out", to_name="(everybody)")
+            self.say(format_message(sent, self.client.user_id or 0, now_ms=self._now()))
+        else:
+            raise ParseError(
+                "not sent: say to whom first: :to @<user>, :to <group>, or :to all "
+                "(everybody online); or @<user> <text> for one message"
+            )
+
+    async def _send_private(self, user_id: int, text: str) -> None:
+        """
+        Send C{text} to C{user_id}; once stored it is printed, marked when
+        the user was offline (it waits for them, stored).
+        """
+        online = await self._online_ids()
 
         def stored(ack: Ack) -> None:
             sent = self._sent(
-                command.text,
-                ack=ack,
-                receive_user_id=user_id,
-                client_msg_id=ack.client_msg_id,
+                text, ack=ack, receive_user_id=user_id, client_msg_id=ack.client_msg_id
             )
-            self._show_sent(sent)
+            note = ""
+            if online is not None and user_id not in online:
+                name = self._name_of(user_id) or str(user_id)
+                note = f"(stored; {name} is offline: delivered when back)"
+            self._show_sent(sent, note)
 
-        sending = self.client.send_private(user_id, command.text)
-        sending.addCallback(stored).addErrback(self._failed)
+        self._sending_now(self.client.send_private(user_id, text), stored)
+
+    def _sending_now(
+        self, sending: Deferred[Ack], stored: Callable[[Ack], None]
+    ) -> None:
+        """
+        A send handed to the client: counted in the prompt until stored or
+        refused; said to be queued when the client is not connected.
+        """
+        if self.client.state != ClientState.READY:
+            self.say(
+                "queued: not connected right now; it is sent once the connection "
+                "is back (:quit warns while it waits)"
+            )
+        self._sending += 1
+        self.update_prompt()
+
+        def done(result: object) -> object:
+            self._sending -= 1
+            self.update_prompt()
+            return result
+
+        sending.addBoth(done)
+        sending.addCallback(stored).addErrback(self._send_failed)
+
+    def _send_failed(self, failure: Failure) -> None:
+        """
+        A send the server refused, or that the client gave up.
+        """
+        if failure.check(CancelledError):
+            return
+        if not failure.check(SendError, ClientClosed, NotLoggedIn):
+            self.log.failure("A send failed", failure)
+        self.error(f"not sent: {describe(failure.value or Exception('error'))}")
+
+    async def _online_ids(self) -> set[int] | None:
+        """
+        The ids of the users online now, or C{None} when it cannot be told
+        (not connected, the route does not answer).
+        """
+        if self.client.state != ClientState.READY:
+            return None
+        try:
+            return {int(u.user_id) for u in await self.client.online_users()}
+        except Exception:
+            return None
+
+    def _now(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def _pending(self) -> str:
+        """
+        What quitting now would lose, in words, or C{""}.
+        """
+        parts = []
+        if self._sending:
+            parts.append(_plural(self._sending, "message") + " still sending")
+        delayed = sum(1 for call in self._delayed if call.active())
+        if delayed:
+            parts.append(_plural(delayed, "delayed message") + " not sent yet")
+        return " and ".join(parts)
+
+    def _warn_before_quit(self) -> bool:
+        """
+        Whether to warn instead of quitting: something is pending and the
+        user was not warned already.
+        """
+        pending = self._pending()
+        if not pending or self._quit_warned:
+            return False
+        self._quit_warned = True
+        several = self._sending + sum(1 for c in self._delayed if c.active()) > 1
+        self.say(
+            f"{pending}: quitting now loses {'them' if several else 'it'}; :q! "
+            "(or Ctrl-D again) quits anyway, :quit again too"
+        )
+        return True
+
+    @execute.register
+    async def to(self, command: To) -> None:
+        """
+        C{:to}: where plain lines go from now on (alone: where they go).
+        """
+        target = command.target
+        if not target:
+            self.say(f"plain lines go to {self.target.said()}")
+            return
+        if target == "nobody":
+            self.set_target(NOBODY)
+        elif target == BROADCAST:
+            self.set_target(EVERYBODY)
+        elif target.startswith("@"):
+            name = target[1:]
+            user_id = await self.resolve(name)
+            self.set_target(Target("user", self._name_of(user_id) or name, user_id))
+        else:
+            group = target[len(GROUP_PREFIX) :]
+            if group not in await self.client.my_groups():
+                raise ParseError(
+                    f"you are not in group {group} (:join {group} first; "
+                    f"for a user: :to @{group})"
+                )
+            self.set_target(Target("group", group))
+        self.say(f"plain lines go to {self.target.said()} now")
 
     @execute.register
     async def _quit(self, command: Quit) -> None:
-        await self.quit()
+        if command.force or not self._warn_before_quit():
+            await self.quit()
 
     @execute.register
     async def show_help(self, command: Help) -> None:
@@ -424,11 +792,9 @@ class Console(LineReceiver):
         C{:olu} and C{:pu}: the online users whose name starts with the
         prefix.
         """
-        users = [
-            u
-            for u in await self.client.online_users()
-            if u.user_name.startswith(command.prefix)
-        ]
+        online = await self.client.online_users()
+        self._online_names = [u.user_name for u in online]
+        users = [u for u in online if u.user_name.startswith(command.prefix)]
         self.say("\n".join(render.online_users(users, command.prefix)))
 
     @execute.register
@@ -449,7 +815,7 @@ class Console(LineReceiver):
         """
         client = self.client
         server = f"{client.server[0]}:{client.server[1]}" if client.server else "none"
-        target = f"group {self.group}" if self.group else "everybody online"
+        target = self.target.said()
         self.say(
             f"user {client.user_name or '?'} (id {client.user_id or '?'}), "
             f"device {client.device or '?'}, "
@@ -475,9 +841,18 @@ class Console(LineReceiver):
         C{:delay}: run the message command after its delay.
         """
 
+        message = command.message
+        target = self.target
+        if isinstance(message, Say) and target.kind == "nobody":
+            await self._say_to(target, message.text)  # says to whom first
+
         def fire() -> None:
             self._delayed.discard(call)
-            self.run(command.message)
+            if isinstance(message, Say):
+                d: Deferred[None] = self._lock.run(self._say_to, target, message.text)
+                d.addErrback(self._failed)
+            else:
+                self.run(message)
 
         call = self.clock.callLater(command.seconds, fire)
         self._delayed.add(call)
@@ -502,7 +877,7 @@ class Console(LineReceiver):
         await self.client.create_group(
             command.group, command.policy or None, command.history or None
         )
-        self.group = command.group
+        self.set_target(Target("group", command.group))
         policy = command.policy or "invite"
         how = {
             "open": "anyone may join",
@@ -520,7 +895,7 @@ class Console(LineReceiver):
         if result.pending:
             self.say(f"asked to join {command.group}; waiting for its owner")
             return
-        self.group = command.group
+        self.set_target(Target("group", command.group))
         if result.joined:
             self.say(f"joined {command.group}; plain lines go there now")
         else:
@@ -534,9 +909,9 @@ class Console(LineReceiver):
         """
         left = await self.client.leave_group(command.group)
         if self.group == command.group:
-            self.group = ""
+            self.set_target(NOBODY)
         if left:
-            self.say(f"left {command.group}; plain lines go to everybody online")
+            self.say(f"left {command.group}; plain lines go to {self.target.said()}")
         else:
             self.say(f"you were not in {command.group}")
 
@@ -645,9 +1020,22 @@ class Console(LineReceiver):
             peer = await self.resolve(target[1:])
         elif target.startswith(INBOX_PREFIX) and target[2:].isdigit():
             peer = int(target[2:])
+        elif pair_members(target) is not None:
+            peer = peer_of(target, self.client.user_id or 0)
+            if peer is None:
+                raise ParseError("that conversation is not yours")
+        elif not target and self.target.kind == "user":
+            peer = self.target.user_id
         if peer is not None:
             conversation = self.client.private_conversation(peer)
-            messages = await self.client.history(peer=peer, limit=command.count)
+            await self._learn_name(peer)
+            try:
+                messages = await self.client.history(peer=peer, limit=command.count)
+            except RouteError as e:
+                raise ParseError(
+                    f"cannot read your messages with {self._where(conversation)}: "
+                    f"{e.message}"
+                ) from None
         else:
             if target:
                 conversation = conversation_of(target)
@@ -657,7 +1045,20 @@ class Console(LineReceiver):
                 conversation = self._last_private
             else:
                 raise ParseError("usage: :history @<user> | <group> [n]")
-            messages = await self.client.history(conversation, command.count)
+            try:
+                messages = await self.client.history(conversation, command.count)
+            except RouteError as e:
+                if not conversation.startswith(GROUP_PREFIX):
+                    raise
+                group = conversation[len(GROUP_PREFIX) :]
+                raise ParseError(
+                    f"no group {group!r} whose history you can read"
+                    + (
+                        f"; your messages with the user {group}: :history @{group}"
+                        if not target.startswith(GROUP_PREFIX)
+                        else ""
+                    )
+                ) from e
         if not messages:
             self.say(f"no stored messages with {self._where(conversation)}")
         me = self.client.user_id or 0
@@ -665,7 +1066,7 @@ class Console(LineReceiver):
             if me and message.sender_id == me:
                 self.say(self._own_line(message))
             else:
-                self.say(format_message(message, me))
+                self.say(format_message(message, me, now_ms=self._now()))
             self._displayed(message)
 
     @execute.register
@@ -702,14 +1103,16 @@ class Console(LineReceiver):
             receive_user_id=receive_user_id,
         )
 
-    def _show_sent(self, message: ChatMessage) -> None:
+    def _show_sent(self, message: ChatMessage, note: str = "") -> None:
         """
         A message sent here was stored: print it, unless its echo was.
         """
         if message.client_msg_id not in self._printed:
-            self._show_own(message, other_device=False)
+            self._show_own(message, other_device=False, note=note)
 
-    def _show_own(self, message: ChatMessage, other_device: bool) -> None:
+    def _show_own(
+        self, message: ChatMessage, other_device: bool, note: str = ""
+    ) -> None:
         """
         Print (and record) one of the user's own messages.
         """
@@ -725,14 +1128,16 @@ class Console(LineReceiver):
             message = replace(message, receive_user_id=peer)
         to_name = self._name_of(peer) if peer is not None else ""
         self.history.add(message, "out", to_name=to_name)
-        self.say(self._own_line(message, other_device))
+        self.say(self._own_line(message, other_device, note))
         if peer is not None and peer != me and message.conversation:
             shown = self._own_shown.setdefault(message.conversation, [])
             shown.append(message)
             del shown[:-OWN_MEMORY]
         self._displayed(message)
 
-    def _own_line(self, message: ChatMessage, other_device: bool = False) -> str:
+    def _own_line(
+        self, message: ChatMessage, other_device: bool = False, note: str = ""
+    ) -> str:
         """
         How one of the user's own messages is shown: to whom, and read or
         not by its peer.
@@ -748,7 +1153,9 @@ class Console(LineReceiver):
             and self.client.read_position(message.conversation, peer) >= message.seq
         )
         name = (self._name_of(peer) or str(peer)) if peer is not None else ""
-        return format_message(message, me, name, other_device, read)
+        return format_message(
+            message, me, name, other_device, read, now_ms=self._now(), note=note
+        )
 
     def _where(self, conversation: str) -> str:
         """
@@ -792,6 +1199,21 @@ class Console(LineReceiver):
                     "Marking {conversation} read failed", conversation=conversation
                 )
 
+    async def _learn_name(self, user_id: int) -> None:
+        """
+        Find the name of C{user_id} among the online users when neither the
+        history nor the conversations know it (so that it is shown by name).
+        """
+        if self._name_of(user_id):
+            return
+        try:
+            online = await self.client.online_users()
+        except Exception:
+            return
+        for user in online:
+            if user.user_id == user_id:
+                self.history.names[user.user_name] = user.user_id
+
     def _name_of(self, user_id: int) -> str:
         """
         The name of C{user_id} if the history or the conversations know
@@ -805,23 +1227,46 @@ class Console(LineReceiver):
                 return str(info.peer_name)
         return ""
 
-    async def resolve(self, name: str) -> int:
+    async def resolve(self, name: str, sending: bool = False) -> int:
         """
-        The id of user C{name}: from the online users, else from the
-        history.
+        The id of user C{name} (by the route's naming rule: C{@Alice} is
+        alice): from the online users, else from the history and the
+        conversations.  When the route cannot be asked, what is known
+        decides.
 
+        @param sending: the name is a message's receiver (the error then
+            says the message was not sent).
         @raise ParseError: nobody of that name is known.
         """
         # Names are the same account by their key (case, look-alikes...).
         key = name_key(name)
-        for user in await self.client.online_users():
+        known = None
+        for seen, user_id in self.history.names.items():
+            if name_key(seen) == key:
+                known = user_id
+        for info in self.client.conversation_states():
+            if info.peer_id is not None and info.peer_name:
+                if name_key(str(info.peer_name)) == key:
+                    known = int(info.peer_id)
+        not_sent = "not sent: " if sending else ""
+        try:
+            online = await self.client.online_users()
+            self._online_names = [u.user_name for u in online]
+        except Exception as e:
+            if known is not None:
+                return known
+            raise ParseError(
+                f"{not_sent}cannot look up the user {name!r}: {describe(e)}"
+            ) from None
+        for user in online:
             if name_key(user.user_name) == key:
                 self.history.names[user.user_name] = user.user_id
                 return int(user.user_id)
-        for known, user_id in self.history.names.items():
-            if name_key(known) == key:
-                return user_id
-        raise ParseError(f"unknown user {name!r} (not online, not in your history)")
+        if known is not None:
+            return known
+        raise ParseError(
+            f"{not_sent}unknown user {name!r} (not online, not in your history)"
+        )
 
     async def quit(self) -> None:
         """
@@ -846,10 +1291,14 @@ class Console(LineReceiver):
             await self.client.close()
         except Exception:
             self.log.failure("Closing the client failed")
+        self._save_input_history()
         self.history.close()
         self.say("bye")
         self._quitting.callback(None)
-        if self._io_open and self.transport is not None:
+        if self.terminal is not None and self.terminal.is_open:
+            # on_quit once the output is flushed (see terminal_lost).
+            self.terminal.close()
+        elif self._io_open and self.transport is not None:
             # on_quit once the output is flushed (see connectionLost).
             self.transport.loseConnection()
         else:
@@ -866,8 +1315,11 @@ class Console(LineReceiver):
             self._show_own(message, other_device=not here)
             return
         self.history.add(message, "in")
-        self.say(format_message(message, me))
+        self.say(format_message(message, me, now_ms=self._now()))
         self._displayed(message)
+        if me and peer_of(message.conversation, me) == message.sender_id:
+            # Writing in a conversation reads it: a reply is a receipt.
+            self.read_changed(message.sender_id, message.conversation, message.seq)
 
     def conversation_reset(self, conversation: str, seq: int) -> None:
         # What is numbered after seq now is other messages.
@@ -897,6 +1349,7 @@ class Console(LineReceiver):
             self.say(render.server_error(reason))
 
     def state_changed(self, state: ClientState, reason: str) -> None:
+        self.update_prompt()  # "sending" or "queued"
         if state == ClientState.RECONNECTING:
             shown = not self._announced_loss
             self._announced_loss = True

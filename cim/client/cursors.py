@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from cim.client.statefile import read_json, write_json
+from cim.client.statefile import read_json, route_slug, write_json
 from cim.message import INBOX_PREFIX, Cursor, Position
 
 #: The version number written in the file (1: seqs only, no epochs).
@@ -45,15 +45,26 @@ NOWHERE = Position("", 0)
 
 
 def state_path(
-    state_dir: str | os.PathLike[str], user_id: int, device: str = ""
+    state_dir: str | os.PathLike[str],
+    user_id: int,
+    device: str = "",
+    route_url: str = "",
+    account: str = "",
 ) -> Path:
     """
     The cursor file of C{user_id} under C{state_dir}: of its device
     C{device} (one named by the application), or of the device the folder
-    keeps (C{""}; the file's name from before devices).
+    keeps (C{""}; the file's name from before devices); in a folder of its
+    route (C{cursors/<host_port>/}) when C{route_url} is given, so that
+    two routes' users of one id never share one, and with the account's
+    tag (L{cim.client.devices.account_tag}) when C{account} is given.
     """
     suffix = f"-{device}" if device else ""
-    return Path(state_dir).expanduser() / f"cursors-{user_id}{suffix}.json"
+    folder = Path(state_dir).expanduser()
+    if route_url:
+        user = f"{user_id}-{account}" if account else str(user_id)
+        return folder / "cursors" / route_slug(route_url) / f"{user}{suffix}.json"
+    return folder / f"cursors-{user_id}{suffix}.json"
 
 
 def _seq(value: Any) -> int | None:

@@ -12,6 +12,7 @@ L{cim.client.library.Client} is a device of its own.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def new_device_id() -> str:
 
 def _route(url: str) -> str:
     return url.rstrip("/")
+
+
+def account_tag(credential: str) -> str:
+    """
+    A short tag of an account, from what proves it (its account key, else
+    its name): two accounts of one id in two incarnations of a store have
+    two tags.  Not the credential: a hash of it.
+    """
+    return hashlib.sha256(credential.encode("utf-8")).hexdigest()[:12]
+
+
+def _user(user_id: int, account: str) -> str:
+    return f"{user_id}-{account}" if account else str(user_id)
 
 
 class DeviceIds:
@@ -65,26 +79,34 @@ class DeviceIds:
                 if isinstance(device, str) and DEVICE_ID.fullmatch(device):
                     self._ids.setdefault(str(route), {})[str(user)] = device
 
-    def get(self, route_url: str, user_id: int) -> str | None:
+    def get(self, route_url: str, user_id: int, account: str = "") -> str | None:
         """
-        The device id kept for C{user_id} at C{route_url}, if any.
+        The device id kept for C{user_id} at C{route_url} (and account
+        C{account}, an L{account_tag}, when given), if any.
         """
-        return self._ids.get(_route(route_url), {}).get(str(user_id))
+        return self._ids.get(_route(route_url), {}).get(_user(user_id, account))
 
-    def device_for(self, route_url: str, user_id: int) -> str:
+    def device_for(self, route_url: str, user_id: int, account: str = "") -> str:
         """
         The device id of C{user_id} at C{route_url}: the one kept, else a
         new one, kept from now on (a failure to save it is logged: the id
         then lasts as long as this object).
+
+        @param account: the L{account_tag} of the account: an account of
+            a new store that got the same id is another device.  The id
+            kept for C{user_id} alone (before accounts were told apart) is
+            taken over once.
         """
         if self.path is not None:
             # Another client sharing the folder may have saved one since.
             self._load(self.path)
-        device = self.get(route_url, user_id)
+        device = self.get(route_url, user_id, account)
         if device is not None:
             return device
-        device = new_device_id()
-        self._ids.setdefault(_route(route_url), {})[str(user_id)] = device
+        users = self._ids.setdefault(_route(route_url), {})
+        device = users.pop(str(user_id), None) if account else None
+        device = device or new_device_id()
+        users[_user(user_id, account)] = device
         if self.path is not None:
             try:
                 write_json(self.path, {"version": FORMAT_VERSION, "routes": self._ids})

@@ -6,6 +6,7 @@ saw let C{@name} reach users who are offline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from cim.client.statefile import route_slug, slug
 from cim.message import ChatMessage
 
 #: Runs a blocking function away from the reactor thread: C{run(f, *args)}
@@ -42,11 +44,29 @@ def thread_runner(reactor: IReactorThreads) -> Runner:
     return run
 
 
-def history_path(history_dir: str | os.PathLike[str], user_id: int) -> Path:
+def history_path(
+    history_dir: str | os.PathLike[str],
+    user_id: int,
+    route_url: str = "",
+    account: str = "",
+    device: str = "",
+) -> Path:
     """
-    The history file of C{user_id} under C{history_dir}.
+    The history file of C{user_id} under C{history_dir}: per route, account
+    and device when they are given (C{<route>/<id>-<account>-<device>.jsonl},
+    the account as a hash of what proves it, its account key, so that an
+    account of a new store that was given the same id never reads
+    another's history).
     """
-    return Path(history_dir).expanduser() / f"{user_id}.jsonl"
+    folder = Path(history_dir).expanduser()
+    if not route_url:
+        return folder / f"{user_id}.jsonl"
+    parts = [str(user_id)]
+    if account:
+        parts.append(hashlib.sha256(account.encode("utf-8")).hexdigest()[:12])
+    if device:
+        parts.append(slug(device))
+    return folder / route_slug(route_url) / ("-".join(parts) + ".jsonl")
 
 
 def record_of(

@@ -49,7 +49,7 @@ from twisted.web.client import HTTPConnectionPool
 from cim.client.connection import ClientProtocol
 from cim.client.cursors import CursorFile, state_path
 from cim.client.devicekeys import DeviceKeys
-from cim.client.devices import DeviceIds, new_device_id
+from cim.client.devices import DeviceIds, account_tag, new_device_id
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.inbox import Inbox
 from cim.client.keys import AccountKeys
@@ -75,6 +75,7 @@ from cim.message import (
     Frame,
     pair_conversation,
 )
+from cim.names import name_key
 from cim.web import http_client
 
 __all__ = [
@@ -394,10 +395,13 @@ class Client:
             if held is None or held.key != account_key:
                 self._keep_key(user_name, user_id, account_key)
         self._account_key = account_key
+        # The account's tag keeps its device id and cursors apart from those
+        # of another account that got the same id (a new store).
+        tag = account_tag(account_key or name_key(user_name))
         if self._device_given is not None:
             self._device = self._device_given
         elif self.state_dir is not None:
-            self._device = self._devices.device_for(self.route.url, user_id)
+            self._device = self._devices.device_for(self.route.url, user_id, tag)
         elif not self._device:
             self._device = new_device_id()
         # The cursors (and last token) of this user's device, from its file:
@@ -405,7 +409,16 @@ class Client:
         path = None
         if self.state_dir is not None:
             named = self._device_given or ""
-            path = state_path(self.state_dir, user_id, named)
+            path = state_path(self.state_dir, user_id, named, self.route.url, tag)
+            legacy = state_path(self.state_dir, user_id, named)
+            if not path.exists() and legacy.exists():
+                # Kept before cursors were per route: carried over once
+                # (the server's epochs tell a stale cursor).
+                try:
+                    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    legacy.rename(path)
+                except OSError as e:
+                    self.log.warn("Cannot move {legacy}: {e}", legacy=str(legacy), e=e)
         self._inbox.open(user_id, path)
         holder = None
         if self.state_dir is not None and (password or device_key is not None):
@@ -456,6 +469,23 @@ class Client:
         The users connected now, by user id.
         """
         return await self.route.online_users()
+
+    async def find_user(self, name: str) -> User | None:
+        """
+        The user called C{name}, by the route's naming rule
+        (L{cim.names.name_key}: C{"Bob"} finds bob): among the users online
+        now, else the peers of this user's private conversations (after
+        L{conversations}).  C{None} when neither knows the name.
+        """
+        key = name_key(name)
+        for user in await self.online_users():
+            if name_key(user.user_name) == key:
+                return user
+        for info in self._inbox.reads.all():
+            if info.peer_id is not None and info.peer_name:
+                if name_key(info.peer_name) == key:
+                    return User(info.peer_id, info.peer_name)
+        return None
 
     async def create_group(
         self, group_id: str, policy: str | None = None, history: str | None = None

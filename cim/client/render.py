@@ -15,11 +15,30 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+)
+from twisted.web._newclient import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
 from cim.client import emoji
 from cim.client.errors import ClientClosed, LoginError, NotLoggedIn, SendError
 from cim.client.listeners import ClientState
 from cim.client.route import GroupInfo, RouteError, User
-from cim.message import GROUP_PREFIX, INBOX_PREFIX, PAIR_PREFIX, ChatMessage
+from cim.message import (
+    BROADCAST,
+    GROUP_PREFIX,
+    INBOX_PREFIX,
+    PAIR_PREFIX,
+    ChatMessage,
+)
 
 #: The characters a terminal may act on instead of showing: controls
 #: (escape sequences, bells, carriage returns...), format characters
@@ -46,11 +65,17 @@ def inert(text: str) -> str:
     )
 
 
-def clock_time(timestamp_ms: int) -> str:
+def clock_time(timestamp_ms: int, now_ms: int | None = None) -> str:
     """
-    C{HH:MM:SS} of a timestamp, in local time.
+    C{HH:MM:SS} of a timestamp, in local time, after its date
+    (C{YYYY-MM-DD HH:MM:SS}) when that is not the day of C{now_ms} (by
+    default, today).
     """
-    return time.strftime("%H:%M:%S", time.localtime(timestamp_ms / 1000))
+    moment = time.localtime(timestamp_ms / 1000)
+    today = time.localtime(None if now_ms is None else now_ms / 1000)
+    if moment[:3] != today[:3]:
+        return time.strftime("%Y-%m-%d %H:%M:%S", moment)
+    return time.strftime("%H:%M:%S", moment)
 
 
 #: After one's own private message once its peer has read it.
@@ -73,6 +98,8 @@ def format_message(
     peer_name: str = "",
     other_device: bool = False,
     read: bool = False,
+    now_ms: int | None = None,
+    note: str = "",
 ) -> str:
     """
     How a message is shown: C{[HH:MM:SS] sender: text}, marked
@@ -82,23 +109,29 @@ def format_message(
         messages show whom they went to (C{peer_name}), and a read mark
         when C{read} (the peer read them).
     @param other_device: one's own message, sent from another device.
+    @param now_ms: now (the date is shown when the message is of another
+        day).
+    @param note: said after the text (C{(stored; bob is offline)}).
     """
     sender = message.sender_name or str(message.sender_id)
     if other_device:
         sender += OTHER_DEVICE
     text = one_line(message.text)
-    stamp = clock_time(message.timestamp)
+    stamp = clock_time(message.timestamp, now_ms)
+    note = f" {note}" if note else ""
     if message.group_id or message.conversation.startswith(GROUP_PREFIX):
         group = message.group_id or message.conversation[len(GROUP_PREFIX) :]
-        return f"[{stamp}] [{group}] {sender}: {text}"
+        return f"[{stamp}] [{group}] {sender}: {text}{note}"
     private = message.conversation.startswith((PAIR_PREFIX, INBOX_PREFIX))
     if private or message.receive_user_id:
         if me and message.sender_id == me:
             to = peer_name or str(message.receive_user_id or "?")
             mark = f" {READ_MARK}" if read else ""
-            return f"[{stamp}] (private) {sender} -> {to}: {text}{mark}"
-        return f"[{stamp}] (private) {sender}: {text}"
-    return f"[{stamp}] {sender}: {text}"
+            return f"[{stamp}] (private) {sender} -> {to}: {text}{mark}{note}"
+        return f"[{stamp}] (private) {sender}: {text}{note}"
+    if me and message.sender_id == me and message.conversation == BROADCAST:
+        return f"[{stamp}] {sender} -> everybody: {text}{note}"
+    return f"[{stamp}] {sender}: {text}{note}"
 
 
 def read_receipt(peer_name: str, message: ChatMessage) -> str:
@@ -150,6 +183,28 @@ def describe(error: BaseException) -> str:
 @describe.register
 def _route_error(error: RouteError) -> str:
     return error.message
+
+
+@describe.register
+def _unreachable(error: ConnectError | ConnectingCancelledError) -> str:
+    return "the route cannot be reached (is it running?)"
+
+
+@describe.register
+def _timed_out(error: TimeoutError | defer.TimeoutError | CancelledError) -> str:
+    return "the route did not answer in time"
+
+
+@describe.register
+def _cut(
+    error: ResponseNeverReceived | RequestTransmissionFailed | ResponseFailed,
+) -> str:
+    return "the connection to the route broke"
+
+
+@describe.register
+def _no_such_host(error: DNSLookupError) -> str:
+    return "the route's host name cannot be found"
 
 
 @describe.register

@@ -6,8 +6,10 @@ file, and read leniently (a missing or damaged file is as good as none).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,25 @@ def write_json(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+def slug(text: str, hashed: bool = False) -> str:
+    """
+    C{text} as a file name: what is not a letter, digit, C{.}, C{_} or
+    C{-} becomes C{_}; with C{hashed}, a short hash of C{text} follows, so
+    that two texts with one slug still differ.
+    """
+    name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip("._")[:48] or "_"
+    if hashed:
+        name += "-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+    return name
+
+
+def route_slug(route_url: str) -> str:
+    """
+    The folder name of a route: its host and port (and C{https_} when it
+    uses TLS), e.g. C{127.0.0.1_8083}.
+    """
+    url = route_url.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    return slug(("https_" if scheme == "https" else "") + rest)

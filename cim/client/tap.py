@@ -1,21 +1,29 @@
 """
 C{twistd -n cim-client}: the console client.
 
-It is one device of its user: its device id is kept in its state folder
-(C{--state-dir}), or given with C{--device}.
+On a terminal it edits lines (L{cim.client.terminal}: the terminal in raw
+mode, restored when the reactor stops); with its input piped, it reads
+lines as they come.
 
-Its logs go to a file (C{--logfile}, default C{~/.cim/cim-client.log}),
-never into the console: unless twistd's own C{--logfile} names a file,
-L{makeService} points C{sys.stdout} (where twistd's log observer writes,
-looked up after L{makeService}) at that file, while the console writes to
-file descriptor 1 through L{StandardIO}.
+It is one device of its user: its device id is kept in its state folder
+(C{--state-dir}), or given with C{--device}.  It writes no pid file (unless
+twistd's C{--pidfile} names one): several consoles may run from one folder.
+
+Its logs go to a file (C{--logfile}, by default one per route, user and
+state folder: C{<state-dir>/logs/<route>/<user>.log}), never into the
+console: unless twistd's own C{--logfile} names a file, L{makeService}
+points C{sys.stdout} (where twistd's log observer writes, looked up after
+L{makeService}) at that file, while the console writes to file descriptor
+1 through L{StandardIO}.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -25,6 +33,7 @@ from twisted.python import usage
 from cim.client.console import Console, echo_switch
 from cim.client.history import History, history_path, thread_runner
 from cim.client.library import Client
+from cim.client.statefile import route_slug, slug
 from cim.interfaces import IReactor
 from cim.limits import DEVICE_ID, DEVICE_ID_RULE
 from cim.tls import trust_root
@@ -57,9 +66,9 @@ class Options(usage.Options):
     synopsis = "--user <name> [options]"
     longdesc = (
         "Chat from the terminal (run it with `twistd -n cim-client`). A plain "
-        "line goes to the current group or to everybody online, "
-        "<userId>;;<text> and @<name> <text> are private messages, :all lists "
-        "the commands."
+        "line goes to whom the prompt names (:to @<user>, :to <group>, :to all "
+        "set it; nobody at first), <userId>;;<text> and @<name> <text> are "
+        "private messages, :all lists the commands, Ctrl-D quits."
     )
     optParameters = [
         ["route", "r", DEFAULT_ROUTE, "The route's URL (http:// or https://)."],
@@ -99,7 +108,13 @@ class Options(usage.Options):
             "route and account). A new login of the same device logs the old "
             "one out.",
         ],
-        ["logfile", None, "~/.cim/cim-client.log", "The client's log file."],
+        [
+            "logfile",
+            None,
+            None,
+            "The client's log file (default: <state-dir>/logs/<route>/<user>.log, "
+            "with -<device> when --device is given).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -121,6 +136,20 @@ class Options(usage.Options):
                 trust_root(self["ca-file"])
             except ValueError as e:
                 raise usage.UsageError(f"--ca-file: {e}") from None
+        if self["logfile"] is None:
+            self["logfile"] = str(default_logfile(self))
+
+
+def default_logfile(options: usage.Options) -> Path:
+    """
+    The log file of a console: one per state folder (a device), route and
+    user (and device, when named), so that no two consoles share one.
+    """
+    name = slug(options["user"], hashed=True)
+    if options["device"]:
+        name += "-" + slug(options["device"])
+    state = Path(options["state-dir"]).expanduser()
+    return state / "logs" / route_slug(options["route"]) / f"{name}.log"
 
 
 class ConsoleService(Service):
@@ -152,19 +181,69 @@ class ConsoleService(Service):
         )
         history_dir = Path(options["history-dir"]).expanduser()
         runner = thread_runner(reactor)
+
+        def history(user_id: int) -> History:
+            # Per route, account (its key, else its name) and device.
+            path = history_path(
+                history_dir,
+                user_id,
+                client.route.url,
+                client.account_key or client.user_name,
+                client.device,
+            )
+            return History(path, runner)
+
+        terminal = os.isatty(0) and os.isatty(1)
         self.console = console = Console(
             client,
             reactor,
-            history_factory=lambda uid: History(history_path(history_dir, uid), runner),
+            history_factory=history,
             on_quit=self._quit,
             route_url=options["route"],
-            secret_input=echo_switch(0),
+            secret_input=None if terminal else echo_switch(0),
         )
         client.listener = console
-        StandardIO(console, reactor=reactor)
+        if terminal:
+            self._on_terminal(console)
+        else:
+            StandardIO(console, reactor=reactor)
         ensureDeferred(
             console.start(options["user"], options["password"], options["user-id"])
         ).addErrback(lambda f: self.log.failure("Starting the console failed", f))
+
+    def _on_terminal(self, console: Console) -> None:
+        """
+        Run C{console} on the terminal: raw mode (restored once the reactor
+        stopped), a L{LineEditor} on Twisted's terminal protocol, resized
+        with the window.
+        """
+        import termios
+        import tty
+
+        from twisted.internet.stdio import StandardIO
+
+        from cim.client.terminal import Keyboard, LineEditor
+
+        saved = termios.tcgetattr(0)
+
+        def restore() -> None:
+            termios.tcsetattr(0, termios.TCSANOW, saved)
+
+        tty.setraw(0)
+        self.reactor.addSystemEventTrigger("after", "shutdown", restore)
+        editor = LineEditor(console.line_typed)
+        console.attach(editor)
+        StandardIO(Keyboard(lambda: editor), reactor=self.reactor)
+
+        def resize(*_: Any) -> None:
+            try:
+                width, height = os.get_terminal_size(1)
+            except OSError:
+                return
+            editor.terminalSize(width, height)
+
+        resize()
+        signal.signal(signal.SIGWINCH, lambda *_: self.reactor.callFromThread(resize))
 
     def _quit(self) -> None:
         if self.reactor.running:
