@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 ST = str(Path(sys.executable).with_name("st"))
 #: Generated test cases per operation (29 operations).
-EXAMPLES = 20
+EXAMPLES = 12
 
 HOOKS = '''
 """schemathesis hooks of tests/test_schemathesis.py."""
