@@ -1271,11 +1271,13 @@ class Worker:
 
     async def login_phase(self, cmd: dict[str, Any]) -> None:
         """
-        C{{group, connect, bind: [addresses], concurrency, devices}}: join
-        the group (if any), then log every user in (unless C{connect} is
-        false) on C{devices} devices each (1 by default): each device after
-        the first on another server than the first one where the route's
-        round robin allows.
+        C{{group, connect, bind: [addresses], concurrency, devices,
+        part}}: join the group (if any), then log every user in (unless
+        C{connect} is false) on C{devices} devices each (1 by default):
+        each device after the first on another server than the first one
+        where the route's round robin allows.  With C{part} C{[start,
+        stop]}, only those of the registered users (the others may log in
+        with another command); the answer counts every open connection.
         """
         started = time.monotonic()
         concurrency = int(cmd.get("concurrency", 32))
@@ -1324,7 +1326,10 @@ class Worker:
                     if first is None:
                         first = client
 
-            await bounded(enumerate(self.users), concurrency, login)
+            start, stop = cmd.get("part") or (0, len(self.users))
+            await bounded(
+                list(enumerate(self.users))[int(start) : int(stop)], concurrency, login
+            )
         elapsed = time.monotonic() - started
         open_devices: dict[int, list[BenchClient]] = {}
         for c in self.clients:
