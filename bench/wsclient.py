@@ -4,14 +4,20 @@ masked client frames, the server's frames parsed back, and the proto3 JSON
 form of the frames (the C{cim.v1.json} subprotocol) in plain C{json}.
 
 Why not autobahn's client protocol (which the server side uses): the load
-generator must never be the benchmark's limit, and on this 2-core machine
+generator must never be the benchmark's limit, and on a 2-core machine
 every microsecond it spends is taken from the servers.  Measured in memory
-(one 220-byte MESSAGE frame in, one 150-byte frame out, as in the C{ws}
-scenario): autobahn 26's C{WebSocketClientProtocol} takes about 60 us a
-received message and 40 us a sent one, this module about 3 us and 4 us.
-Likewise protobuf's C{json_format} (L{cim.codec.decode_json}) takes about
-70 us to read a MESSAGE frame, L{frame_from_json} about 6 us; both read
-the same frames into the same L{Frame}s (tests/test_bench.py compares them).
+in one process (a 168-byte MESSAGE frame received, as the C{ws} scenario's
+clients get them, and a 130-byte one sent; 20,000 of each, on a busy
+machine), autobahn 26's C{WebSocketClientProtocol} took 25-50 us to
+receive a message and 25-45 us to send one; this module 2-3 us and 4-7
+us, 10 to 15 times less.  A private message costs its sender one send and
+three receptions (its echo, its ACK, and the receiver's copy): about 100
+to 200 us of load generator CPU with autobahn, more than the whole load
+generator spends per message over TCP.  Likewise protobuf's
+C{json_format} (L{cim.codec.decode_json}) took 150-210 us to read the
+MESSAGE frame in the JSON form, plain C{json} (L{frame_from_json}) 18-30
+us; both read the server's frames into the same L{Frame}s
+(tests/test_bench.py compares them).
 
 Everything here is pure (no reactor, no I/O): L{bench.loadgen} wires it to
 its connections.
