@@ -557,6 +557,8 @@ class Bench:
         self.secret = os.urandom(18).hex()
         self.rows: dict[str, dict[str, Any]] = {}
         self.last_start = 0.0
+        #: The WebSocket subprotocols the ws scenario's users take in turn.
+        self.ws_subprotocols = list(WS_SUBPROTOCOLS)
 
     def params(self, name: str) -> dict[str, Any]:
         full, quick = PARAMS[name]
@@ -677,7 +679,7 @@ class Bench:
             L{check_streams}.
         @param transport: how the clients will connect to the servers:
             C{"tcp"}, or C{"ws"} (the WebSocket gateways, the users taking
-            L{WS_SUBPROTOCOLS} in turn).
+            C{ws_subprotocols} in turn).
         """
         counts = self.split(users, len(workers))
         for w, count in zip(workers, counts, strict=True):
@@ -696,7 +698,7 @@ class Bench:
                     "ping_interval": ping_interval,
                     "exact": exact,
                     "transport": transport,
-                    "subprotocols": WS_SUBPROTOCOLS,
+                    "subprotocols": self.ws_subprotocols,
                 }
             )
         say(f"{name}: registering {users} users")
@@ -1208,7 +1210,7 @@ class Bench:
             form: sum(
                 int(r.get("forms", {}).get(form, {}).get("clients", 0)) for r in reports
             )
-            for form in WS_SUBPROTOCOLS
+            for form in self.ws_subprotocols
         }
         row["ws_idle"] = {
             "connections": n,
@@ -1613,6 +1615,13 @@ def main(argv: list[str] | None = None) -> int:
         "(.run/bench/<timestamp>/<scenario>/<daemon>.prof)",
     )
     parser.add_argument(
+        "--ws-subprotocol",
+        action="append",
+        choices=WS_SUBPROTOCOLS,
+        help="the ws scenario's clients all speak this subprotocol "
+        "(by default half of them each)",
+    )
+    parser.add_argument(
         "--duration",
         type=float,
         help="measure each scenario for this many seconds instead",
@@ -1636,6 +1645,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, terminate)
     bench = Bench(args.quick, args.workers, run_id, logs, args.profile)
     bench.duration = args.duration
+    if args.ws_subprotocol:
+        bench.ws_subprotocols = list(dict.fromkeys(args.ws_subprotocol))
     started = time.monotonic()
     say(
         f"{'quick' if args.quick else 'full'} run of {', '.join(names)}; logs in {logs}"
