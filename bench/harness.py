@@ -8,8 +8,9 @@ table.
 It starts Redis and ZooKeeper of its own (C{scripts/services.sh} with
 C{CIM_SERVICES_DIR=.run/bench/services}, ports 16479 and 12281 unless
 C{CIM_BENCH_REDIS_PORT} / C{CIM_BENCH_ZK_PORT} say otherwise), and for each
-scenario a fresh cluster (one route, two IM servers, as C{twistd}
-processes; an empty Redis database, a new ZooKeeper root) and load
+scenario a fresh cluster (one route, two IM servers with their WebSocket
+gateways, as C{twistd} processes; an empty Redis database, a new
+ZooKeeper root) and load
 generator processes (L{bench.loadgen}).  Every process it started is
 stopped at the end, also on failure or Ctrl-C.  One harness runs at a time
 on a machine (C{.run/bench/lock}; another one waits).  Logs go to

@@ -1,7 +1,9 @@
 """
 The benchmark's load generator: one process driving many protocol-level
-clients (varint framing and L{cim.codec} over TCP, a small keep-alive
-HTTP/1.1 client for the route) and checking every message it receives.
+clients (varint framing and L{cim.codec} over TCP, or the same frames over
+the servers' WebSocket gateways in either subprotocol with the hand-made
+client of L{bench.wsclient}; a small keep-alive HTTP/1.1 client for the
+route) and checking every message it receives.
 
 L{bench.harness} starts one or two of these as C{python -m bench.loadgen}
 and drives them with one JSON object per line on stdin; each answers with
