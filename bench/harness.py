@@ -8,8 +8,9 @@ table.
 It starts Redis and ZooKeeper of its own (C{scripts/services.sh} with
 C{CIM_SERVICES_DIR=.run/bench/services}, ports 16479 and 12281 unless
 C{CIM_BENCH_REDIS_PORT} / C{CIM_BENCH_ZK_PORT} say otherwise), and for each
-scenario a fresh cluster (one route, two IM servers, as C{twistd}
-processes; an empty Redis database, a new ZooKeeper root) and load
+scenario a fresh cluster (one route, two IM servers with their WebSocket
+gateways, as C{twistd} processes; an empty Redis database, a new
+ZooKeeper root) and load
 generator processes (L{bench.loadgen}).  Every process it started is
 stopped at the end, also on failure or Ctrl-C.  One harness runs at a time
 on a machine (C{.run/bench/lock}; another one waits).  Logs go to
@@ -61,6 +62,7 @@ RESULTS = ROOT / "bench" / "results"
 SCENARIOS = (
     "raw",
     "p2p",
+    "ws",
     "p2p-latency",
     "group",
     "devices",
@@ -80,6 +82,26 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "p2p": (
         {"clients": 1000, "duration": 20, "window": 4},
         {"clients": 50, "duration": 2, "window": 4},
+    ),
+    "ws": (
+        {
+            "clients": 1000,
+            "duration": 20,
+            "window": 4,
+            "idle": 5000,
+            "hold": 10,
+            "ping_interval": 10,
+            "concurrency": 64,
+        },
+        {
+            "clients": 50,
+            "duration": 2,
+            "window": 4,
+            "idle": 300,
+            "hold": 2,
+            "ping_interval": 1,
+            "concurrency": 32,
+        },
     ),
     "p2p-latency": (
         {"clients": 1000, "duration": 20, "rate": 5000},
@@ -108,6 +130,13 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 SIZE = 100
+#: The WebSocket subprotocols of the ws scenario: its users take them in
+#: turn (half on each).
+WS_SUBPROTOCOLS = ["cim.v1.proto", "cim.v1.json"]
+#: Connections of the ws scenario's idle phase that log in before the
+#: server's memory is measured (per load generator): the first WebSocket
+#: connections import and build what all later ones share.
+WS_WARM_UP = 8
 
 
 class HarnessError(Exception):
@@ -458,6 +487,30 @@ def failed(row: dict[str, Any]) -> bool:
     return bool(row["error"]) or any((row.get(key) or 0) > 0 for key in keys)
 
 
+def ws_forms(reports: list[dict[str, Any]], duration: float) -> dict[str, Any]:
+    """
+    The figures of each WebSocket subprotocol, from the load generators'
+    reports: clients, deliveries a second in the window, latency.
+    """
+    out: dict[str, Any] = {}
+    for report in reports:
+        for form, got in report.get("forms", {}).items():
+            mine = out.setdefault(
+                form, {"clients": 0, "delivered": 0, "h": Histogram()}
+            )
+            mine["clients"] += int(got.get("clients", 0))
+            mine["delivered"] += int(got.get("delivered_in_window", 0))
+            mine["h"].merge(Histogram.from_dict(got.get("latency", {})))
+    return {
+        form: {
+            "clients": f["clients"],
+            "deliveries_per_s": f["delivered"] / max(duration, 1e-6),
+            **latency_fields(f["h"]),
+        }
+        for form, f in out.items()
+    }
+
+
 # Scenarios
 
 
@@ -505,6 +558,8 @@ class Bench:
         self.secret = os.urandom(18).hex()
         self.rows: dict[str, dict[str, Any]] = {}
         self.last_start = 0.0
+        #: The WebSocket subprotocols the ws scenario's users take in turn.
+        self.ws_subprotocols = list(WS_SUBPROTOCOLS)
 
     def params(self, name: str) -> dict[str, Any]:
         full, quick = PARAMS[name]
@@ -580,7 +635,17 @@ class Bench:
             self.secret,
             # Every simulated user connects from 127.0.0.1: no per-address
             # cap on the client port, and a wide one on the HTTP ports.
-            server_args=["--rate", "20000", "--max-connections-per-address", "0"],
+            # Every server has its WebSocket gateway (any free port: the
+            # kit reads it from the server's log; the route names it in its
+            # /login answers).
+            server_args=[
+                "--rate",
+                "20000",
+                "--max-connections-per-address",
+                "0",
+                "--ws-port",
+                "0",
+            ],
             route_args=["--max-connections-per-address", "0", *route_args],
             twistd=twistd,
         )
@@ -606,12 +671,16 @@ class Bench:
         concurrency: int = 32,
         ping_interval: float = 10.0,
         exact: bool = False,
+        transport: str = "tcp",
     ) -> list[tuple[int, str]]:
         """
         Register C{users} fresh users, spread over the workers.
 
         @param exact: the workers keep every stream sent and received, for
             L{check_streams}.
+        @param transport: how the clients will connect to the servers:
+            C{"tcp"}, or C{"ws"} (the WebSocket gateways, the users taking
+            C{ws_subprotocols} in turn).
         """
         counts = self.split(users, len(workers))
         for w, count in zip(workers, counts, strict=True):
@@ -629,6 +698,8 @@ class Bench:
                     "concurrency": concurrency,
                     "ping_interval": ping_interval,
                     "exact": exact,
+                    "transport": transport,
+                    "subprotocols": self.ws_subprotocols,
                 }
             )
         say(f"{name}: registering {users} users")
@@ -651,7 +722,12 @@ class Bench:
         bind: list[str] | None = None,
         connect: bool = True,
         devices: int = 1,
+        part: tuple[int, int] | None = None,
     ) -> Login:
+        """
+        Log the registered users in (see L{bench.loadgen.Worker.login_phase};
+        C{part}: only those of each worker's users, C{[start, stop]}).
+        """
         for w in workers:
             w.send(
                 {
@@ -661,6 +737,7 @@ class Bench:
                     "bind": bind or [],
                     "concurrency": concurrency,
                     "devices": devices,
+                    **({"part": list(part)} if part else {}),
                 }
             )
         logged: list[int] = []
@@ -1020,6 +1097,152 @@ class Bench:
             row["ratio_to_raw"] = round(ratio, 3)
             target(row, f">=0.25 raw ({ratio:.2f})", ratio >= 0.25)
         target(row, "0 lost/dup", not row["lost"] and not row["duplicated"])
+
+    def scenario_ws(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        """
+        C{p2p} over the servers' WebSocket gateways, half the clients on
+        each subprotocol, checked exactly; then, on a fresh cluster of one
+        server, the memory of C{idle} idle WebSocket connections.
+        """
+        name = "ws"
+        cluster = self.cluster(name)
+        workers = self.spawn(name)
+        self.setup_cim(name, cluster, workers, p["clients"], exact=True, transport="ws")
+        login = self.login(name, workers, p["clients"])
+        self.check_login(login, p["clients"])
+        row["notes"].append(f"clients per server: {sorted(login.servers.values())}")
+        sampler = Sampler(self.pids(cluster, workers))
+        merged, reports, duration = self.measure(
+            workers,
+            sampler,
+            {
+                "duration": p["duration"],
+                "peers": login.users,
+                "window": p["window"],
+                # The receiver's device and the sending device's echo.
+                "fanout": 2,
+            },
+            drain=self.drain,
+        )
+        self.fill(row, merged, reports, sampler, ["server1", "server2"])
+        self.exact_check(row, reports, 1)
+        row["throughput"] = merged["messages_in_window"] / duration
+        row["unit"] = "msgs/s"
+        row["subprotocols"] = forms = ws_forms(reports, duration)
+        row["notes"].insert(
+            0,
+            f"{p['clients']} WebSocket clients, window {p['window']}, {SIZE}-byte "
+            "texts; "
+            + "; ".join(
+                f"{form}: {f['clients']} clients, {f['deliveries_per_s']:,.0f} "
+                f"deliv/s, p50 {fmt_num(f['p50_ms'])} ms, p99 {fmt_num(f['p99_ms'])} ms"
+                for form, f in forms.items()
+            ),
+        )
+        self.stop_workers(workers)
+        self.processes.stop_all()
+        p2p = self.rows.get("p2p")
+        if p2p and p2p.get("throughput") and not p2p.get("error"):
+            ratio = row["throughput"] / p2p["throughput"]
+            row["ratio_to_p2p"] = round(ratio, 3)
+            row["notes"].insert(
+                1,
+                f"throughput {ratio:.2f} of the TCP p2p of this run "
+                f"({row['throughput']:,.0f} / {p2p['throughput']:,.0f} msgs/s)",
+            )
+            target(row, f">=0.7 p2p ({ratio:.2f})", ratio >= 0.7)
+        else:
+            row["notes"].insert(
+                1, "no TCP p2p in this run: no ratio (run --only p2p --only ws)"
+            )
+        target(row, "0 lost/dup", not row["lost"] and not row["duplicated"])
+        self.ws_idle(row, p)
+
+    def ws_idle(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        """
+        The ws scenario's second part: C{idle} users log in over WebSocket
+        (half on each subprotocol) on a fresh cluster of one server and stay
+        idle (a PING every C{ping_interval} seconds) for C{hold} seconds;
+        the server's resident memory grows by how much a connection.
+        """
+        name = "ws-idle"
+        n = p["idle"]
+        cluster = self.cluster(name, servers=1)
+        workers = self.spawn(name)
+        self.setup_cim(
+            name,
+            cluster,
+            workers,
+            n,
+            concurrency=64,
+            ping_interval=p["ping_interval"],
+            transport="ws",
+        )
+        sampler = Sampler(self.pids(cluster, workers))
+        # A few connections first: what every later one shares (code
+        # imported on first use, caches) is not theirs.
+        warm = self.login(
+            name, workers, n, concurrency=p["concurrency"], part=(0, WS_WARM_UP)
+        )
+        time.sleep(0.5)
+        before = sampler.rss("server1")
+        login = self.login(
+            name,
+            workers,
+            n,
+            concurrency=p["concurrency"],
+            bind=SOURCES,
+            part=(WS_WARM_UP, n),
+        )
+        after = sampler.rss("server1")
+        measured = len(login.users) - len(warm.users)
+        merged, reports, _ = self.measure(
+            workers, sampler, {"duration": p["hold"]}, drain=2
+        )
+        after_hold = sampler.rss("server1")
+        peak = max(after, after_hold)
+        per_conn = (peak - before) / max(1, measured)
+        held = sum(int(r["held"]) for r in reports)
+        missing = sum(int(r["missing_pongs"]) for r in reports)
+        pings = self.counter(reports, "hold_pings")
+        pongs = self.counter(reports, "hold_pongs")
+        dropped = self.counter(reports, "dropped")
+        forms = {
+            form: sum(
+                int(r.get("forms", {}).get(form, {}).get("clients", 0)) for r in reports
+            )
+            for form in self.ws_subprotocols
+        }
+        row["ws_idle"] = {
+            "connections": n,
+            "held": held,
+            "subprotocols": forms,
+            "rss_before_mb": round(before / 2**20, 1),
+            "rss_after_mb": round(after / 2**20, 1),
+            "rss_after_hold_mb": round(after_hold / 2**20, 1),
+            "rss_per_connection_bytes": round(per_conn),
+            "pings": pings,
+            "pongs": pongs,
+            "unanswered": missing,
+            "dropped": dropped,
+            "ping_latency": latency_fields(self.histogram(reports, "ping_latency")),
+        }
+        row["notes"].append(
+            f"idle: {login.logged_in} of {n} logged in over WebSocket "
+            f"({', '.join(f'{k} {v}' for k, v in forms.items())}; {login.failed} "
+            f"failed) on one server, {held} held {p['hold']}s with a PING every "
+            f"{p['ping_interval']}s ({pings} pings, {pongs} pongs, {missing} "
+            f"unanswered, {dropped} dropped); server RSS {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MB (after the hold {after_hold / 2**20:.1f}) "
+            f"for {measured} connections = {per_conn / 1024:.2f} KB each"
+        )
+        target(
+            row,
+            f"{n:,} idle held",
+            held == n and not dropped and not missing and not login.failed,
+        )
+        target(row, f"<=8KB/idle conn ({per_conn / 1024:.1f})", per_conn <= 8192)
+        self.stop_workers(workers)
 
     def scenario_p2p_latency(self, row: dict[str, Any], p: dict[str, Any]) -> None:
         merged = self._p2p_like(
@@ -1393,6 +1616,13 @@ def main(argv: list[str] | None = None) -> int:
         "(.run/bench/<timestamp>/<scenario>/<daemon>.prof)",
     )
     parser.add_argument(
+        "--ws-subprotocol",
+        action="append",
+        choices=WS_SUBPROTOCOLS,
+        help="the ws scenario's clients all speak this subprotocol "
+        "(by default half of them each)",
+    )
+    parser.add_argument(
         "--duration",
         type=float,
         help="measure each scenario for this many seconds instead",
@@ -1416,6 +1646,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, terminate)
     bench = Bench(args.quick, args.workers, run_id, logs, args.profile)
     bench.duration = args.duration
+    if args.ws_subprotocol:
+        bench.ws_subprotocols = list(dict.fromkeys(args.ws_subprotocol))
     started = time.monotonic()
     say(
         f"{'quick' if args.quick else 'full'} run of {', '.join(names)}; logs in {logs}"

@@ -1,7 +1,9 @@
 """
 The benchmark's load generator: one process driving many protocol-level
-clients (varint framing and L{cim.codec} over TCP, a small keep-alive
-HTTP/1.1 client for the route) and checking every message it receives.
+clients (varint framing and L{cim.codec} over TCP, or the same frames over
+the servers' WebSocket gateways in either subprotocol with the hand-made
+client of L{bench.wsclient}; a small keep-alive HTTP/1.1 client for the
+route) and checking every message it receives.
 
 L{bench.harness} starts one or two of these as C{python -m bench.loadgen}
 and drives them with one JSON object per line on stdin; each answers with
@@ -37,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -47,7 +50,27 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from cim.codec import CodecError, decode, encode_framed
+from bench.wsclient import (
+    BINARY,
+    CLOSE,
+    JSON,
+    PING,
+    PONG,
+    PROTO,
+    SUBPROTOCOLS,
+    TEXT,
+    FrameParser,
+    HandshakeError,
+    WireError,
+    check_handshake,
+    client_frame,
+    close_code,
+    frame_from_json,
+    frame_to_json,
+    handshake_request,
+    new_key,
+)
+from cim.codec import CodecError, decode, encode, encode_framed
 from cim.framing import VarintFrameReceiver
 from cim.message import KICK_DEVICE_LIMIT, KICK_REPLACED, Command, Cursor, Frame
 
@@ -269,7 +292,7 @@ class Checker:
         now: int,
         sender_id: int | None = None,
         device: int = 0,
-    ) -> None:
+    ) -> int | None:
         """
         Check one received message.
 
@@ -277,11 +300,13 @@ class Checker:
         @param now: the reception time (L{now_us}).
         @param sender_id: the sender the server named, if it names one.
         @param device: the number of the receiving device among its user's.
+        @return: its latency in microseconds when it counts as a delivery
+            (not damaged, not a duplicate).
         """
         parsed = parse_text(text, self.size)
         if parsed is None or (sender_id is not None and sender_id != parsed.sender):
             self.corrupt += 1
-            return
+            return None
         sender = parsed.sender
         if sender == receiver:
             kind = ECHO if parsed.device == device else OWN
@@ -289,7 +314,7 @@ class Checker:
             kind = PEER
             if parsed.kind == "p" and parsed.target != str(receiver):
                 self.misrouted += 1
-                return
+                return None
         key = (receiver, device, sender, parsed.device, parsed.target)
         state: list[Any] | None = self.streams.get(key)
         if state is None:
@@ -306,7 +331,7 @@ class Checker:
             state[0] = expected
         elif seq < expected or (state[1] is not None and seq in state[1]):
             self.duplicates += 1
-            return
+            return None
         else:
             self.out_of_order += 1
             ahead = state[1]
@@ -316,13 +341,15 @@ class Checker:
         self.received[sender] = self.received.get(sender, 0) + 1
         self.kinds[kind] += 1
         self.total += 1
-        self.latency.add(now - parsed.sent_us)
+        latency = now - parsed.sent_us
+        self.latency.add(latency)
         first = kind == PEER and device == 0 and parsed.kind == "p"
         self.messages += first
         if self.window[0] <= now <= self.window[1]:
             self.in_window += 1
             self.kinds_in_window[kind] += 1
             self.messages_in_window += first
+        return latency
 
     def stream_report(self) -> list[list[Any]]:
         """
@@ -806,9 +833,13 @@ class BenchClient(VarintFrameReceiver):
     @ivar final: kicked for good (replaced, or over the device limit): it
         must not log in again by itself.
     @ivar pings: send times of the PINGs not answered yet.
+    @ivar form: the WebSocket subprotocol (L{WsBenchClient}); C{""} on TCP.
     """
 
     MAX_LENGTH = 16 * 1024 * 1024
+    form = ""
+    #: A PING frame as this connection writes it.
+    ping_data = _PING
 
     def __init__(
         self,
@@ -859,13 +890,23 @@ class BenchClient(VarintFrameReceiver):
             resets += cursor.reset
         return resets
 
+    def encode(self, frame: Frame) -> bytes:
+        """
+        C{frame} as this connection writes it (varint framing and
+        protobuf).
+        """
+        return encode_framed(frame)
+
     def connectionMade(self) -> None:
         try:
             self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
         except Exception:
             pass
+        self.send_login()
+
+    def send_login(self) -> None:
         self.transport.write(  # type: ignore[union-attr]
-            encode_framed(
+            self.encode(
                 Frame(
                     cmd=Command.LOGIN_REQUEST,
                     request_id=self.user_id,
@@ -894,6 +935,145 @@ class BenchClient(VarintFrameReceiver):
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.transport.loseConnection()
+
+
+#: Per subprotocol: a PING frame, masked once (a client may send the same
+#: frame again: the mask is only a key in it).
+_WS_PINGS = {
+    PROTO: client_frame(BINARY, encode(Frame(cmd=Command.PING, req_msg="ping"))),
+    JSON: client_frame(
+        TEXT, frame_to_json(Frame(cmd=Command.PING, req_msg="ping")).encode("utf-8")
+    ),
+}
+
+
+class WsBenchClient(BenchClient):
+    """
+    One device's WebSocket connection to a server's gateway, in the form of
+    subprotocol C{form} (L{PROTO}: protobuf bytes in binary messages;
+    L{JSON}: proto3 JSON in text messages), by hand (L{bench.wsclient}
+    says why): the opening handshake, then the same frames and the same
+    L{Worker} as a L{BenchClient} on TCP.
+
+    @ivar host: the host of the WebSocket URL (its C{Host} header).
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        user_id: int,
+        name: str,
+        token: str = "",
+        device: str = "",
+        device_index: int = 0,
+        form: str = PROTO,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/",
+    ) -> None:
+        super().__init__(worker, user_id, name, token, device, device_index)
+        if form not in SUBPROTOCOLS:
+            raise ValueError(f"not a cim subprotocol: {form!r}")
+        self.form = form
+        self.binary = form == PROTO
+        self.ping_data = _WS_PINGS[form]
+        self.host = host
+        self.port = port
+        self.path = path
+        self.key = new_key()
+        self.opened = False
+        self.close_code: int | None = None
+        self._head = b""
+        self._parser = FrameParser(self.MAX_LENGTH)
+
+    def encode(self, frame: Frame) -> bytes:
+        if self.binary:
+            return client_frame(BINARY, encode(frame))
+        return client_frame(TEXT, frame_to_json(frame).encode("utf-8"))
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        self.transport.write(  # type: ignore[union-attr]
+            handshake_request(self.host, self.port, self.path, self.form, self.key)
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.opened:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._head) > 16384:
+                    self._refused("an opening handshake answer over 16 KB")
+                return
+            try:
+                check_handshake(self._head[:end], self.key, self.form)
+            except HandshakeError as e:
+                self._refused(str(e))
+                return
+            data = self._head[end + 4 :]
+            self._head = b""
+            self.opened = True
+            self.send_login()
+            if not data:
+                return
+        try:
+            messages = self._parser.feed(data)
+        except WireError as e:
+            self.worker.note("bad_frames", "{error}", error=str(e))
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        worker = self.worker
+        for opcode, payload in messages:
+            if opcode == BINARY or opcode == TEXT:
+                if (opcode == BINARY) != self.binary:
+                    worker.note(
+                        "bad_frames",
+                        "{form}: a message of opcode {opcode}",
+                        form=self.form,
+                        opcode=opcode,
+                    )
+                elif self.binary:
+                    worker.frame(self, payload)
+                else:
+                    worker.frame_json(self, payload)
+            elif opcode == PING:
+                self.transport.write(client_frame(PONG, payload))  # type: ignore[union-attr]
+            elif opcode == CLOSE:
+                self._closed_by_server(payload)
+                return
+
+    def _refused(self, reason: str) -> None:
+        if not self.login.called:
+            self.login.errback(LoginRefused(reason))
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _closed_by_server(self, payload: bytes) -> None:
+        """
+        The server's close frame: answer it (the closing handshake) and
+        let the server close the TCP connection.
+        """
+        self.close_code = close_code(payload)
+        if self.close_code not in (None, 1000):
+            self.worker.note(
+                "ws_closes",
+                "{user}: closed with {code} {reason}",
+                user=self.user_id,
+                code=self.close_code,
+                reason=payload[2:].decode("utf-8", "replace"),
+            )
+        self.transport.write(client_frame(CLOSE, payload[:2]))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        if self.opened:
+            self.transport.write(  # type: ignore[union-attr]
+                client_frame(CLOSE, (1000).to_bytes(2, "big"))
+            )
+        self.transport.loseConnection()
 
 
 async def bounded(
@@ -977,6 +1157,14 @@ class Worker:
         self._loops: list[LoopingCall] = []
         self._logged: dict[str, int] = {}
         self.heartbeat = 10.0
+        #: C{"tcp"} or C{"ws"}, and the WebSocket subprotocols the users
+        #: take in turn.
+        self.transport = "tcp"
+        self.forms: list[str] = list(SUBPROTOCOLS)
+        #: Over WebSocket, per subprotocol: the latency of its deliveries,
+        #: and its deliveries in the window.
+        self.form_latency: dict[str, Histogram] = {}
+        self.form_in_window: dict[str, int] = {}
         self._beats: list[list[BenchClient]] = []
         self._beat_tick = 0
 
@@ -1028,8 +1216,11 @@ class Worker:
     async def setup(self, cmd: dict[str, Any]) -> None:
         """
         C{{mode, scenario, index, size, route: [host, port], secret,
-        register: n, prefix, ids, concurrency}}: register C{n} fresh users
-        (or take C{ids} in raw mode).
+        register: n, prefix, ids, concurrency, transport, subprotocols}}:
+        register C{n} fresh users (or take C{ids} in raw mode).  With
+        C{transport} C{"ws"} the clients will connect to the servers'
+        WebSocket gateways, the users in turn in each of C{subprotocols}
+        (both by default).
         """
         self.spec = cmd
         self.index = int(cmd.get("index", 0))
@@ -1041,6 +1232,14 @@ class Worker:
         self.checker = Checker(self.size)
         self.ledger = Ledger(track=bool(cmd.get("exact", False)))
         self.heartbeat = float(cmd.get("ping_interval", 10))
+        self.transport = cmd.get("transport", "tcp")
+        self.forms = list(cmd.get("subprotocols") or SUBPROTOCOLS)
+        if self.transport not in ("tcp", "ws") or not set(self.forms) <= set(
+            SUBPROTOCOLS
+        ):
+            raise ValueError(f"transport {self.transport!r}, forms {self.forms!r}")
+        if self.transport == "ws" and self.mode != "cim":
+            raise ValueError("WebSocket clients log in through the route")
         started = time.monotonic()
         if self.mode == "raw":
             self.users = [(int(i), f"u{i}") for i in cmd["ids"]]
@@ -1074,11 +1273,13 @@ class Worker:
 
     async def login_phase(self, cmd: dict[str, Any]) -> None:
         """
-        C{{group, connect, bind: [addresses], concurrency, devices}}: join
-        the group (if any), then log every user in (unless C{connect} is
-        false) on C{devices} devices each (1 by default): each device after
-        the first on another server than the first one where the route's
-        round robin allows.
+        C{{group, connect, bind: [addresses], concurrency, devices,
+        part}}: join the group (if any), then log every user in (unless
+        C{connect} is false) on C{devices} devices each (1 by default):
+        each device after the first on another server than the first one
+        where the route's round robin allows.  With C{part} C{[start,
+        stop]}, only those of the registered users (the others may log in
+        with another command); the answer counts every open connection.
         """
         started = time.monotonic()
         concurrency = int(cmd.get("concurrency", 32))
@@ -1113,6 +1314,7 @@ class Worker:
                             binds[k % len(binds)],
                             device_index=index,
                             avoid=first.server if first is not None else "",
+                            form=self.forms[k % len(self.forms)],
                         )
                     except Exception as e:
                         failed += 1
@@ -1126,7 +1328,10 @@ class Worker:
                     if first is None:
                         first = client
 
-            await bounded(enumerate(self.users), concurrency, login)
+            start, stop = cmd.get("part") or (0, len(self.users))
+            await bounded(
+                list(enumerate(self.users))[int(start) : int(stop)], concurrency, login
+            )
         elapsed = time.monotonic() - started
         open_devices: dict[int, list[BenchClient]] = {}
         for c in self.clients:
@@ -1156,11 +1361,13 @@ class Worker:
         previous: BenchClient | None = None,
         device_index: int = 0,
         avoid: str = "",
+        form: str = "",
     ) -> BenchClient:
         """
         Log C{uid}'s device number C{device_index} in: route C{/login}
-        with its device id (cim mode), then TCP and C{LOGIN_REQUEST} with
-        the token, until C{LOGIN_RESPONSE}.
+        with its device id (cim mode), then TCP (or, with C{transport}
+        C{"ws"}, the WebSocket URL of the route's answer) and
+        C{LOGIN_REQUEST} with the token, until C{LOGIN_RESPONSE}.
 
         @param previous: the connection this one replaces (same device):
             its token proves the login, its cursors (with their epochs)
@@ -1169,10 +1376,14 @@ class Worker:
             server stores them once).
         @param avoid: C{"host:port"} of a server to avoid: ask the route
             again (a few times) while it names that one.
+        @param form: over WebSocket (C{transport} C{"ws"}), the subprotocol
+            (the first of C{forms} by default; a new connection of a
+            device keeps its previous one's).
         """
         if previous is not None:
             device_index = previous.device_index
         device = "" if self.mode == "raw" else device_name(device_index)
+        ws_url = ""
         if self.mode == "raw":
             host, port = self.spec["raw"]
             token = ""
@@ -1192,6 +1403,7 @@ class Worker:
                 data = reply["dataBody"]
                 host, port = data["ip"], int(data["cimServerPort"])
                 token = data["token"]
+                ws_url = str(data.get("wsUrl") or "")
                 if not avoid or f"{host}:{port}" != avoid:
                     break
             if data.get("device", "") != device:
@@ -1199,7 +1411,30 @@ class Worker:
                     f"/login: asked for device {device!r}, "
                     f"the answer names {data.get('device')!r}"
                 )
-        client = BenchClient(self, uid, name, token, device, device_index)
+        client: BenchClient
+        if self.transport == "ws":
+            if previous is not None:
+                form = previous.form
+            # The server's WebSocket gateway, as the route names it.
+            url = urlsplit(ws_url)
+            if url.scheme != "ws" or not url.hostname or not url.port:
+                raise LoginRefused(f"/login: no ws:// URL: {ws_url!r}")
+            client = WsBenchClient(
+                self,
+                uid,
+                name,
+                token,
+                device,
+                device_index,
+                form or self.forms[0],
+                url.hostname,
+                url.port,
+                url.path or "/",
+            )
+            connect_to: tuple[str, int] = (url.hostname, url.port)
+        else:
+            client = BenchClient(self, uid, name, token, device, device_index)
+            connect_to = (host, int(port))
         client.bind = bind
         client.server = f"{host}:{port}"
         if previous is not None:
@@ -1209,8 +1444,8 @@ class Worker:
             client.next_cmid = previous.next_cmid
         endpoint = TCP4ClientEndpoint(
             self.reactor,
-            host,
-            int(port),
+            connect_to[0],
+            connect_to[1],
             timeout=30,
             bindAddress=(bind, 0) if bind else None,
         )
@@ -1244,6 +1479,9 @@ class Worker:
     # Frames
 
     def frame(self, client: BenchClient, body: bytes) -> None:
+        """
+        One frame's protobuf bytes, from C{client}.
+        """
         cache = self._decoded
         if cache is not None:
             cached = cache.get(body)
@@ -1255,6 +1493,27 @@ class Worker:
         except CodecError as e:
             self.note("bad_frames", "{error}", error=str(e))
             return
+        self._dispatch(client, frame, body)
+
+    def frame_json(self, client: BenchClient, text: bytes) -> None:
+        """
+        One frame in the proto3 JSON form (UTF-8), from C{client}.
+        """
+        cache = self._decoded
+        if cache is not None:
+            cached = cache.get(text)
+            if cached is not None:
+                self._receive(client, cached)
+                return
+        try:
+            frame = frame_from_json(text)
+        except CodecError as e:
+            self.note("bad_frames", "{error}", error=str(e))
+            return
+        self._dispatch(client, frame, text)
+
+    def _dispatch(self, client: BenchClient, frame: Frame, body: bytes) -> None:
+        cache = self._decoded
         cmd = frame.cmd
         if cmd == Command.MESSAGE or cmd == Command.OFFLINE:
             items: list[Item]
@@ -1336,8 +1595,20 @@ class Worker:
         uid = client.user_id
         device = client.device_index
         cursors = client.cursors
+        form = client.form
+        latencies = None
+        if form:
+            latencies = self.form_latency.get(form)
+            if latencies is None:
+                latencies = self.form_latency[form] = Histogram()
+            window = self.checker.window
+            in_window = window[0] <= now <= window[1]
         for text, sender_id, conversation, seq, epoch in items:
-            receive(uid, text, now, sender_id, device)
+            latency = receive(uid, text, now, sender_id, device)
+            if latencies is not None and latency is not None:
+                latencies.add(latency)
+                if in_window:
+                    self.form_in_window[form] = self.form_in_window.get(form, 0) + 1
             if not conversation:
                 continue
             cursor = cursors.get(conversation)
@@ -1471,7 +1742,7 @@ class Worker:
                 req_msg=text,
                 client_msg_id=cmid,
             )
-        data = encode_framed(frame)
+        data = client.encode(frame)
         client.pending[cmid] = Pending(self.fanout, data, str(target), seq)
         client.transport.write(data)  # type: ignore[union-attr]
 
@@ -1494,7 +1765,7 @@ class Worker:
         alive = [c for c in slot if not c.closed]
         for client in alive:
             client.pings.append(now)
-            client.transport.write(_PING)  # type: ignore[union-attr]
+            client.transport.write(client.ping_data)  # type: ignore[union-attr]
         slot[:] = alive
         self.count("pings", len(alive))
 
@@ -1507,7 +1778,7 @@ class Worker:
             if client.cursors_dirty and not client.closed:
                 client.cursors_dirty = False
                 client.transport.write(  # type: ignore[union-attr]
-                    encode_framed(Frame(cmd=Command.ACK, cursors=client.cursor_list()))
+                    client.encode(Frame(cmd=Command.ACK, cursors=client.cursor_list()))
                 )
 
     def _loop(self, interval: float, call: Callable[[], object]) -> LoopingCall:
@@ -1547,7 +1818,7 @@ class Worker:
             self._loop(1.0, self._ack_cursors)
         await sleep(self.reactor, self.start - time.monotonic())
         scenario = self.scenario
-        if scenario in ("raw", "p2p", "group", "devices"):
+        if scenario in ("raw", "p2p", "group", "devices", "ws"):
             await self._closed_loop(cmd)
         elif scenario == "p2p-latency":
             await self._open_loop(cmd)
@@ -1555,7 +1826,7 @@ class Worker:
             await self._http(cmd)
         elif scenario == "login":
             await self._logins(cmd)
-        elif scenario == "connections":
+        elif scenario in ("connections", "ws-idle"):
             await self._hold(cmd)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
@@ -1757,6 +2028,14 @@ class Worker:
                 "http_latency": self.http_latency.to_dict(),
                 "ping_latency": self.ping_latency.to_dict(),
                 "servers": self.servers,
+                "forms": {
+                    form: {
+                        "clients": sum(1 for c in self.clients if c.form == form),
+                        "delivered_in_window": self.form_in_window.get(form, 0),
+                        "latency": self.form_latency.get(form, Histogram()).to_dict(),
+                    }
+                    for form in (self.forms if self.transport == "ws" else ())
+                },
             }
         )
         self.emit(report)

@@ -9,15 +9,17 @@ and check know two-sided private conversations.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from bench.harness import failed, new_row
+from bench.harness import failed, new_row, ws_forms
 from bench.loadgen import (
     ECHO,
     NO_DEVICE,
@@ -28,6 +30,7 @@ from bench.loadgen import (
     Histogram,
     Ledger,
     Worker,
+    WsBenchClient,
     _HTTPConnection,
     check_streams,
     checker_report,
@@ -40,7 +43,33 @@ from bench.loadgen import (
 )
 from bench.raw_server import RawFactory
 from bench.soak import Plan, check
-from cim.codec import decode, encode, encode_framed
+from bench.wsclient import (
+    BINARY,
+    CLOSE,
+    JSON,
+    PING,
+    PROTO,
+    TEXT,
+    FrameParser,
+    HandshakeError,
+    WireError,
+    accept_key,
+    check_handshake,
+    client_frame,
+    close_code,
+    frame_from_json,
+    frame_to_json,
+    handshake_request,
+    new_key,
+)
+from cim.codec import (
+    CodecError,
+    decode,
+    decode_json,
+    encode,
+    encode_framed,
+    encode_json,
+)
 from cim.framing import VarintFrameReceiver
 from cim.message import (
     KICK_REPLACED,
@@ -50,6 +79,8 @@ from cim.message import (
     Frame,
     pair_conversation,
 )
+from cim.server.websocket import WebSocketGateway
+from tests.serverkit import World
 
 
 class Frames(VarintFrameReceiver):
@@ -739,6 +770,7 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     for scenario in (
         "raw",
         "p2p",
+        "ws",
         "p2p-latency",
         "group",
         "devices",
@@ -748,3 +780,327 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     ):
         assert f"\n{scenario} " in result.stdout, scenario
     assert "ERROR" not in result.stdout
+
+
+# The load generator's WebSocket wire (bench.wsclient)
+
+
+def test_the_accept_key_is_rfc_6455s() -> None:
+    # RFC 6455 section 1.3's example.
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def _answer(key: str, protocol: str, status: str = "101 Switching Protocols") -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+        f"Sec-WebSocket-Protocol: {protocol}\r\n"
+    ).encode()
+
+
+def test_the_handshake_answer_is_checked() -> None:
+    key = new_key()
+    check_handshake(_answer(key, PROTO), key, PROTO)
+    with pytest.raises(HandshakeError, match="refused"):
+        check_handshake(_answer(key, PROTO, "400 Bad Request"), key, PROTO)
+    with pytest.raises(HandshakeError, match="Accept"):
+        check_handshake(_answer(new_key(), PROTO), key, PROTO)
+    with pytest.raises(HandshakeError, match="subprotocol"):
+        check_handshake(_answer(key, JSON), key, PROTO)
+    request = handshake_request("127.0.0.1", 8084, "/", JSON, key).decode()
+    assert request.startswith("GET / HTTP/1.1\r\nHost: 127.0.0.1:8084\r\n")
+    assert f"Sec-WebSocket-Key: {key}\r\n" in request
+    assert "Sec-WebSocket-Protocol: cim.v1.json\r\n\r\n" in request
+    assert "Origin" not in request
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 125, 126, 65535, 65536])
+def test_client_frames_are_masked_and_parse_back(size: int) -> None:
+    payload = os.urandom(size)
+    data = client_frame(BINARY, payload, mask=b"\x01\x02\x03\x04")
+    # Masked: the mask bit is set and the payload is not sent as it is.
+    assert data[1] & 0x80
+    if size > 8:
+        assert payload not in data
+    # What the tests' own client would send.
+    assert data == wskit_frame_with_mask(BINARY, payload, b"\x01\x02\x03\x04")
+    parser = FrameParser()
+    got = []
+    for byte in data:
+        got += parser.feed(bytes([byte]))
+    assert got == [(BINARY, payload)]
+
+
+def wskit_frame_with_mask(opcode: int, payload: bytes, mask: bytes) -> bytes:
+    """
+    RFC 6455's masking, byte by byte.
+    """
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_server_frames_fragments_and_control_frames() -> None:
+    from tests.wskit import frame as masked
+
+    def unmasked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+        return bytes([(0x80 if fin else 0) | opcode, len(payload)]) + payload
+
+    data = (
+        unmasked(TEXT, b'{"a"', fin=False)
+        + unmasked(PING, b"p")
+        + unmasked(0x0, b":1}")
+        + masked(BINARY, b"xyz")
+        + unmasked(CLOSE, (1009).to_bytes(2, "big") + b"too big")
+    )
+    parser = FrameParser()
+    assert parser.feed(data[:5]) == []
+    assert parser.feed(data[5:]) == [
+        (PING, b"p"),
+        (TEXT, b'{"a":1}'),
+        (BINARY, b"xyz"),
+        (CLOSE, (1009).to_bytes(2, "big") + b"too big"),
+    ]
+    assert close_code((1009).to_bytes(2, "big") + b"too big") == 1009
+    assert close_code(b"") is None
+    for bad in (
+        unmasked(0x0, b"x"),  # a continuation of nothing
+        bytes([0x80 | 0x40 | BINARY, 0]),  # a reserved bit
+        unmasked(PING, b"p", fin=False),  # a fragmented control frame
+        unmasked(TEXT, b"a", fin=False) + unmasked(TEXT, b"b"),
+    ):
+        with pytest.raises(WireError):
+            FrameParser().feed(bad)
+    with pytest.raises(WireError):
+        FrameParser(max_length=10).feed(unmasked(BINARY, b"x" * 11))
+
+
+def _server_frames() -> list[Frame]:
+    message = ChatMessage(
+        msg_id=2**40,
+        conversation="p:1:2",
+        seq=3,
+        sender_id=1,
+        sender_name="ann",
+        text=make_text("p", 1, 2, 1, 5, 100),
+        timestamp=1_700_000_000_123,
+        client_msg_id="0.1",
+        receive_user_id=2,
+        epoch="e1",
+    )
+    group = ChatMessage(7, "g:x", 1, 2, "bob", "hé <b> 😀", 9, group_id="x")
+    return [
+        Frame(cmd=Command.MESSAGE, messages=(message, group)),
+        Frame(cmd=Command.OFFLINE, batch=("a", "b")),
+        Frame(
+            cmd=Command.ACK,
+            client_msg_id="0.1",
+            msg_id=2**40,
+            seq=3,
+            conversation="p:1:2",
+            timestamp=1_700_000_000_123,
+        ),
+        Frame(
+            cmd=Command.LOGIN_RESPONSE,
+            request_id=2,
+            device="bench-d0",
+            cursors=(Cursor("p:1:2", 0, "e1"), Cursor("g:x", 4, "e2", reset=True)),
+        ),
+        Frame(cmd=Command.EPOCH, cursors=(Cursor("p:1:2", 0, "e9", reset=True),)),
+        Frame(
+            cmd=Command.ERROR, error_code=9200, error_reason="why", client_msg_id="c"
+        ),
+        Frame(cmd=Command.KICK, error_reason=KICK_REPLACED, redirect="h:1"),
+        Frame(cmd=Command.PING, req_msg="pong"),
+        Frame(cmd=Command.LOGIN_REQUEST, properties={"k": "v"}),
+    ]
+
+
+@pytest.mark.parametrize("frame", _server_frames(), ids=lambda f: f.cmd.name)
+def test_the_json_reader_reads_what_protobuf_writes(frame: Frame) -> None:
+    """
+    L{frame_from_json} (plain json) reads the server's JSON form
+    (protobuf's json_format) into the same frame as protobuf does.
+    """
+    text = encode_json(frame)
+    assert frame_from_json(text.encode()) == decode_json(text) == frame
+
+
+def test_the_json_reader_refuses_what_is_not_a_frame() -> None:
+    for bad in (b"[]", b"{", b'{"cmd": "NOPE"}', b'{"bogus": 1}', b'{"seq": true}'):
+        with pytest.raises(CodecError):
+            frame_from_json(bad)
+    with pytest.raises(CodecError):
+        frame_from_json(b'{"cmd": "MESSAGE", "messages": [{"bogus": 1}]}')
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=2**40,
+            req_msg="ann",
+            token="t.k",
+            cursors=(Cursor("p:1:2", 7, "e1"), Cursor("g:x", 0, "")),
+        ),
+        Frame(
+            cmd=Command.MESSAGE,
+            receive_user_id=2,
+            req_msg=make_text("p", 1, 2, 1, 5, 100),
+            client_msg_id="0.1",
+        ),
+        Frame(cmd=Command.MESSAGE, group_id="x", req_msg="hé 😀", client_msg_id="1.2"),
+        Frame(cmd=Command.PING, req_msg="ping"),
+        Frame(cmd=Command.ACK, cursors=(Cursor("p:1:2", 9, "e1"),)),
+    ],
+    ids=lambda f: f.cmd.name,
+)
+def test_the_json_writer_writes_what_protobuf_writes(frame: Frame) -> None:
+    text = frame_to_json(frame)
+    assert json.loads(text) == json.loads(encode_json(frame))
+    assert decode_json(text) == frame
+
+
+# The load generator's WebSocket client, against the server's gateway
+
+
+class Link:
+    """
+    A load generator's client and a gateway's connection, joined in
+    memory.
+    """
+
+    def __init__(self, world: World, client: WsBenchClient) -> None:
+        gateway = WebSocketGateway(world.server, world.clock, 64 * 1024)
+        address = IPv4Address("TCP", "127.0.0.1", 5001)
+        self.server = gateway.buildProtocol(address)
+        self.server_t = StringTransport(peerAddress=address)
+        self.client = client
+        self.client_t = StringTransport()
+        self.server.makeConnection(self.server_t)
+        client.makeConnection(self.client_t)
+        self.pump()
+
+    def pump(self) -> None:
+        for _ in range(100):
+            up, down = self.client_t.value(), self.server_t.value()
+            if not up and not down:
+                return
+            self.client_t.clear()
+            self.server_t.clear()
+            if up:
+                self.server.dataReceived(up)
+            if down:
+                self.client.dataReceived(down)
+
+
+def ws_client(world: World, worker: Worker, name: str, form: str) -> Link:
+    uid = world.user(name)
+    token = world.token(uid, name, device=device_name(0))
+    client = WsBenchClient(
+        worker, uid, name, token, device_name(0), 0, form, "127.0.0.1", 8084
+    )
+    link = Link(world, client)
+    assert client.opened and client.logged_in and client.login.called
+    worker.clients.append(client)
+    return link
+
+
+def test_websocket_clients_of_both_subprotocols_chat_through_the_gateway() -> None:
+    """
+    The load generator's hand-made client speaks the server's gateway:
+    handshake, login, sends, deliveries with their echoes, ACKs, PINGs,
+    in both subprotocols; every delivery is checked exactly.
+    """
+    world = World()
+    worker = Worker(MemoryReactorClock(), lambda event: None)
+    worker.checker = Checker(100)
+    worker.ledger = Ledger(track=True)
+    worker.fanout = 2
+    ann = ws_client(world, worker, "ann", PROTO)
+    bob = ws_client(world, worker, "bob", JSON)
+    assert (ann.server.binary, bob.server.binary) == (True, False)
+    worker.peers = [ann.client.user_id, bob.client.user_id]
+    worker.sending = True
+    for link in (ann, bob):
+        for _ in range(3):
+            worker._send(link.client)
+    # Each ACK sends one more, until the window closes.
+    for _ in range(3):
+        ann.pump()
+        bob.pump()
+    worker.sending = False
+    for _ in range(3):
+        ann.pump()
+        bob.pump()
+    assert worker.outstanding == 0 and "bad_frames" not in worker.counters
+    checker = worker.checker
+    sent = worker.ledger.sent
+    assert sent >= 12
+    assert checker.total == 2 * sent
+    assert checker.kinds[ECHO] == checker.kinds[PEER] == sent
+    assert (checker.duplicates, checker.corrupt, checker.out_of_order) == (0, 0, 0)
+    exact = check_streams([checker_report(checker, worker.ledger)], 1)
+    assert (exact["lost"], exact["extra"], exact["delivered"]) == (0, 0, 2 * sent)
+    # A PING, in each form, is answered; cursors go back in ACKs.
+    worker._beat_tick = 0
+    worker.heartbeat = 0.1
+    worker._heartbeat(ann.client)
+    worker._heartbeat(bob.client)
+    worker._beat()
+    ann.pump()
+    bob.pump()
+    assert worker.counters["pongs"] == 2
+    worker._ack_cursors()
+    ann.pump()
+    bob.pump()
+    assert not ann.client.cursors_dirty and ann.client.cursors
+
+
+def test_a_websocket_client_answers_the_servers_close() -> None:
+    world = World()
+    worker = Worker(MemoryReactorClock(), lambda event: None)
+    link = ws_client(world, worker, "ann", JSON)
+    # An undecodable message: the gateway closes with 1007.
+    link.client_t.write(client_frame(TEXT, b"{nope"))
+    link.pump()
+    assert link.client.close_code == 1007
+    assert worker.counters["ws_closes"] == 1 and worker.counters["errors"] == 1
+    assert link.server_t.disconnecting
+
+
+def test_a_refused_websocket_handshake_fails_the_login() -> None:
+    worker = Worker(MemoryReactorClock(), lambda event: None)
+    client = WsBenchClient(worker, 1, "ann", "t", device_name(0), 0, PROTO)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
+    failures: list[object] = []
+    client.login.addErrback(failures.append)
+    client.dataReceived(_answer(client.key, PROTO, "400 Bad Request") + b"\r\n")
+    assert len(failures) == 1 and transport.disconnecting
+    with pytest.raises(ValueError):
+        WsBenchClient(worker, 1, "ann", form="chat")
+
+
+def test_the_ws_figures_per_subprotocol() -> None:
+    h = Histogram()
+    for us in (1000, 2000, 3000):
+        h.add(us)
+    report = {
+        "forms": {
+            PROTO: {"clients": 3, "delivered_in_window": 40, "latency": h.to_dict()},
+            JSON: {"clients": 2, "delivered_in_window": 10, "latency": {}},
+        }
+    }
+    forms = ws_forms([report, report], 2.0)
+    assert forms[PROTO]["clients"] == 6 and forms[PROTO]["deliveries_per_s"] == 40
+    assert forms[PROTO]["p50_ms"] == pytest.approx(2.0, rel=0.03)
+    assert forms[JSON]["deliveries_per_s"] == 10 and forms[JSON]["p50_ms"] is None
