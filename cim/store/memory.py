@@ -11,6 +11,7 @@ Deferred; password hashing therefore runs on the calling thread.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import hmac
@@ -173,6 +174,9 @@ class MemoryStore:
         #: user id -> its private conversations that hold messages
         self._pairs: dict[int, set[str]] = {}
         self._epochs: dict[str, Epoch] = {}
+        #: Conversations brought back from a copy (L{restored}): their next
+        #: append starts a new epoch that follows the one they had.
+        self._restored: set[str] = set()
         #: (conversation, sender id, window index) -> messages appended
         self._quota: dict[tuple[str, int, int], int] = {}
         self._quota_index = 0
@@ -184,6 +188,24 @@ class MemoryStore:
         Nothing to release.  @return: a fired Deferred.
         """
         return defer.succeed(None)
+
+    def restored(self) -> MemoryStore:
+        """
+        A copy of this store as a store restored from a backup taken now
+        would come back later: everything it holds now, and the first
+        append to each conversation starts a new epoch (C{previous}: the
+        epoch it has now, C{base}: its last seq then), as the Redis store
+        does when its run changed.  What this store does afterwards does
+        not change the copy.
+        """
+        clock, self.clock = self.clock, None  # type: ignore[assignment]
+        try:
+            twin = copy.deepcopy(self)
+        finally:
+            self.clock = clock
+        twin.clock = clock
+        twin._restored = set(twin._seqs)
+        return twin
 
     def _seconds(self) -> float:
         """
@@ -558,9 +580,10 @@ class MemoryStore:
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
             epoch = self._epochs.get(new.conversation)
-            if epoch is None:
+            if epoch is None or new.conversation in self._restored:
+                self._restored.discard(new.conversation)
                 epoch = self._epochs[new.conversation] = Epoch(
-                    uuid.uuid4().hex[:16], "", seq - 1
+                    uuid.uuid4().hex[:16], epoch.id if epoch else "", seq - 1
                 )
             self._seqs[new.conversation] = seq
             message = ChatMessage(
