@@ -35,7 +35,9 @@ def check(world: World) -> list[str]:
     for text, sent in sorted(world.sends.items()):
         if sent.acked_at is None:
             continue
-        lost_ok = any(taken < sent.acked_at <= at for taken, at in world.restores)
+        # Appended between its send and its ack: lost if that was after a
+        # backup that a restore brought back.
+        lost_ok = any(sent.at <= at and sent.acked_at > taken for taken, at in world.restores)
         m = held.get(text)
         if m is None:
             if not lost_ok:

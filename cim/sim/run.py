@@ -25,11 +25,11 @@ from cim.message import BROADCAST, GROUP_PREFIX, group_conversation, pair_conver
 from cim.sim.world import EPOCH_START, Device, Sent, World, _logged
 
 #: Seconds of workload and faults.
-ACTIVE = 40.0
+ACTIVE = 25.0
 #: Seconds after the faults heal before the last messages are sent.
-SETTLE = 30.0
+SETTLE = 20.0
 #: Seconds after the last messages before the invariants are checked.
-FINAL = 15.0
+FINAL = 8.0
 
 #: Exceptions that mean a bug wherever they are logged.
 BUG_TYPES = (
@@ -132,9 +132,9 @@ class Scenario:
         # Logins: every device starts in, some a little later.
         for device in world.devices():
             self.at(rng.uniform(0, 2), device.login)
-        for _ in range(rng.randint(25, 50)):
+        for _ in range(rng.randint(15, 35)):
             self.at(rng.uniform(1, ACTIVE), self.action)
-        for _ in range(rng.randint(1, 5)):
+        for _ in range(rng.randint(1, 4)):
             self.at(rng.uniform(2, ACTIVE - 5), self.fault)
 
     # Workload
@@ -481,10 +481,9 @@ def advance(world: World, until: float) -> None:
     Run the clock's calls, each at its own time, up to C{until}.
     """
     clock = world.clock
-    calls = clock.calls
-    while calls:
-        due = calls[0].getTime()
-        if due > until:
+    while True:
+        due = clock.next_due()
+        if due is None or due > until:
             break
         clock.advance(max(0.0, due - clock.seconds()))
     if clock.seconds() < until:
@@ -516,7 +515,7 @@ def run(seed: int, verbose: bool = False) -> Result:
             world.trace("log: " + formatEvent(event)[:200])
 
     with deterministic(rng):
-        world = World(seed, verbose=verbose)
+        world = World(seed, users=3, verbose=verbose)
         globalLogPublisher.addObserver(observe)
         try:
             setup(world)

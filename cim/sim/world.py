@@ -24,7 +24,6 @@ from treq.client import HTTPClient
 from treq.testing import _SynchronousProducer
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
@@ -45,7 +44,7 @@ from cim.route.service import tcp_probe
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionFactory
 from cim.server.push import PushAPI
-from cim.sim.net import Network, Node
+from cim.sim.net import HeapClock, Network, Node
 from cim.sim.store import StoreBox, StoreLink
 from cim.store.memory import MemoryStore
 from cim.web import QuietSite
@@ -108,7 +107,7 @@ class Trace:
     warnings and errors the production code logged.
     """
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: HeapClock) -> None:
         self.clock = clock
         self.lines: list[tuple[float, str]] = []
 
@@ -472,8 +471,7 @@ class World:
         self.seed = seed
         self.verbose = verbose
         self.rng = random.Random(seed)
-        self.clock = Clock()
-        self.clock.advance(EPOCH_START)
+        self.clock = HeapClock(EPOCH_START)
         self.trace = Trace(self.clock)
         self.net = Network(self.clock, random.Random(self.rng.getrandbits(32)))
         self.store_node = self.net.node("store", "10.0.3.1")
