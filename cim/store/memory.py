@@ -177,6 +177,9 @@ class MemoryStore:
         #: Conversations brought back from a copy (L{restored}): their next
         #: append starts a new epoch that follows the one they had.
         self._restored: set[str] = set()
+        #: The sessions a copy came back with (L{restored}): older than
+        #: what their devices' servers may hold now.
+        self._restored_sessions: set[str] = set()
         #: (conversation, sender id, window index) -> messages appended
         self._quota: dict[tuple[str, int, int], int] = {}
         self._quota_index = 0
@@ -205,6 +208,11 @@ class MemoryStore:
             self.clock = clock
         twin.clock = clock
         twin._restored = set(twin._seqs)
+        twin._restored_sessions = {
+            record.session.session_id
+            for records in twin._sessions.values()
+            for record in records.values()
+        }
         return twin
 
     def _seconds(self) -> float:
@@ -381,10 +389,30 @@ class MemoryStore:
                     user_id, user_name, server, session_id, True, device, active
                 )
             elif current.session_id != session_id:
-                lost.append(session_id)
-                continue
+                if not self._outdated(current, session_id):
+                    lost.append(session_id)
+                    continue
+                # The store came back from an older copy: the device's
+                # session it holds is from before, the one its server holds
+                # is newer.  Not a newer login: the holder keeps it.
+                self._end(current)
+                current = Session(
+                    user_id, user_name, server, session_id, True, device, active
+                )
             self._put(replace(current, active=max(active, current.active)), expires)
         return sorted(lost)
+
+    def _outdated(self, current: Session, held_id: str) -> bool:
+        """
+        Whether C{current}, its device's session here, is older than the
+        session C{held_id} that a server renews for that device: it came
+        back with a restored copy (L{restored}), and this store never
+        ended C{held_id} (so no newer login replaced it).
+        """
+        return (
+            current.session_id in self._restored_sessions
+            and self._ended.get(held_id, 0) <= self._seconds()
+        )
 
     @_fired
     def get_session(self, user_id: int, device: str = "") -> Session | None:
