@@ -504,40 +504,58 @@ def run(seed: int, verbose: bool = False) -> Result:
             name = failure.type.__name__
             if name in BUG_TYPES or "Unhandled error in Deferred" in text:
                 errors.append(f"{name}: {failure.getErrorMessage()} ({text[:80]})")
-                world.trace(f"ERROR logged: {name}: {failure.getErrorMessage()}")
+                trace(f"ERROR logged: {name}: {failure.getErrorMessage()}")
                 if verbose:
-                    world.trace(failure.getTraceback())
+                    trace(failure.getTraceback())
         elif "Unhandled error in Deferred" in text:
             errors.append(text)
         elif verbose and event.get("log_level") is not None and event["log_level"].name in ("warn", "error", "critical"):
             from twisted.logger import formatEvent
 
-            world.trace("log: " + formatEvent(event)[:200])
+            trace("log: " + formatEvent(event)[:200])
 
     with deterministic(rng):
         world = World(seed, users=3, verbose=verbose)
+        trace = world.trace
+        result = Result(seed)
         globalLogPublisher.addObserver(observe)
+        # One collection at the end (of the run's garbage, where a Deferred
+        # whose error nobody handled is reported) instead of many, which
+        # need not look at what was there before the run.
+        gc.freeze()
+        gc.disable()
         try:
-            setup(world)
-            scenario = Scenario(world)
-            scenario.build()
-            start = world.clock.seconds()
-            advance(world, start + ACTIVE)
-            scenario.heal_all()
-            advance(world, start + ACTIVE + SETTLE)
-            scenario.last_messages()
-            advance(world, start + ACTIVE + SETTLE + FINAL)
-            from cim.sim.check import check
-
+            result.violations = _play(world, result)
+            del world
             gc.collect()
-            violations = check(world)
-            violations += errors
-            violations += world.history_errors
         finally:
+            gc.enable()
             globalLogPublisher.removeObserver(observe)
-    result = Result(seed, violations, world.trace.render() if violations else "")
+    result.violations += errors
+    if result.violations:
+        result.trace = trace.render()
+    return result
+
+
+def _play(world: World, result: Result) -> list[str]:
+    """
+    Set C{world} up, play its scenario, heal, settle, and check it.
+    @return: the violations.
+    """
+    from cim.sim.check import check
+
+    setup(world)
+    scenario = Scenario(world)
+    scenario.build()
+    start = world.clock.seconds()
+    advance(world, start + ACTIVE)
+    scenario.heal_all()
+    advance(world, start + ACTIVE + SETTLE)
+    scenario.last_messages()
+    advance(world, start + ACTIVE + SETTLE + FINAL)
+    violations = check(world) + world.history_errors
     result.sends = len(world.sends)
     result.acked = sum(1 for s in world.sends.values() if s.acked_at is not None)
     result.shown = sum(len(r.shown) for d in world.devices() for r in d.recorders)
     result.faults = scenario.faults
-    return result
+    return violations
