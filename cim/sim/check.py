@@ -37,7 +37,9 @@ def check(world: World) -> list[str]:
             continue
         # Appended between its send and its ack: lost if that was after a
         # backup that a restore brought back.
-        lost_ok = any(sent.at <= at and sent.acked_at > taken for taken, at in world.restores)
+        lost_ok = any(
+            sent.at <= at and sent.acked_at > taken for taken, at in world.restores
+        )
         m = held.get(text)
         if m is None:
             if not lost_ok:
@@ -45,7 +47,9 @@ def check(world: World) -> list[str]:
                     f"acked send {text!r} (acked at {_t(sent.acked_at)}) is not in the store"
                 )
         elif m.conversation != sent.conversation:
-            out.append(f"{text!r} stored in {m.conversation}, sent to {sent.conversation}")
+            out.append(
+                f"{text!r} stored in {m.conversation}, sent to {sent.conversation}"
+            )
         elif m.seq != sent.seq and not world.restores:
             out.append(f"{text!r} acked as seq {sent.seq} but stored as {m.seq}")
 
@@ -80,7 +84,9 @@ def check(world: World) -> list[str]:
         if session is None:
             out.append(f"{device.name} is connected but has no session in the store")
         elif not session.server.startswith(host + ":"):
-            out.append(f"{device.name} is connected to {host} but its session names {session.server}")
+            out.append(
+                f"{device.name} is connected to {host} but its session names {session.server}"
+            )
         holders = [
             s.name
             for s in world.servers
@@ -88,7 +94,9 @@ def check(world: World) -> list[str]:
         ]
         if len(holders) != 1:
             out.append(f"{device.name} is held by servers {holders}")
-        for conversation, position in sorted(store._cursors.get((uid, device.device_id), {}).items()):
+        for conversation, position in sorted(
+            store._cursors.get((uid, device.device_id), {}).items()
+        ):
             epoch = store._epochs.get(conversation)
             if epoch is not None and position.epoch == epoch.id:
                 last = store._seqs.get(conversation, 0)
@@ -106,7 +114,9 @@ def check(world: World) -> list[str]:
                 if session is None or session.session_id != conn.session_id:
                     # Only a connection whose client is gone may linger.
                     owners = [
-                        d for d in world.devices() if d.user.user_id == uid and d.device_id == dev and d.ready
+                        d
+                        for d in world.devices()
+                        if d.user.user_id == uid and d.device_id == dev and d.ready
                     ]
                     if owners:
                         out.append(
@@ -151,11 +161,15 @@ def _check_shown(
         members = pair_members(s.conversation)
         if members is not None:
             if uid not in members:
-                out.append(f"{who} (user {uid}) was shown {s.text!r} of {s.conversation}")
+                out.append(
+                    f"{who} (user {uid}) was shown {s.text!r} of {s.conversation}"
+                )
         elif s.conversation.startswith(GROUP_PREFIX):
             group = s.conversation[len(GROUP_PREFIX) :]
             if uid not in world.ever_members.get(group, set()):
-                out.append(f"{who} (user {uid}) was shown {s.text!r} of {s.conversation}, never a member")
+                out.append(
+                    f"{who} (user {uid}) was shown {s.text!r} of {s.conversation}, never a member"
+                )
     if recorder is not device.recorder or not device.ready:
         return out
     # The instance connected at the end: everything the store holds of its
@@ -172,23 +186,31 @@ def _check_shown(
                 continue
             start = 0
         elif conversation.startswith(GROUP_PREFIX):
-            group = store._groups.get(conversation[len(GROUP_PREFIX) :])
-            if group is None or uid not in group.members:
+            record = store._groups.get(conversation[len(GROUP_PREFIX) :])
+            if record is None or uid not in record.members:
                 continue
-            start = group.members[uid]
+            start = record.members[uid]
         else:
             continue
         mine = [m for m in ms if (conversation, m.epoch, m.seq) in shown_keys]
         if not (first and start == 0) or _joined_later(world, uid, conversation):
             # Not there from the start: from its first message here on.
             if not mine:
-                out.append(f"{who} showed nothing of {conversation} (last {ms[-1].seq}, {ms[-1].text!r})")
+                out.append(
+                    f"{who} showed nothing of {conversation} (last {ms[-1].seq}, {ms[-1].text!r})"
+                )
                 continue
             start = max(start, mine[0].seq - 1)
-        missing = [m for m in ms if m.seq > start and (conversation, m.epoch, m.seq) not in shown_keys]
+        missing = [
+            m
+            for m in ms
+            if m.seq > start and (conversation, m.epoch, m.seq) not in shown_keys
+        ]
         if missing:
             listed = ", ".join(f"{m.epoch[:4]}:{m.seq} {m.text!r}" for m in missing[:6])
-            out.append(f"{who} never showed {len(missing)} of {conversation} after {start}: {listed}")
+            out.append(
+                f"{who} never showed {len(missing)} of {conversation} after {start}: {listed}"
+            )
     return out
 
 

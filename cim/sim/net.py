@@ -639,7 +639,9 @@ class HeapClock:
 
     def getDelayedCalls(self) -> list[DelayedCall]:
         return sorted(
-            {id(c): c for _, _, c in self._heap if not (c.cancelled or c.called)}.values(),
+            {
+                id(c): c for _, _, c in self._heap if not (c.cancelled or c.called)
+            }.values(),
             key=lambda c: c.getTime(),
         )
 

@@ -95,9 +95,9 @@ def deterministic(rng: random.Random) -> Iterator[None]:
         return base64.urlsafe_b64encode(token_bytes(n)).rstrip(b"=").decode("ascii")
 
     uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)  # type: ignore[assignment]
-    secrets.token_urlsafe = token_urlsafe
-    secrets.token_hex = token_hex
-    secrets.token_bytes = token_bytes
+    secrets.token_urlsafe = token_urlsafe  # type: ignore[assignment]
+    secrets.token_hex = token_hex  # type: ignore[assignment]
+    secrets.token_bytes = token_bytes  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -146,7 +146,17 @@ class Scenario:
     def action(self) -> None:
         rng = self.rng
         kind = rng.choices(
-            ["private", "group", "burst", "broadcast", "history", "read", "logout", "join", "leave"],
+            [
+                "private",
+                "group",
+                "burst",
+                "broadcast",
+                "history",
+                "read",
+                "logout",
+                "join",
+                "leave",
+            ],
             [30, 25, 8, 3, 4, 6, 5, 4, 3],
         )[0]
         if kind == "logout":
@@ -155,10 +165,10 @@ class Scenario:
                 device.logout()
                 self.at(rng.uniform(0.5, 8), device.login)
             return
-        device = self.ready_device()
-        if device is None:
+        ready = self.ready_device()
+        if ready is None:
             return
-        getattr(self, "do_" + kind)(device)
+        getattr(self, "do_" + kind)(ready)
 
     def do_private(self, device: Device, count: int = 1) -> None:
         peer = self.rng.choice(self.world.users)
@@ -189,7 +199,13 @@ class Scenario:
         client = device.client
         assert client is not None and device.recorder is not None
         text = self.text(device)
-        sent = Sent(text, device.name, device.recorder.instance, conversation, world.clock.seconds())
+        sent = Sent(
+            text,
+            device.name,
+            device.recorder.instance,
+            conversation,
+            world.clock.seconds(),
+        )
         world.sends[text] = sent
         world.trace(f"{device.name}#{sent.instance} sends {text!r} to {conversation}")
         d = client.send_group(group, text) if group else client.send_private(peer, text)
@@ -197,7 +213,9 @@ class Scenario:
         def acked(ack: Any) -> None:
             sent.acked_at = world.clock.seconds()
             sent.seq = ack.seq
-            world.trace(f"{device.name}: {text!r} acked as {ack.conversation}:{ack.seq}")
+            world.trace(
+                f"{device.name}: {text!r} acked as {ack.conversation}:{ack.seq}"
+            )
 
         def failed(f: Any) -> None:
             sent.failed = f.getErrorMessage()
@@ -209,12 +227,18 @@ class Scenario:
         assert device.client is not None
         text = "b-" + self.text(device)
         self.world.trace(f"{device.name} broadcasts {text!r}")
-        _logged(ensureDeferred(device.client.broadcast(text)), self.world.trace, "broadcast")
+        _logged(
+            ensureDeferred(device.client.broadcast(text)), self.world.trace, "broadcast"
+        )
 
     def do_history(self, device: Device) -> None:
         client = device.client
         assert client is not None
-        conversations = sorted({s.conversation for s in device.recorder.shown} - {BROADCAST, ""}) if device.recorder else []
+        conversations = (
+            sorted({s.conversation for s in device.recorder.shown} - {BROADCAST, ""})
+            if device.recorder
+            else []
+        )
         if not conversations:
             return
         conversation = self.rng.choice(conversations)
@@ -225,10 +249,14 @@ class Scenario:
             seqs = [m.seq for m in messages]
             if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
                 world.trace(f"VIOLATION history of {conversation} out of order: {seqs}")
-                world.history_errors.append(f"history of {conversation} for {device.name} out of order: {seqs}")
+                world.history_errors.append(
+                    f"history of {conversation} for {device.name} out of order: {seqs}"
+                )
             for m in messages:
                 if m.conversation != conversation:
-                    world.history_errors.append(f"history of {conversation} returned {m.conversation}")
+                    world.history_errors.append(
+                        f"history of {conversation} returned {m.conversation}"
+                    )
 
         d.addCallback(check)
         _logged(d, world.trace, f"{device.name} history")
@@ -252,19 +280,30 @@ class Scenario:
         world.ever_members.setdefault(group, set()).add(device.user.user_id)
         world.joined_later.setdefault(group, set()).add(device.user.user_id)
         world.trace(f"{device.name} joins {group}")
-        _logged(ensureDeferred(client.join_group(group)), world.trace, f"{device.name} join")
+        _logged(
+            ensureDeferred(client.join_group(group)), world.trace, f"{device.name} join"
+        )
 
     def do_leave(self, device: Device) -> None:
         world = self.world
         uid = device.user.user_id
-        groups = [g for g in world.groups if uid in world.store._groups[g].members and world.store._groups[g].owner_id != uid]
+        groups = [
+            g
+            for g in world.groups
+            if uid in world.store._groups[g].members
+            and world.store._groups[g].owner_id != uid
+        ]
         if not groups:
             return
         group = self.rng.choice(groups)
         client = device.client
         assert client is not None
         world.trace(f"{device.name} leaves {group}")
-        _logged(ensureDeferred(client.leave_group(group)), world.trace, f"{device.name} leave")
+        _logged(
+            ensureDeferred(client.leave_group(group)),
+            world.trace,
+            f"{device.name} leave",
+        )
 
     # Faults
 
@@ -346,7 +385,9 @@ class Scenario:
             later = rng.uniform(0.5, 10)
 
             def restore() -> None:
-                world.trace(f"FAULT store restored to its backup of {taken - EPOCH_START:.3f}")
+                world.trace(
+                    f"FAULT store restored to its backup of {taken - EPOCH_START:.3f}"
+                )
                 world.restores.append((taken, world.clock.seconds()))
                 world.box.store = snapshot
 
@@ -366,7 +407,9 @@ class Scenario:
         elif kind == "not_reading":
             device = rng.choice(world.devices())
             world.trace(f"FAULT {device.name} stops reading for {length:.1f}s")
-            conns = [c for c in world.net.sorted_connections() if c.nodes[0] is device.node]
+            conns = [
+                c for c in world.net.sorted_connections() if c.nodes[0] is device.node
+            ]
             for conn in conns:
                 conn.not_reading[0] = True
 
@@ -413,11 +456,18 @@ class Scenario:
         # Devices meant to be in whose client gave up log in again.
         for device in world.devices():
             client = device.client
-            if device.wanted and client is not None and client.state in (
-                ClientState.FAILED,
-                ClientState.CLOSED,
+            if (
+                device.wanted
+                and client is not None
+                and client.state
+                in (
+                    ClientState.FAILED,
+                    ClientState.CLOSED,
+                )
             ):
-                world.trace(f"{device.name}: gave up ({client.state.value}); log in again")
+                world.trace(
+                    f"{device.name}: gave up ({client.state.value}); log in again"
+                )
                 device.login()
 
     def last_messages(self) -> None:
@@ -438,7 +488,9 @@ class Scenario:
                 members = set(store._groups[group].members)
             else:
                 members = {int(x) for x in conversation.split(":")[1:]}
-            devices = [d for d in world.devices() if d.ready and d.user.user_id in members]
+            devices = [
+                d for d in world.devices() if d.ready and d.user.user_id in members
+            ]
             if not devices:
                 continue
             device = devices[0]
@@ -460,7 +512,7 @@ def setup(world: World) -> None:
     for user in world.users:
         user.key = f"key-{world.seed}-{user.index}"
         account = store.register(user.name, account_key=user.key).result  # type: ignore[attr-defined]
-        user.user_id = account.user_id
+        user.user_id = account.user_id  # type: ignore[attr-defined]
     for g in range(2):
         group = f"grp{g}"
         owner = world.users[g % len(world.users)]
@@ -509,7 +561,11 @@ def run(seed: int, verbose: bool = False) -> Result:
                     trace(failure.getTraceback())
         elif "Unhandled error in Deferred" in text:
             errors.append(text)
-        elif verbose and event.get("log_level") is not None and event["log_level"].name in ("warn", "error", "critical"):
+        elif (
+            verbose
+            and event.get("log_level") is not None
+            and event["log_level"].name in ("warn", "error", "critical")
+        ):
             from twisted.logger import formatEvent
 
             trace("log: " + formatEvent(event)[:200])
@@ -518,7 +574,7 @@ def run(seed: int, verbose: bool = False) -> Result:
         world = World(seed, users=3, verbose=verbose)
         trace = world.trace
         result = Result(seed)
-        globalLogPublisher.addObserver(observe)
+        globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]
         # One collection at the end (of the run's garbage, where a Deferred
         # whose error nobody handled is reported) instead of many, which
         # need not look at what was there before the run.
@@ -530,7 +586,7 @@ def run(seed: int, verbose: bool = False) -> Result:
             gc.collect()
         finally:
             gc.enable()
-            globalLogPublisher.removeObserver(observe)
+            globalLogPublisher.removeObserver(observe)  # type: ignore[arg-type]
     result.violations += errors
     if result.violations:
         result.trace = trace.render()

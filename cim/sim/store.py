@@ -85,10 +85,12 @@ class StoreLink:
         if self.state == "cut":
             return fail(StoreError(f"sim: the store is unreachable ({name})"))
         d: Deferred[Any] = Deferred()
-        timer = node.callLater(
-            STORE_TIMEOUT,
-            lambda: d.called or d.errback(StoreError(f"sim: {name} timed out")),
-        )
+
+        def timed_out() -> None:
+            if not d.called:
+                d.errback(StoreError(f"sim: {name} timed out"))
+
+        timer = node.callLater(STORE_TIMEOUT, timed_out)
         if self.state == "stall" or box.state == "stall":
             # The call may or may not have reached the store.
             if self._rng.random() < 0.5 and box.state != "stall":

@@ -28,7 +28,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from cim import names
 from cim.client.library import Ack, Client, ClientState, IClientListener
 from cim.delivery import Delivery
 from cim.framing import DEFAULT_MAX_FRAME
@@ -129,7 +128,7 @@ def _logged(d: Deferred[Any], trace: Trace, what: str) -> None:
     """
 
     def failed(f: Failure) -> None:
-        trace(f"{what} failed: {f.type.__name__}: {f.getErrorMessage()}")
+        trace(f"{what} failed: {f.value.__class__.__name__}: {f.getErrorMessage()}")
 
     d.addErrback(failed)
 
@@ -191,7 +190,10 @@ class ServerProc:
         await self.registry.start()
         await self.registry.register(self.address)
         self.janitor = DeadServerJanitor(
-            node, self.registry, store, probe=http_probe(SimHTTP(node))
+            node,
+            self.registry,
+            store,  # type: ignore[arg-type]
+            probe=http_probe(SimHTTP(node)),
         )
         self.janitor.start()
         self.up = True
@@ -435,7 +437,9 @@ class Device:
         )
         world.trace(f"{self.name}#{instance}: log in")
         d = ensureDeferred(
-            client.login(self.user.name, user_id=self.user.user_id, account_key=self.user.key)
+            client.login(
+                self.user.name, user_id=self.user.user_id, account_key=self.user.key
+            )
         )
         d.addErrback(self._login_failed, client)
 
@@ -443,7 +447,9 @@ class Device:
         self.world.trace(f"{self.name}: login failed: {failure.getErrorMessage()}")
         # The application tries again, as long as it is meant to be in.
         if self.client is client and self.wanted:
-            self.world.clock.callLater(1.0 + self.world.rng.random(), self.relogin, client)
+            self.world.clock.callLater(
+                1.0 + self.world.rng.random(), self.relogin, client
+            )
 
     def relogin(self, client: Client) -> None:
         if self.client is client and self.wanted:
@@ -467,7 +473,9 @@ class World:
     Everything of one run.
     """
 
-    def __init__(self, seed: int, users: int = 4, devices: int = 2, verbose: bool = False) -> None:
+    def __init__(
+        self, seed: int, users: int = 4, devices: int = 2, verbose: bool = False
+    ) -> None:
         self.seed = seed
         self.verbose = verbose
         self.rng = random.Random(seed)
