@@ -40,6 +40,12 @@ REGRESSIONS = [
     240,
     262,
     278,
+    # The last message of a conversation went no further when its push
+    # to another server met a pooled connection that the server's restart
+    # had left stale (HttpPusher now sends a failed push once more).
+    365,
+    746,
+    815,
 ]
 
 

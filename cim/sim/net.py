@@ -296,7 +296,19 @@ class Connection:
         return self.link.state == "stall" or self.not_reading[1 - side]
 
     def send(self, side: int, data: bytes) -> None:
-        if self.closed or self.blackhole:
+        if self.blackhole:
+            # A host that came back at the dead end's address answers a
+            # connection it does not know with a reset.
+            dead = self.nodes[1 - side]
+            if self.net.restarted(dead) and not self.closed:
+                self.closed = True
+                self.net.clock.callLater(
+                    self.net.latency(),
+                    self.ends[side]._lost,
+                    Failure(ConnectionLost("connection reset")),
+                )
+            return
+        if self.closed:
             return
         self.queues[side].append(data)
         self._pump(side)
@@ -483,6 +495,7 @@ class Network:
         self.connections: set[Connection] = set()
         self._links: dict[tuple[str, str], Link] = {}
         self._addresses: dict[str, str] = {}
+        self._nodes: dict[str, Node] = {}
         self._ids = 0
 
     def next_id(self) -> int:
@@ -495,7 +508,15 @@ class Network:
 
     def node(self, name: str, address: str) -> Node:
         self._addresses[name] = address
-        return Node(self, name)
+        node = self._nodes[name] = Node(self, name)
+        return node
+
+    def restarted(self, node: Node) -> bool:
+        """
+        Whether C{node} is dead and another process runs under its name.
+        """
+        current = self._nodes.get(node.name)
+        return not node.alive and current is not None and current.alive
 
     def address_of(self, node: Node) -> str:
         return self._addresses.get(node.name, "10.9.9.9")
