@@ -206,7 +206,12 @@ class ServerProc:
             self.world.net.crash(node, reset=True)
             if self.registry is not None:
                 self.registry.stop()
-            self.world.clock.callLater(1.0, self.start)
+            self.world.clock.callLater(1.0, self._again, self.runs)
+
+    def _again(self, run: int) -> None:
+        # Unless it was started since (the faults healed).
+        if self.runs == run and not self.up:
+            self.start()
 
     def crash(self, reset: bool) -> None:
         """
@@ -293,7 +298,12 @@ class RouteProc:
         self.world.trace(f"route: restart, down for {down:.1f}s")
         self.janitor.stop()
         self.world.net.crash(self.node, reset=True)
-        self.world.clock.callLater(down, self.start)
+        self.world.clock.callLater(down, self._again, self.runs)
+
+    def _again(self, run: int) -> None:
+        # Unless it was started since (the faults healed).
+        if self.runs == run:
+            self.start()
 
 
 @dataclass
