@@ -61,6 +61,7 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.timeout(900)
 def test_the_ci_seed_budget_passes_in_time() -> None:
     started = time.monotonic()
     done = simulate("--seeds", str(CI_SEEDS), "--jobs", "2")
@@ -88,6 +89,7 @@ def test_a_failing_seed_prints_its_trace_and_reproduces() -> None:
     assert first.stdout == second.stdout
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_each_broken_variant_is_caught_within_the_ci_budget(name: str) -> None:
     done = simulate(
