@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from cim.interfaces import ConversationState
 from cim.message import BROADCAST, GROUP_PREFIX, ChatMessage, pair_members
 from cim.sim.world import EPOCH_START, Device, Recorder, World
 
@@ -67,6 +68,16 @@ def check(world: World) -> list[str]:
     for device in world.devices():
         for recorder in device.recorders:
             out += _check_shown(world, device, recorder, messages)
+
+    # Read positions never pass the end of their conversation.
+    for user in world.users:
+        infos: list[ConversationState] = store.conversations(user.user_id).result  # type: ignore[attr-defined,assignment]
+        for info in infos:
+            if info.read > info.last_seq or info.unread < 0:
+                out.append(
+                    f"user {user.user_id} read {info.conversation} up to "
+                    f"{info.read} of {info.last_seq} ({info.unread} unread)"
+                )
 
     # Registry, sessions, cursors.
     addresses = sorted(str(s.address) for s in world.servers)
