@@ -21,6 +21,7 @@ from twisted.logger import globalLogPublisher
 
 from cim import names
 from cim.client.library import ClientState
+from cim.envelope import OFFLINE_USER
 from cim.message import BROADCAST, GROUP_PREFIX, group_conversation, pair_conversation
 from cim.sim.world import EPOCH_START, Device, Sent, World, _logged
 
@@ -156,8 +157,9 @@ class Scenario:
                 "logout",
                 "join",
                 "leave",
+                "http_batch",
             ],
-            [30, 25, 8, 3, 4, 6, 5, 4, 3],
+            [30, 25, 8, 3, 4, 6, 5, 4, 3, 6],
         )[0]
         if kind == "logout":
             device = rng.choice(self.world.devices())
@@ -222,6 +224,68 @@ class Scenario:
             world.trace(f"{device.name}: {text!r} not acked: {sent.failed}")
 
         d.addCallbacks(acked, failed)
+
+    def do_http_batch(self, device: Device) -> None:
+        """
+        A batch of texts sent over HTTP (C{/p2pRoute}, C{/group/send}),
+        sent again with the same client message id until it is answered.
+        """
+        world = self.world
+        client = device.client
+        assert client is not None and device.recorder is not None
+        uid = device.user.user_id
+        groups = [g for g in world.groups if uid in world.store._groups[g].members]
+        texts = [self.text(device) for _ in range(self.rng.randint(2, 5))]
+        cmid = f"http-{self.count}"
+        body: dict[str, Any] = {"userId": uid, "batchMsg": texts, "clientMsgId": cmid}
+        if groups and self.rng.random() < 0.5:
+            group = self.rng.choice(groups)
+            path, conversation = "/group/send", group_conversation(group)
+            body["groupId"] = group
+        else:
+            peer = self.rng.choice(world.users).user_id
+            path, conversation = "/p2pRoute", pair_conversation(uid, peer)
+            body["receiveUserId"] = peer
+        sent = [
+            Sent(
+                t,
+                device.name,
+                device.recorder.instance,
+                conversation,
+                world.clock.seconds(),
+                seq=-1,
+            )
+            for t in texts
+        ]
+        for one in sent:
+            world.sends[one.text] = one
+        world.trace(
+            f"{device.name} sends {texts!r} over HTTP to {conversation} ({cmid})"
+        )
+
+        def attempt(left: int) -> None:
+            token = client.token
+            d = client.route.call(path, body, token)
+
+            def answered(_: object) -> None:
+                for one in sent:
+                    one.acked_at = world.clock.seconds()
+                world.trace(f"{device.name}: HTTP batch {cmid} stored")
+
+            def failed(f: Any) -> None:
+                error = f.value
+                if getattr(error, "code", None) == OFFLINE_USER:
+                    answered(None)
+                    return
+                world.trace(
+                    f"{device.name}: HTTP batch {cmid} failed: {f.getErrorMessage()}"
+                )
+                if left > 0:
+                    world.call(1.0, attempt, left - 1)
+
+            d.addCallbacks(answered, failed)
+
+        attempt(3)
 
     def do_broadcast(self, device: Device) -> None:
         assert device.client is not None
