@@ -97,12 +97,43 @@ def _show_twice() -> tuple[Any, str, Callable[..., Any]]:
     return Inbox, "is_new", is_new
 
 
+def _push_once() -> tuple[Any, str, Callable[..., Any]]:
+    """
+    The bug of seeds 365, 746, 815, back: a push that fails on the way is
+    not sent again.
+    """
+    from twisted.internet.defer import ensureDeferred
+
+    from cim.pusher import HttpPusher
+
+    def _send(self: HttpPusher, server: str, items: list[Any]) -> Any:
+        return ensureDeferred(self._post(server, items))
+
+    return HttpPusher, "_send", _send
+
+
+def _restored_sessions_replaced() -> tuple[Any, str, Callable[..., Any]]:
+    """
+    The bug of seeds 34, 240, 262, 278, back: after a restore, renewing a
+    device's newer session closes it as replaced by the older one.
+    """
+    from cim.store.memory import MemoryStore
+
+    def _outdated(self: MemoryStore, current: Any, held_id: str) -> bool:
+        return False
+
+    return MemoryStore, "_outdated", _outdated
+
+
 #: Name -> what it patches.
 BROKEN: dict[str, Callable[[], tuple[Any, str, Callable[..., Any]]]] = {
     "skip-gap-fill": _skip_gap_fill,
     "ack-unstored": _ack_unstored,
     "forget-device": _forget_device,
     "show-twice": _show_twice,
+    # Bugs the simulator found, brought back: it must find them again.
+    "push-once": _push_once,
+    "restored-sessions-replaced": _restored_sessions_replaced,
 }
 
 
