@@ -51,7 +51,9 @@ def run_seed(seed: int, broken: str | None = None, verbose: bool = False) -> Res
     from cim.sim.breaks import broken_system
 
     with broken_system(broken):
-        return run(seed, verbose=verbose)
+        result = run(seed, verbose=verbose)
+    result.broken = broken
+    return result
 
 
 def run_seeds(

@@ -58,6 +58,8 @@ class Result:
     acked: int = 0
     shown: int = 0
     faults: int = 0
+    #: The broken variant it ran (L{cim.sim.breaks}), if any.
+    broken: str = ""
 
     @property
     def ok(self) -> bool:
@@ -72,7 +74,8 @@ class Result:
         lines = [head, "trace (simulated seconds since start):", self.trace, ""]
         lines.append("violations:")
         lines += [f"  - {v}" for v in self.violations[:40]]
-        lines.append(f"reproduce: make sim SEED={self.seed}")
+        extra = f' SIM_ARGS="--broken {self.broken}"' if self.broken else ""
+        lines.append(f"reproduce: make sim SEED={self.seed}{extra}")
         return "\n".join(lines)
 
 
