@@ -243,3 +243,33 @@ def test_a_restored_store_lets_the_newer_session_of_a_device_be_renewed() -> Non
     assert _fired(backup.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
     # A store that was not restored still closes a replaced session.
     assert _fired(store.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
+
+
+# Bugs found by the simulator, as unit tests
+
+
+def test_a_stream_start_closed_while_it_reads_does_not_read_again() -> None:
+    # Found by the simulator (seeds 10001-14000): a server that died while
+    # it adopted a conversation left the coroutine waiting; closing it
+    # (garbage collection) raised "coroutine ignored GeneratorExit", its
+    # finally clauses awaiting the other reads.
+    from twisted.internet.defer import Deferred
+
+    from cim.server.stream import Stream
+    from tests.serverkit import World
+
+    world = World()
+    _, alice = world.login("alice", device="phone")
+    conn = world.server.connection(alice, "phone")
+    assert conn is not None
+
+    class Waiting:
+        def __getattr__(self, name: str) -> object:
+            return lambda *args, **kwargs: Deferred()
+
+    world.server.streams.store = Waiting()  # type: ignore[assignment]
+    stream = Stream("g:x", filling=True)
+    adopting = world.server.streams._adopt(conn, stream)
+    adopting.send(None)
+    adopting.close()  # raised RuntimeError
+    assert not stream.filling

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import random
 import secrets
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -647,11 +648,23 @@ def run(seed: int, verbose: bool = False) -> Result:
         # need not look at what was there before the run.
         gc.freeze()
         gc.disable()
+        # Python's own reports: a coroutine that would not close, an
+        # exception in a __del__.
+        saved_hook = sys.unraisablehook
+
+        def unraisable(report: Any) -> None:
+            errors.append(
+                f"unraisable {report.exc_type.__name__}: {report.exc_value} "
+                f"({report.err_msg or 'ignored'} in {report.object!r})"
+            )
+
+        sys.unraisablehook = unraisable
         try:
             result.violations = _play(world, result)
             del world
             gc.collect()
         finally:
+            sys.unraisablehook = saved_hook
             gc.enable()
             globalLogPublisher.removeObserver(observe)  # type: ignore[arg-type]
     result.violations += errors
