@@ -13,7 +13,7 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc
 
 .PHONY: help install test unit proto proto-check lint typecheck services-up \
 	services-down run demo cluster cluster-down bench bench-quick soak fuzz clean \
-	dev-certs
+	dev-certs sim
 
 help:
 	@echo "make run          start a standalone cim node (route :8083, server :11211, WebSocket :8084)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench        the benchmark (bench-quick: a short run)"
 	@echo "make soak         the soak test: 2,000 clients, 10 minutes (SOAK_ARGS=--quick: 200, 1 minute)"
 	@echo "make fuzz         the frame/codec fuzzer (FUZZ_SECONDS, default 60)"
+	@echo "make sim          the cluster simulator: SEEDS seeds (default 200) from FIRST; SEED=n: one, with its trace"
 	@echo "make proto        regenerate the protobuf code (proto-check: fail if stale)"
 	@echo "make dev-certs    a development CA and certificates for localhost in .run/certs"
 	@echo "make lint / typecheck / install / services-up / services-down"
@@ -102,6 +103,19 @@ demo: install
 
 fuzz: install
 	$(BIN)/python fuzz/fuzz_frames.py -max_total_time=$${FUZZ_SECONDS:-60}
+
+# The deterministic cluster simulator (README: "The simulator").  A run
+# depends on the order of sets of strings: PYTHONHASHSEED is fixed so that
+# a seed reproduces exactly.  `make test` runs its CI budget
+# (tests/test_sim.py).  SIM_ARGS: more options (--broken NAME, -v, --jobs).
+SEEDS ?= 200
+FIRST ?= 1
+sim: install
+	@if [ -n "$(SEED)" ]; then \
+		PYTHONHASHSEED=0 $(BIN)/python -m cim.sim --seed $(SEED) $(SIM_ARGS); \
+	else \
+		PYTHONHASHSEED=0 $(BIN)/python -m cim.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_ARGS); \
+	fi
 
 bench: install
 	$(BIN)/python -m bench.harness

@@ -12,6 +12,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -38,7 +39,15 @@ class HttpPusher:
     Push to IM servers with an HTTP client (a L{treq.client.HTTPClient} or
     L{treq.testing.StubTreq}).  Pushes to one server that are made while a
     request to it is in flight are sent together in the next request.
+
+    A push request that fails on the way (a pooled connection that the
+    server's restart left stale, a time-out) is sent once more, on a new
+    connection: a push is idempotent (a server writes each message of a
+    conversation to a connection at most once), and the message of a lost
+    push would wait for the recipient's next gap or login.
     """
+
+    log = Logger()
 
     def __init__(self, http: HTTPClient, secret: str, timeout: float = 5.0) -> None:
         self._http = http
@@ -77,7 +86,20 @@ class HttpPusher:
     def _send(
         self, server: str, items: list[PushItem]
     ) -> Deferred[Sequence[list[int]]]:
-        return ensureDeferred(self._post(server, items))
+        return ensureDeferred(self._post_twice(server, items))
+
+    async def _post_twice(self, server: str, items: list[PushItem]) -> list[list[int]]:
+        try:
+            return await self._post(server, items)
+        except PushError:
+            raise
+        except Exception as e:
+            self.log.info(
+                "Push to {server} failed ({error}); sending it again",
+                server=server,
+                error=str(e) or type(e).__name__,
+            )
+        return await self._post(server, items)
 
     async def _post(self, server: str, items: list[PushItem]) -> list[list[int]]:
         reply = await self._call(server, pushapi.PUSH, pushapi.push_request(items))

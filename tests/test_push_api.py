@@ -179,3 +179,48 @@ async def test_the_http_pusher_carries_messages_and_reads_in_order() -> None:
         assert [f.cmd for f in frames] == [Command.EPOCH, Command.MESSAGE, Command.READ]
         assert list(frames[2].cursors) == [Cursor(conversation, 1)]
         assert frames[2].request_id == alice
+
+
+class _StaleOnce:
+    """
+    An HTTP client whose first request fails on the way (a pooled
+    connection that the server's restart left stale), then works.
+    """
+
+    def __init__(self, http: StubTreq) -> None:
+        self.http = http
+        self.calls = 0
+
+    def post(self, *args: object, **kwargs: object) -> object:
+        from twisted.internet.defer import fail
+        from twisted.web._newclient import ResponseNeverReceived
+
+        self.calls += 1
+        if self.calls == 1:
+            return fail(ResponseNeverReceived([]))
+        kwargs.pop("timeout", None)
+        return self.http.post(*args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_push_that_fails_on_the_way_is_sent_once_more() -> None:
+    # Found by the simulator (issue 18, seeds 365, 746, 815): the last
+    # message of a conversation went no further when its push met a stale
+    # connection, until the recipient's next gap or login.
+    from cim.pusher import HttpPusher
+    from tests.serverkit import HERE
+
+    world = World()
+    phone, bob = world.login("bob", device="phone")
+    alice = world.account("alice")
+    conversation = pair_conversation(alice, bob)
+    stored = world.result(
+        world.store.append(
+            [NewMessage(conversation, alice, "alice", "hi", receive_user_id=bob)]
+        )
+    )
+    http = _StaleOnce(api(world))
+    pusher = HttpPusher(http, SECRET)  # type: ignore[arg-type]
+    assert await pusher.push(str(HERE), stored, [bob]) == []  # type: ignore[arg-type]
+    assert http.calls == 2
+    assert [m.text for m in phone.messages()] == ["hi"]

@@ -10,6 +10,7 @@ which answer them; anything unexpected is logged and answered 4000.
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from dataclasses import dataclass
@@ -67,6 +68,18 @@ def _header(request: IRequest, name: bytes) -> str | None:
     if value is None:
         return None
     return value.decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=8)
+def _openapi_json(max_message: int) -> bytes:
+    """
+    The OpenAPI document of a route with this C{max_message}, as served:
+    built once per process (it takes a tenth of a second), not at every
+    start of a route.
+    """
+    return json.dumps(openapi_document(max_message=max_message), indent=1).encode(
+        "utf-8"
+    )
 
 
 class RouteAPI:
@@ -135,9 +148,6 @@ class RouteAPI:
         self._calls: weakref.WeakKeyDictionary[IRequest, _Call] = (
             weakref.WeakKeyDictionary()
         )
-        self._openapi = json.dumps(
-            openapi_document(max_message=max_message), indent=1
-        ).encode("utf-8")
         self.metrics = metrics = Metrics("cim_route")
         self.m_requests = metrics.labelled_counter(
             "requests_total", "HTTP requests by endpoint", "endpoint"
@@ -640,4 +650,4 @@ class RouteAPI:
         self._begin(request)
         self._calls.pop(request, None)
         request.setHeader(b"Content-Type", _JSON)
-        return self._openapi
+        return _openapi_json(self.limits.max_message)

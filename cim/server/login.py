@@ -109,8 +109,11 @@ async def resume(
     reading_cursors = store.get_cursors(user_id, device)
     try:
         states = await reading_states
-    finally:
-        stored = await reading_cursors
+    except BaseException:
+        # Not awaited: a coroutine closed while it waits must not wait again.
+        reading_cursors.addErrback(lambda _: None)
+        raise
+    stored = await reading_cursors
     if not states:
         return Resumption()
     epochs = await store.epochs([state.conversation for state in states])

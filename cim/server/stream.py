@@ -30,7 +30,7 @@ cursors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -64,6 +64,14 @@ DRAIN_WAIT = 30.0
 UNKNOWN = -1
 #: The epoch of a stream before any is known.
 NO_EPOCH = Epoch()
+
+
+def _consume(*reads: Deferred[Any]) -> None:
+    """
+    Drop the failures of C{reads}, which nobody will wait for.
+    """
+    for d in reads:
+        d.addErrback(lambda _: None)
 
 
 class Stream:
@@ -319,11 +327,14 @@ class Streams:
             reading_joined = self._joined(conn.user_id, conversation)
             try:
                 stored = await reading_cursors
-            finally:
-                try:
-                    floor = await reading_joined
-                finally:
-                    epochs = await reading_epochs
+                floor = await reading_joined
+                epochs = await reading_epochs
+            except BaseException:
+                # The reads not awaited: their failures are this one's.
+                # (Never an await here: a coroutine closed while it waits
+                # must not wait again.)
+                _consume(reading_joined, reading_epochs)
+                raise
         except BaseException:
             stream.filling = False
             raise

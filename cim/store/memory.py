@@ -11,6 +11,7 @@ Deferred; password hashing therefore runs on the calling thread.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import hmac
@@ -176,6 +177,12 @@ class MemoryStore:
         #: user id -> its private conversations that hold messages
         self._pairs: dict[int, set[str]] = {}
         self._epochs: dict[str, Epoch] = {}
+        #: Conversations brought back from a copy (L{restored}): their next
+        #: append starts a new epoch that follows the one they had.
+        self._restored: set[str] = set()
+        #: The sessions a copy came back with (L{restored}): older than
+        #: what their devices' servers may hold now.
+        self._restored_sessions: set[str] = set()
         #: (conversation, sender id, window index) -> messages appended
         self._quota: dict[tuple[str, int, int], int] = {}
         self._quota_index = 0
@@ -187,6 +194,29 @@ class MemoryStore:
         Nothing to release.  @return: a fired Deferred.
         """
         return defer.succeed(None)
+
+    def restored(self) -> MemoryStore:
+        """
+        A copy of this store as a store restored from a backup taken now
+        would come back later: everything it holds now, and the first
+        append to each conversation starts a new epoch (C{previous}: the
+        epoch it has now, C{base}: its last seq then), as the Redis store
+        does when its run changed.  What this store does afterwards does
+        not change the copy.
+        """
+        clock, self.clock = self.clock, None  # type: ignore[assignment]
+        try:
+            twin = copy.deepcopy(self)
+        finally:
+            self.clock = clock
+        twin.clock = clock
+        twin._restored = set(twin._seqs)
+        twin._restored_sessions = {
+            record.session.session_id
+            for records in twin._sessions.values()
+            for record in records.values()
+        }
+        return twin
 
     def _seconds(self) -> float:
         """
@@ -386,10 +416,30 @@ class MemoryStore:
                     user_id, user_name, server, session_id, True, device, active
                 )
             elif current.session_id != session_id:
-                lost.append(session_id)
-                continue
+                if not self._outdated(current, session_id):
+                    lost.append(session_id)
+                    continue
+                # The store came back from an older copy: the device's
+                # session it holds is from before, the one its server holds
+                # is newer.  Not a newer login: the holder keeps it.
+                self._end(current)
+                current = Session(
+                    user_id, user_name, server, session_id, True, device, active
+                )
             self._put(replace(current, active=max(active, current.active)), expires)
         return sorted(lost)
+
+    def _outdated(self, current: Session, held_id: str) -> bool:
+        """
+        Whether C{current}, its device's session here, is older than the
+        session C{held_id} that a server renews for that device: it came
+        back with a restored copy (L{restored}), and this store never
+        ended C{held_id} (so no newer login replaced it).
+        """
+        return (
+            current.session_id in self._restored_sessions
+            and self._ended.get(held_id, 0) <= self._seconds()
+        )
 
     @_fired
     def get_session(self, user_id: int, device: str = "") -> Session | None:
@@ -585,9 +635,10 @@ class MemoryStore:
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
             epoch = self._epochs.get(new.conversation)
-            if epoch is None:
+            if epoch is None or new.conversation in self._restored:
+                self._restored.discard(new.conversation)
                 epoch = self._epochs[new.conversation] = Epoch(
-                    uuid.uuid4().hex[:16], "", seq - 1
+                    uuid.uuid4().hex[:16], epoch.id if epoch else "", seq - 1
                 )
             self._seqs[new.conversation] = seq
             message = ChatMessage(
