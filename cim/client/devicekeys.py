@@ -20,6 +20,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from cim.client.keys import route_key
 from cim.client.statefile import read_json, write_json
 from cim.names import name_key
 
@@ -41,10 +42,6 @@ class HeldDeviceKey:
     def __repr__(self) -> str:
         # Never in a log line.
         return f"HeldDeviceKey(user_id={self.user_id}, device={self.device!r}, key=...)"
-
-
-def _route(url: str) -> str:
-    return url.rstrip("/")
 
 
 class DeviceKeys:
@@ -98,7 +95,7 @@ class DeviceKeys:
         if self.path is not None:
             # Another client of this folder may have used and replaced it.
             self._load(self.path)
-        return self._keys.get(_route(route_url), {}).get(name_key(user_name))
+        return self._keys.get(route_key(route_url), {}).get(name_key(user_name))
 
     def put(
         self, route_url: str, user_name: str, user_id: int, device: str, key: str
@@ -112,7 +109,7 @@ class DeviceKeys:
         """
         if self.path is not None:
             self._load(self.path)
-        accounts = self._keys.setdefault(_route(route_url), {})
+        accounts = self._keys.setdefault(route_key(route_url), {})
         accounts[name_key(user_name)] = HeldDeviceKey(user_id, device, key)
         self._save()
 
@@ -125,7 +122,7 @@ class DeviceKeys:
         """
         if self.path is not None:
             self._load(self.path)
-        accounts = self._keys.get(_route(route_url), {})
+        accounts = self._keys.get(route_key(route_url), {})
         if accounts.pop(name_key(user_name), None) is not None:
             self._save()
 

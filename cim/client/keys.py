@@ -40,7 +40,10 @@ class HeldKey:
         return f"HeldKey(user_id={self.user_id}, key=...)"
 
 
-def _route(url: str) -> str:
+def route_key(url: str) -> str:
+    """
+    How a route URL names its entries in the state folder's key files.
+    """
     return url.rstrip("/")
 
 
@@ -79,7 +82,7 @@ class AccountKeys:
         """
         The key held for account C{user_name} at the route C{route_url}.
         """
-        return self._keys.get(_route(route_url), {}).get(name_key(user_name))
+        return self._keys.get(route_key(route_url), {}).get(name_key(user_name))
 
     def put(self, route_url: str, user_name: str, user_id: int, key: str) -> None:
         """
@@ -93,7 +96,7 @@ class AccountKeys:
             # Other clients sharing the folder (one per account, as in the
             # quick start) may have added keys since this one read it.
             self._load(self.path)
-        accounts = self._keys.setdefault(_route(route_url), {})
+        accounts = self._keys.setdefault(route_key(route_url), {})
         accounts[name_key(user_name)] = HeldKey(user_id, key)
         if self.path is not None:
             self._save(self.path)
