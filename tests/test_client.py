@@ -750,6 +750,22 @@ def test_cursors_kept_before_routes_are_carried_over(tmp_path: Path) -> None:
     assert CursorFile(Clock(), moved).get(PAIR) == 4
 
 
+def test_a_device_id_kept_by_user_id_alone_is_taken_over_once(
+    tmp_path: Path,
+) -> None:
+    # An id saved before accounts were told apart (by user id alone) is
+    # the account's from now on, and no longer kept under the user id.
+    (tmp_path / "devices.json").write_text(
+        json.dumps({"version": 1, "routes": {"http://route": {"7": "old-one"}}})
+    )
+    tag = account_tag("key")
+    assert DeviceIds(tmp_path).device_for("http://route/", 7, tag) == "old-one"
+    saved = json.loads((tmp_path / "devices.json").read_text())
+    assert saved["routes"] == {"http://route": {f"7-{tag}": "old-one"}}
+    # Another account of that id is another device.
+    assert DeviceIds(tmp_path).device_for("http://route", 7, "other") != "old-one"
+
+
 def test_a_device_id_given_or_random() -> None:
     given = Wired(device="phone-1")
     assert given.client.device == given.route.devices[0] == "phone-1"

@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import uuid
 from pathlib import Path
+from typing import Any
 
 from twisted.logger import Logger
 
-from cim.client.statefile import read_json, write_json
+from cim.client.statefile import RouteFile
 from cim.limits import DEVICE_ID
 
-#: The file's name in the state folder, and its format version.
+#: The file's name in the state folder.
 FILE_NAME = "devices.json"
-FORMAT_VERSION = 1
 
 
 def new_device_id() -> str:
@@ -31,10 +31,6 @@ def new_device_id() -> str:
     A new random device id.
     """
     return uuid.uuid4().hex
-
-
-def _route(url: str) -> str:
-    return url.rstrip("/")
 
 
 def account_tag(credential: str) -> str:
@@ -50,41 +46,32 @@ def _user(user_id: int, account: str) -> str:
     return f"{user_id}-{account}" if account else str(user_id)
 
 
+def _parse(raw: Any) -> str | None:
+    return raw if isinstance(raw, str) and DEVICE_ID.fullmatch(raw) else None
+
+
+def _dump(device: str) -> str:
+    return device
+
+
 class DeviceIds:
     """
     The device ids kept in C{state_dir} (in memory only when C{None}), by
-    route URL and user id.
+    route URL and user id (a L{RouteFile}).
     """
 
     log = Logger()
 
     def __init__(self, state_dir: Path | None) -> None:
-        self.path = None if state_dir is None else Path(state_dir) / FILE_NAME
-        self._ids: dict[str, dict[str, str]] = {}
-        if self.path is not None:
-            self._load(self.path)
-
-    def _load(self, path: Path) -> None:
-        data = read_json(path, "device file")
-        if data is None:
-            return
-        routes = data.get("routes") if isinstance(data, dict) else None
-        if not isinstance(routes, dict):
-            self.log.warn("Ignoring malformed device file {path}", path=str(path))
-            return
-        for route, users in routes.items():
-            if not isinstance(users, dict):
-                continue
-            for user, device in users.items():
-                if isinstance(device, str) and DEVICE_ID.fullmatch(device):
-                    self._ids.setdefault(str(route), {})[str(user)] = device
+        self._file = RouteFile(state_dir, FILE_NAME, "device file", _parse, _dump)
+        self.path = self._file.path
 
     def get(self, route_url: str, user_id: int, account: str = "") -> str | None:
         """
         The device id kept for C{user_id} at C{route_url} (and account
         C{account}, an L{account_tag}, when given), if any.
         """
-        return self._ids.get(_route(route_url), {}).get(_user(user_id, account))
+        return self._file.get(route_url, _user(user_id, account))
 
     def device_for(self, route_url: str, user_id: int, account: str = "") -> str:
         """
@@ -97,24 +84,20 @@ class DeviceIds:
             kept for C{user_id} alone (before accounts were told apart) is
             taken over once.
         """
-        if self.path is not None:
-            # Another client sharing the folder may have saved one since.
-            self._load(self.path)
+        # Another client sharing the folder may have saved one since.
+        self._file.reload()
         device = self.get(route_url, user_id, account)
         if device is not None:
             return device
-        users = self._ids.setdefault(_route(route_url), {})
-        device = users.pop(str(user_id), None) if account else None
-        device = device or new_device_id()
-        users[_user(user_id, account)] = device
-        if self.path is not None:
-            try:
-                write_json(self.path, {"version": FORMAT_VERSION, "routes": self._ids})
-            except OSError as e:
-                self.log.error(
-                    "Cannot save the device id in {path}: {e}; the next run "
-                    "will be another device",
-                    path=str(self.path),
-                    e=e,
-                )
+        legacy = str(user_id) if account else ""
+        device = (legacy and self._file.get(route_url, legacy)) or new_device_id()
+        try:
+            self._file.put(route_url, _user(user_id, account), device, legacy)
+        except OSError as e:
+            self.log.error(
+                "Cannot save the device id in {path}: {e}; the next run "
+                "will be another device",
+                path=str(self.path),
+                e=e,
+            )
         return device

@@ -4,26 +4,26 @@ that creates an account without a password, and that every later login of
 that account needs (unless the route runs with C{--legacy-auth}).
 
 They are kept in one small JSON file in the client's state folder,
-C{account-keys.json}, by route URL and account (the account's name key,
-L{cim.names.name_key}, so C{Alice} and C{alice} find the same key), with the
-account's id.  The file is written atomically (a temporary file renamed over
-the old one) and readable by its owner only: whoever copies it can log in
-as these accounts.
+C{account-keys.json} (a L{RouteFile}), by route URL and account (the
+account's name key, L{cim.names.name_key}, so C{Alice} and C{alice} find
+the same key), with the account's id.  The file is written atomically (a
+temporary file renamed over the old one) and readable by its owner only:
+whoever copies it can log in as these accounts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from twisted.logger import Logger
-
-from cim.client.statefile import read_json, write_json
+from cim.client.statefile import RouteFile, route_key
 from cim.names import name_key
 
-#: The file's name in the state folder, and its format version.
+__all__ = ["FILE_NAME", "AccountKeys", "HeldKey", "route_key"]
+
+#: The file's name in the state folder.
 FILE_NAME = "account-keys.json"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +39,20 @@ class HeldKey:
         # Never in a log line.
         return f"HeldKey(user_id={self.user_id}, key=...)"
 
+    @classmethod
+    def parse(cls, raw: Any) -> HeldKey | None:
+        """
+        A key from its form in the file, or C{None} when malformed.
+        """
+        if not isinstance(raw, dict):
+            return None
+        user_id, key = raw.get("userId"), raw.get("key")
+        if isinstance(user_id, int) and isinstance(key, str) and key:
+            return cls(user_id, key)
+        return None
 
-def route_key(url: str) -> str:
-    """
-    How a route URL names its entries in the state folder's key files.
-    """
-    return url.rstrip("/")
+    def dump(self) -> dict[str, Any]:
+        return {"userId": self.user_id, "key": self.key}
 
 
 class AccountKeys:
@@ -52,37 +60,17 @@ class AccountKeys:
     The account keys kept in C{state_dir} (in memory only when C{None}).
     """
 
-    log = Logger()
-
     def __init__(self, state_dir: Path | None) -> None:
-        self.path = None if state_dir is None else Path(state_dir) / FILE_NAME
-        self._keys: dict[str, dict[str, HeldKey]] = {}
-        if self.path is not None:
-            self._load(self.path)
-
-    def _load(self, path: Path) -> None:
-        data = read_json(path, "account key file")
-        if data is None:
-            return
-        routes = data.get("routes") if isinstance(data, dict) else None
-        if not isinstance(routes, dict):
-            self.log.warn("Ignoring malformed account key file {path}", path=str(path))
-            return
-        for route, accounts in routes.items():
-            if not isinstance(accounts, dict):
-                continue
-            for account, held in accounts.items():
-                if not isinstance(held, dict):
-                    continue
-                user_id, key = held.get("userId"), held.get("key")
-                if isinstance(user_id, int) and isinstance(key, str) and key:
-                    self._keys.setdefault(route, {})[account] = HeldKey(user_id, key)
+        self._file = RouteFile(
+            state_dir, FILE_NAME, "account key file", HeldKey.parse, HeldKey.dump
+        )
+        self.path = self._file.path
 
     def get(self, route_url: str, user_name: str) -> HeldKey | None:
         """
         The key held for account C{user_name} at the route C{route_url}.
         """
-        return self._keys.get(route_key(route_url), {}).get(name_key(user_name))
+        return self._file.get(route_url, name_key(user_name))
 
     def put(self, route_url: str, user_name: str, user_id: int, key: str) -> None:
         """
@@ -92,24 +80,4 @@ class AccountKeys:
         @raise OSError: the file cannot be written (the key would be lost:
             the caller must say so).
         """
-        if self.path is not None:
-            # Other clients sharing the folder (one per account, as in the
-            # quick start) may have added keys since this one read it.
-            self._load(self.path)
-        accounts = self._keys.setdefault(route_key(route_url), {})
-        accounts[name_key(user_name)] = HeldKey(user_id, key)
-        if self.path is not None:
-            self._save(self.path)
-
-    def _save(self, path: Path) -> None:
-        data = {
-            "version": FORMAT_VERSION,
-            "routes": {
-                route: {
-                    account: {"userId": held.user_id, "key": held.key}
-                    for account, held in accounts.items()
-                }
-                for route, accounts in self._keys.items()
-            },
-        }
-        write_json(path, data)
+        self._file.put(route_url, name_key(user_name), HeldKey(user_id, key))
