@@ -740,8 +740,12 @@ def test_sends_do_not_wait_for_their_acks(screen: Screen) -> None:
     assert screen.type("1;;first") == []
     assert screen.type(":olu")[0] == "online users: 3"
     assert screen.console.prompt_text() == "(:to whom?) (1 sending)> "
-    pending.errback(SendError(9200, "not stored; send it again"))
-    assert screen.output() == ["error: not sent: not stored; send it again"]
+    pending.errback(
+        SendError(9200, "may not be stored; send it again (it is never stored twice)")
+    )
+    assert screen.output() == [
+        "error: not sent: may not be stored; send it again (it is never stored twice)"
+    ]
     assert screen.console.prompt_text() == "(:to whom?)> "
 
 

@@ -74,7 +74,10 @@ def test_a_failed_append_is_an_error_then_a_kick_and_stores_nothing_after() -> N
     assert error.cmd == Command.ERROR
     assert error.error_code == ErrorCode.STORE_ERROR
     assert error.client_msg_id == "a1"
-    assert error.error_reason == "not stored; send it again"
+    assert (
+        error.error_reason
+        == "may not be stored; send it again (it is never stored twice)"
+    )
     assert kick.cmd == Command.KICK
     assert kick.error_reason == "temporary store failure"
     assert alice_peer.closed

@@ -170,8 +170,9 @@ class Outbox:
         """
         The server reported error C{code} about send C{client_msg_id}.
 
-        A failure of the server's store is no refusal: the message was not
-        stored, and it stays pending.  Anything else fails the send with
+        A failure of the server's store is no refusal: the message may not
+        be stored, and it stays pending (sent again, it is never stored
+        twice: the store knows its client message id).  Anything else fails the send with
         L{SendError}.
 
         @return: whether the send stays pending; the connection should then
@@ -180,7 +181,7 @@ class Outbox:
         """
         if code == ErrorCode.STORE_ERROR and client_msg_id in self._pending:
             self.log.info(
-                "Send {cmid} not stored: {reason}", cmid=client_msg_id, reason=reason
+                "Send {cmid} may not be stored: {reason}", cmid=client_msg_id, reason=reason
             )
             return True
         pending = self._pending.pop(client_msg_id, None)

@@ -283,7 +283,12 @@ class Sender:
 
     def _failed(self, failure: Failure, conn: Connection, frame: Frame) -> None:
         self.log.failure("Send from {user_id} failed", failure, user_id=conn.user_id)
-        self._refuse(conn, frame, ErrorCode.STORE_ERROR, "not stored; send it again")
+        self._refuse(
+            conn,
+            frame,
+            ErrorCode.STORE_ERROR,
+            "may not be stored; send it again (it is never stored twice)",
+        )
         # Store nothing more of this connection: its later sends must not be
         # stored before this one (the appender fails those queued behind a
         # failed batch).  The client reconnects and sends again, in order,
