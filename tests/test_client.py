@@ -897,6 +897,9 @@ def test_read_frames_update_read_positions_and_unread_counts() -> None:
     # 4 and 5 were counted in the snapshot already.
     assert wired.client.unread(PAIR) == 4
     assert wired.client.unread() == 4
+    # Writing reads: the peer (user 1) read up to each of its new messages.
+    assert wired.listener.reads.pending == [(1, PAIR, 6), (1, PAIR, 7)]
+    wired.listener.reads.pending.clear()
     # This user read up to 5 on another device.
     wired.receive(Frame(cmd=Command.READ, request_id=7, cursors=[Cursor(PAIR, 5)]))
     assert wired.client.unread(PAIR) == 2
@@ -921,10 +924,27 @@ def test_read_frames_update_read_positions_and_unread_counts() -> None:
     assert (state.last_seq, state.read, state.unread, state.peer_read) == (7, 5, 2, 9)
 
 
+def test_a_message_is_a_read_receipt_from_its_sender() -> None:
+    # The store raises a sender's read position when it appends: the
+    # library tells it, so a reply shows as a receipt with no READ frame.
+    wired = Wired()
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1, sender_id=7)]))
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(2), chat(2)]))
+    wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(3, "g:dev", sender_id=3)]))
+    assert wired.listener.reads.pending == [
+        (7, PAIR, 1),
+        (1, PAIR, 2),  # once: the duplicate is not shown, nor told
+        (3, "g:dev", 3),
+    ]
+    assert wired.client.read_position(PAIR, 1) == 2
+    assert wired.client.read_position(PAIR) == 1
+
+
 def test_mark_read_sends_read() -> None:
     wired = Wired()
     wired.receive(Frame(cmd=Command.MESSAGE, messages=[chat(1), chat(2), chat(3)]))
     assert wired.client.unread(PAIR) == 3
+    wired.listener.reads.pending.clear()  # the peer's (its messages)
     wired.client.mark_read(PAIR, 2)
     assert wired.client.unread(PAIR) == 1
     assert Frame(cmd=Command.READ, cursors=(Cursor(PAIR, 2),)) in wired.sent()

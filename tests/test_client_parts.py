@@ -384,6 +384,8 @@ def test_the_inbox_follows_the_server_cursors_and_reads() -> None:
     # Bob's message raised his own read position; this user read it on
     # another device.
     assert box.reads.read_position(PAIR, 1) == 3
+    assert events.reads.pending == [(1, PAIR, 3)]
+    events.reads.pending.clear()
     assert box.reads.unread(PAIR) == 1
     box.read_received(Frame(cmd=Command.READ, request_id=7, cursors=[Cursor(PAIR, 3)]))
     assert events.reads.pending == [(7, PAIR, 3)]

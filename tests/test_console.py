@@ -1178,7 +1178,9 @@ def test_read_receipts(screen: Screen) -> None:
 def test_a_reply_is_a_read_receipt(screen: Screen) -> None:
     screen.type("@bob one")
     screen.output()
+    # The library tells a reply's read position after the reply.
     screen.console.message_received(message("a quick answer", seq=9))
+    screen.console.read_changed(1, "p:1:7", 9)
     assert screen.output() == [
         f"[{STAMP}] (private) bob: a quick answer",
         "\u2713 bob read your messages up to: one",

@@ -1317,9 +1317,6 @@ class Console(LineReceiver):
         self.history.add(message, "in")
         self.say(format_message(message, me, now_ms=self._now()))
         self._displayed(message)
-        if me and peer_of(message.conversation, me) == message.sender_id:
-            # Writing in a conversation reads it: a reply is a receipt.
-            self.read_changed(message.sender_id, message.conversation, message.seq)
 
     def conversation_reset(self, conversation: str, seq: int) -> None:
         # What is numbered after seq now is other messages.

@@ -213,8 +213,13 @@ class Inbox:
         )
         for message in messages:
             if self.is_new(message):
-                self.reads.message(message)
+                read = self.reads.message(message)
                 self.events.message_received(message)
+                if read:
+                    # Its sender read the conversation up to it.
+                    self.events.read_changed(
+                        message.sender_id, message.conversation, message.seq
+                    )
         if self._dirty and self._ack_call is None:
             self._ack_call = self.clock.callLater(self.ack_delay, self.flush)
 

@@ -111,7 +111,9 @@ class IClientListener(Interface):
         User C{user_id} read C{conversation} up to C{seq}: this user on
         another device (or through this client's
         L{cim.client.library.Client.mark_read}: its unread count fell), or
-        the other user of a private conversation (a read receipt).
+        the other user of a private conversation (a read receipt), or a
+        member of a group.  Writing in a conversation reads it: a new
+        message from a user is told here too, after the message.
         """
 
 

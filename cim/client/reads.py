@@ -138,29 +138,41 @@ class ReadState:
             tracked = self._tracked[conversation] = _Tracked(info)
         return tracked
 
-    def message(self, message: ChatMessage) -> None:
+    def message(self, message: ChatMessage) -> bool:
         """
-        A new message arrived: count it unread if it is from someone else,
-        or mark what comes before it read if it is this user's own.
+        A new message arrived: count it unread if it is from someone else.
+        Writing in a conversation reads it (the store raises a sender's
+        read position when it appends): the sender's read position rises
+        to the message.
+
+        @return: whether the sender's read position rose (so that the
+            listeners hear of a reply as a read receipt).
         """
         conversation = message.conversation
         if not conversation or conversation == BROADCAST or message.seq <= 0:
-            return
+            return False
         tracked = self._track(conversation)
         info = tracked.info
         if message.seq <= info.last_seq:
-            return  # counted already (in the snapshot, or before)
+            return False  # counted already (in the snapshot, or before)
         info.last_seq = message.seq
         if not info.epoch:
             info.epoch = message.epoch
-        if message.sender_id == self.user_id:
-            info.read = max(info.read, message.seq)
+        sender, seq = message.sender_id, message.seq
+        if sender == self.user_id:
+            rose = seq > info.read
+            info.read = max(info.read, seq)
         else:
-            tracked.live.append(message.seq)
-            if message.sender_id == info.peer_id:
-                # Appending raises the sender's own read position.
-                info.peer_read = max(info.peer_read, message.seq)
+            tracked.live.append(seq)
+            if sender == info.peer_id:
+                rose = seq > info.peer_read
+                info.peer_read = max(info.peer_read, seq)
+            else:
+                rose = seq > tracked.others.get(sender, 0)
+                if rose:
+                    tracked.others[sender] = seq
         tracked.recount()
+        return rose
 
     def read_by(self, user_id: int, conversation: str, seq: int) -> bool:
         """
