@@ -564,6 +564,74 @@ def test_two_pages_chat_privately_and_in_a_group(
     expect(b.locator("#conversations button", has_text="webteam")).to_have_count(0)
 
 
+def test_the_owner_invites_and_answers_requests(
+    browser: Browser, node: Daemon, tabs: list[Tab]
+) -> None:
+    url = node.url("route") + "/"
+    owner = Tab(browser, url)
+    guest = Tab(browser, url, phone=True)
+    tabs.extend([owner, guest])
+    owner.log_in("webowner")
+    guest.log_in("webguest")
+    o, g = owner.page, guest.page
+    # An invite-only group: the guest cannot join until invited by name
+    # (written as the route compares names: case does not matter).
+    o.select_option("#group-policy", "invite")
+    o.fill("#group-id", "closed")
+    o.click("#group-create")
+    expect(o.locator("#chat-title")).to_have_text("# closed", timeout=WAIT)
+    g.fill("#group-id", "closed")
+    g.press("#group-id", "Enter")
+    expect(g.locator("#group-error")).not_to_be_empty(timeout=WAIT)
+    o.click("#members")
+    expect(o.locator("#group-admin")).to_be_visible(timeout=WAIT)
+    expect(o.locator("#requests")).to_be_hidden()
+    o.fill("#invite-name", "nobody-here")
+    o.press("#invite-name", "Enter")
+    expect(o.locator("#invite-result")).to_contain_text("Nobody called", timeout=WAIT)
+    o.fill("#invite-name", "WebGuest")
+    o.press("#invite-name", "Enter")
+    expect(o.locator("#invite-result")).to_contain_text(
+        "Invited webguest", timeout=WAIT
+    )
+    g.fill("#group-id", "closed")
+    g.press("#group-id", "Enter")
+    expect(g.locator("#chat-title")).to_have_text("# closed", timeout=WAIT)
+    # An approval group: the guest asks, the owner approves from the list.
+    o.select_option("#group-policy", "approval")
+    o.fill("#group-id", "asking")
+    o.click("#group-create")
+    expect(o.locator("#chat-title")).to_have_text("# asking", timeout=WAIT)
+    g.keyboard.press("Escape")
+    g.fill("#group-id", "asking")
+    g.press("#group-id", "Enter")
+    expect(g.locator("#group-error")).to_have_text(
+        "Asked to join: the owner decides.", timeout=WAIT
+    )
+    o.click("#members")
+    expect(o.locator("#member-list li")).to_have_text(["webowner"], timeout=WAIT)
+    row = o.locator("#requests li", has_text="webguest")
+    expect(row).to_have_count(1, timeout=WAIT)
+    row.get_by_role("button", name="Approve webguest").click()
+    expect(o.locator("#member-list li")).to_have_text(
+        ["webguest", "webowner"], timeout=WAIT
+    )
+    expect(o.locator("#requests li")).to_have_text(["Nobody is waiting."])
+    # The guest is a member: the owner's message reaches it.
+    o.fill("#compose-text", "approved")
+    o.press("#compose-text", "Enter")
+    expect(g.locator("#conversations button", has_text="asking")).to_have_count(
+        1, timeout=WAIT
+    )
+    # Someone not the owner sees no owner's tools.
+    g.locator("#conversations button", has_text="closed").click()
+    g.click("#members")
+    expect(g.locator("#member-list li")).to_have_text(
+        ["webguest", "webowner"], timeout=WAIT
+    )
+    expect(g.locator("#group-admin")).to_be_hidden()
+
+
 @needs_gateway
 def test_a_page_and_a_library_client_chat(
     browser: Browser, node: Daemon, tabs: list[Tab], peers: Any

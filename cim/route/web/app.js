@@ -42,10 +42,11 @@ function show(view) {
   $("app").hidden = view !== "app";
 }
 
-function describe(error) {
+function describe(error, loggingIn = false) {
   switch (error.code) {
     case "4090":
-      return "That name is taken, and this is not its password.";
+      if (loggingIn) return "That name is taken, and this is not its password.";
+      return error.message || String(error);
     case "9100":
       return "Wrong name or password.";
     case "6000":
@@ -304,7 +305,7 @@ async function open(id) {
   $("chat-title").textContent = title(conv);
   $("members").hidden = !conv.groupId;
   $("leave").hidden = !conv.groupId;
-  $("member-list").hidden = true;
+  $("member-list").hidden = $("group-admin").hidden = true;
   notice("");
   $("compose-text").disabled = id === "all";
   $("send").disabled = id === "all";
@@ -570,7 +571,7 @@ async function login(event) {
     $("login-password").value = "";
     startSession(acc, reply);
   } catch (e) {
-    error.textContent = e instanceof ApiError ? describe(e) : String(e);
+    error.textContent = e instanceof ApiError ? describe(e, true) : String(e);
   } finally {
     $("login-submit").disabled = false;
   }
@@ -619,7 +620,7 @@ async function leave() {
   current = null;
   $("chat-title").textContent = "Pick a conversation";
   $("messages").replaceChildren();
-  $("members").hidden = $("leave").hidden = $("member-list").hidden = true;
+  $("members").hidden = $("leave").hidden = $("member-list").hidden = $("group-admin").hidden = true;
   renderList();
   back();
 }
@@ -629,16 +630,96 @@ async function members() {
   const list = $("member-list");
   if (!conv || !conv.groupId) return;
   if (!list.hidden) {
-    list.hidden = true;
+    list.hidden = $("group-admin").hidden = true;
     return;
   }
   try {
-    const people = await route.call("/group/members", { userId: account.userId, groupId: conv.groupId });
+    const groupId = conv.groupId;
+    const [people, info] = await Promise.all([
+      route.call("/group/members", { userId: account.userId, groupId }),
+      route.call("/group/info", { userId: account.userId, groupId }),
+    ]);
     people.sort((x, y) => x.userName.localeCompare(y.userName));
+    for (const p of people) names.set(Number(p.userId), p.userName);
     list.replaceChildren(...people.map((p) => el("li", { text: p.userName })));
     list.hidden = false;
+    const owner = Number(info.ownerId) === account.userId;
+    $("group-admin").hidden = !owner;
+    $("invite-result").textContent = "";
+    $("h-requests").hidden = $("requests").hidden = info.policy !== "approval";
+    if (owner && info.policy === "approval") await requests(groupId);
   } catch (e) {
     notice(describe(e));
+  }
+}
+
+/** The users waiting for the owner's answer, each with Approve and Reject. */
+async function requests(groupId) {
+  const waiting = await route.call("/group/requests", { userId: account.userId, groupId });
+  const list = $("requests");
+  if (!waiting.length) {
+    list.replaceChildren(el("li", { class: "hint", text: "Nobody is waiting." }));
+    return;
+  }
+  list.replaceChildren(
+    ...waiting.map((w) => {
+      const id = Number(w.userId);
+      names.set(id, w.userName);
+      const row = el("li", { class: "requests-row", "data-user": String(id) }, el("span", { class: "name", text: w.userName }));
+      for (const [label, path] of [["Approve", "/group/approve"], ["Reject", "/group/reject"]]) {
+        const button = el("button", { type: "button", text: label, "aria-label": `${label} ${w.userName}` });
+        button.addEventListener("click", () => answer(groupId, path, id));
+        row.append(button);
+      }
+      return row;
+    }),
+  );
+}
+
+async function answer(groupId, path, requesterId) {
+  try {
+    await route.call(path, { userId: account.userId, groupId, requesterId });
+    await requests(groupId);
+    const people = await route.call("/group/members", { userId: account.userId, groupId });
+    people.sort((x, y) => x.userName.localeCompare(y.userName));
+    $("member-list").replaceChildren(...people.map((p) => el("li", { text: p.userName })));
+  } catch (e) {
+    notice(describe(e));
+  }
+}
+
+/** A user name as the route compares them (case and width do not matter). */
+function nameKey(name) {
+  return name.trim().normalize("NFKC").toLowerCase();
+}
+
+/** The id of the user called C{name}: among those online or known here. */
+async function findUser(name) {
+  const key = nameKey(name);
+  const known = () => [...names].find(([, n]) => nameKey(n) === key);
+  if (!known()) await refreshOnline();
+  const found = known();
+  return found ? found[0] : null;
+}
+
+async function invite() {
+  const conv = conversations.get(current);
+  const input = $("invite-name");
+  const result = $("invite-result");
+  const name = input.value.trim();
+  if (!conv || !conv.groupId || !name) return;
+  const inviteeId = await findUser(name);
+  if (inviteeId === null) {
+    result.textContent = `Nobody called ${name} is online or in your conversations.`;
+    input.focus();
+    return;
+  }
+  try {
+    await route.call("/group/invite", { userId: account.userId, groupId: conv.groupId, inviteeId });
+    result.textContent = `Invited ${names.get(inviteeId) || name}: they may join # ${conv.groupId} now.`;
+    input.value = "";
+  } catch (e) {
+    result.textContent = describe(e);
   }
 }
 
@@ -680,6 +761,10 @@ function wire() {
   $("group-create").addEventListener("click", () => group("create"));
   $("leave").addEventListener("click", leave);
   $("members").addEventListener("click", members);
+  $("invite-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    invite();
+  });
   $("earlier").addEventListener("click", () => {
     const conv = conversations.get(current);
     if (conv) loadEarlier(conv);
