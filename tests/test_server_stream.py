@@ -502,3 +502,17 @@ def test_a_failed_read_kicks_the_connection() -> None:
     assert setting.control.kicks == [(conn, "temporary store failure")]
     assert not conn.streams[CONVERSATION].filling
     assert link.texts() == []
+
+
+def test_after_an_epoch_read_a_held_message_of_another_is_read_from_the_store() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+    conn.acked[CONVERSATION] = Position("old", 1)
+    other = replace(two, epoch="e9", text="not stored")
+    setting.store.count()
+    setting.offer(conn, [one, other])
+    assert setting.store.names() == ["epochs", "read"]
+    epoch, *rest = frames(link)
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 0, EPOCH.id, True)]
+    assert [m.text for f in rest for m in f.messages] == ["one", "two"]

@@ -355,7 +355,8 @@ class Streams:
         conversation = stream.conversation
         stored = conn.acked.get(conversation)
         try:
-            if tag and (stored is None or stored.epoch == tag):
+            tagged = bool(tag) and (stored is None or stored.epoch == tag)
+            if tagged:
                 floor = await self._joined(conn.user_id, conversation)
                 epoch = Epoch(tag)
             else:
@@ -385,14 +386,15 @@ class Streams:
         live = [seq for seq, m in stream.pending.items() if stream.accepts(m)]
         if live:
             start = min(start, min(live) - 1)
-        if len(live) < len(stream.pending):
-            # A held message of another epoch: read the conversation's.
-            stream.recheck = True
+        # A held message of another epoch is dropped: the store is read (and
+        # first the conversation's epoch, unless that was just read).
+        dropped = len(live) < len(stream.pending)
+        stream.recheck = dropped and tagged
         stream.move_to(epoch, start)
         if position.seq > 0 and position.epoch == epoch.id:
             conn.acked.setdefault(conversation, position)
         conn.send(wire.epoch([stream.cursor(reset)]))
-        if not stream.recheck:
+        if not dropped:
             # What was held follows the start: written at once, and the
             # store is not read (a gap after it is waited for as any).
             ready = stream.advance()
