@@ -15,15 +15,59 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from zope.interface.interface import Method
 
 from cim.codec import decode, encode_framed
 from cim.delivery import IPusher
-from cim.interfaces import ServerAddress
+from cim.interfaces import IStore, ServerAddress
 from cim.message import ChatMessage, Command, Cursor, Frame
 from cim.pushapi import ReadEvent
 from cim.server.core import IMServer
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
+
+#: The names of the store's methods (L{IStore} and what it extends).
+STORE_METHODS = frozenset(
+    name for name in IStore.names(all=True) if isinstance(IStore[name], Method)
+)
+
+
+class CountingStore(MemoryStore):
+    """
+    A memory store that records each call of a store method (L{IStore}'s),
+    with its arguments, while L{counting}.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.counting = False
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def count(self) -> None:
+        """
+        Record the calls from now on (and forget those recorded).
+        """
+        self.calls = []
+        self.counting = True
+
+    def names(self) -> list[str]:
+        """
+        The names of the methods called, in order.
+        """
+        return [name for name, _ in self.calls]
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name not in STORE_METHODS or not super().__getattribute__("counting"):
+            return value
+        calls = super().__getattribute__("calls")
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, args))
+            return value(*args, **kwargs)
+
+        return call
+
 
 HERE = ServerAddress("127.0.0.1", 11211, 8081)
 THERE = ServerAddress("127.0.0.2", 11211, 8081)
@@ -138,14 +182,17 @@ class World:
         self,
         legacy_login: bool = False,
         store: MemoryStore | None = None,
+        store_class: type[MemoryStore] = MemoryStore,
         **options: Any,
     ) -> None:
         """
+        @param store_class: the store made on the world's clock, unless
+            C{store} is given.
         @param options: more of L{IMServer}'s options.
         """
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.store = store or MemoryStore(self.clock)
+        self.store = store or store_class(self.clock)
         self.pusher = RecordingPusher()
         self.server = IMServer(
             self.clock,

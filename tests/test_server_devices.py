@@ -25,7 +25,7 @@ from cim.message import (
 from cim.pushapi import ReadEvent
 from cim.server import wire
 from cim.store.memory import MemoryStore
-from tests.serverkit import HERE, THERE, Peer, World
+from tests.serverkit import HERE, THERE, CountingStore, Peer, World
 
 
 def epoch_of(world: World, conversation: str) -> Epoch:
@@ -324,6 +324,94 @@ def test_a_new_private_conversation_is_adopted_with_an_epoch_frame() -> None:
     assert again.login is not None
     assert list(again.login.cursors) == [Cursor(conversation, 2, epoch)]
     assert again.texts() == ["later"]
+
+
+def counting_world() -> tuple[World, CountingStore]:
+    world = World(store_class=CountingStore)
+    assert isinstance(world.store, CountingStore)
+    return world, world.store
+
+
+#: What a conversation first seen since login could cost.
+ADOPTION_CALLS = {"get_cursors", "epochs", "read", "group_info"}
+
+
+def test_random_private_chat_costs_no_store_call_to_adopt() -> None:
+    # Each message begins a conversation for its receiver and for the
+    # sender's own device (its echo): neither reads the store for it.
+    world, store = counting_world()
+    peers = {name: world.login(name) for name in ("alice", "bob", "carol")}
+    store.count()
+    for sender, receiver in (("alice", "bob"), ("bob", "carol"), ("carol", "alice")):
+        world.send(peers[sender][0], f"{sender} to {receiver}", peers[receiver][1])
+    assert ADOPTION_CALLS.isdisjoint(store.names()), store.names()
+    for name, (peer, _) in peers.items():
+        frames = peer.received()
+        assert [f.cmd for f in frames if f.cmd != Command.ACK] == [
+            Command.EPOCH,
+            Command.MESSAGE,
+            Command.EPOCH,
+            Command.MESSAGE,
+        ], name
+
+
+def test_a_login_reads_no_epoch_when_every_position_is_of_the_current_one() -> None:
+    world, store = counting_world()
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob")
+    carol = world.user("carol")
+    world.send(alice_peer, "to bob", bob)
+    world.send(alice_peer, "to carol", carol)
+    with_bob = pair_conversation(alice, bob)
+    with_carol = pair_conversation(alice, carol)
+    epoch = epoch_of(world, with_bob).id
+    alice_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(with_bob, 1, epoch)]))
+    alice_peer.lose()
+    store.count()
+    again, _ = world.login("alice", user_id=alice)
+    assert "epochs" not in store.names()
+    assert again.login is not None
+    assert list(again.login.cursors) == [
+        Cursor(with_bob, 1, epoch),
+        Cursor(with_carol, 0, epoch_of(world, with_carol).id),
+    ]
+    # Only a position of another epoch has its conversation's read.
+    again.lose()
+    store.count()
+    world.login("alice", [Cursor(with_carol, 1, "lost")], user_id=alice)
+    assert [args for name, args in store.calls if name == "epochs"] == [([with_carol],)]
+
+
+def test_a_save_stores_only_the_cursors_acknowledged_since_the_last() -> None:
+    world, store = counting_world()
+    alice_peer, alice = world.login("alice")
+    bob_peer, bob = world.login("bob", device="phone")
+    conversations = []
+    for name in ("carol", "dave"):
+        peer, user = world.login(name)
+        world.send(peer, f"from {name}", bob)
+        conversation = pair_conversation(bob, user)
+        epoch = epoch_of(world, conversation).id
+        bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(conversation, 1, epoch)]))
+        conversations.append((conversation, epoch))
+    world.clock.advance(10)
+    # Bob's phone again: its cursors come with the login; a new one with
+    # alice is acknowledged, and only that one is saved.
+    bob_peer.lose()
+    again, _ = world.login("bob", user_id=bob, device="phone")
+    world.send(alice_peer, "hi", bob)
+    with_alice = pair_conversation(alice, bob)
+    epoch = epoch_of(world, with_alice).id
+    again.send(Frame(cmd=Command.ACK, cursors=[Cursor(with_alice, 1, epoch)]))
+    store.count()
+    world.clock.advance(10)
+    assert store.calls == [
+        ("set_many_cursors", ({(bob, "phone"): {with_alice: Position(epoch, 1)}},))
+    ]
+    assert world.result(store.get_cursors(bob, "phone")) == {
+        with_alice: Position(epoch, 1),
+        **{c: Position(e, 1) for c, e in conversations},
+    }
 
 
 # Epochs

@@ -30,7 +30,7 @@ from cim.server.connection import Connection
 from cim.server.link import IClientLink
 from cim.server.stream import GAP_WAIT, Stream, Streams
 from cim.store.memory import MemoryStore
-from tests.serverkit import Peer, World
+from tests.serverkit import CountingStore, Peer, World
 
 BOB = 2
 CONVERSATION = pair_conversation(1, BOB)
@@ -100,9 +100,10 @@ class Control:
         self.kicks.append((conn, reason))
 
 
-class CountingReads(MemoryStore):
+class CountingReads(CountingStore):
     """
-    A memory store that counts its reads, and holds them while C{slow}.
+    A memory store that counts its reads (and, once L{count} is called,
+    every call), and holds its reads while C{slow}.
     """
 
     def __init__(self, clock: Clock) -> None:
@@ -311,10 +312,153 @@ def test_a_conversation_adopted_starts_at_the_device_cursor_first() -> None:
     setting.store.create_group("team", 1)
     setting.store.join_group("team", BOB, 1)
     setting.store_texts("one", "two", "three", conversation=group)
-    setting.store.set_cursors(BOB, {group: Position(EPOCH.id, 2)})
+    # The device's cursor, as its login read it.
+    conn.acked[group] = Position(EPOCH.id, 2)
+    setting.store.count()
     setting.offer(conn, setting.store_texts("four", conversation=group))
     assert link.texts() == ["three", "four"]
     assert conn.acked[group] == Position(EPOCH.id, 2)
+    # Where bob joined, then the gap before "four".
+    assert setting.store.names() == ["append", "group_info", "read"]
+
+
+def frames(link: RecordingLink) -> list[Frame]:
+    """
+    The frames written to C{link} since the last call.
+    """
+    writes, link.writes = link.writes, []
+    return [w.frame() if isinstance(w, wire.Batch) else w for w in writes]
+
+
+def test_adopting_a_new_pair_conversation_costs_no_store_call() -> None:
+    # Carol writes to bob for the first time since his login: nothing to
+    # read, what arrived is written at once, after the EPOCH frame.
+    setting = Setting()
+    conn, link = setting.connect(inbox=0)
+    conversation = pair_conversation(BOB, 3)
+    setting.store._epochs[conversation] = EPOCH
+    stored = setting.store_texts("one", "two", "three", conversation=conversation)
+    setting.store.count()
+    setting.offer(conn, stored[:2])
+    setting.offer(conn, stored[2:])
+    assert setting.store.calls == []
+    epoch, first, second = frames(link)
+    assert epoch.cmd == Command.EPOCH
+    assert list(epoch.cursors) == [Cursor(conversation, 0, EPOCH.id, False)]
+    # The two that came together go together.
+    assert [m.text for m in first.messages] == ["one", "two"]
+    assert [m.text for m in second.messages] == ["three"]
+    stream = conn.streams[conversation]
+    assert stream.delivered == 3 and not stream.pending and not stream.filling
+    assert stream.epoch.id == EPOCH.id
+    setting.clock.advance(GAP_WAIT)
+    assert setting.store.calls == []
+    # Bob acknowledges in the epoch he was told.
+    assert conn.acknowledge([Cursor(conversation, 3, EPOCH.id)]) == 0
+
+
+def test_a_stored_cursor_of_the_messages_epoch_costs_no_store_call() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two, three = setting.store_texts("one", "two", "three")
+    conn.acked[CONVERSATION] = Position(EPOCH.id, 2)
+    setting.store.count()
+    setting.offer(conn, [three])
+    assert setting.store.calls == []
+    epoch, live = frames(link)
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 2, EPOCH.id, False)]
+    assert [m.text for m in live.messages] == ["three"]
+    assert conn.streams[CONVERSATION].delivered == 3
+
+
+def test_a_gap_after_the_stored_cursor_is_one_store_read() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    stored = setting.store_texts(*[f"m{seq}" for seq in range(1, 8)])
+    conn.acked[CONVERSATION] = Position(EPOCH.id, 3)
+    setting.store.count()
+    setting.offer(conn, stored[6:])
+    assert setting.store.calls == [("read", (CONVERSATION, 3, 200))]
+    epoch, *rest = frames(link)
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 3, EPOCH.id, False)]
+    assert [m.text for f in rest for m in f.messages] == ["m4", "m5", "m6", "m7"]
+    stream = conn.streams[CONVERSATION]
+    assert stream.delivered == 7 and not stream.pending and not stream.filling
+
+
+def test_a_gap_after_what_followed_the_start_waits_as_any() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two, three = setting.store_texts("one", "two", "three")
+    setting.store.count()
+    setting.offer(conn, [one, three])
+    assert setting.store.calls == []
+    assert link.texts() == ["one"]
+    # "two" is late: read after GAP_WAIT, as any gap.
+    setting.clock.advance(GAP_WAIT)
+    assert setting.store.names() == ["read"]
+    assert link.texts() == ["two", "three"]
+
+
+def test_a_stored_cursor_of_another_epoch_is_resumed_through_the_store() -> None:
+    # The store lost bob's conversation after his cursor (at 5 of "e0"): it
+    # follows "e0" up to 3 in epoch "e2".
+    setting = Setting()
+    conn, link = setting.connect()
+    setting.store._epochs[CONVERSATION] = Epoch("e2", "e0", 3)
+    stored = setting.store_texts("one", "two", "three", "four")
+    conn.acked[CONVERSATION] = Position("e0", 5)
+    setting.store.count()
+    setting.offer(conn, stored[3:])
+    # ("four" follows the start: no read.)
+    assert setting.store.calls == [("epochs", ([CONVERSATION],))]
+    epoch, live = frames(link)
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 3, "e2", True)]
+    assert [m.text for m in live.messages] == ["four"]
+    assert conn.streams[CONVERSATION].epoch == Epoch("e2", "e0", 3)
+
+
+def test_a_stream_adopted_by_its_tag_reads_the_epoch_for_an_older_message() -> None:
+    # Bob's new device adopts the conversation from its message of epoch
+    # "e2" (which follows "e1" up to 2), not knowing "e1": a late "e1"
+    # message makes it read the epoch; one of an epoch the store does not
+    # name any more is never written.
+    setting = Setting()
+    conn, link = setting.connect()
+    setting.store._epochs[CONVERSATION] = Epoch("e1")
+    one, two = setting.store_texts("one", "two")
+    setting.store._epochs[CONVERSATION] = Epoch("e2", "e1", 2)
+    [three] = setting.store_texts("three")
+    conn.acked[CONVERSATION] = Position("e2", 2)
+    setting.store.count()
+    setting.offer(conn, [three])
+    assert setting.store.calls == []
+    assert link.texts() == ["three"]
+    stream = conn.streams[CONVERSATION]
+    assert stream.epoch == Epoch("e2")
+    setting.offer(conn, [two])
+    assert setting.store.names() == ["epochs", "read"]
+    assert link.texts() == []
+    assert stream.epoch == Epoch("e2", "e1", 2)
+    assert stream.delivered == 3 and not stream.filling
+    # A message of an epoch the store lost ("e1" after 2) is not written.
+    gone = replace(three, epoch="e1", seq=4, text="gone")
+    setting.offer(conn, [gone])
+    assert link.texts() == []
+    [four] = setting.store_texts("four")
+    setting.offer(conn, [four])
+    assert link.texts() == ["four"]
+
+
+def test_a_held_message_of_another_epoch_makes_the_adoption_read() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+    other = replace(two, epoch="e9", text="not stored")
+    setting.store.count()
+    setting.offer(conn, [one, other])
+    assert setting.store.names() == ["epochs", "read"]
+    assert link.texts() == ["one", "two"]
 
 
 def test_a_new_conversation_starts_before_its_first_live_message() -> None:
@@ -358,3 +502,17 @@ def test_a_failed_read_kicks_the_connection() -> None:
     assert setting.control.kicks == [(conn, "temporary store failure")]
     assert not conn.streams[CONVERSATION].filling
     assert link.texts() == []
+
+
+def test_after_an_epoch_read_a_held_message_of_another_is_read_from_the_store() -> None:
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+    conn.acked[CONVERSATION] = Position("old", 1)
+    other = replace(two, epoch="e9", text="not stored")
+    setting.store.count()
+    setting.offer(conn, [one, other])
+    assert setting.store.names() == ["epochs", "read"]
+    epoch, *rest = frames(link)
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 0, EPOCH.id, True)]
+    assert [m.text for f in rest for m in f.messages] == ["one", "two"]

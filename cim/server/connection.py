@@ -10,7 +10,7 @@ here does I/O beyond handing frames to the connection's L{IClientLink}.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from cim.message import (
@@ -50,10 +50,15 @@ class Connection:
         the frames CIM's client reads (L{wire.CIM_COMMANDS}), each message
         with its properties.
     @ivar tokens: the rate limit's token bucket.
-    @ivar acked: per conversation, the highest position (of the stream's
-        epoch) the client acknowledged (cim clients) or, for CIM clients,
-        that a later heartbeat proved was received; C{ack_dirty} when not
-        saved yet.
+    @ivar acked: per conversation, the device's stored cursor as its login
+        read it (all of them: the conversations adopted since start from
+        there, L{cim.server.stream.Streams}), raised to the highest
+        position (of the stream's epoch) the client acknowledged (cim
+        clients) or, for CIM clients, that a later heartbeat proved was
+        received.
+    @ivar ack_dirty: the conversations whose C{acked} position was raised
+        since it was last saved (L{unsaved_acks}), or C{None}: a save
+        stores only those, not every conversation the device ever had.
     @ivar streams: per conversation, what this connection was written.
     @ivar read_sent: per conversation, the highest read position this
         connection reported (a READ frame that does not raise it is not
@@ -98,7 +103,7 @@ class Connection:
         self.closed = False
         self.tokens = 0.0
         self.acked: dict[str, Position] = {}
-        self.ack_dirty = False
+        self.ack_dirty: set[str] | None = None
         self.streams: dict[str, Stream] = {}
         self.held: list[tuple[Sequence[ChatMessage], wire.Batch]] | None = None
         self.read_sent: dict[str, int] = {}
@@ -167,7 +172,29 @@ class Connection:
         old = self.acked.get(conversation)
         if old is None or old.epoch != epoch or seq > old.seq:
             self.acked[conversation] = Position(epoch, seq)
-            self.ack_dirty = True
+            self.mark_unsaved((conversation,))
+
+    def mark_unsaved(self, conversations: Iterable[str]) -> None:
+        """
+        The C{acked} positions of C{conversations} are to be saved (again,
+        when saving them failed).
+        """
+        dirty = self.ack_dirty
+        if dirty is None:
+            self.ack_dirty = set(conversations)
+        else:
+            dirty.update(conversations)
+
+    def unsaved_acks(self) -> dict[str, Position]:
+        """
+        Take the C{acked} positions raised since they were last taken, to
+        save them.
+        """
+        dirty, self.ack_dirty = self.ack_dirty, None
+        if not dirty:
+            return {}
+        acked = self.acked
+        return {conversation: acked[conversation] for conversation in dirty}
 
     def acknowledge_delivered(self) -> None:
         """

@@ -36,6 +36,7 @@ from cim.message import (
     Cursor,
     ErrorCode,
     Frame,
+    Position,
     peer_of,
 )
 from cim.metrics import Metrics
@@ -200,12 +201,13 @@ class IMServer:
                     conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True
                 )
         if dirty:
-            # Every connection's acknowledged cursors in one store call.
-            for conn in dirty:
-                conn.ack_dirty = False
-            self.store.set_many_cursors(
-                {(conn.user_id, conn.device): dict(conn.acked) for conn in dirty}
-            ).addErrback(self._save_many_failed, dirty)
+            # Every connection's raised cursors in one store call.
+            cursors = {
+                (conn.user_id, conn.device): conn.unsaved_acks() for conn in dirty
+            }
+            self.store.set_many_cursors(cursors).addErrback(
+                self._save_many_failed, dirty, cursors
+            )
         if now - self._renewed >= self.session_ttl / 3 and not self._renewing:
             self._renew(now)
 
@@ -258,9 +260,14 @@ class IMServer:
         d = self.store.renew_sessions(self.here, sessions, self.session_ttl)
         d.addCallbacks(renewed, failed).addBoth(done)
 
-    def _save_many_failed(self, failure: Failure, dirty: list[Connection]) -> None:
+    def _save_many_failed(
+        self,
+        failure: Failure,
+        dirty: list[Connection],
+        cursors: dict[tuple[int, str], dict[str, Position]],
+    ) -> None:
         for conn in dirty:
-            conn.ack_dirty = True
+            conn.mark_unsaved(cursors[conn.user_id, conn.device])
         self.log.failure(
             "Saving the cursors of {count} devices failed", failure, count=len(dirty)
         )
@@ -570,7 +577,12 @@ class IMServer:
         the replay caught up).
         """
         conn.logging_in = False
-        conn.acked.update(resumption.acked)
+        # The device's stored cursors, kept (not copied): the streams
+        # adopted later start from them (L{Streams._adopt}).
+        if conn.acked:
+            conn.acked.update(resumption.acked)
+        else:
+            conn.acked = resumption.acked
         streams = []
         for start in resumption.starts:
             behind = start.last_seq > start.seq
@@ -611,14 +623,14 @@ class IMServer:
         """
         if not conn.ack_dirty:
             return succeed(None)
-        conn.ack_dirty = False
-        d: Deferred[None] = self.store.set_cursors(
-            conn.user_id, dict(conn.acked), conn.device
-        )
-        return d.addErrback(self._save_acks_failed, conn)
+        cursors = conn.unsaved_acks()
+        d: Deferred[None] = self.store.set_cursors(conn.user_id, cursors, conn.device)
+        return d.addErrback(self._save_acks_failed, conn, cursors)
 
-    def _save_acks_failed(self, failure: Failure, conn: Connection) -> None:
-        conn.ack_dirty = True
+    def _save_acks_failed(
+        self, failure: Failure, conn: Connection, cursors: dict[str, Position]
+    ) -> None:
+        conn.mark_unsaved(cursors)
         self.log.failure(
             "Saving cursors of {user_id} failed", failure, user_id=conn.user_id
         )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from cim.interfaces import Epoch, IStore
+from cim.interfaces import ConversationState, Epoch, IStore
 from cim.limits import SESSION_TTL
 from cim.message import Cursor, ErrorCode, Frame, Position
 
@@ -80,7 +80,9 @@ class Resumption:
     @ivar starts: one L{Start} per conversation the connection receives
         (the user's private conversations that hold messages, and its
         groups), ordered by conversation.
-    @ivar acked: the device's stored (acknowledged) cursors in those.
+    @ivar acked: the device's stored (acknowledged) cursors, all of them,
+        as the store read them (the connection keeps this C{dict}:
+        L{cim.server.connection.Connection.acked}).
     """
 
     starts: list[Start] = field(default_factory=list)
@@ -102,8 +104,14 @@ async def resume(
     conversation, also what the user read elsewhere, and its own messages
     (sending raises the read position) that it has not received yet.
 
-    Reads the conversations and the device's cursors at once, then their
-    epochs: two round trips.
+    Reads the conversations and the device's cursors at once: one round
+    trip.  A position of the conversation's current epoch (which its
+    L{ConversationState} names), or none, resumes without more; only the
+    conversations whose position names another epoch have their L{Epoch}
+    read (a second round trip, after a store lost or replaced messages).
+    A stream started from the epoch's id alone does not know the epoch it
+    follows: a late message of that one makes it read the epoch again
+    (L{cim.server.stream.Stream.recheck}).
     """
     reading_states = store.conversations(user_id)
     reading_cursors = store.get_cursors(user_id, device)
@@ -115,29 +123,41 @@ async def resume(
         raise
     stored = await reading_cursors
     if not states:
-        return Resumption()
-    epochs = await store.epochs([state.conversation for state in states])
+        return Resumption(acked=stored)
     client = {c.conversation: Position(c.epoch, c.seq) for c in sent}
-    starts = []
-    acked = {}
+    positions: list[Position | None] = []
+    elsewhere = []
     for state in states:
         conversation = state.conversation
-        epoch = epochs.get(conversation) or Epoch(base=state.last_seq)
-        device_position = stored.get(conversation)
-        if device_position is not None:
-            acked[conversation] = device_position
+        position = client.get(conversation) or stored.get(conversation)
+        positions.append(position)
+        if position is not None and position.seq > 0 and position.epoch != state.epoch:
+            elsewhere.append(conversation)
+    epochs = await store.epochs(elsewhere) if elsewhere else {}
+    starts = []
+    for state, position in zip(states, positions, strict=True):
+        conversation = state.conversation
+        epoch = epochs.get(conversation) or _current(state)
         # A device without a position gets everything kept, of a group
         # from where the user joined it.
         floor = min(state.joined, state.last_seq) if state.group_id else 0
-        position = (
-            client.get(conversation) or device_position or Position(epoch.id, floor)
-        )
-        seq, reset = epoch.resume(position)
+        seq, reset = epoch.resume(position or Position(epoch.id, floor))
         if seq > state.last_seq:
             seq, reset = state.last_seq, True
         seq = max(seq, floor)
         starts.append(Start(conversation, epoch, seq, reset, state.last_seq))
-    return Resumption(starts, acked)
+    return Resumption(starts, stored)
+
+
+def _current(state: ConversationState) -> Epoch:
+    """
+    The current epoch of C{state}'s conversation, as far as its state names
+    it: its id (the epoch it follows is not known), or none and its last
+    seq (what L{IStore.epochs} reads for a conversation without an epoch).
+    """
+    if state.epoch:
+        return Epoch(state.epoch)
+    return Epoch(base=state.last_seq)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,20 @@ the store) makes the stream read the conversation's current epoch; when it
 changed, the stream resumes where L{Epoch.resume} says, tells the client in
 an EPOCH frame (with C{reset} when what it had is not trusted), and reads
 the store from there: live messages of another epoch are never written
-(the store is the truth).  A conversation that a connection had not been
-told of (a private conversation begun since its login, a group joined
-since) is adopted: it starts from the device's stored cursor, else the
-user's read position, and the client gets an EPOCH frame before its
-messages.
+(the store is the truth).
+
+Adoption: a conversation that a connection had not been told of (a private
+conversation begun since its login, a group joined since) starts when its
+first live message arrives, from the device's cursor as its login read it
+(L{Connection.acked}), else from the start (of a group: from where the user
+joined it); the client gets an EPOCH frame before its messages.  In random
+private chat nearly every message begins a conversation for its receiver
+and for the sender's own device, so the common case costs no store call:
+without a stored position, or with one of the message's epoch, the stream
+follows the epoch the message names, and messages that follow the start
+without a gap are written at once.  A group's join point is read (groups
+are joined rarely), the conversation's epoch only for a stored position of
+another epoch, and the store only for a gap before the first message.
 
 Every method runs in the reactor thread; the store is the only source of
 waiting.  A connection that a store read fails for is handed to
@@ -234,10 +243,19 @@ class Streams:
             conn.deliver(messages, Command.MESSAGE, batch)
             self.written.inc(len(messages))
             return
+        # The conversations first seen here are adopted once all of the
+        # batch is held: what follows their start goes in one frame.
+        adopt: list[tuple[Stream, str]] = []
         for m in messages:
-            self._offer_one(conn, m)
+            self._offer_one(conn, m, adopt)
+        for stream, tag in adopt:
+            ensureDeferred(self._adopt(conn, stream, tag)).addErrback(
+                self._fill_failed, conn, stream
+            )
 
-    def _offer_one(self, conn: Connection, m: ChatMessage) -> None:
+    def _offer_one(
+        self, conn: Connection, m: ChatMessage, adopt: list[tuple[Stream, str]]
+    ) -> None:
         conversation = m.conversation
         if conversation == BROADCAST:
             self._write(conn, [m], Command.MESSAGE)
@@ -252,9 +270,7 @@ class Streams:
             stream.hold(m)
             if not stream.filling:
                 stream.filling = True
-                ensureDeferred(self._adopt(conn, stream)).addErrback(
-                    self._fill_failed, conn, stream
-                )
+                adopt.append((stream, m.epoch))
             return
         if not stream.accepts(m):
             # Of another epoch: perhaps the store lost or replaced the
@@ -277,9 +293,16 @@ class Streams:
             # from another server).  Hold this one; if the gap is still
             # open after GAP_WAIT, read it from the store.
             stream.hold(m)
-            self._gaps.add((conn, stream))
-            if self._gap_call is None:
-                self._gap_call = self.clock.callLater(GAP_WAIT, self._close_gaps)
+            self._wait_for_gap(conn, stream)
+
+    def _wait_for_gap(self, conn: Connection, stream: Stream) -> None:
+        """
+        Read the gap before C{stream}'s held messages from the store unless
+        live messages close it within L{GAP_WAIT}.
+        """
+        self._gaps.add((conn, stream))
+        if self._gap_call is None:
+            self._gap_call = self.clock.callLater(GAP_WAIT, self._close_gaps)
 
     def _close_gaps(self) -> None:
         """
@@ -310,46 +333,77 @@ class Streams:
             self._fill_failed, conn, stream
         )
 
-    async def _adopt(self, conn: Connection, stream: Stream) -> None:
+    async def _adopt(self, conn: Connection, stream: Stream, tag: str) -> None:
         """
         Start C{stream}, a conversation first seen on C{conn} since its
-        login: from the device's stored cursor, else from the start (of a
-        group: from where the user joined it), through the conversation's
-        epoch; never after a message that was offered live (that one is new
-        to this connection).  Tell
-        the client (an EPOCH frame), then fill.
+        login (by a live message of epoch C{tag}): from the device's stored
+        cursor, else from the start (of a group: from where the user joined
+        it); never after a message that was offered live (that one is new
+        to this connection).  Tell the client (an EPOCH frame), then write
+        the held messages, reading the store only for what they miss.
+
+        The device's stored cursors came with its login (L{Connection.
+        acked}): a device has one connection at a time, so what was saved
+        since is this connection's own.  Without a stored position, or with
+        one of the live message's epoch, the stream follows that epoch as
+        the message names it (no store call, but a group's join point): a
+        later message of another epoch makes it read the conversation's
+        epoch (L{Stream.recheck}), as any stream does.  A stored position
+        of another epoch is resumed through the conversation's current
+        epoch, read from the store (L{Epoch.resume}).
         """
         conversation = stream.conversation
+        stored = conn.acked.get(conversation)
         try:
-            # The reads at once.
-            reading_cursors = self.store.get_cursors(conn.user_id, conn.device)
-            reading_epochs = self.store.epochs([conversation])
-            reading_joined = self._joined(conn.user_id, conversation)
-            try:
-                stored = await reading_cursors
-                floor = await reading_joined
-                epochs = await reading_epochs
-            except BaseException:
-                # The reads not awaited: their failures are this one's.
-                # (Never an await here: a coroutine closed while it waits
-                # must not wait again.)
-                _consume(reading_joined, reading_epochs)
-                raise
+            tagged = bool(tag) and (stored is None or stored.epoch == tag)
+            if tagged:
+                floor = await self._joined(conn.user_id, conversation)
+                epoch = Epoch(tag)
+            else:
+                # The reads at once.
+                reading_epochs = self.store.epochs([conversation])
+                reading_joined = self._joined(conn.user_id, conversation)
+                try:
+                    floor = await reading_joined
+                    epochs = await reading_epochs
+                except BaseException:
+                    # The reads not awaited: their failures are this one's.
+                    # (Never an await here: a coroutine closed while it
+                    # waits must not wait again.)
+                    _consume(reading_epochs)
+                    raise
+                epoch = epochs.get(conversation, NO_EPOCH)
         except BaseException:
             stream.filling = False
             raise
-        epoch = epochs.get(conversation, NO_EPOCH)
-        position = stored.get(conversation) or Position(epoch.id, floor)
+        if conn.closed:
+            stream.filling = False
+            return
+        position = stored or Position(epoch.id, floor)
         start, reset = epoch.resume(position)
         start = max(start, floor)
         stream.epoch = epoch
         live = [seq for seq, m in stream.pending.items() if stream.accepts(m)]
         if live:
             start = min(start, min(live) - 1)
+        # A held message of another epoch is dropped: the store is read (and
+        # first the conversation's epoch, unless that was just read).
+        dropped = len(live) < len(stream.pending)
+        stream.recheck = dropped and tagged
         stream.move_to(epoch, start)
         if position.seq > 0 and position.epoch == epoch.id:
             conn.acked.setdefault(conversation, position)
         conn.send(wire.epoch([stream.cursor(reset)]))
+        if not dropped:
+            # What was held follows the start: written at once, and the
+            # store is not read (a gap after it is waited for as any).
+            ready = stream.advance()
+            if ready:
+                stream.filling = False
+                self._write(conn, ready, Command.MESSAGE)
+                if stream.pending:
+                    self._wait_for_gap(conn, stream)
+                return
         await self.fill(conn, stream, Command.MESSAGE)
 
     def _joined(self, user_id: int, conversation: str) -> Deferred[int]:
