@@ -140,6 +140,9 @@ class IMServer:
             max_batch=max_batch,
         )
         self.streams = Streams(clock, store, self, self.m_out)
+        #: Connections logging in when everything was resynced
+        #: (L{resync_all}): resynced once logged in.
+        self._resync_after_login: set[Connection] = set()
 
     # Life cycle
 
@@ -329,6 +332,7 @@ class IMServer:
         closed_by_client = not conn.closed
         conn.closed = True
         self.connections.discard(conn)
+        self._resync_after_login.discard(conn)
         if not conn.user_id:
             return
         if conn.legacy and clean and closed_by_client:
@@ -535,7 +539,12 @@ class IMServer:
         if conn.closed:
             # Gone meanwhile (or replaced): its close released the session.
             return
-        for stream in self._grant(conn, grant, resumption):
+        streams = self._grant(conn, grant, resumption)
+        if conn in self._resync_after_login:
+            # What was read for it may predate pushes lost meanwhile.
+            self._resync_after_login.discard(conn)
+            self._resync_connection(conn)
+        for stream in streams:
             await self.streams.fill(conn, stream, Command.OFFLINE)
 
     def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None]:
@@ -778,3 +787,28 @@ class IMServer:
         for conn in conns:
             self.streams.resync(conn)
         return bool(conns)
+
+    def resync_all(self) -> int:
+        """
+        Pushes to this server were lost (the bus dropped its subscription):
+        resync every device connected here (L{resync}) and show each the
+        conversations begun since it was told of its own
+        (L{Streams.discover}).  A device still logging in is resynced once
+        logged in.
+
+        @return: how many devices.
+        """
+        count = 0
+        for conn in list(self.logged_in()):
+            if conn.closed:
+                continue
+            count += 1
+            if conn.held is not None:
+                self._resync_after_login.add(conn)
+            else:
+                self._resync_connection(conn)
+        return count
+
+    def _resync_connection(self, conn: Connection) -> None:
+        self.streams.resync(conn)
+        self.streams.discover_in_background(conn)

@@ -50,6 +50,7 @@ from cim.message import (
 from cim.metrics import Counter
 from cim.server import wire
 from cim.server.connection import Connection, ConnectionControl
+from cim.server.login import resume
 
 #: Messages read from the store per page when replaying.
 REPLAY_PAGE = 200
@@ -303,6 +304,51 @@ class Streams:
             if stream.delivered != UNKNOWN and not stream.filling:
                 stream.recheck = True
                 self.fill_in_background(conn, stream)
+
+    async def discover(self, conn: Connection) -> None:
+        """
+        Start on C{conn} the conversations of its user that it was not told
+        of (begun or joined since its login, whose live messages it missed:
+        nothing else would show them before its next login), where its
+        login would start them (L{resume}): tell the client in one EPOCH
+        frame, then fill them from the store.
+        """
+        resumption = await resume(self.store, conn.user_id, conn.device)
+        if conn.closed:
+            return
+        fresh = []
+        for start in resumption.starts:
+            conversation = start.conversation
+            if conversation in conn.streams:
+                continue
+            stream = Stream(conversation, start.seq, False, start.epoch)
+            conn.streams[conversation] = stream
+            position = resumption.acked.get(conversation)
+            if position is not None:
+                conn.acked.setdefault(conversation, position)
+            fresh.append((stream, start))
+        if not fresh:
+            return
+        conn.send(wire.epoch([start.cursor for _, start in fresh]))
+        for stream, start in fresh:
+            if start.last_seq > start.seq:
+                self.fill_in_background(conn, stream)
+
+    def discover_in_background(self, conn: Connection) -> None:
+        """
+        L{discover}; a store failure reconnects C{conn}, as a failed fill
+        does.
+        """
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Listing the conversations of {user_id} failed; reconnecting it",
+                failure,
+                user_id=conn.user_id,
+            )
+            self.control.kick(conn, "temporary store failure")
+
+        ensureDeferred(self.discover(conn)).addErrback(failed)
 
     def fill_in_background(self, conn: Connection, stream: Stream) -> None:
         stream.filling = True
