@@ -238,6 +238,7 @@ class IMServerService(AsyncStartService):
                 self.bus, server.here, server, server.resync_all, server.metrics
             )
             await self.receiver.start()
+            self.log.info("Pushes reach this server over the message bus")
         await self.registry.start()
         await self.registry.register(self.address)
         # Sessions of a server that left the registry are dropped only if it

@@ -199,12 +199,12 @@ class RedisBus:
                 entry = self._channels.get(channel)
                 if entry is None:
                     continue
-                for first in self._first.pop(channel, []):
-                    first.callback(None)
                 try:
                     entry[1]()
                 except Exception:
                     self.log.failure("A bus subscriber's callback failed")
+                for first in self._first.pop(channel, []):
+                    first.callback(None)
 
         def refused(failure: Failure) -> Failure:
             self.log.error(
