@@ -483,3 +483,39 @@ def test_resync_all_counts_devices_and_waits_for_logins_in_progress() -> None:
     bob.lose()
     assert conn not in servers.there._resync_after_login
     assert HERE != THERE
+
+
+# Options
+
+
+@pytest.mark.parametrize("module", ["cim.server.tap", "cim.route.tap"])
+def test_push_options_reach_the_config(module: str) -> None:
+    import importlib
+
+    from twisted.python import usage
+
+    tap = importlib.import_module(module)
+    defaults = tap.Options()
+    defaults.parseOptions(["--secret", "a-long-secret"])
+    config = tap.config_from(defaults)
+    assert (config.push, config.push_timeout) == ("bus", 5.0)
+    given = tap.Options()
+    given.parseOptions(
+        ["--secret", "a-long-secret", "--push", "http", "--push-timeout", "0.5"]
+    )
+    config = tap.config_from(given)
+    assert (config.push, config.push_timeout) == ("http", 0.5)
+    for args, complaint in [
+        (["--push", "smoke"], "--push must be one of bus, http"),
+        (["--push-timeout", "0"], "--push-timeout must be positive"),
+        (["--push-timeout", "x"], "--push-timeout must be a number"),
+    ]:
+        with pytest.raises(usage.UsageError, match=complaint):
+            tap.Options().parseOptions(["--secret", "a-long-secret", *args])
+
+
+def test_open_bus_is_none_for_a_store_that_is_not_redis() -> None:
+    from cim.bus import open_bus
+    from cim.store.memory import MemoryStore
+
+    assert open_bus(Clock(), MemoryStore(Clock())) is None

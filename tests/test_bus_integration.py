@@ -161,6 +161,37 @@ async def test_a_publish_fails_at_once_while_redis_is_away(
         await bus.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_publish_redis_does_not_answer_in_time_fails(
+    reactor: Any, redis_url: str
+) -> None:
+    """
+    The time-out (C{--push-timeout}): Redis holds writes (C{CLIENT PAUSE
+    WRITE} holds PUBLISH too); the publish fails, and the connection is
+    made again.
+    """
+    address = parse_redis_url(redis_url)
+    bus = RedisBus(reactor, address, f"cimtest:{uuid.uuid4().hex}:", timeout=0.3)
+    try:
+        assert await within(reactor, bus.publish("s1", b"x")) == 0
+        first = bus._live
+        await redis_command(reactor, redis_url, "CLIENT", "PAUSE", "1000", "WRITE")
+        failures: list[Any] = []
+        started = reactor.seconds()
+        await within(reactor, bus.publish("s1", b"held").addErrback(failures.append))
+        assert failures and failures[0].check(BusError)
+        assert "did not answer" in failures[0].getErrorMessage()
+        assert 0.25 <= reactor.seconds() - started < 1.0
+        await wait_until(
+            reactor, lambda: bus._live not in (None, first), "connected again"
+        )
+        await redis_command(reactor, redis_url, "CLIENT", "UNPAUSE")
+        assert await within(reactor, bus.publish("s1", b"again")) == 0
+    finally:
+        await redis_command(reactor, redis_url, "CLIENT", "UNPAUSE")
+        await bus.close()
+
+
 # A cluster
 
 
