@@ -519,3 +519,23 @@ def test_open_bus_is_none_for_a_store_that_is_not_redis() -> None:
     from cim.store.memory import MemoryStore
 
     assert open_bus(Clock(), MemoryStore(Clock())) is None
+
+
+# The simulator
+
+
+@pytest.mark.parametrize("seed", range(1, 13))
+def test_the_simulated_cluster_pushes_over_the_memory_bus(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Seeds of the simulator with the servers pushing over the memory bus
+    (500 seeds passed so; C{cim.sim.world.SERVER_PUSH}).
+    """
+    from cim.sim import world
+    from cim.sim.run import run
+
+    monkeypatch.setattr(world, "SERVER_PUSH", "bus")
+    result = run(seed)
+    assert result.ok, result.report()
+    assert result.shown > 0
