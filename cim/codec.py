@@ -1,6 +1,7 @@
 """
-Encoding and decoding of frames: the only module that imports the generated
-protobuf code.
+Encoding and decoding of frames, and of the pushes that the message bus
+carries between cim processes (L{encode_push}, L{decode_push}): the only
+module that imports the generated protobuf code.
 """
 
 from __future__ import annotations
