@@ -206,14 +206,16 @@ class RedisBus:
                 for first in self._first.pop(channel, []):
                     first.callback(None)
 
-        def refused(failure: Failure) -> Failure:
+        def refused(failure: Failure) -> None:
             self.log.error(
                 "Subscribing to the message bus failed: {error}; reconnecting",
                 error=failure.getErrorMessage(),
             )
-            if protocol.transport is not None:
-                protocol.transport.abortConnection()
-            return failure
+            # Dropped once the service holds it (a connection it refused
+            # would stay open), then made again.
+            transport = protocol.transport
+            if transport is not None:
+                self.reactor.callLater(0, transport.abortConnection)
 
         d: Deferred[Any] = protocol.subscribe([c.decode("utf-8") for c in channels])
         return d.addCallbacks(made, refused)
