@@ -791,10 +791,11 @@ class IMServer:
     def resync_all(self) -> int:
         """
         Pushes to this server were lost (the bus dropped its subscription):
-        resync every device connected here (L{resync}) and show each the
-        conversations begun since it was told of its own
-        (L{Streams.discover}).  A device still logging in is resynced once
-        logged in.
+        bring every device connected here up to the store, and show each
+        the conversations begun since it was told of its own
+        (L{Streams.catch_up}: three store calls per device, and a read of
+        each conversation that moved).  A device still logging in is
+        caught up once logged in.
 
         @return: how many devices.
         """
@@ -810,5 +811,4 @@ class IMServer:
         return count
 
     def _resync_connection(self, conn: Connection) -> None:
-        self.streams.resync(conn)
-        self.streams.discover_in_background(conn)
+        self.streams.catch_up_in_background(conn)

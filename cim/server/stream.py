@@ -305,13 +305,16 @@ class Streams:
                 stream.recheck = True
                 self.fill_in_background(conn, stream)
 
-    async def discover(self, conn: Connection) -> None:
+    async def catch_up(self, conn: Connection) -> None:
         """
-        Start on C{conn} the conversations of its user that it was not told
-        of (begun or joined since its login, whose live messages it missed:
-        nothing else would show them before its next login), where its
-        login would start them (L{resume}): tell the client in one EPOCH
-        frame, then fill them from the store.
+        Bring C{conn} up to what the store holds after live messages were
+        lost (pushes to this server that the bus dropped): read where its
+        user stands in each conversation (as a login does, L{resume}); fill
+        from the store each stream that the conversation went past, or
+        whose epoch changed; and start the conversations it was not told
+        of (begun or joined since its login: nothing else would show them
+        before its next login) where its login would start them, telling
+        the client in one EPOCH frame.
         """
         resumption = await resume(self.store, conn.user_id, conn.device)
         if conn.closed:
@@ -319,7 +322,16 @@ class Streams:
         fresh = []
         for start in resumption.starts:
             conversation = start.conversation
-            if conversation in conn.streams:
+            stream = conn.streams.get(conversation)
+            if stream is not None:
+                moved = start.epoch.id != stream.epoch.id
+                if (
+                    stream.delivered != UNKNOWN
+                    and not stream.filling
+                    and (moved or start.last_seq > stream.delivered)
+                ):
+                    stream.recheck = moved
+                    self.fill_in_background(conn, stream)
                 continue
             stream = Stream(conversation, start.seq, False, start.epoch)
             conn.streams[conversation] = stream
@@ -334,21 +346,21 @@ class Streams:
             if start.last_seq > start.seq:
                 self.fill_in_background(conn, stream)
 
-    def discover_in_background(self, conn: Connection) -> None:
+    def catch_up_in_background(self, conn: Connection) -> None:
         """
-        L{discover}; a store failure reconnects C{conn}, as a failed fill
+        L{catch_up}; a store failure reconnects C{conn}, as a failed fill
         does.
         """
 
         def failed(failure: Failure) -> None:
             self.log.failure(
-                "Listing the conversations of {user_id} failed; reconnecting it",
+                "Catching up {user_id} from the store failed; reconnecting it",
                 failure,
                 user_id=conn.user_id,
             )
             self.control.kick(conn, "temporary store failure")
 
-        ensureDeferred(self.discover(conn)).addErrback(failed)
+        ensureDeferred(self.catch_up(conn)).addErrback(failed)
 
     def fill_in_background(self, conn: Connection, stream: Stream) -> None:
         stream.filling = True
