@@ -539,3 +539,41 @@ def test_the_simulated_cluster_pushes_over_the_memory_bus(
     result = run(seed)
     assert result.ok, result.report()
     assert result.shown > 0
+
+
+def test_a_device_logging_in_during_the_loss_is_caught_up_once_logged_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    Bob's login read his conversations before a push to him was lost; the
+    subscription comes back while the login still waits: once logged in,
+    he is caught up, and gets the message.
+    """
+    servers = TwoServers()
+    world = servers.world
+    alice, _ = world.login("alice")
+    bob_id = world.user("bob")
+    store = world.store
+    stale = store.conversations(bob_id).result
+    reading: Deferred[Any] = Deferred()
+    monkeypatch.setattr(store, "conversations", lambda user_id: reading)
+    bob = Peer(servers.there)
+    bob.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=bob_id,
+            req_msg="bob",
+            token=world.token(bob_id, "bob", server=THERE),
+        )
+    )
+    assert bob.received() == []  # logging in: its reads wait
+    servers.there_bus.interrupt(1.0)
+    world.send(alice, "lost while logging in", receiver=bob_id)
+    servers.clock.advance(1.0)  # subscribed again: resync_all
+    assert servers.receiver.m_resyncs.value == 1
+    monkeypatch.undo()
+    reading.callback(stale)  # what the login read, from before the message
+    servers.clock.advance(0)
+    frames = bob.received()
+    assert frames[0].cmd == Command.LOGIN_RESPONSE
+    assert [m.text for f in frames for m in f.messages] == ["lost while logging in"]
