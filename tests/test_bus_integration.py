@@ -192,6 +192,27 @@ async def test_a_publish_redis_does_not_answer_in_time_fails(
         await bus.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_closing_while_subscribing_leaves_no_connection(
+    reactor: Any, redis_url: str
+) -> None:
+    """
+    Closed while Redis holds its SUBSCRIBE (C{CLIENT PAUSE}), the bus waits
+    for the answer, then closes the connection (stopped in between, the
+    reconnecting service would leave it open, subscribed).
+    """
+    address = parse_redis_url(redis_url)
+    bus = RedisBus(reactor, address, f"cimtest:{uuid.uuid4().hex}:")
+    channel = bus.channel("s1")
+    await redis_command(reactor, redis_url, "CLIENT", "PAUSE", "500", "ALL")
+    subscribed = bus.subscribe("s1", lambda _: None, lambda: None)
+    subscribed.addErrback(lambda _: None)
+    await wait_until(reactor, lambda: bus._subscribing is not None, "subscribing")
+    await within(reactor, bus.close())
+    numsub = await redis_command(reactor, redis_url, "PUBSUB", "NUMSUB", channel)
+    assert int(numsub[1]) == 0
+
+
 # A cluster
 
 

@@ -86,6 +86,8 @@ class RedisBus:
         self._channels = {}
         #: channel -> the Deferreds of subscribe() waiting for its first time.
         self._first: dict[bytes, list[Deferred[None]]] = {}
+        #: Fires when the SUBSCRIBE of a new subscriber connection is answered.
+        self._subscribing: Deferred[None] | None = None
         self._publisher.startService()
 
     def _retry(self, attempt: int) -> float:
@@ -188,7 +190,20 @@ class RedisBus:
 
     def _subscribe_all(self, protocol: Any) -> Deferred[Any]:
         protocol.whenDisconnected().addCallback(self._subscriber_lost)
-        return self._subscribe_on(protocol, list(self._channels))
+        answered: Deferred[None] = Deferred()
+        self._subscribing = answered
+        d = self._subscribe_on(protocol, list(self._channels))
+
+        def done(result: object) -> object:
+            # Once the service took the connection (a turn later).
+            def fire() -> None:
+                if not answered.called:
+                    answered.callback(None)
+
+            self.reactor.callLater(0, fire)
+            return result
+
+        return d.addBoth(done)
 
     def _subscribe_on(self, protocol: Any, channels: list[bytes]) -> Deferred[Any]:
         if not channels:
@@ -239,9 +254,18 @@ class RedisBus:
     def close(self) -> Deferred[None]:
         self.closed = True
         self._live = None
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        subscribing = self._subscribing
+        if subscribing is not None and not subscribing.called:
+            # Stopped while its SUBSCRIBE is in flight, the service would
+            # leave the connection open: wait for the answer first.
+            try:
+                await subscribing.addTimeout(self.timeout, self.reactor)
+            except defer.TimeoutError:
+                pass
         stops = [self._publisher.stopService()]
         if self._subscriber is not None:
             stops.append(self._subscriber.stopService())
-        return defer.gatherResults(stops, consumeErrors=True).addCallback(
-            lambda _: None
-        )
+        await defer.gatherResults(stops, consumeErrors=True)
