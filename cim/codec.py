@@ -1,15 +1,19 @@
 """
-Encoding and decoding of frames: the only module that imports the generated
-protobuf code.
+Encoding and decoding of frames, and of the pushes that the message bus
+carries between cim processes (L{encode_push}, L{decode_push}): the only
+module that imports the generated protobuf code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from cim._proto import cim_pb2
 from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.pushapi import PushItem, ReadEvent
 
 _COMMANDS = {int(c): c for c in Command}
 
@@ -157,6 +161,52 @@ def decode(data: bytes) -> Frame:
         elif name == "messages":
             frame.messages = tuple(_chat_from_pb(m) for m in value)
     return frame
+
+
+# Pushes between cim processes (the bus's payloads, L{cim.bus})
+
+
+def encode_push(items: Sequence[PushItem]) -> bytes:
+    """
+    Serialize the items of one push to an IM server (messages, or a read
+    event, each for some users): the payload of one publish on the bus.
+    """
+    pb = cim_pb2.Push()
+    for what, users in items:
+        item = pb.items.add()
+        item.users.extend(users)
+        if isinstance(what, ReadEvent):
+            item.read.userId = what.reader_id
+            item.read.conversation = what.conversation
+            item.read.seq = what.seq
+        else:
+            add = item.messages.add
+            for message in what:
+                _chat_to_pb(message, add())
+    return pb.SerializeToString()
+
+
+def decode_push(data: bytes) -> list[PushItem]:
+    """
+    Parse the payload of one push (L{encode_push}).
+
+    @raise CodecError: C{data} is not such a payload.
+    """
+    pb = cim_pb2.Push()
+    try:
+        pb.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise CodecError(f"undecodable push: {e}") from None
+    items: list[PushItem] = []
+    for item in pb.items:
+        what: Sequence[ChatMessage] | ReadEvent
+        if item.HasField("read"):
+            read = item.read
+            what = ReadEvent(read.userId, read.conversation, read.seq)
+        else:
+            what = [_chat_from_pb(m) for m in item.messages]
+        items.append((what, list(item.users)))
+    return items
 
 
 # The proto3 JSON form (the WebSocket gateway's text subprotocol)

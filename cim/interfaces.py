@@ -3,7 +3,7 @@ Every interface between cim's parts, as zope interfaces (mypy-zope checks
 the implementations): the store's roles (accounts, sessions and tokens,
 messages, groups) and the whole store, the server registry, and the
 delivery core's view of IM servers (local connections, pushes, the push
-API's controls).
+API's controls), and the message bus that carries pushes between processes.
 
 Each has an in-memory implementation and a real one (Redis, ZooKeeper) with
 the same behaviour; C{tests/test_store.py} and C{tests/test_registry.py} run
@@ -990,6 +990,53 @@ class IPusher(Interface):
         with the pushes of messages to that server.
 
         @return: as L{push}.
+        """
+
+
+class BusError(Exception):
+    """
+    The bus could not take a publish (it is unreachable, or closed).
+    """
+
+
+class IBus(Interface):
+    """
+    A message bus between cim processes: every IM server subscribes to its
+    own channel, and routes and servers publish pushes (opaque bytes) to
+    it.  Delivery is at most once: what is published while a subscription
+    is lost is lost (the subscriber is told when it is back, and resyncs
+    from the store).  Payloads published by one process to one server
+    arrive in the order they were published.
+    """
+
+    def publish(server: str, payload: bytes) -> Deferred[int]:
+        """
+        Send C{payload} to the subscribers of C{server}'s channel
+        (C{server} is a L{ServerAddress} string).
+
+        @return: fires with how many subscribers it reached (0: nobody holds
+            that server's channel: the server is gone); fails with
+            L{BusError} when the bus cannot be reached in time.
+        """
+
+    def subscribe(
+        server: str,
+        receive: Callable[[bytes], None],
+        subscribed: Callable[[], None],
+    ) -> Deferred[None]:
+        """
+        Call C{receive(payload)} with each payload published to C{server}'s
+        channel, in the reactor thread, never from within L{publish}; call
+        C{subscribed()} each time the subscription is made, the first time
+        and after each loss (what was published meanwhile was lost).
+
+        @return: fires once the first subscription is made; fails with
+            L{BusError} when it could not be made in time.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Drop the subscriptions and the connections; later publishes fail.
         """
 
 

@@ -102,6 +102,43 @@ SEND_LIMITS: list[list[Any]] = [
 ]
 
 
+#: How routes and servers push to IM servers: over the message bus
+#: (L{cim.bus}; Redis pub/sub when the store is Redis, the push API
+#: otherwise), or always over the push API (HTTP).
+PUSH_MODES = ("bus", "http")
+
+
+def push_mode(text: str) -> str:
+    """
+    The C{--push} option: one of L{PUSH_MODES}.
+    """
+    if text not in PUSH_MODES:
+        raise usage.UsageError(
+            f"--push must be one of {', '.join(PUSH_MODES)}, not {text!r}"
+        )
+    return text
+
+
+#: C{--push} and C{--push-timeout}, of the route and the IM server.
+PUSH_PARAMETERS: list[list[Any]] = [
+    [
+        "push",
+        None,
+        "bus",
+        "How pushes reach IM servers: bus (Redis pub/sub when the store is "
+        "Redis, else the push API) or http (the push API).",
+        push_mode,
+    ],
+    [
+        "push-timeout",
+        None,
+        5.0,
+        "Seconds a publish on the bus may wait for Redis before the push fails.",
+        positive_float("push-timeout", high=600.0),
+    ],
+]
+
+
 def check_store_url(url: str) -> None:
     """
     @raise usage.UsageError: C{url} names no store (L{STORE_URLS}).

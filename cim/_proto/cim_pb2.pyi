@@ -137,3 +137,29 @@ class Response(_message.Message):
     properties: _containers.ScalarMap[str, str]
     batchResMsg: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, resMsg: _Optional[str] = ..., responseId: _Optional[int] = ..., cmd: _Optional[_Union[BaseCommand, str]] = ..., properties: _Optional[_Mapping[str, str]] = ..., batchResMsg: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Push(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PushItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[PushItem, _Mapping]]] = ...) -> None: ...
+
+class PushItem(_message.Message):
+    __slots__ = ("users", "messages", "read")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedScalarFieldContainer[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    read: PushRead
+    def __init__(self, users: _Optional[_Iterable[int]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., read: _Optional[_Union[PushRead, _Mapping]] = ...) -> None: ...
+
+class PushRead(_message.Message):
+    __slots__ = ("userId", "conversation", "seq")
+    USERID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    userId: int
+    conversation: str
+    seq: int
+    def __init__(self, userId: _Optional[int] = ..., conversation: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -16,9 +16,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import HTTPConnectionPool
 
 from cim import names
+from cim.bus import BusPusher, open_bus
 from cim.daemon import AsyncStartService
 from cim.delivery import Delivery
-from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
+from cim.interfaces import IBus, IPusher, IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
 from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
 from cim.limits_net import (
@@ -58,6 +59,9 @@ class RouteConfig:
     @ivar ca_file: the CAs of the servers' push API certificates.
     @ivar max_devices: how many devices (sessions) one user may hold.
     @ivar device_key_ttl: how long a device key lives, in seconds.
+    @ivar push: how pushes reach IM servers: C{"bus"} (Redis pub/sub when
+        the store is Redis, else the push API) or C{"http"} (the push API);
+        C{push_timeout}: seconds a publish may wait for Redis.
     """
 
     port: Listen = 8083
@@ -81,6 +85,8 @@ class RouteConfig:
     ca_file: str | None = None
     max_devices: int = MAX_DEVICES
     device_key_ttl: float = DEVICE_KEY_TTL
+    push: str = "bus"
+    push_timeout: float = 5.0
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -188,6 +194,8 @@ class RouteService(AsyncStartService):
         self._janitor: DeadServerJanitor | None = None
         self._pool: HTTPConnectionPool | None = None
         self._registry_started = False
+        #: The message bus, when pushes go over one.
+        self.bus: IBus | None = None
 
     async def _start(self) -> None:
         config = self.config
@@ -201,7 +209,14 @@ class RouteService(AsyncStartService):
         await self.registry.start()
         # A pool of our own, so that stopping closes its connections.
         http, self._pool = http_client(self.reactor, ca_file=config.ca_file)
-        pusher = HttpPusher(http, config.secret)
+        control = HttpPusher(http, config.secret)
+        # Pushes over the bus with a Redis store; kicks and resyncs over
+        # the push API.
+        pusher: IPusher = control
+        if config.push == "bus" and self.local is None:
+            self.bus = open_bus(self.reactor, store, config.push_timeout)
+        if self.bus is not None:
+            pusher = BusPusher(self.bus, self.reactor)
         # Issue 8: a server that left the registry but still answers keeps
         # its sessions (see DeadServerJanitor).
         self._janitor = DeadServerJanitor(
@@ -220,7 +235,7 @@ class RouteService(AsyncStartService):
             store,
             self.registry,
             delivery,
-            pusher,
+            control,
             make_balancer(config.balancer),
             self.reactor,
             config.secret,
@@ -274,6 +289,9 @@ class RouteService(AsyncStartService):
         if self._registry_started:
             self._registry_started = False
             await self._step("leaving the registry", self.registry.stop)
+        if self.bus is not None:
+            bus, self.bus = self.bus, None
+            await self._step("closing the message bus", bus.close)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await self._step("closing calls to servers", pool.closeCachedConnections)

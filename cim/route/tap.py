@@ -15,6 +15,7 @@ from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
+    PUSH_PARAMETERS,
     SECRET_PARAMETERS,
     SEND_LIMITS,
     check_ca_file,
@@ -124,6 +125,7 @@ class Options(usage.Options):
         DEVICE_KEY_TTL_OPTION,
         *SEND_LIMITS,
         *daemon_options(HTTP_PER_ADDRESS),
+        *PUSH_PARAMETERS,
     ]
 
     def postOptions(self) -> None:
@@ -160,6 +162,8 @@ def config_from(options: usage.Options) -> RouteConfig:
         ca_file=options["ca-file"],
         max_devices=options["max-devices"],
         device_key_ttl=options["device-key-ttl"],
+        push=options["push"],
+        push_timeout=options["push-timeout"],
     )
 
 

@@ -141,6 +141,9 @@ class IMServer:
             max_batch=max_batch,
         )
         self.streams = Streams(clock, store, self, self.m_out)
+        #: Connections logging in when everything was resynced
+        #: (L{resync_all}): resynced once logged in.
+        self._resync_after_login: set[Connection] = set()
 
     # Life cycle
 
@@ -336,6 +339,7 @@ class IMServer:
         closed_by_client = not conn.closed
         conn.closed = True
         self.connections.discard(conn)
+        self._resync_after_login.discard(conn)
         if not conn.user_id:
             return
         if conn.legacy and clean and closed_by_client:
@@ -542,7 +546,12 @@ class IMServer:
         if conn.closed:
             # Gone meanwhile (or replaced): its close released the session.
             return
-        for stream in self._grant(conn, grant, resumption):
+        streams = self._grant(conn, grant, resumption)
+        if conn in self._resync_after_login:
+            # What was read for it may predate pushes lost meanwhile.
+            self._resync_after_login.discard(conn)
+            self._resync_connection(conn)
+        for stream in streams:
             await self.streams.fill(conn, stream, Command.OFFLINE)
 
     def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None]:
@@ -790,3 +799,28 @@ class IMServer:
         for conn in conns:
             self.streams.resync(conn)
         return bool(conns)
+
+    def resync_all(self) -> int:
+        """
+        Pushes to this server were lost (the bus dropped its subscription):
+        bring every device connected here up to the store, and show each
+        the conversations begun since it was told of its own
+        (L{Streams.catch_up}: three store calls per device, and a read of
+        each conversation that moved).  A device still logging in is
+        caught up once logged in.
+
+        @return: how many devices.
+        """
+        count = 0
+        for conn in list(self.logged_in()):
+            if conn.closed:
+                continue
+            count += 1
+            if conn.held is not None:
+                self._resync_after_login.add(conn)
+            else:
+                self._resync_connection(conn)
+        return count
+
+    def _resync_connection(self, conn: Connection) -> None:
+        self.streams.catch_up_in_background(conn)

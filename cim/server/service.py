@@ -10,9 +10,10 @@ from typing import Any
 
 from twisted.web.client import HTTPConnectionPool
 
+from cim.bus import BusPusher, BusReceiver, open_bus
 from cim.daemon import AsyncStartService
 from cim.framing import DEFAULT_MAX_FRAME
-from cim.interfaces import IRegistry, IStore, ServerAddress
+from cim.interfaces import IBus, IPusher, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
 from cim.limits import MAX_BATCH, MAX_OUTPUT, SENDER_QUOTA, SESSION_TTL
 from cim.limits_net import (
@@ -45,6 +46,9 @@ class ServerConfig:
         like C{port}; C{None}: no gateway.
     @ivar ws_origins: the C{--ws-origin} patterns of the pages that may
         open a WebSocket (none: pages of the host the request names).
+    @ivar push: how pushes reach other servers: C{"bus"} (Redis pub/sub
+        when the store is Redis, else the push API) or C{"http"} (the push
+        API); C{push_timeout}: seconds a publish may wait for Redis.
     """
 
     port: Listen = 11211
@@ -66,6 +70,8 @@ class ServerConfig:
     ca_file: str | None = None
     ws_port: Listen | None = None
     ws_origins: tuple[str, ...] = ()
+    push: str = "bus"
+    push_timeout: float = 5.0
 
 
 class IMServerService(AsyncStartService):
@@ -77,6 +83,11 @@ class IMServerService(AsyncStartService):
 
     If start-up fails, the failure is logged, L{ready} fails and
     C{on_failure} is called (the tap stops the reactor).
+
+    With a Redis store, pushes go to the other servers over the message
+    bus (L{cim.bus}), and the server subscribes to its own channel before
+    it registers; the push API stays for kicks, resyncs and application
+    back-ends.
 
     Both ports refuse connections over the limits of C{config.limits}
     (L{cim.limits_net}); C{connections} is the process's count when another
@@ -113,6 +124,9 @@ class IMServerService(AsyncStartService):
         self._ports: list = []
         self._janitor: DeadServerJanitor | None = None
         self._pool: HTTPConnectionPool | None = None
+        #: The message bus, when pushes go over one.
+        self.bus: IBus | None = None
+        self.receiver: BusReceiver | None = None
 
     async def _start(self) -> None:
         config = self.config
@@ -120,7 +134,11 @@ class IMServerService(AsyncStartService):
         # The quota is counted where messages are stored.
         store.retention = replace(store.retention, sender_quota=config.sender_quota)
         http, self._pool = http_client(self.reactor, ca_file=config.ca_file)
-        pusher = HttpPusher(http, config.secret)
+        pusher: IPusher = HttpPusher(http, config.secret)
+        if config.push == "bus":
+            self.bus = open_bus(self.reactor, store, config.push_timeout)
+        if self.bus is not None:
+            pusher = BusPusher(self.bus, self.reactor)
         # The address is known once the ports listen (they may be 0).
         clients = _LateFactory("cim-server clients")
         self.factories["clients"] = LimitedFactory(
@@ -214,6 +232,13 @@ class IMServerService(AsyncStartService):
             request_timeout=config.limits.request_timeout,
         )
         server.start()
+        if self.bus is not None:
+            # Before it registers: nothing is pushed here before that.
+            self.receiver = BusReceiver(
+                self.bus, server.here, server, server.resync_all, server.metrics
+            )
+            await self.receiver.start()
+            self.log.info("Pushes reach this server over the message bus")
         await self.registry.start()
         await self.registry.register(self.address)
         # Sessions of a server that left the registry are dropped only if it
@@ -248,6 +273,9 @@ class IMServerService(AsyncStartService):
         await self._step("leaving the registry", self.registry.stop)
         if self.server is not None:
             await self._step("releasing the clients' sessions", self.server.stop)
+        if self.bus is not None:
+            bus, self.bus = self.bus, None
+            await self._step("closing the message bus", bus.close)
         ports, self._ports = self._ports, []
         for port in ports:
             await self._step("closing a port", port.stopListening)

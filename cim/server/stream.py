@@ -59,6 +59,7 @@ from cim.message import (
 from cim.metrics import Counter
 from cim.server import wire
 from cim.server.connection import Connection, ConnectionControl
+from cim.server.login import resume
 
 #: Messages read from the store per page when replaying.
 REPLAY_PAGE = 200
@@ -326,6 +327,63 @@ class Streams:
             if stream.delivered != UNKNOWN and not stream.filling:
                 stream.recheck = True
                 self.fill_in_background(conn, stream)
+
+    async def catch_up(self, conn: Connection) -> None:
+        """
+        Bring C{conn} up to what the store holds after live messages were
+        lost (pushes to this server that the bus dropped): read where its
+        user stands in each conversation (as a login does, L{resume}); fill
+        from the store each stream that the conversation went past, or
+        whose epoch changed; and start the conversations it was not told
+        of (begun or joined since its login: nothing else would show them
+        before its next login) where its login would start them, telling
+        the client in one EPOCH frame.
+        """
+        resumption = await resume(self.store, conn.user_id, conn.device)
+        if conn.closed:
+            return
+        fresh = []
+        for start in resumption.starts:
+            conversation = start.conversation
+            stream = conn.streams.get(conversation)
+            if stream is not None:
+                moved = start.epoch.id != stream.epoch.id
+                if (
+                    stream.delivered != UNKNOWN
+                    and not stream.filling
+                    and (moved or start.last_seq > stream.delivered)
+                ):
+                    stream.recheck = moved
+                    self.fill_in_background(conn, stream)
+                continue
+            stream = Stream(conversation, start.seq, False, start.epoch)
+            conn.streams[conversation] = stream
+            position = resumption.acked.get(conversation)
+            if position is not None:
+                conn.acked.setdefault(conversation, position)
+            fresh.append((stream, start))
+        if not fresh:
+            return
+        conn.send(wire.epoch([start.cursor for _, start in fresh]))
+        for stream, start in fresh:
+            if start.last_seq > start.seq:
+                self.fill_in_background(conn, stream)
+
+    def catch_up_in_background(self, conn: Connection) -> None:
+        """
+        L{catch_up}; a store failure reconnects C{conn}, as a failed fill
+        does.
+        """
+
+        def failed(failure: Failure) -> None:
+            self.log.failure(
+                "Catching up {user_id} from the store failed; reconnecting it",
+                failure,
+                user_id=conn.user_id,
+            )
+            self.control.kick(conn, "temporary store failure")
+
+        ensureDeferred(self.catch_up(conn)).addErrback(failed)
 
     def fill_in_background(self, conn: Connection, stream: Stream) -> None:
         stream.filling = True

@@ -20,6 +20,7 @@ from cim.limits_net import (
 )
 from cim.listen import Listen, listen_option
 from cim.options import (
+    PUSH_PARAMETERS,
     SECRET_PARAMETERS,
     SEND_LIMITS,
     check_ca_file,
@@ -173,6 +174,7 @@ class Options(WebSocketOptions):
         ],
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
+        *PUSH_PARAMETERS,
     ]
 
     def postOptions(self) -> None:
@@ -204,6 +206,8 @@ def config_from(options: usage.Options) -> ServerConfig:
         ca_file=options["ca-file"],
         ws_port=options["ws-port"],
         ws_origins=tuple(options["ws-origin"]),
+        push=options["push"],
+        push_timeout=options["push-timeout"],
     )
 
 

@@ -8,9 +8,10 @@ schedule (L{cim.sim.run}) calls.
 The daemons are put together as their services put them together
 (L{cim.server.service.IMServerService}, L{cim.route.service.RouteService}):
 the same classes, the same start order; only the reactor, the network and
-the store's transport are simulated.  HTTP (client to route, route and
-servers to push APIs, janitor probes) is the real twisted.web client and
-server over the simulated TCP.
+the store's transport are simulated.  HTTP (client to route, route to
+push APIs, janitor probes) is the real twisted.web client and server over
+the simulated TCP; with L{SERVER_PUSH} "bus", the servers push to each
+other over a memory bus (L{cim.bus.MemoryHub}), as over Redis pub/sub.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
+from cim.bus import BusPusher, BusReceiver, MemoryHub
 from cim.client.library import Ack, Client, ClientState, IClientListener
 from cim.delivery import Delivery
 from cim.framing import DEFAULT_MAX_FRAME
@@ -58,6 +60,11 @@ PUSH_PORT = 8081
 EPOCH_START = 1_700_000_000.0
 #: Shorter than production, so that a run sees several renewals.
 SESSION_TTL = 30.0
+#: How the servers push to each other: over the push API ("http"), or over
+#: a memory bus ("bus", as over Redis pub/sub in production).  Still "http":
+#: the broken variant push-once (a failed HTTP push not sent again) is only
+#: caught when the servers push over HTTP.
+SERVER_PUSH = "http"
 
 
 class _Endpoints:
@@ -166,11 +173,14 @@ class ServerProc:
         store = self.store
         assert store is not None and self.registry is not None
         await store.drop_server_sessions(str(self.address))
+        bus = world.bus.bus(node) if world.server_push == "bus" else None
         server = IMServer(
             node,
             store,  # type: ignore[arg-type]
             self.address,
-            HttpPusher(SimHTTP(node), SECRET),  # type: ignore[arg-type]
+            BusPusher(bus, node)
+            if bus is not None
+            else HttpPusher(SimHTTP(node), SECRET),  # type: ignore[arg-type]
             session_ttl=SESSION_TTL,
         )
         world.net.listen(
@@ -187,6 +197,8 @@ class ServerProc:
         )
         server.start()
         self.server = server
+        if bus is not None:
+            await BusReceiver(bus, server.here, server, server.resync_all).start()
         await self.registry.start()
         await self.registry.register(self.address)
         self.janitor = DeadServerJanitor(
@@ -496,6 +508,10 @@ class World:
         self.box = StoreBox(MemoryStore(self.store_node))  # type: ignore[arg-type]
         self.links: dict[str, StoreLink] = {}
         self.board = LocalBoard()
+        #: The servers' message bus (Redis pub/sub in production), used
+        #: when C{server_push} is "bus" (L{SERVER_PUSH}).
+        self.bus = MemoryHub()
+        self.server_push = SERVER_PUSH
         self.servers = [ServerProc(self, i) for i in range(3)]
         self.route = RouteProc(self)
         self.users = [User(i, f"user{i}") for i in range(users)]

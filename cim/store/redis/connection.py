@@ -10,13 +10,21 @@ L{is_noscript} recognises Redis's answer to EVALSHA of a script it does not
 have.  L{is_down} says at once whether a pool that was connected lost every
 connection, so that the store fails a call then instead of queueing it
 until its time-out (issue 13: every route call took 10 s with Redis down).
+L{bus_connection} makes the message bus's connections
+(L{cim.store.redis.bus}): one for publishing, one subscribed.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from typing import Any
 
 import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.store import RedisAddress
@@ -102,3 +110,94 @@ def _protocol_with_fast_commands(base: type) -> type:
         return b"".join(parts)
 
     return type("FastCommandProtocol", (base,), {"_build_command": _build_command})
+
+
+#: How the bus's connections are made again: soon after a loss (what is
+#: published meanwhile is lost), then backing off to every few seconds.
+BUS_RETRY = backoffPolicy(
+    initialDelay=0.05, factor=2.0, maxDelay=5.0, jitter=lambda: random.random() / 20
+)
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    A subscribed connection: hands each message to its factory.
+    """
+
+    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+        self.factory.received(channel, message)
+
+
+class _BusFactory(Factory):
+    """
+    Builds the bus's txredisapi protocols (no SELECT: channels are not of a
+    database; payloads stay bytes) for a L{ClientService}, which makes the
+    connection again when it is lost.
+    """
+
+    log = Logger()
+    noisy = False
+    #: What txredisapi's protocol asks of its factory when AUTH fails.
+    isLazy = True
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        received: Callable[[bytes, bytes], None] | None,
+    ) -> None:
+        self.address = address
+        self.received = received
+        self._class: Any = txredisapi.RedisProtocol if received is None else _Subscriber
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self._class(
+            charset=None,
+            password=self.address.password,
+            username=self.address.username,
+            convertNumbers=False,
+        )
+        protocol.factory = self
+        return protocol
+
+    def stopTrying(self) -> None:
+        # AUTH failed: the protocol closes the connection, and the service
+        # tries again later (perhaps with the password fixed meanwhile).
+        pass
+
+    def connectionError(self, why: str) -> None:
+        self.log.error("The message bus cannot use Redis: {why}", why=why)
+
+
+def bus_connection(
+    reactor: Any,
+    address: RedisAddress,
+    prepare: Callable[[Any], Any],
+    received: Callable[[bytes, bytes], None] | None = None,
+    timeout: float = 5.0,
+    retry: Callable[[int], float] = BUS_RETRY,
+) -> ClientService:
+    """
+    A L{ClientService} keeping one connection to the Redis at C{address}
+    (not started): a plain one, or with C{received} a subscriber's, which
+    calls C{received(channel, payload)} for each message.
+
+    @param prepare: called with each new connection's protocol (once it is
+        usable, logged in); returns a Deferred firing when the connection
+        is ready for use (a subscriber's: subscribed).
+    @param timeout: seconds to wait for a TCP connection.
+    @param retry: seconds to wait before the given attempt to connect
+        again.
+    """
+    endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+
+    def ready(proxy: Any) -> Any:
+        # (The service hands over its proxy; this fires with the protocol.)
+        return proxy.whenConnected().addCallback(prepare)
+
+    return ClientService(
+        endpoint,
+        _BusFactory(address, received),
+        retryPolicy=retry,
+        clock=reactor,
+        prepareConnection=ready,
+    )

@@ -172,7 +172,7 @@ from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
 from cim.message import ChatMessage, Position, inbox, pair_conversation, peer_of
 from cim.names import name_key
 from cim.passwords import hash_password, verify_password
-from cim.store import Retention, parse_redis_url
+from cim.store import RedisAddress, Retention, parse_redis_url
 from cim.store.memory import token_key
 from cim.store.redis import scripts
 from cim.store.redis.connection import is_down, open_pool
@@ -300,6 +300,9 @@ class RedisStore:
         self.prefix = prefix
         self.timeout = timeout
         self._threads = clock if IReactorThreads.providedBy(clock) else None
+        #: Where the Redis is, when known (L{connect_redis}): the message
+        #: bus (L{cim.bus.open_bus}) connects there too.
+        self.address: RedisAddress | None = None
 
     def close(self) -> defer.Deferred[Any]:
         """
@@ -1230,6 +1233,7 @@ def connect_redis(
     assert clock is not None
     pool = open_pool(address, poolsize, timeout)
     store = RedisStore(pool, clock, retention, prefix, timeout)
+    store.address = address
 
     def failed(failure: Failure) -> defer.Deferred[Any]:
         return pool.disconnect().addBoth(lambda _: failure)
