@@ -243,7 +243,11 @@ def test_a_batch_is_encoded_once_per_form() -> None:
     binary.protocol.send_batch(batch)
     text.protocol.send_batch(batch)
     tcp.protocol.send_batch(batch)
-    assert set(batch._encoded) == {"ws-protobuf", "ws-json", "framed-protobuf"}
+    assert set(batch._encoded) == {
+        "ws-protobuf-frame",
+        "ws-json-frame",
+        "framed-protobuf",
+    }
     for peer in (binary, text):
         [frame] = peer.received()
         assert [m.text for m in frame.messages] == ["hello"]

@@ -11,9 +11,11 @@ subprotocol the client chose in its handshake:
 
   - C{cim.v1.proto}: binary messages, the frame's protobuf bytes (no length
     prefix: a WebSocket message has its own length);
-  - C{cim.v1.json}: text messages, the frame's proto3 JSON form made by
-    protobuf's own C{json_format} (L{cim.codec.encode_json}), decoded
-    strictly (an unknown field is an error).
+  - C{cim.v1.json}: text messages, the frame's proto3 JSON form as
+    protobuf's own C{json_format} makes it (L{cim.codec.encode_json}),
+    decoded strictly (an unknown field is an error); written and read by
+    L{cim.jsonwire}, which makes and accepts the same text at a small part
+    of the cost.
 
 The handshake is refused (HTTP 400) without one of those subprotocols, and
 (HTTP 403) from a browser page whose C{Origin} is not allowed
@@ -35,6 +37,15 @@ What the connection writes and its transport could not send yet is bounded
 as on TCP (L{cim.server.protocol.Backlog}, the transport's streaming
 producer).
 
+Frames are written as the TCP adapter writes them: a message's WebSocket
+frame (its header and payload) is made here and goes to the transport in
+one write, and a live batch going to many connections is made once per
+subprotocol (L{wire.Batch.encoded}), not once per connection.  Only a
+connection that agreed on compression (permessage-deflate, which browsers
+offer) has its messages made by autobahn's C{sendMessage}.  A text
+message's UTF-8 is checked by its decoding (L{cim.jsonwire.decode}), not
+also by autobahn's validator.
+
 Timers (the opening and closing handshakes' deadlines) run on the clock the
 factory is given, not on autobahn's global reactor.
 
@@ -42,14 +53,16 @@ Beyond autobahn's documented API this relies on a few of its internals
 (hence the pinned major version): the factory's C{_batched_timer} and the
 protocol's C{CONFIG_ATTRS}, C{_dataReceived}, C{_onOpen},
 C{_max_message_size_exceeded}, C{sendCloseFrame}, C{sendData},
-C{onMessageEnd} and C{failedByMe}; the tests exercise each.  They make an
+C{onMessageEnd}, C{failedByMe} and C{_perMessageCompress}; the tests
+exercise each.  They make an
 idle connection cost less than half the memory and a frame about half the
 calls autobahn's defaults do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from types import FunctionType
@@ -68,7 +81,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.codec import CodecError, decode, decode_json, encode, encode_json
+from cim import jsonwire
+from cim.codec import CodecError, decode, encode
 from cim.limits import MAX_OUTPUT
 from cim.message import Command, ErrorCode, Frame
 from cim.server import wire
@@ -124,20 +138,44 @@ _HANDSHAKE_STATE = (
     "http_request_host",
 )
 
-#: The names of this adapter's encodings of a shared batch.
-_FORMS = {True: "ws-protobuf", False: "ws-json"}
-
 log = Logger()
 
+#: The first byte of a final, uncompressed data frame: binary, text.
+_OPCODE = {True: 0x82, False: 0x81}
 
-def _encode_text(frame: Frame) -> bytes:
-    return encode_json(frame).encode("utf-8")
+
+def message_frame(binary: bool, payload: bytes) -> bytes:
+    """
+    A server's WebSocket frame carrying the whole message C{payload}
+    (unmasked, unfragmented, uncompressed: RFC 6455 section 5.2).
+    """
+    n = len(payload)
+    first = _OPCODE[binary]
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
 
 
-#: Per subprotocol (binary or not): how a frame is encoded, and the answer
-#: to every heartbeat, encoded once.
-_ENCODERS = {True: encode, False: _encode_text}
-_PONGS = {binary: encoder(wire.PONG) for binary, encoder in _ENCODERS.items()}
+#: Per subprotocol (binary or not): how a frame's payload is encoded.
+_ENCODERS: dict[bool, Callable[[Frame], bytes]] = {True: encode, False: jsonwire.encode}
+
+
+def _framer(binary: bool) -> Callable[[Frame], bytes]:
+    encode_payload = _ENCODERS[binary]
+    return lambda frame: message_frame(binary, encode_payload(frame))
+
+
+#: Per subprotocol: how a frame's whole WebSocket frame is made.
+_FRAMERS = {binary: _framer(binary) for binary in _ENCODERS}
+#: The names of this adapter's encodings of a shared batch: its payload (for
+#: a compressing connection), its WebSocket frame.
+_FORMS = {True: "ws-protobuf", False: "ws-json"}
+_FRAMED_FORMS = {True: "ws-protobuf-frame", False: "ws-json-frame"}
+#: The answer to every heartbeat, made once per subprotocol.
+_PONGS = {binary: _ENCODERS[binary](wire.PONG) for binary in _ENCODERS}
+_FRAMED_PONGS = {binary: _FRAMERS[binary](wire.PONG) for binary in _ENCODERS}
 
 
 def _truncate(reason: str) -> bytes:
@@ -293,10 +331,10 @@ class WebSocketConnection(WebSocketServerProtocol):
         # Only written to by sends in autobahn's "sync" or "chopped" modes,
         # which this adapter does not use (a tuple fails loudly if it did).
         self.send_queue = ()  # type: ignore[assignment]
-        if self.binary:
-            # Text messages are refused unread (1003): no UTF-8 to check.
-            self.utf8validateIncoming = False
-            self.utf8validator = None  # type: ignore[assignment]
+        # Binary: text messages are refused unread (1003); text: decoding
+        # checks the UTF-8 (L{cim.jsonwire.decode}).
+        self.utf8validateIncoming = False
+        self.utf8validator = None  # type: ignore[assignment]
         # A dict does not shrink by itself.
         self.__dict__ = dict(self.__dict__)
 
@@ -368,10 +406,8 @@ class WebSocketConnection(WebSocketServerProtocol):
             )
             return
         try:
-            frame = (
-                decode(payload) if isBinary else decode_json(payload.decode("utf-8"))
-            )
-        except (CodecError, UnicodeDecodeError) as e:
+            frame = decode(payload) if isBinary else jsonwire.decode(payload)
+        except CodecError as e:
             self._fail(conn, INVALID_PAYLOAD, str(e))
             return
         self.server.frame_received(conn, frame)
@@ -454,14 +490,22 @@ class WebSocketConnection(WebSocketServerProtocol):
             self._said = (NORMAL, frame.error_reason)
         else:
             self._said = None
-        if frame is wire.PONG:
-            self._write(_PONGS[self.binary])
+        binary = self.binary
+        if self._perMessageCompress is not None:
+            payload = _PONGS[binary] if frame is wire.PONG else _ENCODERS[binary](frame)
+            self._send_compressed(payload)
+        elif frame is wire.PONG:
+            self._write(_FRAMED_PONGS[binary])
         else:
-            self._write(_ENCODERS[self.binary](frame))
+            self._write(_FRAMERS[binary](frame))
 
     def send_batch(self, batch: wire.Batch) -> None:
         self._said = None
-        self._write(batch.encoded(_FORMS[self.binary], _ENCODERS[self.binary]))
+        binary = self.binary
+        if self._perMessageCompress is not None:
+            self._send_compressed(batch.encoded(_FORMS[binary], _ENCODERS[binary]))
+        else:
+            self._write(batch.encoded(_FRAMED_FORMS[binary], _FRAMERS[binary]))
 
     def close(self) -> None:
         if self.backlog.paused:
@@ -482,11 +526,26 @@ class WebSocketConnection(WebSocketServerProtocol):
     def drained(self) -> Deferred[None]:
         return self.backlog.drained()
 
-    def _write(self, payload: bytes) -> None:
+    def _write(self, data: bytes) -> None:
+        """
+        Write a whole WebSocket frame (L{message_frame}).
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        self.transport.write(data)  # type: ignore[union-attr]
+        self._wrote(len(data))
+
+    def _send_compressed(self, payload: bytes) -> None:
+        """
+        Send a message on a connection that agreed on compression.
+        """
         if self.state != self.STATE_OPEN:
             return
         self.sendMessage(payload, isBinary=self.binary)
-        if self.backlog.wrote(len(payload)) and not self._overflowed:
+        self._wrote(len(payload))
+
+    def _wrote(self, size: int) -> None:
+        if self.backlog.wrote(size) and not self._overflowed:
             self._overflowed = True
             assert self.conn is not None
             self.server.overflowed(self.conn, self.backlog.unsent)
