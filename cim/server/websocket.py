@@ -136,7 +136,73 @@ _HANDSHAKE_STATE = (
     "http_request_path",
     "http_request_params",
     "http_request_host",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
 )
+
+#: The values of autobahn's (and this adapter's) attributes of a connection
+#: that an open idle connection has: class attributes of
+#: L{WebSocketConnection} instead of entries in each connection's dict (a
+#: connection that sets one gets its own again).  The handshake's state is
+#: dropped to these too.
+_IDLE: dict[str, object] = {
+    **dict.fromkeys(_HANDSHAKE_STATE),
+    **dict.fromkeys(
+        (
+            "trackedTimings",
+            "_perMessageCompress",
+            "utf8validator",
+            "wasNotCleanReason",
+            "localCloseCode",
+            "localCloseReason",
+            "remoteCloseCode",
+            "remoteCloseReason",
+            "openHandshakeTimeoutCall",
+            "closeHandshakeTimeoutCall",
+            "autoPingTimeoutCall",
+            "autoPingPending",
+            "autoPingPendingCall",
+            "autoPingPendingSent",
+            "current_frame",
+            "current_frame_masker",
+            "message_data",
+            "frame_data",
+            "conn",
+            "_closing",
+            "_said",
+        )
+    ),
+    **dict.fromkeys(
+        (
+            "triggered",
+            "wasMaxFramePayloadSizeExceeded",
+            "wasMaxMessagePayloadSizeExceeded",
+            "closedByMe",
+            "failedByMe",
+            "droppedByMe",
+            "wasClean",
+            "wasServerConnectionDropTimeout",
+            "wasOpenHandshakeTimeout",
+            "wasCloseHandshakeTimeout",
+            "wasServingFlashSocketPolicyFile",
+            "inside_message",
+            "_isMessageCompressed",
+            "utf8validateIncomingCurrentMessage",
+            "message_is_binary",
+            "_overflowed",
+            "_lost",
+        ),
+        False,
+    ),
+    "send_state": WebSocketServerProtocol.SEND_STATE_GROUND,
+    "autoPingPendingSeq": 0,
+    "data": b"",
+    "send_queue": (),
+    # What an open connection only reads (and most have empty).
+    "websocket_extensions_in_use": (),
+}
 
 log = Logger()
 
@@ -156,6 +222,17 @@ def message_frame(binary: bool, payload: bytes) -> bytes:
     if n < 1 << 16:
         return struct.pack("!BBH", first, 126, n) + payload
     return struct.pack("!BBQ", first, 127, n) + payload
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    """
+    A client frame's C{payload} unmasked: one XOR of two integers its size.
+    """
+    n = len(payload)
+    if not n:
+        return payload
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
 
 
 #: Per subprotocol (binary or not): how a frame's payload is encoded.
@@ -269,6 +346,8 @@ class WebSocketConnection(WebSocketServerProtocol):
     """
 
     factory: WebSocketGateway
+    #: The largest message L{_messages} reads (the gateway's limits).
+    _limit = 0
 
     def __init__(
         self, server: IMServer, origins: OriginPolicy, max_output: int = MAX_OUTPUT
@@ -298,8 +377,14 @@ class WebSocketConnection(WebSocketServerProtocol):
         transport.registerProducer(self.backlog, True)
 
     def dataReceived(self, data: bytes) -> None:
-        if (
-            self.state == self.STATE_CONNECTING
+        state = self.state
+        if state == self.STATE_OPEN:
+            if not (self.data or self.current_frame or self.inside_message):
+                data = self._messages(data)
+                if not data:
+                    return
+        elif (
+            state == self.STATE_CONNECTING
             and len(self.data) + len(data) > MAX_HANDSHAKE
         ):
             log.info(
@@ -313,6 +398,47 @@ class WebSocketConnection(WebSocketServerProtocol):
         # every read, logged or not: go straight to the WebSocket code.
         self._dataReceived(data)
 
+    def _messages(self, data: bytes) -> bytes:
+        """
+        Read the messages at the head of C{data} that need nothing of
+        autobahn's machinery (about 10 calls and 3 objects a message):
+        each whole in one final, masked, uncompressed frame of this
+        subprotocol's kind, within the size limits.  What is left from the
+        first other frame on (a control frame, a fragment, the other kind,
+        a frame not all here, one over the limits or breaking the protocol)
+        is autobahn's, and so is everything after it until autobahn's
+        buffer is empty again.
+
+        @return: the bytes not read.
+        """
+        binary = self.binary
+        first = _OPCODE[binary]
+        limit = self._limit
+        size = len(data)
+        offset = 0
+        while size - offset >= 6 and data[offset] == first:
+            length = data[offset + 1]
+            if not length & 0x80:  # not masked: autobahn refuses it
+                break
+            length &= 0x7F
+            start = offset + 2
+            if length == 126:
+                length = (data[start] << 8) | data[start + 1]
+                if length < 126:  # not the shortest form: refused too
+                    break
+                start += 2
+            elif length == 127:
+                break
+            end = start + 4 + length
+            if length > limit or end > size:
+                break
+            payload = _unmask(data[start + 4 : end], data[start : start + 4])
+            offset = end
+            self.onMessage(payload, binary)
+            if self.failedByMe or self.state != self.STATE_OPEN:
+                break
+        return data[offset:] if offset else data
+
     def _onOpen(self) -> None:
         with self._tls_below():
             super()._onOpen()
@@ -324,19 +450,25 @@ class WebSocketConnection(WebSocketServerProtocol):
         and share one traffic count between the connections (nobody reads
         them): an idle connection is a few kilobytes smaller.
         """
-        for name in _HANDSHAKE_STATE:
-            if name in self.__dict__:
-                setattr(self, name, None)
         self.trafficStats = self.factory.traffic
         # Only written to by sends in autobahn's "sync" or "chopped" modes,
         # which this adapter does not use (a tuple fails loudly if it did).
         self.send_queue = ()  # type: ignore[assignment]
-        # Binary: text messages are refused unread (1003); text: decoding
-        # checks the UTF-8 (L{cim.jsonwire.decode}).
-        self.utf8validateIncoming = False
+        # Never used: binary, text messages are refused unread (1003); text,
+        # decoding checks the UTF-8 (L{cim.jsonwire.decode}).
         self.utf8validator = None  # type: ignore[assignment]
+        attributes = self.__dict__
+        for name in _HANDSHAKE_STATE:
+            attributes.pop(name, None)
+        for name, value in _IDLE.items():
+            if name in attributes:
+                mine = attributes[name]
+                if (mine == value and type(mine) is type(value)) or (
+                    value == () and mine == []
+                ):
+                    del attributes[name]
         # A dict does not shrink by itself.
-        self.__dict__ = dict(self.__dict__)
+        self.__dict__ = dict(attributes)
 
     @contextmanager
     def _tls_below(self) -> Iterator[None]:
@@ -381,7 +513,8 @@ class WebSocketConnection(WebSocketServerProtocol):
         for subprotocol in request.protocols:
             if subprotocol in SUBPROTOCOLS:
                 self.binary = subprotocol == PROTO
-                return subprotocol
+                # The constant, not the header's copy of it.
+                return PROTO if self.binary else JSON
         raise ConnectionDeny(
             ConnectionDeny.BAD_REQUEST,
             f"a cim WebSocket speaks subprotocol {PROTO} or {JSON}",
@@ -418,6 +551,8 @@ class WebSocketConnection(WebSocketServerProtocol):
         if not self.failedByMe:
             self.onMessage(b"".join(self.message_data), self.message_is_binary)
         self.message_data = None  # type: ignore[assignment]
+        # Not read again before the next frame's header makes another.
+        self.current_frame_masker = None
 
     def sendData(
         self, data: bytes, sync: bool = False, chopsize: int | None = None
@@ -551,6 +686,10 @@ class WebSocketConnection(WebSocketServerProtocol):
             self.server.overflowed(self.conn, self.backlog.unsent)
 
 
+for _name, _value in _IDLE.items():
+    setattr(WebSocketConnection, _name, _value)
+
+
 class WebSocketGateway(WebSocketServerFactory):
     """
     Builds L{WebSocketConnection}s for an L{IMServer}.
@@ -589,6 +728,8 @@ class WebSocketGateway(WebSocketServerFactory):
             closeHandshakeTimeout=CLOSE_TIMEOUT,
             # No status page for plain HTTP requests.
             webStatus=False,
+            # A text message's UTF-8 is checked by its decoding.
+            utf8validateIncoming=False,
         )
         # autobahn copies its 29 options into every connection; here they
         # are class attributes of this factory's connections instead (so
@@ -600,10 +741,15 @@ class WebSocketGateway(WebSocketServerFactory):
             for name in _CONFIG_ATTRS
             for value in (getattr(self, name),)
         }
+        # The largest message read without autobahn's machinery.
+        limit = min(
+            (size for size in (max_frame, self.maxMessagePayloadSize) if size > 0),
+            default=1 << 62,
+        )
         self.connection_class: type[WebSocketConnection] = type(
             "WebSocketConnection",
             (WebSocketConnection,),
-            {"CONFIG_ATTRS": [], **options},
+            {"CONFIG_ATTRS": [], "_limit": limit, **options},
         )
 
     def buildProtocol(self, addr: object) -> WebSocketConnection:  # type: ignore[override]
