@@ -114,6 +114,10 @@ def _kind(field: Any) -> str:
     return kind
 
 
+#: An argument the class makes itself (a new dict).
+_UNSET: Any = object()
+
+
 class _Message:
     """
     How one message type is written and read: its fields in the order
@@ -123,10 +127,12 @@ class _Message:
         (C{"name": }) and its detail: the L{_Message} of a repeated message,
         the JSON text of each value of an enum, an integer's range.
     @ivar reads: per name C{json_format} accepts (the JSON name and the
-        original name), the field's attribute, kind and detail (the
-        L{_Message}, the value of each name of an enum, the range).
-    @ivar required: the attributes the class cannot be built without, with
-        their field's default value.
+        original name), a bit of its own (a name given twice is refused),
+        the field's place among the class's arguments, its kind and detail
+        (the L{_Message}, the value of each name of an enum, the range).
+    @ivar defaults: the class's arguments, in order, when no field is
+        given (L{_UNSET} where the class makes a new value,
+        L{factories}).
     """
 
     def __init__(self, descriptor: Any) -> None:
@@ -143,18 +149,24 @@ class _Message:
                 f"{sorted(attributes)} and {sorted(self.fields)}"
             )
         self.writes: list[tuple[str, str, str, Any]] = []
-        self.reads: dict[str, tuple[str, str, Any]] = {}
-        self.required: dict[str, Any] = {}
-        for f in dataclasses.fields(self.cls):
-            if (
-                f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING
-            ):
+        self.reads: dict[str, tuple[int, int, str, Any]] = {}
+        # Positional arguments: a frozen dataclass takes them at a third of
+        # the cost of keywords.
+        self.index = {name: i for i, name in enumerate(attributes)}
+        self.defaults: list[Any] = []
+        self.factories: list[tuple[int, Any]] = []
+        for i, f in enumerate(dataclasses.fields(self.cls)):
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = _UNSET
+                self.factories.append((i, f.default_factory))
+            else:
                 field = self.fields[f.name]
                 value = field.default_value
                 if field.type == FieldDescriptor.TYPE_ENUM:
                     value = _ENUMS[field.enum_type.full_name](value)
-                self.required[f.name] = value
+            self.defaults.append(value)
 
     def link(self, messages: dict[str, _Message]) -> None:
         """
@@ -178,7 +190,10 @@ class _Message:
             key = f"{encode_basestring(field.json_name)}: "
             self.writes.append((attribute, kind, key, detail))
             for name in (field.json_name, field.name):
-                self.reads[name] = (attribute, kind, read_detail)
+                bit = (
+                    self.reads[name][0] if name in self.reads else 1 << len(self.reads)
+                )
+                self.reads[name] = (bit, self.index[attribute], kind, read_detail)
 
 
 _MESSAGES_BY_NAME = {
@@ -248,16 +263,11 @@ def encode(frame: Frame) -> bytes:
 # Reading
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json_format refuses a repeated key (json's own dict keeps the last).
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _Fallback
-    return obj
-
-
-#: A JSON decoder made once (C{json.loads} with an option makes one a call).
-_DECODER = JSONDecoder(object_pairs_hook=_object)
+#: A JSON decoder made once (C{json.loads} with an option makes one a
+#: call) that gives each object as the tuple of its (key, value) pairs: a
+#: repeated key stays visible (json_format refuses one; a dict would keep
+#: the last), and an object is never taken for an array (a list).
+_DECODER = JSONDecoder(object_pairs_hook=tuple)
 
 #: The escape of an unpaired surrogate (json_format refuses one), in a text
 #: where every "\\u" begins an escape.
@@ -268,12 +278,16 @@ _UNPAIRED = re.compile(
 
 
 def _read(raw: Any, message: _Message) -> Any:
-    if type(raw) is not dict:
+    if type(raw) is not tuple:
         raise _Fallback
     reads = message.reads
-    values = dict(message.required)
-    for name, value in raw.items():
-        attribute, kind, detail = reads[name]
+    values = message.defaults.copy()
+    seen = 0
+    for name, value in raw:
+        bit, index, kind, detail = reads[name]
+        if seen & bit:
+            raise _Fallback
+        seen |= bit
         t = type(value)
         if kind is _STRING:
             if t is not str:
@@ -305,7 +319,11 @@ def _read(raw: Any, message: _Message) -> Any:
                     raise _Fallback
             value = tuple(value)
         elif kind is _MAP:
-            if t is not dict:
+            if t is not tuple:
+                raise _Fallback
+            pairs = value
+            value = dict(pairs)
+            if len(value) != len(pairs):
                 raise _Fallback
             for item in value.values():
                 if type(item) is not str:
@@ -315,8 +333,11 @@ def _read(raw: Any, message: _Message) -> Any:
                 raise _Fallback
         else:
             raise _Fallback
-        values[attribute] = value
-    return message.cls(**values)
+        values[index] = value
+    for index, factory in message.factories:
+        if values[index] is _UNSET:
+            values[index] = factory()
+    return message.cls(*values)
 
 
 def decode(data: bytes) -> Frame:
