@@ -66,7 +66,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from fnmatch import fnmatchcase
-from types import FunctionType
+from types import FunctionType, MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -203,6 +203,14 @@ _IDLE: dict[str, object] = {
     "send_queue": (),
     # What an open connection only reads (and most have empty).
     "websocket_extensions_in_use": (),
+}
+
+#: What every open connection has alike, shared: the observable "message"
+#: event (never fired: L{WebSocketConnection.onMessageEnd}; read-only, so
+#: that a write would fail loudly).
+_SHARED: dict[str, object] = {
+    "_valid_events": ("message",),
+    "_results": MappingProxyType({"message": None}),
 }
 
 log = Logger()
@@ -464,7 +472,7 @@ class WebSocketConnection(WebSocketServerProtocol):
         # decoding checks the UTF-8 (L{cim.jsonwire.decode}).
         self.utf8validator = None  # type: ignore[assignment]
         attributes = self.__dict__
-        for name in _HANDSHAKE_STATE:
+        for name in (*_HANDSHAKE_STATE, *_SHARED):
             attributes.pop(name, None)
         for name, value in _IDLE.items():
             if name in attributes:
@@ -692,7 +700,7 @@ class WebSocketConnection(WebSocketServerProtocol):
             self.server.overflowed(self.conn, self.backlog.unsent)
 
 
-for _name, _value in _IDLE.items():
+for _name, _value in {**_IDLE, **_SHARED}.items():
     setattr(WebSocketConnection, _name, _value)
 
 
