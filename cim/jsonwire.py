@@ -27,7 +27,7 @@ to C{json_format}, so that the two never differ:
     is not valid Unicode (a lone surrogate);
   - reading: anything but the plain form: C{null}, a number written as a
     float or as a string that is not plain decimal digits, an enum value
-    as a number, an escaped surrogate, an unknown field, a repeated key, a
+    as a number, an unpaired surrogate, an unknown field, a repeated key, a
     value of the wrong type, JSON that does not parse.  C{json_format} then
     accepts it as it always did, or refuses it with its own error.
 """
