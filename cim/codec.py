@@ -17,6 +17,12 @@ from cim.pushapi import PushItem, ReadEvent
 
 _COMMANDS = {int(c): c for c in Command}
 
+#: The descriptors of the wire's messages: what L{cim.jsonwire} derives its
+#: tables from (this module stays the only importer of the generated code).
+REQUEST = cim_pb2.Request.DESCRIPTOR
+CURSOR = cim_pb2.Cursor.DESCRIPTOR
+CHAT_MESSAGE = cim_pb2.ChatMessage.DESCRIPTOR
+
 
 class CodecError(ValueError):
     """
@@ -217,6 +223,9 @@ def encode_json(frame: Frame) -> str:
     C{frame} in protobuf's canonical proto3 JSON form, made by protobuf's
     own C{json_format}: lowerCamelCase field names, enum names, 64-bit
     integers as strings, default values left out.
+
+    The reference of the form: L{cim.jsonwire.encode} makes the same text
+    faster, and falls back to this for what it does not do by hand.
     """
     pb = cim_pb2.Request()
     pb.ParseFromString(encode(frame))
@@ -227,6 +236,9 @@ def decode_json(text: str) -> Frame:
     """
     Parse one frame in the proto3 JSON form, strictly: an unknown field is
     an error, as is anything L{decode} refuses.
+
+    The reference of what is accepted: L{cim.jsonwire.decode} reads the
+    same frames faster, and falls back to this for anything unusual.
 
     @raise CodecError: C{text} is not such a frame.
     """

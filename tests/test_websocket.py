@@ -243,7 +243,11 @@ def test_a_batch_is_encoded_once_per_form() -> None:
     binary.protocol.send_batch(batch)
     text.protocol.send_batch(batch)
     tcp.protocol.send_batch(batch)
-    assert set(batch._encoded) == {"ws-protobuf", "ws-json", "framed-protobuf"}
+    assert set(batch._encoded) == {
+        "ws-protobuf-frame",
+        "ws-json-frame",
+        "framed-protobuf",
+    }
     for peer in (binary, text):
         [frame] = peer.received()
         assert [m.text for m in frame.messages] == ["hello"]
@@ -561,6 +565,11 @@ def test_an_open_connection_keeps_little() -> None:
     assert "maxFramePayloadSize" not in vars(protocol)
     assert protocol.maxMessagePayloadSize == 1000
     assert protocol.trafficStats is ws.gateway.traffic
+    # Only what differs from an idle connection's defaults is its own.
+    assert protocol.websocket_protocols is None and protocol._wskey is None
+    assert protocol.current_frame_masker is None
+    assert protocol._results == {"message": None}
+    assert len(vars(protocol)) <= 17, sorted(vars(protocol))
     # Still speaks.
     ws.login("alice")
     ws.send(Frame(cmd=Command.PING, req_msg="ping"))
@@ -678,3 +687,106 @@ def test_a_browser_handshake_offering_compression_is_accepted() -> None:
     )
     assert transport.value().startswith(b"HTTP/1.1 101 "), transport.value()
     assert b"Sec-WebSocket-Protocol: cim.v1.json" in transport.value()
+
+
+# Reading and writing without autobahn's machinery
+
+
+def _masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    return wskit.frame(opcode, payload, fin=fin)
+
+
+@pytest.mark.parametrize("subprotocol", [PROTO, JSON])
+@pytest.mark.parametrize("piece", [None, 1, 7])
+def test_messages_are_read_in_whatever_pieces_they_come(
+    subprotocol: str, piece: int | None
+) -> None:
+    """
+    Whole messages are read straight off the transport's bytes, the rest
+    (a control frame, a partial frame) by autobahn, in order.
+    """
+    world = World()
+    ws = WsPeer(world, protocols=(subprotocol,))
+    ws.login("alice")
+    seen: list[Frame] = []
+    world.server.frame_received = lambda conn, frame: seen.append(frame)  # type: ignore[method-assign]
+    frames = [
+        Frame(cmd=Command.PING, req_msg="ping"),
+        Frame(cmd=Command.MESSAGE, req_msg="é" * 150, receive_user_id=2),
+        Frame(cmd=Command.ACK, cursors=(Cursor("p:1:2", 3),)),
+        Frame(cmd=Command.MESSAGE, req_msg="x" * 70_000, receive_user_id=2),
+        Frame(cmd=Command.PING, req_msg="ping"),
+    ]
+    opcode = wskit.BINARY if subprotocol == PROTO else wskit.TEXT
+    data = [
+        _masked(
+            opcode, encode(f) if opcode == wskit.BINARY else encode_json(f).encode()
+        )
+        for f in frames
+    ]
+    data.insert(2, _masked(wskit.PING, b"are you there"))
+    stream = b"".join(data)
+    ws.protocol.maxMessagePayloadSize = ws.protocol.maxFramePayloadSize = 1 << 20
+    for i in range(0, len(stream), piece or len(stream)):
+        ws.protocol.dataReceived(stream[i : i + (piece or len(stream))])
+    assert seen == frames
+    assert [(r.opcode, r.payload) for r in ws.raw()] == [(wskit.PONG, b"are you there")]
+
+
+def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error() -> None:
+    ws = WsPeer(World())
+    ws.login("alice")
+    ping = encode(Frame(cmd=Command.PING))
+    ws.protocol.dataReceived(
+        _masked(wskit.BINARY, ping, fin=False) + _masked(wskit.BINARY, ping)
+    )
+    assert _close_of(ws.raw()).close_code == 1002
+
+
+def test_a_length_not_in_its_shortest_form_is_a_protocol_error() -> None:
+    ws = WsPeer(World())
+    ws.login("alice")
+    payload = encode(Frame(cmd=Command.PING))
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    head = bytes([0x80 | wskit.BINARY, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+    ws.protocol.dataReceived(head + mask + masked)
+    assert _close_of(ws.raw()).close_code == 1002
+
+
+def test_a_compressing_connection_gets_compressed_messages() -> None:
+    """
+    The gateway does not agree on permessage-deflate (autobahn's default);
+    if it did, autobahn would make the messages, compressed.
+    """
+    import zlib
+
+    from autobahn.websocket.compress import PerMessageDeflateOfferAccept
+
+    world = World()
+    gateway = WebSocketGateway(world.server, world.clock, 1024)
+    protocol = gateway.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5002))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    offer = b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    protocol.dataReceived(wskit.handshake((JSON,)).replace(b"\r\n\r\n", offer))
+    assert b"permessage-deflate" not in transport.value()
+    assert protocol._perMessageCompress is None
+
+    gateway.connection_class.perMessageCompressionAccept = staticmethod(  # type: ignore[attr-defined]
+        lambda offers: PerMessageDeflateOfferAccept(offers[0])
+    )
+    protocol = gateway.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5002))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(wskit.handshake((JSON,)).replace(b"\r\n\r\n", offer))
+    assert b"permessage-deflate" in transport.value()
+    transport.clear()
+    protocol.dataReceived(
+        _masked(wskit.TEXT, b'{"cmd": "PING", "reqMsg": "ping"}')  # uncompressed
+    )
+    data = transport.value()
+    assert data[0] == 0x80 | 0x40 | wskit.TEXT  # final, compressed (RSV1), text
+    received = wskit.parse(data)[0][0]
+    text = zlib.decompressobj(-15).decompress(received.payload + b"\x00\x00\xff\xff")
+    assert json.loads(text)["cmd"] in {"PING", "ERROR"}
