@@ -685,11 +685,20 @@ def test_a_reload_resumes_with_nothing_lost_or_doubled(
     expect(page.locator("#status")).to_have_text("online", timeout=WAIT)
     tab.open("reloader")
     expect(page.locator("#messages .text").last).to_have_text("m50", timeout=WAIT)
-    # Scroll back, a page at a time: everything, once each.
-    while page.locator("#earlier").is_visible():
-        page.click("#earlier")
-        page.wait_for_timeout(200)
-    expect(page.locator("#messages .text")).to_have_text(every, timeout=WAIT)
+    # Scroll back, a page at a time: everything, once each.  (The button
+    # hides while a page loads, and scrolling to the top loads one too:
+    # press it only when shown, then wait for the page it asked for.)
+    shown = page.locator("#messages .text")
+    for _ in range(len(every)):
+        count = shown.count()
+        if count >= len(every):
+            break
+        page.evaluate(
+            "() => { const b = document.getElementById('earlier');"
+            " if (!b.hidden) b.click(); }"
+        )
+        expect(shown).not_to_have_count(count, timeout=WAIT)
+    expect(shown).to_have_text(every, timeout=WAIT)
     cursors = page.evaluate(
         "id => JSON.parse(localStorage.getItem('cim.state.' + id)).streams", me
     )
