@@ -119,7 +119,10 @@ def test_a_login_of_the_same_device_replaces_only_that_connection() -> None:
     )
     phone.lose()
     assert laptop.received() == [] and not laptop.closed
-    assert sorted(world.server.users[alice]) == ["laptop", "phone"]
+    assert sorted(c.device for c in world.server.devices(alice)) == [
+        "laptop",
+        "phone",
+    ]
     bob_peer, bob = world.login("bob")
     world.send(bob_peer, "to both", alice)
     assert newer.texts() == ["to both"]
@@ -174,7 +177,7 @@ def test_kick_user_closes_one_session_or_every_device() -> None:
     world = World()
     phone, alice = world.login("alice", device="phone")
     laptop, _ = world.login("alice", user_id=alice, device="laptop")
-    phone_session = world.server.users[alice]["phone"].session_id
+    phone_session = world.server.connection(alice, "phone").session_id
     assert world.result(world.server.kick_user(alice, "nope", "x")) is False
     assert world.result(world.server.kick_user(alice, phone_session, "off")) is True
     assert phone.closed and not laptop.closed
