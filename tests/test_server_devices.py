@@ -594,3 +594,47 @@ def test_the_servers_own_address_is_not_pushed_to() -> None:
     world.send(alice_peer, "hi", bob)
     assert world.pusher.pushes == []
     assert str(HERE) != str(THERE)
+
+
+def test_devices_kept_in_login_order_through_replacements_and_losses() -> None:
+    """
+    A user's devices here are listed in the order they logged in; a
+    device's new connection takes its old one's place; a lost one leaves
+    the others (first, middle or last), and the user goes with its last.
+    """
+    world = World()
+    phone, alice = world.login("alice", device="phone")
+    laptop, _ = world.login("alice", user_id=alice, device="laptop")
+    tablet, _ = world.login("alice", user_id=alice, device="tablet")
+    server = world.server
+
+    def listed() -> list[tuple[str, Peer]]:
+        return [(c.device, c.link) for c in server.devices(alice)]  # type: ignore[misc]
+
+    assert listed() == [
+        ("phone", phone.protocol),
+        ("laptop", laptop.protocol),
+        ("tablet", tablet.protocol),
+    ]
+    newer, _ = world.login("alice", user_id=alice, device="laptop")
+    laptop.lose()
+    assert listed() == [
+        ("phone", phone.protocol),
+        ("laptop", newer.protocol),
+        ("tablet", tablet.protocol),
+    ]
+    assert server.connection(alice, "laptop") is newer.protocol.conn
+    assert server.connection(alice, "desktop") is None
+    phone.lose()
+    assert listed() == [("laptop", newer.protocol), ("tablet", tablet.protocol)]
+    tablet.lose()
+    assert listed() == [("laptop", newer.protocol)]
+    bob_peer, bob = world.login("bob")
+    world.send(bob_peer, "still here", alice)
+    assert newer.texts() == ["still here"]
+    assert sorted((c.user_id, c.device) for c in server.logged_in()) == sorted(
+        [(alice, "laptop"), (bob, "")]
+    )
+    newer.lose()
+    assert alice not in server.users
+    assert server.devices(alice) == [] and server.connection(alice, "laptop") is None
