@@ -1568,9 +1568,11 @@ class Bench:
         pings = self.counter(reports, "hold_pings")
         pongs = self.counter(reports, "hold_pongs")
         dropped = self.counter(reports, "dropped")
+        retries = self.counter(reports, "login_retries")
         row["throughput"] = held
         row["unit"] = "conns"
         row.update(latency_fields(self.histogram(reports, "ping_latency")))
+        row["login_retries"] = retries
         row["rss_per_connection_bytes"] = round(per_conn)
         row["rss_per_connection_with_warm_up_bytes"] = round(with_warm_up)
         row["rss_before_mb"] = round(before / 2**20, 1)
@@ -1585,7 +1587,8 @@ class Bench:
         row["notes"].insert(
             0,
             f"{login.logged_in} of {n} logged in "
-            f"({login.failed + warm.failed} failed; the last {last} in "
+            f"({login.failed + warm.failed} failed, {retries} logins made again "
+            f"after a store failure; the last {last} in "
             f"{login.elapsed:.1f}s, {row['logins_per_s']:,.0f}/s) from "
             f"{len(SOURCES)} source addresses and {loaders} load processes, "
             f"{open_now} open then; server RSS {before / 2**20:.1f} -> "
