@@ -50,7 +50,7 @@ from bench.loadgen import (
     merge_reports,
     raise_fd_limit,
 )
-from cim.limits_net import MAX_CONNECTIONS, RESERVED_FILES
+from cim.limits_net import default_max_connections
 from tests.kit.cluster import ROOT, TWISTD, Cluster, LogWatch, Processes
 from tests.kit.http import post_json
 from tests.kit.services import redis_ping, ruok
@@ -1517,7 +1517,8 @@ class Bench:
         name = "connections"
         n = p["connections"]
         loaders = load_processes(n, self.fd_limit, self.workers)
-        room = server_connections(self.fd_limit)
+        # The daemons inherit this process's open-file limit.
+        room = default_max_connections()
         if n + SERVER_SPARE_CONNECTIONS > room:
             raise HarnessError(
                 f"an IM server holds at most {room:,} connections under this "
@@ -1622,15 +1623,6 @@ def load_processes(connections: int, fd_limit: int, at_least: int) -> int:
     """
     each = max(1, fd_limit - LOADGEN_RESERVED_FILES)
     return max(at_least, -(-connections // each))
-
-
-def server_connections(fd_limit: int) -> int:
-    """
-    The connections an IM server takes by default under C{fd_limit} open
-    files (L{cim.limits_net.default_max_connections}, for the limit the
-    harness gives its children).
-    """
-    return min(MAX_CONNECTIONS, fd_limit - RESERVED_FILES)
 
 
 def lock(path: Path, wait: float = 1800.0) -> IO[str]:

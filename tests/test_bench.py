@@ -1150,3 +1150,18 @@ def test_login_made_again_after_a_store_failure() -> None:
         reactor.advance(1.0)
     assert "9200 down" in str(got[-1].value)  # type: ignore[attr-defined]
     assert worker.counters["login_retries"] == 2 + LOGIN_RETRIES
+
+
+def test_connections_split_over_load_processes_by_their_file_limit() -> None:
+    """
+    The connections scenario starts as many load generators as their
+    open-file limit needs (1,000 files each kept for the rest), never
+    fewer than asked for.
+    """
+    from bench.harness import load_processes
+
+    assert load_processes(19_000, 20_000, 2) == 2
+    assert load_processes(19_000, 20_000, 1) == 1
+    assert load_processes(19_001, 20_000, 1) == 2
+    assert load_processes(19_000, 4_096, 2) == 7
+    assert load_processes(500, 1_024, 2) == 21
