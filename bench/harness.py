@@ -48,7 +48,9 @@ from bench.loadgen import (
     check_streams,
     deliveries_per_message,
     merge_reports,
+    raise_fd_limit,
 )
+from cim.limits_net import default_max_connections
 from tests.kit.cluster import ROOT, TWISTD, Cluster, LogWatch, Processes
 from tests.kit.http import post_json
 from tests.kit.services import redis_ping, ruok
@@ -70,8 +72,19 @@ SCENARIOS = (
     "login",
     "connections",
 )
-#: Source addresses of the connections scenario (each takes up to ~2,000).
+#: Source addresses of the connections scenario: each gives the load
+#: generators the system's range of ephemeral ports (about 28,000 on Linux).
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
+#: File descriptors a load generator keeps for everything but its client
+#: connections (the route's HTTP pool, its standard streams, the reactor).
+LOADGEN_RESERVED_FILES = 1_000
+#: Connections an IM server takes beyond the connections scenario's
+#: clients: the route's calls to its push API.
+SERVER_SPARE_CONNECTIONS = 100
+#: Connections of the connections scenario that log in before the server's
+#: memory is measured (per load generator), as for the ws scenario's idle
+#: part.
+CONNECTIONS_WARM_UP = 8
 
 #: Per scenario: full run, quick run.
 PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -124,7 +137,7 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"users": 300, "concurrency": 16, "duration": 2},
     ),
     "connections": (
-        {"connections": 15000, "hold": 60, "ping_interval": 10, "concurrency": 64},
+        {"connections": 19000, "hold": 60, "ping_interval": 10, "concurrency": 64},
         {"connections": 500, "hold": 3, "ping_interval": 1, "concurrency": 32},
     ),
 }
@@ -351,6 +364,12 @@ class Sampler:
         except (KeyError, psutil.Error):
             return 0
 
+    def fds(self, name: str) -> int:
+        try:
+            return int(self.procs[name].num_fds())
+        except (KeyError, psutil.Error):
+            return 0
+
     def begin(self) -> None:
         self._t0 = time.monotonic()
         self._busy0 = self._busy()
@@ -560,6 +579,9 @@ class Bench:
         self.last_start = 0.0
         #: The WebSocket subprotocols the ws scenario's users take in turn.
         self.ws_subprotocols = list(WS_SUBPROTOCOLS)
+        #: The open-file limit of every process the harness starts (its
+        #: own soft limit, raised to the hard one, is inherited).
+        self.fd_limit = raise_fd_limit()
 
     def params(self, name: str) -> dict[str, Any]:
         full, quick = PARAMS[name]
@@ -1524,23 +1546,64 @@ class Bench:
         self.stop_workers(workers)
 
     def scenario_connections(self, row: dict[str, Any], p: dict[str, Any]) -> None:
+        """
+        C{connections} users log in to one server and stay idle (a PING
+        every C{ping_interval} seconds) for C{hold} seconds; the server's
+        resident memory grows by how much a connection.  A few log in
+        first (C{CONNECTIONS_WARM_UP} per load generator): what every
+        later connection shares is not theirs.
+
+        As many load generators as their open-file limit needs (at least
+        C{--workers}); the server must be able to take them all under its
+        own (L{cim.limits_net.default_max_connections}).
+        """
         name = "connections"
         n = p["connections"]
+        loaders = load_processes(n, self.fd_limit, self.workers)
+        # The daemons inherit this process's open-file limit.
+        room = default_max_connections()
+        if n + SERVER_SPARE_CONNECTIONS > room:
+            raise HarnessError(
+                f"an IM server holds at most {room:,} connections under this "
+                f"open-file limit ({self.fd_limit:,}: ulimit -n); {n:,} clients "
+                f"and {SERVER_SPARE_CONNECTIONS} for its push API need more"
+            )
         cluster = self.cluster(name, servers=1)
-        workers = self.spawn(name)
+        workers = self.spawn(name, loaders)
         self.setup_cim(
             name, cluster, workers, n, concurrency=64, ping_interval=p["ping_interval"]
         )
         sampler = Sampler(self.pids(cluster, workers))
         time.sleep(0.5)
+        start = sampler.rss("server1")
+        warm = self.login(
+            name,
+            workers,
+            n,
+            concurrency=p["concurrency"],
+            bind=SOURCES,
+            part=(0, CONNECTIONS_WARM_UP),
+        )
+        time.sleep(0.5)
         before = sampler.rss("server1")
-        login = self.login(name, workers, n, concurrency=p["concurrency"], bind=SOURCES)
+        login = self.login(
+            name,
+            workers,
+            n,
+            concurrency=p["concurrency"],
+            bind=SOURCES,
+            part=(CONNECTIONS_WARM_UP, n),
+        )
         after = sampler.rss("server1")
+        fds = sampler.fds("server1")
         open_now = len(login.users)
-        per_conn = (after - before) / max(1, open_now)
+        measured = max(1, open_now - len(warm.users))
+        per_conn = (after - before) / measured
+        with_warm_up = (after - start) / max(1, open_now)
         merged, reports, duration = self.measure(
             workers, sampler, {"duration": p["hold"]}, drain=2
         )
+        after_hold = sampler.rss("server1")
         self.fill(row, merged, reports, sampler, ["server1"])
         for key in ("sent", "delivered", "lost", "duplicated"):
             row[key] = None
@@ -1549,20 +1612,34 @@ class Bench:
         pings = self.counter(reports, "hold_pings")
         pongs = self.counter(reports, "hold_pongs")
         dropped = self.counter(reports, "dropped")
+        retries = self.counter(reports, "login_retries")
         row["throughput"] = held
         row["unit"] = "conns"
         row.update(latency_fields(self.histogram(reports, "ping_latency")))
+        row["login_retries"] = retries
         row["rss_per_connection_bytes"] = round(per_conn)
+        row["rss_per_connection_with_warm_up_bytes"] = round(with_warm_up)
         row["rss_before_mb"] = round(before / 2**20, 1)
         row["rss_after_mb"] = round(after / 2**20, 1)
-        row["logins_per_s"] = round(login.logged_in / max(login.elapsed, 1e-3), 1)
+        row["rss_after_hold_mb"] = round(after_hold / 2**20, 1)
+        row["server_fds"] = fds
+        row["load_processes"] = loaders
+        row["fd_limit"] = self.fd_limit
+        # (A load generator's count of logins is of every phase.)
+        last = login.logged_in - warm.logged_in
+        row["logins_per_s"] = round(last / max(login.elapsed, 1e-3), 1)
         row["notes"].insert(
             0,
-            f"{login.logged_in} of {n} logged in ({login.failed} failed) in "
-            f"{login.elapsed:.1f}s ({row['logins_per_s']:,.0f}/s) from "
-            f"{len(SOURCES)} source addresses, {open_now} open then; server RSS "
-            f"{before / 2**20:.1f} -> {after / 2**20:.1f} MB = "
-            f"{per_conn / 1024:.2f} KB each",
+            f"{login.logged_in} of {n} logged in "
+            f"({login.failed + warm.failed} failed, {retries} logins made again "
+            f"after a store failure; the last {last} in "
+            f"{login.elapsed:.1f}s, {row['logins_per_s']:,.0f}/s) from "
+            f"{len(SOURCES)} source addresses and {loaders} load processes, "
+            f"{open_now} open then; server RSS {before / 2**20:.1f} -> "
+            f"{after / 2**20:.1f} MB (after the hold {after_hold / 2**20:.1f}) "
+            f"for {measured} connections = {per_conn / 1024:.2f} KB each "
+            f"({with_warm_up / 1024:.2f} KB counting from before the "
+            f"{len(warm.users)} first ones)",
         )
         row["notes"].insert(
             1,
@@ -1570,9 +1647,25 @@ class Bench:
             f"{pongs} pongs, {missing} unanswered, {dropped} dropped; "
             "the latency columns are the PING round trip",
         )
+        row["notes"].insert(
+            2,
+            f"server file descriptors: {fds:,} ({fds - open_now:,} besides its "
+            f"clients' connections), under an open-file limit of "
+            f"{self.fd_limit:,} (it takes {room:,} connections)",
+        )
         target(row, f"{n:,} held", held == n and not dropped and not missing)
-        target(row, f"<=4KB/conn ({per_conn / 1024:.1f})", per_conn <= 4096)
+        target(row, f"<=3KB/conn ({per_conn / 1024:.2f})", per_conn <= 3072)
         self.stop_workers(workers)
+
+
+def load_processes(connections: int, fd_limit: int, at_least: int) -> int:
+    """
+    How many load generators hold C{connections} client connections with
+    C{fd_limit} open files each (C{LOADGEN_RESERVED_FILES} of them kept
+    for the rest): at least C{at_least}.
+    """
+    each = max(1, fd_limit - LOADGEN_RESERVED_FILES)
+    return max(at_least, -(-connections // each))
 
 
 def lock(path: Path, wait: float = 1800.0) -> IO[str]:

@@ -72,7 +72,14 @@ from bench.wsclient import (
 )
 from cim.codec import CodecError, decode, encode, encode_framed
 from cim.framing import VarintFrameReceiver
-from cim.message import KICK_DEVICE_LIMIT, KICK_REPLACED, Command, Cursor, Frame
+from cim.message import (
+    KICK_DEVICE_LIMIT,
+    KICK_REPLACED,
+    Command,
+    Cursor,
+    ErrorCode,
+    Frame,
+)
 
 # Texts
 
@@ -788,6 +795,12 @@ class HTTPPool:
 _PING = encode_framed(Frame(cmd=Command.PING, req_msg="ping"))
 
 
+#: How many times, and after how long, a login that the server refused
+#: for want of its store is made again.
+LOGIN_RETRIES = 3
+LOGIN_RETRY_DELAY = 1.0
+
+
 class LoginRefused(Exception):
     """
     The route or the server refused a login.
@@ -1308,7 +1321,7 @@ class Worker:
                 first: BenchClient | None = None
                 for index in range(devices):
                     try:
-                        client = await self.login_user(
+                        client = await self._login_retrying(
                             uid,
                             name,
                             binds[k % len(binds)],
@@ -1352,6 +1365,25 @@ class Worker:
                 "servers": self.servers,
             }
         )
+
+    async def _login_retrying(self, *args: Any, **kwargs: Any) -> BenchClient:
+        """
+        L{login_user}, again (after L{LOGIN_RETRY_DELAY} seconds, at most
+        L{LOGIN_RETRIES} times) while the server answers that its store
+        is unavailable and the client should log in again shortly, as a
+        client does (counted in C{login_retries}).
+        """
+        for attempt in range(LOGIN_RETRIES + 1):
+            try:
+                return await self.login_user(*args, **kwargs)
+            except LoginRefused as e:
+                if attempt == LOGIN_RETRIES or not str(e).startswith(
+                    f"{int(ErrorCode.STORE_ERROR)} "
+                ):
+                    raise
+            self.count("login_retries")
+            await deferLater(self.reactor, LOGIN_RETRY_DELAY, lambda: None)
+        raise AssertionError("unreachable")
 
     async def login_user(
         self,

@@ -33,6 +33,10 @@ class VarintFrameReceiver(Protocol):
     no quadratic copying; it stops delivering frames while paused
     (L{pauseProducing}) or after the connection started closing.
 
+    A connection holds a buffer of its own only while part of a frame waits
+    (or frames wait while paused): the frames of a read are split from the
+    read's bytes themselves, and an idle connection holds nothing.
+
     @ivar MAX_LENGTH: the largest frame body accepted.
     """
 
@@ -41,9 +45,10 @@ class VarintFrameReceiver(Protocol):
     transport: Any
     paused = False
     _closing = False
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    #: What was received and not delivered yet: the shared empty bytes
+    #: when nothing waits, else a bytearray of the connection's own (or,
+    #: while a read is split, the read's bytes).
+    _buffer: bytes | bytearray = b""
 
     def frameReceived(self, frame: bytes) -> None:
         """
@@ -69,7 +74,7 @@ class VarintFrameReceiver(Protocol):
         written is sent, or at once (C{abort}: what waits unsent is dropped).
         """
         self._closing = True
-        self._buffer = bytearray()
+        self._buffer = b""
         if self.transport is None:
             return
         if abort:
@@ -86,7 +91,11 @@ class VarintFrameReceiver(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self._buffer += data
+        if self._buffer:
+            # Extends the waiting bytearray in place.
+            self._buffer += data
+        else:
+            self._buffer = data
         self._deliver()
 
     def _deliver(self) -> None:
@@ -134,8 +143,16 @@ class VarintFrameReceiver(Protocol):
             # buffer; stop if so.
             if self._buffer is not buf:
                 return
-        if offset:
-            del buf[:offset]
+        if offset == size:
+            # Nothing waits: share the empty bytes.
+            self._buffer = b""
+        elif isinstance(buf, bytearray):
+            if offset:
+                del buf[:offset]
+        else:
+            # The rest of a read waits: copy it once, into a buffer that
+            # later reads extend in place.
+            self._buffer = bytearray(memoryview(buf)[offset:])
 
     def pauseProducing(self) -> None:
         """

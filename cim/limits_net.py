@@ -40,11 +40,14 @@ from zope.interface import implementer
 from cim.options import positive_float, whole_number
 
 #: The most connections a daemon holds in all, unless told otherwise (and
-#: unless its open-file limit is lower: see L{default_max_connections}).
-MAX_CONNECTIONS = 19_000
+#: unless its open-file limit is lower: see L{default_max_connections}):
+#: under a limit of 20,000 open files, 19,000 clients on an IM server's
+#: client port and room for the route's calls to its push API.
+MAX_CONNECTIONS = 19_500
 #: Descriptors kept for everything but accepted connections: the store's
-#: and registry's connections, calls to other daemons, the log.
-RESERVED_FILES = 1_000
+#: and registry's connections, calls to other daemons, the log, the
+#: listening ports (an IM server uses a few dozen of them).
+RESERVED_FILES = 500
 #: Connections from one address to an IM server's client port: room for the
 #: users behind one NAT.
 CLIENT_PER_ADDRESS = 200

@@ -23,6 +23,8 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.python import usage
 
+from cim.slimtcp import SlimTCP4ServerEndpoint
+
 #: A listener: a port number (TCP on C{--bind}) or an endpoint description.
 Listen = int | str
 
@@ -86,13 +88,12 @@ def server_endpoint(
     reactor: Any, where: Listen, bind: str, backlog: int
 ) -> IStreamServerEndpoint:
     """
-    The endpoint of C{where}: TCP on C{bind} for a port number, else the
-    endpoint the description names.
+    The endpoint of C{where}: TCP on C{bind} for a port number (with the
+    lighter connections of L{cim.slimtcp}), else the endpoint the
+    description names.
     """
     if isinstance(where, int):
-        return endpoints.TCP4ServerEndpoint(
-            reactor, where, interface=bind, backlog=backlog
-        )
+        return SlimTCP4ServerEndpoint(reactor, where, interface=bind, backlog=backlog)
     return endpoints.serverFromString(reactor, where)
 
 

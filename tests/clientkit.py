@@ -145,10 +145,7 @@ class Harness:
         assert client.user_id is not None
         server = self.server_of(client).server
         assert server is not None
-        conn: Any = server.users[client.user_id]
-        if isinstance(conn, dict):
-            conn = conn[client.device]
-        return conn
+        return server.connection(client.user_id, client.device)
 
     def drop(self, client: Client) -> None:
         """

@@ -1104,3 +1104,64 @@ def test_the_ws_figures_per_subprotocol() -> None:
     assert forms[PROTO]["clients"] == 6 and forms[PROTO]["deliveries_per_s"] == 40
     assert forms[PROTO]["p50_ms"] == pytest.approx(2.0, rel=0.03)
     assert forms[JSON]["deliveries_per_s"] == 10 and forms[JSON]["p50_ms"] is None
+
+
+def test_login_made_again_after_a_store_failure() -> None:
+    """
+    A login that the server refused for want of its store is made again
+    a second later (a few times at most, counted); any other refusal is
+    final.
+    """
+    from twisted.internet.defer import ensureDeferred
+
+    from bench.loadgen import LOGIN_RETRIES, LoginRefused
+
+    reactor = MemoryReactorClock()
+    worker = Worker(reactor, lambda event: None)
+    answers: list[object] = [
+        LoginRefused("9200 the store is unavailable: log in again shortly"),
+        LoginRefused("9200 the store is unavailable: log in again shortly"),
+        "client",
+    ]
+
+    async def login_user(*args: object, **kwargs: object) -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    worker.login_user = login_user  # type: ignore[assignment,method-assign]
+    got: list[object] = []
+    ensureDeferred(worker._login_retrying(1, "a")).addBoth(got.append)
+    assert got == [] and worker.counters["login_retries"] == 1
+    reactor.advance(1.0)
+    assert got == [] and worker.counters["login_retries"] == 2
+    reactor.advance(1.0)
+    assert got == ["client"]
+
+    answers[:] = [LoginRefused("5000 no such session")]
+    ensureDeferred(worker._login_retrying(1, "a")).addBoth(got.append)
+    assert isinstance(got[-1].value, LoginRefused)  # type: ignore[attr-defined]
+    assert worker.counters["login_retries"] == 2
+
+    answers[:] = [LoginRefused("9200 down")] * (LOGIN_RETRIES + 1)
+    ensureDeferred(worker._login_retrying(1, "a")).addBoth(got.append)
+    for _ in range(LOGIN_RETRIES):
+        reactor.advance(1.0)
+    assert "9200 down" in str(got[-1].value)  # type: ignore[attr-defined]
+    assert worker.counters["login_retries"] == 2 + LOGIN_RETRIES
+
+
+def test_connections_split_over_load_processes_by_their_file_limit() -> None:
+    """
+    The connections scenario starts as many load generators as their
+    open-file limit needs (1,000 files each kept for the rest), never
+    fewer than asked for.
+    """
+    from bench.harness import load_processes
+
+    assert load_processes(19_000, 20_000, 2) == 2
+    assert load_processes(19_000, 20_000, 1) == 1
+    assert load_processes(19_001, 20_000, 1) == 2
+    assert load_processes(19_000, 4_096, 2) == 7
+    assert load_processes(500, 1_024, 2) == 21

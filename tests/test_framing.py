@@ -150,3 +150,78 @@ def test_large_frame_in_small_chunks_is_linear() -> None:
     for i in range(0, len(data), 1024):
         protocol.dataReceived(data[i : i + 1024])
     assert protocol.frames == [b"q" * (1024 * 1024)]
+
+
+def test_no_buffer_of_its_own_while_nothing_waits() -> None:
+    """
+    Whole frames are split from the read's bytes: afterwards the receiver
+    holds no buffer (an idle connection costs none).
+    """
+    protocol, _ = connected()
+    protocol.dataReceived(framed(b"one") + framed(b"two"))
+    assert protocol.frames == [b"one", b"two"]
+    assert protocol._buffer == b"" and type(protocol._buffer) is bytes
+
+
+def test_the_rest_of_a_read_waits_in_a_buffer_of_its_own() -> None:
+    """
+    What follows the last whole frame of a read is copied once into a
+    bytearray that later reads extend; once the frame is whole the
+    buffer is dropped again.
+    """
+    protocol, _ = connected()
+    data = framed(b"one") + framed(b"second")
+    protocol.dataReceived(data[:7])
+    assert protocol.frames == [b"one"]
+    assert type(protocol._buffer) is bytearray
+    assert protocol._buffer == data[4:7]
+    waiting = protocol._buffer
+    protocol.dataReceived(data[7:9])
+    assert protocol._buffer is waiting  # extended in place
+    protocol.dataReceived(data[9:])
+    assert protocol.frames == [b"one", b"second"]
+    assert protocol._buffer == b"" and type(protocol._buffer) is bytes
+
+
+def test_frames_read_while_paused_wait_in_a_copy() -> None:
+    """
+    Frames that arrive in one read with the one that paused the receiver
+    are kept (not the read's bytes, which may be reused) and delivered on
+    resume.
+    """
+
+    class Pausing(Recorder):
+        def frameReceived(self, frame: bytes) -> None:
+            super().frameReceived(frame)
+            if frame == b"pause":
+                self.pauseProducing()
+
+    protocol = Pausing()
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(framed(b"pause") + framed(b"two"))
+    assert protocol.frames == [b"pause"]
+    assert type(protocol._buffer) is bytearray
+    protocol.resumeProducing()
+    assert protocol.frames == [b"pause", b"two"]
+    assert protocol._buffer == b""
+
+
+def test_closing_drops_what_waits() -> None:
+    """
+    A frame that closes the connection drops the rest of its read.
+    """
+
+    class Closing(Recorder):
+        def frameReceived(self, frame: bytes) -> None:
+            super().frameReceived(frame)
+            self.stopReading()
+
+    protocol = Closing()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(framed(b"bye") + framed(b"more") + b"\x05ab")
+    assert protocol.frames == [b"bye"]
+    assert protocol._buffer == b""
+    assert transport.disconnecting
+    protocol.dataReceived(framed(b"late"))
+    assert protocol.frames == [b"bye"]

@@ -26,6 +26,8 @@ from cim.daemon import StopDeadline
 from cim.limits_net import (
     CLIENT_PER_ADDRESS,
     HTTP_PER_ADDRESS,
+    MAX_CONNECTIONS,
+    RESERVED_FILES,
     ConnectionLimits,
     LimitedFactory,
     default_max_connections,
@@ -46,13 +48,40 @@ def test_defaults() -> None:
     assert server.limits.per_address == CLIENT_PER_ADDRESS == 200
     assert server.limits.http_per_address == HTTP_PER_ADDRESS == 256
     assert server.limits.request_timeout == 30.0
-    assert server.limits.max_connections == default_max_connections() <= 19_000
+    assert server.limits.max_connections == default_max_connections() <= 19_500
     assert server.shutdown_timeout == 5.0
     route = route_tap.config_from(_parse(route_tap.Options(), []))
     assert route.limits.per_address == HTTP_PER_ADDRESS
     assert route.shutdown_timeout == 5.0
     options = _parse(route_tap.Options(), [])
     assert options["store-timeout"] == 3.0
+
+
+@pytest.mark.parametrize(
+    "soft, expected",
+    [
+        # 20,000 open files: 19,000 clients, and the push API's callers.
+        (20_000, 19_500),
+        (1_024, 524),
+        (100, 1),
+        (1_000_000, 19_500),
+        (-1, 19_500),  # RLIM_INFINITY
+    ],
+)
+def test_default_max_connections(
+    monkeypatch: pytest.MonkeyPatch, soft: int, expected: int
+) -> None:
+    """
+    A daemon holds at most L{MAX_CONNECTIONS} connections, and keeps
+    L{RESERVED_FILES} of its open-file limit for everything else.
+    """
+    import resource
+
+    if soft == -1:
+        soft = resource.RLIM_INFINITY
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, soft))
+    assert default_max_connections() == expected
+    assert MAX_CONNECTIONS == 19_500 and RESERVED_FILES == 500
 
 
 def test_options() -> None:

@@ -143,7 +143,7 @@ async def test_kick_closes_only_the_named_session() -> None:
     assert reply["dataBody"] == {"kicked": False}
     assert not peer.closed
     other, _ = world.login("bob", user_id=bob, device="laptop")
-    session_id = world.server.users[bob][""].session_id
+    session_id = world.server.connection(bob).session_id
     reply = await post(treq, "/kick", {"userId": bob, "sessionId": session_id})
     assert reply["dataBody"] == {"kicked": True}
     assert peer.closed and not other.closed

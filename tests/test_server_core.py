@@ -196,7 +196,7 @@ def test_second_login_of_a_device_kicks_the_first_connection() -> None:
     assert session is not None and session.connected  # type: ignore[attr-defined]
     conn = world.server.connection(alice, "phone")
     assert conn is not None and conn.link is second.protocol
-    assert list(world.server.users[alice]) == ["phone"]
+    assert [c.device for c in world.server.devices(alice)] == ["phone"]
 
 
 # Heartbeats and deadlines

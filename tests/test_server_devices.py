@@ -119,7 +119,10 @@ def test_a_login_of_the_same_device_replaces_only_that_connection() -> None:
     )
     phone.lose()
     assert laptop.received() == [] and not laptop.closed
-    assert sorted(world.server.users[alice]) == ["laptop", "phone"]
+    assert sorted(c.device for c in world.server.devices(alice)) == [
+        "laptop",
+        "phone",
+    ]
     bob_peer, bob = world.login("bob")
     world.send(bob_peer, "to both", alice)
     assert newer.texts() == ["to both"]
@@ -174,7 +177,7 @@ def test_kick_user_closes_one_session_or_every_device() -> None:
     world = World()
     phone, alice = world.login("alice", device="phone")
     laptop, _ = world.login("alice", user_id=alice, device="laptop")
-    phone_session = world.server.users[alice]["phone"].session_id
+    phone_session = world.server.connection(alice, "phone").session_id
     assert world.result(world.server.kick_user(alice, "nope", "x")) is False
     assert world.result(world.server.kick_user(alice, phone_session, "off")) is True
     assert phone.closed and not laptop.closed
@@ -679,3 +682,47 @@ def test_the_servers_own_address_is_not_pushed_to() -> None:
     world.send(alice_peer, "hi", bob)
     assert world.pusher.pushes == []
     assert str(HERE) != str(THERE)
+
+
+def test_devices_kept_in_login_order_through_replacements_and_losses() -> None:
+    """
+    A user's devices here are listed in the order they logged in; a
+    device's new connection takes its old one's place; a lost one leaves
+    the others (first, middle or last), and the user goes with its last.
+    """
+    world = World()
+    phone, alice = world.login("alice", device="phone")
+    laptop, _ = world.login("alice", user_id=alice, device="laptop")
+    tablet, _ = world.login("alice", user_id=alice, device="tablet")
+    server = world.server
+
+    def listed() -> list[tuple[str, Peer]]:
+        return [(c.device, c.link) for c in server.devices(alice)]  # type: ignore[misc]
+
+    assert listed() == [
+        ("phone", phone.protocol),
+        ("laptop", laptop.protocol),
+        ("tablet", tablet.protocol),
+    ]
+    newer, _ = world.login("alice", user_id=alice, device="laptop")
+    laptop.lose()
+    assert listed() == [
+        ("phone", phone.protocol),
+        ("laptop", newer.protocol),
+        ("tablet", tablet.protocol),
+    ]
+    assert server.connection(alice, "laptop") is newer.protocol.conn
+    assert server.connection(alice, "desktop") is None
+    phone.lose()
+    assert listed() == [("laptop", newer.protocol), ("tablet", tablet.protocol)]
+    tablet.lose()
+    assert listed() == [("laptop", newer.protocol)]
+    bob_peer, bob = world.login("bob")
+    world.send(bob_peer, "still here", alice)
+    assert newer.texts() == ["still here"]
+    assert sorted((c.user_id, c.device) for c in server.logged_in()) == sorted(
+        [(alice, "laptop"), (bob, "")]
+    )
+    newer.lose()
+    assert alice not in server.users
+    assert server.devices(alice) == [] and server.connection(alice, "laptop") is None

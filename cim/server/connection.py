@@ -63,6 +63,13 @@ class Connection:
     @ivar read_sent: per conversation, the highest read position this
         connection reported (a READ frame that does not raise it is not
         passed on).
+    @ivar next_device: the connection of the user's next device here (the
+        server's list of a user's devices: L{cim.server.core.IMServer}).
+
+    A server holds tens of thousands of these, most of them idle: every
+    attribute is a slot, and L{acked}, L{streams} and L{read_sent} are made
+    on first use (a connection that never receives a conversation has
+    none of them).
     """
 
     __slots__ = (
@@ -85,7 +92,11 @@ class Connection:
         "streams",
         "held",
         "read_sent",
+        "next_device",
     )
+    acked: dict[str, Position]
+    streams: dict[str, Stream]
+    read_sent: dict[str, int]
 
     def __init__(self, link: IClientLink, peer: str, now: float) -> None:
         self.link = link
@@ -102,11 +113,22 @@ class Connection:
         self.replaced = False
         self.closed = False
         self.tokens = 0.0
-        self.acked: dict[str, Position] = {}
         self.ack_dirty: set[str] | None = None
-        self.streams: dict[str, Stream] = {}
         self.held: list[tuple[Sequence[ChatMessage], wire.Batch]] | None = None
-        self.read_sent: dict[str, int] = {}
+        self.next_device: Connection | None = None
+
+    if not TYPE_CHECKING:  # (mypy would take any attribute name for one)
+
+        def __getattr__(self, name: str) -> object:
+            # Only an unset slot gets here: make the dictionaries on first
+            # use, and keep them (later reads are plain slot reads).
+            if name in _LAZY:
+                value = {}
+                setattr(self, name, value)
+                return value
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}"
+            )
 
     def send(self, frame: Frame) -> None:
         """
@@ -205,6 +227,10 @@ class Connection:
         for conversation, stream in self.streams.items():
             if stream.delivered > 0:
                 self._raise_acked(conversation, stream.epoch.id, stream.delivered)
+
+
+#: The attributes of a L{Connection} made on first use: empty dictionaries.
+_LAZY = frozenset({"acked", "streams", "read_sent"})
 
 
 def _own_private(message: ChatMessage, user_id: int) -> bool:

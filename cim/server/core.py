@@ -95,8 +95,11 @@ class IMServer:
         self.session_ttl = session_ttl
         self._renewed = clock.seconds()
         self._renewing = False
-        #: user id -> device -> its logged-in connection here.
-        self.users: dict[int, dict[str, Connection]] = {}
+        #: user id -> the logged-in connection of one of its devices here,
+        #: which links to the next one (L{Connection.next_device}): most
+        #: users have one device, and a dictionary per user would cost
+        #: more than its connection's own facts.
+        self.users: dict[int, Connection] = {}
         self.connections: set[Connection] = set()
         self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
         self._sweeper = LoopingCall(self.sweep)
@@ -281,42 +284,74 @@ class IMServer:
         """
         The logged-in connection of C{user_id}'s C{device} here, if any.
         """
-        return self.users.get(user_id, {}).get(device)
+        conn = self.users.get(user_id)
+        while conn is not None and conn.device != device:
+            conn = conn.next_device
+        return conn
 
     def devices(self, user_id: int) -> list[Connection]:
         """
         The logged-in connections of C{user_id}'s devices here (open or
-        closing).
+        closing), in the order they logged in (a device's new connection
+        takes its old one's place).
         """
-        return list(self.users.get(user_id, {}).values())
+        out = []
+        conn = self.users.get(user_id)
+        while conn is not None:
+            out.append(conn)
+            conn = conn.next_device
+        return out
 
     def logged_in(self) -> Iterator[Connection]:
         """
         Every logged-in connection here.
         """
-        for devices in self.users.values():
-            yield from devices.values()
+        for first in self.users.values():
+            conn: Connection | None = first
+            while conn is not None:
+                yield conn
+                conn = conn.next_device
 
     def _bind(self, conn: Connection) -> Connection | None:
         """
         Make C{conn} its device's connection here.  @return: the one it
         replaces, if any.
         """
-        devices = self.users.setdefault(conn.user_id, {})
-        old = devices.get(conn.device)
-        devices[conn.device] = conn
+        users = self.users
+        user_id = conn.user_id
+        before: Connection | None = None
+        old = users.get(user_id)
+        while old is not None and old.device != conn.device:
+            before, old = old, old.next_device
+        if old is None:
+            # A new device: last of the user's.
+            conn.next_device = None
+        else:
+            conn.next_device, old.next_device = old.next_device, None
+        if before is None:
+            users[user_id] = conn
+        else:
+            before.next_device = conn
         return old
 
     def _unbind(self, conn: Connection) -> bool:
         """
         Forget C{conn} as its device's connection.  @return: whether it was.
         """
-        devices = self.users.get(conn.user_id)
-        if devices is None or devices.get(conn.device) is not conn:
+        users = self.users
+        before: Connection | None = None
+        found = users.get(conn.user_id)
+        while found is not None and found is not conn:
+            before, found = found, found.next_device
+        if found is None:
             return False
-        del devices[conn.device]
-        if not devices:
-            del self.users[conn.user_id]
+        following, conn.next_device = conn.next_device, None
+        if before is not None:
+            before.next_device = following
+        elif following is not None:
+            users[conn.user_id] = following
+        else:
+            del users[conn.user_id]
         return True
 
     # Connection events (from the protocol)
@@ -588,10 +623,13 @@ class IMServer:
         conn.logging_in = False
         # The device's stored cursors, kept (not copied): the streams
         # adopted later start from them (L{Streams._adopt}).
-        if conn.acked:
-            conn.acked.update(resumption.acked)
-        else:
-            conn.acked = resumption.acked
+        acked = resumption.acked
+        if acked:
+            mine = conn.acked
+            if mine:
+                mine.update(acked)
+            else:
+                conn.acked = acked
         streams = []
         for start in resumption.starts:
             behind = start.last_seq > start.seq
@@ -707,13 +745,14 @@ class IMServer:
         offer = self.streams.offer
         users = self.users
         for uid in user_ids:
-            devices = users.get(uid)
+            conn = users.get(uid)
             reached = False
-            if devices is not None:
-                for conn in devices.values():
-                    if not conn.closed:
-                        offer(conn, messages, batch)
-                        reached = True
+            while conn is not None:
+                following = conn.next_device
+                if not conn.closed:
+                    offer(conn, messages, batch)
+                    reached = True
+                conn = following
             if not reached:
                 missing.append(uid)
         if messages:

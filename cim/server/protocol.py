@@ -40,14 +40,18 @@ class Backlog:
     Nothing is held back: writes go on (messages to a connection are not
     delayed), counted in L{unsent} while paused; past C{limit} bytes the
     connection is over its limit.
+
+    One per connection: slots, and no list of waiters until one waits.
     """
+
+    __slots__ = ("limit", "paused", "unsent", "_waiting")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.paused = False
         #: Bytes written since the transport was paused.
         self.unsent = 0
-        self._waiting: list[Deferred[None]] = []
+        self._waiting: list[Deferred[None]] | None = None
 
     def wrote(self, size: int) -> bool:
         """
@@ -63,12 +67,14 @@ class Backlog:
         if not self.paused:
             return succeed(None)
         d: Deferred[None] = Deferred()
+        if self._waiting is None:
+            self._waiting = []
         self._waiting.append(d)
         return d
 
     def _release(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
+        waiting, self._waiting = self._waiting, None
+        for d in waiting or ():
             d.callback(None)
 
     # IPushProducer, for the transport

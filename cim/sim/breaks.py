@@ -71,8 +71,7 @@ def _forget_device() -> tuple[Any, str, Callable[..., Any]]:
         missing = []
         batch = wire.Batch(messages)
         for uid in user_ids:
-            devices = self.users.get(uid)
-            live = [c for c in (devices or {}).values() if not c.closed]
+            live = [c for c in self.devices(uid) if not c.closed]
             if live:
                 self.streams.offer(live[0], messages, batch)
             else:

@@ -101,7 +101,8 @@ def check(world: World) -> list[str]:
         holders = [
             s.name
             for s in world.servers
-            if s.server is not None and device.device_id in s.server.users.get(uid, {})
+            if s.server is not None
+            and s.server.connection(uid, device.device_id) is not None
         ]
         if len(holders) != 1:
             out.append(f"{device.name} is held by servers {holders}")
@@ -119,21 +120,26 @@ def check(world: World) -> list[str]:
         if server.server is None:
             out.append(f"{server.name} is not running at the end")
             continue
-        for uid, conns in sorted(server.server.users.items()):
-            for dev, conn in sorted(conns.items()):
-                session = store._session(uid, dev)
-                if session is None or session.session_id != conn.session_id:
-                    # Only a connection whose client is gone may linger.
-                    owners = [
-                        d
-                        for d in world.devices()
-                        if d.user.user_id == uid and d.device_id == dev and d.ready
-                    ]
-                    if owners:
-                        out.append(
-                            f"{server.name} holds {uid}/{dev} on session {conn.session_id[:6]}, the store has "
-                            f"{session.session_id[:6] if session else None}"
-                        )
+        bound = sorted(
+            (
+                (conn.user_id, conn.device, conn.session_id)
+                for conn in server.server.logged_in()
+            ),
+        )
+        for uid, dev, session_id in bound:
+            session = store._session(uid, dev)
+            if session is None or session.session_id != session_id:
+                # Only a connection whose client is gone may linger.
+                owners = [
+                    d
+                    for d in world.devices()
+                    if d.user.user_id == uid and d.device_id == dev and d.ready
+                ]
+                if owners:
+                    out.append(
+                        f"{server.name} holds {uid}/{dev} on session {session_id[:6]}, the store has "
+                        f"{session.session_id[:6] if session else None}"
+                    )
     return out
 
 
