@@ -355,15 +355,20 @@ class RedisStore:
         return self._guard(d, args[0])
 
     def _run(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        run_id: bool = False,
     ) -> Awaitable[Any]:
         """
-        Run C{script} (L{Script.run}).
+        Run C{script} (L{Script.run}; with C{run_id}, the run_id of the Redis
+        running it is its last argument).
         """
         down = self._down("script")
         if down is not None:
             return down
-        return self._guard(script.run(self._redis, keys, args), "script")
+        return self._guard(script.run(self._redis, keys, args, run_id), "script")
 
     def _key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
@@ -800,7 +805,7 @@ class RedisStore:
             )
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
         appended, retries, epoch_ids = await self._run(
-            scripts.APPEND, [self._key("msg", "next")], args
+            scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
         epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
         # A retry's original: stored, or only its ids when retention dropped it.

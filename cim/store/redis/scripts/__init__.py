@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from cim.store.redis.connection import is_noscript
+from cim.store.redis.connection import execute_with_run_id, is_noscript
 
 
 class Script:
@@ -31,17 +31,28 @@ class Script:
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
     def run(
-        self, redis: Any, keys: Sequence[str], args: Sequence[Any]
+        self,
+        redis: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        run_id: bool = False,
     ) -> defer.Deferred[Any]:
         """
         Run the script with EVALSHA, sending it with EVAL when Redis does
         not have it yet.
 
         @param redis: a txredisapi connection or pool.
+        @param run_id: add, after C{args}, the run_id of the Redis that runs
+            the script (C{""} when the connection cannot tell:
+            L{cim.store.redis.connection.execute_with_run_id}).
         @return: a Deferred firing with the script's reply.
         """
 
         def evaluate(command: str, body: str) -> defer.Deferred[Any]:
+            if run_id:
+                return execute_with_run_id(
+                    redis, lambda run: (command, body, len(keys), *keys, *args, run)
+                )
             try:
                 d: defer.Deferred[Any] = redis.execute_command(
                     command, body, len(keys), *keys, *args
