@@ -258,6 +258,17 @@ class TokenInfo:
     device: str = ""
 
 
+#: Why L{ISessions.activate_token} refused a token: it is unknown,
+#: expired, or its session was released or replaced;
+TOKEN_UNKNOWN = "unknown"
+#: it is another user's;
+TOKEN_OTHER_USER = "other-user"
+#: it names another server;
+TOKEN_OTHER_SERVER = "other-server"
+#: its session now belongs to another server.
+SESSION_OTHER_SERVER = "session-elsewhere"
+
+
 @dataclass(frozen=True, slots=True)
 class Epoch:
     """
@@ -582,6 +593,24 @@ class ISessions(Interface):
         """
         @return: fires with the L{TokenInfo}, or C{None} when the token is
             unknown, expired, or its session was released or replaced.
+        """
+
+    def activate_token(
+        token: str, user_id: int, server: str, ttl: float = ...
+    ) -> Deferred[Session | str]:
+        """
+        An IM server's login with a token, in one round trip: check that
+        C{token} is C{user_id}'s, for C{server}, and that its device's
+        session still is the token's and belongs to C{server}; then mark
+        that session connected, as L{activate_session} does (C{ttl}: default
+        L{cim.limits.SESSION_TTL}).  All at once, so nothing can replace
+        the session between the check and the activation.
+
+        @return: fires with the activated L{Session} (its device is the
+            token's), or with why the token is refused, checked in this
+            order: L{TOKEN_UNKNOWN} (also when its session was released or
+            replaced), L{TOKEN_OTHER_USER}, L{TOKEN_OTHER_SERVER},
+            L{SESSION_OTHER_SERVER}.
         """
 
 

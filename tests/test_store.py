@@ -556,6 +556,54 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
     assert await store.verify_token(stale) is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_activate_token(backend: Backend) -> None:
+    """
+    An IM server's login with a token, in one call: the token's session is
+    activated (connected, online, the token's device), or the login is
+    refused with the first reason that applies.
+    """
+    from cim.interfaces import (
+        SESSION_OTHER_SERVER,
+        TOKEN_OTHER_SERVER,
+        TOKEN_OTHER_USER,
+        TOKEN_UNKNOWN,
+    )
+
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL, device="tab")
+    token = await store.issue_token(1, "h:1:2", session.session_id, LONG_TTL, "tab")
+    assert await store.activate_token("unknown", 1, "h:1:2") == TOKEN_UNKNOWN
+    assert await store.activate_token(token, 2, "h:1:2") == TOKEN_OTHER_USER
+    assert await store.activate_token(token, 1, "h:9:9") == TOKEN_OTHER_SERVER
+    assert not (await store.get_session(1, "tab")).connected
+    assert await store.online_users() == []
+
+    active = await store.activate_token(token, 1, "h:1:2", LONG_TTL)
+    assert isinstance(active, Session)
+    assert (active.user_id, active.user_name, active.server) == (1, "alice", "h:1:2")
+    assert (active.session_id, active.device, active.connected) == (
+        session.session_id,
+        "tab",
+        True,
+    )
+    stored = await store.get_session(1, "tab")
+    assert stored == active
+    assert await store.online_users() == [(1, "alice")]
+    assert await store.get_sessions([1]) == {1: [active]}
+
+    # Replaced: the old token is unknown; a token of a session another
+    # server holds now (the route moved it) is refused.
+    moved, _ = await store.claim_session(
+        1, "alice", "h:3:4", LONG_TTL, replace=True, device="tab"
+    )
+    assert await store.activate_token(token, 1, "h:1:2") == TOKEN_UNKNOWN
+    misnamed = await store.issue_token(1, "h:1:2", moved.session_id, LONG_TTL, "tab")
+    assert await store.activate_token(misnamed, 1, "h:1:2") == SESSION_OTHER_SERVER
+    await store.release_session(1, moved.session_id, "tab")
+    assert await store.activate_token(misnamed, 1, "h:1:2") == TOKEN_UNKNOWN
+
+
 # Messages
 
 

@@ -29,6 +29,10 @@ from zope.interface import implementer
 from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
+    SESSION_OTHER_SERVER,
+    TOKEN_OTHER_SERVER,
+    TOKEN_OTHER_USER,
+    TOKEN_UNKNOWN,
     Account,
     ConversationState,
     Epoch,
@@ -512,6 +516,28 @@ class MemoryStore:
         )
         keys.add(key)
         return token
+
+    @_fired
+    def activate_token(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> Session | str:
+        found = self._tokens.get(token_key(token))
+        if found is None or found.expires <= self._seconds():
+            return TOKEN_UNKNOWN
+        info = found.info
+        session = self._session(info.user_id, info.device)
+        if session is None or session.session_id != info.session_id:
+            return TOKEN_UNKNOWN
+        if info.user_id != user_id:
+            return TOKEN_OTHER_USER
+        if info.server != server:
+            return TOKEN_OTHER_SERVER
+        if session.server != server:
+            return SESSION_OTHER_SERVER
+        now = self._seconds()
+        session = replace(session, connected=True, active=now)
+        self._put(session, now + ttl)
+        return session
 
     @_fired
     def verify_token(self, token: str) -> TokenInfo | None:

@@ -152,6 +152,10 @@ from zope.interface import implementer
 from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
+    SESSION_OTHER_SERVER,
+    TOKEN_OTHER_SERVER,
+    TOKEN_OTHER_USER,
+    TOKEN_UNKNOWN,
     Account,
     ConversationState,
     Epoch,
@@ -256,6 +260,12 @@ class MovedInboxes(NamedTuple):
     messages: int
     conversations: int
     skipped: int
+
+
+#: What activate_token.lua may answer instead of a session.
+_REFUSALS = frozenset(
+    {TOKEN_UNKNOWN, TOKEN_OTHER_USER, TOKEN_OTHER_SERVER, SESSION_OTHER_SERVER}
+)
 
 
 def _ms(seconds: float) -> int:
@@ -770,6 +780,23 @@ class RedisStore:
             [user_id, server, session_id, _ms(ttl), digest, self.prefix, device],
         )
         return token
+
+    @_deferred
+    async def activate_token(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> Session | str:
+        active = encode_active(self._seconds())
+        found = await self._run(
+            scripts.ACTIVATE_TOKEN,
+            [self._key("token", token_key(token)), self._key("online")],
+            [self.prefix, user_id, server, _ms(ttl), active],
+        )
+        refused, device, name, session_id = found
+        if refused:
+            if refused not in _REFUSALS:
+                raise StoreError(f"activate_token.lua answered {refused!r}")
+            return str(refused)
+        return Session(user_id, name, server, session_id, True, device, float(active))
 
     @_deferred
     async def verify_token(self, token: str) -> TokenInfo | None:
