@@ -512,6 +512,32 @@ class ISessions(Interface):
             it replaced or dropped (their connections are to be closed).
         """
 
+    def open_session(
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = ...,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> Deferred[tuple[Session, list[Session], str]]:
+        """
+        A route's login in one round trip, atomically: L{claim_session}
+        (C{claim_ttl}), then a token for the new session as
+        L{issue_token} makes it (C{token_ttl}), and the device keys: the
+        device's becomes C{device_key} (kept C{device_key_ttl} seconds) when
+        given, else is dropped with C{drop_device_key}; those of the other
+        devices whose sessions the claim dropped are dropped.
+
+        @return: fires with the new L{Session}, the sessions it replaced or
+            dropped, and the token; fails with L{SessionExists} as
+            L{claim_session} does, changing nothing.
+        """
+
     def activate_session(
         user_id: int, session_id: str, ttl: float = ..., device: str = ""
     ) -> Deferred[bool]:

@@ -557,6 +557,67 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_open_session(backend: Backend) -> None:
+    """
+    A route's login in one call: the claim, its token and the device keys,
+    all or nothing.
+    """
+    store = backend.store
+    session, dropped, token = await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, device="tab", device_key="k1",
+        device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    assert dropped == []
+    assert (session.user_id, session.server, session.device) == (1, "h:1:2", "tab")
+    assert not session.connected
+    assert await store.get_session(1, "tab") == session
+    assert await store.verify_token(token) == TokenInfo(
+        1, "h:1:2", session.session_id, "tab"
+    )
+    assert await store.check_device_key(1, "tab", "k1")
+
+    # Without replace, a user holding a session is refused: nothing changes.
+    with pytest.raises(SessionExists):
+        await store.open_session(1, "alice", "h:3:4", LONG_TTL, LONG_TTL, device="pc")
+    assert await store.user_sessions(1) == [session]
+    assert await store.get_session(1, "pc") is None
+
+    # A second device, then the first again past max_devices=1: the other
+    # device's session, token and device key go; the device's own key is
+    # replaced.
+    pc, _, pc_token = await store.open_session(
+        1, "alice", "h:3:4", LONG_TTL, LONG_TTL, replace=True, device="pc",
+        device_key="k2", device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    again, dropped, new_token = await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+        max_devices=1, device_key="k3", device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    assert sorted(s.session_id for s in dropped) == sorted(
+        [session.session_id, pc.session_id]
+    )
+    assert await store.user_sessions(1) == [again]
+    assert await store.verify_token(token) is None
+    assert await store.verify_token(pc_token) is None
+    assert (await store.verify_token(new_token)).session_id == again.session_id
+    assert not await store.check_device_key(1, "pc", "k2")
+    assert not await store.check_device_key(1, "tab", "k1")
+    assert await store.check_device_key(1, "tab", "k3")
+
+    # A login that used its device key and got no new one drops it; one
+    # that did not use it keeps it.
+    await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab"
+    )
+    assert await store.check_device_key(1, "tab", "k3")
+    await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+        drop_device_key=True,
+    )  # fmt: skip
+    assert not await store.check_device_key(1, "tab", "k3")
+
+
+@pytest_twisted.ensureDeferred
 async def test_activate_token(backend: Backend) -> None:
     """
     An IM server's login with a token, in one call: the token's session is

@@ -448,6 +448,7 @@ async def _until_up(reactor: Any, store: Any) -> None:
 async def test_appends_do_not_ask_redis_its_run_id(redis_url: str) -> None:
     """
     Each connection asks Redis its run_id once (an INFO), not every append.
+    (This Redis is the test run's own: nothing else asks it INFO.)
     """
     from twisted.internet import reactor
 
@@ -461,7 +462,9 @@ async def test_appends_do_not_ask_redis_its_run_id(redis_url: str) -> None:
         for i in range(20):
             await store.append([NewMessage(f"p:1:{i + 2}", 1, "a", str(i))])
         stats = await store._command("INFO", "commandstats")
-        assert "cmdstat_info:" not in stats
+        found = re.search(r"cmdstat_info:calls=(\d+),", stats)
+        # At most once per connection (one that first appends here asks).
+        assert found is None or int(found.group(1)) <= 2
         assert "cmdstat_evalsha:calls=20," in stats
     finally:
         await store.close()

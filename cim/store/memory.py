@@ -366,6 +366,51 @@ class MemoryStore:
         device: str = "",
         max_devices: int = MAX_DEVICES,
     ) -> tuple[Session, list[Session]]:
+        return self._claim(
+            user_id, user_name, server, ttl, replace, device, max_devices
+        )
+
+    @_fired
+    def open_session(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> tuple[Session, list[Session], str]:
+        session, dropped = self._claim(
+            user_id, user_name, server, claim_ttl, replace, device, max_devices
+        )
+        for old in dropped:
+            if old.device != device:
+                self._device_keys.pop((user_id, old.device), None)
+        token = self._issue(user_id, server, session.session_id, token_ttl, device)
+        if device_key is not None:
+            self._device_keys[user_id, device] = (
+                token_key(device_key),
+                self._seconds() + device_key_ttl,
+            )
+        elif drop_device_key:
+            self._device_keys.pop((user_id, device), None)
+        return session, dropped, token
+
+    def _claim(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        ttl: float,
+        replace: bool,
+        device: str,
+        max_devices: int,
+    ) -> tuple[Session, list[Session]]:
         held = self._live(user_id)
         if held and not replace:
             first = held.get(device) or held[min(held)]
@@ -503,6 +548,11 @@ class MemoryStore:
         session_id: str,
         ttl: float,
         device: str = "",
+    ) -> str:
+        return self._issue(user_id, server, session_id, ttl, device)
+
+    def _issue(
+        self, user_id: int, server: str, session_id: str, ttl: float, device: str
     ) -> str:
         now = self._seconds()
         keys = self._user_tokens.setdefault((user_id, device), set())

@@ -661,6 +661,60 @@ class RedisStore:
         return session, sessions
 
     @_deferred
+    async def open_session(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> tuple[Session, list[Session], str]:
+        active = encode_active(self._seconds())
+        session = Session(
+            user_id, user_name, server, uuid.uuid4().hex, False, device, float(active)
+        )
+        token = secrets.token_urlsafe(32)
+        digest = token_key(token)
+        result = await self._run(
+            scripts.OPEN_SESSION,
+            [
+                self._session_key(user_id, device),
+                self._key("sessions", user_id),
+                self._key("server", server),
+                self._key("token", digest),
+                self._key("tokens", user_id, device),
+                self._key("devkey", user_id, device),
+            ],
+            [
+                user_id,
+                user_name,
+                server,
+                session.session_id,
+                _ms(claim_ttl),
+                "1" if replace else "0",
+                self.prefix,
+                device,
+                int(max_devices),
+                active,
+                _ms(token_ttl),
+                digest,
+                "" if device_key is None else token_key(device_key),
+                _ms(device_key_ttl),
+                "1" if drop_device_key else "0",
+            ],
+        )
+        sessions = self._sessions(user_id, result[1:])
+        if not int(result[0]):
+            raise SessionExists(sessions[0])
+        return session, sessions, token
+
+    @_deferred
     async def activate_session(
         self,
         user_id: int,

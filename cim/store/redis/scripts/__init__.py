@@ -4,7 +4,8 @@ in this package, read once, when this module is imported.
 
 Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
 what it returns.  Redis has no C{require}: a script calling a function of
-a library file (L{LIBRARIES}: C{sessions.lua}, C{positions.lua}) is sent
+a library file (L{LIBRARIES}: C{sessions.lua}, C{claims.lua},
+C{positions.lua}) is sent
 with that file in front of it, as L{_load} is told.
 """
 
@@ -92,18 +93,19 @@ def _load(name: str, *needs: str) -> Script:
 
 #: The files that are not scripts of their own, but functions put in front
 #: of the scripts that need them.
-LIBRARIES = ("sessions", "positions")
+LIBRARIES = ("sessions", "claims", "positions")
 
 ACCOUNT_BY_NAME = _load("account_by_name")
 REGISTER = _load("register")
-CLAIM_SESSION = _load("claim_session", "sessions")
+CLAIM_SESSION = _load("claim_session", "sessions", "claims")
+OPEN_SESSION = _load("open_session", "sessions", "claims")
 ACTIVATE_SESSION = _load("activate_session", "sessions")
 GET_SESSIONS = _load("get_sessions", "sessions")
 RENEW_SESSIONS = _load("renew_sessions", "sessions")
 ONLINE_USERS = _load("online_users", "sessions")
 RELEASE_SESSION = _load("release_session", "sessions")
 DROP_SERVER_SESSIONS = _load("drop_server_sessions", "sessions")
-ISSUE_TOKEN = _load("issue_token")
+ISSUE_TOKEN = _load("issue_token", "sessions", "claims")
 VERIFY_TOKEN = _load("verify_token", "sessions")
 ACTIVATE_TOKEN = _load("activate_token", "sessions")
 APPEND = _load("append", "positions")
