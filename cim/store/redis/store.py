@@ -118,7 +118,12 @@ user's conversations) and, in the hot C{append.lua}, those of each message's
 conversation.  So the store needs a standalone Redis (not Redis Cluster),
 for now: the per-user keys (C{session}, C{sessions}, C{tokens}, C{cursors},
 C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
-C{epoch}, C{read}) are the groups that would share a hash tag.
+C{epoch}, C{read}) are the groups that would share a hash tag (README,
+"Outgrowing one Redis", has the plan).
+
+The append script learns the Redis C{run_id} (for epochs) from its
+connection, which asks it once (L{cim.store.redis.connection.
+execute_with_run_id}), not by calling C{INFO} at every append.
 
 Upgrading from the previous release (C{python -m cim.store.redis.migrate}):
 its sessions (C{session:<user_id>}, C{tokens:<user_id>}) are ignored (they
