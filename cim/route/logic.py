@@ -188,8 +188,9 @@ class Router:
         self.guesses = (
             None if clock is None else GuessLimit(clock, login_rate, address_rate)
         )
-        #: Accounts seen, by id: they are never deleted, and their names
-        #: never change, so existence checks need not ask the store twice.
+        #: Accounts seen, by id: they are never deleted, and their names and
+        #: credentials' kinds never change, so existence checks and logins
+        #: need not ask the store twice.
         self._accounts: LRUCache[int, Account] = LRUCache(ACCOUNT_CACHE_SIZE)
         self.registry = registry
         self.delivery = delivery
@@ -397,8 +398,16 @@ class Router:
         self._check_rate(
             subject, address, guessable=not unguessable or password is not None
         )
-        account: Account | None = await self.store.get_account(user_id)
-        if account is None or name_key(account.user_name) != name_key(user_name):
+        account = self._accounts.get(user_id)
+        if account is None:
+            account = await self.store.get_account(user_id)
+            if account is not None:
+                self._accounts[user_id] = account
+        if account is None or (
+            # The same name has the same key: most logins spare computing it.
+            account.user_name != user_name
+            and name_key(account.user_name) != name_key(user_name)
+        ):
             self._failed(subject, address)
             raise ApiError(
                 codes.ACCOUNT_MISMATCH,

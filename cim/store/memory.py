@@ -347,8 +347,15 @@ class MemoryStore:
         """
         self._delete_session(session.user_id, session.device)
         now = self._seconds()
-        self._ended = {s: t for s, t in self._ended.items() if t > now}
-        self._ended[session.session_id] = now + ENDED_TTL
+        # Entries are kept in the order they end (each for ENDED_TTL), so
+        # the expired ones are at the front: no scan of them all per login.
+        ended = self._ended
+        while ended:
+            first = next(iter(ended))
+            if ended[first] > now:
+                break
+            del ended[first]
+        ended[session.session_id] = now + ENDED_TTL
 
     def _put(self, session: Session, expires: float) -> None:
         self._sessions.setdefault(session.user_id, {})[session.device] = _SessionRecord(
@@ -868,6 +875,8 @@ class MemoryStore:
                     self._read_position(user_id, conversation, epoch),
                     peer_id=peer,
                     peer_read=self._read_position(peer, conversation, epoch),
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         for group_id in self._user_groups.get(user_id, set()):
@@ -881,6 +890,8 @@ class MemoryStore:
                     self._read_position(user_id, conversation, epoch),
                     group_id=group_id,
                     joined=self._groups[group_id].members.get(user_id, 0),
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         return sorted(states, key=lambda state: state.conversation)
