@@ -331,6 +331,10 @@ class ConversationState:
     @ivar group_id: in a group conversation, the group.
     @ivar joined: in a group conversation, the seq at which the user joined
         (L{GroupInfo.joined_at}): its devices receive what follows.
+    @ivar epoch_previous: the epoch C{epoch} follows, and
+    @ivar epoch_base: the last seq they share (L{Epoch}; not compared:
+        C{epoch} names the epoch), so that the conversation's whole
+        L{current_epoch} comes with its state, in the same read.
     """
 
     conversation: str
@@ -341,6 +345,18 @@ class ConversationState:
     peer_read: int = 0
     group_id: str = ""
     joined: int = 0
+    epoch_previous: str = field(default="", compare=False)
+    epoch_base: int = field(default=0, compare=False)
+
+    @property
+    def current_epoch(self) -> Epoch:
+        """
+        The conversation's current L{Epoch}, as L{IMessages.epochs} reads
+        it (without one: its last seq as the base).
+        """
+        if not self.epoch:
+            return Epoch(base=self.last_seq)
+        return Epoch(self.epoch, self.epoch_previous, self.epoch_base)
 
     @property
     def unread(self) -> int:

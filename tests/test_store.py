@@ -557,6 +557,24 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_conversation_states_carry_their_whole_epoch(backend: Backend) -> None:
+    """
+    Each conversation's state names its current epoch whole (the epoch it
+    follows and their shared seq too), as L{IStore.epochs} reads it.
+    """
+    store = backend.store
+    await store.append([NewMessage("p:1:2", 1, "a", "hi")])
+    await store.create_group("team", 1)
+    states = await store.conversations(1)
+    assert [s.conversation for s in states] == ["g:team", "p:1:2"]
+    epochs = await store.epochs(["g:team", "p:1:2"])
+    for state in states:
+        assert state.current_epoch == epochs[state.conversation]
+    assert states[0].current_epoch == Epoch()
+    assert states[1].current_epoch.id == states[1].epoch != ""
+
+
+@pytest_twisted.ensureDeferred
 async def test_open_session(backend: Backend) -> None:
     """
     A route's login in one call: the claim, its token and the device keys,

@@ -390,6 +390,8 @@ async def test_epochs_of_a_flushed_and_a_restarted_redis(
         [after] = await store.append([NewMessage("p:1:2", 3, "c", "after")])
         assert after.seq == 3 and after.epoch not in ("", e1, e2)
         assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(after.epoch, e2, 2)
+        [state] = await store.conversations(1)
+        assert state.current_epoch == Epoch(after.epoch, e2, 2)
         # Positions of the previous epoch are trusted up to its base.
         assert await store.read_positions("p:1:2", [1, 2, 3]) == {1: 2, 2: 1, 3: 3}
         [next_one] = await store.append([NewMessage("p:1:2", 3, "c", "next")])

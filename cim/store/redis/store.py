@@ -1131,6 +1131,8 @@ class RedisStore:
                     peer_read=resume_seq(other, epoch) if peer else 0,
                     group_id=group_id,
                     joined=joined,
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         return sorted(states, key=lambda state: state.conversation)
