@@ -258,6 +258,17 @@ class TokenInfo:
     device: str = ""
 
 
+#: Why L{ISessions.activate_token} refused a token: it is unknown,
+#: expired, or its session was released or replaced;
+TOKEN_UNKNOWN = "unknown"
+#: it is another user's;
+TOKEN_OTHER_USER = "other-user"
+#: it names another server;
+TOKEN_OTHER_SERVER = "other-server"
+#: its session now belongs to another server.
+SESSION_OTHER_SERVER = "session-elsewhere"
+
+
 @dataclass(frozen=True, slots=True)
 class Epoch:
     """
@@ -320,6 +331,10 @@ class ConversationState:
     @ivar group_id: in a group conversation, the group.
     @ivar joined: in a group conversation, the seq at which the user joined
         (L{GroupInfo.joined_at}): its devices receive what follows.
+    @ivar epoch_previous: the epoch C{epoch} follows, and
+    @ivar epoch_base: the last seq they share (L{Epoch}; not compared:
+        C{epoch} names the epoch), so that the conversation's whole
+        L{current_epoch} comes with its state, in the same read.
     """
 
     conversation: str
@@ -330,6 +345,18 @@ class ConversationState:
     peer_read: int = 0
     group_id: str = ""
     joined: int = 0
+    epoch_previous: str = field(default="", compare=False)
+    epoch_base: int = field(default=0, compare=False)
+
+    @property
+    def current_epoch(self) -> Epoch:
+        """
+        The conversation's current L{Epoch}, as L{IMessages.epochs} reads
+        it (without one: its last seq as the base).
+        """
+        if not self.epoch:
+            return Epoch(base=self.last_seq)
+        return Epoch(self.epoch, self.epoch_previous, self.epoch_base)
 
     @property
     def unread(self) -> int:
@@ -501,6 +528,32 @@ class ISessions(Interface):
             it replaced or dropped (their connections are to be closed).
         """
 
+    def open_session(
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = ...,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> Deferred[tuple[Session, list[Session], str]]:
+        """
+        A route's login in one round trip, atomically: L{claim_session}
+        (C{claim_ttl}), then a token for the new session as
+        L{issue_token} makes it (C{token_ttl}), and the device keys: the
+        device's becomes C{device_key} (kept C{device_key_ttl} seconds) when
+        given, else is dropped with C{drop_device_key}; those of the other
+        devices whose sessions the claim dropped are dropped.
+
+        @return: fires with the new L{Session}, the sessions it replaced or
+            dropped, and the token; fails with L{SessionExists} as
+            L{claim_session} does, changing nothing.
+        """
+
     def activate_session(
         user_id: int, session_id: str, ttl: float = ..., device: str = ""
     ) -> Deferred[bool]:
@@ -582,6 +635,24 @@ class ISessions(Interface):
         """
         @return: fires with the L{TokenInfo}, or C{None} when the token is
             unknown, expired, or its session was released or replaced.
+        """
+
+    def activate_token(
+        token: str, user_id: int, server: str, ttl: float = ...
+    ) -> Deferred[Session | str]:
+        """
+        An IM server's login with a token, in one round trip: check that
+        C{token} is C{user_id}'s, for C{server}, and that its device's
+        session still is the token's and belongs to C{server}; then mark
+        that session connected, as L{activate_session} does (C{ttl}: default
+        L{cim.limits.SESSION_TTL}).  All at once, so nothing can replace
+        the session between the check and the activation.
+
+        @return: fires with the activated L{Session} (its device is the
+            token's), or with why the token is refused, checked in this
+            order: L{TOKEN_UNKNOWN} (also when its session was released or
+            replaced), L{TOKEN_OTHER_USER}, L{TOKEN_OTHER_SERVER},
+            L{SESSION_OTHER_SERVER}.
         """
 
 

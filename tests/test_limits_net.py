@@ -219,6 +219,27 @@ def test_within_the_limit() -> None:
     assert transport.value().endswith(b"\r\n\r\ngot 10")
 
 
+def test_form_bodies_are_not_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A POST's body is left to the resource: twisted.web does not parse its
+    C{Content-Type} (slowly, with the email package) to read a form.
+    """
+    from twisted.web import http
+
+    def parsed(line: bytes) -> bytes:
+        raise AssertionError(f"Content-Type parsed: {line!r}")
+
+    monkeypatch.setattr(http, "_parseContentType", parsed)
+    for ctype in (b"application/json", b"application/x-www-form-urlencoded"):
+        channel, transport = _channel(Clock())
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: " + ctype
+            + b"\r\nContent-Length: 3\r\n\r\na=b"
+        )  # fmt: skip
+        assert transport.value().startswith(b"HTTP/1.1 200 "), ctype
+        assert transport.value().endswith(b"\r\n\r\ngot 3")
+
+
 def test_request_deadline() -> None:
     clock = Clock()
     channel, transport = _channel(clock, request_timeout=5)

@@ -513,7 +513,7 @@ def test_a_failing_probe_counts_as_unreachable(
 
 def test_failed_login_leaves_no_session(route: Route, logged: list[dict]) -> None:
     alice = route.register("alice")
-    route.store.issue_token = lambda *a, **k: fail(StoreError("redis is down"))  # type: ignore[method-assign]
+    route.store.open_session = lambda *a, **k: fail(StoreError("redis is down"))  # type: ignore[method-assign]
     answer = route.call("/login", route.body(alice, "alice"))
     assert answer == {
         "code": "4000",

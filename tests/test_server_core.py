@@ -5,6 +5,8 @@ and replay.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, fail
 
 from cim.codec import encode_varint
@@ -617,6 +619,11 @@ class _StoreAway(MemoryStore):
         if self.away:
             return fail(StoreError("Redis is away"))
         return super().get_session(user_id, device)
+
+    def activate_token(self, *args: Any, **kwargs: Any) -> Deferred:  # type: ignore[override]
+        if self.away:
+            return fail(StoreError("Redis is away"))
+        return super().activate_token(*args, **kwargs)
 
 
 def test_a_login_while_the_store_is_away_is_told_to_come_back() -> None:

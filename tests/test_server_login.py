@@ -6,12 +6,12 @@ refusal, and the grants of cim and CIM clients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from cim.interfaces import NewMessage, ServerAddress, Session, TokenInfo
+from cim.interfaces import NewMessage, ServerAddress, Session
 from cim.message import (
     Command,
     Cursor,
@@ -77,16 +77,18 @@ class Store(MemoryStore):
         )
 
 
-class SessionEndsAfterTheToken(Store):
+class SessionEndsBeforeTheLogin(Store):
     """
-    The session ends (its server was declared dead) right after its token
-    was checked.
+    The session ends (its server was declared dead) just before its token
+    is checked.  (A token is checked and its session activated in one store
+    call: nothing can end it in between.)
     """
 
-    def verify_token(self, token: str) -> Deferred[TokenInfo | None]:
-        d = super().verify_token(token)
+    def activate_token(
+        self, token: str, user_id: int, server: str, ttl: float = 90.0
+    ) -> Deferred[Session | str]:
         self.drop_server_sessions(str(HERE))
-        return d
+        return super().activate_token(token, user_id, server, ttl)
 
 
 class SessionReplacedBeforeActivation(Store):
@@ -195,13 +197,13 @@ def test_a_missing_token_is_refused_without_legacy_login() -> None:
     )
 
 
-def test_a_session_that_ended_after_its_token_was_checked_is_refused() -> None:
-    store = SessionEndsAfterTheToken()
+def test_a_token_whose_session_ended_is_refused() -> None:
+    store = SessionEndsBeforeTheLogin()
     alice = store.account("alice")
     token = store.token(alice, store.assign(alice, "alice"))
     auth = Authenticator(store, str(HERE), legacy_login=False)
     assert refused(auth, login(alice, "alice", token)) == Refusal(
-        ErrorCode.BAD_TOKEN, "no such session: log in through the route"
+        ErrorCode.BAD_TOKEN, "invalid or expired token"
     )
 
 
@@ -237,14 +239,38 @@ def test_a_cim_client_with_another_name_is_refused() -> None:
     )
 
 
-def test_a_session_replaced_while_checking_is_refused() -> None:
+def test_a_cim_session_replaced_while_checking_is_refused() -> None:
+    """
+    A CIM client's login (no token) reads its session, then activates it:
+    a newer login in between wins.
+    """
     store = SessionReplacedBeforeActivation()
     alice = store.account("alice")
-    token = store.token(alice, store.assign(alice, "alice"))
-    auth = Authenticator(store, str(HERE), legacy_login=False)
-    assert refused(auth, login(alice, "alice", token)) == Refusal(
+    store.assign(alice, "alice")
+    auth = Authenticator(store, str(HERE), legacy_login=True)
+    assert refused(auth, login(alice, "alice")) == Refusal(
         ErrorCode.BAD_TOKEN, "the session was replaced or expired"
     )
+
+
+def test_a_token_login_is_one_store_call() -> None:
+    """
+    A login with a token asks the store once (L{IStore.activate_token}).
+    """
+    store = Store()
+    alice = store.account("alice")
+    token = store.token(alice, store.assign(alice, "alice", device="tab"), device="tab")
+    calls: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(store, name)
+
+    auth = Authenticator(Counting(), str(HERE), legacy_login=False)  # type: ignore[arg-type]
+    assert isinstance(outcome(auth, login(alice, "alice", token)), Grant)
+    assert calls == ["activate_token"]
+    assert store.session(alice, "tab").connected
 
 
 # Grants

@@ -556,6 +556,133 @@ async def test_token_invalid_after_replace(backend: Backend) -> None:
     assert await store.verify_token(stale) is None
 
 
+@pytest_twisted.ensureDeferred
+async def test_conversation_states_carry_their_whole_epoch(backend: Backend) -> None:
+    """
+    Each conversation's state names its current epoch whole (the epoch it
+    follows and their shared seq too), as L{IStore.epochs} reads it.
+    """
+    store = backend.store
+    await store.append([NewMessage("p:1:2", 1, "a", "hi")])
+    await store.create_group("team", 1)
+    states = await store.conversations(1)
+    assert [s.conversation for s in states] == ["g:team", "p:1:2"]
+    epochs = await store.epochs(["g:team", "p:1:2"])
+    for state in states:
+        assert state.current_epoch == epochs[state.conversation]
+    assert states[0].current_epoch == Epoch()
+    assert states[1].current_epoch.id == states[1].epoch != ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_session(backend: Backend) -> None:
+    """
+    A route's login in one call: the claim, its token and the device keys,
+    all or nothing.
+    """
+    store = backend.store
+    session, dropped, token = await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, device="tab", device_key="k1",
+        device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    assert dropped == []
+    assert (session.user_id, session.server, session.device) == (1, "h:1:2", "tab")
+    assert not session.connected
+    assert await store.get_session(1, "tab") == session
+    assert await store.verify_token(token) == TokenInfo(
+        1, "h:1:2", session.session_id, "tab"
+    )
+    assert await store.check_device_key(1, "tab", "k1")
+
+    # Without replace, a user holding a session is refused: nothing changes.
+    with pytest.raises(SessionExists):
+        await store.open_session(1, "alice", "h:3:4", LONG_TTL, LONG_TTL, device="pc")
+    assert await store.user_sessions(1) == [session]
+    assert await store.get_session(1, "pc") is None
+
+    # A second device, then the first again past max_devices=1: the other
+    # device's session, token and device key go; the device's own key is
+    # replaced.
+    pc, _, pc_token = await store.open_session(
+        1, "alice", "h:3:4", LONG_TTL, LONG_TTL, replace=True, device="pc",
+        device_key="k2", device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    again, dropped, new_token = await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+        max_devices=1, device_key="k3", device_key_ttl=LONG_TTL,
+    )  # fmt: skip
+    assert sorted(s.session_id for s in dropped) == sorted(
+        [session.session_id, pc.session_id]
+    )
+    assert await store.user_sessions(1) == [again]
+    assert await store.verify_token(token) is None
+    assert await store.verify_token(pc_token) is None
+    assert (await store.verify_token(new_token)).session_id == again.session_id
+    assert not await store.check_device_key(1, "pc", "k2")
+    assert not await store.check_device_key(1, "tab", "k1")
+    assert await store.check_device_key(1, "tab", "k3")
+
+    # A login that used its device key and got no new one drops it; one
+    # that did not use it keeps it.
+    await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab"
+    )
+    assert await store.check_device_key(1, "tab", "k3")
+    await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+        drop_device_key=True,
+    )  # fmt: skip
+    assert not await store.check_device_key(1, "tab", "k3")
+
+
+@pytest_twisted.ensureDeferred
+async def test_activate_token(backend: Backend) -> None:
+    """
+    An IM server's login with a token, in one call: the token's session is
+    activated (connected, online, the token's device), or the login is
+    refused with the first reason that applies.
+    """
+    from cim.interfaces import (
+        SESSION_OTHER_SERVER,
+        TOKEN_OTHER_SERVER,
+        TOKEN_OTHER_USER,
+        TOKEN_UNKNOWN,
+    )
+
+    store = backend.store
+    session, _ = await store.claim_session(1, "alice", "h:1:2", LONG_TTL, device="tab")
+    token = await store.issue_token(1, "h:1:2", session.session_id, LONG_TTL, "tab")
+    assert await store.activate_token("unknown", 1, "h:1:2") == TOKEN_UNKNOWN
+    assert await store.activate_token(token, 2, "h:1:2") == TOKEN_OTHER_USER
+    assert await store.activate_token(token, 1, "h:9:9") == TOKEN_OTHER_SERVER
+    assert not (await store.get_session(1, "tab")).connected
+    assert await store.online_users() == []
+
+    active = await store.activate_token(token, 1, "h:1:2", LONG_TTL)
+    assert isinstance(active, Session)
+    assert (active.user_id, active.user_name, active.server) == (1, "alice", "h:1:2")
+    assert (active.session_id, active.device, active.connected) == (
+        session.session_id,
+        "tab",
+        True,
+    )
+    stored = await store.get_session(1, "tab")
+    assert stored == active
+    assert await store.online_users() == [(1, "alice")]
+    assert await store.get_sessions([1]) == {1: [active]}
+
+    # Replaced: the old token is unknown; a token of a session another
+    # server holds now (the route moved it) is refused.
+    moved, _ = await store.claim_session(
+        1, "alice", "h:3:4", LONG_TTL, replace=True, device="tab"
+    )
+    assert await store.activate_token(token, 1, "h:1:2") == TOKEN_UNKNOWN
+    misnamed = await store.issue_token(1, "h:1:2", moved.session_id, LONG_TTL, "tab")
+    assert await store.activate_token(misnamed, 1, "h:1:2") == SESSION_OTHER_SERVER
+    await store.release_session(1, moved.session_id, "tab")
+    assert await store.activate_token(misnamed, 1, "h:1:2") == TOKEN_UNKNOWN
+
+
 # Messages
 
 

@@ -390,9 +390,144 @@ async def test_epochs_of_a_flushed_and_a_restarted_redis(
         [after] = await store.append([NewMessage("p:1:2", 3, "c", "after")])
         assert after.seq == 3 and after.epoch not in ("", e1, e2)
         assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(after.epoch, e2, 2)
+        [state] = await store.conversations(1)
+        assert state.current_epoch == Epoch(after.epoch, e2, 2)
         # Positions of the previous epoch are trusted up to its base.
         assert await store.read_positions("p:1:2", [1, 2, 3]) == {1: 2, 2: 1, 3: 3}
         [next_one] = await store.append([NewMessage("p:1:2", 3, "c", "next")])
         assert next_one.epoch == after.epoch
+    finally:
+        await store.close()
+
+
+def test_parse_run_id() -> None:
+    from cim.store.redis.connection import parse_run_id
+
+    info = "# Server\r\nredis_version:7.0.15\r\nrun_id:0a1b2c3d\r\ntcp_port:1\r\n"
+    assert parse_run_id(info) == "0a1b2c3d"
+    assert parse_run_id("# Server\r\nredis_version:7.0.15\r\n") == ""
+    assert parse_run_id("") == ""
+
+
+def test_a_connection_that_keeps_no_run_id_sends_none() -> None:
+    """
+    A connection not of L{cim.store.redis.connection.open_pool} (it keeps
+    no run_id) is sent C{""}, so that the append script asks Redis itself.
+    """
+    from twisted.internet import defer
+
+    from cim.store.redis.connection import execute_with_run_id, knows_run_ids
+
+    sent: list[tuple[Any, ...]] = []
+
+    class Plain:
+        def execute_command(self, *args: Any) -> defer.Deferred[str]:
+            sent.append(args)
+            return defer.succeed("done")
+
+    assert not knows_run_ids(Plain())
+    d = execute_with_run_id(Plain(), lambda run: ("EVALSHA", "x", 0, run))
+    assert d.result == "done"
+    assert sent == [("EVALSHA", "x", 0, "")]
+
+
+async def _until_up(reactor: Any, store: Any) -> None:
+    """
+    Wait until C{store}'s pool connected again (after its Redis restarted).
+    """
+    from cim.interfaces import StoreError
+    from tests.kit.wait import wait_until
+
+    async def answers() -> bool:
+        await store.ping()
+        return True
+
+    await wait_until(reactor, answers, "the pool to reconnect", errors=(StoreError,))
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_appends_do_not_ask_redis_its_run_id(redis_url: str) -> None:
+    """
+    Each connection asks Redis its run_id once (an INFO), not every append.
+    (This Redis is the test run's own: nothing else asks it INFO.)
+    """
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+
+    store = await connect_redis(redis_url, clock=reactor, prefix="runid:", poolsize=2)
+    try:
+        for i in range(4):
+            await store.append([NewMessage(f"p:1:{i + 2}", 1, "a", "warm")])
+        await store._command("CONFIG", "RESETSTAT")
+        for i in range(20):
+            await store.append([NewMessage(f"p:1:{i + 2}", 1, "a", str(i))])
+        stats = await store._command("INFO", "commandstats")
+        found = re.search(r"cmdstat_info:calls=(\d+),", stats)
+        # At most once per connection (one that first appends here asks).
+        assert found is None or int(found.group(1)) <= 2
+        assert "cmdstat_evalsha:calls=20," in stats
+    finally:
+        await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_one_pool_sees_restarts_and_a_restored_file(
+    reactor: Any, private_redis: RedisServer
+) -> None:
+    """
+    A store whose pool outlives Redis restarts (it reconnects, and each new
+    connection asks the new run_id) starts a new epoch at each: after a
+    plain restart, following the last epoch; after a restore of an older
+    append-only file, following the epoch that file holds, at its last seq,
+    so positions of the epoch the restore lost are not trusted.
+    """
+    import shutil
+
+    from cim.interfaces import Epoch
+    from cim.store.redis import connect_redis
+
+    await private_redis.start(reactor)
+    store = await connect_redis(private_redis.url(), clock=reactor, poolsize=2)
+    aof = private_redis.directory / "appendonlydir"
+    backup = private_redis.directory.parent / "backup"
+    try:
+        first = await store.append(
+            [NewMessage("p:1:2", 1, "a", str(i)) for i in range(3)]
+        )
+        e1 = first[0].epoch
+        await private_redis.stop(reactor)
+        shutil.copytree(aof, backup)
+
+        await private_redis.start(reactor)
+        await _until_up(reactor, store)
+        later = []
+        for text in ("d", "e"):
+            later += await store.append([NewMessage("p:1:2", 2, "b", text)])
+        e2 = later[0].epoch
+        assert [m.seq for m in later] == [4, 5]
+        assert e2 not in ("", e1) and later[1].epoch == e2
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e2, e1, 3)
+
+        # Back to the file from before the restart: seqs 4 and 5 are lost.
+        await private_redis.stop(reactor)
+        shutil.rmtree(aof)
+        shutil.copytree(backup, aof)
+        await private_redis.start(reactor)
+        await _until_up(reactor, store)
+        assert (await store.epochs(["p:1:2"]))["p:1:2"] == Epoch(e1, "", 0)
+        [again] = await store.append([NewMessage("p:1:2", 2, "b", "again")])
+        e3 = again.epoch
+        assert again.seq == 4 and e3 not in ("", e1, e2)
+        epoch = (await store.epochs(["p:1:2"]))["p:1:2"]
+        assert epoch == Epoch(e3, e1, 3)
+        # A device that saw seq 5 of the lost epoch is told to start over;
+        # one at seq 3 of the epoch before keeps its place.
+        assert epoch.resume(Position(e2, 5)) == (0, True)
+        assert epoch.resume(Position(e1, 3)) == (3, False)
+        [next_one] = await store.append([NewMessage("p:1:2", 1, "a", "next")])
+        assert (next_one.seq, next_one.epoch) == (5, e3)
     finally:
         await store.close()

@@ -181,7 +181,9 @@ class Outbox:
         """
         if code == ErrorCode.STORE_ERROR and client_msg_id in self._pending:
             self.log.info(
-                "Send {cmid} may not be stored: {reason}", cmid=client_msg_id, reason=reason
+                "Send {cmid} may not be stored: {reason}",
+                cmid=client_msg_id,
+                reason=reason,
             )
             return True
         pending = self._pending.pop(client_msg_id, None)

@@ -188,8 +188,9 @@ class Router:
         self.guesses = (
             None if clock is None else GuessLimit(clock, login_rate, address_rate)
         )
-        #: Accounts seen, by id: they are never deleted, and their names
-        #: never change, so existence checks need not ask the store twice.
+        #: Accounts seen, by id: they are never deleted, and their names and
+        #: credentials' kinds never change, so existence checks and logins
+        #: need not ask the store twice.
         self._accounts: LRUCache[int, Account] = LRUCache(ACCOUNT_CACHE_SIZE)
         self.registry = registry
         self.delivery = delivery
@@ -397,8 +398,16 @@ class Router:
         self._check_rate(
             subject, address, guessable=not unguessable or password is not None
         )
-        account: Account | None = await self.store.get_account(user_id)
-        if account is None or name_key(account.user_name) != name_key(user_name):
+        account = self._accounts.get(user_id)
+        if account is None:
+            account = await self.store.get_account(user_id)
+            if account is not None:
+                self._accounts[user_id] = account
+        if account is None or (
+            # The same name has the same key: most logins spare computing it.
+            account.user_name != user_name
+            and name_key(account.user_name) != name_key(user_name)
+        ):
             self._failed(subject, address)
             raise ApiError(
                 codes.ACCOUNT_MISMATCH,
@@ -417,42 +426,26 @@ class Router:
             if held:
                 raise self._repeat_login(user_id)
         server = await self._pick_server(user_id)
+        new_key = secrets.token_urlsafe(32) if device and issue_device_key else None
+        # Claim, token and device keys: one store call, all or nothing.
         try:
-            session, dropped = await self.store.claim_session(
+            session, dropped, issued = await self.store.open_session(
                 user_id,
                 account.user_name,
                 str(server),
-                ttl=CLAIM_TTL,
+                claim_ttl=CLAIM_TTL,
+                token_ttl=self.token_ttl,
                 replace=proof,
                 device=device,
                 max_devices=self.max_devices,
+                device_key=new_key,
+                device_key_ttl=self.device_key_ttl,
+                drop_device_key=bool(device and device_key),
             )
         except SessionExists:
             raise self._repeat_login(user_id) from None
         for old in dropped:
             self.kick(old, KICK_REPLACED if old.device == device else KICK_DEVICE_LIMIT)
-        new_key = None
-        try:
-            issued: str = await self.store.issue_token(
-                user_id,
-                str(server),
-                session.session_id,
-                ttl=self.token_ttl,
-                device=device,
-            )
-            if device and issue_device_key:
-                new_key = secrets.token_urlsafe(32)
-                await self.store.set_device_key(
-                    user_id, device, new_key, self.device_key_ttl
-                )
-            elif device and device_key:
-                await self.store.drop_device_key(user_id, device)
-            for old in dropped:
-                if old.device != device:
-                    await self.store.drop_device_key(user_id, old.device)
-        except BaseException:
-            await self._release_quietly(user_id, session.session_id, device)
-            raise
         self.log.info(
             "{user_id} ({user_name}) logs in on {server}{device}",
             user_id=user_id,
@@ -568,17 +561,6 @@ class Router:
         except Exception:
             self.log.failure("Probing {server} failed", server=str(server))
             return False
-
-    async def _release_quietly(
-        self, user_id: int, session_id: str, device: str
-    ) -> None:
-        try:
-            await self.store.release_session(user_id, session_id, device)
-        except Exception:
-            self.log.failure(
-                "Releasing the claim of {user_id} after a failed login failed",
-                user_id=user_id,
-            )
 
     def kick(
         self, session: Session, reason: str, logged_off: bool = False

@@ -2,7 +2,9 @@
 L{Authenticator}: whether a login frame may bind its user to a connection.
 
 It checks the frame against the store (the token, which names the
-device, or for a CIM client the session the route assigned to this server)
+device, or for a CIM client the session the route assigned to this server;
+a token is checked and its session activated in one store call,
+L{IStore.activate_token})
 and answers with a value: a L{Grant} naming the user, its device and its
 session, or a L{Refusal} with the error code and reason to tell the client.
 It changes nothing but the session's state in the store
@@ -22,7 +24,14 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from cim.interfaces import ConversationState, Epoch, IStore
+from cim.interfaces import (
+    SESSION_OTHER_SERVER,
+    TOKEN_OTHER_SERVER,
+    TOKEN_OTHER_USER,
+    TOKEN_UNKNOWN,
+    Epoch,
+    IStore,
+)
 from cim.limits import SESSION_TTL
 from cim.message import Cursor, ErrorCode, Frame, Position
 
@@ -104,14 +113,9 @@ async def resume(
     conversation, also what the user read elsewhere, and its own messages
     (sending raises the read position) that it has not received yet.
 
-    Reads the conversations and the device's cursors at once: one round
-    trip.  A position of the conversation's current epoch (which its
-    L{ConversationState} names), or none, resumes without more; only the
-    conversations whose position names another epoch have their L{Epoch}
-    read (a second round trip, after a store lost or replaced messages).
-    A stream started from the epoch's id alone does not know the epoch it
-    follows: a late message of that one makes it read the epoch again
-    (L{cim.server.stream.Stream.recheck}).
+    Reads the conversations (each with its current L{Epoch}:
+    L{ConversationState.current_epoch}) and the device's cursors at once:
+    one round trip, whatever epoch the positions name.
     """
     reading_states = store.conversations(user_id)
     reading_cursors = store.get_cursors(user_id, device)
@@ -125,19 +129,11 @@ async def resume(
     if not states:
         return Resumption(acked=stored)
     client = {c.conversation: Position(c.epoch, c.seq) for c in sent}
-    positions: list[Position | None] = []
-    elsewhere = []
+    starts = []
     for state in states:
         conversation = state.conversation
         position = client.get(conversation) or stored.get(conversation)
-        positions.append(position)
-        if position is not None and position.seq > 0 and position.epoch != state.epoch:
-            elsewhere.append(conversation)
-    epochs = await store.epochs(elsewhere) if elsewhere else {}
-    starts = []
-    for state, position in zip(states, positions, strict=True):
-        conversation = state.conversation
-        epoch = epochs.get(conversation) or _current(state)
+        epoch = state.current_epoch
         # A device without a position gets everything kept, of a group
         # from where the user joined it.
         floor = min(state.joined, state.last_seq) if state.group_id else 0
@@ -149,15 +145,13 @@ async def resume(
     return Resumption(starts, stored)
 
 
-def _current(state: ConversationState) -> Epoch:
-    """
-    The current epoch of C{state}'s conversation, as far as its state names
-    it: its id (the epoch it follows is not known), or none and its last
-    seq (what L{IStore.epochs} reads for a conversation without an epoch).
-    """
-    if state.epoch:
-        return Epoch(state.epoch)
-    return Epoch(base=state.last_seq)
+#: What a client is told for each refusal of L{IStore.activate_token}.
+_TOKEN_REFUSALS = {
+    TOKEN_UNKNOWN: "invalid or expired token",
+    TOKEN_OTHER_USER: "the token is for another user",
+    TOKEN_OTHER_SERVER: "the token is for another server",
+    SESSION_OTHER_SERVER: "the session belongs to another server",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,40 +215,42 @@ class Authenticator:
         if refusal is not None:
             return refusal
         user_id = frame.request_id
-        legacy = self.is_legacy(frame)
         if frame.token:
-            info = await self.store.verify_token(frame.token)
-            if info is None:
-                return Refusal(ErrorCode.BAD_TOKEN, "invalid or expired token")
-            if info.user_id != user_id:
-                return Refusal(ErrorCode.BAD_TOKEN, "the token is for another user")
-            if info.server != self.here:
-                return Refusal(ErrorCode.BAD_TOKEN, "the token is for another server")
-            session_id = info.session_id
-            device = info.device
-        elif self.legacy_login:
-            session_id = device = ""
-        else:
+            return await self._with_token(frame.token, user_id)
+        if not self.legacy_login:
             return Refusal(ErrorCode.BAD_TOKEN, "a login token is required")
-        session = await self.store.get_session(user_id, device)
-        if session is None or (not legacy and session.session_id != session_id):
+        # A CIM client: the session the route claimed for it, of device "".
+        session = await self.store.get_session(user_id, "")
+        if session is None:
             return Refusal(
                 ErrorCode.BAD_TOKEN, "no such session: log in through the route"
             )
         if session.server != self.here:
             return Refusal(ErrorCode.BAD_TOKEN, "the session belongs to another server")
-        if legacy and session.user_name != frame.req_msg:
+        if session.user_name != frame.req_msg:
             return Refusal(ErrorCode.BAD_TOKEN, "userName does not match the session")
         if not await self.store.activate_session(
-            user_id, session.session_id, self.session_ttl, device
+            user_id, session.session_id, self.session_ttl, ""
         ):
             return Refusal(ErrorCode.BAD_TOKEN, "the session was replaced or expired")
+        return Grant(user_id, session.user_name, session.session_id, True, "")
+
+    async def _with_token(self, token: str, user_id: int) -> Grant | Refusal:
+        """
+        A login with a token: checked and activated in one store call
+        (L{IStore.activate_token}).
+        """
+        found = await self.store.activate_token(
+            token, user_id, self.here, self.session_ttl
+        )
+        if isinstance(found, str):
+            return Refusal(ErrorCode.BAD_TOKEN, _TOKEN_REFUSALS[found])
         return Grant(
             user_id=user_id,
-            user_name=session.user_name,
-            session_id=session.session_id,
-            legacy=legacy,
-            device=device,
+            user_name=found.user_name,
+            session_id=found.session_id,
+            legacy=False,
+            device=found.device,
         )
 
     async def release_quietly(self, grant: Grant) -> None:

@@ -29,6 +29,10 @@ from zope.interface import implementer
 from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
+    SESSION_OTHER_SERVER,
+    TOKEN_OTHER_SERVER,
+    TOKEN_OTHER_USER,
+    TOKEN_UNKNOWN,
     Account,
     ConversationState,
     Epoch,
@@ -343,8 +347,15 @@ class MemoryStore:
         """
         self._delete_session(session.user_id, session.device)
         now = self._seconds()
-        self._ended = {s: t for s, t in self._ended.items() if t > now}
-        self._ended[session.session_id] = now + ENDED_TTL
+        # Entries are kept in the order they end (each for ENDED_TTL), so
+        # the expired ones are at the front: no scan of them all per login.
+        ended = self._ended
+        while ended:
+            first = next(iter(ended))
+            if ended[first] > now:
+                break
+            del ended[first]
+        ended[session.session_id] = now + ENDED_TTL
 
     def _put(self, session: Session, expires: float) -> None:
         self._sessions.setdefault(session.user_id, {})[session.device] = _SessionRecord(
@@ -361,6 +372,51 @@ class MemoryStore:
         replace: bool = False,
         device: str = "",
         max_devices: int = MAX_DEVICES,
+    ) -> tuple[Session, list[Session]]:
+        return self._claim(
+            user_id, user_name, server, ttl, replace, device, max_devices
+        )
+
+    @_fired
+    def open_session(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> tuple[Session, list[Session], str]:
+        session, dropped = self._claim(
+            user_id, user_name, server, claim_ttl, replace, device, max_devices
+        )
+        for old in dropped:
+            if old.device != device:
+                self._device_keys.pop((user_id, old.device), None)
+        token = self._issue(user_id, server, session.session_id, token_ttl, device)
+        if device_key is not None:
+            self._device_keys[user_id, device] = (
+                token_key(device_key),
+                self._seconds() + device_key_ttl,
+            )
+        elif drop_device_key:
+            self._device_keys.pop((user_id, device), None)
+        return session, dropped, token
+
+    def _claim(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        ttl: float,
+        replace: bool,
+        device: str,
+        max_devices: int,
     ) -> tuple[Session, list[Session]]:
         held = self._live(user_id)
         if held and not replace:
@@ -500,6 +556,11 @@ class MemoryStore:
         ttl: float,
         device: str = "",
     ) -> str:
+        return self._issue(user_id, server, session_id, ttl, device)
+
+    def _issue(
+        self, user_id: int, server: str, session_id: str, ttl: float, device: str
+    ) -> str:
         now = self._seconds()
         keys = self._user_tokens.setdefault((user_id, device), set())
         for key in [k for k in keys if self._tokens[k].expires <= now]:
@@ -512,6 +573,28 @@ class MemoryStore:
         )
         keys.add(key)
         return token
+
+    @_fired
+    def activate_token(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> Session | str:
+        found = self._tokens.get(token_key(token))
+        if found is None or found.expires <= self._seconds():
+            return TOKEN_UNKNOWN
+        info = found.info
+        session = self._session(info.user_id, info.device)
+        if session is None or session.session_id != info.session_id:
+            return TOKEN_UNKNOWN
+        if info.user_id != user_id:
+            return TOKEN_OTHER_USER
+        if info.server != server:
+            return TOKEN_OTHER_SERVER
+        if session.server != server:
+            return SESSION_OTHER_SERVER
+        now = self._seconds()
+        session = replace(session, connected=True, active=now)
+        self._put(session, now + ttl)
+        return session
 
     @_fired
     def verify_token(self, token: str) -> TokenInfo | None:
@@ -792,6 +875,8 @@ class MemoryStore:
                     self._read_position(user_id, conversation, epoch),
                     peer_id=peer,
                     peer_read=self._read_position(peer, conversation, epoch),
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         for group_id in self._user_groups.get(user_id, set()):
@@ -805,6 +890,8 @@ class MemoryStore:
                     self._read_position(user_id, conversation, epoch),
                     group_id=group_id,
                     joined=self._groups[group_id].members.get(user_id, 0),
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         return sorted(states, key=lambda state: state.conversation)

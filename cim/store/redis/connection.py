@@ -12,16 +12,28 @@ connection, so that the store fails a call then instead of queueing it
 until its time-out (issue 13: every route call took 10 s with Redis down).
 L{bus_connection} makes the message bus's connections
 (L{cim.store.redis.bus}): one for publishing, one subscribed.
+
+L{execute_with_run_id} runs a command that needs to know which run of
+Redis (its C{run_id}, new at every start of C{redis-server}) executes it:
+each connection of the pool asks C{INFO server} once, at its first such
+command, and keeps the answer, since a connection never outlives the run it
+was made to (a restarted Redis closes it; the pool connects again, and the
+new connection asks again).  The append script so learns of a restart from
+an argument instead of calling C{INFO} at every append.  This holds for a
+direct connection to C{redis-server}: a proxy that keeps the client's
+connection while the Redis behind it restarts would hide the restart.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -84,6 +96,53 @@ def is_noscript(failure: Failure) -> bool:
     ).startswith("NOSCRIPT")
 
 
+#: How a command needing the run_id is made from it (L{execute_with_run_id}).
+MakeCommand = Callable[[str], Sequence[Any]]
+
+_RUN_ID = re.compile(r"^run_id:([0-9a-f]+)\s*$", re.MULTILINE)
+
+
+def parse_run_id(info: str) -> str:
+    """
+    The C{run_id} in the reply to C{INFO server}, or C{""} when it holds
+    none.
+    """
+    found = _RUN_ID.search(info or "")
+    return found.group(1) if found else ""
+
+
+def knows_run_ids(pool: Any) -> bool:
+    """
+    Whether C{pool}'s connections keep their Redis run_id (a pool of
+    L{open_pool}).
+    """
+    factory = getattr(pool, "_factory", None)
+    protocol = getattr(factory, "protocol", None)
+    return hasattr(protocol, "execute_with_run_id")
+
+
+def execute_with_run_id(pool: Any, make: MakeCommand) -> defer.Deferred[Any]:
+    """
+    Run the command C{make(run_id)} on one connection of C{pool}, C{run_id}
+    being the run_id of the Redis at the other end of that very
+    connection (asked once per connection: see the module docstring).
+
+    With a connection that does not keep its run_id (not from
+    L{open_pool}), C{run_id} is C{""}: the caller must then find it out
+    itself (the append script asks C{INFO} when given C{""}).
+    """
+    if not knows_run_ids(pool):
+        try:
+            d: defer.Deferred[Any] = pool.execute_command(*make(""))
+        except Exception:
+            d = defer.fail()
+        return d
+    # txredisapi's handler calls the protocol method on a connection it
+    # picks (the same way it runs execute_command).
+    found: defer.Deferred[Any] = pool.execute_with_run_id(make)
+    return found
+
+
 def _protocol_with_fast_commands(base: type) -> type:
     """
     Subclass txredisapi's protocol class C{base} (the hiredis one when
@@ -109,7 +168,31 @@ def _protocol_with_fast_commands(base: type) -> type:
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         return b"".join(parts)
 
-    return type("FastCommandProtocol", (base,), {"_build_command": _build_command})
+    def execute_with_run_id(self: Any, make: MakeCommand) -> defer.Deferred[Any]:
+        # One connection, one Redis run: the run_id is asked at the first
+        # command needing it (a few may ask at once; they agree) and kept.
+        if self.cim_run_id:
+            return self.execute_command(*make(self.cim_run_id))
+
+        def known(info: Any) -> defer.Deferred[Any]:
+            if isinstance(info, bytes):
+                info = info.decode("utf-8", "replace")
+            self.cim_run_id = parse_run_id(str(info))
+            return self.execute_command(*make(self.cim_run_id))
+
+        d: defer.Deferred[Any] = self.execute_command("INFO", "server")
+        return d.addCallback(known)
+
+    return type(
+        "FastCommandProtocol",
+        (base,),
+        {
+            "_build_command": _build_command,
+            "execute_with_run_id": execute_with_run_id,
+            # The run_id of the Redis this connection talks to, once asked.
+            "cim_run_id": "",
+        },
+    )
 
 
 #: How the bus's connections are made again: soon after a loss (what is

@@ -118,7 +118,12 @@ user's conversations) and, in the hot C{append.lua}, those of each message's
 conversation.  So the store needs a standalone Redis (not Redis Cluster),
 for now: the per-user keys (C{session}, C{sessions}, C{tokens}, C{cursors},
 C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
-C{epoch}, C{read}) are the groups that would share a hash tag.
+C{epoch}, C{read}) are the groups that would share a hash tag (README,
+"Outgrowing one Redis", has the plan).
+
+The append script learns the Redis C{run_id} (for epochs) from its
+connection, which asks it once (L{cim.store.redis.connection.
+execute_with_run_id}), not by calling C{INFO} at every append.
 
 Upgrading from the previous release (C{python -m cim.store.redis.migrate}):
 its sessions (C{session:<user_id>}, C{tokens:<user_id>}) are ignored (they
@@ -152,6 +157,10 @@ from zope.interface import implementer
 from cim.interfaces import (
     DEFAULT_HISTORY,
     DEFAULT_POLICY,
+    SESSION_OTHER_SERVER,
+    TOKEN_OTHER_SERVER,
+    TOKEN_OTHER_USER,
+    TOKEN_UNKNOWN,
     Account,
     ConversationState,
     Epoch,
@@ -258,6 +267,12 @@ class MovedInboxes(NamedTuple):
     skipped: int
 
 
+#: What activate_token.lua may answer instead of a session.
+_REFUSALS = frozenset(
+    {TOKEN_UNKNOWN, TOKEN_OTHER_USER, TOKEN_OTHER_SERVER, SESSION_OTHER_SERVER}
+)
+
+
 def _ms(seconds: float) -> int:
     """
     Seconds as whole milliseconds, at least 1 (Redis rejects 0 as a TTL).
@@ -358,15 +373,20 @@ class RedisStore:
         return self._guard(d, args[0])
 
     def _run(
-        self, script: Script, keys: Sequence[str], args: Sequence[Any]
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        run_id: bool = False,
     ) -> Awaitable[Any]:
         """
-        Run C{script} (L{Script.run}).
+        Run C{script} (L{Script.run}; with C{run_id}, the run_id of the Redis
+        running it is its last argument).
         """
         down = self._down("script")
         if down is not None:
             return down
-        return self._guard(script.run(self._redis, keys, args), "script")
+        return self._guard(script.run(self._redis, keys, args, run_id), "script")
 
     def _key(self, *parts: object) -> str:
         return self.prefix + ":".join(str(part) for part in parts)
@@ -649,6 +669,60 @@ class RedisStore:
         return session, sessions
 
     @_deferred
+    async def open_session(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        claim_ttl: float,
+        token_ttl: float,
+        replace: bool = False,
+        device: str = "",
+        max_devices: int = MAX_DEVICES,
+        device_key: str | None = None,
+        device_key_ttl: float = 0.0,
+        drop_device_key: bool = False,
+    ) -> tuple[Session, list[Session], str]:
+        active = encode_active(self._seconds())
+        session = Session(
+            user_id, user_name, server, uuid.uuid4().hex, False, device, float(active)
+        )
+        token = secrets.token_urlsafe(32)
+        digest = token_key(token)
+        result = await self._run(
+            scripts.OPEN_SESSION,
+            [
+                self._session_key(user_id, device),
+                self._key("sessions", user_id),
+                self._key("server", server),
+                self._key("token", digest),
+                self._key("tokens", user_id, device),
+                self._key("devkey", user_id, device),
+            ],
+            [
+                user_id,
+                user_name,
+                server,
+                session.session_id,
+                _ms(claim_ttl),
+                "1" if replace else "0",
+                self.prefix,
+                device,
+                int(max_devices),
+                active,
+                _ms(token_ttl),
+                digest,
+                "" if device_key is None else token_key(device_key),
+                _ms(device_key_ttl),
+                "1" if drop_device_key else "0",
+            ],
+        )
+        sessions = self._sessions(user_id, result[1:])
+        if not int(result[0]):
+            raise SessionExists(sessions[0])
+        return session, sessions, token
+
+    @_deferred
     async def activate_session(
         self,
         user_id: int,
@@ -770,6 +844,23 @@ class RedisStore:
         return token
 
     @_deferred
+    async def activate_token(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> Session | str:
+        active = encode_active(self._seconds())
+        found = await self._run(
+            scripts.ACTIVATE_TOKEN,
+            [self._key("token", token_key(token)), self._key("online")],
+            [self.prefix, user_id, server, _ms(ttl), active],
+        )
+        refused, device, name, session_id = found
+        if refused:
+            if refused not in _REFUSALS:
+                raise StoreError(f"activate_token.lua answered {refused!r}")
+            return str(refused)
+        return Session(user_id, name, server, session_id, True, device, float(active))
+
+    @_deferred
     async def verify_token(self, token: str) -> TokenInfo | None:
         found = await self._run(
             scripts.VERIFY_TOKEN, [self._key("token", token_key(token))], [self.prefix]
@@ -803,7 +894,7 @@ class RedisStore:
             )
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
         appended, retries, epoch_ids = await self._run(
-            scripts.APPEND, [self._key("msg", "next")], args
+            scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
         epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
         # A retry's original: stored, or only its ids when retention dropped it.
@@ -1043,6 +1134,8 @@ class RedisStore:
                     peer_read=resume_seq(other, epoch) if peer else 0,
                     group_id=group_id,
                     joined=joined,
+                    epoch_previous=epoch.previous,
+                    epoch_base=epoch.base,
                 )
             )
         return sorted(states, key=lambda state: state.conversation)

@@ -4,7 +4,8 @@ in this package, read once, when this module is imported.
 
 Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
 what it returns.  Redis has no C{require}: a script calling a function of
-a library file (L{LIBRARIES}: C{sessions.lua}, C{positions.lua}) is sent
+a library file (L{LIBRARIES}: C{sessions.lua}, C{claims.lua},
+C{positions.lua}) is sent
 with that file in front of it, as L{_load} is told.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from cim.store.redis.connection import is_noscript
+from cim.store.redis.connection import execute_with_run_id, is_noscript
 
 
 class Script:
@@ -31,17 +32,28 @@ class Script:
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
     def run(
-        self, redis: Any, keys: Sequence[str], args: Sequence[Any]
+        self,
+        redis: Any,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        run_id: bool = False,
     ) -> defer.Deferred[Any]:
         """
         Run the script with EVALSHA, sending it with EVAL when Redis does
         not have it yet.
 
         @param redis: a txredisapi connection or pool.
+        @param run_id: add, after C{args}, the run_id of the Redis that runs
+            the script (C{""} when the connection cannot tell:
+            L{cim.store.redis.connection.execute_with_run_id}).
         @return: a Deferred firing with the script's reply.
         """
 
         def evaluate(command: str, body: str) -> defer.Deferred[Any]:
+            if run_id:
+                return execute_with_run_id(
+                    redis, lambda run: (command, body, len(keys), *keys, *args, run)
+                )
             try:
                 d: defer.Deferred[Any] = redis.execute_command(
                     command, body, len(keys), *keys, *args
@@ -81,19 +93,21 @@ def _load(name: str, *needs: str) -> Script:
 
 #: The files that are not scripts of their own, but functions put in front
 #: of the scripts that need them.
-LIBRARIES = ("sessions", "positions")
+LIBRARIES = ("sessions", "claims", "positions")
 
 ACCOUNT_BY_NAME = _load("account_by_name")
 REGISTER = _load("register")
-CLAIM_SESSION = _load("claim_session", "sessions")
+CLAIM_SESSION = _load("claim_session", "sessions", "claims")
+OPEN_SESSION = _load("open_session", "sessions", "claims")
 ACTIVATE_SESSION = _load("activate_session", "sessions")
 GET_SESSIONS = _load("get_sessions", "sessions")
 RENEW_SESSIONS = _load("renew_sessions", "sessions")
 ONLINE_USERS = _load("online_users", "sessions")
 RELEASE_SESSION = _load("release_session", "sessions")
 DROP_SERVER_SESSIONS = _load("drop_server_sessions", "sessions")
-ISSUE_TOKEN = _load("issue_token")
+ISSUE_TOKEN = _load("issue_token", "sessions", "claims")
 VERIFY_TOKEN = _load("verify_token", "sessions")
+ACTIVATE_TOKEN = _load("activate_token", "sessions")
 APPEND = _load("append", "positions")
 SET_CURSORS = _load("set_cursors", "positions")
 FORGET_CURSORS = _load("forget_cursors")

@@ -1,7 +1,9 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
 -- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
--- client_msg_id), JSON body (an object starting with "ts").  Returns
+-- client_msg_id), JSON body (an object starting with "ts"); last, the
+-- run_id of this Redis as the connection learnt it when it connected ('':
+-- unknown, the script asks INFO).  Returns
 -- {appended, retries, epochs}: appended is one string with a "msg_id:seq"
 -- per message, separated by commas ('' for a retry, 'q' for a message
 -- refused by its sender's quota); retries is flat: index, msg id, seq,
@@ -21,6 +23,9 @@
 -- whose record was written by another Redis run (its run_id differs: a
 -- restart, a restore, a failover), starts a new epoch: the given id, the
 -- previous id ('' when none) and the conversation's last seq as its base.
+-- The run_id comes from the caller: a connection lives within one run of
+-- Redis (a restart closes it), and asks it once (connection.py), which
+-- spares an INFO (its whole text built and matched) at every append.
 -- Each stored message carries its epoch id ("e", last in its JSON).
 --
 -- Appending raises each sender's read position in the conversation to its
@@ -42,7 +47,7 @@ local prefix = ARGV[5]
 local quota = tonumber(ARGV[6])
 local appended = {}
 local retries = {}
-local count = (#ARGV - FIRST) / STRIDE
+local count = (#ARGV - FIRST - 1) / STRIDE
 
 local function is_old(member)
   local ts = tonumber(string.match(member, '^{"i":%d+,"q":%d+,"ts":(%d+)'))
@@ -75,7 +80,8 @@ end
 -- of their first messages.
 local epochs = {}
 local order = {}
-local run_id = nil
+local run_id = ARGV[#ARGV]
+if run_id == '' then run_id = nil end
 local function epoch_of(conversation, seq_key)
   local e = epochs[conversation]
   if e then return e end
