@@ -358,7 +358,7 @@ def test_random_private_chat_costs_no_store_call_to_adopt() -> None:
         ], name
 
 
-def test_a_login_reads_no_epoch_when_every_position_is_of_the_current_one() -> None:
+def test_a_login_reads_no_epoch() -> None:
     world, store = counting_world()
     alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
@@ -378,11 +378,16 @@ def test_a_login_reads_no_epoch_when_every_position_is_of_the_current_one() -> N
         Cursor(with_bob, 1, epoch),
         Cursor(with_carol, 0, epoch_of(world, with_carol).id),
     ]
-    # Only a position of another epoch has its conversation's read.
+    # Nor for a position of another epoch: the conversation's state names
+    # its whole current epoch, which resumes it (reset: not trusted).
     again.lose()
     store.count()
-    world.login("alice", [Cursor(with_carol, 1, "lost")], user_id=alice)
-    assert [args for name, args in store.calls if name == "epochs"] == [([with_carol],)]
+    third, _ = world.login("alice", [Cursor(with_carol, 1, "lost")], user_id=alice)
+    assert "epochs" not in store.names()
+    assert third.login is not None
+    assert Cursor(with_carol, 0, epoch_of(world, with_carol).id, True) in list(
+        third.login.cursors
+    )
 
 
 def test_a_save_stores_only_the_cursors_acknowledged_since_the_last() -> None:
