@@ -334,11 +334,13 @@ async def test_console_process(reactor: Any, harness: Harness, tmp_path: Path) -
         await console.expect(
             reactor, r"^\[\d\d:\d\d:\d\d\] \(private\) bob: hi alice 👋$"
         )
-        # The console marked it read: Bob gets the receipt.
+        # The console marked it read: Bob gets the receipt.  (Alice's own
+        # message told Bob she had read up to it, first.)
         reads = [await within(reactor, bob_events.reads.get())]
-        while reads[-1][0] != alice_id:
+        while reads[-1][:2] != (alice_id, got.conversation) or reads[-1][2] <= got.seq:
             reads.append(await within(reactor, bob_events.reads.get()))
         assert reads[-1][2] == got.seq + 1
+        assert (alice_id, got.conversation, got.seq) in reads
 
         console.type(":history @bob")
         await console.expect(reactor, r"alice -> bob: hello bob 😄 ✓$")
