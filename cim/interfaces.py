@@ -72,6 +72,13 @@ class SessionExists(Exception):
         self.session = session
 
 
+class DeviceKeyUsed(Exception):
+    """
+    The device key a login presented is no longer the device's: another
+    login used it meanwhile (L{IStore.open_session}).
+    """
+
+
 class QuotaExceeded(ApiError):
     """
     A sender used up its quota of messages to a conversation
@@ -539,19 +546,23 @@ class ISessions(Interface):
         max_devices: int = ...,
         device_key: str | None = None,
         device_key_ttl: float = 0.0,
-        drop_device_key: bool = False,
+        used_device_key: str | None = None,
     ) -> Deferred[tuple[Session, list[Session], str]]:
         """
         A route's login in one round trip, atomically: L{claim_session}
         (C{claim_ttl}), then a token for the new session as
         L{issue_token} makes it (C{token_ttl}), and the device keys: the
         device's becomes C{device_key} (kept C{device_key_ttl} seconds) when
-        given, else is dropped with C{drop_device_key}; those of the other
+        given, else the C{used_device_key} is dropped; those of the other
         devices whose sessions the claim dropped are dropped.
 
+        @param used_device_key: the device key the login presented (and
+            L{check_device_key} accepted): the login goes on only while it
+            is still the device's key, so that of two logins with one key,
+            one gets in.
         @return: fires with the new L{Session}, the sessions it replaced or
             dropped, and the token; fails with L{SessionExists} as
-            L{claim_session} does, changing nothing.
+            L{claim_session} does, or L{DeviceKeyUsed}, changing nothing.
         """
 
     def activate_session(

@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 from cim.interfaces import (
     Account,
     ConversationState,
+    DeviceKeyUsed,
     Epoch,
     GroupExists,
     GroupInfo,
@@ -630,9 +631,26 @@ async def test_open_session(backend: Backend) -> None:
     assert await store.check_device_key(1, "tab", "k3")
     await store.open_session(
         1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
-        drop_device_key=True,
+        used_device_key="k3",
     )  # fmt: skip
     assert not await store.check_device_key(1, "tab", "k3")
+
+    # Rotation is atomic: of two logins that checked the same key, the
+    # second finds it used and changes nothing.
+    await store.set_device_key(1, "tab", "k4", LONG_TTL)
+    first, _, _ = await store.open_session(
+        1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+        device_key="k5", device_key_ttl=LONG_TTL, used_device_key="k4",
+    )  # fmt: skip
+    with pytest.raises(DeviceKeyUsed):
+        await store.open_session(
+            1, "alice", "h:1:2", LONG_TTL, LONG_TTL, replace=True, device="tab",
+            device_key="k6", device_key_ttl=LONG_TTL, used_device_key="k4",
+        )  # fmt: skip
+    assert await store.check_device_key(1, "tab", "k5")
+    assert not await store.check_device_key(1, "tab", "k6")
+    [held] = [s for s in await store.user_sessions(1) if s.device == "tab"]
+    assert held.session_id == first.session_id
 
 
 @pytest_twisted.ensureDeferred

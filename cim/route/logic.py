@@ -26,6 +26,7 @@ from cim.interfaces import (
     DEFAULT_POLICY,
     Account,
     ConversationState,
+    DeviceKeyUsed,
     GroupExists,
     GroupInfo,
     IRegistry,
@@ -96,6 +97,13 @@ class RouteDelivery(Protocol):
         Tell every connected device of each of C{user_ids} that
         C{reader_id} read C{conversation} up to C{seq} (a READ frame).
         """
+
+
+#: What a login with a device key that is not the device's is told.
+_DEVICE_KEY_REFUSED = (
+    "the device key is wrong, expired, used already or not this "
+    "device's: log in with the password (or the account key)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,10 +448,14 @@ class Router:
                 max_devices=self.max_devices,
                 device_key=new_key,
                 device_key_ttl=self.device_key_ttl,
-                drop_device_key=bool(device and device_key),
+                used_device_key=device_key if device else None,
             )
         except SessionExists:
             raise self._repeat_login(user_id) from None
+        except DeviceKeyUsed:
+            # Another login with the same key got in first.
+            self._failed(subject, address)
+            raise ApiError(codes.ACCOUNT_MISMATCH, _DEVICE_KEY_REFUSED) from None
         for old in dropped:
             self.kick(old, KICK_REPLACED if old.device == device else KICK_DEVICE_LIMIT)
         self.log.info(
@@ -505,11 +517,7 @@ class Router:
                 account.user_id, device, device_key
             ):
                 return True
-            raise ApiError(
-                codes.ACCOUNT_MISMATCH,
-                "the device key is wrong, expired, used already or not this "
-                "device's: log in with the password (or the account key)",
-            )
+            raise ApiError(codes.ACCOUNT_MISMATCH, _DEVICE_KEY_REFUSED)
         for candidate in (token, credentials.token):
             if candidate:
                 info = await self.store.verify_token(candidate)

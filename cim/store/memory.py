@@ -35,6 +35,7 @@ from cim.interfaces import (
     TOKEN_UNKNOWN,
     Account,
     ConversationState,
+    DeviceKeyUsed,
     Epoch,
     GroupExists,
     GroupInfo,
@@ -390,8 +391,14 @@ class MemoryStore:
         max_devices: int = MAX_DEVICES,
         device_key: str | None = None,
         device_key_ttl: float = 0.0,
-        drop_device_key: bool = False,
+        used_device_key: str | None = None,
     ) -> tuple[Session, list[Session], str]:
+        if used_device_key is not None:
+            held = self._device_keys.get((user_id, device))
+            if held is None or not hmac.compare_digest(
+                held[0], token_key(used_device_key)
+            ):
+                raise DeviceKeyUsed()
         session, dropped = self._claim(
             user_id, user_name, server, claim_ttl, replace, device, max_devices
         )
@@ -404,7 +411,7 @@ class MemoryStore:
                 token_key(device_key),
                 self._seconds() + device_key_ttl,
             )
-        elif drop_device_key:
+        elif used_device_key is not None:
             self._device_keys.pop((user_id, device), None)
         return session, dropped, token
 

@@ -163,6 +163,7 @@ from cim.interfaces import (
     TOKEN_UNKNOWN,
     Account,
     ConversationState,
+    DeviceKeyUsed,
     Epoch,
     GroupExists,
     GroupInfo,
@@ -681,7 +682,7 @@ class RedisStore:
         max_devices: int = MAX_DEVICES,
         device_key: str | None = None,
         device_key_ttl: float = 0.0,
-        drop_device_key: bool = False,
+        used_device_key: str | None = None,
     ) -> tuple[Session, list[Session], str]:
         active = encode_active(self._seconds())
         session = Session(
@@ -714,9 +715,11 @@ class RedisStore:
                 digest,
                 "" if device_key is None else token_key(device_key),
                 _ms(device_key_ttl),
-                "1" if drop_device_key else "0",
+                "" if used_device_key is None else token_key(used_device_key),
             ],
         )
+        if int(result[0]) < 0:
+            raise DeviceKeyUsed()
         sessions = self._sessions(user_id, result[1:])
         if not int(result[0]):
             raise SessionExists(sessions[0])
