@@ -17,7 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim import names
 from cim.daemon import AsyncStartService
-from cim.delivery import Delivery
+from cim.delivery import Delivery, PushRetry
 from cim.interfaces import IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
 from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
@@ -29,6 +29,7 @@ from cim.limits_net import (
     NetLimits,
 )
 from cim.listen import Listen, bound_host, is_tls, server_endpoint
+from cim.metrics import Metrics
 from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
@@ -58,6 +59,8 @@ class RouteConfig:
     @ivar ca_file: the CAs of the servers' push API certificates.
     @ivar max_devices: how many devices (sessions) one user may hold.
     @ivar device_key_ttl: how long a device key lives, in seconds.
+    @ivar push_retry: how the pushes of HTTP sends that failed are sent
+        again.
     """
 
     port: Listen = 8083
@@ -81,6 +84,7 @@ class RouteConfig:
     ca_file: str | None = None
     max_devices: int = MAX_DEVICES
     device_key_ttl: float = DEVICE_KEY_TTL
+    push_retry: PushRetry = field(default_factory=PushRetry)
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -188,6 +192,7 @@ class RouteService(AsyncStartService):
         self._janitor: DeadServerJanitor | None = None
         self._pool: HTTPConnectionPool | None = None
         self._registry_started = False
+        self.delivery: Delivery | None = None
 
     async def _start(self) -> None:
         config = self.config
@@ -209,12 +214,15 @@ class RouteService(AsyncStartService):
         )
         self._janitor.start()
         local = self.local
-        delivery = Delivery(
+        metrics = Metrics("cim_route")
+        self.delivery = delivery = Delivery(
             store,
             pusher,
             local=local,
             here=str(local.address) if local else None,
             clock=self.reactor,
+            retry=config.push_retry,
+            metrics=metrics,
         )
         self.api = RouteAPI(
             store,
@@ -236,6 +244,7 @@ class RouteService(AsyncStartService):
             max_devices=config.max_devices,
             device_key_ttl=config.device_key_ttl,
         )
+        self.api.metrics.include(metrics)
         site = QuietSite(
             WebClient(self.api.app.resource()),
             reactor=self.reactor,
@@ -271,6 +280,8 @@ class RouteService(AsyncStartService):
         if self._janitor is not None:
             self._janitor.stop()
             self._janitor = None
+        if self.delivery is not None:
+            self.delivery.stop()
         if self._registry_started:
             self._registry_started = False
             await self._step("leaving the registry", self.registry.stop)

@@ -15,12 +15,14 @@ from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
+    PUSH_RETRY,
     SECRET_PARAMETERS,
     SEND_LIMITS,
     check_ca_file,
     check_registry_url,
     check_store_url,
     positive_float,
+    push_retry_from,
     secret_option,
     whole_number,
 )
@@ -123,6 +125,7 @@ class Options(usage.Options):
         MAX_DEVICES_OPTION,
         DEVICE_KEY_TTL_OPTION,
         *SEND_LIMITS,
+        *PUSH_RETRY,
         *daemon_options(HTTP_PER_ADDRESS),
     ]
 
@@ -160,6 +163,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         ca_file=options["ca-file"],
         max_devices=options["max-devices"],
         device_key_ttl=options["device-key-ttl"],
+        push_retry=push_retry_from(options),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.web.client import HTTPConnectionPool
 
 from cim.daemon import AsyncStartService
+from cim.delivery import PushRetry
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
@@ -45,6 +46,7 @@ class ServerConfig:
         like C{port}; C{None}: no gateway.
     @ivar ws_origins: the C{--ws-origin} patterns of the pages that may
         open a WebSocket (none: pages of the host the request names).
+    @ivar push_retry: how failed pushes to other servers are sent again.
     """
 
     port: Listen = 11211
@@ -66,6 +68,7 @@ class ServerConfig:
     ca_file: str | None = None
     ws_port: Listen | None = None
     ws_origins: tuple[str, ...] = ()
+    push_retry: PushRetry = field(default_factory=PushRetry)
 
 
 class IMServerService(AsyncStartService):
@@ -191,6 +194,7 @@ class IMServerService(AsyncStartService):
             rate=config.rate,
             max_batch=config.max_batch,
             session_ttl=config.session_ttl,
+            push_retry=config.push_retry,
         )
         clients.wrapped = ClientConnectionFactory(
             server, config.max_frame, config.max_output
