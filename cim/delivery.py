@@ -485,7 +485,12 @@ class Delivery:
         Send what is kept for C{state}'s server after its backoff, unless
         a retry to it is waiting or in flight.
         """
-        if state.busy or state.call is not None or not state.queue:
+        if state.busy or state.call is not None:
+            return
+        if not any(k.live for k in state.queue):
+            state.queue = []
+            if self._servers.get(state.server) is state:
+                del self._servers[state.server]
             return
         retry = self.retry
         delay = min(retry.max_delay, retry.first_delay * 2**state.failures)
