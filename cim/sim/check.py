@@ -235,9 +235,15 @@ def _check_oneshots(
     device: nothing later in the conversation would reveal it missing, so
     only its push (or a push sent again) or a login brings it.
 
-    Failed pushes are kept in the memory of the server that made them: a
-    message whose server crashed within the retry time after the send is
-    excused (its recipients get it at their next login).
+    Two cases are excused, where the recipients get the message only at
+    their next login:
+      - failed pushes are kept in the memory of the server that made them:
+        a message whose server crashed within the retry time after the
+        send;
+      - when the store's clock jumps ahead past the sessions' time to
+        live, the connected devices have no session until their servers
+        renew them (every third of it), and deliveries find them offline:
+        a message sent within a session lifetime after such a jump.
     """
     out: list[str] = []
     uid = device.user.user_id
@@ -255,7 +261,7 @@ def _check_oneshots(
             if any(
                 host == sent.via and sent.at <= at <= sent.at + SESSION_TTL
                 for at, host in world.crashes
-            ):
+            ) or any(at <= sent.at <= at + SESSION_TTL for at in world.store_jumps):
                 continue
             if (conversation, m.epoch, m.seq) not in shown:
                 out.append(

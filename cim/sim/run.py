@@ -24,7 +24,7 @@ from cim import names
 from cim.client.library import ClientState
 from cim.envelope import OFFLINE_USER
 from cim.message import BROADCAST, GROUP_PREFIX, group_conversation, pair_conversation
-from cim.sim.world import EPOCH_START, Device, Sent, World, _logged
+from cim.sim.world import EPOCH_START, SESSION_TTL, Device, Sent, World, _logged
 
 #: Seconds of workload and faults.
 ACTIVE = 25.0
@@ -509,6 +509,8 @@ class Scenario:
             jump = rng.choice([5.0, 30.0, 120.0])
             world.trace(f"FAULT clock of {node.name} jumps {jump}s ahead")
             node.offset += jump
+            if node is world.store_node and jump >= SESSION_TTL / 2:
+                world.store_jumps.append(world.clock.seconds())
         elif kind == "not_reading":
             device = rng.choice(world.devices())
             world.trace(f"FAULT {device.name} stops reading for {length:.1f}s")

@@ -593,6 +593,8 @@ class World:
         self.oneshots: dict[str, str] = {}
         #: (time, host) of each server crash.
         self.crashes: list[tuple[float, str]] = []
+        #: When the store's clock jumped ahead.
+        self.store_jumps: list[float] = []
         self.groups: list[str] = []
         self.sends: dict[str, Sent] = {}
         #: (snapshot time, restore time) of each restore of the store.
