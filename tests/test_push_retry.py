@@ -10,6 +10,7 @@ import random
 from collections.abc import Sequence
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python import usage
@@ -501,3 +502,48 @@ def test_the_push_retry_options_reach_the_config(module: str) -> None:
     )  # fmt: skip
     config = tap.config_from(options)
     assert config.push_retry == PushRetry(time=12.0, max_pending=9)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_route_counts_its_retries_and_stops_them() -> None:
+    from twisted.internet import reactor
+
+    from cim.registry.local import LocalRegistry
+    from cim.route.service import RouteConfig, RouteService
+    from cim.store.memory import MemoryStore
+
+    store = MemoryStore(reactor)  # type: ignore[arg-type]
+    service = RouteService(
+        reactor,  # type: ignore[arg-type]
+        RouteConfig(
+            port=0,
+            bind="127.0.0.1",
+            secret="a-long-secret",
+            push_retry=PushRetry(time=30.0, max_pending=10),
+        ),
+        lambda: succeed(store),
+        LocalRegistry(),
+    )
+    service.startService()
+    await service.ready
+    delivery = service.delivery
+    assert delivery is not None and delivery.retry.max_pending == 10
+    assert service.api is not None
+    assert b"cim_route_push_retries_total 0" in service.api.metrics.render()
+    bob = store.register("bob").result.user_id  # type: ignore[attr-defined]
+    session, _ = store.claim_session(bob, "bob", THERE, 600, device="phone").result  # type: ignore[attr-defined]
+    store.activate_session(bob, session.session_id, device="phone")
+    pusher = FlakyPusher(Clock())
+    pusher.down = {THERE}
+    delivery.pusher = pusher
+    stored = store.append([NewMessage("g:x", bob, "bob", "hi")]).result  # type: ignore[attr-defined]
+    report = await delivery.deliver(stored, [bob])
+    assert report == DeliveryReport(failed=[bob]) and delivery.pending == 1
+    await service.stopService()
+    assert delivery.pending == 0
+    rounds = [
+        call
+        for call in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        if getattr(call.func, "__name__", "") == "_round"
+    ]
+    assert rounds == []
