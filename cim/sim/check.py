@@ -240,10 +240,12 @@ def _check_oneshots(
       - failed pushes are kept in the memory of the server that made them:
         a message whose server crashed within the retry time after the
         send;
-      - when the store's clock jumps ahead past the sessions' time to
-        live, the connected devices have no session until their servers
-        renew them (every third of it), and deliveries find them offline:
-        a message sent within a session lifetime after such a jump.
+      - a device connected while the store had no session naming its
+        server, when the message was sent or acknowledged (after a
+        restore, a jump of the store's clock past the sessions' time to
+        live, or a janitor that dropped a live server's sessions, until the
+        server renews them): deliveries find it offline
+        (L{World.unseated}).
     """
     out: list[str] = []
     uid = device.user.user_id
@@ -261,7 +263,9 @@ def _check_oneshots(
             if any(
                 host == sent.via and sent.at <= at <= sent.at + SESSION_TTL
                 for at, host in world.crashes
-            ) or any(at <= sent.at <= at + SESSION_TTL for at in world.store_jumps):
+            ):
+                continue
+            if f"{uid}/{device.device_id}" in sent.unseated:
                 continue
             if (conversation, m.epoch, m.seq) not in shown:
                 out.append(

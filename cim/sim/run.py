@@ -12,7 +12,7 @@ import random
 import secrets
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ from cim import names
 from cim.client.library import ClientState
 from cim.envelope import OFFLINE_USER
 from cim.message import BROADCAST, GROUP_PREFIX, group_conversation, pair_conversation
-from cim.sim.world import EPOCH_START, SESSION_TTL, Device, Sent, World, _logged
+from cim.sim.world import EPOCH_START, Device, Sent, World, _logged
 
 #: Seconds of workload and faults.
 ACTIVE = 25.0
@@ -226,7 +226,7 @@ class Scenario:
         device = self.rng.choice(senders)
         [peer] = set(pair) - {device.user.user_id}
         conversation = pair_conversation(*pair)
-        text = self.send(device, conversation, peer, "")
+        text = self.send(device, conversation, peer, "", members=pair)
         world.oneshots[conversation] = text
 
     def do_burst(self, device: Device) -> None:
@@ -235,7 +235,20 @@ class Scenario:
         else:
             self.do_group(device, self.rng.randint(3, 10))
 
-    def send(self, device: Device, conversation: str, peer: int, group: str) -> str:
+    def send(
+        self,
+        device: Device,
+        conversation: str,
+        peer: int,
+        group: str,
+        members: Sequence[int] = (),
+    ) -> str:
+        """
+        Send a text from C{device}; @return: the text.  With C{members},
+        note which of their devices are connected without a session that
+        says so, when it is sent and when it is acknowledged
+        (L{World.unseated}).
+        """
         world = self.world
         client = device.client
         assert client is not None and device.recorder is not None
@@ -248,6 +261,8 @@ class Scenario:
             world.clock.seconds(),
         )
         sent.via = client.server[0] if client.server else ""
+        if members:
+            sent.unseated |= world.unseated(members)
         world.sends[text] = sent
         world.trace(f"{device.name}#{sent.instance} sends {text!r} to {conversation}")
         d = client.send_group(group, text) if group else client.send_private(peer, text)
@@ -255,6 +270,8 @@ class Scenario:
         def acked(ack: Any) -> None:
             sent.acked_at = world.clock.seconds()
             sent.seq = ack.seq
+            if members:
+                sent.unseated |= world.unseated(members)
             world.trace(
                 f"{device.name}: {text!r} acked as {ack.conversation}:{ack.seq}"
             )
@@ -509,8 +526,6 @@ class Scenario:
             jump = rng.choice([5.0, 30.0, 120.0])
             world.trace(f"FAULT clock of {node.name} jumps {jump}s ahead")
             node.offset += jump
-            if node is world.store_node and jump >= SESSION_TTL / 2:
-                world.store_jumps.append(world.clock.seconds())
         elif kind == "not_reading":
             device = rng.choice(world.devices())
             world.trace(f"FAULT {device.name} stops reading for {length:.1f}s")
