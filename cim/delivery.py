@@ -148,7 +148,9 @@ class Delivery:
     message that arrives again is dropped).  A push is given up past
     C{retry.time}, or when more than C{retry.max_pending} are kept (the
     oldest first), with a warning: its recipients get it at their next gap
-    or login.  L{stop} cancels the retries.
+    or login.  L{stop} cancels the retries.  (The pusher's Deferreds must
+    fire in the end: its pushes time out.  A retry round to a server waits
+    for its pushes before the next.)
 
     @param here: the L{cim.interfaces.ServerAddress} string of the IM server
         this process runs (with C{local}), or C{None} in a route.
