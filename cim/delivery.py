@@ -4,17 +4,25 @@ then deliver it to wherever each recipient is connected.
 
 Delivery is at-least-once on the wire and exactly-once on screen: every
 message is appended to the store (and so survives) before anybody is told it
-was sent; pushes are best effort, and a recipient that missed one gets it
-from the store when its server notices the gap or when it logs in again.
+was sent.  A push to another server that fails is kept and sent again in
+the background (L{PushRetry}): with backoff, to wherever the devices it was
+for are connected by then, until it is delivered, they are gone, or its
+time is up.  Pushes are idempotent (a server's streams drop what a
+connection already got), so sending one again is safe.  A recipient that
+still missed one gets it from the store when its server notices the gap or
+when it logs in again.
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,9 +35,11 @@ from cim.interfaces import (
     QuotaExceeded,
     Session,
 )
+from cim.limits import MAX_PUSH_RETRIES, SESSION_TTL
 from cim.message import ChatMessage
+from cim.metrics import Metrics
 
-__all__ = ["Delivery", "DeliveryReport", "ILocalDelivery", "IPusher"]
+__all__ = ["Delivery", "DeliveryReport", "ILocalDelivery", "IPusher", "PushRetry"]
 
 #: Delivers to users connected here: user ids -> those with no device here.
 _Local = Callable[[Sequence[int]], list[int]]
@@ -55,6 +65,65 @@ class DeliveryReport:
     failed: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class PushRetry:
+    """
+    How a daemon sends failed pushes again.
+
+    @ivar time: seconds after its first failure that a push is given up
+        (C{--push-retry-time}; by default a session's time to live: a
+        server that cannot be reached for that long has lost its sessions).
+    @ivar max_pending: the most failed pushes kept (C{--push-retry-max});
+        past that the oldest are given up.
+    @ivar first_delay: seconds before the first retry to a server; each
+        retry that fails doubles it, up to C{max_delay}.  The delay drawn is
+        between half and all of it (jitter), so that daemons that failed
+        together do not retry together.
+    """
+
+    time: float = SESSION_TTL
+    max_pending: int = MAX_PUSH_RETRIES
+    first_delay: float = 0.5
+    max_delay: float = 10.0
+
+
+@dataclass(slots=True, eq=False)
+class _Kept:
+    """
+    A push that failed, kept to be sent again.
+
+    @ivar push: sends what it carries (messages, or a read event) to a
+        server; C{local}: delivers it to the devices connected here.
+    @ivar devices: user id -> the devices (session device ids) it was for.
+    @ivar deadline: when it is given up (its clock's seconds).
+    @ivar live: still to be sent: C{False} once delivered, dropped or
+        given up.
+    """
+
+    push: _Push
+    local: _Local | None
+    devices: dict[int, set[str]]
+    deadline: float
+    live: bool = True
+
+
+@dataclass(slots=True, eq=False)
+class _Server:
+    """
+    The failed pushes to one server, sent again together (one session
+    lookup, one timer) in the order they failed.
+
+    @ivar failures: retries to it in a row that failed (the backoff).
+    @ivar busy: a retry round to it is in flight.
+    """
+
+    server: str
+    queue: list[_Kept] = field(default_factory=list)
+    failures: int = 0
+    call: IDelayedCall | None = None
+    busy: bool = False
+
+
 class Delivery:
     """
     Append messages to the store and deliver them to every connected device
@@ -68,10 +137,28 @@ class Delivery:
     miss a device that logged in elsewhere since: its live messages would
     wait for its next gap or login.)
 
+    A push that fails is kept (per server: what it carried, and the devices
+    it was for) and sent again on C{clock}, after a backoff with jitter
+    (L{PushRetry}); each retry looks the devices up again: one that moved
+    is pushed to on its new server (or delivered to here), one with no
+    session any more is dropped (it catches up at its next login).  The
+    pushes kept for one server go again together, in the order they
+    failed; a push made meanwhile may overtake them, which the receiving
+    streams tolerate (a later message opens a gap that the store fills; a
+    message that arrives again is dropped).  A push is given up past
+    C{retry.time}, or when more than C{retry.max_pending} are kept (the
+    oldest first), with a warning: its recipients get it at their next gap
+    or login.  L{stop} cancels the retries.  (The pusher's Deferreds must
+    fire in the end: its pushes time out.  A retry round to a server waits
+    for its pushes before the next.)
+
     @param here: the L{cim.interfaces.ServerAddress} string of the IM server
         this process runs (with C{local}), or C{None} in a route.
-    @param clock: unused (deliveries keep no cache any more); accepted for
-        the callers that pass one.
+    @param clock: the retries' timers.
+    @param rng: the jitter of the retries' delays.
+    @param metrics: where to count the retries
+        (C{push_retries_total}, C{push_retries_abandoned_total},
+        C{push_retries_pending}); a set of its own by default.
     """
 
     log = Logger()
@@ -82,12 +169,38 @@ class Delivery:
         pusher: IPusher,
         local: ILocalDelivery | None = None,
         here: str | None = None,
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
+        retry: PushRetry | None = None,
+        rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.pusher = pusher
         self.local = local
         self.here = here
+        self.clock = clock
+        self.retry = retry or PushRetry()
+        self._rng = rng or random.Random()
+        self._servers: dict[str, _Server] = {}
+        #: Every kept push, oldest first (and some no longer live).
+        self._kept: deque[_Kept] = deque()
+        self._pending = 0
+        self._stopped = False
+        self.metrics = metrics = metrics or Metrics("cim_delivery")
+        self.m_retried = metrics.counter(
+            "push_retries_total", "Failed pushes to other servers sent again"
+        )
+        self.m_abandoned = metrics.counter(
+            "push_retries_abandoned_total",
+            "Failed pushes given up (too old, or too many kept): their "
+            "recipients get them at their next gap or login",
+        )
+        metrics.gauge(
+            "push_retries_pending",
+            "Failed pushes kept to be sent again",
+            lambda: self._pending,
+        )
         self._appender: Batcher[list[NewMessage], list[ChatMessage]] = Batcher(
             # One batch at a time keeps appends in submission order (a
             # sender's messages are stored in the order it sent them); and
@@ -101,6 +214,29 @@ class Delivery:
         self._lookup: Batcher[list[int], dict[int, list[Session]]] = Batcher(
             self._lookup_batch, max_in_flight=4, max_batch=500
         )
+
+    @property
+    def pending(self) -> int:
+        """
+        How many failed pushes are kept to be sent again.
+        """
+        return self._pending
+
+    def stop(self) -> None:
+        """
+        Give up every kept push and cancel the retries' timers; pushes that
+        fail from now on are not kept.
+        """
+        self._stopped = True
+        for state in self._servers.values():
+            if state.call is not None and state.call.active():
+                state.call.cancel()
+            state.call = None
+        self._servers.clear()
+        for kept in self._kept:
+            kept.live = False
+        self._kept.clear()
+        self._pending = 0
 
     # Appending
 
@@ -177,7 +313,8 @@ class Delivery:
         each of C{user_ids}: those connected to this process directly, the
         others with one push per server holding any of their sessions.
         Never fails: a failure to reach a server is reported (and logged),
-        and the store still holds the messages.
+        the store still holds the messages, and the push is sent again in
+        the background.
         """
         local = self.local
         return self._fan_out(
@@ -218,7 +355,7 @@ class Delivery:
         if not users:
             return succeed(DeliveryReport())
         d: Deferred = self._lookup.submit_deferred(users)
-        d.addCallback(self._push_remote, push, users, reached)
+        d.addCallback(self._push_remote, push, local, users, reached)
         d.addErrback(self._lookup_failed, users, reached)
         return d
 
@@ -232,48 +369,290 @@ class Delivery:
         self,
         sessions: dict[int, list[Session]],
         push: _Push,
+        local: _Local | None,
         users: list[int],
         reached: set[int],
     ) -> Deferred[DeliveryReport]:
-        by_server: dict[str, list[int]] = {}
+        # server -> user id -> the devices of the user there.
+        by_server: dict[str, dict[int, set[str]]] = {}
         for uid in users:
-            for server in dict.fromkeys(s.server for s in sessions.get(uid, ())):
+            for s in sessions.get(uid, ()):
                 # A session here whose device is not connected (claimed, or
                 # its connection just went away): the store has the
                 # messages for its next login.
-                if server != self.here:
-                    by_server.setdefault(server, []).append(uid)
+                if s.server != self.here:
+                    by_server.setdefault(s.server, {}).setdefault(uid, set()).add(
+                        s.device
+                    )
         if not by_server:
             return succeed(_report(users, reached, set()))
         failed: set[int] = set()
         pushes = []
-        for server, uids in by_server.items():
+        for server, devices in by_server.items():
+            uids = list(devices)
             d = push(server, uids)
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
-                callbackArgs=(uids, reached),
-                errbackArgs=(server, uids, failed),
+                callbackArgs=(server, uids, reached),
+                errbackArgs=(server, devices, failed, push, local),
             )
             pushes.append(d)
         return _all(pushes).addCallback(
             lambda _: _report(users, reached, failed - reached)
         )
 
-    def _pushed(self, missing: list[int], uids: list[int], reached: set[int]) -> None:
+    def _pushed(
+        self, missing: list[int], server: str, uids: list[int], reached: set[int]
+    ) -> None:
         gone = set(missing)
         reached.update(u for u in uids if u not in gone)
+        self._answered(server)
 
     def _push_failed(
-        self, failure: Failure, server: str, uids: list[int], failed: set[int]
+        self,
+        failure: Failure,
+        server: str,
+        devices: dict[int, set[str]],
+        failed: set[int],
+        push: _Push,
+        local: _Local | None,
     ) -> None:
         self.log.warn(
-            "Push to {server} failed for {count} users: {error}",
+            "Push to {server} failed for {count} users: {error}; sending it again",
             server=server,
-            count=len(uids),
-            error=failure.getErrorMessage(),
+            count=len(devices),
+            error=_error(failure),
         )
-        failed.update(uids)
+        failed.update(devices)
+        self._keep(
+            server,
+            [
+                _Kept(
+                    push,
+                    local,
+                    devices,
+                    self.clock.seconds() + self.retry.time,
+                )
+            ],
+        )
+
+    # Sending failed pushes again
+
+    def _keep(self, server: str, kept: list[_Kept]) -> None:
+        """
+        Keep C{kept} (new failures) to be sent to C{server} again, after
+        those already kept for it.
+        """
+        if self._stopped:
+            return
+        state = self._servers.get(server)
+        if state is None:
+            state = self._servers[server] = _Server(server)
+        state.queue.extend(kept)
+        self._kept.extend(kept)
+        self._pending += len(kept)
+        self._trim()
+        self._schedule(state)
+
+    def _trim(self) -> None:
+        """
+        Give up the oldest kept pushes past C{retry.max_pending}.
+        """
+        dropped = 0
+        while self._pending > self.retry.max_pending:
+            kept = self._kept.popleft()
+            if kept.live:
+                kept.live = False
+                self._pending -= 1
+                dropped += 1
+        if dropped:
+            self.m_abandoned.inc(dropped)
+            self.log.warn(
+                "Gave up {count} failed pushes: more than {limit} kept "
+                "(their recipients get them at their next gap or login)",
+                count=dropped,
+                limit=self.retry.max_pending,
+            )
+        if len(self._kept) > 2 * self._pending + 64:
+            self._kept = deque(k for k in self._kept if k.live)
+
+    def _done(self, kept: _Kept) -> None:
+        if kept.live:
+            kept.live = False
+            self._pending -= 1
+
+    def _schedule(self, state: _Server) -> None:
+        """
+        Send what is kept for C{state}'s server after its backoff, unless
+        a retry to it is waiting or in flight.
+        """
+        if state.busy or state.call is not None:
+            return
+        if not any(k.live for k in state.queue):
+            state.queue = []
+            if self._servers.get(state.server) is state:
+                del self._servers[state.server]
+            return
+        retry = self.retry
+        delay = min(retry.max_delay, retry.first_delay * 2**state.failures)
+        delay *= self._rng.uniform(0.5, 1.0)
+        state.call = self.clock.callLater(delay, self._round, state)
+
+    def _answered(self, server: str) -> None:
+        """
+        C{server} took a push: what is kept for it goes soon.
+        """
+        state = self._servers.get(server)
+        if state is None or state.failures == 0:
+            return
+        state.failures = 0
+        if state.call is not None and state.call.active():
+            state.call.cancel()
+            state.call = None
+            self._schedule(state)
+
+    def _round(self, state: _Server) -> None:
+        """
+        Send again what is kept for C{state}'s server: look its devices up,
+        deliver to those connected here, push to the servers holding the
+        others.
+        """
+        state.call = None
+        now = self.clock.seconds()
+        kept = [k for k in state.queue if k.live]
+        state.queue = []
+        late = [k for k in kept if k.deadline <= now]
+        if late:
+            for k in late:
+                self._done(k)
+            self.m_abandoned.inc(len(late))
+            self.log.warn(
+                "Gave up {count} pushes to {server}: failing for {time}s "
+                "(their recipients get them at their next gap or login)",
+                count=len(late),
+                server=state.server,
+                time=self.retry.time,
+            )
+            kept = [k for k in kept if k.live]
+        if not kept:
+            if self._servers.get(state.server) is state and not state.queue:
+                del self._servers[state.server]
+            return
+        state.busy = True
+        users = sorted({uid for k in kept for uid in k.devices})
+        d: Deferred = self._lookup.submit_deferred(users)
+        d.addCallback(self._resend, kept)
+        d.addErrback(self._lookup_failed_again, state.server, kept)
+        d.addCallback(self._round_done, state)
+        d.addErrback(
+            lambda f: self.log.failure("Sending failed pushes again failed", f)
+        )
+
+    def _resend(
+        self, sessions: dict[int, list[Session]], kept: list[_Kept]
+    ) -> Deferred[dict[str, list[_Kept]]]:
+        """
+        Send each of C{kept} again, where its devices are now.
+
+        @return: fires once every push is answered, with those that failed
+            again (by server, in order).
+        """
+        again: dict[str, list[_Kept]] = {}
+        if self._stopped:
+            return succeed(again)
+        pushes: list[Deferred[Any]] = []
+        for k in kept:
+            # server -> user id -> devices, of those sessions still held.
+            targets: dict[str, dict[int, set[str]]] = {}
+            here: list[int] = []
+            for uid, wanted in k.devices.items():
+                for s in sessions.get(uid, ()):
+                    if s.device not in wanted:
+                        continue
+                    if s.server == self.here:
+                        if uid not in here:
+                            here.append(uid)
+                    else:
+                        targets.setdefault(s.server, {}).setdefault(uid, set()).add(
+                            s.device
+                        )
+            self._done(k)
+            if here and k.local is not None:
+                k.local(here)
+            for server, found in targets.items():
+                moved = _Kept(k.push, k.local, found, k.deadline)
+                self._kept.append(moved)
+                self._pending += 1
+                self.m_retried.inc()
+                d: Deferred[Any] = k.push(server, list(found))
+                d.addCallbacks(
+                    self._resent,
+                    self._resend_failed,
+                    callbackArgs=(server, moved),
+                    errbackArgs=(server, moved, again),
+                )
+                pushes.append(d)
+        self._trim()
+        done: Deferred[object] = _all(pushes) if pushes else succeed(None)
+        return done.addCallback(lambda _: again)
+
+    def _resent(self, missing: list[int], server: str, kept: _Kept) -> None:
+        self._done(kept)
+        self._answered(server)
+
+    def _resend_failed(
+        self,
+        failure: Failure,
+        server: str,
+        kept: _Kept,
+        again: dict[str, list[_Kept]],
+    ) -> None:
+        self.log.info(
+            "Push to {server} failed again for {count} users: {error}",
+            server=server,
+            count=len(kept.devices),
+            error=_error(failure),
+        )
+        again.setdefault(server, []).append(kept)
+
+    def _lookup_failed_again(
+        self, failure: Failure, server: str, kept: list[_Kept]
+    ) -> dict[str, list[_Kept]]:
+        self.log.warn(
+            "Session lookup for failed pushes to {server} failed: {error}",
+            server=server,
+            error=_error(failure),
+        )
+        return {server: kept}
+
+    def _round_done(self, again: dict[str, list[_Kept]], state: _Server) -> None:
+        """
+        Put what failed again back in front of what was kept for each
+        server meanwhile, and schedule the next retries.
+        """
+        state.busy = False
+        if self._stopped:
+            return
+        for server, kept in again.items():
+            live = [k for k in kept if k.live]
+            target = self._servers.get(server)
+            if target is None:
+                target = self._servers[server] = _Server(server)
+            target.queue[:0] = live
+            target.failures += 1
+            self._schedule(target)
+        if state.queue:
+            self._schedule(state)
+        elif self._servers.get(state.server) is state and state.call is None:
+            del self._servers[state.server]
+
+
+def _error(failure: Failure) -> str:
+    """
+    What went wrong, for a log line (a time-out's message is empty).
+    """
+    return failure.getErrorMessage() or getattr(failure.type, "__name__", "error")
 
 
 def _report(users: list[int], reached: set[int], failed: set[int]) -> DeliveryReport:

@@ -26,6 +26,9 @@ MAX_BATCH = 100
 SENDER_QUOTA = 5_000
 #: Seconds a connected session lives unless its server renews it.
 SESSION_TTL = 90.0
+#: How many failed pushes to other servers a daemon keeps to send again
+#: (C{--push-retry-max}); past that, the oldest are given up.
+MAX_PUSH_RETRIES = 100_000
 #: How many sessions (devices) one user may hold at once by default (the
 #: route's C{--max-devices}).
 MAX_DEVICES = 5

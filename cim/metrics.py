@@ -135,6 +135,12 @@ class Metrics:
         self._metrics.append(metric)
         return metric
 
+    def include(self, other: Metrics) -> None:
+        """
+        Render C{other}'s metrics with these (a part that counts its own).
+        """
+        self._metrics.extend(other._metrics)
+
     def render(self) -> bytes:
         """
         The Prometheus text format of every metric.

@@ -10,7 +10,8 @@ from typing import Any
 
 from twisted.python import usage
 
-from cim.limits import MAX_BATCH, SENDER_QUOTA
+from cim.delivery import PushRetry
+from cim.limits import MAX_BATCH, MAX_PUSH_RETRIES, SENDER_QUOTA, SESSION_TTL
 from cim.registry import parse_zk_url
 from cim.store import STORE_URLS, parse_redis_url
 
@@ -137,6 +138,38 @@ PUSH_PARAMETERS: list[list[Any]] = [
         positive_float("push-timeout", high=600.0),
     ],
 ]
+
+
+#: How failed pushes to other servers are sent again, for every daemon
+#: that delivers (L{cim.delivery.PushRetry}).
+PUSH_RETRY: list[list[Any]] = [
+    [
+        "push-retry-time",
+        None,
+        SESSION_TTL,
+        "Seconds a push to another server that failed is sent again (with "
+        "backoff) before it is given up; its recipients then get the "
+        "message at their next gap or login.",
+        positive_float("push-retry-time", 1.0, 86400.0),
+    ],
+    [
+        "push-retry-max",
+        None,
+        MAX_PUSH_RETRIES,
+        "The most failed pushes kept to be sent again; past that, the "
+        "oldest are given up.",
+        whole_number("push-retry-max", 0, 10**8),
+    ],
+]
+
+
+def push_retry_from(options: Any) -> PushRetry:
+    """
+    The L{PushRetry} that the C{PUSH_RETRY} options of C{options} ask for.
+    """
+    return PushRetry(
+        time=options["push-retry-time"], max_pending=options["push-retry-max"]
+    )
 
 
 def check_store_url(url: str) -> None:

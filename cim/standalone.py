@@ -31,6 +31,7 @@ from cim.options import (
     check_ca_file,
     check_registry_url,
     check_store_url,
+    push_retry_from,
     secret_option,
 )
 from cim.route.service import RouteConfig, RouteService
@@ -147,6 +148,7 @@ class StandaloneService(AsyncStartService):
                 sender_quota=o["sender-quota"],
                 max_output=o["max-output"],
                 session_ttl=o["session-ttl"],
+                push_retry=push_retry_from(o),
                 ca_file=o["ca-file"],
                 ws_port=o["ws-port"],
                 ws_origins=tuple(o["ws-origin"]),
@@ -174,6 +176,7 @@ class StandaloneService(AsyncStartService):
                 ca_file=o["ca-file"],
                 max_devices=o["max-devices"],
                 device_key_ttl=o["device-key-ttl"],
+                push_retry=push_retry_from(o),
             ),
             lambda: succeed(store),
             open_registry(o["registry"], self.reactor),

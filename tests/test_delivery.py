@@ -104,7 +104,9 @@ class Setting:
         self.store = CountingStore(self.clock)
         self.pusher = Pusher()
         self.local = Local(*connected_here)
-        self.delivery = Delivery(self.store, self.pusher, local=self.local, here=HERE)
+        self.delivery = Delivery(
+            self.store, self.pusher, local=self.local, here=HERE, clock=self.clock
+        )
         self.alice = self.store.register("alice").result.user_id
         self.bob = self.store.register("bob").result.user_id
 

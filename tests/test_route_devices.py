@@ -595,7 +595,7 @@ def test_bad_max_devices(
 )
 def test_private_sends_with_the_real_delivery() -> None:
     route = Route()
-    route.delivery = delivery = Delivery(route.store, route.pusher)
+    route.delivery = delivery = Delivery(route.store, route.pusher, clock=route.clock)
     route.api.router.delivery = delivery
     alice = route.register("alice")
     bob = route.register("bob")

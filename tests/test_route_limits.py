@@ -102,7 +102,7 @@ def test_one_refused_send_fails_alone() -> None:
     clock = Clock()
     store = HeldAppends(clock)
     store.retention = replace(store.retention, sender_quota=2)
-    delivery = Delivery(store, FakePusher())
+    delivery = Delivery(store, FakePusher(), clock=clock)
 
     def new(sender: int, text: str) -> NewMessage:
         return NewMessage(group_conversation("g"), sender, f"user{sender}", text)

@@ -45,7 +45,9 @@ REGRESSIONS = [
     278,
     # The last message of a conversation went no further when its push
     # to another server met a pooled connection that the server's restart
-    # had left stale (HttpPusher now sends a failed push once more).
+    # had left stale (HttpPusher sends a failed push once more, and
+    # Delivery keeps failed pushes and sends them again: push-once breaks
+    # the latter).
     365,
     746,
     815,
@@ -243,6 +245,37 @@ def test_a_restored_store_lets_the_newer_session_of_a_device_be_renewed() -> Non
     assert _fired(backup.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
     # A store that was not restored still closes a replaced session.
     assert _fired(store.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
+
+
+def test_the_push_fault_drops_pushes_or_their_answers() -> None:
+    from twisted.internet.defer import CancelledError
+
+    from cim.sim.world import PUSH_TIMEOUT, FaultyPusher, World
+    from tests.test_push_retry import FlakyPusher
+
+    world = World(1)
+    node = world.net.node("sender", "10.0.9.1")
+    inner = FlakyPusher(world.clock)  # type: ignore[arg-type]
+    pusher = FaultyPusher(inner, world, node)
+    a, b = "10.0.0.1:11211:8081", "10.0.0.2:11211:8081"
+    assert _fired(pusher.push(a, [], [1])) == []
+    world.push_faults[a] = "drop"
+    dropped = pusher.push(a, [], [1])
+    answered = pusher.push_read(b, 1, "p:1:2", 3, [2])
+    assert _fired(answered) == [] and len(inner.log) == 2
+    results: list[object] = []
+    dropped.addErrback(lambda f: results.append(f.type))
+    _run(world.clock, PUSH_TIMEOUT - 0.1)
+    assert results == []
+    _run(world.clock, 0.2)
+    assert results == [CancelledError]
+    # Its answer lost: sent, and failed all the same; "*": every server.
+    world.push_faults = {"*": "lost-reply"}
+    lost = pusher.push(b, [], [2])
+    assert len(inner.log) == 3
+    lost.addErrback(lambda f: results.append(f.type))
+    _run(world.clock, PUSH_TIMEOUT)
+    assert results == [CancelledError, CancelledError]
 
 
 # Bugs found by the simulator, as unit tests

@@ -18,7 +18,7 @@ from twisted.web.client import HTTPConnectionPool
 from cim import names
 from cim.bus import BusPusher, open_bus
 from cim.daemon import AsyncStartService
-from cim.delivery import Delivery
+from cim.delivery import Delivery, PushRetry
 from cim.interfaces import IBus, IPusher, IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
 from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
@@ -30,6 +30,7 @@ from cim.limits_net import (
     NetLimits,
 )
 from cim.listen import Listen, bound_host, is_tls, server_endpoint
+from cim.metrics import Metrics
 from cim.pusher import HttpPusher
 from cim.route.api import MAX_BODY, RouteAPI
 from cim.route.balancer import make_balancer
@@ -62,6 +63,8 @@ class RouteConfig:
     @ivar push: how pushes reach IM servers: C{"bus"} (Redis pub/sub when
         the store is Redis, else the push API) or C{"http"} (the push API);
         C{push_timeout}: seconds a publish may wait for Redis.
+    @ivar push_retry: how the pushes of HTTP sends that failed are sent
+        again.
     """
 
     port: Listen = 8083
@@ -87,6 +90,7 @@ class RouteConfig:
     device_key_ttl: float = DEVICE_KEY_TTL
     push: str = "bus"
     push_timeout: float = 5.0
+    push_retry: PushRetry = field(default_factory=PushRetry)
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -196,6 +200,7 @@ class RouteService(AsyncStartService):
         self._registry_started = False
         #: The message bus, when pushes go over one.
         self.bus: IBus | None = None
+        self.delivery: Delivery | None = None
 
     async def _start(self) -> None:
         config = self.config
@@ -224,12 +229,15 @@ class RouteService(AsyncStartService):
         )
         self._janitor.start()
         local = self.local
-        delivery = Delivery(
+        metrics = Metrics("cim_route")
+        self.delivery = delivery = Delivery(
             store,
             pusher,
             local=local,
             here=str(local.address) if local else None,
             clock=self.reactor,
+            retry=config.push_retry,
+            metrics=metrics,
         )
         self.api = RouteAPI(
             store,
@@ -251,6 +259,7 @@ class RouteService(AsyncStartService):
             max_devices=config.max_devices,
             device_key_ttl=config.device_key_ttl,
         )
+        self.api.metrics.include(metrics)
         site = QuietSite(
             WebClient(self.api.app.resource()),
             reactor=self.reactor,
@@ -286,6 +295,8 @@ class RouteService(AsyncStartService):
         if self._janitor is not None:
             self._janitor.stop()
             self._janitor = None
+        if self.delivery is not None:
+            self.delivery.stop()
         if self._registry_started:
             self._registry_started = False
             await self._step("leaving the registry", self.registry.stop)

@@ -16,12 +16,14 @@ from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
     PUSH_PARAMETERS,
+    PUSH_RETRY,
     SECRET_PARAMETERS,
     SEND_LIMITS,
     check_ca_file,
     check_registry_url,
     check_store_url,
     positive_float,
+    push_retry_from,
     secret_option,
     whole_number,
 )
@@ -124,6 +126,7 @@ class Options(usage.Options):
         MAX_DEVICES_OPTION,
         DEVICE_KEY_TTL_OPTION,
         *SEND_LIMITS,
+        *PUSH_RETRY,
         *daemon_options(HTTP_PER_ADDRESS),
         *PUSH_PARAMETERS,
     ]
@@ -164,6 +167,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         device_key_ttl=options["device-key-ttl"],
         push=options["push"],
         push_timeout=options["push-timeout"],
+        push_retry=push_retry_from(options),
     )
 
 

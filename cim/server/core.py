@@ -17,6 +17,7 @@ L{IClientLink}); nothing here touches bytes.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.delivery import Delivery, ILocalDelivery, IPusher
+from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
 from cim.interfaces import HeldSession, IStore, ServerAddress, StoreError
 from cim.limits import MAX_BATCH, SESSION_TTL
 from cim.message import (
@@ -64,6 +65,8 @@ class IMServer:
     @param max_batch: the most texts one send may carry.
     @param session_ttl: how long the sessions of its users live in the
         store unless renewed; the sweep renews them every third of it.
+    @param push_retry: how pushes to other servers that failed are sent
+        again (L{cim.delivery.Delivery}); C{rng}: their jitter.
     """
 
     log = Logger()
@@ -82,6 +85,8 @@ class IMServer:
         rate: float = 2000.0,
         max_batch: int = MAX_BATCH,
         session_ttl: float = SESSION_TTL,
+        push_retry: PushRetry | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -101,11 +106,20 @@ class IMServer:
         #: more than its connection's own facts.
         self.users: dict[int, Connection] = {}
         self.connections: set[Connection] = set()
-        self.delivery = Delivery(store, pusher, local=self, here=self.here, clock=clock)
+        self.metrics = metrics = Metrics("cim_server")
+        self.delivery = Delivery(
+            store,
+            pusher,
+            local=self,
+            here=self.here,
+            clock=clock,
+            retry=push_retry,
+            rng=rng,
+            metrics=metrics,
+        )
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
         self._stopping = False
-        self.metrics = metrics = Metrics("cim_server")
         metrics.gauge(
             "connections", "Open client connections", lambda: len(self.connections)
         )
@@ -163,14 +177,15 @@ class IMServer:
 
     def stop(self) -> Deferred:
         """
-        Tell every client to reconnect elsewhere, close them, and release
-        their sessions.  @return: a Deferred firing when the releases are
-        done.
+        Tell every client to reconnect elsewhere, close them, release
+        their sessions, and give up the failed pushes kept to be sent again.
+        @return: a Deferred firing when the releases are done.
         """
         self._stopping = True
         if self._sweeper.running:
             self._sweeper.stop()
         self.streams.stop()
+        self.delivery.stop()
         releases = []
         for conn in list(self.connections):
             if conn.user_id and self.connection(conn.user_id, conn.device) is conn:

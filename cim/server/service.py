@@ -12,6 +12,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from cim.bus import BusPusher, BusReceiver, open_bus
 from cim.daemon import AsyncStartService
+from cim.delivery import PushRetry
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IBus, IPusher, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
@@ -49,6 +50,7 @@ class ServerConfig:
     @ivar push: how pushes reach other servers: C{"bus"} (Redis pub/sub
         when the store is Redis, else the push API) or C{"http"} (the push
         API); C{push_timeout}: seconds a publish may wait for Redis.
+    @ivar push_retry: how failed pushes to other servers are sent again.
     """
 
     port: Listen = 11211
@@ -72,6 +74,7 @@ class ServerConfig:
     ws_origins: tuple[str, ...] = ()
     push: str = "bus"
     push_timeout: float = 5.0
+    push_retry: PushRetry = field(default_factory=PushRetry)
 
 
 class IMServerService(AsyncStartService):
@@ -209,6 +212,7 @@ class IMServerService(AsyncStartService):
             rate=config.rate,
             max_batch=config.max_batch,
             session_ttl=config.session_ttl,
+            push_retry=config.push_retry,
         )
         clients.wrapped = ClientConnectionFactory(
             server, config.max_frame, config.max_output

@@ -21,12 +21,14 @@ from cim.limits_net import (
 from cim.listen import Listen, listen_option
 from cim.options import (
     PUSH_PARAMETERS,
+    PUSH_RETRY,
     SECRET_PARAMETERS,
     SEND_LIMITS,
     check_ca_file,
     check_registry_url,
     check_store_url,
     positive_float,
+    push_retry_from,
     secret_option,
     whole_number,
 )
@@ -51,6 +53,7 @@ SERVER_LIMITS: list[list[Any]] = [
         "(it renews them every third of that).",
         positive_float("session-ttl", low=2.0),
     ],
+    *PUSH_RETRY,
 ]
 
 
@@ -203,6 +206,7 @@ def config_from(options: usage.Options) -> ServerConfig:
         sender_quota=options["sender-quota"],
         max_output=options["max-output"],
         session_ttl=options["session-ttl"],
+        push_retry=push_retry_from(options),
         ca_file=options["ca-file"],
         ws_port=options["ws-port"],
         ws_origins=tuple(options["ws-origin"]),

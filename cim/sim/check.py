@@ -10,7 +10,7 @@ from collections import Counter
 
 from cim.interfaces import ConversationState
 from cim.message import BROADCAST, GROUP_PREFIX, ChatMessage, pair_members
-from cim.sim.world import EPOCH_START, Device, Recorder, World
+from cim.sim.world import EPOCH_START, SESSION_TTL, Device, Recorder, World
 
 
 def _t(seconds: float) -> str:
@@ -68,6 +68,7 @@ def check(world: World) -> list[str]:
     for device in world.devices():
         for recorder in device.recorders:
             out += _check_shown(world, device, recorder, messages)
+        out += _check_oneshots(world, device, messages)
 
     # Read positions never pass the end of their conversation.
     for user in world.users:
@@ -195,7 +196,7 @@ def _check_shown(
     first = recorder.instance == 1
     shown_keys = {(s.conversation, s.epoch, s.seq) for s in recorder.shown}
     for conversation, ms in messages.items():
-        if not ms or conversation == BROADCAST:
+        if not ms or conversation == BROADCAST or conversation in world.oneshots:
             continue
         members = pair_members(conversation)
         if members is not None:
@@ -228,6 +229,55 @@ def _check_shown(
             out.append(
                 f"{who} never showed {len(missing)} of {conversation} after {start}: {listed}"
             )
+    return out
+
+
+def _check_oneshots(
+    world: World, device: Device, messages: dict[str, list[ChatMessage]]
+) -> list[str]:
+    """
+    Every acknowledged message of a one-message conversation of the
+    device's user that the store holds was shown by some instance of the
+    device: nothing later in the conversation would reveal it missing, so
+    only its push (or a push sent again) or a login brings it.
+
+    Two cases are excused, where the recipients get the message only at
+    their next login:
+      - failed pushes are kept in the memory of the server that made them:
+        a message whose server crashed within the retry time after the
+        send;
+      - a device connected while the store had no session naming its
+        server, when the message was sent or acknowledged (after a
+        restore, a jump of the store's clock past the sessions' time to
+        live, or a janitor that dropped a live server's sessions, until the
+        server renews them): deliveries find it offline
+        (L{World.unseated}).
+    """
+    out: list[str] = []
+    uid = device.user.user_id
+    shown = {
+        (s.conversation, s.epoch, s.seq) for r in device.recorders for s in r.shown
+    }
+    for conversation in sorted(world.oneshots):
+        members = pair_members(conversation)
+        if members is None or uid not in members:
+            continue
+        for m in messages.get(conversation, []):
+            sent = world.sends.get(m.text)
+            if sent is None or sent.acked_at is None:
+                continue
+            if any(
+                host == sent.via and sent.at <= at <= sent.at + SESSION_TTL
+                for at, host in world.crashes
+            ):
+                continue
+            if f"{uid}/{device.device_id}" in sent.unseated:
+                continue
+            if (conversation, m.epoch, m.seq) not in shown:
+                out.append(
+                    f"{device.name} never showed {m.text!r}, the one message of "
+                    f"{conversation} (acked at {_t(sent.acked_at)})"
+                )
     return out
 
 

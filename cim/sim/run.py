@@ -12,7 +12,7 @@ import random
 import secrets
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,11 +141,13 @@ class Scenario:
             self.at(rng.uniform(1, ACTIVE), self.action)
         for _ in range(rng.randint(1, 4)):
             self.at(rng.uniform(2, ACTIVE - 5), self.fault)
+        for _ in range(rng.randint(1, 2)):
+            self.at(rng.uniform(2, ACTIVE - 5), self.push_fault)
 
     # Workload
 
     def ready_device(self) -> Device | None:
-        ready = [d for d in self.world.devices() if d.ready]
+        ready = [d for d in self.world.devices() if d.ready and not d.user.pal]
         return self.rng.choice(ready) if ready else None
 
     def action(self) -> None:
@@ -162,8 +164,9 @@ class Scenario:
                 "join",
                 "leave",
                 "http_batch",
+                "oneshot",
             ],
-            [30, 25, 8, 3, 4, 6, 5, 4, 3, 6],
+            [30, 25, 8, 3, 4, 6, 5, 4, 3, 6, 20],
         )[0]
         if kind == "logout":
             device = rng.choice(self.world.devices())
@@ -171,13 +174,16 @@ class Scenario:
                 device.logout()
                 self.at(rng.uniform(0.5, 8), device.login)
             return
+        if kind == "oneshot":
+            self.do_oneshot()
+            return
         ready = self.ready_device()
         if ready is None:
             return
         getattr(self, "do_" + kind)(ready)
 
     def do_private(self, device: Device, count: int = 1) -> None:
-        peer = self.rng.choice(self.world.users)
+        peer = self.rng.choice(self.world.regulars)
         conversation = pair_conversation(device.user.user_id, peer.user_id)
         for _ in range(count):
             self.send(device, conversation, peer.user_id, "")
@@ -194,13 +200,55 @@ class Scenario:
         for _ in range(count):
             self.send(device, group_conversation(group), 0, group)
 
+    def do_oneshot(self) -> None:
+        """
+        A message in a conversation of a pal that holds none yet, and gets
+        no other: nothing later reveals it if it went missing (as in random
+        chat among many users, where most pairs exchange one message).
+        """
+        world = self.world
+        pairs = sorted(
+            {
+                (min(a.user_id, b.user_id), max(a.user_id, b.user_id))
+                for a in world.users
+                if a.pal
+                for b in world.users
+                if b is not a
+            }
+        )
+        free = [p for p in pairs if pair_conversation(*p) not in world.oneshots]
+        if not free:
+            return
+        pair = self.rng.choice(free)
+        senders = [d for d in world.devices() if d.ready and d.user.user_id in pair]
+        if not senders:
+            return
+        device = self.rng.choice(senders)
+        [peer] = set(pair) - {device.user.user_id}
+        conversation = pair_conversation(*pair)
+        text = self.send(device, conversation, peer, "", members=pair)
+        world.oneshots[conversation] = text
+
     def do_burst(self, device: Device) -> None:
         if self.rng.random() < 0.5:
             self.do_private(device, self.rng.randint(3, 10))
         else:
             self.do_group(device, self.rng.randint(3, 10))
 
-    def send(self, device: Device, conversation: str, peer: int, group: str) -> None:
+    def send(
+        self,
+        device: Device,
+        conversation: str,
+        peer: int,
+        group: str,
+        members: Sequence[int] = (),
+    ) -> str:
+        """
+        Send a text from C{device}; @return: the text.  With C{members},
+        note which of their devices are connected without a session that
+        says so, when it is sent and when it is acknowledged
+        (L{World.unseated}).
+        """
         world = self.world
         client = device.client
         assert client is not None and device.recorder is not None
@@ -212,6 +260,9 @@ class Scenario:
             conversation,
             world.clock.seconds(),
         )
+        sent.via = client.server[0] if client.server else ""
+        if members:
+            sent.unseated |= world.unseated(members)
         world.sends[text] = sent
         world.trace(f"{device.name}#{sent.instance} sends {text!r} to {conversation}")
         d = client.send_group(group, text) if group else client.send_private(peer, text)
@@ -219,6 +270,8 @@ class Scenario:
         def acked(ack: Any) -> None:
             sent.acked_at = world.clock.seconds()
             sent.seq = ack.seq
+            if members:
+                sent.unseated |= world.unseated(members)
             world.trace(
                 f"{device.name}: {text!r} acked as {ack.conversation}:{ack.seq}"
             )
@@ -228,6 +281,7 @@ class Scenario:
             world.trace(f"{device.name}: {text!r} not acked: {sent.failed}")
 
         d.addCallbacks(acked, failed)
+        return text
 
     def do_http_batch(self, device: Device) -> None:
         """
@@ -247,7 +301,7 @@ class Scenario:
             path, conversation = "/group/send", group_conversation(group)
             body["groupId"] = group
         else:
-            peer = self.rng.choice(world.users).user_id
+            peer = self.rng.choice(world.regulars).user_id
             path, conversation = "/p2pRoute", pair_conversation(uid, peer)
             body["receiveUserId"] = peer
         sent = [
@@ -488,6 +542,37 @@ class Scenario:
 
             self.heal_after(length, read_again)
 
+    def push_fault(self) -> None:
+        """
+        Pushes to one server, or between all of them, time out for a
+        while (L{cim.sim.world.FaultyPusher}): dropped, or delivered with
+        their answers lost.  (Its own schedule: the loss it provokes shows
+        only with a one-message conversation at the same time.)
+        """
+        rng = self.rng
+        world = self.world
+        self.faults += 1
+        length = rng.uniform(0.5, 12)
+        server = rng.choice([*world.servers, None])
+        name, key = (
+            ("every server", "*")
+            if server is None
+            else (
+                server.name,
+                str(server.address),
+            )
+        )
+        state = rng.choice(["drop", "drop", "lost-reply"])
+        world.trace(f"FAULT pushes to {name}: {state} for {length:.1f}s")
+        world.push_faults[key] = state
+
+        def heal() -> None:
+            if world.push_faults.get(key) == state:
+                del world.push_faults[key]
+                world.trace(f"heal: pushes to {name}")
+
+        self.heal_after(length, heal)
+
     def link(self, a: str, b: str, state: str, length: float) -> None:
         world = self.world
         world.trace(f"FAULT link {a}<->{b}: {state} for {length:.1f}s")
@@ -549,7 +634,7 @@ class Scenario:
         store = world.store
         conversations = sorted(store._messages)
         for conversation in conversations:
-            if conversation == BROADCAST:
+            if conversation == BROADCAST or conversation in world.oneshots:
                 continue
             if conversation.startswith(GROUP_PREFIX):
                 group = conversation[len(GROUP_PREFIX) :]
@@ -587,7 +672,7 @@ def setup(world: World) -> None:
         store.create_group(group, owner.user_id, policy="open")
         world.groups.append(group)
         world.ever_members[group] = {owner.user_id}
-        for user in world.users:
+        for user in world.regulars:
             if user is not owner and world.rng.random() < 0.6:
                 store.join_group(group, user.user_id, 0)
                 world.ever_members[group].add(user.user_id)
@@ -639,7 +724,7 @@ def run(seed: int, verbose: bool = False) -> Result:
             trace("log: " + formatEvent(event)[:200])
 
     with deterministic(rng):
-        world = World(seed, users=3, verbose=verbose)
+        world = World(seed, users=3, pals=2, verbose=verbose)
         trace = world.trace
         result = Result(seed)
         globalLogPublisher.addObserver(observe)  # type: ignore[arg-type]

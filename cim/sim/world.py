@@ -10,20 +10,22 @@ The daemons are put together as their services put them together
 the same classes, the same start order; only the reactor, the network and
 the store's transport are simulated.  HTTP (client to route, route to
 push APIs, janitor probes) is the real twisted.web client and server over
-the simulated TCP; with L{SERVER_PUSH} "bus", the servers push to each
-other over a memory bus (L{cim.bus.MemoryHub}), as over Redis pub/sub.
+the simulated TCP; with L{SERVER_PUSH} "bus" (the default), the servers
+push to each other over a memory bus (L{cim.bus.MemoryHub}), as over Redis
+pub/sub.  Their deliveries push through a L{FaultyPusher} around the
+production pusher, for the push faults.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from treq.client import HTTPClient
 from treq.testing import _SynchronousProducer
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -31,7 +33,7 @@ from zope.interface import implementer
 
 from cim.bus import BusPusher, BusReceiver, MemoryHub
 from cim.client.library import Ack, Client, ClientState, IClientListener
-from cim.delivery import Delivery
+from cim.delivery import Delivery, IPusher, PushRetry
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
@@ -60,11 +62,11 @@ PUSH_PORT = 8081
 EPOCH_START = 1_700_000_000.0
 #: Shorter than production, so that a run sees several renewals.
 SESSION_TTL = 30.0
-#: How the servers push to each other: over the push API ("http"), or over
-#: a memory bus ("bus", as over Redis pub/sub in production).  Still "http":
-#: the broken variant push-once (a failed HTTP push not sent again) is only
-#: caught when the servers push over HTTP.
-SERVER_PUSH = "http"
+#: How the servers push to each other: over a memory bus ("bus", as over
+#: Redis pub/sub in production), or over the push API ("http").
+SERVER_PUSH = "bus"
+#: How long a push under a push fault waits before it fails.
+PUSH_TIMEOUT = 3.0
 
 
 class _Endpoints:
@@ -140,6 +142,59 @@ def _logged(d: Deferred[Any], trace: Trace, what: str) -> None:
     d.addErrback(failed)
 
 
+@implementer(IPusher)
+class FaultyPusher:
+    """
+    Whichever L{IPusher} a daemon's deliveries use, under the world's push
+    faults (L{World.push_faults}: server address, or C{"*"} for every
+    server -> fault), as an
+    overloaded server's pushes fail: with C{"drop"} a push to that server
+    is never sent, with C{"lost-reply"} it is sent but its answer is lost;
+    either way the caller sees a time-out (L{CancelledError}) after
+    L{PUSH_TIMEOUT} seconds on its node's clock.
+    """
+
+    def __init__(self, pusher: IPusher, world: World, node: Node) -> None:
+        self.pusher = pusher
+        self.world = world
+        self.node = node
+
+    def push(
+        self, server: str, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> Deferred[list[int]]:
+        return self._through(
+            server, lambda: self.pusher.push(server, messages, user_ids)
+        )
+
+    def push_read(
+        self,
+        server: str,
+        reader_id: int,
+        conversation: str,
+        seq: int,
+        user_ids: Sequence[int],
+    ) -> Deferred[list[int]]:
+        return self._through(
+            server,
+            lambda: self.pusher.push_read(
+                server, reader_id, conversation, seq, user_ids
+            ),
+        )
+
+    def _through(
+        self, server: str, send: Callable[[], Deferred[list[int]]]
+    ) -> Deferred[list[int]]:
+        faults = self.world.push_faults
+        fault = faults.get(server) or faults.get("*")
+        if fault is None:
+            return send()
+        if fault == "lost-reply":
+            send().addErrback(lambda _: None)
+        timed_out: Deferred[list[int]] = Deferred()
+        self.node.callLater(PUSH_TIMEOUT, timed_out.errback, CancelledError())
+        return timed_out
+
+
 class ServerProc:
     """
     One IM server process: started as L{IMServerService} starts one.
@@ -178,10 +233,16 @@ class ServerProc:
             node,
             store,  # type: ignore[arg-type]
             self.address,
-            BusPusher(bus, node)
-            if bus is not None
-            else HttpPusher(SimHTTP(node), SECRET),  # type: ignore[arg-type]
+            FaultyPusher(
+                BusPusher(bus, node)
+                if bus is not None
+                else HttpPusher(SimHTTP(node), SECRET),  # type: ignore[arg-type]
+                world,
+                node,
+            ),
             session_ttl=SESSION_TTL,
+            push_retry=PushRetry(time=SESSION_TTL),
+            rng=random.Random(world.rng.getrandbits(32)),
         )
         world.net.listen(
             node,
@@ -232,6 +293,7 @@ class ServerProc:
         """
         assert self.node is not None
         self.world.trace(f"{self.name}: crash ({'reset' if reset else 'silent'})")
+        self.world.crashes.append((self.world.clock.seconds(), self.host))
         self.world.net.crash(self.node, reset)
         self.up = False
         self.server = None
@@ -287,7 +349,13 @@ class RouteProc:
             probe=http_probe(http),
         )
         self.janitor.start()
-        delivery = Delivery(store, pusher, clock=node)  # type: ignore[arg-type]
+        delivery = Delivery(
+            store,  # type: ignore[arg-type]
+            FaultyPusher(pusher, world, node),
+            clock=node,
+            retry=PushRetry(time=SESSION_TTL),
+            rng=random.Random(world.rng.getrandbits(32)),
+        )
         self.api = RouteAPI(
             store,  # type: ignore[arg-type]
             registry,
@@ -402,15 +470,26 @@ class Sent:
     acked_at: float | None = None
     seq: int = 0
     failed: str = ""
+    #: The host of the server it was sent to (a TCP send).
+    via: str = ""
+    #: Devices of its conversation's users that were connected while the
+    #: store had no session naming their server (L{World.unseated}).
+    unseated: set[str] = field(default_factory=set)
 
 
 @dataclass
 class User:
+    """
+    A user of the workload; a C{pal} takes part only in one-message
+    conversations (L{World.oneshots}).
+    """
+
     index: int
     name: str
     user_id: int = 0
     key: str = ""
     devices: list[Device] = field(default_factory=list)
+    pal: bool = False
 
 
 class Device:
@@ -496,7 +575,12 @@ class World:
     """
 
     def __init__(
-        self, seed: int, users: int = 4, devices: int = 2, verbose: bool = False
+        self,
+        seed: int,
+        users: int = 4,
+        devices: int = 2,
+        verbose: bool = False,
+        pals: int = 0,
     ) -> None:
         self.seed = seed
         self.verbose = verbose
@@ -517,6 +601,16 @@ class World:
         self.users = [User(i, f"user{i}") for i in range(users)]
         for user in self.users:
             user.devices = [Device(self, user, k) for k in range(devices)]
+        for i in range(users, users + pals):
+            pal = User(i, f"pal{i}", pal=True)
+            pal.devices = [Device(self, pal, 0)]
+            self.users.append(pal)
+        #: Server address -> its push fault (L{FaultyPusher}).
+        self.push_faults: dict[str, str] = {}
+        #: The one-message conversations: conversation -> its text.
+        self.oneshots: dict[str, str] = {}
+        #: (time, host) of each server crash.
+        self.crashes: list[tuple[float, str]] = []
         self.groups: list[str] = []
         self.sends: dict[str, Sent] = {}
         #: (snapshot time, restore time) of each restore of the store.
@@ -538,6 +632,39 @@ class World:
 
     def devices(self) -> list[Device]:
         return [d for u in self.users for d in u.devices]
+
+    def unseated(self, user_ids: Sequence[int]) -> set[str]:
+        """
+        The devices of C{user_ids} connected to a server while the store
+        holds no connected session of theirs naming that server (for a
+        while after a restore, a jump of the store's clock, or a janitor
+        that dropped a live server's sessions, until the server renews
+        them): deliveries find them offline.
+        """
+        out = set()
+        for server in self.servers:
+            if server.server is None:
+                continue
+            for uid in user_ids:
+                for conn in server.server.devices(uid):
+                    if conn.closed:
+                        continue
+                    device_id = conn.device
+                    session = self.store._session(uid, device_id)
+                    if (
+                        session is None
+                        or not session.connected
+                        or session.server != str(server.address)
+                    ):
+                        out.add(f"{uid}/{device_id}")
+        return out
+
+    @property
+    def regulars(self) -> list[User]:
+        """
+        The users of the ordinary workload (not the pals).
+        """
+        return [u for u in self.users if not u.pal]
 
     def call(self, delay: float, f: Callable[..., object], *args: Any) -> None:
         self.clock.callLater(delay, f, *args)
