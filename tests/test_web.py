@@ -536,6 +536,20 @@ def test_two_pages_chat_privately_and_in_a_group(
     expect(b.locator("#side")).to_be_visible()
     expect(b.locator("#chat")).to_be_hidden()
     expect(b.locator("#conversations button", has_text="webann")).to_be_focused()
+    # A message from someone else redraws the list (its conversation comes
+    # first): the keyboard stays where it was.
+    cid = account(url.rstrip("/"), "webcid")
+    bob_id = b.evaluate("() => JSON.parse(localStorage.getItem('cim.account')).userId")
+    api(
+        url.rstrip("/"),
+        "/p2pRoute",
+        {"userId": cid["userId"], "receiveUserId": bob_id, "msg": "psst"},
+        cid["token"],
+    )
+    expect(b.locator("#conversations button").first).to_contain_text(
+        "webcid", timeout=WAIT
+    )
+    expect(b.locator("#conversations button", has_text="webann")).to_be_focused()
     b.keyboard.press("Enter")
     expect(b.locator("#compose-text")).to_be_focused()
     b.keyboard.press("Escape")

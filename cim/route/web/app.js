@@ -98,23 +98,36 @@ function unread(conv) {
   return Math.max(0, conv.lastSeq - conv.read);
 }
 
+/**
+ * Replace the items of `list`; if the keyboard was on one of its buttons,
+ * it stays on the button with the same `key` attribute (a list redrawn
+ * while someone moves in it does not lose their place).
+ */
+function redrawList(list, key, items) {
+  const active = document.activeElement;
+  const focused = list.contains(active) ? active.getAttribute(key) : null;
+  list.replaceChildren(...items);
+  if (focused) {
+    const again = list.querySelector(`[${key}="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+}
+
 function renderList() {
   const list = $("conversations");
   const items = [...conversations.values()].filter((c) => c.id !== "all" || c.entries.size);
   items.sort((a, b) => latest(b) - latest(a) || title(a).localeCompare(title(b)));
-  list.replaceChildren(
-    ...items.map((conv) => {
-      const count = unread(conv);
-      const button = el(
-        "button",
-        { type: "button", "data-conversation": conv.id, "aria-current": String(conv.id === current) },
-        el("span", { class: "name", text: title(conv) }),
-        count ? el("span", { class: "badge", text: String(count), "aria-label": `${count} unread` }) : null,
-      );
-      button.addEventListener("click", () => open(conv.id));
-      return el("li", {}, button);
-    }),
-  );
+  redrawList(list, "data-conversation", items.map((conv) => {
+    const count = unread(conv);
+    const button = el(
+      "button",
+      { type: "button", "data-conversation": conv.id, "aria-current": String(conv.id === current) },
+      el("span", { class: "name", text: title(conv) }),
+      count ? el("span", { class: "badge", text: String(count), "aria-label": `${count} unread` }) : null,
+    );
+    button.addEventListener("click", () => open(conv.id));
+    return el("li", {}, button);
+  }));
   $("no-conversations").hidden = items.length > 0;
   const total = items.reduce((sum, c) => sum + unread(c), 0);
   document.title = total ? `(${total}) cim` : "cim";
@@ -477,14 +490,12 @@ async function refreshOnline() {
   const list = $("online");
   const others = users.filter((u) => Number(u.userId) !== account.userId);
   for (const u of others) names.set(Number(u.userId), u.userName);
-  list.replaceChildren(
-    ...others.map((u) => {
-      const id = Number(u.userId);
-      const button = el("button", { type: "button", "data-user": String(id) }, el("span", { class: "name", text: u.userName }));
-      button.addEventListener("click", () => open(pairConversation(account.userId, id)));
-      return el("li", {}, button);
-    }),
-  );
+  redrawList(list, "data-user", others.map((u) => {
+    const id = Number(u.userId);
+    const button = el("button", { type: "button", "data-user": String(id) }, el("span", { class: "name", text: u.userName }));
+    button.addEventListener("click", () => open(pairConversation(account.userId, id)));
+    return el("li", {}, button);
+  }));
   if (!others.length) list.replaceChildren(el("li", { class: "hint", text: "Nobody else is online." }));
   renderList();
   if (current) $("chat-title").textContent = title(conversation(current));
