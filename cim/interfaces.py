@@ -253,6 +253,23 @@ class HeldSession(NamedTuple):
     active: float = 0.0
 
 
+class Renewal(NamedTuple):
+    """
+    What L{ISessions.renew_sessions} found.
+
+    @ivar lost: the sorted session ids that are not their device's session
+        any more (a newer login replaced them, the device limit dropped
+        them, or they were released in the last 10 minutes): their server
+        should close those connections.
+    @ivar restored: the sorted session ids that had expired meanwhile and
+        were made again: while they were missing, deliveries found their
+        devices offline, so their server should catch those devices up.
+    """
+
+    lost: list[str]
+    restored: list[str]
+
+
 @dataclass(frozen=True, slots=True)
 class TokenInfo:
     """
@@ -580,18 +597,16 @@ class ISessions(Interface):
 
     def renew_sessions(
         server: str, sessions: Sequence[HeldSession], ttl: float
-    ) -> Deferred[list[str]]:
+    ) -> Deferred[Renewal]:
         """
         Give the connected sessions that C{server} holds C{ttl} more seconds
         to live, and record when each device was last active, in one round
         trip.  A session that expired meanwhile (the server could not renew
-        it in time) is made again, connected: the server still holds it.
+        it in time, the store lost it) is made again, connected: the server
+        still holds it.
 
-        @return: fires with the sorted session ids of C{sessions} that are
-            not their device's session any more (a newer login replaced
-            them, the device limit dropped them, or they were released in
-            the last 10 minutes): C{server} should close those
-            connections.
+        @return: fires with the L{Renewal}: the sessions C{server} should
+            close, and those it should catch up.
         """
 
     def get_session(user_id: int, device: str = "") -> Deferred[Session | None]:

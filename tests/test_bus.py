@@ -577,3 +577,24 @@ def test_a_device_logging_in_during_the_loss_is_caught_up_once_logged_in(
     frames = bob.received()
     assert frames[0].cmd == Command.LOGIN_RESPONSE
     assert [m.text for f in frames for m in f.messages] == ["lost while logging in"]
+
+
+def test_a_device_whose_session_the_store_lost_is_caught_up_at_the_renewal() -> None:
+    # While the store has lost Bob's session (an expiry, a restored copy),
+    # a delivery finds him offline; his server's next renewal makes the
+    # session again, and catches him up with what he missed.
+    servers = TwoServers()
+    alice, _ = servers.world.login("alice")
+    bob, bob_id = servers.login_there("bob")
+    servers.world.store._delete_session(bob_id, "")
+    servers.world.send(alice, "while you were gone", receiver=bob_id)
+    for _ in range(3):
+        servers.clock.advance(0)
+    assert bob.texts() == []
+    # Both keep their heartbeats up until the server renews its sessions.
+    for _ in range(12):
+        servers.clock.advance(3)
+        for peer in (alice, bob):
+            peer.send(Frame(cmd=Command.PING))
+    assert servers.world.store._session(bob_id, "") is not None
+    assert bob.texts() == ["while you were gone"]

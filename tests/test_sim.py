@@ -238,13 +238,16 @@ def test_a_restored_store_lets_the_newer_session_of_a_device_be_renewed() -> Non
     held = HeldSession(1, newer.session_id, "a", "d", 1000.0)
     # Brought back from the backup, the store holds the older session; the
     # server holding the newer one keeps it.
-    assert _fired(backup.renew_sessions("s2", [held], 30.0)) == []
+    assert _fired(backup.renew_sessions("s2", [held], 30.0)) == (
+        [],
+        [newer.session_id],
+    )
     assert _fired(backup.get_session(1, "d")).session_id == newer.session_id  # type: ignore[attr-defined]
     # ...and the older one is over.
     stale = HeldSession(1, old.session_id, "a", "d", 1000.0)
-    assert _fired(backup.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
+    assert _fired(backup.renew_sessions("s1", [stale], 30.0)).lost == [old.session_id]
     # A store that was not restored still closes a replaced session.
-    assert _fired(store.renew_sessions("s1", [stale], 30.0)) == [old.session_id]
+    assert _fired(store.renew_sessions("s1", [stale], 30.0)).lost == [old.session_id]
 
 
 def test_the_push_fault_drops_pushes_or_their_answers() -> None:

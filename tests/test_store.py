@@ -1268,10 +1268,10 @@ async def test_device_limit_drops_the_least_recently_active(backend: Backend) ->
     # a is active again (its server says so at a renewal): b is the oldest.
     backend.clock.advance(1)
     later = backend.clock.seconds()
-    lost = await store.renew_sessions(
+    renewal = await store.renew_sessions(
         "h:1:2", [HeldSession(1, a.session_id, "u1", "a", later)], LONG_TTL
     )
-    assert lost == []
+    assert renewal == ([], [])
     assert (await store.get_session(1, "a")).active == later
     # An older activity report does not lower it.
     await store.renew_sessions(
@@ -1292,7 +1292,7 @@ async def test_device_limit_drops_the_least_recently_active(backend: Backend) ->
     # session the limit dropped leaves its device without one: a renewal
     # would make it again, as after an expiry; the route kicks it at once.)
     held = [HeldSession(1, s.session_id, "u1", s.device, later) for s in (c, d)]
-    assert await store.renew_sessions("h:1:2", held, LONG_TTL) == [c.session_id]
+    assert (await store.renew_sessions("h:1:2", held, LONG_TTL)).lost == [c.session_id]
     # A limit of 1 (or less) keeps the new session only.
     f, dropped = await connect(backend, 1, "f", max_devices=0)
     assert sorted(s.device for s in dropped) == ["c", "d"]
@@ -1331,7 +1331,11 @@ async def test_renew_makes_expired_device_sessions_again(backend: Backend) -> No
 
     await backend.expire(SHORT_TTL, gone)
     held = HeldSession(1, phone.session_id, "u1", "phone", START + 50)
-    assert await store.renew_sessions("h:1:2", [held], LONG_TTL) == []
+    # Made again, and said so: its server catches the device up.
+    assert await store.renew_sessions("h:1:2", [held], LONG_TTL) == (
+        [],
+        [phone.session_id],
+    )
     again = await store.get_session(1, "phone")
     assert again == Session(
         1, "u1", "h:1:2", phone.session_id, True, "phone", START + 50
@@ -1358,8 +1362,9 @@ async def test_renew_does_not_bring_back_ended_sessions(backend: Backend) -> Non
         HeldSession(1, phone.session_id, "u1", "phone", START + 50),
         HeldSession(1, laptop.session_id, "u1", "laptop", START + 50),
     ]
-    assert await store.renew_sessions("h:1:2", held, LONG_TTL) == sorted(
-        [phone.session_id, laptop.session_id]
+    assert await store.renew_sessions("h:1:2", held, LONG_TTL) == (
+        sorted([phone.session_id, laptop.session_id]),
+        [],
     )
     assert [s.device for s in await store.user_sessions(1)] == ["tablet"]
 

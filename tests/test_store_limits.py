@@ -235,8 +235,8 @@ async def test_renew_sessions(backend: Backend) -> None:
         HeldSession(1, alice.session_id, "alice"),
         HeldSession(2, bob.session_id, "bob"),
     ]
-    assert await store.renew_sessions(server, held, LONG_TTL) == [bob.session_id]
-    assert await store.renew_sessions(server, [], LONG_TTL) == []
+    assert await store.renew_sessions(server, held, LONG_TTL) == ([bob.session_id], [])
+    assert await store.renew_sessions(server, [], LONG_TTL) == ([], [])
     pttl = await backend.pttl("session:1:")
     assert pttl is None or pttl > 5000
     backend.clock.advance(10)
@@ -250,7 +250,10 @@ async def test_renew_sessions(backend: Backend) -> None:
         return await store.get_session(1) is None
 
     await backend.expire(SHORT_TTL, gone)
-    assert await store.renew_sessions(server, held[:1], LONG_TTL) == []
+    assert await store.renew_sessions(server, held[:1], LONG_TTL) == (
+        [],
+        [alice.session_id],
+    )
     again = await store.get_session(1)
     assert again is not None and again.connected
     assert (again.session_id, again.server, again.user_name) == (

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
-from cim.interfaces import HeldSession, IStore, ServerAddress, StoreError
+from cim.interfaces import HeldSession, IStore, Renewal, ServerAddress, StoreError
 from cim.limits import MAX_BATCH, SESSION_TTL
 from cim.message import (
     KICK_REPLACED,
@@ -237,7 +237,9 @@ class IMServer:
         Renew the sessions of every device connected here, with when each
         was last active, in one store call; close the connections whose
         session is not their device's any more (a newer login of the device
-        replaced it, or the device limit dropped it).
+        replaced it, or the device limit dropped it), and catch up those
+        whose session the store had lost (a delivery meanwhile found them
+        offline: L{Streams.catch_up}).
         """
         held = {
             conn.session_id: conn
@@ -255,8 +257,20 @@ class IMServer:
             for conn in held.values()
         ]
 
-        def renewed(lost: list[str]) -> None:
-            for session_id in lost:
+        def renewed(renewal: Renewal) -> None:
+            for session_id in renewal.restored:
+                # The store had lost it: deliveries meanwhile found the
+                # device offline.
+                conn = held.get(session_id)
+                if conn is not None and not conn.closed:
+                    self.log.info(
+                        "Catching {user_id} ({device!r}) up: the store had "
+                        "lost its session",
+                        user_id=conn.user_id,
+                        device=conn.device,
+                    )
+                    self._resync_connection(conn)
+            for session_id in renewal.lost:
                 conn = held.get(session_id)
                 if conn is not None and not conn.closed:
                     self.log.info(

@@ -241,17 +241,12 @@ def _check_oneshots(
     device: nothing later in the conversation would reveal it missing, so
     only its push (or a push sent again) or a login brings it.
 
-    Two cases are excused, where the recipients get the message only at
-    their next login:
-      - failed pushes are kept in the memory of the server that made them:
-        a message whose server crashed within the retry time after the
-        send;
-      - a device connected while the store had no session naming its
-        server, when the message was sent or acknowledged (after a
-        restore, a jump of the store's clock past the sessions' time to
-        live, or a janitor that dropped a live server's sessions, until the
-        server renews them): deliveries find it offline
-        (L{World.unseated}).
+    One case is excused, where the recipients get the message only at
+    their next login: failed pushes are kept in the memory of the server
+    that made them, so a message whose server crashed within the retry
+    time after the send.  (A device connected while the store had lost its
+    session, which deliveries found offline, is caught up by its server's
+    next renewal: not excused.)
     """
     out: list[str] = []
     uid = device.user.user_id
@@ -270,8 +265,6 @@ def _check_oneshots(
                 host == sent.via and sent.at <= at <= sent.at + SESSION_TTL
                 for at, host in world.crashes
             ):
-                continue
-            if f"{uid}/{device.device_id}" in sent.unseated:
                 continue
             if (conversation, m.epoch, m.seq) not in shown:
                 out.append(

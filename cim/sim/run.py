@@ -12,7 +12,7 @@ import random
 import secrets
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,7 +226,7 @@ class Scenario:
         device = self.rng.choice(senders)
         [peer] = set(pair) - {device.user.user_id}
         conversation = pair_conversation(*pair)
-        text = self.send(device, conversation, peer, "", members=pair)
+        text = self.send(device, conversation, peer, "")
         world.oneshots[conversation] = text
 
     def do_burst(self, device: Device) -> None:
@@ -241,13 +241,9 @@ class Scenario:
         conversation: str,
         peer: int,
         group: str,
-        members: Sequence[int] = (),
     ) -> str:
         """
-        Send a text from C{device}; @return: the text.  With C{members},
-        note which of their devices are connected without a session that
-        says so, when it is sent and when it is acknowledged
-        (L{World.unseated}).
+        Send a text from C{device}; @return: the text.
         """
         world = self.world
         client = device.client
@@ -261,8 +257,6 @@ class Scenario:
             world.clock.seconds(),
         )
         sent.via = client.server[0] if client.server else ""
-        if members:
-            sent.unseated |= world.unseated(members)
         world.sends[text] = sent
         world.trace(f"{device.name}#{sent.instance} sends {text!r} to {conversation}")
         d = client.send_group(group, text) if group else client.send_private(peer, text)
@@ -270,8 +264,6 @@ class Scenario:
         def acked(ack: Any) -> None:
             sent.acked_at = world.clock.seconds()
             sent.seq = ack.seq
-            if members:
-                sent.unseated |= world.unseated(members)
             world.trace(
                 f"{device.name}: {text!r} acked as {ack.conversation}:{ack.seq}"
             )

@@ -472,9 +472,6 @@ class Sent:
     failed: str = ""
     #: The host of the server it was sent to (a TCP send).
     via: str = ""
-    #: Devices of its conversation's users that were connected while the
-    #: store had no session naming their server (L{World.unseated}).
-    unseated: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -632,32 +629,6 @@ class World:
 
     def devices(self) -> list[Device]:
         return [d for u in self.users for d in u.devices]
-
-    def unseated(self, user_ids: Sequence[int]) -> set[str]:
-        """
-        The devices of C{user_ids} connected to a server while the store
-        holds no connected session of theirs naming that server (for a
-        while after a restore, a jump of the store's clock, or a janitor
-        that dropped a live server's sessions, until the server renews
-        them): deliveries find them offline.
-        """
-        out = set()
-        for server in self.servers:
-            if server.server is None:
-                continue
-            for uid in user_ids:
-                for conn in server.server.devices(uid):
-                    if conn.closed:
-                        continue
-                    device_id = conn.device
-                    session = self.store._session(uid, device_id)
-                    if (
-                        session is None
-                        or not session.connected
-                        or session.server != str(server.address)
-                    ):
-                        out.add(f"{uid}/{device_id}")
-        return out
 
     @property
     def regulars(self) -> list[User]:

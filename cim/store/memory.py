@@ -44,6 +44,7 @@ from cim.interfaces import (
     NewMessage,
     NoSuchGroup,
     QuotaExceeded,
+    Renewal,
     Session,
     SessionExists,
     TokenInfo,
@@ -465,9 +466,10 @@ class MemoryStore:
     @_fired
     def renew_sessions(
         self, server: str, sessions: Sequence[HeldSession], ttl: float
-    ) -> list[str]:
+    ) -> Renewal:
         expires = self._seconds() + ttl
         lost = []
+        restored = []
         for held in sessions:
             user_id, session_id, user_name, device, active = held
             current = self._session(user_id, device)
@@ -475,6 +477,7 @@ class MemoryStore:
                 lost.append(session_id)
                 continue
             if current is None:
+                restored.append(session_id)
                 current = Session(
                     user_id, user_name, server, session_id, True, device, active
                 )
@@ -486,11 +489,12 @@ class MemoryStore:
                 # session it holds is from before, the one its server holds
                 # is newer.  Not a newer login: the holder keeps it.
                 self._end(current)
+                restored.append(session_id)
                 current = Session(
                     user_id, user_name, server, session_id, True, device, active
                 )
             self._put(replace(current, active=max(active, current.active)), expires)
-        return sorted(lost)
+        return Renewal(sorted(lost), sorted(restored))
 
     def _outdated(self, current: Session, held_id: str) -> bool:
         """

@@ -172,6 +172,7 @@ from cim.interfaces import (
     NewMessage,
     NoSuchGroup,
     QuotaExceeded,
+    Renewal,
     Session,
     SessionExists,
     StoreError,
@@ -747,14 +748,14 @@ class RedisStore:
     @_deferred
     async def renew_sessions(
         self, server: str, sessions: Sequence[HeldSession], ttl: float
-    ) -> list[str]:
+    ) -> Renewal:
         args: list[Any] = [self.prefix, server, _ms(ttl)]
         for user_id, session_id, user_name, device, active in sessions:
             args += [user_id, session_id, user_name, device, encode_active(active)]
         if len(args) == 3:
-            return []
-        lost = await self._run(scripts.RENEW_SESSIONS, [], args)
-        return sorted(lost)
+            return Renewal([], [])
+        lost, restored = await self._run(scripts.RENEW_SESSIONS, [], args)
+        return Renewal(sorted(lost), sorted(restored))
 
     @_deferred
     async def get_session(self, user_id: int, device: str = "") -> Session | None:

@@ -1,8 +1,9 @@
 -- KEYS: none (the session keys follow from the prefix).  ARGV: prefix,
 -- server, ttl ms, then per session held by that server: user id, session
--- id, user name, device, active (seconds).  Returns the session ids that
--- are not their device's session any more (a newer login replaced them,
--- or the device limit dropped them): their server should close them.
+-- id, user name, device, active (seconds).  Returns {lost, restored}: the
+-- session ids that are not their device's session any more (a newer login
+-- replaced them, or the device limit dropped them: their server should
+-- close them), and those made again (their server should catch them up).
 --
 -- A session that is still its device's gets its time to live again, and
 -- its active time when later than the stored one; one that expired
@@ -13,7 +14,7 @@
 -- Needs sessions.lua in front.
 
 local prefix, server, ttl = ARGV[1], ARGV[2], ARGV[3]
-local lost = {}
+local lost, restored = {}, {}
 for i = 4, #ARGV, 5 do
   local uid, sid, name, device, active = ARGV[i], ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
@@ -33,8 +34,9 @@ for i = 4, #ARGV, 5 do
     extend_ttl(devices_key(prefix, uid), ttl)
     redis.call('SADD', prefix .. 'server:' .. server, uid .. ':' .. device)
     redis.call('HSET', prefix .. 'online', uid, name)
+    restored[#restored + 1] = sid
   else
     lost[#lost + 1] = sid
   end
 end
-return lost
+return {lost, restored}
