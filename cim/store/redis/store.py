@@ -66,7 +66,7 @@ never key names)::
     P quota:<conversation>:<sender_id>:<window>
                                    string  messages the sender appended to
                                            the conversation in window
-                                           now // max_age (INCRBY in
+                                           now // max_age (written by
                                            append.lua); PEXPIRE two windows
     P epoch:<conversation>         hash    id, previous, base (the seq it
                                            started after), run (the Redis
