@@ -121,8 +121,9 @@ local function allowed(pair)
 end
 
 -- The epoch of each conversation appended to ({id, previous, base}; new:
--- it starts here; senders: each sender's highest seq there; last: the
--- conversation's last seq), in the order of their first messages.
+-- it starts here; senders: each sender's highest seq there; first, last:
+-- the seqs of its first and last messages here), in the order of their
+-- first messages.
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
@@ -192,6 +193,7 @@ for i = 1, count do
       just_sent[sent_id] = record
     end
     e.senders[ARGV[base + 2]] = n
+    e.first = e.first or n
     e.last = n
     appended[i] = msg_id .. ':' .. seq
   end
@@ -240,8 +242,13 @@ for _, conversation in ipairs(order) do
   -- Every stored message has its own seq, at most the last one: from the
   -- oldest one's seq on, at most last - oldest + 1 messages are stored, so
   -- only a conversation that may hold more than max_messages is counted.
-  local head = redis.call('ZRANGE', conv_key, 0, 0)[1]
-  local oldest = head and tonumber(string.match(head, '^{"i":%d+,"q":(%d+),'))
+  -- A conversation whose first message ever is in this batch (its seq 1:
+  -- the counter never expires) holds only this batch's: nothing to drop.
+  local head, oldest = nil, e.first
+  if e.first ~= 1 or e.last > max_messages then
+    head = redis.call('ZRANGE', conv_key, 0, 0)[1]
+    oldest = head and tonumber(string.match(head, '^{"i":%d+,"q":(%d+),'))
+  end
   if not oldest or e.last - oldest + 1 > max_messages then
     local excess = redis.call('ZCARD', conv_key) - max_messages
     if excess > 0 then
