@@ -15,7 +15,11 @@ for k = 1, #KEYS, 2 do
   local device, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
   if n > 0 then
-    redis.call('SADD', KEYS[k + 1], device)
+    -- Device "" is not listed: its cursors' key is known without the set
+    -- (forget_cursors.lua).
+    if device ~= '' then
+      redis.call('SADD', KEYS[k + 1], device)
+    end
     local fields = {}
     for i = 1, n do
       fields[i] = ARGV[a + 3 * (i - 1)]
