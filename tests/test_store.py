@@ -1165,7 +1165,6 @@ async def test_set_many_cursors(backend: Backend) -> None:
     assert await store.get_cursors(3) == {}
 
 
-
 @pytest_twisted.ensureDeferred
 async def test_set_many_cursors_of_many_conversations(backend: Backend) -> None:
     # More cursors of one device than the Redis script reads or writes in
@@ -1177,8 +1176,7 @@ async def test_set_many_cursors_of_many_conversations(backend: Backend) -> None:
         {(1, ""): {f"g:{i}": E(5 if i % 4 else 20) for i in range(count)}}
     )
     expected = {
-        f"g:{i}": E(20 if i % 4 == 0 else 10 if i % 2 == 0 else 5)
-        for i in range(count)
+        f"g:{i}": E(20 if i % 4 == 0 else 10 if i % 2 == 0 else 5) for i in range(count)
     }
     assert await store.get_cursors(1) == expected
 
