@@ -863,6 +863,22 @@ async def test_retention_by_count(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_retention_by_count_one_batch_at_a_time(backend: Backend) -> None:
+    # The Redis store counts a conversation's messages only when their seqs
+    # allow more than max_messages (5): every batch size around the bound.
+    store = backend.store
+    await store.append([msg(PAIR, str(i)) for i in range(1, 6)])
+    assert [m.seq for m in await store.read(PAIR, 0, 100)] == [1, 2, 3, 4, 5]
+    await store.append([msg(PAIR, "6")])
+    assert [m.seq for m in await store.read(PAIR, 0, 100)] == [2, 3, 4, 5, 6]
+    for i in range(7, 10):
+        await store.append([msg(PAIR, str(i))])
+    assert [m.seq for m in await store.read(PAIR, 0, 100)] == [5, 6, 7, 8, 9]
+    await store.append([msg("p:1:3", str(i)) for i in range(1, 7)])
+    assert [m.seq for m in await store.read("p:1:3", 0, 100)] == [2, 3, 4, 5, 6]
+
+
+@pytest_twisted.ensureDeferred
 async def test_retention_by_age(backend: Backend) -> None:
     store = backend.store
     await store.append([msg(PAIR, "old1"), msg(PAIR, "old2")])
@@ -1147,6 +1163,22 @@ async def test_set_many_cursors(backend: Backend) -> None:
     assert await store.get_cursors(1, "phone") == {"p:1:1": E(1)}
     assert await store.get_cursors(2) == {"p:2:2": E(9)}
     assert await store.get_cursors(3) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_many_cursors_of_many_conversations(backend: Backend) -> None:
+    # More cursors of one device than the Redis script reads or writes in
+    # one command: each is raised, kept or added as alone.
+    store = backend.store
+    count = 2500
+    await store.set_cursors(1, {f"g:{i}": E(10) for i in range(0, count, 2)})
+    await store.set_many_cursors(
+        {(1, ""): {f"g:{i}": E(5 if i % 4 else 20) for i in range(count)}}
+    )
+    expected = {
+        f"g:{i}": E(20 if i % 4 == 0 else 10 if i % 2 == 0 else 5) for i in range(count)
+    }
+    assert await store.get_cursors(1) == expected
 
 
 # Devices

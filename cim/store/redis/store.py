@@ -66,7 +66,7 @@ never key names)::
     P quota:<conversation>:<sender_id>:<window>
                                    string  messages the sender appended to
                                            the conversation in window
-                                           now // max_age (INCRBY in
+                                           now // max_age (written by
                                            append.lua); PEXPIRE two windows
     P epoch:<conversation>         hash    id, previous, base (the seq it
                                            started after), run (the Redis
@@ -90,8 +90,9 @@ never key names)::
                                            release's per-user cursors, kept
                                            as device "" cursors)
     P cursors:<user_id>:<device>   hash    the same, of another device
-    P cdevices:<user_id>           set     the user's devices that have
-                                           cursors (forget_cursors.lua)
+    P cdevices:<user_id>           set     the user's devices other than ""
+                                           that have cursors
+                                           (forget_cursors.lua)
     P group:<group_id>             string  the creator's id (the group exists)
     P ginfo:<group_id>             hash    owner, policy, history; absent for
                                            a group stored before groups had

@@ -15,8 +15,8 @@
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
 -- max age); a key per conversation, sender and window counts its messages
--- (INCRBY, expiring after two windows), and the current and previous
--- windows count together.  Messages are counted in order: those past the
+-- (written with SET ... PX, expiring after two windows), and the current
+-- and previous windows count together.  Messages are counted in order: those past the
 -- quota are not appended.
 --
 -- Epochs: the first append to a conversation that has no epoch record, or
@@ -34,6 +34,12 @@
 -- SADDs after that).
 -- Needs positions.lua in front.
 
+-- Redis's own cost is mostly its commands (each redis.call costs a few
+-- microseconds over its work), so the script reads what the batch needs in
+-- few of them: one MGET for every idempotency record, one for every quota
+-- count; a conversation's seq before its new epoch is the INCR's reply
+-- less one (no GET); its count of messages is only asked (ZCARD) when its
+-- oldest message's seq says it may be over max_messages.
 -- How many of a conversation's oldest messages one append checks for age.
 local AGE_SCAN = 100
 local FIRST = 7
@@ -49,25 +55,64 @@ local appended = {}
 local retries = {}
 local count = (#ARGV - FIRST - 1) / STRIDE
 
+-- The values of keys (MGET, a bounded number of keys per call), as a
+-- table by key (false for a missing one).
+local function mget(keys)
+  local values = {}
+  for start = 1, #keys, 1000 do
+    local last = math.min(start + 999, #keys)
+    local got = redis.call('MGET', unpack(keys, start, last))
+    for k = start, last do
+      values[keys[k]] = got[k - start + 1]
+    end
+  end
+  return values
+end
+
 local function is_old(member)
   local ts = tonumber(string.match(member, '^{"i":%d+,"q":%d+,"ts":(%d+)'))
   return ts ~= nil and ts < cutoff
 end
 
--- How many more messages each conversation and sender may append (read
--- when first needed), and how many it appends here.
+-- Every message's idempotency record, read at once.
+local sent_keys = {}
+for i = 1, count do
+  local sent_id = ARGV[FIRST + STRIDE * (i - 1) + 3]
+  if sent_id ~= '' then
+    sent_keys[#sent_keys + 1] = prefix .. 'sent:' .. sent_id
+  end
+end
+local sent = {}
+if #sent_keys > 0 then sent = mget(sent_keys) end
+
+-- How many more messages each conversation and sender may append, and how
+-- many it appends here; the counts of every pair of the batch read at once.
 local budget = {}
 local counted = {}
 local window = math.floor(now / max_age)
 local function quota_key(pair, w)
   return prefix .. 'quota:' .. pair .. ':' .. w
 end
+local counts = {}
+if quota > 0 then
+  local keys, seen = {}, {}
+  for i = 1, count do
+    local base = FIRST + STRIDE * (i - 1)
+    local pair = ARGV[base + 1] .. ':' .. ARGV[base + 2]
+    if not seen[pair] then
+      seen[pair] = true
+      keys[#keys + 1] = quota_key(pair, window)
+      keys[#keys + 1] = quota_key(pair, window - 1)
+    end
+  end
+  counts = mget(keys)
+end
 local function allowed(pair)
   if quota <= 0 then return true end
   if budget[pair] == nil then
     budget[pair] = quota
-        - tonumber(redis.call('GET', quota_key(pair, window)) or '0')
-        - tonumber(redis.call('GET', quota_key(pair, window - 1)) or '0')
+        - tonumber(counts[quota_key(pair, window)] or '0')
+        - tonumber(counts[quota_key(pair, window - 1)] or '0')
   end
   if budget[pair] <= 0 then return false end
   budget[pair] = budget[pair] - 1
@@ -76,13 +121,15 @@ local function allowed(pair)
 end
 
 -- The epoch of each conversation appended to ({id, previous, base}; new:
--- it starts here; senders: each sender's highest seq there), in the order
--- of their first messages.
+-- it starts here; senders: each sender's highest seq there; first, last:
+-- the seqs of its first and last messages here), in the order of their
+-- first messages.
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
 if run_id == '' then run_id = nil end
-local function epoch_of(conversation, seq_key)
+-- seq: the seq just taken (INCR) by the conversation's first message here.
+local function epoch_of(conversation, seq)
   local e = epochs[conversation]
   if e then return e end
   local key = prefix .. 'epoch:' .. conversation
@@ -93,8 +140,8 @@ local function epoch_of(conversation, seq_key)
   if rec[1] and rec[4] == run_id then
     e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0}
   else
-    local base = redis.call('GET', seq_key) or '0'
-    e = {ARGV[7], rec[1] or '', tonumber(base)}
+    local base = string.format('%d', seq - 1)
+    e = {ARGV[7], rec[1] or '', seq - 1}
     redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
                'run', run_id)
     e.new = true
@@ -116,7 +163,7 @@ for i = 1, count do
   local sent_id = ARGV[base + 3]
   local original = false
   if sent_id ~= '' then
-    original = just_sent[sent_id] or redis.call('GET', prefix .. 'sent:' .. sent_id)
+    original = just_sent[sent_id] or sent[prefix .. 'sent:' .. sent_id]
   end
   if original then
     local msg_id, seq, ts, conv = string.match(original,
@@ -133,10 +180,9 @@ for i = 1, count do
   elseif not allowed(conversation .. ':' .. ARGV[base + 2]) then
     appended[i] = 'q'
   else
-    local seq_key = prefix .. 'seq:' .. conversation
-    local e = epoch_of(conversation, seq_key)
+    local n = redis.call('INCR', prefix .. 'seq:' .. conversation)
+    local e = epoch_of(conversation, n)
     local msg_id = string.format('%d', first_id + i)
-    local n = redis.call('INCR', seq_key)
     local seq = string.format('%d', n)
     redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
                '{"i":' .. msg_id .. ',"q":' .. seq .. ','
@@ -147,14 +193,18 @@ for i = 1, count do
       just_sent[sent_id] = record
     end
     e.senders[ARGV[base + 2]] = n
+    e.first = e.first or n
+    e.last = n
     appended[i] = msg_id .. ':' .. seq
   end
 end
 
+-- The window's count, read above, plus this batch's (as INCRBY would, and
+-- its expiry renewed as PEXPIRE would), in one command.
 for pair, n in pairs(counted) do
   local key = quota_key(pair, window)
-  redis.call('INCRBY', key, n)
-  redis.call('PEXPIRE', key, 2 * max_age)
+  redis.call('SET', key, string.format('%d', tonumber(counts[key] or '0') + n),
+             'PX', 2 * max_age)
 end
 
 -- A pair conversation's two users, or nil (as cim.message.pair_members).
@@ -172,11 +222,14 @@ for _, conversation in ipairs(order) do
   epoch_ids[#epoch_ids + 1] = e[1]
   -- A sender's message is the conversation's last: its seq is above any
   -- read position of the epoch (they are at most the last seq), and above
-  -- the base of a new one, so it raises the sender's without reading it.
+  -- the base of a new one, so it raises the sender's without reading it
+  -- (every sender's in one HSET).
+  local read = {}
   for sender, seq in pairs(e.senders) do
-    redis.call('HSET', prefix .. 'read:' .. conversation, sender,
-               format_position(e[1], seq))
+    read[#read + 1] = sender
+    read[#read + 1] = format_position(e[1], seq)
   end
+  redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
   local low, high = nil, nil
@@ -186,12 +239,24 @@ for _, conversation in ipairs(order) do
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
   end
   local conv_key = prefix .. 'conv:' .. conversation
-  local excess = redis.call('ZCARD', conv_key) - max_messages
-  if excess > 0 then
-    redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
+  -- Every stored message has its own seq, at most the last one: from the
+  -- oldest one's seq on, at most last - oldest + 1 messages are stored, so
+  -- only a conversation that may hold more than max_messages is counted.
+  -- A conversation whose first message ever is in this batch (its seq 1:
+  -- the counter never expires) holds only this batch's: nothing to drop.
+  local head, oldest = nil, e.first
+  if e.first ~= 1 or e.last > max_messages then
+    head = redis.call('ZRANGE', conv_key, 0, 0)[1]
+    oldest = head and tonumber(string.match(head, '^{"i":%d+,"q":(%d+),'))
   end
-  local head = redis.call('ZRANGE', conv_key, 0, 0)
-  if head[1] and is_old(head[1]) then
+  if not oldest or e.last - oldest + 1 > max_messages then
+    local excess = redis.call('ZCARD', conv_key) - max_messages
+    if excess > 0 then
+      redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
+      head = redis.call('ZRANGE', conv_key, 0, 0)[1]
+    end
+  end
+  if head and is_old(head) then
     local old = 0
     for _, member in ipairs(redis.call('ZRANGE', conv_key, 0, AGE_SCAN - 1)) do
       if not is_old(member) then break end

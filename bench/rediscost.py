@@ -1,0 +1,164 @@
+"""
+What Redis does per private message, in its own CPU: drive the store's
+p2p mix (1-message private sends appended in batches, as
+L{cim.delivery.Delivery} batches them; a session lookup of both users per
+message; the sweep's cursor saves) against a Redis, then read its
+C{INFO commandstats} and report calls and microseconds per message.
+
+    .venv/bin/python -m bench.rediscost redis://127.0.0.1:16418/9 [--messages N]
+
+It flushes the database it is given (use a spare one).  Not a timed test:
+Redis's C{usec} counts only its own work, so other load on the machine
+barely moves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Any
+
+from twisted.internet import defer, task
+
+from cim.interfaces import NewMessage
+from cim.message import Position, pair_conversation
+from cim.store.redis.store import RedisStore, connect_redis
+
+
+def _stats(info: str) -> dict[str, tuple[int, int]]:
+    """
+    C{{command: (calls, usec)}} from the text of C{INFO commandstats}.
+    """
+    found = {}
+    for line in info.splitlines():
+        if not line.startswith("cmdstat_"):
+            continue
+        name, _, rest = line[len("cmdstat_") :].partition(":")
+        fields = dict(part.split("=") for part in rest.split(","))
+        found[name] = (int(fields["calls"]), int(fields["usec"]))
+    return found
+
+
+async def _setup(store: RedisStore, users: int) -> None:
+    for uid in range(1, users + 1):
+        session, _ = await store.claim_session(uid, f"u{uid}", "s1", 60.0)
+        await store.activate_session(uid, session.session_id)
+
+
+async def run(
+    reactor: Any, url: str, messages: int, users: int, batch: int, by_phase: bool
+) -> None:
+    store = await connect_redis(url, reactor)
+    redis = store._redis  # noqa: SLF001 (a measuring tool)
+    await redis.execute_command("FLUSHDB")
+    await _setup(store, users)
+    rng = random.Random(17)
+    cmid = 0
+    # Warm up (scripts loaded), then measure from zeroed stats.
+    await store.append([NewMessage(pair_conversation(1, 2), 1, "u1", "hi", "w")])
+    await redis.execute_command("CONFIG", "RESETSTAT")
+    await redis.execute_command("SLOWLOG", "RESET")
+    phases = {"append": 0, "get_sessions": 0, "set_many_cursors": 0}
+
+    async def script_usec() -> int:
+        info = _stats(await redis.execute_command("INFO", "commandstats"))
+        return sum(info.get(name, (0, 0))[1] for name in ("evalsha", "eval"))
+
+    async def cpu() -> float:
+        info = await redis.execute_command("INFO", "cpu")
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        return float(fields["used_cpu_sys_main_thread"]) + float(
+            fields["used_cpu_user_main_thread"]
+        )
+
+    async def timed(phase: str, call: Any, *args: Any) -> Any:
+        if not by_phase:
+            return await call(*args)
+        before = await script_usec()
+        result = await call(*args)
+        phases[phase] += await script_usec() - before
+        return result
+
+    cpu_before = await cpu()
+    for start in range(0, messages, batch):
+        sends = []
+        for _ in range(min(batch, messages - start)):
+            a, b = rng.sample(range(1, users + 1), 2)
+            cmid += 1
+            sends.append(
+                NewMessage(pair_conversation(a, b), a, f"u{a}", "hello " * 5, str(cmid))
+            )
+        stored = await timed("append", store.append, sends)
+        # Both users of each message: the recipient, and the sender's echo.
+        await timed(
+            "get_sessions",
+            store.get_sessions,
+            sorted({int(x) for m in sends for x in m.conversation[2:].split(":")}),
+        )
+        # Each recipient's and each sender's echo device acknowledges.
+        cursors: dict[tuple[int, str], dict[str, Position]] = {}
+        for m in stored:
+            for uid in (int(x) for x in m.conversation[2:].split(":")):
+                cursors.setdefault((uid, ""), {})[m.conversation] = Position(
+                    m.epoch, m.seq
+                )
+        await timed("set_many_cursors", store.set_many_cursors, cursors)
+    cpu_used = await cpu() - cpu_before
+    stats = _stats(await redis.execute_command("INFO", "commandstats"))
+    slow = await redis.execute_command("SLOWLOG", "GET", 5)
+    await store.close()
+    total = inner = 0
+    print(f"{messages} messages, batches of {batch}, {users} users")
+    print(f"{'command':<14}{'calls/msg':>10}{'usec/call':>10}{'usec/msg':>10}")
+    for name, (calls, usec) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+        if name in ("config", "slowlog", "info"):
+            continue
+        if name in ("evalsha", "eval"):
+            total += usec
+        else:
+            inner += calls
+        print(
+            f"{name:<14}{calls / messages:>10.2f}{usec / max(calls, 1):>10.2f}"
+            f"{usec / messages:>10.2f}"
+        )
+    print(
+        f"per message: {total / messages:.2f} usec in scripts (their commands"
+        f" included), {inner / messages:.2f} commands"
+    )
+    print(
+        f"Redis main thread CPU (user+sys) per message: {cpu_used * 1e6 / messages:.2f} usec"
+    )
+    for phase, usec in phases.items() if by_phase else ():
+        print(f"  {phase:<18}{usec / messages:>8.2f} usec per message")
+    print("slowlog:", slow)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("url")
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also the script usec of each call (an INFO around each: slower)",
+    )
+    options = parser.parse_args(argv)
+    task.react(
+        lambda reactor: defer.ensureDeferred(
+            run(
+                reactor,
+                options.url,
+                options.messages,
+                options.users,
+                options.batch,
+                options.phases,
+            )
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
