@@ -377,6 +377,26 @@ def test_adopting_a_pair_conversation_runs_no_coroutine(
     assert conn.streams[CONVERSATION].delivered == 2
 
 
+def test_an_adoption_writes_the_shared_batch() -> None:
+    # The receiver and the sender's echo share one encoding, adopted or not.
+    setting = Setting()
+    conn, link = setting.connect()
+    other, other_link = setting.connect()
+    stored = setting.store_texts("one", "two")
+    batch = wire.Batch(stored)
+    setting.streams.offer(conn, stored, batch)
+    setting.streams.offer(other, stored, batch)
+    assert link.writes == [batch] and other_link.writes == [batch]
+    assert setting.written.value == 4
+    # A batch of which only a part is written is written as that part.
+    three, four = setting.store_texts("three", "four")
+    carol = pair_conversation(BOB, 3)
+    [five] = setting.store_texts("five", conversation=carol)
+    mixed = [three, five]
+    setting.streams.offer(conn, mixed, wire.Batch(mixed))
+    assert link.texts() == ["one", "two", "three", "five"]
+
+
 def test_a_position_the_client_sent_for_an_unlisted_conversation_is_moved() -> None:
     # Bob's client sent a position (of another epoch) at login for a
     # conversation the store did not list: the adoption tells it the start.

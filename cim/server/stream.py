@@ -89,6 +89,15 @@ def _consume(*reads: Deferred[Any]) -> None:
         d.addErrback(lambda _: None)
 
 
+def _same(ours: list[ChatMessage], theirs: Sequence[ChatMessage]) -> bool:
+    """
+    Whether C{ours} are the very messages C{theirs} (in order).
+    """
+    return len(ours) == len(theirs) and all(
+        a is b for a, b in zip(ours, theirs, strict=True)
+    )
+
+
 class Stream:
     """
     One conversation as one connection receives it.
@@ -259,7 +268,8 @@ class Streams:
                 stored = conn.acked.get(stream.conversation)
                 if stored is None or stored.epoch == tag:
                     # No store call needed: started here and now.
-                    if self._start_adopted(conn, stream, Epoch(tag), 0, stored, True):
+                    epoch = Epoch(tag)
+                    if self._start_adopted(conn, stream, epoch, 0, stored, True, batch):
                         self.fill_in_background(conn, stream)
                     continue
             ensureDeferred(self._adopt(conn, stream, tag)).addErrback(
@@ -460,11 +470,13 @@ class Streams:
         floor: int,
         stored: Position | None,
         tagged: bool,
+        batch: wire.Batch | None = None,
     ) -> bool:
         """
         Start adopted C{stream} in C{epoch} (read, or as C{tagged} live
         messages name it) from the device's C{stored} position, else from
-        C{floor}; write at once what was held that follows the start.
+        C{floor}; write at once what was held that follows the start (as
+        the shared C{batch} of live messages when that is all of it).
 
         The client is told the start (an EPOCH frame) unless it starts at 0
         of the epoch its held messages name and they follow it at once: a
@@ -509,7 +521,11 @@ class Streams:
         if not ready:
             return True
         stream.filling = False
-        self._write(conn, ready, Command.MESSAGE)
+        if batch is not None and _same(ready, batch.messages):
+            conn.deliver(ready, Command.MESSAGE, batch)
+            self.written.inc(len(ready))
+        else:
+            self._write(conn, ready, Command.MESSAGE)
         if stream.pending:
             self._wait_for_gap(conn, stream)
         return False
