@@ -44,6 +44,7 @@ cursors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -93,9 +94,7 @@ def _same(ours: list[ChatMessage], theirs: Sequence[ChatMessage]) -> bool:
     """
     Whether C{ours} are the very messages C{theirs} (in order).
     """
-    return len(ours) == len(theirs) and all(
-        a is b for a, b in zip(ours, theirs, strict=True)
-    )
+    return len(ours) == len(theirs) and all(map(is_, ours, theirs))
 
 
 class Stream:
@@ -505,7 +504,6 @@ class Streams:
         stream.move_to(epoch, start)
         if position.seq > 0 and position.epoch == epoch.id:
             conn.acked.setdefault(conversation, position)
-        cursor = stream.cursor(reset)
         # What was held follows the start: written at once, and the store
         # is not read (a gap after it is waited for as any).
         ready = [] if dropped else stream.advance()
@@ -517,7 +515,7 @@ class Streams:
             and not reset
             and conversation not in conn.unlisted
         ):
-            conn.send(wire.epoch([cursor]))
+            conn.send(wire.epoch([Cursor(conversation, start, epoch.id, reset)]))
         if not ready:
             return True
         stream.filling = False
