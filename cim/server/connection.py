@@ -175,8 +175,9 @@ class Connection:
         The client acknowledged C{cursors}.  Only a conversation this
         connection receives (one of its L{streams}: its private
         conversations, its groups) counts, only in the stream's epoch (the
-        one the server told it at login or in an EPOCH frame), and only up
-        to what was written to it; any other cursor is ignored (it would
+        one the server told it at login or in an EPOCH frame, or that the
+        first message of a conversation it was not told of named), and only
+        up to what was written to it; any other cursor is ignored (it would
         break the device's next logins, or grow its stored cursors without
         bound).
 

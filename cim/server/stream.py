@@ -102,7 +102,9 @@ class Stream:
     One conversation as one connection receives it.
 
     @ivar epoch: the conversation's L{Epoch} that C{delivered} counts in
-        (the one the client was told, at login or in an EPOCH frame).
+        (the one the client was told, at login or in an EPOCH frame, or
+        that the first message of a conversation it was not told of
+        named).
     @ivar delivered: the highest seq written to the connection (or
         L{UNKNOWN}); messages are written in seq order with no gap.
     @ivar filling: the store is being read for it; live messages wait in
