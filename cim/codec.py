@@ -7,6 +7,7 @@ module that imports the generated protobuf code.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -80,6 +81,10 @@ _SCALARS = (
     ("device", "device"),
 )
 _ATTRIBUTE = {field: attribute for attribute, field in _SCALARS}
+#: The scalar fields' names, and a getter of their values in that order (one
+#: call for all of them: encoding is on every frame's path).
+_SCALAR_FIELDS = tuple(field for _, field in _SCALARS)
+_scalar_values = attrgetter(*(attribute for attribute, _ in _SCALARS))
 
 
 def encode(frame: Frame) -> bytes:
@@ -88,8 +93,8 @@ def encode(frame: Frame) -> bytes:
     """
     fields = {
         name: value
-        for attribute, name in _SCALARS
-        if (value := getattr(frame, attribute))
+        for name, value in zip(_SCALAR_FIELDS, _scalar_values(frame), strict=True)
+        if value
     }
     if frame.cmd:
         fields["cmd"] = int(frame.cmd)

@@ -812,6 +812,23 @@ def test_an_epoch_frame_starts_a_conversation() -> None:
     assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("p:7:9", 1, "e5"),))]
 
 
+def test_an_unannounced_conversation_takes_its_first_messages_epoch() -> None:
+    # A conversation begun since login, sent from its start: the server
+    # sends no EPOCH frame; the stream follows the first message's epoch,
+    # acknowledged and sent at the next login in it.
+    wired = Wired()
+    wired.receive(
+        Frame(cmd=Command.MESSAGE, messages=[chat(1, "p:7:9", epoch="e5")]),
+        Frame(cmd=Command.MESSAGE, messages=[chat(2, "p:7:9", epoch="e5")]),
+    )
+    assert [m.seq for m in wired.messages()] == [1, 2]
+    wired.clock.advance(1)
+    assert wired.sent() == [Frame(cmd=Command.ACK, cursors=(Cursor("p:7:9", 2, "e5"),))]
+    drop(wired)
+    wired.clock.advance(1)
+    assert list(wired.connect().cursors) == [Cursor("p:7:9", 2, "e5")]
+
+
 def test_acks_carry_the_stream_epoch() -> None:
     # A stream of epoch e2 that trusts its previous epoch up to 3: the
     # messages it resends keep their tag e1, the acknowledgement is of e2.

@@ -289,13 +289,11 @@ def test_private_message_is_stored_acknowledged_and_delivered() -> None:
             client_msg_id="c1",
         )
     )
-    ack, adopted, own = alice_peer.received()
+    ack, own = alice_peer.received()
     conversation = pair_conversation(alice, bob)
-    # A conversation begun since login: where it starts, then its messages.
-    assert adopted.cmd == Command.EPOCH
-    assert list(adopted.cursors) == [
-        Cursor(conversation, 0, epoch_of(world, conversation))
-    ]
+    # A conversation begun since login, from its start: its first message
+    # names its epoch (no EPOCH frame).
+    assert own.messages[0].epoch == epoch_of(world, conversation)
     assert (ack.cmd, ack.client_msg_id, ack.seq, ack.conversation) == (
         Command.ACK,
         "c1",

@@ -74,7 +74,7 @@ def test_two_devices_of_a_user_get_every_message_once_in_order() -> None:
     world.server.deliver_local(again, [bob])  # type: ignore[arg-type]
     for peer in (phone, laptop):
         frames = peer.received()
-        assert [f.cmd for f in frames][:1] == [Command.EPOCH]
+        assert {f.cmd for f in frames} == {Command.MESSAGE}
         assert texts(frames) == ["m0", "m1", "m2"]
     assert not phone.closed and not laptop.closed
 
@@ -86,7 +86,7 @@ def test_the_sending_device_gets_its_own_message_and_so_do_the_others() -> None:
     bob_peer, bob = world.login("bob")
     world.send(phone, "hi", bob, cmid="c1")
     frames = phone.received()
-    assert [f.cmd for f in frames] == [Command.ACK, Command.EPOCH, Command.MESSAGE]
+    assert [f.cmd for f in frames] == [Command.ACK, Command.MESSAGE]
     assert texts(frames) == ["hi"]
     assert texts(laptop.received()) == ["hi"]
     assert bob_peer.texts() == ["hi"]
@@ -298,16 +298,16 @@ def test_messages_delivered_while_a_login_reads_are_not_lost() -> None:
     assert frames[0].cmd == Command.LOGIN_RESPONSE
     assert sorted(texts(frames)) == ["before", "during", "new"]
     assert texts(frames).index("before") < texts(frames).index("during")
-    assert [c.conversation for f in of(frames, Command.EPOCH) for c in f.cursors] == [
-        pair_conversation(bob, carol)
-    ]
+    # (The new one starts at 0 of the epoch of its message: no EPOCH frame.)
+    assert of(frames, Command.EPOCH) == []
     # Nothing more comes of it.
     world.clock.advance(1)
     assert bob_peer.received() == []
     assert alice
 
 
-def test_a_new_private_conversation_is_adopted_with_an_epoch_frame() -> None:
+def test_a_new_private_conversation_is_adopted_without_an_epoch_frame() -> None:
+    # Bob's client takes the conversation's epoch from its first message.
     world = World()
     alice_peer, alice = world.login("alice")
     bob_peer, bob = world.login("bob")
@@ -316,8 +316,8 @@ def test_a_new_private_conversation_is_adopted_with_an_epoch_frame() -> None:
     conversation = pair_conversation(alice, bob)
     epoch = epoch_of(world, conversation).id
     frames = bob_peer.received()
-    assert [f.cmd for f in frames] == [Command.EPOCH, Command.MESSAGE, Command.MESSAGE]
-    assert list(frames[0].cursors) == [Cursor(conversation, 0, epoch, False)]
+    assert [f.cmd for f in frames] == [Command.MESSAGE, Command.MESSAGE]
+    assert frames[0].messages[0].epoch == epoch
     assert texts(frames) == ["hello", "again"]
     # Acknowledged in that epoch, it is where the device resumes.
     bob_peer.send(Frame(cmd=Command.ACK, cursors=[Cursor(conversation, 2, epoch)]))
@@ -327,6 +327,29 @@ def test_a_new_private_conversation_is_adopted_with_an_epoch_frame() -> None:
     assert again.login is not None
     assert list(again.login.cursors) == [Cursor(conversation, 2, epoch)]
     assert again.texts() == ["later"]
+
+
+def test_a_position_sent_for_a_conversation_the_store_lost_is_moved() -> None:
+    # Bob's client had the conversation with alice (at 4 of "gone"), which
+    # the store no longer lists: its first new message is announced, so the
+    # client's stream moves to the new epoch from 0.
+    world = World()
+    alice_peer, alice = world.login("alice")
+    conversation = pair_conversation(alice, world.user("bob"))
+    bob_peer, bob = world.login("bob", cursors=[Cursor(conversation, 4, "gone")])
+    assert world.server.devices(bob)[0].unlisted == {conversation}
+    world.send(alice_peer, "new", bob)
+    frames = bob_peer.received()
+    assert [f.cmd for f in frames] == [Command.EPOCH, Command.MESSAGE]
+    epoch = epoch_of(world, conversation).id
+    assert list(frames[0].cursors) == [Cursor(conversation, 0, epoch, False)]
+    assert texts(frames) == ["new"]
+
+
+def test_a_connection_without_positions_keeps_no_unlisted_set() -> None:
+    world = World()
+    peer, bob = world.login("bob")
+    assert world.server.devices(bob)[0].unlisted == frozenset()
 
 
 def counting_world() -> tuple[World, CountingStore]:
@@ -350,10 +373,9 @@ def test_random_private_chat_costs_no_store_call_to_adopt() -> None:
     assert ADOPTION_CALLS.isdisjoint(store.names()), store.names()
     for name, (peer, _) in peers.items():
         frames = peer.received()
+        # (No EPOCH frames: each starts at 0 of its first message's epoch.)
         assert [f.cmd for f in frames if f.cmd != Command.ACK] == [
-            Command.EPOCH,
             Command.MESSAGE,
-            Command.EPOCH,
             Command.MESSAGE,
         ], name
 

@@ -139,8 +139,7 @@ def test_batch_over_the_limit_is_refused() -> None:
     send(alice_peer, bob, [f"t{i}" for i in range(5)], "ok")
     assert [f.cmd for f in alice_peer.received()] == [
         Command.ACK,
-        Command.EPOCH,  # the conversation begins
-        Command.MESSAGE,  # alice's own
+        Command.MESSAGE,  # alice's own (the conversation begins at 0)
     ]
     assert len(bob_peer.messages()) == 5
 
@@ -197,8 +196,7 @@ def test_sender_quota_refuses_with_6000_and_the_sender_chats_on() -> None:
     send(alice_peer, carol, ["hi carol"], "s4")
     assert [f.cmd for f in alice_peer.received() if f.cmd != Command.MESSAGE] == [
         Command.ERROR,
-        Command.ACK,
-        Command.EPOCH,  # the conversation with carol begins
+        Command.ACK,  # (the conversation with carol begins at 0: no EPOCH)
     ]
     send(carol_peer, bob, ["from carol"], "c1")
     assert [m.text for m in bob_peer.messages()] == ["from carol"]

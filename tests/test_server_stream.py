@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
@@ -25,6 +26,7 @@ from cim.message import (
     pair_conversation,
 )
 from cim.metrics import Counter
+from cim.server import stream as stream_module
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.link import IClientLink
@@ -332,7 +334,8 @@ def frames(link: RecordingLink) -> list[Frame]:
 
 def test_adopting_a_new_pair_conversation_costs_no_store_call() -> None:
     # Carol writes to bob for the first time since his login: nothing to
-    # read, what arrived is written at once, after the EPOCH frame.
+    # read, what arrived is written at once; no EPOCH frame (bob's client
+    # takes the epoch from the first message).
     setting = Setting()
     conn, link = setting.connect(inbox=0)
     conversation = pair_conversation(BOB, 3)
@@ -342,9 +345,8 @@ def test_adopting_a_new_pair_conversation_costs_no_store_call() -> None:
     setting.offer(conn, stored[:2])
     setting.offer(conn, stored[2:])
     assert setting.store.calls == []
-    epoch, first, second = frames(link)
-    assert epoch.cmd == Command.EPOCH
-    assert list(epoch.cursors) == [Cursor(conversation, 0, EPOCH.id, False)]
+    first, second = frames(link)
+    assert first.messages[0].epoch == EPOCH.id
     # The two that came together go together.
     assert [m.text for m in first.messages] == ["one", "two"]
     assert [m.text for m in second.messages] == ["three"]
@@ -355,6 +357,73 @@ def test_adopting_a_new_pair_conversation_costs_no_store_call() -> None:
     assert setting.store.calls == []
     # Bob acknowledges in the epoch he was told.
     assert conn.acknowledge([Cursor(conversation, 3, EPOCH.id)]) == 0
+
+
+def test_adopting_a_pair_conversation_runs_no_coroutine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The common adoption is done within offer: no Deferred, no coroutine.
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+
+    def no_coroutine(*args: object) -> None:
+        raise AssertionError("a coroutine was started")
+
+    monkeypatch.setattr(stream_module, "ensureDeferred", no_coroutine)
+    setting.offer(conn, [one])
+    setting.offer(conn, [two])
+    assert link.texts() == ["one", "two"]
+    assert conn.streams[CONVERSATION].delivered == 2
+
+
+def test_an_adoption_writes_the_shared_batch() -> None:
+    # The receiver and the sender's echo share one encoding, adopted or not.
+    setting = Setting()
+    conn, link = setting.connect()
+    other, other_link = setting.connect()
+    stored = setting.store_texts("one", "two")
+    batch = wire.Batch(stored)
+    setting.streams.offer(conn, stored, batch)
+    setting.streams.offer(other, stored, batch)
+    assert link.writes == [batch] and other_link.writes == [batch]
+    assert setting.written.value == 4
+    # A batch of which only a part is written is written as that part.
+    three, four = setting.store_texts("three", "four")
+    carol = pair_conversation(BOB, 3)
+    [five] = setting.store_texts("five", conversation=carol)
+    mixed = [three, five]
+    setting.streams.offer(conn, mixed, wire.Batch(mixed))
+    assert link.texts() == ["one", "two", "three", "five"]
+
+
+def test_a_position_the_client_sent_for_an_unlisted_conversation_is_moved() -> None:
+    # Bob's client sent a position (of another epoch) at login for a
+    # conversation the store did not list: the adoption tells it the start.
+    setting = Setting()
+    conn, link = setting.connect()
+    conn.unlisted = frozenset({CONVERSATION})
+    one = setting.store_texts("one")
+    setting.store.count()
+    setting.offer(conn, one)
+    assert setting.store.calls == []
+    epoch, live = frames(link)
+    assert epoch.cmd == Command.EPOCH
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 0, EPOCH.id, False)]
+    assert [m.text for m in live.messages] == ["one"]
+
+
+def test_an_adoption_that_reads_before_its_first_message_is_announced() -> None:
+    # "one" is missing before "two": the store is read after the start, so
+    # the client is told where it is (its first message is read later).
+    setting = Setting()
+    conn, link = setting.connect()
+    one, two = setting.store_texts("one", "two")
+    setting.offer(conn, [two])
+    epoch, *rest = frames(link)
+    assert epoch.cmd == Command.EPOCH
+    assert list(epoch.cursors) == [Cursor(CONVERSATION, 0, EPOCH.id, False)]
+    assert [m.text for f in rest for m in f.messages] == ["one", "two"]
 
 
 def test_a_stored_cursor_of_the_messages_epoch_costs_no_store_call() -> None:
@@ -464,7 +533,7 @@ def test_a_held_message_of_another_epoch_makes_the_adoption_read() -> None:
 def test_a_new_conversation_starts_before_its_first_live_message() -> None:
     # Bob began a private conversation with carol from another device: his
     # read position is his own first message, and this connection had not
-    # seen it: it gets it all the same.
+    # seen it: it gets it all the same (from the start: no EPOCH frame).
     setting = Setting()
     conn, link = setting.connect(inbox=0)
     conversation = pair_conversation(BOB, 3)
@@ -474,13 +543,9 @@ def test_a_new_conversation_starts_before_its_first_live_message() -> None:
     ).addCallback(results.append)
     [stored] = results
     setting.offer(conn, stored)
-    epoch, *rest = link.writes
-    assert isinstance(epoch, Frame) and epoch.cmd == Command.EPOCH
-    assert [(c.conversation, c.seq, c.reset) for c in epoch.cursors] == [
-        (conversation, 0, False)
-    ]
-    link.writes = rest
-    assert link.texts() == ["hi carol"]
+    [live] = frames(link)
+    assert live.cmd == Command.MESSAGE
+    assert [m.text for m in live.messages] == ["hi carol"]
 
 
 def test_a_failed_read_kicks_the_connection() -> None:

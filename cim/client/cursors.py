@@ -201,7 +201,8 @@ class CursorFile:
         stream = self.cursors.get(conversation)
         moved = False
         if stream is None:
-            # No epoch named for it yet (a server from before epochs).
+            # Not announced (a conversation begun since login, sent from
+            # its start): its first message names its epoch.
             self.cursors[conversation] = Position(tag, seq)
             moved = True
         elif seq > stream.seq:

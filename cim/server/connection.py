@@ -65,6 +65,12 @@ class Connection:
         passed on).
     @ivar next_device: the connection of the user's next device here (the
         server's list of a user's devices: L{cim.server.core.IMServer}).
+    @ivar unlisted: the conversations the client sent a position for at
+        login that the store did not list (usually none): adopting one
+        tells the client where it starts (an EPOCH frame), which moves the
+        client's stream off its old position; any other conversation that
+        starts at 0 does without (the client takes the epoch of its first
+        message, L{cim.server.stream.Streams}).
 
     A server holds tens of thousands of these, most of them idle: every
     attribute is a slot, and L{acked}, L{streams} and L{read_sent} are made
@@ -93,6 +99,7 @@ class Connection:
         "held",
         "read_sent",
         "next_device",
+        "unlisted",
     )
     acked: dict[str, Position]
     streams: dict[str, Stream]
@@ -116,6 +123,7 @@ class Connection:
         self.ack_dirty: set[str] | None = None
         self.held: list[tuple[Sequence[ChatMessage], wire.Batch]] | None = None
         self.next_device: Connection | None = None
+        self.unlisted: frozenset[str] = _NONE
 
     if not TYPE_CHECKING:  # (mypy would take any attribute name for one)
 
@@ -167,8 +175,9 @@ class Connection:
         The client acknowledged C{cursors}.  Only a conversation this
         connection receives (one of its L{streams}: its private
         conversations, its groups) counts, only in the stream's epoch (the
-        one the server told it at login or in an EPOCH frame), and only up
-        to what was written to it; any other cursor is ignored (it would
+        one the server told it at login or in an EPOCH frame, or that the
+        first message of a conversation it was not told of named), and only
+        up to what was written to it; any other cursor is ignored (it would
         break the device's next logins, or grow its stored cursors without
         bound).
 
@@ -228,6 +237,9 @@ class Connection:
             if stream.delivered > 0:
                 self._raise_acked(conversation, stream.epoch.id, stream.delivered)
 
+
+#: No conversations (shared by every connection's L{Connection.unlisted}).
+_NONE: frozenset[str] = frozenset()
 
 #: The attributes of a L{Connection} made on first use: empty dictionaries.
 _LAZY = frozenset({"acked", "streams", "read_sent"})

@@ -610,7 +610,7 @@ class IMServer:
         if conn.closed:
             # Gone meanwhile (or replaced): its close released the session.
             return
-        streams = self._grant(conn, grant, resumption)
+        streams = self._grant(conn, grant, resumption, frame.cursors)
         if conn in self._resync_after_login:
             # What was read for it may predate pushes lost meanwhile.
             self._resync_after_login.discard(conn)
@@ -640,14 +640,20 @@ class IMServer:
         return saved
 
     def _grant(
-        self, conn: Connection, grant: Grant, resumption: Resumption
+        self,
+        conn: Connection,
+        grant: Grant,
+        resumption: Resumption,
+        sent: Sequence[Cursor] = (),
     ) -> list[Stream]:
         """
         Start C{conn}'s streams where C{resumption} says, tell the client
         (a cim client: LOGIN_RESPONSE), and offer it what arrived live
-        meanwhile.  @return: the streams to replay from the store (those
-        holding more than their start; live messages wait in them until
-        the replay caught up).
+        meanwhile.  C{sent}: the positions the client sent at login (those
+        of conversations the store did not list are kept, in
+        L{Connection.unlisted}).  @return: the streams to replay from the
+        store (those holding more than their start; live messages wait in
+        them until the replay caught up).
         """
         conn.logging_in = False
         # The device's stored cursors, kept (not copied): the streams
@@ -666,6 +672,10 @@ class IMServer:
             conn.streams[start.conversation] = stream
             if behind:
                 streams.append(stream)
+        if sent and not grant.legacy:
+            unlisted = {c.conversation for c in sent} - conn.streams.keys()
+            if unlisted:
+                conn.unlisted = frozenset(unlisted)
         self.m_logins.inc()
         self.log.info(
             "{user_id} ({user_name}) logged in from {peer}{device}{legacy}",

@@ -21,13 +21,18 @@ Adoption: a conversation that a connection had not been told of (a private
 conversation begun since its login, a group joined since) starts when its
 first live message arrives, from the device's cursor as its login read it
 (L{Connection.acked}), else from the start (of a group: from where the user
-joined it); the client gets an EPOCH frame before its messages.  In random
-private chat nearly every message begins a conversation for its receiver
-and for the sender's own device, so the common case costs no store call:
-without a stored position, or with one of the message's epoch, the stream
-follows the epoch the message names, and messages that follow the start
-without a gap are written at once.  A group's join point is read (groups
-are joined rarely), the conversation's epoch only for a stored position of
+joined it).  The client gets an EPOCH frame before its messages, unless it
+would tell it nothing: a stream that starts at 0 of the epoch its first
+messages name, and writes them at once, for a conversation the client sent
+no position for at login (L{Connection.unlisted}), is not announced (every
+client takes an unannounced conversation's epoch from its first message).
+In random private chat nearly every message begins a conversation for its
+receiver and for the sender's own device, so the common case costs no
+store call, no coroutine and no EPOCH frame: without a stored position, or
+with one of the message's epoch, the stream follows the epoch the message
+names, and messages that follow the start without a gap are written at
+once, within L{Streams.offer}.  A group's join point is read (groups are
+joined rarely), the conversation's epoch only for a stored position of
 another epoch, and the store only for a gap before the first message.
 
 Every method runs in the reactor thread; the store is the only source of
@@ -39,6 +44,7 @@ cursors.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import is_
 from typing import Any, cast
 
 from twisted.internet import defer
@@ -84,12 +90,21 @@ def _consume(*reads: Deferred[Any]) -> None:
         d.addErrback(lambda _: None)
 
 
+def _same(ours: list[ChatMessage], theirs: Sequence[ChatMessage]) -> bool:
+    """
+    Whether C{ours} are the very messages C{theirs} (in order).
+    """
+    return len(ours) == len(theirs) and all(map(is_, ours, theirs))
+
+
 class Stream:
     """
     One conversation as one connection receives it.
 
     @ivar epoch: the conversation's L{Epoch} that C{delivered} counts in
-        (the one the client was told, at login or in an EPOCH frame).
+        (the one the client was told, at login or in an EPOCH frame, or
+        that the first message of a conversation it was not told of
+        named).
     @ivar delivered: the highest seq written to the connection (or
         L{UNKNOWN}); messages are written in seq order with no gap.
     @ivar filling: the store is being read for it; live messages wait in
@@ -250,6 +265,14 @@ class Streams:
         for m in messages:
             self._offer_one(conn, m, adopt)
         for stream, tag in adopt:
+            if tag and not stream.conversation.startswith(GROUP_PREFIX):
+                stored = conn.acked.get(stream.conversation)
+                if stored is None or stored.epoch == tag:
+                    # No store call needed: started here and now.
+                    epoch = Epoch(tag)
+                    if self._start_adopted(conn, stream, epoch, 0, stored, True, batch):
+                        self.fill_in_background(conn, stream)
+                    continue
             ensureDeferred(self._adopt(conn, stream, tag)).addErrback(
                 self._fill_failed, conn, stream
             )
@@ -397,8 +420,11 @@ class Streams:
         login (by a live message of epoch C{tag}): from the device's stored
         cursor, else from the start (of a group: from where the user joined
         it); never after a message that was offered live (that one is new
-        to this connection).  Tell the client (an EPOCH frame), then write
-        the held messages, reading the store only for what they miss.
+        to this connection).  Tell the client (an EPOCH frame, unless
+        L{_start_adopted} finds it needs none), then write the held
+        messages, reading the store only for what they miss.  L{offer}
+        starts a pair conversation that needs no store call itself,
+        without this coroutine.
 
         The device's stored cursors came with its login (L{Connection.
         acked}): a device has one connection at a time, so what was saved
@@ -434,9 +460,38 @@ class Streams:
         except BaseException:
             stream.filling = False
             raise
+        if self._start_adopted(conn, stream, epoch, floor, stored, tagged):
+            await self.fill(conn, stream, Command.MESSAGE)
+
+    def _start_adopted(
+        self,
+        conn: Connection,
+        stream: Stream,
+        epoch: Epoch,
+        floor: int,
+        stored: Position | None,
+        tagged: bool,
+        batch: wire.Batch | None = None,
+    ) -> bool:
+        """
+        Start adopted C{stream} in C{epoch} (read, or as C{tagged} live
+        messages name it) from the device's C{stored} position, else from
+        C{floor}; write at once what was held that follows the start (as
+        the shared C{batch} of live messages when that is all of it).
+
+        The client is told the start (an EPOCH frame) unless it starts at 0
+        of the epoch its held messages name and they follow it at once: a
+        client takes an unannounced conversation's epoch from its first
+        message.  A position the client sent at login for this conversation
+        (L{Connection.unlisted}) is always moved by an EPOCH frame.
+
+        @return: whether the store is to be read for it (the caller fills
+            it; C{stream} is still marked as filling).
+        """
         if conn.closed:
             stream.filling = False
-            return
+            return False
+        conversation = stream.conversation
         position = stored or Position(epoch.id, floor)
         start, reset = epoch.resume(position)
         start = max(start, floor)
@@ -451,18 +506,29 @@ class Streams:
         stream.move_to(epoch, start)
         if position.seq > 0 and position.epoch == epoch.id:
             conn.acked.setdefault(conversation, position)
-        conn.send(wire.epoch([stream.cursor(reset)]))
-        if not dropped:
-            # What was held follows the start: written at once, and the
-            # store is not read (a gap after it is waited for as any).
-            ready = stream.advance()
-            if ready:
-                stream.filling = False
-                self._write(conn, ready, Command.MESSAGE)
-                if stream.pending:
-                    self._wait_for_gap(conn, stream)
-                return
-        await self.fill(conn, stream, Command.MESSAGE)
+        # What was held follows the start: written at once, and the store
+        # is not read (a gap after it is waited for as any).
+        ready = [] if dropped else stream.advance()
+        if not (
+            ready
+            and tagged
+            and stored is None
+            and start == 0
+            and not reset
+            and conversation not in conn.unlisted
+        ):
+            conn.send(wire.epoch([Cursor(conversation, start, epoch.id, reset)]))
+        if not ready:
+            return True
+        stream.filling = False
+        if batch is not None and _same(ready, batch.messages):
+            conn.deliver(ready, Command.MESSAGE, batch)
+            self.written.inc(len(ready))
+        else:
+            self._write(conn, ready, Command.MESSAGE)
+        if stream.pending:
+            self._wait_for_gap(conn, stream)
+        return False
 
     def _joined(self, user_id: int, conversation: str) -> Deferred[int]:
         """

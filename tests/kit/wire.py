@@ -171,13 +171,17 @@ class WireClient(VarintFrameReceiver):
     def cursors(self) -> list[Cursor]:
         """
         The highest seq received per conversation, in the epoch the server
-        announced (what a client resumes from).
+        announced (what a client resumes from); a conversation it did not
+        announce is in the epoch of its first message, as every client
+        takes it.
         """
         highest: dict[str, int] = {}
+        first: dict[str, str] = {}
         for m in self.messages():
             highest[m.conversation] = max(highest.get(m.conversation, 0), m.seq)
-        epochs = self.epochs()
-        return [Cursor(c, s, epochs.get(c, "")) for c, s in highest.items()]
+            first.setdefault(m.conversation, m.epoch)
+        epochs = {**first, **self.epochs()}
+        return [Cursor(c, s, epochs[c]) for c, s in highest.items()]
 
     # Closing
 
