@@ -625,6 +625,55 @@ class RedisStore:
             )
         return found
 
+    def _claim(
+        self,
+        user_id: int,
+        user_name: str,
+        server: str,
+        ttl: float,
+        replace: bool,
+        device: str,
+        max_devices: int,
+    ) -> tuple[Session, list[str], list[Any]]:
+        """
+        A new, not yet connected session of C{user_id}'s C{device}, and the
+        keys and arguments that claim it (claims.lua's C{claim}, the first
+        ones of claim_session.lua and open_session.lua).
+        """
+        active = encode_active(self._seconds())
+        session = Session(
+            user_id, user_name, server, uuid.uuid4().hex, False, device, float(active)
+        )
+        keys = [
+            self._session_key(user_id, device),
+            self._key("sessions", user_id),
+            self._key("server", server),
+        ]
+        args: list[Any] = [
+            user_id,
+            user_name,
+            server,
+            session.session_id,
+            _ms(ttl),
+            "1" if replace else "0",
+            self.prefix,
+            device,
+            int(max_devices),
+            active,
+        ]
+        return session, keys, args
+
+    def _claimed(self, user_id: int, result: Sequence[Any]) -> list[Session]:
+        """
+        The sessions a claim (claims.lua's C{claim}) dropped.
+
+        @raise SessionExists: it was refused.
+        """
+        sessions = self._sessions(user_id, result[1:])
+        if not int(result[0]):
+            raise SessionExists(sessions[0])
+        return sessions
+
     @_deferred
     async def claim_session(
         self,
@@ -636,40 +685,11 @@ class RedisStore:
         device: str = "",
         max_devices: int = MAX_DEVICES,
     ) -> tuple[Session, list[Session]]:
-        active = encode_active(self._seconds())
-        session = Session(
-            user_id,
-            user_name,
-            server,
-            uuid.uuid4().hex,
-            False,
-            device,
-            float(active),
+        session, keys, args = self._claim(
+            user_id, user_name, server, ttl, replace, device, max_devices
         )
-        result = await self._run(
-            scripts.CLAIM_SESSION,
-            [
-                self._session_key(user_id, device),
-                self._key("sessions", user_id),
-                self._key("server", server),
-            ],
-            [
-                user_id,
-                user_name,
-                server,
-                session.session_id,
-                _ms(ttl),
-                "1" if replace else "0",
-                self.prefix,
-                device,
-                int(max_devices),
-                active,
-            ],
-        )
-        sessions = self._sessions(user_id, result[1:])
-        if not int(result[0]):
-            raise SessionExists(sessions[0])
-        return session, sessions
+        result = await self._run(scripts.CLAIM_SESSION, keys, args)
+        return session, self._claimed(user_id, result)
 
     @_deferred
     async def open_session(
@@ -686,46 +706,27 @@ class RedisStore:
         device_key_ttl: float = 0.0,
         used_device_key: str | None = None,
     ) -> tuple[Session, list[Session], str]:
-        active = encode_active(self._seconds())
-        session = Session(
-            user_id, user_name, server, uuid.uuid4().hex, False, device, float(active)
+        session, keys, args = self._claim(
+            user_id, user_name, server, claim_ttl, replace, device, max_devices
         )
         token = secrets.token_urlsafe(32)
         digest = token_key(token)
-        result = await self._run(
-            scripts.OPEN_SESSION,
-            [
-                self._session_key(user_id, device),
-                self._key("sessions", user_id),
-                self._key("server", server),
-                self._key("token", digest),
-                self._key("tokens", user_id, device),
-                self._key("devkey", user_id, device),
-            ],
-            [
-                user_id,
-                user_name,
-                server,
-                session.session_id,
-                _ms(claim_ttl),
-                "1" if replace else "0",
-                self.prefix,
-                device,
-                int(max_devices),
-                active,
-                _ms(token_ttl),
-                digest,
-                "" if device_key is None else token_key(device_key),
-                _ms(device_key_ttl),
-                "" if used_device_key is None else token_key(used_device_key),
-            ],
-        )
+        keys += [
+            self._key("token", digest),
+            self._key("tokens", user_id, device),
+            self._key("devkey", user_id, device),
+        ]
+        args += [
+            _ms(token_ttl),
+            digest,
+            "" if device_key is None else token_key(device_key),
+            _ms(device_key_ttl),
+            "" if used_device_key is None else token_key(used_device_key),
+        ]
+        result = await self._run(scripts.OPEN_SESSION, keys, args)
         if int(result[0]) < 0:
             raise DeviceKeyUsed()
-        sessions = self._sessions(user_id, result[1:])
-        if not int(result[0]):
-            raise SessionExists(sessions[0])
-        return session, sessions, token
+        return session, self._claimed(user_id, result), token
 
     @_deferred
     async def activate_session(
