@@ -291,6 +291,11 @@ class MemoryStore:
     def set_device_key(
         self, user_id: int, device: str, device_key: str, ttl: float
     ) -> None:
+        self._set_device_key(user_id, device, device_key, ttl)
+
+    def _set_device_key(
+        self, user_id: int, device: str, device_key: str, ttl: float
+    ) -> None:
         self._device_keys[user_id, device] = (
             token_key(device_key),
             self._seconds() + ttl,
@@ -298,6 +303,13 @@ class MemoryStore:
 
     @_fired
     def check_device_key(self, user_id: int, device: str, device_key: str) -> bool:
+        return self._device_key_holds(user_id, device, device_key)
+
+    def _device_key_holds(self, user_id: int, device: str, device_key: str) -> bool:
+        """
+        Whether C{device_key} is C{user_id}'s C{device}'s, and not expired
+        (an expired one is forgotten), as in Redis (C{PX}).
+        """
         found = self._device_keys.get((user_id, device))
         if found is None:
             return False
@@ -394,12 +406,10 @@ class MemoryStore:
         device_key_ttl: float = 0.0,
         used_device_key: str | None = None,
     ) -> tuple[Session, list[Session], str]:
-        if used_device_key is not None:
-            held = self._device_keys.get((user_id, device))
-            if held is None or not hmac.compare_digest(
-                held[0], token_key(used_device_key)
-            ):
-                raise DeviceKeyUsed()
+        if used_device_key is not None and not self._device_key_holds(
+            user_id, device, used_device_key
+        ):
+            raise DeviceKeyUsed()
         session, dropped = self._claim(
             user_id, user_name, server, claim_ttl, replace, device, max_devices
         )
@@ -408,10 +418,7 @@ class MemoryStore:
                 self._device_keys.pop((user_id, old.device), None)
         token = self._issue(user_id, server, session.session_id, token_ttl, device)
         if device_key is not None:
-            self._device_keys[user_id, device] = (
-                token_key(device_key),
-                self._seconds() + device_key_ttl,
-            )
+            self._set_device_key(user_id, device, device_key, device_key_ttl)
         elif used_device_key is not None:
             self._device_keys.pop((user_id, device), None)
         return session, dropped, token
