@@ -5,8 +5,5 @@
 
 local rec = redis.call('HMGET', KEYS[1], 'session_id', 'name')
 if rec[1] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'connected', '1', 'active', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-extend_ttl(KEYS[3], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], rec[2])
+activate(KEYS[1], KEYS[3], KEYS[2], ARGV[1], rec[2], ARGV[3], ARGV[4])
 return 1

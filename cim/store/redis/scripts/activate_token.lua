@@ -19,8 +19,6 @@ if rec[3] ~= t[3] then return refuse('unknown') end
 if t[1] ~= uid then return refuse('other-user') end
 if t[2] ~= server then return refuse('other-server') end
 if rec[2] ~= server then return refuse('session-elsewhere') end
-redis.call('HSET', key, 'connected', '1', 'active', ARGV[5])
-redis.call('PEXPIRE', key, ttl)
-extend_ttl(devices_key(prefix, uid), ttl)
-redis.call('HSET', KEYS[2], uid, rec[1] or '')
+activate(key, devices_key(prefix, uid), KEYS[2], uid, rec[1] or '', ttl,
+         ARGV[5])
 return {'', device, rec[1] or '', t[3]}

@@ -22,6 +22,16 @@ local function extend_ttl(key, ttl)
   end
 end
 
+-- Mark a session connected (its record key; active, in seconds), living
+-- ttl ms unless its server renews it, its user's devices (devices_key) at
+-- least as long, and user uid online under name (online_key).
+local function activate(key, devices, online_key, uid, name, ttl, active)
+  redis.call('HSET', key, 'connected', '1', 'active', active)
+  redis.call('PEXPIRE', key, ttl)
+  extend_ttl(devices, ttl)
+  redis.call('HSET', online_key, uid, name)
+end
+
 -- The user's sessions: a list of {device, name, server, session id,
 -- connected ('0'/'1'), active}, forgetting the devices whose record
 -- expired.
