@@ -119,8 +119,13 @@ def measure_memory(count: int, top: int = 0) -> dict[str, Any]:
 
     for k, user in enumerate(users[:WARM_UP]):
         connect(user, k)
+
+    def connect_measured() -> None:
+        for k, user in enumerate(users[WARM_UP:]):
+            connect(user, WARM_UP + k)
+
     return _measured(
-        lambda: [connect(u, WARM_UP + k) for k, u in enumerate(users[WARM_UP:])],
+        connect_measured,
         count,
         top,
         lambda: len(server.users) == WARM_UP + count,
@@ -183,12 +188,12 @@ def measure_loopback(
         "clients",
     )
     if plain_port:
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined,arg-type]
     else:
         # As the daemons listen (with cim.slimtcp's lighter transport).
         listening = server_endpoint(reactor, 0, "127.0.0.1", 1024).listen(factory)
         port = _fired(listening)
-    address = ServerAddress("127.0.0.1", port.getHost().port, 8081)
+    address = ServerAddress("127.0.0.1", port.getHost().port, 8081)  # type: ignore[attr-defined]
     server = IMServer(reactor, store, address, _NoPusher())  # type: ignore[arg-type]
     factory.wrappedFactory.server = server
     # Twice: once for the resident memory, then traced.
@@ -216,8 +221,13 @@ def measure_loopback(
         spin(logged_in(WARM_UP + count))
         gc.collect()
         rss_per_connection = (proc.memory_info().rss - rss) / count
+
+        def connect_measured() -> None:
+            clients.start(traced)
+            spin(logged_in(WARM_UP + 2 * count))
+
         results = _measured(
-            lambda: (clients.start(traced), spin(logged_in(WARM_UP + 2 * count))),
+            connect_measured,
             count,
             top,
             logged_in(WARM_UP + 2 * count),
@@ -249,8 +259,10 @@ class _Clients:
         self.control = parent
 
     def start(self, users: list[tuple[int, str, str]]) -> None:
-        data = b"".join(_login_frame(*u) for u in users)
-        self.control.sendall(f"{len(users)} {len(data)}\n".encode() + data)
+        frames = [_login_frame(*u) for u in users]
+        # The header: each frame's size (the child need not parse them).
+        sizes = " ".join(str(len(f)) for f in frames)
+        self.control.sendall(f"{sizes}\n".encode() + b"".join(frames))
 
     def stop(self) -> None:
         self.control.close()
@@ -263,21 +275,8 @@ class _Clients:
             header = reader.readline()
             if not header:
                 return
-            n, size = map(int, header.split())
-            data = reader.read(size)
-            offset = 0
-            for _ in range(n):
-                start = offset
-                length = shift = 0
-                while True:
-                    byte = data[offset]
-                    offset += 1
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                    if not byte & 0x80:
-                        break
-                offset += length
-                frame = data[start:offset]
+            for size in map(int, header.split()):
+                frame = reader.read(size)
                 s = socket.create_connection(("127.0.0.1", self.port))
                 s.sendall(frame)
                 held.append(s)

@@ -1111,12 +1111,27 @@ class Bench:
         self.stop_workers(workers)
 
     def _p2p_like(
-        self, name: str, row: dict[str, Any], p: dict[str, Any], run: dict[str, Any]
-    ) -> dict[str, Any]:
+        self,
+        name: str,
+        row: dict[str, Any],
+        p: dict[str, Any],
+        run: dict[str, Any],
+        exact: bool | None = None,
+        transport: str = "tcp",
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+        """
+        Run C{p2p}-shaped load on a fresh cluster; return the merged
+        report, the workers' reports and the measured duration. Streams
+        are checked exactly if C{exact} (by default on quick runs, which
+        have few enough of them).
+        """
+        if exact is None:
+            exact = self.quick
         cluster = self.cluster(name)
         workers = self.spawn(name)
-        # Quick runs check every stream exactly (few enough of them).
-        self.setup_cim(name, cluster, workers, p["clients"], exact=self.quick)
+        self.setup_cim(
+            name, cluster, workers, p["clients"], exact=exact, transport=transport
+        )
         login = self.login(name, workers, p["clients"])
         self.check_login(login, p["clients"])
         row["notes"].append(f"clients per server: {sorted(login.servers.values())}")
@@ -1130,12 +1145,12 @@ class Bench:
             drain=self.drain,
         )
         self.fill(row, merged, reports, sampler, ["server1", "server2"])
-        if self.quick:
+        if exact:
             self.exact_check(row, reports, 1)
         row["throughput"] = merged["messages_in_window"] / duration
         row["unit"] = "msgs/s"
         self.stop_workers(workers)
-        return merged
+        return merged, reports, duration
 
     def scenario_p2p(self, row: dict[str, Any], p: dict[str, Any]) -> None:
         self._p2p_like("p2p", row, p, {"window": p["window"]})
@@ -1158,30 +1173,9 @@ class Bench:
         each subprotocol, checked exactly; then, on a fresh cluster of one
         server, the memory of C{idle} idle WebSocket connections.
         """
-        name = "ws"
-        cluster = self.cluster(name)
-        workers = self.spawn(name)
-        self.setup_cim(name, cluster, workers, p["clients"], exact=True, transport="ws")
-        login = self.login(name, workers, p["clients"])
-        self.check_login(login, p["clients"])
-        row["notes"].append(f"clients per server: {sorted(login.servers.values())}")
-        sampler = Sampler(self.pids(cluster, workers))
-        merged, reports, duration = self.measure(
-            workers,
-            sampler,
-            {
-                "duration": p["duration"],
-                "peers": login.users,
-                "window": p["window"],
-                # The receiver's device and the sending device's echo.
-                "fanout": 2,
-            },
-            drain=self.drain,
+        _, reports, duration = self._p2p_like(
+            "ws", row, p, {"window": p["window"]}, exact=True, transport="ws"
         )
-        self.fill(row, merged, reports, sampler, ["server1", "server2"])
-        self.exact_check(row, reports, 1)
-        row["throughput"] = merged["messages_in_window"] / duration
-        row["unit"] = "msgs/s"
         row["subprotocols"] = forms = ws_forms(reports, duration)
         row["notes"].insert(
             0,
@@ -1193,7 +1187,6 @@ class Bench:
                 for form, f in forms.items()
             ),
         )
-        self.stop_workers(workers)
         self.processes.stop_all()
         p2p = self.rows.get("p2p")
         if p2p and p2p.get("throughput") and not p2p.get("error"):
@@ -1299,7 +1292,7 @@ class Bench:
         self.stop_workers(workers)
 
     def scenario_p2p_latency(self, row: dict[str, Any], p: dict[str, Any]) -> None:
-        merged = self._p2p_like(
+        merged, _, _ = self._p2p_like(
             "p2p-latency",
             row,
             p,

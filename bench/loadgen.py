@@ -1514,6 +1514,17 @@ class Worker:
         """
         One frame's protobuf bytes, from C{client}.
         """
+        self._decode(client, body, decode)
+
+    def frame_json(self, client: BenchClient, text: bytes) -> None:
+        """
+        One frame in the proto3 JSON form (UTF-8), from C{client}.
+        """
+        self._decode(client, text, frame_from_json)
+
+    def _decode(
+        self, client: BenchClient, body: bytes, decoder: Callable[[bytes], Frame]
+    ) -> None:
         cache = self._decoded
         if cache is not None:
             cached = cache.get(body)
@@ -1521,28 +1532,11 @@ class Worker:
                 self._receive(client, cached)
                 return
         try:
-            frame = decode(body)
+            frame = decoder(body)
         except CodecError as e:
             self.note("bad_frames", "{error}", error=str(e))
             return
         self._dispatch(client, frame, body)
-
-    def frame_json(self, client: BenchClient, text: bytes) -> None:
-        """
-        One frame in the proto3 JSON form (UTF-8), from C{client}.
-        """
-        cache = self._decoded
-        if cache is not None:
-            cached = cache.get(text)
-            if cached is not None:
-                self._receive(client, cached)
-                return
-        try:
-            frame = frame_from_json(text)
-        except CodecError as e:
-            self.note("bad_frames", "{error}", error=str(e))
-            return
-        self._dispatch(client, frame, text)
 
     def _dispatch(self, client: BenchClient, frame: Frame, body: bytes) -> None:
         cache = self._decoded

@@ -133,11 +133,8 @@ def client_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> byte
         head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
     if mask is None:
         mask = os.urandom(4)
-    if not n:
-        return head + mask
-    key = mask * (n // 4 + 1)
-    masked = int.from_bytes(payload, "big") ^ int.from_bytes(key[:n], "big")
-    return head + mask + masked.to_bytes(n, "big")
+    # Masking and unmasking are the same XOR.
+    return head + mask + unmask(payload, mask)
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:

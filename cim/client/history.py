@@ -6,7 +6,6 @@ saw let C{@name} reach users who are offline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from cim.client.devices import account_tag
 from cim.client.statefile import route_slug, slug
 from cim.message import ChatMessage
 
@@ -54,7 +54,7 @@ def history_path(
     """
     The history file of C{user_id} under C{history_dir}: per route, account
     and device when they are given (C{<route>/<id>-<account>-<device>.jsonl},
-    the account as a hash of what proves it, its account key, so that an
+    the account as its L{account_tag}, a hash of what proves it, so that an
     account of a new store that was given the same id never reads
     another's history).
     """
@@ -63,7 +63,7 @@ def history_path(
         return folder / f"{user_id}.jsonl"
     parts = [str(user_id)]
     if account:
-        parts.append(hashlib.sha256(account.encode("utf-8")).hexdigest()[:12])
+        parts.append(account_tag(account))
     if device:
         parts.append(slug(device))
     return folder / route_slug(route_url) / ("-".join(parts) + ".jsonl")

@@ -217,20 +217,15 @@ class ConsoleService(Service):
         stopped), a L{LineEditor} on Twisted's terminal protocol, resized
         with the window.
         """
-        import termios
-        import tty
+        from contextlib import ExitStack
 
         from twisted.internet.stdio import StandardIO
 
-        from cim.client.terminal import Keyboard, LineEditor
+        from cim.client.terminal import Keyboard, LineEditor, raw_mode
 
-        saved = termios.tcgetattr(0)
-
-        def restore() -> None:
-            termios.tcsetattr(0, termios.TCSANOW, saved)
-
-        tty.setraw(0)
-        self.reactor.addSystemEventTrigger("after", "shutdown", restore)
+        raw = ExitStack()
+        raw.enter_context(raw_mode(0))
+        self.reactor.addSystemEventTrigger("after", "shutdown", raw.close)
         editor = LineEditor(console.line_typed)
         console.attach(editor)
         StandardIO(Keyboard(lambda: editor), reactor=self.reactor)
