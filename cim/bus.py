@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim import codec
+from cim.delivery import deliver_item
 from cim.interfaces import BusError, IBus, ILocalDelivery, IPusher
 from cim.message import ChatMessage
 from cim.metrics import Metrics
@@ -442,13 +443,8 @@ class BusReceiver:
             )
             return
         local = self.local
-        for what, users in items:
+        for item in items:
             try:
-                if isinstance(what, ReadEvent):
-                    local.deliver_read_local(
-                        what.reader_id, what.conversation, what.seq, users
-                    )
-                else:
-                    local.deliver_local(what, users)
+                deliver_item(local, item)
             except Exception:
                 self.log.failure("Delivering a bus payload's item failed")

@@ -38,8 +38,16 @@ from cim.interfaces import (
 from cim.limits import MAX_PUSH_RETRIES, SESSION_TTL
 from cim.message import ChatMessage
 from cim.metrics import Metrics
+from cim.pushapi import PushItem, ReadEvent
 
-__all__ = ["Delivery", "DeliveryReport", "ILocalDelivery", "IPusher", "PushRetry"]
+__all__ = [
+    "Delivery",
+    "DeliveryReport",
+    "ILocalDelivery",
+    "IPusher",
+    "PushRetry",
+    "deliver_item",
+]
 
 #: Delivers to users connected here: user ids -> those with no device here.
 _Local = Callable[[Sequence[int]], list[int]]
@@ -646,6 +654,20 @@ class Delivery:
             self._schedule(state)
         elif self._servers.get(state.server) is state and state.call is None:
             del self._servers[state.server]
+
+
+def deliver_item(local: ILocalDelivery, item: PushItem) -> list[int]:
+    """
+    Deliver one pushed item (messages, or a read event, for some users) to
+    the devices connected here, as a push to this server carries it (the
+    push API, the message bus).  @return: its users with no device here.
+    """
+    what, users = item
+    if isinstance(what, ReadEvent):
+        return local.deliver_read_local(
+            what.reader_id, what.conversation, what.seq, users
+        )
+    return local.deliver_local(what, users)
 
 
 def _error(failure: Failure) -> str:
