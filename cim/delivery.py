@@ -499,8 +499,7 @@ class Delivery:
             return
         if not any(k.live for k in state.queue):
             state.queue = []
-            if self._servers.get(state.server) is state:
-                del self._servers[state.server]
+            self._forget(state)
             return
         retry = self.retry
         delay = min(retry.max_delay, retry.first_delay * 2**state.failures)
@@ -544,8 +543,8 @@ class Delivery:
             )
             kept = [k for k in kept if k.live]
         if not kept:
-            if self._servers.get(state.server) is state and not state.queue:
-                del self._servers[state.server]
+            if not state.queue:
+                self._forget(state)
             return
         state.busy = True
         users = sorted({uid for k in kept for uid in k.devices})
@@ -652,7 +651,15 @@ class Delivery:
             self._schedule(target)
         if state.queue:
             self._schedule(state)
-        elif self._servers.get(state.server) is state and state.call is None:
+        elif state.call is None:
+            self._forget(state)
+
+    def _forget(self, state: _Server) -> None:
+        """
+        Drop C{state}, with nothing kept for its server, unless another
+        took its place.
+        """
+        if self._servers.get(state.server) is state:
             del self._servers[state.server]
 
 
