@@ -381,29 +381,34 @@ class Delivery:
         users: list[int],
         reached: set[int],
     ) -> Deferred[DeliveryReport]:
-        # server -> user id -> the devices of the user there.
-        by_server: dict[str, dict[int, set[str]]] = {}
+        # server -> the users with a session there.  (Their devices are
+        # only looked at when a push fails: _push_failed.)
+        by_server: dict[str, list[int]] = {}
+        here = self.here
         for uid in users:
             for s in sessions.get(uid, ()):
+                server = s.server
                 # A session here whose device is not connected (claimed, or
                 # its connection just went away): the store has the
                 # messages for its next login.
-                if s.server != self.here:
-                    by_server.setdefault(s.server, {}).setdefault(uid, set()).add(
-                        s.device
-                    )
+                if server == here:
+                    continue
+                uids = by_server.get(server)
+                if uids is None:
+                    by_server[server] = [uid]
+                elif uids[-1] != uid:
+                    uids.append(uid)
         if not by_server:
             return succeed(_report(users, reached, set()))
         failed: set[int] = set()
         pushes = []
-        for server, devices in by_server.items():
-            uids = list(devices)
+        for server, uids in by_server.items():
             d = push(server, uids)
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
                 callbackArgs=(server, uids, reached),
-                errbackArgs=(server, devices, failed, push, local),
+                errbackArgs=(server, uids, sessions, failed, push, local),
             )
             pushes.append(d)
         return _all(pushes).addCallback(
@@ -421,7 +426,8 @@ class Delivery:
         self,
         failure: Failure,
         server: str,
-        devices: dict[int, set[str]],
+        uids: list[int],
+        sessions: dict[int, list[Session]],
         failed: set[int],
         push: _Push,
         local: _Local | None,
@@ -429,10 +435,14 @@ class Delivery:
         self.log.warn(
             "Push to {server} failed for {count} users: {error}; sending it again",
             server=server,
-            count=len(devices),
+            count=len(uids),
             error=_error(failure),
         )
-        failed.update(devices)
+        failed.update(uids)
+        # The devices it was for: those of its users' sessions there.
+        devices = {
+            uid: {s.device for s in sessions[uid] if s.server == server} for uid in uids
+        }
         self._keep(
             server,
             [
