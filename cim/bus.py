@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cim import codec
+from cim.delivery import deliver_item
 from cim.interfaces import BusError, IBus, ILocalDelivery, IPusher
 from cim.message import ChatMessage
 from cim.metrics import Metrics
@@ -140,6 +141,11 @@ class MemoryHub:
         return MemoryBus(clock, self)
 
 
+#: A L{MemoryBus}'s subscription to a server's channel: (receive,
+#: subscribed, its current L{_Subscription}).
+_Mine = tuple[Callable[[bytes], None], Callable[[], None], _Subscription]
+
+
 @implementer(IBus)
 class MemoryBus:
     """
@@ -155,10 +161,7 @@ class MemoryBus:
         self.clock = clock
         self.hub = hub if hub is not None else MemoryHub()
         self.closed = False
-        #: server -> (receive, subscribed, its current subscription).
-        self._mine: dict[
-            str, tuple[Callable[[bytes], None], Callable[[], None], _Subscription]
-        ] = {}
+        self._mine: dict[str, _Mine] = {}
 
     def publish(self, server: str, payload: bytes) -> Deferred[int]:
         if self.closed:
@@ -209,12 +212,7 @@ class MemoryBus:
         subscriber connection), and make them again C{seconds} later (each
         subscriber is told).  What is published meanwhile is lost.
         """
-        mine, self._mine = self._mine, {}
-        for server, (receive, subscribed, subscription) in mine.items():
-            subscription.drop()
-            subscribers = self.hub.channels.get(server, [])
-            if subscription in subscribers:
-                subscribers.remove(subscription)
+        for server, (receive, subscribed, _) in self._drop_all().items():
             self.clock.callLater(seconds, self._again, server, receive, subscribed)
 
     def _again(
@@ -228,13 +226,21 @@ class MemoryBus:
 
     def close(self) -> Deferred[None]:
         self.closed = True
+        self._drop_all()
+        return succeed(None)
+
+    def _drop_all(self) -> dict[str, _Mine]:
+        """
+        Drop every subscription of this bus from the hub.  @return: what
+        they were (L{_mine} before).
+        """
         mine, self._mine = self._mine, {}
         for server, (_, _, subscription) in mine.items():
             subscription.drop()
             subscribers = self.hub.channels.get(server, [])
             if subscription in subscribers:
                 subscribers.remove(subscription)
-        return succeed(None)
+        return mine
 
 
 # The two ends of a push
@@ -437,13 +443,8 @@ class BusReceiver:
             )
             return
         local = self.local
-        for what, users in items:
+        for item in items:
             try:
-                if isinstance(what, ReadEvent):
-                    local.deliver_read_local(
-                        what.reader_id, what.conversation, what.seq, users
-                    )
-                else:
-                    local.deliver_local(what, users)
+                deliver_item(local, item)
             except Exception:
                 self.log.failure("Delivering a bus payload's item failed")

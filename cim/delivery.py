@@ -38,8 +38,16 @@ from cim.interfaces import (
 from cim.limits import MAX_PUSH_RETRIES, SESSION_TTL
 from cim.message import ChatMessage
 from cim.metrics import Metrics
+from cim.pushapi import PushItem, ReadEvent
 
-__all__ = ["Delivery", "DeliveryReport", "ILocalDelivery", "IPusher", "PushRetry"]
+__all__ = [
+    "Delivery",
+    "DeliveryReport",
+    "ILocalDelivery",
+    "IPusher",
+    "PushRetry",
+    "deliver_item",
+]
 
 #: Delivers to users connected here: user ids -> those with no device here.
 _Local = Callable[[Sequence[int]], list[int]]
@@ -373,29 +381,34 @@ class Delivery:
         users: list[int],
         reached: set[int],
     ) -> Deferred[DeliveryReport]:
-        # server -> user id -> the devices of the user there.
-        by_server: dict[str, dict[int, set[str]]] = {}
+        # server -> the users with a session there.  (Their devices are
+        # only looked at when a push fails: _push_failed.)
+        by_server: dict[str, list[int]] = {}
+        here = self.here
         for uid in users:
             for s in sessions.get(uid, ()):
+                server = s.server
                 # A session here whose device is not connected (claimed, or
                 # its connection just went away): the store has the
                 # messages for its next login.
-                if s.server != self.here:
-                    by_server.setdefault(s.server, {}).setdefault(uid, set()).add(
-                        s.device
-                    )
+                if server == here:
+                    continue
+                uids = by_server.get(server)
+                if uids is None:
+                    by_server[server] = [uid]
+                elif uids[-1] != uid:
+                    uids.append(uid)
         if not by_server:
             return succeed(_report(users, reached, set()))
         failed: set[int] = set()
         pushes = []
-        for server, devices in by_server.items():
-            uids = list(devices)
+        for server, uids in by_server.items():
             d = push(server, uids)
             d.addCallbacks(
                 self._pushed,
                 self._push_failed,
                 callbackArgs=(server, uids, reached),
-                errbackArgs=(server, devices, failed, push, local),
+                errbackArgs=(server, uids, sessions, failed, push, local),
             )
             pushes.append(d)
         return _all(pushes).addCallback(
@@ -413,7 +426,8 @@ class Delivery:
         self,
         failure: Failure,
         server: str,
-        devices: dict[int, set[str]],
+        uids: list[int],
+        sessions: dict[int, list[Session]],
         failed: set[int],
         push: _Push,
         local: _Local | None,
@@ -421,10 +435,14 @@ class Delivery:
         self.log.warn(
             "Push to {server} failed for {count} users: {error}; sending it again",
             server=server,
-            count=len(devices),
+            count=len(uids),
             error=_error(failure),
         )
-        failed.update(devices)
+        failed.update(uids)
+        # The devices it was for: those of its users' sessions there.
+        devices = {
+            uid: {s.device for s in sessions[uid] if s.server == server} for uid in uids
+        }
         self._keep(
             server,
             [
@@ -491,8 +509,7 @@ class Delivery:
             return
         if not any(k.live for k in state.queue):
             state.queue = []
-            if self._servers.get(state.server) is state:
-                del self._servers[state.server]
+            self._forget(state)
             return
         retry = self.retry
         delay = min(retry.max_delay, retry.first_delay * 2**state.failures)
@@ -536,8 +553,8 @@ class Delivery:
             )
             kept = [k for k in kept if k.live]
         if not kept:
-            if self._servers.get(state.server) is state and not state.queue:
-                del self._servers[state.server]
+            if not state.queue:
+                self._forget(state)
             return
         state.busy = True
         users = sorted({uid for k in kept for uid in k.devices})
@@ -644,8 +661,30 @@ class Delivery:
             self._schedule(target)
         if state.queue:
             self._schedule(state)
-        elif self._servers.get(state.server) is state and state.call is None:
+        elif state.call is None:
+            self._forget(state)
+
+    def _forget(self, state: _Server) -> None:
+        """
+        Drop C{state}, with nothing kept for its server, unless another
+        took its place.
+        """
+        if self._servers.get(state.server) is state:
             del self._servers[state.server]
+
+
+def deliver_item(local: ILocalDelivery, item: PushItem) -> list[int]:
+    """
+    Deliver one pushed item (messages, or a read event, for some users) to
+    the devices connected here, as a push to this server carries it (the
+    push API, the message bus).  @return: its users with no device here.
+    """
+    what, users = item
+    if isinstance(what, ReadEvent):
+        return local.deliver_read_local(
+            what.reader_id, what.conversation, what.seq, users
+        )
+    return local.deliver_local(what, users)
 
 
 def _error(failure: Failure) -> str:

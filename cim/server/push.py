@@ -16,6 +16,7 @@ from twisted.web.iweb import IRequest
 
 from cim import envelope as codes
 from cim import pushapi
+from cim.delivery import deliver_item
 from cim.envelope import ApiError, envelope
 from cim.message import Command, Frame
 from cim.pushapi import SECRET_HEADER
@@ -85,16 +86,7 @@ class PushAPI:
             items = pushapi.parse_push(self._json(request))
         except ValueError as e:
             raise ApiError(codes.INVALID_ARGUMENT, str(e)) from None
-        missing = []
-        for what, users in items:
-            if isinstance(what, pushapi.ReadEvent):
-                missing.append(
-                    self.server.deliver_read_local(
-                        what.reader_id, what.conversation, what.seq, users
-                    )
-                )
-            else:
-                missing.append(self.server.deliver_local(what, users))
+        missing = [deliver_item(self.server, item) for item in items]
         return envelope(data=pushapi.push_reply(missing))
 
     @app.route(f"/{pushapi.SEND_MSG}", methods=["POST"])

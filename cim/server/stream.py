@@ -256,6 +256,7 @@ class Streams:
         else:
             for stream, seq in positions.items():
                 stream.delivered = seq
+            # Inline, not _write: the path of nearly every live message.
             conn.deliver(messages, Command.MESSAGE, batch)
             self.written.inc(len(messages))
             return
@@ -521,11 +522,9 @@ class Streams:
         if not ready:
             return True
         stream.filling = False
-        if batch is not None and _same(ready, batch.messages):
-            conn.deliver(ready, Command.MESSAGE, batch)
-            self.written.inc(len(ready))
-        else:
-            self._write(conn, ready, Command.MESSAGE)
+        if batch is not None and not _same(ready, batch.messages):
+            batch = None
+        self._write(conn, ready, Command.MESSAGE, batch)
         if stream.pending:
             self._wait_for_gap(conn, stream)
         return False
@@ -695,7 +694,15 @@ class Streams:
                 waiter.callback(cast(list[ChatMessage], result))
 
     def _write(
-        self, conn: Connection, messages: list[ChatMessage], cmd: Command
+        self,
+        conn: Connection,
+        messages: Sequence[ChatMessage],
+        cmd: Command,
+        batch: wire.Batch | None = None,
     ) -> None:
-        conn.deliver(messages, cmd)
+        """
+        Write C{messages} to C{conn} (as the shared C{batch} of live
+        messages, when they are all of it) and count them.
+        """
+        conn.deliver(messages, cmd, batch)
         self.written.inc(len(messages))
