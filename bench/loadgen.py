@@ -72,6 +72,7 @@ from bench.wsclient import (
 )
 from cim.codec import CodecError, decode, encode, encode_framed
 from cim.framing import VarintFrameReceiver
+from cim.gcpolicy import GC_YOUNG, tune_gc
 from cim.message import (
     KICK_DEVICE_LIMIT,
     KICK_REPLACED,
@@ -842,6 +843,8 @@ class BenchClient(VarintFrameReceiver):
         as the server announced it (C{LOGIN_RESPONSE}, C{EPOCH}) and the
         highest seq received in it (sent back, with the epoch, in
         cumulative ACKs and at the next login).
+    @ivar moved: the conversations whose cursor moved since the last ACK
+        (only those are acknowledged, as cim clients do).
     @ivar friends: the users it sends to (all the peers when empty).
     @ivar final: kicked for good (replaced, or over the device limit): it
         must not log in again by itself.
@@ -880,7 +883,7 @@ class BenchClient(VarintFrameReceiver):
         self.next_cmid = 0
         self.seqs: dict[object, int] = {}
         self.cursors: dict[str, list[Any]] = {}
-        self.cursors_dirty = False
+        self.moved: set[str] = set()
         self.friends: list[int] = []
         self.pings: deque[int] = deque()
 
@@ -890,6 +893,16 @@ class BenchClient(VarintFrameReceiver):
         received, with its stream's epoch.
         """
         return [Cursor(c, seq, epoch) for c, (epoch, seq) in self.cursors.items()]
+
+    def moved_cursors(self) -> list[Cursor]:
+        """
+        The cursors that moved since this was last called (what a
+        cumulative ACK carries).
+        """
+        cursors = self.cursors
+        moved = [Cursor(c, cursors[c][1], cursors[c][0]) for c in self.moved]
+        self.moved.clear()
+        return moved
 
     def announced(self, cursors: Iterable[Cursor]) -> int:
         """
@@ -1641,10 +1654,10 @@ class Worker:
             if cursor is None:
                 self.count("unannounced")
                 cursors[conversation] = [epoch, seq]
-                client.cursors_dirty = True
+                client.moved.add(conversation)
             elif seq > cursor[1]:
                 cursor[1] = seq
-                client.cursors_dirty = True
+                client.moved.add(conversation)
             else:
                 self.count("seq_regressions")
         self.last_receive = now
@@ -1798,13 +1811,14 @@ class Worker:
     def _ack_cursors(self) -> None:
         """
         Send the cumulative ACKs of what each connection received, as cim
-        clients do.
+        clients do: each carries the cursors that moved since the last.
         """
         for client in self.clients:
-            if client.cursors_dirty and not client.closed:
-                client.cursors_dirty = False
+            if client.moved and not client.closed:
                 client.transport.write(  # type: ignore[union-attr]
-                    client.encode(Frame(cmd=Command.ACK, cursors=client.cursor_list()))
+                    client.encode(
+                        Frame(cmd=Command.ACK, cursors=client.moved_cursors())
+                    )
                 )
 
     def _loop(self, interval: float, call: Callable[[], object]) -> LoopingCall:
@@ -2143,6 +2157,9 @@ def main() -> None:
     control = Control()
     control.worker = Worker(reactor, control.send)
     stdio.StandardIO(control, reactor=reactor)
+    # The collector's pace of the daemons it measures: thousands of clients'
+    # cursors and pending sends are long-lived objects.
+    tune_gc(GC_YOUNG)
     reactor.run()  # type: ignore[attr-defined]
 
 

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from cim.gcpolicy import tune_gc
 from cim.interfaces import IReactor
 from cim.limits_net import SHUTDOWN_TIMEOUT
 
@@ -187,7 +188,9 @@ def daemon_service(
     Build a daemon's service for C{makeService}: C{service(reactor, config,
     store_factory, registry, on_failure=...)} with the store and registry
     that C{options["store"]} and C{options["registry"]} name, stopping the
-    reactor if it cannot start.  The only place the global reactor is used.
+    reactor if it cannot start, and the garbage collector's pace that
+    C{options["gc-young"]} sets (L{cim.gcpolicy}).  The only place the
+    global reactor is used.
     """
     from twisted.internet import reactor
 
@@ -198,13 +201,15 @@ def daemon_service(
         d = maybeDeferred(open_store, options["store"], reactor)
         return d.addCallback(with_store_timeout, options.get("store-timeout"))
 
-    return service(
+    built = service(
         reactor,
         config,
         store,
         open_registry(options["registry"], cast(IReactor, reactor)),
         on_failure=reactor_stopper(reactor),
     )
+    tune_gc(options["gc-young"])
+    return built
 
 
 def with_store_timeout(store: Any, timeout: float | None) -> Any:

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.python import usage
 
 from cim.delivery import PushRetry
+from cim.gcpolicy import GC_YOUNG
 from cim.limits import MAX_BATCH, MAX_PUSH_RETRIES, SENDER_QUOTA, SESSION_TTL
 from cim.registry import parse_zk_url
 from cim.store import STORE_URLS, parse_redis_url
@@ -159,6 +160,19 @@ PUSH_RETRY: list[list[Any]] = [
         "The most failed pushes kept to be sent again; past that, the "
         "oldest are given up.",
         whole_number("push-retry-max", 0, 10**8),
+    ],
+]
+
+
+#: The cyclic garbage collector's pace, for every daemon (L{cim.gcpolicy}).
+GC_PARAMETERS: list[list[Any]] = [
+    [
+        "gc-young",
+        None,
+        GC_YOUNG,
+        "Objects allocated between two young garbage collections (Python's "
+        "default is 2,000; higher spends less CPU on collections under load).",
+        whole_number("gc-young", 100, 10**8),
     ],
 ]
 

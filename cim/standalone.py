@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from cim.daemon import AsyncStartService, reactor_stopper, with_store_timeout
 from cim.framing import DEFAULT_MAX_FRAME
+from cim.gcpolicy import tune_gc
 from cim.interfaces import IStore
 from cim.limits_net import (
     CLIENT_PER_ADDRESS,
@@ -209,4 +210,6 @@ class StandaloneService(AsyncStartService):
 def makeService(options: usage.Options) -> IService:
     from twisted.internet import reactor
 
-    return StandaloneService(reactor, options, on_failure=reactor_stopper(reactor))
+    service = StandaloneService(reactor, options, on_failure=reactor_stopper(reactor))
+    tune_gc(options["gc-young"])
+    return service

@@ -7,7 +7,9 @@ except under CI, where a missing service is an error.
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,3 +53,16 @@ def reactor():  # type: ignore[no-untyped-def]
     from twisted.internet import reactor
 
     return reactor
+
+
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """
+    Give the test process its collector's settings back after the test.
+    """
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -1389,7 +1389,7 @@ def test_tap_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options["registry"] == "zk://127.0.0.1:2181/cim"
 
 
-def test_tap_options(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tap_options(monkeypatch: pytest.MonkeyPatch, gc_restored: None) -> None:
     monkeypatch.setenv("CIM_SECRET", SECRET)
     options = parse(
         "--port=0",

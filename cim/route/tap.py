@@ -15,6 +15,7 @@ from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
 from cim.limits_net import HTTP_PER_ADDRESS, daemon_options, net_limits
 from cim.listen import listen_option
 from cim.options import (
+    GC_PARAMETERS,
     PUSH_PARAMETERS,
     PUSH_RETRY,
     SECRET_PARAMETERS,
@@ -127,6 +128,7 @@ class Options(usage.Options):
         DEVICE_KEY_TTL_OPTION,
         *SEND_LIMITS,
         *PUSH_RETRY,
+        *GC_PARAMETERS,
         *daemon_options(HTTP_PER_ADDRESS),
         *PUSH_PARAMETERS,
     ]

@@ -20,6 +20,7 @@ from cim.limits_net import (
 )
 from cim.listen import Listen, listen_option
 from cim.options import (
+    GC_PARAMETERS,
     PUSH_PARAMETERS,
     PUSH_RETRY,
     SECRET_PARAMETERS,
@@ -54,6 +55,7 @@ SERVER_LIMITS: list[list[Any]] = [
         positive_float("session-ttl", low=2.0),
     ],
     *PUSH_RETRY,
+    *GC_PARAMETERS,
 ]
 
 
