@@ -1058,10 +1058,16 @@ def test_websocket_clients_of_both_subprotocols_chat_through_the_gateway() -> No
     ann.pump()
     bob.pump()
     assert worker.counters["pongs"] == 2
+    # An ACK carries the cursors that moved since the last one, only.
+    moved = set(ann.client.moved)
+    assert moved and moved <= set(ann.client.cursors)
+    assert {c.conversation for c in ann.client.moved_cursors()} == moved
+    assert ann.client.moved_cursors() == []
+    ann.client.moved = moved
     worker._ack_cursors()
     ann.pump()
     bob.pump()
-    assert not ann.client.cursors_dirty and ann.client.cursors
+    assert not ann.client.moved and ann.client.cursors
 
 
 def test_a_websocket_client_answers_the_servers_close() -> None:
