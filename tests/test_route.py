@@ -17,7 +17,7 @@ import pytest_twisted
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import error
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -1391,6 +1391,24 @@ def test_tcp_probe_shared_and_remembered() -> None:
         None, Failure(error.ConnectionRefusedError())
     )
     assert again.result is False
+
+
+def test_a_cancelled_login_leaves_the_probe_to_the_others() -> None:
+    """
+    The login that started a probe goes away (its request is cancelled):
+    the probe goes on for the logins waiting on it, and its answer counts.
+    """
+    reactor = MemoryReactorClock()
+    probe = tcp_probe(reactor, timeout=2.0)
+    server = ServerAddress("127.0.0.1", 4000, 1)
+    gone, waiting = probe(server), probe(server)
+    gone.cancel()
+    assert gone.called and not waiting.called
+    reactor.tcpClients[0][2].buildProtocol(None).makeConnection(StringTransport())
+    assert waiting.result is True
+    assert probe(server).result is True
+    assert len(reactor.tcpClients) == 1
+    gone.addErrback(lambda f: f.trap(CancelledError))
 
 
 def parse(*args: str) -> tap.Options:

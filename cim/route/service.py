@@ -123,32 +123,34 @@ def tcp_probe(reactor: IReactor, timeout: float = 2.0) -> Probe:
     answers: dict[tuple[str, int], tuple[float, bool]] = {}
     probing: dict[tuple[str, int], list[Deferred[bool]]] = {}
 
-    def remember(alive: bool, key: tuple[str, int]) -> bool:
+    def remember(alive: bool, key: tuple[str, int]) -> None:
         if len(answers) >= PROBE_CACHE_SIZE:
             answers.clear()
         answers[key] = (reactor.seconds() + PROBE_CACHE, alive)
         for waiting in probing.pop(key, ()):
             waiting.callback(alive)
-        return alive
 
     def probe(server: ServerAddress) -> Deferred[bool]:
         key = (server.host, server.port)
         known = answers.get(key)
         if known is not None and known[0] > reactor.seconds():
             return succeed(known[1])
+        # Each login gets a Deferred of its own: one that is cancelled (its
+        # request went away) leaves the probe to the others.
+        d: Deferred[bool] = Deferred()
         waiting = probing.get(key)
         if waiting is not None:
-            d: Deferred[bool] = Deferred()
             waiting.append(d)
             return d
-        probing[key] = []
+        probing[key] = [d]
         endpoint = endpoints.TCP4ClientEndpoint(
             reactor, server.host, server.port, timeout=timeout
         )
         connecting: Deferred[Any] = endpoint.connect(factory)
-        return connecting.addCallbacks(lambda _: True, lambda _: False).addCallback(
+        connecting.addCallbacks(lambda _: True, lambda _: False).addCallback(
             remember, key
         )
+        return d
 
     return probe
 
