@@ -808,6 +808,16 @@ class IMessages(Interface):
             (L{ConversationState}), ordered by conversation id.
         """
 
+    def login_reads(
+        user_id: int, device: str = ""
+    ) -> Deferred[tuple[list[ConversationState], dict[str, Position]]]:
+        """
+        What a device's login reads, at once: the user's conversations (as
+        L{conversations}) and the device's cursors (as L{get_cursors}).
+
+        @return: fires with both, in that order.
+        """
+
     def forget_cursors(user_id: int, conversation: str) -> Deferred[None]:
         """
         Drop the acknowledged positions of all the user's devices in

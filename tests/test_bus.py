@@ -554,9 +554,9 @@ def test_a_device_logging_in_during_the_loss_is_caught_up_once_logged_in(
     alice, _ = world.login("alice")
     bob_id = world.user("bob")
     store = world.store
-    stale = store.conversations(bob_id).result
+    stale = store.login_reads(bob_id).result
     reading: Deferred[Any] = Deferred()
-    monkeypatch.setattr(store, "conversations", lambda user_id: reading)
+    monkeypatch.setattr(store, "login_reads", lambda user_id, device="": reading)
     bob = Peer(servers.there)
     bob.send(
         Frame(

@@ -17,9 +17,10 @@ import pytest_twisted
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import error
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -38,7 +39,7 @@ from cim.registry.local import LocalBoard, LocalRegistry
 from cim.route import tap
 from cim.route.api import RouteAPI
 from cim.route.balancer import Balancer, RoundRobin
-from cim.route.service import RouteConfig, RouteService, tcp_probe
+from cim.route.service import PROBE_CACHE, RouteConfig, RouteService, tcp_probe
 from cim.store.memory import MemoryStore
 
 SECRET = "the-cluster-secret"
@@ -1363,6 +1364,51 @@ async def test_tcp_probe() -> None:
         await port.stopListening()
     fresh = tcp_probe(reactor, timeout=2.0)
     assert await fresh(ServerAddress("127.0.0.1", number, 1)) is False
+
+
+def test_tcp_probe_shared_and_remembered() -> None:
+    """
+    Logins that find no answer while their server is being probed wait for
+    that probe (one connection for a burst); the answer then stands for
+    L{PROBE_CACHE} seconds of the reactor's clock.
+    """
+    reactor = MemoryReactorClock()
+    probe = tcp_probe(reactor, timeout=2.0)
+    server = ServerAddress("127.0.0.1", 4000, 1)
+    first, second = probe(server), probe(ServerAddress("127.0.0.1", 4000, 2))
+    assert len(reactor.tcpClients) == 1
+    assert not first.called and not second.called
+    factory = reactor.tcpClients[0][2]
+    factory.buildProtocol(None).makeConnection(StringTransport())
+    assert [first.result, second.result] == [True, True]
+    reactor.advance(PROBE_CACHE - 0.1)
+    assert probe(server).result is True
+    assert len(reactor.tcpClients) == 1
+    reactor.advance(0.2)
+    again = probe(server)
+    assert len(reactor.tcpClients) == 2
+    reactor.tcpClients[1][2].clientConnectionFailed(
+        None, Failure(error.ConnectionRefusedError())
+    )
+    assert again.result is False
+
+
+def test_a_cancelled_login_leaves_the_probe_to_the_others() -> None:
+    """
+    The login that started a probe goes away (its request is cancelled):
+    the probe goes on for the logins waiting on it, and its answer counts.
+    """
+    reactor = MemoryReactorClock()
+    probe = tcp_probe(reactor, timeout=2.0)
+    server = ServerAddress("127.0.0.1", 4000, 1)
+    gone, waiting = probe(server), probe(server)
+    gone.cancel()
+    assert gone.called and not waiting.called
+    reactor.tcpClients[0][2].buildProtocol(None).makeConnection(StringTransport())
+    assert waiting.result is True
+    assert probe(server).result is True
+    assert len(reactor.tcpClients) == 1
+    gone.addErrback(lambda f: f.trap(CancelledError))
 
 
 def parse(*args: str) -> tap.Options:

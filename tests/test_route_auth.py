@@ -92,6 +92,33 @@ def test_a_login_proves_with_the_key_the_token_or_the_secret() -> None:
     assert route.code("/login", base, secret="wrong secret") == "4010"
 
 
+def test_a_login_after_registering_reads_no_account(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    The route remembers the accounts it registers (accounts never change):
+    the first login that follows does not read the account back, and still
+    checks its name and proof as any login does.
+    """
+    route = Route()
+    alice = route.register("alice")
+    bob = route.register("bob", "pw")
+    read: list[int] = []
+    get_account = route.store.get_account
+
+    def counted(user_id: int) -> Deferred[Any]:
+        read.append(user_id)
+        return get_account(user_id)
+
+    monkeypatch.setattr(route.store, "get_account", counted)
+    assert route.login(alice, "alice")
+    assert route.code("/login", {"userId": alice, "userName": "bob"}) == "9100"
+    assert route.code("/login", {"userId": alice, "userName": "alice"}) == "9100"
+    assert route.code("/login", {"userId": bob, "userName": "bob"}) == "9100"
+    assert route.ok("/login", {"userId": bob, "userName": "bob", "password": "pw"})
+    assert read == []
+
+
 @pytest.fixture
 def logged() -> Iterator[list[dict]]:
     """

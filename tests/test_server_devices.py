@@ -247,7 +247,8 @@ def test_login_replays_only_conversations_with_more_than_the_start() -> None:
 
 class HeldConversations(MemoryStore):
     """
-    A memory store whose reads of users' conversations wait while C{slow}.
+    A memory store whose logins' reads (a user's conversations) wait while
+    C{slow}.
     """
 
     slow = False
@@ -256,11 +257,14 @@ class HeldConversations(MemoryStore):
         super().__init__(clock)
         self.held: list[tuple[Deferred, Deferred]] = []
 
-    def conversations(self, user_id: int) -> Deferred[list[ConversationState]]:
-        d = super().conversations(user_id)
+    def login_reads(
+        self, user_id: int, device: str = ""
+    ) -> Deferred[tuple[list[ConversationState], dict[str, Position]]]:
+        d = super().login_reads(user_id, device)
         if not self.slow:
             return d
-        held: Deferred[list[ConversationState]] = Deferred()
+        held: Deferred[tuple[list[ConversationState], dict[str, Position]]]
+        held = Deferred()
         self.held.append((d, held))
         return held
 

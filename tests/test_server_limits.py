@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from cim.interfaces import StoreError
+from cim.interfaces import ConversationState, StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
@@ -78,6 +78,13 @@ class FailingCursors(MemoryStore):
         if self.failing:
             return fail(StoreError("Redis HGETALL failed"))
         return super().get_cursors(user_id, device)
+
+    def login_reads(
+        self, user_id: int, device: str = ""
+    ) -> Deferred[tuple[list[ConversationState], dict[str, Position]]]:
+        if self.failing:
+            return fail(StoreError("Redis EVALSHA failed"))
+        return super().login_reads(user_id, device)
 
 
 def test_a_login_failing_after_activation_releases_the_session() -> None:

@@ -1637,6 +1637,26 @@ async def test_conversations(backend: Backend) -> None:
     assert "g:team" not in [s.conversation for s in await store.conversations(1)]
 
 
+@pytest_twisted.ensureDeferred
+async def test_login_reads(backend: Backend) -> None:
+    """
+    A login's reads: the conversations and the device's cursors, as
+    L{IStore.conversations} and L{IStore.get_cursors} give them.
+    """
+    store = backend.store
+    assert await store.login_reads(1) == ([], {})
+    assert await store.login_reads(1, "phone") == ([], {})
+    await store.create_group("team", 1)
+    await store.append([msg(PAIR, "hi alice", sender_id=2)])
+    await store.set_cursors(1, {PAIR: E(1), "g:left": E(4)})
+    await store.set_cursors(1, {"g:team": E(2)}, "phone")
+    states = await store.conversations(1)
+    assert [s.conversation for s in states] == ["g:team", PAIR]
+    assert await store.login_reads(1) == (states, {PAIR: E(1), "g:left": E(4)})
+    assert await store.login_reads(1, "phone") == (states, {"g:team": E(2)})
+    assert await store.login_reads(2, "phone") == (await store.conversations(2), {})
+
+
 # Paging back
 
 

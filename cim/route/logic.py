@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -305,6 +305,9 @@ class Router:
         )
         new_key = None if password is not None else secrets.token_urlsafe(32)
         account: Account = await self.store.register(user_name, password, new_key)
+        # A new account's first login usually follows at once: it need not
+        # ask the store for what the registration just wrote.
+        self._accounts[account.user_id] = replace(account, created=False)
         if account.created:
             self.log.info(
                 "Account {user_id} ({user_name}) created",

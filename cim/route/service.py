@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from cachetools import TTLCache
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, Protocol
@@ -118,25 +117,40 @@ def tcp_probe(reactor: IReactor, timeout: float = 2.0) -> Probe:
 
     # A probe's answer stands for a second: logins do not each open a
     # connection to their server, and a dead server is skipped at once.
-    answers: TTLCache[ServerAddress, bool] = TTLCache(
-        PROBE_CACHE_SIZE, PROBE_CACHE, timer=reactor.seconds
-    )
+    # Logins that find no answer while a probe of their server is under way
+    # wait for that one (a burst of logins opens one connection, not one
+    # each).  Keyed by what is probed, the host and client port.
+    answers: dict[tuple[str, int], tuple[float, bool]] = {}
+    probing: dict[tuple[str, int], list[Deferred[bool]]] = {}
 
-    def remember(alive: bool, server: ServerAddress) -> bool:
-        answers[server] = alive
-        return alive
+    def remember(alive: bool, key: tuple[str, int]) -> None:
+        if len(answers) >= PROBE_CACHE_SIZE:
+            answers.clear()
+        answers[key] = (reactor.seconds() + PROBE_CACHE, alive)
+        for waiting in probing.pop(key, ()):
+            waiting.callback(alive)
 
     def probe(server: ServerAddress) -> Deferred[bool]:
-        known = answers.get(server)
-        if known is not None:
-            return succeed(known)
+        key = (server.host, server.port)
+        known = answers.get(key)
+        if known is not None and known[0] > reactor.seconds():
+            return succeed(known[1])
+        # Each login gets a Deferred of its own: one that is cancelled (its
+        # request went away) leaves the probe to the others.
+        d: Deferred[bool] = Deferred()
+        waiting = probing.get(key)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        probing[key] = [d]
         endpoint = endpoints.TCP4ClientEndpoint(
             reactor, server.host, server.port, timeout=timeout
         )
-        d: Deferred[Any] = endpoint.connect(factory)
-        return d.addCallbacks(lambda _: True, lambda _: False).addCallback(
-            remember, server
+        connecting: Deferred[Any] = endpoint.connect(factory)
+        connecting.addCallbacks(lambda _: True, lambda _: False).addCallback(
+            remember, key
         )
+        return d
 
     return probe
 

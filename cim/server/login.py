@@ -114,18 +114,10 @@ async def resume(
     (sending raises the read position) that it has not received yet.
 
     Reads the conversations (each with its current L{Epoch}:
-    L{ConversationState.current_epoch}) and the device's cursors at once:
-    one round trip, whatever epoch the positions name.
+    L{ConversationState.current_epoch}) and the device's cursors in one
+    store call (L{IStore.login_reads}), whatever epoch the positions name.
     """
-    reading_states = store.conversations(user_id)
-    reading_cursors = store.get_cursors(user_id, device)
-    try:
-        states = await reading_states
-    except BaseException:
-        # Not awaited: a coroutine closed while it waits must not wait again.
-        reading_cursors.addErrback(lambda _: None)
-        raise
-    stored = await reading_cursors
+    states, stored = await store.login_reads(user_id, device)
     if not states:
         return Resumption(acked=stored)
     client = {c.conversation: Position(c.epoch, c.seq) for c in sent}

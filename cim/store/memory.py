@@ -877,7 +877,16 @@ class MemoryStore:
         return {u: self._read_position(u, conversation, epoch) for u in user_ids}
 
     @_fired
+    def login_reads(
+        self, user_id: int, device: str = ""
+    ) -> tuple[list[ConversationState], dict[str, Position]]:
+        return self._states(user_id), dict(self._cursors.get((user_id, device), {}))
+
+    @_fired
     def conversations(self, user_id: int) -> list[ConversationState]:
+        return self._states(user_id)
+
+    def _states(self, user_id: int) -> list[ConversationState]:
         states = []
         for conversation in self._pairs.get(user_id, set()):
             members = pair_members(conversation)

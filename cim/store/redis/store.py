@@ -1059,6 +1059,11 @@ class RedisStore:
     @_deferred
     async def get_cursors(self, user_id: int, device: str = "") -> dict[str, Position]:
         flat = await self._command("HGETALL", self._cursor_key(user_id, device))
+        return self._decode_cursors(flat, user_id, device)
+
+    def _decode_cursors(
+        self, flat: Sequence[str], user_id: int, device: str
+    ) -> dict[str, Position]:
         cursors = {}
         for conversation, text in zip(flat[::2], flat[1::2], strict=True):
             position = decode_position(text)
@@ -1122,6 +1127,32 @@ class RedisStore:
             [self._key("pairs", user_id), self._key("groups", user_id)],
             [user_id, self.prefix],
         )
+        return self._decode_states(flat, user_id)
+
+    @_deferred
+    async def login_reads(
+        self, user_id: int, device: str = ""
+    ) -> tuple[list[ConversationState], dict[str, Position]]:
+        flat, cursors = await self._run(
+            scripts.CONVERSATIONS,
+            [
+                self._key("pairs", user_id),
+                self._key("groups", user_id),
+                self._cursor_key(user_id, device),
+            ],
+            [user_id, self.prefix],
+        )
+        return (
+            self._decode_states(flat, user_id),
+            self._decode_cursors(cursors, user_id, device),
+        )
+
+    @staticmethod
+    def _decode_states(flat: Sequence[str], user_id: int) -> list[ConversationState]:
+        """
+        The states that C{conversations.lua} lists (flat, eight fields
+        each), ordered by conversation.
+        """
         states = []
         for i in range(0, len(flat), 8):
             conversation, group_id, id, previous, base, last, read, other = flat[

@@ -4,6 +4,8 @@
 -- base, last seq, the user's stored read position, then for a pair the
 -- peer's and for a group the user's join point ('' each when none), flat.
 -- (The caller resumes the positions and finds the peer.)
+-- With a third key, a device's cursors (a login's reads,
+-- RedisStore.login_reads): returns {that list, the cursors as HGETALL}.
 
 local uid, prefix = ARGV[1], ARGV[2]
 local found = {}
@@ -33,4 +35,5 @@ end
 for _, group_id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   add('g:' .. group_id, group_id, nil)
 end
+if KEYS[3] then return {found, redis.call('HGETALL', KEYS[3])} end
 return found
