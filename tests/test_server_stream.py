@@ -279,10 +279,10 @@ def test_live_messages_wait_for_the_replay_then_drain() -> None:
     setting.offer(conn, [three])
     assert link.writes == [] and sorted(stream.pending) == [2, 3]
     ensureDeferred(setting.streams.fill(conn, stream, Command.OFFLINE))
-    replayed, live = link.writes
-    assert isinstance(replayed, Frame) and replayed.cmd == Command.OFFLINE
+    replayed, live = frames(link)
+    assert replayed.cmd == Command.OFFLINE
     assert [m.text for m in replayed.messages] == ["one", "two"]
-    assert isinstance(live, Frame) and live.cmd == Command.MESSAGE
+    assert live.cmd == Command.MESSAGE
     assert [m.text for m in live.messages] == ["three"]
     assert stream.delivered == 3 and not stream.pending and not stream.filling
 
