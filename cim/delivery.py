@@ -382,8 +382,8 @@ class Delivery:
         users = list(dict.fromkeys(user_ids))
         reached: set[int] = set()
         if local is not None:
-            missing = set(local(users))
-            reached.update(u for u in users if u not in missing)
+            reached.update(users)
+            reached.difference_update(local(users))
         if not users:
             return succeed(DeliveryReport())
         d: Deferred[Any]
@@ -515,8 +515,7 @@ class Delivery:
     def _pushed(
         self, missing: list[int], server: str, uids: list[int], reached: set[int]
     ) -> None:
-        gone = set(missing)
-        reached.update(u for u in uids if u not in gone)
+        reached.update(set(uids).difference(missing) if missing else uids)
         self._answered(server)
 
     def _push_failed(

@@ -1254,7 +1254,7 @@ class RedisStore:
         )
         if members is None:
             raise NoSuchGroup(group_id)
-        return sorted(int(m) for m in members)
+        return sorted(map(int, members))
 
     @_deferred
     async def user_groups(self, user_id: int) -> list[str]:
