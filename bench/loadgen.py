@@ -1825,13 +1825,23 @@ class Worker:
         Send the cumulative ACKs of what each connection received, as cim
         clients do: each carries the cursors that moved since the last.
         """
+        # The same cursors make the same bytes over TCP (a group's members
+        # acknowledge the same message): encoded once.  (A WebSocket
+        # client's frames are masked, each its own.)
+        shared: dict[tuple[Cursor, ...], bytes] = {}
         for client in self.clients:
             if client.moved and not client.closed:
-                client.transport.write(  # type: ignore[union-attr]
-                    client.encode(
-                        Frame(cmd=Command.ACK, cursors=client.moved_cursors())
-                    )
-                )
+                cursors = client.moved_cursors()
+                if type(client) is BenchClient:
+                    key = tuple(cursors)
+                    data = shared.get(key)
+                    if data is None:
+                        data = shared[key] = client.encode(
+                            Frame(cmd=Command.ACK, cursors=cursors)
+                        )
+                else:
+                    data = client.encode(Frame(cmd=Command.ACK, cursors=cursors))
+                client.transport.write(data)  # type: ignore[union-attr]
 
     def _loop(self, interval: float, call: Callable[[], object]) -> LoopingCall:
         loop = LoopingCall(call)
