@@ -292,6 +292,9 @@ class Checker:
         self.messages_in_window = 0
         self.window = (0, -1)
         self.latency = Histogram()
+        #: Texts already parsed, when many connections of this process get
+        #: the same ones (a group's members): each is checked once.
+        self.parsed: dict[str, Parsed | None] | None = None
 
     def receive(
         self,
@@ -311,7 +314,16 @@ class Checker:
         @return: its latency in microseconds when it counts as a delivery
             (not damaged, not a duplicate).
         """
-        parsed = parse_text(text, self.size)
+        cache = self.parsed
+        if cache is None:
+            parsed = parse_text(text, self.size)
+        else:
+            try:
+                parsed = cache[text]
+            except KeyError:
+                if len(cache) > 4096:
+                    cache.clear()
+                parsed = cache[text] = parse_text(text, self.size)
         if parsed is None or (sender_id is not None and sender_id != parsed.sender):
             self.corrupt += 1
             return None
@@ -1813,13 +1825,23 @@ class Worker:
         Send the cumulative ACKs of what each connection received, as cim
         clients do: each carries the cursors that moved since the last.
         """
+        # The same cursors make the same bytes over TCP (a group's members
+        # acknowledge the same message): encoded once.  (A WebSocket
+        # client's frames are masked, each its own.)
+        shared: dict[tuple[Cursor, ...], bytes] = {}
         for client in self.clients:
             if client.moved and not client.closed:
-                client.transport.write(  # type: ignore[union-attr]
-                    client.encode(
-                        Frame(cmd=Command.ACK, cursors=client.moved_cursors())
-                    )
-                )
+                cursors = client.moved_cursors()
+                if type(client) is BenchClient:
+                    key = tuple(cursors)
+                    data = shared.get(key)
+                    if data is None:
+                        data = shared[key] = client.encode(
+                            Frame(cmd=Command.ACK, cursors=cursors)
+                        )
+                else:
+                    data = client.encode(Frame(cmd=Command.ACK, cursors=cursors))
+                client.transport.write(data)  # type: ignore[union-attr]
 
     def _loop(self, interval: float, call: Callable[[], object]) -> LoopingCall:
         loop = LoopingCall(call)
@@ -1854,6 +1876,7 @@ class Worker:
                 client.friends = friends_of(client.user_id, self.peers, self.friends)
         if self.scenario == "group":
             self._decoded = {}
+            self.checker.parsed = {}
         if self.mode == "cim" and self.clients:
             self._loop(1.0, self._ack_cursors)
         await sleep(self.reactor, self.start - time.monotonic())

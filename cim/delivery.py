@@ -19,7 +19,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -167,6 +167,16 @@ class Delivery:
     @param metrics: where to count the retries
         (C{push_retries_total}, C{push_retries_abandoned_total},
         C{push_retries_pending}); a set of its own by default.
+    @param broadcast_from: deliver to this many users or more (a group's
+        members) without looking up their sessions: push to every other
+        server that the store says may hold sessions
+        (L{IStore.session_servers}, one small read instead of two store
+        commands per user), each writing to those of the users it holds.
+        The report then counts a user as delivered when a server took the
+        push, whether or not it holds one of the user's devices (the IM
+        server does not read it); a push that fails is looked up and kept
+        as any.  C{None}: always look the sessions up (the route, whose
+        answers tell who was offline).
     """
 
     log = Logger()
@@ -182,8 +192,12 @@ class Delivery:
         retry: PushRetry | None = None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        broadcast_from: int | None = None,
     ) -> None:
+        if broadcast_from is not None and broadcast_from < 1:
+            raise ValueError("broadcast_from must be at least 1")
         self.store = store
+        self.broadcast_from = broadcast_from
         self.pusher = pusher
         self.local = local
         self.here = here
@@ -221,6 +235,12 @@ class Delivery:
         )
         self._lookup: Batcher[list[int], dict[int, list[Session]]] = Batcher(
             self._lookup_batch, max_in_flight=4, max_batch=500
+        )
+        # A lookup is shared only by the deliveries that asked before it
+        # was sent (so after their messages were stored), never joined in
+        # flight.
+        self._servers_lookup: Batcher[None, list[str]] = Batcher(
+            self._servers_batch, max_in_flight=4, max_batch=10_000
         )
 
     @property
@@ -313,6 +333,10 @@ class Delivery:
         d: Deferred = self.store.get_sessions(wanted)
         return d.addCallback(split)
 
+    def _servers_batch(self, requests: list[None]) -> Deferred:
+        d: Deferred = self.store.session_servers()
+        return d.addCallback(lambda servers: [servers] * len(requests))
+
     def deliver(
         self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
     ) -> Deferred[DeliveryReport]:
@@ -358,14 +382,19 @@ class Delivery:
         users = list(dict.fromkeys(user_ids))
         reached: set[int] = set()
         if local is not None:
-            missing = set(local(users))
-            reached.update(u for u in users if u not in missing)
+            reached.update(users)
+            reached.difference_update(local(users))
         if not users:
             return succeed(DeliveryReport())
-        d: Deferred = self._lookup.submit_deferred(users)
-        d.addCallback(self._push_remote, push, local, users, reached)
+        d: Deferred[Any]
+        if self.broadcast_from is not None and len(users) >= self.broadcast_from:
+            d = self._servers_lookup.submit_deferred(None)
+            d.addCallback(self._push_everywhere, push, local, users, reached)
+        else:
+            d = self._lookup.submit_deferred(users)
+            d.addCallback(self._push_remote, push, local, users, reached)
         d.addErrback(self._lookup_failed, users, reached)
-        return d
+        return cast("Deferred[DeliveryReport]", d)
 
     def _lookup_failed(
         self, failure: Failure, users: list[int], reached: set[int]
@@ -415,11 +444,78 @@ class Delivery:
             lambda _: _report(users, reached, failed - reached)
         )
 
+    def _push_everywhere(
+        self,
+        servers: list[str],
+        push: _Push,
+        local: _Local | None,
+        users: list[int],
+        reached: set[int],
+    ) -> Deferred[DeliveryReport]:
+        """
+        Push to every server but this one, for all of C{users} (see
+        C{broadcast_from}).
+        """
+        failed: set[int] = set()
+        pushes = []
+        here = self.here
+        for server in servers:
+            if server == here:
+                continue
+            d = push(server, users)
+            d.addCallbacks(
+                self._pushed,
+                self._broadcast_failed,
+                callbackArgs=(server, users, reached),
+                errbackArgs=(server, users, failed, push, local),
+            )
+            pushes.append(d)
+        if not pushes:
+            return succeed(_report(users, reached, set()))
+        return _all(pushes).addCallback(
+            lambda _: _report(users, reached, failed - reached)
+        )
+
+    def _broadcast_failed(
+        self,
+        failure: Failure,
+        server: str,
+        users: list[int],
+        failed: set[int],
+        push: _Push,
+        local: _Local | None,
+    ) -> None:
+        """
+        A push to all of C{users} failed: look up which of them hold
+        sessions on C{server}, and keep the push for those
+        (L{_push_failed}).
+        """
+        failed.update(users)
+
+        def found(sessions: dict[int, list[Session]]) -> None:
+            there = [
+                uid
+                for uid in users
+                if any(s.server == server for s in sessions.get(uid, ()))
+            ]
+            if there:
+                self._push_failed(failure, server, there, sessions, failed, push, local)
+
+        d: Deferred = self._lookup.submit_deferred(users)
+        d.addCallback(found)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "Session lookup after a failed push to {server} failed; "
+                "messages stay stored",
+                f,
+                server=server,
+            )
+        )
+
     def _pushed(
         self, missing: list[int], server: str, uids: list[int], reached: set[int]
     ) -> None:
-        gone = set(missing)
-        reached.update(u for u in uids if u not in gone)
+        reached.update(set(uids).difference(missing) if missing else uids)
         self._answered(server)
 
     def _push_failed(

@@ -626,6 +626,16 @@ class ISessions(Interface):
             connected sessions to them (ordered by device).
         """
 
+    def session_servers() -> Deferred[list[str]]:
+        """
+        @return: fires with the servers that may hold sessions (sorted):
+            every server that any session held now names (a claimed one
+            too), and perhaps some that hold none any more.  A server is
+            listed from the claim of its first session on, so a delivery
+            that asks after storing its messages reaches every device
+            whose login reads the store after them.
+        """
+
     def release_session(
         user_id: int, session_id: str, device: str = ""
     ) -> Deferred[bool]:

@@ -29,6 +29,10 @@ SESSION_TTL = 90.0
 #: How many failed pushes to other servers a daemon keeps to send again
 #: (C{--push-retry-max}); past that, the oldest are given up.
 MAX_PUSH_RETRIES = 100_000
+#: A delivery to this many users or more (a group's members) pushes to
+#: every server holding sessions instead of looking the users' sessions
+#: up (the IM server's C{--broadcast-from}; L{cim.delivery.Delivery}).
+BROADCAST_FROM = 32
 #: How many sessions (devices) one user may hold at once by default (the
 #: route's C{--max-devices}).
 MAX_DEVICES = 5

@@ -99,13 +99,18 @@ class CountingStore(MemoryStore):
 
 
 class Setting:
-    def __init__(self, *connected_here: int) -> None:
+    def __init__(self, *connected_here: int, broadcast_from: int | None = None) -> None:
         self.clock = Clock()
         self.store = CountingStore(self.clock)
         self.pusher = Pusher()
         self.local = Local(*connected_here)
         self.delivery = Delivery(
-            self.store, self.pusher, local=self.local, here=HERE, clock=self.clock
+            self.store,
+            self.pusher,
+            local=self.local,
+            here=HERE,
+            clock=self.clock,
+            broadcast_from=broadcast_from,
         )
         self.alice = self.store.register("alice").result.user_id
         self.bob = self.store.register("bob").result.user_id
@@ -218,3 +223,99 @@ def test_the_http_pusher_provides_both_pushes() -> None:
     assert verifyObject(IPusher, HttpPusher(None, "s"))  # type: ignore[arg-type]
     assert verifyObject(IPusher, Pusher())
     assert verifyObject(ILocalDelivery, Local())
+
+
+def test_a_large_delivery_pushes_to_every_server_without_a_lookup() -> None:
+    # From broadcast_from users on (a group's members), every server that
+    # holds sessions gets the push for all of them, and writes to those it
+    # holds: no lookup of each user's sessions.
+    setting = Setting(1, broadcast_from=2)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", HERE)
+    setting.connect(alice, "laptop", THERE)
+    setting.connect(bob, "phone", ELSEWHERE)
+    report = setting.deliver(alice, bob)
+    assert report == DeliveryReport(delivered=[alice, bob])
+    assert [users for _, users in setting.local.messages] == [[alice]]
+    assert sorted(setting.pusher.pushes) == [
+        (ELSEWHERE, [alice, bob]),
+        (THERE, [alice, bob]),
+    ]
+    assert setting.store.lookups == 0
+    # Fewer users: looked up, as always.
+    setting.pusher.pushes.clear()
+    setting.deliver(bob)
+    assert setting.pusher.pushes == [(ELSEWHERE, [bob])]
+    assert setting.store.lookups == 1
+
+
+def test_a_server_is_pushed_to_from_its_first_claim_on() -> None:
+    # A device that claimed its session (its login reads the store after
+    # that) is on a server that the next delivery pushes to.
+    setting = Setting(broadcast_from=1)
+    bob = setting.bob
+    setting.deliver(bob)
+    assert setting.pusher.pushes == []
+    setting.store.claim_session(bob, "bob", THERE, 60, device="phone")
+    setting.deliver(bob)
+    assert setting.pusher.pushes == [(THERE, [bob])]
+
+
+def test_a_failed_broadcast_is_kept_for_the_users_on_that_server() -> None:
+    setting = Setting(broadcast_from=2)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", THERE)
+    setting.connect(bob, "phone", ELSEWHERE)
+    setting.pusher.down = {THERE}
+    setting.deliver(alice, bob)
+    # Kept once, for the user whose session is there (looked up now).
+    assert setting.delivery.pending == 1
+    assert setting.store.lookups == 1
+    setting.pusher.down = set()
+    setting.pusher.pushes.clear()
+    setting.clock.advance(setting.delivery.retry.max_delay)
+    assert setting.pusher.pushes == [(THERE, [alice])]
+    assert setting.delivery.pending == 0
+
+
+def test_broadcast_from_must_be_positive() -> None:
+    clock = Clock()
+    try:
+        Delivery(MemoryStore(clock), Pusher(), clock=clock, broadcast_from=0)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("broadcast_from=0 was taken")
+
+
+def test_the_broadcast_from_option_reaches_the_server() -> None:
+    import pytest
+    from twisted.python import usage
+
+    from cim.limits import BROADCAST_FROM
+    from cim.server import tap
+
+    def config(*args: str) -> int | None:
+        options = tap.Options()
+        options.parseOptions(["--secret", "a-long-secret", *args])
+        return tap.config_from(options).broadcast_from
+
+    assert config() == BROADCAST_FROM
+    assert config("--broadcast-from", "500") == 500
+    # 0: always look the sessions up.
+    assert config("--broadcast-from", "0") is None
+    for bad in ("-1", "many"):
+        with pytest.raises(usage.UsageError, match="--broadcast-from"):
+            config("--broadcast-from", bad)
+
+
+def test_the_server_passes_broadcast_from_to_its_delivery() -> None:
+    from cim.interfaces import ServerAddress
+    from cim.server.core import IMServer
+
+    clock = Clock()
+    store = MemoryStore(clock)
+    address = ServerAddress("127.0.0.1", 1, 2)
+    assert IMServer(clock, store, address, Pusher()).delivery.broadcast_from == 32
+    server = IMServer(clock, store, address, Pusher(), broadcast_from=None)
+    assert server.delivery.broadcast_from is None

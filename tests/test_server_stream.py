@@ -279,10 +279,10 @@ def test_live_messages_wait_for_the_replay_then_drain() -> None:
     setting.offer(conn, [three])
     assert link.writes == [] and sorted(stream.pending) == [2, 3]
     ensureDeferred(setting.streams.fill(conn, stream, Command.OFFLINE))
-    replayed, live = link.writes
-    assert isinstance(replayed, Frame) and replayed.cmd == Command.OFFLINE
+    replayed, live = frames(link)
+    assert replayed.cmd == Command.OFFLINE
     assert [m.text for m in replayed.messages] == ["one", "two"]
-    assert isinstance(live, Frame) and live.cmd == Command.MESSAGE
+    assert live.cmd == Command.MESSAGE
     assert [m.text for m in live.messages] == ["three"]
     assert stream.delivered == 3 and not stream.pending and not stream.filling
 
@@ -375,6 +375,30 @@ def test_adopting_a_pair_conversation_runs_no_coroutine(
     setting.offer(conn, [two])
     assert link.texts() == ["one", "two"]
     assert conn.streams[CONVERSATION].delivered == 2
+
+
+def test_a_gap_closed_on_many_connections_is_encoded_once() -> None:
+    # Two of a group's members: the second message arrived first (from
+    # another server), then the first closes the gap; both get the same
+    # frame, made once, though no batch of the two was offered.
+    setting = Setting()
+    one, two = setting.store_texts("one", "two")
+    links = []
+    for _ in range(2):
+        conn, link = setting.connect(inbox=0)
+        setting.offer(conn, [two])
+        assert link.writes == []
+        setting.offer(conn, [one])
+        links.append(link)
+    [first], [second] = (link.writes for link in links)
+    assert isinstance(first, wire.Batch) and first is second
+    assert [m.text for m in first.messages] == ["one", "two"]
+    # Other messages get a frame of their own.
+    conn, link = setting.connect(inbox=1)
+    setting.offer(conn, [two])
+    [alone] = link.writes
+    assert isinstance(alone, wire.Batch) and alone is not first
+    assert [m.text for m in alone.messages] == ["two"]
 
 
 def test_an_adoption_writes_the_shared_batch() -> None:

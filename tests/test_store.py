@@ -494,6 +494,27 @@ async def test_drop_server_sessions(backend: Backend) -> None:
     assert await store.drop_server_sessions("a:1:1") == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_session_servers(backend: Backend) -> None:
+    store = backend.store
+    assert await store.session_servers() == []
+    # Listed from the claim on (not yet connected), and by a renewal that
+    # makes a session again.
+    await store.claim_session(1, "u1", "b:1:1", LONG_TTL, device="phone")
+    a, _ = await store.claim_session(2, "u2", "a:1:1", LONG_TTL)
+    assert await store.session_servers() == ["a:1:1", "b:1:1"]
+    assert await store.drop_server_sessions("b:1:1") == [1]
+    assert await store.session_servers() == ["a:1:1"]
+    await store.renew_sessions(
+        "b:1:1", [HeldSession(1, "s-phone", "u1", "phone", START)], LONG_TTL
+    )
+    assert "b:1:1" in await store.session_servers()
+    # A server's entry may outlive its sessions (harmless: a push there
+    # reaches nobody), but one that never held any is never listed.
+    assert await store.release_session(2, a.session_id)
+    assert "c:1:1" not in await store.session_servers()
+
+
 # Login tokens
 
 

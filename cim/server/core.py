@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
 from cim.interfaces import HeldSession, IStore, Renewal, ServerAddress, StoreError
-from cim.limits import MAX_BATCH, SESSION_TTL
+from cim.limits import BROADCAST_FROM, MAX_BATCH, SESSION_TTL
 from cim.message import (
     KICK_REPLACED,
     ChatMessage,
@@ -87,6 +87,7 @@ class IMServer:
         session_ttl: float = SESSION_TTL,
         push_retry: PushRetry | None = None,
         rng: random.Random | None = None,
+        broadcast_from: int | None = BROADCAST_FROM,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -116,6 +117,7 @@ class IMServer:
             retry=push_retry,
             rng=rng,
             metrics=metrics,
+            broadcast_from=broadcast_from,
         )
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock

@@ -16,7 +16,13 @@ from cim.delivery import PushRetry
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import IBus, IPusher, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
-from cim.limits import MAX_BATCH, MAX_OUTPUT, SENDER_QUOTA, SESSION_TTL
+from cim.limits import (
+    BROADCAST_FROM,
+    MAX_BATCH,
+    MAX_OUTPUT,
+    SENDER_QUOTA,
+    SESSION_TTL,
+)
 from cim.limits_net import (
     SHUTDOWN_TIMEOUT,
     ConnectionLimits,
@@ -51,6 +57,9 @@ class ServerConfig:
         when the store is Redis, else the push API) or C{"http"} (the push
         API); C{push_timeout}: seconds a publish may wait for Redis.
     @ivar push_retry: how failed pushes to other servers are sent again.
+    @ivar broadcast_from: deliveries to this many users or more push to
+        every server holding sessions, without a lookup of each user
+        (L{cim.delivery.Delivery}); C{None}: never.
     """
 
     port: Listen = 11211
@@ -75,6 +84,7 @@ class ServerConfig:
     push: str = "bus"
     push_timeout: float = 5.0
     push_retry: PushRetry = field(default_factory=PushRetry)
+    broadcast_from: int | None = BROADCAST_FROM
 
 
 class IMServerService(AsyncStartService):
@@ -213,6 +223,7 @@ class IMServerService(AsyncStartService):
             max_batch=config.max_batch,
             session_ttl=config.session_ttl,
             push_retry=config.push_retry,
+            broadcast_from=config.broadcast_from,
         )
         clients.wrapped = ClientConnectionFactory(
             server, config.max_frame, config.max_output

@@ -75,6 +75,9 @@ GAP_WAIT = 0.25
 #: How long a replay waits for a client to read what it was sent before
 #: the connection is closed, in seconds.
 DRAIN_WAIT = 30.0
+#: How many frames of messages written without a batch are kept to be
+#: shared (L{Streams._write}).
+SHARED_BATCHES = 64
 #: The position of a conversation whose start is not known yet (one first
 #: seen since login, while where it starts is read).
 UNKNOWN = -1
@@ -90,7 +93,7 @@ def _consume(*reads: Deferred[Any]) -> None:
         d.addErrback(lambda _: None)
 
 
-def _same(ours: list[ChatMessage], theirs: Sequence[ChatMessage]) -> bool:
+def _same(ours: Sequence[ChatMessage], theirs: Sequence[ChatMessage]) -> bool:
     """
     Whether C{ours} are the very messages C{theirs} (in order).
     """
@@ -211,6 +214,10 @@ class Streams:
         self._gaps: set[tuple[Connection, Stream]] = set()
         self._gap_call: IDelayedCall | None = None
         self._reads: dict[tuple[str, int], list[Deferred[list[ChatMessage]]]] = {}
+        #: The frames of the messages written lately without a shared
+        #: batch (see L{_write}): (id of the first, id of the last, count)
+        #: -> their batch.
+        self._batches: dict[tuple[int, int, int], wire.Batch] = {}
 
     def stop(self) -> None:
         """
@@ -703,6 +710,30 @@ class Streams:
         """
         Write C{messages} to C{conn} (as the shared C{batch} of live
         messages, when they are all of it) and count them.
+
+        Without a C{batch}, the very same messages written to another
+        connection lately share that one's frame: the members of a group
+        that a gap held, or that read the same page of the store, are
+        written the same messages (one store read, or one live push, gives
+        every connection the same objects), and the frame is encoded once.
         """
+        if batch is None and cmd == Command.MESSAGE and messages:
+            batch = self._shared(messages)
         conn.deliver(messages, cmd, batch)
         self.written.inc(len(messages))
+
+    def _shared(self, messages: Sequence[ChatMessage]) -> wire.Batch:
+        """
+        The batch of C{messages}, made the first time they are written.
+        The last L{SHARED_BATCHES} are kept (they hold their messages, so
+        the ids of the key stay theirs).
+        """
+        batches = self._batches
+        key = (id(messages[0]), id(messages[-1]), len(messages))
+        batch = batches.get(key)
+        if batch is not None and _same(batch.messages, messages):
+            return batch
+        if len(batches) >= SHARED_BATCHES:
+            batches.clear()
+        batch = batches[key] = wire.Batch(list(messages))
+        return batch

@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
-from cim.limits import MAX_OUTPUT, SESSION_TTL
+from cim.limits import BROADCAST_FROM, MAX_OUTPUT, SESSION_TTL
 from cim.limits_net import (
     CLIENT_PER_ADDRESS,
     HTTP_PER_ADDRESS,
@@ -177,6 +177,16 @@ class Options(WebSocketOptions):
             "counts; a burst of twice as many).",
             positive_float("rate"),
         ],
+        [
+            "broadcast-from",
+            None,
+            BROADCAST_FROM,
+            "Deliver a message for this many users or more (a group's) "
+            "by pushing it to every server that holds sessions, each writing "
+            "to those of the users it holds, instead of looking up where "
+            "each user is (0: always look up).",
+            whole_number("broadcast-from", 0, 10**9),
+        ],
         *daemon_options(CLIENT_PER_ADDRESS, HTTP_PER_ADDRESS),
         *SERVER_LIMITS,
         *PUSH_PARAMETERS,
@@ -209,6 +219,7 @@ def config_from(options: usage.Options) -> ServerConfig:
         max_output=options["max-output"],
         session_ttl=options["session-ttl"],
         push_retry=push_retry_from(options),
+        broadcast_from=options["broadcast-from"] or None,
         ca_file=options["ca-file"],
         ws_port=options["ws-port"],
         ws_origins=tuple(options["ws-origin"]),

@@ -243,6 +243,7 @@ class ServerProc:
             session_ttl=SESSION_TTL,
             push_retry=PushRetry(time=SESSION_TTL),
             rng=random.Random(world.rng.getrandbits(32)),
+            broadcast_from=world.broadcast_from,
         )
         world.net.listen(
             node,
@@ -593,6 +594,12 @@ class World:
         #: when C{server_push} is "bus" (L{SERVER_PUSH}).
         self.bus = MemoryHub()
         self.server_push = SERVER_PUSH
+        #: The servers' C{broadcast_from} (L{cim.delivery.Delivery}): the
+        #: simulated groups are small, so half of the worlds push every
+        #: group message to every server holding sessions, as large groups
+        #: are delivered.  (Drawn from a generator of its own: the seeds
+        #: play what they played before.)
+        self.broadcast_from = random.Random(seed * 7919 + 1).choice([None, 2])
         self.servers = [ServerProc(self, i) for i in range(3)]
         self.route = RouteProc(self)
         self.users = [User(i, f"user{i}") for i in range(users)]

@@ -165,6 +165,8 @@ class MemoryStore:
         self._device_keys: dict[tuple[int, str], tuple[str, float]] = {}
         #: user id -> device -> its session
         self._sessions: dict[int, dict[str, _SessionRecord]] = {}
+        #: server -> how many of the sessions held name it.
+        self._servers: dict[str, int] = {}
         self._tokens: dict[str, _Token] = {}
         self._user_tokens: dict[tuple[int, str], set[str]] = {}
         #: session id -> until when it is remembered as ended (released, or
@@ -349,7 +351,9 @@ class MemoryStore:
         """
         records = self._sessions.get(user_id)
         if records is not None:
-            records.pop(device, None)
+            record = records.pop(device, None)
+            if record is not None:
+                self._unlist(record.session.server)
             if not records:
                 del self._sessions[user_id]
         for key in self._user_tokens.pop((user_id, device), set()):
@@ -372,9 +376,23 @@ class MemoryStore:
         ended[session.session_id] = now + ENDED_TTL
 
     def _put(self, session: Session, expires: float) -> None:
-        self._sessions.setdefault(session.user_id, {})[session.device] = _SessionRecord(
-            session, expires
-        )
+        records = self._sessions.setdefault(session.user_id, {})
+        old = records.get(session.device)
+        if old is not None:
+            self._unlist(old.session.server)
+        records[session.device] = _SessionRecord(session, expires)
+        servers = self._servers
+        servers[session.server] = servers.get(session.server, 0) + 1
+
+    def _unlist(self, server: str) -> None:
+        """
+        One session fewer names C{server} (L{session_servers}).
+        """
+        left = self._servers[server] - 1
+        if left:
+            self._servers[server] = left
+        else:
+            del self._servers[server]
 
     @_fired
     def claim_session(
@@ -535,6 +553,10 @@ class MemoryStore:
             if connected:
                 found[user_id] = connected
         return found
+
+    @_fired
+    def session_servers(self) -> list[str]:
+        return sorted(self._servers)
 
     @_fired
     def release_session(self, user_id: int, session_id: str, device: str = "") -> bool:

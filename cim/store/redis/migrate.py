@@ -36,7 +36,9 @@ stored before epochs have the epoch C{""}, whose positions are trusted up to
 the seq at which a conversation's first epoch starts).  Accounts made
 without a password before account keys existed can log in with a token
 they hold or through an application holding the cluster secret (or set a
-password that way).
+password that way).  The set of servers holding sessions (C{servers}) is
+made by the new release's claims and renewals: servers of the previous
+release, which add nothing to it, must not run beside the new ones.
 """
 
 from __future__ import annotations

@@ -40,6 +40,11 @@ never key names)::
                                            sessions on server (checked
                                            against the session record, so
                                            stale entries are harmless)
+    P servers                      set     the servers named by sessions
+                                           (added by the claims and the
+                                           renewals, dropped with a
+                                           server's sessions; an entry of a
+                                           server holding none is harmless)
     P online                       hash    user id -> user name, users with
                                            a connected session (an entry
                                            whose sessions expired is dropped
@@ -801,6 +806,11 @@ class RedisStore:
         return await self._user_sessions(user_ids, True)
 
     @_deferred
+    async def session_servers(self) -> list[str]:
+        servers = await self._command("SMEMBERS", self._key("servers"))
+        return sorted(servers)
+
+    @_deferred
     async def release_session(
         self, user_id: int, session_id: str, device: str = ""
     ) -> bool:
@@ -1275,7 +1285,7 @@ class RedisStore:
         )
         if members is None:
             raise NoSuchGroup(group_id)
-        return sorted(int(m) for m in members)
+        return sorted(map(int, members))
 
     @_deferred
     async def user_groups(self, user_id: int) -> list[str]:

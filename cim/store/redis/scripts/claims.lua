@@ -47,6 +47,7 @@ local function claim(session_key, devices_key, server_key, a)
   redis.call('SADD', devices_key, device)
   extend_ttl(devices_key, a[5])
   redis.call('SADD', server_key, uid .. ':' .. device)
+  redis.call('SADD', prefix .. 'servers', a[3])
   return result
 end
 

@@ -13,4 +13,5 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   end
 end
 redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[2] .. 'servers', ARGV[1])
 return dropped

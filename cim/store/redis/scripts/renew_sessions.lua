@@ -15,6 +15,9 @@
 
 local prefix, server, ttl = ARGV[1], ARGV[2], ARGV[3]
 local lost, restored = {}, {}
+if #ARGV > 3 then
+  redis.call('SADD', prefix .. 'servers', server)
+end
 for i = 4, #ARGV, 5 do
   local uid, sid, name, device, active = ARGV[i], ARGV[i + 1], ARGV[i + 2],
                                          ARGV[i + 3], ARGV[i + 4]
