@@ -179,6 +179,16 @@ def main() -> None:
     ids = [c.user_id for c in clients]
 
     tune_gc(GC_YOUNG)
+    collecting = [0.0, 0.0, 0]
+
+    def timed_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[0] = time.process_time()
+        else:
+            collecting[1] += time.process_time() - collecting[0]
+            collecting[2] += 1
+
+    gc.callbacks.append(timed_gc)
     profile = cProfile.Profile() if options.profile else None
     senders = max(1, options.users // 10)
     spent = 0.0
@@ -232,7 +242,9 @@ def main() -> None:
     frames = sum(c.frames for c in clients)
     print(
         f"{messages} messages, {frames} frames to clients: "
-        f"{spent / messages * 1e6:.1f} us of CPU per message (both servers)"
+        f"{spent / messages * 1e6:.1f} us of CPU per message (both servers), "
+        f"{collecting[1] / messages * 1e6:.1f} of it in {collecting[2]} "
+        "garbage collections"
     )
     if profile is not None:
         profile.dump_stats(options.profile)
