@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.batch import Batcher
+from cim.codec import Messages
 from cim.interfaces import (
     ILocalDelivery,
     IPusher,
@@ -345,6 +346,10 @@ class Delivery:
         users = list(dict.fromkeys(user_ids))
         if not users:
             return
+        if not isinstance(messages, Messages):
+            # Each message encoded once, for the connections here and the
+            # pushes to other servers alike.
+            messages = Messages(messages)
         if local is not None:
             local.deliver_local(messages, users)
         self._lookup.submit(users, partial(self._send_out, messages, users))

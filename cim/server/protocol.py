@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.codec import CodecError, decode, encode_framed
+from cim.codec import CodecError, decode, encode_framed, encode_messages_framed
 from cim.framing import VarintFrameReceiver
 from cim.limits import MAX_OUTPUT
 from cim.message import ErrorCode, Frame
@@ -27,6 +27,14 @@ from cim.server.link import IClientLink
 _PONG = encode_framed(wire.PONG)
 #: The name of this adapter's encoding of a shared batch.
 _FORM = "framed-protobuf"
+
+
+def _encode_batch(frame: Frame) -> bytes:
+    """
+    A shared batch's frame (chat messages only), from its messages' forms
+    when they carry them (L{cim.codec.Messages}).
+    """
+    return encode_messages_framed(frame.cmd, frame.messages)
 
 
 @implementer(IPushProducer)
@@ -144,7 +152,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self._write(_PONG if frame is wire.PONG else encode_framed(frame))
 
     def send_batch(self, batch: wire.Batch) -> None:
-        self._write(batch.encoded(_FORM, encode_framed))
+        self._write(batch.encoded(_FORM, _encode_batch))
 
     def close(self) -> None:
         # A client that does not read would keep a graceful close waiting.
