@@ -116,6 +116,15 @@ class Client:
         return encode_framed(Frame(cmd=Command.ACK, cursors=cursors))
 
 
+def _result(d: Deferred[Any]) -> Any:
+    """
+    The result of a memory store's call (fired already).
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    return results[0]
+
+
 def pump(clock: Clock) -> None:
     """
     Run the clock's calls due now, and those they schedule, until none is.
@@ -154,13 +163,13 @@ def main() -> None:
     for index in range(options.users):
         name = f"user{index}"
         server = servers[index % 2]
-        user_id = memory.register(name).result.user_id
-        session, _ = memory.claim_session(
-            user_id, name, server.here, 3600.0, replace=True
-        ).result
-        token = memory.issue_token(
-            user_id, server.here, session.session_id, 3600.0
-        ).result
+        user_id = _result(memory.register(name)).user_id
+        session, _ = _result(
+            memory.claim_session(user_id, name, server.here, 3600.0, replace=True)
+        )
+        token = _result(
+            memory.issue_token(user_id, server.here, session.session_id, 3600.0)
+        )
         client = Client(server, user_id)
         client.protocol.dataReceived(
             encode_framed(

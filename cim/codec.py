@@ -182,7 +182,7 @@ def encode_messages_framed(cmd: Command, messages: Sequence[ChatMessage]) -> byt
     OFFLINE) with its length prefix: L{encode_framed} of C{Frame(cmd,
     messages=messages)}, from the messages' forms (L{Messages}).
     """
-    parts = [_CMD_KEY, encode_varint(int(cmd))] if cmd else []
+    parts: list[bytes] = [_CMD_KEY, encode_varint(int(cmd))] if cmd else []
     for form in _forms(messages):
         parts += (_MESSAGES_KEY, encode_varint(len(form)), form)
     body = b"".join(parts)
@@ -252,9 +252,9 @@ def encode_push(items: Sequence[PushItem]) -> bytes:
     if any(isinstance(what, ReadEvent) for what, _ in items):
         return _encode_push_pb(items)
     try:
-        parts = []
+        parts: list[bytes] = []
         for what, users in items:
-            item = []
+            item: list[bytes] = []
             if users:
                 packed = b"".join([encode_varint(user) for user in users])
                 item += (_USERS_KEY, encode_varint(len(packed)), packed)
