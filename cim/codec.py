@@ -31,10 +31,19 @@ class CodecError(ValueError):
     """
 
 
+#: The varints of the values below 128 (one byte each).
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def encode_varint(value: int) -> bytes:
     """
     Encode a non-negative integer below 2**32 as a base-128 varint.
     """
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    if 0x80 <= value < 0x4000:
+        # Two bytes: most frames, and most messages' forms.
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     if not 0 <= value < 1 << 32:
         raise ValueError(f"varint32 out of range: {value}")
     out = bytearray()

@@ -19,6 +19,7 @@ from cim.codec import (
     encode_framed,
     encode_messages_framed,
     encode_push,
+    encode_varint,
 )
 from cim.message import ChatMessage, Command, Cursor, Frame
 from cim.pushapi import PushItem, ReadEvent
@@ -186,3 +187,22 @@ def test_pushes_are_those_of_the_generated_code(items: list[PushItem]) -> None:
             assert encode_messages_framed(Command.MESSAGE, back) == encode_framed(
                 Frame(cmd=Command.MESSAGE, messages=tuple(what))
             )
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 0x7F, 0x80, 0x81, 300, 0x3FFF, 0x4000, 0x1FFFFF, 2**32 - 1]
+)
+def test_varints_are_base_128_little_end_first(value: int) -> None:
+    expected = bytearray()
+    rest = value
+    while rest > 0x7F:
+        expected.append((rest & 0x7F) | 0x80)
+        rest >>= 7
+    expected.append(rest)
+    assert encode_varint(value) == bytes(expected)
+
+
+@pytest.mark.parametrize("value", [-1, 2**32])
+def test_varints_past_32_bits_are_refused(value: int) -> None:
+    with pytest.raises(ValueError):
+        encode_varint(value)
