@@ -6,6 +6,8 @@ does not read (L{Backlog}, the transport's streaming producer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -17,7 +19,7 @@ from zope.interface import implementer
 from cim.codec import CodecError, decode, encode_framed, encode_messages_framed
 from cim.framing import VarintFrameReceiver
 from cim.limits import MAX_OUTPUT
-from cim.message import ErrorCode, Frame
+from cim.message import ChatMessage, Command, ErrorCode, Frame
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
@@ -29,12 +31,12 @@ _PONG = encode_framed(wire.PONG)
 _FORM = "framed-protobuf"
 
 
-def _encode_batch(frame: Frame) -> bytes:
+def _encode_batch(messages: Sequence[ChatMessage]) -> bytes:
     """
-    A shared batch's frame (chat messages only), from its messages' forms
-    when they carry them (L{cim.codec.Messages}).
+    A shared batch's MESSAGE frame, from its messages' forms when they
+    carry them (L{cim.codec.Messages}).
     """
-    return encode_messages_framed(frame.cmd, frame.messages)
+    return encode_messages_framed(Command.MESSAGE, messages)
 
 
 @implementer(IPushProducer)
@@ -152,7 +154,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self._write(_PONG if frame is wire.PONG else encode_framed(frame))
 
     def send_batch(self, batch: wire.Batch) -> None:
-        self._write(batch.encoded(_FORM, _encode_batch))
+        self._write(batch.encoded_messages(_FORM, _encode_batch))
 
     def close(self) -> None:
         # A client that does not read would keep a graceful close waiting.
