@@ -267,6 +267,38 @@ class Streams:
         # conversation that the device has no position in, at seq 1 of the
         # epoch the message names.
         streams = conn.streams
+        if len(messages) == 1:
+            # The same for one message (most deliveries), without the
+            # bookkeeping of several.
+            m = messages[0]
+            conversation = m.conversation
+            stream = streams.get(conversation)
+            if stream is not None and conversation != BROADCAST:
+                if (
+                    m.seq == stream.delivered + 1
+                    and not stream.filling
+                    and not stream.pending
+                    and m.epoch == stream.epoch.id
+                ):
+                    stream.delivered = m.seq
+                    conn.deliver(messages, Command.MESSAGE, batch)
+                    self.written.inc(1)
+                    return
+            elif (
+                stream is None
+                and m.seq == 1
+                and m.epoch
+                and conversation != BROADCAST
+                and not conversation.startswith(GROUP_PREFIX)
+                and conversation not in conn.acked
+                and conversation not in conn.unlisted
+            ):
+                streams[conversation] = Stream(
+                    conversation, 1, False, self._epoch(m.epoch)
+                )
+                conn.deliver(messages, Command.MESSAGE, batch)
+                self.written.inc(1)
+                return
         positions: dict[Stream, int] = {}
         fresh: dict[str, Stream] | None = None
         for m in messages:
