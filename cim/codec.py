@@ -298,7 +298,11 @@ def _encode_push_pb(items: Sequence[PushItem]) -> bytes:
 
 def decode_push(data: bytes) -> list[PushItem]:
     """
-    Parse the payload of one push (L{encode_push}).
+    Parse the payload of one push (L{encode_push}).  Its messages come as
+    L{Messages} carrying the forms they arrived in, which the frames to
+    the clients are put together from (the same bytes as their encoding
+    here; a field this version does not know, from a newer server, passes
+    through to the clients, which skip it).
 
     @raise CodecError: C{data} is not such a payload.
     """
