@@ -31,10 +31,19 @@ class CodecError(ValueError):
     """
 
 
+#: The varints of the values below 128 (one byte each).
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def encode_varint(value: int) -> bytes:
     """
     Encode a non-negative integer below 2**32 as a base-128 varint.
     """
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    if 0x80 <= value < 0x4000:
+        # Two bytes: most frames, and most messages' forms.
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     if not 0 <= value < 1 << 32:
         raise ValueError(f"varint32 out of range: {value}")
     out = bytearray()
@@ -123,6 +132,72 @@ def encode_framed(frame: Frame) -> bytes:
     return encode_varint(len(body)) + body
 
 
+# Live messages encoded once: each message's protobuf form is made once
+# and the frames and pushes that carry it are put together from it (a
+# Request, a PushItem and a Push are their fields one after the other, each
+# with its key and length), byte for byte what the generated code writes.
+
+#: The key of Request.cmd (3, varint), of Request.messages (16,
+#: length-delimited), of Push.items (1), PushItem.users (1, packed) and
+#: PushItem.messages (2).
+_CMD_KEY = b"\x18"
+_MESSAGES_KEY = b"\x82\x01"
+_ITEMS_KEY = b"\x0a"
+_USERS_KEY = b"\x0a"
+_ITEM_MESSAGES_KEY = b"\x12"
+
+
+class Messages(list[ChatMessage]):
+    """
+    Chat messages (a list of them, treated as immutable) that carry their
+    protobuf forms, each made once however many frames and pushes carry
+    it (L{encode_messages_framed}, L{encode_push}): the live messages of
+    one delivery.
+    """
+
+    __slots__ = ("_forms",)
+
+    def __init__(
+        self, messages: Sequence[ChatMessage], forms: list[bytes] | None = None
+    ) -> None:
+        super().__init__(messages)
+        self._forms = forms
+
+    def forms(self) -> list[bytes]:
+        """
+        Each message's protobuf form (a ChatMessage's bytes).
+        """
+        forms = self._forms
+        if forms is None:
+            forms = self._forms = [_message_form(m) for m in self]
+        return forms
+
+
+def _message_form(message: ChatMessage) -> bytes:
+    pb = cim_pb2.ChatMessage()
+    _chat_to_pb(message, pb)
+    return pb.SerializeToString()
+
+
+def _forms(messages: Sequence[ChatMessage]) -> list[bytes]:
+    if isinstance(messages, Messages):
+        return messages.forms()
+    return [_message_form(m) for m in messages]
+
+
+def encode_messages_framed(cmd: Command, messages: Sequence[ChatMessage]) -> bytes:
+    """
+    A frame of chat messages and nothing else (a live MESSAGE, a replayed
+    OFFLINE) with its length prefix: L{encode_framed} of C{Frame(cmd,
+    messages=messages)}, from the messages' forms (L{Messages}).
+    """
+    parts: list[bytes] = [_CMD_KEY, encode_varint(int(cmd))] if cmd else []
+    for form in _forms(messages):
+        parts += (_MESSAGES_KEY, encode_varint(len(form)), form)
+    body = b"".join(parts)
+    return encode_varint(len(body)) + body
+
+
 def _chat_from_pb(m: cim_pb2.ChatMessage) -> ChatMessage:
     return ChatMessage(
         msg_id=m.msgId,
@@ -181,6 +256,30 @@ def encode_push(items: Sequence[PushItem]) -> bytes:
     """
     Serialize the items of one push to an IM server (messages, or a read
     event, each for some users): the payload of one publish on the bus.
+    The messages' forms are made once (L{Messages}).
+    """
+    if any(isinstance(what, ReadEvent) for what, _ in items):
+        return _encode_push_pb(items)
+    try:
+        parts: list[bytes] = []
+        for what, users in items:
+            item: list[bytes] = []
+            if users:
+                packed = b"".join([encode_varint(user) for user in users])
+                item += (_USERS_KEY, encode_varint(len(packed)), packed)
+            for form in _forms(what):  # type: ignore[arg-type]
+                item += (_ITEM_MESSAGES_KEY, encode_varint(len(form)), form)
+            body = b"".join(item)
+            parts += (_ITEMS_KEY, encode_varint(len(body)), body)
+    except ValueError:
+        # A user id past 32 bits: the generated code's.
+        return _encode_push_pb(items)
+    return b"".join(parts)
+
+
+def _encode_push_pb(items: Sequence[PushItem]) -> bytes:
+    """
+    L{encode_push} by the generated code (the reference of the form).
     """
     pb = cim_pb2.Push()
     for what, users in items:
@@ -199,7 +298,11 @@ def encode_push(items: Sequence[PushItem]) -> bytes:
 
 def decode_push(data: bytes) -> list[PushItem]:
     """
-    Parse the payload of one push (L{encode_push}).
+    Parse the payload of one push (L{encode_push}).  Its messages come as
+    L{Messages} carrying the forms they arrived in, which the frames to
+    the clients are put together from (the same bytes as their encoding
+    here; a field this version does not know, from a newer server, passes
+    through to the clients, which skip it).
 
     @raise CodecError: C{data} is not such a payload.
     """
@@ -215,7 +318,11 @@ def decode_push(data: bytes) -> list[PushItem]:
             read = item.read
             what = ReadEvent(read.userId, read.conversation, read.seq)
         else:
-            what = [_chat_from_pb(m) for m in item.messages]
+            # Their forms as they came, for the frames to the clients.
+            pbs = item.messages
+            what = Messages(
+                [_chat_from_pb(m) for m in pbs], [m.SerializeToString() for m in pbs]
+            )
         items.append((what, list(item.users)))
     return items
 

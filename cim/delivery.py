@@ -19,6 +19,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -27,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.batch import Batcher
+from cim.codec import Messages
 from cim.interfaces import (
     ILocalDelivery,
     IPusher,
@@ -353,6 +355,118 @@ class Delivery:
             user_ids,
             None if local is None else lambda uids: local.deliver_local(messages, uids),
             lambda server, uids: self.pusher.push(server, messages, uids),
+        )
+
+    def send_out(
+        self, messages: Sequence[ChatMessage], user_ids: Sequence[int]
+    ) -> None:
+        """
+        L{deliver}, when nobody waits for the report: the IM server's own
+        sends.  The same deliveries, pushes and retries, with no Deferred
+        and no report of its own (the path of every message sent over a
+        connection).
+        """
+        local = self.local
+        users = list(dict.fromkeys(user_ids))
+        if not users:
+            return
+        if not isinstance(messages, Messages):
+            # Each message encoded once, for the connections here and the
+            # pushes to other servers alike.
+            messages = Messages(messages)
+        if local is not None:
+            local.deliver_local(messages, users)
+        if self.broadcast_from is not None and len(users) >= self.broadcast_from:
+            self._servers_lookup.submit(
+                None, partial(self._send_everywhere, messages, users)
+            )
+            return
+        self._lookup.submit(users, partial(self._send_out, messages, users))
+
+    def _send_everywhere(
+        self,
+        messages: Sequence[ChatMessage],
+        users: list[int],
+        servers: list[str] | Failure,
+    ) -> None:
+        # send_out's L{_push_everywhere} (see C{broadcast_from}).
+        if isinstance(servers, Failure):
+            self.log.failure(
+                "Looking up the servers failed; messages stay stored", servers
+            )
+            return
+        local = self.local
+        for server in servers:
+            if server == self.here:
+                continue
+            self.pusher.push(server, messages, users).addCallbacks(
+                self._sent_out,
+                self._broadcast_failed,
+                callbackArgs=(server,),
+                errbackArgs=(
+                    server,
+                    users,
+                    set(),
+                    lambda server, uids: self.pusher.push(server, messages, uids),
+                    None
+                    if local is None
+                    else lambda uids: local.deliver_local(messages, uids),
+                ),
+            )
+
+    def _send_out(
+        self,
+        messages: Sequence[ChatMessage],
+        users: list[int],
+        sessions: dict[int, list[Session]] | Failure,
+    ) -> None:
+        if isinstance(sessions, Failure):
+            self.log.failure("Session lookup failed; messages stay stored", sessions)
+            return
+        here = self.here
+        by_server: dict[str, list[int]] = {}
+        for uid in users:
+            for s in sessions.get(uid, ()):
+                server = s.server
+                if server == here:
+                    continue
+                uids = by_server.get(server)
+                if uids is None:
+                    by_server[server] = [uid]
+                elif uids[-1] != uid:
+                    uids.append(uid)
+        if not by_server:
+            return
+        pusher = self.pusher
+        for server, uids in by_server.items():
+            pusher.push(server, messages, uids).addCallbacks(
+                self._sent_out,
+                self._send_out_failed,
+                callbackArgs=(server,),
+                errbackArgs=(server, uids, sessions, messages),
+            )
+
+    def _sent_out(self, missing: list[int], server: str) -> None:
+        if self._servers:
+            self._answered(server)
+
+    def _send_out_failed(
+        self,
+        failure: Failure,
+        server: str,
+        uids: list[int],
+        sessions: dict[int, list[Session]],
+        messages: Sequence[ChatMessage],
+    ) -> None:
+        local = self.local
+        self._push_failed(
+            failure,
+            server,
+            uids,
+            sessions,
+            set(),
+            lambda server, uids: self.pusher.push(server, messages, uids),
+            None if local is None else lambda uids: local.deliver_local(messages, uids),
         )
 
     def deliver_read(

@@ -5,10 +5,24 @@ Encoding and decoding frames, and compatibility with CIM's wire format.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cim._proto import cim_pb2
-from cim.codec import CodecError, decode, encode, encode_framed
+from cim.codec import (
+    CodecError,
+    Messages,
+    _encode_push_pb,
+    decode,
+    decode_push,
+    encode,
+    encode_framed,
+    encode_messages_framed,
+    encode_push,
+    encode_varint,
+)
 from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.pushapi import PushItem, ReadEvent
 
 
 def test_round_trip_of_every_field() -> None:
@@ -105,3 +119,90 @@ def test_framed_has_varint_prefix() -> None:
     data = encode_framed(Frame(cmd=Command.PING, req_msg="pong"))
     assert data[0] == len(data) - 1
     assert decode(data[1:]).req_msg == "pong"
+
+
+# Live messages encoded once (cim.codec.Messages)
+
+_texts = st.text(max_size=20)
+_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+_messages = st.builds(
+    ChatMessage,
+    msg_id=_ints,
+    conversation=_texts,
+    seq=_ints,
+    sender_id=_ints,
+    sender_name=_texts,
+    text=_texts,
+    timestamp=_ints,
+    client_msg_id=_texts,
+    receive_user_id=_ints,
+    group_id=_texts,
+    epoch=_texts,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_messages, max_size=4), st.sampled_from(list(Command)))
+def test_frames_of_messages_are_those_of_the_generated_code(
+    messages: list[ChatMessage], command: Command
+) -> None:
+    """
+    A frame put together from the messages' forms is byte for byte the one
+    the generated code writes, whether they carry their forms or not.
+    """
+    expected = encode_framed(Frame(cmd=command, messages=tuple(messages)))
+    assert encode_messages_framed(command, messages) == expected
+    carried = Messages(messages)
+    assert encode_messages_framed(command, carried) == expected
+    assert encode_messages_framed(command, carried) == expected  # (made once)
+    assert carried == messages
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(
+                st.lists(_messages, max_size=3),
+                st.lists(_messages, max_size=3).map(Messages),
+                st.builds(ReadEvent, _ints, _texts, _ints),
+            ),
+            st.lists(st.integers(min_value=0, max_value=2**40), max_size=3),
+        ),
+        max_size=3,
+    )
+)
+def test_pushes_are_those_of_the_generated_code(items: list[PushItem]) -> None:
+    """
+    A push put together from the messages' forms is the generated code's,
+    and reads back as it was, its messages with their forms.
+    """
+    payload = encode_push(items)
+    assert payload == _encode_push_pb(items)
+    decoded = decode_push(payload)
+    assert decoded == [(what, list(users)) for what, users in items]
+    for (what, _), (back, _) in zip(items, decoded):
+        if not isinstance(what, ReadEvent):
+            assert isinstance(back, Messages)
+            assert encode_messages_framed(Command.MESSAGE, back) == encode_framed(
+                Frame(cmd=Command.MESSAGE, messages=tuple(what))
+            )
+
+
+@pytest.mark.parametrize(
+    "value", [0, 1, 0x7F, 0x80, 0x81, 300, 0x3FFF, 0x4000, 0x1FFFFF, 2**32 - 1]
+)
+def test_varints_are_base_128_little_end_first(value: int) -> None:
+    expected = bytearray()
+    rest = value
+    while rest > 0x7F:
+        expected.append((rest & 0x7F) | 0x80)
+        rest >>= 7
+    expected.append(rest)
+    assert encode_varint(value) == bytes(expected)
+
+
+@pytest.mark.parametrize("value", [-1, 2**32])
+def test_varints_past_32_bits_are_refused(value: int) -> None:
+    with pytest.raises(ValueError):
+        encode_varint(value)

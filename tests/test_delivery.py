@@ -130,6 +130,10 @@ class Setting:
     def deliver(self, *user_ids: int) -> DeliveryReport:
         return self.delivery.deliver(self.stored(), user_ids).result  # type: ignore[no-any-return]
 
+    def send_out(self, *user_ids: int) -> None:
+        self.delivery.send_out(self.stored(), user_ids)
+        self.clock.advance(0)
+
 
 def test_every_device_is_reached_here_and_on_each_server() -> None:
     setting = Setting(1)
@@ -269,6 +273,34 @@ def test_a_failed_broadcast_is_kept_for_the_users_on_that_server() -> None:
     setting.pusher.down = {THERE}
     setting.deliver(alice, bob)
     # Kept once, for the user whose session is there (looked up now).
+    assert setting.delivery.pending == 1
+    assert setting.store.lookups == 1
+    setting.pusher.down = set()
+    setting.pusher.pushes.clear()
+    setting.clock.advance(setting.delivery.retry.max_delay)
+    assert setting.pusher.pushes == [(THERE, [alice])]
+    assert setting.delivery.pending == 0
+
+
+def test_the_servers_own_sends_broadcast_too() -> None:
+    # send_out (a message sent over a connection of this server) takes the
+    # same path as deliver: no lookup from broadcast_from users on, and a
+    # failed push kept for the users on that server.
+    setting = Setting(1, broadcast_from=2)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", HERE)
+    setting.connect(alice, "laptop", THERE)
+    setting.connect(bob, "phone", ELSEWHERE)
+    setting.send_out(alice, bob)
+    assert [users for _, users in setting.local.messages] == [[alice]]
+    assert sorted(setting.pusher.pushes) == [
+        (ELSEWHERE, [alice, bob]),
+        (THERE, [alice, bob]),
+    ]
+    assert setting.store.lookups == 0
+    setting.pusher.pushes.clear()
+    setting.pusher.down = {THERE}
+    setting.send_out(alice, bob)
     assert setting.delivery.pending == 1
     assert setting.store.lookups == 1
     setting.pusher.down = set()

@@ -547,3 +547,71 @@ async def test_a_route_counts_its_retries_and_stops_them() -> None:
         if getattr(call.func, "__name__", "") == "_round"
     ]
     assert rounds == []
+
+
+def test_a_send_out_reaches_here_and_elsewhere_with_one_lookup() -> None:
+    """
+    L{Delivery.send_out} (the IM server's own sends, with no report)
+    delivers here, pushes once per server, and looks the users up once.
+    """
+    setting = Setting()
+    alice, bob = setting.alice, setting.bob
+    setting.local.connected.add(alice)
+    setting.connect(alice, "phone", HERE)
+    setting.connect(alice, "laptop", THERE)
+    setting.connect(bob, "phone", THERE)
+    setting.connect(bob, "tablet", ELSEWHERE)
+    lookups = setting.store.lookups
+    setting.delivery.send_out(_stored(setting), [alice, bob, alice])
+    assert [users for _, users in setting.local.messages] == [[alice]]
+    assert sorted((server, users) for _, server, _, users in setting.pusher.log) == [
+        (ELSEWHERE, [bob]),
+        (THERE, [alice, bob]),
+    ]
+    assert setting.store.lookups == lookups + 1
+    assert setting.delivery.pending == 0
+
+
+def test_a_failed_send_out_push_is_sent_again() -> None:
+    setting = Setting()
+    bob = setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.pusher.failures[THERE] = 2
+    setting.delivery.send_out(_stored(setting), [bob])
+    assert setting.delivery.pending == 1
+    setting.run(10)
+    pushes = setting.pusher.to(THERE)
+    assert [users for _, _, users in pushes] == [[bob]] * 3
+    assert setting.delivery.pending == 0
+    assert (setting.retried, setting.abandoned) == (2, 0)
+
+
+def test_a_failed_send_out_lookup_is_logged() -> None:
+    setting = Setting()
+    bob = setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.store.get_sessions = lambda user_ids: fail(  # type: ignore[method-assign]
+        RuntimeError("the store is down")
+    )
+    setting.delivery.send_out(_stored(setting), [bob])
+    # (Logged: the store keeps the message for the device's next gap or
+    # login.)
+    assert setting.pusher.log == []
+    assert setting.delivery.pending == 0
+
+
+def _stored(setting: Setting) -> list[ChatMessage]:
+    """
+    A message from alice to bob, stored.
+    """
+    return setting.store.append(  # type: ignore[no-any-return]
+        [
+            NewMessage(
+                pair_conversation(setting.alice, setting.bob),
+                setting.alice,
+                "alice",
+                "hi",
+                receive_user_id=setting.bob,
+            )
+        ]
+    ).result

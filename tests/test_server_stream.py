@@ -605,3 +605,26 @@ def test_after_an_epoch_read_a_held_message_of_another_is_read_from_the_store() 
     epoch, *rest = frames(link)
     assert list(epoch.cursors) == [Cursor(CONVERSATION, 0, EPOCH.id, True)]
     assert [m.text for f in rest for m in f.messages] == ["one", "two"]
+
+
+def test_adopted_streams_share_their_epoch_and_hold_no_dictionary() -> None:
+    # Bob's two devices adopt the conversation with carol at its first
+    # message: one Epoch for both streams, and no dictionary of held
+    # messages until one is held.
+    setting = Setting()
+    conn, link = setting.connect()
+    other, other_link = setting.connect()
+    carol = pair_conversation(BOB, 3)
+    setting.store._epochs[carol] = EPOCH
+    [one] = setting.store_texts("one", conversation=carol)
+    setting.offer(conn, [one])
+    setting.offer(other, [one])
+    first, second = conn.streams[carol], other.streams[carol]
+    assert first.epoch is second.epoch and first.epoch.id == EPOCH.id
+    assert first.pending is second.pending and not first.pending
+    assert link.texts() == other_link.texts() == ["one"]
+    # A gap makes a stream hold a message in a dictionary of its own.
+    _, three = setting.store_texts("two", "three", conversation=carol)
+    setting.offer(conn, [three])
+    assert list(first.pending) == [3] and not second.pending
+    assert link.texts() == []

@@ -185,9 +185,11 @@ class Connection:
             which has no cursor, is not counted).
         """
         ignored = 0
+        streams = self.streams
+        raise_acked = self._raise_acked
         for cursor in cursors:
             conversation = cursor.conversation
-            stream = self.streams.get(conversation)
+            stream = streams.get(conversation)
             if (
                 stream is None
                 or cursor.epoch != stream.epoch.id
@@ -196,14 +198,19 @@ class Connection:
                 if conversation != BROADCAST:
                     ignored += 1
                 continue
-            self._raise_acked(conversation, stream.epoch.id, cursor.seq)
+            raise_acked(conversation, stream.epoch.id, cursor.seq)
         return ignored
 
     def _raise_acked(self, conversation: str, epoch: str, seq: int) -> None:
-        old = self.acked.get(conversation)
+        acked = self.acked
+        old = acked.get(conversation)
         if old is None or old.epoch != epoch or seq > old.seq:
-            self.acked[conversation] = Position(epoch, seq)
-            self.mark_unsaved((conversation,))
+            acked[conversation] = Position(epoch, seq)
+            dirty = self.ack_dirty
+            if dirty is None:
+                self.ack_dirty = {conversation}
+            else:
+                dirty.add(conversation)
 
     def mark_unsaved(self, conversations: Iterable[str]) -> None:
         """

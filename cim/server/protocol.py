@@ -6,6 +6,8 @@ does not read (L{Backlog}, the transport's streaming producer).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -14,10 +16,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from cim.codec import CodecError, decode, encode_framed
+from cim.codec import CodecError, decode, encode_framed, encode_messages_framed
 from cim.framing import VarintFrameReceiver
 from cim.limits import MAX_OUTPUT
-from cim.message import ErrorCode, Frame
+from cim.message import ChatMessage, Command, ErrorCode, Frame
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
@@ -27,6 +29,14 @@ from cim.server.link import IClientLink
 _PONG = encode_framed(wire.PONG)
 #: The name of this adapter's encoding of a shared batch.
 _FORM = "framed-protobuf"
+
+
+def _encode_batch(messages: Sequence[ChatMessage]) -> bytes:
+    """
+    A shared batch's MESSAGE frame, from its messages' forms when they
+    carry them (L{cim.codec.Messages}).
+    """
+    return encode_messages_framed(Command.MESSAGE, messages)
 
 
 @implementer(IPushProducer)
@@ -144,7 +154,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self._write(_PONG if frame is wire.PONG else encode_framed(frame))
 
     def send_batch(self, batch: wire.Batch) -> None:
-        self._write(batch.encoded(_FORM, encode_framed))
+        self._write(batch.encoded_messages(_FORM, _encode_batch))
 
     def close(self) -> None:
         # A client that does not read would keep a graceful close waiting.

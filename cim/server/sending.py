@@ -269,12 +269,12 @@ class Sender:
                 self._refuse(conn, frame, ErrorCode.RATE_LIMITED, stored.value.message)
                 kept = [m for m in stored.value.results if m is not None]
                 if kept:
-                    self.delivery.deliver(kept, recipients)
+                    self.delivery.send_out(kept, recipients)
                 return
             self._failed(stored, conn, frame)
             return
         conn.send(wire.acknowledgement(frame.client_msg_id, stored))
-        self.delivery.deliver(stored, recipients)
+        self.delivery.send_out(stored, recipients)
 
     def _refuse(
         self, conn: Connection, frame: Frame, code: ErrorCode, reason: str

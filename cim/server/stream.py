@@ -83,6 +83,13 @@ SHARED_BATCHES = 64
 UNKNOWN = -1
 #: The epoch of a stream before any is known.
 NO_EPOCH = Epoch()
+#: The held messages of every stream that holds none (L{Stream.pending}):
+#: most streams never hold one, and a dictionary each would be a tracked
+#: object more per conversation of each connection.  Never written to.
+_NOTHING_HELD: dict[int, ChatMessage] = {}
+#: How many epochs L{Streams} keeps to share among the streams that adopt
+#: one (see L{Streams._epoch}).
+EPOCHS_KEPT = 4096
 
 
 def _consume(*reads: Deferred[Any]) -> None:
@@ -113,7 +120,8 @@ class Stream:
     @ivar filling: the store is being read for it; live messages wait in
         C{pending}.
     @ivar pending: live messages held, by seq, until what precedes them
-        is written.
+        is written (while none is: a dictionary shared by every stream,
+        never written to; L{hold} gives the stream one of its own).
     @ivar recheck: a message that C{epoch} does not name was seen: the
         conversation's epoch is to be read again.
     """
@@ -132,7 +140,7 @@ class Stream:
         self.filling = filling
         self.epoch = epoch
         self.recheck = False
-        self.pending: dict[int, ChatMessage] = {}
+        self.pending: dict[int, ChatMessage] = _NOTHING_HELD
 
     def accepts(self, message: ChatMessage) -> bool:
         """
@@ -144,7 +152,10 @@ class Stream:
         return tag == epoch.id or (tag == epoch.previous and message.seq <= epoch.base)
 
     def hold(self, message: ChatMessage) -> None:
-        self.pending[message.seq] = message
+        pending = self.pending
+        if pending is _NOTHING_HELD:
+            pending = self.pending = {}
+        pending[message.seq] = message
 
     def move_to(self, epoch: Epoch, delivered: int) -> None:
         """
@@ -218,6 +229,22 @@ class Streams:
         #: batch (see L{_write}): (id of the first, id of the last, count)
         #: -> their batch.
         self._batches: dict[tuple[int, int, int], wire.Batch] = {}
+        self._epochs: dict[str, Epoch] = {}
+
+    def _epoch(self, tag: str) -> Epoch:
+        """
+        The epoch C{tag} as live messages name it (no previous epoch), for
+        a stream that adopts it: one object shared by the streams of the
+        conversation (those of both users of a pair, and of their devices,
+        here), of the last L{EPOCHS_KEPT} epochs adopted.
+        """
+        epochs = self._epochs
+        epoch = epochs.get(tag)
+        if epoch is None:
+            if len(epochs) >= EPOCHS_KEPT:
+                epochs.clear()
+            epoch = epochs[tag] = Epoch(tag)
+        return epoch
 
     def stop(self) -> None:
         """
@@ -242,20 +269,70 @@ class Streams:
             conn.held.append((messages, batch))
             return
         # Fast path: every message is the next one of its conversation, in
-        # the stream's epoch.
+        # the stream's epoch; or the first of a conversation new to the
+        # connection that starts unannounced (see _start_adopted): a pair
+        # conversation that the device has no position in, at seq 1 of the
+        # epoch the message names.
         streams = conn.streams
+        if len(messages) == 1:
+            # The same for one message (most deliveries), without the
+            # bookkeeping of several.
+            m = messages[0]
+            conversation = m.conversation
+            stream = streams.get(conversation)
+            if stream is not None and conversation != BROADCAST:
+                if (
+                    m.seq == stream.delivered + 1
+                    and not stream.filling
+                    and not stream.pending
+                    and m.epoch == stream.epoch.id
+                ):
+                    stream.delivered = m.seq
+                    conn.deliver(messages, Command.MESSAGE, batch)
+                    self.written.inc(1)
+                    return
+            elif (
+                stream is None
+                and m.seq == 1
+                and m.epoch
+                and conversation != BROADCAST
+                and not conversation.startswith(GROUP_PREFIX)
+                and conversation not in conn.acked
+                and conversation not in conn.unlisted
+            ):
+                streams[conversation] = Stream(
+                    conversation, 1, False, self._epoch(m.epoch)
+                )
+                conn.deliver(messages, Command.MESSAGE, batch)
+                self.written.inc(1)
+                return
         positions: dict[Stream, int] = {}
+        fresh: dict[str, Stream] | None = None
         for m in messages:
             conversation = m.conversation
             if conversation == BROADCAST:
                 continue
             stream = streams.get(conversation)
-            if (
-                stream is None
-                or stream.filling
-                or stream.pending
-                or m.epoch != stream.epoch.id
-            ):
+            if stream is None:
+                if (
+                    m.seq != 1
+                    or not m.epoch
+                    or conversation.startswith(GROUP_PREFIX)
+                    or conversation in conn.acked
+                    or conversation in conn.unlisted
+                    or (fresh is not None and conversation in fresh)
+                ):
+                    # (Another message of a conversation started in this
+                    # batch too: the slow path takes them all.)
+                    break
+                stream = Stream(conversation, 0, False, self._epoch(m.epoch))
+                if fresh is None:
+                    fresh = {conversation: stream}
+                else:
+                    fresh[conversation] = stream
+                positions[stream] = 1
+                continue
+            if stream.filling or stream.pending or m.epoch != stream.epoch.id:
                 break
             if m.seq != positions.get(stream, stream.delivered) + 1:
                 break
@@ -263,6 +340,8 @@ class Streams:
         else:
             for stream, seq in positions.items():
                 stream.delivered = seq
+            if fresh is not None:
+                streams.update(fresh)
             # Inline, not _write: the path of nearly every live message.
             conn.deliver(messages, Command.MESSAGE, batch)
             self.written.inc(len(messages))
@@ -277,7 +356,7 @@ class Streams:
                 stored = conn.acked.get(stream.conversation)
                 if stored is None or stored.epoch == tag:
                     # No store call needed: started here and now.
-                    epoch = Epoch(tag)
+                    epoch = self._epoch(tag)
                     if self._start_adopted(conn, stream, epoch, 0, stored, True, batch):
                         self.fill_in_background(conn, stream)
                     continue

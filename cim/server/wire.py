@@ -143,6 +143,19 @@ class Batch:
             data = self._encoded[form] = encode(self.frame())
         return data
 
+    def encoded_messages(
+        self, form: str, encode: Callable[[Sequence[ChatMessage]], bytes]
+    ) -> bytes:
+        """
+        As L{encoded}, made by C{encode(messages)}, for an adapter that
+        puts a live frame together from the messages alone (no L{Frame}
+        is built).
+        """
+        data = self._encoded.get(form)
+        if data is None:
+            data = self._encoded[form] = encode(self.messages)
+        return data
+
 
 def _cim_properties(sender_id: int, sender_name: str, receiver: int) -> dict[str, str]:
     return {
