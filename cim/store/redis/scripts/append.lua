@@ -90,32 +90,41 @@ if #sent_keys > 0 then sent = mget(sent_keys) end
 local budget = {}
 local counted = {}
 local window = math.floor(now / max_age)
-local function quota_key(pair, w)
-  return prefix .. 'quota:' .. pair .. ':' .. w
-end
+-- The windows' numbers as digits, made once: a number joined to a string
+-- is formatted by sprintf each time.
+local this_window = ':' .. string.format('%d', window)
+local last_window = ':' .. string.format('%d', window - 1)
+-- Each message's conversation and sender ("<conversation>:<sender id>").
+local pair_of = {}
 local counts = {}
 if quota > 0 then
   local keys, seen = {}, {}
   for i = 1, count do
     local base = FIRST + STRIDE * (i - 1)
     local pair = ARGV[base + 1] .. ':' .. ARGV[base + 2]
+    pair_of[i] = pair
     if not seen[pair] then
       seen[pair] = true
-      keys[#keys + 1] = quota_key(pair, window)
-      keys[#keys + 1] = quota_key(pair, window - 1)
+      keys[#keys + 1] = prefix .. 'quota:' .. pair .. this_window
+      keys[#keys + 1] = prefix .. 'quota:' .. pair .. last_window
     end
   end
   counts = mget(keys)
 end
-local function allowed(pair)
+local function allowed(i)
   if quota <= 0 then return true end
-  if budget[pair] == nil then
-    budget[pair] = quota
-        - tonumber(counts[quota_key(pair, window)] or '0')
-        - tonumber(counts[quota_key(pair, window - 1)] or '0')
+  local pair = pair_of[i]
+  local left = budget[pair]
+  if left == nil then
+    left = quota
+        - tonumber(counts[prefix .. 'quota:' .. pair .. this_window] or '0')
+        - tonumber(counts[prefix .. 'quota:' .. pair .. last_window] or '0')
   end
-  if budget[pair] <= 0 then return false end
-  budget[pair] = budget[pair] - 1
+  if left <= 0 then
+    budget[pair] = left
+    return false
+  end
+  budget[pair] = left - 1
   counted[pair] = (counted[pair] or 0) + 1
   return true
 end
@@ -177,7 +186,7 @@ for i = 1, count do
       retries[#retries + 1] = v
     end
     appended[i] = ''
-  elseif not allowed(conversation .. ':' .. ARGV[base + 2]) then
+  elseif not allowed(i) then
     appended[i] = 'q'
   else
     local n = redis.call('INCR', prefix .. 'seq:' .. conversation)
@@ -192,7 +201,7 @@ for i = 1, count do
       redis.call('SET', prefix .. 'sent:' .. sent_id, record, 'PX', ARGV[4])
       just_sent[sent_id] = record
     end
-    e.senders[ARGV[base + 2]] = n
+    e.senders[ARGV[base + 2]] = seq
     e.first = e.first or n
     e.last = n
     appended[i] = msg_id .. ':' .. seq
@@ -201,10 +210,11 @@ end
 
 -- The window's count, read above, plus this batch's (as INCRBY would, and
 -- its expiry renewed as PEXPIRE would), in one command.
+local quota_ttl = string.format('%d', 2 * max_age)
 for pair, n in pairs(counted) do
-  local key = quota_key(pair, window)
+  local key = prefix .. 'quota:' .. pair .. this_window
   redis.call('SET', key, string.format('%d', tonumber(counts[key] or '0') + n),
-             'PX', 2 * max_age)
+             'PX', quota_ttl)
 end
 
 -- A pair conversation's two users, or nil (as cim.message.pair_members).
@@ -227,7 +237,11 @@ for _, conversation in ipairs(order) do
   local read = {}
   for sender, seq in pairs(e.senders) do
     read[#read + 1] = sender
-    read[#read + 1] = format_position(e[1], seq)
+    if e[1] == '' then
+      read[#read + 1] = seq
+    else
+      read[#read + 1] = e[1] .. ':' .. seq
+    end
   end
   redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   -- Listed among its users' pairs when its epoch starts: at its first
