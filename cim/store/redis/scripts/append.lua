@@ -146,16 +146,18 @@ local function epoch_of(conversation, seq)
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
+  -- (Each table made with all its fields at once: one filled field by
+  -- field grows, and so is made again, at each power of two.)
   if rec[1] and rec[4] == run_id then
-    e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0}
+    e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0, senders = {},
+         new = false, first = seq, last = seq}
   else
     local base = string.format('%d', seq - 1)
-    e = {ARGV[7], rec[1] or '', seq - 1}
+    e = {ARGV[7], rec[1] or '', seq - 1, senders = {}, new = true,
+         first = seq, last = seq}
     redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
                'run', run_id)
-    e.new = true
   end
-  e.senders = {}
   epochs[conversation] = e
   order[#order + 1] = conversation
   return e
@@ -202,7 +204,6 @@ for i = 1, count do
       just_sent[sent_id] = record
     end
     e.senders[ARGV[base + 2]] = seq
-    e.first = e.first or n
     e.last = n
     appended[i] = msg_id .. ':' .. seq
   end
@@ -234,16 +235,23 @@ for _, conversation in ipairs(order) do
   -- read position of the epoch (they are at most the last seq), and above
   -- the base of a new one, so it raises the sender's without reading it
   -- (every sender's in one HSET).
-  local read = {}
-  for sender, seq in pairs(e.senders) do
-    read[#read + 1] = sender
-    if e[1] == '' then
-      read[#read + 1] = seq
-    else
-      read[#read + 1] = e[1] .. ':' .. seq
+  -- (One sender, the usual case, needs no table of arguments.)
+  local sender, seq = next(e.senders)
+  if next(e.senders, sender) == nil then
+    if e[1] ~= '' then seq = e[1] .. ':' .. seq end
+    redis.call('HSET', prefix .. 'read:' .. conversation, sender, seq)
+  else
+    local read = {}
+    for sender, seq in pairs(e.senders) do
+      read[#read + 1] = sender
+      if e[1] == '' then
+        read[#read + 1] = seq
+      else
+        read[#read + 1] = e[1] .. ':' .. seq
+      end
     end
+    redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   end
-  redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
   local low, high = nil, nil
