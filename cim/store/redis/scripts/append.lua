@@ -129,10 +129,9 @@ local function allowed(i)
   return true
 end
 
--- The epoch of each conversation appended to ({id, previous, base}; new:
--- it starts here; senders: each sender's highest seq there; first, last:
--- the seqs of its first and last messages here), in the order of their
--- first messages.
+-- The epoch of each conversation appended to ({id}; new: it starts here;
+-- senders: each sender's highest seq there; first, last: the seqs of its
+-- first and last messages here), in the order of their first messages.
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
@@ -142,21 +141,22 @@ local function epoch_of(conversation, seq)
   local e = epochs[conversation]
   if e then return e end
   local key = prefix .. 'epoch:' .. conversation
-  local rec = redis.call('HMGET', key, 'id', 'previous', 'base', 'run')
+  -- Only the id and the run: a stored epoch of this run is kept as it is
+  -- (its previous id and base are not needed here), and the id is a new
+  -- one's previous.  (Each field asked costs Redis as much in its reply,
+  -- found or not.)
+  local rec = redis.call('HMGET', key, 'id', 'run')
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
   -- (Each table made with all its fields at once: one filled field by
   -- field grows, and so is made again, at each power of two.)
-  if rec[1] and rec[4] == run_id then
-    e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0, senders = {},
-         new = false, first = seq, last = seq}
+  if rec[1] and rec[2] == run_id then
+    e = {rec[1], senders = {}, new = false, first = seq, last = seq}
   else
-    local base = string.format('%d', seq - 1)
-    e = {ARGV[7], rec[1] or '', seq - 1, senders = {}, new = true,
-         first = seq, last = seq}
-    redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
-               'run', run_id)
+    e = {ARGV[7], senders = {}, new = true, first = seq, last = seq}
+    redis.call('HSET', key, 'id', e[1], 'previous', rec[1] or '',
+               'base', string.format('%d', seq - 1), 'run', run_id)
   end
   epochs[conversation] = e
   order[#order + 1] = conversation
