@@ -74,12 +74,16 @@ local function is_old(member)
   return ts ~= nil and ts < cutoff
 end
 
--- Every message's idempotency record, read at once.
+-- Every message's idempotency record, read at once (its key by message,
+-- made once).
 local sent_keys = {}
+local sent_key_of = {}
 for i = 1, count do
   local sent_id = ARGV[FIRST + STRIDE * (i - 1) + 3]
   if sent_id ~= '' then
-    sent_keys[#sent_keys + 1] = prefix .. 'sent:' .. sent_id
+    local key = prefix .. 'sent:' .. sent_id
+    sent_keys[#sent_keys + 1] = key
+    sent_key_of[i] = key
   end
 end
 local sent = {}
@@ -174,7 +178,7 @@ for i = 1, count do
   local sent_id = ARGV[base + 3]
   local original = false
   if sent_id ~= '' then
-    original = just_sent[sent_id] or sent[prefix .. 'sent:' .. sent_id]
+    original = just_sent[sent_id] or sent[sent_key_of[i]]
   end
   if original then
     local msg_id, seq, ts, conv = string.match(original,
@@ -200,7 +204,7 @@ for i = 1, count do
                .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. e[1] .. '"}')
     if sent_id ~= '' then
       local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
-      redis.call('SET', prefix .. 'sent:' .. sent_id, record, 'PX', ARGV[4])
+      redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
       just_sent[sent_id] = record
     end
     e.senders[ARGV[base + 2]] = seq
