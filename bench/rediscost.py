@@ -60,6 +60,7 @@ async def run(
     await redis.execute_command("CONFIG", "RESETSTAT")
     await redis.execute_command("SLOWLOG", "RESET")
     phases = {"append": 0, "get_sessions": 0, "set_many_cursors": 0}
+    phase_cpu = dict.fromkeys(phases, 0.0)
 
     async def script_usec() -> int:
         info = _stats(await redis.execute_command("INFO", "commandstats"))
@@ -76,7 +77,9 @@ async def run(
         if not by_phase:
             return await call(*args)
         before = await script_usec()
+        cpu_before = await cpu()
         result = await call(*args)
+        phase_cpu[phase] += await cpu() - cpu_before
         phases[phase] += await script_usec() - before
         return result
 
@@ -130,7 +133,10 @@ async def run(
         f"Redis main thread CPU (user+sys) per message: {cpu_used * 1e6 / messages:.2f} usec"
     )
     for phase, usec in phases.items() if by_phase else ():
-        print(f"  {phase:<18}{usec / messages:>8.2f} usec per message")
+        print(
+            f"  {phase:<18}{usec / messages:>8.2f} usec per message in scripts,"
+            f" {phase_cpu[phase] * 1e6 / messages:>8.2f} of CPU"
+        )
     print("slowlog:", slow)
 
 

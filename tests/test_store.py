@@ -1465,6 +1465,25 @@ async def test_cursors_of_another_epoch_replace(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_lone_cursor(backend: Backend) -> None:
+    """
+    A device's only cursor in a save (the Redis store's short path) raises,
+    never lowers, and replaces one of another epoch, of no epoch too.
+    """
+    store = backend.store
+    await store.set_cursors(1, {PAIR: E(4, "")}, "tab")
+    await store.set_cursors(1, {PAIR: E(3, "")}, "tab")
+    assert await store.get_cursors(1, "tab") == {PAIR: E(4, "")}
+    await store.set_many_cursors({(1, "tab"): {PAIR: E(6, "")}})
+    assert await store.get_cursors(1, "tab") == {PAIR: E(6, "")}
+    await store.set_cursors(1, {PAIR: E(2, "e9")}, "tab")
+    await store.set_cursors(1, {PAIR: E(1, "e9")}, "tab")
+    assert await store.get_cursors(1, "tab") == {PAIR: E(2, "e9")}
+    await store.set_cursors(1, {PAIR: E(1, "")}, "tab")
+    assert await store.get_cursors(1, "tab") == {PAIR: E(1, "")}
+
+
+@pytest_twisted.ensureDeferred
 async def test_forget_cursors_of_every_device(backend: Backend) -> None:
     store = backend.store
     for device in ("", "phone", "laptop"):

@@ -786,9 +786,11 @@ class RedisStore:
             [self.prefix, "1" if connected else "0", *user_ids],
         )
         sessions: dict[int, list[Session]] = {}
-        for index, *fields in found:
-            user_id = user_ids[int(index) - 1]
-            sessions.setdefault(user_id, []).extend(self._sessions(user_id, fields))
+        for i in range(0, len(found), 7):
+            user_id = user_ids[int(found[i]) - 1]
+            sessions.setdefault(user_id, []).append(
+                decode_session(user_id, found[i + 1], found[i + 2 : i + 7])
+            )
         for held in sessions.values():
             held.sort(key=lambda session: session.device)
         return sessions

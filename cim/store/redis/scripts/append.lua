@@ -74,12 +74,16 @@ local function is_old(member)
   return ts ~= nil and ts < cutoff
 end
 
--- Every message's idempotency record, read at once.
+-- Every message's idempotency record, read at once (its key by message,
+-- made once).
 local sent_keys = {}
+local sent_key_of = {}
 for i = 1, count do
   local sent_id = ARGV[FIRST + STRIDE * (i - 1) + 3]
   if sent_id ~= '' then
-    sent_keys[#sent_keys + 1] = prefix .. 'sent:' .. sent_id
+    local key = prefix .. 'sent:' .. sent_id
+    sent_keys[#sent_keys + 1] = key
+    sent_key_of[i] = key
   end
 end
 local sent = {}
@@ -90,40 +94,48 @@ if #sent_keys > 0 then sent = mget(sent_keys) end
 local budget = {}
 local counted = {}
 local window = math.floor(now / max_age)
-local function quota_key(pair, w)
-  return prefix .. 'quota:' .. pair .. ':' .. w
-end
+-- The windows' numbers as digits, made once: a number joined to a string
+-- is formatted by sprintf each time.
+local this_window = ':' .. string.format('%d', window)
+local last_window = ':' .. string.format('%d', window - 1)
+-- Each message's conversation and sender ("<conversation>:<sender id>").
+local pair_of = {}
 local counts = {}
 if quota > 0 then
   local keys, seen = {}, {}
   for i = 1, count do
     local base = FIRST + STRIDE * (i - 1)
     local pair = ARGV[base + 1] .. ':' .. ARGV[base + 2]
+    pair_of[i] = pair
     if not seen[pair] then
       seen[pair] = true
-      keys[#keys + 1] = quota_key(pair, window)
-      keys[#keys + 1] = quota_key(pair, window - 1)
+      keys[#keys + 1] = prefix .. 'quota:' .. pair .. this_window
+      keys[#keys + 1] = prefix .. 'quota:' .. pair .. last_window
     end
   end
   counts = mget(keys)
 end
-local function allowed(pair)
+local function allowed(i)
   if quota <= 0 then return true end
-  if budget[pair] == nil then
-    budget[pair] = quota
-        - tonumber(counts[quota_key(pair, window)] or '0')
-        - tonumber(counts[quota_key(pair, window - 1)] or '0')
+  local pair = pair_of[i]
+  local left = budget[pair]
+  if left == nil then
+    left = quota
+        - tonumber(counts[prefix .. 'quota:' .. pair .. this_window] or '0')
+        - tonumber(counts[prefix .. 'quota:' .. pair .. last_window] or '0')
   end
-  if budget[pair] <= 0 then return false end
-  budget[pair] = budget[pair] - 1
+  if left <= 0 then
+    budget[pair] = left
+    return false
+  end
+  budget[pair] = left - 1
   counted[pair] = (counted[pair] or 0) + 1
   return true
 end
 
--- The epoch of each conversation appended to ({id, previous, base}; new:
--- it starts here; senders: each sender's highest seq there; first, last:
--- the seqs of its first and last messages here), in the order of their
--- first messages.
+-- The epoch of each conversation appended to ({id}; new: it starts here;
+-- senders: each sender's highest seq there; first, last: the seqs of its
+-- first and last messages here), in the order of their first messages.
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
@@ -133,20 +145,23 @@ local function epoch_of(conversation, seq)
   local e = epochs[conversation]
   if e then return e end
   local key = prefix .. 'epoch:' .. conversation
-  local rec = redis.call('HMGET', key, 'id', 'previous', 'base', 'run')
+  -- Only the id and the run: a stored epoch of this run is kept as it is
+  -- (its previous id and base are not needed here), and the id is a new
+  -- one's previous.  (Each field asked costs Redis as much in its reply,
+  -- found or not.)
+  local rec = redis.call('HMGET', key, 'id', 'run')
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
-  if rec[1] and rec[4] == run_id then
-    e = {rec[1], rec[2] or '', tonumber(rec[3]) or 0}
+  -- (Each table made with all its fields at once: one filled field by
+  -- field grows, and so is made again, at each power of two.)
+  if rec[1] and rec[2] == run_id then
+    e = {rec[1], senders = {}, new = false, first = seq, last = seq}
   else
-    local base = string.format('%d', seq - 1)
-    e = {ARGV[7], rec[1] or '', seq - 1}
-    redis.call('HSET', key, 'id', e[1], 'previous', e[2], 'base', base,
-               'run', run_id)
-    e.new = true
+    e = {ARGV[7], senders = {}, new = true, first = seq, last = seq}
+    redis.call('HSET', key, 'id', e[1], 'previous', rec[1] or '',
+               'base', string.format('%d', seq - 1), 'run', run_id)
   end
-  e.senders = {}
   epochs[conversation] = e
   order[#order + 1] = conversation
   return e
@@ -163,7 +178,7 @@ for i = 1, count do
   local sent_id = ARGV[base + 3]
   local original = false
   if sent_id ~= '' then
-    original = just_sent[sent_id] or sent[prefix .. 'sent:' .. sent_id]
+    original = just_sent[sent_id] or sent[sent_key_of[i]]
   end
   if original then
     local msg_id, seq, ts, conv = string.match(original,
@@ -177,7 +192,7 @@ for i = 1, count do
       retries[#retries + 1] = v
     end
     appended[i] = ''
-  elseif not allowed(conversation .. ':' .. ARGV[base + 2]) then
+  elseif not allowed(i) then
     appended[i] = 'q'
   else
     local n = redis.call('INCR', prefix .. 'seq:' .. conversation)
@@ -189,11 +204,10 @@ for i = 1, count do
                .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. e[1] .. '"}')
     if sent_id ~= '' then
       local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
-      redis.call('SET', prefix .. 'sent:' .. sent_id, record, 'PX', ARGV[4])
+      redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
       just_sent[sent_id] = record
     end
-    e.senders[ARGV[base + 2]] = n
-    e.first = e.first or n
+    e.senders[ARGV[base + 2]] = seq
     e.last = n
     appended[i] = msg_id .. ':' .. seq
   end
@@ -201,10 +215,11 @@ end
 
 -- The window's count, read above, plus this batch's (as INCRBY would, and
 -- its expiry renewed as PEXPIRE would), in one command.
+local quota_ttl = string.format('%d', 2 * max_age)
 for pair, n in pairs(counted) do
-  local key = quota_key(pair, window)
+  local key = prefix .. 'quota:' .. pair .. this_window
   redis.call('SET', key, string.format('%d', tonumber(counts[key] or '0') + n),
-             'PX', 2 * max_age)
+             'PX', quota_ttl)
 end
 
 -- A pair conversation's two users, or nil (as cim.message.pair_members).
@@ -224,12 +239,23 @@ for _, conversation in ipairs(order) do
   -- read position of the epoch (they are at most the last seq), and above
   -- the base of a new one, so it raises the sender's without reading it
   -- (every sender's in one HSET).
-  local read = {}
-  for sender, seq in pairs(e.senders) do
-    read[#read + 1] = sender
-    read[#read + 1] = format_position(e[1], seq)
+  -- (One sender, the usual case, needs no table of arguments.)
+  local sender, seq = next(e.senders)
+  if next(e.senders, sender) == nil then
+    if e[1] ~= '' then seq = e[1] .. ':' .. seq end
+    redis.call('HSET', prefix .. 'read:' .. conversation, sender, seq)
+  else
+    local read = {}
+    for sender, seq in pairs(e.senders) do
+      read[#read + 1] = sender
+      if e[1] == '' then
+        read[#read + 1] = seq
+      else
+        read[#read + 1] = e[1] .. ':' .. seq
+      end
+    end
+    redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   end
-  redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
   local low, high = nil, nil

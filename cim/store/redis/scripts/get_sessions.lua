@@ -1,15 +1,33 @@
 -- KEYS: the device sets of users.  ARGV: prefix, connected only (0/1),
--- then the user id of each key.  Returns {index of the key, device, name,
--- server, session id, connected ('0'/'1'), active} per session (only the
--- connected ones when asked so).
--- Needs sessions.lua in front.
+-- then the user id of each key.  Returns, flat, per session (only the
+-- connected ones when asked so): the index of its user's key, device,
+-- name, server, session id, connected ('0'/'1'), active.  A device whose
+-- record expired is dropped from its user's set (as sessions.lua's
+-- live_sessions does).
+--
+-- At every delivery (RedisStore.get_sessions): one flat reply and no table
+-- per session (each Lua table and each nested reply costs Redis more than
+-- the lookups themselves).
 
-local only_connected = ARGV[2] == '1'
+local prefix, only_connected = ARGV[1], ARGV[2] == '1'
 local found = {}
+local n = 0
 for i = 1, #KEYS do
-  for _, s in ipairs(live_sessions(ARGV[1], ARGV[i + 2])) do
-    if s[5] == '1' or not only_connected then
-      found[#found + 1] = {i, unpack(s)}
+  local uid = ARGV[i + 2]
+  for _, device in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    local rec = redis.call('HMGET', prefix .. 'session:' .. uid .. ':' .. device,
+                           'name', 'server', 'session_id', 'connected', 'active')
+    if not rec[3] then
+      redis.call('SREM', KEYS[i], device)
+    elseif rec[4] == '1' or not only_connected then
+      found[n + 1] = i
+      found[n + 2] = device
+      found[n + 3] = rec[1] or ''
+      found[n + 4] = rec[2] or ''
+      found[n + 5] = rec[3]
+      found[n + 6] = rec[4] or '0'
+      found[n + 7] = rec[5] or '0'
+      n = n + 7
     end
   end
 end

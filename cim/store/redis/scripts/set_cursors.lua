@@ -5,7 +5,9 @@
 -- that is not a position) is replaced.  Returns 1.
 -- A device's stored cursors are read in one HMGET and the raised ones
 -- written in one HSET (a few microseconds of Redis's time per command),
--- CHUNK cursors at most per command (unpack's bound).
+-- CHUNK cursors at most per command (unpack's bound); a device's lone
+-- cursor in one HGET, without the tables of arguments and replies (a
+-- Lua table costs Redis about as much as a small command).
 -- Needs positions.lua in front.
 
 local CHUNK = 1000
@@ -20,6 +22,18 @@ for k = 1, #KEYS, 2 do
     if device ~= '' then
       redis.call('SADD', KEYS[k + 1], device)
     end
+  end
+  if n == 1 then
+    -- One cursor (the sweep's usual case): no tables, one HGET.
+    local epoch, digits = ARGV[a + 1], ARGV[a + 2]
+    local old_epoch, old_seq =
+        parse_position(redis.call('HGET', KEYS[k], ARGV[a]))
+    if old_epoch ~= epoch or tonumber(digits) > old_seq then
+      if epoch ~= '' then digits = epoch .. ':' .. digits end
+      redis.call('HSET', KEYS[k], ARGV[a], digits)
+    end
+    a = a + 3
+  elseif n > 1 then
     local fields = {}
     for i = 1, n do
       fields[i] = ARGV[a + 3 * (i - 1)]
