@@ -423,18 +423,7 @@ class Delivery:
         if isinstance(sessions, Failure):
             self.log.failure("Session lookup failed; messages stay stored", sessions)
             return
-        here = self.here
-        by_server: dict[str, list[int]] = {}
-        for uid in users:
-            for s in sessions.get(uid, ()):
-                server = s.server
-                if server == here:
-                    continue
-                uids = by_server.get(server)
-                if uids is None:
-                    by_server[server] = [uid]
-                elif uids[-1] != uid:
-                    uids.append(uid)
+        by_server = self._by_server(sessions, users)
         if not by_server:
             return
         pusher = self.pusher
@@ -510,6 +499,30 @@ class Delivery:
         d.addErrback(self._lookup_failed, users, reached)
         return cast("Deferred[DeliveryReport]", d)
 
+    def _by_server(
+        self, sessions: dict[int, list[Session]], users: list[int]
+    ) -> dict[str, list[int]]:
+        """
+        Each other server holding sessions of C{users}, with those users
+        (each once, in the order of C{users}).  A session here whose device
+        is not connected (claimed, or its connection just went away) is
+        left out: the store has the messages for its next login.  (The
+        devices are only looked at when a push fails: L{_push_failed}.)
+        """
+        by_server: dict[str, list[int]] = {}
+        here = self.here
+        for uid in users:
+            for s in sessions.get(uid, ()):
+                server = s.server
+                if server == here:
+                    continue
+                uids = by_server.get(server)
+                if uids is None:
+                    by_server[server] = [uid]
+                elif uids[-1] != uid:
+                    uids.append(uid)
+        return by_server
+
     def _lookup_failed(
         self, failure: Failure, users: list[int], reached: set[int]
     ) -> DeliveryReport:
@@ -524,23 +537,7 @@ class Delivery:
         users: list[int],
         reached: set[int],
     ) -> Deferred[DeliveryReport]:
-        # server -> the users with a session there.  (Their devices are
-        # only looked at when a push fails: _push_failed.)
-        by_server: dict[str, list[int]] = {}
-        here = self.here
-        for uid in users:
-            for s in sessions.get(uid, ()):
-                server = s.server
-                # A session here whose device is not connected (claimed, or
-                # its connection just went away): the store has the
-                # messages for its next login.
-                if server == here:
-                    continue
-                uids = by_server.get(server)
-                if uids is None:
-                    by_server[server] = [uid]
-                elif uids[-1] != uid:
-                    uids.append(uid)
+        by_server = self._by_server(sessions, users)
         if not by_server:
             return succeed(_report(users, reached, set()))
         failed: set[int] = set()
