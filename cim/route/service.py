@@ -261,7 +261,7 @@ class RouteService(AsyncStartService):
         )
         self.api.metrics.include(metrics)
         site = QuietSite(
-            WebClient(self.api.app.resource()),
+            WebClient(self.api.resource()),
             reactor=self.reactor,
             max_body=config.max_body,
             request_timeout=config.limits.request_timeout,

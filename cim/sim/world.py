@@ -370,7 +370,7 @@ class RouteProc:
             node,
             ROUTE_HOST,
             ROUTE_PORT,
-            QuietSite(self.api.app.resource(), reactor=node),
+            QuietSite(self.api.resource(), reactor=node),
         )
 
     def restart(self, down: float) -> None:
