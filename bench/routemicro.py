@@ -169,6 +169,20 @@ class _Load:
         self.running = True
 
 
+async def _redis_calls(store: Any) -> int:
+    """
+    How many commands the Redis has run (scripts and PUBLISH, not the
+    commands that scripts run).
+    """
+    info = await store._redis.execute_command("INFO", "commandstats")
+    total = 0
+    for line in info.splitlines():
+        name, _, stats = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_publish", "cmdstat_eval"):
+            total += int(stats.split(",")[0].split("=")[1])
+    return total
+
+
 def _cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -213,6 +227,7 @@ async def _main(options: argparse.Namespace) -> None:
         route.stdin.write(b"profile\n")
         route.stdin.flush()
     figures = []
+    redis_before, calls_before = await _redis_calls(store), load.calls
     for _ in range(options.rounds):
         calls, cpu, wall = load.calls, _cpu(route.pid), time.monotonic()
         await task.deferLater(reactor, options.seconds, lambda: None)
@@ -225,13 +240,15 @@ async def _main(options: argparse.Namespace) -> None:
             f"{figures[-1]:6.0f} us per call",
             flush=True,
         )
+    redis_calls = await _redis_calls(store) - redis_before
     load.running = False
     route.stdin.write(b"stop\n")
     route.stdin.flush()
     route.wait()
     print(
-        f"best: {min(figures):.0f} us per call; {load.errors} errors, "
-        f"{received[0]} publishes received"
+        f"best: {min(figures):.0f} us per call; "
+        f"{redis_calls / max(1, load.calls - calls_before):.2f} Redis commands "
+        f"per call; {load.errors} errors, {received[0]} publishes received"
     )
     await bus.close()
     await store.close()

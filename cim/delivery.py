@@ -167,6 +167,10 @@ class Delivery:
     @param metrics: where to count the retries
         (C{push_retries_total}, C{push_retries_abandoned_total},
         C{push_retries_pending}); a set of its own by default.
+    @param per_turn: appends and session lookups that could go at once
+        wait for the end of the reactor turn and go together (see
+        L{Batcher}): the route's, whose sends arrive one per HTTP request,
+        and whose deliveries start together when an append returns.
     """
 
     log = Logger()
@@ -182,6 +186,7 @@ class Delivery:
         retry: PushRetry | None = None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        per_turn: bool = False,
     ) -> None:
         self.store = store
         self.pusher = pusher
@@ -218,9 +223,13 @@ class Delivery:
             max_in_flight=1,
             max_batch=500,
             fail_queued=True,
+            clock=clock if per_turn else None,
         )
         self._lookup: Batcher[list[int], dict[int, list[Session]]] = Batcher(
-            self._lookup_batch, max_in_flight=4, max_batch=500
+            self._lookup_batch,
+            max_in_flight=4,
+            max_batch=500,
+            clock=clock if per_turn else None,
         )
 
     @property

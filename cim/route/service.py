@@ -238,6 +238,7 @@ class RouteService(AsyncStartService):
             clock=self.reactor,
             retry=config.push_retry,
             metrics=metrics,
+            per_turn=True,
         )
         self.api = RouteAPI(
             store,

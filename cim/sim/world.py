@@ -355,6 +355,7 @@ class RouteProc:
             clock=node,
             retry=PushRetry(time=SESSION_TTL),
             rng=random.Random(world.rng.getrandbits(32)),
+            per_turn=True,
         )
         self.api = RouteAPI(
             store,  # type: ignore[arg-type]
