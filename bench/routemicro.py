@@ -183,10 +183,14 @@ async def _redis_calls(store: Any) -> int:
     return total
 
 
-def _cpu(pid: int) -> float:
+def _cpu(pid: int) -> tuple[float, float]:
+    """
+    The user and system CPU time of process C{pid}, in seconds.
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def _main(options: argparse.Namespace) -> None:
@@ -232,12 +236,14 @@ async def _main(options: argparse.Namespace) -> None:
         calls, cpu, wall = load.calls, _cpu(route.pid), time.monotonic()
         await task.deferLater(reactor, options.seconds, lambda: None)
         n = load.calls - calls
-        used = _cpu(route.pid) - cpu
+        user, system = (b - a for a, b in zip(cpu, _cpu(route.pid), strict=True))
+        used = user + system
         took = time.monotonic() - wall
         figures.append(used / max(n, 1) * 1e6)
         print(
             f"{n / took:7.0f} calls/s, route CPU {100 * used / took:3.0f}%, "
-            f"{figures[-1]:6.0f} us per call",
+            f"{figures[-1]:6.0f} us per call ({100 * system / max(used, 1e-9):.0f}% "
+            "in the kernel)",
             flush=True,
         )
     redis_calls = await _redis_calls(store) - redis_before

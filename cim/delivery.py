@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -721,7 +721,24 @@ def _report(users: list[int], reached: set[int], failed: set[int]) -> DeliveryRe
 
 def _all(deferreds: list[Deferred]) -> Deferred:
     """
-    Fire once every one of C{deferreds} fired (none of which fails); the
-    common single push goes without a L{DeferredList}.
+    Fire (with C{None}) once every one of C{deferreds} fired; none of them
+    fails (a failure is logged).  The common single push goes as it is;
+    several are counted down (a L{DeferredList} keeps every result, which
+    nobody reads).
     """
-    return deferreds[0] if len(deferreds) == 1 else DeferredList(deferreds)
+    if len(deferreds) == 1:
+        return deferreds[0]
+    done: Deferred[None] = Deferred()
+    left = len(deferreds)
+
+    def one(result: object) -> None:
+        nonlocal left
+        if isinstance(result, Failure):
+            Delivery.log.failure("A push's report failed", result)
+        left -= 1
+        if not left:
+            done.callback(None)
+
+    for d in deferreds:
+        d.addBoth(one)
+    return done

@@ -269,6 +269,34 @@ def test_deadline_is_per_request() -> None:
     assert transport.value().startswith(b"HTTP/1.1 408 ")
 
 
+def test_deadline_timer_per_connection() -> None:
+    """
+    Back-to-back requests on a kept-alive connection share one timer: it
+    is not scheduled and cancelled for each request, and still cuts a
+    request that takes too long.
+    """
+    clock = Clock()
+    channel, transport = _channel(clock, request_timeout=5)
+
+    def timers() -> int:
+        return sum(
+            1 for call in clock.getDelayedCalls() if call.func == channel._expired
+        )
+
+    for _ in range(20):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(0.1)
+        assert timers() == 1
+    transport.clear()
+    # The timer of the first request fires during this one, which began
+    # later: it waits for the rest of this request's time.
+    channel.dataReceived(b"GET / HT")
+    clock.advance(3)
+    assert timers() == 1 and transport.value() == b""
+    clock.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
 def test_mute_connection() -> None:
     clock = Clock()
     _, transport = _channel(clock, request_timeout=5)
