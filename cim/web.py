@@ -120,6 +120,11 @@ class DeadlineChannel(HTTPChannel):
     call scheduled and cancelled for every request of a busy kept-alive
     connection cost more than the rest of the limits.)
 
+    The idle time-out (twisted.web's C{timeOut}, which it turns off while a
+    request is served and on again after) keeps its timer the same way:
+    turned off, the timer stays and does nothing when it fires; turned on
+    again, it is pushed back (L{IDelayedCall.reset}) rather than made anew.
+
     @ivar clock: the time and the timer (the site's reactor).
     """
 
@@ -130,6 +135,8 @@ class DeadlineChannel(HTTPChannel):
     #: When the request in progress began (its time counts from then), or
     #: C{None} between requests.
     _began: float | None = None
+    #: The idle time-out's timer.
+    _idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -146,11 +153,34 @@ class DeadlineChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._began = None
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+        for call in (self._deadline, self._idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._idle = None
         super().connectionLost(reason)
+
+    # The idle time-out (TimeoutMixin's interface, lazily)
+
+    def setTimeout(self, period: float | None) -> float | None:  # type: ignore[override]
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is not None:
+            idle = self._idle
+            if idle is not None and idle.active():
+                idle.reset(period)
+            else:
+                self._idle = self.callLater(period, self._idle_expired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        idle = self._idle
+        if idle is not None and self.timeOut is not None and idle.active():
+            idle.reset(self.timeOut)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
 
     def _send100Continue(self) -> None:
         request = self.requests[-1] if self.requests else None
