@@ -151,6 +151,38 @@ def test_per_address_and_total() -> None:
     assert _connect(one, "10.0.0.3") is not None
 
 
+def test_addresses_asked_once() -> None:
+    """
+    A wrapped connection asks its transport for its addresses once (the
+    site asks for both at every request) and answers the same after.
+    """
+
+    class Counting(StringTransport):
+        asked = 0
+
+        def getHost(self) -> Any:
+            self.asked += 1
+            return super().getHost()
+
+        def getPeer(self) -> Any:
+            self.asked += 1
+            return super().getPeer()
+
+    factory = LimitedFactory(
+        Factory.forProtocol(Protocol), ConnectionLimits(5), 0, Clock(), "port"
+    )
+    protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1234))
+    transport = Counting(
+        hostAddress=IPv4Address("TCP", "10.0.0.9", 8083),
+        peerAddress=IPv4Address("TCP", "10.0.0.1", 1234),
+    )
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        assert protocol.getHost() == IPv4Address("TCP", "10.0.0.9", 8083)
+        assert protocol.getPeer() == IPv4Address("TCP", "10.0.0.1", 1234)
+    assert transport.asked == 2
+
+
 def test_refusals_logged_once_a_minute() -> None:
     from twisted.logger import globalLogPublisher
 
