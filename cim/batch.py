@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,6 +34,13 @@ class Batcher(Generic[T, R]):
     With C{fail_queued}, the items queued when a batch fails fail with it,
     untried: with one batch in flight, an item is then never stored after
     an earlier one that failed (their sender can send both again, in order).
+
+    With a C{clock}, an item that could go at once waits for the end of the
+    reactor turn instead (a call in 0 seconds), and goes with every other
+    item submitted in that turn: when many callers submit from one burst of
+    events (the waiters of one completed batch, the requests read in one
+    poll), they share one call instead of filling C{max_in_flight} with
+    calls of one item each.
     """
 
     log = Logger()
@@ -43,8 +51,11 @@ class Batcher(Generic[T, R]):
         max_in_flight: int = 2,
         max_batch: int = 1000,
         fail_queued: bool = False,
+        clock: IReactorTime | None = None,
     ) -> None:
         self._call = call
+        self._clock = clock
+        self._turn: IDelayedCall | None = None
         self._fail_queued = fail_queued
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
@@ -59,7 +70,14 @@ class Batcher(Generic[T, R]):
         self._items.append(item)
         self._waiters.append(done)
         if self._in_flight < self._max_in_flight:
-            self._flush()
+            if self._clock is None:
+                self._flush()
+            elif self._turn is None:
+                self._turn = self._clock.callLater(0, self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._turn = None
+        self._flush()
 
     def submit_deferred(self, item: T) -> Deferred[R]:
         """

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -179,6 +179,10 @@ class Delivery:
         server does not read it); a push that fails is looked up and kept
         as any.  C{None}: always look the sessions up (the route, whose
         answers tell who was offline).
+    @param per_turn: appends and session lookups that could go at once
+        wait for the end of the reactor turn and go together (see
+        L{Batcher}): the route's, whose sends arrive one per HTTP request,
+        and whose deliveries start together when an append returns.
     """
 
     log = Logger()
@@ -195,6 +199,7 @@ class Delivery:
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         broadcast_from: int | None = None,
+        per_turn: bool = False,
     ) -> None:
         if broadcast_from is not None and broadcast_from < 1:
             raise ValueError("broadcast_from must be at least 1")
@@ -234,15 +239,22 @@ class Delivery:
             max_in_flight=1,
             max_batch=500,
             fail_queued=True,
+            clock=clock if per_turn else None,
         )
         self._lookup: Batcher[list[int], dict[int, list[Session]]] = Batcher(
-            self._lookup_batch, max_in_flight=4, max_batch=500
+            self._lookup_batch,
+            max_in_flight=4,
+            max_batch=500,
+            clock=clock if per_turn else None,
         )
         # A lookup is shared only by the deliveries that asked before it
         # was sent (so after their messages were stored), never joined in
         # flight.
         self._servers_lookup: Batcher[None, list[str]] = Batcher(
-            self._servers_batch, max_in_flight=4, max_batch=10_000
+            self._servers_batch,
+            max_in_flight=4,
+            max_batch=10_000,
+            clock=clock if per_turn else None,
         )
 
     @property
@@ -919,7 +931,24 @@ def _report(users: list[int], reached: set[int], failed: set[int]) -> DeliveryRe
 
 def _all(deferreds: list[Deferred]) -> Deferred:
     """
-    Fire once every one of C{deferreds} fired (none of which fails); the
-    common single push goes without a L{DeferredList}.
+    Fire (with C{None}) once every one of C{deferreds} fired; none of them
+    fails (a failure is logged).  The common single push goes as it is;
+    several are counted down (a L{DeferredList} keeps every result, which
+    nobody reads).
     """
-    return deferreds[0] if len(deferreds) == 1 else DeferredList(deferreds)
+    if len(deferreds) == 1:
+        return deferreds[0]
+    done: Deferred[None] = Deferred()
+    left = len(deferreds)
+
+    def one(result: object) -> None:
+        nonlocal left
+        if isinstance(result, Failure):
+            Delivery.log.failure("A push's report failed", result)
+        left -= 1
+        if not left:
+            done.callback(None)
+
+    for d in deferreds:
+        d.addBoth(one)
+    return done

@@ -59,6 +59,22 @@ def envelope(
     """
     Encode a response: C{{"code", "message", "reqNo", "dataBody"}}.
     """
+    if data is None and req_no is None and message is None and code in MESSAGES:
+        # The commonest replies (a send's success: CIM's NULLBody) are
+        # encoded once per code.
+        plain = _PLAIN.get(code)
+        if plain is None:
+            plain = _PLAIN[code] = _encode(code, None, None, None)
+        return plain
+    return _encode(code, message, data, req_no)
+
+
+#: The replies with no message of their own, no data and no reqNo, by
+#: code (of L{MESSAGES}).
+_PLAIN: dict[str, bytes] = {}
+
+
+def _encode(code: str, message: str | None, data: Any, req_no: Any) -> bytes:
     return json.dumps(
         {
             "code": code,

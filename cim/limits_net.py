@@ -115,9 +115,29 @@ class _Counted(ProtocolWrapper):
     """
     A connection of a L{LimitedFactory}, which knows the address it counts
     against.
+
+    Its two addresses are asked once: twisted.web asks both for every
+    request, and a TCP transport answers each time with a new address
+    object (the local one after a C{getsockname} system call).
     """
 
     host: str
+    _host_address: IAddress | None = None
+    _peer_address: IAddress | None = None
+
+    def getHost(self) -> IAddress:
+        address = self._host_address
+        if address is None:
+            assert self.transport is not None
+            address = self._host_address = self.transport.getHost()
+        return address
+
+    def getPeer(self) -> IAddress:
+        address = self._peer_address
+        if address is None:
+            assert self.transport is not None
+            address = self._peer_address = self.transport.getPeer()
+        return address
 
 
 @implementer(IProtocolNegotiationFactory)

@@ -112,28 +112,75 @@ class DeadlineChannel(HTTPChannel):
     An L{HTTPChannel} that gives each request C{request_timeout} seconds
     from the connection, or from its first byte on a kept-alive connection,
     to its last byte; then it answers 408 and closes.
+
+    One timer per connection, not one per request: a request notes when it
+    began, and the timer, when it fires, cuts the connection if the request
+    it finds has had its time, or waits for what is left of it; with no
+    request in progress it lapses, and the next request sets it again.  (A
+    call scheduled and cancelled for every request of a busy kept-alive
+    connection cost more than the rest of the limits.)
+
+    The idle time-out (twisted.web's C{timeOut}, which it turns off while a
+    request is served and on again after) keeps its timer the same way:
+    turned off, the timer stays and does nothing when it fires; turned on
+    again, it is pushed back (L{IDelayedCall.reset}) rather than made anew.
+
+    @ivar clock: the time and the timer (the site's reactor).
     """
 
     log = Logger()
     request_timeout: float = REQUEST_TIMEOUT
+    clock: IReactorTime
     _deadline: IDelayedCall | None = None
+    #: When the request in progress began (its time counts from then), or
+    #: C{None} between requests.
+    _began: float | None = None
+    #: The idle time-out's timer.
+    _idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._start_deadline()
+        self._begin()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._deadline is None and not self._handlingRequest:
-            self._start_deadline()
+        if self._began is None and not self._handlingRequest:
+            self._begin()
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._stop_deadline()
+        self._began = None
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._stop_deadline()
+        self._began = None
+        for call in (self._deadline, self._idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._deadline = self._idle = None
         super().connectionLost(reason)
+
+    # The idle time-out (TimeoutMixin's interface, lazily)
+
+    def setTimeout(self, period: float | None) -> float | None:  # type: ignore[override]
+        previous = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is not None:
+            idle = self._idle
+            if idle is not None and idle.active():
+                idle.reset(period)
+            else:
+                self._idle = self.callLater(period, self._idle_expired)
+        return previous
+
+    def resetTimeout(self) -> None:
+        idle = self._idle
+        if idle is not None and self.timeOut is not None and idle.active():
+            idle.reset(self.timeOut)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self.timeOut is not None:
+            self.timeoutConnection()
 
     def _send100Continue(self) -> None:
         request = self.requests[-1] if self.requests else None
@@ -141,18 +188,19 @@ class DeadlineChannel(HTTPChannel):
             return  # answered 413 already
         super()._send100Continue()
 
-    def _start_deadline(self) -> None:
-        self._deadline = self.callLater(self.request_timeout, self._expired)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+    def _begin(self) -> None:
+        self._began = self.clock.seconds()
+        if self._deadline is None:
+            self._deadline = self.clock.callLater(self.request_timeout, self._expired)
 
     def _expired(self) -> None:
         self._deadline = None
-        if self._handlingRequest:
+        began = self._began
+        if began is None or self._handlingRequest:
+            return
+        left = began + self.request_timeout - self.clock.seconds()
+        if left > 0:
+            self._deadline = self.clock.callLater(left, self._expired)
             return
         peer = self.transport.getPeer() if self.transport is not None else None
         self.log.info(
@@ -214,6 +262,7 @@ class QuietSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
         channel.request_timeout = self.request_timeout
+        channel.clock = self.reactor
         return channel
 
     def log(self, request: object) -> None:

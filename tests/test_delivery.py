@@ -92,6 +92,11 @@ class Local:
 
 class CountingStore(MemoryStore):
     lookups = 0
+    appends = 0
+
+    def append(self, messages):  # type: ignore[no-untyped-def]
+        self.appends += 1
+        return super().append(messages)
 
     def get_sessions(self, user_ids):  # type: ignore[no-untyped-def]
         self.lookups += 1
@@ -351,3 +356,39 @@ def test_the_server_passes_broadcast_from_to_its_delivery() -> None:
     assert IMServer(clock, store, address, Pusher()).delivery.broadcast_from == 32
     server = IMServer(clock, store, address, Pusher(), broadcast_from=None)
     assert server.delivery.broadcast_from is None
+
+
+def test_per_turn_deliveries_share_one_lookup() -> None:
+    """
+    With C{per_turn} (the route's), deliveries started in one reactor turn
+    look their users up in one store call, and appends made in one turn
+    are one append.
+    """
+    setting = Setting()
+    delivery = Delivery(
+        setting.store, setting.pusher, clock=setting.clock, per_turn=True
+    )
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", THERE)
+    setting.connect(bob, "phone", ELSEWHERE)
+    conversation = pair_conversation(alice, bob)
+    appends = [
+        delivery.append([NewMessage(conversation, alice, "alice", text)])
+        for text in ("one", "two")
+    ]
+    assert not any(d.called for d in appends)
+    setting.clock.advance(0)
+    assert setting.store.appends == 1
+    stored = [d.result for d in appends]
+    assert [[m.seq for m in s] for s in stored] == [[1], [2]]
+    reports = [delivery.deliver(s, [alice, bob]) for s in stored]
+    assert setting.store.lookups == 0
+    setting.clock.advance(0)
+    assert setting.store.lookups == 1
+    assert [r.result for r in reports] == [DeliveryReport(delivered=[alice, bob])] * 2
+    assert setting.pusher.pushes == [
+        (THERE, [alice]),
+        (ELSEWHERE, [bob]),
+        (THERE, [alice]),
+        (ELSEWHERE, [bob]),
+    ]

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from cim import standalone
 from cim.daemon import StopDeadline
@@ -150,6 +151,38 @@ def test_per_address_and_total() -> None:
     assert _connect(one, "10.0.0.3") is not None
 
 
+def test_addresses_asked_once() -> None:
+    """
+    A wrapped connection asks its transport for its addresses once (the
+    site asks for both at every request) and answers the same after.
+    """
+
+    class Counting(StringTransport):
+        asked = 0
+
+        def getHost(self) -> Any:
+            self.asked += 1
+            return super().getHost()
+
+        def getPeer(self) -> Any:
+            self.asked += 1
+            return super().getPeer()
+
+    factory = LimitedFactory(
+        Factory.forProtocol(Protocol), ConnectionLimits(5), 0, Clock(), "port"
+    )
+    protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1234))
+    transport = Counting(
+        hostAddress=IPv4Address("TCP", "10.0.0.9", 8083),
+        peerAddress=IPv4Address("TCP", "10.0.0.1", 1234),
+    )
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        assert protocol.getHost() == IPv4Address("TCP", "10.0.0.9", 8083)
+        assert protocol.getPeer() == IPv4Address("TCP", "10.0.0.1", 1234)
+    assert transport.asked == 2
+
+
 def test_refusals_logged_once_a_minute() -> None:
     from twisted.logger import globalLogPublisher
 
@@ -267,6 +300,89 @@ def test_deadline_is_per_request() -> None:
     channel.dataReceived(b"GET / HT")
     clock.advance(5)
     assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_deadline_timer_per_connection() -> None:
+    """
+    Back-to-back requests on a kept-alive connection share one timer: it
+    is not scheduled and cancelled for each request, and still cuts a
+    request that takes too long.
+    """
+    clock = Clock()
+    channel, transport = _channel(clock, request_timeout=5)
+
+    def timers() -> int:
+        return sum(
+            1 for call in clock.getDelayedCalls() if call.func == channel._expired
+        )
+
+    for _ in range(20):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(0.1)
+        assert timers() == 1
+    transport.clear()
+    # The timer of the first request fires during this one, which began
+    # later: it waits for the rest of this request's time.
+    channel.dataReceived(b"GET / HT")
+    clock.advance(3)
+    assert timers() == 1 and transport.value() == b""
+    clock.advance(2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+class _Slow(Resource):
+    """
+    Answers a GET of C{/slow} when the test says so (C{pending}).
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Any] = []
+
+    def render_GET(self, request: Any) -> Any:
+        if request.path == b"/slow":
+            self.pending.append(request)
+            return NOT_DONE_YET
+        return b"hi"
+
+
+def test_idle_timeout() -> None:
+    """
+    The idle time-out cuts a kept-alive connection idle that long after
+    its last reply, never one whose request is being served, and keeps
+    one timer for all of a connection's requests.
+    """
+    clock = Clock()
+    resource = _Slow()
+    site = QuietSite(resource, reactor=clock)
+    site.timeOut = 10
+    channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+
+    def idle_timers() -> int:
+        return sum(
+            1 for c in clock.getDelayedCalls() if c.func == channel._idle_expired
+        )
+
+    for _ in range(20):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        clock.advance(9)
+        assert idle_timers() == 1
+    assert not transport.disconnecting
+    # A request served for longer than the idle time-out is not cut.
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    clock.advance(25)
+    assert not transport.disconnecting
+    [request] = resource.pending
+    request.write(b"done")
+    request.finish()
+    clock.advance(9)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
 
 
 def test_mute_connection() -> None:

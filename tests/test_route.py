@@ -17,11 +17,12 @@ import pytest_twisted
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import error
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -41,6 +42,7 @@ from cim.route.api import RouteAPI
 from cim.route.balancer import Balancer, RoundRobin
 from cim.route.service import PROBE_CACHE, RouteConfig, RouteService, tcp_probe
 from cim.store.memory import MemoryStore
+from cim.web import QuietSite
 
 SECRET = "the-cluster-secret"
 A = ServerAddress("10.0.0.1", 11211, 8081)
@@ -201,7 +203,7 @@ class Route:
             self.probe,
             **options,
         )
-        self.http: Any = StubTreq(self.api.app.resource())
+        self.http: Any = StubTreq(self.api.resource())
         self.status = 0
         #: The account keys of the accounts L{register} created, by id.
         self.keys: dict[int, str] = {}
@@ -894,6 +896,168 @@ def test_p2p_bad_input(body: dict, complaint: str) -> None:
     answer = route.call("/p2pRoute", body, secret=SECRET)
     assert answer["code"] == "3000"
     assert complaint in answer["message"]
+    assert route.pusher.pushes == []
+
+
+def _raw(route: Route, resource: Any, request: bytes) -> bytes:
+    """
+    The whole HTTP reply of C{resource} (served as the route serves it) to
+    C{request}, its Date header blanked.
+    """
+    site = QuietSite(resource, reactor=route.clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "10.0.0.9", 8083),
+        peerAddress=IPv4Address("TCP", "10.9.8.7", 40000),
+    )
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    return re.sub(rb"Date: [^\r]*", b"Date: -", transport.value())
+
+
+def _post(path: bytes, body: bytes, *headers: bytes) -> bytes:
+    return b"\r\n".join(
+        [
+            b"POST %s HTTP/1.1" % path,
+            b"Host: route.test",
+            b"Content-Type: application/json",
+            b"Content-Length: %d" % len(body),
+            *headers,
+            b"",
+            body,
+        ]
+    )
+
+
+def _p2p_cases(alice: int, bob: int, carol: int, token: str) -> list[bytes]:
+    secret = b"X-Cim-Secret: " + SECRET.encode()
+    bearer = b"Authorization: Bearer " + token.encode()
+    extended = b"X-Cim-Extended: 1"
+
+    def body(**fields: Any) -> bytes:
+        return json.dumps(fields).encode()
+
+    sent = body(userId=alice, receiveUserId=bob, msg="hi", reqNo="r-1")
+    return [
+        _post(b"/p2pRoute", sent, secret),
+        _post(b"/p2pRoute", sent, bearer, extended),
+        _post(
+            b"/p2pRoute?x=1",
+            body(userId=alice, receiveUserId=bob, batchMsg=["a", "b"]),
+            secret,
+        ),
+        # carol is offline: 7000, with the stored message's place if asked.
+        _post(b"/p2pRoute", body(userId=alice, receiveUserId=carol, msg="hi"), secret),
+        _post(
+            b"/p2pRoute",
+            body(userId=alice, receiveUserId=carol, msg="x"),
+            secret,
+            extended,
+        ),
+        _post(b"/p2pRoute", body(userId=alice, receiveUserId=99, msg="hi"), secret),
+        _post(b"/p2pRoute", body(userId=98, receiveUserId=bob, msg="hi"), secret),
+        _post(b"/p2pRoute", body(userId=alice, msg="hi", reqNo=7), secret),
+        _post(b"/p2pRoute", b"{nope", secret),
+        _post(b"/p2pRoute", b"", secret),
+        _post(b"/p2pRoute", b"[1]", secret),
+        _post(b"/p2pRoute", sent, b"X-Cim-Secret: wrong"),
+        _post(b"/p2pRoute", sent),
+        _post(b"/p2pRoute", sent, b"Authorization: Basic abc"),
+        _post(b"/p2pRoute", sent, b"Authorization: Bearer not-a-token"),
+        _post(b"/p2pRoute", body(userId=bob, receiveUserId=alice, msg="hi"), bearer),
+        _post(b"/p2pRoute", b"x" * 2000, secret),
+        _post(b"/p2pRoute/", sent, secret),
+        b"GET /p2pRoute HTTP/1.1\r\nHost: route.test\r\n\r\n",
+        b"PUT /p2pRoute HTTP/1.1\r\nHost: route.test\r\nContent-Length: 2\r\n\r\n{}",
+    ]
+
+
+def test_p2p_served_as_klein_serves_it() -> None:
+    """
+    L{RouteAPI.resource} serves C{POST /p2pRoute} without Klein: its
+    replies are Klein's, byte for byte (headers, chunks, envelope), in
+    success, in every refusal and in failure.
+    """
+    twins = [Route(max_body=1000), Route(max_body=1000)]
+    cases = []
+    for twin in twins:
+        alice, token = twin.online("alice")
+        bob, _ = twin.online("bob")
+        cases.append(_p2p_cases(alice, bob, twin.register("carol"), token))
+    fast, klein = twins[0].api.resource(), twins[1].api.app.resource()
+    replies = []
+    for mine, klein_s in zip(*cases, strict=True):
+        reply = _raw(twins[0], fast, mine)
+        assert reply == _raw(twins[1], klein, klein_s)
+        replies.append(reply)
+    codes = [re.findall(rb'"code":"(\d+)"', reply) for reply in replies]
+    assert [c[0] if c else b"" for c in codes] == [
+        b"9000",
+        b"9000",
+        b"9000",
+        b"7000",
+        b"7000",
+        b"3000",
+        b"3000",
+        b"3000",
+        b"3000",
+        b"3000",
+        b"3000",
+        b"4010",
+        b"4010",
+        b"4010",
+        b"4010",
+        b"4010",
+        b"3000",
+        b"3000",
+        b"3000",
+        b"3000",
+    ]
+    assert b'"dataBody":{"msgId":2,"seq":2}' in replies[1]
+    assert b'"reqNo":"r-1"' in replies[0]
+    assert replies[-2].startswith(b"HTTP/1.1 405 ")
+
+
+@pytest.mark.parametrize("fault", [StoreError("down"), ValueError("bug")])
+def test_p2p_failure_served_as_klein_serves_it(
+    fault: Exception, logged: list[dict]
+) -> None:
+    """
+    A store failure is answered 4000 and logged, on both paths alike.
+    """
+    twins = [Route(), Route()]
+    for twin in twins:
+        alice, _ = twin.online("alice")
+        bob, _ = twin.online("bob")
+        twin.delivery.append = lambda messages: fail(fault)  # type: ignore[method-assign]
+    body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
+    request = _post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode())
+    mine = _raw(twins[0], twins[0].api.resource(), request)
+    assert mine == _raw(twins[1], twins[1].api.app.resource(), request)
+    assert b'"code":"4000"' in mine
+    serious = (LogLevel.error, LogLevel.critical)
+    assert len([e for e in logged if e.get("log_level") in serious]) == 2
+
+
+def test_p2p_client_gone() -> None:
+    """
+    When the client goes away before its reply, the call is cancelled (as
+    Klein cancels it) and nothing is written.
+    """
+    route = Route()
+    alice, _ = route.online("alice")
+    bob, _ = route.online("bob")
+    waiting: Deferred[list[ChatMessage]] = Deferred()
+    route.delivery.append = lambda messages: waiting  # type: ignore[method-assign]
+    site = QuietSite(route.api.resource(), reactor=route.clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
+    channel.dataReceived(_post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode()))
+    channel.connectionLost(Failure(error.ConnectionDone()))
+    assert waiting.called  # cancelled
+    assert transport.value() == b""
     assert route.pusher.pushes == []
 
 

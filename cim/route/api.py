@@ -13,21 +13,25 @@ from __future__ import annotations
 import functools
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from cim import envelope as codes
 from cim.envelope import ApiError, envelope
 from cim.interfaces import IRegistry, IServerControl, IStore, StoreError, TokenInfo
 from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES
-from cim.message import message_to_dict
+from cim.message import ChatMessage, message_to_dict
 from cim.metrics import Metrics
 from cim.pushapi import SECRET_HEADER
 from cim.route.balancer import Balancer
@@ -162,6 +166,68 @@ class RouteAPI:
         metrics.gauge(
             "servers", "IM servers in the registry", lambda: len(registry.servers())
         )
+
+    def resource(self) -> IResource:
+        """
+        The API as a twisted.web resource: Klein's (L{app}), except that
+        the busiest call, C{POST /p2pRoute}, goes straight to its method.
+        Serve this one (C{app.resource()} answers the same, more slowly).
+        """
+        return _APIResource(self)
+
+    def serve(
+        self, request: IRequest, handler: Callable[[IRequest], Deferred[bytes]]
+    ) -> object:
+        """
+        Serve C{request} by C{handler} (a route method returning a Deferred
+        of the reply) as Klein would, without its routing: a failure goes
+        to the error handler Klein would pick (L{api_error} for an
+        L{ApiError}, else L{unexpected}); when the client goes away first,
+        the call is cancelled and nothing is written.
+
+        @return: C{NOT_DONE_YET}, for twisted.web.
+        """
+        gone: list[bool] = []
+        try:
+            d = handler(request)
+        except Exception:
+            d = fail()
+
+        def lost(_: Failure) -> None:
+            gone.append(True)
+            d.cancel()
+
+        request.notifyFinish().addErrback(lost)  # type: ignore[attr-defined]
+        d.addErrback(self._failed, request, gone)
+        d.addCallback(self._write, request, gone)
+        d.addErrback(
+            lambda f: self.log.failure(
+                "Writing the reply to {uri} failed", f, uri=request.uri
+            )
+        )
+        return NOT_DONE_YET
+
+    def _failed(
+        self, failure: Failure, request: IRequest, gone: list[bool]
+    ) -> bytes | None:
+        if gone:
+            if not failure.check(CancelledError):
+                self.log.failure(
+                    "Request {uri} failed after its client left",
+                    failure,
+                    uri=request.uri,
+                )
+            return None
+        if failure.check(ApiError):
+            return self.api_error(request, failure)
+        return self.unexpected(request, failure)
+
+    @staticmethod
+    def _write(body: bytes | None, request: IRequest, gone: list[bool]) -> None:
+        if body is None or gone:
+            return
+        request.write(body)
+        request.finish()
 
     # Request plumbing
 
@@ -373,13 +439,25 @@ class RouteAPI:
         return self._ok(request)
 
     @app.route("/p2pRoute", methods=["POST"])
-    async def p2p_route(self, request: IRequest) -> bytes:
+    def p2p_route(self, request: IRequest) -> Deferred[bytes]:
+        # The busiest endpoint: L{resource} serves it without Klein, by
+        # this same method; no coroutine either (see Router.send_private).
         v = self._parse(request)
         receiver = v["receiveUserId"]
-        await self._authorize(request, v["userId"], legacy=True)
-        last, delivered = await self.router.send_private(
-            v["userId"], receiver, v["texts"], v["clientMsgId"]
+        d: Deferred[Any] = self.router.authorize(
+            v["userId"], self._credentials(request), legacy=True
         )
+        d.addCallback(
+            lambda _: self.router.send_private(
+                v["userId"], receiver, v["texts"], v["clientMsgId"]
+            )
+        )
+        return d.addCallback(self._p2p_sent, request, receiver)
+
+    def _p2p_sent(
+        self, sent: tuple[ChatMessage, bool], request: IRequest, receiver: int
+    ) -> bytes:
+        last, delivered = sent
         # CIM's reply is empty (NULLBody); cim's clients learn where the
         # message was stored.
         data = (
@@ -651,3 +729,23 @@ class RouteAPI:
         self._calls.pop(request, None)
         request.setHeader(b"Content-Type", _JSON)
         return _openapi_json(self.limits.max_message)
+
+
+class _APIResource(Resource):
+    """
+    L{RouteAPI.resource}: C{POST /p2pRoute} by L{RouteAPI.serve}, the rest
+    by Klein.  (Klein answers C{/p2pRoute} with another method, a path that
+    only decodes to it, or a trailing slash, as before.)
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: RouteAPI) -> None:
+        super().__init__()
+        self.api = api
+        self.klein = api.app.resource()
+
+    def render(self, request: IRequest) -> Any:
+        if request.path == b"/p2pRoute" and request.method == b"POST":
+            return self.api.serve(request, self.api.p2p_route)
+        return self.klein.render(request)

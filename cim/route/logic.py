@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cachetools import LRUCache
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -220,42 +226,56 @@ class Router:
             given.encode("utf-8"), self._secret
         )
 
-    async def authorize(
+    def authorize(
         self, user_id: int, credentials: Credentials, legacy: bool = False
-    ) -> TokenInfo | None:
+    ) -> Deferred[TokenInfo | None]:
         """
         Check that the request may act for C{user_id}: it carries the
         cluster secret, or a valid token of that user.  With C{legacy} (a
         CIM endpoint) and C{--legacy-auth}, a request without any credential
         passes too; wrong credentials never do.
 
-        @return: what the token stands for (its device), or C{None} when the
-            request passed by the secret or by C{--legacy-auth}.
-        @raise ApiError: L{codes.UNAUTHORIZED}.
+        The secret and C{--legacy-auth} are checked here and now (the
+        Deferred has fired on return); only a token asks the store.
+
+        @return: a Deferred firing with what the token stands for (its
+            device), or C{None} when the request passed by the secret or by
+            C{--legacy-auth}; failing with L{ApiError}
+            (L{codes.UNAUTHORIZED}).
         """
         if credentials.secret is not None:
             if not self.secret_matches(credentials.secret):
-                raise ApiError(codes.UNAUTHORIZED, "the cluster secret is wrong")
-            return None
+                return fail(ApiError(codes.UNAUTHORIZED, "the cluster secret is wrong"))
+            return succeed(None)
         if credentials.token is not None:
-            info = await self.store.verify_token(credentials.token)
-            if info is None:
-                raise ApiError(
-                    codes.UNAUTHORIZED,
-                    "the token is invalid, expired or of an old session: log in again",
-                )
-            if info.user_id != user_id:
-                raise ApiError(
-                    codes.UNAUTHORIZED, f"the token does not belong to user {user_id}"
-                )
-            return info
+            d: Deferred[TokenInfo | None] = self.store.verify_token(credentials.token)
+            return d.addCallback(self._token_of, user_id)
         if legacy and self.legacy_auth:
-            return None
-        raise ApiError(
-            codes.UNAUTHORIZED,
-            "this call needs the user's login token (Authorization: Bearer <token>) "
-            "or the cluster secret (X-Cim-Secret)",
+            return succeed(None)
+        return fail(
+            ApiError(
+                codes.UNAUTHORIZED,
+                "this call needs the user's login token (Authorization: Bearer "
+                "<token>) or the cluster secret (X-Cim-Secret)",
+            )
         )
+
+    @staticmethod
+    def _token_of(info: TokenInfo | None, user_id: int) -> TokenInfo:
+        """
+        C{info}, the token's, if it is C{user_id}'s.  @raise ApiError:
+        L{codes.UNAUTHORIZED}.
+        """
+        if info is None:
+            raise ApiError(
+                codes.UNAUTHORIZED,
+                "the token is invalid, expired or of an old session: log in again",
+            )
+        if info.user_id != user_id:
+            raise ApiError(
+                codes.UNAUTHORIZED, f"the token does not belong to user {user_id}"
+            )
+        return info
 
     async def account(self, user_id: int, field: str = "userId") -> Account:
         """
@@ -721,25 +741,54 @@ class Router:
             self._report("broadcast", report)
         return stored[-1]
 
-    async def send_private(
+    def send_private(
         self,
         user_id: int,
         receiver_id: int,
         texts: Sequence[str],
         client_msg_id: str = "",
-    ) -> tuple[ChatMessage, bool]:
+    ) -> Deferred[tuple[ChatMessage, bool]]:
         """
         Store C{texts} (in order) in the private conversation of the sender
         and the receiver (L{pair_conversation}), then deliver them to every
         connected device of both (the sender's other devices see what it
         sent; the sending one keeps its stream without gaps).
 
-        @return: the last stored message, and whether it reached a device
-            of the receiver.
+        The route's busiest call: when both accounts are known already,
+        the store call is made at once, with no coroutine on the way.
+
+        @return: a Deferred firing with the last stored message, and whether
+            it reached a device of the receiver; failing with L{ApiError}
+            (L{codes.INVALID_ARGUMENT}) when either user does not exist.
         """
+        accounts = self._accounts
+        sender = accounts.get(user_id)
+        if sender is None or accounts.get(receiver_id) is None:
+            return Deferred.fromCoroutine(
+                self._load_and_send(user_id, receiver_id, texts, client_msg_id)
+            )
+        return self._send_private(sender, receiver_id, texts, client_msg_id)
+
+    async def _load_and_send(
+        self,
+        user_id: int,
+        receiver_id: int,
+        texts: Sequence[str],
+        client_msg_id: str,
+    ) -> tuple[ChatMessage, bool]:
         sender = await self.account(user_id)
         await self.account(receiver_id, "receiveUserId")
-        stored = await self.delivery.append(
+        return await self._send_private(sender, receiver_id, texts, client_msg_id)
+
+    def _send_private(
+        self,
+        sender: Account,
+        receiver_id: int,
+        texts: Sequence[str],
+        client_msg_id: str,
+    ) -> Deferred[tuple[ChatMessage, bool]]:
+        user_id = sender.user_id
+        d: Deferred[Any] = self.delivery.append(
             self._messages(
                 sender,
                 pair_conversation(user_id, receiver_id),
@@ -749,8 +798,15 @@ class Router:
             )
         )
         users = [user_id] if receiver_id == user_id else [user_id, receiver_id]
-        report = await self.delivery.deliver(stored, users)
-        return stored[-1], receiver_id in report.delivered
+        return d.addCallback(self._deliver_private, users, receiver_id)
+
+    def _deliver_private(
+        self, stored: list[ChatMessage], users: list[int], receiver_id: int
+    ) -> Deferred[tuple[ChatMessage, bool]]:
+        d: Deferred[Any] = self.delivery.deliver(stored, users)
+        return d.addCallback(
+            lambda report: (stored[-1], receiver_id in report.delivered)
+        )
 
     def _report(self, what: str, report: DeliveryReport) -> None:
         if report.failed:

@@ -252,6 +252,7 @@ class RouteService(AsyncStartService):
             clock=self.reactor,
             retry=config.push_retry,
             metrics=metrics,
+            per_turn=True,
         )
         self.api = RouteAPI(
             store,
@@ -275,7 +276,7 @@ class RouteService(AsyncStartService):
         )
         self.api.metrics.include(metrics)
         site = QuietSite(
-            WebClient(self.api.app.resource()),
+            WebClient(self.api.resource()),
             reactor=self.reactor,
             max_body=config.max_body,
             request_timeout=config.limits.request_timeout,

@@ -356,6 +356,7 @@ class RouteProc:
             clock=node,
             retry=PushRetry(time=SESSION_TTL),
             rng=random.Random(world.rng.getrandbits(32)),
+            per_turn=True,
         )
         self.api = RouteAPI(
             store,  # type: ignore[arg-type]
@@ -371,7 +372,7 @@ class RouteProc:
             node,
             ROUTE_HOST,
             ROUTE_PORT,
-            QuietSite(self.api.app.resource(), reactor=node),
+            QuietSite(self.api.resource(), reactor=node),
         )
 
     def restart(self, down: float) -> None:
