@@ -946,6 +946,8 @@ def _p2p_cases(alice: int, bob: int, carol: int, token: str) -> list[bytes]:
             body(userId=alice, receiveUserId=bob, batchMsg=["a", "b"]),
             secret,
         ),
+        # Klein routes a request by its percent-decoded path.
+        _post(b"/p2p%52oute", sent, secret),
         # carol is offline: 7000, with the stored message's place if asked.
         _post(b"/p2pRoute", body(userId=alice, receiveUserId=carol, msg="hi"), secret),
         _post(
@@ -995,6 +997,7 @@ def test_p2p_served_as_klein_serves_it() -> None:
         b"9000",
         b"9000",
         b"9000",
+        b"9000",
         b"7000",
         b"7000",
         b"3000",
@@ -1016,6 +1019,33 @@ def test_p2p_served_as_klein_serves_it() -> None:
     assert b'"dataBody":{"msgId":2,"seq":2}' in replies[1]
     assert b'"reqNo":"r-1"' in replies[0]
     assert replies[-2].startswith(b"HTTP/1.1 405 ")
+
+
+def test_a_percent_encoded_path_names_its_endpoint(route: Route) -> None:
+    """
+    A path is percent-decoded before it is routed, as Klein does: the
+    endpoint it decodes to serves it (and counts it), on every endpoint;
+    a path that decodes to no endpoint is answered 404.
+    """
+    alice, _ = route.online("alice")
+    bob, _ = route.online("bob")
+    secret = b"X-Cim-Secret: " + SECRET.encode()
+    resource = route.api.resource()
+    p2p = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
+    login = json.dumps({"userId": alice, "userName": "alice"}).encode()
+    served = [
+        _raw(route, resource, _post(b"/p2p%52oute", p2p, secret)),
+        _raw(route, resource, _post(b"/%70%32pRoute", p2p, secret)),
+        _raw(route, resource, _post(b"/log%69n", login, secret)),
+    ]
+    for reply in served:
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert b'"code":"9000"' in reply
+    assert b"/p2p%52oute" not in route.api.metrics.render()
+    assert b'endpoint="/p2pRoute"' in route.api.metrics.render()
+    unknown = _raw(route, resource, _post(b"/p2p%72oute", p2p, secret))
+    assert unknown.startswith(b"HTTP/1.1 404 ")
+    assert b"no such endpoint: /p2p%72oute" in unknown
 
 
 @pytest.mark.parametrize("fault", [StoreError("down"), ValueError("bug")])

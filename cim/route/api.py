@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -62,6 +63,15 @@ def _address(request: IRequest) -> str | None:
     """
     host = getattr(request.getClientAddress(), "host", None)
     return host if isinstance(host, str) else None
+
+
+def _endpoint(request: IRequest) -> str:
+    """
+    The endpoint a request was routed to: its path, percent-decoded as
+    Klein decodes it to route it (so that C{/p2p%52oute} is C{/p2pRoute}).
+    """
+    path = request.path.decode("utf-8", "replace")
+    return unquote(path) if "%" in path else path
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
@@ -236,7 +246,7 @@ class RouteAPI:
         Note the start of a request to a known endpoint.
         """
         self._calls[request] = _Call(self.clock.seconds())
-        self.m_requests.inc(request.path.decode("utf-8", "replace"))
+        self.m_requests.inc(_endpoint(request))
 
     def _json(self, request: IRequest, required: bool = True) -> dict[str, Any]:
         """
@@ -268,7 +278,7 @@ class RouteAPI:
         Start serving a POST: @return: its declared fields, checked
         (L{cim.route.fields.REQUESTS}).
         """
-        declared = REQUESTS[request.path.decode("ascii")]
+        declared = REQUESTS[_endpoint(request)]
         return declared.parse(self._json(request), self.limits)
 
     def _answer(
