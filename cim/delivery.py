@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
@@ -97,6 +97,21 @@ class PushRetry:
     max_delay: float = 10.0
 
 
+class _AnyDevice:
+    """
+    Every device of a user: a failed push whose devices are unknown (the
+    lookup after a failed broadcast failed too) is sent again to all of
+    them.
+    """
+
+    def __contains__(self, device: object) -> bool:
+        return True
+
+
+#: L{_AnyDevice}'s one instance.
+ANY_DEVICE = _AnyDevice()
+
+
 @dataclass(slots=True, eq=False)
 class _Kept:
     """
@@ -104,7 +119,8 @@ class _Kept:
 
     @ivar push: sends what it carries (messages, or a read event) to a
         server; C{local}: delivers it to the devices connected here.
-    @ivar devices: user id -> the devices (session device ids) it was for.
+    @ivar devices: user id -> the devices (session device ids) it was for
+        (L{ANY_DEVICE}: all of them).
     @ivar deadline: when it is given up (its clock's seconds).
     @ivar live: still to be sent: C{False} once delivered, dropped or
         given up.
@@ -112,7 +128,7 @@ class _Kept:
 
     push: _Push
     local: _Local | None
-    devices: dict[int, set[str]]
+    devices: Mapping[int, Container[str]]
     deadline: float
     live: bool = True
 
@@ -624,14 +640,33 @@ class Delivery:
             if there:
                 self._push_failed(failure, server, there, sessions, failed, push, local)
 
+        def unknown(lookup_failure: Failure) -> None:
+            # Which devices were there is unknown: the push is kept for
+            # every device of its users, sent again wherever they are then
+            # (a stream drops what it wrote already).
+            self.log.warn(
+                "Session lookup after a failed push to {server} failed: "
+                "{error}; the push goes again to every device of its users",
+                server=server,
+                error=_error(lookup_failure),
+            )
+            self._keep(
+                server,
+                [
+                    _Kept(
+                        push,
+                        local,
+                        dict.fromkeys(users, ANY_DEVICE),
+                        self.clock.seconds() + self.retry.time,
+                    )
+                ],
+            )
+
         d: Deferred = self._lookup.submit_deferred(users)
-        d.addCallback(found)
+        d.addCallbacks(found, unknown)
         d.addErrback(
             lambda f: self.log.failure(
-                "Session lookup after a failed push to {server} failed; "
-                "messages stay stored",
-                f,
-                server=server,
+                "Keeping a failed push to {server} failed", f, server=server
             )
         )
 

@@ -13,7 +13,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cim.delivery import Delivery, DeliveryReport, ILocalDelivery, IPusher
-from cim.interfaces import NewMessage
+from cim.interfaces import NewMessage, StoreError
 from cim.message import ChatMessage, pair_conversation
 from cim.pushapi import ReadEvent
 from cim.pusher import HttpPusher
@@ -93,6 +93,8 @@ class Local:
 class CountingStore(MemoryStore):
     lookups = 0
     appends = 0
+    #: Session lookups fail (the store is out of reach).
+    unreachable = False
 
     def append(self, messages):  # type: ignore[no-untyped-def]
         self.appends += 1
@@ -100,6 +102,8 @@ class CountingStore(MemoryStore):
 
     def get_sessions(self, user_ids):  # type: ignore[no-untyped-def]
         self.lookups += 1
+        if self.unreachable:
+            return fail(StoreError("out of reach"))
         return super().get_sessions(user_ids)
 
 
@@ -312,6 +316,27 @@ def test_the_servers_own_sends_broadcast_too() -> None:
     setting.pusher.pushes.clear()
     setting.clock.advance(setting.delivery.retry.max_delay)
     assert setting.pusher.pushes == [(THERE, [alice])]
+    assert setting.delivery.pending == 0
+
+
+def test_a_failed_broadcast_whose_lookup_fails_goes_to_every_device() -> None:
+    # The push to one server failed and the store could not say who is
+    # there: the push is kept for every device of its users, sent again
+    # wherever they are once the store answers (a server drops what it
+    # wrote already).
+    setting = Setting(broadcast_from=2)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", THERE)
+    setting.connect(bob, "phone", ELSEWHERE)
+    setting.pusher.down = {THERE}
+    setting.store.unreachable = True
+    setting.deliver(alice, bob)
+    assert setting.delivery.pending == 1
+    setting.pusher.down = set()
+    setting.pusher.pushes.clear()
+    setting.store.unreachable = False
+    setting.clock.advance(setting.delivery.retry.max_delay)
+    assert sorted(setting.pusher.pushes) == [(ELSEWHERE, [bob]), (THERE, [alice])]
     assert setting.delivery.pending == 0
 
 
