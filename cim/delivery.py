@@ -82,7 +82,9 @@ class PushRetry:
 
     @ivar time: seconds after its first failure that a push is given up
         (C{--push-retry-time}; by default a session's time to live: a
-        server that cannot be reached for that long has lost its sessions).
+        server that cannot be reached for that long has lost its sessions),
+        counted in the waits between its retries: a clock that jumps ahead
+        does not make it late.
     @ivar max_pending: the most failed pushes kept (C{--push-retry-max});
         past that the oldest are given up.
     @ivar first_delay: seconds before the first retry to a server; each
@@ -121,7 +123,10 @@ class _Kept:
         server; C{local}: delivers it to the devices connected here.
     @ivar devices: user id -> the devices (session device ids) it was for
         (L{ANY_DEVICE}: all of them).
-    @ivar deadline: when it is given up (its clock's seconds).
+    @ivar budget: the seconds it may still wait for retries (from
+        C{PushRetry.time}); it is given up when none are left.  Counted
+        in the waits of the retries, not on the clock, so that a clock
+        that jumps ahead does not give it up early.
     @ivar live: still to be sent: C{False} once delivered, dropped or
         given up.
     """
@@ -129,7 +134,7 @@ class _Kept:
     push: _Push
     local: _Local | None
     devices: Mapping[int, Container[str]]
-    deadline: float
+    budget: float
     live: bool = True
 
 
@@ -141,6 +146,7 @@ class _Server:
 
     @ivar failures: retries to it in a row that failed (the backoff).
     @ivar busy: a retry round to it is in flight.
+    @ivar delay: the wait before the round C{call} is for.
     """
 
     server: str
@@ -148,6 +154,7 @@ class _Server:
     failures: int = 0
     call: IDelayedCall | None = None
     busy: bool = False
+    delay: float = 0.0
 
 
 class Delivery:
@@ -657,7 +664,7 @@ class Delivery:
                         push,
                         local,
                         dict.fromkeys(users, ANY_DEVICE),
-                        self.clock.seconds() + self.retry.time,
+                        self.retry.time,
                     )
                 ],
             )
@@ -704,7 +711,7 @@ class Delivery:
                     push,
                     local,
                     devices,
-                    self.clock.seconds() + self.retry.time,
+                    self.retry.time,
                 )
             ],
         )
@@ -768,6 +775,7 @@ class Delivery:
         retry = self.retry
         delay = min(retry.max_delay, retry.first_delay * 2**state.failures)
         delay *= self._rng.uniform(0.5, 1.0)
+        state.delay = delay
         state.call = self.clock.callLater(delay, self._round, state)
 
     def _answered(self, server: str) -> None:
@@ -790,10 +798,11 @@ class Delivery:
         others.
         """
         state.call = None
-        now = self.clock.seconds()
         kept = [k for k in state.queue if k.live]
         state.queue = []
-        late = [k for k in kept if k.deadline <= now]
+        for k in kept:
+            k.budget -= state.delay
+        late = [k for k in kept if k.budget <= 0]
         if late:
             for k in late:
                 self._done(k)
@@ -852,7 +861,7 @@ class Delivery:
             if here and k.local is not None:
                 k.local(here)
             for server, found in targets.items():
-                moved = _Kept(k.push, k.local, found, k.deadline)
+                moved = _Kept(k.push, k.local, found, k.budget)
                 self._kept.append(moved)
                 self._pending += 1
                 self.m_retried.inc()

@@ -269,6 +269,25 @@ def test_a_push_is_given_up_at_its_deadline() -> None:
     assert setting.clock.getDelayedCalls() == []
 
 
+def test_a_clock_that_jumps_ahead_does_not_give_a_push_up() -> None:
+    # The retry time is counted in the waits between retries: a clock
+    # stepped forward past it (a wall clock corrected) fires the next round
+    # at once, which sends the push again instead of dropping it.
+    setting = Setting(time=20.0)
+    bob = setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.pusher.down = {THERE}
+    setting.send(bob)
+    setting.run(2)
+    setting.clock.advance(30)
+    assert setting.abandoned == 0 and setting.delivery.pending == 1
+    setting.pusher.down = set()
+    setting.run(15)
+    assert setting.delivery.pending == 0
+    assert setting.abandoned == 0
+    assert setting.pusher.to(THERE)[-1][2] == [bob]
+
+
 def test_the_default_deadline_is_a_session_lifetime() -> None:
     assert PushRetry().time == SESSION_TTL
     assert PushRetry().max_pending == MAX_PUSH_RETRIES
