@@ -385,11 +385,17 @@ class Delivery:
         the store still holds the messages, and the push is sent again in
         the background.
         """
+        push, local = self._carriers(messages)
+        return self._fan_out(user_ids, local, push)
+
+    def _carriers(self, messages: Sequence[ChatMessage]) -> tuple[_Push, _Local | None]:
+        """
+        How C{messages} are pushed to a server, and delivered here.
+        """
         local = self.local
-        return self._fan_out(
-            user_ids,
-            None if local is None else lambda uids: local.deliver_local(messages, uids),
+        return (
             lambda server, uids: self.pusher.push(server, messages, uids),
+            None if local is None else lambda uids: local.deliver_local(messages, uids),
         )
 
     def send_out(
@@ -430,24 +436,25 @@ class Delivery:
                 "Looking up the servers failed; messages stay stored", servers
             )
             return
-        local = self.local
         for server in servers:
             if server == self.here:
                 continue
             self.pusher.push(server, messages, users).addCallbacks(
                 self._sent_out,
-                self._broadcast_failed,
+                self._send_everywhere_failed,
                 callbackArgs=(server,),
-                errbackArgs=(
-                    server,
-                    users,
-                    set(),
-                    lambda server, uids: self.pusher.push(server, messages, uids),
-                    None
-                    if local is None
-                    else lambda uids: local.deliver_local(messages, uids),
-                ),
+                errbackArgs=(server, users, messages),
             )
+
+    def _send_everywhere_failed(
+        self,
+        failure: Failure,
+        server: str,
+        users: list[int],
+        messages: Sequence[ChatMessage],
+    ) -> None:
+        push, local = self._carriers(messages)
+        self._broadcast_failed(failure, server, users, set(), push, local)
 
     def _send_out(
         self,
@@ -482,16 +489,8 @@ class Delivery:
         sessions: dict[int, list[Session]],
         messages: Sequence[ChatMessage],
     ) -> None:
-        local = self.local
-        self._push_failed(
-            failure,
-            server,
-            uids,
-            sessions,
-            set(),
-            lambda server, uids: self.pusher.push(server, messages, uids),
-            None if local is None else lambda uids: local.deliver_local(messages, uids),
-        )
+        push, local = self._carriers(messages)
+        self._push_failed(failure, server, uids, sessions, set(), push, local)
 
     def deliver_read(
         self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
