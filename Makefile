@@ -13,7 +13,7 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc
 
 .PHONY: help install test unit proto proto-check lint typecheck services-up \
 	services-down run demo cluster cluster-down bench bench-quick soak fuzz clean \
-	dev-certs sim
+	dev-certs sim screenshot
 
 help:
 	@echo "make run          start a standalone cim node (route :8083, server :11211, WebSocket :8084)"
@@ -26,6 +26,7 @@ help:
 	@echo "make fuzz         the frame/codec fuzzer (FUZZ_SECONDS, default 60)"
 	@echo "make sim          the cluster simulator: SEEDS seeds (default 200) from FIRST; SEED=n: one, with its trace"
 	@echo "make proto        regenerate the protobuf code (proto-check: fail if stale)"
+	@echo "make screenshot   refresh docs/web-client.png from the browser test"
 	@echo "make dev-certs    a development CA and certificates for localhost in .run/certs"
 	@echo "make lint / typecheck / install / services-up / services-down"
 
@@ -116,6 +117,11 @@ sim: install
 	else \
 		PYTHONHASHSEED=0 $(BIN)/python -m cim.sim --seeds $(SEEDS) --first $(FIRST) $(SIM_ARGS); \
 	fi
+
+# README's screenshot of the web client, taken by its browser test.
+screenshot: install
+	CIM_WEB_SCREENSHOT=$(CURDIR)/docs/web-client.png $(BIN)/python -m pytest \
+		tests/test_web.py -k two_pages_chat -p no:randomly -q
 
 bench: install
 	$(BIN)/python -m bench.harness
