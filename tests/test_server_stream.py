@@ -234,6 +234,66 @@ def test_a_gap_is_held_then_filled_from_the_store_on_the_clock() -> None:
     assert link.texts() == []
 
 
+def test_live_messages_the_store_lost_are_not_written_over_the_gap() -> None:
+    # Simulator seed 2534 in short: "three", "four" and "five" were stored,
+    # then the store was restored to a backup taken after "two", and "five"
+    # arrives live.  The store holds nothing after "two": "five" is
+    # dropped, not written over the gap (it would tell the client it saw
+    # the epoch up to 5, and the gap's messages would never be shown if a
+    # restore to a later backup brought them back).
+    setting = Setting()
+    setting.store_texts("one", "two")
+    conn, link = setting.connect(inbox=2)
+    earlier = setting.store.restored()
+    setting.store_texts("three", "four")
+    later = setting.store.restored()
+    [five] = setting.store_texts("five")
+    setting.streams.store = earlier
+    setting.offer(conn, [five])
+    stream = conn.streams[CONVERSATION]
+    setting.clock.advance(GAP_WAIT)
+    assert link.texts() == []
+    assert stream.delivered == 2 and not stream.pending and not stream.filling
+    assert stream.epoch == EPOCH
+    # Restored to the later backup: its next message starts an epoch that
+    # follows EPOCH at 4.  Bob resumes at 2 without a reset, and gets the
+    # gap's messages.
+    setting.streams.store = later
+    [six] = later.append([NewMessage(CONVERSATION, 1, "alice", "six")]).result
+    assert six.epoch != EPOCH.id and six.seq == 5
+    setting.offer(conn, [six])
+    told, *rest = frames(link)
+    assert list(told.cursors) == [Cursor(CONVERSATION, 2, six.epoch, False)]
+    assert [m.text for frame in rest for m in frame.messages] == [
+        "three",
+        "four",
+        "six",
+    ]
+    assert stream.delivered == 5 and not stream.pending and not stream.filling
+
+
+def test_an_empty_page_read_before_the_held_messages_were_stored_is_read_again() -> (
+    None
+):
+    # The replay asks the store before the conversation's messages are
+    # stored, and the last of them, offered live, overtakes the (empty)
+    # answer: the store is asked again, and holds them all.
+    setting = Setting()
+    conn, link = setting.connect()
+    stream = conn.streams[CONVERSATION] = Stream(
+        CONVERSATION, 0, filling=True, epoch=EPOCH
+    )
+    setting.store.slow = True
+    ensureDeferred(setting.streams.fill(conn, stream, Command.OFFLINE))
+    assert setting.store.reads == [(CONVERSATION, 0)]
+    three = setting.store_texts("one", "two", "three")[2]
+    setting.offer(conn, [three])
+    setting.store.release()
+    assert link.texts() == ["one", "two", "three"]
+    assert setting.store.reads == [(CONVERSATION, 0)] * 2
+    assert stream.delivered == 3 and not stream.pending and not stream.filling
+
+
 def test_a_gap_closed_live_costs_no_store_read() -> None:
     setting = Setting()
     conn, link = setting.connect(inbox=0)

@@ -51,6 +51,12 @@ REGRESSIONS = [
     365,
     746,
     815,
+    # A group's message that reached the servers live just after a restore
+    # to a backup had lost it and the two before it was written over the
+    # gap; a restore to a later backup brought those two back, and clients
+    # dropped them as seen (tests/test_server_stream.py brings it back:
+    # one seed in 3,000 meets it, too few for a variant).
+    2534,
 ]
 
 

@@ -531,3 +531,87 @@ async def test_one_pool_sees_restarts_and_a_restored_file(
         assert (next_one.seq, next_one.epoch) == (5, e3)
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_a_stream_drops_what_a_restored_redis_lost(
+    reactor: Any, private_redis: RedisServer
+) -> None:
+    """
+    Simulator seed 2534 against Redis: a message that reaches a server live
+    but that Redis, restored to an older copy, does not hold is not written
+    after the gap before it (the client would count the gap as seen); a
+    restore to a later copy brings the gap back, and it is written.
+    """
+    import shutil
+
+    from twisted.internet.task import Clock
+
+    from cim.interfaces import Epoch
+    from cim.message import Command, Cursor
+    from cim.metrics import Counter
+    from cim.server.connection import Connection
+    from cim.server.stream import Stream, Streams
+    from cim.store.redis import connect_redis
+    from tests.test_server_stream import Control, RecordingLink, frames
+
+    conversation = "p:1:2"
+    await private_redis.start(reactor)
+    store = await connect_redis(private_redis.url(), clock=reactor, poolsize=2)
+    aof = private_redis.directory / "appendonlydir"
+    copies = private_redis.directory.parent
+
+    def back_up(name: str) -> None:
+        # Redis fsyncs every write before it answers, and nothing is
+        # written meanwhile: the files are a consistent copy.
+        shutil.copytree(aof, copies / name)
+
+    async def restore(name: str) -> None:
+        await private_redis.stop(reactor)
+        shutil.rmtree(aof)
+        shutil.copytree(copies / name, aof)
+        await private_redis.start(reactor)
+        await _until_up(reactor, store)
+
+    async def append(*texts: str) -> list[Any]:
+        return await store.append([NewMessage(conversation, 1, "a", t) for t in texts])
+
+    try:
+        await append("one", "two")
+        back_up("earlier")
+        three, four = await append("three", "four")
+        back_up("later")
+        [five] = await append("five")
+        e1 = five.epoch
+        assert three.epoch == four.epoch == e1
+
+        await restore("earlier")
+        streams = Streams(Clock(), store, Control(), Counter("written", ""))
+        link = RecordingLink()
+        conn = Connection(link, "10.0.0.1:5000", 0.0)
+        conn.user_id = 2
+        stream = conn.streams[conversation] = Stream(conversation, 2, epoch=Epoch(e1))
+        # "five" arrived live behind a gap, which is read.
+        stream.hold(five)
+        stream.filling = True
+        await streams.fill(conn, stream, Command.MESSAGE)
+        assert link.texts() == []
+        assert stream.delivered == 2 and not stream.pending and not stream.filling
+
+        await restore("later")
+        [six] = await append("six")
+        assert six.seq == 5 and six.epoch != e1
+        assert (await store.epochs([conversation]))[conversation] == Epoch(
+            six.epoch, e1, 4
+        )
+        # "six" is of an epoch the stream does not follow: it reads it.
+        stream.recheck = True
+        stream.filling = True
+        await streams.fill(conn, stream, Command.MESSAGE)
+        told, *rest = frames(link)
+        assert list(told.cursors) == [Cursor(conversation, 2, six.epoch, False)]
+        assert [m.text for f in rest for m in f.messages] == ["three", "four", "six"]
+        assert stream.delivered == 5
+    finally:
+        await store.close()

@@ -673,8 +673,24 @@ class Streams:
         duplicates; moving C{stream} to the conversation's current epoch
         first when a message of another epoch was seen.  The caller marked
         C{stream} as filling.
+
+        Live messages held after a gap are never written over it.  When the
+        store holds nothing after the stream's position, it is asked again
+        by this stream alone, after they were held (a message is offered
+        live once it is stored): holding nothing after it still, it holds
+        none of them (it lost them: restored from a backup, failed over to
+        a replica that lagged; or retention dropped them), and they are
+        dropped, as the store is the truth.  A client counts what it saw of
+        an epoch by its highest seq (what it is sent again at or below it
+        is a duplicate): written after the gap, they would make it drop
+        the gap's messages for ever, if the store held them again (a
+        restore to a later backup; simulator seed 2534).
         """
         conversation = stream.conversation
+        # Whether the next page is read by this stream alone (not shared:
+        # asked now), and which messages were held when it was asked for.
+        alone = False
+        asked: set[int] = set()
         try:
             while not conn.closed:
                 if stream.recheck:
@@ -684,7 +700,13 @@ class Streams:
                         return
                 if conn.link.backed_up() and not await self._drained(conn):
                     return
-                page = await self._read(conversation, stream.delivered)
+                if alone:
+                    asked = set(stream.pending)
+                    page = await self.store.read(
+                        conversation, stream.delivered, REPLAY_PAGE
+                    )
+                else:
+                    page = await self._read(conversation, stream.delivered)
                 if conn.closed:
                     return
                 after = stream.delivered
@@ -722,18 +744,30 @@ class Streams:
                         continue
                     return
                 # Still a gap (a message the store has not shown us yet, or
-                # that retention dropped); go round again.
-                if not page and not ready:
-                    # The store has nothing after our position: the gap can
-                    # only be messages lost to retention; skip over it.
-                    first = min(pending)
-                    self.log.warn(
-                        "Skipping {conversation} {start}..{end} (not in the store)",
-                        conversation=conversation,
-                        start=stream.delivered + 1,
-                        end=first - 1,
-                    )
-                    stream.delivered = first - 1
+                # that it does not hold); go round again.
+                if page or ready:
+                    alone = False
+                    continue
+                # The store had nothing after our position.
+                if not alone or not pending.keys() <= asked:
+                    # Perhaps asked before the held messages were stored (a
+                    # shared read asked earlier, or a message held while it
+                    # was read): ask again, now, alone.
+                    alone = True
+                    continue
+                # Asked after they were held: the store does not hold them.
+                self.log.warn(
+                    "Dropping {conversation} {seqs} of epoch {epoch!r}, offered "
+                    "live: the store holds nothing after {seq}",
+                    conversation=conversation,
+                    seqs=sorted(pending),
+                    epoch=stream.epoch.id,
+                    seq=stream.delivered,
+                )
+                stream.pending = _NOTHING_HELD
+                alone = False
+                if not stream.recheck:
+                    return
         finally:
             stream.filling = False
 
