@@ -10,7 +10,8 @@
 -- timestamp, conversation, stored member or '', the conversation's epoch
 -- id per message that was appended before; epochs is flat: conversation,
 -- epoch id of each conversation appended to.  (One string parses much
--- faster than a nested reply.)
+-- faster than a nested reply.)  A fourth, generations: see the block
+-- "Session generations" at the end.
 --
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
@@ -292,4 +293,41 @@ for _, conversation in ipairs(order) do
   end
   redis.call('PEXPIRE', conv_key, ARGV[3])
 end
-return {table.concat(appended, ','), retries, epoch_ids}
+
+-- Session generations (cim.delivery's session cache; sessions.lua's
+-- generation_key): the run_id the connection gave, then user id and
+-- session generation of each user of the batch's private conversations,
+-- read after the messages are stored (one MGET).  A server whose copy of
+-- a user's sessions has that generation (in that run) holds what a
+-- lookup now would read, and skips it.  {} without a run_id.
+local generations = {}
+if ARGV[#ARGV] ~= '' then
+  local uids, keys, seen = {}, {}, {}
+  local function want(uid)
+    if not seen[uid] then
+      seen[uid] = true
+      uids[#uids + 1] = uid
+      keys[#keys + 1] = prefix .. 'sgen:' .. uid
+    end
+  end
+  for i = 1, count do
+    local conversation = ARGV[FIRST + STRIDE * (i - 1) + 1]
+    if not seen[conversation] then
+      seen[conversation] = true
+      local low, high = string.match(conversation, '^p:(%d+):(%d+)$')
+      if low then
+        want(low)
+        want(high)
+      end
+    end
+  end
+  if #keys > 0 then
+    local got = redis.call('MGET', unpack(keys))
+    generations[1] = ARGV[#ARGV]
+    for k = 1, #uids do
+      generations[2 * k] = uids[k]
+      generations[2 * k + 1] = got[k] or '0'
+    end
+  end
+end
+return {table.concat(appended, ','), retries, epoch_ids, generations}
