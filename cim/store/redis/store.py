@@ -246,6 +246,19 @@ def _cursor_args(cursors: dict[str, Position]) -> list[Any]:
     return args
 
 
+def _generations(reply: str) -> Generations | None:
+    """
+    The L{Generations} of append.lua's reply (run_id, then user id and
+    generation of each user, separated by commas; C{""}: none).
+    """
+    if not reply:
+        return None
+    parts = reply.split(",")
+    return Generations(
+        parts[0], dict(zip(map(int, parts[1::2]), map(int, parts[2::2]), strict=True))
+    )
+
+
 def _new_epoch_id() -> str:
     """
     A new random epoch id (as L{cim.store.memory.MemoryStore} makes them).
@@ -989,20 +1002,7 @@ class RedisStore:
             )
         if refused:
             raise QuotaExceeded(stored)
-        return Appended(
-            cast(list[ChatMessage], stored),
-            Generations(
-                generations[0],
-                {
-                    int(uid): int(generation)
-                    for uid, generation in zip(
-                        generations[1::2], generations[2::2], strict=True
-                    )
-                },
-            )
-            if generations
-            else None,
-        )
+        return Appended(cast(list[ChatMessage], stored), _generations(generations))
 
     @_deferred
     async def read(
