@@ -227,8 +227,8 @@ class Delivery:
         server does not read it); a push that fails is looked up and kept
         as any.  C{None}: always look the sessions up (the route, whose
         answers tell who was offline).
-    @param session_cache: how many users' sessions are kept (the IM
-        server's C{--session-cache}; 0: none, every delivery looks its
+    @param session_cache: how many users' sessions are kept (the
+        daemons' C{--session-cache}; 0: none, every delivery looks its
         users up).
     @param per_turn: appends and session lookups that could go at once
         wait for the end of the reactor turn and go together (see
@@ -299,9 +299,6 @@ class Delivery:
             max_batch=500,
             clock=clock if per_turn else None,
         )
-        # A lookup is shared only by the deliveries that asked before it
-        # was sent (so after their messages were stored), never joined in
-        # flight.
         #: Where users' sessions are (None: not kept), and the deliveries
         #: waiting for their lookups, in order (L{_where}).
         self.sessions = SessionCache(session_cache) if session_cache else None
@@ -323,6 +320,9 @@ class Delivery:
                 "Users of deliveries looked up in the store",
                 lambda: cache.misses,
             )
+        # A lookup is shared only by the deliveries that asked before it
+        # was sent (so after their messages were stored), never joined in
+        # flight.
         self._servers_lookup: Batcher[None, list[str]] = Batcher(
             self._servers_batch,
             max_in_flight=4,
