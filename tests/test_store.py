@@ -1743,6 +1743,8 @@ async def test_session_generations_follow_every_change(backend: Backend) -> None
 
     before = await appended()
     assert before.run
+    # One run: the lookups' generations compare with the appends'.
+    assert (await store.get_sessions([1])).generations.run == before.run
     seen = [await generation(1)]
     assert before.of == {1: seen[0], 2: await generation(2)}
     phone, _ = await store.claim_session(1, "u1", "a:1:1", LONG_TTL, device="phone")
