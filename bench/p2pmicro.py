@@ -255,6 +255,13 @@ def main() -> None:
         f"{collecting[1] / messages * 1e6:.1f} of it in {collecting[2]} "
         "garbage collections"
     )
+    caches = [s.delivery.sessions for s in servers if s.delivery.sessions]
+    if caches:
+        hits = sum(c.hits for c in caches)
+        print(
+            f"session cache: {hits} users found, "
+            f"{sum(c.misses for c in caches)} looked up"
+        )
     if profile is not None:
         profile.dump_stats(options.profile)
     gc.collect()

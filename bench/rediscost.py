@@ -2,8 +2,11 @@
 What Redis does per private message, in its own CPU: drive the store's
 p2p mix (1-message private sends appended in batches, as
 L{cim.delivery.Delivery} batches them; a session lookup of both users per
-message; the sweep's cursor saves) against a Redis, then read its
-C{INFO commandstats} and report calls and microseconds per message.
+message, or with C{--session-cache} of those whose sessions a
+L{cim.sessioncache.SessionCache} does not hold at the generations the
+append read, as the IM server does; the sweep's cursor saves) against a
+Redis, then read its C{INFO commandstats} and report calls and
+microseconds per message.
 
     .venv/bin/python -m bench.rediscost redis://127.0.0.1:16418/9 [--messages N]
 
@@ -23,6 +26,7 @@ from twisted.internet import defer, task
 
 from cim.interfaces import NewMessage
 from cim.message import Position, pair_conversation
+from cim.sessioncache import SessionCache
 from cim.store.redis.store import RedisStore, connect_redis
 
 
@@ -47,7 +51,13 @@ async def _setup(store: RedisStore, users: int) -> None:
 
 
 async def run(
-    reactor: Any, url: str, messages: int, users: int, batch: int, by_phase: bool
+    reactor: Any,
+    url: str,
+    messages: int,
+    users: int,
+    batch: int,
+    by_phase: bool,
+    session_cache: int = 0,
 ) -> None:
     store = await connect_redis(url, reactor)
     redis = store._redis  # noqa: SLF001 (a measuring tool)
@@ -60,6 +70,7 @@ async def run(
     await redis.execute_command("CONFIG", "RESETSTAT")
     await redis.execute_command("SLOWLOG", "RESET")
     phases = {"append": 0, "get_sessions": 0, "set_many_cursors": 0}
+    cache = SessionCache(session_cache) if session_cache else None
     phase_cpu = dict.fromkeys(phases, 0.0)
 
     async def script_usec() -> int:
@@ -94,11 +105,13 @@ async def run(
             )
         stored = await timed("append", store.append, sends)
         # Both users of each message: the recipient, and the sender's echo.
-        await timed(
-            "get_sessions",
-            store.get_sessions,
-            sorted({int(x) for m in sends for x in m.conversation[2:].split(":")}),
-        )
+        wanted = sorted({int(x) for m in sends for x in m.conversation[2:].split(":")})
+        if cache is not None:
+            wanted = cache.find(wanted, stored.generations)[1]
+        if wanted:
+            found = await timed("get_sessions", store.get_sessions, wanted)
+            if cache is not None:
+                cache.remember(found, found.generations)
         # Each recipient's and each sender's echo device acknowledges.
         cursors: dict[tuple[int, str], dict[str, Position]] = {}
         for m in stored:
@@ -137,6 +150,8 @@ async def run(
             f"  {phase:<18}{usec / messages:>8.2f} usec per message in scripts,"
             f" {phase_cpu[phase] * 1e6 / messages:>8.2f} of CPU"
         )
+    if cache is not None:
+        print(f"session cache: {cache.hits} users found, {cache.misses} looked up")
     print("slowlog:", slow)
 
 
@@ -151,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also the script usec of each call (an INFO around each: slower)",
     )
+    parser.add_argument(
+        "--session-cache",
+        type=int,
+        default=0,
+        help="look up only the users a session cache of this size misses",
+    )
     options = parser.parse_args(argv)
     task.react(
         lambda reactor: defer.ensureDeferred(
@@ -161,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                 options.users,
                 options.batch,
                 options.phases,
+                options.session_cache,
             )
         )
     )

@@ -30,6 +30,8 @@ from twisted.python.failure import Failure
 from cim.batch import Batcher
 from cim.codec import Messages
 from cim.interfaces import (
+    Appended,
+    Generations,
     ILocalDelivery,
     IPusher,
     IStore,
@@ -41,6 +43,7 @@ from cim.limits import MAX_PUSH_RETRIES, SESSION_TTL
 from cim.message import ChatMessage
 from cim.metrics import Metrics
 from cim.pushapi import PushItem, ReadEvent
+from cim.sessioncache import SessionCache
 
 __all__ = [
     "Delivery",
@@ -139,6 +142,21 @@ class _Kept:
 
 
 @dataclass(slots=True, eq=False)
+class _Waiting:
+    """
+    A delivery waiting for a session lookup (L{Delivery._where}).
+
+    @ivar then: called with C{found} once it is C{ready} and every
+        delivery before it went.
+    @ivar found: the sessions found so far, or the lookup's failure.
+    """
+
+    then: Callable[[dict[int, list[Session]] | Failure], object]
+    found: dict[int, list[Session]] | Failure
+    ready: bool
+
+
+@dataclass(slots=True, eq=False)
 class _Server:
     """
     The failed pushes to one server, sent again together (one session
@@ -163,12 +181,19 @@ class Delivery:
     of their recipients.
 
     A user's devices may be connected to several servers, and a device may
-    log in on any server at any time: so every delivery asks the store
-    where the users' sessions are (L{IStore.get_sessions}; concurrent
-    deliveries share one lookup), after writing at once to the devices
-    connected to this process.  (A cache of where users were found would
-    miss a device that logged in elsewhere since: its live messages would
-    wait for its next gap or login.)
+    log in on any server at any time: so a delivery needs where the users'
+    sessions are as the store holds them after the messages were stored.
+    It writes at once to the devices connected to this process, then
+    takes the others' sessions from its L{SessionCache} when the append
+    read the same session generations (the users of private
+    conversations: L{cim.interfaces.Appended}), and asks the store for the
+    rest (L{IStore.get_sessions}; concurrent deliveries share one lookup,
+    whose answer refreshes the cache).  The module
+    L{cim.sessioncache} says why that is what a lookup right after the
+    append would read.  Deliveries push in the order they were made: one
+    whose sessions are all cached waits behind an earlier one still being
+    looked up (a push overtaking another of the same conversation would
+    open a gap in the receiving streams).
 
     A push that fails is kept (per server: what it carried, and the devices
     it was for) and sent again on C{clock}, after a backoff with jitter
@@ -202,6 +227,9 @@ class Delivery:
         server does not read it); a push that fails is looked up and kept
         as any.  C{None}: always look the sessions up (the route, whose
         answers tell who was offline).
+    @param session_cache: how many users' sessions are kept (the
+        daemons' C{--session-cache}; 0: none, every delivery looks its
+        users up).
     @param per_turn: appends and session lookups that could go at once
         wait for the end of the reactor turn and go together (see
         L{Batcher}): the route's, whose sends arrive one per HTTP request,
@@ -223,6 +251,7 @@ class Delivery:
         metrics: Metrics | None = None,
         broadcast_from: int | None = None,
         per_turn: bool = False,
+        session_cache: int = 0,
     ) -> None:
         if broadcast_from is not None and broadcast_from < 1:
             raise ValueError("broadcast_from must be at least 1")
@@ -270,6 +299,27 @@ class Delivery:
             max_batch=500,
             clock=clock if per_turn else None,
         )
+        #: Where users' sessions are (None: not kept), and the deliveries
+        #: waiting for their lookups, in order (L{_where}).
+        self.sessions = SessionCache(session_cache) if session_cache else None
+        self._waiting: deque[_Waiting] = deque()
+        if self.sessions is not None:
+            cache = self.sessions
+            metrics.gauge(
+                "session_cache_users",
+                "Users whose sessions are kept (--session-cache)",
+                lambda: len(cache),
+            )
+            metrics.gauge(
+                "session_cache_hits",
+                "Users of deliveries whose kept sessions were current",
+                lambda: cache.hits,
+            )
+            metrics.gauge(
+                "session_cache_misses",
+                "Users of deliveries looked up in the store",
+                lambda: cache.misses,
+            )
         # A lookup is shared only by the deliveries that asked before it
         # was sent (so after their messages were stored), never joined in
         # flight.
@@ -309,10 +359,13 @@ class Delivery:
         flat = [m for request in requests for m in request]
 
         def split(stored: list[ChatMessage]) -> list[list[ChatMessage]]:
-            out = []
+            if len(requests) == 1:
+                return [stored]
+            generations = getattr(stored, "generations", None)
+            out: list[list[ChatMessage]] = []
             start = 0
             for request in requests:
-                out.append(stored[start : start + len(request)])
+                out.append(Appended(stored[start : start + len(request)], generations))
                 start += len(request)
             return out
 
@@ -358,10 +411,13 @@ class Delivery:
 
     def _lookup_batch(self, requests: list[list[int]]) -> Deferred:
         wanted = sorted({uid for request in requests for uid in request})
+        cache = self.sessions
 
         def split(
             sessions: dict[int, list[Session]],
         ) -> list[dict[int, list[Session]]]:
+            if cache is not None:
+                cache.remember(sessions, getattr(sessions, "generations", None))
             return [
                 {uid: sessions[uid] for uid in request if uid in sessions}
                 for request in requests
@@ -386,7 +442,9 @@ class Delivery:
         the background.
         """
         push, local = self._carriers(messages)
-        return self._fan_out(user_ids, local, push)
+        return self._fan_out(
+            user_ids, local, push, getattr(messages, "generations", None)
+        )
 
     def _carriers(self, messages: Sequence[ChatMessage]) -> tuple[_Push, _Local | None]:
         """
@@ -411,6 +469,7 @@ class Delivery:
         users = list(dict.fromkeys(user_ids))
         if not users:
             return
+        generations = getattr(messages, "generations", None)
         if not isinstance(messages, Messages):
             # Each message encoded once, for the connections here and the
             # pushes to other servers alike.
@@ -422,7 +481,53 @@ class Delivery:
                 None, partial(self._send_everywhere, messages, users)
             )
             return
-        self._lookup.submit(users, partial(self._send_out, messages, users))
+        self._where(users, generations, partial(self._send_out, messages, users))
+
+    def _where(
+        self,
+        users: list[int],
+        generations: Generations | None,
+        then: Callable[[dict[int, list[Session]] | Failure], object],
+    ) -> None:
+        """
+        Call C{then} with the sessions of C{users} (or the failure to look
+        them up): those the cache holds at C{generations} (the append's),
+        the others looked up; after every earlier call's C{then}.
+        """
+        cache = self.sessions
+        if cache is None:
+            self._lookup.submit(users, then)
+            return
+        found, missed = cache.find(users, generations)
+        waiting = self._waiting
+        if not missed and not waiting:
+            then(found)
+            return
+        wait = _Waiting(then, found, not missed)
+        waiting.append(wait)
+        if missed:
+            self._lookup.submit(missed, partial(self._found, wait))
+
+    def _found(
+        self, wait: _Waiting, sessions: dict[int, list[Session]] | Failure
+    ) -> None:
+        """
+        The lookup C{wait} needed answered: call the C{then} of each
+        delivery that is ready, in order.
+        """
+        if isinstance(sessions, Failure):
+            wait.found = sessions
+        else:
+            assert not isinstance(wait.found, Failure)
+            wait.found.update(sessions)
+        wait.ready = True
+        waiting = self._waiting
+        while waiting and waiting[0].ready:
+            first = waiting.popleft()
+            try:
+                first.then(first.found)
+            except Exception:
+                self.log.failure("A delivery failed")
 
     def _send_everywhere(
         self,
@@ -514,7 +619,11 @@ class Delivery:
         )
 
     def _fan_out(
-        self, user_ids: Sequence[int], local: _Local | None, push: _Push
+        self,
+        user_ids: Sequence[int],
+        local: _Local | None,
+        push: _Push,
+        generations: Generations | None = None,
     ) -> Deferred[DeliveryReport]:
         users = list(dict.fromkeys(user_ids))
         reached: set[int] = set()
@@ -528,7 +637,16 @@ class Delivery:
             d = self._servers_lookup.submit_deferred(None)
             d.addCallback(self._push_everywhere, push, local, users, reached)
         else:
-            d = self._lookup.submit_deferred(users)
+            d = Deferred()
+            self._where(
+                users,
+                generations,
+                lambda found: (
+                    d.errback(found)
+                    if isinstance(found, Failure)
+                    else d.callback(found)
+                ),
+            )
             d.addCallback(self._push_remote, push, local, users, reached)
         d.addErrback(self._lookup_failed, users, reached)
         return cast("Deferred[DeliveryReport]", d)

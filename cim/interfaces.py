@@ -240,6 +240,52 @@ class Session:
     active: float = 0.0
 
 
+class Generations(NamedTuple):
+    """
+    Users' session generations, as a store read them at one moment: a
+    user's generation changes with every change of its sessions (a claim,
+    an activation, a release, a drop, a session made again by a renewal),
+    so sessions read at the same generation (in the same C{run}) are the
+    user's sessions at that moment, but for those expired since.
+
+    @ivar run: the store's incarnation (the Redis C{run_id}): generations
+        of another run are not comparable (a restored backup goes back).
+    @ivar of: user id -> generation.
+    """
+
+    run: str
+    of: dict[int, int]
+
+
+class Appended(list[ChatMessage]):
+    """
+    What L{IMessages.append} stored, with C{generations}: those of the
+    users of its private conversations, read right after storing them
+    (C{None}: not known; a store may not tell).
+    """
+
+    __slots__ = ("generations",)
+
+    def __init__(
+        self, stored: Sequence[ChatMessage] = (), generations: Generations | None = None
+    ) -> None:
+        super().__init__(stored)
+        self.generations = generations
+
+
+class FoundSessions(dict[int, list["Session"]]):
+    """
+    What L{ISessions.get_sessions} found, with C{generations}: those of
+    every user asked, read with the sessions (C{None}: not known).
+    """
+
+    __slots__ = ("generations",)
+
+    def __init__(self, generations: Generations | None = None) -> None:
+        super().__init__()
+        self.generations = generations
+
+
 class HeldSession(NamedTuple):
     """
     A connected session that a server holds, as it renews it
@@ -623,7 +669,8 @@ class ISessions(Interface):
     def get_sessions(user_ids: Sequence[int]) -> Deferred[dict[int, list[Session]]]:
         """
         @return: fires with a C{dict} mapping each of C{user_ids} that has
-            connected sessions to them (ordered by device).
+            connected sessions to them (ordered by device); a
+            L{FoundSessions} tells their L{Generations} too.
         """
 
     def session_servers() -> Deferred[list[str]]:
@@ -729,7 +776,9 @@ class IMessages(Interface):
             reuses an id for another conversation gets a new message, not
             another conversation's.)  Fails with
             L{QuotaExceeded} (giving the messages that were stored) when
-            any was refused.
+            any was refused.  An L{Appended} list tells the L{Generations}
+            of the users of its private conversations, read after storing
+            them.
         """
 
     def read(

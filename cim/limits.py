@@ -33,6 +33,10 @@ MAX_PUSH_RETRIES = 100_000
 #: every server holding sessions instead of looking the users' sessions
 #: up (the IM server's C{--broadcast-from}; L{cim.delivery.Delivery}).
 BROADCAST_FROM = 32
+#: How many users' sessions a daemon that delivers keeps, checked against
+#: the session generations each append reads (C{--session-cache};
+#: L{cim.sessioncache}): about 300 bytes each.
+SESSION_CACHE = 100_000
 #: How many sessions (devices) one user may hold at once by default (the
 #: route's C{--max-devices}).
 MAX_DEVICES = 5

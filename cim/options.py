@@ -12,7 +12,13 @@ from twisted.python import usage
 
 from cim.delivery import PushRetry
 from cim.gcpolicy import GC_YOUNG
-from cim.limits import MAX_BATCH, MAX_PUSH_RETRIES, SENDER_QUOTA, SESSION_TTL
+from cim.limits import (
+    MAX_BATCH,
+    MAX_PUSH_RETRIES,
+    SENDER_QUOTA,
+    SESSION_CACHE,
+    SESSION_TTL,
+)
 from cim.registry import parse_zk_url
 from cim.store import STORE_URLS, parse_redis_url
 
@@ -137,6 +143,15 @@ PUSH_PARAMETERS: list[list[Any]] = [
         5.0,
         "Seconds a publish on the bus may wait for Redis before the push fails.",
         positive_float("push-timeout", high=600.0),
+    ],
+    [
+        "session-cache",
+        None,
+        SESSION_CACHE,
+        "How many users' sessions are kept to deliver private messages "
+        "without looking them up while the store says they did not change "
+        "(0: look up at every delivery).",
+        whole_number("session-cache", 0, 10**8),
     ],
 ]
 

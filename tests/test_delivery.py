@@ -95,6 +95,8 @@ class CountingStore(MemoryStore):
     appends = 0
     #: Session lookups fail (the store is out of reach).
     unreachable = False
+    #: Session lookups wait (their Deferreds, to fire) when set.
+    held: list[Deferred[object]] | None = None
 
     def append(self, messages):  # type: ignore[no-untyped-def]
         self.appends += 1
@@ -104,11 +106,21 @@ class CountingStore(MemoryStore):
         self.lookups += 1
         if self.unreachable:
             return fail(StoreError("out of reach"))
-        return super().get_sessions(user_ids)
+        found = super().get_sessions(user_ids)
+        if self.held is None:
+            return found
+        later: Deferred[object] = Deferred()
+        self.held.append(later)
+        return later.addCallback(lambda _: found.result)
 
 
 class Setting:
-    def __init__(self, *connected_here: int, broadcast_from: int | None = None) -> None:
+    def __init__(
+        self,
+        *connected_here: int,
+        broadcast_from: int | None = None,
+        session_cache: int = 0,
+    ) -> None:
         self.clock = Clock()
         self.store = CountingStore(self.clock)
         self.pusher = Pusher()
@@ -120,6 +132,7 @@ class Setting:
             here=HERE,
             clock=self.clock,
             broadcast_from=broadcast_from,
+            session_cache=session_cache,
         )
         self.alice = self.store.register("alice").result.user_id
         self.bob = self.store.register("bob").result.user_id
@@ -417,3 +430,146 @@ def test_per_turn_deliveries_share_one_lookup() -> None:
         (THERE, [alice]),
         (ELSEWHERE, [bob]),
     ]
+
+
+# The session cache (cim.sessioncache)
+
+
+def test_a_cached_user_is_not_looked_up_again() -> None:
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 1
+    setting.send_out(alice, bob)
+    setting.send_out(alice, bob)
+    # Alice, offline, is known to be so too.
+    assert setting.store.lookups == 1
+    assert setting.pusher.pushes == [(THERE, [bob])] * 3
+    assert setting.deliver(alice, bob) == DeliveryReport(
+        delivered=[bob], offline=[alice]
+    )
+    assert setting.store.lookups == 1
+    cache = setting.delivery.sessions
+    assert cache is not None and (cache.hits, cache.misses) == (6, 2)
+
+
+def test_a_changed_generation_looks_the_user_up() -> None:
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    # A new device elsewhere: the next append reads a new generation.
+    setting.connect(bob, "laptop", ELSEWHERE)
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 2
+    assert setting.pusher.pushes[1:] == [(ELSEWHERE, [bob]), (THERE, [bob])]
+    # Gone from there: not pushed to.
+    phone = setting.store.get_session(bob, "phone").result
+    setting.store.release_session(bob, phone.session_id, "phone")
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 3
+    assert setting.pusher.pushes[3:] == [(ELSEWHERE, [bob])]
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 3
+
+
+def test_messages_of_no_known_generation_are_looked_up() -> None:
+    # A group's, or given by a caller as a plain list.
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    setting.delivery.send_out(list(setting.stored()), [alice, bob])
+    assert setting.store.lookups == 2
+
+
+def test_a_restored_store_forgets_the_cached_sessions() -> None:
+    """
+    A store restored from a backup may count a user's generations again
+    from an older one: the cache is forgotten when the store's run
+    changes.
+    """
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    backup = setting.store.restored()
+    setting.connect(bob, "laptop", ELSEWHERE)
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 1
+    # Back to the backup, where bob's tablet logs in instead of its
+    # laptop: the same generation, other sessions.
+    backup.__class__ = CountingStore
+    setting.delivery.store = backup
+    setting.store = backup  # type: ignore[assignment]
+    setting.connect(bob, "tablet", HERE + "0")
+    setting.pusher.pushes.clear()
+    setting.send_out(alice, bob)
+    assert backup.lookups == 1
+    assert setting.pusher.pushes == [(THERE, [bob]), (HERE + "0", [bob])]
+
+
+def test_the_cache_holds_at_most_its_size() -> None:
+    setting = Setting(session_cache=1)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(alice, "phone", THERE)
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    cache = setting.delivery.sessions
+    assert cache is not None and len(cache) == 1
+    # Bob, remembered last, is kept; alice is looked up again.
+    setting.send_out(alice, bob)
+    assert setting.store.lookups == 2
+    assert len(cache) == 1
+    assert setting.pusher.pushes == [(THERE, [alice, bob])] * 2
+
+
+def test_a_cached_delivery_waits_for_an_earlier_lookup() -> None:
+    """
+    Pushes go in the order of the deliveries: one whose users are all
+    cached does not overtake one still being looked up.
+    """
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    setting.store.held = []
+    first = list(setting.stored())
+    setting.delivery.send_out(first, [alice, bob])
+    second = setting.stored()
+    setting.delivery.send_out(second, [alice, bob])
+    assert len(setting.pusher.pushes) == 1
+    setting.store.held.pop().callback(None)
+    assert setting.pusher.pushes == [(THERE, [bob])] * 3
+    assert setting.store.held == []
+
+
+def test_the_session_cache_option_reaches_both_daemons() -> None:
+    import pytest
+    from twisted.python import usage
+
+    from cim.interfaces import ServerAddress
+    from cim.limits import SESSION_CACHE
+    from cim.route import tap as route_tap
+    from cim.server import tap
+    from cim.server.core import IMServer
+
+    def config(*args: str) -> int:
+        options = tap.Options()
+        options.parseOptions(["--secret", "a-long-secret", *args])
+        return tap.config_from(options).session_cache
+
+    assert config() == SESSION_CACHE
+    assert config("--session-cache", "0") == 0
+    with pytest.raises(usage.UsageError, match="--session-cache"):
+        config("--session-cache", "-1")
+    options = route_tap.Options()
+    options.parseOptions(["--secret", "a-long-secret", "--session-cache", "7"])
+    assert route_tap.config_from(options).session_cache == 7
+    clock = Clock()
+    address = ServerAddress("127.0.0.1", 1, 2)
+    server = IMServer(clock, MemoryStore(clock), address, Pusher(), session_cache=5)
+    assert server.delivery.sessions is not None
+    assert server.delivery.sessions.size == 5
+    server = IMServer(clock, MemoryStore(clock), address, Pusher(), session_cache=0)
+    assert server.delivery.sessions is None

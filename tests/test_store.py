@@ -21,6 +21,7 @@ from cim.interfaces import (
     ConversationState,
     DeviceKeyUsed,
     Epoch,
+    Generations,
     GroupExists,
     GroupInfo,
     HeldSession,
@@ -1715,3 +1716,54 @@ async def test_read_before(backend: Backend) -> None:
     assert await store.read_before(PAIR, 3, 2) == []
     assert await store.read_before(PAIR, 5, 0) == []
     assert [m.seq for m in await store.read_before(PAIR, 99, 10)] == [3, 4, 5, 6, 7]
+
+
+# Session generations (cim.sessioncache)
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_generations_follow_every_change(backend: Backend) -> None:
+    """
+    A user's session generation changes with each claim, activation,
+    release, drop and session made again, and is read with the sessions
+    by a lookup and after the messages by an append (the users of its
+    private conversations).
+    """
+    store = backend.store
+
+    async def generation(user_id: int) -> int:
+        found = await store.get_sessions([user_id])
+        assert found.generations is not None
+        return found.generations.of[user_id]
+
+    async def appended() -> Generations:
+        stored = await store.append([NewMessage(PAIR, 1, "u1", "hi")])
+        assert stored.generations is not None
+        return stored.generations
+
+    before = await appended()
+    assert before.run
+    # One run: the lookups' generations compare with the appends'.
+    assert (await store.get_sessions([1])).generations.run == before.run
+    seen = [await generation(1)]
+    assert before.of == {1: seen[0], 2: await generation(2)}
+    phone, _ = await store.claim_session(1, "u1", "a:1:1", LONG_TTL, device="phone")
+    seen.append(await generation(1))
+    await store.activate_session(1, phone.session_id, LONG_TTL, "phone")
+    seen.append(await generation(1))
+    assert (await appended()).of[1] == seen[-1]
+    # A renewal that changes nothing changes nothing.
+    held = HeldSession(1, phone.session_id, "u1", "phone", 5.0)
+    await store.renew_sessions("a:1:1", [held], LONG_TTL)
+    assert await generation(1) == seen[-1]
+    await store.drop_server_sessions("a:1:1")
+    seen.append(await generation(1))
+    assert (await store.renew_sessions("a:1:1", [held], LONG_TTL)).restored
+    seen.append(await generation(1))
+    assert await store.release_session(1, phone.session_id, "phone")
+    seen.append(await generation(1))
+    assert seen == sorted(set(seen))
+    # Another user's did not move; a group's append tells none.
+    assert (await appended()).of == {1: seen[-1], 2: before.of[2]}
+    stored = await store.append([NewMessage("g:x", 1, "u1", "hi")])
+    assert stored.generations is None

@@ -20,7 +20,13 @@ from cim.daemon import AsyncStartService
 from cim.delivery import Delivery, PushRetry
 from cim.interfaces import IBus, IPusher, IReactor, IRegistry, IStore, ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
-from cim.limits import DEVICE_KEY_TTL, MAX_BATCH, MAX_DEVICES, SENDER_QUOTA
+from cim.limits import (
+    DEVICE_KEY_TTL,
+    MAX_BATCH,
+    MAX_DEVICES,
+    SENDER_QUOTA,
+    SESSION_CACHE,
+)
 from cim.limits_net import (
     HTTP_PER_ADDRESS,
     SHUTDOWN_TIMEOUT,
@@ -64,6 +70,8 @@ class RouteConfig:
         C{push_timeout}: seconds a publish may wait for Redis.
     @ivar push_retry: how the pushes of HTTP sends that failed are sent
         again.
+    @ivar session_cache: how many users' sessions the deliveries keep
+        (L{cim.sessioncache}; 0: none).
     """
 
     port: Listen = 8083
@@ -90,6 +98,7 @@ class RouteConfig:
     push: str = "bus"
     push_timeout: float = 5.0
     push_retry: PushRetry = field(default_factory=PushRetry)
+    session_cache: int = SESSION_CACHE
 
 
 #: How long a probe's answer is reused, in seconds.
@@ -253,6 +262,7 @@ class RouteService(AsyncStartService):
             retry=config.push_retry,
             metrics=metrics,
             per_turn=True,
+            session_cache=config.session_cache,
         )
         self.api = RouteAPI(
             store,

@@ -170,6 +170,7 @@ def config_from(options: usage.Options) -> RouteConfig:
         push=options["push"],
         push_timeout=options["push-timeout"],
         push_retry=push_retry_from(options),
+        session_cache=options["session-cache"],
     )
 
 

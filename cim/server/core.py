@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
 from cim.interfaces import HeldSession, IStore, Renewal, ServerAddress, StoreError
-from cim.limits import BROADCAST_FROM, MAX_BATCH, SESSION_TTL
+from cim.limits import BROADCAST_FROM, MAX_BATCH, SESSION_CACHE, SESSION_TTL
 from cim.message import (
     KICK_REPLACED,
     ChatMessage,
@@ -67,6 +67,8 @@ class IMServer:
         store unless renewed; the sweep renews them every third of it.
     @param push_retry: how pushes to other servers that failed are sent
         again (L{cim.delivery.Delivery}); C{rng}: their jitter.
+    @param session_cache: how many users' sessions the deliveries keep
+        (L{cim.sessioncache}; 0: none).
     """
 
     log = Logger()
@@ -88,6 +90,7 @@ class IMServer:
         push_retry: PushRetry | None = None,
         rng: random.Random | None = None,
         broadcast_from: int | None = BROADCAST_FROM,
+        session_cache: int = SESSION_CACHE,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -118,6 +121,7 @@ class IMServer:
             rng=rng,
             metrics=metrics,
             broadcast_from=broadcast_from,
+            session_cache=session_cache,
         )
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock

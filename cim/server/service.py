@@ -21,6 +21,7 @@ from cim.limits import (
     MAX_BATCH,
     MAX_OUTPUT,
     SENDER_QUOTA,
+    SESSION_CACHE,
     SESSION_TTL,
 )
 from cim.limits_net import (
@@ -60,6 +61,8 @@ class ServerConfig:
     @ivar broadcast_from: deliveries to this many users or more push to
         every server holding sessions, without a lookup of each user
         (L{cim.delivery.Delivery}); C{None}: never.
+    @ivar session_cache: how many users' sessions the deliveries keep
+        (L{cim.sessioncache}; 0: none).
     """
 
     port: Listen = 11211
@@ -85,6 +88,7 @@ class ServerConfig:
     push_timeout: float = 5.0
     push_retry: PushRetry = field(default_factory=PushRetry)
     broadcast_from: int | None = BROADCAST_FROM
+    session_cache: int = SESSION_CACHE
 
 
 class IMServerService(AsyncStartService):
@@ -224,6 +228,7 @@ class IMServerService(AsyncStartService):
             session_ttl=config.session_ttl,
             push_retry=config.push_retry,
             broadcast_from=config.broadcast_from,
+            session_cache=config.session_cache,
         )
         clients.wrapped = ClientConnectionFactory(
             server, config.max_frame, config.max_output

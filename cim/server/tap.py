@@ -220,6 +220,7 @@ def config_from(options: usage.Options) -> ServerConfig:
         session_ttl=options["session-ttl"],
         push_retry=push_retry_from(options),
         broadcast_from=options["broadcast-from"] or None,
+        session_cache=options["session-cache"],
         ca_file=options["ca-file"],
         ws_port=options["ws-port"],
         ws_origins=tuple(options["ws-origin"]),

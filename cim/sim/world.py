@@ -244,6 +244,7 @@ class ServerProc:
             push_retry=PushRetry(time=SESSION_TTL),
             rng=random.Random(world.rng.getrandbits(32)),
             broadcast_from=world.broadcast_from,
+            session_cache=world.session_cache,
         )
         world.net.listen(
             node,
@@ -357,6 +358,7 @@ class RouteProc:
             retry=PushRetry(time=SESSION_TTL),
             rng=random.Random(world.rng.getrandbits(32)),
             per_turn=True,
+            session_cache=world.session_cache,
         )
         self.api = RouteAPI(
             store,  # type: ignore[arg-type]
@@ -601,6 +603,10 @@ class World:
         #: are delivered.  (Drawn from a generator of its own: the seeds
         #: play what they played before.)
         self.broadcast_from = random.Random(seed * 7919 + 1).choice([None, 2])
+        #: How many users' sessions each delivery keeps
+        #: (L{cim.sessioncache}): none, a few (entries are dropped all the
+        #: time), or all.  (A generator of its own, as above.)
+        self.session_cache = random.Random(seed * 7919 + 2).choice([0, 3, 10_000])
         self.servers = [ServerProc(self, i) for i in range(3)]
         self.route = RouteProc(self)
         self.users = [User(i, f"user{i}") for i in range(users)]

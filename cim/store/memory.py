@@ -34,9 +34,12 @@ from cim.interfaces import (
     TOKEN_OTHER_USER,
     TOKEN_UNKNOWN,
     Account,
+    Appended,
     ConversationState,
     DeviceKeyUsed,
     Epoch,
+    FoundSessions,
+    Generations,
     GroupExists,
     GroupInfo,
     HeldSession,
@@ -167,6 +170,11 @@ class MemoryStore:
         self._sessions: dict[int, dict[str, _SessionRecord]] = {}
         #: server -> how many of the sessions held name it.
         self._servers: dict[str, int] = {}
+        #: user id -> its session generation (L{Generations}; missing: 0),
+        #: raised by every change of the user's sessions, and this
+        #: incarnation of the store (a restored copy is another).
+        self._generations: dict[int, int] = {}
+        self._run = uuid.uuid4().hex
         self._tokens: dict[str, _Token] = {}
         self._user_tokens: dict[tuple[int, str], set[str]] = {}
         #: session id -> until when it is remembered as ended (released, or
@@ -218,6 +226,7 @@ class MemoryStore:
         finally:
             self.clock = clock
         twin.clock = clock
+        twin._run = uuid.uuid4().hex
         twin._restored = set(twin._seqs)
         twin._restored_sessions = {
             record.session.session_id
@@ -354,6 +363,7 @@ class MemoryStore:
             record = records.pop(device, None)
             if record is not None:
                 self._unlist(record.session.server)
+                self._touch(user_id)
             if not records:
                 del self._sessions[user_id]
         for key in self._user_tokens.pop((user_id, device), set()):
@@ -375,11 +385,25 @@ class MemoryStore:
             del ended[first]
         ended[session.session_id] = now + ENDED_TTL
 
+    def _touch(self, user_id: int) -> None:
+        """
+        Raise the user's session generation: its sessions changed.
+        """
+        generations = self._generations
+        generations[user_id] = generations.get(user_id, 0) + 1
+
     def _put(self, session: Session, expires: float) -> None:
         records = self._sessions.setdefault(session.user_id, {})
         old = records.get(session.device)
         if old is not None:
             self._unlist(old.session.server)
+        if (
+            old is None
+            or old.session.session_id != session.session_id
+            or old.session.server != session.server
+            or old.session.connected != session.connected
+        ):
+            self._touch(session.user_id)
         records[session.device] = _SessionRecord(session, expires)
         servers = self._servers
         servers[session.server] = servers.get(session.server, 0) + 1
@@ -544,7 +568,8 @@ class MemoryStore:
 
     @_fired
     def get_sessions(self, user_ids: Sequence[int]) -> dict[int, list[Session]]:
-        found = {}
+        generations = self._generations
+        found = FoundSessions()
         for user_id in user_ids:
             held = self._live(user_id)
             connected = [
@@ -552,6 +577,10 @@ class MemoryStore:
             ]
             if connected:
                 found[user_id] = connected
+        # Read after _live forgot the expired claims (which raises them).
+        found.generations = Generations(
+            self._run, {uid: generations.get(uid, 0) for uid in user_ids}
+        )
         return found
 
     @_fired
@@ -798,7 +827,15 @@ class MemoryStore:
             self._trim(conversation)
         if refused:
             raise QuotaExceeded(stored)
-        return cast(list[ChatMessage], stored)
+        generations = self._generations
+        users: dict[int, int] = {}
+        for new in messages:
+            for user_id in pair_members(new.conversation) or ():
+                users[user_id] = generations.get(user_id, 0)
+        return Appended(
+            cast(list[ChatMessage], stored),
+            Generations(self._run, users) if users else None,
+        )
 
     @_fired
     def read(self, conversation: str, after_seq: int, limit: int) -> list[ChatMessage]:

@@ -32,6 +32,13 @@ never key names)::
                                            (an entry whose record expired is
                                            dropped when read); PEXPIRE'd at
                                            least as long as each record
+    P sgen:<user_id>               string  the user's session generation:
+                                           INCR'd by every script that
+                                           adds, connects, moves or deletes
+                                           one of its sessions (missing: 0;
+                                           never expires), read by appends
+                                           and session lookups
+                                           (sessions.lua)
     P ended:<session_id>           string  a session released or dropped by
                                            a newer claim (renewals of it are
                                            lost, not made again); PEXPIRE
@@ -168,9 +175,12 @@ from cim.interfaces import (
     TOKEN_OTHER_USER,
     TOKEN_UNKNOWN,
     Account,
+    Appended,
     ConversationState,
     DeviceKeyUsed,
     Epoch,
+    FoundSessions,
+    Generations,
     GroupExists,
     GroupInfo,
     HeldSession,
@@ -234,6 +244,19 @@ def _cursor_args(cursors: dict[str, Position]) -> list[Any]:
         if type(seq) is int and 0 < seq <= MAX_SEQ:
             args += [conversation, str(epoch), seq]
     return args
+
+
+def _generations(reply: str) -> Generations | None:
+    """
+    The L{Generations} of append.lua's reply (run_id, then user id and
+    generation of each user, separated by commas; C{""}: none).
+    """
+    if not reply:
+        return None
+    parts = reply.split(",")
+    return Generations(
+        parts[0], dict(zip(map(int, parts[1::2]), map(int, parts[2::2]), strict=True))
+    )
 
 
 def _new_epoch_id() -> str:
@@ -747,6 +770,7 @@ class RedisStore:
                 self._session_key(user_id, device),
                 self._key("online"),
                 self._key("sessions", user_id),
+                self._key("sgen", user_id),
             ],
             [user_id, session_id, _ms(ttl), encode_active(self._seconds())],
         )
@@ -778,15 +802,28 @@ class RedisStore:
     ) -> dict[int, list[Session]]:
         """
         The sessions of each of C{user_ids} that has any (only the connected
-        ones if C{connected}), ordered by device.
+        ones if C{connected}, then with their L{Generations}: a
+        L{FoundSessions}), ordered by device.
         """
         found = await self._run(
             scripts.GET_SESSIONS,
             [self._key("sessions", u) for u in user_ids],
-            [self.prefix, "1" if connected else "0", *user_ids],
+            [self.prefix, "2" if connected else "0", *user_ids],
+            run_id=connected,
         )
         sessions: dict[int, list[Session]] = {}
-        for i in range(0, len(found), 7):
+        start = 0
+        if connected:
+            start = len(user_ids) + 1
+            run = found[0]
+            sessions = FoundSessions(
+                Generations(
+                    run, dict(zip(user_ids, map(int, found[1:start]), strict=True))
+                )
+                if run
+                else None
+            )
+        for i in range(start, len(found), 7):
             user_id = user_ids[int(found[i]) - 1]
             sessions.setdefault(user_id, []).append(
                 decode_session(user_id, found[i + 1], found[i + 2 : i + 7])
@@ -911,7 +948,7 @@ class RedisStore:
                 else ""
             )
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
-        appended, retries, epoch_ids = await self._run(
+        appended, retries, epoch_ids, generations = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
         epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
@@ -965,7 +1002,7 @@ class RedisStore:
             )
         if refused:
             raise QuotaExceeded(stored)
-        return cast(list[ChatMessage], stored)
+        return Appended(cast(list[ChatMessage], stored), _generations(generations))
 
     @_deferred
     async def read(

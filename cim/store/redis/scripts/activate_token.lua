@@ -20,5 +20,5 @@ if t[1] ~= uid then return refuse('other-user') end
 if t[2] ~= server then return refuse('other-server') end
 if rec[2] ~= server then return refuse('session-elsewhere') end
 activate(key, devices_key(prefix, uid), KEYS[2], uid, rec[1] or '', ttl,
-         ARGV[5])
+         ARGV[5], generation_key(prefix, uid))
 return {'', device, rec[1] or '', t[3]}

@@ -10,7 +10,8 @@
 -- timestamp, conversation, stored member or '', the conversation's epoch
 -- id per message that was appended before; epochs is flat: conversation,
 -- epoch id of each conversation appended to.  (One string parses much
--- faster than a nested reply.)
+-- faster than a nested reply.)  A fourth, generations (one string): see
+-- the block "Session generations" at the end.
 --
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
@@ -292,4 +293,44 @@ for _, conversation in ipairs(order) do
   end
   redis.call('PEXPIRE', conv_key, ARGV[3])
 end
-return {table.concat(appended, ','), retries, epoch_ids}
+
+-- Session generations (cim.delivery's session cache; sessions.lua's
+-- generation_key): one string, the run_id the connection gave, then user
+-- id and session generation of each user of the batch's private
+-- conversations, read after the messages are stored (one MGET), all
+-- separated by commas ('' without a run_id; ids as written, without
+-- leading zeros).  A server whose copy of a user's sessions has that
+-- generation (in that run) holds what a lookup now would read, and skips
+-- it.
+local generations = ''
+if ARGV[#ARGV] ~= '' then
+  local flat, keys, seen = {ARGV[#ARGV]}, {}, {}
+  for i = 1, count do
+    local conversation = ARGV[FIRST + STRIDE * (i - 1) + 1]
+    if not seen[conversation] then
+      seen[conversation] = true
+      local low, high = string.match(conversation,
+                                      '^p:([1-9]%d*):([1-9]%d*)$')
+      if low and not seen[low] then
+        seen[low] = true
+        keys[#keys + 1] = prefix .. 'sgen:' .. low
+        flat[#flat + 1] = low
+        flat[#flat + 1] = '0'
+      end
+      if high and not seen[high] then
+        seen[high] = true
+        keys[#keys + 1] = prefix .. 'sgen:' .. high
+        flat[#flat + 1] = high
+        flat[#flat + 1] = '0'
+      end
+    end
+  end
+  if #keys > 0 then
+    local got = redis.call('MGET', unpack(keys))
+    for k = 1, #keys do
+      if got[k] then flat[2 * k + 1] = got[k] end
+    end
+    generations = table.concat(flat, ',')
+  end
+end
+return {table.concat(appended, ','), retries, epoch_ids, generations}

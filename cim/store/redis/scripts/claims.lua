@@ -48,6 +48,7 @@ local function claim(session_key, devices_key, server_key, a)
   extend_ttl(devices_key, a[5])
   redis.call('SADD', server_key, uid .. ':' .. device)
   redis.call('SADD', prefix .. 'servers', a[3])
+  touch(prefix, uid)
   return result
 end
 

@@ -1,7 +1,11 @@
--- KEYS: the device sets of users.  ARGV: prefix, connected only (0/1),
--- then the user id of each key.  Returns, flat, per session (only the
--- connected ones when asked so): the index of its user's key, device,
--- name, server, session id, connected ('0'/'1'), active.  A device whose
+-- KEYS: the device sets of users.  ARGV: prefix, connected only (0/1; 2:
+-- connected only, with the generations), then the user id of each key;
+-- with 2, last, the run_id of this Redis as the connection knows it ('':
+-- unknown).  Returns, flat, per session (only the connected ones when
+-- asked so): the index of its user's key, device, name, server, session
+-- id, connected ('0'/'1'), active; with 2, in front of them, that run_id
+-- and each user's session generation (sessions.lua's generation_key, read
+-- with the sessions: cim.delivery's session cache).  A device whose
 -- record expired is dropped from its user's set (as sessions.lua's
 -- live_sessions does).
 --
@@ -9,9 +13,17 @@
 -- per session (each Lua table and each nested reply costs Redis more than
 -- the lookups themselves).
 
-local prefix, only_connected = ARGV[1], ARGV[2] == '1'
+local prefix, only_connected = ARGV[1], ARGV[2] ~= '0'
 local found = {}
 local n = 0
+if ARGV[2] == '2' then
+  local keys = {}
+  for i = 1, #KEYS do keys[i] = prefix .. 'sgen:' .. ARGV[i + 2] end
+  found = redis.call('MGET', unpack(keys))
+  for i = 1, #KEYS do found[i] = found[i] or '0' end
+  table.insert(found, 1, ARGV[#ARGV])
+  n = #KEYS + 1
+end
 for i = 1, #KEYS do
   local uid = ARGV[i + 2]
   for _, device in ipairs(redis.call('SMEMBERS', KEYS[i])) do

@@ -37,6 +37,7 @@ for i = 4, #ARGV, 5 do
     extend_ttl(devices_key(prefix, uid), ttl)
     redis.call('SADD', prefix .. 'server:' .. server, uid .. ':' .. device)
     redis.call('HSET', prefix .. 'online', uid, name)
+    touch(prefix, uid)
     restored[#restored + 1] = sid
   else
     lost[#lost + 1] = sid

@@ -15,6 +15,22 @@ local function devices_key(prefix, uid)
   return prefix .. 'sessions:' .. uid
 end
 
+-- The user's session generation (a counter that never expires; missing:
+-- 0): every script that adds, connects, moves or deletes one of the
+-- user's sessions raises it (touch), so that an IM server may keep where
+-- the user's sessions are for as long as the generation an append reads
+-- is the one it looked them up at (cim.delivery's session cache).  A
+-- record that expires does not raise it: a server's copy then holds a
+-- session more than the store, which only costs a push that finds the
+-- device gone.
+local function generation_key(prefix, uid)
+  return prefix .. 'sgen:' .. uid
+end
+
+local function touch(prefix, uid)
+  redis.call('INCR', generation_key(prefix, uid))
+end
+
 -- Give key at least ttl ms to live (never shorten it).
 local function extend_ttl(key, ttl)
   if redis.call('PTTL', key) < tonumber(ttl) then
@@ -24,9 +40,12 @@ end
 
 -- Mark a session connected (its record key; active, in seconds), living
 -- ttl ms unless its server renews it, its user's devices (devices_key) at
--- least as long, and user uid online under name (online_key).
-local function activate(key, devices, online_key, uid, name, ttl, active)
+-- least as long, and user uid online under name (online_key); raise the
+-- user's session generation (its key: generation).
+local function activate(key, devices, online_key, uid, name, ttl, active,
+                        generation)
   redis.call('HSET', key, 'connected', '1', 'active', active)
+  redis.call('INCR', generation)
   redis.call('PEXPIRE', key, ttl)
   extend_ttl(devices, ttl)
   redis.call('HSET', online_key, uid, name)
@@ -71,6 +90,7 @@ local function delete_session(prefix, uid, device, server)
   end
   redis.call('DEL', session_key(prefix, uid, device), tokens)
   redis.call('SREM', devices_key(prefix, uid), device)
+  touch(prefix, uid)
   if server then
     redis.call('SREM', prefix .. 'server:' .. server, uid .. ':' .. device)
   end
