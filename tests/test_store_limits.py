@@ -186,7 +186,10 @@ async def test_quota_window(backend: Backend) -> None:
             "HGET", backend.prefix + "read:" + PAIR, "q:1"
         )
         assert stored == f"{window}:3:0"
-        assert await backend.redis.execute_command("KEYS", backend.prefix + "quota:*") == []
+        assert (
+            await backend.redis.execute_command("KEYS", backend.prefix + "quota:*")
+            == []
+        )
 
 
 @pytest_twisted.ensureDeferred

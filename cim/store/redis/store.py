@@ -491,6 +491,33 @@ class RedisStore:
                 collisions.append((name, int(user_id), holder))
         return indexed, collisions
 
+    async def move_epoch_records(self) -> int:
+        """
+        Move the conversations' epoch records of a store written by the
+        previous release (C{epoch:<conversation>}, a hash of its own) into
+        the conversations' hashes (C{read:<conversation>}, beside the read
+        positions), and delete them; returns how many were moved.  A
+        conversation whose hash holds an epoch already (one the new
+        release's daemons started) keeps it.  Safe to run again: nothing is
+        left to move the second time.
+        """
+        pattern = _glob_escape(self.prefix) + "epoch:*"
+        start = len(self.prefix + "epoch:")
+        moved = 0
+        cursor = "0"
+        while True:
+            cursor, keys = await self._command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
+            )
+            for key in keys:
+                moved += int(
+                    await self._run(
+                        scripts.MOVE_EPOCH, [key, self._key("read", key[start:])], []
+                    )
+                )
+            if str(cursor) == "0":
+                return moved
+
     async def move_old_inboxes(self) -> MovedInboxes:
         """
         Move the private inboxes of a store written by the previous release
@@ -547,7 +574,7 @@ class RedisStore:
                         key,
                         self._key("conv", conversation),
                         self._key("seq", conversation),
-                        self._key("epoch", conversation),
+                        self._key("read", conversation),
                         self._key("read", conversation),
                         self._key("pairs", owner),
                         self._key("pairs", sender),
@@ -1013,7 +1040,7 @@ class RedisStore:
             return {}
         keys = []
         for conversation in conversations:
-            keys += [self._key("epoch", conversation), self._key("seq", conversation)]
+            keys += [self._key("read", conversation), self._key("seq", conversation)]
         flat = await self._run(scripts.EPOCHS, keys, [])
         return {
             conversation: decode_epoch(*flat[4 * i : 4 * i + 4])
@@ -1105,7 +1132,7 @@ class RedisStore:
     def _read_keys(self, conversation: str) -> list[str]:
         return [
             self._key("read", conversation),
-            self._key("epoch", conversation),
+            self._key("read", conversation),
             self._key("seq", conversation),
         ]
 

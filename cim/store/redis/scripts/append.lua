@@ -89,16 +89,16 @@ end
 local sent = {}
 if #sent_keys > 0 then sent = mget(sent_keys) end
 
--- The quota's counts live in the conversation's read positions' hash
--- (read:<conversation>), a field per sender: "q:<sender id>" ->
--- "<window>:<count>:<previous window's count>", written in the HSET of
--- the read positions that the append makes anyway (no key nor expiry of
--- their own).  A conversation whose seq counter starts here (its INCR
--- answers 1: the counter never expires) holds no counts, nor an epoch
--- record worth reading: its first message reads nothing.  Any other
--- reads a sender's count once per batch (one HGET) after the INCR of its
--- seq, and gives the seq back (DECR, within the script: nobody sees it)
--- when the message is refused.
+-- A conversation's hash (read:<conversation>) holds its epoch record
+-- (id, previous, base, run), its users' read positions (a field per user
+-- id) and its senders' quota counts ("q:<sender id>" -> "<window>:<count>:
+-- <previous window's count>"), all written by one HSET per conversation
+-- and batch.  A conversation whose seq counter starts here (its INCR
+-- answers 1: the counter never expires) has nothing there worth reading:
+-- its first message reads nothing.  Any other reads its epoch's id and run
+-- and its first sender's count in one HMGET after the INCR of its seq
+-- (another sender's count, in one HGET), and gives the seq back (DECR,
+-- within the script: nobody sees it) when the message is refused.
 local window = math.floor(now / max_age)
 -- The window's number as digits, made once: a number joined to a string
 -- is formatted by sprintf each time.
@@ -110,73 +110,84 @@ local function digits(n)
   return DIGITS[n] or string.format('%d', n)
 end
 -- Per conversation appended to in this batch: its state ({id}: its
--- epoch; new: its epoch starts here; fresh: its seq started here;
--- sender, seq: its one sender's highest seq, or senders: each sender's
--- when more than one; first, last: the seqs of its first and last
--- messages here; quota: per sender, {left, count, previous}).
+-- epoch, once its first message is appended; key: its hash; stored_id,
+-- stored_run: its stored epoch's; new: its epoch starts here (previous,
+-- base: the new record's); fresh: its seq started here; sender, seq: its
+-- one sender's highest seq, or senders: each sender's when more than
+-- one; first, last: the seqs of its first and last messages here; quota:
+-- per sender, {left, count, previous}).
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
 if run_id == '' then run_id = nil end
 
--- A sender's quota state in conversation c: {left, count in this window,
--- count of the previous one}.
-local function quota_of(c, conversation, sender)
-  local q = c.quota and c.quota[sender]
-  if q then return q end
+-- A sender's quota state from its stored count (nil: none).
+local function parse_quota(stored)
   local count, previous = 0, 0
-  if not c.fresh then
-    local stored = redis.call('HGET', prefix .. 'read:' .. conversation,
-                              'q:' .. sender)
-    if stored then
-      local w, n, p = string.match(stored, '^(%d+):(%d+):(%d+)$')
-      if w == this_window then
-        count, previous = tonumber(n), tonumber(p)
-      elseif w == last_window then
-        previous = tonumber(n)
-      end
+  if stored then
+    local w, n, p = string.match(stored, '^(%d+):(%d+):(%d+)$')
+    if w == this_window then
+      count, previous = tonumber(n), tonumber(p)
+    elseif w == last_window then
+      previous = tonumber(n)
     end
   end
-  q = {quota - count - previous, count, previous}
-  if not c.quota then c.quota = {} end
-  c.quota[sender] = q
-  return q
+  return {quota - count - previous, count, previous}
 end
 
--- Starts conversation's state in this batch at seq (just taken by INCR).
-local function state_of(conversation, seq)
-  local c = {'', fresh = seq == 1, new = false}
+-- Starts conversation's state in this batch at seq (just taken by INCR)
+-- for sender's message.
+local function state_of(conversation, seq, sender)
+  local c = {false, key = prefix .. 'read:' .. conversation,
+             fresh = seq == 1, new = false, quota = false}
+  if c.fresh then
+    if quota > 0 then c.quota = {[sender] = {quota, 0, 0}} end
+  elseif quota > 0 then
+    local rec = redis.call('HMGET', c.key, 'id', 'run', 'q:' .. sender)
+    c.stored_id, c.stored_run = rec[1], rec[2]
+    c.quota = {[sender] = parse_quota(rec[3])}
+  else
+    local rec = redis.call('HMGET', c.key, 'id', 'run')
+    c.stored_id, c.stored_run = rec[1], rec[2]
+  end
   epochs[conversation] = c
   return c
 end
 
--- Learns conversation c's epoch (at its first appended message, seq).
+-- A sender's quota state in conversation c: {left, count in this window,
+-- count of the previous one}.
+local function quota_of(c, sender)
+  local q = c.quota[sender]
+  if q then return q end
+  if c.fresh then
+    q = {quota, 0, 0}
+  else
+    q = parse_quota(redis.call('HGET', c.key, 'q:' .. sender))
+  end
+  c.quota[sender] = q
+  return q
+end
+
+-- Learns conversation c's epoch (at its first appended message, seq): a
+-- stored epoch of this run is kept as it is, any other followed by a new
+-- one (written with the read positions).
 local function start_epoch(conversation, c, seq)
-  local key = prefix .. 'epoch:' .. conversation
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
   c.first = seq
   order[#order + 1] = conversation
-  if c.fresh then
-    -- Its first message ever: no record worth reading (a stray one's id,
-    -- as previous with base 0, would vouch for no seq).
-    c[1], c.new = ARGV[7], true
-    redis.call('HSET', key, 'id', c[1], 'previous', '', 'base', '0',
-               'run', run_id)
-    return
-  end
-  -- Only the id and the run: a stored epoch of this run is kept as it is
-  -- (its previous id and base are not needed here), and the id is a new
-  -- one's previous.  (Each field asked costs Redis as much in its reply,
-  -- found or not.)
-  local rec = redis.call('HMGET', key, 'id', 'run')
-  if rec[1] and rec[2] == run_id then
-    c[1] = rec[1]
+  if c.stored_id and c.stored_run == run_id then
+    c[1] = c.stored_id
   else
+    -- (A conversation's first message ever has no record worth reading: a
+    -- stray one's id, as previous with base 0, would vouch for no seq.)
     c[1], c.new = ARGV[7], true
-    redis.call('HSET', key, 'id', c[1], 'previous', rec[1] or '',
-               'base', string.format('%d', seq - 1), 'run', run_id)
+    if c.fresh then
+      c.previous, c.base = '', '0'
+    else
+      c.previous, c.base = c.stored_id or '', string.format('%d', seq - 1)
+    end
   end
 end
 
@@ -200,7 +211,7 @@ for i = 1, count do
                               seq, seq)
     local epoch = epochs[conv]
     epoch = epoch and epoch.first and epoch[1]
-        or redis.call('HGET', prefix .. 'epoch:' .. conv, 'id') or ''
+        or redis.call('HGET', prefix .. 'read:' .. conv, 'id') or ''
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
@@ -211,11 +222,11 @@ for i = 1, count do
     local n = nil
     if not c then
       n = redis.call('INCR', prefix .. 'seq:' .. conversation)
-      c = state_of(conversation, n)
+      c = state_of(conversation, n, sender)
     end
     local ok = true
     if quota > 0 then
-      local q = quota_of(c, conversation, sender)
+      local q = quota_of(c, sender)
       if q[1] <= 0 then
         ok = false
       else
@@ -268,33 +279,47 @@ for _, conversation in ipairs(order) do
   epoch_ids[#epoch_ids + 1] = e[1]
   -- A sender's message is the conversation's last: its seq is above any
   -- read position of the epoch (they are at most the last seq), and above
-  -- the base of a new one, so it raises the sender's without reading it
-  -- (every sender's in one HSET, with their quota counts).
-  -- (One sender, the usual case, needs no table of arguments.)
-  local read_key = prefix .. 'read:' .. conversation
+  -- the base of a new one, so it raises the sender's without reading it:
+  -- every sender's, with their quota counts and a new epoch's record, in
+  -- one HSET.  (One sender of a known epoch, the usual case, needs no
+  -- table of arguments.)
   local prefix_id = ''
   if e[1] ~= '' then prefix_id = e[1] .. ':' end
   if not e.senders then
     local sender = e.sender
-    if quota > 0 then
-      local q = e.quota[sender]
-      redis.call('HSET', read_key, sender, prefix_id .. e.seq, 'q:' .. sender,
-                 this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3]))
+    local q = e.quota and e.quota[sender]
+    if q then q = this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3]) end
+    if not e.new then
+      if q then
+        redis.call('HSET', e.key, sender, prefix_id .. e.seq, 'q:' .. sender, q)
+      else
+        redis.call('HSET', e.key, sender, prefix_id .. e.seq)
+      end
+    elseif q then
+      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
+                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq,
+                 'q:' .. sender, q)
     else
-      redis.call('HSET', read_key, sender, prefix_id .. e.seq)
+      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
+                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq)
     end
   else
-    local read = {}
+    local fields = {}
+    if e.new then
+      fields = {'id', e[1], 'previous', e.previous, 'base', e.base,
+                'run', run_id}
+    end
     for sender, seq in pairs(e.senders) do
-      read[#read + 1] = sender
-      read[#read + 1] = prefix_id .. seq
+      fields[#fields + 1] = sender
+      fields[#fields + 1] = prefix_id .. seq
       if quota > 0 then
         local q = e.quota[sender]
-        read[#read + 1] = 'q:' .. sender
-        read[#read + 1] = this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3])
+        fields[#fields + 1] = 'q:' .. sender
+        fields[#fields + 1] = this_window .. ':' .. digits(q[2]) .. ':'
+            .. digits(q[3])
       end
     end
-    redis.call('HSET', read_key, unpack(read))
+    redis.call('HSET', e.key, unpack(fields))
   end
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
