@@ -295,6 +295,11 @@ for _, conversation in ipairs(order) do
       else
         redis.call('HSET', e.key, sender, prefix_id .. e.seq)
       end
+    elseif q and e.fresh then
+      -- (Neither previous nor base: without them the base is 0, and a
+      -- previous epoch with base 0 vouches for no seq.)
+      redis.call('HSET', e.key, 'id', e[1], 'run', run_id,
+                 sender, prefix_id .. e.seq, 'q:' .. sender, q)
     elseif q then
       redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
                  'base', e.base, 'run', run_id, sender, prefix_id .. e.seq,
