@@ -14,10 +14,9 @@
 --
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
--- max age); a key per conversation, sender and window counts its messages
--- (written with SET ... PX, expiring after two windows), and the current
--- and previous windows count together.  Messages are counted in order: those past the
--- quota are not appended.
+-- max age); the conversation's hash keeps each sender's count of the
+-- current window and of the one before, which count together.  Messages
+-- are counted in order: those past the quota are not appended.
 --
 -- Epochs: the first append to a conversation that has no epoch record, or
 -- whose record was written by another Redis run (its run_id differs: a
@@ -35,11 +34,14 @@
 -- Needs positions.lua in front.
 
 -- Redis's own cost is mostly its commands (each redis.call costs a few
--- microseconds over its work), so the script reads what the batch needs in
--- few of them: one MGET for every idempotency record, one for every quota
--- count; a conversation's seq before its new epoch is the INCR's reply
--- less one (no GET); its count of messages is only asked (ZCARD) when its
--- oldest message's seq says it may be over max_messages.
+-- microseconds over its work, a write as much again in its copy to the
+-- append-only file, each argument a little), so the script reads what the
+-- batch needs in few of them: one MGET for every idempotency record, one
+-- HMGET per known conversation for its epoch and quota count; it writes a
+-- conversation's epoch, read positions and quota counts in one HSET; a
+-- conversation's seq before its new epoch is the INCR's reply less one
+-- (no GET); its count of messages is only asked (ZCARD) when its oldest
+-- message's seq says it may be over max_messages.
 -- How many of a conversation's oldest messages one append checks for age.
 local AGE_SCAN = 100
 local FIRST = 7
