@@ -1544,7 +1544,7 @@ async def test_a_new_store_starts_new_epochs(backend: Backend) -> None:
         assert (await again.epochs([PAIR]))[PAIR] == Epoch(other.epoch, "", 0)
         return
     # Another run wrote the record: the next epoch follows it.
-    key = backend.prefix + "epoch:" + PAIR
+    key = backend.prefix + "read:" + PAIR
     await backend.redis.execute_command("HSET", key, "run", "another-run")
     [two] = await store.append([msg(PAIR, "two")])
     assert two.epoch not in ("", one.epoch)
@@ -1612,7 +1612,7 @@ async def test_read_positions_across_epochs(backend: Backend) -> None:
     store = backend.store
     await store.append([msg(PAIR, str(i), sender_id=1) for i in range(3)])
     await store.set_read(2, PAIR, 2)
-    key = backend.prefix + "epoch:" + PAIR
+    key = backend.prefix + "read:" + PAIR
     await backend.redis.execute_command("HSET", key, "run", "another-run")
     [new] = await store.append([msg(PAIR, "after", sender_id=3)])
     epoch = await store.epochs([PAIR])

@@ -179,11 +179,17 @@ async def test_quota_window(backend: Backend) -> None:
     clock.advance(hour)
     await store.append([msg(PAIR, f"c{i}") for i in range(3)])
     if backend.redis is not None:
-        keys = await backend.redis.execute_command("KEYS", backend.prefix + "quota:*")
-        assert keys, "the quota is counted in keys of its own"
-        for key in keys:
-            pttl = await backend.redis.execute_command("PTTL", key)
-            assert 0 < pttl <= 2 * hour * 1000
+        # Counted in the conversation's read positions' hash, a field per
+        # sender: the window, its count, the previous window's count.
+        window = int(clock.seconds() * 1000) // int(hour * 1000)
+        stored = await backend.redis.execute_command(
+            "HGET", backend.prefix + "read:" + PAIR, "q:1"
+        )
+        assert stored == f"{window}:3:0"
+        assert (
+            await backend.redis.execute_command("KEYS", backend.prefix + "quota:*")
+            == []
+        )
 
 
 @pytest_twisted.ensureDeferred

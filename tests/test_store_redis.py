@@ -322,6 +322,65 @@ async def test_migrating_private_inboxes(redis_url: str) -> None:
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
+async def test_migrating_epoch_records(redis_url: str) -> None:
+    """
+    The previous release's epoch records (C{epoch:<conversation>}) move into
+    the conversations' hashes, beside the read positions; appending goes on
+    in the moved epoch, and an epoch the new release started stands.
+    """
+    import uuid
+
+    from twisted.internet import reactor
+
+    from cim.interfaces import Epoch
+    from cim.store.redis import connect_redis
+
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
+    try:
+        run_id = await store._command("INFO", "server")
+        run_id = run_id.split("run_id:", 1)[1].split()[0]
+        # The previous release: p:1:2 at seq 3 of epoch "e2" (after "e1" up
+        # to seq 1), bob read up to 2; p:1:3 in epoch "x" of another run.
+        await store._command(
+            "HSET", f"{prefix}epoch:p:1:2", "id", "e2", "previous", "e1",
+            "base", "1", "run", run_id,
+        )  # fmt: skip
+        await store._command("SET", f"{prefix}seq:p:1:2", 3)
+        await store._command("HSET", f"{prefix}read:p:1:2", "2", "e2:2")
+        await store._command("HSET", f"{prefix}epoch:p:1:3", "id", "x", "run", "old")
+        await store._command("SET", f"{prefix}seq:p:1:3", 1)
+        # The new release started an epoch of p:1:4 before the migration.
+        await store._command("HSET", f"{prefix}epoch:p:1:4", "id", "old", "run", "old")
+        [early] = await store.append([NewMessage("p:1:4", 1, "user1", "hi")])
+
+        assert await store.move_epoch_records() == 3
+        assert await store.epochs(["p:1:2", "p:1:3", "p:1:4"]) == {
+            "p:1:2": Epoch("e2", "e1", 1),
+            "p:1:3": Epoch("x", "", 0),
+            "p:1:4": Epoch(early.epoch, "", 0),
+        }
+        assert await store.read_positions("p:1:2", [2]) == {2: 2}
+        for conversation in ("p:1:2", "p:1:3", "p:1:4"):
+            assert not await store._command("EXISTS", f"{prefix}epoch:{conversation}")
+        # Running it again changes nothing.
+        before = await _snapshot(store, prefix)
+        assert await store.move_epoch_records() == 0
+        assert await _snapshot(store, prefix) == before
+        # The same run's epoch goes on; another run's is followed by a new one.
+        [same, new] = await store.append(
+            [NewMessage("p:1:2", 1, "user1", "a"), NewMessage("p:1:3", 1, "user1", "b")]
+        )
+        assert (same.seq, same.epoch) == (4, "e2")
+        assert new.seq == 2 and new.epoch not in ("", "x")
+        assert (await store.epochs(["p:1:3"]))["p:1:3"] == Epoch(new.epoch, "x", 1)
+    finally:
+        await _delete_prefix(store, prefix)
+        await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
 async def test_migrate_command(redis_url: str) -> None:
     import io
 

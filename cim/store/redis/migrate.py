@@ -23,6 +23,17 @@ What it does (safe to run again: a second run changes nothing):
   dropped, and counted.  (L{cim.store.redis.store.RedisStore.
   move_old_inboxes}.)
 
+- a conversation's epoch record (id, previous, base, run) was a hash of
+  its own (C{epoch:<conversation>}); it is now kept in the conversation's
+  hash (C{read:<conversation>}) beside its users' read positions, which the
+  append writes in one command.  Each record is moved there
+  (L{cim.store.redis.store.RedisStore.move_epoch_records}), before the
+  inboxes.
+- a sender's quota count was a key per conversation, sender and window
+  (C{quota:...}); it is now a field of the conversation's hash.  The old
+  keys are not read (they expire by themselves within two windows): for
+  the first window after the upgrade, senders' counts start from nothing.
+
 Run it after stopping the previous release's daemons (a message they
 append to an inbox meanwhile is moved by the next run; a pair conversation
 that the new release's daemons already appended to is merged and numbered
@@ -55,6 +66,7 @@ async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
     store = await connect_redis(url, clock=reactor)
     try:
         indexed, collisions = await store.index_old_names()
+        epochs = await store.move_epoch_records()
         moved = await store.move_old_inboxes()
     finally:
         await store.close()
@@ -64,6 +76,7 @@ async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
             f"account {user_id} ({name!r}) is not found by name: the name "
             f"counts as that of account {holder}\n"
         )
+    out.write(f"moved {epochs} epoch records into their conversations' hashes\n")
     out.write(
         f"moved {moved.messages} messages of {moved.inboxes} private inboxes "
         f"into {moved.conversations} pair conversations\n"

@@ -75,23 +75,24 @@ never key names)::
                                    string  "msg_id:seq:timestamp:conversation"
                                            of an appended message; PEXPIRE
                                            the idempotency window
-    P quota:<conversation>:<sender_id>:<window>
-                                   string  messages the sender appended to
-                                           the conversation in window
-                                           now // max_age (written by
-                                           append.lua); PEXPIRE two windows
-    P epoch:<conversation>         hash    id, previous, base (the seq it
-                                           started after), run (the Redis
-                                           run_id when it was written): the
-                                           conversation's epoch
+    P read:<conversation>          hash    the conversation's state:
+                                           user id -> the user's read
+                                           position, "<epoch>:<seq>" (see
+                                           records); id, previous, base (the
+                                           seq it started after; no
+                                           previous nor base: "" and 0), run
+                                           (the Redis run_id when it was
+                                           written): its epoch
                                            (cim.interfaces.Epoch), written
                                            by append.lua, which starts a new
-                                           one when the record is missing or
-                                           its run is not Redis's; never
-                                           expires
-    P read:<conversation>          hash    user id -> the user's read
-                                           position, "<epoch>:<seq>" (see
-                                           records); never expires
+                                           one when the id is missing or the
+                                           run is not Redis's; q:<sender_id>
+                                           -> "<window>:<count>:<previous
+                                           window's count>": the messages the
+                                           sender appended in window
+                                           now // max_age and the one before
+                                           (the sender quota, append.lua);
+                                           never expires
     P pairs:<user_id>              set     the user's private conversations
                                            (p:<low>:<high>) that hold
                                            messages (added by append.lua)
@@ -131,7 +132,7 @@ user's conversations) and, in the hot C{append.lua}, those of each message's
 conversation.  So the store needs a standalone Redis (not Redis Cluster),
 for now: the per-user keys (C{session}, C{sessions}, C{tokens}, C{cursors},
 C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
-C{epoch}, C{read}) are the groups that would share a hash tag (README,
+C{read}) are the groups that would share a hash tag (README,
 "Outgrowing one Redis", has the plan).
 
 The append script learns the Redis C{run_id} (for epochs) from its
@@ -144,7 +145,10 @@ expire by themselves; their clients log in again, and an IM server that
 still holds a connection makes its session again, as device C{""}, at its
 next renewal); its cursors are the device C{""} cursors; its private inboxes
 C{conv:u:<id>} are moved into pair conversations by the migration
-(L{RedisStore.move_old_inboxes}).
+(L{RedisStore.move_old_inboxes}), and its epoch records
+C{epoch:<conversation>} into the conversations' hashes
+(L{RedisStore.move_epoch_records}); its quota counts (C{quota:...}) are
+not read (they expire by themselves).
 
 The connection must decode replies as UTF-8 and leave numbers as strings
 (C{convertNumbers=False}), as the pool of
@@ -514,6 +518,33 @@ class RedisStore:
                 collisions.append((name, int(user_id), holder))
         return indexed, collisions
 
+    async def move_epoch_records(self) -> int:
+        """
+        Move the conversations' epoch records of a store written by the
+        previous release (C{epoch:<conversation>}, a hash of its own) into
+        the conversations' hashes (C{read:<conversation>}, beside the read
+        positions), and delete them; returns how many were moved.  A
+        conversation whose hash holds an epoch already (one the new
+        release's daemons started) keeps it.  Safe to run again: nothing is
+        left to move the second time.
+        """
+        pattern = _glob_escape(self.prefix) + "epoch:*"
+        start = len(self.prefix + "epoch:")
+        moved = 0
+        cursor = "0"
+        while True:
+            cursor, keys = await self._command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
+            )
+            for key in keys:
+                moved += int(
+                    await self._run(
+                        scripts.MOVE_EPOCH, [key, self._key("read", key[start:])], []
+                    )
+                )
+            if str(cursor) == "0":
+                return moved
+
     async def move_old_inboxes(self) -> MovedInboxes:
         """
         Move the private inboxes of a store written by the previous release
@@ -570,7 +601,7 @@ class RedisStore:
                         key,
                         self._key("conv", conversation),
                         self._key("seq", conversation),
-                        self._key("epoch", conversation),
+                        self._key("read", conversation),
                         self._key("read", conversation),
                         self._key("pairs", owner),
                         self._key("pairs", sender),
@@ -1050,7 +1081,7 @@ class RedisStore:
             return {}
         keys = []
         for conversation in conversations:
-            keys += [self._key("epoch", conversation), self._key("seq", conversation)]
+            keys += [self._key("read", conversation), self._key("seq", conversation)]
         flat = await self._run(scripts.EPOCHS, keys, [])
         return {
             conversation: decode_epoch(*flat[4 * i : 4 * i + 4])
@@ -1142,7 +1173,7 @@ class RedisStore:
     def _read_keys(self, conversation: str) -> list[str]:
         return [
             self._key("read", conversation),
-            self._key("epoch", conversation),
+            self._key("read", conversation),
             self._key("seq", conversation),
         ]
 

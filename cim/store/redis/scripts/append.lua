@@ -15,10 +15,9 @@
 --
 -- The quota: a sender appends at most `quota` new messages to one
 -- conversation within any max-age window.  Windows are numbered (now /
--- max age); a key per conversation, sender and window counts its messages
--- (written with SET ... PX, expiring after two windows), and the current
--- and previous windows count together.  Messages are counted in order: those past the
--- quota are not appended.
+-- max age); the conversation's hash keeps each sender's count of the
+-- current window and of the one before, which count together.  Messages
+-- are counted in order: those past the quota are not appended.
 --
 -- Epochs: the first append to a conversation that has no epoch record, or
 -- whose record was written by another Redis run (its run_id differs: a
@@ -36,11 +35,14 @@
 -- Needs positions.lua in front.
 
 -- Redis's own cost is mostly its commands (each redis.call costs a few
--- microseconds over its work), so the script reads what the batch needs in
--- few of them: one MGET for every idempotency record, one for every quota
--- count; a conversation's seq before its new epoch is the INCR's reply
--- less one (no GET); its count of messages is only asked (ZCARD) when its
--- oldest message's seq says it may be over max_messages.
+-- microseconds over its work, a write as much again in its copy to the
+-- append-only file, each argument a little), so the script reads what the
+-- batch needs in few of them: one MGET for every idempotency record, one
+-- HMGET per known conversation for its epoch and quota count; it writes a
+-- conversation's epoch, read positions and quota counts in one HSET; a
+-- conversation's seq before its new epoch is the INCR's reply less one
+-- (no GET); its count of messages is only asked (ZCARD) when its oldest
+-- message's seq says it may be over max_messages.
 -- How many of a conversation's oldest messages one append checks for age.
 local AGE_SCAN = 100
 local FIRST = 7
@@ -90,82 +92,106 @@ end
 local sent = {}
 if #sent_keys > 0 then sent = mget(sent_keys) end
 
--- How many more messages each conversation and sender may append, and how
--- many it appends here; the counts of every pair of the batch read at once.
-local budget = {}
-local counted = {}
+-- A conversation's hash (read:<conversation>) holds its epoch record
+-- (id, previous, base, run), its users' read positions (a field per user
+-- id) and its senders' quota counts ("q:<sender id>" -> "<window>:<count>:
+-- <previous window's count>"), all written by one HSET per conversation
+-- and batch.  A conversation whose seq counter starts here (its INCR
+-- answers 1: the counter never expires) has nothing there worth reading:
+-- its first message reads nothing.  Any other reads its epoch's id and run
+-- and its first sender's count in one HMGET after the INCR of its seq
+-- (another sender's count, in one HGET), and gives the seq back (DECR,
+-- within the script: nobody sees it) when the message is refused.
 local window = math.floor(now / max_age)
--- The windows' numbers as digits, made once: a number joined to a string
+-- The window's number as digits, made once: a number joined to a string
 -- is formatted by sprintf each time.
-local this_window = ':' .. string.format('%d', window)
-local last_window = ':' .. string.format('%d', window - 1)
--- Each message's conversation and sender ("<conversation>:<sender id>").
-local pair_of = {}
-local counts = {}
-if quota > 0 then
-  local keys, seen = {}, {}
-  for i = 1, count do
-    local base = FIRST + STRIDE * (i - 1)
-    local pair = ARGV[base + 1] .. ':' .. ARGV[base + 2]
-    pair_of[i] = pair
-    if not seen[pair] then
-      seen[pair] = true
-      keys[#keys + 1] = prefix .. 'quota:' .. pair .. this_window
-      keys[#keys + 1] = prefix .. 'quota:' .. pair .. last_window
-    end
-  end
-  counts = mget(keys)
+local this_window = string.format('%d', window)
+local last_window = string.format('%d', window - 1)
+-- A count's digits (the usual small ones without sprintf).
+local DIGITS = {[0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
+local function digits(n)
+  return DIGITS[n] or string.format('%d', n)
 end
-local function allowed(i)
-  if quota <= 0 then return true end
-  local pair = pair_of[i]
-  local left = budget[pair]
-  if left == nil then
-    left = quota
-        - tonumber(counts[prefix .. 'quota:' .. pair .. this_window] or '0')
-        - tonumber(counts[prefix .. 'quota:' .. pair .. last_window] or '0')
-  end
-  if left <= 0 then
-    budget[pair] = left
-    return false
-  end
-  budget[pair] = left - 1
-  counted[pair] = (counted[pair] or 0) + 1
-  return true
-end
-
--- The epoch of each conversation appended to ({id}; new: it starts here;
--- senders: each sender's highest seq there; first, last: the seqs of its
--- first and last messages here), in the order of their first messages.
+-- Per conversation appended to in this batch: its state ({id}: its
+-- epoch, once its first message is appended; key: its hash; stored_id,
+-- stored_run: its stored epoch's; new: its epoch starts here (previous,
+-- base: the new record's); fresh: its seq started here; sender, seq: its
+-- one sender's highest seq, or senders: each sender's when more than
+-- one; first, last: the seqs of its first and last messages here; quota:
+-- per sender, {left, count, previous}).
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
 if run_id == '' then run_id = nil end
--- seq: the seq just taken (INCR) by the conversation's first message here.
-local function epoch_of(conversation, seq)
-  local e = epochs[conversation]
-  if e then return e end
-  local key = prefix .. 'epoch:' .. conversation
-  -- Only the id and the run: a stored epoch of this run is kept as it is
-  -- (its previous id and base are not needed here), and the id is a new
-  -- one's previous.  (Each field asked costs Redis as much in its reply,
-  -- found or not.)
-  local rec = redis.call('HMGET', key, 'id', 'run')
+
+-- A sender's quota state from its stored count (nil: none).
+local function parse_quota(stored)
+  local count, previous = 0, 0
+  if stored then
+    local w, n, p = string.match(stored, '^(%d+):(%d+):(%d+)$')
+    if w == this_window then
+      count, previous = tonumber(n), tonumber(p)
+    elseif w == last_window then
+      previous = tonumber(n)
+    end
+  end
+  return {quota - count - previous, count, previous}
+end
+
+-- Starts conversation's state in this batch at seq (just taken by INCR)
+-- for sender's message.
+local function state_of(conversation, seq, sender)
+  local c = {false, key = prefix .. 'read:' .. conversation,
+             fresh = seq == 1, new = false, quota = false}
+  if c.fresh then
+    if quota > 0 then c.quota = {[sender] = {quota, 0, 0}} end
+  elseif quota > 0 then
+    local rec = redis.call('HMGET', c.key, 'id', 'run', 'q:' .. sender)
+    c.stored_id, c.stored_run = rec[1], rec[2]
+    c.quota = {[sender] = parse_quota(rec[3])}
+  else
+    local rec = redis.call('HMGET', c.key, 'id', 'run')
+    c.stored_id, c.stored_run = rec[1], rec[2]
+  end
+  epochs[conversation] = c
+  return c
+end
+
+-- A sender's quota state in conversation c: {left, count in this window,
+-- count of the previous one}.
+local function quota_of(c, sender)
+  local q = c.quota[sender]
+  if q then return q end
+  if c.fresh then
+    q = {quota, 0, 0}
+  else
+    q = parse_quota(redis.call('HGET', c.key, 'q:' .. sender))
+  end
+  c.quota[sender] = q
+  return q
+end
+
+-- Learns conversation c's epoch (at its first appended message, seq): a
+-- stored epoch of this run is kept as it is, any other followed by a new
+-- one (written with the read positions).
+local function start_epoch(conversation, c, seq)
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
-  -- (Each table made with all its fields at once: one filled field by
-  -- field grows, and so is made again, at each power of two.)
-  if rec[1] and rec[2] == run_id then
-    e = {rec[1], senders = {}, new = false, first = seq, last = seq}
-  else
-    e = {ARGV[7], senders = {}, new = true, first = seq, last = seq}
-    redis.call('HSET', key, 'id', e[1], 'previous', rec[1] or '',
-               'base', string.format('%d', seq - 1), 'run', run_id)
-  end
-  epochs[conversation] = e
+  c.first = seq
   order[#order + 1] = conversation
-  return e
+  if c.stored_id and c.stored_run == run_id then
+    c[1] = c.stored_id
+  else
+    -- (A conversation's first message ever has no record worth reading: a
+    -- stray one's id, as previous with base 0, would vouch for no seq.)
+    c[1], c.new = ARGV[7], true
+    if c.fresh then
+      c.previous, c.base = '', '0'
+    else
+      c.previous, c.base = c.stored_id or '', string.format('%d', seq - 1)
+    end
+  end
 end
 
 -- One INCRBY reserves ids for the whole batch (a retry leaves its id unused).
@@ -187,40 +213,58 @@ for i = 1, count do
     local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
                               seq, seq)
     local epoch = epochs[conv]
-    epoch = epoch and epoch[1]
-        or redis.call('HGET', prefix .. 'epoch:' .. conv, 'id') or ''
+    epoch = epoch and epoch.first and epoch[1]
+        or redis.call('HGET', prefix .. 'read:' .. conv, 'id') or ''
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
     appended[i] = ''
-  elseif not allowed(i) then
-    appended[i] = 'q'
   else
-    local n = redis.call('INCR', prefix .. 'seq:' .. conversation)
-    local e = epoch_of(conversation, n)
-    local msg_id = string.format('%d', first_id + i)
-    local seq = string.format('%d', n)
-    redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
-               '{"i":' .. msg_id .. ',"q":' .. seq .. ','
-               .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. e[1] .. '"}')
-    if sent_id ~= '' then
-      local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
-      redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
-      just_sent[sent_id] = record
+    local sender = ARGV[base + 2]
+    local c = epochs[conversation]
+    local n = nil
+    if not c then
+      n = redis.call('INCR', prefix .. 'seq:' .. conversation)
+      c = state_of(conversation, n, sender)
     end
-    e.senders[ARGV[base + 2]] = seq
-    e.last = n
-    appended[i] = msg_id .. ':' .. seq
+    local ok = true
+    if quota > 0 then
+      local q = quota_of(c, sender)
+      if q[1] <= 0 then
+        ok = false
+      else
+        q[1] = q[1] - 1
+        q[2] = q[2] + 1
+      end
+    end
+    if not ok then
+      if n then redis.call('DECR', prefix .. 'seq:' .. conversation) end
+      appended[i] = 'q'
+    else
+      if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
+      if not c.first then start_epoch(conversation, c, n) end
+      local msg_id = string.format('%d', first_id + i)
+      local seq = string.format('%d', n)
+      redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
+                 '{"i":' .. msg_id .. ',"q":' .. seq .. ','
+                 .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. c[1] .. '"}')
+      if sent_id ~= '' then
+        local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
+        redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
+        just_sent[sent_id] = record
+      end
+      -- (One sender, the usual case, needs no table of senders.)
+      if c.senders then
+        c.senders[sender] = seq
+      elseif c.sender == nil or c.sender == sender then
+        c.sender, c.seq = sender, seq
+      else
+        c.senders = {[c.sender] = c.seq, [sender] = seq}
+      end
+      c.last = n
+      appended[i] = msg_id .. ':' .. seq
+    end
   end
-end
-
--- The window's count, read above, plus this batch's (as INCRBY would, and
--- its expiry renewed as PEXPIRE would), in one command.
-local quota_ttl = string.format('%d', 2 * max_age)
-for pair, n in pairs(counted) do
-  local key = prefix .. 'quota:' .. pair .. this_window
-  redis.call('SET', key, string.format('%d', tonumber(counts[key] or '0') + n),
-             'PX', quota_ttl)
 end
 
 -- A pair conversation's two users, or nil (as cim.message.pair_members).
@@ -238,24 +282,52 @@ for _, conversation in ipairs(order) do
   epoch_ids[#epoch_ids + 1] = e[1]
   -- A sender's message is the conversation's last: its seq is above any
   -- read position of the epoch (they are at most the last seq), and above
-  -- the base of a new one, so it raises the sender's without reading it
-  -- (every sender's in one HSET).
-  -- (One sender, the usual case, needs no table of arguments.)
-  local sender, seq = next(e.senders)
-  if next(e.senders, sender) == nil then
-    if e[1] ~= '' then seq = e[1] .. ':' .. seq end
-    redis.call('HSET', prefix .. 'read:' .. conversation, sender, seq)
-  else
-    local read = {}
-    for sender, seq in pairs(e.senders) do
-      read[#read + 1] = sender
-      if e[1] == '' then
-        read[#read + 1] = seq
+  -- the base of a new one, so it raises the sender's without reading it:
+  -- every sender's, with their quota counts and a new epoch's record, in
+  -- one HSET.  (One sender of a known epoch, the usual case, needs no
+  -- table of arguments.)
+  local prefix_id = ''
+  if e[1] ~= '' then prefix_id = e[1] .. ':' end
+  if not e.senders then
+    local sender = e.sender
+    local q = e.quota and e.quota[sender]
+    if q then q = this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3]) end
+    if not e.new then
+      if q then
+        redis.call('HSET', e.key, sender, prefix_id .. e.seq, 'q:' .. sender, q)
       else
-        read[#read + 1] = e[1] .. ':' .. seq
+        redis.call('HSET', e.key, sender, prefix_id .. e.seq)
+      end
+    elseif q and e.fresh then
+      -- (Neither previous nor base: without them the base is 0, and a
+      -- previous epoch with base 0 vouches for no seq.)
+      redis.call('HSET', e.key, 'id', e[1], 'run', run_id,
+                 sender, prefix_id .. e.seq, 'q:' .. sender, q)
+    elseif q then
+      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
+                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq,
+                 'q:' .. sender, q)
+    else
+      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
+                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq)
+    end
+  else
+    local fields = {}
+    if e.new then
+      fields = {'id', e[1], 'previous', e.previous, 'base', e.base,
+                'run', run_id}
+    end
+    for sender, seq in pairs(e.senders) do
+      fields[#fields + 1] = sender
+      fields[#fields + 1] = prefix_id .. seq
+      if quota > 0 then
+        local q = e.quota[sender]
+        fields[#fields + 1] = 'q:' .. sender
+        fields[#fields + 1] = this_window .. ':' .. digits(q[2]) .. ':'
+            .. digits(q[3])
       end
     end
-    redis.call('HSET', prefix .. 'read:' .. conversation, unpack(read))
+    redis.call('HSET', e.key, unpack(fields))
   end
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.

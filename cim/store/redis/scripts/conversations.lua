@@ -10,19 +10,20 @@
 local uid, prefix = ARGV[1], ARGV[2]
 local found = {}
 local function add(conversation, group_id, peer)
-  local rec = redis.call('HMGET', prefix .. 'epoch:' .. conversation,
-                         'id', 'previous', 'base')
-  local read_key = prefix .. 'read:' .. conversation
-  local peer_read = ''
+  -- The conversation's hash holds its epoch record and read positions.
+  local rec
   if peer then
-    peer_read = redis.call('HGET', read_key, peer) or ''
+    rec = redis.call('HMGET', prefix .. 'read:' .. conversation,
+                     'id', 'previous', 'base', uid, peer)
   else
-    peer_read = redis.call('HGET', prefix .. 'joined:' .. group_id, uid) or ''
+    rec = redis.call('HMGET', prefix .. 'read:' .. conversation,
+                     'id', 'previous', 'base', uid)
+    rec[5] = redis.call('HGET', prefix .. 'joined:' .. group_id, uid)
   end
   for _, v in ipairs({conversation, group_id, rec[1] or '', rec[2] or '',
                       rec[3] or '',
                       redis.call('GET', prefix .. 'seq:' .. conversation) or '0',
-                      redis.call('HGET', read_key, uid) or '', peer_read}) do
+                      rec[4] or '', rec[5] or ''}) do
     found[#found + 1] = v
   end
 end
