@@ -39,6 +39,7 @@ from cim.interfaces import BusError, IBus, ILocalDelivery, IPusher
 from cim.message import ChatMessage
 from cim.metrics import Metrics
 from cim.pushapi import PushItem, ReadEvent
+from cim.store.redis.records import decode_message
 
 __all__ = [
     "BusError",
@@ -47,6 +48,7 @@ __all__ = [
     "IBus",
     "MemoryBus",
     "MemoryHub",
+    "decode_feed",
     "open_bus",
 ]
 
@@ -432,6 +434,9 @@ class BusReceiver:
         Apply one payload's items in order.
         """
         self.m_received.inc()
+        if payload[:1] == b"\0":
+            self._fed(payload)
+            return
         try:
             items = codec.decode_push(payload)
         except codec.CodecError as e:
@@ -448,3 +453,61 @@ class BusReceiver:
                 deliver_item(local, item)
             except Exception:
                 self.log.failure("Delivering a bus payload's item failed")
+
+    def _fed(self, payload: bytes) -> None:
+        """
+        Deliver a group feed's payload (L{decode_feed}) in order.
+        """
+        try:
+            runs = decode_feed(payload)
+        except ValueError as e:
+            self.m_malformed.inc()
+            self.log.warn(
+                "Dropped a malformed group feed payload ({size} bytes): {error}",
+                size=len(payload),
+                error=str(e),
+            )
+            return
+        local = self.local
+        for messages, users in runs:
+            try:
+                local.deliver_local(messages, users)
+            except Exception:
+                self.log.failure("Delivering a group feed's messages failed")
+
+
+def decode_feed(payload: bytes) -> list[tuple[list[ChatMessage], list[int]]]:
+    """
+    The messages of a group feed's payload (published by the Redis store's
+    append script: L{cim.store.redis.store.RedisStore.append}'s C{feed}),
+    in order, as runs of messages of one conversation with their users.
+
+    The payload: a NUL line; the lists of users (C{U} then their ids
+    joined by commas); then a line per message, C{<list>\t<conversation>\t
+    <stored member>} (L{cim.store.redis.records}), the list numbered from
+    1 in the order given.
+
+    @raise ValueError: it does not decode.
+    """
+    lines = payload.decode("utf-8").split("\n")
+    if lines[0] != "\0":
+        raise ValueError("not a group feed")
+    lists: list[list[int]] = []
+    runs: list[tuple[list[ChatMessage], list[int]]] = []
+    last: tuple[int, str] | None = None
+    try:
+        for line in lines[1:]:
+            if line[:1] == "U":
+                lists.append([int(uid) for uid in line[1:].split(",") if uid])
+                continue
+            ref, conversation, member = line.split("\t", 2)
+            message = decode_message(conversation, member)
+            key = (int(ref), conversation)
+            if key == last:
+                runs[-1][0].append(message)
+            else:
+                runs.append(([message], lists[key[0] - 1]))
+                last = key
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"bad group feed: {e!r}") from None
+    return runs
