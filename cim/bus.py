@@ -23,6 +23,7 @@ Every method runs in the reactor thread.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ __all__ = [
     "MemoryBus",
     "MemoryHub",
     "decode_feed",
+    "encode_feed",
     "open_bus",
 ]
 
@@ -474,6 +476,40 @@ class BusReceiver:
                 local.deliver_local(messages, users)
             except Exception:
                 self.log.failure("Delivering a group feed's messages failed")
+
+
+def encode_feed(fed: Sequence[tuple[ChatMessage, Sequence[int]]]) -> bytes:
+    """
+    A group feed's payload (L{decode_feed}) of C{fed}'s messages, each with
+    its users, as the Redis store's append script writes it (the memory
+    store's feed: L{cim.store.memory.MemoryStore.feed_bus}).
+    """
+    lists: dict[int, int] = {}
+    head = ["\0"]
+    lines = []
+    for message, users in fed:
+        ref = lists.get(id(users))
+        if ref is None:
+            head.append("U" + ",".join(map(str, users)))
+            ref = lists[id(users)] = len(lists) + 1
+        record: dict[str, Any] = {
+            "i": message.msg_id,
+            "q": message.seq,
+            "ts": message.timestamp,
+            "s": message.sender_id,
+            "n": message.sender_name,
+            "t": message.text,
+        }
+        if message.client_msg_id:
+            record["c"] = message.client_msg_id
+        if message.receive_user_id:
+            record["r"] = message.receive_user_id
+        if message.group_id:
+            record["g"] = message.group_id
+        record["e"] = message.epoch
+        member = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        lines.append(f"{ref}\t{message.conversation}\t{member}")
+    return "\n".join(head + lines).encode("utf-8", "surrogateescape")
 
 
 def decode_feed(payload: bytes) -> list[tuple[list[ChatMessage], list[int]]]:

@@ -668,3 +668,37 @@ def test_a_group_feed_reaches_the_members_held_there_and_a_bad_one_is_dropped() 
     servers.clock.advance(0)
     assert servers.receiver.m_malformed.value == 1
     assert bob.texts() == ["one", "two"]
+
+
+def test_the_memory_store_feeds_as_the_redis_store_does() -> None:
+    """
+    With a C{feed_bus}, the memory store's append publishes what it fed,
+    in the order stored, to every server holding sessions (one payload
+    per append); a retry's original is not published again, nor a
+    message not fed.
+    """
+    from cim.interfaces import NewMessage
+    from cim.store.memory import MemoryStore
+
+    clock = Clock()
+    store = MemoryStore(clock)
+    hub = MemoryHub()
+    assert not store.feeds
+    store.feed_bus = hub.bus(clock)
+    assert store.feeds
+    got: list[bytes] = []
+    hub.bus(clock).subscribe("s1", got.append, lambda: None)
+    clock.advance(0)
+    uid = store.register("alice").result.user_id
+    store.claim_session(uid, "alice", "s1", 60)
+    members = [uid, 99]
+    first = NewMessage("g:g1", uid, "alice", "one", client_msg_id="c1", group_id="g1")
+    second = NewMessage("g:g1", uid, "alice", "two", group_id="g1")
+    private = NewMessage(pair_conversation(uid, 99), uid, "alice", "p")
+    stored = store.append([first, private, second], feed=[members, None, members])
+    store.append([first], feed=[members])
+    clock.advance(0)
+    [payload] = got
+    [(messages, users)] = decode_feed(payload)
+    assert messages == [stored.result[0], stored.result[2]]
+    assert users == members

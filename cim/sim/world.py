@@ -261,6 +261,7 @@ class ServerProc:
         self.server = server
         if bus is not None:
             await BusReceiver(bus, server.here, server, server.resync_all).start()
+            server.delivery.feed = world.group_feed
         await self.registry.start()
         await self.registry.register(self.address)
         self.janitor = DeadServerJanitor(
@@ -601,6 +602,12 @@ class World:
         #: are delivered.  (Drawn from a generator of its own: the seeds
         #: play what they played before.)
         self.broadcast_from = random.Random(seed * 7919 + 1).choice([None, 2])
+        #: Whether a group's messages reach the servers from the store's
+        #: feed (the append publishing them on the bus in its order, as the
+        #: Redis store does), in the worlds that broadcast them.
+        self.group_feed = self.server_push == "bus" and self.broadcast_from is not None
+        if self.group_feed:
+            self.box.store.feed_bus = self.bus.bus(self.store_node)
         self.servers = [ServerProc(self, i) for i in range(3)]
         self.route = RouteProc(self)
         self.users = [User(i, f"user{i}") for i in range(users)]
