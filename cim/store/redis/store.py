@@ -999,7 +999,8 @@ class RedisStore:
         by_text: dict[str, int] = {}
         refs = []
         for users in feed:
-            if users is None:
+            if not users:
+                # (Nobody to deliver to: an empty list would be no line.)
                 refs.append("0")
                 continue
             ref = lists.get(id(users))
