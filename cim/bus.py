@@ -23,6 +23,7 @@ Every method runs in the reactor thread.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from cim.interfaces import BusError, IBus, ILocalDelivery, IPusher
 from cim.message import ChatMessage
 from cim.metrics import Metrics
 from cim.pushapi import PushItem, ReadEvent
+from cim.store.redis.records import decode_message
 
 __all__ = [
     "BusError",
@@ -47,6 +49,8 @@ __all__ = [
     "IBus",
     "MemoryBus",
     "MemoryHub",
+    "decode_feed",
+    "encode_feed",
     "open_bus",
 ]
 
@@ -432,6 +436,9 @@ class BusReceiver:
         Apply one payload's items in order.
         """
         self.m_received.inc()
+        if payload[:1] == b"\0":
+            self._fed(payload)
+            return
         try:
             items = codec.decode_push(payload)
         except codec.CodecError as e:
@@ -448,3 +455,95 @@ class BusReceiver:
                 deliver_item(local, item)
             except Exception:
                 self.log.failure("Delivering a bus payload's item failed")
+
+    def _fed(self, payload: bytes) -> None:
+        """
+        Deliver a group feed's payload (L{decode_feed}) in order.
+        """
+        try:
+            runs = decode_feed(payload)
+        except ValueError as e:
+            self.m_malformed.inc()
+            self.log.warn(
+                "Dropped a malformed group feed payload ({size} bytes): {error}",
+                size=len(payload),
+                error=str(e),
+            )
+            return
+        local = self.local
+        for messages, users in runs:
+            try:
+                local.deliver_local(messages, users)
+            except Exception:
+                self.log.failure("Delivering a group feed's messages failed")
+
+
+def encode_feed(fed: Sequence[tuple[ChatMessage, Sequence[int]]]) -> bytes:
+    """
+    A group feed's payload (L{decode_feed}) of C{fed}'s messages, each with
+    its users, as the Redis store's append script writes it (the memory
+    store's feed: L{cim.store.memory.MemoryStore.feed_bus}).
+    """
+    lists: dict[int, int] = {}
+    head = ["\0"]
+    lines = []
+    for message, users in fed:
+        ref = lists.get(id(users))
+        if ref is None:
+            head.append("U" + ",".join(map(str, users)))
+            ref = lists[id(users)] = len(lists) + 1
+        record: dict[str, Any] = {
+            "i": message.msg_id,
+            "q": message.seq,
+            "ts": message.timestamp,
+            "s": message.sender_id,
+            "n": message.sender_name,
+            "t": message.text,
+        }
+        if message.client_msg_id:
+            record["c"] = message.client_msg_id
+        if message.receive_user_id:
+            record["r"] = message.receive_user_id
+        if message.group_id:
+            record["g"] = message.group_id
+        record["e"] = message.epoch
+        member = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        lines.append(f"{ref}\t{message.conversation}\t{member}")
+    return "\n".join(head + lines).encode("utf-8", "surrogateescape")
+
+
+def decode_feed(payload: bytes) -> list[tuple[list[ChatMessage], list[int]]]:
+    """
+    The messages of a group feed's payload (published by the Redis store's
+    append script: L{cim.store.redis.store.RedisStore.append}'s C{feed}),
+    in order, as runs of messages of one conversation with their users.
+
+    The payload: a NUL line; the lists of users (C{U} then their ids
+    joined by commas); then a line per message, C{<list>\t<conversation>\t
+    <stored member>} (L{cim.store.redis.records}), the list numbered from
+    1 in the order given.
+
+    @raise ValueError: it does not decode.
+    """
+    lines = payload.decode("utf-8").split("\n")
+    if lines[0] != "\0":
+        raise ValueError("not a group feed")
+    lists: list[list[int]] = []
+    runs: list[tuple[list[ChatMessage], list[int]]] = []
+    last: tuple[int, str] | None = None
+    try:
+        for line in lines[1:]:
+            if line[:1] == "U":
+                lists.append([int(uid) for uid in line[1:].split(",") if uid])
+                continue
+            ref, conversation, member = line.split("\t", 2)
+            message = decode_message(conversation, member)
+            key = (int(ref), conversation)
+            if key == last:
+                runs[-1][0].append(message)
+            else:
+                runs.append(([message], lists[key[0] - 1]))
+                last = key
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
+        raise ValueError(f"bad group feed: {e!r}") from None
+    return runs

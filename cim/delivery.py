@@ -60,6 +60,19 @@ _Local = Callable[[Sequence[int]], list[int]]
 _Push = Callable[[str, Sequence[int]], "Deferred[list[int]]"]
 
 
+class _Fed(list[NewMessage]):
+    """
+    Messages to append whose store publishes them to C{users} (the group
+    feed: L{Delivery.append_fed}).
+    """
+
+    __slots__ = ("users",)
+
+    def __init__(self, messages: list[NewMessage], users: Sequence[int]) -> None:
+        super().__init__(messages)
+        self.users = users
+
+
 @dataclass(slots=True)
 class DeliveryReport:
     """
@@ -257,6 +270,9 @@ class Delivery:
             raise ValueError("broadcast_from must be at least 1")
         self.store = store
         self.broadcast_from = broadcast_from
+        #: Whether the store's group feed delivers groups' messages
+        #: (L{fans_out}).
+        self.feed = False
         self.pusher = pusher
         self.local = local
         self.here = here
@@ -355,8 +371,32 @@ class Delivery:
 
     # Appending
 
+    def fans_out(self, messages: Sequence[NewMessage], user_ids: Sequence[int]) -> bool:
+        """
+        Whether the store's group feed carries C{messages} to C{user_ids}
+        (L{append_fed}): a group's, to C{broadcast_from} users or more,
+        when the feed is on (C{feed}: the IM server sets it when it gets
+        pushes over the bus from a store that feeds).
+        """
+        return (
+            self.feed
+            and self.broadcast_from is not None
+            and len(user_ids) >= self.broadcast_from
+            and bool(messages)
+            and bool(messages[0].group_id)
+        )
+
     def _append_batch(self, requests: list[list[NewMessage]]) -> Deferred:
         flat = [m for request in requests for m in request]
+        if any(type(request) is _Fed for request in requests):
+            feed = [
+                request.users if type(request) is _Fed else None  # type: ignore[attr-defined]
+                for request in requests
+                for _ in request
+            ]
+            d: Deferred = self.store.append(flat, feed=feed)
+        else:
+            d = self.store.append(flat)
 
         def split(stored: list[ChatMessage]) -> list[list[ChatMessage]]:
             if len(requests) == 1:
@@ -382,7 +422,6 @@ class Delivery:
                     out.append(part)
             return out
 
-        d: Deferred = self.store.append(flat)
         return d.addCallbacks(split, refused)
 
     def append(self, messages: list[NewMessage]) -> Deferred[list[ChatMessage]]:
@@ -406,6 +445,21 @@ class Delivery:
         of TCP sends, without a Deferred per message.
         """
         self._appender.submit(messages, done)
+
+    def append_fed(
+        self,
+        messages: list[NewMessage],
+        user_ids: Sequence[int],
+        done: Callable[[list[ChatMessage] | Failure], object],
+    ) -> None:
+        """
+        Like L{append_callback}, and the store publishes the messages it
+        appends to every server holding sessions, in the order it stores
+        them, for those of C{user_ids} each holds (the group feed, when
+        L{fans_out}): they are then delivered from there, here too, not
+        by L{send_out}.
+        """
+        self._appender.submit(_Fed(messages, user_ids), done)
 
     # Delivering
 

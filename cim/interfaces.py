@@ -750,9 +750,25 @@ class IMessages(Interface):
         "before it appends."
     )
 
-    def append(messages: Sequence[NewMessage]) -> Deferred[list[ChatMessage]]:
+    feeds = Attribute(
+        "Whether L{append} takes a C{feed}: the messages appended for a "
+        "list of users are then published, in the order stored, to every "
+        "server holding sessions (the group feed).  A store that does not "
+        "feed may have no such attribute."
+    )
+
+    def append(
+        messages: Sequence[NewMessage],
+        feed: Sequence[Sequence[int] | None] | None = None,
+    ) -> Deferred[list[ChatMessage]]:
         """
         Append each message to its conversation, in order.
+
+        With a C{feed} (one entry per message: the users it is for, or
+        C{None}) and when L{feeds}, the new messages with users are also
+        published on the message bus to every server holding sessions, in
+        the order stored, in one payload per server; a store that does not
+        feed ignores it.
 
         Each sender may append at most C{retention.sender_quota} new
         messages to one conversation within any C{retention.max_age}

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from cim import codec
-from cim.bus import BusPusher, BusReceiver, MemoryBus, MemoryHub
+from cim.bus import BusPusher, BusReceiver, MemoryBus, MemoryHub, decode_feed
 from cim.interfaces import BusError, IBus, IPusher
 from cim.message import ChatMessage, Command, Frame, pair_conversation
 from cim.pushapi import ReadEvent, push_request
@@ -598,3 +598,107 @@ def test_a_device_whose_session_the_store_lost_is_caught_up_at_the_renewal() -> 
             peer.send(Frame(cmd=Command.PING))
     assert servers.world.store._session(bob_id, "") is not None
     assert bob.texts() == ["while you were gone"]
+
+
+# The Redis store's group feed, as it reaches a server
+
+
+def _feed(*lines: str) -> bytes:
+    # A payload as append.lua publishes it.
+    return "\n".join(["\0", *lines]).encode("utf-8")
+
+
+def _member(msg_id: int, seq: int, text: str) -> str:
+    return json.dumps(
+        {"i": msg_id, "q": seq, "ts": 1000, "s": 7, "n": "x", "t": text, "g": "g1"},
+        separators=(",", ":"),
+    )
+
+
+def test_a_group_feed_payload_decodes_in_runs_of_one_list_and_conversation() -> None:
+    runs = decode_feed(
+        _feed(
+            "U1,2,3",
+            "U4",
+            "1\tg:g1\t" + _member(10, 1, "a\tb\nc"),
+            "1\tg:g1\t" + _member(11, 2, "two"),
+            "2\tg:g2\t" + _member(12, 1, "other"),
+            "1\tg:g1\t" + _member(13, 3, "three"),
+        )
+    )
+    assert [([m.text for m in ms], users) for ms, users in runs] == [
+        (["a\tb\nc", "two"], [1, 2, 3]),
+        (["other"], [4]),
+        (["three"], [1, 2, 3]),
+    ]
+    assert [m.seq for m in runs[0][0]] == [1, 2]
+    assert runs[0][0][0].conversation == "g:g1"
+    assert runs[0][0][0].group_id == "g1"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\0\nU1\n3\tg:g1\t{}",
+        b"\0\nU1\n1\tg:g1\tnot json",
+        b"\0\nU1\n1 g:g1",
+        b"\0\nU1\n1\tg:g1\t" + b'{"i":1}',
+        b"\0\xff",
+    ],
+)
+def test_a_malformed_group_feed_payload_is_a_value_error(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_feed(payload)
+
+
+def test_a_group_feed_reaches_the_members_held_there_and_a_bad_one_is_dropped() -> None:
+    servers = TwoServers()
+    bob, bob_id = servers.login_there("bob")
+    servers.world.store.create_group("g1", bob_id)
+    bus = servers.hub.bus(servers.clock)
+    bus.publish(servers.there.here, b"\0\nU1\n1\tg:g1\tnope")
+    bus.publish(
+        servers.there.here,
+        _feed(
+            f"U{bob_id + 100},{bob_id}",
+            "1\tg:g1\t" + _member(10, 1, "one"),
+            "1\tg:g1\t" + _member(11, 2, "two"),
+        ),
+    )
+    servers.clock.advance(0)
+    assert servers.receiver.m_malformed.value == 1
+    assert bob.texts() == ["one", "two"]
+
+
+def test_the_memory_store_feeds_as_the_redis_store_does() -> None:
+    """
+    With a C{feed_bus}, the memory store's append publishes what it fed,
+    in the order stored, to every server holding sessions (one payload
+    per append); a retry's original is not published again, nor a
+    message not fed.
+    """
+    from cim.interfaces import NewMessage
+    from cim.store.memory import MemoryStore
+
+    clock = Clock()
+    store = MemoryStore(clock)
+    hub = MemoryHub()
+    assert not store.feeds
+    store.feed_bus = hub.bus(clock)
+    assert store.feeds
+    got: list[bytes] = []
+    hub.bus(clock).subscribe("s1", got.append, lambda: None)
+    clock.advance(0)
+    uid = store.register("alice").result.user_id
+    store.claim_session(uid, "alice", "s1", 60)
+    members = [uid, 99]
+    first = NewMessage("g:g1", uid, "alice", "one", client_msg_id="c1", group_id="g1")
+    second = NewMessage("g:g1", uid, "alice", "two", group_id="g1")
+    private = NewMessage(pair_conversation(uid, 99), uid, "alice", "p")
+    stored = store.append([first, private, second], feed=[members, None, members])
+    store.append([first], feed=[members])
+    clock.advance(0)
+    [payload] = got
+    [(messages, users)] = decode_feed(payload)
+    assert messages == [stored.result[0], stored.result[2]]
+    assert users == members

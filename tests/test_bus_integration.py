@@ -17,9 +17,9 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, DeferredQueue
 from zope.interface.verify import verifyObject
 
-from cim.bus import BusPusher
+from cim.bus import BusPusher, decode_feed
 from cim.client.library import Client
-from cim.interfaces import BusError, IBus
+from cim.interfaces import BusError, IBus, NewMessage
 from cim.message import pair_conversation
 from cim.pusher import HttpPusher
 from cim.route.service import RouteConfig, RouteService
@@ -221,9 +221,12 @@ class BusCluster(RealCluster):
     L{RealCluster} with the servers' and the route's C{push} option.
     """
 
-    def __init__(self, *args: Any, push: str = "bus") -> None:
+    def __init__(
+        self, *args: Any, push: str = "bus", broadcast_from: int | None = 32
+    ) -> None:
         super().__init__(*args)
         self.push = push
+        self.broadcast_from = broadcast_from
 
     async def start(self) -> None:
         store = await self._store()
@@ -232,7 +235,13 @@ class BusCluster(RealCluster):
         for _ in range(2):
             service = IMServerService(
                 self.reactor,
-                ServerConfig(port=0, http_port=0, secret=SECRET, push=self.push),
+                ServerConfig(
+                    port=0,
+                    http_port=0,
+                    secret=SECRET,
+                    push=self.push,
+                    broadcast_from=self.broadcast_from,
+                ),
                 self._store,
                 self._registry(),
             )
@@ -348,6 +357,43 @@ async def test_what_is_pushed_while_the_subscription_is_lost_arrives(
     assert got.text == "live"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_groups_messages_reach_every_server_in_the_stores_order(
+    reactor: Any, redis_url: str, zk_url: str, tmp_path: Path
+) -> None:
+    """
+    With C{broadcast_from} reached, a group's messages are published by
+    the append itself to every server (the group feed), in the order they
+    are stored: the members on both servers get every message of both
+    senders once, in seq order, and the senders their echo; the servers
+    push nothing of them themselves.
+    """
+    cluster = BusCluster(reactor, redis_url, zk_url, tmp_path, broadcast_from=2)
+    try:
+        await cluster.start()
+        alice, alice_events, bob, bob_events = await two_users(cluster)
+        for service in cluster.servers:
+            assert service.server is not None and service.server.delivery.feed
+        await within(reactor, alice.create_group("feed", policy="open"))
+        assert await within(reactor, bob.join_group("feed"))
+        sends = []
+        for i in range(10):
+            sends.append(alice.send_group("feed", f"a{i}"))
+            sends.append(bob.send_group("feed", f"b{i}"))
+        for d in sends:
+            await within(reactor, d)
+        for events in (alice_events, bob_events):
+            got = await take_messages(reactor, events, 20)
+            assert [m.seq for m in got] == list(range(1, 21))
+            texts = [m.text for m in got]
+            assert sorted(texts) == sorted(f"{w}{i}" for w in "ab" for i in range(10))
+            assert [t for t in texts if t[0] == "a"] == [f"a{i}" for i in range(10)]
+        for service in cluster.servers:
+            assert pusher_of(service).publishes == 0
+    finally:
+        await cluster.stop()
+
+
 @pytest.mark.parametrize("push", ["http"])
 @pytest_twisted.ensureDeferred
 async def test_push_http_keeps_the_push_api(
@@ -366,3 +412,52 @@ async def test_push_http_keeps_the_push_api(
         assert got.text == "over http"
     finally:
         await cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_append_script_publishes_what_it_fed_in_order(
+    reactor: Any, redis_url: str
+) -> None:
+    """
+    The Redis store's group feed: one payload per append to every server
+    of the C{servers} set, with the messages appended for a list of users
+    in the order stored; a message not fed, or a retry (published when
+    it was appended), is not in it.
+    """
+    from cim.store.redis import connect_redis
+
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    address = parse_redis_url(redis_url)
+    store = await connect_redis(redis_url, clock=reactor, prefix=prefix, poolsize=1)
+    bus = RedisBus(reactor, address, prefix)
+    try:
+        await store._command("SADD", prefix + "servers", "s1", "s2")
+        got: DeferredQueue[bytes] = DeferredQueue()
+        await within(reactor, bus.subscribe("s1", got.put, lambda: None))
+        members = [1, 2, 3]
+        group = [NewMessage("g:g1", 1, "a", f"m{i}", group_id="g1") for i in range(3)]
+        group[0] = NewMessage("g:g1", 1, "a", "m0", client_msg_id="c0", group_id="g1")
+        private = NewMessage("p:1:2", 1, "a", "p", receive_user_id=2)
+        stored = await store.append(
+            [group[0], private, group[1]], feed=[members, None, members]
+        )
+        runs = decode_feed(await within(reactor, got.get()))
+        assert [([m.text for m in ms], users) for ms, users in runs] == [
+            (["m0", "m1"], members)
+        ]
+        assert runs[0][0] == [stored[0], stored[2]]
+        # A retry of m0 (published already) with m2.
+        again = await store.append([group[0], group[2]], feed=[[1, 2], [1, 2]])
+        assert again[0] == stored[0]
+        runs = decode_feed(await within(reactor, got.get()))
+        assert [([m.seq for m in ms], users) for ms, users in runs] == [([3], [1, 2])]
+        # Nothing fed, nothing published.
+        await store.append([private], feed=[None])
+        await store.append([group[2]])
+        last = NewMessage("g:g1", 1, "a", "last", group_id="g1")
+        await store.append([last], feed=[members])
+        runs = decode_feed(await within(reactor, got.get()))
+        assert [[m.text for m in ms] for ms, _ in runs] == [["last"]]
+    finally:
+        await bus.close()
+        await store.close()

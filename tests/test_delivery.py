@@ -573,3 +573,64 @@ def test_the_session_cache_option_reaches_both_daemons() -> None:
     assert server.delivery.sessions.size == 5
     server = IMServer(clock, MemoryStore(clock), address, Pusher(), session_cache=0)
     assert server.delivery.sessions is None
+
+
+# The store's group feed
+
+
+class FeedingStore(MemoryStore):
+    """
+    Records the C{feed} of each append (as the Redis store takes it).
+    """
+
+    feeds = True
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.fed: list[list[Sequence[int] | None] | None] = []
+
+    def append(self, messages, feed=None):  # type: ignore[no-untyped-def]
+        self.fed.append(None if feed is None else list(feed))
+        return super().append(messages)
+
+
+def test_only_a_groups_messages_to_broadcast_from_users_are_fed() -> None:
+    clock = Clock()
+    delivery = Delivery(FeedingStore(clock), Pusher(), clock=clock, broadcast_from=2)
+    group = [NewMessage("g:g1", 1, "a", "hi", group_id="g1")]
+    private = [NewMessage(pair_conversation(1, 2), 1, "a", "hi", receive_user_id=2)]
+    assert not delivery.fans_out(group, [1, 2])  # the feed is off
+    delivery.feed = True
+    assert delivery.fans_out(group, [1, 2])
+    assert not delivery.fans_out(group, [1])
+    assert not delivery.fans_out(private, [1, 2])
+    delivery.broadcast_from = None
+    assert not delivery.fans_out(group, [1, 2])
+
+
+def test_a_fed_append_gives_the_store_each_messages_users() -> None:
+    clock = Clock()
+    store = FeedingStore(clock)
+    delivery = Delivery(store, Pusher(), clock=clock, broadcast_from=2, per_turn=True)
+    delivery.feed = True
+    got: list[object] = []
+    members = [1, 2, 3]
+    private = [NewMessage(pair_conversation(1, 2), 1, "a", "p", receive_user_id=2)]
+    fed = [
+        NewMessage("g:g1", 1, "a", "one", group_id="g1"),
+        NewMessage("g:g1", 1, "a", "two", group_id="g1"),
+    ]
+    delivery.append_callback(private, got.append)
+    delivery.append_fed(fed, members, got.append)
+    delivery.append_callback(private, got.append)
+    clock.advance(0)
+    assert store.fed == [[None, members, members, None]]
+    assert [[m.text for m in stored] for stored in got] == [  # type: ignore[attr-defined]
+        ["p"],
+        ["one", "two"],
+        ["p"],
+    ]
+    # Without a fed request, the store is asked as any store.
+    delivery.append_callback(private, got.append)
+    clock.advance(0)
+    assert store.fed[-1] is None

@@ -249,7 +249,14 @@ class Sender:
         delivers it once stored.
         """
         messages, recipients = prepared
-        self.delivery.append_callback(
+        delivery = self.delivery
+        if delivery.fans_out(messages, recipients):
+            # The store publishes them to every server, in its order.
+            delivery.append_fed(
+                messages, recipients, partial(self._appended, conn, frame, None)
+            )
+            return
+        delivery.append_callback(
             messages, partial(self._appended, conn, frame, recipients)
         )
 
@@ -257,9 +264,10 @@ class Sender:
         self,
         conn: Connection,
         frame: Frame,
-        recipients: list[int],
+        recipients: list[int] | None,
         stored: list[ChatMessage] | Failure,
     ) -> None:
+        # recipients: None when the store's group feed delivers them.
         if isinstance(stored, Failure):
             if isinstance(stored.value, QuotaExceeded):
                 # Not a store failure: this send is refused for good (the
@@ -268,13 +276,14 @@ class Sender:
                 # all the same (they hold seqs: the streams need them).
                 self._refuse(conn, frame, ErrorCode.RATE_LIMITED, stored.value.message)
                 kept = [m for m in stored.value.results if m is not None]
-                if kept:
+                if kept and recipients is not None:
                     self.delivery.send_out(kept, recipients)
                 return
             self._failed(stored, conn, frame)
             return
         conn.send(wire.acknowledgement(frame.client_msg_id, stored))
-        self.delivery.send_out(stored, recipients)
+        if recipients is not None:
+            self.delivery.send_out(stored, recipients)
 
     def _refuse(
         self, conn: Connection, frame: Frame, code: ErrorCode, reason: str

@@ -258,6 +258,9 @@ class IMServerService(AsyncStartService):
                 self.bus, server.here, server, server.resync_all, server.metrics
             )
             await self.receiver.start()
+            # Groups' messages come from the store's feed (in its order),
+            # over the bus.
+            server.delivery.feed = bool(getattr(store, "feeds", False))
             self.log.info("Pushes reach this server over the message bus")
         await self.registry.start()
         await self.registry.register(self.address)

@@ -262,6 +262,7 @@ class ServerProc:
         self.server = server
         if bus is not None:
             await BusReceiver(bus, server.here, server, server.resync_all).start()
+            server.delivery.feed = world.group_feed
         await self.registry.start()
         await self.registry.register(self.address)
         self.janitor = DeadServerJanitor(
@@ -607,6 +608,12 @@ class World:
         #: (L{cim.sessioncache}): none, a few (entries are dropped all the
         #: time), or all.  (A generator of its own, as above.)
         self.session_cache = random.Random(seed * 7919 + 2).choice([0, 3, 10_000])
+        #: Whether a group's messages reach the servers from the store's
+        #: feed (the append publishing them on the bus in its order, as the
+        #: Redis store does), in the worlds that broadcast them.
+        self.group_feed = self.server_push == "bus" and self.broadcast_from is not None
+        if self.group_feed:
+            self.box.store.feed_bus = self.bus.bus(self.store_node)
         self.servers = [ServerProc(self, i) for i in range(3)]
         self.route = RouteProc(self)
         self.users = [User(i, f"user{i}") for i in range(users)]

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -183,6 +183,9 @@ class MemoryStore:
         self._messages: dict[str, list[ChatMessage]] = {}
         self._seqs: dict[str, int] = {}
         self._last_msg_id = 0
+        #: Where L{append} publishes its C{feed} (an L{cim.interfaces.IBus},
+        #: as the Redis store publishes on its Redis): C{None}, no feed.
+        self.feed_bus: Any = None
         #: (sender id, conversation, client message id) -> what was appended
         self._appended: dict[tuple[int, str, str], _Appended] = {}
         self._appended_order: deque[tuple[int, str, str]] = deque()
@@ -221,12 +224,15 @@ class MemoryStore:
         not change the copy.
         """
         clock, self.clock = self.clock, None  # type: ignore[assignment]
+        bus, self.feed_bus = self.feed_bus, None
         try:
             twin = copy.deepcopy(self)
         finally:
             self.clock = clock
+            self.feed_bus = bus
         twin.clock = clock
         twin._run = uuid.uuid4().hex
+        twin.feed_bus = bus
         twin._restored = set(twin._seqs)
         twin._restored_sessions = {
             record.session.session_id
@@ -765,13 +771,57 @@ class MemoryStore:
 
         return allowed
 
+    @property
+    def feeds(self) -> bool:
+        """
+        Whether L{append} takes a C{feed} (with a L{feed_bus}).
+        """
+        return self.feed_bus is not None
+
     @_fired
-    def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
+    def append(
+        self,
+        messages: Sequence[NewMessage],
+        feed: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[ChatMessage]:
+        """
+        L{IStore.append}; with a C{feed} (and a L{feed_bus}), as the Redis
+        store's (L{cim.store.redis.store.RedisStore.append}): the messages
+        appended for a list of users are published on C{feed_bus} to every
+        server holding sessions, in the order stored, in one payload.
+        """
+        before = self._last_msg_id
+        stored = self._append(messages)
+        if feed and self.feed_bus is not None:
+            from cim.bus import encode_feed
+
+            # (Not a retry's original, published when it was appended.)
+            fed = [
+                (message, users)
+                for message, users in zip(stored, feed, strict=True)
+                if users is not None and message is not None and message.msg_id > before
+            ]
+            if fed:
+                payload = encode_feed(fed)
+                for server in sorted(self._servers):
+                    self.feed_bus.publish(server, payload)
+        if any(message is None for message in stored):
+            raise QuotaExceeded(stored)
+        generations = self._generations
+        users: dict[int, int] = {}
+        for new in messages:
+            for user_id in pair_members(new.conversation) or ():
+                users[user_id] = generations.get(user_id, 0)
+        return Appended(
+            cast(list[ChatMessage], stored),
+            Generations(self._run, users) if users else None,
+        )
+
+    def _append(self, messages: Sequence[NewMessage]) -> list[ChatMessage | None]:
         self._forget_appended()
         now = self._seconds()
         timestamp = self._now_ms()
         allowed = self._quota_budget()
-        refused = False
         stored: list[ChatMessage | None] = []
         touched = set()
         for new in messages:
@@ -782,7 +832,6 @@ class MemoryStore:
                 continue
             if not allowed(new):
                 stored.append(None)
-                refused = True
                 continue
             self._last_msg_id += 1
             seq = self._seqs.get(new.conversation, 0) + 1
@@ -825,17 +874,7 @@ class MemoryStore:
             stored.append(message)
         for conversation in touched:
             self._trim(conversation)
-        if refused:
-            raise QuotaExceeded(stored)
-        generations = self._generations
-        users: dict[int, int] = {}
-        for new in messages:
-            for user_id in pair_members(new.conversation) or ():
-                users[user_id] = generations.get(user_id, 0)
-        return Appended(
-            cast(list[ChatMessage], stored),
-            Generations(self._run, users) if users else None,
-        )
+        return stored
 
     @_fired
     def read(self, conversation: str, after_seq: int, limit: int) -> list[ChatMessage]:

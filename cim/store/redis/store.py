@@ -206,6 +206,7 @@ from cim.passwords import hash_password, verify_password
 from cim.store import RedisAddress, Retention, parse_redis_url
 from cim.store.memory import token_key
 from cim.store.redis import scripts
+from cim.store.redis.bus import bus_channel
 from cim.store.redis.connection import is_down, open_pool
 from cim.store.redis.records import (
     SESSION_FIELDS,
@@ -958,8 +959,27 @@ class RedisStore:
 
     # Messages
 
+    #: L{append} takes a C{feed} (see there).
+    feeds = True
+
     @_deferred
-    async def append(self, messages: Sequence[NewMessage]) -> list[ChatMessage]:
+    async def append(
+        self,
+        messages: Sequence[NewMessage],
+        feed: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[ChatMessage]:
+        """
+        L{IStore.append}.
+
+        @param feed: the group feed: for each message, C{None}, or the
+            users to deliver it to.  The script publishes those it appends
+            (not a retry's, which was published when it was appended) to
+            the bus channel of every server holding sessions
+            (L{session_servers}), in the order it stores them, all of one
+            call in one payload (L{cim.bus.decode_feed}); each server
+            delivers them to the users it holds.  So no server gets a
+            group's messages out of order, whichever server sent them.
+        """
         if not messages:
             return []
         timestamp = int(self._seconds() * 1000)
@@ -979,6 +999,7 @@ class RedisStore:
                 else ""
             )
             args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
+        args.append(self._feed_spec(feed) if feed else "")
         appended, retries, epoch_ids, generations = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
@@ -1034,6 +1055,33 @@ class RedisStore:
         if refused:
             raise QuotaExceeded(stored)
         return Appended(cast(list[ChatMessage], stored), _generations(generations))
+
+    def _feed_spec(self, feed: Sequence[Sequence[int] | None]) -> str:
+        """
+        The append script's group feed argument for C{feed} (see
+        append.lua): each list of users written once.
+        """
+        assert self.address is not None, "the store is not open"
+        lists: dict[int, int] = {}
+        texts: list[str] = []
+        by_text: dict[str, int] = {}
+        refs = []
+        for users in feed:
+            if not users:
+                # (Nobody to deliver to: an empty list would be no line.)
+                refs.append("0")
+                continue
+            ref = lists.get(id(users))
+            if ref is None:
+                text = ",".join(map(str, users))
+                ref = by_text.get(text)
+                if ref is None:
+                    texts.append(text)
+                    ref = by_text[text] = len(texts)
+                lists[id(users)] = ref
+            refs.append(str(ref))
+        channels = bus_channel(self.prefix, self.address.db, "")
+        return "\n".join([channels, " ".join(refs), *texts])
 
     @_deferred
     async def read(

@@ -2,6 +2,7 @@
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
 -- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
 -- client_msg_id), JSON body (an object starting with "ts"); last, the
+-- group feed's spec ('': none; see its block at the end), then the
 -- run_id of this Redis as the connection learnt it when it connected ('':
 -- unknown, the script asks INFO).  Returns
 -- {appended, retries, epochs}: appended is one string with a "msg_id:seq"
@@ -56,7 +57,8 @@ local prefix = ARGV[5]
 local quota = tonumber(ARGV[6])
 local appended = {}
 local retries = {}
-local count = (#ARGV - FIRST - 1) / STRIDE
+-- (The last two ARGV: the group feed's spec, see below, and the run_id.)
+local count = (#ARGV - FIRST - 2) / STRIDE
 
 -- The values of keys (MGET, a bounded number of keys per call), as a
 -- table by key (false for a missing one).
@@ -405,4 +407,41 @@ if ARGV[#ARGV] ~= '' then
     generations = table.concat(flat, ',')
   end
 end
+-- The group feed (cim.store.redis.store, append's feed): the messages
+-- appended here that their sender's server asked to be fanned out are
+-- published, in the order they are stored, to every server that holds
+-- sessions (the servers set), one payload per server: so every server
+-- gets a group's messages in seq order, whichever server sent them.
+-- The spec: the channels' prefix, a line of one number per message of the
+-- batch (its recipients' list, 0: not fed), then the lists (user ids
+-- joined by commas).  The payload: a NUL line, the lists as "U<ids>"
+-- lines, then per message fed "<list>\t<conversation>\t<stored member>".
+local feed = ARGV[#ARGV - 1]
+if feed ~= '' then
+  local lines = {}
+  for line in string.gmatch(feed, '[^\n]+') do lines[#lines + 1] = line end
+  local out = {'\0'}
+  for k = 3, #lines do out[#out + 1] = 'U' .. lines[k] end
+  local fed = #out
+  local i = 0
+  for ref in string.gmatch(lines[2], '%d+') do
+    i = i + 1
+    local ids = appended[i]
+    if ref ~= '0' and ids ~= '' and ids ~= 'q' then
+      local base = FIRST + STRIDE * (i - 1)
+      local conversation = ARGV[base + 1]
+      local msg_id, seq = string.match(ids, '^(%d+):(%d+)$')
+      out[#out + 1] = ref .. '\t' .. conversation .. '\t{"i":' .. msg_id
+          .. ',"q":' .. seq .. ',' .. string.sub(ARGV[base + 4], 2, -2)
+          .. ',"e":"' .. epochs[conversation][1] .. '"}'
+    end
+  end
+  if #out > fed then
+    local payload = table.concat(out, '\n')
+    for _, server in ipairs(redis.call('SMEMBERS', prefix .. 'servers')) do
+      redis.call('PUBLISH', lines[1] .. server, payload)
+    end
+  end
+end
+
 return {table.concat(appended, ','), retries, epoch_ids, generations}
