@@ -29,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from cim.delivery import DeliveryReport, IPusher
+from cim.envelope import ApiError
 from cim.interfaces import NewMessage, ServerAddress, StoreError
 from cim.message import (
     BROADCAST,
@@ -40,6 +41,7 @@ from cim.registry.local import LocalBoard, LocalRegistry
 from cim.route import tap
 from cim.route.api import RouteAPI
 from cim.route.balancer import Balancer, RoundRobin
+from cim.route.logic import Credentials
 from cim.route.service import PROBE_CACHE, RouteConfig, RouteService, tcp_probe
 from cim.store.memory import MemoryStore
 from cim.web import QuietSite
@@ -1089,6 +1091,47 @@ def test_p2p_client_gone() -> None:
     assert waiting.called  # cancelled
     assert transport.value() == b""
     assert route.pusher.pushes == []
+
+
+def test_p2p_client_gone_while_delivering() -> None:
+    """
+    A client that leaves while its message is being delivered (stored
+    already) cancels the delivery under way, and nothing is written.
+    """
+    route = Route()
+    alice, _ = route.online("alice")
+    bob, _ = route.online("bob")
+    delivering: Deferred[DeliveryReport] = Deferred()
+    route.delivery.deliver = lambda messages, users: delivering  # type: ignore[method-assign]
+    site = QuietSite(route.api.resource(), reactor=route.clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
+    channel.dataReceived(_post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode()))
+    channel.connectionLost(Failure(error.ConnectionDone()))
+    assert delivering.called  # cancelled
+    assert transport.value() == b""
+
+
+def test_passes_now_without_the_store() -> None:
+    """
+    L{Router.passes_now}: the secret and C{--legacy-auth} pass at once, a
+    token is left to the store, and a wrong secret or no credential at all
+    is refused with L{authorize}'s code and message.
+    """
+    router = Route(legacy_auth=True).api.router
+    assert router.passes_now(Credentials(secret=SECRET))
+    assert not router.passes_now(Credentials(token="t"))
+    assert router.passes_now(Credentials(), legacy=True)
+    with pytest.raises(ApiError) as wrong:
+        router.passes_now(Credentials(secret="wrong"))
+    assert wrong.value.code == "4010"
+    assert wrong.value.message == "the cluster secret is wrong"
+    with pytest.raises(ApiError) as none:
+        router.passes_now(Credentials())
+    assert none.value.code == "4010"
+    assert "Authorization: Bearer" in none.value.message
 
 
 def test_max_message_counts_characters() -> None:
