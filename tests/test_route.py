@@ -1023,6 +1023,50 @@ def test_p2p_served_as_klein_serves_it() -> None:
     assert replies[-2].startswith(b"HTTP/1.1 405 ")
 
 
+def test_login_and_registration_served_as_klein_serves_them() -> None:
+    """
+    C{/login} and C{/registerAccount}, which L{RouteAPI.resource} serves
+    without Klein too, answer as Klein does, byte for byte.
+    """
+    secret = b"X-Cim-Secret: " + SECRET.encode()
+
+    def body(**fields: Any) -> bytes:
+        return json.dumps(fields).encode()
+
+    twins = [Route(max_body=1000), Route(max_body=1000)]
+    for twin in twins:
+        twin.register("alice")
+    alice = 1
+    cases = [
+        _post(b"/registerAccount", body(userName="bob", reqNo=3)),
+        _post(b"/registerAccount", body(userName="bob")),
+        _post(b"/registerAccount", body(userName="")),
+        _post(b"/registerAccount", b"{nope"),
+        _post(b"/registerAccount", b""),
+        _post(b"/registerAccount", b"x" * 2000),
+        _post(b"/login", body(userId=alice, userName="alice", reqNo="r"), secret),
+        _post(b"/login", body(userId=alice, userName="alice"), b"X-Cim-Secret: no"),
+        _post(b"/login", body(userId=alice, userName="alice")),
+        _post(b"/login", body(userId=99, userName="nobody"), secret),
+        _post(b"/login", body(userId=alice), secret),
+        _post(b"/login", b"[1]", secret),
+        _post(b"/login/", body(userId=alice, userName="alice"), secret),
+        b"GET /login HTTP/1.1\r\nHost: route.test\r\n\r\n",
+    ]
+    fast, klein = twins[0].api.resource(), twins[1].api.app.resource()
+    replies = []
+    for case in cases:
+        reply = _raw(twins[0], fast, case)
+        assert reply == _raw(twins[1], klein, case)
+        replies.append(reply)
+    assert b'"code":"9000"' in replies[0]
+    assert b'"reqNo":3' in replies[0]
+    assert b'"code":"9000"' in replies[6]
+    assert b'"cimServerPort"' in replies[6]
+    assert all(b'"code":"9000"' not in r for r in replies[1:6] + replies[7:12])
+    assert replies[-1].startswith(b"HTTP/1.1 405 ")
+
+
 def test_a_percent_encoded_path_names_its_endpoint(route: Route) -> None:
     """
     A path is percent-decoded before it is routed, as Klein does: the

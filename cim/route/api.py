@@ -193,7 +193,8 @@ class RouteAPI:
     def resource(self) -> IResource:
         """
         The API as a twisted.web resource: Klein's (L{app}), except that
-        the busiest call, C{POST /p2pRoute}, goes straight to its method.
+        the busiest calls, C{POST /p2pRoute}, C{/login} and
+        C{/registerAccount}, go straight to their methods.
         Serve this one (C{app.resource()} answers the same, more slowly).
         """
         return _APIResource(self)
@@ -774,9 +775,10 @@ class RouteAPI:
 
 class _APIResource(Resource):
     """
-    L{RouteAPI.resource}: C{POST /p2pRoute} by L{RouteAPI.serve}, the rest
-    by Klein.  (Klein answers C{/p2pRoute} with another method, a path that
-    only decodes to it, or a trailing slash, as before.)
+    L{RouteAPI.resource}: C{POST /p2pRoute}, C{/login} and
+    C{/registerAccount} by L{RouteAPI.serve}, the rest by Klein.  (Klein
+    answers those paths with another method, a path that only decodes to
+    one of them, or a trailing slash, as before.)
     """
 
     isLeaf = True
@@ -785,8 +787,18 @@ class _APIResource(Resource):
         super().__init__()
         self.api = api
         self.klein = api.app.resource()
+        #: The POSTs served without Klein's routing, by path: the busiest
+        #: call, and the two of every new user's start.
+        self.fast: dict[bytes, Callable[[IRequest], Deferred[bytes]]] = {
+            b"/p2pRoute": api.p2p_route,
+            b"/login": lambda request: Deferred.fromCoroutine(api.login(request)),
+            b"/registerAccount": lambda request: Deferred.fromCoroutine(
+                api.register_account(request)
+            ),
+        }
 
     def render(self, request: IRequest) -> Any:
-        if request.path == b"/p2pRoute" and request.method == b"POST":
-            return self.api.serve(request, self.api.p2p_route)
+        handler = self.fast.get(request.path)
+        if handler is not None and request.method == b"POST":
+            return self.api.serve(request, handler)
         return self.klein.render(request)
