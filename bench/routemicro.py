@@ -42,6 +42,7 @@ def _serve(url: str, secret: str, profile: str | None) -> None:
     """
     The route process: serve until stdin closes; print the port.
     """
+    from cim.gcpolicy import GC_YOUNG, tune_gc
     from cim.registry.local import LocalRegistry
     from cim.route.service import RouteConfig, RouteService
     from cim.store import open_store
@@ -54,6 +55,8 @@ def _serve(url: str, secret: str, profile: str | None) -> None:
         lambda: open_store(url, reactor),
         LocalRegistry(),
     )
+    # The garbage collector's pace of the daemons (cim.daemon).
+    tune_gc(GC_YOUNG)
     profiler: Any = None
 
     def started(_: object) -> None:

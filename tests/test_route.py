@@ -29,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from cim.delivery import DeliveryReport, IPusher
+from cim.envelope import ApiError
 from cim.interfaces import NewMessage, ServerAddress, StoreError
 from cim.message import (
     BROADCAST,
@@ -40,6 +41,7 @@ from cim.registry.local import LocalBoard, LocalRegistry
 from cim.route import tap
 from cim.route.api import RouteAPI
 from cim.route.balancer import Balancer, RoundRobin
+from cim.route.logic import Credentials
 from cim.route.service import PROBE_CACHE, RouteConfig, RouteService, tcp_probe
 from cim.store.memory import MemoryStore
 from cim.web import QuietSite
@@ -1021,6 +1023,50 @@ def test_p2p_served_as_klein_serves_it() -> None:
     assert replies[-2].startswith(b"HTTP/1.1 405 ")
 
 
+def test_login_and_registration_served_as_klein_serves_them() -> None:
+    """
+    C{/login} and C{/registerAccount}, which L{RouteAPI.resource} serves
+    without Klein too, answer as Klein does, byte for byte.
+    """
+    secret = b"X-Cim-Secret: " + SECRET.encode()
+
+    def body(**fields: Any) -> bytes:
+        return json.dumps(fields).encode()
+
+    twins = [Route(max_body=1000), Route(max_body=1000)]
+    for twin in twins:
+        twin.register("alice")
+    alice = 1
+    cases = [
+        _post(b"/registerAccount", body(userName="bob", reqNo=3)),
+        _post(b"/registerAccount", body(userName="bob")),
+        _post(b"/registerAccount", body(userName="")),
+        _post(b"/registerAccount", b"{nope"),
+        _post(b"/registerAccount", b""),
+        _post(b"/registerAccount", b"x" * 2000),
+        _post(b"/login", body(userId=alice, userName="alice", reqNo="r"), secret),
+        _post(b"/login", body(userId=alice, userName="alice"), b"X-Cim-Secret: no"),
+        _post(b"/login", body(userId=alice, userName="alice")),
+        _post(b"/login", body(userId=99, userName="nobody"), secret),
+        _post(b"/login", body(userId=alice), secret),
+        _post(b"/login", b"[1]", secret),
+        _post(b"/login/", body(userId=alice, userName="alice"), secret),
+        b"GET /login HTTP/1.1\r\nHost: route.test\r\n\r\n",
+    ]
+    fast, klein = twins[0].api.resource(), twins[1].api.app.resource()
+    replies = []
+    for case in cases:
+        reply = _raw(twins[0], fast, case)
+        assert reply == _raw(twins[1], klein, case)
+        replies.append(reply)
+    assert b'"code":"9000"' in replies[0]
+    assert b'"reqNo":3' in replies[0]
+    assert b'"code":"9000"' in replies[6]
+    assert b'"cimServerPort"' in replies[6]
+    assert all(b'"code":"9000"' not in r for r in replies[1:6] + replies[7:12])
+    assert replies[-1].startswith(b"HTTP/1.1 405 ")
+
+
 def test_a_percent_encoded_path_names_its_endpoint(route: Route) -> None:
     """
     A path is percent-decoded before it is routed, as Klein does: the
@@ -1089,6 +1135,47 @@ def test_p2p_client_gone() -> None:
     assert waiting.called  # cancelled
     assert transport.value() == b""
     assert route.pusher.pushes == []
+
+
+def test_p2p_client_gone_while_delivering() -> None:
+    """
+    A client that leaves while its message is being delivered (stored
+    already) cancels the delivery under way, and nothing is written.
+    """
+    route = Route()
+    alice, _ = route.online("alice")
+    bob, _ = route.online("bob")
+    delivering: Deferred[DeliveryReport] = Deferred()
+    route.delivery.deliver = lambda messages, users: delivering  # type: ignore[method-assign]
+    site = QuietSite(route.api.resource(), reactor=route.clock)
+    channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
+    channel.dataReceived(_post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode()))
+    channel.connectionLost(Failure(error.ConnectionDone()))
+    assert delivering.called  # cancelled
+    assert transport.value() == b""
+
+
+def test_passes_now_without_the_store() -> None:
+    """
+    L{Router.passes_now}: the secret and C{--legacy-auth} pass at once, a
+    token is left to the store, and a wrong secret or no credential at all
+    is refused with L{authorize}'s code and message.
+    """
+    router = Route(legacy_auth=True).api.router
+    assert router.passes_now(Credentials(secret=SECRET))
+    assert not router.passes_now(Credentials(token="t"))
+    assert router.passes_now(Credentials(), legacy=True)
+    with pytest.raises(ApiError) as wrong:
+        router.passes_now(Credentials(secret="wrong"))
+    assert wrong.value.code == "4010"
+    assert wrong.value.message == "the cluster secret is wrong"
+    with pytest.raises(ApiError) as none:
+        router.passes_now(Credentials())
+    assert none.value.code == "4010"
+    assert "Authorization: Bearer" in none.value.message
 
 
 def test_max_message_counts_characters() -> None:

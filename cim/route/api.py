@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +53,23 @@ class _Call:
 
     started: float
     req_no: Any = None
+
+
+#: The request's attribute holding its L{_Call} while it is served (kept on
+#: the request, which goes with it, rather than in a weak dictionary of the
+#: API's, which cost three weak references' bookkeeping a request).
+_CALL = "_cim_route_call"
+
+
+def _taken(request: IRequest) -> _Call | None:
+    """
+    The request's L{_Call}, taken off it (C{None} when it was answered
+    already or never begun).
+    """
+    call: _Call | None = getattr(request, _CALL, None)
+    if call is not None:
+        setattr(request, _CALL, None)
+    return call
 
 
 def _address(request: IRequest) -> str | None:
@@ -159,9 +175,6 @@ class RouteAPI:
         self.clock = clock
         self.limits = Limits(max_message=max_message, max_batch=max_batch)
         self.max_body = max_body
-        self._calls: weakref.WeakKeyDictionary[IRequest, _Call] = (
-            weakref.WeakKeyDictionary()
-        )
         self.metrics = metrics = Metrics("cim_route")
         self.m_requests = metrics.labelled_counter(
             "requests_total", "HTTP requests by endpoint", "endpoint"
@@ -180,7 +193,8 @@ class RouteAPI:
     def resource(self) -> IResource:
         """
         The API as a twisted.web resource: Klein's (L{app}), except that
-        the busiest call, C{POST /p2pRoute}, goes straight to its method.
+        the busiest calls, C{POST /p2pRoute}, C{/login} and
+        C{/registerAccount}, go straight to their methods.
         Serve this one (C{app.resource()} answers the same, more slowly).
         """
         return _APIResource(self)
@@ -208,14 +222,25 @@ class RouteAPI:
             d.cancel()
 
         request.notifyFinish().addErrback(lost)  # type: ignore[attr-defined]
-        d.addErrback(self._failed, request, gone)
-        d.addCallback(self._write, request, gone)
-        d.addErrback(
-            lambda f: self.log.failure(
-                "Writing the reply to {uri} failed", f, uri=request.uri
-            )
-        )
+        d.addBoth(self._reply, request, gone)
         return NOT_DONE_YET
+
+    def _reply(
+        self, result: bytes | Failure, request: IRequest, gone: list[bool]
+    ) -> None:
+        """
+        Answer C{request} with C{result}: a reply, or a failure for the
+        error handlers (one callback, not three: the busiest call's).
+        """
+        try:
+            body = (
+                self._failed(result, request, gone)
+                if isinstance(result, Failure)
+                else result
+            )
+            self._write(body, request, gone)
+        except Exception:
+            self.log.failure("Writing the reply to {uri} failed", uri=request.uri)
 
     def _failed(
         self, failure: Failure, request: IRequest, gone: list[bool]
@@ -245,7 +270,7 @@ class RouteAPI:
         """
         Note the start of a request to a known endpoint.
         """
-        self._calls[request] = _Call(self.clock.seconds())
+        setattr(request, _CALL, _Call(self.clock.seconds()))
         self.m_requests.inc(_endpoint(request))
 
     def _json(self, request: IRequest, required: bool = True) -> dict[str, Any]:
@@ -270,7 +295,7 @@ class RouteAPI:
         if not isinstance(body, dict):
             raise bad(f"the body must be a JSON object, not {type_name(body)}")
         check_json(body)
-        self._calls[request].req_no = body.get("reqNo")
+        getattr(request, _CALL).req_no = body.get("reqNo")
         return body
 
     def _parse(self, request: IRequest) -> dict[str, Any]:
@@ -284,7 +309,7 @@ class RouteAPI:
     def _answer(
         self, request: IRequest, code: str, message: str | None = None, data: Any = None
     ) -> bytes:
-        call = self._calls.pop(request, None)
+        call = _taken(request)
         if call is not None:
             self.m_latency.observe(max(0.0, self.clock.seconds() - call.started))
         if code != codes.SUCCESS:
@@ -454,14 +479,21 @@ class RouteAPI:
         # this same method; no coroutine either (see Router.send_private).
         v = self._parse(request)
         receiver = v["receiveUserId"]
-        d: Deferred[Any] = self.router.authorize(
-            v["userId"], self._credentials(request), legacy=True
-        )
-        d.addCallback(
-            lambda _: self.router.send_private(
-                v["userId"], receiver, v["texts"], v["clientMsgId"]
+        router = self.router
+        credentials = self._credentials(request)
+        d: Deferred[Any]
+        if router.passes_now(credentials, legacy=True):
+            # The secret (or --legacy-auth): nothing to wait for.
+            d = router.send_private(v["userId"], receiver, v["texts"], v["clientMsgId"])
+        else:
+            authorized: Deferred[Any] = router.authorize(
+                v["userId"], credentials, legacy=True
             )
-        )
+            d = authorized.addCallback(
+                lambda _: router.send_private(
+                    v["userId"], receiver, v["texts"], v["clientMsgId"]
+                )
+            )
         return d.addCallback(self._p2p_sent, request, receiver)
 
     def _p2p_sent(
@@ -729,23 +761,24 @@ class RouteAPI:
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
         self._begin(request)
-        self._calls.pop(request, None)
+        _taken(request)
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
         return self.metrics.render()
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
         self._begin(request)
-        self._calls.pop(request, None)
+        _taken(request)
         request.setHeader(b"Content-Type", _JSON)
         return _openapi_json(self.limits.max_message)
 
 
 class _APIResource(Resource):
     """
-    L{RouteAPI.resource}: C{POST /p2pRoute} by L{RouteAPI.serve}, the rest
-    by Klein.  (Klein answers C{/p2pRoute} with another method, a path that
-    only decodes to it, or a trailing slash, as before.)
+    L{RouteAPI.resource}: C{POST /p2pRoute}, C{/login} and
+    C{/registerAccount} by L{RouteAPI.serve}, the rest by Klein.  (Klein
+    answers those paths with another method, a path that only decodes to
+    one of them, or a trailing slash, as before.)
     """
 
     isLeaf = True
@@ -754,8 +787,18 @@ class _APIResource(Resource):
         super().__init__()
         self.api = api
         self.klein = api.app.resource()
+        #: The POSTs served without Klein's routing, by path: the busiest
+        #: call, and the two of every new user's start.
+        self.fast: dict[bytes, Callable[[IRequest], Deferred[bytes]]] = {
+            b"/p2pRoute": api.p2p_route,
+            b"/login": lambda request: Deferred.fromCoroutine(api.login(request)),
+            b"/registerAccount": lambda request: Deferred.fromCoroutine(
+                api.register_account(request)
+            ),
+        }
 
     def render(self, request: IRequest) -> Any:
-        if request.path == b"/p2pRoute" and request.method == b"POST":
-            return self.api.serve(request, self.api.p2p_route)
+        handler = self.fast.get(request.path)
+        if handler is not None and request.method == b"POST":
+            return self.api.serve(request, handler)
         return self.klein.render(request)
