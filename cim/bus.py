@@ -23,7 +23,6 @@ Every method runs in the reactor thread.
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,7 +39,7 @@ from cim.interfaces import BusError, IBus, ILocalDelivery, IPusher
 from cim.message import ChatMessage
 from cim.metrics import Metrics
 from cim.pushapi import PushItem, ReadEvent
-from cim.store.redis.records import decode_message
+from cim.store.redis.records import decode_message, encode_stored
 
 __all__ = [
     "BusError",
@@ -492,22 +491,7 @@ def encode_feed(fed: Sequence[tuple[ChatMessage, Sequence[int]]]) -> bytes:
         if ref is None:
             head.append("U" + ",".join(map(str, users)))
             ref = lists[id(users)] = len(lists) + 1
-        record: dict[str, Any] = {
-            "i": message.msg_id,
-            "q": message.seq,
-            "ts": message.timestamp,
-            "s": message.sender_id,
-            "n": message.sender_name,
-            "t": message.text,
-        }
-        if message.client_msg_id:
-            record["c"] = message.client_msg_id
-        if message.receive_user_id:
-            record["r"] = message.receive_user_id
-        if message.group_id:
-            record["g"] = message.group_id
-        record["e"] = message.epoch
-        member = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+        member = encode_stored(message)
         lines.append(f"{ref}\t{message.conversation}\t{member}")
     return "\n".join(head + lines).encode("utf-8", "surrogateescape")
 

@@ -61,6 +61,26 @@ def encode_message(message: NewMessage, timestamp: int) -> bytes:
         return json.dumps(body, separators=(",", ":")).encode("ascii")
 
 
+def encode_stored(message: ChatMessage) -> str:
+    """
+    A stored message's whole JSON (L{decode_message} reads it back), as the
+    append script writes it: its ids, the body (L{encode_message}) and its
+    epoch.
+    """
+    new = NewMessage(
+        message.conversation,
+        message.sender_id,
+        message.sender_name,
+        message.text,
+        message.client_msg_id,
+        message.receive_user_id,
+        message.group_id,
+    )
+    body = encode_message(new, message.timestamp).decode("utf-8")
+    epoch = json.dumps(message.epoch)
+    return f'{{"i":{message.msg_id},"q":{message.seq},{body[1:-1]},"e":{epoch}}}'
+
+
 def decode_message(conversation: str, member: str) -> ChatMessage:
     """
     A stored message from its JSON.
