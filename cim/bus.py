@@ -441,12 +441,7 @@ class BusReceiver:
         try:
             items = codec.decode_push(payload)
         except codec.CodecError as e:
-            self.m_malformed.inc()
-            self.log.warn(
-                "Dropped a malformed bus payload ({size} bytes): {error}",
-                size=len(payload),
-                error=str(e),
-            )
+            self._malformed("bus payload", payload, e)
             return
         local = self.local
         for item in items:
@@ -455,6 +450,18 @@ class BusReceiver:
             except Exception:
                 self.log.failure("Delivering a bus payload's item failed")
 
+    def _malformed(self, what: str, payload: bytes, error: Exception) -> None:
+        """
+        Count and log a payload that does not decode, and drop it.
+        """
+        self.m_malformed.inc()
+        self.log.warn(
+            "Dropped a malformed {what} ({size} bytes): {error}",
+            what=what,
+            size=len(payload),
+            error=str(error),
+        )
+
     def _fed(self, payload: bytes) -> None:
         """
         Deliver a group feed's payload (L{decode_feed}) in order.
@@ -462,12 +469,7 @@ class BusReceiver:
         try:
             runs = decode_feed(payload)
         except ValueError as e:
-            self.m_malformed.inc()
-            self.log.warn(
-                "Dropped a malformed group feed payload ({size} bytes): {error}",
-                size=len(payload),
-                error=str(e),
-            )
+            self._malformed("group feed payload", payload, e)
             return
         local = self.local
         for messages, users in runs:

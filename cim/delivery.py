@@ -326,13 +326,13 @@ class Delivery:
                 "Users whose sessions are kept (--session-cache)",
                 lambda: len(cache),
             )
-            metrics.gauge(
-                "session_cache_hits",
+            metrics.read_counter(
+                "session_cache_hits_total",
                 "Users of deliveries whose kept sessions were current",
                 lambda: cache.hits,
             )
-            metrics.gauge(
-                "session_cache_misses",
+            metrics.read_counter(
+                "session_cache_misses_total",
                 "Users of deliveries looked up in the store",
                 lambda: cache.misses,
             )

@@ -72,6 +72,15 @@ class Gauge:
         return [f"{self.name} {self.read()}"]
 
 
+class ReadCounter(Gauge):
+    """
+    A count that only grows, kept elsewhere and read from a callable when
+    metrics are rendered.
+    """
+
+    kind = "counter"
+
+
 class Histogram:
     """
     Observations counted into fixed buckets.
@@ -127,6 +136,11 @@ class Metrics:
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> Gauge:
         metric = Gauge(f"{self.prefix}_{name}", help, read)
+        self._metrics.append(metric)
+        return metric
+
+    def read_counter(self, name: str, help: str, read: Callable[[], float]) -> Gauge:
+        metric = ReadCounter(f"{self.prefix}_{name}", help, read)
         self._metrics.append(metric)
         return metric
 

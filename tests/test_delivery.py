@@ -454,6 +454,19 @@ def test_a_cached_user_is_not_looked_up_again() -> None:
     assert cache is not None and (cache.hits, cache.misses) == (6, 2)
 
 
+def test_the_cache_counts_its_hits_and_misses_as_counters() -> None:
+    setting = Setting(session_cache=100)
+    alice, bob = setting.alice, setting.bob
+    setting.connect(bob, "phone", THERE)
+    setting.send_out(alice, bob)
+    setting.send_out(alice, bob)
+    text = setting.delivery.metrics.render().decode()
+    assert "# TYPE cim_delivery_session_cache_hits_total counter" in text
+    assert "cim_delivery_session_cache_hits_total 2" in text
+    assert "cim_delivery_session_cache_misses_total 2" in text
+    assert "cim_delivery_session_cache_users 2" in text
+
+
 def test_a_changed_generation_looks_the_user_up() -> None:
     setting = Setting(session_cache=100)
     alice, bob = setting.alice, setting.bob

@@ -1115,16 +1115,13 @@ def test_p2p_failure_served_as_klein_serves_it(
     assert len([e for e in logged if e.get("log_level") in serious]) == 2
 
 
-def test_p2p_client_gone() -> None:
+def _p2p_then_leave(route: Route) -> StringTransport:
     """
-    When the client goes away before its reply, the call is cancelled (as
-    Klein cancels it) and nothing is written.
+    Alice sends Bob a message through C{POST /p2pRoute} (as the route
+    serves it) and her connection goes before the reply: its transport.
     """
-    route = Route()
     alice, _ = route.online("alice")
     bob, _ = route.online("bob")
-    waiting: Deferred[list[ChatMessage]] = Deferred()
-    route.delivery.append = lambda messages: waiting  # type: ignore[method-assign]
     site = QuietSite(route.api.resource(), reactor=route.clock)
     channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
     transport = StringTransport()
@@ -1132,6 +1129,18 @@ def test_p2p_client_gone() -> None:
     body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
     channel.dataReceived(_post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode()))
     channel.connectionLost(Failure(error.ConnectionDone()))
+    return transport
+
+
+def test_p2p_client_gone() -> None:
+    """
+    When the client goes away before its reply, the call is cancelled (as
+    Klein cancels it) and nothing is written.
+    """
+    route = Route()
+    waiting: Deferred[list[ChatMessage]] = Deferred()
+    route.delivery.append = lambda messages: waiting  # type: ignore[method-assign]
+    transport = _p2p_then_leave(route)
     assert waiting.called  # cancelled
     assert transport.value() == b""
     assert route.pusher.pushes == []
@@ -1143,17 +1152,9 @@ def test_p2p_client_gone_while_delivering() -> None:
     already) cancels the delivery under way, and nothing is written.
     """
     route = Route()
-    alice, _ = route.online("alice")
-    bob, _ = route.online("bob")
     delivering: Deferred[DeliveryReport] = Deferred()
     route.delivery.deliver = lambda messages, users: delivering  # type: ignore[method-assign]
-    site = QuietSite(route.api.resource(), reactor=route.clock)
-    channel = site.buildProtocol(IPv4Address("TCP", "10.9.8.7", 40000))
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    body = json.dumps({"userId": alice, "receiveUserId": bob, "msg": "hi"}).encode()
-    channel.dataReceived(_post(b"/p2pRoute", body, b"X-Cim-Secret: " + SECRET.encode()))
-    channel.connectionLost(Failure(error.ConnectionDone()))
+    transport = _p2p_then_leave(route)
     assert delivering.called  # cancelled
     assert transport.value() == b""
 

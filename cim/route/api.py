@@ -481,19 +481,19 @@ class RouteAPI:
         receiver = v["receiveUserId"]
         router = self.router
         credentials = self._credentials(request)
-        d: Deferred[Any]
-        if router.passes_now(credentials, legacy=True):
-            # The secret (or --legacy-auth): nothing to wait for.
-            d = router.send_private(v["userId"], receiver, v["texts"], v["clientMsgId"])
-        else:
-            authorized: Deferred[Any] = router.authorize(
-                v["userId"], credentials, legacy=True
+
+        def send(_: object = None) -> Deferred[Any]:
+            return router.send_private(
+                v["userId"], receiver, v["texts"], v["clientMsgId"]
             )
-            d = authorized.addCallback(
-                lambda _: router.send_private(
-                    v["userId"], receiver, v["texts"], v["clientMsgId"]
-                )
-            )
+
+        # The secret (or --legacy-auth) passes at once, with no Deferred
+        # to wait on; a token asks the store.
+        d: Deferred[Any] = (
+            send()
+            if router.passes_now(credentials, legacy=True)
+            else router.verify_token(credentials, v["userId"]).addCallback(send)
+        )
         return d.addCallback(self._p2p_sent, request, receiver)
 
     def _p2p_sent(

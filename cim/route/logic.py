@@ -248,6 +248,15 @@ class Router:
                 return succeed(None)
         except ApiError:
             return fail()
+        return self.verify_token(credentials, user_id)
+
+    def verify_token(
+        self, credentials: Credentials, user_id: int
+    ) -> Deferred[TokenInfo | None]:
+        """
+        The part of L{authorize} that asks the store, for a request that
+        L{passes_now} did not pass: that its token is one of C{user_id}'s.
+        """
         assert credentials.token is not None
         d: Deferred[TokenInfo | None] = self.store.verify_token(credentials.token)
         return d.addCallback(self._token_of, user_id)
