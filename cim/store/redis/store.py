@@ -216,6 +216,7 @@ from cim.store.redis.records import (
     decode_session,
     encode_active,
     encode_message,
+    encode_position,
     resume_seq,
 )
 from cim.store.redis.scripts import Script
@@ -240,14 +241,15 @@ def _deferred(
 
 def _cursor_args(cursors: dict[str, Position]) -> list[Any]:
     """
-    C{cursors} as the scripts' flat C{conversation, epoch, seq} arguments,
-    each seq an integer (Redis stores the digits sent); a seq that is not an
-    integer between 1 and L{MAX_SEQ} is left out.
+    C{cursors} as set_cursors.lua's flat C{conversation, position}
+    arguments, each position as it is stored (L{encode_position}); a seq that is not an integer between
+    1 and L{MAX_SEQ} is left out.
     """
     args: list[Any] = []
-    for conversation, (epoch, seq) in cursors.items():
+    for conversation, position in cursors.items():
+        seq = position[1]
         if type(seq) is int and 0 < seq <= MAX_SEQ:
-            args += [conversation, str(epoch), seq]
+            args += [conversation, encode_position(position)]
     return args
 
 
@@ -1158,10 +1160,10 @@ class RedisStore:
         """
         Add a device's cursors to the keys and arguments of C{set_cursors.lua}.
         """
-        triples = _cursor_args(cursors)
-        if triples:
+        pairs = _cursor_args(cursors)
+        if pairs:
             keys += [self._cursor_key(user_id, device), self._key("cdevices", user_id)]
-            args += [device, len(triples) // 3, *triples]
+            args += [device, len(pairs) // 2, *pairs]
 
     @_deferred
     async def set_cursors(
