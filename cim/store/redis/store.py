@@ -1000,7 +1000,13 @@ class RedisStore:
                 if m.client_msg_id
                 else ""
             )
-            args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
+            # (Without its braces: the script adds its ids and epoch.)
+            args += [
+                m.conversation,
+                m.sender_id,
+                sent_id,
+                encode_message(m, timestamp)[1:-1],
+            ]
         args.append(self._feed_spec(feed) if feed else "")
         appended, retries, epoch_ids, generations = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args, run_id=True

@@ -1,7 +1,8 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
 -- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
--- client_msg_id), JSON body (an object starting with "ts"); last, the
+-- client_msg_id), JSON body (an object starting with "ts", without its
+-- braces: the script writes its ids before it and its epoch after); last, the
 -- group feed's spec ('': none; see its block at the end), then the
 -- run_id of this Redis as the connection learnt it when it connected ('':
 -- unknown, the script asks INFO).  Returns
@@ -91,8 +92,18 @@ for i = 1, count do
     sent_key_of[i] = key
   end
 end
+-- (Most batches hold no retry: one EXISTS, one number in its reply,
+-- spares the MGET's reply of a missing value per message.)
 local sent = {}
-if #sent_keys > 0 then sent = mget(sent_keys) end
+if #sent_keys > 0 then
+  local found = 0
+  for start = 1, #sent_keys, 1000 do
+    found = found + redis.call('EXISTS',
+                               unpack(sent_keys, start,
+                                      math.min(start + 999, #sent_keys)))
+  end
+  if found > 0 then sent = mget(sent_keys) end
+end
 
 -- A conversation's hash (read:<conversation>) holds its epoch record
 -- (id, previous, base, run), its users' read positions (a field per user
@@ -119,14 +130,18 @@ end
 -- stored_run: its stored epoch's; new: its epoch starts here (previous,
 -- base: the new record's); fresh: its seq started here; sender, seq: its
 -- one sender's highest seq, or senders: each sender's when more than
--- one; first, last: the seqs of its first and last messages here; quota:
--- per sender, {left, count, previous}).
+-- one; first, last: the seqs of its first and last messages here; low,
+-- high: a pair conversation's users; qs: its first sender, whose quota is
+-- left, count (this window's), prev (the previous one's); quota: any
+-- other sender's, {left, count, previous}).  Every field is made with
+-- the table (false until known): a field added later grows the table.
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
 if run_id == '' then run_id = nil end
 
--- A sender's quota state from its stored count (nil: none).
+-- A sender's quota state from its stored count (nil: none): left, count
+-- in this window, count of the previous one.
 local function parse_quota(stored)
   local count, previous = 0, 0
   if stored then
@@ -137,20 +152,26 @@ local function parse_quota(stored)
       previous = tonumber(n)
     end
   end
-  return {quota - count - previous, count, previous}
+  return quota - count - previous, count, previous
 end
 
 -- Starts conversation's state in this batch at seq (just taken by INCR)
 -- for sender's message.
 local function state_of(conversation, seq, sender)
+  local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
   local c = {false, key = prefix .. 'read:' .. conversation,
-             fresh = seq == 1, new = false, quota = false}
+             fresh = seq == 1, new = false, first = false, last = false,
+             sender = false, seq = false, senders = false,
+             stored_id = false, stored_run = false, previous = false,
+             base = false, low = low or false, high = high or false,
+             qs = false, left = quota, count = 0, prev = 0, quota = false}
+  if quota > 0 then c.qs = sender end
   if c.fresh then
-    if quota > 0 then c.quota = {[sender] = {quota, 0, 0}} end
+    -- (Nothing stored: see above.)
   elseif quota > 0 then
     local rec = redis.call('HMGET', c.key, 'id', 'run', 'q:' .. sender)
     c.stored_id, c.stored_run = rec[1], rec[2]
-    c.quota = {[sender] = parse_quota(rec[3])}
+    c.left, c.count, c.prev = parse_quota(rec[3])
   else
     local rec = redis.call('HMGET', c.key, 'id', 'run')
     c.stored_id, c.stored_run = rec[1], rec[2]
@@ -159,18 +180,37 @@ local function state_of(conversation, seq, sender)
   return c
 end
 
--- A sender's quota state in conversation c: {left, count in this window,
--- count of the previous one}.
-local function quota_of(c, sender)
-  local q = c.quota[sender]
-  if q then return q end
-  if c.fresh then
-    q = {quota, 0, 0}
-  else
-    q = parse_quota(redis.call('HGET', c.key, 'q:' .. sender))
+-- Counts sender's message in conversation c against its quota: false
+-- when the quota refuses it.
+local function take_quota(c, sender)
+  if c.qs == sender then
+    if c.left <= 0 then return false end
+    c.left, c.count = c.left - 1, c.count + 1
+    return true
   end
-  c.quota[sender] = q
-  return q
+  local q = c.quota and c.quota[sender]
+  if not q then
+    if c.fresh then
+      q = {quota, 0, 0}
+    else
+      q = {parse_quota(redis.call('HGET', c.key, 'q:' .. sender))}
+    end
+    if not c.quota then c.quota = {} end
+    c.quota[sender] = q
+  end
+  if q[1] <= 0 then return false end
+  q[1], q[2] = q[1] - 1, q[2] + 1
+  return true
+end
+
+-- Sender's stored quota count in conversation c (its field's value).
+local function quota_value(c, sender)
+  local count, previous = c.count, c.prev
+  if c.qs ~= sender then
+    local q = c.quota[sender]
+    count, previous = q[2], q[3]
+  end
+  return this_window .. ':' .. digits(count) .. ':' .. digits(previous)
 end
 
 -- Learns conversation c's epoch (at its first appended message, seq): a
@@ -229,27 +269,17 @@ for i = 1, count do
       n = redis.call('INCR', prefix .. 'seq:' .. conversation)
       c = state_of(conversation, n, sender)
     end
-    local ok = true
-    if quota > 0 then
-      local q = quota_of(c, sender)
-      if q[1] <= 0 then
-        ok = false
-      else
-        q[1] = q[1] - 1
-        q[2] = q[2] + 1
-      end
-    end
-    if not ok then
+    if quota > 0 and not take_quota(c, sender) then
       if n then redis.call('DECR', prefix .. 'seq:' .. conversation) end
       appended[i] = 'q'
     else
       if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
       if not c.first then start_epoch(conversation, c, n) end
       local msg_id = string.format('%d', first_id + i)
-      local seq = string.format('%d', n)
+      local seq = digits(n)
       redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
                  '{"i":' .. msg_id .. ',"q":' .. seq .. ','
-                 .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. c[1] .. '"}')
+                 .. ARGV[base + 4] .. ',"e":"' .. c[1] .. '"}')
       if sent_id ~= '' then
         local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
         redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
@@ -258,7 +288,7 @@ for i = 1, count do
       -- (One sender, the usual case, needs no table of senders.)
       if c.senders then
         c.senders[sender] = seq
-      elseif c.sender == nil or c.sender == sender then
+      elseif not c.sender or c.sender == sender then
         c.sender, c.seq = sender, seq
       else
         c.senders = {[c.sender] = c.seq, [sender] = seq}
@@ -267,14 +297,6 @@ for i = 1, count do
       appended[i] = msg_id .. ':' .. seq
     end
   end
-end
-
--- A pair conversation's two users, or nil (as cim.message.pair_members).
-local function pair_members(conversation)
-  local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
-  if not low then return nil end
-  if #low > #high or (#low == #high and low > high) then return nil end
-  return low, high
 end
 
 local epoch_ids = {}
@@ -288,32 +310,33 @@ for _, conversation in ipairs(order) do
   -- every sender's, with their quota counts and a new epoch's record, in
   -- one HSET.  (One sender of a known epoch, the usual case, needs no
   -- table of arguments.)
-  local prefix_id = ''
-  if e[1] ~= '' then prefix_id = e[1] .. ':' end
   if not e.senders then
     local sender = e.sender
-    local q = e.quota and e.quota[sender]
-    if q then q = this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3]) end
+    local position = e.seq
+    if e[1] ~= '' then position = e[1] .. ':' .. position end
+    local q = quota > 0 and quota_value(e, sender)
     if not e.new then
       if q then
-        redis.call('HSET', e.key, sender, prefix_id .. e.seq, 'q:' .. sender, q)
+        redis.call('HSET', e.key, sender, position, 'q:' .. sender, q)
       else
-        redis.call('HSET', e.key, sender, prefix_id .. e.seq)
+        redis.call('HSET', e.key, sender, position)
       end
     elseif q and e.fresh then
       -- (Neither previous nor base: without them the base is 0, and a
       -- previous epoch with base 0 vouches for no seq.)
       redis.call('HSET', e.key, 'id', e[1], 'run', run_id,
-                 sender, prefix_id .. e.seq, 'q:' .. sender, q)
+                 sender, position, 'q:' .. sender, q)
     elseif q then
       redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq,
+                 'base', e.base, 'run', run_id, sender, position,
                  'q:' .. sender, q)
     else
       redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq)
+                 'base', e.base, 'run', run_id, sender, position)
     end
   else
+    local prefix_id = ''
+    if e[1] ~= '' then prefix_id = e[1] .. ':' end
     local fields = {}
     if e.new then
       fields = {'id', e[1], 'previous', e.previous, 'base', e.base,
@@ -323,19 +346,17 @@ for _, conversation in ipairs(order) do
       fields[#fields + 1] = sender
       fields[#fields + 1] = prefix_id .. seq
       if quota > 0 then
-        local q = e.quota[sender]
         fields[#fields + 1] = 'q:' .. sender
-        fields[#fields + 1] = this_window .. ':' .. digits(q[2]) .. ':'
-            .. digits(q[3])
+        fields[#fields + 1] = quota_value(e, sender)
       end
     end
     redis.call('HSET', e.key, unpack(fields))
   end
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
-  local low, high = nil, nil
-  if e.new then low, high = pair_members(conversation) end
-  if low then
+  -- (A pair conversation's users in order, as cim.message.pair_members.)
+  local low, high = e.low, e.high
+  if e.new and low and not (#low > #high or (#low == #high and low > high)) then
     redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
   end
@@ -383,8 +404,15 @@ if ARGV[#ARGV] ~= '' then
     local conversation = ARGV[FIRST + STRIDE * (i - 1) + 1]
     if not seen[conversation] then
       seen[conversation] = true
-      local low, high = string.match(conversation,
-                                      '^p:([1-9]%d*):([1-9]%d*)$')
+      -- (Its users as its state has them; a retry's conversation may have
+      -- none.)
+      local c = epochs[conversation]
+      local low, high
+      if c then
+        low, high = c.low, c.high
+      else
+        low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
+      end
       if low and not seen[low] then
         seen[low] = true
         keys[#keys + 1] = prefix .. 'sgen:' .. low
@@ -432,7 +460,7 @@ if feed ~= '' then
       local conversation = ARGV[base + 1]
       local msg_id, seq = string.match(ids, '^(%d+):(%d+)$')
       out[#out + 1] = ref .. '\t' .. conversation .. '\t{"i":' .. msg_id
-          .. ',"q":' .. seq .. ',' .. string.sub(ARGV[base + 4], 2, -2)
+          .. ',"q":' .. seq .. ',' .. ARGV[base + 4]
           .. ',"e":"' .. epochs[conversation][1] .. '"}'
     end
   end
