@@ -133,8 +133,13 @@ end
 -- one; first, last: the seqs of its first and last messages here; low,
 -- high: a pair conversation's users; qs: its first sender, whose quota is
 -- left, count (this window's), prev (the previous one's); quota: any
--- other sender's, {left, count, previous}).  Every field is made with
--- the table (false until known): a field added later grows the table.
+-- other sender's, {left, count, previous}).  Its fields are the slots
+-- of an array (a table's array costs Redis a third of as many named
+-- fields), each made with the table (false until known): a field added
+-- later grows the table.
+local KEY, FRESH, NEW, FIRST_SEQ, LAST_SEQ, SENDER, SEQ, SENDERS, STORED_ID,
+    STORED_RUN, PREVIOUS, BASE, LOW, HIGH, QS, LEFT, COUNT, PREV, QUOTA =
+    2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
@@ -159,22 +164,19 @@ end
 -- for sender's message.
 local function state_of(conversation, seq, sender)
   local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
-  local c = {false, key = prefix .. 'read:' .. conversation,
-             fresh = seq == 1, new = false, first = false, last = false,
-             sender = false, seq = false, senders = false,
-             stored_id = false, stored_run = false, previous = false,
-             base = false, low = low or false, high = high or false,
-             qs = false, left = quota, count = 0, prev = 0, quota = false}
-  if quota > 0 then c.qs = sender end
-  if c.fresh then
+  local c = {false, prefix .. 'read:' .. conversation, seq == 1, false,
+             false, false, false, false, false, false, false, false, false,
+             low or false, high or false, false, quota, 0, 0, false}
+  if quota > 0 then c[QS] = sender end
+  if c[FRESH] then
     -- (Nothing stored: see above.)
   elseif quota > 0 then
-    local rec = redis.call('HMGET', c.key, 'id', 'run', 'q:' .. sender)
-    c.stored_id, c.stored_run = rec[1], rec[2]
-    c.left, c.count, c.prev = parse_quota(rec[3])
+    local rec = redis.call('HMGET', c[KEY], 'id', 'run', 'q:' .. sender)
+    c[STORED_ID], c[STORED_RUN] = rec[1], rec[2]
+    c[LEFT], c[COUNT], c[PREV] = parse_quota(rec[3])
   else
-    local rec = redis.call('HMGET', c.key, 'id', 'run')
-    c.stored_id, c.stored_run = rec[1], rec[2]
+    local rec = redis.call('HMGET', c[KEY], 'id', 'run')
+    c[STORED_ID], c[STORED_RUN] = rec[1], rec[2]
   end
   epochs[conversation] = c
   return c
@@ -183,20 +185,20 @@ end
 -- Counts sender's message in conversation c against its quota: false
 -- when the quota refuses it.
 local function take_quota(c, sender)
-  if c.qs == sender then
-    if c.left <= 0 then return false end
-    c.left, c.count = c.left - 1, c.count + 1
+  if c[QS] == sender then
+    if c[LEFT] <= 0 then return false end
+    c[LEFT], c[COUNT] = c[LEFT] - 1, c[COUNT] + 1
     return true
   end
-  local q = c.quota and c.quota[sender]
+  local q = c[QUOTA] and c[QUOTA][sender]
   if not q then
-    if c.fresh then
+    if c[FRESH] then
       q = {quota, 0, 0}
     else
-      q = {parse_quota(redis.call('HGET', c.key, 'q:' .. sender))}
+      q = {parse_quota(redis.call('HGET', c[KEY], 'q:' .. sender))}
     end
-    if not c.quota then c.quota = {} end
-    c.quota[sender] = q
+    if not c[QUOTA] then c[QUOTA] = {} end
+    c[QUOTA][sender] = q
   end
   if q[1] <= 0 then return false end
   q[1], q[2] = q[1] - 1, q[2] + 1
@@ -205,9 +207,9 @@ end
 
 -- Sender's stored quota count in conversation c (its field's value).
 local function quota_value(c, sender)
-  local count, previous = c.count, c.prev
-  if c.qs ~= sender then
-    local q = c.quota[sender]
+  local count, previous = c[COUNT], c[PREV]
+  if c[QS] ~= sender then
+    local q = c[QUOTA][sender]
     count, previous = q[2], q[3]
   end
   return this_window .. ':' .. digits(count) .. ':' .. digits(previous)
@@ -220,18 +222,18 @@ local function start_epoch(conversation, c, seq)
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
-  c.first = seq
+  c[FIRST_SEQ] = seq
   order[#order + 1] = conversation
-  if c.stored_id and c.stored_run == run_id then
-    c[1] = c.stored_id
+  if c[STORED_ID] and c[STORED_RUN] == run_id then
+    c[1] = c[STORED_ID]
   else
     -- (A conversation's first message ever has no record worth reading: a
     -- stray one's id, as previous with base 0, would vouch for no seq.)
-    c[1], c.new = ARGV[7], true
-    if c.fresh then
-      c.previous, c.base = '', '0'
+    c[1], c[NEW] = ARGV[7], true
+    if c[FRESH] then
+      c[PREVIOUS], c[BASE] = '', '0'
     else
-      c.previous, c.base = c.stored_id or '', string.format('%d', seq - 1)
+      c[PREVIOUS], c[BASE] = c[STORED_ID] or '', string.format('%d', seq - 1)
     end
   end
 end
@@ -255,7 +257,7 @@ for i = 1, count do
     local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
                               seq, seq)
     local epoch = epochs[conv]
-    epoch = epoch and epoch.first and epoch[1]
+    epoch = epoch and epoch[FIRST_SEQ] and epoch[1]
         or redis.call('HGET', prefix .. 'read:' .. conv, 'id') or ''
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
@@ -274,7 +276,7 @@ for i = 1, count do
       appended[i] = 'q'
     else
       if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
-      if not c.first then start_epoch(conversation, c, n) end
+      if not c[FIRST_SEQ] then start_epoch(conversation, c, n) end
       local msg_id = string.format('%d', first_id + i)
       local seq = digits(n)
       redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
@@ -286,14 +288,14 @@ for i = 1, count do
         just_sent[sent_id] = record
       end
       -- (One sender, the usual case, needs no table of senders.)
-      if c.senders then
-        c.senders[sender] = seq
-      elseif not c.sender or c.sender == sender then
-        c.sender, c.seq = sender, seq
+      if c[SENDERS] then
+        c[SENDERS][sender] = seq
+      elseif not c[SENDER] or c[SENDER] == sender then
+        c[SENDER], c[SEQ] = sender, seq
       else
-        c.senders = {[c.sender] = c.seq, [sender] = seq}
+        c[SENDERS] = {[c[SENDER]] = c[SEQ], [sender] = seq}
       end
-      c.last = n
+      c[LAST_SEQ] = n
       appended[i] = msg_id .. ':' .. seq
     end
   end
@@ -310,39 +312,39 @@ for _, conversation in ipairs(order) do
   -- every sender's, with their quota counts and a new epoch's record, in
   -- one HSET.  (One sender of a known epoch, the usual case, needs no
   -- table of arguments.)
-  if not e.senders then
-    local sender = e.sender
-    local position = e.seq
+  if not e[SENDERS] then
+    local sender = e[SENDER]
+    local position = e[SEQ]
     if e[1] ~= '' then position = e[1] .. ':' .. position end
     local q = quota > 0 and quota_value(e, sender)
-    if not e.new then
+    if not e[NEW] then
       if q then
-        redis.call('HSET', e.key, sender, position, 'q:' .. sender, q)
+        redis.call('HSET', e[KEY], sender, position, 'q:' .. sender, q)
       else
-        redis.call('HSET', e.key, sender, position)
+        redis.call('HSET', e[KEY], sender, position)
       end
-    elseif q and e.fresh then
+    elseif q and e[FRESH] then
       -- (Neither previous nor base: without them the base is 0, and a
       -- previous epoch with base 0 vouches for no seq.)
-      redis.call('HSET', e.key, 'id', e[1], 'run', run_id,
+      redis.call('HSET', e[KEY], 'id', e[1], 'run', run_id,
                  sender, position, 'q:' .. sender, q)
     elseif q then
-      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, position,
+      redis.call('HSET', e[KEY], 'id', e[1], 'previous', e[PREVIOUS],
+                 'base', e[BASE], 'run', run_id, sender, position,
                  'q:' .. sender, q)
     else
-      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, position)
+      redis.call('HSET', e[KEY], 'id', e[1], 'previous', e[PREVIOUS],
+                 'base', e[BASE], 'run', run_id, sender, position)
     end
   else
     local prefix_id = ''
     if e[1] ~= '' then prefix_id = e[1] .. ':' end
     local fields = {}
-    if e.new then
-      fields = {'id', e[1], 'previous', e.previous, 'base', e.base,
+    if e[NEW] then
+      fields = {'id', e[1], 'previous', e[PREVIOUS], 'base', e[BASE],
                 'run', run_id}
     end
-    for sender, seq in pairs(e.senders) do
+    for sender, seq in pairs(e[SENDERS]) do
       fields[#fields + 1] = sender
       fields[#fields + 1] = prefix_id .. seq
       if quota > 0 then
@@ -350,13 +352,13 @@ for _, conversation in ipairs(order) do
         fields[#fields + 1] = quota_value(e, sender)
       end
     end
-    redis.call('HSET', e.key, unpack(fields))
+    redis.call('HSET', e[KEY], unpack(fields))
   end
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
   -- (A pair conversation's users in order, as cim.message.pair_members.)
-  local low, high = e.low, e.high
-  if e.new and low and not (#low > #high or (#low == #high and low > high)) then
+  local low, high = e[LOW], e[HIGH]
+  if e[NEW] and low and not (#low > #high or (#low == #high and low > high)) then
     redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
   end
@@ -366,12 +368,12 @@ for _, conversation in ipairs(order) do
   -- only a conversation that may hold more than max_messages is counted.
   -- A conversation whose first message ever is in this batch (its seq 1:
   -- the counter never expires) holds only this batch's: nothing to drop.
-  local head, oldest = nil, e.first
-  if e.first ~= 1 or e.last > max_messages then
+  local head, oldest = nil, e[FIRST_SEQ]
+  if e[FIRST_SEQ] ~= 1 or e[LAST_SEQ] > max_messages then
     head = redis.call('ZRANGE', conv_key, 0, 0)[1]
     oldest = head and tonumber(string.match(head, '^{"i":%d+,"q":(%d+),'))
   end
-  if not oldest or e.last - oldest + 1 > max_messages then
+  if not oldest or e[LAST_SEQ] - oldest + 1 > max_messages then
     local excess = redis.call('ZCARD', conv_key) - max_messages
     if excess > 0 then
       redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
@@ -409,7 +411,7 @@ if ARGV[#ARGV] ~= '' then
       local c = epochs[conversation]
       local low, high
       if c then
-        low, high = c.low, c.high
+        low, high = c[LOW], c[HIGH]
       else
         low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
       end
