@@ -985,6 +985,7 @@ class RedisStore:
         if not messages:
             return []
         timestamp = int(self._seconds() * 1000)
+        new_epoch = _new_epoch_id()
         args: list[Any] = [
             timestamp,
             self.retention.max_messages,
@@ -992,7 +993,7 @@ class RedisStore:
             _ms(self.retention.idempotency_window),
             self.prefix,
             max(0, int(self.retention.sender_quota)),
-            _new_epoch_id(),
+            new_epoch,
         ]
         for m in messages:
             sent_id = (
@@ -1011,6 +1012,8 @@ class RedisStore:
         appended, retries, epoch_ids, generations = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
+        # (The conversations that kept their epoch; the others started
+        # new_epoch.)
         epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
         # A retry's original: stored, or only its ids when retention dropped it.
         originals: dict[int, ChatMessage | tuple[int, int, int, str, str]] = {}
@@ -1037,7 +1040,7 @@ class RedisStore:
                     int(seq),
                     timestamp,
                     m.conversation,
-                    epochs[m.conversation],
+                    epochs.get(m.conversation, new_epoch),
                 )
             else:
                 original = originals[index]

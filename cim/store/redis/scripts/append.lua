@@ -11,7 +11,9 @@
 -- refused by its sender's quota); retries is flat: index, msg id, seq,
 -- timestamp, conversation, stored member or '', the conversation's epoch
 -- id per message that was appended before; epochs is flat: conversation,
--- epoch id of each conversation appended to.  (One string parses much
+-- epoch id of each conversation appended to that kept its stored epoch
+-- (any other started the new epoch id given: most of a busy server's
+-- batches begin conversations, and list none).  (One string parses much
 -- faster than a nested reply.)  A fourth, generations (one string): see
 -- the block "Session generations" at the end.
 --
@@ -304,8 +306,10 @@ end
 local epoch_ids = {}
 for _, conversation in ipairs(order) do
   local e = epochs[conversation]
-  epoch_ids[#epoch_ids + 1] = conversation
-  epoch_ids[#epoch_ids + 1] = e[1]
+  if not e[NEW] then
+    epoch_ids[#epoch_ids + 1] = conversation
+    epoch_ids[#epoch_ids + 1] = e[1]
+  end
   -- A sender's message is the conversation's last: its seq is above any
   -- read position of the epoch (they are at most the last seq), and above
   -- the base of a new one, so it raises the sender's without reading it:
