@@ -844,6 +844,29 @@ async def test_append_idempotent_within_batch(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_append_retry_of_a_record_of_the_previous_release(
+    backend: Backend,
+) -> None:
+    """
+    An idempotency record written by the previous release (it ended with
+    the conversation, which its key names) still makes a retry return the
+    original.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps nothing across releases")
+    store = backend.store
+    [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
+    key = f"{backend.prefix}sent:1:{PAIR}:c1"
+    record = await backend.redis.execute_command("GET", key)
+    assert record == f"{original.msg_id}:{original.seq}:{original.timestamp}"
+    await backend.redis.execute_command("SET", key, f"{record}:{PAIR}", "PX", 60000)
+    backend.clock.advance(5)
+    [retry] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
+    assert retry == original
+    assert await store.last_seq(PAIR) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
     [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])

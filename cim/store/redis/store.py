@@ -72,9 +72,11 @@ never key names)::
                                            drops up to AGE_SCAN (append.lua)
                                            messages older than max_age
     P sent:<sender_id>:<conversation>:<client_msg_id>
-                                   string  "msg_id:seq:timestamp:conversation"
-                                           of an appended message; PEXPIRE
-                                           the idempotency window
+                                   string  "msg_id:seq:timestamp" of an
+                                           appended message (earlier
+                                           releases added
+                                           ":conversation"); PEXPIRE the
+                                           idempotency window
     P read:<conversation>          hash    the conversation's state:
                                            user id -> the user's read
                                            position, "<epoch>:<seq>" (see
@@ -1026,15 +1028,15 @@ class RedisStore:
             )
         stored: list[ChatMessage | None] = []
         refused = False
-        for index, (m, ids) in enumerate(
-            zip(messages, appended.split(","), strict=True)
-        ):
-            if ids == "q":
+        ids = appended.split(",")
+        for index, m in enumerate(messages):
+            msg_id = ids[2 * index]
+            if msg_id == "q":
                 stored.append(None)
                 refused = True
                 continue
-            if ids:
-                msg_id, seq = ids.split(":")
+            if msg_id:
+                seq = ids[2 * index + 1]
                 fields = (
                     int(msg_id),
                     int(seq),

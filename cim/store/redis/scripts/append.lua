@@ -1,14 +1,14 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
--- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
--- client_msg_id), JSON body (an object starting with "ts", without its
+-- message: conversation, sender id, "<sender_id>:<conversation>:
+-- <client_msg_id>" ('' without client_msg_id), JSON body (an object starting with "ts", without its
 -- braces: the script writes its ids before it and its epoch after); last, the
 -- group feed's spec ('': none; see its block at the end), then the
 -- run_id of this Redis as the connection learnt it when it connected ('':
 -- unknown, the script asks INFO).  Returns
--- {appended, retries, epochs}: appended is one string with a "msg_id:seq"
--- per message, separated by commas ('' for a retry, 'q' for a message
--- refused by its sender's quota); retries is flat: index, msg id, seq,
+-- {appended, retries, epochs}: appended is one string with the msg_id and
+-- seq of each message, all separated by commas ('' and '' for a retry,
+-- 'q' and '' for a message refused by its sender's quota); retries is flat: index, msg id, seq,
 -- timestamp, conversation, stored member or '', the conversation's epoch
 -- id per message that was appended before; epochs is flat: conversation,
 -- epoch id of each conversation appended to that kept its stored epoch
@@ -135,13 +135,14 @@ end
 -- one; first, last: the seqs of its first and last messages here; low,
 -- high: a pair conversation's users; qs: its first sender, whose quota is
 -- left, count (this window's), prev (the previous one's); quota: any
--- other sender's, {left, count, previous}).  Its fields are the slots
+-- other sender's, {left, count, previous}; conv: its messages' key).  Its fields are the slots
 -- of an array (a table's array costs Redis a third of as many named
 -- fields), each made with the table (false until known): a field added
 -- later grows the table.
 local KEY, FRESH, NEW, FIRST_SEQ, LAST_SEQ, SENDER, SEQ, SENDERS, STORED_ID,
-    STORED_RUN, PREVIOUS, BASE, LOW, HIGH, QS, LEFT, COUNT, PREV, QUOTA =
-    2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20
+    STORED_RUN, PREVIOUS, BASE, LOW, HIGH, QS, LEFT, COUNT, PREV, QUOTA,
+    CONV = 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+    20, 21
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
@@ -168,7 +169,8 @@ local function state_of(conversation, seq, sender)
   local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
   local c = {false, prefix .. 'read:' .. conversation, seq == 1, false,
              false, false, false, false, false, false, false, false, false,
-             low or false, high or false, false, quota, 0, 0, false}
+             low or false, high or false, false, quota, 0, 0, false,
+             prefix .. 'conv:' .. conversation}
   if quota > 0 then c[QS] = sender end
   if c[FRESH] then
     -- (Nothing stored: see above.)
@@ -254,8 +256,10 @@ for i = 1, count do
     original = just_sent[sent_id] or sent[sent_key_of[i]]
   end
   if original then
-    local msg_id, seq, ts, conv = string.match(original,
-                                               '^(%d+):(%d+):(%d+):(.*)$')
+    -- (Its key names its conversation, this message's; records written
+    -- before this release still end with it.)
+    local conv = conversation
+    local msg_id, seq, ts = string.match(original, '^(%d+):(%d+):(%d+)')
     local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
                               seq, seq)
     local epoch = epochs[conv]
@@ -264,7 +268,7 @@ for i = 1, count do
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
-    appended[i] = ''
+    appended[2 * i - 1], appended[2 * i] = '', ''
   else
     local sender = ARGV[base + 2]
     local c = epochs[conversation]
@@ -275,17 +279,17 @@ for i = 1, count do
     end
     if quota > 0 and not take_quota(c, sender) then
       if n then redis.call('DECR', prefix .. 'seq:' .. conversation) end
-      appended[i] = 'q'
+      appended[2 * i - 1], appended[2 * i] = 'q', ''
     else
       if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
       if not c[FIRST_SEQ] then start_epoch(conversation, c, n) end
       local msg_id = string.format('%d', first_id + i)
       local seq = digits(n)
-      redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
+      redis.call('ZADD', c[CONV], seq,
                  '{"i":' .. msg_id .. ',"q":' .. seq .. ','
                  .. ARGV[base + 4] .. ',"e":"' .. c[1] .. '"}')
       if sent_id ~= '' then
-        local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
+        local record = msg_id .. ':' .. seq .. ':' .. ARGV[1]
         redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
         just_sent[sent_id] = record
       end
@@ -298,7 +302,7 @@ for i = 1, count do
         c[SENDERS] = {[c[SENDER]] = c[SEQ], [sender] = seq}
       end
       c[LAST_SEQ] = n
-      appended[i] = msg_id .. ':' .. seq
+      appended[2 * i - 1], appended[2 * i] = msg_id, seq
     end
   end
 end
@@ -366,7 +370,7 @@ for _, conversation in ipairs(order) do
     redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
   end
-  local conv_key = prefix .. 'conv:' .. conversation
+  local conv_key = e[CONV]
   -- Every stored message has its own seq, at most the last one: from the
   -- oldest one's seq on, at most last - oldest + 1 messages are stored, so
   -- only a conversation that may hold more than max_messages is counted.
@@ -460,11 +464,10 @@ if feed ~= '' then
   local i = 0
   for ref in string.gmatch(lines[2], '%d+') do
     i = i + 1
-    local ids = appended[i]
-    if ref ~= '0' and ids ~= '' and ids ~= 'q' then
+    local msg_id, seq = appended[2 * i - 1], appended[2 * i]
+    if ref ~= '0' and seq ~= '' then
       local base = FIRST + STRIDE * (i - 1)
       local conversation = ARGV[base + 1]
-      local msg_id, seq = string.match(ids, '^(%d+):(%d+)$')
       out[#out + 1] = ref .. '\t' .. conversation .. '\t{"i":' .. msg_id
           .. ',"q":' .. seq .. ',' .. ARGV[base + 4]
           .. ',"e":"' .. epochs[conversation][1] .. '"}'
