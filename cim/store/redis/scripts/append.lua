@@ -60,6 +60,8 @@ local prefix = ARGV[5]
 local quota = tonumber(ARGV[6])
 local appended = {}
 local retries = {}
+-- The conversations of the retries (their users' generations).
+local retried = {}
 -- (The last two ARGV: the group feed's spec, see below, and the run_id.)
 local count = (#ARGV - FIRST - 2) / STRIDE
 
@@ -268,6 +270,7 @@ for i = 1, count do
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
+    retried[#retried + 1] = conv
     appended[2 * i - 1], appended[2 * i] = '', ''
   else
     local sender = ARGV[base + 2]
@@ -409,38 +412,32 @@ end
 -- it.
 local generations = ''
 if ARGV[#ARGV] ~= '' then
-  local flat, keys, seen = {ARGV[#ARGV]}, {}, {}
-  for i = 1, count do
-    local conversation = ARGV[FIRST + STRIDE * (i - 1) + 1]
-    if not seen[conversation] then
-      seen[conversation] = true
-      -- (Its users as its state has them; a retry's conversation may have
-      -- none.)
-      local c = epochs[conversation]
-      local low, high
-      if c then
-        low, high = c[LOW], c[HIGH]
-      else
-        low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
-      end
-      if low and not seen[low] then
-        seen[low] = true
-        keys[#keys + 1] = prefix .. 'sgen:' .. low
-        flat[#flat + 1] = low
-        flat[#flat + 1] = '0'
-      end
-      if high and not seen[high] then
-        seen[high] = true
-        keys[#keys + 1] = prefix .. 'sgen:' .. high
-        flat[#flat + 1] = high
-        flat[#flat + 1] = '0'
-      end
+  -- The users of each conversation's state, then of the retries' other
+  -- conversations.  (A user of several conversations is read and listed
+  -- once for each, which costs less than a table of those seen: the
+  -- caller reads them as one.)
+  local users, keys = {}, {}
+  local function add(low, high)
+    if low then
+      local n = #users
+      users[n + 1], users[n + 2] = low, high
+      keys[n + 1] = prefix .. 'sgen:' .. low
+      keys[n + 2] = prefix .. 'sgen:' .. high
+    end
+  end
+  for _, c in pairs(epochs) do add(c[LOW], c[HIGH]) end
+  local listed = {}
+  for _, conversation in ipairs(retried) do
+    if not epochs[conversation] and not listed[conversation] then
+      listed[conversation] = true
+      add(string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$'))
     end
   end
   if #keys > 0 then
     local got = redis.call('MGET', unpack(keys))
+    local flat = {ARGV[#ARGV]}
     for k = 1, #keys do
-      if got[k] then flat[2 * k + 1] = got[k] end
+      flat[2 * k], flat[2 * k + 1] = users[k], got[k] or '0'
     end
     generations = table.concat(flat, ',')
   end
