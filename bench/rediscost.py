@@ -172,7 +172,9 @@ def _dump(pid: int) -> int:
     """
     pattern = f"callgrind.out.{pid}*"
     before = set(_dumps(pattern))
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    subprocess.run(
+        ["callgrind_control", "-d", str(pid)], check=True, capture_output=True
+    )
     new = sorted(set(_dumps(pattern)) - before, key=os.path.getmtime)
     if not new:
         raise SystemExit(f"callgrind_control wrote no dump for {pid}")
@@ -271,7 +273,7 @@ async def run_callgrind(
             if cache is not None:
                 wanted = cache.find(wanted, stored.generations)[1]
             if wanted:
-                found = await store.get_sessions(wanted)
+                found: Any = await store.get_sessions(wanted)
                 if cache is not None:
                     cache.remember(found, found.generations)
 
