@@ -844,6 +844,24 @@ async def test_append_idempotent_within_batch(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_append_finds_a_retry_in_a_large_batch(backend: Backend) -> None:
+    """
+    A retry past the first thousand messages of a batch (the Redis store
+    asks for the batch's records a thousand keys at a time) returns its
+    original; the others are appended.
+    """
+    store = backend.store
+    [original] = await store.append([msg(PAIR, "m2100", client_msg_id="c2100")])
+    stored = await store.append(
+        [msg(PAIR, f"m{i}", client_msg_id=f"c{i}") for i in range(2500)]
+    )
+    assert stored[2100] == original
+    others = [m for i, m in enumerate(stored) if i != 2100]
+    assert [m.seq for m in others] == list(range(2, 2501))
+    assert await store.last_seq(PAIR) == 2500
+
+
+@pytest_twisted.ensureDeferred
 async def test_append_retry_of_a_record_of_the_previous_release(
     backend: Backend,
 ) -> None:
