@@ -41,7 +41,8 @@
 -- Redis's own cost is mostly its commands (each redis.call costs a few
 -- microseconds over its work, a write as much again in its copy to the
 -- append-only file, each argument a little), so the script reads what the
--- batch needs in few of them: one MGET for every idempotency record, one
+-- batch needs in few of them: one EXISTS for every idempotency record
+-- (and an MGET of them only when one is there), one
 -- HMGET per known conversation for its epoch and quota count; it writes a
 -- conversation's epoch, read positions and quota counts in one HSET; a
 -- conversation's seq before its new epoch is the INCR's reply less one
