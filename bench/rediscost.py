@@ -13,12 +13,22 @@ microseconds per message.
 It flushes the database it is given (use a spare one).  Not a timed test:
 Redis's C{usec} counts only its own work, so other load on the machine
 barely moves it.
+
+With C{--callgrind PID} (a Redis run under valgrind's callgrind, as
+C{bench/README.md} shows), it counts instructions instead, which a busy
+machine does not move: each phase is run for every batch in turn (all
+appends, then the session lookups, then the cursor saves), and
+C{callgrind_control -d PID} dumps the instructions of each; it prints
+instructions and commands per message of each phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import random
+import subprocess
 import sys
 from typing import Any
 
@@ -155,6 +165,149 @@ async def run(
     print("slowlog:", slow)
 
 
+def _dump(pid: int) -> int:
+    """
+    Dump callgrind's counts of Redis C{pid} (those since its last dump),
+    and answer the instructions of that dump.
+    """
+    pattern = f"callgrind.out.{pid}*"
+    before = set(_dumps(pattern))
+    subprocess.run(
+        ["callgrind_control", "-d", str(pid)], check=True, capture_output=True
+    )
+    new = sorted(set(_dumps(pattern)) - before, key=os.path.getmtime)
+    if not new:
+        raise SystemExit(f"callgrind_control wrote no dump for {pid}")
+    with open(new[-1]) as dump:
+        for line in dump:
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+    raise SystemExit(f"no totals in {new[-1]}")
+
+
+def _dumps(pattern: str) -> list[str]:
+    """
+    The callgrind dumps of C{pattern} in the working directory of the
+    Redis process (as C{callgrind_control} writes them) and here.
+    """
+    out = os.environ.get("CIM_CALLGRIND_DIR", ".")
+    return glob.glob(os.path.join(out, pattern))
+
+
+async def run_callgrind(
+    reactor: Any,
+    url: str,
+    pid: int,
+    messages: int,
+    users: int,
+    batch: int,
+    session_cache: int = 0,
+    sweep: int = 1,
+) -> None:
+    """
+    L{run}'s mix, counted in instructions of Redis C{pid} under callgrind,
+    one phase at a time over all batches; the cursors of C{sweep} batches
+    are saved together (as a server's sweep saves those acknowledged since
+    the last one).
+    """
+    store = await connect_redis(url, reactor, timeout=600.0)
+    redis = store._redis  # noqa: SLF001 (a measuring tool)
+    await redis.execute_command("FLUSHDB")
+    await _setup(store, users)
+    rng = random.Random(17)
+    cmid = 0
+    await store.append([NewMessage(pair_conversation(1, 2), 1, "u1", "hi", "w")])
+    batches = []
+    for start in range(0, messages, batch):
+        sends = []
+        for _ in range(min(batch, messages - start)):
+            a, b = rng.sample(range(1, users + 1), 2)
+            cmid += 1
+            sends.append(
+                NewMessage(pair_conversation(a, b), a, f"u{a}", "hello " * 5, str(cmid))
+            )
+        batches.append(sends)
+    cache = SessionCache(session_cache) if session_cache else None
+
+    async def commands() -> dict[str, int]:
+        info = _stats(await redis.execute_command("INFO", "commandstats"))
+        return {name: calls for name, (calls, _) in info.items()}
+
+    async def phase(name: str, calls: Any) -> None:
+        await redis.execute_command("CONFIG", "RESETSTAT")
+        _dump(pid)
+        for call in calls:
+            await call()
+        instructions = _dump(pid)
+        counted = await commands()
+        scripts = counted.pop("evalsha", 0) + counted.pop("eval", 0)
+        for skip in ("config", "info"):
+            counted.pop(skip, None)
+        inner = sum(counted.values())
+        detail = ", ".join(
+            f"{name} {n / messages:.2f}"
+            for name, n in sorted(counted.items(), key=lambda kv: -kv[1])
+        )
+        print(
+            f"{name:<18}{instructions / messages:>10,.0f} instructions per message,"
+            f" {scripts / messages:.2f} scripts, {inner / messages:.2f} commands"
+            f" ({detail})"
+        )
+
+    stored_batches: list[Any] = []
+
+    def appending(sends: list[NewMessage]) -> Any:
+        async def call() -> None:
+            stored_batches.append(await store.append(sends))
+
+        return call
+
+    print(f"{messages} messages, batches of {batch}, {users} users (callgrind)")
+    await phase("append", [appending(sends) for sends in batches])
+
+    def looking_up(sends: list[NewMessage], stored: Any) -> Any:
+        async def call() -> None:
+            wanted = sorted(
+                {int(x) for m in sends for x in m.conversation[2:].split(":")}
+            )
+            if cache is not None:
+                wanted = cache.find(wanted, stored.generations)[1]
+            if wanted:
+                found: Any = await store.get_sessions(wanted)
+                if cache is not None:
+                    cache.remember(found, found.generations)
+
+        return call
+
+    await phase(
+        "get_sessions",
+        [looking_up(s, st) for s, st in zip(batches, stored_batches, strict=True)],
+    )
+
+    def saving(swept: list[Any]) -> Any:
+        async def call() -> None:
+            # (Later messages of a conversation raise its cursors.)
+            cursors: dict[tuple[int, str], dict[str, Position]] = {}
+            for stored in swept:
+                for m in stored:
+                    for uid in (int(x) for x in m.conversation[2:].split(":")):
+                        cursors.setdefault((uid, ""), {})[m.conversation] = Position(
+                            m.epoch, m.seq
+                        )
+            await store.set_many_cursors(cursors)
+
+        return call
+
+    await phase(
+        "set_many_cursors",
+        [
+            saving(stored_batches[start : start + sweep])
+            for start in range(0, len(stored_batches), sweep)
+        ],
+    )
+    await store.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url")
@@ -172,7 +325,35 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="look up only the users a session cache of this size misses",
     )
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="PID",
+        help="count instructions of this Redis under callgrind (see above)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=int,
+        default=1,
+        help="with --callgrind: save the cursors of this many batches at once",
+    )
     options = parser.parse_args(argv)
+    if options.callgrind:
+        task.react(
+            lambda reactor: defer.ensureDeferred(
+                run_callgrind(
+                    reactor,
+                    options.url,
+                    options.callgrind,
+                    options.messages,
+                    options.users,
+                    options.batch,
+                    options.session_cache,
+                    options.sweep,
+                )
+            )
+        )
+        return
     task.react(
         lambda reactor: defer.ensureDeferred(
             run(

@@ -844,6 +844,47 @@ async def test_append_idempotent_within_batch(backend: Backend) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_append_finds_a_retry_in_a_large_batch(backend: Backend) -> None:
+    """
+    A retry past the first thousand messages of a batch (the Redis store
+    asks for the batch's records a thousand keys at a time) returns its
+    original; the others are appended.
+    """
+    store = backend.store
+    [original] = await store.append([msg(PAIR, "m2100", client_msg_id="c2100")])
+    stored = await store.append(
+        [msg(PAIR, f"m{i}", client_msg_id=f"c{i}") for i in range(2500)]
+    )
+    assert stored[2100] == original
+    others = [m for i, m in enumerate(stored) if i != 2100]
+    assert [m.seq for m in others] == list(range(2, 2501))
+    assert await store.last_seq(PAIR) == 2500
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_retry_of_a_record_of_the_previous_release(
+    backend: Backend,
+) -> None:
+    """
+    An idempotency record written by the previous release (it ended with
+    the conversation, which its key names) still makes a retry return the
+    original.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps nothing across releases")
+    store = backend.store
+    [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
+    key = f"{backend.prefix}sent:1:{PAIR}:c1"
+    record = await backend.redis.execute_command("GET", key)
+    assert record == f"{original.msg_id}:{original.seq}:{original.timestamp}"
+    await backend.redis.execute_command("SET", key, f"{record}:{PAIR}", "PX", 60000)
+    backend.clock.advance(5)
+    [retry] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
+    assert retry == original
+    assert await store.last_seq(PAIR) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
     [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])

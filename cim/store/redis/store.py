@@ -72,9 +72,11 @@ never key names)::
                                            drops up to AGE_SCAN (append.lua)
                                            messages older than max_age
     P sent:<sender_id>:<conversation>:<client_msg_id>
-                                   string  "msg_id:seq:timestamp:conversation"
-                                           of an appended message; PEXPIRE
-                                           the idempotency window
+                                   string  "msg_id:seq:timestamp" of an
+                                           appended message (earlier
+                                           releases added
+                                           ":conversation"); PEXPIRE the
+                                           idempotency window
     P read:<conversation>          hash    the conversation's state:
                                            user id -> the user's read
                                            position, "<epoch>:<seq>" (see
@@ -216,6 +218,7 @@ from cim.store.redis.records import (
     decode_session,
     encode_active,
     encode_message,
+    encode_position,
     resume_seq,
 )
 from cim.store.redis.scripts import Script
@@ -240,14 +243,15 @@ def _deferred(
 
 def _cursor_args(cursors: dict[str, Position]) -> list[Any]:
     """
-    C{cursors} as the scripts' flat C{conversation, epoch, seq} arguments,
-    each seq an integer (Redis stores the digits sent); a seq that is not an
-    integer between 1 and L{MAX_SEQ} is left out.
+    C{cursors} as set_cursors.lua's flat C{conversation, position}
+    arguments, each position as it is stored (L{encode_position}); a seq that is not an integer between
+    1 and L{MAX_SEQ} is left out.
     """
     args: list[Any] = []
-    for conversation, (epoch, seq) in cursors.items():
+    for conversation, position in cursors.items():
+        seq = position[1]
         if type(seq) is int and 0 < seq <= MAX_SEQ:
-            args += [conversation, str(epoch), seq]
+            args += [conversation, encode_position(position)]
     return args
 
 
@@ -983,6 +987,7 @@ class RedisStore:
         if not messages:
             return []
         timestamp = int(self._seconds() * 1000)
+        new_epoch = _new_epoch_id()
         args: list[Any] = [
             timestamp,
             self.retention.max_messages,
@@ -990,7 +995,7 @@ class RedisStore:
             _ms(self.retention.idempotency_window),
             self.prefix,
             max(0, int(self.retention.sender_quota)),
-            _new_epoch_id(),
+            new_epoch,
         ]
         for m in messages:
             sent_id = (
@@ -998,11 +1003,19 @@ class RedisStore:
                 if m.client_msg_id
                 else ""
             )
-            args += [m.conversation, m.sender_id, sent_id, encode_message(m, timestamp)]
+            # (Without its braces: the script adds its ids and epoch.)
+            args += [
+                m.conversation,
+                m.sender_id,
+                sent_id,
+                encode_message(m, timestamp)[1:-1],
+            ]
         args.append(self._feed_spec(feed) if feed else "")
         appended, retries, epoch_ids, generations = await self._run(
             scripts.APPEND, [self._key("msg", "next")], args, run_id=True
         )
+        # (The conversations that kept their epoch; the others started
+        # new_epoch.)
         epochs = dict(zip(epoch_ids[::2], epoch_ids[1::2], strict=True))
         # A retry's original: stored, or only its ids when retention dropped it.
         originals: dict[int, ChatMessage | tuple[int, int, int, str, str]] = {}
@@ -1015,21 +1028,21 @@ class RedisStore:
             )
         stored: list[ChatMessage | None] = []
         refused = False
-        for index, (m, ids) in enumerate(
-            zip(messages, appended.split(","), strict=True)
-        ):
-            if ids == "q":
+        ids = appended.split(",")
+        for index, m in enumerate(messages):
+            msg_id = ids[2 * index]
+            if msg_id == "q":
                 stored.append(None)
                 refused = True
                 continue
-            if ids:
-                msg_id, seq = ids.split(":")
+            if msg_id:
+                seq = ids[2 * index + 1]
                 fields = (
                     int(msg_id),
                     int(seq),
                     timestamp,
                     m.conversation,
-                    epochs[m.conversation],
+                    epochs.get(m.conversation, new_epoch),
                 )
             else:
                 original = originals[index]
@@ -1158,10 +1171,10 @@ class RedisStore:
         """
         Add a device's cursors to the keys and arguments of C{set_cursors.lua}.
         """
-        triples = _cursor_args(cursors)
-        if triples:
+        pairs = _cursor_args(cursors)
+        if pairs:
             keys += [self._cursor_key(user_id, device), self._key("cdevices", user_id)]
-            args += [device, len(triples) // 3, *triples]
+            args += [device, len(pairs) // 2, *pairs]
 
     @_deferred
     async def set_cursors(

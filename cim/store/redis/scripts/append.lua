@@ -1,16 +1,19 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
--- message: conversation, sender id, "<sender_id>:<client_msg_id>" ('' without
--- client_msg_id), JSON body (an object starting with "ts"); last, the
+-- message: conversation, sender id, "<sender_id>:<conversation>:
+-- <client_msg_id>" ('' without client_msg_id), JSON body (an object starting with "ts", without its
+-- braces: the script writes its ids before it and its epoch after); last, the
 -- group feed's spec ('': none; see its block at the end), then the
 -- run_id of this Redis as the connection learnt it when it connected ('':
 -- unknown, the script asks INFO).  Returns
--- {appended, retries, epochs}: appended is one string with a "msg_id:seq"
--- per message, separated by commas ('' for a retry, 'q' for a message
--- refused by its sender's quota); retries is flat: index, msg id, seq,
+-- {appended, retries, epochs}: appended is one string with the msg_id and
+-- seq of each message, all separated by commas ('' and '' for a retry,
+-- 'q' and '' for a message refused by its sender's quota); retries is flat: index, msg id, seq,
 -- timestamp, conversation, stored member or '', the conversation's epoch
 -- id per message that was appended before; epochs is flat: conversation,
--- epoch id of each conversation appended to.  (One string parses much
+-- epoch id of each conversation appended to that kept its stored epoch
+-- (any other started the new epoch id given: most of a busy server's
+-- batches begin conversations, and list none).  (One string parses much
 -- faster than a nested reply.)  A fourth, generations (one string): see
 -- the block "Session generations" at the end.
 --
@@ -38,7 +41,8 @@
 -- Redis's own cost is mostly its commands (each redis.call costs a few
 -- microseconds over its work, a write as much again in its copy to the
 -- append-only file, each argument a little), so the script reads what the
--- batch needs in few of them: one MGET for every idempotency record, one
+-- batch needs in few of them: one EXISTS for every idempotency record
+-- (and an MGET of them only when one is there), one
 -- HMGET per known conversation for its epoch and quota count; it writes a
 -- conversation's epoch, read positions and quota counts in one HSET; a
 -- conversation's seq before its new epoch is the INCR's reply less one
@@ -57,6 +61,8 @@ local prefix = ARGV[5]
 local quota = tonumber(ARGV[6])
 local appended = {}
 local retries = {}
+-- The conversations of the retries (their users' generations).
+local retried = {}
 -- (The last two ARGV: the group feed's spec, see below, and the run_id.)
 local count = (#ARGV - FIRST - 2) / STRIDE
 
@@ -91,8 +97,18 @@ for i = 1, count do
     sent_key_of[i] = key
   end
 end
+-- (Most batches hold no retry: one EXISTS, one number in its reply,
+-- spares the MGET's reply of a missing value per message.)
 local sent = {}
-if #sent_keys > 0 then sent = mget(sent_keys) end
+if #sent_keys > 0 then
+  local found = 0
+  for start = 1, #sent_keys, 1000 do
+    found = found + redis.call('EXISTS',
+                               unpack(sent_keys, start,
+                                      math.min(start + 999, #sent_keys)))
+  end
+  if found > 0 then sent = mget(sent_keys) end
+end
 
 -- A conversation's hash (read:<conversation>) holds its epoch record
 -- (id, previous, base, run), its users' read positions (a field per user
@@ -119,14 +135,24 @@ end
 -- stored_run: its stored epoch's; new: its epoch starts here (previous,
 -- base: the new record's); fresh: its seq started here; sender, seq: its
 -- one sender's highest seq, or senders: each sender's when more than
--- one; first, last: the seqs of its first and last messages here; quota:
--- per sender, {left, count, previous}).
+-- one; first, last: the seqs of its first and last messages here; low,
+-- high: a pair conversation's users; qs: its first sender, whose quota is
+-- left, count (this window's), prev (the previous one's); quota: any
+-- other sender's, {left, count, previous}; conv: its messages' key).  Its fields are the slots
+-- of an array (a table's array costs Redis a third of as many named
+-- fields), each made with the table (false until known): a field added
+-- later grows the table.
+local KEY, FRESH, NEW, FIRST_SEQ, LAST_SEQ, SENDER, SEQ, SENDERS, STORED_ID,
+    STORED_RUN, PREVIOUS, BASE, LOW, HIGH, QS, LEFT, COUNT, PREV, QUOTA,
+    CONV = 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+    20, 21
 local epochs = {}
 local order = {}
 local run_id = ARGV[#ARGV]
 if run_id == '' then run_id = nil end
 
--- A sender's quota state from its stored count (nil: none).
+-- A sender's quota state from its stored count (nil: none): left, count
+-- in this window, count of the previous one.
 local function parse_quota(stored)
   local count, previous = 0, 0
   if stored then
@@ -137,40 +163,63 @@ local function parse_quota(stored)
       previous = tonumber(n)
     end
   end
-  return {quota - count - previous, count, previous}
+  return quota - count - previous, count, previous
 end
 
 -- Starts conversation's state in this batch at seq (just taken by INCR)
 -- for sender's message.
 local function state_of(conversation, seq, sender)
-  local c = {false, key = prefix .. 'read:' .. conversation,
-             fresh = seq == 1, new = false, quota = false}
-  if c.fresh then
-    if quota > 0 then c.quota = {[sender] = {quota, 0, 0}} end
+  local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
+  local c = {false, prefix .. 'read:' .. conversation, seq == 1, false,
+             false, false, false, false, false, false, false, false, false,
+             low or false, high or false, false, quota, 0, 0, false,
+             prefix .. 'conv:' .. conversation}
+  if quota > 0 then c[QS] = sender end
+  if c[FRESH] then
+    -- (Nothing stored: see above.)
   elseif quota > 0 then
-    local rec = redis.call('HMGET', c.key, 'id', 'run', 'q:' .. sender)
-    c.stored_id, c.stored_run = rec[1], rec[2]
-    c.quota = {[sender] = parse_quota(rec[3])}
+    local rec = redis.call('HMGET', c[KEY], 'id', 'run', 'q:' .. sender)
+    c[STORED_ID], c[STORED_RUN] = rec[1], rec[2]
+    c[LEFT], c[COUNT], c[PREV] = parse_quota(rec[3])
   else
-    local rec = redis.call('HMGET', c.key, 'id', 'run')
-    c.stored_id, c.stored_run = rec[1], rec[2]
+    local rec = redis.call('HMGET', c[KEY], 'id', 'run')
+    c[STORED_ID], c[STORED_RUN] = rec[1], rec[2]
   end
   epochs[conversation] = c
   return c
 end
 
--- A sender's quota state in conversation c: {left, count in this window,
--- count of the previous one}.
-local function quota_of(c, sender)
-  local q = c.quota[sender]
-  if q then return q end
-  if c.fresh then
-    q = {quota, 0, 0}
-  else
-    q = parse_quota(redis.call('HGET', c.key, 'q:' .. sender))
+-- Counts sender's message in conversation c against its quota: false
+-- when the quota refuses it.
+local function take_quota(c, sender)
+  if c[QS] == sender then
+    if c[LEFT] <= 0 then return false end
+    c[LEFT], c[COUNT] = c[LEFT] - 1, c[COUNT] + 1
+    return true
   end
-  c.quota[sender] = q
-  return q
+  local q = c[QUOTA] and c[QUOTA][sender]
+  if not q then
+    if c[FRESH] then
+      q = {quota, 0, 0}
+    else
+      q = {parse_quota(redis.call('HGET', c[KEY], 'q:' .. sender))}
+    end
+    if not c[QUOTA] then c[QUOTA] = {} end
+    c[QUOTA][sender] = q
+  end
+  if q[1] <= 0 then return false end
+  q[1], q[2] = q[1] - 1, q[2] + 1
+  return true
+end
+
+-- Sender's stored quota count in conversation c (its field's value).
+local function quota_value(c, sender)
+  local count, previous = c[COUNT], c[PREV]
+  if c[QS] ~= sender then
+    local q = c[QUOTA][sender]
+    count, previous = q[2], q[3]
+  end
+  return this_window .. ':' .. digits(count) .. ':' .. digits(previous)
 end
 
 -- Learns conversation c's epoch (at its first appended message, seq): a
@@ -180,18 +229,18 @@ local function start_epoch(conversation, c, seq)
   if not run_id then
     run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
   end
-  c.first = seq
+  c[FIRST_SEQ] = seq
   order[#order + 1] = conversation
-  if c.stored_id and c.stored_run == run_id then
-    c[1] = c.stored_id
+  if c[STORED_ID] and c[STORED_RUN] == run_id then
+    c[1] = c[STORED_ID]
   else
     -- (A conversation's first message ever has no record worth reading: a
     -- stray one's id, as previous with base 0, would vouch for no seq.)
-    c[1], c.new = ARGV[7], true
-    if c.fresh then
-      c.previous, c.base = '', '0'
+    c[1], c[NEW] = ARGV[7], true
+    if c[FRESH] then
+      c[PREVIOUS], c[BASE] = '', '0'
     else
-      c.previous, c.base = c.stored_id or '', string.format('%d', seq - 1)
+      c[PREVIOUS], c[BASE] = c[STORED_ID] or '', string.format('%d', seq - 1)
     end
   end
 end
@@ -210,17 +259,20 @@ for i = 1, count do
     original = just_sent[sent_id] or sent[sent_key_of[i]]
   end
   if original then
-    local msg_id, seq, ts, conv = string.match(original,
-                                               '^(%d+):(%d+):(%d+):(.*)$')
+    -- (Its key names its conversation, this message's; records written
+    -- before this release still end with it.)
+    local conv = conversation
+    local msg_id, seq, ts = string.match(original, '^(%d+):(%d+):(%d+)')
     local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
                               seq, seq)
     local epoch = epochs[conv]
-    epoch = epoch and epoch.first and epoch[1]
+    epoch = epoch and epoch[FIRST_SEQ] and epoch[1]
         or redis.call('HGET', prefix .. 'read:' .. conv, 'id') or ''
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
-    appended[i] = ''
+    retried[#retried + 1] = conv
+    appended[2 * i - 1], appended[2 * i] = '', ''
   else
     local sender = ARGV[base + 2]
     local c = epochs[conversation]
@@ -229,128 +281,111 @@ for i = 1, count do
       n = redis.call('INCR', prefix .. 'seq:' .. conversation)
       c = state_of(conversation, n, sender)
     end
-    local ok = true
-    if quota > 0 then
-      local q = quota_of(c, sender)
-      if q[1] <= 0 then
-        ok = false
-      else
-        q[1] = q[1] - 1
-        q[2] = q[2] + 1
-      end
-    end
-    if not ok then
+    if quota > 0 and not take_quota(c, sender) then
       if n then redis.call('DECR', prefix .. 'seq:' .. conversation) end
-      appended[i] = 'q'
+      appended[2 * i - 1], appended[2 * i] = 'q', ''
     else
       if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
-      if not c.first then start_epoch(conversation, c, n) end
+      if not c[FIRST_SEQ] then start_epoch(conversation, c, n) end
       local msg_id = string.format('%d', first_id + i)
-      local seq = string.format('%d', n)
-      redis.call('ZADD', prefix .. 'conv:' .. conversation, seq,
+      local seq = digits(n)
+      redis.call('ZADD', c[CONV], seq,
                  '{"i":' .. msg_id .. ',"q":' .. seq .. ','
-                 .. string.sub(ARGV[base + 4], 2, -2) .. ',"e":"' .. c[1] .. '"}')
+                 .. ARGV[base + 4] .. ',"e":"' .. c[1] .. '"}')
       if sent_id ~= '' then
-        local record = msg_id .. ':' .. seq .. ':' .. ARGV[1] .. ':' .. conversation
+        local record = msg_id .. ':' .. seq .. ':' .. ARGV[1]
         redis.call('SET', sent_key_of[i], record, 'PX', ARGV[4])
         just_sent[sent_id] = record
       end
       -- (One sender, the usual case, needs no table of senders.)
-      if c.senders then
-        c.senders[sender] = seq
-      elseif c.sender == nil or c.sender == sender then
-        c.sender, c.seq = sender, seq
+      if c[SENDERS] then
+        c[SENDERS][sender] = seq
+      elseif not c[SENDER] or c[SENDER] == sender then
+        c[SENDER], c[SEQ] = sender, seq
       else
-        c.senders = {[c.sender] = c.seq, [sender] = seq}
+        c[SENDERS] = {[c[SENDER]] = c[SEQ], [sender] = seq}
       end
-      c.last = n
-      appended[i] = msg_id .. ':' .. seq
+      c[LAST_SEQ] = n
+      appended[2 * i - 1], appended[2 * i] = msg_id, seq
     end
   end
-end
-
--- A pair conversation's two users, or nil (as cim.message.pair_members).
-local function pair_members(conversation)
-  local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
-  if not low then return nil end
-  if #low > #high or (#low == #high and low > high) then return nil end
-  return low, high
 end
 
 local epoch_ids = {}
 for _, conversation in ipairs(order) do
   local e = epochs[conversation]
-  epoch_ids[#epoch_ids + 1] = conversation
-  epoch_ids[#epoch_ids + 1] = e[1]
+  if not e[NEW] then
+    epoch_ids[#epoch_ids + 1] = conversation
+    epoch_ids[#epoch_ids + 1] = e[1]
+  end
   -- A sender's message is the conversation's last: its seq is above any
   -- read position of the epoch (they are at most the last seq), and above
   -- the base of a new one, so it raises the sender's without reading it:
   -- every sender's, with their quota counts and a new epoch's record, in
   -- one HSET.  (One sender of a known epoch, the usual case, needs no
   -- table of arguments.)
-  local prefix_id = ''
-  if e[1] ~= '' then prefix_id = e[1] .. ':' end
-  if not e.senders then
-    local sender = e.sender
-    local q = e.quota and e.quota[sender]
-    if q then q = this_window .. ':' .. digits(q[2]) .. ':' .. digits(q[3]) end
-    if not e.new then
+  if not e[SENDERS] then
+    local sender = e[SENDER]
+    local position = e[SEQ]
+    if e[1] ~= '' then position = e[1] .. ':' .. position end
+    local q = quota > 0 and quota_value(e, sender)
+    if not e[NEW] then
       if q then
-        redis.call('HSET', e.key, sender, prefix_id .. e.seq, 'q:' .. sender, q)
+        redis.call('HSET', e[KEY], sender, position, 'q:' .. sender, q)
       else
-        redis.call('HSET', e.key, sender, prefix_id .. e.seq)
+        redis.call('HSET', e[KEY], sender, position)
       end
-    elseif q and e.fresh then
+    elseif q and e[FRESH] then
       -- (Neither previous nor base: without them the base is 0, and a
       -- previous epoch with base 0 vouches for no seq.)
-      redis.call('HSET', e.key, 'id', e[1], 'run', run_id,
-                 sender, prefix_id .. e.seq, 'q:' .. sender, q)
+      redis.call('HSET', e[KEY], 'id', e[1], 'run', run_id,
+                 sender, position, 'q:' .. sender, q)
     elseif q then
-      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq,
+      redis.call('HSET', e[KEY], 'id', e[1], 'previous', e[PREVIOUS],
+                 'base', e[BASE], 'run', run_id, sender, position,
                  'q:' .. sender, q)
     else
-      redis.call('HSET', e.key, 'id', e[1], 'previous', e.previous,
-                 'base', e.base, 'run', run_id, sender, prefix_id .. e.seq)
+      redis.call('HSET', e[KEY], 'id', e[1], 'previous', e[PREVIOUS],
+                 'base', e[BASE], 'run', run_id, sender, position)
     end
   else
+    local prefix_id = ''
+    if e[1] ~= '' then prefix_id = e[1] .. ':' end
     local fields = {}
-    if e.new then
-      fields = {'id', e[1], 'previous', e.previous, 'base', e.base,
+    if e[NEW] then
+      fields = {'id', e[1], 'previous', e[PREVIOUS], 'base', e[BASE],
                 'run', run_id}
     end
-    for sender, seq in pairs(e.senders) do
+    for sender, seq in pairs(e[SENDERS]) do
       fields[#fields + 1] = sender
       fields[#fields + 1] = prefix_id .. seq
       if quota > 0 then
-        local q = e.quota[sender]
         fields[#fields + 1] = 'q:' .. sender
-        fields[#fields + 1] = this_window .. ':' .. digits(q[2]) .. ':'
-            .. digits(q[3])
+        fields[#fields + 1] = quota_value(e, sender)
       end
     end
-    redis.call('HSET', e.key, unpack(fields))
+    redis.call('HSET', e[KEY], unpack(fields))
   end
   -- Listed among its users' pairs when its epoch starts: at its first
   -- message, and again after Redis lost or replaced anything.
-  local low, high = nil, nil
-  if e.new then low, high = pair_members(conversation) end
-  if low then
+  -- (A pair conversation's users in order, as cim.message.pair_members.)
+  local low, high = e[LOW], e[HIGH]
+  if e[NEW] and low and not (#low > #high or (#low == #high and low > high)) then
     redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
     redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
   end
-  local conv_key = prefix .. 'conv:' .. conversation
+  local conv_key = e[CONV]
   -- Every stored message has its own seq, at most the last one: from the
   -- oldest one's seq on, at most last - oldest + 1 messages are stored, so
   -- only a conversation that may hold more than max_messages is counted.
   -- A conversation whose first message ever is in this batch (its seq 1:
   -- the counter never expires) holds only this batch's: nothing to drop.
-  local head, oldest = nil, e.first
-  if e.first ~= 1 or e.last > max_messages then
+  local head, oldest = nil, e[FIRST_SEQ]
+  if e[FIRST_SEQ] ~= 1 or e[LAST_SEQ] > max_messages then
     head = redis.call('ZRANGE', conv_key, 0, 0)[1]
     oldest = head and tonumber(string.match(head, '^{"i":%d+,"q":(%d+),'))
   end
-  if not oldest or e.last - oldest + 1 > max_messages then
+  if not oldest or e[LAST_SEQ] - oldest + 1 > max_messages then
     local excess = redis.call('ZCARD', conv_key) - max_messages
     if excess > 0 then
       redis.call('ZREMRANGEBYRANK', conv_key, 0, excess - 1)
@@ -378,31 +413,32 @@ end
 -- it.
 local generations = ''
 if ARGV[#ARGV] ~= '' then
-  local flat, keys, seen = {ARGV[#ARGV]}, {}, {}
-  for i = 1, count do
-    local conversation = ARGV[FIRST + STRIDE * (i - 1) + 1]
-    if not seen[conversation] then
-      seen[conversation] = true
-      local low, high = string.match(conversation,
-                                      '^p:([1-9]%d*):([1-9]%d*)$')
-      if low and not seen[low] then
-        seen[low] = true
-        keys[#keys + 1] = prefix .. 'sgen:' .. low
-        flat[#flat + 1] = low
-        flat[#flat + 1] = '0'
-      end
-      if high and not seen[high] then
-        seen[high] = true
-        keys[#keys + 1] = prefix .. 'sgen:' .. high
-        flat[#flat + 1] = high
-        flat[#flat + 1] = '0'
-      end
+  -- The users of each conversation's state, then of the retries' other
+  -- conversations.  (A user of several conversations is read and listed
+  -- once for each, which costs less than a table of those seen: the
+  -- caller reads them as one.)
+  local users, keys = {}, {}
+  local function add(low, high)
+    if low then
+      local n = #users
+      users[n + 1], users[n + 2] = low, high
+      keys[n + 1] = prefix .. 'sgen:' .. low
+      keys[n + 2] = prefix .. 'sgen:' .. high
+    end
+  end
+  for _, c in pairs(epochs) do add(c[LOW], c[HIGH]) end
+  local listed = {}
+  for _, conversation in ipairs(retried) do
+    if not epochs[conversation] and not listed[conversation] then
+      listed[conversation] = true
+      add(string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$'))
     end
   end
   if #keys > 0 then
     local got = redis.call('MGET', unpack(keys))
+    local flat = {ARGV[#ARGV]}
     for k = 1, #keys do
-      if got[k] then flat[2 * k + 1] = got[k] end
+      flat[2 * k], flat[2 * k + 1] = users[k], got[k] or '0'
     end
     generations = table.concat(flat, ',')
   end
@@ -426,13 +462,12 @@ if feed ~= '' then
   local i = 0
   for ref in string.gmatch(lines[2], '%d+') do
     i = i + 1
-    local ids = appended[i]
-    if ref ~= '0' and ids ~= '' and ids ~= 'q' then
+    local msg_id, seq = appended[2 * i - 1], appended[2 * i]
+    if ref ~= '0' and seq ~= '' then
       local base = FIRST + STRIDE * (i - 1)
       local conversation = ARGV[base + 1]
-      local msg_id, seq = string.match(ids, '^(%d+):(%d+)$')
       out[#out + 1] = ref .. '\t' .. conversation .. '\t{"i":' .. msg_id
-          .. ',"q":' .. seq .. ',' .. string.sub(ARGV[base + 4], 2, -2)
+          .. ',"q":' .. seq .. ',' .. ARGV[base + 4]
           .. ',"e":"' .. epochs[conversation][1] .. '"}'
     end
   end

@@ -1,16 +1,26 @@
 -- KEYS: per device, its cursors and its user's set of devices with cursors.
 -- ARGV: per device, its id, the number of its cursors, then that many
--- conversation, epoch, seq triples.  A cursor of the stored one's epoch
--- raises it (never lowers it); one of another epoch (or a stored value
--- that is not a position) is replaced.  Returns 1.
+-- conversation, position pairs (a position as it is stored: "<epoch>:
+-- <seq>", or the digits of a seq of no epoch; positions.lua).  A cursor
+-- of the stored one's epoch raises it (never lowers it); one of another
+-- epoch (or a stored value that is not a position) is replaced.  Returns 1.
 -- A device's stored cursors are read in one HMGET and the raised ones
 -- written in one HSET (a few microseconds of Redis's time per command),
 -- CHUNK cursors at most per command (unpack's bound); a device's lone
 -- cursor in one HGET, without the tables of arguments and replies (a
--- Lua table costs Redis about as much as a small command).
+-- Lua table costs Redis about as much as a small command).  A cursor
+-- with none stored (the usual case) is written as it came, unparsed.
 -- Needs positions.lua in front.
 
 local CHUNK = 1000
+
+-- Whether position raises stored (a stored value or false).
+local function raises(position, stored)
+  local old_epoch, old_seq = parse_position(stored)
+  if not old_epoch then return true end
+  local epoch, seq = parse_position(position)
+  return epoch ~= old_epoch or seq > old_seq
+end
 
 local a = 1
 for k = 1, #KEYS, 2 do
@@ -25,34 +35,28 @@ for k = 1, #KEYS, 2 do
   end
   if n == 1 then
     -- One cursor (the sweep's usual case): no tables, one HGET.
-    local epoch, digits = ARGV[a + 1], ARGV[a + 2]
-    local old_epoch, old_seq =
-        parse_position(redis.call('HGET', KEYS[k], ARGV[a]))
-    if old_epoch ~= epoch or tonumber(digits) > old_seq then
-      if epoch ~= '' then digits = epoch .. ':' .. digits end
-      redis.call('HSET', KEYS[k], ARGV[a], digits)
+    local position = ARGV[a + 1]
+    if raises(position, redis.call('HGET', KEYS[k], ARGV[a])) then
+      redis.call('HSET', KEYS[k], ARGV[a], position)
     end
-    a = a + 3
+    a = a + 2
   elseif n > 1 then
-    local fields = {}
-    for i = 1, n do
-      fields[i] = ARGV[a + 3 * (i - 1)]
-    end
-    local stored = {}
+    local raised = {}
     for start = 1, n, CHUNK do
       local last = math.min(start + CHUNK - 1, n)
-      local got = redis.call('HMGET', KEYS[k], unpack(fields, start, last))
-      for i = start, last do stored[i] = got[i - start + 1] end
-    end
-    local raised = {}
-    for i = 1, n do
-      local epoch, seq = ARGV[a + 1], tonumber(ARGV[a + 2])
-      local old_epoch, old_seq = parse_position(stored[i])
-      if old_epoch ~= epoch or seq > old_seq then
-        raised[#raised + 1] = fields[i]
-        raised[#raised + 1] = format_position(epoch, seq)
+      local fields = {}
+      for i = start, last do
+        fields[i - start + 1] = ARGV[a + 2 * (i - start)]
       end
-      a = a + 3
+      local got = redis.call('HMGET', KEYS[k], unpack(fields))
+      for j = 1, #fields do
+        local position = ARGV[a + 1]
+        if raises(position, got[j]) then
+          raised[#raised + 1] = fields[j]
+          raised[#raised + 1] = position
+        end
+        a = a + 2
+      end
     end
     for start = 1, #raised, 2 * CHUNK do
       redis.call('HSET', KEYS[k],
