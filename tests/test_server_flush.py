@@ -1,6 +1,6 @@
 """
 The IM server's writes to plain TCP connections: sent at the next turn of
-the reactor, straight to the socket (L{cim.server.protocol.TurnFlush}).
+the reactor, straight to the socket (L{cim.server.turnflush}).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from cim.codec import encode_framed
 from cim.message import Command, Frame
 from cim.server import wire
-from cim.server.protocol import ClientConnectionProtocol, plain_tcp
+from cim.server.protocol import ClientConnectionProtocol
+from cim.server.turnflush import plain_tcp
 
 
 class Reactor(Clock):

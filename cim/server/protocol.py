@@ -7,12 +7,11 @@ does not read (L{Backlog}, the transport's streaming producer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,12 +20,12 @@ from zope.interface import implementer
 from cim.codec import CodecError, decode, encode_framed, encode_messages_framed
 from cim.framing import VarintFrameReceiver
 from cim.limits import MAX_OUTPUT
-from cim.limits_net import counted_transport
 from cim.message import ChatMessage, Command, ErrorCode, Frame
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
+from cim.server.turnflush import plain_tcp, send_now, turn_flush
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)
@@ -40,66 +39,6 @@ def _encode_batch(messages: Sequence[ChatMessage]) -> bytes:
     carry them (L{cim.codec.Messages}).
     """
     return encode_messages_framed(Command.MESSAGE, messages)
-
-
-class TurnFlush:
-    """
-    The plain TCP connections that were written to during one turn of the
-    reactor, whose bytes are sent at the start of its next turn (before it
-    polls), each connection's in one C{send} straight to its socket.
-
-    Twisted's own write path registers a connection as a writer with the
-    reactor at its first write of a turn, sends when the next poll says the
-    socket is writable, and unregisters it: two C{epoll_ctl} system calls
-    and an event's dispatch per connection and turn, about a tenth of a busy
-    server's CPU.  Here the socket takes the bytes at once (it nearly
-    always has the room); whatever it does not take, or anything written
-    while the transport still holds unsent bytes, goes through the
-    transport's own C{write}, so that order, the transport's buffer and its
-    producer (L{Backlog}) work as before.  The bytes leave no later than
-    through Twisted's path (which waits for the next poll).
-    """
-
-    __slots__ = ("reactor", "waiting", "_call")
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.waiting: list[ClientConnectionProtocol] = []
-        self._call: IDelayedCall | None = None
-
-    def add(self, protocol: ClientConnectionProtocol) -> None:
-        self.waiting.append(protocol)
-        if self._call is None:
-            self._call = self.reactor.callLater(0, self.flush)
-
-    def flush(self) -> None:
-        self._call = None
-        waiting, self.waiting = self.waiting, []
-        for protocol in waiting:
-            protocol.flush()
-
-
-#: The L{TurnFlush} of each reactor (one in a daemon), by its id.
-_FLUSHES: dict[int, TurnFlush] = {}
-
-
-def _turn_flush(reactor: Any) -> TurnFlush:
-    flush = _FLUSHES.get(id(reactor))
-    if flush is None or flush.reactor is not reactor:
-        flush = _FLUSHES[id(reactor)] = TurnFlush(reactor)
-    return flush
-
-
-def plain_tcp(transport: Any) -> tcp.Server | None:
-    """
-    The TCP transport under C{transport} when its bytes go to the socket as
-    they are (a plain TCP connection, perhaps counted by
-    L{cim.limits_net}); C{None} for any other (TLS, a test's transport).
-    """
-    inner = counted_transport(transport)
-    if isinstance(inner, tcp.Server) and not inner.TLS:
-        return inner
-    return None
 
 
 @implementer(IPushProducer)
@@ -190,8 +129,8 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self.backlog = Backlog(max_output)
         self._overflowed = False
         #: The plain TCP transport whose bytes are sent at the next turn
-        #: (L{TurnFlush}), and what waits for it.
-        self._tcp: tcp.Server | None = None
+        #: (L{cim.server.turnflush}), and what waits for it.
+        self._tcp: tcp.Connection | None = None
         self._out: list[bytes] | None = None
 
     def connectionMade(self) -> None:
@@ -217,7 +156,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
             self.transport.write(data)
         elif self._out is None:
             self._out = [data]
-            _turn_flush(self._tcp.reactor).add(self)
+            turn_flush(self._tcp.reactor).add(self)
         else:
             self._out.append(data)
         if self.backlog.wrote(len(data)) and not self._overflowed:
@@ -226,31 +165,11 @@ class ClientConnectionProtocol(VarintFrameReceiver):
 
     def flush(self) -> None:
         """
-        Send what was written since the last turn (L{TurnFlush}): straight
-        to the socket when the transport holds nothing unsent, the rest
-        through the transport.
+        Send what was written since the last turn (L{cim.server.turnflush}).
         """
         out, self._out = self._out, None
-        connection = self._tcp
-        if not out or connection is None:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        if (
-            connection.connected
-            and not connection.disconnecting
-            and not connection.dataBuffer
-            and not connection._tempDataBuffer
-        ):
-            try:
-                sent = connection.socket.send(data)
-            except OSError:
-                # (EAGAIN, or the connection failed: the transport finds
-                # out when it writes.)
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self.transport.write(data)
+        if out and self._tcp is not None:
+            send_now(self._tcp, self.transport, b"".join(out))
 
     # IClientLink, for the core
 
