@@ -249,6 +249,54 @@ def decode(data: bytes) -> Frame:
     return frame
 
 
+#: What L{decode_chat} makes of a chat message: its text, sender id,
+#: conversation, seq and epoch (the sender C{None} and the rest empty for
+#: a frame's bare texts).
+ChatItem = tuple[str, int | None, str, int, str]
+
+_MESSAGE = int(Command.MESSAGE)
+_OFFLINE = int(Command.OFFLINE)
+_ACK = int(Command.ACK)
+
+
+def decode_chat(data: bytes) -> tuple[Command, list[ChatItem], str] | None:
+    """
+    Parse one frame body for a reader that looks at chat messages and
+    acknowledgements only (the benchmark's load processes, which check
+    every message they receive): a MESSAGE or OFFLINE frame as its command
+    and its messages (L{ChatItem}s: those of its C{messages}, or else its
+    C{batchReqMsg} texts, or else its C{reqMsg}), an ACK as its command
+    and its C{clientMsgId}.  No L{Frame} or L{ChatMessage} is built.
+
+    @return: C{None} for a frame of any other command (read it with
+        L{decode}).
+    @raise CodecError: C{data} is not a valid frame.
+    """
+    pb = cim_pb2.Request()
+    try:
+        pb.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise CodecError(f"undecodable frame: {e}") from None
+    cmd = pb.cmd
+    if cmd == _MESSAGE or cmd == _OFFLINE:
+        items: list[ChatItem]
+        if pb.messages:
+            items = [
+                (m.text, m.senderId, m.conversation, m.seq, m.epoch)
+                for m in pb.messages
+            ]
+        elif pb.batchReqMsg:
+            items = [(text, None, "", 0, "") for text in pb.batchReqMsg]
+        elif pb.reqMsg:
+            items = [(pb.reqMsg, None, "", 0, "")]
+        else:
+            items = []
+        return _COMMANDS[cmd], items, ""
+    if cmd == _ACK:
+        return Command.ACK, [], pb.clientMsgId
+    return None
+
+
 # Pushes between cim processes (the bus's payloads, L{cim.bus})
 
 

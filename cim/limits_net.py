@@ -140,6 +140,17 @@ class _Counted(ProtocolWrapper):
         return address
 
 
+def counted_transport(transport: Any) -> Any:
+    """
+    The transport under C{transport} when it is a connection counted by a
+    L{LimitedFactory} (which passes its bytes through as they are);
+    C{transport} itself otherwise.
+    """
+    if type(transport) is _Counted:
+        return transport.transport
+    return transport
+
+
 @implementer(IProtocolNegotiationFactory)
 class LimitedFactory(WrappingFactory[_Counted]):
     """

@@ -206,3 +206,47 @@ def test_varints_are_base_128_little_end_first(value: int) -> None:
 def test_varints_past_32_bits_are_refused(value: int) -> None:
     with pytest.raises(ValueError):
         encode_varint(value)
+
+
+def test_decode_chat_reads_what_decode_reads() -> None:
+    """
+    L{cim.codec.decode_chat} gives a chat frame's messages (or texts) and
+    an ACK's client message id as L{decode} reads them, and nothing for
+    the other commands.
+    """
+    from cim.codec import decode_chat
+
+    message = ChatMessage(7, "p:1:2", 3, 1, "a", "hi", 5, "c1", 2, "", "e1")
+    other = ChatMessage(8, "p:1:3", 1, 3, "b", "yo", 6, epoch="e2")
+    chats = [
+        Frame(Command.MESSAGE, messages=[message, other]),
+        Frame(Command.OFFLINE, messages=[other]),
+        Frame(Command.MESSAGE, batch=["x", "y"], req_msg="z"),
+        Frame(Command.MESSAGE, req_msg="z", receive_user_id=2),
+        Frame(Command.MESSAGE),
+    ]
+    for frame in chats:
+        data = encode(frame)
+        got = decode_chat(data)
+        assert got is not None
+        cmd, items, cmid = got
+        decoded = decode(data)
+        assert cmd == decoded.cmd and cmid == ""
+        if decoded.messages:
+            assert items == [
+                (m.text, m.sender_id, m.conversation, m.seq, m.epoch)
+                for m in decoded.messages
+            ]
+        elif decoded.batch:
+            assert items == [(t, None, "", 0, "") for t in decoded.batch]
+        elif decoded.req_msg:
+            assert items == [(decoded.req_msg, None, "", 0, "")]
+        else:
+            assert items == []
+    ack = Frame(Command.ACK, client_msg_id="0.5", cursors=[Cursor("p:1:2", 3)])
+    assert decode_chat(encode(ack)) == (Command.ACK, [], "0.5")
+    for frame in (Frame(Command.PING), Frame(Command.EPOCH), Frame(Command.ERROR)):
+        assert decode_chat(encode(frame)) is None
+    assert decode_chat(b"\x18\x63") is None  # an unknown command: decode's
+    with pytest.raises(CodecError):
+        decode_chat(b"\xff\xff")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -24,6 +25,7 @@ from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
+from cim.server.turnflush import plain_tcp, send_now, turn_flush
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)
@@ -126,10 +128,15 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self.MAX_LENGTH = max_frame
         self.backlog = Backlog(max_output)
         self._overflowed = False
+        #: The plain TCP transport whose bytes are sent at the next turn
+        #: (L{cim.server.turnflush}), and what waits for it.
+        self._tcp: tcp.Connection | None = None
+        self._out: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.transport.registerProducer(self.backlog, True)
+        self._tcp = plain_tcp(self.transport)
         self.conn = self.server.connection_made(self, f"{peer.host}:{peer.port}")
         # Small frames, latency matters.
         try:
@@ -138,15 +145,31 @@ class ClientConnectionProtocol(VarintFrameReceiver):
             pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._out = None
+        self._tcp = None
         self.backlog.stopProducing()
         clean = reason is not None and reason.check(ConnectionDone) is not None
         self.server.connection_lost(self.conn, clean=clean)
 
     def _write(self, data: bytes) -> None:
-        self.transport.write(data)
+        if self._tcp is None:
+            self.transport.write(data)
+        elif self._out is None:
+            self._out = [data]
+            turn_flush(self._tcp.reactor).add(self)
+        else:
+            self._out.append(data)
         if self.backlog.wrote(len(data)) and not self._overflowed:
             self._overflowed = True
             self.server.overflowed(self.conn, self.backlog.unsent)
+
+    def flush(self) -> None:
+        """
+        Send what was written since the last turn (L{cim.server.turnflush}).
+        """
+        out, self._out = self._out, None
+        if out and self._tcp is not None:
+            send_now(self._tcp, self.transport, b"".join(out))
 
     # IClientLink, for the core
 
@@ -157,10 +180,14 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self._write(batch.encoded_messages(_FORM, _encode_batch))
 
     def close(self) -> None:
-        # A client that does not read would keep a graceful close waiting.
+        # What was written goes first (a graceful close sends it); a client
+        # that does not read would keep a graceful close waiting.
+        self.flush()
         self.stopReading(abort=self.backlog.paused)
 
     def abort(self) -> None:
+        # What waits unsent is dropped, as the transport drops its own.
+        self._out = None
         self.stopReading(abort=True)
 
     def backed_up(self) -> bool:

@@ -67,7 +67,55 @@ def open_pool(address: RedisAddress, poolsize: int, timeout: float) -> Any:
     # Connections are made once the reactor runs, so the protocol class can
     # still be swapped for one with a faster command encoder.
     pool._factory.protocol = _protocol_with_fast_commands(pool._factory.protocol)
+    _call_connections_directly(pool)
     return pool
+
+
+def _call_connections_directly(pool: Any) -> None:
+    """
+    Have C{pool} (a txredisapi connection handler) run C{execute_command}
+    and C{execute_with_run_id} straight on one of its connections, picked
+    at random as txredisapi picks one, when one is connected: txredisapi's
+    own handler first waits for a connection through a generator and two
+    Deferreds per command.  Without a connected one (before the first, or
+    while reconnecting), the handler's own way.
+
+    A command that fails at once (the connection is going away) gives a
+    failed Deferred, as through the handler.
+    """
+    factory = pool._factory
+    pending = factory.connectionQueue.pending
+    choice = random.choice
+    handler_execute = pool.execute_command
+    handler_with_run_id = pool.execute_with_run_id
+
+    def execute_command(*args: Any) -> defer.Deferred[Any]:
+        if not pending:
+            return handler_execute(*args)  # type: ignore[no-any-return]
+        connection = choice(pending)
+        if not connection.connected:
+            return handler_execute(*args)  # type: ignore[no-any-return]
+        try:
+            d: defer.Deferred[Any] = connection.execute_command(*args)
+        except Exception:
+            d = defer.fail()
+        return d
+
+    def execute_with_run_id(make: MakeCommand) -> defer.Deferred[Any]:
+        if not pending:
+            return handler_with_run_id(make)  # type: ignore[no-any-return]
+        connection = choice(pending)
+        if not connection.connected:
+            return handler_with_run_id(make)  # type: ignore[no-any-return]
+        try:
+            d: defer.Deferred[Any] = connection.execute_with_run_id(make)
+        except Exception:
+            d = defer.fail()
+        return d
+
+    # (The handler finds its methods by __getattr__: these come first.)
+    pool.execute_command = execute_command
+    pool.execute_with_run_id = execute_with_run_id
 
 
 def is_down(pool: Any) -> bool:
@@ -153,6 +201,8 @@ def _protocol_with_fast_commands(base: type) -> type:
     path of every IM server.
     """
 
+    parent: Any = base
+
     def _build_command(self: Any, *args: Any, **kwargs: Any) -> bytes:
         parts = [b"*%d\r\n" % len(args)]
         charset = self.charset or "utf-8"
@@ -167,6 +217,38 @@ def _protocol_with_fast_commands(base: type) -> type:
                 data = self._encode_value(arg)
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         return b"".join(parts)
+
+    def execute_command(self: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+        # A plain command (what the store sends): its reply fires the
+        # Deferred returned here from replyReceived, without txredisapi's
+        # chain of a queue's Deferred and two callbacks per reply.
+        if kwargs or self.pipelining or self.inMulti or self.replyTimeout:
+            return parent.execute_command(self, *args, **kwargs)  # type: ignore[no-any-return]
+        if not self.connected:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(self._build_command(*args))
+        result = _Reply()
+        # The replies come in the order of the commands: one waiter each,
+        # in the queue txredisapi's own commands wait in.
+        self.replyQueue.waiting.append(result)
+        return result
+
+    def replyReceived(self: Any, reply: Any) -> None:
+        waiting = self.replyQueue.waiting
+        if not waiting:
+            self.replyQueue.put(reply)
+            return
+        d = waiting.pop(0)
+        if type(d) is not _Reply:
+            # A waiter of txredisapi's own (it converts errors itself).
+            d.callback(reply)
+        elif d.called:
+            # Cancelled (timed out): the reply is dropped.
+            pass
+        elif isinstance(reply, Exception):
+            d.errback(Failure(reply))
+        else:
+            d.callback(reply)
 
     def execute_with_run_id(self: Any, make: MakeCommand) -> defer.Deferred[Any]:
         # One connection, one Redis run: the run_id is asked at the first
@@ -188,11 +270,21 @@ def _protocol_with_fast_commands(base: type) -> type:
         (base,),
         {
             "_build_command": _build_command,
+            "execute_command": execute_command,
+            "replyReceived": replyReceived,
             "execute_with_run_id": execute_with_run_id,
             # The run_id of the Redis this connection talks to, once asked.
             "cim_run_id": "",
         },
     )
+
+
+class _Reply(defer.Deferred):  # type: ignore[type-arg]
+    """
+    The reply to one command sent by the store's connections' own
+    C{execute_command}: fired with the reply, or failed with Redis's
+    error.
+    """
 
 
 #: How the bus's connections are made again: soon after a loss (what is
@@ -209,6 +301,10 @@ class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
 
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
         self.factory.received(channel, message)
+
+
+#: The bus's publishing connection: commands answered as the store's are.
+_BusPublisher = _protocol_with_fast_commands(txredisapi.RedisProtocol)
 
 
 class _BusFactory(Factory):
@@ -230,7 +326,7 @@ class _BusFactory(Factory):
     ) -> None:
         self.address = address
         self.received = received
-        self._class: Any = txredisapi.RedisProtocol if received is None else _Subscriber
+        self._class: Any = _BusPublisher if received is None else _Subscriber
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = self._class(
