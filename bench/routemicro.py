@@ -111,14 +111,28 @@ def _serve(url: str, secret: str, profile: str | None, logfile: str, call: str) 
 
 
 def _start_route(
-    url: str, secret: str, profile: str | None, logfile: str, call: str
+    url: str,
+    secret: str,
+    profile: str | None,
+    logfile: str,
+    call: str,
+    callgrind: str | None = None,
 ) -> subprocess.Popen:
     """
-    The route process (see L{_serve}), started.
+    The route process (see L{_serve}), started (under callgrind, with its
+    instrumentation off, when C{callgrind} names a folder for its files).
     """
+    wrap = []
+    if callgrind:
+        wrap = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={callgrind}/callgrind.out.%p",
+        ]
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.routemicro", "--serve", url, secret, logfile]
-        + ["--call", call]
+        [*wrap, sys.executable, "-m", "bench.routemicro", "--serve", url, secret]
+        + [logfile, "--call", call]
         + (["--profile", profile] if profile else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -322,6 +336,7 @@ async def _main(options: argparse.Namespace) -> None:
             options.profile,
             os.path.join(logs, "route.log"),
             options.call,
+            options.callgrind,
         )
         assert route.stdout is not None and route.stdin is not None
         port = int(route.stdout.readline())
@@ -361,9 +376,10 @@ async def _main(options: argparse.Namespace) -> None:
     else:
         register = min(f[0] for f in pairs)
         login = min(f[1] for f in pairs)
+        unit = " instructions" if options.callgrind else " us"
         print(
-            f"best: {register:.0f} us per registration, {login:.0f} us per login, "
-            f"{register + login:.0f} us per new user; "
+            f"best: {register:.0f}{unit} per registration, {login:.0f}{unit} per "
+            f"login, {register + login:.0f}{unit} per new user; "
             f"{redis_calls / max(1, calls):.2f} Redis commands per new user; "
             f"{load.errors} errors"
         )
@@ -386,6 +402,37 @@ def _report(what: str, n: int, took: float, cpu: tuple[float, float]) -> float:
         flush=True,
     )
     return figure
+
+
+class _Instructions:
+    """
+    The instructions the route runs in a stretch, counted by callgrind
+    (C{--callgrind}): steadier than CPU time on a busy machine.
+    """
+
+    def __init__(self, folder: str, pid: int) -> None:
+        self.folder = folder
+        self.pid = str(pid)
+
+    def start(self) -> None:
+        subprocess.run(["callgrind_control", "-z", self.pid], capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "on", self.pid], capture_output=True)
+
+    def stop(self) -> int:
+        """
+        @return: the instructions since L{start}.
+        """
+        before = set(os.listdir(self.folder))
+        subprocess.run(["callgrind_control", "-d", self.pid], capture_output=True)
+        subprocess.run(
+            ["callgrind_control", "-i", "off", self.pid], capture_output=True
+        )
+        (dump,) = set(os.listdir(self.folder)) - before
+        with open(os.path.join(self.folder, dump)) as f:
+            for line in f:
+                if line.startswith(("totals:", "summary:")):
+                    return int(line.split()[1])
+        raise RuntimeError(f"no totals in {dump}")
 
 
 def _used(before: tuple[float, float], pid: int) -> tuple[float, float]:
@@ -423,22 +470,42 @@ async def _login_rounds(
         while len(load.idle) < options.concurrency:
             await task.deferLater(reactor, 0.01, lambda: None)
 
+    counter = _Instructions(options.callgrind, pid) if options.callgrind else None
+
+    def counted(what: str, n: int) -> float:
+        assert counter is not None
+        per = counter.stop() / max(n, 1)
+        print(f"{n} {what}, {per:,.0f} instructions each", flush=True)
+        return per
+
     for _ in range(options.rounds):
         await drained()
         done, cpu, wall = load.registrations, _cpu(pid), time.monotonic()
+        if counter:
+            counter.start()
         load.start("register")
         await task.deferLater(reactor, options.seconds, lambda: None)
         load.start(None)
         await drained()
         took = time.monotonic() - wall
-        register = _report(
-            "registrations", load.registrations - done, took, _used(cpu, pid)
+        n = load.registrations - done
+        register = (
+            counted("registrations", n)
+            if counter
+            else _report("registrations", n, took, _used(cpu, pid))
         )
         done, cpu, wall = load.logins, _cpu(pid), time.monotonic()
+        if counter:
+            counter.start()
         load.start("login")
         await drained()
         took = time.monotonic() - wall
-        login = _report("logins", load.logins - done, took, _used(cpu, pid))
+        n = load.logins - done
+        login = (
+            counted("logins", n)
+            if counter
+            else _report("logins", n, took, _used(cpu, pid))
+        )
         figures.append((register, login))
     return figures
 
@@ -456,6 +523,13 @@ def main() -> None:
         choices=["p2p", "login"],
         default="p2p",
         help="what to call: /p2pRoute, or /registerAccount then /login",
+    )
+    parser.add_argument(
+        "--callgrind",
+        metavar="FOLDER",
+        default=None,
+        help="(--call login) run the route under valgrind's callgrind, its "
+        "files in FOLDER, and count instructions per call instead of CPU time",
     )
     parser.add_argument("--serve", nargs=3, default=None, help=argparse.SUPPRESS)
     options = parser.parse_args()

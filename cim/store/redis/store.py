@@ -463,18 +463,22 @@ class RedisStore:
         password: str | None = None,
         account_key: str | None = None,
     ) -> Account:
-        found = await self._by_key(user_name)
-        if found is not None:
-            return self._account(*found)
+        key = name_key(user_name)
         stored = digest = ""
         if password is not None:
+            # A password is hashed (slowly, in a thread) only for a name
+            # that is free.
+            found = await self._by_key(user_name)
+            if found is not None:
+                return self._account(*found)
             stored = await hash_password(password, self._threads)
         elif account_key is not None:
             digest = token_key(account_key)
+        # One round trip: the script returns the existing account, if any.
         created, user_id, name, has_pw, has_key = await self._run(
             scripts.REGISTER,
             [self._key("user", "bykey"), self._key("user", "next")],
-            [name_key(user_name), user_name, stored, digest, self.prefix],
+            [key, user_name, stored, digest, self.prefix],
         )
         return self._account(user_id, name, has_pw, has_key, bool(int(created)))
 
