@@ -2,10 +2,9 @@
 The route's log of logins and new accounts, at a price that does not grow
 with their rate.
 
-Each log event costs the route about as much as the rest of a login's own
-work up to its store call (twistd's text log formats a time stamp, a
-system name and the text of every event, and writes it to the file at
-once): about 200,000 instructions, an eighth of a login.  A L{Lines}
+Each log event costs the route about 200,000 instructions, a seventh of
+a login (twistd's text log formats a time stamp, a system name and the
+text of every event, and writes it to the file at once).  A L{Lines}
 writes an entry at once when it wrote none in the last C{window} seconds,
 as one line of its own; entries coming faster are written together, at
 the end of the window (or once C{most} are waiting), joined by C{"; "}
