@@ -74,14 +74,17 @@ def envelope(
 _PLAIN: dict[str, bytes] = {}
 
 
+#: The replies' encoder, made once (C{json.dumps} with options makes one
+#: per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _encode(code: str, message: str | None, data: Any, req_no: Any) -> bytes:
-    return json.dumps(
+    return _ENCODER.encode(
         {
             "code": code,
             "message": message or MESSAGES.get(code, ""),
             "reqNo": req_no,
             "dataBody": data,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
+        }
     ).encode("utf-8")

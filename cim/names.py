@@ -48,13 +48,16 @@ def check_name(name: str) -> str:
     """
     if not name.strip():
         raise BadName("must not be empty or only whitespace")
-    for char in name:
-        category = unicodedata.category(char)
-        if category in REFUSED_CATEGORIES:
-            raise BadName(
-                f"must not contain U+{ord(char):04X} "
-                f"({unicodedata.name(char, 'a control or format character')})"
-            )
+    # Printable ASCII (most names) holds no refused character: only the
+    # controls are refused in ASCII, and they are not printable.
+    if not (name.isascii() and name.isprintable()):
+        for char in name:
+            category = unicodedata.category(char)
+            if category in REFUSED_CATEGORIES:
+                raise BadName(
+                    f"must not contain U+{ord(char):04X} "
+                    f"({unicodedata.name(char, 'a control or format character')})"
+                )
     if not name_key(name):
         raise BadName("must hold a visible character")
     return name
@@ -65,7 +68,16 @@ def load() -> None:
     Read Unicode's confusable mappings now (about 70 ms of file reading and
     parsing), at start-up, rather than in the first registration or login.
     """
-    _prototypes()
+    _table()
+
+
+@functools.cache
+def _table() -> dict[int, str]:
+    """
+    Unicode's confusable mappings as a C{str.translate} table (code point
+    to prototype string).
+    """
+    return {ord(source): target for source, target in _prototypes().items()}
 
 
 @functools.cache
@@ -97,12 +109,17 @@ def skeleton(text: str) -> str:
     The confusable skeleton of C{text} (UTS #39): NFD, each character
     replaced by its prototype, NFD again.
     """
-    prototypes = _prototypes()
-    decomposed = unicodedata.normalize("NFD", text)
-    mapped = "".join(prototypes.get(char, char) for char in decomposed)
+    mapped = unicodedata.normalize("NFD", text).translate(_table())
     return unicodedata.normalize("NFD", mapped)
 
 
+#: How many names' keys L{name_key} remembers (a registration asks for its
+#: name's key up to four times: the field check, the guessing limit, the
+#: store's lookup and its write).
+NAME_KEYS = 4096
+
+
+@functools.lru_cache(maxsize=NAME_KEYS)
 def name_key(name: str) -> str:
     """
     What decides whether two user names are the same account (see the

@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from cim import standalone
+from cim import names, standalone
 from cim.envelope import ApiError
 from cim.names import check_name, name_key
 from cim.options import read_secret_file
@@ -324,6 +324,37 @@ def test_the_name_rule() -> None:
     assert name_key(" Ｚoë ") == name_key("zoë") == name_key("ZOË")
     assert name_key("paypal") == name_key("p\u0430yp\u0430l")
     assert name_key("alice") != name_key("alicia")
+
+
+def test_the_skeleton_maps_every_confusable_as_the_table_says() -> None:
+    # The skeleton translates with a table made from Unicode's mappings:
+    # each mapped character (alone, and among ASCII) becomes its prototype.
+    for source in names._prototypes():
+        expected = unicodedata.normalize(
+            "NFD",
+            "".join(
+                names._prototypes().get(char, char)
+                for char in unicodedata.normalize("NFD", f"a{source}1")
+            ),
+        )
+        assert names.skeleton(f"a{source}1") == expected, hex(ord(source))
+
+
+def test_printable_ascii_names_pass_the_rule_and_controls_do_not() -> None:
+    printable = "".join(chr(c) for c in range(0x20, 0x7F))
+    assert check_name(printable) == printable
+    for control in [*range(0x20), 0x7F]:
+        with pytest.raises(names.BadName, match=f"U\\+{control:04X}"):
+            check_name(f"zoe{chr(control)}x")
+
+
+def test_name_keys_are_remembered_up_to_a_limit() -> None:
+    name_key.cache_clear()
+    for i in range(names.NAME_KEYS + 10):
+        name_key(f"user{i}")
+    assert name_key("user5") == "user5"
+    info = name_key.cache_info()
+    assert info.currsize == names.NAME_KEYS and info.maxsize == names.NAME_KEYS
 
 
 # Wrong answers: deep JSON, lone surrogates

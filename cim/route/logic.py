@@ -62,6 +62,7 @@ from cim.message import (
 )
 from cim.names import name_key
 from cim.route.balancer import Balancer
+from cim.route.loglines import Lines
 from cim.route.throttle import GuessLimit
 
 #: How many accounts the route keeps in memory for existence checks.
@@ -215,6 +216,16 @@ class Router:
         self.token_ttl = token_ttl
         self.require_password = require_password
         self.legacy_auth = legacy_auth
+        # The log of logins and of new accounts (cim.route.loglines).
+        self._login_lines = Lines(self.log, clock)
+        self._account_lines = Lines(self.log, clock)
+
+    def stop(self) -> None:
+        """
+        Write the log lines waiting (logins and new accounts).
+        """
+        self._login_lines.stop()
+        self._account_lines.stop()
 
     # Authorization
 
@@ -353,10 +364,8 @@ class Router:
         # ask the store for what the registration just wrote.
         self._accounts[account.user_id] = replace(account, created=False)
         if account.created:
-            self.log.info(
-                "Account {user_id} ({user_name}) created",
-                user_id=account.user_id,
-                user_name=account.user_name,
+            self._account_lines.add(
+                f"Account {account.user_id} ({account.user_name}) created"
             )
             return account, new_key
         if self.legacy_auth and not account.has_password:
@@ -505,12 +514,9 @@ class Router:
             raise ApiError(codes.ACCOUNT_MISMATCH, _DEVICE_KEY_REFUSED) from None
         for old in dropped:
             self.kick(old, KICK_REPLACED if old.device == device else KICK_DEVICE_LIMIT)
-        self.log.info(
-            "{user_id} ({user_name}) logs in on {server}{device}",
-            user_id=user_id,
-            user_name=account.user_name,
-            server=str(server),
-            device=f" from device {device}" if device else "",
+        self._login_lines.add(
+            f"{user_id} ({account.user_name}) logs in on {server}"
+            + (f" from device {device}" if device else "")
         )
         return Login(account, server, issued, device, new_key)
 

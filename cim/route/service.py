@@ -317,6 +317,8 @@ class RouteService(AsyncStartService):
         if self._listening is not None:
             listening, self._listening = self._listening, None
             await self._step("closing the HTTP port", listening.stopListening)
+        if self.api is not None:
+            self.api.router.stop()
         if self._janitor is not None:
             self._janitor.stop()
             self._janitor = None

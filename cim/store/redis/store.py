@@ -467,18 +467,22 @@ class RedisStore:
         password: str | None = None,
         account_key: str | None = None,
     ) -> Account:
-        found = await self._by_key(user_name)
-        if found is not None:
-            return self._account(*found)
+        key = name_key(user_name)
         stored = digest = ""
         if password is not None:
+            # A password is hashed (slowly, in a thread) only for a name
+            # that is free.
+            found = await self._by_key(user_name)
+            if found is not None:
+                return self._account(*found)
             stored = await hash_password(password, self._threads)
         elif account_key is not None:
             digest = token_key(account_key)
+        # One round trip: the script returns the existing account, if any.
         created, user_id, name, has_pw, has_key = await self._run(
             scripts.REGISTER,
             [self._key("user", "bykey"), self._key("user", "next")],
-            [name_key(user_name), user_name, stored, digest, self.prefix],
+            [key, user_name, stored, digest, self.prefix],
         )
         return self._account(user_id, name, has_pw, has_key, bool(int(created)))
 
@@ -755,8 +759,7 @@ class RedisStore:
         result = await self._run(scripts.CLAIM_SESSION, keys, args)
         return session, self._claimed(user_id, result)
 
-    @_deferred
-    async def open_session(
+    def open_session(
         self,
         user_id: int,
         user_name: str,
@@ -769,28 +772,38 @@ class RedisStore:
         device_key: str | None = None,
         device_key_ttl: float = 0.0,
         used_device_key: str | None = None,
-    ) -> tuple[Session, list[Session], str]:
-        session, keys, args = self._claim(
-            user_id, user_name, server, claim_ttl, replace, device, max_devices
-        )
-        token = secrets.token_urlsafe(32)
-        digest = token_key(token)
-        keys += [
-            self._key("token", digest),
-            self._key("tokens", user_id, device),
-            self._key("devkey", user_id, device),
-        ]
-        args += [
-            _ms(token_ttl),
-            digest,
-            "" if device_key is None else token_key(device_key),
-            _ms(device_key_ttl),
-            "" if used_device_key is None else token_key(used_device_key),
-        ]
-        result = await self._run(scripts.OPEN_SESSION, keys, args)
-        if int(result[0]) < 0:
-            raise DeviceKeyUsed()
-        return session, self._claimed(user_id, result), token
+    ) -> defer.Deferred[tuple[Session, list[Session], str]]:
+        # A Deferred and one callback, not a coroutine: every route login
+        # comes here.
+        try:
+            session, keys, args = self._claim(
+                user_id, user_name, server, claim_ttl, replace, device, max_devices
+            )
+            token = secrets.token_urlsafe(32)
+            digest = token_key(token)
+            keys += [
+                self._key("token", digest),
+                self._key("tokens", user_id, device),
+                self._key("devkey", user_id, device),
+            ]
+            args += [
+                _ms(token_ttl),
+                digest,
+                "" if device_key is None else token_key(device_key),
+                _ms(device_key_ttl),
+                "" if used_device_key is None else token_key(used_device_key),
+            ]
+            ran = self._run(scripts.OPEN_SESSION, keys, args)
+        except Exception:
+            return defer.fail()
+
+        def opened(result: Any) -> tuple[Session, list[Session], str]:
+            if int(result[0]) < 0:
+                raise DeviceKeyUsed()
+            return session, self._claimed(user_id, result), token
+
+        d: defer.Deferred[Any] = ran  # type: ignore[assignment]
+        return d.addCallback(opened)
 
     @_deferred
     async def activate_session(

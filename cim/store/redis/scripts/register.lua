@@ -12,13 +12,12 @@ end
 id = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], id)
 local user = ARGV[5] .. 'user:' .. id
-redis.call('HSET', user, 'name', ARGV[2])
-local has_pw, has_key = 0, 0
 if ARGV[3] ~= '' then
-  redis.call('HSET', user, 'pw', ARGV[3])
-  has_pw = 1
+  redis.call('HSET', user, 'name', ARGV[2], 'pw', ARGV[3])
+  return {1, id, ARGV[2], 1, 0}
 elseif ARGV[4] ~= '' then
-  redis.call('HSET', user, 'key', ARGV[4])
-  has_key = 1
+  redis.call('HSET', user, 'name', ARGV[2], 'key', ARGV[4])
+  return {1, id, ARGV[2], 0, 1}
 end
-return {1, id, ARGV[2], has_pw, has_key}
+redis.call('HSET', user, 'name', ARGV[2])
+return {1, id, ARGV[2], 0, 0}
