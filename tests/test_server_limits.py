@@ -67,10 +67,12 @@ def test_acks_only_of_own_conversations_and_what_was_sent() -> None:
 
 class FailingCursors(MemoryStore):
     """
-    A memory store whose cursor reads fail while C{failing}.
+    A memory store whose cursor reads fail while C{failing} (but for the
+    next C{reads_to_pass} login reads).
     """
 
     failing = False
+    reads_to_pass = 0
 
     def get_cursors(
         self, user_id: int, device: str = ""
@@ -82,17 +84,28 @@ class FailingCursors(MemoryStore):
     def login_reads(
         self, user_id: int, device: str = ""
     ) -> Deferred[tuple[list[ConversationState], dict[str, Position]]]:
-        if self.failing:
+        if self.reads_to_pass:
+            self.reads_to_pass -= 1
+        elif self.failing:
             return fail(StoreError("Redis EVALSHA failed"))
         return super().login_reads(user_id, device)
 
 
 def test_a_login_failing_after_activation_releases_the_session() -> None:
+    """
+    A login that replaces its device's connection here reads where it
+    resumes once that one's cursors are saved (not with the activation,
+    L{IStore.token_login}): when that read fails, the session it activated
+    is released.
+    """
     world = World(store=FailingCursors(Clock()))
     store = world.store
     assert isinstance(store, FailingCursors)
     bob = world.account("bob")
+    first, _ = world.login("bob", user_id=bob)
+    # The activation's reads pass, the second read fails.
     store.failing = True
+    store.reads_to_pass = 1
     peer = Peer(world.server)
     peer.send(
         Frame(
@@ -102,6 +115,7 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
             token=world.token(bob, "bob"),
         )
     )
+    assert [f.cmd for f in first.received()] == [Command.KICK]
     peer_frames = peer.received()
     assert [f.cmd for f in peer_frames] == [Command.ERROR]
     assert peer_frames[0].error_code == ErrorCode.STORE_ERROR

@@ -18,7 +18,7 @@ L{IClientLink}); nothing here touches bytes.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -44,7 +44,14 @@ from cim.metrics import Metrics
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.link import IClientLink
-from cim.server.login import Authenticator, Grant, Refusal, Resumption, resume
+from cim.server.login import (
+    Authenticator,
+    Grant,
+    Refusal,
+    Resumption,
+    resume,
+    resume_from,
+)
 from cim.server.sending import Sender
 from cim.server.stream import Stream, Streams
 
@@ -167,6 +174,14 @@ class IMServer:
         #: Connections logging in when everything was resynced
         #: (L{resync_all}): resynced once logged in.
         self._resync_after_login: set[Connection] = set()
+        #: user id -> how many logins of its devices wait for the store's
+        #: answer to their token (L{IStore.token_login}, which read where
+        #: they resume along with the activation).
+        self._activating: dict[int, int] = {}
+        #: The users of C{_activating} that were delivered to (or resynced)
+        #: meanwhile: what their logins read may predate it, so they read
+        #: again once bound (L{_login}).
+        self._missed: set[int] = set()
 
     # Life cycle
 
@@ -587,7 +602,20 @@ class IMServer:
         if self._stopping:
             self.kick(conn, "the server is shutting down")
             return
-        grant = await self.authenticator.authenticate(frame)
+        user_id = frame.request_id
+        activating = self._activating
+        activating[user_id] = activating.get(user_id, 0) + 1
+        try:
+            grant = await self.authenticator.authenticate(frame)
+        finally:
+            # (Nothing runs between here and the bind below: what is
+            # delivered from the bind on waits in conn.held.)
+            stale = user_id in self._missed
+            left = activating.pop(user_id) - 1
+            if left:
+                activating[user_id] = left
+            else:
+                self._missed.discard(user_id)
         if isinstance(grant, Refusal):
             self._refuse(conn, grant)
             return
@@ -600,19 +628,16 @@ class IMServer:
         # from here on waits in conn.held, and nothing falls between the
         # reads and the streams.
         saved = self._bind_login(conn, grant)
-        try:
-            await saved
-            resumption = await resume(
-                self.store,
-                grant.user_id,
-                grant.device,
-                () if grant.legacy else frame.cursors,
-            )
-        except BaseException:
-            if self._unbind(conn):
-                conn.held = None
-                await self.authenticator.release_quietly(grant)
-            raise
+        sent = () if grant.legacy else frame.cursors
+        reads = grant.reads
+        if reads is not None and not stale and saved is None:
+            # What the token's login read stands: nothing was delivered to
+            # the user meanwhile, and no connection of the device was
+            # replaced (whose cursors it would have to read after they are
+            # saved).
+            resumption = resume_from(reads.states, reads.cursors, sent)
+        else:
+            resumption = await self._read_resumption(conn, grant, saved, sent)
         if conn.closed:
             # Gone meanwhile (or replaced): its close released the session.
             return
@@ -624,11 +649,34 @@ class IMServer:
         for stream in streams:
             await self.streams.fill(conn, stream, Command.OFFLINE)
 
-    def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None]:
+    async def _read_resumption(
+        self,
+        conn: Connection,
+        grant: Grant,
+        saved: Deferred[None] | None,
+        sent: Sequence[Cursor],
+    ) -> Resumption:
+        """
+        Read where C{conn}, bound to C{grant}'s device, resumes, once the
+        cursors of the connection it replaced are C{saved}; on a failure,
+        unbind it and release its session.
+        """
+        try:
+            if saved is not None:
+                await saved
+            return await resume(self.store, grant.user_id, grant.device, sent)
+        except BaseException:
+            if self._unbind(conn):
+                conn.held = None
+                await self.authenticator.release_quietly(grant)
+            raise
+
+    def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None] | None:
         """
         Make C{conn} the connection of C{grant}'s device, kicking the one it
-        replaces.  @return: a Deferred firing once the replaced one's
-        acknowledged cursors are saved (the new one resumes from them).
+        replaces.  @return: C{None} when it replaces none, else a Deferred
+        firing once the replaced one's acknowledged cursors are saved (the
+        new one resumes from them).
         """
         conn.user_id = grant.user_id
         conn.user_name = grant.user_name
@@ -639,7 +687,7 @@ class IMServer:
         old = self._bind(conn)
         self.sender.known_users.add(grant.user_id)
         if old is None:
-            return succeed(None)
+            return None
         old.replaced = True
         saved = self._save_acks(old)
         self.kick(old, KICK_REPLACED)
@@ -784,6 +832,8 @@ class IMServer:
         of C{user_ids} connected here, encoding them once for all.
         @return: the users with no device connected here.
         """
+        if self._activating:
+            self._note_missed(user_ids)
         missing = []
         batch = wire.Batch(messages)
         now_ms = self.clock.seconds() * 1000
@@ -803,6 +853,14 @@ class IMServer:
         if messages:
             self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
         return missing
+
+    def _note_missed(self, user_ids: Iterable[int]) -> None:
+        """
+        Those of C{user_ids} whose logins wait for the store's answer to
+        their token were delivered to: their logins read again.
+        """
+        activating = self._activating
+        self._missed.update(uid for uid in user_ids if uid in activating)
 
     def deliver_read_local(
         self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
@@ -879,6 +937,8 @@ class IMServer:
         Send every device of C{user_id} connected here whatever the store
         holds that it has not got yet.
         """
+        if self._activating:
+            self._note_missed((user_id,))
         conns = [conn for conn in self.devices(user_id) if conn.held is None]
         for conn in conns:
             self.streams.resync(conn)
@@ -895,6 +955,7 @@ class IMServer:
 
         @return: how many devices.
         """
+        self._missed.update(self._activating)
         count = 0
         for conn in list(self.logged_in()):
             if conn.closed:
