@@ -17,9 +17,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from cim.interfaces import ConversationState, StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
+from cim.server import core
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
 from tests.serverkit import Peer, World
@@ -126,6 +128,97 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
     store.failing = False
     world.login("bob", user_id=bob)
     assert world.result(store.online_users()) == [(bob, "bob")]
+
+
+class ReleasesFail(MemoryStore):
+    """
+    A memory store whose session releases fail (the store went away) while
+    C{failing}, with C{error}.
+    """
+
+    failing = False
+    error: Exception = StoreError("Redis script failed: Lost connection")
+
+    def release_session(
+        self, user_id: int, session_id: str, device: str = ""
+    ) -> Deferred[bool]:
+        if self.failing:
+            return fail(self.error)
+        return super().release_session(user_id, session_id, device)
+
+
+def test_failed_releases_are_reported_once_a_burst() -> None:
+    """
+    When the store goes away, every connection closing meanwhile fails to
+    release its session: the first failure is one line, without a
+    traceback, and how many more failed is another, C{window} seconds
+    later; then the next burst starts afresh.  The sessions stay in the
+    store (they end with their time to live).
+    """
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peers = [world.login(f"u{i}")[0] for i in range(4)]
+    store.failing = True
+    with capturedLogs() as events:
+        for peer in peers[:3]:
+            peer.lose()
+        world.clock.advance(core.RELEASE_REPORT_WINDOW)
+        peers[3].lose()
+    lines = [formatEvent(e) for e in events]
+    assert [e["log_level"] for e in events] == [LogLevel.warn] * 3
+    assert not any(e.get("log_failure") for e in events)
+    assert lines[0] == (
+        "Releasing the sessions of closed connections failed (1 first): "
+        "Redis script failed: Lost connection; those sessions end in 90 s, "
+        "or when this server starts again"
+    )
+    assert lines[1] == (
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    )
+    assert lines[2].startswith(
+        "Releasing the sessions of closed connections failed (4 first)"
+    )
+    # Left in the store, connected: they end with their time to live.
+    assert len(world.result(store.online_users())) == 4  # type: ignore[arg-type]
+    # The server's stop reports what its burst counted so far.
+    store.failing = False
+    with capturedLogs() as events:
+        world.server.stop()
+    assert events == []
+
+
+def test_a_release_failing_for_another_reason_is_logged_with_its_traceback() -> None:
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peer, user_id = world.login("alice")
+    store.failing = True
+    store.error = ValueError("a bug")
+    with capturedLogs() as events:
+        peer.lose()
+    [event] = events
+    assert event["log_level"] == LogLevel.critical
+    assert event["log_failure"].check(ValueError)
+    assert formatEvent(event) == f"Releasing {user_id} failed"
+
+
+def test_the_stop_reports_the_failed_releases_counted_so_far() -> None:
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peers = [world.login(f"u{i}")[0] for i in range(3)]
+    store.failing = True
+    with capturedLogs() as events:
+        for peer in peers:
+            peer.lose()
+        world.server.stop()
+    assert [formatEvent(e) for e in events][1:] == [
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    ]
+    # Nothing more later.
+    with capturedLogs() as events:
+        world.clock.advance(core.RELEASE_REPORT_WINDOW)
+    assert events == []
 
 
 # What one send may store

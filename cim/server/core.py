@@ -21,7 +21,7 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +56,74 @@ from cim.server.sending import Sender
 from cim.server.stream import Stream, Streams
 
 __all__ = ["Connection", "IMServer"]
+
+#: Seconds over which the failed releases of closed connections' sessions
+#: are reported in one line (L{FailureBurst}).
+RELEASE_REPORT_WINDOW = 10.0
+
+
+class FailureBurst:
+    """
+    Reports store failures of one operation that come in bursts (a store
+    going away fails the release of every connection closing meanwhile):
+    the first at once, then, C{window} seconds later (or at L{flush}), how
+    many more there were; one line each, without a traceback (a store
+    error is not a bug in this process).
+
+    @param what: the operation, as the start of a sentence.
+    @param then: what becomes of what the operation did not do.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        what: str,
+        then: str,
+        window: float = RELEASE_REPORT_WINDOW,
+    ) -> None:
+        self.clock = clock
+        self.what = what
+        self.then = then
+        self.window = window
+        self.more = 0
+        self._last = ""
+        self._timer: IDelayedCall | None = None
+
+    def failed(self, error: str, subject: object) -> None:
+        """
+        The operation failed with C{error}, for C{subject} (a user id).
+        """
+        if self._timer is None:
+            self.log.warn(
+                "{what} failed ({subject} first): {error}; {then}",
+                what=self.what,
+                subject=subject,
+                error=error,
+                then=self.then,
+            )
+            self._timer = self.clock.callLater(self.window, self.flush)
+        else:
+            self.more += 1
+            self._last = error
+
+    def flush(self) -> None:
+        """
+        Report how many more failed since the line of the first, and start
+        afresh.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.more:
+            self.log.warn(
+                "{what} failed {count} more times (the last: {error})",
+                what=self.what,
+                count=self.more,
+                error=self._last,
+            )
+        self.more = 0
 
 
 @implementer(ILocalDelivery)
@@ -182,6 +250,12 @@ class IMServer:
         #: meanwhile: what their logins read may predate it, so they read
         #: again once bound (L{_login}).
         self._missed: set[int] = set()
+        self._release_failures = FailureBurst(
+            clock,
+            "Releasing the sessions of closed connections",
+            f"those sessions end in {session_ttl:g} s, or when this server "
+            "starts again",
+        )
 
     # Life cycle
 
@@ -203,6 +277,7 @@ class IMServer:
         @return: a Deferred firing when the releases are done.
         """
         self._stopping = True
+        self._release_failures.flush()
         if self._sweeper.running:
             self._sweeper.stop()
         self.streams.stop()
@@ -432,11 +507,14 @@ class IMServer:
         if not self._unbind(conn) or conn.replaced:
             self._save_acks(conn)
             return
-        self._release(conn).addErrback(
-            lambda f: self.log.failure(
-                "Releasing {user_id} failed", f, user_id=conn.user_id
-            )
-        )
+        self._release(conn).addErrback(self._release_failed, conn.user_id)
+
+    def _release_failed(self, failure: Failure, user_id: int) -> None:
+        if failure.check(StoreError):
+            # Usually many at once (the store went away): one line a burst.
+            self._release_failures.failed(failure.getErrorMessage(), user_id)
+        else:
+            self.log.failure("Releasing {user_id} failed", failure, user_id=user_id)
 
     def _release(self, conn: Connection) -> Deferred[object]:
         """
