@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from cim.interfaces import ConversationState, StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
@@ -181,10 +182,9 @@ def test_failed_releases_are_reported_once_a_burst() -> None:
     )
     # Left in the store, connected: they end with their time to live.
     assert len(world.result(store.online_users())) == 4  # type: ignore[arg-type]
-    # The server's stop reports what its burst counted so far.
-    store.failing = False
+    # Nothing more to report.
     with capturedLogs() as events:
-        world.server.stop()
+        world.server.report_failures()
     assert events == []
 
 
@@ -202,7 +202,11 @@ def test_a_release_failing_for_another_reason_is_logged_with_its_traceback() -> 
     assert formatEvent(event) == f"Releasing {user_id} failed"
 
 
-def test_the_stop_reports_the_failed_releases_counted_so_far() -> None:
+def test_a_stopping_daemon_reports_the_failed_releases_counted_so_far() -> None:
+    """
+    A daemon stops before the report of a burst's count is due: its stop
+    reports it (L{IMServer.report_failures}), once.
+    """
     world = World(store=ReleasesFail(Clock()))
     store: ReleasesFail = world.store  # type: ignore[assignment]
     peers = [world.login(f"u{i}")[0] for i in range(3)]
@@ -211,6 +215,8 @@ def test_the_stop_reports_the_failed_releases_counted_so_far() -> None:
         for peer in peers:
             peer.lose()
         world.server.stop()
+        assert len(events) == 1
+        world.server.report_failures()
     assert [formatEvent(e) for e in events][1:] == [
         "Releasing the sessions of closed connections failed 2 more times "
         "(the last: Redis script failed: Lost connection)"
@@ -218,7 +224,36 @@ def test_the_stop_reports_the_failed_releases_counted_so_far() -> None:
     # Nothing more later.
     with capturedLogs() as events:
         world.clock.advance(core.RELEASE_REPORT_WINDOW)
+        world.server.report_failures()
     assert events == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_service_reports_the_failed_releases_last() -> None:
+    from twisted.internet import reactor
+
+    from cim.registry.local import LocalBoard, LocalRegistry
+    from cim.server.service import IMServerService, ServerConfig
+
+    store = ReleasesFail(Clock())
+    config = ServerConfig(port=0, http_port=0, bind="127.0.0.1", secret="s")
+    service = IMServerService(
+        reactor, config, lambda: succeed(store), LocalRegistry(LocalBoard()),
+        own_store=False,
+    )  # fmt: skip
+    service.startService()
+    await service.ready
+    assert service.server is not None
+    failure = Failure(StoreError("Redis script failed: Lost connection"))
+    with capturedLogs() as events:
+        for user_id in (1, 2, 3):
+            service.server._release_failed(failure, user_id)
+        await service.stopService()
+    reports = [formatEvent(e) for e in events if "Releasing" in formatEvent(e)]
+    assert reports[1:] == [
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    ]
 
 
 # What one send may store

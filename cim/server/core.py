@@ -66,8 +66,8 @@ class FailureBurst:
     """
     Reports store failures of one operation that come in bursts (a store
     going away fails the release of every connection closing meanwhile):
-    the first at once, then, C{window} seconds later (or at L{flush}), how
-    many more there were; one line each, without a traceback (a store
+    the first at once, then, C{window} seconds later (or at L{flush}: a
+    daemon's stop, L{IMServer.report_failures}), how many more there were; one line each, without a traceback (a store
     error is not a bug in this process).
 
     @param what: the operation, as the start of a sentence.
@@ -277,7 +277,6 @@ class IMServer:
         @return: a Deferred firing when the releases are done.
         """
         self._stopping = True
-        self._release_failures.flush()
         if self._sweeper.running:
             self._sweeper.stop()
         self.streams.stop()
@@ -289,6 +288,14 @@ class IMServer:
                 conn.replaced = True  # released here, not again on close
             self.kick(conn, "the server is shutting down")
         return DeferredList(releases, consumeErrors=True)
+
+    def report_failures(self) -> None:
+        """
+        Report the failures counted and not reported yet (L{FailureBurst}):
+        the last thing a stopping daemon does, as its reactor stops before
+        their report is due.
+        """
+        self._release_failures.flush()
 
     def sweep(self) -> None:
         """
