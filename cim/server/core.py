@@ -67,8 +67,9 @@ class FailureBurst:
     Reports store failures of one operation that come in bursts (a store
     going away fails the release of every connection closing meanwhile):
     the first at once, then, C{window} seconds later (or at L{flush}: a
-    daemon's stop, L{IMServer.report_failures}), how many more there were; one line each, without a traceback (a store
-    error is not a bug in this process).
+    daemon's stop, L{IMServer.report_failures}), how many more there
+    were; one line each, without a traceback (a store error is not a bug
+    in this process).
 
     @param what: the operation, as the start of a sentence.
     @param then: what becomes of what the operation did not do.
