@@ -437,6 +437,21 @@ class ConversationState:
         return max(0, self.last_seq - self.read)
 
 
+class TokenLogin(NamedTuple):
+    """
+    A login with a token accepted, and what it reads
+    (L{IStore.token_login}).
+
+    @ivar session: the activated session (its device is the token's).
+    @ivar states: the user's conversations, as L{IMessages.conversations}.
+    @ivar cursors: the device's cursors, as L{IMessages.get_cursors}.
+    """
+
+    session: Session
+    states: list[ConversationState]
+    cursors: dict[str, Position]
+
+
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """
@@ -1066,6 +1081,19 @@ class IStore(IAccounts, ISessions, IMessages, IGroups):
     def close() -> Deferred[None]:
         """
         Let go of the backend (connections).
+        """
+
+    def token_login(
+        token: str, user_id: int, server: str, ttl: float = ...
+    ) -> Deferred[TokenLogin | str]:
+        """
+        An IM server's login with a token and its reads, in one round
+        trip: L{ISessions.activate_token}, then, when it activated the
+        session, L{IMessages.login_reads} of its device, as read right
+        after the activation (a backend may read them at once with it).
+
+        @return: fires with the L{TokenLogin}, or with why the token is
+            refused (as L{ISessions.activate_token}).
         """
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.task import Clock
 
 from cim.codec import encode_varint
 from cim.interfaces import StoreError
@@ -21,7 +22,7 @@ from cim.message import (
     pair_conversation,
 )
 from cim.store.memory import MemoryStore
-from tests.serverkit import HERE, THERE, Peer, World
+from tests.serverkit import HERE, THERE, CountingStore, Peer, World
 
 
 def epoch_of(world: World, conversation: str) -> str:
@@ -468,6 +469,166 @@ def test_live_messages_wait_for_the_replay() -> None:
     store.release()
     texts = [m.text for m in bob_peer.messages()]
     assert texts == ["old0", "old1", "old2", "live"]
+
+
+class HeldTokenLogins(CountingStore):
+    """
+    A memory store that does each L{token_login} at once (as Redis runs
+    its script) but, while C{holding}, holds its answer until the test
+    releases it (the way back from the store).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.holding = False
+        self.answers: list[tuple[Deferred, object]] = []
+
+    def token_login(self, *args: Any, **kwargs: Any) -> Deferred:  # type: ignore[override]
+        done = super().token_login(*args, **kwargs)
+        if not self.holding:
+            return done
+        outcome: list[object] = []
+        done.addBoth(outcome.append)
+        held: Deferred = Deferred()
+        self.answers.append((held, outcome[0]))
+        return held
+
+    def answer(self) -> None:
+        while self.answers:
+            held, outcome = self.answers.pop(0)
+            held.callback(outcome)
+
+
+def _token_login(world: World, user_id: int, name: str, device: str = "") -> Peer:
+    peer = Peer(world.server)
+    peer.send(
+        Frame(
+            cmd=Command.LOGIN_REQUEST,
+            request_id=user_id,
+            req_msg=name,
+            token=world.token(user_id, name, device=device),
+        )
+    )
+    return peer
+
+
+def test_a_token_login_resumes_from_what_its_activation_read() -> None:
+    """
+    A device's login with a token reads where it resumes in the same store
+    call as the activation (L{IStore.token_login}; the memory store's
+    does it by calling L{IStore.activate_token} then
+    L{IStore.login_reads}): no second read.
+    """
+    world = World(store_class=CountingStore)
+    store: CountingStore = world.store  # type: ignore[assignment]
+    alice_peer, alice = world.login("alice")
+    bob = world.account("bob")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m1", receive_user_id=bob))
+    store.count()
+    bob_peer = _token_login(world, bob, "bob")
+    login_calls = [
+        n for n in store.names() if n not in ("claim_session", "issue_token")
+    ]
+    assert login_calls[:3] == ["token_login", "activate_token", "login_reads"]
+    assert login_calls.count("login_reads") == 1
+    frames = bob_peer.received()
+    assert frames[0].cmd == Command.LOGIN_RESPONSE
+    assert [m.text for f in frames[1:] for m in f.messages] == ["m1"]
+
+
+def test_a_login_reads_again_what_was_delivered_while_its_token_was_checked() -> None:
+    """
+    A message delivered to a user while the store's answer to its login's
+    token is on the way (after the store read where the login resumes, and
+    before the connection is bound) is not lost: the login reads again.
+    """
+    world = World(store_class=HeldTokenLogins)
+    store: HeldTokenLogins = world.store  # type: ignore[assignment]
+    alice_peer, alice = world.login("alice")
+    bob = world.account("bob")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m1", receive_user_id=bob))
+    store.holding = True
+    bob_peer = _token_login(world, bob, "bob")
+    assert store.answers, "the answer is held"
+    # Stored after the activation read: the delivery finds no connection.
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m2", receive_user_id=bob))
+    store.count()
+    store.answer()
+    assert "login_reads" in store.names()
+    frames = bob_peer.received()
+    assert frames[0].cmd == Command.LOGIN_RESPONSE
+    assert [m.text for f in frames[1:] for m in f.messages] == ["m1", "m2"]
+    # Nothing is left marked.
+    assert not world.server._activating and not world.server._missed
+
+
+def test_a_login_whose_user_got_nothing_meanwhile_reads_once() -> None:
+    """
+    A delivery to other users while a login's token is checked does not
+    make it read again.
+    """
+    world = World(store_class=HeldTokenLogins)
+    store: HeldTokenLogins = world.store  # type: ignore[assignment]
+    alice_peer, alice = world.login("alice")
+    carol_peer, carol = world.login("carol")
+    bob = world.account("bob")
+    store.holding = True
+    bob_peer = _token_login(world, bob, "bob")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="hi", receive_user_id=carol))
+    assert [m.text for m in carol_peer.messages()] == ["hi"]
+    store.count()
+    store.answer()
+    assert "login_reads" not in store.names()
+    assert bob_peer.received()[0].cmd == Command.LOGIN_RESPONSE
+
+
+def test_a_login_reads_again_after_a_resync_while_its_token_was_checked() -> None:
+    """
+    A resync of the user (or of everything) while the store's answer to
+    its login's token is on the way makes the login read again: what the
+    activation read may predate what the resync is for.
+    """
+    world = World(store_class=HeldTokenLogins)
+    store: HeldTokenLogins = world.store  # type: ignore[assignment]
+    bob = world.account("bob")
+    carol = world.account("carol")
+    store.holding = True
+    bob_peer = _token_login(world, bob, "bob")
+    carol_peer = _token_login(world, carol, "carol")
+    assert not world.server.resync(bob)
+    assert world.server.resync_all() == 0
+    store.count()
+    store.answer()
+    assert store.names().count("login_reads") == 2
+    assert bob_peer.received()[0].cmd == Command.LOGIN_RESPONSE
+    assert carol_peer.received()[0].cmd == Command.LOGIN_RESPONSE
+
+
+def test_two_devices_logging_in_at_once_both_read_again() -> None:
+    """
+    Two devices of a user log in at once and the user is delivered to
+    meanwhile: both logins read again (the mark lasts until the last of
+    them is answered).
+    """
+    world = World(store_class=HeldTokenLogins)
+    store: HeldTokenLogins = world.store  # type: ignore[assignment]
+    alice_peer, alice = world.login("alice")
+    bob = world.account("bob")
+    store.holding = True
+    phone = _token_login(world, bob, "bob", device="phone")
+    tab = _token_login(world, bob, "bob", device="tab")
+    alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m", receive_user_id=bob))
+    held = list(store.answers)
+    store.answers = held[:1]
+    store.answer()
+    assert world.server._missed == {bob}
+    store.answers = held[1:]
+    store.answer()
+    assert not world.server._missed
+    for peer in (phone, tab):
+        frames = peer.received()
+        assert frames[0].cmd == Command.LOGIN_RESPONSE
+        assert [m.text for f in frames[1:] for m in f.messages] == ["m"]
 
 
 def test_a_gap_is_filled_from_the_store() -> None:

@@ -17,9 +17,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 
 from cim.interfaces import ConversationState, StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
+from cim.server import core
 from cim.server.protocol import ClientConnectionProtocol
 from cim.store.memory import MemoryStore
 from tests.serverkit import Peer, World
@@ -67,10 +70,12 @@ def test_acks_only_of_own_conversations_and_what_was_sent() -> None:
 
 class FailingCursors(MemoryStore):
     """
-    A memory store whose cursor reads fail while C{failing}.
+    A memory store whose cursor reads fail while C{failing} (but for the
+    next C{reads_to_pass} login reads).
     """
 
     failing = False
+    reads_to_pass = 0
 
     def get_cursors(
         self, user_id: int, device: str = ""
@@ -82,17 +87,28 @@ class FailingCursors(MemoryStore):
     def login_reads(
         self, user_id: int, device: str = ""
     ) -> Deferred[tuple[list[ConversationState], dict[str, Position]]]:
-        if self.failing:
+        if self.reads_to_pass:
+            self.reads_to_pass -= 1
+        elif self.failing:
             return fail(StoreError("Redis EVALSHA failed"))
         return super().login_reads(user_id, device)
 
 
 def test_a_login_failing_after_activation_releases_the_session() -> None:
+    """
+    A login that replaces its device's connection here reads where it
+    resumes once that one's cursors are saved (not with the activation,
+    L{IStore.token_login}): when that read fails, the session it activated
+    is released.
+    """
     world = World(store=FailingCursors(Clock()))
     store = world.store
     assert isinstance(store, FailingCursors)
     bob = world.account("bob")
+    first, _ = world.login("bob", user_id=bob)
+    # The activation's reads pass, the second read fails.
     store.failing = True
+    store.reads_to_pass = 1
     peer = Peer(world.server)
     peer.send(
         Frame(
@@ -102,6 +118,7 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
             token=world.token(bob, "bob"),
         )
     )
+    assert [f.cmd for f in first.received()] == [Command.KICK]
     peer_frames = peer.received()
     assert [f.cmd for f in peer_frames] == [Command.ERROR]
     assert peer_frames[0].error_code == ErrorCode.STORE_ERROR
@@ -112,6 +129,131 @@ def test_a_login_failing_after_activation_releases_the_session() -> None:
     store.failing = False
     world.login("bob", user_id=bob)
     assert world.result(store.online_users()) == [(bob, "bob")]
+
+
+class ReleasesFail(MemoryStore):
+    """
+    A memory store whose session releases fail (the store went away) while
+    C{failing}, with C{error}.
+    """
+
+    failing = False
+    error: Exception = StoreError("Redis script failed: Lost connection")
+
+    def release_session(
+        self, user_id: int, session_id: str, device: str = ""
+    ) -> Deferred[bool]:
+        if self.failing:
+            return fail(self.error)
+        return super().release_session(user_id, session_id, device)
+
+
+def test_failed_releases_are_reported_once_a_burst() -> None:
+    """
+    When the store goes away, every connection closing meanwhile fails to
+    release its session: the first failure is one line, without a
+    traceback, and how many more failed is another, C{window} seconds
+    later; then the next burst starts afresh.  The sessions stay in the
+    store (they end with their time to live).
+    """
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peers = [world.login(f"u{i}")[0] for i in range(4)]
+    store.failing = True
+    with capturedLogs() as events:
+        for peer in peers[:3]:
+            peer.lose()
+        world.clock.advance(core.RELEASE_REPORT_WINDOW)
+        peers[3].lose()
+    lines = [formatEvent(e) for e in events]
+    assert [e["log_level"] for e in events] == [LogLevel.warn] * 3
+    assert not any(e.get("log_failure") for e in events)
+    assert lines[0] == (
+        "Releasing the sessions of closed connections failed (1 first): "
+        "Redis script failed: Lost connection; those sessions end in 90 s, "
+        "or when this server starts again"
+    )
+    assert lines[1] == (
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    )
+    assert lines[2].startswith(
+        "Releasing the sessions of closed connections failed (4 first)"
+    )
+    # Left in the store, connected: they end with their time to live.
+    assert len(world.result(store.online_users())) == 4  # type: ignore[arg-type]
+    # Nothing more to report.
+    with capturedLogs() as events:
+        world.server.report_failures()
+    assert events == []
+
+
+def test_a_release_failing_for_another_reason_is_logged_with_its_traceback() -> None:
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peer, user_id = world.login("alice")
+    store.failing = True
+    store.error = ValueError("a bug")
+    with capturedLogs() as events:
+        peer.lose()
+    [event] = events
+    assert event["log_level"] == LogLevel.critical
+    assert event["log_failure"].check(ValueError)
+    assert formatEvent(event) == f"Releasing {user_id} failed"
+
+
+def test_a_stopping_daemon_reports_the_failed_releases_counted_so_far() -> None:
+    """
+    A daemon stops before the report of a burst's count is due: its stop
+    reports it (L{IMServer.report_failures}), once.
+    """
+    world = World(store=ReleasesFail(Clock()))
+    store: ReleasesFail = world.store  # type: ignore[assignment]
+    peers = [world.login(f"u{i}")[0] for i in range(3)]
+    store.failing = True
+    with capturedLogs() as events:
+        for peer in peers:
+            peer.lose()
+        world.server.stop()
+        assert len(events) == 1
+        world.server.report_failures()
+    assert [formatEvent(e) for e in events][1:] == [
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    ]
+    # Nothing more later.
+    with capturedLogs() as events:
+        world.clock.advance(core.RELEASE_REPORT_WINDOW)
+        world.server.report_failures()
+    assert events == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_service_reports_the_failed_releases_last() -> None:
+    from twisted.internet import reactor
+
+    from cim.registry.local import LocalBoard, LocalRegistry
+    from cim.server.service import IMServerService, ServerConfig
+
+    store = ReleasesFail(Clock())
+    config = ServerConfig(port=0, http_port=0, bind="127.0.0.1", secret="s")
+    service = IMServerService(
+        reactor, config, lambda: succeed(store), LocalRegistry(LocalBoard()),
+        own_store=False,
+    )  # fmt: skip
+    service.startService()
+    await service.ready
+    assert service.server is not None
+    failure = Failure(StoreError("Redis script failed: Lost connection"))
+    with capturedLogs() as events:
+        for user_id in (1, 2, 3):
+            service.server._release_failed(failure, user_id)
+        await service.stopService()
+    reports = [formatEvent(e) for e in events if "Releasing" in formatEvent(e)]
+    assert reports[1:] == [
+        "Releasing the sessions of closed connections failed 2 more times "
+        "(the last: Redis script failed: Lost connection)"
+    ]
 
 
 # What one send may store

@@ -6,6 +6,7 @@ refusal, and the grants of cim and CIM clients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -255,7 +256,8 @@ def test_a_cim_session_replaced_while_checking_is_refused() -> None:
 
 def test_a_token_login_is_one_store_call() -> None:
     """
-    A login with a token asks the store once (L{IStore.activate_token}).
+    A login with a token asks the store once (L{IStore.token_login}), and
+    the grant carries what it read.
     """
     store = Store()
     alice = store.account("alice")
@@ -268,9 +270,13 @@ def test_a_token_login_is_one_store_call() -> None:
             return getattr(store, name)
 
     auth = Authenticator(Counting(), str(HERE), legacy_login=False)  # type: ignore[arg-type]
-    assert isinstance(outcome(auth, login(alice, "alice", token)), Grant)
-    assert calls == ["activate_token"]
+    grant = outcome(auth, login(alice, "alice", token))
+    assert isinstance(grant, Grant)
+    assert calls == ["token_login"]
     assert store.session(alice, "tab").connected
+    assert grant.reads is not None
+    assert grant.reads.session.device == "tab"
+    assert (grant.reads.states, grant.reads.cursors) == ([], {})
 
 
 # Grants
@@ -286,7 +292,9 @@ def test_a_token_login_is_granted_for_the_tokens_device() -> None:
     auth = Authenticator(store, str(HERE), legacy_login=True)
     frame = login(alice, "alice", token)
     assert not auth.is_legacy(frame)
-    assert outcome(auth, frame) == Grant(
+    grant = outcome(auth, frame)
+    assert isinstance(grant, Grant)
+    assert replace(grant, reads=None) == Grant(
         user_id=alice,
         user_name="alice",
         session_id=session_id,

@@ -1739,6 +1739,42 @@ async def test_login_reads(backend: Backend) -> None:
     assert await store.login_reads(2, "phone") == (await store.conversations(2), {})
 
 
+@pytest_twisted.ensureDeferred
+async def test_token_login(backend: Backend) -> None:
+    """
+    A login with a token and its reads in one call: refused as
+    L{IStore.activate_token} refuses, else the activated session, the
+    user's conversations and the token's device's cursors (device C{""}
+    included), as L{IStore.login_reads} reads them after the activation.
+    """
+    from cim.interfaces import TOKEN_OTHER_USER, TOKEN_UNKNOWN, TokenLogin
+
+    store = backend.store
+    await store.create_group("team", 1)
+    await store.append([msg(PAIR, "hi alice", sender_id=2)])
+    await store.set_cursors(1, {PAIR: E(1)})
+    await store.set_cursors(1, {"g:team": E(2)}, "phone")
+    tokens = {}
+    for device in ("", "phone", "tab"):
+        session, _ = await store.claim_session(
+            1, "alice", "h:1:2", LONG_TTL, replace=True, device=device
+        )
+        tokens[device] = await store.issue_token(
+            1, "h:1:2", session.session_id, LONG_TTL, device
+        )
+    assert await store.token_login("unknown", 1, "h:1:2") == TOKEN_UNKNOWN
+    assert await store.token_login(tokens["phone"], 2, "h:1:2") == TOKEN_OTHER_USER
+    assert not (await store.get_session(1, "phone")).connected
+    for device in ("", "phone", "tab"):
+        found = await store.token_login(tokens[device], 1, "h:1:2", LONG_TTL)
+        assert isinstance(found, TokenLogin)
+        assert found.session == await store.get_session(1, device)
+        assert found.session.connected and found.session.device == device
+        assert (found.states, found.cursors) == await store.login_reads(1, device)
+    assert [s.conversation for s in found.states] == ["g:team", PAIR]
+    assert await store.online_users() == [(1, "alice")]
+
+
 # Paging back
 
 

@@ -18,10 +18,10 @@ L{IClientLink}); nothing here touches bytes.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,11 +44,87 @@ from cim.metrics import Metrics
 from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.link import IClientLink
-from cim.server.login import Authenticator, Grant, Refusal, Resumption, resume
+from cim.server.login import (
+    Authenticator,
+    Grant,
+    Refusal,
+    Resumption,
+    resume,
+    resume_from,
+)
 from cim.server.sending import Sender
 from cim.server.stream import Stream, Streams
 
 __all__ = ["Connection", "IMServer"]
+
+#: Seconds over which the failed releases of closed connections' sessions
+#: are reported in one line (L{FailureBurst}).
+RELEASE_REPORT_WINDOW = 10.0
+
+
+class FailureBurst:
+    """
+    Reports store failures of one operation that come in bursts (a store
+    going away fails the release of every connection closing meanwhile):
+    the first at once, then, C{window} seconds later (or at L{flush}: a
+    daemon's stop, L{IMServer.report_failures}), how many more there
+    were; one line each, without a traceback (a store error is not a bug
+    in this process).
+
+    @param what: the operation, as the start of a sentence.
+    @param then: what becomes of what the operation did not do.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        what: str,
+        then: str,
+        window: float = RELEASE_REPORT_WINDOW,
+    ) -> None:
+        self.clock = clock
+        self.what = what
+        self.then = then
+        self.window = window
+        self.more = 0
+        self._last = ""
+        self._timer: IDelayedCall | None = None
+
+    def failed(self, error: str, subject: object) -> None:
+        """
+        The operation failed with C{error}, for C{subject} (a user id).
+        """
+        if self._timer is None:
+            self.log.warn(
+                "{what} failed ({subject} first): {error}; {then}",
+                what=self.what,
+                subject=subject,
+                error=error,
+                then=self.then,
+            )
+            self._timer = self.clock.callLater(self.window, self.flush)
+        else:
+            self.more += 1
+            self._last = error
+
+    def flush(self) -> None:
+        """
+        Report how many more failed since the line of the first, and start
+        afresh.
+        """
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.more:
+            self.log.warn(
+                "{what} failed {count} more times (the last: {error})",
+                what=self.what,
+                count=self.more,
+                error=self._last,
+            )
+        self.more = 0
 
 
 @implementer(ILocalDelivery)
@@ -167,6 +243,20 @@ class IMServer:
         #: Connections logging in when everything was resynced
         #: (L{resync_all}): resynced once logged in.
         self._resync_after_login: set[Connection] = set()
+        #: user id -> how many logins of its devices wait for the store's
+        #: answer to their token (L{IStore.token_login}, which read where
+        #: they resume along with the activation).
+        self._activating: dict[int, int] = {}
+        #: The users of C{_activating} that were delivered to (or resynced)
+        #: meanwhile: what their logins read may predate it, so they read
+        #: again once bound (L{_login}).
+        self._missed: set[int] = set()
+        self._release_failures = FailureBurst(
+            clock,
+            "Releasing the sessions of closed connections",
+            f"those sessions end in {session_ttl:g} s, or when this server "
+            "starts again",
+        )
 
     # Life cycle
 
@@ -199,6 +289,14 @@ class IMServer:
                 conn.replaced = True  # released here, not again on close
             self.kick(conn, "the server is shutting down")
         return DeferredList(releases, consumeErrors=True)
+
+    def report_failures(self) -> None:
+        """
+        Report the failures counted and not reported yet (L{FailureBurst}):
+        the last thing a stopping daemon does, as its reactor stops before
+        their report is due.
+        """
+        self._release_failures.flush()
 
     def sweep(self) -> None:
         """
@@ -417,11 +515,14 @@ class IMServer:
         if not self._unbind(conn) or conn.replaced:
             self._save_acks(conn)
             return
-        self._release(conn).addErrback(
-            lambda f: self.log.failure(
-                "Releasing {user_id} failed", f, user_id=conn.user_id
-            )
-        )
+        self._release(conn).addErrback(self._release_failed, conn.user_id)
+
+    def _release_failed(self, failure: Failure, user_id: int) -> None:
+        if failure.check(StoreError):
+            # Usually many at once (the store went away): one line a burst.
+            self._release_failures.failed(failure.getErrorMessage(), user_id)
+        else:
+            self.log.failure("Releasing {user_id} failed", failure, user_id=user_id)
 
     def _release(self, conn: Connection) -> Deferred[object]:
         """
@@ -587,7 +688,20 @@ class IMServer:
         if self._stopping:
             self.kick(conn, "the server is shutting down")
             return
-        grant = await self.authenticator.authenticate(frame)
+        user_id = frame.request_id
+        activating = self._activating
+        activating[user_id] = activating.get(user_id, 0) + 1
+        try:
+            grant = await self.authenticator.authenticate(frame)
+        finally:
+            # (Nothing runs between here and the bind below: what is
+            # delivered from the bind on waits in conn.held.)
+            stale = user_id in self._missed
+            left = activating.pop(user_id) - 1
+            if left:
+                activating[user_id] = left
+            else:
+                self._missed.discard(user_id)
         if isinstance(grant, Refusal):
             self._refuse(conn, grant)
             return
@@ -600,19 +714,16 @@ class IMServer:
         # from here on waits in conn.held, and nothing falls between the
         # reads and the streams.
         saved = self._bind_login(conn, grant)
-        try:
-            await saved
-            resumption = await resume(
-                self.store,
-                grant.user_id,
-                grant.device,
-                () if grant.legacy else frame.cursors,
-            )
-        except BaseException:
-            if self._unbind(conn):
-                conn.held = None
-                await self.authenticator.release_quietly(grant)
-            raise
+        sent = () if grant.legacy else frame.cursors
+        reads = grant.reads
+        if reads is not None and not stale and saved is None:
+            # What the token's login read stands: nothing was delivered to
+            # the user meanwhile, and no connection of the device was
+            # replaced (whose cursors it would have to read after they are
+            # saved).
+            resumption = resume_from(reads.states, reads.cursors, sent)
+        else:
+            resumption = await self._read_resumption(conn, grant, saved, sent)
         if conn.closed:
             # Gone meanwhile (or replaced): its close released the session.
             return
@@ -624,11 +735,34 @@ class IMServer:
         for stream in streams:
             await self.streams.fill(conn, stream, Command.OFFLINE)
 
-    def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None]:
+    async def _read_resumption(
+        self,
+        conn: Connection,
+        grant: Grant,
+        saved: Deferred[None] | None,
+        sent: Sequence[Cursor],
+    ) -> Resumption:
+        """
+        Read where C{conn}, bound to C{grant}'s device, resumes, once the
+        cursors of the connection it replaced are C{saved}; on a failure,
+        unbind it and release its session.
+        """
+        try:
+            if saved is not None:
+                await saved
+            return await resume(self.store, grant.user_id, grant.device, sent)
+        except BaseException:
+            if self._unbind(conn):
+                conn.held = None
+                await self.authenticator.release_quietly(grant)
+            raise
+
+    def _bind_login(self, conn: Connection, grant: Grant) -> Deferred[None] | None:
         """
         Make C{conn} the connection of C{grant}'s device, kicking the one it
-        replaces.  @return: a Deferred firing once the replaced one's
-        acknowledged cursors are saved (the new one resumes from them).
+        replaces.  @return: C{None} when it replaces none, else a Deferred
+        firing once the replaced one's acknowledged cursors are saved (the
+        new one resumes from them).
         """
         conn.user_id = grant.user_id
         conn.user_name = grant.user_name
@@ -639,7 +773,7 @@ class IMServer:
         old = self._bind(conn)
         self.sender.known_users.add(grant.user_id)
         if old is None:
-            return succeed(None)
+            return None
         old.replaced = True
         saved = self._save_acks(old)
         self.kick(old, KICK_REPLACED)
@@ -784,6 +918,8 @@ class IMServer:
         of C{user_ids} connected here, encoding them once for all.
         @return: the users with no device connected here.
         """
+        if self._activating:
+            self._note_missed(user_ids)
         missing = []
         batch = wire.Batch(messages)
         now_ms = self.clock.seconds() * 1000
@@ -803,6 +939,14 @@ class IMServer:
         if messages:
             self.m_latency.observe(max(0.0, (now_ms - messages[-1].timestamp) / 1000))
         return missing
+
+    def _note_missed(self, user_ids: Iterable[int]) -> None:
+        """
+        Those of C{user_ids} whose logins wait for the store's answer to
+        their token were delivered to: their logins read again.
+        """
+        activating = self._activating
+        self._missed.update(uid for uid in user_ids if uid in activating)
 
     def deliver_read_local(
         self, reader_id: int, conversation: str, seq: int, user_ids: Sequence[int]
@@ -879,6 +1023,8 @@ class IMServer:
         Send every device of C{user_id} connected here whatever the store
         holds that it has not got yet.
         """
+        if self._activating:
+            self._note_missed((user_id,))
         conns = [conn for conn in self.devices(user_id) if conn.held is None]
         for conn in conns:
             self.streams.resync(conn)
@@ -895,6 +1041,7 @@ class IMServer:
 
         @return: how many devices.
         """
+        self._missed.update(self._activating)
         count = 0
         for conn in list(self.logged_in()):
             if conn.closed:

@@ -3,14 +3,15 @@ L{Authenticator}: whether a login frame may bind its user to a connection.
 
 It checks the frame against the store (the token, which names the
 device, or for a CIM client the session the route assigned to this server;
-a token is checked and its session activated in one store call,
-L{IStore.activate_token})
+a token is checked, its session activated and the login's reads read in
+one store call, L{IStore.token_login})
 and answers with a value: a L{Grant} naming the user, its device and its
 session, or a L{Refusal} with the error code and reason to tell the client.
 It changes nothing but the session's state in the store
 (L{IStore.activate_session} on success); applying the answer to the
 connection is the server's job (L{cim.server.core.IMServer}), which then
-asks L{resume} where the device starts each conversation.
+finds where the device starts each conversation (L{resume_from} what the
+token's login read, or L{resume} from the store).
 
 A store failure is not a refusal: it fails the coroutine, and the server
 answers with an internal error (a session activated before the failure is
@@ -29,8 +30,10 @@ from cim.interfaces import (
     TOKEN_OTHER_SERVER,
     TOKEN_OTHER_USER,
     TOKEN_UNKNOWN,
+    ConversationState,
     Epoch,
     IStore,
+    TokenLogin,
 )
 from cim.limits import SESSION_TTL
 from cim.message import Cursor, ErrorCode, Frame, Position
@@ -45,6 +48,10 @@ class Grant:
     @ivar legacy: a CIM client (it sent no token).
     @ivar device: the device the session is of (the token's; C{""} for a
         CIM client).
+    @ivar reads: what the store read with the activation of a token
+        (L{IStore.token_login}): where the login resumes from, unless
+        something changed meanwhile (L{cim.server.core.IMServer} says
+        what); C{None} for a CIM client.
     """
 
     user_id: int
@@ -52,6 +59,7 @@ class Grant:
     session_id: str
     legacy: bool
     device: str = ""
+    reads: TokenLogin | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,18 @@ async def resume(
     store call (L{IStore.login_reads}), whatever epoch the positions name.
     """
     states, stored = await store.login_reads(user_id, device)
+    return resume_from(states, stored, sent)
+
+
+def resume_from(
+    states: Sequence[ConversationState],
+    stored: dict[str, Position],
+    sent: Sequence[Cursor] = (),
+) -> Resumption:
+    """
+    As L{resume}, from what L{IStore.login_reads} read: the user's
+    conversations (C{states}) and the device's C{stored} cursors.
+    """
     if not states:
         return Resumption(acked=stored)
     client = {c.conversation: Position(c.epoch, c.seq) for c in sent}
@@ -229,20 +249,22 @@ class Authenticator:
 
     async def _with_token(self, token: str, user_id: int) -> Grant | Refusal:
         """
-        A login with a token: checked and activated in one store call
-        (L{IStore.activate_token}).
+        A login with a token: checked, activated and its reads read in one
+        store call (L{IStore.token_login}).
         """
-        found = await self.store.activate_token(
+        found = await self.store.token_login(
             token, user_id, self.here, self.session_ttl
         )
         if isinstance(found, str):
             return Refusal(ErrorCode.BAD_TOKEN, _TOKEN_REFUSALS[found])
+        session = found.session
         return Grant(
             user_id=user_id,
-            user_name=found.user_name,
-            session_id=found.session_id,
+            user_name=session.user_name,
+            session_id=session.session_id,
             legacy=False,
-            device=found.device,
+            device=session.device,
+            reads=found,
         )
 
     async def release_quietly(self, grant: Grant) -> None:

@@ -307,6 +307,10 @@ class IMServerService(AsyncStartService):
             await self._step("closing calls to servers", pool.closeCachedConnections)
         if self.store is not None and self.own_store:
             await self._step("closing the store", self.store.close)
+        if self.server is not None:
+            # (Connections closing meanwhile failed to release their sessions
+            # if the store was away.)
+            self.server.report_failures()
 
 
 def _tls_note(address: ServerAddress) -> str:

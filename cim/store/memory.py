@@ -51,6 +51,7 @@ from cim.interfaces import (
     Session,
     SessionExists,
     TokenInfo,
+    TokenLogin,
     TooManyJoinRequests,
 )
 from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
@@ -670,6 +671,25 @@ class MemoryStore:
         session = replace(session, connected=True, active=now)
         self._put(session, now + ttl)
         return session
+
+    def token_login(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> defer.Deferred[TokenLogin | str]:
+        """
+        L{IStore.token_login}: L{activate_token}, then L{login_reads} once
+        it answered (through the methods, so that a subclass of a test
+        sees both).
+        """
+        return defer.ensureDeferred(self._token_login(token, user_id, server, ttl))
+
+    async def _token_login(
+        self, token: str, user_id: int, server: str, ttl: float
+    ) -> TokenLogin | str:
+        session = await self.activate_token(token, user_id, server, ttl)
+        if isinstance(session, str):
+            return session
+        states, cursors = await self.login_reads(user_id, session.device)
+        return TokenLogin(session, states, cursors)
 
     @_fired
     def verify_token(self, token: str) -> TokenInfo | None:

@@ -199,6 +199,7 @@ from cim.interfaces import (
     SessionExists,
     StoreError,
     TokenInfo,
+    TokenLogin,
     TooManyJoinRequests,
 )
 from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
@@ -957,12 +958,45 @@ class RedisStore:
             [self._key("token", token_key(token)), self._key("online")],
             [self.prefix, user_id, server, _ms(ttl), active],
         )
-        refused, device, name, session_id = found
+        return self._activated(found, user_id, server, active)
+
+    @staticmethod
+    def _activated(
+        found: Sequence[Any], user_id: int, server: str, active: str
+    ) -> Session | str:
+        """
+        The session that C{activate_token.lua} activated, or why it refused.
+        """
+        refused, device, name, session_id = found[:4]
         if refused:
             if refused not in _REFUSALS:
                 raise StoreError(f"activate_token.lua answered {refused!r}")
             return str(refused)
         return Session(user_id, name, server, session_id, True, device, float(active))
+
+    @_deferred
+    async def token_login(
+        self, token: str, user_id: int, server: str, ttl: float = SESSION_TTL
+    ) -> TokenLogin | str:
+        """
+        L{IStore.token_login}: C{activate_token.lua} reads the user's
+        conversations and the device's cursors right after the activation,
+        in the same script.
+        """
+        active = encode_active(self._seconds())
+        found = await self._run(
+            scripts.ACTIVATE_TOKEN,
+            [self._key("token", token_key(token)), self._key("online")],
+            [self.prefix, user_id, server, _ms(ttl), active, "1"],
+        )
+        session = self._activated(found, user_id, server, active)
+        if isinstance(session, str):
+            return session
+        return TokenLogin(
+            session,
+            self._decode_states(found[4], user_id),
+            self._decode_cursors(found[5], user_id, session.device),
+        )
 
     @_deferred
     async def verify_token(self, token: str) -> TokenInfo | None:

@@ -5,7 +5,7 @@ in this package, read once, when this module is imported.
 Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
 what it returns.  Redis has no C{require}: a script calling a function of
 a library file (L{LIBRARIES}: C{sessions.lua}, C{claims.lua},
-C{positions.lua}) is sent
+C{positions.lua}, C{reads.lua}) is sent
 with that file in front of it, as L{_load} is told.
 """
 
@@ -93,7 +93,7 @@ def _load(name: str, *needs: str) -> Script:
 
 #: The files that are not scripts of their own, but functions put in front
 #: of the scripts that need them.
-LIBRARIES = ("sessions", "claims", "positions")
+LIBRARIES = ("sessions", "claims", "positions", "reads")
 
 ACCOUNT_BY_NAME = _load("account_by_name")
 REGISTER = _load("register")
@@ -107,14 +107,14 @@ RELEASE_SESSION = _load("release_session", "sessions")
 DROP_SERVER_SESSIONS = _load("drop_server_sessions", "sessions")
 ISSUE_TOKEN = _load("issue_token", "sessions", "claims")
 VERIFY_TOKEN = _load("verify_token", "sessions")
-ACTIVATE_TOKEN = _load("activate_token", "sessions")
+ACTIVATE_TOKEN = _load("activate_token", "sessions", "reads")
 APPEND = _load("append", "positions")
 SET_CURSORS = _load("set_cursors", "positions")
 FORGET_CURSORS = _load("forget_cursors")
 SET_READ = _load("set_read", "positions")
 READ_POSITIONS = _load("read_positions")
 EPOCHS = _load("epochs")
-CONVERSATIONS = _load("conversations")
+CONVERSATIONS = _load("conversations", "reads")
 MIGRATE_INBOX = _load("migrate_inbox", "positions")
 MOVE_EPOCH = _load("move_epoch")
 CREATE_GROUP = _load("create_group")

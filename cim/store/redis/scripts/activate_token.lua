@@ -1,12 +1,15 @@
 -- KEYS: token, online.  ARGV: prefix, user id, server, ttl ms, active
--- (seconds).  An IM server's login with a token (RedisStore.activate_token):
--- checks the token and its device's session, and marks the session
--- connected as activate_session.lua does.  Returns {refusal, device, name,
--- session id}: refusal is '' when the session was activated, else one of
+-- (seconds), and optionally '1' to read the login's reads too.  An IM
+-- server's login with a token (RedisStore.activate_token): checks the
+-- token and its device's session, and marks the session connected as
+-- activate_session.lua does.  Returns {refusal, device, name, session
+-- id}: refusal is '' when the session was activated, else one of
 -- 'unknown' (no such token, or its session was released or replaced),
 -- 'other-user', 'other-server', 'session-elsewhere' (checked in that order;
--- the other fields are '' then).
--- Needs sessions.lua in front.
+-- the other fields are '' then).  With the reads (RedisStore.token_login),
+-- an activation's reply has two more fields: the user's conversations as
+-- conversations.lua lists them, and the device's cursors as HGETALL.
+-- Needs sessions.lua and reads.lua in front.
 
 local prefix, uid, server, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local t = redis.call('HMGET', KEYS[1], 'user', 'server', 'session_id', 'device')
@@ -21,4 +24,8 @@ if t[2] ~= server then return refuse('other-server') end
 if rec[2] ~= server then return refuse('session-elsewhere') end
 activate(key, devices_key(prefix, uid), KEYS[2], uid, rec[1] or '', ttl,
          ARGV[5], generation_key(prefix, uid))
-return {'', device, rec[1] or '', t[3]}
+if ARGV[6] ~= '1' then return {'', device, rec[1] or '', t[3]} end
+return {'', device, rec[1] or '', t[3],
+        conversation_states(prefix, uid, prefix .. 'pairs:' .. uid,
+                            prefix .. 'groups:' .. uid),
+        redis.call('HGETALL', cursor_key(prefix, uid, device))}
