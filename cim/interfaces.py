@@ -664,7 +664,11 @@ class ISessions(Interface):
         to live, and record when each device was last active, in one round
         trip.  A session that expired meanwhile (the server could not renew
         it in time, the store lost it) is made again, connected: the server
-        still holds it.
+        still holds it.  One that ended (released, or dropped by a newer
+        claim), or whose device has another session, is lost; unless the
+        store came back from a backup (or a restart) with that other
+        session, and never ended the held one: the backup's is older, so
+        it is ended and the held one is made again.
 
         @return: fires with the L{Renewal}: the sessions C{server} should
             close, and those it should catch up.

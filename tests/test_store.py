@@ -80,6 +80,51 @@ class Backend:
             assert time.monotonic() < deadline, "did not expire"
             await task.deferLater(reactor, 0.02, lambda: None)
 
+    async def back_up(self) -> Callable[[], Awaitable[None]]:
+        """
+        Take a backup of the store now.
+
+        @return: what restores it: the store then holds what it held now,
+            as a store restored from a backup comes back (the memory store:
+            L{MemoryStore.restored}, which becomes L{store}; Redis: the
+            prefix's keys as they were, and a new Redis run, faked by
+            telling this store's connections another run_id;
+            tests/test_store_redis.py restores a real one).
+        """
+        if self.redis is None:
+            twin = self.store.restored()
+
+            async def restore_copy() -> None:
+                self.store = twin
+
+            return restore_copy
+        redis, prefix = self.redis, self.prefix
+        copies = f"{prefix}~backup{uuid.uuid4().hex}:"
+
+        async def live() -> list[str]:
+            keys = await redis.execute_command("KEYS", prefix + "*")
+            return [k for k in keys if not k.startswith(prefix + "~backup")]
+
+        # COPY keeps each key's time to live.
+        kept = await live()
+        for key in kept:
+            await redis.execute_command("COPY", key, copies + key[len(prefix) :])
+
+        async def restore_keys() -> None:
+            now = await live()
+            if now:
+                await redis.execute_command("DEL", *now)
+            for key in kept:
+                copy = copies + key[len(prefix) :]
+                await redis.execute_command("COPY", copy, key)
+            run = uuid.uuid4().hex
+            factory = redis._factory
+            factory.protocol.cim_run_id = run
+            for connection in factory.pool:
+                connection.cim_run_id = run
+
+        return restore_keys
+
     async def pttl(self, key: str) -> int | None:
         """
         The PTTL of a key of the Redis store, or C{None} for the memory one.
@@ -1462,6 +1507,103 @@ async def test_renew_does_not_bring_back_ended_sessions(backend: Backend) -> Non
         [],
     )
     assert [s.device for s in await store.user_sessions(1)] == ["tablet"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_keeps_a_session_newer_than_a_restored_one(
+    backend: Backend,
+) -> None:
+    """
+    Once the store is restored to a backup from before a device logged in
+    again, it holds the device's older session; the server holding the
+    newer one keeps it at its renewal (made again), and the older one is
+    ended: its server, if it still holds it, loses it.
+    """
+    store = backend.store
+    older, _ = await connect(backend, 1, "phone", server="a:1:1")
+    tablet, _ = await connect(backend, 1, "tablet", server="a:1:1")
+    restore = await backend.back_up()
+    newer, dropped = await connect(backend, 1, "phone", server="b:1:2")
+    assert dropped == [older]
+    await restore()
+    store = backend.store
+    assert await store.get_session(1, "phone") == older
+    held = HeldSession(1, newer.session_id, "u1", "phone", START + 50)
+    assert await store.renew_sessions("b:1:2", [held], LONG_TTL) == (
+        [],
+        [newer.session_id],
+    )
+    assert await store.get_session(1, "phone") == Session(
+        1, "u1", "b:1:2", newer.session_id, True, "phone", START + 50
+    )
+    # The older session is ended; the tablet's, which is still its
+    # device's, is renewed as it was.
+    held_a = [
+        HeldSession(1, older.session_id, "u1", "phone", START + 50),
+        HeldSession(1, tablet.session_id, "u1", "tablet", tablet.active),
+    ]
+    assert await store.renew_sessions("a:1:1", held_a, LONG_TTL) == (
+        [older.session_id],
+        [],
+    )
+    assert await store.user_sessions(1) == [
+        await store.get_session(1, "phone"),
+        tablet,
+    ]
+    assert sorted(await store.session_servers()) == ["a:1:1", "b:1:2"]
+    assert await store.drop_server_sessions("b:1:2") == [1]
+    assert await store.user_sessions(1) == [tablet]
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_after_a_restart_loses_an_ended_older_session(
+    backend: Backend,
+) -> None:
+    """
+    A restart that lost nothing (a backup restored at once) brings back
+    the sessions of an earlier run, but a session dropped by a newer login
+    was ended before it: its renewal still finds it lost, and the newer
+    session stays.
+    """
+    older, _ = await connect(backend, 1, "phone", server="a:1:1")
+    newer, dropped = await connect(backend, 1, "phone", server="b:1:2")
+    assert dropped == [older]
+    await (await backend.back_up())()
+    store = backend.store
+    held = HeldSession(1, older.session_id, "u1", "phone", START + 50)
+    assert await store.renew_sessions("a:1:1", [held], LONG_TTL) == (
+        [older.session_id],
+        [],
+    )
+    assert await store.get_session(1, "phone") == newer
+    held = HeldSession(1, newer.session_id, "u1", "phone", newer.active)
+    assert await store.renew_sessions("b:1:2", [held], LONG_TTL) == ([], [])
+    assert await store.get_session(1, "phone") == newer
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_of_a_session_record_of_the_previous_release(
+    backend: Backend,
+) -> None:
+    """
+    A session record written by the previous release (no run in it) is
+    never taken for an older one: after a restore, a renewal of another
+    session of its device is lost, as before.
+    """
+    if backend.redis is None:
+        pytest.skip("the memory store keeps nothing across releases")
+    store = backend.store
+    current, _ = await connect(backend, 1, "phone", server="a:1:1")
+    key = f"{backend.prefix}session:1:phone"
+    assert await backend.redis.execute_command("HGET", key, "run")
+    await backend.redis.execute_command("HDEL", key, "run")
+    await (await backend.back_up())()
+    held = HeldSession(1, "another", "u1", "phone", START + 50)
+    assert await store.renew_sessions("b:1:2", [held], LONG_TTL) == (
+        ["another"],
+        [],
+    )
+    assert await store.get_session(1, "phone") == current
 
 
 @pytest_twisted.ensureDeferred

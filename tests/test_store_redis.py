@@ -674,3 +674,70 @@ async def test_a_stream_drops_what_a_restored_redis_lost(
         assert stream.delivered == 5
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_renewals_after_a_restored_and_a_restarted_redis(
+    reactor: Any, private_redis: RedisServer
+) -> None:
+    """
+    Restored to an append-only file from before a device logged in again,
+    Redis holds the device's older session: the renewal of the newer one
+    keeps it (and ends the older).  A plain restart keeps the ending of a
+    session a newer login dropped: its renewal still finds it lost.
+    """
+    import shutil
+
+    from cim.interfaces import HeldSession, Renewal
+    from cim.store.redis import connect_redis
+
+    await private_redis.start(reactor)
+    store = await connect_redis(private_redis.url(), clock=reactor, poolsize=2)
+    aof = private_redis.directory / "appendonlydir"
+    backup = private_redis.directory.parent / "backup"
+
+    async def restart() -> None:
+        await private_redis.stop(reactor)
+        await private_redis.start(reactor)
+        await _until_up(reactor, store)
+
+    async def login(server: str) -> Any:
+        session, _ = await store.claim_session(
+            1, "u1", server, 600.0, replace=True, device="phone"
+        )
+        assert await store.activate_session(1, session.session_id, 600.0, "phone")
+        return await store.get_session(1, "phone")
+
+    def held(session: Any) -> list[HeldSession]:
+        return [HeldSession(1, session.session_id, "u1", "phone", session.active)]
+
+    try:
+        older = await login("a:1:1")
+        # Redis fsyncs every write before it answers: a consistent copy.
+        shutil.copytree(aof, backup)
+        newer = await login("b:1:2")
+
+        await private_redis.stop(reactor)
+        shutil.rmtree(aof)
+        shutil.copytree(backup, aof)
+        await private_redis.start(reactor)
+        await _until_up(reactor, store)
+        assert await store.get_session(1, "phone") == older
+        renewal = await store.renew_sessions("b:1:2", held(newer), 600.0)
+        assert renewal == Renewal([], [newer.session_id])
+        assert await store.get_session(1, "phone") == newer
+        renewal = await store.renew_sessions("a:1:1", held(older), 600.0)
+        assert renewal == Renewal([older.session_id], [])
+
+        # Nothing lost: the newer session stays, the one it drops is lost.
+        latest = await login("a:1:1")
+        await restart()
+        renewal = await store.renew_sessions("b:1:2", held(newer), 600.0)
+        assert renewal == Renewal([newer.session_id], [])
+        assert await store.renew_sessions("a:1:1", held(latest), 600.0) == (
+            Renewal([], [])
+        )
+        assert await store.get_session(1, "phone") == latest
+    finally:
+        await store.close()

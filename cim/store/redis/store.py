@@ -24,7 +24,11 @@ never key names)::
                                            "session:<user_id>:"): name,
                                            server, session_id, connected
                                            ("0"/"1"), active (seconds,
-                                           records.encode_active);
+                                           records.encode_active),
+                                           run (the Redis run_id when it
+                                           was claimed or made again;
+                                           missing in earlier releases'
+                                           records: renew_sessions.lua);
                                            PEXPIRE'd: the claim's ttl until
                                            connected, then the session ttl,
                                            renewed by its server
@@ -137,9 +141,11 @@ C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
 C{read}) are the groups that would share a hash tag (README,
 "Outgrowing one Redis", has the plan).
 
-The append script learns the Redis C{run_id} (for epochs) from its
-connection, which asks it once (L{cim.store.redis.connection.
-execute_with_run_id}), not by calling C{INFO} at every append.
+The append script (for epochs) and the session claims and renewals (for
+sessions a restored backup brought back: renew_sessions.lua) learn the
+Redis C{run_id} from their connection, which asks it once
+(L{cim.store.redis.connection.execute_with_run_id}), not by calling
+C{INFO} at every call.
 
 Upgrading from the previous release (C{python -m cim.store.redis.migrate}):
 its sessions (C{session:<user_id>}, C{tokens:<user_id>}) are ignored (they
@@ -150,7 +156,8 @@ C{conv:u:<id>} are moved into pair conversations by the migration
 (L{RedisStore.move_old_inboxes}), and its epoch records
 C{epoch:<conversation>} into the conversations' hashes
 (L{RedisStore.move_epoch_records}); its quota counts (C{quota:...}) are
-not read (they expire by themselves).
+not read (they expire by themselves); its session records have no C{run}
+and are renewed as before (never taken for a restored older copy).
 
 The connection must decode replies as UTF-8 and leave numbers as strings
 (C{convertNumbers=False}), as the pool of
@@ -757,7 +764,7 @@ class RedisStore:
         session, keys, args = self._claim(
             user_id, user_name, server, ttl, replace, device, max_devices
         )
-        result = await self._run(scripts.CLAIM_SESSION, keys, args)
+        result = await self._run(scripts.CLAIM_SESSION, keys, args, run_id=True)
         return session, self._claimed(user_id, result)
 
     def open_session(
@@ -794,7 +801,7 @@ class RedisStore:
                 _ms(device_key_ttl),
                 "" if used_device_key is None else token_key(used_device_key),
             ]
-            ran = self._run(scripts.OPEN_SESSION, keys, args)
+            ran = self._run(scripts.OPEN_SESSION, keys, args, run_id=True)
         except Exception:
             return defer.fail()
 
@@ -835,7 +842,7 @@ class RedisStore:
             args += [user_id, session_id, user_name, device, encode_active(active)]
         if len(args) == 3:
             return Renewal([], [])
-        lost, restored = await self._run(scripts.RENEW_SESSIONS, [], args)
+        lost, restored = await self._run(scripts.RENEW_SESSIONS, [], args, run_id=True)
         return Renewal(sorted(lost), sorted(restored))
 
     @_deferred

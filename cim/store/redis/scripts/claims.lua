@@ -5,11 +5,12 @@
 -- Claim a session of user uid's device (claim_session.lua says how):
 -- keys are the device's session, the user's devices and the server's
 -- sessions; a is {uid, name, server, session id, ttl ms, replace ('0'/'1'),
--- prefix, device, max devices, active}.  Returns {claimed (0/1), ...}: when
+-- prefix, device, max devices, active}; run is the run_id of this Redis
+-- ('': ask it), kept in the record (sessions.lua's this_run).  Returns {claimed (0/1), ...}: when
 -- not claimed, the fields of the session that refused it; when claimed,
 -- those of each session dropped (device, name, server, session id,
 -- connected, active each).
-local function claim(session_key, devices_key, server_key, a)
+local function claim(session_key, devices_key, server_key, a, run)
   local uid, device, prefix = a[1], a[8], a[7]
   local live = live_sessions(prefix, uid)
   if #live > 0 and a[6] ~= '1' then
@@ -42,7 +43,8 @@ local function claim(session_key, devices_key, server_key, a)
   end
 
   redis.call('HSET', session_key, 'name', a[2], 'server', a[3],
-             'session_id', a[4], 'connected', '0', 'active', a[10])
+             'session_id', a[4], 'connected', '0', 'active', a[10],
+             'run', this_run(run))
   redis.call('PEXPIRE', session_key, a[5])
   redis.call('SADD', devices_key, device)
   extend_ttl(devices_key, a[5])

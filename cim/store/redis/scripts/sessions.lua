@@ -113,3 +113,13 @@ end
 local function ended(prefix, session_id)
   return redis.call('EXISTS', prefix .. 'ended:' .. session_id) == 1
 end
+
+-- The run_id of this Redis: given, as the caller's connection knows it,
+-- or asked here when the caller could not tell ('').  A session record
+-- keeps the run that wrote it (its 'run' field; none in records of
+-- earlier releases), so a renewal can tell a record that came back from
+-- an earlier run (a restored backup, a replica that lagged, a restart).
+local function this_run(given)
+  if given ~= '' then return given end
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+end
