@@ -70,7 +70,7 @@ from bench.wsclient import (
     handshake_request,
     new_key,
 )
-from cim.codec import CodecError, decode, decode_chat, encode, encode_framed
+from cim.codec import ChatItem, CodecError, decode, decode_chat, encode, encode_framed
 from cim.framing import VarintFrameReceiver
 from cim.gcpolicy import GC_YOUNG, tune_gc
 from cim.message import (
@@ -1146,8 +1146,8 @@ def friends_of(user: int, peers: Sequence[int], count: int) -> list[int]:
 
 
 #: A received message: text, the sender the server names (if any),
-#: conversation, seq, epoch.
-Item = tuple[str, int | None, str, int, str]
+#: conversation, seq, epoch (as L{decode_chat} reads it).
+Item = ChatItem
 
 
 class Worker:
@@ -1542,12 +1542,8 @@ class Worker:
         (L{decode_chat}: the same items, checked the same way), any other
         frame by L{_decode}.
         """
-        cache = self._decoded
-        if cache is not None:
-            cached = cache.get(body)
-            if cached is not None:
-                self._receive(client, cached)
-                return
+        if self._cached(client, body):
+            return
         try:
             chat = decode_chat(body)
         except CodecError as e:
@@ -1560,11 +1556,31 @@ class Worker:
         if cmd == Command.ACK:
             self._acked(client, cmid)
             return
+        self._remember(body, items)
+        self._receive(client, items)
+
+    def _cached(self, client: BenchClient, body: bytes) -> bool:
+        """
+        Whether C{body}'s messages were decoded before (a group's message
+        reaches every member in the same bytes): then received again.
+        """
+        cache = self._decoded
+        if cache is not None:
+            cached = cache.get(body)
+            if cached is not None:
+                self._receive(client, cached)
+                return True
+        return False
+
+    def _remember(self, body: bytes, items: list[Item]) -> None:
+        """
+        Keep C{body}'s decoded messages (L{_cached}), a bounded number.
+        """
+        cache = self._decoded
         if cache is not None:
             if len(cache) > 4096:
                 cache.clear()
             cache[body] = items
-        self._receive(client, items)
 
     def frame_json(self, client: BenchClient, text: bytes) -> None:
         """
@@ -1575,12 +1591,8 @@ class Worker:
     def _decode(
         self, client: BenchClient, body: bytes, decoder: Callable[[bytes], Frame]
     ) -> None:
-        cache = self._decoded
-        if cache is not None:
-            cached = cache.get(body)
-            if cached is not None:
-                self._receive(client, cached)
-                return
+        if self._cached(client, body):
+            return
         try:
             frame = decoder(body)
         except CodecError as e:
@@ -1589,7 +1601,6 @@ class Worker:
         self._dispatch(client, frame, body)
 
     def _dispatch(self, client: BenchClient, frame: Frame, body: bytes) -> None:
-        cache = self._decoded
         cmd = frame.cmd
         if cmd == Command.MESSAGE or cmd == Command.OFFLINE:
             items: list[Item]
@@ -1605,10 +1616,7 @@ class Worker:
                 items = [(frame.req_msg, None, "", 0, "")]
             else:
                 items = []
-            if cache is not None:
-                if len(cache) > 4096:
-                    cache.clear()
-                cache[body] = items
+            self._remember(body, items)
             self._receive(client, items)
         elif cmd == Command.ACK:
             self._acked(client, frame.client_msg_id)

@@ -60,6 +60,21 @@ async def _setup(store: RedisStore, users: int) -> None:
         await store.activate_session(uid, session.session_id)
 
 
+def _batches(messages: int, users: int, batch: int) -> list[list[NewMessage]]:
+    """
+    C{messages} private messages between random pairs of C{users}, in
+    batches of C{batch} (the same every time: a fixed seed).
+    """
+    rng = random.Random(17)
+    sends = []
+    for cmid in range(1, messages + 1):
+        a, b = rng.sample(range(1, users + 1), 2)
+        sends.append(
+            NewMessage(pair_conversation(a, b), a, f"u{a}", "hello " * 5, str(cmid))
+        )
+    return [sends[start : start + batch] for start in range(0, messages, batch)]
+
+
 async def run(
     reactor: Any,
     url: str,
@@ -73,8 +88,6 @@ async def run(
     redis = store._redis  # noqa: SLF001 (a measuring tool)
     await redis.execute_command("FLUSHDB")
     await _setup(store, users)
-    rng = random.Random(17)
-    cmid = 0
     # Warm up (scripts loaded), then measure from zeroed stats.
     await store.append([NewMessage(pair_conversation(1, 2), 1, "u1", "hi", "w")])
     await redis.execute_command("CONFIG", "RESETSTAT")
@@ -105,14 +118,7 @@ async def run(
         return result
 
     cpu_before = await cpu()
-    for start in range(0, messages, batch):
-        sends = []
-        for _ in range(min(batch, messages - start)):
-            a, b = rng.sample(range(1, users + 1), 2)
-            cmid += 1
-            sends.append(
-                NewMessage(pair_conversation(a, b), a, f"u{a}", "hello " * 5, str(cmid))
-            )
+    for sends in _batches(messages, users, batch):
         stored = await timed("append", store.append, sends)
         # Both users of each message: the recipient, and the sender's echo.
         wanted = sorted({int(x) for m in sends for x in m.conversation[2:].split(":")})
@@ -214,19 +220,8 @@ async def run_callgrind(
     redis = store._redis  # noqa: SLF001 (a measuring tool)
     await redis.execute_command("FLUSHDB")
     await _setup(store, users)
-    rng = random.Random(17)
-    cmid = 0
     await store.append([NewMessage(pair_conversation(1, 2), 1, "u1", "hi", "w")])
-    batches = []
-    for start in range(0, messages, batch):
-        sends = []
-        for _ in range(min(batch, messages - start)):
-            a, b = rng.sample(range(1, users + 1), 2)
-            cmid += 1
-            sends.append(
-                NewMessage(pair_conversation(a, b), a, f"u{a}", "hello " * 5, str(cmid))
-            )
-        batches.append(sends)
+    batches = _batches(messages, users, batch)
     cache = SessionCache(session_cache) if session_cache else None
 
     async def commands() -> dict[str, int]:

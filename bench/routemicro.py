@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet import defer, protocol, reactor, task
@@ -478,34 +479,29 @@ async def _login_rounds(
         print(f"{n} {what}, {per:,.0f} instructions each", flush=True)
         return per
 
+    async def measured(what: str, count: Callable[[], int], phase: str) -> float:
+        # One phase, from idle to idle: registrations for --seconds, or
+        # the logins of the users registered.
+        done, cpu, wall = count(), _cpu(pid), time.monotonic()
+        if counter:
+            counter.start()
+        load.start(phase)
+        if phase == "register":
+            await task.deferLater(reactor, options.seconds, lambda: None)
+            load.start(None)
+        await drained()
+        took = time.monotonic() - wall
+        n = count() - done
+        if counter:
+            return counted(what, n)
+        return _report(what, n, took, _used(cpu, pid))
+
     for _ in range(options.rounds):
         await drained()
-        done, cpu, wall = load.registrations, _cpu(pid), time.monotonic()
-        if counter:
-            counter.start()
-        load.start("register")
-        await task.deferLater(reactor, options.seconds, lambda: None)
-        load.start(None)
-        await drained()
-        took = time.monotonic() - wall
-        n = load.registrations - done
-        register = (
-            counted("registrations", n)
-            if counter
-            else _report("registrations", n, took, _used(cpu, pid))
+        register = await measured(
+            "registrations", lambda: load.registrations, "register"
         )
-        done, cpu, wall = load.logins, _cpu(pid), time.monotonic()
-        if counter:
-            counter.start()
-        load.start("login")
-        await drained()
-        took = time.monotonic() - wall
-        n = load.logins - done
-        login = (
-            counted("logins", n)
-            if counter
-            else _report("logins", n, took, _used(cpu, pid))
-        )
+        login = await measured("logins", lambda: load.logins, "login")
         figures.append((register, login))
     return figures
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import attrgetter
+from typing import TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
@@ -214,6 +215,21 @@ def _chat_from_pb(m: cim_pb2.ChatMessage) -> ChatMessage:
     )
 
 
+_Parsed = TypeVar("_Parsed", cim_pb2.Request, cim_pb2.Push)
+
+
+def _parsed(pb: _Parsed, data: bytes, what: str) -> _Parsed:
+    """
+    C{pb} filled from C{data}.  @raise CodecError: C{data} is not a valid
+    C{what}.
+    """
+    try:
+        pb.ParseFromString(data)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise CodecError(f"undecodable {what}: {e}") from None
+    return pb
+
+
 def decode(data: bytes) -> Frame:
     """
     Parse one frame body.
@@ -221,11 +237,7 @@ def decode(data: bytes) -> Frame:
     @raise CodecError: C{data} is not a valid frame, or names a command this
         program does not know.
     """
-    pb = cim_pb2.Request()
-    try:
-        pb.ParseFromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise CodecError(f"undecodable frame: {e}") from None
+    pb = _parsed(cim_pb2.Request(), data, "frame")
     command = _COMMANDS.get(pb.cmd)
     if command is None:
         raise CodecError(f"unknown command {pb.cmd}")
@@ -272,11 +284,7 @@ def decode_chat(data: bytes) -> tuple[Command, list[ChatItem], str] | None:
         L{decode}).
     @raise CodecError: C{data} is not a valid frame.
     """
-    pb = cim_pb2.Request()
-    try:
-        pb.ParseFromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise CodecError(f"undecodable frame: {e}") from None
+    pb = _parsed(cim_pb2.Request(), data, "frame")
     cmd = pb.cmd
     if cmd == _MESSAGE or cmd == _OFFLINE:
         items: list[ChatItem]
@@ -354,11 +362,7 @@ def decode_push(data: bytes) -> list[PushItem]:
 
     @raise CodecError: C{data} is not such a payload.
     """
-    pb = cim_pb2.Push()
-    try:
-        pb.ParseFromString(data)
-    except (DecodeError, RuntimeWarning, ValueError) as e:
-        raise CodecError(f"undecodable push: {e}") from None
+    pb = _parsed(cim_pb2.Push(), data, "push")
     items: list[PushItem] = []
     for item in pb.items:
         what: Sequence[ChatMessage] | ReadEvent
