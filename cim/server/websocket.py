@@ -73,6 +73,7 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -91,6 +92,7 @@ from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
 from cim.server.protocol import Backlog
+from cim.server.turnflush import plain_tcp, send_now, turn_flush
 
 #: The subprotocols, as a client names them in C{Sec-WebSocket-Protocol}.
 PROTO = "cim.v1.proto"
@@ -354,6 +356,12 @@ class WebSocketConnection(WebSocketServerProtocol):
     @ivar conn: the core's connection, from the opening handshake's end.
     """
 
+    #: The plain TCP transport whose frames are sent at the next turn
+    #: (L{cim.server.turnflush}; none over TLS), and what waits for it
+    #: (a class default: an idle connection holds none).
+    _tcp: tcp.Connection | None = None
+    _out: list[bytes] | None = None
+
     factory: WebSocketGateway
     #: The largest message L{_messages} reads (the gateway's limits).
     _limit = 0
@@ -384,6 +392,9 @@ class WebSocketConnection(WebSocketServerProtocol):
             super().connectionMade()
         transport: Any = self.transport
         transport.registerProducer(self.backlog, True)
+        inner = plain_tcp(transport)
+        if inner is not None:
+            self._tcp = inner
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -507,6 +518,8 @@ class WebSocketConnection(WebSocketServerProtocol):
             self.transport = wrapper
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tcp is not None:
+            self._out = self._tcp = None
         super().connectionLost(reason)
         self.backlog.stopProducing()
         if self.conn is not None and not self._lost:
@@ -574,6 +587,9 @@ class WebSocketConnection(WebSocketServerProtocol):
         # autobahn's, for the only way this adapter writes (neither "sync"
         # nor chopped), without the debug line it formats for every write.
         assert not sync and not chopsize
+        # (Autobahn's own frames, a close or a pong, after the messages
+        # written before them.)
+        self.flush()
         self.transport.write(data)  # type: ignore[union-attr]
 
     def onPing(self, payload: bytes) -> None:
@@ -667,6 +683,9 @@ class WebSocketConnection(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=_truncate(reason), isReply=False)
 
     def abort(self) -> None:
+        # What waits unsent is dropped, as the transport drops its own.
+        if self._out is not None:
+            self._out = None
         self.dropConnection(abort=True)
 
     def backed_up(self) -> bool:
@@ -681,8 +700,24 @@ class WebSocketConnection(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
-        self.transport.write(data)  # type: ignore[union-attr]
+        if self._tcp is None:
+            self.transport.write(data)  # type: ignore[union-attr]
+        elif self._out is None:
+            self._out = [data]
+            turn_flush(self._tcp.reactor).add(self)
+        else:
+            self._out.append(data)
         self._wrote(len(data))
+
+    def flush(self) -> None:
+        """
+        Send the frames written since the last turn (L{cim.server.turnflush}).
+        """
+        out = self._out
+        if out is not None:
+            self._out = None
+            if self._tcp is not None:
+                send_now(self._tcp, self.transport, b"".join(out))
 
     def _send_compressed(self, payload: bytes) -> None:
         """
