@@ -1,8 +1,10 @@
 """
 Writes to plain TCP connections sent at the next turn of the reactor, each
 connection's in one C{send} straight to its socket (L{TurnFlush}): how the
-IM server writes to its clients' connections
-(L{cim.server.protocol.ClientConnectionProtocol}).
+IM server writes to its clients' connections, TCP
+(L{cim.server.protocol.ClientConnectionProtocol}) and WebSocket
+(L{cim.server.websocket.WebSocketConnection}), when they are plain TCP
+(TLS and other transports are written at once).
 
 Twisted's own write path registers a connection as a writer with the
 reactor at its first write of a turn, sends when the next poll says the

@@ -38,13 +38,16 @@ as on TCP (L{cim.server.protocol.Backlog}, the transport's streaming
 producer).
 
 Frames are written as the TCP adapter writes them: a message's WebSocket
-frame (its header and payload) is made here and goes to the transport in
-one write, and a live batch going to many connections is made once per
-subprotocol (L{wire.Batch.encoded}), not once per connection.  Only a
-connection that agreed on compression (permessage-deflate, which browsers
-offer) has its messages made by autobahn's C{sendMessage}.  A text
-message's UTF-8 is checked by its decoding (L{cim.jsonwire.decode}), not
-also by autobahn's validator.
+frame (its header and payload) is made here, and a live batch going to
+many connections is made once per subprotocol (L{wire.Batch.encoded}), not
+once per connection.  On a plain TCP connection the frames of one turn of
+the reactor leave together at the start of the next, in one send
+(L{cim.server.turnflush}); autobahn's own frames (a close, a pong) send
+what waits before them, and an abort drops it.  Over TLS each frame goes
+to the transport in one write.  Only a connection that agreed on
+compression (permessage-deflate, which browsers offer) has its messages
+made by autobahn's C{sendMessage}.  A text message's UTF-8 is checked by
+its decoding (L{cim.jsonwire.decode}), not also by autobahn's validator.
 
 Timers (the opening and closing handshakes' deadlines) run on the clock the
 factory is given, not on autobahn's global reactor.
