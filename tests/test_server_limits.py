@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 
+from cim import loglines
 from cim.interfaces import ConversationState, StoreError
 from cim.message import Command, Cursor, ErrorCode, Frame, Position, pair_conversation
 from cim.server import core
@@ -159,6 +160,8 @@ def test_failed_releases_are_reported_once_a_burst() -> None:
     world = World(store=ReleasesFail(Clock()))
     store: ReleasesFail = world.store  # type: ignore[assignment]
     peers = [world.login(f"u{i}")[0] for i in range(4)]
+    # (The logins' lines written: L{cim.loglines}.)
+    world.clock.advance(loglines.WINDOW)
     store.failing = True
     with capturedLogs() as events:
         for peer in peers[:3]:
@@ -210,6 +213,7 @@ def test_a_stopping_daemon_reports_the_failed_releases_counted_so_far() -> None:
     world = World(store=ReleasesFail(Clock()))
     store: ReleasesFail = world.store  # type: ignore[assignment]
     peers = [world.login(f"u{i}")[0] for i in range(3)]
+    world.clock.advance(loglines.WINDOW)  # (the logins' lines written)
     store.failing = True
     with capturedLogs() as events:
         for peer in peers:

@@ -47,6 +47,7 @@ from cim.interfaces import (
     TooManyJoinRequests,
 )
 from cim.limits import DEVICE_KEY_TTL, MAX_DEVICES
+from cim.loglines import Lines
 from cim.message import (
     BROADCAST,
     GROUP_PREFIX,
@@ -62,7 +63,6 @@ from cim.message import (
 )
 from cim.names import name_key
 from cim.route.balancer import Balancer
-from cim.route.loglines import Lines
 from cim.route.throttle import GuessLimit
 
 #: How many accounts the route keeps in memory for existence checks.
@@ -216,7 +216,7 @@ class Router:
         self.token_ttl = token_ttl
         self.require_password = require_password
         self.legacy_auth = legacy_auth
-        # The log of logins and of new accounts (cim.route.loglines).
+        # The log of logins and of new accounts (cim.loglines).
         self._login_lines = Lines(self.log, clock)
         self._account_lines = Lines(self.log, clock)
 

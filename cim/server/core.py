@@ -30,6 +30,7 @@ from zope.interface import implementer
 from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
 from cim.interfaces import HeldSession, IStore, Renewal, ServerAddress, StoreError
 from cim.limits import BROADCAST_FROM, MAX_BATCH, SESSION_CACHE, SESSION_TTL
+from cim.loglines import Lines
 from cim.message import (
     KICK_REPLACED,
     ChatMessage,
@@ -251,6 +252,8 @@ class IMServer:
         #: meanwhile: what their logins read may predate it, so they read
         #: again once bound (L{_login}).
         self._missed: set[int] = set()
+        #: The log of logins (L{cim.loglines}).
+        self._login_lines = Lines(self.log, clock)
         self._release_failures = FailureBurst(
             clock,
             "Releasing the sessions of closed connections",
@@ -278,6 +281,7 @@ class IMServer:
         @return: a Deferred firing when the releases are done.
         """
         self._stopping = True
+        self._login_lines.stop()
         if self._sweeper.running:
             self._sweeper.stop()
         self.streams.stop()
@@ -817,13 +821,10 @@ class IMServer:
             if unlisted:
                 conn.unlisted = frozenset(unlisted)
         self.m_logins.inc()
-        self.log.info(
-            "{user_id} ({user_name}) logged in from {peer}{device}{legacy}",
-            user_id=grant.user_id,
-            user_name=grant.user_name,
-            peer=conn.peer,
-            device=f" as device {grant.device!r}" if grant.device else "",
-            legacy=" (CIM client)" if grant.legacy else "",
+        self._login_lines.add(
+            f"{grant.user_id} ({grant.user_name}) logged in from {conn.peer}"
+            + (f" as device {grant.device!r}" if grant.device else "")
+            + (" (CIM client)" if grant.legacy else "")
         )
         if not grant.legacy:
             conn.send(

@@ -1,7 +1,7 @@
 """
-The route's log of logins and new accounts (L{cim.route.loglines}): one
-line at once when the route is quiet, the entries of a busy second
-together, none lost.
+The daemons' log of logins and new accounts (L{cim.loglines}): one line at
+once when the daemon is quiet, the entries of a busy second together, none
+lost; the route's logins and new accounts, the IM server's logins.
 """
 
 from __future__ import annotations
@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, capturedLogs, formatEvent
 
-from cim.route.loglines import MOST, WINDOW, Lines
+from cim.loglines import MOST, WINDOW, Lines
+from tests.serverkit import World
 from tests.test_route import Route
+
+#: Where L{World}'s clients connect from.
+PEER = "10.1.1.1:5000"
 
 
 def _lines(window: float = WINDOW, most: int = MOST) -> tuple[Lines, Clock, list]:
@@ -104,3 +108,27 @@ def test_the_route_logs_new_accounts_and_logins() -> None:
         f"{bob} (bob) logs in on {route.session(bob).server}",
         f"Account {bob} (bob) created",
     ]
+
+
+def test_the_im_server_logs_logins() -> None:
+    world = World()
+    with capturedLogs() as events:
+        alice = world.login("alice", device="phone")[1]
+        bob = world.login("bob")[1]
+        carol = world.login("carol")[1]
+        # The first at once; the others of the window at its end.
+        first = _texts(_logins(events))
+        world.clock.advance(WINDOW)
+        second = _texts(_logins(events))[1:]
+        dave = world.login("dave")[1]
+        # (Still busy: a window is open, so dave waits for the stop.)
+        world.server.stop()
+    assert first == [f"{alice} (alice) logged in from {PEER} as device 'phone'"]
+    assert second == [
+        f"{bob} (bob) logged in from {PEER}; {carol} (carol) logged in from {PEER}"
+    ]
+    assert _texts(_logins(events))[2:] == [f"{dave} (dave) logged in from {PEER}"]
+
+
+def _logins(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if "logged in" in formatEvent(e)]

@@ -1,14 +1,15 @@
 """
-The route's log of logins and new accounts, at a price that does not grow
-with their rate.
+The daemons' log of logins (the route's and the IM servers') and of new
+accounts (the route's), at a price that does not grow with their rate.
 
-Each log event costs the route about 200,000 instructions, a seventh of
-a login (twistd's text log formats a time stamp, a system name and the
-text of every event, and writes it to the file at once).  A L{Lines}
+Each log event costs a daemon about 200,000 instructions, a seventh of
+the route's work for a login and a sixth of an IM server's (twistd's text
+log formats a time stamp, a system name and the text of every event, and
+writes it to the file at once).  A L{Lines}
 writes an entry at once when it wrote none in the last C{window} seconds,
 as one line of its own; entries coming faster are written together, at
 the end of the window (or once C{most} are waiting), joined by C{"; "}
-into one event.  A quiet route's log reads as one line per login; a busy
+into one event.  A quiet daemon's log reads as one line per login; a busy
 one's holds every login still, a few lines a second.
 """
 
