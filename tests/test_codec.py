@@ -250,3 +250,29 @@ def test_decode_chat_reads_what_decode_reads() -> None:
     assert decode_chat(b"\x18\x63") is None  # an unknown command: decode's
     with pytest.raises(CodecError):
         decode_chat(b"\xff\xff")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(), st.integers(-(1 << 63), (1 << 63) - 1), st.text(), st.booleans()
+        ),
+        max_size=4,
+    )
+)
+@settings(max_examples=50)
+def test_decoded_cursors_are_those_of_their_constructor(
+    fields: list[tuple[str, int, str, bool]],
+) -> None:
+    """
+    The cursors L{decode} makes without L{Cursor}'s C{__init__} are equal
+    to, hash as and are as frozen as those it makes.
+    """
+    made = tuple(Cursor(*f) for f in fields)
+    decoded = decode(encode(Frame(Command.ACK, cursors=made))).cursors
+    assert decoded == made
+    assert [hash(c) for c in decoded] == [hash(c) for c in made]
+    assert [repr(c) for c in decoded] == [repr(c) for c in made]
+    for cursor in decoded:
+        with pytest.raises(AttributeError):
+            cursor.seq = 0  # type: ignore[misc]

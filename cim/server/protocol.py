@@ -25,7 +25,7 @@ from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
-from cim.server.turnflush import plain_tcp, send_now, turn_flush
+from cim.server.turnflush import TurnFlush, plain_tcp, send_now, turn_flush
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)
@@ -129,14 +129,19 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self.backlog = Backlog(max_output)
         self._overflowed = False
         #: The plain TCP transport whose bytes are sent at the next turn
-        #: (L{cim.server.turnflush}), and what waits for it.
+        #: (L{cim.server.turnflush}), its reactor's L{TurnFlush} (held here
+        #: rather than looked up at each turn's first write), and what waits
+        #: for it.
         self._tcp: tcp.Connection | None = None
+        self._turn: TurnFlush | None = None
         self._out: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.transport.registerProducer(self.backlog, True)
         self._tcp = plain_tcp(self.transport)
+        if self._tcp is not None:
+            self._turn = turn_flush(self._tcp.reactor)
         self.conn = self.server.connection_made(self, f"{peer.host}:{peer.port}")
         # Small frames, latency matters.
         try:
@@ -146,17 +151,18 @@ class ClientConnectionProtocol(VarintFrameReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._out = None
-        self._tcp = None
+        self._tcp = self._turn = None
         self.backlog.stopProducing()
         clean = reason is not None and reason.check(ConnectionDone) is not None
         self.server.connection_lost(self.conn, clean=clean)
 
     def _write(self, data: bytes) -> None:
-        if self._tcp is None:
+        turn = self._turn
+        if turn is None:
             self.transport.write(data)
         elif self._out is None:
             self._out = [data]
-            turn_flush(self._tcp.reactor).add(self)
+            turn.add(self)
         else:
             self._out.append(data)
         if self.backlog.wrote(len(data)) and not self._overflowed:
