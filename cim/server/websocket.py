@@ -95,7 +95,7 @@ from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
 from cim.server.protocol import Backlog
-from cim.server.turnflush import plain_tcp, send_now, turn_flush
+from cim.server.turnflush import TurnFlush, plain_tcp, send_now, turn_flush
 
 #: The subprotocols, as a client names them in C{Sec-WebSocket-Protocol}.
 PROTO = "cim.v1.proto"
@@ -360,9 +360,12 @@ class WebSocketConnection(WebSocketServerProtocol):
     """
 
     #: The plain TCP transport whose frames are sent at the next turn
-    #: (L{cim.server.turnflush}; none over TLS), and what waits for it
-    #: (a class default: an idle connection holds none).
+    #: (L{cim.server.turnflush}; none over TLS), its reactor's
+    #: L{TurnFlush} (held rather than looked up at each turn's first
+    #: write), and what waits for it (class defaults: a connection that
+    #: is not on plain TCP holds none of them).
     _tcp: tcp.Connection | None = None
+    _turn: TurnFlush | None = None
     _out: list[bytes] | None = None
 
     factory: WebSocketGateway
@@ -398,6 +401,7 @@ class WebSocketConnection(WebSocketServerProtocol):
         inner = plain_tcp(transport)
         if inner is not None:
             self._tcp = inner
+            self._turn = turn_flush(inner.reactor)
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -522,7 +526,7 @@ class WebSocketConnection(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._tcp is not None:
-            self._out = self._tcp = None
+            self._out = self._tcp = self._turn = None
         super().connectionLost(reason)
         self.backlog.stopProducing()
         if self.conn is not None and not self._lost:
@@ -703,11 +707,12 @@ class WebSocketConnection(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
-        if self._tcp is None:
+        turn = self._turn
+        if turn is None:
             self.transport.write(data)  # type: ignore[union-attr]
         elif self._out is None:
             self._out = [data]
-            turn_flush(self._tcp.reactor).add(self)
+            turn.add(self)
         else:
             self._out.append(data)
         self._wrote(len(data))
