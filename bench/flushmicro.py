@@ -28,6 +28,7 @@ epollreactor.install()
 from twisted.internet import reactor, tcp  # noqa: E402
 
 import cim.server.protocol as protocol_module  # noqa: E402
+import cim.server.turnflush as turnflush  # noqa: E402
 from cim.codec import encode_framed  # noqa: E402
 from cim.message import Command, Frame  # noqa: E402
 
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3000)
     options = parser.parse_args()
     if options.twisted:
-        protocol_module.plain_tcp = lambda transport: None  # type: ignore[assignment]
+        turnflush.plain_tcp = lambda transport: None  # type: ignore[assignment]
     pairs = []
     for index in range(options.connections):
         ours, theirs = socket.socketpair()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -25,7 +24,7 @@ from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
-from cim.server.turnflush import TurnFlush, plain_tcp, send_now, turn_flush
+from cim.server.turnflush import TurnWriter
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)
@@ -109,7 +108,7 @@ class Backlog:
 
 
 @implementer(IClientLink)
-class ClientConnectionProtocol(VarintFrameReceiver):
+class ClientConnectionProtocol(TurnWriter, VarintFrameReceiver):
     """
     One client's TCP connection: the server core's L{IClientLink}.
 
@@ -128,20 +127,11 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self.MAX_LENGTH = max_frame
         self.backlog = Backlog(max_output)
         self._overflowed = False
-        #: The plain TCP transport whose bytes are sent at the next turn
-        #: (L{cim.server.turnflush}), its reactor's L{TurnFlush} (held here
-        #: rather than looked up at each turn's first write), and what waits
-        #: for it.
-        self._tcp: tcp.Connection | None = None
-        self._turn: TurnFlush | None = None
-        self._out: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.transport.registerProducer(self.backlog, True)
-        self._tcp = plain_tcp(self.transport)
-        if self._tcp is not None:
-            self._turn = turn_flush(self._tcp.reactor)
+        self.attach(self.transport)
         self.conn = self.server.connection_made(self, f"{peer.host}:{peer.port}")
         # Small frames, latency matters.
         try:
@@ -150,32 +140,16 @@ class ClientConnectionProtocol(VarintFrameReceiver):
             pass
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self._out = None
-        self._tcp = self._turn = None
+        self.detach()
         self.backlog.stopProducing()
         clean = reason is not None and reason.check(ConnectionDone) is not None
         self.server.connection_lost(self.conn, clean=clean)
 
     def _write(self, data: bytes) -> None:
-        turn = self._turn
-        if turn is None:
-            self.transport.write(data)
-        elif self._out is None:
-            self._out = [data]
-            turn.add(self)
-        else:
-            self._out.append(data)
+        self.queue(data)
         if self.backlog.wrote(len(data)) and not self._overflowed:
             self._overflowed = True
             self.server.overflowed(self.conn, self.backlog.unsent)
-
-    def flush(self) -> None:
-        """
-        Send what was written since the last turn (L{cim.server.turnflush}).
-        """
-        out, self._out = self._out, None
-        if out and self._tcp is not None:
-            send_now(self._tcp, self.transport, b"".join(out))
 
     # IClientLink, for the core
 
@@ -192,8 +166,7 @@ class ClientConnectionProtocol(VarintFrameReceiver):
         self.stopReading(abort=self.backlog.paused)
 
     def abort(self) -> None:
-        # What waits unsent is dropped, as the transport drops its own.
-        self._out = None
+        self.detach()
         self.stopReading(abort=True)
 
     def backed_up(self) -> bool:

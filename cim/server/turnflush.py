@@ -81,6 +81,68 @@ def turn_flush(reactor: Any) -> TurnFlush:
     return flush
 
 
+class TurnWriter:
+    """
+    A client connection's writes through its reactor's L{TurnFlush} when it
+    is on plain TCP (L{attach}), else straight to its transport: the TCP
+    and WebSocket adapters (L{cim.server.protocol},
+    L{cim.server.websocket}) mix it in.
+
+    @ivar _tcp: the plain TCP transport whose bytes are sent at the next
+        turn; C{_turn}: its reactor's L{TurnFlush} (held rather than looked
+        up at each turn's first write); C{_out}: what waits for it.  Class
+        defaults: a connection that is not on plain TCP holds none of them.
+    """
+
+    transport: Any
+    _tcp: tcp.Connection | None = None
+    _turn: TurnFlush | None = None
+    _out: list[bytes] | None = None
+
+    def attach(self, transport: Any) -> None:
+        """
+        Send through the turn flush when C{transport} is plain TCP (at the
+        connection's start).
+        """
+        inner = plain_tcp(transport)
+        if inner is not None:
+            self._tcp = inner
+            self._turn = turn_flush(inner.reactor)
+
+    def detach(self) -> None:
+        """
+        Drop what waits and the transport (the connection is lost, or
+        aborted: the transport drops its own unsent bytes too).
+        """
+        if self._turn is not None:
+            self._out = self._tcp = self._turn = None
+
+    def queue(self, data: bytes) -> None:
+        """
+        Send C{data} at the start of the next turn, after what was queued
+        before it (or write it to the transport at once, when not on plain
+        TCP).
+        """
+        turn = self._turn
+        if turn is None:
+            self.transport.write(data)
+        elif self._out is None:
+            self._out = [data]
+            turn.add(self)
+        else:
+            self._out.append(data)
+
+    def flush(self) -> None:
+        """
+        Send what was queued since the last turn, now.
+        """
+        out = self._out
+        if out is not None:
+            self._out = None
+            if self._tcp is not None:
+                send_now(self._tcp, self.transport, b"".join(out))
+
+
 def plain_tcp(transport: Any) -> tcp.Connection | None:
     """
     The TCP transport under C{transport} when its bytes go to the socket as

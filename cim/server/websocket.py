@@ -76,7 +76,6 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -95,7 +94,7 @@ from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
 from cim.server.protocol import Backlog
-from cim.server.turnflush import TurnFlush, plain_tcp, send_now, turn_flush
+from cim.server.turnflush import TurnWriter
 
 #: The subprotocols, as a client names them in C{Sec-WebSocket-Protocol}.
 PROTO = "cim.v1.proto"
@@ -350,7 +349,9 @@ class _Timers:
 
 
 @implementer(IClientLink)
-class WebSocketConnection(WebSocketServerProtocol):
+# (mypy checks autobahn's own bases against each other once a class mixes
+# another in: their attributes' declarations differ, in autobahn.)
+class WebSocketConnection(TurnWriter, WebSocketServerProtocol):  # type: ignore[misc]
     """
     One client's WebSocket connection: the server core's L{IClientLink}
     (see the module docstring).
@@ -358,15 +359,6 @@ class WebSocketConnection(WebSocketServerProtocol):
     @ivar binary: the subprotocol is L{PROTO} (else L{JSON}).
     @ivar conn: the core's connection, from the opening handshake's end.
     """
-
-    #: The plain TCP transport whose frames are sent at the next turn
-    #: (L{cim.server.turnflush}; none over TLS), its reactor's
-    #: L{TurnFlush} (held rather than looked up at each turn's first
-    #: write), and what waits for it (class defaults: a connection that
-    #: is not on plain TCP holds none of them).
-    _tcp: tcp.Connection | None = None
-    _turn: TurnFlush | None = None
-    _out: list[bytes] | None = None
 
     factory: WebSocketGateway
     #: The largest message L{_messages} reads (the gateway's limits).
@@ -398,10 +390,7 @@ class WebSocketConnection(WebSocketServerProtocol):
             super().connectionMade()
         transport: Any = self.transport
         transport.registerProducer(self.backlog, True)
-        inner = plain_tcp(transport)
-        if inner is not None:
-            self._tcp = inner
-            self._turn = turn_flush(inner.reactor)
+        self.attach(transport)
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -525,8 +514,7 @@ class WebSocketConnection(WebSocketServerProtocol):
             self.transport = wrapper
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._tcp is not None:
-            self._out = self._tcp = self._turn = None
+        self.detach()
         super().connectionLost(reason)
         self.backlog.stopProducing()
         if self.conn is not None and not self._lost:
@@ -690,9 +678,7 @@ class WebSocketConnection(WebSocketServerProtocol):
         self.sendCloseFrame(code=code, reasonUtf8=_truncate(reason), isReply=False)
 
     def abort(self) -> None:
-        # What waits unsent is dropped, as the transport drops its own.
-        if self._out is not None:
-            self._out = None
+        self.detach()
         self.dropConnection(abort=True)
 
     def backed_up(self) -> bool:
@@ -707,25 +693,8 @@ class WebSocketConnection(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
-        turn = self._turn
-        if turn is None:
-            self.transport.write(data)  # type: ignore[union-attr]
-        elif self._out is None:
-            self._out = [data]
-            turn.add(self)
-        else:
-            self._out.append(data)
+        self.queue(data)
         self._wrote(len(data))
-
-    def flush(self) -> None:
-        """
-        Send the frames written since the last turn (L{cim.server.turnflush}).
-        """
-        out = self._out
-        if out is not None:
-            self._out = None
-            if self._tcp is not None:
-                send_now(self._tcp, self.transport, b"".join(out))
 
     def _send_compressed(self, payload: bytes) -> None:
         """
