@@ -1775,3 +1775,24 @@ def test_tap_needs_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CIM_SECRET", raising=False)
     with pytest.raises(usage.UsageError, match="cluster secret is required"):
         parse()
+
+
+def test_json_replies_carry_their_length_and_are_not_chunked() -> None:
+    """
+    Every JSON reply says its length (one write, no chunk framing), on the
+    paths served without Klein and on Klein's, in success and in refusal.
+    """
+    route = Route()
+    alice, _ = route.online("alice")
+    requests = [
+        _post(b"/registerAccount", json.dumps({"userName": "bob"}).encode()),
+        _post(b"/p2pRoute", b"{nope", b"X-Cim-Secret: " + SECRET.encode()),
+        _post(b"/onlineUser", b"{}"),
+        _post(b"/offLine", json.dumps({"userId": alice}).encode()),
+    ]
+    for request in requests:
+        reply = _raw(route, route.api.resource(), request)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"Transfer-Encoding" not in head
+        assert b"\r\nContent-Length: %d\r\n" % len(body) in head + b"\r\n"
+        assert json.loads(body)["code"]

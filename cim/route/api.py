@@ -314,8 +314,12 @@ class RouteAPI:
             self.m_latency.observe(max(0.0, self.clock.seconds() - call.started))
         if code != codes.SUCCESS:
             self.m_errors.inc(code)
+        body = envelope(code, message, data, call.req_no if call else None)
         request.setHeader(b"Content-Type", _JSON)
-        return envelope(code, message, data, call.req_no if call else None)
+        # (With its length the reply leaves in one write, not chunked: no
+        # chunk framing, and no last chunk written at the request's end.)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
 
     def _ok(self, request: IRequest, data: Any = None) -> bytes:
         return self._answer(request, codes.SUCCESS, None, data)
