@@ -1145,11 +1145,6 @@ def friends_of(user: int, peers: Sequence[int], count: int) -> list[int]:
     return [ring[(at + k) % len(ring)] for k in range(1, min(count, len(ring) - 1) + 1)]
 
 
-#: A received message: text, the sender the server names (if any),
-#: conversation, seq, epoch (as L{decode_chat} reads it).
-Item = ChatItem
-
-
 class Worker:
     """
     The scenarios, as one load process runs them.  The harness sends the
@@ -1191,7 +1186,7 @@ class Worker:
         self.last_done = 0.0
         self.stopping = False
         self.servers: dict[str, int] = {}
-        self._decoded: dict[bytes, list[Item]] | None = None
+        self._decoded: dict[bytes, list[ChatItem]] | None = None
         self._loops: list[LoopingCall] = []
         self._logged: dict[str, int] = {}
         self.heartbeat = 10.0
@@ -1572,7 +1567,7 @@ class Worker:
                 return True
         return False
 
-    def _remember(self, body: bytes, items: list[Item]) -> None:
+    def _remember(self, body: bytes, items: list[ChatItem]) -> None:
         """
         Keep C{body}'s decoded messages (L{_cached}), a bounded number.
         """
@@ -1603,7 +1598,7 @@ class Worker:
     def _dispatch(self, client: BenchClient, frame: Frame, body: bytes) -> None:
         cmd = frame.cmd
         if cmd == Command.MESSAGE or cmd == Command.OFFLINE:
-            items: list[Item]
+            items: list[ChatItem]
             if frame.messages:
                 items = [
                     (m.text, m.sender_id, m.conversation, m.seq, m.epoch)
@@ -1666,7 +1661,7 @@ class Worker:
                 n=resets,
             )
 
-    def _receive(self, client: BenchClient, items: list[Item]) -> None:
+    def _receive(self, client: BenchClient, items: list[ChatItem]) -> None:
         """
         Check what C{client} received, and keep its cursors: the highest
         seq of each conversation's stream.  A seq at or below it is a

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from cim._proto import cim_pb2
-from cim.message import ChatMessage, Command, Cursor, Frame
+from cim.message import ChatMessage, Command, Frame, new_cursor
 from cim.pushapi import PushItem, ReadEvent
 
 _COMMANDS = {int(c): c for c in Command}
@@ -230,31 +230,6 @@ def _parsed(pb: _Parsed, data: bytes, what: str) -> _Parsed:
     return pb
 
 
-#: A L{Cursor}'s fields set without its frozen C{__init__} (which looks up
-#: and calls C{object.__setattr__} per field): a client's ACK carries one
-#: cursor per conversation that moved, and this is on every ACK's path.
-_new_cursor = object.__new__
-_set_conversation, _set_seq, _set_epoch, _set_reset = (
-    Cursor.__dict__[name].__set__ for name in ("conversation", "seq", "epoch", "reset")
-)
-
-
-def _cursors(pbs: Sequence[cim_pb2.Cursor]) -> tuple[Cursor, ...]:
-    """
-    The L{Cursor}s of a frame's C{cursors} field, equal to
-    C{Cursor(c.conversation, c.seq, c.epoch, c.reset)} for each.
-    """
-    cursors = []
-    for pb in pbs:
-        cursor = _new_cursor(Cursor)
-        _set_conversation(cursor, pb.conversation)
-        _set_seq(cursor, pb.seq)
-        _set_epoch(cursor, pb.epoch)
-        _set_reset(cursor, pb.reset)
-        cursors.append(cursor)
-    return tuple(cursors)
-
-
 def decode(data: bytes) -> Frame:
     """
     Parse one frame body.
@@ -278,7 +253,9 @@ def decode(data: bytes) -> Frame:
         elif name == "batchReqMsg":
             frame.batch = tuple(value)
         elif name == "cursors":
-            frame.cursors = _cursors(value)
+            frame.cursors = tuple(
+                new_cursor(c.conversation, c.seq, c.epoch, c.reset) for c in value
+            )
         elif name == "messages":
             frame.messages = tuple(_chat_from_pb(m) for m in value)
     return frame

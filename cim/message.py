@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 from cim.codes import Code
@@ -136,6 +136,27 @@ class Cursor:
     seq: int
     epoch: str = ""
     reset: bool = False
+
+
+# A Cursor's fields, each set through its slot: the frozen __init__ looks
+# up and calls object.__setattr__ per field, and every ACK a client sends
+# carries a cursor per conversation that moved.
+_SET_CONVERSATION, _SET_SEQ, _SET_EPOCH, _SET_RESET = (
+    Cursor.__dict__[f.name].__set__ for f in fields(Cursor)
+)
+
+
+def new_cursor(conversation: str, seq: int, epoch: str, reset: bool) -> Cursor:
+    """
+    C{Cursor(conversation, seq, epoch, reset)}, the same frozen cursor,
+    made without its C{__init__} (for the decoding of clients' frames).
+    """
+    made = object.__new__(Cursor)
+    _SET_CONVERSATION(made, conversation)
+    _SET_SEQ(made, seq)
+    _SET_EPOCH(made, epoch)
+    _SET_RESET(made, reset)
+    return made
 
 
 @dataclass(slots=True)
