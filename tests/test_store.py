@@ -37,6 +37,7 @@ from cim.interfaces import (
 from cim.message import BROADCAST, Position, group_conversation, pair_conversation
 from cim.store import Retention, open_store
 from cim.store.memory import MemoryStore, token_key
+from cim.store.redis import layout
 
 #: When the test clock starts (message timestamps are realistic).
 START = 1_700_000_000.0
@@ -125,13 +126,15 @@ class Backend:
 
         return restore_keys
 
-    async def pttl(self, key: str) -> int | None:
+    async def pttl(self, kind: str, *parts: object) -> int | None:
         """
-        The PTTL of a key of the Redis store, or C{None} for the memory one.
+        The PTTL of a key of the Redis store (L{layout.key}), or C{None} for
+        the memory one.
         """
         if self.redis is None:
             return None
-        ttl: int = await self.redis.execute_command("PTTL", self.prefix + key)
+        key = layout.key(self.prefix, kind, *parts)
+        ttl: int = await self.redis.execute_command("PTTL", key)
         return ttl
 
 
@@ -313,7 +316,7 @@ async def test_account_key_stored_as_a_hash(backend: Backend) -> None:
     else:
         kept = repr(
             await backend.redis.execute_command(
-                "HGETALL", f"{backend.prefix}user:{dora.user_id}"
+                "HGETALL", layout.key(backend.prefix, "user", dora.user_id)
             )
         )
     assert key not in kept and token_key(key) in kept
@@ -355,7 +358,7 @@ async def test_device_key_expires(backend: Backend) -> None:
     await backend.expire(SHORT_TTL, gone)
     # The lifetime is the ttl given, as a Redis PEXPIRE.
     await store.set_device_key(1, "laptop", "laptop-key", LONG_TTL)
-    pttl = await backend.pttl("devkey:1:laptop")
+    pttl = await backend.pttl("devkey", 1, "laptop")
     assert pttl is None or LONG_TTL * 1000 - 5000 < pttl <= LONG_TTL * 1000
 
 
@@ -367,7 +370,9 @@ async def test_device_key_stored_as_a_hash(backend: Backend) -> None:
         kept = repr(backend.store._device_keys)
     else:
         kept = repr(
-            await backend.redis.execute_command("GET", f"{backend.prefix}devkey:4:tab")
+            await backend.redis.execute_command(
+                "GET", layout.key(backend.prefix, "devkey", 4, "tab")
+            )
         )
     assert key not in kept and token_key(key) in kept
 
@@ -408,7 +413,7 @@ async def test_claim_and_activate(backend: Backend) -> None:
     assert await store.get_session(1) == session
     assert await store.online_users() == []
     assert await store.get_sessions([1]) == {}
-    pttl = await backend.pttl("session:1:")
+    pttl = await backend.pttl("session", 1, "")
     assert pttl is None or 0 < pttl <= LONG_TTL * 1000
 
     assert await store.activate_session(1, "not-it", LONG_TTL) is False
@@ -422,7 +427,7 @@ async def test_claim_and_activate(backend: Backend) -> None:
     assert await store.user_sessions(1) == [connected]
     assert await store.get_sessions([1]) == {1: [connected]}
     # An activated session lives its session ttl (its server renews it).
-    pttl = await backend.pttl("session:1:")
+    pttl = await backend.pttl("session", 1, "")
     assert pttl is None or LONG_TTL * 1000 - 5000 < pttl <= LONG_TTL * 1000
     backend.clock.advance(LONG_TTL / 2)
     assert await store.get_session(1) == connected
@@ -919,7 +924,7 @@ async def test_append_retry_of_a_record_of_the_previous_release(
         pytest.skip("the memory store keeps nothing across releases")
     store = backend.store
     [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
-    key = f"{backend.prefix}sent:1:{PAIR}:c1"
+    key = layout.key(backend.prefix, "sent", PAIR, 1, "c1")
     record = await backend.redis.execute_command("GET", key)
     assert record == f"{original.msg_id}:{original.seq}:{original.timestamp}"
     await backend.redis.execute_command("SET", key, f"{record}:{PAIR}", "PX", 60000)
@@ -934,7 +939,7 @@ async def test_append_idempotency_window(backend: Backend) -> None:
     store = backend.store
     [original] = await store.append([msg(PAIR, "a", client_msg_id="c1")])
     if backend.redis is not None:
-        pttl = await backend.pttl(f"sent:1:{PAIR}:c1")
+        pttl = await backend.pttl("sent", PAIR, 1, "c1")
         assert pttl is not None
         assert 0 < pttl <= RETENTION.idempotency_window * 1000
         return
@@ -966,7 +971,7 @@ async def test_retention_by_count(backend: Backend) -> None:
     assert await store.last_seq(PAIR) == 8
     await store.append([msg(PAIR, "9")])
     assert [m.seq for m in await store.read(PAIR, 0, 100)] == [5, 6, 7, 8, 9]
-    pttl = await backend.pttl("conv:" + PAIR)
+    pttl = await backend.pttl("conv", PAIR)
     assert pttl is None or 0 < pttl <= RETENTION.max_age * 1000
 
 
@@ -1145,9 +1150,9 @@ async def test_group_from_before_owners(backend: Backend) -> None:
     if backend.redis is None:
         pytest.skip("the memory store keeps nothing across releases")
     redis, prefix = backend.redis, backend.prefix
-    await redis.execute_command("SET", prefix + "group:old", "5")
-    await redis.execute_command("SADD", prefix + "members:old", "5", "6")
-    await redis.execute_command("SADD", prefix + "groups:6", "old")
+    await redis.execute_command("SET", layout.key(prefix, "group", "old"), "5")
+    await redis.execute_command("SADD", layout.key(prefix, "members", "old"), "5", "6")
+    await redis.execute_command("SADD", layout.key(prefix, "groups", 6), "old")
     store = backend.store
     assert await store.group_info("old", 6) == GroupInfo(
         "old", None, "open", "join", 2, member=True
@@ -1594,7 +1599,7 @@ async def test_renew_of_a_session_record_of_the_previous_release(
         pytest.skip("the memory store keeps nothing across releases")
     store = backend.store
     current, _ = await connect(backend, 1, "phone", server="a:1:1")
-    key = f"{backend.prefix}session:1:phone"
+    key = layout.key(backend.prefix, "session", 1, "phone")
     assert await backend.redis.execute_command("HGET", key, "run")
     await backend.redis.execute_command("HDEL", key, "run")
     await (await backend.back_up())()
@@ -1727,14 +1732,16 @@ async def test_a_new_store_starts_new_epochs(backend: Backend) -> None:
         assert (await again.epochs([PAIR]))[PAIR] == Epoch(other.epoch, "", 0)
         return
     # Another run wrote the record: the next epoch follows it.
-    key = backend.prefix + "read:" + PAIR
+    key = layout.key(backend.prefix, "read", PAIR)
     await backend.redis.execute_command("HSET", key, "run", "another-run")
     [two] = await store.append([msg(PAIR, "two")])
     assert two.epoch not in ("", one.epoch)
     assert (await store.epochs([PAIR]))[PAIR] == Epoch(two.epoch, one.epoch, 1)
     # Everything lost: the next epoch follows nothing.
     for name in ("epoch", "seq", "conv", "read"):
-        await backend.redis.execute_command("DEL", f"{backend.prefix}{name}:{PAIR}")
+        await backend.redis.execute_command(
+            "DEL", layout.key(backend.prefix, name, PAIR)
+        )
     [three] = await store.append([msg(PAIR, "three")])
     assert three.seq == 1 and three.epoch not in ("", one.epoch, two.epoch)
     assert (await store.epochs([PAIR]))[PAIR] == Epoch(three.epoch, "", 0)
@@ -1751,8 +1758,8 @@ async def test_messages_from_before_epochs(backend: Backend) -> None:
         pytest.skip("the memory store keeps nothing across releases")
     redis, prefix, store = backend.redis, backend.prefix, backend.store
     old = '{"i":7,"q":1,"ts":1700000000000,"s":2,"n":"bob","t":"old","r":1}'
-    await redis.execute_command("ZADD", prefix + "conv:" + PAIR, 1, old)
-    await redis.execute_command("SET", prefix + "seq:" + PAIR, 1)
+    await redis.execute_command("ZADD", layout.key(prefix, "conv", PAIR), 1, old)
+    await redis.execute_command("SET", layout.key(prefix, "seq", PAIR), 1)
     [stored] = await store.read(PAIR, 0, 10)
     assert (stored.msg_id, stored.text, stored.epoch) == (7, "old", "")
     assert await store.epochs([PAIR]) == {PAIR: Epoch(base=1)}
@@ -1795,7 +1802,7 @@ async def test_read_positions_across_epochs(backend: Backend) -> None:
     store = backend.store
     await store.append([msg(PAIR, str(i), sender_id=1) for i in range(3)])
     await store.set_read(2, PAIR, 2)
-    key = backend.prefix + "read:" + PAIR
+    key = layout.key(backend.prefix, "read", PAIR)
     await backend.redis.execute_command("HSET", key, "run", "another-run")
     [new] = await store.append([msg(PAIR, "after", sender_id=3)])
     epoch = await store.epochs([PAIR])

@@ -14,6 +14,7 @@ import pytest_twisted
 
 from cim.interfaces import HeldSession, QuotaExceeded
 from cim.limits import MAX_SEQ
+from cim.store.redis import layout
 from tests import test_store
 from tests.test_store import LONG_TTL, PAIR, SHORT_TTL, Backend, E, failure_of, msg
 
@@ -40,7 +41,7 @@ async def test_cursors_are_stored_as_integers(backend: Backend) -> None:
     assert await store.get_cursors(2) == {"g:a": E(7)}
     if backend.redis is not None:
         stored = await backend.redis.execute_command(
-            "HMGET", backend.prefix + "cursors:1", "g:a", "g:b"
+            "HMGET", layout.key(backend.prefix, "cursors", 1), "g:a", "g:b"
         )
         assert stored == ["e1:3", f"e1:{MAX_SEQ}"]
     # Raising still works on the stored integers.
@@ -59,7 +60,7 @@ async def test_bad_stored_cursors_are_skipped(backend: Backend) -> None:
     await store.set_cursors(1, {PAIR: E(5)})
     bad = ["9.2233720368547758e+18", "-3", "x", "", str(2**63 - 1), "1e3", "e1:"]
     if backend.redis is not None:
-        key = backend.prefix + "cursors:1"
+        key = layout.key(backend.prefix, "cursors", 1)
         for i, value in enumerate(bad):
             await backend.redis.execute_command("HSET", key, f"g:{i}", value)
         await backend.redis.execute_command("HSET", key, "g:old", "12")
@@ -183,7 +184,7 @@ async def test_quota_window(backend: Backend) -> None:
         # sender: the window, its count, the previous window's count.
         window = int(clock.seconds() * 1000) // int(hour * 1000)
         stored = await backend.redis.execute_command(
-            "HGET", backend.prefix + "read:" + PAIR, "q:1"
+            "HGET", layout.key(backend.prefix, "read", PAIR), "q:1"
         )
         assert stored == f"{window}:3:0"
         assert (
@@ -243,7 +244,7 @@ async def test_renew_sessions(backend: Backend) -> None:
     ]
     assert await store.renew_sessions(server, held, LONG_TTL) == ([bob.session_id], [])
     assert await store.renew_sessions(server, [], LONG_TTL) == ([], [])
-    pttl = await backend.pttl("session:1:")
+    pttl = await backend.pttl("session", 1, "")
     assert pttl is None or pttl > 5000
     backend.clock.advance(10)
     assert (await store.get_session(1)).session_id == alice.session_id

@@ -7,6 +7,7 @@ C{tests/test_store.py}.)
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import cim
 from cim.interfaces import ConversationState, NewMessage
 from cim.message import Position
 from cim.store import RedisAddress, Retention, parse_redis_url
-from cim.store.redis import scripts
+from cim.store.redis import layout, scripts
 from cim.store.redis.store import MovedInboxes
 from tests.kit.cluster import Processes
 from tests.kit.services import RedisServer
@@ -156,6 +157,7 @@ async def test_migrating_names_of_an_earlier_release(redis_url: str) -> None:
             await store._command("HSET", prefix + f"user:{user_id}", "name", name)
             await store._command("HSET", prefix + "user:byname", name, user_id)
         assert await store.get_account_by_name("bob") is None
+        assert await store.retag_keys() == (3, [])
         assert await store.index_old_names() == (2, [("zoe", 3, 1)])
         assert (await store.get_account_by_name("BOB")).user_id == 2  # type: ignore[union-attr]
         assert (await store.get_account_by_name("zoe")).user_id == 1  # type: ignore[union-attr]
@@ -167,7 +169,7 @@ async def test_migrating_names_of_an_earlier_release(redis_url: str) -> None:
         # The command itself (on the default prefix).
         out = io.StringIO()
         assert await migrate(reactor, redis_url, out) == 0
-        assert out.getvalue().startswith("indexed ")
+        assert out.getvalue().startswith("renamed ")
     finally:
         await store._command(
             "EVAL",
@@ -268,6 +270,7 @@ async def test_migrating_private_inboxes(redis_url: str) -> None:
         [early] = await store.append([NewMessage("p:1:2", 2, "user2", "b3")])
         assert (early.msg_id, early.seq) == (21, 1)
 
+        assert await store.retag_keys() == (5, [])
         moved = await store.move_old_inboxes()
         assert moved == MovedInboxes(2, 6, 3, 1)
 
@@ -301,10 +304,10 @@ async def test_migrating_private_inboxes(redis_url: str) -> None:
         [carol] = await store.conversations(3)
         assert (carol.conversation, carol.read, carol.unread) == ("p:1:3", 1, 0)
         # The old keys are gone; other cursors stay.
-        for key in ("conv:u:1", "conv:u:2", "seq:u:1", "seq:u:2"):
-            assert not await store._command("EXISTS", prefix + key), key
+        for kind, inbox in itertools.product(("conv", "seq"), ("u:1", "u:2")):
+            assert not await store._command("EXISTS", layout.key(prefix, kind, inbox))
         assert await store.get_cursors(1) == {"g:x": Position("", 4)}
-        pttl = await store._command("PTTL", prefix + "conv:p:1:3")
+        pttl = await store._command("PTTL", layout.key(prefix, "conv", "p:1:3"))
         assert 0 < pttl <= 3_600_000
 
         # Running it again changes nothing.
@@ -354,6 +357,7 @@ async def test_migrating_epoch_records(redis_url: str) -> None:
         await store._command("HSET", f"{prefix}epoch:p:1:4", "id", "old", "run", "old")
         [early] = await store.append([NewMessage("p:1:4", 1, "user1", "hi")])
 
+        assert await store.retag_keys() == (6, [])
         assert await store.move_epoch_records() == 3
         assert await store.epochs(["p:1:2", "p:1:3", "p:1:4"]) == {
             "p:1:2": Epoch("e2", "e1", 1),
@@ -362,7 +366,8 @@ async def test_migrating_epoch_records(redis_url: str) -> None:
         }
         assert await store.read_positions("p:1:2", [2]) == {2: 2}
         for conversation in ("p:1:2", "p:1:3", "p:1:4"):
-            assert not await store._command("EXISTS", f"{prefix}epoch:{conversation}")
+            key = layout.key(prefix, "epoch", conversation)
+            assert not await store._command("EXISTS", key)
         # Running it again changes nothing.
         before = await _snapshot(store, prefix)
         assert await store.move_epoch_records() == 0

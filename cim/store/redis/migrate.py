@@ -4,6 +4,16 @@ written by an earlier release of cim up to this one.
 
 What it does (safe to run again: a second run changes nothing):
 
+- keys had no hash tags; each key that belongs to a user, a conversation
+  or a group now carries its owner between braces (C{pairs:{7}},
+  C{conv:{p:1:2}}, C{members:{g:team}}: L{cim.store.redis.layout}), so
+  that one owner's keys can live on one Redis of several.  Every key is
+  renamed first, keeping its value and time to live
+  (L{cim.store.redis.store.RedisStore.retag_keys}); the steps below read
+  the new names.  A key whose new name is taken (the new release's
+  daemons ran before the migration and wrote it) is kept as it is, and
+  listed.
+
 - accounts were found by their raw name (C{user:byname}); they are now
   found by their name key (L{cim.names.name_key}: NFKC, case-folded,
   confusable skeleton), so each old name is indexed by its key.  Two old
@@ -63,13 +73,17 @@ from cim.store.redis.store import connect_redis
 
 
 async def migrate(reactor: Any, url: str, out: Any = sys.stdout) -> int:
-    store = await connect_redis(url, clock=reactor)
+    store = await connect_redis(url, clock=reactor, check_layout=False)
     try:
+        renamed, taken = await store.retag_keys()
         indexed, collisions = await store.index_old_names()
         epochs = await store.move_epoch_records()
         moved = await store.move_old_inboxes()
     finally:
         await store.close()
+    out.write(f"renamed {renamed} keys to the layout with hash tags\n")
+    for old, new in taken:
+        out.write(f"kept {old}: {new} exists (written by the new release)\n")
     out.write(f"indexed {indexed} account names by their name key\n")
     for name, user_id, holder in collisions:
         out.write(

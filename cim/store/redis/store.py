@@ -5,23 +5,25 @@ URL.
 
 Key layout (every key starts with the store's prefix C{P}, C{"cim:"} by
 default; user names and their keys are only ever hash fields and values,
-never key names)::
+never key names; the key of a user, a conversation or a group carries its
+owner as a hash tag, between braces: L{cim.store.redis.layout})::
 
     P user:next                    string  INCR counter of user ids
     P user:bykey                   hash    name key (cim.names.name_key:
                                            NFKC, case-folded, confusable
                                            skeleton) -> user id
-    P user:<user_id>               hash    name (as registered), pw (scrypt
+    P user:{<user_id>}             hash    name (as registered), pw (scrypt
                                            string) or key (SHA-256 of the
                                            account key, hex), or neither
-    P devkey:<user_id>:<device>    string  the SHA-256 (hex) of the device's
+    P devkey:{<user_id>}:<device>  string  the SHA-256 (hex) of the device's
                                            device key, the credential that
                                            outlives its sessions (the key
                                            itself is not stored); PEXPIRE
                                            the route's --device-key-ttl
-    P session:<user_id>:<device>   hash    one device's session (device ""
+    P session:{<user_id>}:<device>
+                                   hash    one device's session (device ""
                                            for clients that name none: key
-                                           "session:<user_id>:"): name,
+                                           "session:{<user_id>}:"): name,
                                            server, session_id, connected
                                            ("0"/"1"), active (seconds,
                                            records.encode_active),
@@ -32,11 +34,11 @@ never key names)::
                                            PEXPIRE'd: the claim's ttl until
                                            connected, then the session ttl,
                                            renewed by its server
-    P sessions:<user_id>           set     the user's devices with a session
+    P sessions:{<user_id>}         set     the user's devices with a session
                                            (an entry whose record expired is
                                            dropped when read); PEXPIRE'd at
                                            least as long as each record
-    P sgen:<user_id>               string  the user's session generation:
+    P sgen:{<user_id>}             string  the user's session generation:
                                            INCR'd by every script that
                                            adds, connects, moves or deletes
                                            one of its sessions (missing: 0;
@@ -63,25 +65,25 @@ never key names)::
     P token:<sha256(token), hex>   hash    user, server, session_id, device;
                                            PEXPIRE ttl (the token itself is
                                            not stored)
-    P tokens:<user_id>:<device>    set     token digests of the device's
+    P tokens:{<user_id>}:<device>  set     token digests of the device's
                                            session
     P msg:next                     string  counter of message ids (one INCRBY
                                            per appended batch)
-    P seq:<conversation>           string  INCR counter of the conversation's
+    P seq:{<conversation>}         string  INCR counter of the conversation's
                                            seq (never expires, so a seq is
                                            never reused)
-    P conv:<conversation>          zset    messages scored by seq; PEXPIRE
+    P conv:{<conversation>}        zset    messages scored by seq; PEXPIRE
                                            max_age, refreshed on append, which
                                            also trims it to max_messages and
                                            drops up to AGE_SCAN (append.lua)
                                            messages older than max_age
-    P sent:<sender_id>:<conversation>:<client_msg_id>
+    P sent:{<conversation>}:<sender_id>:<client_msg_id>
                                    string  "msg_id:seq:timestamp" of an
                                            appended message (earlier
                                            releases added
                                            ":conversation"); PEXPIRE the
                                            idempotency window
-    P read:<conversation>          hash    the conversation's state:
+    P read:{<conversation>}        hash    the conversation's state:
                                            user id -> the user's read
                                            position, "<epoch>:<seq>" (see
                                            records); id, previous, base (the
@@ -99,32 +101,32 @@ never key names)::
                                            now // max_age and the one before
                                            (the sender quota, append.lua);
                                            never expires
-    P pairs:<user_id>              set     the user's private conversations
+    P pairs:{<user_id>}            set     the user's private conversations
                                            (p:<low>:<high>) that hold
                                            messages (added by append.lua)
-    P cursors:<user_id>            hash    conversation -> the acknowledged
+    P cursors:{<user_id>}          hash    conversation -> the acknowledged
                                            position of the user's device ""
                                            ("<epoch>:<seq>", or the digits of
                                            a seq of no epoch: the previous
                                            release's per-user cursors, kept
                                            as device "" cursors)
-    P cursors:<user_id>:<device>   hash    the same, of another device
-    P cdevices:<user_id>           set     the user's devices other than ""
+    P cursors:{<user_id>}:<device> hash    the same, of another device
+    P cdevices:{<user_id>}         set     the user's devices other than ""
                                            that have cursors
                                            (forget_cursors.lua)
-    P group:<group_id>             string  the creator's id (the group exists)
-    P ginfo:<group_id>             hash    owner, policy, history; absent for
+    P group:{g:<group_id>}         string  the creator's id (the group exists)
+    P ginfo:{g:<group_id>}         hash    owner, policy, history; absent for
                                            a group stored before groups had
                                            owners (open, no owner)
-    P members:<group_id>           set     member user ids
-    P joined:<group_id>            hash    member id -> seq of the group's
+    P members:{g:<group_id>}       set     member user ids
+    P joined:{g:<group_id>}        hash    member id -> seq of the group's
                                            conversation when it joined (none
                                            for the creator and for members
                                            from before owners: 0)
-    P invited:<group_id>           set     user ids invited, until they join
-    P asks:<group_id>              zset    user ids asking to join, scored by
+    P invited:{g:<group_id>}       set     user ids invited, until they join
+    P asks:{g:<group_id>}          zset    user ids asking to join, scored by
                                            the time they asked (ms)
-    P groups:<user_id>             set     the user's group ids
+    P groups:{<user_id>}           set     the user's group ids
 
 What the values hold (a stored message's JSON with its epoch, a session
 record, a position): L{cim.store.redis.records}.
@@ -135,11 +137,12 @@ know it), so it is atomic and costs one round trip.  Scripts name the keys
 they touch in their C{KEYS} where the caller knows them; they derive from
 the prefix the keys named by stored values (a user's device sessions, a
 user's conversations) and, in the hot C{append.lua}, those of each message's
-conversation.  So the store needs a standalone Redis (not Redis Cluster),
-for now: the per-user keys (C{session}, C{sessions}, C{tokens}, C{cursors},
-C{cdevices}, C{pairs}) and the per-conversation keys (C{conv}, C{seq},
-C{read}) are the groups that would share a hash tag (README,
-"Outgrowing one Redis", has the plan).
+conversation.  Some scripts touch the keys of several owners (an append
+many conversations and their users' C{pairs}, a claim a user's keys and
+the cluster's lists), so the store needs a standalone Redis (not Redis
+Cluster), for now: the hash tags are there so that a sharded store can
+split those calls by owner (README, "Outgrowing one Redis", has the
+plan).
 
 The append script (for epochs) and the session claims and renewals (for
 sessions a restored backup brought back: renew_sessions.lua) learn the
@@ -147,14 +150,16 @@ Redis C{run_id} from their connection, which asks it once
 (L{cim.store.redis.connection.execute_with_run_id}), not by calling
 C{INFO} at every call.
 
-Upgrading from the previous release (C{python -m cim.store.redis.migrate}):
-its sessions (C{session:<user_id>}, C{tokens:<user_id>}) are ignored (they
+Upgrading from an earlier release (C{python -m cim.store.redis.migrate}):
+its keys are renamed to the layout above first (L{RedisStore.retag_keys});
+its sessions without a device (C{session:{<user_id>}},
+C{tokens:{<user_id>}}) are ignored (they
 expire by themselves; their clients log in again, and an IM server that
 still holds a connection makes its session again, as device C{""}, at its
 next renewal); its cursors are the device C{""} cursors; its private inboxes
-C{conv:u:<id>} are moved into pair conversations by the migration
+C{conv:{u:<id>}} are moved into pair conversations by the migration
 (L{RedisStore.move_old_inboxes}), and its epoch records
-C{epoch:<conversation>} into the conversations' hashes
+C{epoch:{<conversation>}} into the conversations' hashes
 (L{RedisStore.move_epoch_records}); its quota counts (C{quota:...}) are
 not read (they expire by themselves); its session records have no C{run}
 and are renewed as before (never taken for a restored older copy).
@@ -210,12 +215,19 @@ from cim.interfaces import (
     TooManyJoinRequests,
 )
 from cim.limits import MAX_DEVICES, MAX_SEQ, SESSION_TTL
-from cim.message import ChatMessage, Position, inbox, pair_conversation, peer_of
+from cim.message import (
+    INBOX_PREFIX,
+    ChatMessage,
+    Position,
+    inbox,
+    pair_conversation,
+    peer_of,
+)
 from cim.names import name_key
 from cim.passwords import hash_password, verify_password
 from cim.store import RedisAddress, Retention, parse_redis_url
 from cim.store.memory import token_key
-from cim.store.redis import scripts
+from cim.store.redis import layout, scripts
 from cim.store.redis.bus import bus_channel
 from cim.store.redis.connection import is_down, open_pool
 from cim.store.redis.records import (
@@ -436,8 +448,11 @@ class RedisStore:
             return down
         return self._guard(script.run(self._redis, keys, args, run_id), "script")
 
-    def _key(self, *parts: object) -> str:
-        return self.prefix + ":".join(str(part) for part in parts)
+    def _key(self, kind: str, *parts: object) -> str:
+        """
+        The key of C{kind} named by C{parts} (L{layout.key}).
+        """
+        return layout.key(self.prefix, kind, *parts)
 
     @_deferred
     async def ping(self) -> None:
@@ -535,37 +550,95 @@ class RedisStore:
                 collisions.append((name, int(user_id), holder))
         return indexed, collisions
 
-    async def move_epoch_records(self) -> int:
+    async def _scan(self, pattern: str) -> list[str]:
         """
-        Move the conversations' epoch records of a store written by the
-        previous release (C{epoch:<conversation>}, a hash of its own) into
-        the conversations' hashes (C{read:<conversation>}, beside the read
-        positions), and delete them; returns how many were moved.  A
-        conversation whose hash holds an epoch already (one the new
-        release's daemons started) keeps it.  Safe to run again: nothing is
-        left to move the second time.
+        Every key of the store whose name after the prefix matches the glob
+        C{pattern}.
         """
-        pattern = _glob_escape(self.prefix) + "epoch:*"
-        start = len(self.prefix + "epoch:")
-        moved = 0
+        found: set[str] = set()
         cursor = "0"
         while True:
             cursor, keys = await self._command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
+                "SCAN",
+                cursor,
+                "MATCH",
+                _glob_escape(self.prefix) + pattern,
+                "COUNT",
+                1000,
             )
-            for key in keys:
-                moved += int(
-                    await self._run(
-                        scripts.MOVE_EPOCH, [key, self._key("read", key[start:])], []
-                    )
-                )
+            found.update(keys)
             if str(cursor) == "0":
-                return moved
+                return sorted(found, key=lambda k: (len(k), k))
+
+    async def layout_version(self) -> int:
+        """
+        The version of the store's key layout: 1 for a store of the
+        releases before L{layout} that was not migrated (its newest account
+        has its old name), else L{layout.VERSION}.
+        """
+        version = await self._run(
+            scripts.LAYOUT, [self._key("user", "next")], [self.prefix, layout.VERSION]
+        )
+        return int(version)
+
+    async def retag_keys(self) -> tuple[int, list[tuple[str, str]]]:
+        """
+        Rename the keys of a store written before keys had hash tags
+        (L{layout}: C{pairs:7} becomes C{pairs:{7}}, C{conv:p:1:2}
+        C{conv:{p:1:2}}), keeping their values and time to live.  Run
+        before the other steps of the migration, which read the new names.
+        Safe to run again: a key is renamed at most once.
+
+        @return: how many keys were renamed, and the keys left as they are
+            because their new name is taken (by the new release's daemons,
+            run before the migration): C{(old name, new name)}.
+        """
+        renamed = 0
+        taken: list[tuple[str, str]] = []
+        names = await self._scan("*")
+        # The newest account last: until it is renamed, daemons take the
+        # store for an earlier release's (L{layout_version}).
+        newest = (
+            f"{self.prefix}user:{await self._command('GET', self._key('user', 'next'))}"
+        )
+        names.sort(key=lambda name: name == newest)
+        for name in names:
+            new = layout.retagged(self.prefix, name)
+            if new is None:
+                continue
+            if int(await self._command("RENAMENX", name, new)):
+                renamed += 1
+            else:
+                taken.append((name, new))
+        return renamed, taken
+
+    async def move_epoch_records(self) -> int:
+        """
+        Move the conversations' epoch records of a store written by an
+        earlier release (C{epoch:{<conversation>}}, a hash of its own, once
+        L{retag_keys} has named it) into the conversations' hashes
+        (C{read:{<conversation>}}, beside the read positions), and delete
+        them; returns how many were moved.  A conversation whose hash holds
+        an epoch already (one the new release's daemons started) keeps it.
+        Safe to run again: nothing is left to move the second time.
+        """
+        # (What comes before the conversation: the key of "" less its "}".)
+        start = len(self._key("epoch", "")) - 1
+        moved = 0
+        for key in await self._scan("epoch:{*}"):
+            conversation = key[start:-1]
+            moved += int(
+                await self._run(
+                    scripts.MOVE_EPOCH, [key, self._key("read", conversation)], []
+                )
+            )
+        return moved
 
     async def move_old_inboxes(self) -> MovedInboxes:
         """
-        Move the private inboxes of a store written by the previous release
-        (C{conv:u:<id>}: the messages others sent to user C{<id>}) into the
+        Move the private inboxes of a store written by an earlier release
+        (C{conv:{u:<id>}}, once L{retag_keys} has named them: the messages
+        others sent to user C{<id>}) into the
         pair conversations of their senders and receivers
         (L{cim.message.pair_conversation}), then delete them (with their
         seq counters and their owners' cursors in them).  Each pair
@@ -578,21 +651,12 @@ class RedisStore:
         taking the messages out of the inbox as it moves them), and
         nothing is left to move the second time.
         """
-        pattern = _glob_escape(self.prefix) + "conv:u:*"
-        found: set[str] = set()
-        cursor = "0"
-        while True:
-            cursor, keys = await self._command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
-            )
-            found.update(keys)
-            if str(cursor) == "0":
-                break
-        start = len(self.prefix + "conv:u:")
+        # (What comes before the user id: the key of inbox "u:" less its "}".)
+        start = len(self._key("conv", INBOX_PREFIX)) - 1
         inboxes = messages = skipped = 0
         conversations: set[str] = set()
-        for key in sorted(found, key=lambda k: (len(k), k)):
-            owner_text = key[start:]
+        for key in await self._scan("conv:{u:*}"):
+            owner_text = key[start:-1]
             if not owner_text.isdigit() or str(int(owner_text)) != owner_text:
                 continue
             owner = int(owner_text)
@@ -684,7 +748,7 @@ class RedisStore:
     # Sessions
 
     def _session_key(self, user_id: int, device: str) -> str:
-        return f"{self.prefix}session:{user_id}:{device}"
+        return self._key("session", user_id, device)
 
     def _sessions(self, user_id: int, flat: Sequence[Any]) -> list[Session]:
         """
@@ -1053,7 +1117,7 @@ class RedisStore:
         ]
         for m in messages:
             sent_id = (
-                f"{m.sender_id}:{m.conversation}:{m.client_msg_id}"
+                layout.sent_id(m.conversation, m.sender_id, m.client_msg_id)
                 if m.client_msg_id
                 else ""
             )
@@ -1538,6 +1602,7 @@ def connect_redis(
     prefix: str = "cim:",
     poolsize: int = 4,
     timeout: float = 10.0,
+    check_layout: bool = True,
 ) -> defer.Deferred[RedisStore]:
     """
     Open a pool of connections to the Redis at C{url}.
@@ -1546,8 +1611,12 @@ def connect_redis(
         (L{parse_redis_url}).
     @param clock: the store's clock; the global reactor when C{None}.
     @param timeout: seconds to wait for a connection, and for each call.
+    @param check_layout: refuse a store whose keys are laid out as an
+        earlier release laid them out (L{RedisStore.layout_version}): it
+        must be migrated first, or its data would look lost.
     @return: a Deferred firing with the L{RedisStore} once Redis answered a
-        PING, or failing with L{StoreError} (the pool is then closed).
+        PING (and the layout is this release's), or failing with
+        L{StoreError} (the pool is then closed).
     @raise ValueError: C{url} is not such a URL.
     """
     address = parse_redis_url(url)
@@ -1560,7 +1629,21 @@ def connect_redis(
     store = RedisStore(pool, clock, retention, prefix, timeout)
     store.address = address
 
+    async def check() -> RedisStore:
+        await store.ping()
+        if not check_layout:
+            return store
+        if await store.layout_version() != layout.VERSION:
+            # (Not the URL: it may hold a password.)
+            where = f"redis://{address.host}:{address.port}/{address.db}"
+            raise StoreError(
+                f"the Redis store at {where} was written by an earlier release "
+                f"of cim: stop its daemons and run python -m cim.store.redis.migrate "
+                f"{where} (with its password, if any) before starting this release"
+            )
+        return store
+
     def failed(failure: Failure) -> defer.Deferred[Any]:
         return pool.disconnect().addBoth(lambda _: failure)
 
-    return store.ping().addCallbacks(lambda _: store, failed)
+    return defer.ensureDeferred(check()).addErrback(failed)

@@ -6,7 +6,8 @@ Each file starts with a comment saying what its C{KEYS} and C{ARGV} are and
 what it returns.  Redis has no C{require}: a script calling a function of
 a library file (L{LIBRARIES}: C{sessions.lua}, C{claims.lua},
 C{positions.lua}, C{reads.lua}) is sent
-with that file in front of it, as L{_load} is told.
+with that file in front of it, as L{_load} is told; every script has
+C{keys.lua} (the key layout, L{cim.store.redis.layout}) in front.
 """
 
 from __future__ import annotations
@@ -86,15 +87,16 @@ def _load(name: str, *needs: str) -> Script:
     """
     The script of C{name}.lua, with the files C{needs} in front of it.
     """
-    script = Script("".join(SOURCES[part] for part in (*needs, name)))
+    script = Script("".join(SOURCES[part] for part in ("keys", *needs, name)))
     SCRIPTS[name] = script
     return script
 
 
 #: The files that are not scripts of their own, but functions put in front
 #: of the scripts that need them.
-LIBRARIES = ("sessions", "claims", "positions", "reads")
+LIBRARIES = ("keys", "sessions", "claims", "positions", "reads")
 
+LAYOUT = _load("layout")
 ACCOUNT_BY_NAME = _load("account_by_name")
 REGISTER = _load("register")
 CLAIM_SESSION = _load("claim_session", "sessions", "claims")

@@ -26,6 +26,6 @@ activate(key, devices_key(prefix, uid), KEYS[2], uid, rec[1] or '', ttl,
          ARGV[5], generation_key(prefix, uid))
 if ARGV[6] ~= '1' then return {'', device, rec[1] or '', t[3]} end
 return {'', device, rec[1] or '', t[3],
-        conversation_states(prefix, uid, prefix .. 'pairs:' .. uid,
-                            prefix .. 'groups:' .. uid),
+        conversation_states(prefix, uid, user_key(prefix, 'pairs', uid),
+                            user_key(prefix, 'groups', uid)),
         redis.call('HGETALL', cursor_key(prefix, uid, device))}

@@ -1,8 +1,10 @@
 -- KEYS: msg counter.  ARGV: now ms, max messages, max age ms, idempotency
 -- window ms, prefix, sender quota (0: none), a new epoch id, then per
--- message: conversation, sender id, "<sender_id>:<conversation>:
--- <client_msg_id>" ('' without client_msg_id), JSON body (an object starting with "ts", without its
--- braces: the script writes its ids before it and its epoch after); last, the
+-- message: conversation, sender id, what follows "sent:" in its
+-- idempotency record's key ("{<conversation>}:<sender_id>:<client_msg_id>",
+-- cim.store.redis.layout.sent_id; '' without client_msg_id), JSON body
+-- (an object starting with "ts", without its braces: the script writes
+-- its ids before it and its epoch after); last, the
 -- group feed's spec ('': none; see its block at the end), then the
 -- run_id of this Redis as the connection learnt it when it connected ('':
 -- unknown, the script asks INFO).  Returns
@@ -170,10 +172,11 @@ end
 -- for sender's message.
 local function state_of(conversation, seq, sender)
   local low, high = string.match(conversation, '^p:([1-9]%d*):([1-9]%d*)$')
-  local c = {false, prefix .. 'read:' .. conversation, seq == 1, false,
+  local c = {false, conversation_key(prefix, 'read', conversation),
+             seq == 1, false,
              false, false, false, false, false, false, false, false, false,
              low or false, high or false, false, quota, 0, 0, false,
-             prefix .. 'conv:' .. conversation}
+             conversation_key(prefix, 'conv', conversation)}
   if quota > 0 then c[QS] = sender end
   if c[FRESH] then
     -- (Nothing stored: see above.)
@@ -263,11 +266,12 @@ for i = 1, count do
     -- before this release still end with it.)
     local conv = conversation
     local msg_id, seq, ts = string.match(original, '^(%d+):(%d+):(%d+)')
-    local member = redis.call('ZRANGEBYSCORE', prefix .. 'conv:' .. conv,
+    local member = redis.call('ZRANGEBYSCORE',
+                              conversation_key(prefix, 'conv', conv),
                               seq, seq)
     local epoch = epochs[conv]
     epoch = epoch and epoch[FIRST_SEQ] and epoch[1]
-        or redis.call('HGET', prefix .. 'read:' .. conv, 'id') or ''
+        or redis.call('HGET', conversation_key(prefix, 'read', conv), 'id') or ''
     for _, v in ipairs({i, msg_id, seq, ts, conv, member[1] or '', epoch}) do
       retries[#retries + 1] = v
     end
@@ -278,14 +282,16 @@ for i = 1, count do
     local c = epochs[conversation]
     local n = nil
     if not c then
-      n = redis.call('INCR', prefix .. 'seq:' .. conversation)
+      n = redis.call('INCR', conversation_key(prefix, 'seq', conversation))
       c = state_of(conversation, n, sender)
     end
     if quota > 0 and not take_quota(c, sender) then
-      if n then redis.call('DECR', prefix .. 'seq:' .. conversation) end
+      if n then redis.call('DECR', conversation_key(prefix, 'seq', conversation)) end
       appended[2 * i - 1], appended[2 * i] = 'q', ''
     else
-      if not n then n = redis.call('INCR', prefix .. 'seq:' .. conversation) end
+      if not n then
+        n = redis.call('INCR', conversation_key(prefix, 'seq', conversation))
+      end
       if not c[FIRST_SEQ] then start_epoch(conversation, c, n) end
       local msg_id = string.format('%d', first_id + i)
       local seq = digits(n)
@@ -371,8 +377,8 @@ for _, conversation in ipairs(order) do
   -- (A pair conversation's users in order, as cim.message.pair_members.)
   local low, high = e[LOW], e[HIGH]
   if e[NEW] and low and not (#low > #high or (#low == #high and low > high)) then
-    redis.call('SADD', prefix .. 'pairs:' .. low, conversation)
-    redis.call('SADD', prefix .. 'pairs:' .. high, conversation)
+    redis.call('SADD', user_key(prefix, 'pairs', low), conversation)
+    redis.call('SADD', user_key(prefix, 'pairs', high), conversation)
   end
   local conv_key = e[CONV]
   -- Every stored message has its own seq, at most the last one: from the
@@ -422,8 +428,8 @@ if ARGV[#ARGV] ~= '' then
     if low then
       local n = #users
       users[n + 1], users[n + 2] = low, high
-      keys[n + 1] = prefix .. 'sgen:' .. low
-      keys[n + 2] = prefix .. 'sgen:' .. high
+      keys[n + 1] = user_key(prefix, 'sgen', low)
+      keys[n + 2] = user_key(prefix, 'sgen', high)
     end
   end
   for _, c in pairs(epochs) do add(c[LOW], c[HIGH]) end

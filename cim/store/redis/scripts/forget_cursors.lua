@@ -6,7 +6,8 @@
 redis.call('HDEL', KEYS[2], ARGV[1])
 for _, device in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if device ~= '' then
-    redis.call('HDEL', ARGV[2] .. 'cursors:' .. ARGV[3] .. ':' .. device, ARGV[1])
+    redis.call('HDEL', user_key(ARGV[2], 'cursors', ARGV[3]) .. ':' .. device,
+               ARGV[1])
   end
 end
 return 1

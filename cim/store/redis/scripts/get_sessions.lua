@@ -18,7 +18,7 @@ local found = {}
 local n = 0
 if ARGV[2] == '2' then
   local keys = {}
-  for i = 1, #KEYS do keys[i] = prefix .. 'sgen:' .. ARGV[i + 2] end
+  for i = 1, #KEYS do keys[i] = user_key(prefix, 'sgen', ARGV[i + 2]) end
   found = redis.call('MGET', unpack(keys))
   for i = 1, #KEYS do found[i] = found[i] or '0' end
   table.insert(found, 1, ARGV[#ARGV])
@@ -27,7 +27,7 @@ end
 for i = 1, #KEYS do
   local uid = ARGV[i + 2]
   for _, device in ipairs(redis.call('SMEMBERS', KEYS[i])) do
-    local rec = redis.call('HMGET', prefix .. 'session:' .. uid .. ':' .. device,
+    local rec = redis.call('HMGET', user_key(prefix, 'session', uid) .. ':' .. device,
                            'name', 'server', 'session_id', 'connected', 'active')
     if not rec[3] then
       redis.call('SREM', KEYS[i], device)

@@ -22,7 +22,7 @@ if result[1] == 0 then return result end
 local uid, prefix, device = ARGV[1], ARGV[7], ARGV[8]
 for i = 2, #result, 6 do
   if result[i] ~= device then
-    redis.call('DEL', prefix .. 'devkey:' .. uid .. ':' .. result[i])
+    redis.call('DEL', user_key(prefix, 'devkey', uid) .. ':' .. result[i])
   end
 end
 issue(prefix, KEYS[4], KEYS[5], uid, ARGV[3], ARGV[4], ARGV[11], ARGV[12],

@@ -6,8 +6,8 @@
 -- of no epoch ("", written so by the previous release too); each seq a
 -- whole number of at most 2^53 - 1 (exact as a Lua number), written as
 -- digits, never a float's form.  A conversation's epoch record is the
--- fields id, previous, base, run of its hash prefix .. 'read:' ..
--- conversation (beside its users' read positions).
+-- fields id, previous, base, run of its hash 'read' (keys.lua), beside
+-- its users' read positions.
 
 local MAX_SEQ = 9007199254740991
 

@@ -13,16 +13,17 @@ local function conversation_states(prefix, uid, pairs_key, groups_key)
     -- The conversation's hash holds its epoch record and read positions.
     local rec
     if peer then
-      rec = redis.call('HMGET', prefix .. 'read:' .. conversation,
+      rec = redis.call('HMGET', conversation_key(prefix, 'read', conversation),
                        'id', 'previous', 'base', uid, peer)
     else
-      rec = redis.call('HMGET', prefix .. 'read:' .. conversation,
+      rec = redis.call('HMGET', conversation_key(prefix, 'read', conversation),
                        'id', 'previous', 'base', uid)
-      rec[5] = redis.call('HGET', prefix .. 'joined:' .. group_id, uid)
+      rec[5] = redis.call('HGET', group_key(prefix, 'joined', group_id), uid)
     end
     for _, v in ipairs({conversation, group_id, rec[1] or '', rec[2] or '',
                         rec[3] or '',
-                        redis.call('GET', prefix .. 'seq:' .. conversation) or '0',
+                        redis.call('GET', conversation_key(prefix, 'seq', conversation))
+                          or '0',
                         rec[4] or '', rec[5] or ''}) do
       found[#found + 1] = v
     end
@@ -42,6 +43,6 @@ end
 -- The key of a device's cursors (RedisStore._cursor_key): device '' keeps
 -- the per-user key.
 local function cursor_key(prefix, uid, device)
-  if device == '' then return prefix .. 'cursors:' .. uid end
-  return prefix .. 'cursors:' .. uid .. ':' .. device
+  if device == '' then return user_key(prefix, 'cursors', uid) end
+  return user_key(prefix, 'cursors', uid) .. ':' .. device
 end

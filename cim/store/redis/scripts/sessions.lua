@@ -1,18 +1,18 @@
 -- Not a script of its own: put in front of the scripts that read or
 -- delete sessions (scripts/__init__.py says which).
 --
--- A session is per (user, device): its record is prefix .. 'session:' ..
--- uid .. ':' .. device, and the user's devices are the set prefix ..
--- 'sessions:' .. uid (a device whose record expired is dropped from it
+-- A session is per (user, device): its record is the user's key
+-- 'session' .. ':' .. device, and the user's devices are its set
+-- 'sessions' (keys.lua; a device whose record expired is dropped from it
 -- when read).  The set lives at least as long as each of its records
 -- (extend_ttl).
 
 local function session_key(prefix, uid, device)
-  return prefix .. 'session:' .. uid .. ':' .. device
+  return user_key(prefix, 'session', uid) .. ':' .. device
 end
 
 local function devices_key(prefix, uid)
-  return prefix .. 'sessions:' .. uid
+  return user_key(prefix, 'sessions', uid)
 end
 
 -- The user's session generation (a counter that never expires; missing:
@@ -24,7 +24,7 @@ end
 -- session more than the store, which only costs a push that finds the
 -- device gone.
 local function generation_key(prefix, uid)
-  return prefix .. 'sgen:' .. uid
+  return user_key(prefix, 'sgen', uid)
 end
 
 local function touch(prefix, uid)
@@ -84,7 +84,7 @@ end
 -- entry in the user's devices and in the set of server (when server is not
 -- nil), and the user's online entry when no other device is connected.
 local function delete_session(prefix, uid, device, server)
-  local tokens = prefix .. 'tokens:' .. uid .. ':' .. device
+  local tokens = user_key(prefix, 'tokens', uid) .. ':' .. device
   for _, digest in ipairs(redis.call('SMEMBERS', tokens)) do
     redis.call('DEL', prefix .. 'token:' .. digest)
   end
