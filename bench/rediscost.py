@@ -84,7 +84,8 @@ async def run(
     by_phase: bool,
     session_cache: int = 0,
 ) -> None:
-    store = await connect_redis(url, reactor)
+    # (Whatever the database held, of this release or another: emptied.)
+    store = await connect_redis(url, reactor, check_layout=False)
     redis = store._redis  # noqa: SLF001 (a measuring tool)
     await redis.execute_command("FLUSHDB")
     await _setup(store, users)
@@ -216,7 +217,7 @@ async def run_callgrind(
     are saved together (as a server's sweep saves those acknowledged since
     the last one).
     """
-    store = await connect_redis(url, reactor, timeout=600.0)
+    store = await connect_redis(url, reactor, timeout=600.0, check_layout=False)
     redis = store._redis  # noqa: SLF001 (a measuring tool)
     await redis.execute_command("FLUSHDB")
     await _setup(store, users)

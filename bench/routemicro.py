@@ -304,13 +304,14 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 async def _main(options: argparse.Namespace) -> None:
-    from cim.interfaces import IStore
-    from cim.store import open_store, parse_redis_url
+    from cim.store import parse_redis_url
+    from cim.store.redis import connect_redis
     from cim.store.redis.bus import RedisBus
 
     secret = secrets.token_hex(16)
-    store: IStore = await open_store(options.redis, reactor)
-    await store._redis.execute_command("FLUSHDB")  # type: ignore[attr-defined]
+    # (Whatever the database held, of this release or another: emptied.)
+    store = await connect_redis(options.redis, reactor, check_layout=False)
+    await store._redis.execute_command("FLUSHDB")
     users = []
     bus = None
     received = [0]

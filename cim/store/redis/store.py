@@ -230,6 +230,7 @@ from cim.store.memory import token_key
 from cim.store.redis import layout, scripts
 from cim.store.redis.bus import bus_channel
 from cim.store.redis.connection import is_down, open_pool
+from cim.store.redis.deadlines import Deadlines
 from cim.store.redis.records import (
     SESSION_FIELDS,
     decode_epoch,
@@ -374,6 +375,8 @@ class RedisStore:
         self.retention = retention
         self.prefix = prefix
         self.timeout = timeout
+        #: The time-out of every call (L{_guard}).
+        self._deadlines = Deadlines(clock)
         self._threads = clock if IReactorThreads.providedBy(clock) else None
         #: Where the Redis is, when known (L{connect_redis}): the message
         #: bus (L{cim.bus.open_bus}) connects there too.
@@ -383,6 +386,7 @@ class RedisStore:
         """
         Close the connections.  @return: a Deferred firing once they are.
         """
+        self._deadlines.stop()
         d: defer.Deferred[Any] = self._redis.disconnect()
         return d
 
@@ -400,13 +404,16 @@ class RedisStore:
         """
         Time out C{d} and turn its failures into L{StoreError}.
         """
-        if self.timeout is not None:
-            d.addTimeout(self.timeout, self.clock)
+        timeout = self.timeout
+        if timeout is not None:
+            self._deadlines.watch(d, timeout)
 
         def failed(failure: Failure) -> None:
-            raise StoreError(
-                f"Redis {what} failed: {failure.getErrorMessage()}"
-            ) from failure.value
+            if failure.check(defer.CancelledError):
+                why = f"no answer within {timeout:g} s"
+            else:
+                why = failure.getErrorMessage()
+            raise StoreError(f"Redis {what} failed: {why}") from failure.value
 
         return d.addErrback(failed)
 
