@@ -126,8 +126,9 @@ class ReplyChannel(HTTPChannel):
     together in one piece and held until the body's first bytes (or the
     reply's end, when it has no body), and head and body are sent at once
     when the connection is plain TCP and its transport holds nothing
-    unsent (L{send_now}; what the socket does not take, and everything on
-    other transports such as TLS, goes through the transport, in order).
+    unsent (L{cim.server.turnflush.send_now}, as the IM servers write to
+    their clients; what the socket does not take, and everything on other
+    transports such as TLS, goes through the transport, in order).
     The bytes are twisted.web's: only their way to the socket changed.
     """
 

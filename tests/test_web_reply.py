@@ -258,3 +258,21 @@ def test_what_the_socket_does_not_take_waits_in_the_transport() -> None:
     assert replies.count(b"HTTP/1.1 200 OK") == 2
     assert BIG in replies
     assert replies.endswith(b'{"a": 1}')
+
+
+def test_headers_given_as_pairs_are_written_as_twisted_web_writes_them() -> None:
+    """
+    (twisted.web still takes a reply's headers as pairs, for old callers:
+    they are sanitized the same way.)
+    """
+    pairs = [(b"X-One", b"1"), (b"x-two", b"a\r\nb"), (b"X-One", b"3")]
+    written = []
+    ours = QuietSite(Replies(), reactor=Clock()).buildProtocol(None)
+    for channel in (HTTPChannel(), ours):
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.writeHeaders(b"HTTP/1.1", b"200", b"OK", pairs)
+        channel.write(b"body")
+        written.append(transport.value())
+    assert written[0] == written[1]
+    assert written[1].startswith(b"HTTP/1.1 200 OK\r\nX-One: 1\r\nX-One: 3\r\n")
