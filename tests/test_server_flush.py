@@ -15,7 +15,7 @@ from cim.codec import encode_framed
 from cim.message import Command, Frame
 from cim.server import wire
 from cim.server.protocol import ClientConnectionProtocol
-from cim.server.turnflush import plain_tcp
+from cim.sockets import plain_tcp
 
 
 class Reactor(Clock):

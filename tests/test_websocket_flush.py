@@ -19,8 +19,8 @@ from twisted.internet.testing import StringTransport
 from cim.codec import encode
 from cim.limits_net import ConnectionLimits, LimitedFactory
 from cim.message import Command, Frame
-from cim.server.turnflush import plain_tcp
 from cim.server.websocket import PROTO, WebSocketConnection, WebSocketGateway
+from cim.sockets import plain_tcp
 from tests import wskit
 from tests.serverkit import World
 from tests.test_server_flush import Reactor, _read

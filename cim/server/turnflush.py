@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall
 
-from cim.limits_net import counted_transport
+from cim.sockets import plain_tcp, send_now
 
 
 class Flushable(Protocol):
@@ -141,39 +141,3 @@ class TurnWriter:
             self._out = None
             if self._tcp is not None:
                 send_now(self._tcp, self.transport, b"".join(out))
-
-
-def plain_tcp(transport: Any) -> tcp.Connection | None:
-    """
-    The TCP transport under C{transport} when its bytes go to the socket as
-    they are (a plain TCP connection, perhaps counted by
-    L{cim.limits_net}); C{None} for any other (TLS, a test's transport).
-    """
-    inner = counted_transport(transport)
-    if isinstance(inner, tcp.Connection) and not inner.TLS:
-        return inner
-    return None
-
-
-def send_now(connection: tcp.Connection, transport: Any, data: bytes) -> None:
-    """
-    Send C{data} straight to C{connection}'s socket when the transport holds
-    nothing unsent, and what the socket does not take (or all of it
-    otherwise) through C{transport} (C{connection} or the wrapper over it).
-    """
-    if (
-        connection.connected
-        and not connection.disconnecting
-        and not connection.dataBuffer
-        and not connection._tempDataBuffer
-    ):
-        try:
-            sent = connection.socket.send(data)
-        except OSError:
-            # (EAGAIN, or the connection failed: the transport finds out
-            # when it writes.)
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
