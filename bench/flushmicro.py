@@ -1,7 +1,7 @@
 """
 What a write to a client's connection costs the IM server, in one process:
 Twisted's write path (a writer registered with the reactor per connection
-and turn) against L{cim.server.turnflush} (the turn's bytes sent straight
+and turn) against L{cim.turnflush} (the turn's bytes sent straight
 to the socket at the next turn).
 
     .venv/bin/python -m bench.flushmicro [--twisted] [--connections N] [--turns N]
@@ -28,7 +28,7 @@ epollreactor.install()
 from twisted.internet import reactor, tcp  # noqa: E402
 
 import cim.server.protocol as protocol_module  # noqa: E402
-import cim.server.turnflush as turnflush  # noqa: E402
+import cim.turnflush as turnflush  # noqa: E402
 from cim.codec import encode_framed  # noqa: E402
 from cim.message import Command, Frame  # noqa: E402
 

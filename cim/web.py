@@ -41,8 +41,8 @@ from twisted.web.server import Request, Site
 from cim import envelope as codes
 from cim.envelope import envelope
 from cim.limits_net import REQUEST_TIMEOUT
-from cim.sockets import plain_tcp, send_now
 from cim.tls import https_policy
+from cim.turnflush import plain_tcp, send_now
 
 #: The largest body a site accepts unless told otherwise.
 MAX_BODY = 1024 * 1024
@@ -126,7 +126,7 @@ class ReplyChannel(HTTPChannel):
     together in one piece and held until the body's first bytes (or the
     reply's end, when it has no body), and head and body are sent at once
     when the connection is plain TCP and its transport holds nothing
-    unsent (L{cim.sockets.send_now}, as the IM servers write to
+    unsent (L{cim.turnflush.send_now}, as the IM servers write to
     their clients; what the socket does not take, and everything on other
     transports such as TLS, goes through the transport, in order).
     The bytes are twisted.web's: only their way to the socket changed.

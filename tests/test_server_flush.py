@@ -1,6 +1,6 @@
 """
 The IM server's writes to plain TCP connections: sent at the next turn of
-the reactor, straight to the socket (L{cim.server.turnflush}).
+the reactor, straight to the socket (L{cim.turnflush}).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from cim.codec import encode_framed
 from cim.message import Command, Frame
 from cim.server import wire
 from cim.server.protocol import ClientConnectionProtocol
-from cim.sockets import plain_tcp
+from cim.turnflush import plain_tcp
 
 
 class Reactor(Clock):

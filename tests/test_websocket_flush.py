@@ -1,7 +1,7 @@
 """
 A WebSocket connection's writes to a plain TCP connection: sent at the next
 turn of the reactor, a turn's frames in one send straight to the socket
-(L{cim.server.turnflush}), as the TCP adapter's are (L{test_server_flush}).
+(L{cim.turnflush}), as the TCP adapter's are (L{test_server_flush}).
 A real TCP transport over a socket pair, on a clock that stands for the
 reactor; the client's side is the other socket, read as a client would.
 """
@@ -20,7 +20,7 @@ from cim.codec import encode
 from cim.limits_net import ConnectionLimits, LimitedFactory
 from cim.message import Command, Frame
 from cim.server.websocket import PROTO, WebSocketConnection, WebSocketGateway
-from cim.sockets import plain_tcp
+from cim.turnflush import plain_tcp
 from tests import wskit
 from tests.serverkit import World
 from tests.test_server_flush import Reactor, _read

@@ -24,7 +24,7 @@ from cim.server import wire
 from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
-from cim.server.turnflush import TurnWriter
+from cim.turnflush import TurnWriter
 
 #: The answer to every heartbeat, encoded once.
 _PONG = encode_framed(wire.PONG)

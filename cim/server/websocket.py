@@ -42,7 +42,7 @@ frame (its header and payload) is made here, and a live batch going to
 many connections is made once per subprotocol (L{wire.Batch.encoded}), not
 once per connection.  On a plain TCP connection the frames of one turn of
 the reactor leave together at the start of the next, in one send
-(L{cim.server.turnflush}); autobahn's own frames (a close, a pong) send
+(L{cim.turnflush}); autobahn's own frames (a close, a pong) send
 what waits before them, and an abort drops it.  Over TLS each frame goes
 to the transport in one write.  Only a connection that agreed on
 compression (permessage-deflate, which browsers offer) has its messages
@@ -94,7 +94,7 @@ from cim.server.connection import Connection
 from cim.server.core import IMServer
 from cim.server.link import IClientLink
 from cim.server.protocol import Backlog
-from cim.server.turnflush import TurnWriter
+from cim.turnflush import TurnWriter
 
 #: The subprotocols, as a client names them in C{Sec-WebSocket-Protocol}.
 PROTO = "cim.v1.proto"

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.store import RedisAddress
+from cim.turnflush import TurnWriter
 
 
 def open_pool(address: RedisAddress, poolsize: int, timeout: float) -> Any:
@@ -198,7 +199,8 @@ def _protocol_with_fast_commands(base: type) -> type:
     of the original's: it formats each argument once, where the original
     calls a type-dispatching encoder twice per argument.  Commands with
     hundreds of arguments (batched appends, session lookups) are the hot
-    path of every IM server.
+    path of every IM server.  The commands of a reactor turn leave at the
+    next one, in one C{send} (L{_Outbox}).
     """
 
     parent: Any = base
@@ -218,15 +220,27 @@ def _protocol_with_fast_commands(base: type) -> type:
             parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
         return b"".join(parts)
 
+    def connectionMade(self: Any) -> Any:
+        self.cim_outbox = _Outbox(self.transport)
+        return parent.connectionMade(self)
+
+    def connectionLost(self: Any, why: Any) -> Any:
+        # (What waits is dropped: its commands fail with the connection.)
+        self.cim_outbox.detach()
+        return parent.connectionLost(self, why)
+
     def execute_command(self: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         # A plain command (what the store sends): its reply fires the
         # Deferred returned here from replyReceived, without txredisapi's
         # chain of a queue's Deferred and two callbacks per reply.
         if kwargs or self.pipelining or self.inMulti or self.replyTimeout:
+            # (txredisapi writes to the transport: what waits goes first.)
+            if self.cim_outbox is not None:
+                self.cim_outbox.flush()
             return parent.execute_command(self, *args, **kwargs)  # type: ignore[no-any-return]
         if not self.connected:
             raise txredisapi.ConnectionError("Not connected")
-        self.transport.write(self._build_command(*args))
+        self.cim_outbox.queue(self._build_command(*args))
         result = _Reply()
         # The replies come in the order of the commands: one waiter each,
         # in the queue txredisapi's own commands wait in.
@@ -273,10 +287,29 @@ def _protocol_with_fast_commands(base: type) -> type:
             "execute_command": execute_command,
             "replyReceived": replyReceived,
             "execute_with_run_id": execute_with_run_id,
+            "connectionMade": connectionMade,
+            "connectionLost": connectionLost,
+            # What the connection sends at the next turn (L{_Outbox}), once
+            # it is made.
+            "cim_outbox": None,
             # The run_id of the Redis this connection talks to, once asked.
             "cim_run_id": "",
         },
     )
+
+
+class _Outbox(TurnWriter):
+    """
+    What a Redis connection sends at the next turn of the reactor, in one
+    C{send} straight to its socket when it is plain TCP (L{TurnWriter}):
+    Twisted's own path has the reactor watch the socket for room at every
+    turn with a command, and stop watching after it sent (two
+    C{epoll_ctl} calls and an event a turn).
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.attach(transport)
 
 
 class _Reply(defer.Deferred):  # type: ignore[type-arg]

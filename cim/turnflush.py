@@ -3,8 +3,11 @@ Writes to plain TCP connections sent at the next turn of the reactor, each
 connection's in one C{send} straight to its socket (L{TurnFlush}): how the
 IM server writes to its clients' connections, TCP
 (L{cim.server.protocol.ClientConnectionProtocol}) and WebSocket
-(L{cim.server.websocket.WebSocketConnection}), when they are plain TCP
-(TLS and other transports are written at once).
+(L{cim.server.websocket.WebSocketConnection}), and the Redis store its
+commands (L{cim.store.redis.connection}), when they are plain TCP (TLS
+and other transports are written at once); and L{send_now}, a write
+straight to the socket, which the sites' replies use too
+(L{cim.web.ReplyChannel}).
 
 Twisted's own write path registers a connection as a writer with the
 reactor at its first write of a turn, sends when the next poll says the
@@ -18,9 +21,9 @@ before.  Bytes written while the reactor handles I/O events leave no
 later than through Twisted's path (which waits for the next poll); those
 written by a timed call leave one turn later.
 
-(Tried for the Redis store's connections too, each command sent at once:
-in a micro-benchmark of 60 commands a turn over 4 connections it cost
-more than Twisted's one send per connection and turn, and it was left.)
+(Each Redis command sent at once, instead of a turn's at the next turn,
+cost more than Twisted's one send per connection and turn in a
+micro-benchmark of 60 commands a turn over 4 connections.)
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any, Protocol
 from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall
 
-from cim.sockets import plain_tcp, send_now
+from cim.limits_net import counted_transport
 
 
 class Flushable(Protocol):
@@ -83,10 +86,11 @@ def turn_flush(reactor: Any) -> TurnFlush:
 
 class TurnWriter:
     """
-    A client connection's writes through its reactor's L{TurnFlush} when it
-    is on plain TCP (L{attach}), else straight to its transport: the TCP
-    and WebSocket adapters (L{cim.server.protocol},
-    L{cim.server.websocket}) mix it in.
+    A connection's writes through its reactor's L{TurnFlush} when it is on
+    plain TCP (L{attach}), else straight to its transport: the IM server's
+    TCP and WebSocket adapters (L{cim.server.protocol},
+    L{cim.server.websocket}) mix it in, and the Redis store's connections
+    write their commands through one (L{cim.store.redis.connection}).
 
     @ivar _tcp: the plain TCP transport whose bytes are sent at the next
         turn; C{_turn}: its reactor's L{TurnFlush} (held rather than looked
@@ -141,3 +145,39 @@ class TurnWriter:
             self._out = None
             if self._tcp is not None:
                 send_now(self._tcp, self.transport, b"".join(out))
+
+
+def plain_tcp(transport: Any) -> tcp.Connection | None:
+    """
+    The TCP transport under C{transport} when its bytes go to the socket as
+    they are (a plain TCP connection, perhaps counted by
+    L{cim.limits_net}); C{None} for any other (TLS, a test's transport).
+    """
+    inner = counted_transport(transport)
+    if isinstance(inner, tcp.Connection) and not inner.TLS:
+        return inner
+    return None
+
+
+def send_now(connection: tcp.Connection, transport: Any, data: bytes) -> None:
+    """
+    Send C{data} straight to C{connection}'s socket when the transport holds
+    nothing unsent, and what the socket does not take (or all of it
+    otherwise) through C{transport} (C{connection} or the wrapper over it).
+    """
+    if (
+        connection.connected
+        and not connection.disconnecting
+        and not connection.dataBuffer
+        and not connection._tempDataBuffer
+    ):
+        try:
+            sent = connection.socket.send(data)
+        except OSError:
+            # (EAGAIN, or the connection failed: the transport finds out
+            # when it writes.)
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

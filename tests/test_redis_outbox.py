@@ -1,0 +1,105 @@
+"""
+The Redis connections' commands (L{cim.store.redis.connection}): a reactor
+turn's commands leave at the next turn in one C{send} straight to the
+socket of a plain TCP connection, in order, also around txredisapi's own
+writes; their replies fire their Deferreds in order.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from cim.store.redis.connection import _BusPublisher
+from tests.test_server_flush import Reactor, _read
+
+
+class _CountingSocket:
+    """
+    A socket that counts its C{send} calls.
+    """
+
+    def __init__(self, inner: socket.socket) -> None:
+        self.inner = inner
+        self.sends = 0
+
+    def send(self, data: bytes) -> int:
+        self.sends += 1
+        return self.inner.send(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _connected() -> tuple[Reactor, Any, tcp.Server, _CountingSocket, socket.socket]:
+    reactor = Reactor()
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    protocol = _BusPublisher(convertNumbers=False)
+    transport = tcp.Server(ours, protocol, ("10.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    counting = _CountingSocket(ours)
+    transport.socket = counting  # type: ignore[assignment]
+    protocol.makeConnection(transport)
+    return reactor, protocol, transport, counting, peer
+
+
+def _replies(d: Any) -> list[Any]:
+    got: list[Any] = []
+    d.addBoth(got.append)
+    return got
+
+
+def test_the_commands_of_a_turn_leave_in_one_send_at_the_next() -> None:
+    reactor, protocol, transport, counting, peer = _connected()
+    got = [
+        _replies(protocol.execute_command("SET", "a", "1")),
+        _replies(protocol.execute_command("GET", "a")),
+        _replies(protocol.execute_command("PING")),
+    ]
+    # Nothing sent yet, and the reactor does not watch the socket.
+    assert _read(peer) == b"" and not reactor.writers
+    reactor.advance(0)
+    assert counting.sends == 1 and not reactor.writers
+    assert _read(peer) == (
+        b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\n"
+        b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n"
+        b"*1\r\n$4\r\nPING\r\n"
+    )
+    peer.send(b"+OK\r\n$1\r\n1\r\n+PONG\r\n")
+    transport.doRead()
+    assert got == [["OK"], ["1"], ["PONG"]]
+    # A later turn's commands: one more send.
+    protocol.execute_command("GET", "b")
+    reactor.advance(0)
+    assert counting.sends == 2
+    assert _read(peer) == b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+
+
+def test_txredisapi_s_own_writes_come_after_what_waits() -> None:
+    reactor, protocol, transport, counting, peer = _connected()
+    protocol.execute_command("GET", "a")
+    # (txredisapi writes a command given keyword arguments itself.)
+    protocol.execute_command("GET", "b", something=1)
+    # (The transport sends what it was given at the next poll.)
+    assert reactor.writers == {transport}
+    transport.doWrite()
+    reactor.advance(0)
+    assert (
+        _read(peer) == b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+    )
+
+
+def test_what_waits_fails_with_the_lost_connection() -> None:
+    reactor, protocol, transport, counting, peer = _connected()
+    got = _replies(protocol.execute_command("GET", "a"))
+    peer.close()
+    transport.connectionLost(Failure(ConnectionDone("gone")))
+    reactor.advance(0)
+    assert counting.sends == 0
+    [failure] = got
+    assert "Lost connection" in str(failure.value)
