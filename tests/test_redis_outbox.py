@@ -1,8 +1,9 @@
 """
-The Redis connections' commands (L{cim.store.redis.connection}): a reactor
-turn's commands leave at the next turn in one C{send} straight to the
-socket of a plain TCP connection, in order, also around txredisapi's own
-writes; their replies fire their Deferreds in order.
+The Redis connections' commands (L{cim.store.redis.connection}): on a
+plain TCP connection a reactor turn's first command leaves at once and the
+others together at the next turn, straight to the socket, in order, also
+around txredisapi's own writes; their replies fire their Deferreds in
+order.
 """
 
 from __future__ import annotations
@@ -54,52 +55,55 @@ def _replies(d: Any) -> list[Any]:
     return got
 
 
-def test_the_commands_of_a_turn_leave_in_one_send_at_the_next() -> None:
+def test_a_turn_s_first_command_leaves_at_once_the_others_at_the_next() -> None:
     reactor, protocol, transport, counting, peer = _connected()
     got = [
         _replies(protocol.execute_command("SET", "a", "1")),
         _replies(protocol.execute_command("GET", "a")),
         _replies(protocol.execute_command("PING")),
     ]
-    # Nothing sent yet, and the reactor does not watch the socket.
-    assert _read(peer) == b"" and not reactor.writers
-    reactor.advance(0)
+    # The first at once, and the reactor does not watch the socket.
     assert counting.sends == 1 and not reactor.writers
-    assert _read(peer) == (
-        b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\n"
-        b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n"
-        b"*1\r\n$4\r\nPING\r\n"
-    )
+    assert _read(peer) == b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\n"
+    reactor.advance(0)
+    assert counting.sends == 2 and not reactor.writers
+    assert _read(peer) == b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*1\r\n$4\r\nPING\r\n"
     peer.send(b"+OK\r\n$1\r\n1\r\n+PONG\r\n")
     transport.doRead()
     assert got == [["OK"], ["1"], ["PONG"]]
-    # A later turn's commands: one more send.
+    # A later turn's first command: at once again.
     protocol.execute_command("GET", "b")
-    reactor.advance(0)
-    assert counting.sends == 2
+    assert counting.sends == 3
     assert _read(peer) == b"*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+    reactor.advance(0)
+    assert counting.sends == 3 and not reactor.getDelayedCalls()
 
 
 def test_txredisapi_s_own_writes_come_after_what_waits() -> None:
     reactor, protocol, transport, counting, peer = _connected()
     protocol.execute_command("GET", "a")
+    protocol.execute_command("GET", "b")
     # (txredisapi writes a command given keyword arguments itself.)
-    protocol.execute_command("GET", "b", something=1)
+    protocol.execute_command("GET", "c", something=1)
     # (The transport sends what it was given at the next poll.)
     assert reactor.writers == {transport}
     transport.doWrite()
     reactor.advance(0)
     assert (
         _read(peer) == b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+        b"*2\r\n$3\r\nGET\r\n$1\r\nc\r\n"
     )
 
 
 def test_what_waits_fails_with_the_lost_connection() -> None:
     reactor, protocol, transport, counting, peer = _connected()
     got = _replies(protocol.execute_command("GET", "a"))
+    waiting = _replies(protocol.execute_command("GET", "b"))
     peer.close()
     transport.connectionLost(Failure(ConnectionDone("gone")))
     reactor.advance(0)
-    assert counting.sends == 0
-    [failure] = got
-    assert "Lost connection" in str(failure.value)
+    # The second never left; both fail.
+    assert counting.sends == 1
+    for replies in (got, waiting):
+        [failure] = replies
+        assert "Lost connection" in str(failure.value)

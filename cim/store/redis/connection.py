@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cim.store import RedisAddress
-from cim.turnflush import TurnWriter
+from cim.turnflush import TurnWriter, send_now
 
 
 def open_pool(address: RedisAddress, poolsize: int, timeout: float) -> Any:
@@ -300,16 +300,41 @@ def _protocol_with_fast_commands(base: type) -> type:
 
 class _Outbox(TurnWriter):
     """
-    What a Redis connection sends at the next turn of the reactor, in one
-    C{send} straight to its socket when it is plain TCP (L{TurnWriter}):
-    Twisted's own path has the reactor watch the socket for room at every
-    turn with a command, and stop watching after it sent (two
-    C{epoll_ctl} calls and an event a turn).
+    How a Redis connection sends its commands when it is plain TCP: a
+    turn's first command at once, straight to the socket, and the others
+    of that turn together at the start of the next (L{TurnWriter}), in
+    order.  Twisted's own path has the reactor watch the socket for room
+    at every turn with a command and stop watching after it sent (two
+    C{epoll_ctl} calls and an event a turn).  The first command leaves at
+    once because a timed call's (the IM server's batched appends,
+    L{cim.batch}) would otherwise wait a whole turn of the reactor.
+
+    @ivar _sent_now: a command of this turn left at once.
     """
+
+    _sent_now = False
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.attach(transport)
+
+    def queue(self, data: bytes) -> None:
+        turn = self._turn
+        if turn is None or self._tcp is None:
+            self.transport.write(data)
+        elif self._out is not None:
+            self._out.append(data)
+        elif self._sent_now:
+            # (Already waiting for the next turn, since the first.)
+            self._out = [data]
+        else:
+            self._sent_now = True
+            turn.add(self)
+            send_now(self._tcp, self.transport, data)
+
+    def flush(self) -> None:
+        self._sent_now = False
+        super().flush()
 
 
 class _Reply(defer.Deferred):  # type: ignore[type-arg]
