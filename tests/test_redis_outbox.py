@@ -17,33 +17,17 @@ from twisted.python.failure import Failure
 
 from cim.store.redis.connection import _BusPublisher
 from tests.test_server_flush import Reactor, _read
+from tests.test_web_reply import Counting
 
 
-class _CountingSocket:
-    """
-    A socket that counts its C{send} calls.
-    """
-
-    def __init__(self, inner: socket.socket) -> None:
-        self.inner = inner
-        self.sends = 0
-
-    def send(self, data: bytes) -> int:
-        self.sends += 1
-        return self.inner.send(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def _connected() -> tuple[Reactor, Any, tcp.Server, _CountingSocket, socket.socket]:
+def _connected() -> tuple[Reactor, Any, tcp.Server, Counting, socket.socket]:
     reactor = Reactor()
     ours, peer = socket.socketpair()
     ours.setblocking(False)
     peer.setblocking(False)
     protocol = _BusPublisher(convertNumbers=False)
     transport = tcp.Server(ours, protocol, ("10.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
-    counting = _CountingSocket(ours)
+    counting = Counting(ours)
     transport.socket = counting  # type: ignore[assignment]
     protocol.makeConnection(transport)
     return reactor, protocol, transport, counting, peer

@@ -20,32 +20,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from cim.web import QuietSite
+from tests.test_server_flush import Reactor
 
 #: A body the socket does not take in one send.
 BIG = b"x" * (8 << 20)
-
-
-class Reactor(Clock):
-    """
-    A clock that keeps the readers and writers registered with it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writers: set[Any] = set()
-        self.readers: set[Any] = set()
-
-    def addWriter(self, writer: Any) -> None:
-        self.writers.add(writer)
-
-    def removeWriter(self, writer: Any) -> None:
-        self.writers.discard(writer)
-
-    def addReader(self, reader: Any) -> None:
-        self.readers.add(reader)
-
-    def removeReader(self, reader: Any) -> None:
-        self.readers.discard(reader)
 
 
 class Counting:
