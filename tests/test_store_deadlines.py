@@ -47,6 +47,28 @@ def test_an_unanswered_call_is_cancelled_at_its_deadline() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_a_call_waiting_for_another_is_not_answered_yet() -> None:
+    """
+    A call that fired with another Deferred (a script sent again after
+    NOSCRIPT) is cancelled at its deadline unless that one answered.
+    """
+    clock = task.Clock()
+    deadlines = Deadlines(clock)
+    d: defer.Deferred[int] = defer.Deferred()
+    again: defer.Deferred[int] = defer.Deferred()
+    d.addCallback(lambda _: again)
+    failed = failures(d)
+    deadlines.watch(d, 10)
+    d.callback(0)
+    # (The next call does not drop it as answered.)
+    later: defer.Deferred[int] = defer.Deferred()
+    failures(later)
+    deadlines.watch(later, 10)
+    clock.advance(10)
+    assert [f.type for f in failed] == [defer.CancelledError]
+    assert again.called
+
+
 def test_each_call_has_its_own_deadline_with_one_timer() -> None:
     clock = task.Clock()
     deadlines = Deadlines(clock)

@@ -199,8 +199,9 @@ def _protocol_with_fast_commands(base: type) -> type:
     of the original's: it formats each argument once, where the original
     calls a type-dispatching encoder twice per argument.  Commands with
     hundreds of arguments (batched appends, session lookups) are the hot
-    path of every IM server.  The commands of a reactor turn leave at the
-    next one, in one C{send} (L{_Outbox}).
+    path of every IM server.  Commands go straight to the socket, a
+    turn's first at once and its others together at the next turn
+    (L{_Outbox}).
     """
 
     parent: Any = base
@@ -289,8 +290,8 @@ def _protocol_with_fast_commands(base: type) -> type:
             "execute_with_run_id": execute_with_run_id,
             "connectionMade": connectionMade,
             "connectionLost": connectionLost,
-            # What the connection sends at the next turn (L{_Outbox}), once
-            # it is made.
+            # How the connection sends its commands (L{_Outbox}), once it is
+            # made.
             "cim_outbox": None,
             # The run_id of the Redis this connection talks to, once asked.
             "cim_run_id": "",

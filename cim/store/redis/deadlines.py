@@ -42,7 +42,7 @@ class Deadlines:
         are cancelled no earlier than that one's deadline.)
         """
         waiting = self.waiting
-        while waiting and waiting[0][1].called:
+        while waiting and _answered(waiting[0][1]):
             waiting.popleft()
         # Without the mypy-zope plugin mypy thinks interface methods lack self.
         now: float = self._clock.seconds()  # type: ignore[misc]
@@ -56,13 +56,14 @@ class Deadlines:
         waiting = self.waiting
         while waiting:
             deadline, d = waiting[0]
-            if not d.called and deadline > now:
+            answered = _answered(d)
+            if not answered and deadline > now:
                 self._timer = self._clock.callLater(  # type: ignore[misc]
                     deadline - now, self._expire
                 )
                 return
             waiting.popleft()
-            if not d.called:
+            if not answered:
                 d.cancel()
 
     def stop(self) -> None:
@@ -74,3 +75,12 @@ class Deadlines:
             self._timer.cancel()
             self._timer = None
         self.waiting.clear()
+
+
+def _answered(d: defer.Deferred[Any]) -> bool:
+    """
+    Whether C{d} has its result: fired, and not waiting for another
+    Deferred it returned (a script sent again with C{EVAL} after
+    C{NOSCRIPT}: that one is timed out as the call).
+    """
+    return d.called and not d.paused

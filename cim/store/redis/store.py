@@ -409,7 +409,7 @@ class RedisStore:
             self._deadlines.watch(d, timeout)
 
         def failed(failure: Failure) -> None:
-            if failure.check(defer.CancelledError):
+            if timeout is not None and failure.check(defer.CancelledError):
                 why = f"no answer within {timeout:g} s"
             else:
                 why = failure.getErrorMessage()
