@@ -51,9 +51,6 @@ CONVERSATION_KINDS = frozenset({"conv", "seq", "read", "sent", "epoch"})
 #: The kinds of key that belong to a group.
 GROUP_KINDS = frozenset({"group", "ginfo", "members", "joined", "invited", "asks"})
 
-#: The version of this layout (the one before, without hash tags: 1).
-VERSION = 2
-
 
 def tag(owner: object) -> str:
     """

@@ -577,16 +577,15 @@ class RedisStore:
             if str(cursor) == "0":
                 return sorted(found, key=lambda k: (len(k), k))
 
-    async def layout_version(self) -> int:
+    async def written_before_layout(self) -> bool:
         """
-        The version of the store's key layout: 1 for a store of the
-        releases before L{layout} that was not migrated (its newest account
-        has its old name), else L{layout.VERSION}.
+        Whether the store is one of the releases before L{layout} that was
+        not migrated (its newest account has its old name).
         """
-        version = await self._run(
-            scripts.LAYOUT, [self._key("user", "next")], [self.prefix, layout.VERSION]
+        earlier = await self._run(
+            scripts.LAYOUT, [self._key("user", "next")], [self.prefix]
         )
-        return int(version)
+        return bool(int(earlier))
 
     async def retag_keys(self) -> tuple[int, list[tuple[str, str]]]:
         """
@@ -604,7 +603,7 @@ class RedisStore:
         taken: list[tuple[str, str]] = []
         names = await self._scan("*")
         # The newest account last: until it is renamed, daemons take the
-        # store for an earlier release's (L{layout_version}).
+        # store for an earlier release's (L{written_before_layout}).
         newest = (
             f"{self.prefix}user:{await self._command('GET', self._key('user', 'next'))}"
         )
@@ -1619,7 +1618,7 @@ def connect_redis(
     @param clock: the store's clock; the global reactor when C{None}.
     @param timeout: seconds to wait for a connection, and for each call.
     @param check_layout: refuse a store whose keys are laid out as an
-        earlier release laid them out (L{RedisStore.layout_version}): it
+        earlier release laid them out (L{RedisStore.written_before_layout}): it
         must be migrated first, or its data would look lost.
     @return: a Deferred firing with the L{RedisStore} once Redis answered a
         PING (and the layout is this release's), or failing with
@@ -1640,7 +1639,7 @@ def connect_redis(
         await store.ping()
         if not check_layout:
             return store
-        if await store.layout_version() != layout.VERSION:
+        if await store.written_before_layout():
             # (Not the URL: it may hold a password.)
             where = f"redis://{address.host}:{address.port}/{address.db}"
             raise StoreError(
