@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from bench.harness import failed, new_row, ws_forms
 from bench.loadgen import (
+    ACK_SLOTS,
     ECHO,
     NO_DEVICE,
     OWN,
@@ -558,6 +559,39 @@ def test_worker_checks_server_frames() -> None:
     worker._ack_cursors()
     [ack] = written(transport)
     assert ack.cmd == Command.ACK and list(ack.cursors) == [Cursor("p:1:2", 4, "e1")]
+
+
+def test_worker_spreads_its_acks_over_the_second() -> None:
+    """
+    Each connection acknowledges what it received once a second, the
+    connections taking turns over the second instead of all at once.
+    """
+    clock = MemoryReactorClock()
+    worker = Worker(clock, lambda event: None)
+    worker.checker = Checker(100)
+    count = 3 * ACK_SLOTS + 7
+    clients = [logged_in_client(worker, uid) for uid in range(2, count + 2)]
+    for uid, (client, _) in enumerate(clients, start=2):
+        client.dataReceived(
+            encode_framed(Frame(cmd=Command.MESSAGE, messages=[chat(1, 1, uid, 1)]))
+        )
+    worker._loop(1.0 / ACK_SLOTS, worker._ack_slot)
+    clock.advance(1.0 / ACK_SLOTS)
+    first = [uid for uid, (_, t) in enumerate(clients, start=2) if t.value()]
+    # One slot: every ACK_SLOTS-th connection.
+    assert first == list(range(2, count + 2, ACK_SLOTS))
+    for _ in range(10 * ACK_SLOTS):
+        if worker._ack_tick >= ACK_SLOTS:
+            break
+        clock.advance(1.0 / ACK_SLOTS)
+    assert worker._ack_tick == ACK_SLOTS
+    for uid, (_, transport) in enumerate(clients, start=2):
+        [ack] = written(transport)
+        assert ack.cmd == Command.ACK
+        assert list(ack.cursors) == [Cursor(pair_conversation(1, uid), 1, "e1")]
+    # Nothing moved since: the next round sends nothing.
+    clock.advance(1.0)
+    assert not any(t.value() for _, t in clients)
 
 
 def test_worker_window_and_acks() -> None:
