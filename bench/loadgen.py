@@ -99,7 +99,7 @@ NO_DEVICE = -1
 #: made a burst of a thousand ACK frames every second, that the servers
 #: read ahead of the messages behind them and that no population of
 #: clients makes: it alone took the p99 of C{p2p-latency} at 1,000 msgs/s
-#: from 20 to 50 ms.
+#: from 20-31 ms to 45-50 ms (alternated runs).
 ACK_SLOTS = 100
 
 
