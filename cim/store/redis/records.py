@@ -9,7 +9,7 @@ decoding JSON; then C{"s"} sender id, C{"n"} sender name, C{"t"} text, and
 when not empty C{"c"} client_msg_id, C{"r"} receive_user_id, C{"g"} group_id;
 and last C{"e"}, the conversation's epoch when it was appended (messages
 stored by the previous release have none: epoch C{""}).  The append script
-writes C{"i"}, C{"q"} and C{"e"}; L{encode_message} the rest.
+writes C{"i"}, C{"q"} and C{"e"}; L{message_fields} the rest.
 
 A session record (a C{session} hash) holds L{SESSION_FIELDS}, C{connected}
 being C{"0"} or C{"1"} and C{active} the seconds since the epoch as Python
@@ -23,7 +23,8 @@ cursors): L{encode_position}, L{decode_position}.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from cim.interfaces import Epoch, NewMessage, Session
@@ -34,37 +35,42 @@ from cim.message import ChatMessage, Position
 SESSION_FIELDS = ("name", "server", "session_id", "connected", "active")
 
 
-def encode_message(message: NewMessage, timestamp: int) -> bytes:
+def message_fields(message: NewMessage, timestamp: int) -> bytes:
     """
-    The JSON body of a stored message, without its ids (the append script
-    puts them in front) nor its epoch (put last), in UTF-8.
+    The JSON fields of a stored message, without its braces, its ids (the
+    append script puts them in front) nor its epoch (put last), in UTF-8:
+    what L{json.dumps} makes of them with C{","} and C{":"} as separators,
+    written out directly (its strings quoted by L{json}'s own C function:
+    a quarter of the time of a C{json.dumps} call with options, which
+    makes an encoder each time).
 
     Strings holding lone surrogates (which UTF-8 cannot carry, but a JSON
     request may) are escaped rather than failing the whole batch.
     """
-    body: dict[str, Any] = {
-        "ts": timestamp,
-        "s": message.sender_id,
-        "n": message.sender_name,
-        "t": message.text,
-    }
-    if message.client_msg_id:
-        body["c"] = message.client_msg_id
-    if message.receive_user_id:
-        body["r"] = message.receive_user_id
-    if message.group_id:
-        body["g"] = message.group_id
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     try:
-        return text.encode("utf-8")
+        return _fields(message, timestamp, encode_basestring).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(body, separators=(",", ":")).encode("ascii")
+        return _fields(message, timestamp, encode_basestring_ascii).encode("ascii")
+
+
+def _fields(message: NewMessage, timestamp: int, quote: Callable[[str], str]) -> str:
+    text = (
+        f'"ts":{timestamp:d},"s":{message.sender_id:d},'
+        f'"n":{quote(message.sender_name)},"t":{quote(message.text)}'
+    )
+    if message.client_msg_id:
+        text += f',"c":{quote(message.client_msg_id)}'
+    if message.receive_user_id:
+        text += f',"r":{message.receive_user_id:d}'
+    if message.group_id:
+        text += f',"g":{quote(message.group_id)}'
+    return text
 
 
 def encode_stored(message: ChatMessage) -> str:
     """
     A stored message's whole JSON (L{decode_message} reads it back), as the
-    append script writes it: its ids, the body (L{encode_message}) and its
+    append script writes it: its ids, the body (L{message_fields}) and its
     epoch.
     """
     new = NewMessage(
@@ -76,9 +82,9 @@ def encode_stored(message: ChatMessage) -> str:
         message.receive_user_id,
         message.group_id,
     )
-    body = encode_message(new, message.timestamp).decode("utf-8")
+    body = message_fields(new, message.timestamp).decode("utf-8")
     epoch = json.dumps(message.epoch)
-    return f'{{"i":{message.msg_id},"q":{message.seq},{body[1:-1]},"e":{epoch}}}'
+    return f'{{"i":{message.msg_id},"q":{message.seq},{body},"e":{epoch}}}'
 
 
 def decode_message(conversation: str, member: str) -> ChatMessage:

@@ -238,8 +238,8 @@ from cim.store.redis.records import (
     decode_position,
     decode_session,
     encode_active,
-    encode_message,
     encode_position,
+    message_fields,
     resume_seq,
 )
 from cim.store.redis.scripts import Script
@@ -1132,7 +1132,7 @@ class RedisStore:
                 m.conversation,
                 m.sender_id,
                 sent_id,
-                encode_message(m, timestamp)[1:-1],
+                message_fields(m, timestamp),
             ]
         args.append(self._feed_spec(feed) if feed else "")
         appended, retries, epoch_ids, generations = await self._run(
