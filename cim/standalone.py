@@ -149,6 +149,7 @@ class StandaloneService(AsyncStartService):
                 sender_quota=o["sender-quota"],
                 max_output=o["max-output"],
                 session_ttl=o["session-ttl"],
+                store_batch=o["store-batch"],
                 push_retry=push_retry_from(o),
                 ca_file=o["ca-file"],
                 ws_port=o["ws-port"],

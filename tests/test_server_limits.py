@@ -394,6 +394,139 @@ def test_the_sweep_renews_sessions_in_one_call() -> None:
     assert session == newer  # type: ignore[comparison-overlap]
 
 
+class GatedStore(MemoryStore):
+    """
+    A memory store whose session renewals and cursor saves wait, each,
+    until the test answers or fails it (L{answer}, L{fail_next}).
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.waiting: list[tuple[str, Any, Deferred[Any], Any]] = []
+
+    def renew_sessions(self, server: str, sessions: Any, ttl: float) -> Deferred:  # type: ignore[override]
+        d: Deferred[Any] = Deferred()
+        real = super().renew_sessions
+        self.waiting.append(
+            ("renew", list(sessions), d, lambda: real(server, sessions, ttl))
+        )
+        return d
+
+    def set_many_cursors(self, cursors: Any) -> Deferred:  # type: ignore[override]
+        d: Deferred[Any] = Deferred()
+        real = super().set_many_cursors
+        self.waiting.append(("cursors", dict(cursors), d, lambda: real(cursors)))
+        return d
+
+    def answer(self) -> Any:
+        """
+        Let the first waiting call through; @return: what it was given.
+        """
+        _, given, d, real = self.waiting.pop(0)
+        real().chainDeferred(d)
+        return given
+
+    def fail_next(self) -> None:
+        self.waiting.pop(0)[2].errback(StoreError("Redis is away"))
+
+
+def logged_in(world: World, count: int) -> dict[str, Peer]:
+    """
+    C{count} users logged in, by their sessions' ids.
+    """
+    peers = {}
+    for n in range(count):
+        peer, user_id = world.login(f"user{n}")
+        conn = world.server.connection(user_id)
+        assert conn is not None
+        peers[conn.session_id] = peer
+    return peers
+
+
+def test_the_sweep_renews_sessions_in_batches_one_after_another() -> None:
+    world = World(session_ttl=9.0, store_batch=2, store_class=GatedStore)
+    store = world.store
+    assert isinstance(store, GatedStore)
+    sessions = logged_in(world, 5)
+    world.clock.advance(3)  # a third of the sessions' time to live
+    batches = []
+    while store.waiting:
+        # One call at a time: the next once the one before answered.
+        assert [name for name, *_ in store.waiting] == ["renew"]
+        batches.append([held.session_id for held in store.answer()])
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    assert sorted(sum(batches, [])) == sorted(sessions)
+
+
+def test_a_failed_renewal_leaves_the_next_batches_to_the_next_renewal() -> None:
+    world = World(session_ttl=9.0, store_batch=2, store_class=GatedStore)
+    store = world.store
+    assert isinstance(store, GatedStore)
+    sessions = logged_in(world, 5)
+    # A newer login elsewhere replaced the first batch's first session.
+    world.clock.advance(3)
+    first = store.waiting[0][1][0]
+    world.result(
+        world.store.claim_session(
+            first.user_id, first.user_name, "10.0.0.9:1:2", 60.0, replace=True
+        )
+    )
+    store.answer()
+    # The first batch's answer was acted on as it came.
+    assert sessions[first.session_id].closed
+    with capturedLogs() as events:
+        store.fail_next()
+    # The third batch waits for the next renewal.
+    assert store.waiting == []
+    [failure] = [e for e in events if e.get("log_failure")]
+    assert "Renewing the sessions of 3 devices failed" in formatEvent(failure)
+    world.clock.advance(3)
+    renewed = []
+    while store.waiting:
+        renewed += [held.session_id for held in store.answer()]
+    assert sorted(renewed) == sorted(s for s in sessions if s != first.session_id)
+
+
+def test_the_sweep_saves_cursors_in_batches_one_after_another() -> None:
+    world = World(store_batch=2, store_class=GatedStore)
+    store = world.store
+    assert isinstance(store, GatedStore)
+    alice_peer, alice = world.login("alice")
+    receivers = [world.login(f"user{n}", device="phone") for n in range(5)]
+    acked: dict[int, Cursor] = {}
+    for peer, uid in receivers:
+        alice_peer.send(Frame(cmd=Command.MESSAGE, req_msg="m", receive_user_id=uid))
+        [message] = peer.messages()
+        acked[uid] = Cursor(message.conversation, message.seq, message.epoch)
+        peer.send(Frame(cmd=Command.ACK, cursors=[acked[uid]]))
+    world.clock.advance(4)  # a sweep
+    saves = [name for name, *_ in store.waiting]
+    assert saves == ["cursors"]
+    first = set(store.answer())
+    assert len(first) == 2
+    # The second batch failed: its devices' cursors are saved again at the
+    # next sweep, with the third batch's, which was not asked meanwhile.
+    assert len(store.waiting) == 1
+    second = set(store.waiting[0][1])
+    with capturedLogs() as events:
+        store.fail_next()
+    assert store.waiting == []
+    assert any(
+        "Saving the cursors of 2 devices failed" in formatEvent(e) for e in events
+    )
+    world.clock.advance(4)
+    later: set[tuple[int, str]] = set()
+    while store.waiting:
+        assert len(store.waiting) == 1
+        later |= set(store.answer())
+    assert second <= later and not first & later
+    assert {uid for uid, _ in first | later} == set(acked)
+    for uid, cursor in acked.items():
+        assert world.result(world.store.get_cursors(uid, "phone")) == {
+            cursor.conversation: Position(cursor.epoch, cursor.seq)
+        }
+
+
 def test_a_server_that_stops_renewing_leaves_no_session_online() -> None:
     world = World(session_ttl=9.0)
     world.login("alice")
@@ -596,18 +729,20 @@ def test_limit_options(module: str) -> None:
         defaults["sender-quota"],
         defaults["max-output"],
         defaults["session-ttl"],
-    ) == (100, 5000, 4 * 1024 * 1024, 90.0)
+        defaults["store-batch"],
+    ) == (100, 5000, 4 * 1024 * 1024, 90.0, 250)
     given = options_class()
     given.parseOptions(
         ["--secret", "a-long-secret", "--max-batch", "10", "--sender-quota", "0",
-         "--max-output", "65536", "--session-ttl", "2.5"]
+         "--max-output", "65536", "--session-ttl", "2.5", "--store-batch", "1"]
     )  # fmt: skip
     assert (
         given["max-batch"],
         given["sender-quota"],
         given["max-output"],
         given["session-ttl"],
-    ) == (10, 0, 65536, 2.5)
+        given["store-batch"],
+    ) == (10, 0, 65536, 2.5, 1)
     for args, complaint in [
         (["--max-batch", "0"], "--max-batch must be between 1 and 100,000"),
         (["--max-batch", "ten"], "--max-batch must be an integer"),
@@ -615,6 +750,7 @@ def test_limit_options(module: str) -> None:
         (["--max-output", "1000"], "--max-output must be between 65,536"),
         (["--session-ttl", "1"], "--session-ttl must be at least 2 seconds"),
         (["--session-ttl", "x"], "--session-ttl must be a number"),
+        (["--store-batch", "0"], "--store-batch must be between 1 and 100,000"),
     ]:
         with pytest.raises(usage.UsageError, match=complaint):
             options_class().parseOptions(["--secret", "a-long-secret", *args])
@@ -626,7 +762,7 @@ def test_options_reach_the_server() -> None:
     options = tap.Options()
     options.parseOptions(
         ["--secret", "a-long-secret", "--max-batch", "7", "--sender-quota", "9",
-         "--max-output", "70000", "--session-ttl", "12"]
+         "--max-output", "70000", "--session-ttl", "12", "--store-batch", "40"]
     )  # fmt: skip
     config = tap.config_from(options)
     assert (
@@ -634,4 +770,5 @@ def test_options_reach_the_server() -> None:
         config.sender_quota,
         config.max_output,
         config.session_ttl,
-    ) == (7, 9, 70000, 12.0)
+        config.store_batch,
+    ) == (7, 9, 70000, 12.0, 40)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,7 +30,13 @@ from zope.interface import implementer
 
 from cim.delivery import Delivery, ILocalDelivery, IPusher, PushRetry
 from cim.interfaces import HeldSession, IStore, Renewal, ServerAddress, StoreError
-from cim.limits import BROADCAST_FROM, MAX_BATCH, SESSION_CACHE, SESSION_TTL
+from cim.limits import (
+    BROADCAST_FROM,
+    MAX_BATCH,
+    SESSION_CACHE,
+    SESSION_TTL,
+    STORE_BATCH,
+)
 from cim.loglines import Lines
 from cim.message import (
     KICK_REPLACED,
@@ -55,6 +62,8 @@ from cim.server.login import (
 )
 from cim.server.sending import Sender
 from cim.server.stream import Stream, Streams
+
+_T = TypeVar("_T")
 
 __all__ = ["Connection", "IMServer"]
 
@@ -146,6 +155,10 @@ class IMServer:
         again (L{cim.delivery.Delivery}); C{rng}: their jitter.
     @param session_cache: how many users' sessions the deliveries keep
         (L{cim.sessioncache}; 0: none).
+    @param store_batch: the most devices one store call renews the
+        sessions of, or saves the cursors of (L{STORE_BATCH}): more are
+        renewed or saved in calls made one after another, so that no call
+        holds the store long.
     """
 
     log = Logger()
@@ -168,8 +181,12 @@ class IMServer:
         rng: random.Random | None = None,
         broadcast_from: int | None = BROADCAST_FROM,
         session_cache: int = SESSION_CACHE,
+        store_batch: int = STORE_BATCH,
     ) -> None:
+        if store_batch < 1:
+            raise ValueError(f"store_batch must be at least 1, not {store_batch}")
         self.clock = clock
+        self.store_batch = store_batch
         self.store = store
         self.address = address
         self.here = str(address)
@@ -181,6 +198,7 @@ class IMServer:
         self.session_ttl = session_ttl
         self._renewed = clock.seconds()
         self._renewing = False
+        self._saving = False
         #: user id -> the logged-in connection of one of its devices here,
         #: which links to the next one (L{Connection.next_device}): most
         #: users have one device, and a dictionary per user would cost
@@ -329,25 +347,54 @@ class IMServer:
                 self.error(
                     conn, ErrorCode.LOGIN_TIMEOUT, "no login in time", close=True
                 )
-        if dirty:
-            # Every connection's raised cursors in one store call.
-            cursors = {
-                (conn.user_id, conn.device): conn.unsaved_acks() for conn in dirty
-            }
-            self.store.set_many_cursors(cursors).addErrback(
-                self._save_many_failed, dirty, cursors
+        if dirty and not self._saving:
+            self._saving = True
+            ensureDeferred(self._save_cursors(dirty)).addErrback(
+                self._batches_failed, "saving cursors"
             )
         if now - self._renewed >= self.session_ttl / 3 and not self._renewing:
             self._renew(now)
 
+    def _batches(self, items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+        """
+        C{items} by C{store_batch}, for store calls made one after another.
+        """
+        for start in range(0, len(items), self.store_batch):
+            yield items[start : start + self.store_batch]
+
+    def _batches_failed(self, failure: Failure, what: str) -> None:
+        self.log.failure("The sweep's {what} failed", failure, what=what)
+
+    async def _save_cursors(self, dirty: list[Connection]) -> None:
+        """
+        Save the cursors that the C{dirty} connections raised: at most
+        L{store_batch} devices a store call, each call made once the one
+        before answered (a device's cursors are taken at its call, with
+        what it raised meanwhile).  After a call that failed, the cursors
+        of its devices and of those after it wait for the next sweep.
+        """
+        try:
+            for batch in self._batches(dirty):
+                if self._stopping:
+                    return
+                saved = [conn for conn in batch if conn.ack_dirty]
+                cursors = {
+                    (conn.user_id, conn.device): conn.unsaved_acks() for conn in saved
+                }
+                if not cursors:
+                    continue
+                try:
+                    await self.store.set_many_cursors(cursors)
+                except Exception:
+                    self._save_many_failed(Failure(), saved, cursors)
+                    return
+        finally:
+            self._saving = False
+
     def _renew(self, now: float) -> None:
         """
         Renew the sessions of every device connected here, with when each
-        was last active, in one store call; close the connections whose
-        session is not their device's any more (a newer login of the device
-        replaced it, or the device limit dropped it), and catch up those
-        whose session the store had lost (a delivery meanwhile found them
-        offline: L{Streams.catch_up}).
+        was last active (L{_renew_sessions}).
         """
         held = {
             conn.session_id: conn
@@ -364,44 +411,71 @@ class IMServer:
             )
             for conn in held.values()
         ]
+        ensureDeferred(self._renew_sessions(held, sessions)).addErrback(
+            self._batches_failed, "renewal"
+        )
 
-        def renewed(renewal: Renewal) -> None:
-            for session_id in renewal.restored:
-                # The store had lost it: deliveries meanwhile found the
-                # device offline.
-                conn = held.get(session_id)
-                if conn is not None and not conn.closed:
-                    self.log.info(
-                        "Catching {user_id} ({device!r}) up: the store had "
-                        "lost its session",
-                        user_id=conn.user_id,
-                        device=conn.device,
+    async def _renew_sessions(
+        self, held: dict[str, Connection], sessions: list[HeldSession]
+    ) -> None:
+        """
+        Renew C{sessions} (of the C{held} connections, by session id): at
+        most L{store_batch} a store call, each made once the one before
+        answered, each answer acted on as it comes (L{_renewed_sessions}).
+        After a call that failed, the sessions after it wait for the next
+        renewal (a third of their time to live later).
+        """
+        try:
+            left = len(sessions)
+            for batch in self._batches(sessions):
+                if self._stopping:
+                    return
+                try:
+                    renewal = await self.store.renew_sessions(
+                        self.here, batch, self.session_ttl
                     )
-                    self._resync_connection(conn)
-            for session_id in renewal.lost:
-                conn = held.get(session_id)
-                if conn is not None and not conn.closed:
-                    self.log.info(
-                        "Closing {user_id} ({device!r}): its session was replaced",
-                        user_id=conn.user_id,
-                        device=conn.device,
+                except Exception:
+                    self.log.failure(
+                        "Renewing the sessions of {count} devices failed",
+                        Failure(),
+                        count=left,
                     )
-                    conn.replaced = True
-                    self._save_acks(conn)
-                    self.kick(conn, KICK_REPLACED)
-
-        def failed(failure: Failure) -> None:
-            self.log.failure(
-                "Renewing the sessions of {count} devices failed",
-                failure,
-                count=len(sessions),
-            )
-
-        def done(result: object) -> None:
+                    return
+                left -= len(batch)
+                self._renewed_sessions(renewal, held)
+        finally:
             self._renewing = False
 
-        d = self.store.renew_sessions(self.here, sessions, self.session_ttl)
-        d.addCallbacks(renewed, failed).addBoth(done)
+    def _renewed_sessions(self, renewal: Renewal, held: dict[str, Connection]) -> None:
+        """
+        Close the connections whose session is not their device's any more
+        (a newer login of the device replaced it, or the device limit
+        dropped it), and catch up those whose session the store had lost (a
+        delivery meanwhile found them offline: L{Streams.catch_up}).
+        """
+        for session_id in renewal.restored:
+            # The store had lost it: deliveries meanwhile found the
+            # device offline.
+            conn = held.get(session_id)
+            if conn is not None and not conn.closed:
+                self.log.info(
+                    "Catching {user_id} ({device!r}) up: the store had "
+                    "lost its session",
+                    user_id=conn.user_id,
+                    device=conn.device,
+                )
+                self._resync_connection(conn)
+        for session_id in renewal.lost:
+            conn = held.get(session_id)
+            if conn is not None and not conn.closed:
+                self.log.info(
+                    "Closing {user_id} ({device!r}): its session was replaced",
+                    user_id=conn.user_id,
+                    device=conn.device,
+                )
+                conn.replaced = True
+                self._save_acks(conn)
+                self.kick(conn, KICK_REPLACED)
 
     def _save_many_failed(
         self,

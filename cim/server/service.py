@@ -23,6 +23,7 @@ from cim.limits import (
     SENDER_QUOTA,
     SESSION_CACHE,
     SESSION_TTL,
+    STORE_BATCH,
 )
 from cim.limits_net import (
     SHUTDOWN_TIMEOUT,
@@ -63,6 +64,8 @@ class ServerConfig:
         (L{cim.delivery.Delivery}); C{None}: never.
     @ivar session_cache: how many users' sessions the deliveries keep
         (L{cim.sessioncache}; 0: none).
+    @ivar store_batch: the most devices one store call renews the
+        sessions of or saves the cursors of (L{IMServer}).
     """
 
     port: Listen = 11211
@@ -81,6 +84,7 @@ class ServerConfig:
     sender_quota: int = SENDER_QUOTA
     max_output: int = MAX_OUTPUT
     session_ttl: float = SESSION_TTL
+    store_batch: int = STORE_BATCH
     ca_file: str | None = None
     ws_port: Listen | None = None
     ws_origins: tuple[str, ...] = ()
@@ -226,6 +230,7 @@ class IMServerService(AsyncStartService):
             rate=config.rate,
             max_batch=config.max_batch,
             session_ttl=config.session_ttl,
+            store_batch=config.store_batch,
             push_retry=config.push_retry,
             broadcast_from=config.broadcast_from,
             session_cache=config.session_cache,

@@ -11,7 +11,7 @@ from twisted.python import usage
 
 from cim.daemon import daemon_service
 from cim.framing import DEFAULT_MAX_FRAME
-from cim.limits import BROADCAST_FROM, MAX_OUTPUT, SESSION_TTL
+from cim.limits import BROADCAST_FROM, MAX_OUTPUT, SESSION_TTL, STORE_BATCH
 from cim.limits_net import (
     CLIENT_PER_ADDRESS,
     HTTP_PER_ADDRESS,
@@ -53,6 +53,15 @@ SERVER_LIMITS: list[list[Any]] = [
         "Seconds a connected session lives unless this server renews it "
         "(it renews them every third of that).",
         positive_float("session-ttl", low=2.0),
+    ],
+    [
+        "store-batch",
+        None,
+        STORE_BATCH,
+        "The most devices one store call renews the sessions of, or saves "
+        "the cursors of; more are renewed or saved in calls one after "
+        "another, so that one call never holds the store long.",
+        whole_number("store-batch", 1, 100_000),
     ],
     *PUSH_RETRY,
     *GC_PARAMETERS,
@@ -218,6 +227,7 @@ def config_from(options: usage.Options) -> ServerConfig:
         sender_quota=options["sender-quota"],
         max_output=options["max-output"],
         session_ttl=options["session-ttl"],
+        store_batch=options["store-batch"],
         push_retry=push_retry_from(options),
         broadcast_from=options["broadcast-from"] or None,
         session_cache=options["session-cache"],
