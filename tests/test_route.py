@@ -1271,6 +1271,44 @@ def test_online_users(route: Route) -> None:
     assert route.ok("/onlineUser", {}) == expected
 
 
+def test_online_user_calls_share_the_read_under_way(route: Route) -> None:
+    alice, _ = route.online("alice")
+    asked: list[Deferred[list[tuple[int, str]]]] = []
+
+    def pending() -> Deferred[list[tuple[int, str]]]:
+        asked.append(Deferred())
+        return asked[-1]
+
+    route.store.online_users = pending  # type: ignore[method-assign]
+    router = route.api.router
+    calls = [router.online_users() for _ in range(50)]
+    # A flood of calls: one read of the store, which all of them wait for.
+    assert len(asked) == 1 and not any(d.called for d in calls)
+    # A call whose request went away leaves the answer to the others.
+    gone = calls.pop(7)
+    gone.cancel()
+    with pytest.raises(CancelledError):
+        result(gone)
+    asked[0].callback([(alice, "alice")])
+    assert all(result(d) == [(alice, "alice")] for d in calls)
+    # The answer is not kept: the next call reads again, and sees bob.
+    bob, _ = route.online("bob")
+    later = router.online_users()
+    assert len(asked) == 2
+    asked[1].callback([(alice, "alice"), (bob, "bob")])
+    assert result(later) == [(alice, "alice"), (bob, "bob")]
+    # A failure reaches every call waiting for it, and is not kept either.
+    failing = [router.online_users() for _ in range(2)]
+    asked[2].errback(StoreError("Redis is away"))
+    for d in failing:
+        with pytest.raises(StoreError):
+            result(d)
+    again = router.online_users()
+    assert len(asked) == 4
+    asked[3].callback([])
+    assert result(again) == []
+
+
 def test_fetch_offline_messages(route: Route) -> None:
     alice, token = route.online("alice")
     assert route.ok("/fetchOfflineMsgs", {"receiveUserId": alice}, token=token) is None

@@ -746,3 +746,52 @@ async def test_renewals_after_a_restored_and_a_restarted_redis(
         assert await store.get_session(1, "phone") == latest
     finally:
         await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_online_users_are_scanned_a_step_at_a_time(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The online users are read in steps of ONLINE_SCAN entries, one script
+    call each (no call holds Redis for all of them); the entries of users
+    whose sessions expired are dropped on the way.
+    """
+    import uuid
+
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+    from cim.store.redis import store as redis_store
+
+    monkeypatch.setattr(redis_store, "ONLINE_SCAN", 2)
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
+    # Past Redis's small-hash form (up to hash-max-listpack-entries: 512
+    # in Debian's configuration), which HSCAN answers whole.
+    count = 600
+    try:
+        for uid in range(1, count + 1):
+            session, _ = await store.claim_session(uid, f"u{uid}", "s1", 60.0)
+            assert await store.activate_session(uid, session.session_id, 60.0)
+        expired = [7, 300, 599]
+        for uid in expired:
+            await store._command("DEL", store._session_key(uid, ""))
+        steps = []
+        run = store._run
+
+        async def counting(script: Any, keys: Any, args: Any, **kw: Any) -> Any:
+            steps.append(script)
+            return await run(script, keys, args, **kw)
+
+        monkeypatch.setattr(store, "_run", counting)
+        online = await store.online_users()
+        assert online == [(u, f"u{u}") for u in range(1, count + 1) if u not in expired]
+        assert len(steps) > count // 10
+        left = await store._command("HKEYS", prefix + "online")
+        assert sorted(map(int, left)) == [u for u, _ in online]
+    finally:
+        for name in await store._command("KEYS", prefix + "*"):
+            await store._command("DEL", name)
+        await store.close()

@@ -198,6 +198,9 @@ class Router:
         device_key_ttl: float = DEVICE_KEY_TTL,
     ) -> None:
         self.store = store
+        #: The calls of L{online_users} waiting for the store's answer,
+        #: while it is asked.
+        self._online_waiting: list[Deferred[list[tuple[int, str]]]] | None = None
         self.max_devices = max_devices
         self.device_key_ttl = device_key_ttl
         self.guesses = (
@@ -684,9 +687,31 @@ class Router:
                 await self.kick(session, KICK_LOGGED_OFF, logged_off=True)
         return released
 
-    async def online_users(self) -> list[tuple[int, str]]:
-        users: list[tuple[int, str]] = await self.store.online_users()
-        return users
+    def online_users(self) -> Deferred[list[tuple[int, str]]]:
+        """
+        The users with a device connected (C{/onlineUser}, which anyone
+        may call).  The store reads every online user for it, so the calls
+        made while it reads wait for that read and share its answer: a
+        flood of calls costs the store one read at a time, never several
+        at once.  The list is shared: not to be changed.
+        """
+        # Each call gets a Deferred of its own: one cancelled (its request
+        # went away) leaves the answer to the others.
+        d: Deferred[list[tuple[int, str]]] = Deferred()
+        if self._online_waiting is not None:
+            self._online_waiting.append(d)
+            return d
+        self._online_waiting = [d]
+        self.store.online_users().addBoth(self._online_answered)
+        return d
+
+    def _online_answered(self, answer: list[tuple[int, str]] | Failure) -> None:
+        waiting, self._online_waiting = self._online_waiting or [], None
+        for d in waiting:
+            if isinstance(answer, Failure):
+                d.errback(answer)
+            else:
+                d.callback(answer)
 
     async def fetch_offline(self, user_id: int) -> None:
         """

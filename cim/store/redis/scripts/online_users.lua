@@ -1,9 +1,13 @@
--- KEYS: online.  ARGV: prefix.  Returns user id, name, user id, name, ...
--- of the users with a connected session; drops the entries of the others
--- (their sessions expired).
+-- KEYS: online.  ARGV: prefix, HSCAN cursor, how many entries to look at.
+-- Returns {next cursor ('0': done), {user id, name, user id, name, ...}}:
+-- the users with a connected session among the entries this step of the
+-- scan looked at; drops the entries of the others (their sessions
+-- expired).  The caller scans the whole hash a step at a time
+-- (RedisStore.online_users), so that no call holds Redis long.
 -- Needs sessions.lua in front.
 
-local flat = redis.call('HGETALL', KEYS[1])
+local scan = redis.call('HSCAN', KEYS[1], ARGV[2], 'COUNT', ARGV[3])
+local flat = scan[2]
 local found = {}
 for i = 1, #flat, 2 do
   local uid = flat[i]
@@ -14,4 +18,4 @@ for i = 1, #flat, 2 do
     redis.call('HDEL', KEYS[1], uid)
   end
 end
-return found
+return {scan[1], found}
