@@ -37,7 +37,7 @@ from cim.delivery import Delivery, IPusher, PushRetry
 from cim.framing import DEFAULT_MAX_FRAME
 from cim.interfaces import ServerAddress
 from cim.janitor import DeadServerJanitor, http_probe
-from cim.limits import MAX_OUTPUT
+from cim.limits import MAX_OUTPUT, STORE_BATCH
 from cim.message import ChatMessage
 from cim.pusher import HttpPusher
 from cim.registry.local import LocalBoard, LocalRegistry
@@ -245,6 +245,7 @@ class ServerProc:
             rng=random.Random(world.rng.getrandbits(32)),
             broadcast_from=world.broadcast_from,
             session_cache=world.session_cache,
+            store_batch=world.store_batch,
         )
         world.net.listen(
             node,
@@ -608,6 +609,11 @@ class World:
         #: (L{cim.sessioncache}): none, a few (entries are dropped all the
         #: time), or all.  (A generator of its own, as above.)
         self.session_cache = random.Random(seed * 7919 + 2).choice([0, 3, 10_000])
+        #: The servers' C{store_batch}: renewals and cursor saves of a
+        #: device or two a store call (each call after the one before, any
+        #: of them failing on its own), or all of them in one.  (A
+        #: generator of its own, as above.)
+        self.store_batch = random.Random(seed * 7919 + 3).choice([1, 2, STORE_BATCH])
         #: Whether a group's messages reach the servers from the store's
         #: feed (the append publishing them on the bus in its order, as the
         #: Redis store does), in the worlds that broadcast them.
