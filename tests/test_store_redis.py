@@ -754,7 +754,7 @@ async def test_online_users_are_scanned_a_step_at_a_time(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
-    The online users are read in steps of ONLINE_SCAN entries, one script
+    The online users are read in steps of SCAN_STEP entries, one script
     call each (no call holds Redis for all of them); the entries of users
     whose sessions expired are dropped on the way.
     """
@@ -765,7 +765,7 @@ async def test_online_users_are_scanned_a_step_at_a_time(
     from cim.store.redis import connect_redis
     from cim.store.redis import store as redis_store
 
-    monkeypatch.setattr(redis_store, "ONLINE_SCAN", 2)
+    monkeypatch.setattr(redis_store, "SCAN_STEP", 2)
     prefix = f"cimtest:{uuid.uuid4().hex}:"
     store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
     # Past Redis's small-hash form (up to hash-max-listpack-entries: 512
@@ -791,6 +791,72 @@ async def test_online_users_are_scanned_a_step_at_a_time(
         assert len(steps) > count // 10
         left = await store._command("HKEYS", prefix + "online")
         assert sorted(map(int, left)) == [u for u, _ in online]
+    finally:
+        for name in await store._command("KEYS", prefix + "*"):
+            await store._command("DEL", name)
+        await store.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_a_servers_sessions_are_dropped_a_step_at_a_time(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A departed server's sessions are dropped in steps of SCAN_STEP (no
+    script call holds Redis for all of them).  A session the server makes
+    once they were read (restarted at the same address) stays, and so
+    does the server among those holding sessions; a session that moved to
+    another server stays there.
+    """
+    import uuid
+
+    from twisted.internet import reactor
+
+    from cim.store.redis import connect_redis
+    from cim.store.redis import store as redis_store
+
+    monkeypatch.setattr(redis_store, "SCAN_STEP", 5)
+    prefix = f"cimtest:{uuid.uuid4().hex}:"
+    store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
+    count = 600
+    try:
+        for uid in range(1, count + 1):
+            session, _ = await store.claim_session(uid, f"u{uid}", "s1", 60.0)
+            assert await store.activate_session(uid, session.session_id, 60.0)
+        moved, _ = await store.claim_session(3, "u3", "s2", 60.0, replace=True)
+        steps = []
+        made = []
+        run = store._run
+
+        async def counting(script: Any, keys: Any, args: Any, **kw: Any) -> Any:
+            if script in (scripts.SERVER_SESSIONS, scripts.DROP_SESSIONS):
+                steps.append(script)
+                if steps.count(scripts.DROP_SESSIONS) == 5:
+                    # The server is back at the same address: a new device
+                    # and a device of a user being dropped log in there.
+                    for uid in (count + 1, 10):
+                        session, _ = await store.claim_session(
+                            uid, "u", "s1", 60.0, replace=True
+                        )
+                        made.append(session)
+            return await run(script, keys, args, **kw)
+
+        monkeypatch.setattr(store, "_run", counting)
+        dropped = await store.drop_server_sessions("s1")
+        assert len(steps) > count // 5
+        kept = {3, count + 1, 10}
+        assert set(dropped) >= set(range(1, count + 1)) - kept
+        for session in made:
+            assert await store.get_session(session.user_id) == session
+        assert (await store.get_session(3)).server == "s2"  # type: ignore[union-attr]
+        for uid in range(1, count + 1):
+            if uid not in kept:
+                assert await store.get_session(uid) is None, uid
+        assert "s1" in await store._command("SMEMBERS", prefix + "servers")
+        assert sorted(await store._command("SMEMBERS", prefix + "server:s1")) == sorted(
+            f"{session.user_id}:" for session in made
+        )
     finally:
         for name in await store._command("KEYS", prefix + "*"):
             await store._command("DEL", name)

@@ -247,10 +247,11 @@ from cim.store.redis.scripts import Script
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-#: How many entries of the online users' hash one call of
-#: C{online_users.lua} looks at (Redis's C{HSCAN ... COUNT}, a hint): a
-#: few milliseconds of Redis each.
-ONLINE_SCAN = 250
+#: How many entries one step of a scan looks at (Redis's C{HSCAN} or
+#: C{SSCAN ... COUNT}, a hint), each step a script call of a few
+#: milliseconds: the online users (C{online_users.lua}), a server's
+#: sessions (C{server_sessions.lua}).
+SCAN_STEP = 250
 
 
 def _deferred(
@@ -994,7 +995,7 @@ class RedisStore:
 
     @_deferred
     async def online_users(self) -> list[tuple[int, str]]:
-        # A step of the scan at a time (ONLINE_SCAN entries a call): one
+        # A step of the scan at a time (SCAN_STEP entries a call): one
         # script over 19,000 online users held Redis 150 ms.  An entry
         # may come twice (HSCAN's rule), hence the dictionary.
         users: dict[int, str] = {}
@@ -1003,7 +1004,7 @@ class RedisStore:
             cursor, flat = await self._run(
                 scripts.ONLINE_USERS,
                 [self._key("online")],
-                [self.prefix, cursor, ONLINE_SCAN],
+                [self.prefix, cursor, SCAN_STEP],
             )
             users.update(zip(map(int, flat[::2]), flat[1::2], strict=True))
             if cursor == "0":
@@ -1011,12 +1012,38 @@ class RedisStore:
 
     @_deferred
     async def drop_server_sessions(self, server: str) -> list[int]:
-        dropped = await self._run(
-            scripts.DROP_SERVER_SESSIONS,
-            [self._key("server", server)],
-            [server, self.prefix],
-        )
-        return sorted({int(u) for u in dropped})
+        # In steps of SCAN_STEP, one script call each: one script dropping
+        # 19,000 sessions held Redis 0.5 s, when a server died and its
+        # clients log in elsewhere.  First the server's sessions and their
+        # ids are read, then those still the same are dropped: a session
+        # the server makes after the read (restarted at the same address)
+        # stays.
+        key = self._key("server", server)
+        found: list[str] = []
+        cursor = "0"
+        while True:
+            cursor, step = await self._run(
+                scripts.SERVER_SESSIONS, [key], [server, self.prefix, cursor, SCAN_STEP]
+            )
+            found += step
+            if cursor == "0":
+                break
+        dropped: set[int] = set()
+        size = 2 * SCAN_STEP
+        for start in range(0, max(len(found), 1), size):
+            last = start + size >= len(found)
+            users = await self._run(
+                scripts.DROP_SESSIONS,
+                [key],
+                [
+                    server,
+                    self.prefix,
+                    "1" if last else "0",
+                    *found[start : start + size],
+                ],
+            )
+            dropped.update(map(int, users))
+        return sorted(dropped)
 
     # Login tokens
 
