@@ -1870,17 +1870,16 @@ class Worker:
         self._ack_tick += 1
         self._ack_cursors(self.clients[slot::ACK_SLOTS])
 
-    def _ack_cursors(self, clients: Sequence[BenchClient] | None = None) -> None:
+    def _ack_cursors(self, clients: Sequence[BenchClient]) -> None:
         """
-        Send the cumulative ACKs of what each of C{clients} (by default
-        every connection) received, as cim clients do: each carries the
-        cursors that moved since the last.
+        Send the cumulative ACKs of what each of C{clients} received, as
+        cim clients do: each carries the cursors that moved since the last.
         """
         # The same cursors make the same bytes over TCP (a group's members
         # acknowledge the same message): encoded once.  (A WebSocket
         # client's frames are masked, each its own.)
         shared: dict[tuple[Cursor, ...], bytes] = {}
-        for client in self.clients if clients is None else clients:
+        for client in clients:
             if client.moved and not client.closed:
                 cursors = client.moved_cursors()
                 if type(client) is BenchClient:

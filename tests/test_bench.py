@@ -556,7 +556,7 @@ def test_worker_checks_server_frames() -> None:
     # Not announced at login: it takes the epoch of the messages.
     assert worker.counters["unannounced"] == 1
     assert client.cursors == {"p:1:2": ["e1", 4]}
-    worker._ack_cursors()
+    worker._ack_cursors(worker.clients)
     [ack] = written(transport)
     assert ack.cmd == Command.ACK and list(ack.cursors) == [Cursor("p:1:2", 4, "e1")]
 
@@ -711,7 +711,7 @@ def test_cursors_follow_login_response_and_epoch_frames() -> None:
     assert client.cursors == {"p:1:2": ["e9", 1]}
     assert worker.counters["resets"] == 1 and worker.counters["epoch_frames"] == 1
     assert "seq_regressions" not in worker.counters
-    worker._ack_cursors()
+    worker._ack_cursors(worker.clients)
     [ack] = written(transport)
     assert list(ack.cursors) == [Cursor("p:1:2", 1, "e9")]
     # The receiving device is device 1: a peer delivery there.
@@ -1098,7 +1098,7 @@ def test_websocket_clients_of_both_subprotocols_chat_through_the_gateway() -> No
     assert {c.conversation for c in ann.client.moved_cursors()} == moved
     assert ann.client.moved_cursors() == []
     ann.client.moved = moved
-    worker._ack_cursors()
+    worker._ack_cursors(worker.clients)
     ann.pump()
     bob.pump()
     assert not ann.client.moved and ann.client.cursors

@@ -10,7 +10,7 @@ import ast
 import itertools
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from cim.interfaces import ConversationState, NewMessage
 from cim.message import Position
 from cim.store import RedisAddress, Retention, parse_redis_url
 from cim.store.redis import layout, scripts
+from cim.store.redis.scripts import Script
 from cim.store.redis.store import MovedInboxes
 from tests.kit.cluster import Processes
 from tests.kit.services import RedisServer
@@ -748,59 +749,89 @@ async def test_renewals_after_a_restored_and_a_restarted_redis(
         await store.close()
 
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_online_users_are_scanned_a_step_at_a_time(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+#: Sessions held by server "s1" in L{held_store}: past Redis's small-hash
+#: and small-set forms (up to 512 entries in Debian's configuration),
+#: which HSCAN and SSCAN answer whole.
+HELD = 600
+
+
+@pytest_twisted.async_yield_fixture
+async def held_store(redis_url: str) -> AsyncIterator[Any]:
     """
-    The online users are read in steps of SCAN_STEP entries, one script
-    call each (no call holds Redis for all of them); the entries of users
-    whose sessions expired are dropped on the way.
+    A Redis store of its own prefix where users 1 to L{HELD} (named
+    C{u<id>}) hold a connected session on server C{"s1"}; emptied after.
     """
     import uuid
 
     from twisted.internet import reactor
 
     from cim.store.redis import connect_redis
-    from cim.store.redis import store as redis_store
 
-    monkeypatch.setattr(redis_store, "SCAN_STEP", 2)
     prefix = f"cimtest:{uuid.uuid4().hex}:"
     store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
-    # Past Redis's small-hash form (up to hash-max-listpack-entries: 512
-    # in Debian's configuration), which HSCAN answers whole.
-    count = 600
     try:
-        for uid in range(1, count + 1):
+        for uid in range(1, HELD + 1):
             session, _ = await store.claim_session(uid, f"u{uid}", "s1", 60.0)
             assert await store.activate_session(uid, session.session_id, 60.0)
-        expired = [7, 300, 599]
-        for uid in expired:
-            await store._command("DEL", store._session_key(uid, ""))
-        steps = []
-        run = store._run
-
-        async def counting(script: Any, keys: Any, args: Any, **kw: Any) -> Any:
-            steps.append(script)
-            return await run(script, keys, args, **kw)
-
-        monkeypatch.setattr(store, "_run", counting)
-        online = await store.online_users()
-        assert online == [(u, f"u{u}") for u in range(1, count + 1) if u not in expired]
-        assert len(steps) > count // 10
-        left = await store._command("HKEYS", prefix + "online")
-        assert sorted(map(int, left)) == [u for u, _ in online]
+        yield store
     finally:
         for name in await store._command("KEYS", prefix + "*"):
             await store._command("DEL", name)
         await store.close()
 
 
+def counted_steps(
+    store: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    step: int,
+    between: Callable[[list[Script]], Awaitable[None]] | None = None,
+) -> list[Script]:
+    """
+    Scan in steps of C{step} entries; @return: the scripts C{store} runs
+    from now on, in order (C{between} is awaited before each).
+    """
+    from cim.store.redis import store as redis_store
+
+    monkeypatch.setattr(redis_store, "SCAN_STEP", step)
+    steps: list[Script] = []
+    run = store._run
+
+    async def counting(script: Script, keys: Any, args: Any, **kw: Any) -> Any:
+        steps.append(script)
+        if between is not None:
+            await between(steps)
+        return await run(script, keys, args, **kw)
+
+    monkeypatch.setattr(store, "_run", counting)
+    return steps
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_online_users_are_scanned_a_step_at_a_time(
+    held_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The online users are read in steps of SCAN_STEP entries, one script
+    call each (no call holds Redis for all of them); the entries of users
+    whose sessions expired are dropped on the way.
+    """
+    store = held_store
+    expired = [7, 300, 599]
+    for uid in expired:
+        await store._command("DEL", store._session_key(uid, ""))
+    steps = counted_steps(store, monkeypatch, 2)
+    online = await store.online_users()
+    assert online == [(u, f"u{u}") for u in range(1, HELD + 1) if u not in expired]
+    assert len(steps) > HELD // 10
+    left = await store._command("HKEYS", store.prefix + "online")
+    assert sorted(map(int, left)) == [u for u, _ in online]
+
+
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_a_servers_sessions_are_dropped_a_step_at_a_time(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    held_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     A departed server's sessions are dropped in steps of SCAN_STEP (no
@@ -809,55 +840,33 @@ async def test_a_servers_sessions_are_dropped_a_step_at_a_time(
     does the server among those holding sessions; a session that moved to
     another server stays there.
     """
-    import uuid
+    store = held_store
+    await store.claim_session(3, "u3", "s2", 60.0, replace=True)
+    made = []
 
-    from twisted.internet import reactor
+    async def back(steps: list[Script]) -> None:
+        if steps[-1] is scripts.DROP_SESSIONS and steps.count(steps[-1]) == 5:
+            # The server is back at the same address: a new device and a
+            # device of a user being dropped log in there.
+            for uid in (HELD + 1, 10):
+                session, _ = await store.claim_session(
+                    uid, "u", "s1", 60.0, replace=True
+                )
+                made.append(session)
 
-    from cim.store.redis import connect_redis
-    from cim.store.redis import store as redis_store
-
-    monkeypatch.setattr(redis_store, "SCAN_STEP", 5)
-    prefix = f"cimtest:{uuid.uuid4().hex}:"
-    store = await connect_redis(redis_url, clock=reactor, prefix=prefix)
-    count = 600
-    try:
-        for uid in range(1, count + 1):
-            session, _ = await store.claim_session(uid, f"u{uid}", "s1", 60.0)
-            assert await store.activate_session(uid, session.session_id, 60.0)
-        moved, _ = await store.claim_session(3, "u3", "s2", 60.0, replace=True)
-        steps = []
-        made = []
-        run = store._run
-
-        async def counting(script: Any, keys: Any, args: Any, **kw: Any) -> Any:
-            if script in (scripts.SERVER_SESSIONS, scripts.DROP_SESSIONS):
-                steps.append(script)
-                if steps.count(scripts.DROP_SESSIONS) == 5:
-                    # The server is back at the same address: a new device
-                    # and a device of a user being dropped log in there.
-                    for uid in (count + 1, 10):
-                        session, _ = await store.claim_session(
-                            uid, "u", "s1", 60.0, replace=True
-                        )
-                        made.append(session)
-            return await run(script, keys, args, **kw)
-
-        monkeypatch.setattr(store, "_run", counting)
-        dropped = await store.drop_server_sessions("s1")
-        assert len(steps) > count // 5
-        kept = {3, count + 1, 10}
-        assert set(dropped) >= set(range(1, count + 1)) - kept
-        for session in made:
-            assert await store.get_session(session.user_id) == session
-        assert (await store.get_session(3)).server == "s2"  # type: ignore[union-attr]
-        for uid in range(1, count + 1):
-            if uid not in kept:
-                assert await store.get_session(uid) is None, uid
-        assert "s1" in await store._command("SMEMBERS", prefix + "servers")
-        assert sorted(await store._command("SMEMBERS", prefix + "server:s1")) == sorted(
-            f"{session.user_id}:" for session in made
-        )
-    finally:
-        for name in await store._command("KEYS", prefix + "*"):
-            await store._command("DEL", name)
-        await store.close()
+    steps = counted_steps(store, monkeypatch, 5, back)
+    dropped = await store.drop_server_sessions("s1")
+    scans = (scripts.SERVER_SESSIONS, scripts.DROP_SESSIONS)
+    assert len([script for script in steps if script in scans]) > HELD // 5
+    kept = {3, HELD + 1, 10}
+    assert set(dropped) >= set(range(1, HELD + 1)) - kept
+    for session in made:
+        assert await store.get_session(session.user_id) == session
+    assert (await store.get_session(3)).server == "s2"
+    for uid in range(1, HELD + 1):
+        if uid not in kept:
+            assert await store.get_session(uid) is None, uid
+    assert "s1" in await store._command("SMEMBERS", store.prefix + "servers")
+    assert sorted(
+        await store._command("SMEMBERS", store.prefix + "server:s1")
+    ) == sorted(f"{session.user_id}:" for session in made)

@@ -583,6 +583,21 @@ class RedisStore:
             if str(cursor) == "0":
                 return sorted(found, key=lambda k: (len(k), k))
 
+    async def _scan_steps(self, script: Script, key: str, args: list[Any]) -> list[Any]:
+        """
+        What C{script} finds in C{key} (a hash or set it scans, its
+        C{ARGV} ending with the cursor and the step's size), a step of
+        L{SCAN_STEP} entries a call, so that no call holds Redis long: the
+        flat lists of every step, joined.
+        """
+        found: list[Any] = []
+        cursor = "0"
+        while True:
+            cursor, step = await self._run(script, [key], [*args, cursor, SCAN_STEP])
+            found += step
+            if cursor == "0":
+                return found
+
     async def written_before_layout(self) -> bool:
         """
         Whether the store is one of the releases before L{layout} that was
@@ -995,39 +1010,24 @@ class RedisStore:
 
     @_deferred
     async def online_users(self) -> list[tuple[int, str]]:
-        # A step of the scan at a time (SCAN_STEP entries a call): one
-        # script over 19,000 online users held Redis 150 ms.  An entry
-        # may come twice (HSCAN's rule), hence the dictionary.
-        users: dict[int, str] = {}
-        cursor = "0"
-        while True:
-            cursor, flat = await self._run(
-                scripts.ONLINE_USERS,
-                [self._key("online")],
-                [self.prefix, cursor, SCAN_STEP],
-            )
-            users.update(zip(map(int, flat[::2]), flat[1::2], strict=True))
-            if cursor == "0":
-                return sorted(users.items())
+        # (One script over 19,000 online users held Redis 150 ms.  An
+        # entry may come twice, HSCAN's rule: hence the dictionary.)
+        flat = await self._scan_steps(
+            scripts.ONLINE_USERS, self._key("online"), [self.prefix]
+        )
+        return sorted(dict(zip(map(int, flat[::2]), flat[1::2], strict=True)).items())
 
     @_deferred
     async def drop_server_sessions(self, server: str) -> list[int]:
-        # In steps of SCAN_STEP, one script call each: one script dropping
-        # 19,000 sessions held Redis 0.5 s, when a server died and its
-        # clients log in elsewhere.  First the server's sessions and their
-        # ids are read, then those still the same are dropped: a session
-        # the server makes after the read (restarted at the same address)
-        # stays.
+        # (One script dropping 19,000 sessions held Redis 0.5 s, when a
+        # server died and its clients log in elsewhere.)  First the
+        # server's sessions and their ids are read, then those still the
+        # same are dropped, SCAN_STEP a call: a session the server makes
+        # after the read (restarted at the same address) stays.
         key = self._key("server", server)
-        found: list[str] = []
-        cursor = "0"
-        while True:
-            cursor, step = await self._run(
-                scripts.SERVER_SESSIONS, [key], [server, self.prefix, cursor, SCAN_STEP]
-            )
-            found += step
-            if cursor == "0":
-                break
+        found = await self._scan_steps(
+            scripts.SERVER_SESSIONS, key, [server, self.prefix]
+        )
         dropped: set[int] = set()
         size = 2 * SCAN_STEP
         for start in range(0, max(len(found), 1), size):

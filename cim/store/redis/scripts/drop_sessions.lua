@@ -12,8 +12,7 @@ local server, prefix = ARGV[1], ARGV[2]
 local dropped = {}
 for i = 4, #ARGV, 2 do
   local member, session_id = ARGV[i], ARGV[i + 1]
-  local uid, device = string.match(member, '^(%d+):(.*)$')
-  if not uid then uid, device = member, '' end
+  local uid, device = server_entry(member)
   local record = redis.call('HMGET', session_key(prefix, uid, device),
                             'server', 'session_id')
   if record[1] ~= server then

@@ -1,18 +1,16 @@
--- KEYS: the server's sessions ("<user id>:<device>"; a bare user id,
--- written by an earlier release, names device "").  ARGV: server, prefix,
--- SSCAN cursor, how many members to look at.  Returns {next cursor ('0':
--- done), {member, session id, member, session id, ...}}: a step of the
--- scan of the set, each member with the id of its device's session when
--- that session is on this server, '' when it is not (or is gone): what
--- drop_sessions.lua then drops (RedisStore.drop_server_sessions).  Reads
--- only.
+-- KEYS: the server's sessions (entries as sessions.lua's server_entry
+-- reads them).  ARGV: server, prefix, SSCAN cursor, how many members to
+-- look at.  Returns {next cursor ('0': done), {member, session id,
+-- member, session id, ...}}: a step of the scan of the set, each member
+-- with the id of its device's session when that session is on this
+-- server, '' when it is not (or is gone): what drop_sessions.lua then
+-- drops (RedisStore.drop_server_sessions).  Reads only.
 -- Needs sessions.lua in front.
 
 local scan = redis.call('SSCAN', KEYS[1], ARGV[3], 'COUNT', ARGV[4])
 local found = {}
 for _, member in ipairs(scan[2]) do
-  local uid, device = string.match(member, '^(%d+):(.*)$')
-  if not uid then uid, device = member, '' end
+  local uid, device = server_entry(member)
   local record = redis.call('HMGET', session_key(ARGV[2], uid, device),
                             'server', 'session_id')
   found[#found + 1] = member

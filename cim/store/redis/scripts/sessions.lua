@@ -11,6 +11,15 @@ local function session_key(prefix, uid, device)
   return user_key(prefix, 'session', uid) .. ':' .. device
 end
 
+-- The user id and device of an entry of a server's set of sessions
+-- ("<user id>:<device>"; a bare user id, written by an earlier release,
+-- names device "").
+local function server_entry(member)
+  local uid, device = string.match(member, '^(%d+):(.*)$')
+  if not uid then return member, '' end
+  return uid, device
+end
+
 local function devices_key(prefix, uid)
   return user_key(prefix, 'sessions', uid)
 end
